@@ -1,0 +1,143 @@
+//! Encoding and decoding of image files held in memory: PNG (8- and 16-bit
+//! grayscale, RGB), TIFF (read) and raw little-endian words. The caller does
+//! the file I/O.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+
+use crate::{Image, ImageError, ImageSpec, PixelFormat};
+
+/// Decodes PNG or TIFF bytes. Grayscale and RGB, 8 or 16 bits; an alpha
+/// channel is refused rather than silently dropped (that would not be lossless).
+pub fn decode(bytes: &[u8]) -> Result<Image, ImageError> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Codec(e.to_string()))?;
+    if !matches!(reader.format(), Some(ImageFormat::Png | ImageFormat::Tiff)) {
+        return Err(ImageError::Codec(
+            "not a PNG or TIFF file (raw files need --width/--height/--bits)".into(),
+        ));
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(crate::MAX_DIMENSION);
+    limits.max_image_height = Some(crate::MAX_DIMENSION);
+    limits.max_alloc = Some(crate::MAX_SAMPLES * 2);
+    reader.limits(limits);
+    let decoded = reader
+        .decode()
+        .map_err(|e| ImageError::Codec(e.to_string()))?;
+    let (w, h) = (decoded.width(), decoded.height());
+    let (format, samples): (PixelFormat, Vec<u16>) = match decoded {
+        DynamicImage::ImageLuma8(b) => (
+            PixelFormat::GRAY8,
+            b.into_raw().into_iter().map(u16::from).collect(),
+        ),
+        DynamicImage::ImageLuma16(b) => (PixelFormat::GRAY16, b.into_raw()),
+        DynamicImage::ImageRgb8(b) => (
+            PixelFormat::RGB8,
+            b.into_raw().into_iter().map(u16::from).collect(),
+        ),
+        DynamicImage::ImageRgb16(b) => (
+            PixelFormat {
+                channels: 3,
+                ..PixelFormat::GRAY16
+            },
+            b.into_raw(),
+        ),
+        other => {
+            return Err(ImageError::Codec(format!(
+                "unsupported color type {:?}: Tessera takes grayscale or RGB without alpha",
+                other.color()
+            )));
+        }
+    };
+    Image::new(ImageSpec::new(w, h, format), samples)
+}
+
+/// Encodes one frame as PNG. Words are written as stored; a signed image is
+/// written as its raw two's-complement words (PNG has no signed samples), so
+/// decoding gives back the same words with an unsigned format.
+pub fn encode_png(image: &Image, frame: u32) -> Result<Vec<u8>, ImageError> {
+    if frame >= image.frames() {
+        return Err(ImageError::Codec(format!(
+            "frame {frame} does not exist (image has {})",
+            image.frames()
+        )));
+    }
+    let (w, h) = (image.width(), image.height());
+    let words = image.frame(frame);
+    let f = image.format();
+    let dynamic = match (f.bits_allocated, f.channels) {
+        (8, 1) => DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(w, h, words.iter().map(|&v| v as u8).collect())
+                .ok_or_else(|| ImageError::Codec("buffer size".into()))?,
+        ),
+        (8, _) => DynamicImage::ImageRgb8(
+            image::RgbImage::from_raw(w, h, words.iter().map(|&v| v as u8).collect())
+                .ok_or_else(|| ImageError::Codec("buffer size".into()))?,
+        ),
+        (_, 1) => DynamicImage::ImageLuma16(
+            image::ImageBuffer::from_raw(w, h, words.to_vec())
+                .ok_or_else(|| ImageError::Codec("buffer size".into()))?,
+        ),
+        (_, _) => DynamicImage::ImageRgb16(
+            image::ImageBuffer::from_raw(w, h, words.to_vec())
+                .ok_or_else(|| ImageError::Codec("buffer size".into()))?,
+        ),
+    };
+    let mut out = Cursor::new(Vec::new());
+    dynamic
+        .write_to(&mut out, ImageFormat::Png)
+        .map_err(|e| ImageError::Codec(e.to_string()))?;
+    Ok(out.into_inner())
+}
+
+/// Encodes an 8-bit grayscale or RGB picture built by the caller (maps,
+/// visualisations) as PNG.
+pub fn encode_png_rgb8(width: u32, height: u32, rgb: Vec<u8>) -> Result<Vec<u8>, ImageError> {
+    let buf = image::RgbImage::from_raw(width, height, rgb)
+        .ok_or_else(|| ImageError::Codec("RGB buffer size does not match".into()))?;
+    let mut out = Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(buf)
+        .write_to(&mut out, ImageFormat::Png)
+        .map_err(|e| ImageError::Codec(e.to_string()))?;
+    Ok(out.into_inner())
+}
+
+/// Reads raw little-endian words laid out as `spec` says.
+pub fn decode_raw(spec: ImageSpec, bytes: &[u8]) -> Result<Image, ImageError> {
+    Image::from_le_bytes(spec, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_round_trip_gray8_gray16_rgb() {
+        let cases = [
+            (PixelFormat::GRAY8, 255u16),
+            (PixelFormat::GRAY16, u16::MAX),
+            (PixelFormat::RGB8, 255),
+        ];
+        for (format, max) in cases {
+            let spec = ImageSpec::new(7, 5, format);
+            let samples: Vec<u16> = (0..spec.sample_count() as u32)
+                .map(|i| (i.wrapping_mul(2654435761u32) >> 7) as u16 & max)
+                .collect();
+            let img = Image::new(spec, samples).unwrap();
+            let png = encode_png(&img, 0).unwrap();
+            assert_eq!(decode(&png).unwrap(), img, "{format}");
+        }
+    }
+
+    #[test]
+    fn garbage_and_truncated_files_are_errors() {
+        assert!(decode(b"not an image").is_err());
+        let img = Image::zeroed(ImageSpec::new(16, 16, PixelFormat::GRAY8)).unwrap();
+        let png = encode_png(&img, 0).unwrap();
+        assert!(decode(&png[..png.len() / 2]).is_err());
+        assert!(encode_png(&img, 1).is_err());
+    }
+}
