@@ -13,6 +13,7 @@
 
 pub mod codec;
 pub mod metrics;
+pub mod phantom;
 
 use serde::{Deserialize, Serialize};
 

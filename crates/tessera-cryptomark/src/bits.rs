@@ -1,0 +1,96 @@
+//! Little-endian bit packing of small unsigned values (1..=16 bits each).
+
+/// Bytes needed for `count` values of `width` bits.
+pub fn packed_len(count: usize, width: u8) -> usize {
+    (count * width as usize).div_ceil(8)
+}
+
+/// Appends values to a byte buffer, least significant bit first.
+pub struct BitWriter<'a> {
+    out: &'a mut Vec<u8>,
+    acc: u64,
+    filled: u32,
+}
+
+impl<'a> BitWriter<'a> {
+    pub fn new(out: &'a mut Vec<u8>) -> Self {
+        BitWriter {
+            out,
+            acc: 0,
+            filled: 0,
+        }
+    }
+
+    #[inline]
+    pub fn put(&mut self, value: u16, width: u8) {
+        self.acc |= (value as u64 & ((1u64 << width) - 1)) << self.filled;
+        self.filled += width as u32;
+        while self.filled >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.filled -= 8;
+        }
+    }
+
+    /// Flushes the last partial byte (padding with zero bits).
+    pub fn finish(self) {
+        if self.filled > 0 {
+            self.out.push(self.acc as u8);
+        }
+    }
+}
+
+/// Reads values written by [`BitWriter`]. Reading past the end yields zero
+/// bits; callers check lengths before reading.
+pub struct BitReader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    acc: u64,
+    filled: u32,
+}
+
+impl<'a> BitReader<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        BitReader {
+            data,
+            pos: 0,
+            acc: 0,
+            filled: 0,
+        }
+    }
+
+    #[inline]
+    pub fn get(&mut self, width: u8) -> u16 {
+        while self.filled < width as u32 {
+            let byte = self.data.get(self.pos).copied().unwrap_or(0);
+            self.pos += 1;
+            self.acc |= (byte as u64) << self.filled;
+            self.filled += 8;
+        }
+        let v = (self.acc & ((1u64 << width) - 1)) as u16;
+        self.acc >>= width;
+        self.filled -= width as u32;
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn pack_round_trip(width in 1u8..=16, values in proptest::collection::vec(any::<u16>(), 0..200)) {
+            let mask = ((1u32 << width) - 1) as u16;
+            let values: Vec<u16> = values.into_iter().map(|v| v & mask).collect();
+            let mut buf = Vec::new();
+            let mut w = BitWriter::new(&mut buf);
+            for &v in &values { w.put(v, width); }
+            w.finish();
+            prop_assert_eq!(buf.len(), packed_len(values.len(), width));
+            let mut r = BitReader::new(&buf);
+            for &v in &values { prop_assert_eq!(r.get(width), v); }
+        }
+    }
+}
