@@ -1,0 +1,525 @@
+//! `tessera image protect | restore | verify | metrics | keygen`: the
+//! crypto-watermarking core on files, offline.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tessera_cryptomark::{
+    Header, PaperKeys, Profile, ProtectKey, RestoreKey, Restored, VerificationReport, protect,
+    random_salt, restore, share_metric_view,
+};
+use tessera_image::metrics::{Direction, adjacent_correlation, entropy, npcr_uaci};
+use tessera_image::{Image, ImageSpec, PixelFormat, Rect, codec};
+
+use crate::keys::{self, KeyArgs};
+
+/// How to read an input image.
+#[derive(Args, Debug, Clone)]
+pub struct InputArgs {
+    /// PNG or TIFF file, or raw little-endian words with --raw.
+    #[arg(long, short, value_name = "FILE")]
+    pub input: PathBuf,
+    /// Read raw words of WIDTHxHEIGHT (e.g. 512x512).
+    #[arg(long, value_name = "WxH")]
+    pub raw: Option<String>,
+    /// Raw: bits allocated per sample (8 or 16).
+    #[arg(long, default_value_t = 16)]
+    pub bits: u8,
+    /// Raw: bits stored (default: --bits).
+    #[arg(long)]
+    pub stored: Option<u8>,
+    /// Raw: samples are signed.
+    #[arg(long)]
+    pub signed: bool,
+    /// Raw: 1 (gray) or 3 (RGB).
+    #[arg(long, default_value_t = 1)]
+    pub channels: u8,
+    /// Raw: number of frames.
+    #[arg(long, default_value_t = 1)]
+    pub frames: u32,
+}
+
+impl InputArgs {
+    pub fn load(&self) -> Result<Image> {
+        let bytes = read_bounded(&self.input)?;
+        match &self.raw {
+            None => codec::decode(&bytes).with_context(|| format!("decoding {}", self.input.display())),
+            Some(dims) => {
+                let (w, h) = parse_dims(dims)?;
+                let spec = ImageSpec {
+                    width: w,
+                    height: h,
+                    frames: self.frames,
+                    format: PixelFormat {
+                        bits_allocated: self.bits,
+                        bits_stored: self.stored.unwrap_or(self.bits),
+                        signed: self.signed,
+                        channels: self.channels,
+                    },
+                };
+                codec::decode_raw(spec, &bytes).with_context(|| format!("raw file {}", self.input.display()))
+            }
+        }
+    }
+}
+
+/// Reads a file after checking it is not larger than any image we accept.
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    let limit = tessera_image::MAX_SAMPLES * 2 + (1 << 20);
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > limit {
+        bail!("{} is {len} bytes, more than the {limit}-byte limit", path.display());
+    }
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn parse_dims(text: &str) -> Result<(u32, u32)> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .context("dimensions must look like 512x512")?;
+    Ok((w.trim().parse().context("width")?, h.trim().parse().context("height")?))
+}
+
+/// `x,y,w,h`, `full` or `none`.
+pub fn parse_roi(text: &str, image: &Image) -> Result<Rect> {
+    match text {
+        "full" => Ok(image.spec().full_rect()),
+        "none" => Ok(Rect::default()),
+        _ => {
+            let v: Vec<u32> = text
+                .split(',')
+                .map(|p| p.trim().parse::<u32>())
+                .collect::<std::result::Result<_, _>>()
+                .context("ROI must be x,y,width,height (or full, none)")?;
+            if v.len() != 4 {
+                bail!("ROI must have 4 numbers: x,y,width,height");
+            }
+            Ok(Rect::new(v[0], v[1], v[2], v[3]))
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ProtectArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Region of interest: x,y,width,height, `full` or `none`.
+    #[arg(long, default_value = "full")]
+    pub roi: String,
+    /// Object id bound into the shares (default: the input file's stem).
+    #[arg(long)]
+    pub object_id: Option<String>,
+    /// secure (AES-256-GCM tiles, default) or paper (the paper's chaotic maps; not for production).
+    #[arg(long, default_value = "secure")]
+    pub profile: Profile,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Output directory: header.json, share1.bin, share2.bin (+ paper.key).
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SharesArgs {
+    /// Directory written by `protect` (header.json, share1.bin, share2.bin).
+    #[arg(long, short)]
+    pub dir: PathBuf,
+    /// Use this share 1 instead of DIR/share1.bin (e.g. fetched from cloud A).
+    #[arg(long)]
+    pub share1: Option<PathBuf>,
+    /// Use this share 2 instead of DIR/share2.bin.
+    #[arg(long)]
+    pub share2: Option<PathBuf>,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Paper profile: the key file written by protect (default DIR/paper.key).
+    #[arg(long)]
+    pub paper_key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub shares: SharesArgs,
+    /// Output image: .png (one frame) or .raw (all frames, little-endian words).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Write the image even when verification finds tampering.
+    #[arg(long)]
+    pub allow_tampered: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub shares: SharesArgs,
+    /// Write a PNG tamper map (frame 0): tampered ROI blocks red, other
+    /// tampered tiles orange, the ROI outlined green.
+    #[arg(long)]
+    pub map: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    /// Image to measure (entropy, adjacent correlation).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Share to measure (needs --header); with --against, NPCR/UACI too.
+    #[arg(long)]
+    pub share: Option<PathBuf>,
+    #[arg(long)]
+    pub header: Option<PathBuf>,
+    /// A second share (e.g. made with a key differing in one bit).
+    #[arg(long)]
+    pub against: Option<PathBuf>,
+    /// Run the paper's key-sensitivity experiment (Tables 3-4) on the
+    /// built-in 512x512 head phantom, in both profiles.
+    #[arg(long)]
+    pub tables: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write a new random 256-bit key (hex, mode 0600).
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+pub fn keygen(args: KeygenArgs) -> Result<()> {
+    let k = keys::generate_hex()?;
+    keys::write_secret(&args.out, format!("{k}\n").as_bytes())?;
+    println!("wrote a new 256-bit key to {}", args.out.display());
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    // Write to a temporary name then rename, so a crash never leaves a
+    // half-written file under the final name.
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+pub fn protect_cmd(args: ProtectArgs) -> Result<()> {
+    let image = args.input.load()?;
+    let roi = parse_roi(&args.roi, &image)?;
+    let object_id = match &args.object_id {
+        Some(id) => id.clone(),
+        None => args
+            .input
+            .input
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("image")
+            .to_owned(),
+    };
+    let study_key;
+    let key = match args.profile {
+        Profile::Secure => {
+            study_key = args.key.load(&object_id)?;
+            ProtectKey::Secure {
+                key: &study_key,
+                salt: random_salt()?,
+            }
+        }
+        Profile::Paper => ProtectKey::Paper,
+    };
+    let protected = protect(&image, roi, &object_id, key)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    write_file(&args.out.join("share1.bin"), &protected.shares[0])?;
+    write_file(&args.out.join("share2.bin"), &protected.shares[1])?;
+    if let Some(k) = protected.paper_keys {
+        let path = args.out.join("paper.key");
+        let _ = std::fs::remove_file(&path);
+        keys::write_secret(&path, format!("{}\n", k.to_text()).as_bytes())?;
+    }
+    // The header goes last: its presence marks a complete protect.
+    write_file(&args.out.join("header.json"), protected.header.to_json().as_bytes())?;
+    let original = image.spec().byte_len() as f64;
+    let (s1, s2) = (protected.shares[0].len(), protected.shares[1].len());
+    println!(
+        "protected {} ({}x{}x{} {}) as {:?} profile, object {:?}, ROI {}",
+        args.input.input.display(),
+        image.width(),
+        image.height(),
+        image.frames(),
+        image.format(),
+        args.profile,
+        object_id,
+        roi
+    );
+    println!(
+        "share1 {s1} B, share2 {s2} B: {:.3}x the {} image bytes",
+        (s1 + s2) as f64 / original,
+        original
+    );
+    println!("wrote {}/{{header.json,share1.bin,share2.bin}}", args.out.display());
+    if args.profile == Profile::Paper {
+        println!("paper profile: NOT FOR PRODUCTION; keys in {}/paper.key", args.out.display());
+    }
+    Ok(())
+}
+
+/// Loads header and shares and restores.
+fn load_and_restore(args: &SharesArgs) -> Result<(Header, Restored)> {
+    let header_text = std::fs::read_to_string(args.dir.join("header.json"))
+        .with_context(|| format!("reading {}/header.json", args.dir.display()))?;
+    let header = Header::from_json(&header_text)?;
+    let s1 = read_bounded(&args.share1.clone().unwrap_or_else(|| args.dir.join("share1.bin")))?;
+    let s2 = read_bounded(&args.share2.clone().unwrap_or_else(|| args.dir.join("share2.bin")))?;
+    let restored = match header.profile {
+        Profile::Secure => {
+            let k = args.key.load(&header.object_id)?;
+            restore(&header, &s1, &s2, RestoreKey::Secure(&k))?
+        }
+        Profile::Paper => {
+            let path = args.paper_key.clone().unwrap_or_else(|| args.dir.join("paper.key"));
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let k = PaperKeys::from_text(&text)?;
+            restore(&header, &s1, &s2, RestoreKey::Paper(&k))?
+        }
+    };
+    Ok((header, restored))
+}
+
+pub fn print_report(report: &VerificationReport) {
+    if report.is_intact() {
+        println!(
+            "verification: INTACT ({} ROI blocks, {} tiles checked)",
+            report.roi_blocks, report.tiles
+        );
+        return;
+    }
+    println!(
+        "verification: TAMPERED: {} of {} ROI blocks, {} of {} tiles",
+        report.tampered_blocks.len(),
+        report.roi_blocks,
+        report.tampered_tiles.len(),
+        report.tiles
+    );
+    for b in report.tampered_blocks.iter().take(50) {
+        println!("  ROI block {} (frame {}): pixels {}", b.index, b.frame, b.rect);
+    }
+    for t in report.tampered_tiles.iter().take(50) {
+        println!(
+            "  tile {} (frame {}): pixels {}, share(s) {:?}",
+            t.index, t.frame, t.rect, t.shares
+        );
+    }
+    let more = report.tampered_blocks.len().max(report.tampered_tiles.len());
+    if more > 50 {
+        println!("  ... ({} more)", more - 50);
+    }
+}
+
+pub fn restore_cmd(args: RestoreArgs) -> Result<()> {
+    let (_, restored) = load_and_restore(&args.shares)?;
+    print_report(&restored.report);
+    if !restored.report.is_intact() && !args.allow_tampered {
+        bail!("not writing a tampered image (use --allow-tampered to write it anyway)");
+    }
+    write_image(&args.out, &restored.image)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+pub fn write_image(path: &Path, image: &Image) -> Result<()> {
+    let bytes = match path.extension().and_then(|e| e.to_str()) {
+        Some("png") => {
+            if image.frames() > 1 {
+                bail!("PNG holds one frame; write .raw for {} frames", image.frames());
+            }
+            codec::encode_png(image, 0)?
+        }
+        Some("raw") => image.to_le_bytes(),
+        _ => bail!("output must end in .png or .raw"),
+    };
+    write_file(path, &bytes)
+}
+
+pub fn verify_cmd(args: VerifyArgs) -> Result<()> {
+    let (header, restored) = load_and_restore(&args.shares)?;
+    print_report(&restored.report);
+    if let Some(map) = &args.map {
+        write_file(map, &tamper_map(&header, &restored)?)?;
+        println!("wrote tamper map {}", map.display());
+    }
+    if !restored.report.is_intact() {
+        bail!("verification failed");
+    }
+    Ok(())
+}
+
+/// A PNG of frame 0 in gray (windowed to its min..max), tampered ROI blocks
+/// tinted red, other tampered tiles orange, ROI border green.
+pub fn tamper_map(header: &Header, restored: &Restored) -> Result<Vec<u8>> {
+    let img = &restored.image;
+    let (w, h) = (img.width(), img.height());
+    let f = img.format();
+    let lum: Vec<i32> = (0..w * h)
+        .map(|i| f.value(img.get(0, i % w, i / w, 0)))
+        .collect();
+    let (lo, hi) = (
+        *lum.iter().min().unwrap_or(&0),
+        *lum.iter().max().unwrap_or(&1),
+    );
+    let span = (hi - lo).max(1) as f64;
+    let mut rgb: Vec<u8> = lum
+        .iter()
+        .flat_map(|&v| {
+            let g = ((v - lo) as f64 / span * 255.0) as u8;
+            [g, g, g]
+        })
+        .collect();
+    let mut tint = |r: &Rect, color: [u8; 3]| {
+        for y in r.y..r.y + r.height {
+            for x in r.x..r.x + r.width {
+                let i = ((y * w + x) * 3) as usize;
+                for c in 0..3 {
+                    rgb[i + c] = ((rgb[i + c] as u16 + color[c] as u16 * 3) / 4) as u8;
+                }
+            }
+        }
+    };
+    for t in restored.report.tampered_tiles.iter().filter(|t| t.frame == 0) {
+        tint(&t.rect, [255, 140, 0]);
+    }
+    for b in restored.report.tampered_blocks.iter().filter(|b| b.frame == 0) {
+        tint(&b.rect, [255, 0, 0]);
+    }
+    let roi = header.roi;
+    if !roi.is_empty() {
+        for y in roi.y..roi.y + roi.height {
+            for x in roi.x..roi.x + roi.width {
+                let edge = x == roi.x || y == roi.y || x + 1 == roi.x + roi.width || y + 1 == roi.y + roi.height;
+                if edge {
+                    let i = ((y * w + x) * 3) as usize;
+                    rgb[i..i + 3].copy_from_slice(&[0, 220, 0]);
+                }
+            }
+        }
+    }
+    Ok(codec::encode_png_rgb8(w, h, rgb)?)
+}
+
+/// One row of the key-sensitivity table.
+pub struct SensitivityRow {
+    pub profile: Profile,
+    pub share: usize,
+    pub npcr: f64,
+    pub uaci: f64,
+    pub corr: [f64; 3],
+}
+
+/// The paper's Tables 3-4 experiment: flip the last key bit, compare shares.
+pub fn key_sensitivity(image: &Image, roi: Rect) -> Result<Vec<SensitivityRow>> {
+    let mut rows = Vec::new();
+    let key = tessera_cryptomark::StudyKey::from_bytes([0x5a; 32]);
+    let mut flipped = [0x5a; 32];
+    flipped[31] ^= 1;
+    let flipped = tessera_cryptomark::StudyKey::from_bytes(flipped);
+    let salt = random_salt()?;
+    let a = protect(image, roi, "tables", ProtectKey::Secure { key: &key, salt })?;
+    let b = protect(image, roi, "tables", ProtectKey::Secure { key: &flipped, salt })?;
+    for s in 0..2 {
+        rows.push(compare(Profile::Secure, s, &a, &b)?);
+    }
+    let a = protect(image, roi, "tables", ProtectKey::Paper)?;
+    let keys = a.paper_keys.context("paper keys")?;
+    for s in 0..2 {
+        let mut k = keys;
+        if s == 0 {
+            k.share1[15] ^= 1;
+        } else {
+            k.share2[15] ^= 1;
+        }
+        let b = protect(image, roi, "tables", ProtectKey::PaperWithKeys(&k))?;
+        rows.push(compare(Profile::Paper, s, &a, &b)?);
+    }
+    Ok(rows)
+}
+
+fn compare(
+    profile: Profile,
+    share: usize,
+    a: &tessera_cryptomark::Protected,
+    b: &tessera_cryptomark::Protected,
+) -> Result<SensitivityRow> {
+    let (va, w, h, max) = share_metric_view(&a.header, &a.shares[share]).context("share view")?;
+    let (vb, _, _, _) = share_metric_view(&b.header, &b.shares[share]).context("share view")?;
+    let (npcr, uaci) = npcr_uaci(&va, &vb, max).context("share sizes differ")?;
+    let corr = Direction::ALL.map(|d| adjacent_correlation(&va, w, h, d, 16384, 7).unwrap_or(f64::NAN));
+    Ok(SensitivityRow {
+        profile,
+        share: share + 1,
+        npcr,
+        uaci,
+        corr,
+    })
+}
+
+pub fn print_sensitivity(rows: &[SensitivityRow]) {
+    println!("| profile | share | NPCR % | UACI % | r horizontal | r vertical | r diagonal |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {:?} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |",
+            r.profile, r.share, r.npcr, r.uaci, r.corr[0], r.corr[1], r.corr[2]
+        );
+    }
+    println!("| paper, Table 3-4 (IM-0001-0012) | 1 / 2 | 99.59 | 33.48 | -0.0085 / -0.0016 | -0.0131 / 0.0044 | 0.0011 / 0.0001 |");
+    println!("| ideal (random 8-bit) | | 99.6094 | 33.4635 | 0 | 0 | 0 |");
+}
+
+pub fn metrics_cmd(args: MetricsArgs) -> Result<()> {
+    let mut did = false;
+    if let Some(path) = &args.image {
+        let img = codec::decode(&read_bounded(path)?)?;
+        let f = img.format();
+        let frame: Vec<u16> = img.frame(0).iter().step_by(f.channels as usize).copied().collect();
+        println!("{}: {}x{} {}", path.display(), img.width(), img.height(), f);
+        println!(
+            "  entropy {:.4} bits (256 bins)",
+            entropy(&frame, f.bits_allocated, 8)
+        );
+        for d in Direction::ALL {
+            let r = adjacent_correlation(&frame, img.width() as usize, img.height() as usize, d, 16384, 7);
+            println!("  correlation {d:?}: {}", r.map_or("n/a".into(), |r| format!("{r:.4}")));
+        }
+        did = true;
+    }
+    if let Some(path) = &args.share {
+        let hpath = args.header.clone().context("--share needs --header")?;
+        let header = Header::from_json(&std::fs::read_to_string(&hpath)?)?;
+        let share = read_bounded(path)?;
+        let (v, w, h, max) = share_metric_view(&header, &share).context("share does not match the header")?;
+        println!("{}: share viewed as {w}x{h}, values 0..={max}", path.display());
+        let bits = if max == 255 { 8 } else { 16 };
+        println!("  entropy {:.4} bits (256 bins)", entropy(&v, bits, 8));
+        for d in Direction::ALL {
+            let r = adjacent_correlation(&v, w, h, d, 16384, 7);
+            println!("  correlation {d:?}: {}", r.map_or("n/a".into(), |r| format!("{r:.4}")));
+        }
+        if let Some(other) = &args.against {
+            let o = read_bounded(other)?;
+            let (vo, _, _, _) = share_metric_view(&header, &o).context("second share does not match")?;
+            let (npcr, uaci) = npcr_uaci(&v, &vo, max).context("share sizes differ")?;
+            println!("  against {}: NPCR {npcr:.4} %, UACI {uaci:.4} %", other.display());
+        }
+        did = true;
+    }
+    if args.tables {
+        let image = tessera_image::phantom::head_phantom(512, 512, 1, PixelFormat::GRAY8, 2023)?;
+        println!("key sensitivity on the 512x512 8-bit head phantom, ROI 351x431+83+55 (Table 2, IM-0001-0012):");
+        print_sensitivity(&key_sensitivity(&image, Rect::new(83, 55, 351, 431))?);
+        did = true;
+    }
+    if !did {
+        bail!("give --image, --share (with --header), or --tables");
+    }
+    Ok(())
+}
