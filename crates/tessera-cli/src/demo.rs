@@ -37,7 +37,8 @@ impl Steps {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let out = |name: &str| args.out.join(name);
     let mut steps = Steps { failed: Vec::new() };
 
@@ -47,7 +48,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let roi = Rect::new(96, 40, 320, 432);
     println!("  ROI {roi}; wrote {}", out("original.png").display());
 
-    println!("== 2. Protect (secure profile: S-box, bit planes, embedded block hashes, AES-256-GCM tiles)");
+    println!(
+        "== 2. Protect (secure profile: S-box, bit planes, embedded block hashes, AES-256-GCM tiles)"
+    );
     let key = StudyKey::from_bytes({
         let mut k = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
@@ -78,7 +81,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
             tessera_image::ImageSpec::new(w as u32, h as u32, PixelFormat::GRAY8),
             v,
         )?;
-        std::fs::write(out(&format!("share{}.png", i + 1)), codec::encode_png(&img, 0)?)?;
+        std::fs::write(
+            out(&format!("share{}.png", i + 1)),
+            codec::encode_png(&img, 0)?,
+        )?;
         std::fs::write(out(&format!("share{}.bin", i + 1)), s)?;
     }
     std::fs::write(out("header.json"), protected.header.to_json())?;
@@ -87,8 +93,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("== 3. Restore with the key: bit-identical and verified");
     let r = restore(&protected.header, s1, s2, RestoreKey::Secure(&key))?;
     print_report(&r.report);
-    steps.check("restored image is bit-identical to the original", r.image == image);
-    steps.check("verification reports every ROI block intact", r.report.is_intact());
+    steps.check(
+        "restored image is bit-identical to the original",
+        r.image == image,
+    );
+    steps.check(
+        "verification reports every ROI block intact",
+        r.report.is_intact(),
+    );
 
     println!("== 4. Tamper: change one byte of share 2 on cloud B, inside the ROI");
     let mut tampered = s2.clone();
@@ -105,7 +117,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let wrong_pixels = (0..image.samples().len())
         .filter(|&i| t.image.samples()[i] != image.samples()[i])
         .count();
-    let tile_area = t.report.tampered_tiles.first().map_or(0, |t| t.rect.area() as usize);
+    let tile_area = t
+        .report
+        .tampered_tiles
+        .first()
+        .map_or(0, |t| t.rect.area() as usize);
     steps.check(
         "every pixel outside the flagged tile restored exactly",
         wrong_pixels <= tile_area,
@@ -130,18 +146,28 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let gray8 = head_phantom(512, 512, 1, PixelFormat::GRAY8, 2023)?;
     let rows = key_sensitivity(&gray8, Rect::new(83, 55, 351, 431))?;
     print_sensitivity(&rows);
-    let secure_ok = rows.iter().filter(|r| r.profile == Profile::Secure).all(|r| {
-        (99.55..=99.67).contains(&r.npcr)
-            && (33.2..=33.7).contains(&r.uaci)
-            && r.corr.iter().all(|c| c.abs() < 0.03)
-    });
-    steps.check("secure shares: NPCR/UACI at the ideal, no adjacent correlation", secure_ok);
+    let secure_ok = rows
+        .iter()
+        .filter(|r| r.profile == Profile::Secure)
+        .all(|r| {
+            (99.55..=99.67).contains(&r.npcr)
+                && (33.2..=33.7).contains(&r.uaci)
+                && r.corr.iter().all(|c| c.abs() < 0.03)
+        });
+    steps.check(
+        "secure shares: NPCR/UACI at the ideal, no adjacent correlation",
+        secure_ok,
+    );
 
     println!();
     if steps.failed.is_empty() {
         println!("demo: every step held. Outputs in {}", args.out.display());
         Ok(())
     } else {
-        bail!("demo: {} step(s) failed: {:?}", steps.failed.len(), steps.failed)
+        bail!(
+            "demo: {} step(s) failed: {:?}",
+            steps.failed.len(),
+            steps.failed
+        )
     }
 }

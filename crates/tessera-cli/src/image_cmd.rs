@@ -44,7 +44,9 @@ impl InputArgs {
     pub fn load(&self) -> Result<Image> {
         let bytes = read_bounded(&self.input)?;
         match &self.raw {
-            None => codec::decode(&bytes).with_context(|| format!("decoding {}", self.input.display())),
+            None => {
+                codec::decode(&bytes).with_context(|| format!("decoding {}", self.input.display()))
+            }
             Some(dims) => {
                 let (w, h) = parse_dims(dims)?;
                 let spec = ImageSpec {
@@ -58,7 +60,8 @@ impl InputArgs {
                         channels: self.channels,
                     },
                 };
-                codec::decode_raw(spec, &bytes).with_context(|| format!("raw file {}", self.input.display()))
+                codec::decode_raw(spec, &bytes)
+                    .with_context(|| format!("raw file {}", self.input.display()))
             }
         }
     }
@@ -71,7 +74,10 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("reading {}", path.display()))?
         .len();
     if len > limit {
-        bail!("{} is {len} bytes, more than the {limit}-byte limit", path.display());
+        bail!(
+            "{} is {len} bytes, more than the {limit}-byte limit",
+            path.display()
+        );
     }
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -80,7 +86,10 @@ fn parse_dims(text: &str) -> Result<(u32, u32)> {
     let (w, h) = text
         .split_once(['x', 'X'])
         .context("dimensions must look like 512x512")?;
-    Ok((w.trim().parse().context("width")?, h.trim().parse().context("height")?))
+    Ok((
+        w.trim().parse().context("width")?,
+        h.trim().parse().context("height")?,
+    ))
 }
 
 /// `x,y,w,h`, `full` or `none`.
@@ -229,7 +238,8 @@ pub fn protect_cmd(args: ProtectArgs) -> Result<()> {
         Profile::Paper => ProtectKey::Paper,
     };
     let protected = protect(&image, roi, &object_id, key)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     write_file(&args.out.join("share1.bin"), &protected.shares[0])?;
     write_file(&args.out.join("share2.bin"), &protected.shares[1])?;
     if let Some(k) = protected.paper_keys {
@@ -238,7 +248,10 @@ pub fn protect_cmd(args: ProtectArgs) -> Result<()> {
         keys::write_secret(&path, format!("{}\n", k.to_text()).as_bytes())?;
     }
     // The header goes last: its presence marks a complete protect.
-    write_file(&args.out.join("header.json"), protected.header.to_json().as_bytes())?;
+    write_file(
+        &args.out.join("header.json"),
+        protected.header.to_json().as_bytes(),
+    )?;
     let original = image.spec().byte_len() as f64;
     let (s1, s2) = (protected.shares[0].len(), protected.shares[1].len());
     println!(
@@ -257,9 +270,15 @@ pub fn protect_cmd(args: ProtectArgs) -> Result<()> {
         (s1 + s2) as f64 / original,
         original
     );
-    println!("wrote {}/{{header.json,share1.bin,share2.bin}}", args.out.display());
+    println!(
+        "wrote {}/{{header.json,share1.bin,share2.bin}}",
+        args.out.display()
+    );
     if args.profile == Profile::Paper {
-        println!("paper profile: NOT FOR PRODUCTION; keys in {}/paper.key", args.out.display());
+        println!(
+            "paper profile: NOT FOR PRODUCTION; keys in {}/paper.key",
+            args.out.display()
+        );
     }
     Ok(())
 }
@@ -269,16 +288,30 @@ fn load_and_restore(args: &SharesArgs) -> Result<(Header, Restored)> {
     let header_text = std::fs::read_to_string(args.dir.join("header.json"))
         .with_context(|| format!("reading {}/header.json", args.dir.display()))?;
     let header = Header::from_json(&header_text)?;
-    let s1 = read_bounded(&args.share1.clone().unwrap_or_else(|| args.dir.join("share1.bin")))?;
-    let s2 = read_bounded(&args.share2.clone().unwrap_or_else(|| args.dir.join("share2.bin")))?;
+    let s1 = read_bounded(
+        &args
+            .share1
+            .clone()
+            .unwrap_or_else(|| args.dir.join("share1.bin")),
+    )?;
+    let s2 = read_bounded(
+        &args
+            .share2
+            .clone()
+            .unwrap_or_else(|| args.dir.join("share2.bin")),
+    )?;
     let restored = match header.profile {
         Profile::Secure => {
             let k = args.key.load(&header.object_id)?;
             restore(&header, &s1, &s2, RestoreKey::Secure(&k))?
         }
         Profile::Paper => {
-            let path = args.paper_key.clone().unwrap_or_else(|| args.dir.join("paper.key"));
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let path = args
+                .paper_key
+                .clone()
+                .unwrap_or_else(|| args.dir.join("paper.key"));
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
             let k = PaperKeys::from_text(&text)?;
             restore(&header, &s1, &s2, RestoreKey::Paper(&k))?
         }
@@ -302,7 +335,10 @@ pub fn print_report(report: &VerificationReport) {
         report.tiles
     );
     for b in report.tampered_blocks.iter().take(50) {
-        println!("  ROI block {} (frame {}): pixels {}", b.index, b.frame, b.rect);
+        println!(
+            "  ROI block {} (frame {}): pixels {}",
+            b.index, b.frame, b.rect
+        );
     }
     for t in report.tampered_tiles.iter().take(50) {
         println!(
@@ -310,7 +346,10 @@ pub fn print_report(report: &VerificationReport) {
             t.index, t.frame, t.rect, t.shares
         );
     }
-    let more = report.tampered_blocks.len().max(report.tampered_tiles.len());
+    let more = report
+        .tampered_blocks
+        .len()
+        .max(report.tampered_tiles.len());
     if more > 50 {
         println!("  ... ({} more)", more - 50);
     }
@@ -331,7 +370,10 @@ pub fn write_image(path: &Path, image: &Image) -> Result<()> {
     let bytes = match path.extension().and_then(|e| e.to_str()) {
         Some("png") => {
             if image.frames() > 1 {
-                bail!("PNG holds one frame; write .raw for {} frames", image.frames());
+                bail!(
+                    "PNG holds one frame; write .raw for {} frames",
+                    image.frames()
+                );
             }
             codec::encode_png(image, 0)?
         }
@@ -385,17 +427,30 @@ pub fn tamper_map(header: &Header, restored: &Restored) -> Result<Vec<u8>> {
             }
         }
     };
-    for t in restored.report.tampered_tiles.iter().filter(|t| t.frame == 0) {
+    for t in restored
+        .report
+        .tampered_tiles
+        .iter()
+        .filter(|t| t.frame == 0)
+    {
         tint(&t.rect, [255, 140, 0]);
     }
-    for b in restored.report.tampered_blocks.iter().filter(|b| b.frame == 0) {
+    for b in restored
+        .report
+        .tampered_blocks
+        .iter()
+        .filter(|b| b.frame == 0)
+    {
         tint(&b.rect, [255, 0, 0]);
     }
     let roi = header.roi;
     if !roi.is_empty() {
         for y in roi.y..roi.y + roi.height {
             for x in roi.x..roi.x + roi.width {
-                let edge = x == roi.x || y == roi.y || x + 1 == roi.x + roi.width || y + 1 == roi.y + roi.height;
+                let edge = x == roi.x
+                    || y == roi.y
+                    || x + 1 == roi.x + roi.width
+                    || y + 1 == roi.y + roi.height;
                 if edge {
                     let i = ((y * w + x) * 3) as usize;
                     rgb[i..i + 3].copy_from_slice(&[0, 220, 0]);
@@ -424,7 +479,15 @@ pub fn key_sensitivity(image: &Image, roi: Rect) -> Result<Vec<SensitivityRow>> 
     let flipped = tessera_cryptomark::StudyKey::from_bytes(flipped);
     let salt = random_salt()?;
     let a = protect(image, roi, "tables", ProtectKey::Secure { key: &key, salt })?;
-    let b = protect(image, roi, "tables", ProtectKey::Secure { key: &flipped, salt })?;
+    let b = protect(
+        image,
+        roi,
+        "tables",
+        ProtectKey::Secure {
+            key: &flipped,
+            salt,
+        },
+    )?;
     for s in 0..2 {
         rows.push(compare(Profile::Secure, s, &a, &b)?);
     }
@@ -452,7 +515,8 @@ fn compare(
     let (va, w, h, max) = share_metric_view(&a.header, &a.shares[share]).context("share view")?;
     let (vb, _, _, _) = share_metric_view(&b.header, &b.shares[share]).context("share view")?;
     let (npcr, uaci) = npcr_uaci(&va, &vb, max).context("share sizes differ")?;
-    let corr = Direction::ALL.map(|d| adjacent_correlation(&va, w, h, d, 16384, 7).unwrap_or(f64::NAN));
+    let corr =
+        Direction::ALL.map(|d| adjacent_correlation(&va, w, h, d, 16384, 7).unwrap_or(f64::NAN));
     Ok(SensitivityRow {
         profile,
         share: share + 1,
@@ -471,7 +535,9 @@ pub fn print_sensitivity(rows: &[SensitivityRow]) {
             r.profile, r.share, r.npcr, r.uaci, r.corr[0], r.corr[1], r.corr[2]
         );
     }
-    println!("| paper, Table 3-4 (IM-0001-0012) | 1 / 2 | 99.59 | 33.48 | -0.0085 / -0.0016 | -0.0131 / 0.0044 | 0.0011 / 0.0001 |");
+    println!(
+        "| paper, Table 3-4 (IM-0001-0012) | 1 / 2 | 99.59 | 33.48 | -0.0085 / -0.0016 | -0.0131 / 0.0044 | 0.0011 / 0.0001 |"
+    );
     println!("| ideal (random 8-bit) | | 99.6094 | 33.4635 | 0 | 0 | 0 |");
 }
 
@@ -480,15 +546,30 @@ pub fn metrics_cmd(args: MetricsArgs) -> Result<()> {
     if let Some(path) = &args.image {
         let img = codec::decode(&read_bounded(path)?)?;
         let f = img.format();
-        let frame: Vec<u16> = img.frame(0).iter().step_by(f.channels as usize).copied().collect();
+        let frame: Vec<u16> = img
+            .frame(0)
+            .iter()
+            .step_by(f.channels as usize)
+            .copied()
+            .collect();
         println!("{}: {}x{} {}", path.display(), img.width(), img.height(), f);
         println!(
             "  entropy {:.4} bits (256 bins)",
             entropy(&frame, f.bits_allocated, 8)
         );
         for d in Direction::ALL {
-            let r = adjacent_correlation(&frame, img.width() as usize, img.height() as usize, d, 16384, 7);
-            println!("  correlation {d:?}: {}", r.map_or("n/a".into(), |r| format!("{r:.4}")));
+            let r = adjacent_correlation(
+                &frame,
+                img.width() as usize,
+                img.height() as usize,
+                d,
+                16384,
+                7,
+            );
+            println!(
+                "  correlation {d:?}: {}",
+                r.map_or("n/a".into(), |r| format!("{r:.4}"))
+            );
         }
         did = true;
     }
@@ -496,25 +577,38 @@ pub fn metrics_cmd(args: MetricsArgs) -> Result<()> {
         let hpath = args.header.clone().context("--share needs --header")?;
         let header = Header::from_json(&std::fs::read_to_string(&hpath)?)?;
         let share = read_bounded(path)?;
-        let (v, w, h, max) = share_metric_view(&header, &share).context("share does not match the header")?;
-        println!("{}: share viewed as {w}x{h}, values 0..={max}", path.display());
+        let (v, w, h, max) =
+            share_metric_view(&header, &share).context("share does not match the header")?;
+        println!(
+            "{}: share viewed as {w}x{h}, values 0..={max}",
+            path.display()
+        );
         let bits = if max == 255 { 8 } else { 16 };
         println!("  entropy {:.4} bits (256 bins)", entropy(&v, bits, 8));
         for d in Direction::ALL {
             let r = adjacent_correlation(&v, w, h, d, 16384, 7);
-            println!("  correlation {d:?}: {}", r.map_or("n/a".into(), |r| format!("{r:.4}")));
+            println!(
+                "  correlation {d:?}: {}",
+                r.map_or("n/a".into(), |r| format!("{r:.4}"))
+            );
         }
         if let Some(other) = &args.against {
             let o = read_bounded(other)?;
-            let (vo, _, _, _) = share_metric_view(&header, &o).context("second share does not match")?;
+            let (vo, _, _, _) =
+                share_metric_view(&header, &o).context("second share does not match")?;
             let (npcr, uaci) = npcr_uaci(&v, &vo, max).context("share sizes differ")?;
-            println!("  against {}: NPCR {npcr:.4} %, UACI {uaci:.4} %", other.display());
+            println!(
+                "  against {}: NPCR {npcr:.4} %, UACI {uaci:.4} %",
+                other.display()
+            );
         }
         did = true;
     }
     if args.tables {
         let image = tessera_image::phantom::head_phantom(512, 512, 1, PixelFormat::GRAY8, 2023)?;
-        println!("key sensitivity on the 512x512 8-bit head phantom, ROI 351x431+83+55 (Table 2, IM-0001-0012):");
+        println!(
+            "key sensitivity on the 512x512 8-bit head phantom, ROI 351x431+83+55 (Table 2, IM-0001-0012):"
+        );
         print_sensitivity(&key_sensitivity(&image, Rect::new(83, 55, 351, 431))?);
         did = true;
     }

@@ -48,7 +48,8 @@ impl KeyArgs {
         match (&self.key_file, &self.passphrase_file) {
             (Some(path), None) => {
                 check_permissions(path)?;
-                let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
                 parse_key(&bytes).with_context(|| format!("key file {}", path.display()))
             }
             (None, Some(path)) => {
@@ -57,11 +58,16 @@ impl KeyArgs {
                     .with_context(|| format!("reading {}", path.display()))?;
                 let pass = text.trim_end_matches(['\n', '\r']);
                 if pass.len() < 12 {
-                    bail!("passphrase in {} is shorter than 12 characters", path.display());
+                    bail!(
+                        "passphrase in {} is shorter than 12 characters",
+                        path.display()
+                    );
                 }
                 Ok(from_passphrase(pass, object_id))
             }
-            _ => bail!("give --key-file FILE or --passphrase-file FILE (see `tessera image keygen`)"),
+            _ => {
+                bail!("give --key-file FILE or --passphrase-file FILE (see `tessera image keygen`)")
+            }
         }
     }
 }
@@ -124,7 +130,10 @@ mod tests {
     #[test]
     fn parses_hex_and_raw_keys_and_rejects_others() {
         let hexkey = "ab".repeat(32);
-        assert_eq!(parse_key(hexkey.as_bytes()).unwrap().as_bytes(), &[0xab; 32]);
+        assert_eq!(
+            parse_key(hexkey.as_bytes()).unwrap().as_bytes(),
+            &[0xab; 32]
+        );
         assert_eq!(parse_key(&[7u8; 32]).unwrap().as_bytes(), &[7; 32]);
         assert!(parse_key(b"abcd").is_err());
         assert!(parse_key("zz".repeat(32).as_bytes()).is_err());

@@ -5,78 +5,125 @@ pub fn packed_len(count: usize, width: u8) -> usize {
     (count * width as usize).div_ceil(8)
 }
 
-/// Appends values to a byte buffer, least significant bit first.
-pub struct BitWriter<'a> {
-    out: &'a mut Vec<u8>,
-    acc: u64,
-    filled: u32,
-}
-
-impl<'a> BitWriter<'a> {
-    pub fn new(out: &'a mut Vec<u8>) -> Self {
-        BitWriter {
-            out,
-            acc: 0,
-            filled: 0,
+/// Appends `values` of `width` bits to `out`, least significant bit first
+/// (the same layout as [`BitWriter`], 32 bits at a time).
+pub fn pack(values: &[u16], width: u8, out: &mut Vec<u8>) {
+    let w = width as u32;
+    let mut acc: u64 = 0;
+    let mut filled = 0u32;
+    for &v in values {
+        acc |= (v as u64) << filled;
+        filled += w;
+        if filled >= 32 {
+            out.extend_from_slice(&(acc as u32).to_le_bytes());
+            acc >>= 32;
+            filled -= 32;
         }
     }
-
-    #[inline]
-    pub fn put(&mut self, value: u16, width: u8) {
-        self.acc |= (value as u64 & ((1u64 << width) - 1)) << self.filled;
-        self.filled += width as u32;
-        while self.filled >= 8 {
-            self.out.push(self.acc as u8);
-            self.acc >>= 8;
-            self.filled -= 8;
-        }
-    }
-
-    /// Flushes the last partial byte (padding with zero bits).
-    pub fn finish(self) {
-        if self.filled > 0 {
-            self.out.push(self.acc as u8);
-        }
+    while filled > 0 {
+        out.push(acc as u8);
+        acc >>= 8;
+        filled = filled.saturating_sub(8);
     }
 }
 
-/// Reads values written by [`BitWriter`]. Reading past the end yields zero
-/// bits; callers check lengths before reading.
-pub struct BitReader<'a> {
-    data: &'a [u8],
-    pos: usize,
-    acc: u64,
-    filled: u32,
-}
-
-impl<'a> BitReader<'a> {
-    pub fn new(data: &'a [u8]) -> Self {
-        BitReader {
-            data,
-            pos: 0,
-            acc: 0,
-            filled: 0,
+/// Reads `out.len()` values of `width` bits written by [`pack`]; missing
+/// bytes read as zero (callers check lengths first).
+pub fn unpack(data: &[u8], width: u8, out: &mut [u16]) {
+    let w = width as u32;
+    let mask = (1u64 << w) - 1;
+    let mut acc: u64 = 0;
+    let mut filled = 0u32;
+    let mut pos = 0usize;
+    for o in out.iter_mut() {
+        if filled < w {
+            let mut b = [0u8; 4];
+            let take = 4.min(data.len().saturating_sub(pos));
+            b[..take].copy_from_slice(&data[pos..pos + take]);
+            pos += take;
+            acc |= (u32::from_le_bytes(b) as u64) << filled;
+            filled += 32;
         }
-    }
-
-    #[inline]
-    pub fn get(&mut self, width: u8) -> u16 {
-        while self.filled < width as u32 {
-            let byte = self.data.get(self.pos).copied().unwrap_or(0);
-            self.pos += 1;
-            self.acc |= (byte as u64) << self.filled;
-            self.filled += 8;
-        }
-        let v = (self.acc & ((1u64 << width) - 1)) as u16;
-        self.acc >>= width;
-        self.filled -= width as u32;
-        v
+        *o = (acc & mask) as u16;
+        acc >>= w;
+        filled -= w;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Appends values to a byte buffer, least significant bit first (the
+    /// simple reference for [`pack`]).
+    pub struct BitWriter<'a> {
+        out: &'a mut Vec<u8>,
+        acc: u64,
+        filled: u32,
+    }
+
+    impl<'a> BitWriter<'a> {
+        pub fn new(out: &'a mut Vec<u8>) -> Self {
+            BitWriter {
+                out,
+                acc: 0,
+                filled: 0,
+            }
+        }
+
+        #[inline]
+        pub fn put(&mut self, value: u16, width: u8) {
+            self.acc |= (value as u64 & ((1u64 << width) - 1)) << self.filled;
+            self.filled += width as u32;
+            while self.filled >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.filled -= 8;
+            }
+        }
+
+        /// Flushes the last partial byte (padding with zero bits).
+        pub fn finish(self) {
+            if self.filled > 0 {
+                self.out.push(self.acc as u8);
+            }
+        }
+    }
+
+    /// Reads values written by [`BitWriter`]. Reading past the end yields zero
+    /// bits; callers check lengths before reading.
+    pub struct BitReader<'a> {
+        data: &'a [u8],
+        pos: usize,
+        acc: u64,
+        filled: u32,
+    }
+
+    impl<'a> BitReader<'a> {
+        pub fn new(data: &'a [u8]) -> Self {
+            BitReader {
+                data,
+                pos: 0,
+                acc: 0,
+                filled: 0,
+            }
+        }
+
+        #[inline]
+        pub fn get(&mut self, width: u8) -> u16 {
+            while self.filled < width as u32 {
+                let byte = self.data.get(self.pos).copied().unwrap_or(0);
+                self.pos += 1;
+                self.acc |= (byte as u64) << self.filled;
+                self.filled += 8;
+            }
+            let v = (self.acc & ((1u64 << width) - 1)) as u16;
+            self.acc >>= width;
+            self.filled -= width as u32;
+            v
+        }
+    }
+
     use proptest::prelude::*;
 
     proptest! {
@@ -91,6 +138,12 @@ mod tests {
             prop_assert_eq!(buf.len(), packed_len(values.len(), width));
             let mut r = BitReader::new(&buf);
             for &v in &values { prop_assert_eq!(r.get(width), v); }
+            let mut fast = Vec::new();
+            pack(&values, width, &mut fast);
+            prop_assert_eq!(&fast, &buf);
+            let mut back = vec![0u16; values.len()];
+            unpack(&fast, width, &mut back);
+            prop_assert_eq!(back, values);
         }
     }
 }

@@ -29,7 +29,11 @@ impl ChaosParams {
         ChaosParams {
             u: if u == 0 { 0.5212882 } else { u as f64 },
             k: if k >= 8 { k as i32 } else { k as i32 + 12 },
-            n0: if n0 >= 3000 { n0 as usize } else { n0 as usize + 1000 },
+            n0: if n0 >= 3000 {
+                n0 as usize
+            } else {
+                n0 as usize + 1000
+            },
             x0: 1e-14 * x as f64,
         }
     }
@@ -145,7 +149,12 @@ pub fn matrices(key: &[u8; 16], n: usize, modulus: u64) -> (Vec<u16>, Vec<u16>) 
     let hi = u64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
     let lo = u64::from_be_bytes(key[8..].try_into().expect("8 bytes"));
     let a = sequence(Map::SineSine, &ChaosParams::from_bits(hi), n, modulus);
-    let b = sequence(Map::ChebyshevChebyshev, &ChaosParams::from_bits(lo), n, modulus);
+    let b = sequence(
+        Map::ChebyshevChebyshev,
+        &ChaosParams::from_bits(lo),
+        n,
+        modulus,
+    );
     (a, b)
 }
 
@@ -195,7 +204,10 @@ mod tests {
         let (a3, b3) = matrices(&flipped, 1000, 256);
         assert_eq!(a1, a3, "the last bit only feeds the CCS half");
         let same = b1.iter().zip(&b3).filter(|(x, y)| x == y).count();
-        assert!(same < 20, "{same} of 1000 CCS values unchanged after a key bit flip");
+        assert!(
+            same < 20,
+            "{same} of 1000 CCS values unchanged after a key bit flip"
+        );
     }
 
     #[test]
@@ -203,7 +215,9 @@ mod tests {
         let key = [7u8; 16];
         for modulus in [256u64, 65536] {
             let (a, b) = matrices(&key, 300, modulus);
-            let orig: Vec<u16> = (0..300u32).map(|i| (i * 37 % modulus as u32) as u16).collect();
+            let orig: Vec<u16> = (0..300u32)
+                .map(|i| (i * 37 % modulus as u32) as u16)
+                .collect();
             let mut s = orig.clone();
             diffuse(&mut s, &a, &b, modulus);
             assert_ne!(s, orig);

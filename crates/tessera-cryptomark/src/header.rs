@@ -63,7 +63,11 @@ impl Header {
             return bad(format!("ROI {} outside the image", self.roi));
         }
         if self.block != crate::BLOCK {
-            return bad(format!("block size {} (only {} is defined)", self.block, crate::BLOCK));
+            return bad(format!(
+                "block size {} (only {} is defined)",
+                self.block,
+                crate::BLOCK
+            ));
         }
         let f = self.spec.format;
         let ok_bits = match self.high_bits {
@@ -96,7 +100,13 @@ impl Header {
         }
         let f = s.format;
         h.update([f.bits_allocated, f.bits_stored, f.signed as u8, f.channels]);
-        for v in [self.roi.x, self.roi.y, self.roi.width, self.roi.height, self.block] {
+        for v in [
+            self.roi.x,
+            self.roi.y,
+            self.roi.width,
+            self.roi.height,
+            self.block,
+        ] {
             h.update(v.to_be_bytes());
         }
         h.update([self.payload_bits, self.high_bits as u8]);
@@ -112,7 +122,9 @@ impl Header {
     /// Parses and validates a JSON header.
     pub fn from_json(text: &str) -> Result<Header, CryptomarkError> {
         if text.len() > 64 * 1024 {
-            return Err(CryptomarkError::HeaderCorrupt("header larger than 64 KiB".into()));
+            return Err(CryptomarkError::HeaderCorrupt(
+                "header larger than 64 KiB".into(),
+            ));
         }
         let h: Header = serde_json::from_str(text)
             .map_err(|e| CryptomarkError::HeaderCorrupt(e.to_string()))?;

@@ -24,8 +24,8 @@ mod bits;
 pub mod chaos;
 pub mod header;
 pub mod layout;
-mod scheme;
 pub mod sbox;
+mod scheme;
 
 use serde::{Deserialize, Serialize};
 use tessera_image::{Image, ImageError, Rect};
@@ -95,10 +95,18 @@ impl PaperKeys {
     }
 
     pub fn from_text(text: &str) -> Result<PaperKeys, CryptomarkError> {
-        let bad = || CryptomarkError::KeyFormat("paper keys are two 32-hex-digit halves joined by ':'".into());
+        let bad = || {
+            CryptomarkError::KeyFormat(
+                "paper keys are two 32-hex-digit halves joined by ':'".into(),
+            )
+        };
         let (a, b) = text.trim().split_once(':').ok_or_else(bad)?;
-        let a = unhex(a).and_then(|v| <[u8; 16]>::try_from(v).ok()).ok_or_else(bad)?;
-        let b = unhex(b).and_then(|v| <[u8; 16]>::try_from(v).ok()).ok_or_else(bad)?;
+        let a = unhex(a)
+            .and_then(|v| <[u8; 16]>::try_from(v).ok())
+            .ok_or_else(bad)?;
+        let b = unhex(b)
+            .and_then(|v| <[u8; 16]>::try_from(v).ok())
+            .ok_or_else(bad)?;
         Ok(PaperKeys {
             share1: a,
             share2: b,
@@ -199,12 +207,18 @@ pub enum CryptomarkError {
     #[error("share {share}: {reason}")]
     ShareFormat { share: u8, reason: String },
     #[error("share {share} is {actual} bytes, the header requires {expected}")]
-    ShareLength { share: u8, expected: u64, actual: u64 },
+    ShareLength {
+        share: u8,
+        expected: u64,
+        actual: u64,
+    },
     #[error("share {share} belongs to another object or protect run (header digest differs)")]
     WrongObject { share: u8 },
     #[error("the shares are swapped: share 1 was given where share 2 belongs")]
     SharesSwapped,
-    #[error("share {share} does not authenticate under this key: wrong key, or a share of another object")]
+    #[error(
+        "share {share} does not authenticate under this key: wrong key, or a share of another object"
+    )]
     KeyRejected { share: u8 },
     #[error("the header says profile {header:?} but the key is for {key:?}")]
     ProfileMismatch { header: Profile, key: Profile },
@@ -222,7 +236,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Parses hex; `None` on odd length or a non-hex digit.
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
     let t = text.trim();
-    if t.len() % 2 != 0 {
+    if !t.len().is_multiple_of(2) {
         return None;
     }
     (0..t.len())

@@ -117,7 +117,10 @@ mod tests {
             let mut seen = vec![false; size];
             for v in 0..size as u32 {
                 let y = sb.forward(v as u16);
-                assert!((y as usize) < size, "bits {bits}: {v} -> {y} leaves the domain");
+                assert!(
+                    (y as usize) < size,
+                    "bits {bits}: {v} -> {y} leaves the domain"
+                );
                 assert!(!seen[y as usize], "bits {bits}: collision at {y}");
                 seen[y as usize] = true;
                 assert_eq!(sb.inverse(y), v as u16);

@@ -7,7 +7,7 @@ use ring::hkdf;
 use sha2::{Digest, Sha256};
 use tessera_image::{Image, ImageSpec, Rect};
 
-use crate::bits::{BitReader, BitWriter, packed_len};
+use crate::bits::{pack, packed_len, unpack};
 use crate::chaos;
 use crate::header::{HighBits, MAX_OBJECT_ID, VERSION};
 use crate::layout::{Layout, Tile};
@@ -57,14 +57,10 @@ fn payload_rule(image: &Image) -> (u8, HighBits) {
 fn sign_extend(w: u16, b: u8) -> u16 {
     let mask = ((1u32 << b) - 1) as u16;
     let v = w & mask;
-    if (v >> (b - 1)) & 1 == 1 { v | !mask } else { v }
-}
-
-#[inline]
-fn rebuild(p: u16, rule: HighBits, b: u8) -> u16 {
-    match rule {
-        HighBits::None | HighBits::Zero => p,
-        HighBits::SignExtend => sign_extend(p, b),
+    if (v >> (b - 1)) & 1 == 1 {
+        v | !mask
+    } else {
+        v
     }
 }
 
@@ -93,35 +89,229 @@ fn block_hash(frame: &[u16], spec: &ImageSpec, part: &Rect, scratch: &mut Vec<u8
     folded
 }
 
-#[inline]
-fn hash_bit(hash: &[u8; 16], k: usize) -> u16 {
-    ((hash[k / 8] >> (7 - k % 8)) & 1) as u16
-}
-
 /// How many hash bits a block of `samples` samples carries: 128, or two per
 /// sample for blocks too small to hold 128 (edge blocks of tiny ROIs).
 fn hash_bits(samples: usize) -> usize {
     128.min(2 * samples)
 }
 
-/// Per-block embedding plan: which plane carries the block's first bits.
-struct Carrier {
-    hash: [u8; 16],
-    bits: usize,
-    samples: usize,
-    /// True when the high plane is primary (first half of the blocks, as
-    /// the paper puts H_1..H_t into the MSB image).
-    high_first: bool,
+/// Largest tile: 16 x 16 pixels x 3 channels.
+const MAX_TILE: usize = (BLOCK * BLOCK) as usize * 3;
+
+/// The embedding bit streams of one ROI block, most significant bit first:
+/// `(high plane, low plane)`. The primary plane (high for the first half of
+/// the blocks, as the paper puts H_1..H_t into the MSB image) carries hash
+/// bits 0.. one per carrier sample; the other plane carries what is left
+/// when the block has fewer samples than hash bits. Bits past the hash are 0.
+fn carrier_streams(hash: &[u8; 16], samples: usize, high_first: bool) -> (u128, u128) {
+    let bits = hash_bits(samples);
+    let h = u128::from_be_bytes(*hash);
+    let top = if bits >= 128 {
+        h
+    } else {
+        h & (!0u128 << (128 - bits))
+    };
+    let primary = top;
+    let secondary = if samples >= 128 { 0 } else { top << samples };
+    if high_first {
+        (primary, secondary)
+    } else {
+        (secondary, primary)
+    }
 }
 
-impl Carrier {
-    /// The two embedded bits (high plane, low plane) of carrier sample `k`.
-    #[inline]
-    fn bits_for(&self, k: usize) -> (u16, u16) {
-        let first = if k < self.bits { hash_bit(&self.hash, k) } else { 0 };
-        let j = k + self.samples;
-        let second = if j < self.bits { hash_bit(&self.hash, j) } else { 0 };
-        if self.high_first { (first, second) } else { (second, first) }
+/// Constants of the per-sample transform.
+#[derive(Clone, Copy)]
+struct Planes {
+    /// Low-plane bits floor(b/2).
+    lb: u8,
+    lmask: u16,
+    pmask: u16,
+}
+
+/// Protect kernel for one tile: gathers the tile's samples in raster order
+/// (channels interleaved), substitutes ROI samples, splits them into plane
+/// values and embeds one bit per plane: `hv = h << 1 | e1`, `lv = l << 1 | e2`.
+/// Returns the number of samples.
+#[allow(clippy::too_many_arguments)]
+fn encode_tile(
+    words: &[u16],
+    spec: &ImageSpec,
+    tile: &Tile,
+    sb: &SBox,
+    k: Planes,
+    mut streams: (u128, u128),
+    hv: &mut [u16; MAX_TILE],
+    lv: &mut [u16; MAX_TILE],
+) -> usize {
+    let c = spec.format.channels as usize;
+    let r = &tile.rect;
+    let part = &tile.roi_part;
+    let (a, b) = if part.is_empty() {
+        (0, 0)
+    } else {
+        (
+            ((part.x - r.x) as usize) * c,
+            ((part.x - r.x + part.width) as usize) * c,
+        )
+    };
+    let mut n = 0;
+    let plain = |wd: u16, n: usize, hv: &mut [u16; MAX_TILE], lv: &mut [u16; MAX_TILE]| {
+        let v = wd & k.pmask;
+        hv[n] = (v >> k.lb) << 1;
+        lv[n] = (v & k.lmask) << 1;
+    };
+    for y in r.y..r.y + r.height {
+        let start = (y as usize * spec.width as usize + r.x as usize) * c;
+        let row = &words[start..start + r.width as usize * c];
+        let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
+        if !in_roi {
+            for &wd in row {
+                plain(wd, n, hv, lv);
+                n += 1;
+            }
+            continue;
+        }
+        for &wd in &row[..a] {
+            plain(wd, n, hv, lv);
+            n += 1;
+        }
+        for &wd in &row[a..b] {
+            let v = sb.forward(wd & k.pmask);
+            let e1 = (streams.0 >> 127) as u16;
+            let e2 = (streams.1 >> 127) as u16;
+            streams.0 <<= 1;
+            streams.1 <<= 1;
+            hv[n] = ((v >> k.lb) << 1) | e1;
+            lv[n] = ((v & k.lmask) << 1) | e2;
+            n += 1;
+        }
+        for &wd in &row[b..] {
+            plain(wd, n, hv, lv);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// What [`decode_tile`] found besides the pixels.
+struct Decoded {
+    /// The embedded hash bits, right-aligned (`bits` of them).
+    extracted: u128,
+    /// A bit that should be 0 was 1.
+    padding_set: bool,
+}
+
+/// Restore kernel for one tile: the inverse of [`encode_tile`], writing
+/// rebuilt words into `out` (the frame) and collecting the embedded bits.
+#[allow(clippy::too_many_arguments)]
+fn decode_tile(
+    out: &mut [u16],
+    spec: &ImageSpec,
+    tile: &Tile,
+    sb: &SBox,
+    k: Planes,
+    rule: HighBits,
+    b: u8,
+    high_first: bool,
+    hv: &[u16; MAX_TILE],
+    lv: &[u16; MAX_TILE],
+) -> Decoded {
+    let c = spec.format.channels as usize;
+    let r = &tile.rect;
+    let part = &tile.roi_part;
+    let (a, bnd) = if part.is_empty() {
+        (0, 0)
+    } else {
+        (
+            ((part.x - r.x) as usize) * c,
+            ((part.x - r.x + part.width) as usize) * c,
+        )
+    };
+    let samples = part.area() as usize * c;
+    let bits = if samples == 0 { 0 } else { hash_bits(samples) };
+    let n1 = samples.min(128);
+    let n2 = bits.saturating_sub(samples);
+    let (mut acc1, mut acc2) = (0u128, 0u128);
+    let mut pad = 0u16;
+    let mut n = 0;
+    let mut kk = 0usize;
+    // Branch-free rebuild of the bits above the payload.
+    let sign_bit = b - 1;
+    let ext = match rule {
+        HighBits::SignExtend => !(((1u32 << b) - 1) as u16),
+        HighBits::None | HighBits::Zero => 0,
+    };
+    let rebuild = |p: u16| p | (ext & 0u16.wrapping_sub((p >> sign_bit) & 1));
+    for y in r.y..r.y + r.height {
+        let start = (y as usize * spec.width as usize + r.x as usize) * c;
+        let row = &mut out[start..start + r.width as usize * c];
+        let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
+        let (a, bnd) = if in_roi {
+            (a, bnd)
+        } else {
+            (row.len(), row.len())
+        };
+        let (left, rest) = row.split_at_mut(a);
+        let (mid, right) = rest.split_at_mut(bnd - a);
+        for o in left.iter_mut() {
+            let (h, l) = (hv[n], lv[n]);
+            n += 1;
+            pad |= (h | l) & 1;
+            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+        }
+        for o in mid.iter_mut() {
+            let (h, l) = (hv[n], lv[n]);
+            n += 1;
+            *o = rebuild(sb.inverse(((h >> 1) << k.lb) | (l >> 1)));
+            let (ef, es) = if high_first {
+                (h & 1, l & 1)
+            } else {
+                (l & 1, h & 1)
+            };
+            if kk < n1 {
+                acc1 = (acc1 << 1) | ef as u128;
+            } else {
+                pad |= ef;
+            }
+            if kk < n2 {
+                acc2 = (acc2 << 1) | es as u128;
+            } else {
+                pad |= es;
+            }
+            kk += 1;
+        }
+        for o in right.iter_mut() {
+            let (h, l) = (hv[n], lv[n]);
+            n += 1;
+            pad |= (h | l) & 1;
+            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+        }
+    }
+    let extracted = if n2 == 0 { acc1 } else { (acc1 << n2) | acc2 };
+    Decoded {
+        extracted,
+        padding_set: pad != 0,
+    }
+}
+
+/// The top `bits` bits of a folded hash, right-aligned.
+fn hash_prefix(hash: &[u8; 16], bits: usize) -> u128 {
+    let h = u128::from_be_bytes(*hash);
+    if bits >= 128 { h } else { h >> (128 - bits) }
+}
+
+/// Sample indices (within the frame) of a tile, in tile order.
+fn tile_indices(spec: &ImageSpec, tile: &Tile, mut f: impl FnMut(usize, usize)) {
+    let c = spec.format.channels as usize;
+    let r = &tile.rect;
+    let mut n = 0;
+    for y in r.y..r.y + r.height {
+        let start = (y as usize * spec.width as usize + r.x as usize) * c;
+        for idx in start..start + r.width as usize * c {
+            f(n, idx);
+            n += 1;
+        }
     }
 }
 
@@ -151,15 +341,23 @@ fn aad(digest: &[u8; 32], share: u8, tile: u64) -> [u8; 41] {
 fn check_tag(key: &LessSafeKey, digest: &[u8; 32], share: u8) -> [u8; TAG_LEN] {
     let mut empty: [u8; 0] = [];
     let tag = key
-        .seal_in_place_separate_tag(nonce(CHECK_TILE), Aad::from(aad(digest, share, CHECK_TILE)), &mut empty)
+        .seal_in_place_separate_tag(
+            nonce(CHECK_TILE),
+            Aad::from(aad(digest, share, CHECK_TILE)),
+            &mut empty,
+        )
         .expect("sealing an empty message cannot fail");
     tag.as_ref().try_into().expect("16-byte tag")
 }
 
 fn check_matches(key: &LessSafeKey, digest: &[u8; 32], share: u8, tag: &[u8]) -> bool {
     let mut buf = tag.to_vec();
-    key.open_in_place(nonce(CHECK_TILE), Aad::from(aad(digest, share, CHECK_TILE)), &mut buf)
-        .is_ok()
+    key.open_in_place(
+        nonce(CHECK_TILE),
+        Aad::from(aad(digest, share, CHECK_TILE)),
+        &mut buf,
+    )
+    .is_ok()
 }
 
 /// Container width of the paper profile's plane images.
@@ -266,86 +464,66 @@ pub fn protect(
     });
     // Paper profile: whole plane images, diffused at the end.
     let mut planes: Option<[Vec<u16>; 2]> = match profile {
-        Profile::Paper => Some([vec![0u16; spec.sample_count()], vec![0u16; spec.sample_count()]]),
+        Profile::Paper => Some([
+            vec![0u16; spec.sample_count()],
+            vec![0u16; spec.sample_count()],
+        ]),
         Profile::Secure => None,
     };
     let mut key_acc = [[0u8; 16]; 2];
     let mut key_seen = [false; 2];
-    let mut scratch = Vec::with_capacity((BLOCK * BLOCK) as usize * c * 2);
+    let mut scratch = Vec::with_capacity(MAX_TILE * 2);
+    let k = Planes { lb, lmask, pmask };
+    let mut hv = [0u16; MAX_TILE];
+    let mut lv = [0u16; MAX_TILE];
 
     for frame in 0..spec.frames {
         let words = image.frame(frame);
         let frame_base = frame as usize * spec.frame_samples();
         for tile in &layout.tiles {
-            let carrier = tile.roi_block.map(|local| {
-                let global = frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64;
-                let hash = block_hash(words, &spec, &tile.roi_part, &mut scratch);
-                let high_first = global < t;
-                let slot = usize::from(!high_first);
-                for (a, h) in key_acc[slot].iter_mut().zip(hash) {
-                    *a ^= h;
+            let streams = match tile.roi_block {
+                None => (0, 0),
+                Some(local) => {
+                    let global = frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64;
+                    let hash = block_hash(words, &spec, &tile.roi_part, &mut scratch);
+                    let high_first = global < t;
+                    let slot = usize::from(!high_first);
+                    for (a, h) in key_acc[slot].iter_mut().zip(hash) {
+                        *a ^= h;
+                    }
+                    key_seen[slot] = true;
+                    carrier_streams(&hash, tile.roi_part.area() as usize * c, high_first)
                 }
-                key_seen[slot] = true;
-                let samples = tile.roi_part.area() as usize * c;
-                Carrier {
-                    hash,
-                    bits: hash_bits(samples),
-                    samples,
-                    high_first,
-                }
-            });
-            let starts = [shares[0].len(), shares[1].len()];
-            {
-                let [s1, s2] = &mut shares;
-                let mut w1 = BitWriter::new(s1);
-                let mut w2 = BitWriter::new(s2);
-                let r = &tile.rect;
-                let part = &tile.roi_part;
-                for y in r.y..r.y + r.height {
-                    let row_in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
-                    let row_start = (y as usize * spec.width as usize + r.x as usize) * c;
-                    for dx in 0..r.width as usize {
-                        let x = r.x + dx as u32;
-                        let in_roi = row_in_roi && x >= part.x && x < part.x + part.width;
-                        for ch in 0..c {
-                            let idx = row_start + dx * c + ch;
-                            let p = words[idx] & pmask;
-                            let (v, (e1, e2)) = if in_roi {
-                                let k = (((y - part.y) * part.width + (x - part.x)) as usize) * c + ch;
-                                let carrier = carrier.as_ref().expect("ROI tile has a carrier");
-                                (sb.forward(p), carrier.bits_for(k))
-                            } else {
-                                (p, (0, 0))
-                            };
-                            let (h, l) = (v >> lb, v & lmask);
-                            match planes.as_mut() {
-                                None => {
-                                    w1.put((h << 1) | e1, hb + 1);
-                                    w2.put((l << 1) | e2, lb + 1);
-                                }
-                                Some([p1, p2]) => {
-                                    p1[frame_base + idx] = (h << lb) + e1;
-                                    p2[frame_base + idx] = (l << 1) | e2;
-                                }
-                            }
-                        }
+            };
+            let n = encode_tile(words, &spec, tile, sb, k, streams, &mut hv, &mut lv);
+            if let Some(keys) = &secure_keys {
+                {
+                    let global_tile = frame as u64 * layout.tiles.len() as u64 + tile.index as u64;
+                    for (s, (values, width)) in
+                        [(&hv, hb + 1), (&lv, lb + 1)].into_iter().enumerate()
+                    {
+                        let share = s as u8 + 1;
+                        let start = shares[s].len();
+                        pack(&values[..n], width, &mut shares[s]);
+                        let tag = keys[s]
+                            .seal_in_place_separate_tag(
+                                nonce(global_tile),
+                                Aad::from(aad(&digest, share, global_tile)),
+                                &mut shares[s][start..],
+                            )
+                            .expect("AES-GCM seal of a small tile cannot fail");
+                        shares[s].extend_from_slice(tag.as_ref());
                     }
                 }
-                w1.finish();
-                w2.finish();
-            }
-            if let Some(keys) = &secure_keys {
-                let global_tile = frame as u64 * layout.tiles.len() as u64 + tile.index as u64;
-                for s in 0..2 {
-                    let share = s as u8 + 1;
-                    let tag = keys[s]
-                        .seal_in_place_separate_tag(
-                            nonce(global_tile),
-                            Aad::from(aad(&digest, share, global_tile)),
-                            &mut shares[s][starts[s]..],
-                        )
-                        .expect("AES-GCM seal of a small tile cannot fail");
-                    shares[s].extend_from_slice(tag.as_ref());
+            } else if let Some([p1, p2]) = planes.as_mut() {
+                {
+                    // The paper's MSB image keeps the high bits in place:
+                    // M = (h << floor(b/2)) + e, L = (l << 1) + e.
+                    tile_indices(&spec, tile, |i, idx| {
+                        let h = hv[i];
+                        p1[frame_base + idx] = ((h >> 1) << lb) | (h & 1);
+                        p2[frame_base + idx] = lv[i];
+                    });
                 }
             }
         }
@@ -484,7 +662,10 @@ pub fn restore(
     }
     let secure_keys = match key {
         RestoreKey::Secure(k) => {
-            let keys = [share_key(k, header, &digest, 1), share_key(k, header, &digest, 2)];
+            let keys = [
+                share_key(k, header, &digest, 1),
+                share_key(k, header, &digest, 2),
+            ];
             for (s, tag) in [(1u8, tag1), (2u8, tag2)] {
                 if !check_matches(&keys[s as usize - 1], &digest, s, tag) {
                     let other = 3 - s;
@@ -549,16 +730,27 @@ pub fn restore(
     let mut offsets = [0usize; 2];
     let mut tile_buf: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut scratch = Vec::new();
-    let mut extracted = [0u8; 16];
     let payloads = [p1.payload, p2.payload];
+    let k = Planes {
+        lb,
+        lmask,
+        pmask: ((1u32 << b) - 1) as u16,
+    };
+    let mut hv = [0u16; MAX_TILE];
+    let mut lv = [0u16; MAX_TILE];
 
     for frame in 0..spec.frames {
         let frame_base = frame as usize * spec.frame_samples();
+        let frame_len = spec.frame_samples();
         for tile in &layout.tiles {
             let n = tile.rect.area() as usize * c;
             let global_tile = frame as u64 * layout.tiles.len() as u64 + tile.index as u64;
-            let mut failed: Vec<u8> = Vec::new();
+            let roi_global = tile
+                .roi_block
+                .map(|local| frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64);
+            let mut invalid = false;
             if let Some(keys) = &secure_keys {
+                let mut failed: Vec<u8> = Vec::new();
                 for s in 0..2 {
                     let width = if s == 0 { hb + 1 } else { lb + 1 };
                     let len = packed_len(n, width) + TAG_LEN;
@@ -567,98 +759,71 @@ pub fn restore(
                     tile_buf[s].clear();
                     tile_buf[s].extend_from_slice(src);
                     let share = s as u8 + 1;
-                    let ok = keys[s]
-                        .open_in_place(
-                            nonce(global_tile),
-                            Aad::from(aad(&digest, share, global_tile)),
-                            &mut tile_buf[s],
-                        )
-                        .is_ok();
-                    if !ok {
-                        failed.push(share);
+                    match keys[s].open_in_place(
+                        nonce(global_tile),
+                        Aad::from(aad(&digest, share, global_tile)),
+                        &mut tile_buf[s],
+                    ) {
+                        Ok(plain) => unpack(
+                            plain,
+                            width,
+                            if s == 0 { &mut hv[..n] } else { &mut lv[..n] },
+                        ),
+                        Err(_) => failed.push(share),
                     }
                 }
+                if !failed.is_empty() {
+                    // Unauthenticated data is never decoded: the tile's
+                    // pixels stay zero and the tile (and its ROI block) are
+                    // reported.
+                    report_tile(&mut report, frame, global_tile, tile, failed);
+                    if let Some(g) = roi_global {
+                        report.tampered_blocks.push(TamperedBlock {
+                            index: g,
+                            frame,
+                            rect: tile.roi_part,
+                        });
+                    }
+                    continue;
+                }
+            } else if let Some([q1, q2]) = &planes {
+                let hmax = 1u16 << hb;
+                let lmax = 1u16 << (lb + 1);
+                tile_indices(&spec, tile, |i, idx| {
+                    let m = q1[frame_base + idx];
+                    let l = q2[frame_base + idx];
+                    if (m & lmask) > 1 || (m >> lb) >= hmax || l >= lmax {
+                        invalid = true;
+                    }
+                    hv[i] = (((m >> lb) & (hmax - 1)) << 1) | (m & 1);
+                    lv[i] = l & (lmax - 1);
+                });
             }
-            let roi_global = tile
-                .roi_block
-                .map(|local| frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64);
-            if !failed.is_empty() {
-                // Unauthenticated data is never decoded: the tile's pixels
-                // stay zero and the tile (and its ROI block) are reported.
-                report_tile(&mut report, frame, global_tile, tile, failed);
-                if let Some(g) = roi_global {
+            let high_first = roi_global.is_some_and(|g| g < t);
+            let frame_out = &mut samples[frame_base..frame_base + frame_len];
+            let decoded = decode_tile(
+                frame_out,
+                &spec,
+                tile,
+                sb,
+                k,
+                header.high_bits,
+                b,
+                high_first,
+                &hv,
+                &lv,
+            );
+            if invalid || decoded.padding_set {
+                report_tile(&mut report, frame, global_tile, tile, vec![1, 2]);
+            }
+            if let Some(g) = roi_global {
+                let bits = hash_bits(tile.roi_part.area() as usize * c);
+                let actual = block_hash(frame_out, &spec, &tile.roi_part, &mut scratch);
+                if hash_prefix(&actual, bits) != decoded.extracted {
                     report.tampered_blocks.push(TamperedBlock {
                         index: g,
                         frame,
                         rect: tile.roi_part,
-                    });
-                }
-                continue;
-            }
-            let carrier_samples = tile.roi_part.area() as usize * c;
-            let bits = hash_bits(carrier_samples);
-            let high_first = roi_global.is_some_and(|g| g < t);
-            extracted.fill(0);
-            let mut invalid = false;
-            let mut r1 = BitReader::new(&tile_buf[0]);
-            let mut r2 = BitReader::new(&tile_buf[1]);
-            let r = &tile.rect;
-            let part = &tile.roi_part;
-            for y in r.y..r.y + r.height {
-                let row_in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
-                let row_start = (y as usize * spec.width as usize + r.x as usize) * c;
-                for dx in 0..r.width as usize {
-                    let x = r.x + dx as u32;
-                    let in_roi = row_in_roi && x >= part.x && x < part.x + part.width;
-                    for ch in 0..c {
-                        let idx = row_start + dx * c + ch;
-                        let (h, e1, l, e2) = match &planes {
-                            None => {
-                                let v1 = r1.get(hb + 1);
-                                let v2 = r2.get(lb + 1);
-                                (v1 >> 1, v1 & 1, v2 >> 1, v2 & 1)
-                            }
-                            Some([q1, q2]) => {
-                                let v1 = q1[frame_base + idx];
-                                let v2 = q2[frame_base + idx];
-                                if (v1 & lmask) > 1 || (v1 >> lb) >> hb != 0 || (v2 >> (lb + 1)) != 0 {
-                                    invalid = true;
-                                }
-                                (v1 >> lb, v1 & 1, v2 >> 1, v2 & 1)
-                            }
-                        };
-                        let v = ((h << lb) | l) & (((1u32 << b) - 1) as u16);
-                        let p = if in_roi { sb.inverse(v) } else { v };
-                        samples[frame_base + idx] = rebuild(p, header.high_bits, b);
-                        // Collect the embedded bits; bits beyond the hash
-                        // must be zero, which also catches tampering.
-                        let (first, second) = if high_first { (e1, e2) } else { (e2, e1) };
-                        if in_roi {
-                            let k = (((y - part.y) * part.width + (x - part.x)) as usize) * c + ch;
-                            for (pos, bit) in [(k, first), (k + carrier_samples, second)] {
-                                if pos < bits {
-                                    extracted[pos / 8] |= (bit as u8) << (7 - pos % 8);
-                                } else if bit != 0 {
-                                    invalid = true;
-                                }
-                            }
-                        } else if e1 != 0 || e2 != 0 {
-                            invalid = true;
-                        }
-                    }
-                }
-            }
-            if invalid {
-                report_tile(&mut report, frame, global_tile, tile, vec![1, 2]);
-            }
-            if let Some(g) = roi_global {
-                let frame_words = &samples[frame_base..frame_base + spec.frame_samples()];
-                let actual = block_hash(frame_words, &spec, part, &mut scratch);
-                if !prefix_bits_equal(&actual, &extracted, bits) {
-                    report.tampered_blocks.push(TamperedBlock {
-                        index: g,
-                        frame,
-                        rect: *part,
                     });
                 }
             }
@@ -668,17 +833,19 @@ pub fn restore(
     Ok(Restored { image, report })
 }
 
-fn report_tile(report: &mut VerificationReport, frame: u32, index: u64, tile: &Tile, shares: Vec<u8>) {
+fn report_tile(
+    report: &mut VerificationReport,
+    frame: u32,
+    index: u64,
+    tile: &Tile,
+    shares: Vec<u8>,
+) {
     report.tampered_tiles.push(TamperedTile {
         index,
         frame,
         rect: tile.rect,
         shares,
     });
-}
-
-fn prefix_bits_equal(a: &[u8; 16], b: &[u8; 16], bits: usize) -> bool {
-    (0..bits).all(|k| hash_bit(a, k) == hash_bit(b, k))
 }
 
 /// Verifies two shares: the report of [`restore`] without keeping the image.

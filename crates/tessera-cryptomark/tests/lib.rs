@@ -92,7 +92,10 @@ fn random_image(format: PixelFormat, w: u32, h: u32, frames: u32, seed: u64, jun
     Image::new(spec, samples).unwrap()
 }
 
-fn arb_case() -> impl Strategy<Value = (usize, u32, u32, u32, u64, bool, (u32, u32, u32, u32), bool)> {
+/// (format index, width, height, frames, seed, junk high bits, ROI seed, paper profile)
+type Case = (usize, u32, u32, u32, u64, bool, (u32, u32, u32, u32), bool);
+
+fn arb_case() -> impl Strategy<Value = Case> {
     (
         0..formats().len(),
         1u32..70,
@@ -133,7 +136,11 @@ proptest! {
 fn odd_sizes_whole_image_and_empty_roi_in_both_profiles() {
     for format in formats() {
         let image = head_phantom(511, 509, 1, format, 5).unwrap();
-        for roi in [Rect::new(0, 0, 511, 509), Rect::default(), Rect::new(100, 37, 300, 201)] {
+        for roi in [
+            Rect::new(0, 0, 511, 509),
+            Rect::default(),
+            Rect::new(100, 37, 300, 201),
+        ] {
             for paper in [false, true] {
                 let p = if paper {
                     protect(&image, roi, "odd", ProtectKey::Paper).unwrap()
@@ -207,18 +214,44 @@ fn one_changed_pixel_in_a_paper_share_flags_exactly_its_roi_block() {
             let mut t = p.clone();
             let pos = SHARE_PREAMBLE + (y * 256 + x) as usize;
             t.shares[share][pos] = t.shares[share][pos].wrapping_add(rng.random_range(1..=255));
-            let r = restore(&t.header, &t.shares[0], &t.shares[1], RestoreKey::Paper(&keys)).unwrap();
+            let r = restore(
+                &t.header,
+                &t.shares[0],
+                &t.shares[1],
+                RestoreKey::Paper(&keys),
+            )
+            .unwrap();
             // Detected (a changed pixel breaks its block hash; a changed
             // embedded or padding bit breaks the hash or the tile's
             // decoding), and only where the pixel is.
             assert!(!r.report.is_intact(), "({x},{y}) undetected");
-            assert!(r.report.tampered_blocks.len() <= 1, "({x},{y}) {:?}", r.report);
-            assert!(r.report.tampered_tiles.len() <= 1, "({x},{y}) {:?}", r.report);
-            assert!(r.report.tampered_blocks.iter().all(|b| b.rect.contains(x, y)));
-            assert!(r.report.tampered_tiles.iter().all(|t| t.rect.contains(x, y)));
+            assert!(
+                r.report.tampered_blocks.len() <= 1,
+                "({x},{y}) {:?}",
+                r.report
+            );
+            assert!(
+                r.report.tampered_tiles.len() <= 1,
+                "({x},{y}) {:?}",
+                r.report
+            );
+            assert!(
+                r.report
+                    .tampered_blocks
+                    .iter()
+                    .all(|b| b.rect.contains(x, y))
+            );
+            assert!(
+                r.report
+                    .tampered_tiles
+                    .iter()
+                    .all(|t| t.rect.contains(x, y))
+            );
             // Every other pixel is restored exactly.
             let wrong = (0..256 * 256u32)
-                .filter(|i| r.image.get(0, i % 256, i / 256, 0) != image.get(0, i % 256, i / 256, 0))
+                .filter(|i| {
+                    r.image.get(0, i % 256, i / 256, 0) != image.get(0, i % 256, i / 256, 0)
+                })
                 .collect::<Vec<_>>();
             assert!(wrong.iter().all(|&i| i == y * 256 + x), "{wrong:?}");
         }
@@ -244,7 +277,12 @@ fn wrong_key_is_a_clear_error_never_pixels() {
         share2: [0; 16],
     };
     assert!(matches!(
-        restore(&p.header, &p.shares[0], &p.shares[1], RestoreKey::Paper(&paper)),
+        restore(
+            &p.header,
+            &p.shares[0],
+            &p.shares[1],
+            RestoreKey::Paper(&paper)
+        ),
         Err(CryptomarkError::ProfileMismatch { .. })
     ));
 }
@@ -301,12 +339,18 @@ fn swapped_and_foreign_shares_are_rejected() {
 fn bad_input_gets_typed_errors() {
     let image = head_phantom(32, 32, 1, PixelFormat::GRAY8, 1).unwrap();
     let key = StudyKey::from_bytes(KEY);
-    let sk = ProtectKey::Secure { key: &key, salt: SALT };
+    let sk = ProtectKey::Secure {
+        key: &key,
+        salt: SALT,
+    };
     assert!(matches!(
         protect(&image, Rect::new(20, 20, 13, 4), "x", sk),
         Err(CryptomarkError::RoiOutside { .. })
     ));
-    assert_eq!(protect(&image, Rect::default(), "", sk).unwrap_err(), CryptomarkError::ObjectId);
+    assert_eq!(
+        protect(&image, Rect::default(), "", sk).unwrap_err(),
+        CryptomarkError::ObjectId
+    );
     let p = secure(&image, Rect::new(0, 0, 32, 32), "x");
     let rk = RestoreKey::Secure(&key);
     // Truncated shares.
@@ -398,7 +442,10 @@ fn key_sensitivity_reproduces_tables_3_and_4_in_both_profiles() {
     )
     .unwrap();
     for s in 0..2 {
-        assert_paper_ranges(&format!("secure share {}", s + 1), key_sensitivity(&a, &b, s));
+        assert_paper_ranges(
+            &format!("secure share {}", s + 1),
+            key_sensitivity(&a, &b, s),
+        );
     }
     // Paper: the keys come from the image; flip the last bit of each share key.
     let a = protect(&image, roi, "phantom", ProtectKey::Paper).unwrap();
@@ -413,6 +460,9 @@ fn key_sensitivity_reproduces_tables_3_and_4_in_both_profiles() {
             flipped.share2[15] ^= 1;
         }
         let b = protect(&image, roi, "phantom", ProtectKey::PaperWithKeys(&flipped)).unwrap();
-        assert_paper_ranges(&format!("paper share {}", s + 1), key_sensitivity(&a, &b, s));
+        assert_paper_ranges(
+            &format!("paper share {}", s + 1),
+            key_sensitivity(&a, &b, s),
+        );
     }
 }

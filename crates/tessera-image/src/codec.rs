@@ -28,6 +28,8 @@ pub fn decode(bytes: &[u8]) -> Result<Image, ImageError> {
         .decode()
         .map_err(|e| ImageError::Codec(e.to_string()))?;
     let (w, h) = (decoded.width(), decoded.height());
+    // DynamicImage is non-exhaustive: every other color type is refused.
+    #[allow(clippy::wildcard_enum_match_arm)]
     let (format, samples): (PixelFormat, Vec<u16>) = match decoded {
         DynamicImage::ImageLuma8(b) => (
             PixelFormat::GRAY8,

@@ -474,7 +474,10 @@ mod tests {
     #[test]
     fn rejects_bad_specs_and_buffers() {
         let spec = ImageSpec::new(0, 4, PixelFormat::GRAY8);
-        assert!(matches!(spec.validate(), Err(ImageError::Dimensions { .. })));
+        assert!(matches!(
+            spec.validate(),
+            Err(ImageError::Dimensions { .. })
+        ));
         let bad = PixelFormat {
             bits_allocated: 12,
             ..PixelFormat::GRAY16

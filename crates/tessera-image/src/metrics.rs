@@ -143,7 +143,10 @@ mod tests {
             let r = adjacent_correlation(&noise, w, h, d, 16384, 2).unwrap();
             assert!(r.abs() < 0.05, "{d:?} {r}");
         }
-        assert_eq!(adjacent_correlation(&[1; 4], 2, 2, Direction::Vertical, 10, 1), None);
+        assert_eq!(
+            adjacent_correlation(&[1; 4], 2, 2, Direction::Vertical, 10, 1),
+            None
+        );
     }
 
     #[test]
