@@ -129,6 +129,11 @@ pub fn image(args: ImageBenchArgs) -> Result<()> {
             )
         });
         row("restore+verify, paper", p_restore, None);
+        println!(
+            "| {format} | paper / secure time | protect {:.1}x, restore {:.1}x | | | |",
+            p_protect.as_secs_f64() / s_protect.as_secs_f64(),
+            p_restore.as_secs_f64() / s_restore.as_secs_f64()
+        );
         let overhead = (s1.len() + s2.len()) as f64 / bytes.len() as f64;
         println!("| {format} | shares / original bytes (secure) | {overhead:.3}x | | | |");
     }
