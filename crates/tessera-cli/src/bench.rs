@@ -96,11 +96,8 @@ pub fn image(args: ImageBenchArgs) -> Result<()> {
         let sk = ProtectKey::Secure { key: &key, salt };
         let protected = protect(&image, roi, "bench", sk)?;
         let (_, peak_p) = peak_during(|| protect(&image, roi, "bench", sk));
-        row(
-            "protect, secure",
-            fastest(n, || protect(&image, roi, "bench", sk)),
-            Some(peak_p),
-        );
+        let s_protect = fastest(n, || protect(&image, roi, "bench", sk));
+        row("protect, secure", s_protect, Some(peak_p));
         let rk = RestoreKey::Secure(&key);
         let (h, s1, s2) = (
             &protected.header,
@@ -108,11 +105,8 @@ pub fn image(args: ImageBenchArgs) -> Result<()> {
             &protected.shares[1],
         );
         let (_, peak_r) = peak_during(|| restore(h, s1, s2, rk));
-        row(
-            "restore+verify, secure",
-            fastest(n, || restore(h, s1, s2, rk)),
-            Some(peak_r),
-        );
+        let s_restore = fastest(n, || restore(h, s1, s2, rk));
+        row("restore+verify, secure", s_restore, Some(peak_r));
         let paper = protect(&image, roi, "bench", ProtectKey::Paper)?;
         let pk = paper.paper_keys.expect("paper keys");
         let pn = n.min(5);
