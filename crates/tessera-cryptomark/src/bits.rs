@@ -8,6 +8,14 @@ pub fn packed_len(count: usize, width: u8) -> usize {
 /// Appends `values` of `width` bits to `out`, least significant bit first
 /// (the same layout as [`BitWriter`], 32 bits at a time).
 pub fn pack(values: &[u16], width: u8, out: &mut Vec<u8>) {
+    const MAX: usize = 768;
+    if values.len() > MAX {
+        return pack_slow(values, width, out);
+    }
+    // Pack into a stack buffer (a tile is at most 768 values of at most 17
+    // bits), then append once: no per-word capacity checks.
+    let mut buf = [0u8; MAX * 17 / 8 + 8];
+    let mut len = 0usize;
     let w = width as u32;
     let mut acc: u64 = 0;
     let mut filled = 0u32;
@@ -15,15 +23,36 @@ pub fn pack(values: &[u16], width: u8, out: &mut Vec<u8>) {
         acc |= (v as u64) << filled;
         filled += w;
         if filled >= 32 {
-            out.extend_from_slice(&(acc as u32).to_le_bytes());
+            buf[len..len + 4].copy_from_slice(&(acc as u32).to_le_bytes());
+            len += 4;
             acc >>= 32;
             filled -= 32;
         }
     }
     while filled > 0 {
-        out.push(acc as u8);
+        buf[len] = acc as u8;
+        len += 1;
         acc >>= 8;
         filled = filled.saturating_sub(8);
+    }
+    out.extend_from_slice(&buf[..len]);
+}
+
+fn pack_slow(values: &[u16], width: u8, out: &mut Vec<u8>) {
+    let w = width as u32;
+    let mut acc: u64 = 0;
+    let mut filled = 0u32;
+    for &v in values {
+        acc |= (v as u64) << filled;
+        filled += w;
+        while filled >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            filled -= 8;
+        }
+    }
+    if filled > 0 {
+        out.push(acc as u8);
     }
 }
 
@@ -37,11 +66,19 @@ pub fn unpack(data: &[u8], width: u8, out: &mut [u16]) {
     let mut pos = 0usize;
     for o in out.iter_mut() {
         if filled < w {
-            let mut b = [0u8; 4];
-            let take = 4.min(data.len().saturating_sub(pos));
-            b[..take].copy_from_slice(&data[pos..pos + take]);
-            pos += take;
-            acc |= (u32::from_le_bytes(b) as u64) << filled;
+            let word = match data.get(pos..pos + 4) {
+                Some(four) => u32::from_le_bytes([four[0], four[1], four[2], four[3]]),
+                None => {
+                    let mut b = [0u8; 4];
+                    let take = 4.min(data.len().saturating_sub(pos));
+                    if take > 0 {
+                        b[..take].copy_from_slice(&data[pos..pos + take]);
+                    }
+                    u32::from_le_bytes(b)
+                }
+            };
+            pos += 4;
+            acc |= (word as u64) << filled;
             filled += 32;
         }
         *o = (acc & mask) as u16;
@@ -128,7 +165,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn pack_round_trip(width in 1u8..=16, values in proptest::collection::vec(any::<u16>(), 0..200)) {
+        fn pack_round_trip(width in 1u8..=16, values in proptest::collection::vec(any::<u16>(), 0..1000)) {
             let mask = ((1u32 << width) - 1) as u16;
             let values: Vec<u16> = values.into_iter().map(|v| v & mask).collect();
             let mut buf = Vec::new();
@@ -138,11 +175,14 @@ mod tests {
             prop_assert_eq!(buf.len(), packed_len(values.len(), width));
             let mut r = BitReader::new(&buf);
             for &v in &values { prop_assert_eq!(r.get(width), v); }
-            let mut fast = Vec::new();
+            let mut fast = vec![0xAA];
             pack(&values, width, &mut fast);
-            prop_assert_eq!(&fast, &buf);
+            prop_assert_eq!(&fast[1..], &buf[..]);
+            let mut slow = vec![0xAA];
+            pack_slow(&values, width, &mut slow);
+            prop_assert_eq!(&slow[1..], &buf[..]);
             let mut back = vec![0u16; values.len()];
-            unpack(&fast, width, &mut back);
+            unpack(&fast[1..], width, &mut back);
             prop_assert_eq!(back, values);
         }
     }
