@@ -67,18 +67,23 @@ fn sign_extend(w: u16, b: u8) -> u16 {
 /// SHA-256 of a block's original words (little-endian, one byte per 8-bit
 /// sample), folded to 128 bits by eq. 4: h'_i = h_i XOR h_{i+128}.
 fn block_hash(frame: &[u16], spec: &ImageSpec, part: &Rect, scratch: &mut Vec<u8>) -> [u8; 16] {
-    scratch.clear();
     let c = spec.format.channels as usize;
-    let wide = spec.format.bits_allocated == 16;
-    for y in part.y..part.y + part.height {
+    let bytes_per = spec.format.bytes_per_sample();
+    let row_len = part.width as usize * c;
+    scratch.clear();
+    scratch.resize(row_len * bytes_per * part.height as usize, 0);
+    for (i, y) in (part.y..part.y + part.height).enumerate() {
         let start = (y as usize * spec.width as usize + part.x as usize) * c;
-        let row = &frame[start..start + part.width as usize * c];
-        if wide {
-            for &w in row {
-                scratch.extend_from_slice(&w.to_le_bytes());
+        let row = &frame[start..start + row_len];
+        let dst = &mut scratch[i * row_len * bytes_per..(i + 1) * row_len * bytes_per];
+        if bytes_per == 2 {
+            for (d, &w) in dst.chunks_exact_mut(2).zip(row) {
+                d.copy_from_slice(&w.to_le_bytes());
             }
         } else {
-            scratch.extend(row.iter().map(|&w| w as u8));
+            for (d, &w) in dst.iter_mut().zip(row) {
+                *d = w as u8;
+            }
         }
     }
     let full: [u8; 32] = Sha256::digest(&scratch[..]).into();
