@@ -7,10 +7,22 @@ pub fn packed_len(count: usize, width: u8) -> usize {
 
 /// Appends `values` of `width` bits to `out`, least significant bit first
 /// (the same layout as [`BitWriter`], 32 bits at a time).
+#[cfg(test)]
 pub fn pack(values: &[u16], width: u8, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + packed_len(values.len(), width), 0);
+    pack_into(values, width, &mut out[start..]);
+}
+
+/// Packs `values` into `dst`, which must be exactly
+/// `packed_len(values.len(), width)` bytes.
+pub fn pack_into(values: &[u16], width: u8, dst: &mut [u8]) {
     const MAX: usize = 768;
     if values.len() > MAX {
-        return pack_slow(values, width, out);
+        let mut v = Vec::with_capacity(dst.len());
+        pack_slow(values, width, &mut v);
+        dst.copy_from_slice(&v);
+        return;
     }
     // Pack into a stack buffer (a tile is at most 768 values of at most 17
     // bits), then append once: no per-word capacity checks.
@@ -35,7 +47,7 @@ pub fn pack(values: &[u16], width: u8, out: &mut Vec<u8>) {
         acc >>= 8;
         filled = filled.saturating_sub(8);
     }
-    out.extend_from_slice(&buf[..len]);
+    dst.copy_from_slice(&buf[..len]);
 }
 
 fn pack_slow(values: &[u16], width: u8, out: &mut Vec<u8>) {

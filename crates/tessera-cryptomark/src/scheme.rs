@@ -7,7 +7,7 @@ use ring::hkdf;
 use sha2::{Digest, Sha256};
 use tessera_image::{Image, ImageSpec, Rect};
 
-use crate::bits::{pack, packed_len, unpack};
+use crate::bits::{pack_into, packed_len, unpack};
 use crate::chaos;
 use crate::header::{HighBits, MAX_OBJECT_ID, VERSION};
 use crate::layout::{Layout, Tile};
@@ -66,15 +66,23 @@ fn sign_extend(w: u16, b: u8) -> u16 {
 
 /// SHA-256 of a block's original words (little-endian, one byte per 8-bit
 /// sample), folded to 128 bits by eq. 4: h'_i = h_i XOR h_{i+128}.
-fn block_hash(frame: &[u16], spec: &ImageSpec, part: &Rect, scratch: &mut Vec<u8>) -> [u8; 16] {
+/// `buf[frame_base + i - offset]` is sample `i` of the frame.
+fn block_hash(
+    buf: &[u16],
+    frame_base: usize,
+    offset: usize,
+    spec: &ImageSpec,
+    part: &Rect,
+    scratch: &mut Vec<u8>,
+) -> [u8; 16] {
     let c = spec.format.channels as usize;
     let bytes_per = spec.format.bytes_per_sample();
     let row_len = part.width as usize * c;
     scratch.clear();
     scratch.resize(row_len * bytes_per * part.height as usize, 0);
     for (i, y) in (part.y..part.y + part.height).enumerate() {
-        let start = (y as usize * spec.width as usize + part.x as usize) * c;
-        let row = &frame[start..start + row_len];
+        let start = frame_base + (y as usize * spec.width as usize + part.x as usize) * c - offset;
+        let row = &buf[start..start + row_len];
         let dst = &mut scratch[i * row_len * bytes_per..(i + 1) * row_len * bytes_per];
         if bytes_per == 2 {
             for (d, &w) in dst.chunks_exact_mut(2).zip(row) {
@@ -212,6 +220,8 @@ struct Decoded {
 #[allow(clippy::too_many_arguments)]
 fn decode_tile(
     out: &mut [u16],
+    frame_base: usize,
+    offset: usize,
     spec: &ImageSpec,
     tile: &Tile,
     sb: &SBox,
@@ -249,7 +259,7 @@ fn decode_tile(
     };
     let rebuild = |p: u16| p | (ext & 0u16.wrapping_sub((p >> sign_bit) & 1));
     for y in r.y..r.y + r.height {
-        let start = (y as usize * spec.width as usize + r.x as usize) * c;
+        let start = frame_base + (y as usize * spec.width as usize + r.x as usize) * c - offset;
         let row = &mut out[start..start + r.width as usize * c];
         let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
         let (a, bnd) = if in_roi {
@@ -317,6 +327,313 @@ fn tile_indices(spec: &ImageSpec, tile: &Tile, mut f: impl FnMut(usize, usize)) 
             f(n, idx);
             n += 1;
         }
+    }
+}
+
+/// A run of whole tile rows of one frame: the unit of parallel work. Its
+/// samples and its share bytes are contiguous, so bands split the output
+/// buffers into disjoint slices.
+#[derive(Clone, Copy, Debug)]
+struct Band {
+    frame: usize,
+    /// Tile indices within the frame.
+    first_tile: usize,
+    end_tile: usize,
+    /// Image rows covered.
+    row0: u32,
+    row1: u32,
+}
+
+/// Worker threads for an image of `samples` samples: one for small images,
+/// otherwise the available cores (at most 4).
+fn worker_count(samples: usize) -> usize {
+    if samples < 1 << 16 {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// Cuts every frame into bands and groups consecutive bands into at most
+/// `threads` groups of similar size.
+fn band_groups(layout: &Layout, threads: usize) -> Vec<Vec<Band>> {
+    let tiles = &layout.tiles;
+    let mut row_starts: Vec<usize> = (0..tiles.len()).filter(|&i| tiles[i].rect.x == 0).collect();
+    row_starts.push(tiles.len());
+    let rows = row_starts.len() - 1;
+    let frames = layout.frames as usize;
+    let per_frame = threads.div_ceil(frames).clamp(1, rows.max(1));
+    let mut bands = Vec::with_capacity(frames * per_frame);
+    for frame in 0..frames {
+        for k in 0..per_frame {
+            let (r0, r1) = (k * rows / per_frame, (k + 1) * rows / per_frame);
+            if r0 == r1 {
+                continue;
+            }
+            let (first_tile, end_tile) = (row_starts[r0], row_starts[r1]);
+            let last = &tiles[end_tile - 1].rect;
+            bands.push(Band {
+                frame,
+                first_tile,
+                end_tile,
+                row0: tiles[first_tile].rect.y,
+                row1: last.y + last.height,
+            });
+        }
+    }
+    let per_group = bands.len().div_ceil(threads.max(1)).max(1);
+    bands.chunks(per_group).map(<[Band]>::to_vec).collect()
+}
+
+/// Prefix sums of the sealed tile lengths of one frame for a share whose
+/// values are `width` bits: `p[i]` = bytes before tile `i`, `p[len]` = frame.
+fn sealed_prefix(layout: &Layout, width: u8) -> Vec<usize> {
+    let mut p = Vec::with_capacity(layout.tiles.len() + 1);
+    let mut acc = 0usize;
+    p.push(0);
+    for t in &layout.tiles {
+        acc += packed_len(t.rect.area() as usize * layout.channels, width) + TAG_LEN;
+        p.push(acc);
+    }
+    p
+}
+
+/// Everything the secure protect workers share.
+struct SealJob<'a> {
+    image: &'a Image,
+    layout: &'a Layout,
+    sb: &'a SBox,
+    k: Planes,
+    widths: [u8; 2],
+    /// First ROI block index whose hash goes low plane first.
+    t: u64,
+    keys: &'a [LessSafeKey; 2],
+    digest: &'a [u8; 32],
+}
+
+impl SealJob<'_> {
+    /// Encodes, packs and seals every tile of `group` into `out` (the
+    /// group's contiguous part of each share's payload).
+    fn run(&self, group: &[Band], out: [&mut [u8]; 2]) {
+        let spec = self.image.spec();
+        let c = self.layout.channels;
+        let tpf = self.layout.tiles.len() as u64;
+        let mut scratch = Vec::with_capacity(MAX_TILE * 2);
+        let mut hv = [0u16; MAX_TILE];
+        let mut lv = [0u16; MAX_TILE];
+        let mut off = [0usize; 2];
+        let [o1, o2] = out;
+        for band in group {
+            let words = self.image.frame(band.frame as u32);
+            for tile in &self.layout.tiles[band.first_tile..band.end_tile] {
+                let streams = match tile.roi_block {
+                    None => (0, 0),
+                    Some(local) => {
+                        let global = band.frame as u64 * self.layout.roi_blocks_per_frame as u64
+                            + local as u64;
+                        let hash = block_hash(words, 0, 0, spec, &tile.roi_part, &mut scratch);
+                        carrier_streams(&hash, tile.roi_part.area() as usize * c, global < self.t)
+                    }
+                };
+                let n = encode_tile(
+                    words, spec, tile, self.sb, self.k, streams, &mut hv, &mut lv,
+                );
+                let g = band.frame as u64 * tpf + tile.index as u64;
+                for (s, dst) in [&mut *o1, &mut *o2].into_iter().enumerate() {
+                    let values = if s == 0 { &hv[..n] } else { &lv[..n] };
+                    let len = packed_len(n, self.widths[s]);
+                    let body = &mut dst[off[s]..off[s] + len];
+                    pack_into(values, self.widths[s], body);
+                    let tag = self.keys[s]
+                        .seal_in_place_separate_tag(
+                            nonce(g),
+                            Aad::from(aad(self.digest, s as u8 + 1, g)),
+                            body,
+                        )
+                        .expect("AES-GCM seal of a small tile cannot fail");
+                    dst[off[s] + len..off[s] + len + TAG_LEN].copy_from_slice(tag.as_ref());
+                    off[s] += len + TAG_LEN;
+                }
+            }
+        }
+    }
+}
+
+/// Secure protect of every tile, on several threads for large images.
+fn seal_all(job: &SealJob<'_>, shares: &mut [Vec<u8>; 2]) {
+    let tpf = job.layout.tiles.len();
+    let prefix = [
+        sealed_prefix(job.layout, job.widths[0]),
+        sealed_prefix(job.layout, job.widths[1]),
+    ];
+    let frame_len = [prefix[0][tpf], prefix[1][tpf]];
+    for s in 0..2 {
+        shares[s].resize(
+            SHARE_PREAMBLE + frame_len[s] * job.layout.frames as usize,
+            0,
+        );
+    }
+    let groups = band_groups(job.layout, worker_count(job.image.spec().sample_count()));
+    let [a, b] = shares;
+    let mut rest = [&mut a[SHARE_PREAMBLE..], &mut b[SHARE_PREAMBLE..]];
+    let mut work = Vec::with_capacity(groups.len());
+    for group in &groups {
+        let (first, last) = (group[0], group[group.len() - 1]);
+        let mut parts: [&mut [u8]; 2] = [&mut [], &mut []];
+        for s in 0..2 {
+            let start = first.frame * frame_len[s] + prefix[s][first.first_tile];
+            let end = last.frame * frame_len[s] + prefix[s][last.end_tile];
+            let (part, tail) = std::mem::take(&mut rest[s]).split_at_mut(end - start);
+            parts[s] = part;
+            rest[s] = tail;
+        }
+        work.push((group.as_slice(), parts));
+    }
+    if work.len() == 1 {
+        let (group, parts) = work.pop().expect("one group");
+        job.run(group, parts);
+        return;
+    }
+    std::thread::scope(|scope| {
+        for (group, parts) in work {
+            scope.spawn(move || job.run(group, parts));
+        }
+    });
+}
+
+/// Tampered blocks and tiles found by one group of bands.
+#[derive(Default)]
+struct Findings {
+    blocks: Vec<TamperedBlock>,
+    tiles: Vec<TamperedTile>,
+}
+
+/// Everything the restore workers share.
+struct OpenJob<'a> {
+    spec: &'a ImageSpec,
+    layout: &'a Layout,
+    sb: &'a SBox,
+    k: Planes,
+    widths: [u8; 2],
+    t: u64,
+    rule: HighBits,
+    b: u8,
+    /// Secure profile: the share keys.
+    keys: Option<&'a [LessSafeKey; 2]>,
+    digest: &'a [u8; 32],
+    payloads: [&'a [u8]; 2],
+    prefix: [Vec<usize>; 2],
+    /// Paper profile: the un-diffused plane images.
+    planes: Option<&'a [Vec<u16>; 2]>,
+}
+
+impl OpenJob<'_> {
+    /// Restores the tiles of `group` into `out`, whose first sample is
+    /// sample `offset` of the image.
+    fn run(&self, group: &[Band], out: &mut [u16], offset: usize) -> Findings {
+        let spec = self.spec;
+        let layout = self.layout;
+        let c = layout.channels;
+        let tpf = layout.tiles.len();
+        let fs = spec.frame_samples();
+        let (lb, hb) = (layout.low_plane_bits, layout.high_plane_bits);
+        let lmask = self.k.lmask;
+        let mut found = Findings::default();
+        let mut tile_buf: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        let mut scratch = Vec::new();
+        let mut hv = [0u16; MAX_TILE];
+        let mut lv = [0u16; MAX_TILE];
+        for band in group {
+            let frame = band.frame as u32;
+            let frame_base = band.frame * fs;
+            for tile in &layout.tiles[band.first_tile..band.end_tile] {
+                let n = tile.rect.area() as usize * c;
+                let g = band.frame as u64 * tpf as u64 + tile.index as u64;
+                let roi_global = tile
+                    .roi_block
+                    .map(|local| frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64);
+                let mut invalid = false;
+                if let Some(keys) = self.keys {
+                    let mut failed: Vec<u8> = Vec::new();
+                    for s in 0..2 {
+                        let frame_len = self.prefix[s][tpf];
+                        let at = band.frame * frame_len + self.prefix[s][tile.index as usize];
+                        let len = packed_len(n, self.widths[s]) + TAG_LEN;
+                        tile_buf[s].clear();
+                        tile_buf[s].extend_from_slice(&self.payloads[s][at..at + len]);
+                        let share = s as u8 + 1;
+                        match keys[s].open_in_place(
+                            nonce(g),
+                            Aad::from(aad(self.digest, share, g)),
+                            &mut tile_buf[s],
+                        ) {
+                            Ok(plain) => unpack(
+                                plain,
+                                self.widths[s],
+                                if s == 0 { &mut hv[..n] } else { &mut lv[..n] },
+                            ),
+                            Err(_) => failed.push(share),
+                        }
+                    }
+                    if !failed.is_empty() {
+                        // Unauthenticated data is never decoded: the tile's
+                        // pixels stay zero and the tile (and its ROI block)
+                        // are reported.
+                        found.tiles.push(TamperedTile {
+                            index: g,
+                            frame,
+                            rect: tile.rect,
+                            shares: failed,
+                        });
+                        if let Some(index) = roi_global {
+                            found.blocks.push(TamperedBlock {
+                                index,
+                                frame,
+                                rect: tile.roi_part,
+                            });
+                        }
+                        continue;
+                    }
+                } else if let Some([q1, q2]) = self.planes {
+                    let hmax = 1u16 << hb;
+                    let lmax = 1u16 << (lb + 1);
+                    tile_indices(spec, tile, |i, idx| {
+                        let m = q1[frame_base + idx];
+                        let l = q2[frame_base + idx];
+                        if (m & lmask) > 1 || (m >> lb) >= hmax || l >= lmax {
+                            invalid = true;
+                        }
+                        hv[i] = (((m >> lb) & (hmax - 1)) << 1) | (m & 1);
+                        lv[i] = l & (lmax - 1);
+                    });
+                }
+                let high_first = roi_global.is_some_and(|g| g < self.t);
+                let decoded = decode_tile(
+                    out, frame_base, offset, spec, tile, self.sb, self.k, self.rule, self.b,
+                    high_first, &hv, &lv,
+                );
+                if invalid || decoded.padding_set {
+                    found.tiles.push(TamperedTile {
+                        index: g,
+                        frame,
+                        rect: tile.rect,
+                        shares: vec![1, 2],
+                    });
+                }
+                if let Some(index) = roi_global {
+                    let bits = hash_bits(tile.roi_part.area() as usize * c);
+                    let actual =
+                        block_hash(out, frame_base, offset, spec, &tile.roi_part, &mut scratch);
+                    if hash_prefix(&actual, bits) != decoded.extracted {
+                        found.blocks.push(TamperedBlock {
+                            index,
+                            frame,
+                            rect: tile.roi_part,
+                        });
+                    }
+                }
+            }
+        }
+        found
     }
 }
 
@@ -464,7 +781,7 @@ pub fn protect(
             .map(|k| check_tag(&k[s as usize - 1], &digest, s))
             .unwrap_or([0; TAG_LEN]);
         let mut v = preamble(&digest, profile, s, tag);
-        v.reserve(payload_len(&header, &layout, s) as usize);
+        v.reserve_exact(payload_len(&header, &layout, s) as usize);
         v
     });
     // Paper profile: whole plane images, diffused at the end.
@@ -482,54 +799,48 @@ pub fn protect(
     let mut hv = [0u16; MAX_TILE];
     let mut lv = [0u16; MAX_TILE];
 
-    for frame in 0..spec.frames {
-        let words = image.frame(frame);
-        let frame_base = frame as usize * spec.frame_samples();
-        for tile in &layout.tiles {
-            let streams = match tile.roi_block {
-                None => (0, 0),
-                Some(local) => {
-                    let global = frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64;
-                    let hash = block_hash(words, &spec, &tile.roi_part, &mut scratch);
-                    let high_first = global < t;
-                    let slot = usize::from(!high_first);
-                    for (a, h) in key_acc[slot].iter_mut().zip(hash) {
-                        *a ^= h;
+    if let Some(keys) = &secure_keys {
+        let job = SealJob {
+            image,
+            layout: &layout,
+            sb,
+            k,
+            widths: [hb + 1, lb + 1],
+            t,
+            keys,
+            digest: &digest,
+        };
+        seal_all(&job, &mut shares);
+    }
+    if let Some([p1, p2]) = planes.as_mut() {
+        for frame in 0..spec.frames {
+            let words = image.frame(frame);
+            let frame_base = frame as usize * spec.frame_samples();
+            for tile in &layout.tiles {
+                let streams = match tile.roi_block {
+                    None => (0, 0),
+                    Some(local) => {
+                        let global =
+                            frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64;
+                        let hash = block_hash(words, 0, 0, &spec, &tile.roi_part, &mut scratch);
+                        let high_first = global < t;
+                        let slot = usize::from(!high_first);
+                        for (a, h) in key_acc[slot].iter_mut().zip(hash) {
+                            *a ^= h;
+                        }
+                        key_seen[slot] = true;
+                        carrier_streams(&hash, tile.roi_part.area() as usize * c, high_first)
                     }
-                    key_seen[slot] = true;
-                    carrier_streams(&hash, tile.roi_part.area() as usize * c, high_first)
-                }
-            };
-            let n = encode_tile(words, &spec, tile, sb, k, streams, &mut hv, &mut lv);
-            if let Some(keys) = &secure_keys {
-                {
-                    let global_tile = frame as u64 * layout.tiles.len() as u64 + tile.index as u64;
-                    for (s, (values, width)) in
-                        [(&hv, hb + 1), (&lv, lb + 1)].into_iter().enumerate()
-                    {
-                        let share = s as u8 + 1;
-                        let start = shares[s].len();
-                        pack(&values[..n], width, &mut shares[s]);
-                        let tag = keys[s]
-                            .seal_in_place_separate_tag(
-                                nonce(global_tile),
-                                Aad::from(aad(&digest, share, global_tile)),
-                                &mut shares[s][start..],
-                            )
-                            .expect("AES-GCM seal of a small tile cannot fail");
-                        shares[s].extend_from_slice(tag.as_ref());
-                    }
-                }
-            } else if let Some([p1, p2]) = planes.as_mut() {
-                {
-                    // The paper's MSB image keeps the high bits in place:
-                    // M = (h << floor(b/2)) + e, L = (l << 1) + e.
-                    tile_indices(&spec, tile, |i, idx| {
-                        let h = hv[i];
-                        p1[frame_base + idx] = ((h >> 1) << lb) | (h & 1);
-                        p2[frame_base + idx] = lv[i];
-                    });
-                }
+                };
+                let n = encode_tile(words, &spec, tile, sb, k, streams, &mut hv, &mut lv);
+                debug_assert_eq!(n, tile.rect.area() as usize * c);
+                // The paper's MSB image keeps the high bits in place:
+                // M = (h << floor(b/2)) + e, L = (l << 1) + e.
+                tile_indices(&spec, tile, |i, idx| {
+                    let h = hv[i];
+                    p1[frame_base + idx] = ((h >> 1) << lb) | (h & 1);
+                    p2[frame_base + idx] = lv[i];
+                });
             }
         }
     }
@@ -732,125 +1043,66 @@ pub fn restore(
         tiles: layout.tile_count(),
         ..VerificationReport::default()
     };
-    let mut offsets = [0usize; 2];
-    let mut tile_buf: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-    let mut scratch = Vec::new();
-    let payloads = [p1.payload, p2.payload];
-    let k = Planes {
-        lb,
-        lmask,
-        pmask: ((1u32 << b) - 1) as u16,
+    let job = OpenJob {
+        spec: &spec,
+        layout: &layout,
+        sb,
+        k: Planes {
+            lb,
+            lmask,
+            pmask: ((1u32 << b) - 1) as u16,
+        },
+        widths: [hb + 1, lb + 1],
+        t,
+        rule: header.high_bits,
+        b,
+        keys: secure_keys.as_ref(),
+        digest: &digest,
+        payloads: [p1.payload, p2.payload],
+        prefix: [
+            sealed_prefix(&layout, hb + 1),
+            sealed_prefix(&layout, lb + 1),
+        ],
+        planes: planes.as_ref(),
     };
-    let mut hv = [0u16; MAX_TILE];
-    let mut lv = [0u16; MAX_TILE];
-
-    for frame in 0..spec.frames {
-        let frame_base = frame as usize * spec.frame_samples();
-        let frame_len = spec.frame_samples();
-        for tile in &layout.tiles {
-            let n = tile.rect.area() as usize * c;
-            let global_tile = frame as u64 * layout.tiles.len() as u64 + tile.index as u64;
-            let roi_global = tile
-                .roi_block
-                .map(|local| frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64);
-            let mut invalid = false;
-            if let Some(keys) = &secure_keys {
-                let mut failed: Vec<u8> = Vec::new();
-                for s in 0..2 {
-                    let width = if s == 0 { hb + 1 } else { lb + 1 };
-                    let len = packed_len(n, width) + TAG_LEN;
-                    let src = &payloads[s][offsets[s]..offsets[s] + len];
-                    offsets[s] += len;
-                    tile_buf[s].clear();
-                    tile_buf[s].extend_from_slice(src);
-                    let share = s as u8 + 1;
-                    match keys[s].open_in_place(
-                        nonce(global_tile),
-                        Aad::from(aad(&digest, share, global_tile)),
-                        &mut tile_buf[s],
-                    ) {
-                        Ok(plain) => unpack(
-                            plain,
-                            width,
-                            if s == 0 { &mut hv[..n] } else { &mut lv[..n] },
-                        ),
-                        Err(_) => failed.push(share),
-                    }
-                }
-                if !failed.is_empty() {
-                    // Unauthenticated data is never decoded: the tile's
-                    // pixels stay zero and the tile (and its ROI block) are
-                    // reported.
-                    report_tile(&mut report, frame, global_tile, tile, failed);
-                    if let Some(g) = roi_global {
-                        report.tampered_blocks.push(TamperedBlock {
-                            index: g,
-                            frame,
-                            rect: tile.roi_part,
-                        });
-                    }
-                    continue;
-                }
-            } else if let Some([q1, q2]) = &planes {
-                let hmax = 1u16 << hb;
-                let lmax = 1u16 << (lb + 1);
-                tile_indices(&spec, tile, |i, idx| {
-                    let m = q1[frame_base + idx];
-                    let l = q2[frame_base + idx];
-                    if (m & lmask) > 1 || (m >> lb) >= hmax || l >= lmax {
-                        invalid = true;
-                    }
-                    hv[i] = (((m >> lb) & (hmax - 1)) << 1) | (m & 1);
-                    lv[i] = l & (lmax - 1);
-                });
-            }
-            let high_first = roi_global.is_some_and(|g| g < t);
-            let frame_out = &mut samples[frame_base..frame_base + frame_len];
-            let decoded = decode_tile(
-                frame_out,
-                &spec,
-                tile,
-                sb,
-                k,
-                header.high_bits,
-                b,
-                high_first,
-                &hv,
-                &lv,
-            );
-            if invalid || decoded.padding_set {
-                report_tile(&mut report, frame, global_tile, tile, vec![1, 2]);
-            }
-            if let Some(g) = roi_global {
-                let bits = hash_bits(tile.roi_part.area() as usize * c);
-                let actual = block_hash(frame_out, &spec, &tile.roi_part, &mut scratch);
-                if hash_prefix(&actual, bits) != decoded.extracted {
-                    report.tampered_blocks.push(TamperedBlock {
-                        index: g,
-                        frame,
-                        rect: tile.roi_part,
-                    });
-                }
-            }
-        }
+    let fs = spec.frame_samples();
+    let row = spec.width as usize * c;
+    let groups = band_groups(&layout, worker_count(spec.sample_count()));
+    let mut rest: &mut [u16] = &mut samples;
+    let mut work = Vec::with_capacity(groups.len());
+    for group in &groups {
+        let (first, last) = (group[0], group[group.len() - 1]);
+        let start = first.frame * fs + first.row0 as usize * row;
+        let end = last.frame * fs + last.row1 as usize * row;
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(end - start);
+        rest = tail;
+        work.push((group.as_slice(), part, start));
+    }
+    let parts: Vec<Findings> = if work.len() == 1 {
+        work.into_iter()
+            .map(|(g, part, start)| job.run(g, part, start))
+            .collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = work
+                .into_iter()
+                .map(|(g, part, start)| {
+                    let job = &job;
+                    scope.spawn(move || job.run(g, part, start))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
+    };
+    for p in parts {
+        report.tampered_blocks.extend(p.blocks);
+        report.tampered_tiles.extend(p.tiles);
     }
     let image = Image::new(spec, samples)?;
     Ok(Restored { image, report })
-}
-
-fn report_tile(
-    report: &mut VerificationReport,
-    frame: u32,
-    index: u64,
-    tile: &Tile,
-    shares: Vec<u8>,
-) {
-    report.tampered_tiles.push(TamperedTile {
-        index,
-        frame,
-        rect: tile.rect,
-        shares,
-    });
 }
 
 /// Verifies two shares: the report of [`restore`] without keeping the image.

@@ -466,3 +466,32 @@ fn key_sensitivity_reproduces_tables_3_and_4_in_both_profiles() {
         );
     }
 }
+
+#[test]
+fn large_multi_frame_images_use_parallel_bands_and_still_localize() {
+    // 3 frames of 200x150 RGB: above the threading threshold, so tile bands
+    // of several frames are processed on several threads.
+    let format = PixelFormat::RGB8;
+    let image = head_phantom(200, 150, 3, format, 21).unwrap();
+    let roi = Rect::new(30, 20, 140, 110);
+    let p = secure(&image, roi, "multi");
+    let r = restore_secure(&p).unwrap();
+    assert!(r.report.is_intact());
+    assert!(r.image == image);
+    let paper = protect(&image, roi, "multi", ProtectKey::Paper).unwrap();
+    assert!(restore_any(&paper).image == image);
+    // Tamper the last byte of share 1's payload: the last tile of frame 2.
+    let mut t = p.clone();
+    let last = t.shares[0].len() - 20;
+    t.shares[0][last] ^= 0x80;
+    let r = restore_secure(&t).unwrap();
+    assert_eq!(
+        r.report.tampered_tiles.len(),
+        1,
+        "{:?}",
+        r.report.tampered_tiles
+    );
+    let tile = &r.report.tampered_tiles[0];
+    assert_eq!(tile.frame, 2);
+    assert_eq!(tile.index, r.report.tiles - 1);
+}
