@@ -5,6 +5,8 @@ mod bench;
 mod demo;
 mod image_cmd;
 mod keys;
+mod pki_cmd;
+mod segment_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -13,7 +15,11 @@ use clap::{Parser, Subcommand};
 static PEAK: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Tessera: medical images on untrusted clouds")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera: medical images on untrusted clouds"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,6 +35,8 @@ enum Command {
     Bench(BenchCmd),
     /// The all-in-one demonstration.
     Demo(demo::DemoArgs),
+    /// Development PKI (`pki init --dir DIR`).
+    Pki(pki_cmd::PkiArgs),
 }
 
 #[derive(Subcommand)]
@@ -43,12 +51,18 @@ enum ImageCmd {
     Metrics(image_cmd::MetricsArgs),
     /// Write a new random 256-bit key file for offline use.
     Keygen(image_cmd::KeygenArgs),
+    /// GA-ES: entropy block segmentation into regions; writes the region map PNG.
+    Segment(segment_cmd::SegmentArgs),
+    /// Region-wise processing (one fragment per region), merged; writes the result.
+    Process(segment_cmd::ProcessArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Protect/restore of a 512x512 16-bit slice vs one SHA-256 pass.
     Image(bench::ImageBenchArgs),
+    /// GA-ES of a 512x512 image and region-wise vs whole-image processing.
+    Segment(segment_cmd::BenchArgs),
     /// Every benchmark.
     All,
 }
@@ -62,12 +76,21 @@ fn main() -> std::process::ExitCode {
             ImageCmd::Verify(a) => image_cmd::verify_cmd(a),
             ImageCmd::Metrics(a) => image_cmd::metrics_cmd(a),
             ImageCmd::Keygen(a) => image_cmd::keygen(a),
+            ImageCmd::Segment(a) => segment_cmd::segment(a),
+            ImageCmd::Process(a) => segment_cmd::process(a),
         },
         Command::Bench(cmd) => match cmd {
             BenchCmd::Image(a) => bench::image(a),
-            BenchCmd::All => bench::all(),
+            BenchCmd::Segment(a) => segment_cmd::bench(a),
+            BenchCmd::All => bench::all().and_then(|()| {
+                segment_cmd::bench(segment_cmd::BenchArgs {
+                    iterations: 15,
+                    size: 512,
+                })
+            }),
         },
         Command::Demo(a) => demo::run(a),
+        Command::Pki(a) => pki_cmd::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
