@@ -137,7 +137,69 @@ pub fn image(args: ImageBenchArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args, Debug)]
+pub struct StorageBenchArgs {
+    /// Objects written and read.
+    #[arg(long, default_value_t = 64)]
+    pub objects: usize,
+    /// Object size in KiB.
+    #[arg(long, default_value_t = 512)]
+    pub kib: usize,
+}
+
+/// Storage node put/get over mTLS vs redb directly on the same bytes.
+pub fn storage(args: StorageBenchArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(storage_node::bench_storage(storage_node::BenchOptions {
+        object_bytes: args.kib * 1024,
+        objects: args.objects,
+    }))?;
+    println!(
+        "== tessera bench storage: {} objects of {} KiB ==",
+        args.objects, args.kib
+    );
+    println!("{report}");
+    println!("target: put at least 50 % of redb direct (ratio >= 0.50)");
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct KeyserverBenchArgs {
+    /// Concurrent mTLS clients (and in-process tasks).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Derivations per phase.
+    #[arg(long, default_value_t = 20_000)]
+    pub requests: usize,
+}
+
+/// Durably audited key derivations over mTLS gRPC vs in process.
+pub fn keyserver(args: KeyserverBenchArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt
+        .block_on(keyserver::bench_derive(keyserver::BenchOptions {
+            clients: args.clients,
+            requests: args.requests,
+        }))
+        .map_err(|e| anyhow::anyhow!("keyserver bench: {e}"))?;
+    println!("== tessera bench keyserver ==");
+    println!("{report}");
+    Ok(())
+}
+
 pub fn all() -> Result<()> {
     image(ImageBenchArgs { iterations: 15 })?;
+    crate::segment_cmd::bench(crate::segment_cmd::BenchArgs {
+        iterations: 15,
+        size: 512,
+    })?;
+    storage(StorageBenchArgs {
+        objects: 64,
+        kib: 512,
+    })?;
+    keyserver(KeyserverBenchArgs {
+        clients: 64,
+        requests: 20_000,
+    })?;
     Ok(())
 }

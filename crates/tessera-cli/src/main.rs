@@ -63,6 +63,10 @@ enum BenchCmd {
     Image(bench::ImageBenchArgs),
     /// GA-ES of a 512x512 image and region-wise vs whole-image processing.
     Segment(segment_cmd::BenchArgs),
+    /// Storage node put/get of 512 KiB objects over mTLS vs redb directly.
+    Storage(bench::StorageBenchArgs),
+    /// Audited key derivations per second over mTLS at 64 clients vs in process.
+    Keyserver(bench::KeyserverBenchArgs),
     /// Every benchmark.
     All,
 }
@@ -82,12 +86,9 @@ fn main() -> std::process::ExitCode {
         Command::Bench(cmd) => match cmd {
             BenchCmd::Image(a) => bench::image(a),
             BenchCmd::Segment(a) => segment_cmd::bench(a),
-            BenchCmd::All => bench::all().and_then(|()| {
-                segment_cmd::bench(segment_cmd::BenchArgs {
-                    iterations: 15,
-                    size: 512,
-                })
-            }),
+            BenchCmd::Storage(a) => bench::storage(a),
+            BenchCmd::Keyserver(a) => bench::keyserver(a),
+            BenchCmd::All => bench::all(),
         },
         Command::Demo(a) => demo::run(a),
         Command::Pki(a) => pki_cmd::run(a),

@@ -90,16 +90,17 @@ mod tests {
 
     #[test]
     fn phantom_is_deterministic_and_structured() {
-        let a = head_phantom(64, 64, 1, PixelFormat::GRAY8, 1).unwrap();
-        let b = head_phantom(64, 64, 1, PixelFormat::GRAY8, 1).unwrap();
+        let a = head_phantom(256, 256, 1, PixelFormat::GRAY8, 1).unwrap();
+        let b = head_phantom(256, 256, 1, PixelFormat::GRAY8, 1).unwrap();
         assert_eq!(a, b);
-        let centre = a.get(0, 32, 32, 0);
+        assert_ne!(a, head_phantom(256, 256, 1, PixelFormat::GRAY8, 2).unwrap());
+        let centre = a.get(0, 128, 128, 0);
         let corner = a.get(0, 0, 0, 0);
         assert!(centre > corner, "tissue brighter than air");
         let r = crate::metrics::adjacent_correlation(
             a.samples(),
-            64,
-            64,
+            256,
+            256,
             crate::metrics::Direction::Horizontal,
             2000,
             3,

@@ -1,0 +1,311 @@
+//! Development PKI for Tessera, built with rcgen.
+//!
+//! One CA (ECDSA P-256) and, for every identity, a leaf certificate whose
+//! single URI SAN is `spiffe://<trust-domain>/<kind>/<name>`:
+//! services get kind `service`, DNS SAN `localhost`, IP SAN `127.0.0.1` and
+//! both serverAuth and clientAuth; users get kind `user` and clientAuth only.
+//!
+//! [`init_dir`] writes `DIR/ca.crt` and `DIR/<name>.crt` / `DIR/<name>.key`
+//! (PEM, keys mode 0600). A second call on another directory makes an
+//! unrelated ("foreign") CA with the same names: tests use it to show that
+//! certificates from another CA are refused.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// The development trust domain.
+pub const TRUST_DOMAIN: &str = "tessera.local";
+
+/// Service identities (kind `service`).
+pub const SERVICES: [&str; 7] = [
+    "keyserver",
+    "storage-1",
+    "storage-2",
+    "storage-3",
+    "watermark",
+    "segmentation",
+    "gateway",
+];
+
+/// User identities (kind `user`). `outsider` is valid but has no role.
+pub const USERS: [&str; 5] = ["owner", "clinician", "clinician2", "researcher", "outsider"];
+
+/// Why the PKI could not be generated or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} already exists; refusing to overwrite a PKI (use a new directory or force)")]
+    Exists(PathBuf),
+    #[error("invalid name {0:?}: use [a-z0-9-]")]
+    Name(String),
+}
+
+/// A certificate authority that can issue Tessera identities.
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    trust_domain: String,
+}
+
+/// A leaf certificate and its private key, PEM.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Ca {
+    /// A fresh CA for `trust_domain`.
+    pub fn new(trust_domain: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tessera development");
+        dn.push(
+            DnType::CommonName,
+            format!("Tessera dev CA ({trust_domain})"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        Ok(Self {
+            issuer: CertifiedIssuer::self_signed(params, key)?,
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The URI SAN of `kind`/`name` in this CA's trust domain.
+    pub fn uri(&self, kind: &str, name: &str) -> String {
+        format!("spiffe://{}/{kind}/{name}", self.trust_domain)
+    }
+
+    /// A service certificate: URI SAN, `localhost`, `127.0.0.1`; server and
+    /// client auth (services call each other).
+    pub fn issue_service(&self, name: &str) -> Result<Issued, PkiError> {
+        check_name(name)?;
+        self.issue_custom(name, &[self.uri("service", name)], true)
+    }
+
+    /// A user certificate: URI SAN only, client auth only.
+    pub fn issue_user(&self, name: &str) -> Result<Issued, PkiError> {
+        check_name(name)?;
+        self.issue_custom(name, &[self.uri("user", name)], false)
+    }
+
+    /// Any leaf, for tests of identity parsing: `uris` may be empty or hold
+    /// several entries. `server` adds the loopback SANs and serverAuth.
+    pub fn issue_custom(
+        &self,
+        common_name: &str,
+        uris: &[String],
+        server: bool,
+    ) -> Result<Issued, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tessera development");
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into()?));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if server {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName("localhost".try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn check_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::Name(name.to_owned()))
+    }
+}
+
+/// A development PKI on disk.
+#[derive(Clone, Debug)]
+pub struct DevPki {
+    pub dir: PathBuf,
+    pub trust_domain: String,
+}
+
+impl DevPki {
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+    pub fn cert_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.crt"))
+    }
+    pub fn key_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
+    }
+    /// Every identity name written (services, then users).
+    pub fn names(&self) -> impl Iterator<Item = &'static str> {
+        SERVICES.iter().chain(USERS.iter()).copied()
+    }
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if secret { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = opts.open(path).map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Writes a complete development PKI into `dir` (created if missing).
+/// Refuses to overwrite an existing `ca.crt` unless `force`.
+pub fn init_dir(dir: &Path, force: bool) -> Result<DevPki, PkiError> {
+    std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let pki = DevPki {
+        dir: dir.to_owned(),
+        trust_domain: TRUST_DOMAIN.to_owned(),
+    };
+    if !force && pki.ca_path().exists() {
+        return Err(PkiError::Exists(pki.ca_path()));
+    }
+    let ca = Ca::new(TRUST_DOMAIN)?;
+    for name in SERVICES {
+        let issued = ca.issue_service(name)?;
+        write_file(&pki.cert_path(name), &issued.cert_pem, false)?;
+        write_file(&pki.key_path(name), &issued.key_pem, true)?;
+    }
+    for name in USERS {
+        let issued = ca.issue_user(name)?;
+        write_file(&pki.cert_path(name), &issued.cert_pem, false)?;
+        write_file(&pki.key_path(name), &issued.key_pem, true)?;
+    }
+    // The CA last: its presence marks a complete PKI.
+    write_file(&pki.ca_path(), &ca.cert_pem(), false)?;
+    Ok(pki)
+}
+
+/// Shorthand for tests: a fresh PKI in `dir`, overwriting anything there.
+pub fn generate(dir: &Path) -> Result<DevPki, PkiError> {
+    init_dir(dir, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::extensions::GeneralName;
+
+    fn uris_of(pem: &str) -> Vec<String> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = p.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| {
+                if let GeneralName::URI(u) = n {
+                    Some((*u).to_owned())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn init_writes_every_identity() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = init_dir(tmp.path(), false).unwrap();
+        assert!(pki.ca_path().is_file());
+        for name in pki.names() {
+            assert!(pki.cert_path(name).is_file(), "{name}");
+            assert!(pki.key_path(name).is_file(), "{name}");
+        }
+        let owner = std::fs::read_to_string(pki.cert_path("owner")).unwrap();
+        assert_eq!(uris_of(&owner), ["spiffe://tessera.local/user/owner"]);
+        let ks = std::fs::read_to_string(pki.cert_path("keyserver")).unwrap();
+        assert_eq!(uris_of(&ks), ["spiffe://tessera.local/service/keyserver"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(pki.key_path("owner"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "key must not be group/world readable");
+        }
+        // A second init in the same place is refused, not silently replaced.
+        assert!(matches!(
+            init_dir(tmp.path(), false),
+            Err(PkiError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let ca = Ca::new(TRUST_DOMAIN).unwrap();
+        for bad in ["", "Owner", "a/b", "a b", "../x"] {
+            assert!(
+                matches!(ca.issue_user(bad), Err(PkiError::Name(_))),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Shared server plumbing for every Tessera binary: typed config (TOML plus
+//! environment, injectable), telemetry (tracing, optional OTLP, a span per
+//! RPC with the trace context from gRPC metadata) and the mutual-TLS gRPC
+//! server with health, reflection, authorization and message limits.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod server;
+pub mod telemetry;
+
+pub use config::{ConfigError, ConfigSource, EXIT_CONFIG, Validate, load_config};
+pub use server::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerConfig, ServerError};
+pub use telemetry::TelemetryConfig;
+
+/// Waits for SIGINT or SIGTERM (SIGINT only where SIGTERM does not exist).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; SIGINT only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

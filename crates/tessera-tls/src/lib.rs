@@ -1,0 +1,35 @@
+//! The one crate that owns rustls in Tessera.
+//!
+//! * [`ServerTls`] / [`ClientTls`]: rustls configs with the `ring` provider,
+//!   client certificates always required ([`rustls::server::WebPkiClientVerifier`],
+//!   never unauthenticated), loaded from PEM files.
+//! * [`Identity`]: the caller, parsed from the certificate's single URI SAN
+//!   `spiffe://<trust-domain>/<kind>/<name>`.
+//! * [`incoming`]: a TLS accept loop for `tonic::transport::Server::serve_with_incoming`
+//!   that puts the peer's [`Identity`] on every request.
+//! * [`AuthzLayer`]: a tower layer that checks every RPC against one
+//!   [`Policy`] table and a [`RoleMap`], failing closed; only
+//!   `grpc.health.v1.Health` needs no role.
+#![forbid(unsafe_code)]
+
+mod authz;
+mod client;
+mod error;
+mod identity;
+mod server;
+mod tls_config;
+
+pub use authz::{
+    AccessConfig, Authz, AuthzLayer, AuthzService, CallerRoles, HEALTH_SERVICE_PREFIX, Policy,
+    Role, RoleMap, caller, caller_roles,
+};
+pub use client::ClientTls;
+pub use error::TlsError;
+pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};
+pub use server::{PeerInfo, TlsConn, incoming};
+pub use tls_config::{ServerTls, TlsFiles};
+
+/// The one crypto provider of the suite: rustls with `ring`.
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}

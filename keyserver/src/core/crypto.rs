@@ -1,0 +1,406 @@
+//! Key-encryption key, secret wrapping, HKDF derivation, attribute
+//! commitments and the audit signing key. All primitives come from `ring`.
+
+use std::path::Path;
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::hkdf::{HKDF_SHA256, KeyType, Salt};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+
+use crate::core::attrs::CanonicalAttributes;
+use crate::error::{KeyServerError, Result};
+
+/// Length of every symmetric secret and derived key.
+pub const KEY_LEN: usize = 32;
+
+/// A 32-byte secret.
+pub type Secret = [u8; KEY_LEN];
+
+fn crypto(msg: &str) -> KeyServerError {
+    KeyServerError::Crypto(msg.to_owned())
+}
+
+/// Fills a fresh 32-byte secret from the system RNG.
+pub fn random_secret(rng: &SystemRandom) -> Result<Secret> {
+    let mut s = [0u8; KEY_LEN];
+    rng.fill(&mut s)
+        .map_err(|_| crypto("random generator failed"))?;
+    Ok(s)
+}
+
+/// The key-encryption key: wraps the master secrets, the audit signing key
+/// and pending grant keys with AES-256-GCM. Never stored in the database.
+pub struct Kek {
+    key: LessSafeKey,
+}
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kek(<redacted>)")
+    }
+}
+
+impl Kek {
+    /// Builds a KEK from raw bytes.
+    pub fn from_bytes(bytes: &Secret) -> Result<Self> {
+        let unbound = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| crypto("bad KEK length"))?;
+        Ok(Self {
+            key: LessSafeKey::new(unbound),
+        })
+    }
+
+    /// Reads the KEK from a file holding 32 raw bytes or 64 hex digits
+    /// (surrounding whitespace ignored). On Unix the file must not be
+    /// readable or writable by group or others (0600 or 0400).
+    pub fn load(path: &Path) -> Result<Self> {
+        let shown = path.display();
+        let meta =
+            std::fs::metadata(path).map_err(|e| KeyServerError::Kek(format!("{shown}: {e}")))?;
+        if !meta.is_file() {
+            return Err(KeyServerError::Kek(format!("{shown}: not a regular file")));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(KeyServerError::Kek(format!(
+                    "{shown}: permissions {mode:04o} are too open; use 0600 or 0400"
+                )));
+            }
+        }
+        let raw = std::fs::read(path).map_err(|e| KeyServerError::Kek(format!("{shown}: {e}")))?;
+        let mut key = [0u8; KEY_LEN];
+        let trimmed = raw.trim_ascii();
+        if trimmed.len() == 2 * KEY_LEN && trimmed.iter().all(u8::is_ascii_hexdigit) {
+            hex::decode_to_slice(trimmed, &mut key)
+                .map_err(|_| KeyServerError::Kek(format!("{shown}: bad hex")))?;
+        } else if raw.len() == KEY_LEN {
+            key.copy_from_slice(&raw);
+        } else {
+            return Err(KeyServerError::Kek(format!(
+                "{shown}: expected 32 raw bytes or 64 hex digits"
+            )));
+        }
+        Self::from_bytes(&key)
+    }
+
+    /// Encrypts `plaintext`; the output is `nonce || ciphertext || tag`.
+    /// `aad` binds the blob to its role (e.g. master version), so blobs
+    /// cannot be swapped between slots.
+    pub fn wrap(&self, rng: &SystemRandom, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill(&mut nonce)
+            .map_err(|_| crypto("random generator failed"))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
+        out.extend_from_slice(&nonce);
+        let mut body = plaintext.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut body,
+            )
+            .map_err(|_| crypto("seal failed"))?;
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Decrypts a blob made by [`Kek::wrap`] with the same `aad`.
+    pub fn unwrap(&self, aad: &[u8], blob: &[u8]) -> Result<Vec<u8>> {
+        if blob.len() < NONCE_LEN + 16 {
+            return Err(KeyServerError::Kek("wrapped secret too short".into()));
+        }
+        let (nonce, body) = blob.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| crypto("bad nonce"))?;
+        let mut body = body.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(aad), &mut body)
+            .map_err(|_| {
+                KeyServerError::Kek(
+                    "stored secret does not decrypt: wrong key-encryption key or edited database"
+                        .into(),
+                )
+            })?;
+        Ok(plain.to_vec())
+    }
+
+    /// Unwraps a blob that must hold exactly one 32-byte secret.
+    pub fn unwrap_secret(&self, aad: &[u8], blob: &[u8]) -> Result<Secret> {
+        let v = self.unwrap(aad, blob)?;
+        v.as_slice()
+            .try_into()
+            .map_err(|_| KeyServerError::Kek("wrapped secret has the wrong length".into()))
+    }
+}
+
+/// AAD of master secret `version`.
+pub fn master_aad(version: u32) -> Vec<u8> {
+    format!("tessera-keyserver/master/v{version}").into_bytes()
+}
+
+/// AAD of the audit signing key.
+pub const SIGNING_KEY_AAD: &[u8] = b"tessera-keyserver/audit-signing-key";
+
+/// AAD of the key held for an approved (or pending) request.
+pub fn grant_aad(request_id: &str) -> Vec<u8> {
+    format!("tessera-keyserver/grant/{request_id}").into_bytes()
+}
+
+struct Len(usize);
+
+impl KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+fn lp(n: usize) -> [u8; 4] {
+    u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes()
+}
+
+/// One master secret version, with the commitment key derived from it.
+pub struct Master {
+    /// Version number (1, 2, ...).
+    pub version: u32,
+    secret: Secret,
+    commit_key: hmac::Key,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Master(v{}, <redacted>)", self.version)
+    }
+}
+
+impl Master {
+    /// Wraps a raw master secret.
+    pub fn new(version: u32, secret: Secret) -> Result<Self> {
+        let mut ck = [0u8; KEY_LEN];
+        Salt::new(HKDF_SHA256, b"tessera-keyserver/commit-salt")
+            .extract(&secret)
+            .expand(
+                &[b"tessera/v1/attribute-commitment", &version.to_be_bytes()],
+                Len(KEY_LEN),
+            )
+            .map_err(|_| crypto("hkdf expand"))?
+            .fill(&mut ck)
+            .map_err(|_| crypto("hkdf fill"))?;
+        Ok(Self {
+            version,
+            secret,
+            commit_key: hmac::Key::new(hmac::HMAC_SHA256, &ck),
+        })
+    }
+
+    /// The raw secret, only for wrapping at rest.
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// HKDF-SHA256: extract with the study salt over the master secret, then
+    /// expand with info = domain | master version | study id | purpose |
+    /// canonical attributes (each length-prefixed).
+    pub fn derive_study_key(
+        &self,
+        salt: &Secret,
+        study_id: &str,
+        attrs: &CanonicalAttributes,
+        purpose: &str,
+    ) -> Result<Secret> {
+        let mut out = [0u8; KEY_LEN];
+        let version = self.version.to_be_bytes();
+        let (sl, pl, al) = (
+            lp(study_id.len()),
+            lp(purpose.len()),
+            lp(attrs.as_bytes().len()),
+        );
+        let info: [&[u8]; 8] = [
+            b"tessera/v1/study-key",
+            &version,
+            &sl,
+            study_id.as_bytes(),
+            &pl,
+            purpose.as_bytes(),
+            &al,
+            attrs.as_bytes(),
+        ];
+        Salt::new(HKDF_SHA256, salt)
+            .extract(&self.secret)
+            .expand(&info, Len(KEY_LEN))
+            .map_err(|_| crypto("hkdf expand"))?
+            .fill(&mut out)
+            .map_err(|_| crypto("hkdf fill"))?;
+        Ok(out)
+    }
+
+    // The study id and salt make equal attributes of two studies commit to
+    // unrelated values, so commitments do not link studies.
+    fn commitment_input(study_id: &str, salt: &Secret, attrs: &CanonicalAttributes) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(4 + study_id.len() + KEY_LEN + attrs.as_bytes().len());
+        msg.extend_from_slice(&lp(study_id.len()));
+        msg.extend_from_slice(study_id.as_bytes());
+        msg.extend_from_slice(salt);
+        msg.extend_from_slice(attrs.as_bytes());
+        msg
+    }
+
+    /// Keyed commitment: HMAC-SHA256(commit key, len | study id | salt | attrs).
+    pub fn commitment(&self, study_id: &str, salt: &Secret, attrs: &CanonicalAttributes) -> Secret {
+        let tag = hmac::sign(
+            &self.commit_key,
+            &Self::commitment_input(study_id, salt, attrs),
+        );
+        let mut out = [0u8; KEY_LEN];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Constant-time check of a commitment.
+    pub fn verify_commitment(
+        &self,
+        study_id: &str,
+        salt: &Secret,
+        attrs: &CanonicalAttributes,
+        expected: &Secret,
+    ) -> bool {
+        let msg = Self::commitment_input(study_id, salt, attrs);
+        hmac::verify(&self.commit_key, &msg, expected).is_ok()
+    }
+}
+
+/// The Ed25519 key that signs audit checkpoints and the chain head.
+pub struct AuditSigner {
+    pair: Ed25519KeyPair,
+}
+
+impl AuditSigner {
+    /// Generates a new key pair; returns the signer and its PKCS#8 document.
+    pub fn generate(rng: &SystemRandom) -> Result<(Self, Vec<u8>)> {
+        let doc = Ed25519KeyPair::generate_pkcs8(rng).map_err(|_| crypto("ed25519 keygen"))?;
+        let pkcs8 = doc.as_ref().to_vec();
+        Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
+    }
+
+    /// Loads a key pair from PKCS#8.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self> {
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| crypto("bad ed25519 key"))?;
+        Ok(Self { pair })
+    }
+
+    /// Signs `msg`.
+    pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.pair.sign(msg).as_ref().to_vec()
+    }
+
+    /// The 32-byte public key.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
+    }
+}
+
+/// Verifies an Ed25519 signature.
+pub fn verify_signature(public_key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(msg, sig)
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(v: &str) -> CanonicalAttributes {
+        CanonicalAttributes::new(&[("patient_id", v)]).unwrap()
+    }
+
+    #[test]
+    fn wrap_round_trip_and_aad_binding() {
+        let rng = SystemRandom::new();
+        let kek = Kek::from_bytes(&[7u8; 32]).unwrap();
+        let blob = kek.wrap(&rng, b"slot-a", b"secret").unwrap();
+        assert_eq!(kek.unwrap(b"slot-a", &blob).unwrap(), b"secret");
+        assert!(kek.unwrap(b"slot-b", &blob).is_err());
+        let other = Kek::from_bytes(&[8u8; 32]).unwrap();
+        assert!(other.unwrap(b"slot-a", &blob).is_err());
+        let mut flipped = blob.clone();
+        flipped[20] ^= 1;
+        assert!(kek.unwrap(b"slot-a", &flipped).is_err());
+        assert!(kek.unwrap(b"slot-a", &blob[..10]).is_err());
+    }
+
+    #[test]
+    fn derivation_depends_on_every_input() {
+        let m1 = Master::new(1, [1u8; 32]).unwrap();
+        let m2 = Master::new(2, [1u8; 32]).unwrap();
+        let salt = [9u8; 32];
+        let base = m1
+            .derive_study_key(&salt, "st-a", &attrs("P1"), "pixels")
+            .unwrap();
+        assert_eq!(
+            base,
+            m1.derive_study_key(&salt, "st-a", &attrs("P1"), "pixels")
+                .unwrap()
+        );
+        for other in [
+            m2.derive_study_key(&salt, "st-a", &attrs("P1"), "pixels")
+                .unwrap(),
+            m1.derive_study_key(&[8u8; 32], "st-a", &attrs("P1"), "pixels")
+                .unwrap(),
+            m1.derive_study_key(&salt, "st-b", &attrs("P1"), "pixels")
+                .unwrap(),
+            m1.derive_study_key(&salt, "st-a", &attrs("P2"), "pixels")
+                .unwrap(),
+            m1.derive_study_key(&salt, "st-a", &attrs("P1"), "metadata")
+                .unwrap(),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn commitment_verifies_only_the_right_attributes() {
+        let m = Master::new(1, [3u8; 32]).unwrap();
+        let salt = [4u8; 32];
+        let c = m.commitment("st-a", &salt, &attrs("P1"));
+        assert!(m.verify_commitment("st-a", &salt, &attrs("P1"), &c));
+        assert!(!m.verify_commitment("st-a", &salt, &attrs("P2"), &c));
+        assert!(!m.verify_commitment("st-b", &salt, &attrs("P1"), &c));
+        // Same attributes, other study: unrelated commitment.
+        assert_ne!(c, m.commitment("st-b", &[5u8; 32], &attrs("P1")));
+    }
+
+    #[test]
+    fn kek_file_permissions_and_formats() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kek");
+        std::fs::write(&p, format!("{}\n", hex::encode([1u8; 32]))).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(Kek::load(&p), Err(KeyServerError::Kek(m)) if m.contains("too open")));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Kek::load(&p).unwrap();
+        std::fs::write(&p, [2u8; 32]).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        Kek::load(&p).unwrap();
+        let q = dir.path().join("short");
+        std::fs::write(&q, b"abc").unwrap();
+        std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Kek::load(&q).is_err());
+        assert!(Kek::load(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn signatures_verify() {
+        let rng = SystemRandom::new();
+        let (s, pkcs8) = AuditSigner::generate(&rng).unwrap();
+        let again = AuditSigner::from_pkcs8(&pkcs8).unwrap();
+        assert_eq!(s.public_key(), again.public_key());
+        let sig = s.sign(b"head");
+        assert!(verify_signature(&s.public_key(), b"head", &sig));
+        assert!(!verify_signature(&s.public_key(), b"heaD", &sig));
+    }
+}

@@ -1,0 +1,182 @@
+//! `keyserver`: serve (default) or verify an audit log offline.
+//!
+//! ```text
+//! keyserver [--config FILE]                      serve until SIGINT/SIGTERM
+//! keyserver audit-verify --db FILE [--kek-file F] verify the audit chain of a stopped keyserver
+//! keyserver bench [--clients 64] [--requests 20000]
+//! ```
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keyserver::config::{Config, ENV_PREFIX};
+use keyserver::core::crypto::Kek;
+use keyserver::{App, AppError, KeyServerError};
+use tessera_runtime::{ConfigSource, EXIT_CONFIG, load_config, shutdown_signal, telemetry};
+
+#[derive(Parser)]
+#[command(name = "keyserver", about = "Tessera keyserver", version)]
+struct Cli {
+    /// TOML config; `TESSERA_KEYSERVER__SECTION__KEY` variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Recompute the audit hash chain of a database file (server stopped).
+    /// Exit 0 if intact, 1 if broken (the first broken entry is named).
+    AuditVerify {
+        /// The keyserver's redb file.
+        #[arg(long)]
+        db: PathBuf,
+        /// KEK file: authenticates the signing key (otherwise the public key
+        /// stored in the file is used).
+        #[arg(long)]
+        kek_file: Option<PathBuf>,
+    },
+    /// Derivations per second over mTLS gRPC vs in-process (temporary PKI,
+    /// database and server on 127.0.0.1; bounded by count).
+    Bench {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Derivations per phase.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::AuditVerify { db, kek_file }) => audit_verify(&db, kek_file.as_deref()),
+        Some(Cmd::Bench { clients, requests }) => bench(clients, requests),
+        None => serve(cli.config),
+    }
+}
+
+fn bench(clients: usize, requests: usize) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyserver: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(keyserver::bench_derive(keyserver::BenchOptions {
+        clients,
+        requests,
+    })) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keyserver: bench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_verify(db: &std::path::Path, kek_file: Option<&std::path::Path>) -> ExitCode {
+    let kek = match kek_file.map(Kek::load).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keyserver: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match keyserver::core::verify_audit_file(db, kek.as_ref()) {
+        Ok((rep, pk)) => {
+            println!(
+                "{{\"ok\":{},\"entries\":{},\"firstBrokenSeq\":{},\"problem\":{:?},\"checkpointsVerified\":{},\"auditPublicKey\":\"{}\"}}",
+                rep.ok,
+                rep.entries,
+                rep.first_broken_seq.unwrap_or(0),
+                rep.problem,
+                rep.checkpoints_verified,
+                hex::encode(pk)
+            );
+            if rep.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("keyserver: cannot verify {}: {e}", db.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(config: Option<PathBuf>) -> ExitCode {
+    let cfg: Config = match load_config(&ConfigSource::from_process(config.as_deref()), ENV_PREFIX)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keyserver: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyserver: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let _telemetry = match telemetry::init("keyserver", &cfg.telemetry) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("keyserver: telemetry: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let app = match App::build(&cfg) {
+            Ok(a) => a,
+            Err(e @ AppError::Core(KeyServerError::Kek(_))) => {
+                // A missing, too-open or wrong KEK is a configuration error.
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("keyserver: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("keyserver: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let running = match app.spawn().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen");
+                eprintln!("keyserver: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(addr = %running.local_addr(), "keyserver listening");
+        // The launcher and the e2e scripts wait for this line.
+        println!("listening={}", running.local_addr());
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        // Drains RPCs, then closes the database cleanly (a clean close means
+        // the next start need not repair the file).
+        running.shutdown(Duration::from_secs(10)).await;
+        ExitCode::SUCCESS
+    })
+}

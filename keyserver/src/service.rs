@@ -1,0 +1,432 @@
+//! The gRPC edge: converts protos to core calls and core errors to
+//! `tonic::Status`. Authorization by role happens before this, in the
+//! `tessera_tls::AuthzLayer` driven by [`policy`]; the finer rules (gateway
+//! only, owner only, requester only, no self-approval) are in the core.
+
+use tessera_proto::keyserver::v1 as pb;
+use tessera_proto::keyserver::v1::key_server_server::KeyServer;
+use tessera_tls::{Policy, Role};
+use tonic::{Request, Response, Status};
+
+use crate::core::store::{GrantState, RequestRecord};
+use crate::core::{Core, Operation};
+use crate::error::KeyServerError;
+
+/// gRPC service name, for the policy table and health.
+pub const SERVICE: &str = "tessera.keyserver.v1.KeyServer";
+/// Largest request or response this service accepts (keys and ids are tiny;
+/// 32 attributes of 1 KiB fit with room to spare).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The one policy table: which roles may call which RPC. Anything not
+/// listed is refused by the layer.
+pub fn policy() -> Policy {
+    let p = |m: &str| format!("/{SERVICE}/{m}");
+    let users = [Role::Owner, Role::Clinician, Role::Researcher];
+    Policy::new()
+        .allow(&p("RegisterStudy"), [Role::Service])
+        .allow(&p("DeriveKey"), [Role::Service])
+        .allow(&p("RequestKey"), users)
+        .allow(&p("RequestKey"), [Role::Service])
+        .allow(&p("ListRequests"), [Role::Owner])
+        .allow(&p("ApproveRequest"), [Role::Owner])
+        .allow(&p("DenyRequest"), [Role::Owner])
+        .allow(&p("FetchKey"), users)
+        .allow(&p("RevokeGrant"), [Role::Owner])
+        .allow(&p("VerifyAudit"), [Role::Owner, Role::Admin])
+        .allow(&p("ListAudit"), [Role::Owner, Role::Admin])
+        .allow(&p("RotateMaster"), [Role::Admin])
+}
+
+impl From<KeyServerError> for Status {
+    fn from(e: KeyServerError) -> Self {
+        // Exhaustive on purpose: a new variant must choose its status here.
+        match e {
+            KeyServerError::InvalidArgument(m) => Status::invalid_argument(m),
+            KeyServerError::NotFound(m) => Status::not_found(m),
+            KeyServerError::AlreadyExists(m) => Status::already_exists(m),
+            KeyServerError::PermissionDenied(m) => Status::permission_denied(m),
+            KeyServerError::AttributeMismatch => {
+                Status::permission_denied("attributes do not match the study")
+            }
+            KeyServerError::FailedPrecondition(m) => Status::failed_precondition(m),
+            KeyServerError::Audit(m) => {
+                tracing::error!(error = %m, "audit append failed");
+                Status::unavailable("audit log unavailable; the operation was not performed")
+            }
+            KeyServerError::Unavailable => Status::unavailable("keyserver is shutting down"),
+            KeyServerError::Corrupt(m) => {
+                tracing::error!(error = %m, "corrupt record");
+                Status::data_loss("stored data is damaged")
+            }
+            e @ (KeyServerError::Kek(_)
+            | KeyServerError::Storage(_)
+            | KeyServerError::Crypto(_)) => {
+                tracing::error!(error = %e, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct KeyServerService {
+    core: Core,
+}
+
+impl KeyServerService {
+    /// Wraps a core.
+    pub fn new(core: Core) -> Self {
+        Self { core }
+    }
+
+    /// The generated server with explicit message limits.
+    pub fn into_server(self) -> pb::key_server_server::KeyServerServer<Self> {
+        pb::key_server_server::KeyServerServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn who<T>(req: &Request<T>) -> Result<String, Status> {
+    Ok(tessera_tls::caller(req)?.uri())
+}
+
+fn pairs(attrs: Vec<pb::Attribute>) -> Vec<(String, String)> {
+    attrs.into_iter().map(|a| (a.name, a.value)).collect()
+}
+
+fn operation(v: i32) -> Result<Operation, Status> {
+    match pb::Operation::try_from(v) {
+        Ok(pb::Operation::Unspecified) => Ok(Operation::Unspecified),
+        Ok(pb::Operation::Protect) => Ok(Operation::Protect),
+        Ok(pb::Operation::Restore) => Ok(Operation::Restore),
+        Err(_) => Err(Status::invalid_argument("unknown operation")),
+    }
+}
+
+fn key_request(r: RequestRecord) -> pb::KeyRequest {
+    let mut out = pb::KeyRequest {
+        request_id: r.id,
+        study_id: r.study_id,
+        requester: r.requester,
+        presented_by: r.presented_by,
+        purpose: r.purpose,
+        justification: r.justification,
+        created_at_unix: r.created_at,
+        ..Default::default()
+    };
+    match r.state {
+        GrantState::Pending => out.state = pb::RequestState::Pending.into(),
+        GrantState::Approved {
+            by,
+            at,
+            expires_at,
+            uses_granted,
+            uses_left,
+        } => {
+            out.state = pb::RequestState::Approved.into();
+            out.decided_by = by;
+            out.decided_at_unix = at;
+            out.expires_at_unix = expires_at;
+            out.uses_granted = uses_granted;
+            out.uses_left = uses_left;
+        }
+        GrantState::Denied { by, at, reason } => {
+            out.state = pb::RequestState::Denied.into();
+            out.decided_by = by;
+            out.decided_at_unix = at;
+            out.reason = reason;
+        }
+        GrantState::Revoked {
+            by,
+            at,
+            reason,
+            expires_at,
+            uses_granted,
+            uses_left,
+        } => {
+            out.state = pb::RequestState::Revoked.into();
+            out.decided_by = by;
+            out.decided_at_unix = at;
+            out.reason = reason;
+            out.expires_at_unix = expires_at;
+            out.uses_granted = uses_granted;
+            out.uses_left = uses_left;
+        }
+    }
+    out
+}
+
+#[tonic::async_trait]
+impl KeyServer for KeyServerService {
+    async fn register_study(
+        &self,
+        req: Request<pb::RegisterStudyRequest>,
+    ) -> Result<Response<pb::RegisterStudyResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let id = (!m.study_id.is_empty()).then_some(m.study_id.as_str());
+        let s = self
+            .core
+            .register_study(&actor, &m.owner, &pairs(m.attributes), id)
+            .await?;
+        Ok(Response::new(pb::RegisterStudyResponse {
+            study_id: s.id,
+            master_version: s.master_version,
+        }))
+    }
+
+    async fn derive_key(
+        &self,
+        req: Request<pb::DeriveKeyRequest>,
+    ) -> Result<Response<pb::DeriveKeyResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let op = operation(m.operation)?;
+        let d = self
+            .core
+            .derive_key(&actor, &m.study_id, &pairs(m.attributes), &m.purpose, op)
+            .await?;
+        Ok(Response::new(pb::DeriveKeyResponse {
+            key: d.key.to_vec(),
+            master_version: d.master_version,
+        }))
+    }
+
+    async fn request_key(
+        &self,
+        req: Request<pb::RequestKeyRequest>,
+    ) -> Result<Response<pb::RequestKeyResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self
+            .core
+            .request_key(
+                &actor,
+                &m.study_id,
+                &pairs(m.attributes),
+                &m.purpose,
+                &m.justification,
+                &m.on_behalf_of,
+            )
+            .await?;
+        Ok(Response::new(pb::RequestKeyResponse {
+            request: Some(key_request(r)),
+        }))
+    }
+
+    async fn list_requests(
+        &self,
+        req: Request<pb::ListRequestsRequest>,
+    ) -> Result<Response<pb::ListRequestsResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let core = self.core.clone();
+        let list = tokio::task::spawn_blocking(move || {
+            core.list_requests(&actor, &m.study_id, m.include_decided)
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))??;
+        Ok(Response::new(pb::ListRequestsResponse {
+            requests: list.into_iter().map(key_request).collect(),
+        }))
+    }
+
+    async fn approve_request(
+        &self,
+        req: Request<pb::ApproveRequestRequest>,
+    ) -> Result<Response<pb::ApproveRequestResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self
+            .core
+            .approve(&actor, &m.request_id, m.ttl_seconds, m.uses)
+            .await?;
+        Ok(Response::new(pb::ApproveRequestResponse {
+            request: Some(key_request(r)),
+        }))
+    }
+
+    async fn deny_request(
+        &self,
+        req: Request<pb::DenyRequestRequest>,
+    ) -> Result<Response<pb::DenyRequestResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self.core.deny(&actor, &m.request_id, &m.reason).await?;
+        Ok(Response::new(pb::DenyRequestResponse {
+            request: Some(key_request(r)),
+        }))
+    }
+
+    async fn fetch_key(
+        &self,
+        req: Request<pb::FetchKeyRequest>,
+    ) -> Result<Response<pb::FetchKeyResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self.core.fetch_key(&actor, &m.request_id).await?;
+        Ok(Response::new(pb::FetchKeyResponse {
+            key: r.key.to_vec(),
+            study_id: r.study_id,
+            purpose: r.purpose,
+            master_version: r.master_version,
+            expires_at_unix: r.expires_at,
+            uses_left: r.uses_left,
+        }))
+    }
+
+    async fn revoke_grant(
+        &self,
+        req: Request<pb::RevokeGrantRequest>,
+    ) -> Result<Response<pb::RevokeGrantResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self.core.revoke(&actor, &m.request_id, &m.reason).await?;
+        Ok(Response::new(pb::RevokeGrantResponse {
+            request: Some(key_request(r)),
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let actor = who(&req)?;
+        let core = self.core.clone();
+        // A full chain walk is CPU and I/O bound: keep it off the reactor.
+        let rep = tokio::task::spawn_blocking(move || core.verify_audit())
+            .await
+            .map_err(|_| Status::internal("internal error"))??;
+        tracing::info!(caller = %actor, ok = rep.ok, entries = rep.entries, "audit verified");
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: rep.ok,
+            entries: rep.entries,
+            first_broken_seq: rep.first_broken_seq.unwrap_or(0),
+            problem: rep.problem,
+            head_hash: rep.head_hash.to_vec(),
+            checkpoints_verified: rep.checkpoints_verified,
+            last_checkpoint_seq: rep.last_checkpoint_seq,
+            audit_public_key: self.core.audit_public_key().to_vec(),
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let m = req.into_inner();
+        let limit = match m.limit {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            _ => return Err(Status::invalid_argument("limit must be 0..=1000")),
+        };
+        let core = self.core.clone();
+        let entries = tokio::task::spawn_blocking(move || core.list_audit(m.from_seq, limit))
+            .await
+            .map_err(|_| Status::internal("internal error"))??;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|e| pb::AuditEntry {
+                    seq: e.seq,
+                    timestamp_unix_ms: e.timestamp_ms,
+                    actor: e.actor,
+                    event: e.event,
+                    study_id: e.study,
+                    detail: e.detail,
+                    prev_hash: e.prev_hash.to_vec(),
+                    hash: e.hash.to_vec(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn rotate_master(
+        &self,
+        req: Request<pb::RotateMasterRequest>,
+    ) -> Result<Response<pb::RotateMasterResponse>, Status> {
+        let actor = who(&req)?;
+        let v = self.core.rotate_master(&actor).await?;
+        Ok(Response::new(pb::RotateMasterResponse {
+            master_version: v,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn every_error_has_its_status_and_internals_stay_generic() {
+        let cases = [
+            (
+                KeyServerError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
+            (KeyServerError::NotFound("x".into()), Code::NotFound),
+            (
+                KeyServerError::AlreadyExists("x".into()),
+                Code::AlreadyExists,
+            ),
+            (
+                KeyServerError::PermissionDenied("x".into()),
+                Code::PermissionDenied,
+            ),
+            (KeyServerError::AttributeMismatch, Code::PermissionDenied),
+            (
+                KeyServerError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (KeyServerError::Kek("secret path".into()), Code::Internal),
+            (
+                KeyServerError::Storage("secret path".into()),
+                Code::Internal,
+            ),
+            (
+                KeyServerError::Audit("secret path".into()),
+                Code::Unavailable,
+            ),
+            (KeyServerError::Crypto("secret path".into()), Code::Internal),
+            (
+                KeyServerError::Corrupt("secret path".into()),
+                Code::DataLoss,
+            ),
+            (KeyServerError::Unavailable, Code::Unavailable),
+        ];
+        for (e, code) in cases {
+            let s = Status::from(e);
+            assert_eq!(s.code(), code);
+            assert!(!s.message().contains("secret path"), "{}", s.message());
+        }
+    }
+
+    #[test]
+    fn policy_fails_closed_and_names_every_rpc() {
+        let p = policy();
+        for m in [
+            "RegisterStudy",
+            "DeriveKey",
+            "RequestKey",
+            "ListRequests",
+            "ApproveRequest",
+            "DenyRequest",
+            "FetchKey",
+            "RevokeGrant",
+            "VerifyAudit",
+            "ListAudit",
+            "RotateMaster",
+        ] {
+            assert!(p.allowed(&format!("/{SERVICE}/{m}")).is_some(), "{m}");
+        }
+        assert!(p.allowed(&format!("/{SERVICE}/Unknown")).is_none());
+        let approve = p.allowed(&format!("/{SERVICE}/ApproveRequest")).unwrap();
+        assert!(approve.contains(&Role::Owner) && approve.len() == 1);
+        let derive = p.allowed(&format!("/{SERVICE}/DeriveKey")).unwrap();
+        assert!(!derive.contains(&Role::Clinician));
+    }
+}

@@ -1,0 +1,83 @@
+//! Client helpers for callers of a storage node (gateway, tests, bench):
+//! chunked streaming put and a verified get.
+
+use sha2::{Digest, Sha256};
+use tessera_proto::storage::v1 as pb;
+use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
+use tessera_runtime::MAX_MESSAGE_BYTES;
+use tonic::Status;
+use tonic::transport::Channel;
+
+/// Bytes per chunk message a client sends.
+pub const CLIENT_CHUNK: usize = 1024 * 1024;
+
+/// A client with Tessera's message limits.
+pub fn client(channel: Channel) -> StorageNodeClient<Channel> {
+    StorageNodeClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The messages of a put: header (with the SHA-256), then 1 MiB chunks.
+pub fn put_messages(object_id: &str, data: &[u8]) -> Vec<pb::PutRequest> {
+    let mut msgs = Vec::with_capacity(data.len() / CLIENT_CHUNK + 2);
+    msgs.push(pb::PutRequest {
+        part: Some(pb::put_request::Part::Header(pb::PutHeader {
+            object_id: object_id.to_owned(),
+            size: data.len() as u64,
+            sha256: Sha256::digest(data).to_vec(),
+        })),
+    });
+    for chunk in data.chunks(CLIENT_CHUNK) {
+        msgs.push(pb::PutRequest {
+            part: Some(pb::put_request::Part::Chunk(chunk.to_vec())),
+        });
+    }
+    msgs
+}
+
+/// Streams `data` to the node under `object_id`.
+pub async fn put_object(
+    client: &mut StorageNodeClient<Channel>,
+    object_id: &str,
+    data: &[u8],
+) -> Result<pb::PutResponse, Status> {
+    let msgs = put_messages(object_id, data);
+    Ok(client.put(tokio_stream::iter(msgs)).await?.into_inner())
+}
+
+/// Fetches an object and checks it against the SHA-256 the node sent.
+pub async fn get_object(
+    client: &mut StorageNodeClient<Channel>,
+    object_id: &str,
+) -> Result<(pb::ObjectInfo, Vec<u8>), Status> {
+    let mut stream = client
+        .get(pb::GetRequest {
+            object_id: object_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let info = match stream.message().await? {
+        Some(pb::GetResponse {
+            part: Some(pb::get_response::Part::Info(info)),
+        }) => info,
+        _ => {
+            return Err(Status::internal(
+                "get: the first message was not the object info",
+            ));
+        }
+    };
+    let mut data = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0).min(1 << 30));
+    while let Some(msg) = stream.message().await? {
+        match msg.part {
+            Some(pb::get_response::Part::Chunk(c)) => data.extend_from_slice(&c),
+            _ => return Err(Status::internal("get: unexpected message after the info")),
+        }
+    }
+    if data.len() as u64 != info.size || Sha256::digest(&data)[..] != info.sha256[..] {
+        return Err(Status::data_loss(format!(
+            "object {object_id}: received bytes do not match the node's SHA-256"
+        )));
+    }
+    Ok((info, data))
+}

@@ -1,0 +1,75 @@
+//! `storage-node`: an untrusted cloud's object store. redb-backed, objects by
+//! id, streamed in chunks, SHA-256 checked on every read, idempotent put,
+//! capacity limits, durable commits, served over mutual-TLS gRPC
+//! (`tessera.storage.v1.StorageNode`). It knows nothing of patients.
+//!
+//! `App::build(config)` opens the store; `App::spawn()` serves it and returns
+//! the running server (bound address, graceful shutdown).
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod client;
+pub mod config;
+mod error;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+
+use tessera_proto::storage::v1::storage_node_server::StorageNodeServer;
+use tessera_runtime::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerError};
+use tessera_tls::{Policy, Role};
+
+pub use bench::{BenchOptions, BenchReport, bench_storage};
+pub use config::Config;
+pub use error::Error;
+pub use service::StorageService;
+pub use store::{Limits, ObjectMeta, Store};
+
+/// Who may call the storage node: other Tessera services (the gateway
+/// places and fetches shares) and operators. Users never talk to a storage
+/// node directly.
+pub fn policy() -> Policy {
+    Policy::new().allow(
+        "/tessera.storage.v1.StorageNode/*",
+        [Role::Service, Role::Admin],
+    )
+}
+
+/// A storage node, built and ready to serve.
+pub struct App {
+    config: Config,
+    store: Arc<Store>,
+}
+
+impl App {
+    /// Opens (or creates, or repairs after a crash) the node's database.
+    pub fn build(config: Config) -> Result<Self, Error> {
+        let limits = Limits {
+            capacity_bytes: config.capacity_bytes,
+            max_object_bytes: config.max_object_bytes,
+        };
+        let store = Arc::new(Store::open(&config.db_path(), limits)?);
+        Ok(Self { config, store })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Serves the node (mTLS, health, reflection, authz) in a task.
+    pub async fn spawn(self) -> Result<RunningServer, ServerError> {
+        let svc = StorageService::new(
+            self.store,
+            self.config.node_id.clone(),
+            self.config.max_concurrent_puts,
+        );
+        let grpc = StorageNodeServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        GrpcServer::new(&self.config.server, policy())?
+            .add_service(grpc)
+            .spawn()
+            .await
+    }
+}

@@ -1,0 +1,614 @@
+//! The object store: redb tables behind a small API, every object checked
+//! by SHA-256 on every read.
+//!
+//! Layout (format 1):
+//! * `objects`: id -> meta record (version, size, sha256, created, chunk count)
+//! * `chunks`: (id, index) -> at most [`STORE_CHUNK`] bytes
+//! * `node`: "instance_id", "used_bytes", "object_count"
+//!
+//! An object's meta, chunks and the usage counters change in one write
+//! transaction, committed with `Durability::Immediate` and two-phase commit,
+//! so after a crash an object is either wholly there or absent.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+
+/// Object metadata, keyed by id.
+pub const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+/// Object bytes, keyed by (id, chunk index).
+pub const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks");
+/// Node-wide values.
+pub const NODE: TableDefinition<&str, &[u8]> = TableDefinition::new("node");
+
+/// Size of the pieces an object is stored in.
+pub const STORE_CHUNK: usize = 1024 * 1024;
+/// Longest object id.
+pub const MAX_ID_LEN: usize = 128;
+
+const META_VERSION: u8 = 1;
+const META_LEN: usize = 1 + 8 + 32 + 8 + 4;
+
+/// Checks an object id: 1-128 of `[A-Za-z0-9._-]`, not starting with '.'.
+pub fn validate_id(id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidId(id.chars().take(MAX_ID_LEN + 8).collect()))
+    }
+}
+
+/// Capacity limits of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Sum of all object sizes.
+    pub capacity_bytes: u64,
+    /// Largest single object.
+    pub max_object_bytes: u64,
+}
+
+/// What the node knows about an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub id: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    pub created_unix: u64,
+    chunks: u32,
+}
+
+impl ObjectMeta {
+    fn encode(&self) -> [u8; META_LEN] {
+        let mut out = [0u8; META_LEN];
+        out[0] = META_VERSION;
+        out[1..9].copy_from_slice(&self.size.to_le_bytes());
+        out[9..41].copy_from_slice(&self.sha256);
+        out[41..49].copy_from_slice(&self.created_unix.to_le_bytes());
+        out[49..53].copy_from_slice(&self.chunks.to_le_bytes());
+        out
+    }
+
+    fn decode(id: &str, raw: &[u8]) -> Result<Self, Error> {
+        let corrupt = |detail: &str| Error::Corrupt {
+            id: id.to_owned(),
+            detail: detail.to_owned(),
+        };
+        if raw.len() != META_LEN || raw[0] != META_VERSION {
+            return Err(corrupt("metadata record is damaged"));
+        }
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&raw[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(&raw[9..41]);
+        let mut chunks = [0u8; 4];
+        chunks.copy_from_slice(&raw[49..53]);
+        Ok(Self {
+            id: id.to_owned(),
+            size: u64_at(1),
+            sha256,
+            created_unix: u64_at(41),
+            chunks: u32::from_le_bytes(chunks),
+        })
+    }
+}
+
+/// Node-wide usage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub used_bytes: u64,
+    pub object_count: u64,
+}
+
+/// The redb-backed object store of one node.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    limits: Limits,
+    instance_id: String,
+    path: PathBuf,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn read_u64(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<u64, Error> {
+    match table.get(key).map_err(Error::db)? {
+        None => Ok(0),
+        Some(v) => {
+            let raw = v.value();
+            let arr: [u8; 8] = raw.try_into().map_err(|_| Error::Corrupt {
+                id: format!("<node {key}>"),
+                detail: "counter record is damaged".into(),
+            })?;
+            Ok(u64::from_le_bytes(arr))
+        }
+    }
+}
+
+fn begin_durable(db: &Database) -> Result<redb::WriteTransaction, Error> {
+    let mut txn = db.begin_write().map_err(Error::db)?;
+    // Immediate durability is redb's default; two-phase commit guards the
+    // commit against a torn or misdirected write of the new root.
+    txn.set_two_phase_commit(true);
+    Ok(txn)
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`; repairs after a crash.
+    pub fn open(path: &Path, limits: Limits) -> Result<Self, Error> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        let db = Database::create(path).map_err(Error::db)?;
+        let txn = begin_durable(&db)?;
+        let instance_id = {
+            txn.open_table(OBJECTS).map_err(Error::db)?;
+            txn.open_table(CHUNKS).map_err(Error::db)?;
+            let mut node = txn.open_table(NODE).map_err(Error::db)?;
+            let existing = node
+                .get("instance_id")
+                .map_err(Error::db)?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let mut raw = [0u8; 16];
+                    rand::rng().fill_bytes(&mut raw);
+                    let id = hex::encode(raw);
+                    node.insert("instance_id", id.as_bytes())
+                        .map_err(Error::db)?;
+                    id
+                }
+            }
+        };
+        txn.commit().map_err(Error::db)?;
+        Ok(Self {
+            db,
+            limits,
+            instance_id,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks a declared size against the limits before any byte arrives.
+    pub fn admit(&self, id: &str, size: u64) -> Result<(), Error> {
+        validate_id(id)?;
+        if size > self.limits.max_object_bytes {
+            return Err(Error::TooLarge {
+                id: id.to_owned(),
+                size,
+                max: self.limits.max_object_bytes,
+            });
+        }
+        let usage = self.usage()?;
+        let available = self.limits.capacity_bytes.saturating_sub(usage.used_bytes);
+        if size > available {
+            return Err(Error::CapacityExceeded {
+                id: id.to_owned(),
+                needed: size,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stores `data` under `id`, hashing it here.
+    pub fn put(&self, id: &str, data: &[u8]) -> Result<(ObjectMeta, bool), Error> {
+        let digest: [u8; 32] = Sha256::digest(data).into();
+        self.put_hashed(id, data, digest)
+    }
+
+    /// Stores `data` whose SHA-256 the caller already computed over exactly
+    /// these bytes. Returns the meta and whether it was newly created;
+    /// identical content under the same id is a no-op (idempotent).
+    pub fn put_hashed(
+        &self,
+        id: &str,
+        data: &[u8],
+        sha256: [u8; 32],
+    ) -> Result<(ObjectMeta, bool), Error> {
+        validate_id(id)?;
+        let size = data.len() as u64;
+        if size > self.limits.max_object_bytes {
+            return Err(Error::TooLarge {
+                id: id.to_owned(),
+                size,
+                max: self.limits.max_object_bytes,
+            });
+        }
+        let txn = begin_durable(&self.db)?;
+        let outcome = {
+            let mut objects = txn.open_table(OBJECTS).map_err(Error::db)?;
+            let existing = match objects.get(id).map_err(Error::db)? {
+                Some(raw) => Some(ObjectMeta::decode(id, raw.value())?),
+                None => None,
+            };
+            if let Some(existing) = existing {
+                if existing.sha256 == sha256 && existing.size == size {
+                    (existing, false)
+                } else {
+                    return Err(Error::Conflict(id.to_owned()));
+                }
+            } else {
+                let mut node = txn.open_table(NODE).map_err(Error::db)?;
+                let used = read_u64(&node, "used_bytes")?;
+                let count = read_u64(&node, "object_count")?;
+                let available = self.limits.capacity_bytes.saturating_sub(used);
+                if size > available {
+                    return Err(Error::CapacityExceeded {
+                        id: id.to_owned(),
+                        needed: size,
+                        available,
+                    });
+                }
+                let mut chunks = txn.open_table(CHUNKS).map_err(Error::db)?;
+                let mut n: u32 = 0;
+                for piece in data.chunks(STORE_CHUNK) {
+                    chunks.insert((id, n), piece).map_err(Error::db)?;
+                    n += 1;
+                }
+                let meta = ObjectMeta {
+                    id: id.to_owned(),
+                    size,
+                    sha256,
+                    created_unix: now_unix(),
+                    chunks: n,
+                };
+                objects.insert(id, &meta.encode()[..]).map_err(Error::db)?;
+                node.insert("used_bytes", &(used + size).to_le_bytes()[..])
+                    .map_err(Error::db)?;
+                node.insert("object_count", &(count + 1).to_le_bytes()[..])
+                    .map_err(Error::db)?;
+                (meta, true)
+            }
+        };
+        if outcome.1 {
+            txn.commit().map_err(Error::db)?;
+        } else {
+            txn.abort().map_err(Error::db)?;
+        }
+        Ok(outcome)
+    }
+
+    /// The object's metadata.
+    pub fn stat(&self, id: &str) -> Result<ObjectMeta, Error> {
+        validate_id(id)?;
+        let txn = self.db.begin_read().map_err(Error::db)?;
+        let objects = txn.open_table(OBJECTS).map_err(Error::db)?;
+        let raw = objects
+            .get(id)
+            .map_err(Error::db)?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        ObjectMeta::decode(id, raw.value())
+    }
+
+    /// Reads the whole object and checks its size and SHA-256 before
+    /// returning anything: corrupt data is never served.
+    pub fn get(&self, id: &str) -> Result<(ObjectMeta, Vec<Vec<u8>>), Error> {
+        validate_id(id)?;
+        let txn = self.db.begin_read().map_err(Error::db)?;
+        let objects = txn.open_table(OBJECTS).map_err(Error::db)?;
+        let meta = {
+            let raw = objects
+                .get(id)
+                .map_err(Error::db)?
+                .ok_or_else(|| Error::NotFound(id.to_owned()))?;
+            ObjectMeta::decode(id, raw.value())?
+        };
+        let chunks = txn.open_table(CHUNKS).map_err(Error::db)?;
+        let mut hasher = Sha256::new();
+        let mut pieces = Vec::with_capacity(meta.chunks as usize);
+        let mut total: u64 = 0;
+        for entry in chunks
+            .range((id, 0u32)..=(id, u32::MAX))
+            .map_err(Error::db)?
+        {
+            let (_, v) = entry.map_err(Error::db)?;
+            let bytes = v.value().to_vec();
+            hasher.update(&bytes);
+            total += bytes.len() as u64;
+            pieces.push(bytes);
+        }
+        let corrupt = |detail: String| Error::Corrupt {
+            id: id.to_owned(),
+            detail,
+        };
+        if pieces.len() != meta.chunks as usize || total != meta.size {
+            return Err(corrupt(format!(
+                "expected {} bytes in {} chunks, found {total} in {}",
+                meta.size,
+                meta.chunks,
+                pieces.len()
+            )));
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        if digest != meta.sha256 {
+            return Err(corrupt("SHA-256 mismatch (bit rot)".to_owned()));
+        }
+        Ok((meta, pieces))
+    }
+
+    /// Objects in id order: those starting with `prefix`, strictly after
+    /// `start_after`, at most `limit`. Returns the page and, when more may
+    /// follow, the id to continue after.
+    pub fn list(
+        &self,
+        prefix: &str,
+        start_after: &str,
+        limit: usize,
+    ) -> Result<(Vec<ObjectMeta>, Option<String>), Error> {
+        if prefix.len() > MAX_ID_LEN || start_after.len() > MAX_ID_LEN {
+            return Err(Error::BadList("prefix/start_after too long".into()));
+        }
+        let txn = self.db.begin_read().map_err(Error::db)?;
+        let objects = txn.open_table(OBJECTS).map_err(Error::db)?;
+        let start = if start_after > prefix {
+            start_after
+        } else {
+            prefix
+        };
+        let mut out = Vec::new();
+        let mut more = false;
+        for entry in objects.range::<&str>(start..).map_err(Error::db)? {
+            let (k, v) = entry.map_err(Error::db)?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if key == start_after {
+                continue;
+            }
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            out.push(ObjectMeta::decode(key, v.value())?);
+        }
+        let next = if more {
+            out.last().map(|m| m.id.clone())
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    /// Deletes an object; returns the bytes freed.
+    pub fn delete(&self, id: &str) -> Result<u64, Error> {
+        validate_id(id)?;
+        let txn = begin_durable(&self.db)?;
+        let size = {
+            let mut objects = txn.open_table(OBJECTS).map_err(Error::db)?;
+            let meta = match objects.remove(id).map_err(Error::db)? {
+                Some(raw) => ObjectMeta::decode(id, raw.value())?,
+                None => return Err(Error::NotFound(id.to_owned())),
+            };
+            let mut chunks = txn.open_table(CHUNKS).map_err(Error::db)?;
+            for n in 0..meta.chunks {
+                chunks.remove((id, n)).map_err(Error::db)?;
+            }
+            let mut node = txn.open_table(NODE).map_err(Error::db)?;
+            let used = read_u64(&node, "used_bytes")?;
+            let count = read_u64(&node, "object_count")?;
+            node.insert(
+                "used_bytes",
+                &used.saturating_sub(meta.size).to_le_bytes()[..],
+            )
+            .map_err(Error::db)?;
+            node.insert("object_count", &count.saturating_sub(1).to_le_bytes()[..])
+                .map_err(Error::db)?;
+            meta.size
+        };
+        txn.commit().map_err(Error::db)?;
+        Ok(size)
+    }
+
+    pub fn usage(&self) -> Result<Usage, Error> {
+        let txn = self.db.begin_read().map_err(Error::db)?;
+        let node = txn.open_table(NODE).map_err(Error::db)?;
+        Ok(Usage {
+            used_bytes: read_u64(&node, "used_bytes")?,
+            object_count: read_u64(&node, "object_count")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        capacity_bytes: 8 * 1024 * 1024,
+        max_object_bytes: 3 * 1024 * 1024,
+    };
+
+    fn open(dir: &Path) -> Store {
+        Store::open(&dir.join("objects.redb"), LIMITS).unwrap()
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn ids() {
+        for ok in ["a", "A-b_c.d", "0", &"x".repeat(128)] {
+            validate_id(ok).unwrap();
+        }
+        for bad in ["", ".hidden", "a/b", "a b", "é", &"x".repeat(129), "a\0b"] {
+            assert!(
+                matches!(validate_id(bad), Err(Error::InvalidId(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn put_get_stat_delete_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        // Multi-chunk, exact-chunk and empty objects.
+        for (id, data) in [
+            ("big", bytes(STORE_CHUNK * 2 + 17, 1)),
+            ("exact", bytes(STORE_CHUNK, 2)),
+            ("empty", Vec::new()),
+        ] {
+            let (meta, created) = s.put(id, &data).unwrap();
+            assert!(created);
+            assert_eq!(meta.size, data.len() as u64);
+            let (got_meta, pieces) = s.get(id).unwrap();
+            assert_eq!(got_meta, meta);
+            assert_eq!(pieces.concat(), data);
+            assert_eq!(s.stat(id).unwrap(), meta);
+        }
+        let usage = s.usage().unwrap();
+        assert_eq!(usage.object_count, 3);
+        assert_eq!(usage.used_bytes, (STORE_CHUNK * 3 + 17) as u64);
+        assert_eq!(s.delete("big").unwrap(), (STORE_CHUNK * 2 + 17) as u64);
+        assert!(matches!(s.get("big"), Err(Error::NotFound(_))));
+        assert!(matches!(s.delete("big"), Err(Error::NotFound(_))));
+        assert_eq!(s.usage().unwrap().object_count, 2);
+    }
+
+    #[test]
+    fn put_is_idempotent_and_refuses_conflicts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let data = bytes(1000, 3);
+        assert!(s.put("x", &data).unwrap().1);
+        let (meta, created) = s.put("x", &data).unwrap();
+        assert!(!created);
+        assert_eq!(meta.size, 1000);
+        assert_eq!(s.usage().unwrap().used_bytes, 1000, "no double counting");
+        assert!(matches!(
+            s.put("x", &bytes(1000, 4)),
+            Err(Error::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn capacity_and_size_limits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        assert!(matches!(
+            s.put("huge", &bytes(3 * 1024 * 1024 + 1, 0)),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            s.admit("huge", 4 * 1024 * 1024),
+            Err(Error::TooLarge { .. })
+        ));
+        for i in 0..2 {
+            s.put(&format!("o{i}"), &bytes(3 * 1024 * 1024, i)).unwrap();
+        }
+        // 6 MiB used of 8: a 3 MiB object no longer fits.
+        assert!(matches!(
+            s.put("o2", &bytes(3 * 1024 * 1024, 2)),
+            Err(Error::CapacityExceeded { .. })
+        ));
+        assert!(matches!(
+            s.admit("o2", 3 * 1024 * 1024),
+            Err(Error::CapacityExceeded { .. })
+        ));
+        s.delete("o0").unwrap();
+        s.put("o2", &bytes(3 * 1024 * 1024, 2)).unwrap();
+    }
+
+    #[test]
+    fn list_pages_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        for id in ["b-2", "a-1", "b-1", "b-3", "c"] {
+            s.put(id, id.as_bytes()).unwrap();
+        }
+        let ids = |v: Vec<ObjectMeta>| v.into_iter().map(|m| m.id).collect::<Vec<_>>();
+        let (page, next) = s.list("b-", "", 2).unwrap();
+        assert_eq!(ids(page), ["b-1", "b-2"]);
+        assert_eq!(next.as_deref(), Some("b-2"));
+        let (page, next) = s.list("b-", "b-2", 2).unwrap();
+        assert_eq!(ids(page), ["b-3"]);
+        assert_eq!(next, None);
+        let (page, _) = s.list("", "", 100).unwrap();
+        assert_eq!(ids(page), ["a-1", "b-1", "b-2", "b-3", "c"]);
+        let (page, _) = s.list("", "b-3", 100).unwrap();
+        assert_eq!(ids(page), ["c"]);
+        let (page, _) = s.list("zzz", "", 100).unwrap();
+        assert!(page.is_empty());
+    }
+
+    #[test]
+    fn bit_rot_is_data_loss_naming_the_object() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("objects.redb");
+        {
+            let s = Store::open(&path, LIMITS).unwrap();
+            s.put("victim", &bytes(5000, 9)).unwrap();
+            s.put("bystander", &bytes(5000, 8)).unwrap();
+        }
+        {
+            // Flip one bit of the stored bytes behind the store's back.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut chunks = txn.open_table(CHUNKS).unwrap();
+                let mut data = chunks.get(("victim", 0)).unwrap().unwrap().value().to_vec();
+                data[1234] ^= 0x04;
+                chunks.insert(("victim", 0), &data[..]).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = Store::open(&path, LIMITS).unwrap();
+        match s.get("victim") {
+            Err(e @ Error::Corrupt { .. }) => assert!(e.to_string().contains("victim")),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(s.get("bystander").unwrap().1.concat(), bytes(5000, 8));
+    }
+
+    #[test]
+    fn instance_id_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = open(tmp.path()).instance_id().to_owned();
+        assert_eq!(first.len(), 32);
+        assert_eq!(open(tmp.path()).instance_id(), first);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(open(other.path()).instance_id(), first);
+    }
+}

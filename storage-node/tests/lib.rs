@@ -1,0 +1,661 @@
+//! Integration tests: the real storage node, in-process on 127.0.0.1:0 (and
+//! as a real process for crash safety), real mTLS with a generated PKI, real
+//! redb files.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redb::ReadableTable;
+use sha2::{Digest, Sha256};
+use storage_node::client::{client, get_object, put_messages, put_object};
+use storage_node::{App, Config};
+use tessera_pki::DevPki;
+use tessera_proto::storage::v1 as pb;
+use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
+use tessera_runtime::{ConfigSource, RunningServer, load_config};
+use tessera_tls::{ClientTls, TlsFiles};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+struct Env {
+    tmp: tempfile::TempDir,
+    pki: DevPki,
+}
+
+impl Env {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = tessera_pki::generate(&tmp.path().join("pki")).unwrap();
+        Self { tmp, pki }
+    }
+
+    fn config_toml(&self, listen: &str, extra: &str) -> String {
+        format!(
+            "node_id = \"storage-1\"\ndata_dir = {data:?}\ncapacity_bytes = {cap}\n\
+             max_object_bytes = {max}\n{extra}\n[server]\nlisten = {listen:?}\n\
+             [server.tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n",
+            data = self.tmp.path().join("data").display().to_string(),
+            cap = 24 * 1024 * 1024,
+            max = 8 * 1024 * 1024,
+            ca = self.pki.ca_path().display().to_string(),
+            cert = self.pki.cert_path("storage-1").display().to_string(),
+            key = self.pki.key_path("storage-1").display().to_string(),
+        )
+    }
+
+    fn config(&self) -> Config {
+        load_config(
+            &ConfigSource::from_text(&self.config_toml("127.0.0.1:0", ""), BTreeMap::new()),
+            "TESSERA_STORAGE",
+        )
+        .unwrap()
+    }
+
+    async fn start(&self) -> RunningServer {
+        App::build(self.config()).unwrap().spawn().await.unwrap()
+    }
+
+    fn tls(&self, name: &str) -> ClientTls {
+        ClientTls::from_files(&TlsFiles::from_pki_dir(&self.pki.dir, name)).unwrap()
+    }
+
+    async fn channel(&self, server: &RunningServer, name: &str) -> Channel {
+        self.tls(name)
+            .connect(&server.local_addr().to_string())
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self, server: &RunningServer, name: &str) -> StorageNodeClient<Channel> {
+        client(self.channel(server, name).await)
+    }
+}
+
+fn data(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn put_get_stat_list_delete() {
+    let env = Env::new();
+    let server = env.start().await;
+    let mut c = env.client(&server, "gateway").await;
+
+    // Multi-chunk object: 2.5 MiB goes as three 1 MiB-or-less messages.
+    let big = data(5 * 512 * 1024, 1);
+    let put = put_object(&mut c, "share-a", &big).await.unwrap();
+    assert!(put.created);
+    let info = put.info.unwrap();
+    assert_eq!(info.size, big.len() as u64);
+    assert_eq!(info.sha256, Sha256::digest(&big).to_vec());
+
+    let (got_info, got) = get_object(&mut c, "share-a").await.unwrap();
+    assert_eq!(got, big);
+    assert_eq!(got_info, info);
+
+    // Idempotent put, conflicting put.
+    let again = put_object(&mut c, "share-a", &big).await.unwrap();
+    assert!(!again.created);
+    let err = put_object(&mut c, "share-a", &data(10, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    put_object(&mut c, "share-b", b"hello").await.unwrap();
+    put_object(&mut c, "other", b"").await.unwrap();
+
+    let stat = c
+        .stat(pb::StatRequest {
+            object_id: "share-b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stat.size, 5);
+
+    let list = c
+        .list(pb::ListRequest {
+            prefix: "share-".into(),
+            start_after: String::new(),
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.objects.len(), 1);
+    assert_eq!(list.objects[0].object_id, "share-a");
+    assert_eq!(list.next_start_after, "share-a");
+    let rest = c
+        .list(pb::ListRequest {
+            prefix: "share-".into(),
+            start_after: list.next_start_after,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = rest.objects.iter().map(|o| o.object_id.as_str()).collect();
+    assert_eq!(ids, ["share-b"]);
+    assert!(rest.next_start_after.is_empty());
+
+    let info = c
+        .node_info(pb::NodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "storage-1");
+    assert_eq!(info.object_count, 3);
+    assert_eq!(info.used_bytes, big.len() as u64 + 5);
+    assert_eq!(info.instance_id.len(), 32);
+
+    let del = c
+        .delete(pb::DeleteRequest {
+            object_id: "share-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(del.size, big.len() as u64);
+    let err = get_object(&mut c, "share-a").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_statuses() {
+    let env = Env::new();
+    let server = env.start().await;
+    let mut c = env.client(&server, "gateway").await;
+
+    // Malformed ids.
+    for id in ["", ".x", "a/b", "a b", &"x".repeat(129)] {
+        let e = get_object(&mut c, id).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "get {id:?}");
+        let e = put_object(&mut c, id, b"x").await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "put {id:?}");
+    }
+    // Unknown object.
+    for e in [
+        get_object(&mut c, "nope").await.unwrap_err(),
+        c.stat(pb::StatRequest {
+            object_id: "nope".into(),
+        })
+        .await
+        .unwrap_err(),
+        c.delete(pb::DeleteRequest {
+            object_id: "nope".into(),
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.message().contains("nope"));
+    }
+    // A message over 4 MiB.
+    let header = pb::PutRequest {
+        part: Some(pb::put_request::Part::Header(pb::PutHeader {
+            object_id: "big-msg".into(),
+            size: 5 * 1024 * 1024,
+            sha256: vec![],
+        })),
+    };
+    let huge = pb::PutRequest {
+        part: Some(pb::put_request::Part::Chunk(vec![7u8; 5 * 1024 * 1024])),
+    };
+    // The client refuses to encode it with our limits; a raw client without
+    // limits sends it and the server refuses it.
+    let raw = StorageNodeClient::new(env.channel(&server, "gateway").await)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let e = raw
+        .clone()
+        .put(tokio_stream::iter(vec![header.clone(), huge.clone()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Our own client (4 MiB encoding limit) refuses to send it at all.
+    let e = c
+        .put(tokio_stream::iter(vec![header, huge]))
+        .await
+        .unwrap_err();
+    assert_ne!(e.code(), Code::Ok);
+    // A unary request over the limit is refused before any handler runs.
+    let e = raw
+        .clone()
+        .stat(pb::StatRequest {
+            object_id: "x".repeat(5 * 1024 * 1024),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    // Object larger than max_object_bytes (8 MiB): refused from the header.
+    let e = c
+        .put(tokio_stream::iter(vec![pb::PutRequest {
+            part: Some(pb::put_request::Part::Header(pb::PutHeader {
+                object_id: "too-big".into(),
+                size: 9 * 1024 * 1024,
+                sha256: vec![],
+            })),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    // Capacity (24 MiB): three 8 MiB objects fit, a fourth does not.
+    for i in 0..3 {
+        put_object(&mut c, &format!("fill-{i}"), &data(8 * 1024 * 1024, i))
+            .await
+            .unwrap();
+    }
+    let e = put_object(&mut c, "fill-3", b"x").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    c.delete(pb::DeleteRequest {
+        object_id: "fill-0".into(),
+    })
+    .await
+    .unwrap();
+
+    // Stream shape errors.
+    let chunk = |b: &[u8]| pb::PutRequest {
+        part: Some(pb::put_request::Part::Chunk(b.to_vec())),
+    };
+    let mut short = put_messages("short", b"hello");
+    short.pop();
+    let mut long = put_messages("long", b"hello");
+    long.push(chunk(b"!"));
+    let mut wrong_digest = put_messages("digest", b"hello");
+    if let Some(pb::put_request::Part::Header(h)) = &mut wrong_digest[0].part {
+        h.sha256 = vec![0; 32];
+    }
+    let mut bad_digest_len = put_messages("digest-len", b"hello");
+    if let Some(pb::put_request::Part::Header(h)) = &mut bad_digest_len[0].part {
+        h.sha256 = vec![1, 2, 3];
+    }
+    let mut two_headers = put_messages("two", b"hello");
+    two_headers.push(two_headers[0].clone());
+    for (name, msgs) in [
+        ("empty stream", vec![]),
+        ("chunk first", vec![chunk(b"x")]),
+        ("empty message", vec![pb::PutRequest { part: None }]),
+        ("short", short),
+        ("long", long),
+        ("wrong digest", wrong_digest),
+        ("digest length", bad_digest_len),
+        ("two headers", two_headers),
+    ] {
+        let e = c.put(tokio_stream::iter(msgs)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {e:?}");
+    }
+    // Nothing half-written: none of those ids exist.
+    for id in [
+        "short",
+        "long",
+        "digest",
+        "digest-len",
+        "two",
+        "big-msg",
+        "too-big",
+    ] {
+        let e = get_object(&mut c, id).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{id}");
+    }
+    // A bad list argument.
+    let e = c
+        .list(pb::ListRequest {
+            prefix: "p".repeat(200),
+            start_after: String::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // The node is still fine.
+    put_object(&mut c, "after", b"ok").await.unwrap();
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn health_ok(channel: Channel) -> Result<(), tonic::Status> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "tessera.storage.v1.StorageNode".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn mutual_tls_and_roles() {
+    let env = Env::new();
+    let server = env.start().await;
+    let addr = server.local_addr().to_string();
+
+    // Services and admins may call; users, including the outsider, may not.
+    for who in ["owner", "clinician", "researcher", "outsider"] {
+        let mut c = env.client(&server, who).await;
+        let e = put_object(&mut c, "x", b"x").await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}");
+        let e = c.node_info(pb::NodeInfoRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}");
+        // Health needs no role.
+        health_ok(env.channel(&server, who).await).await.unwrap();
+    }
+    let mut c = env.client(&server, "keyserver").await;
+    c.node_info(pb::NodeInfoRequest {}).await.unwrap();
+
+    // Reflection lists exactly this server's services.
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let mut r = ServerReflectionClient::new(env.channel(&server, "gateway").await);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = r
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = resp.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected reflection answer {msg:?}");
+        };
+        let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "tessera.storage.v1.StorageNode"
+            ]
+        );
+    }
+
+    // A certificate from another CA, trusting our CA: the server refuses it.
+    let foreign_dir = env.tmp.path().join("foreign");
+    let foreign = tessera_pki::generate(&foreign_dir).unwrap();
+    let impostor = ClientTls::from_files(&TlsFiles {
+        ca: env.pki.ca_path(),
+        cert: foreign.cert_path("gateway"),
+        key: foreign.key_path("gateway"),
+    })
+    .unwrap();
+    let refused = match impostor.connect(&addr).await {
+        Err(_) => true,
+        Ok(ch) => health_ok(ch).await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA must be refused");
+    // A client that trusts only the foreign CA refuses our server.
+    let foreign_client =
+        ClientTls::from_files(&TlsFiles::from_pki_dir(&foreign.dir, "gateway")).unwrap();
+    assert!(foreign_client.connect(&addr).await.is_err());
+
+    // Plaintext HTTP/2: refused.
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    let refused = match plain.connect().await {
+        Err(_) => true,
+        Ok(ch) => health_ok(ch).await.is_err(),
+    };
+    assert!(refused, "plaintext must be refused");
+
+    // The server is still healthy for legitimate callers.
+    health_ok(env.channel(&server, "gateway").await)
+        .await
+        .unwrap();
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn bit_rot_is_data_loss_and_data_survives_restart() {
+    let env = Env::new();
+    let server = env.start().await;
+    let mut c = env.client(&server, "gateway").await;
+    let victim = data(300_000, 5);
+    put_object(&mut c, "victim", &victim).await.unwrap();
+    put_object(&mut c, "bystander", &data(1000, 6))
+        .await
+        .unwrap();
+    drop(c);
+    server.shutdown(Duration::from_secs(5)).await;
+
+    // Flip one stored bit behind the node's back.
+    let db_path = env.config().db_path();
+    {
+        let db = redb::Database::create(&db_path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut chunks = txn.open_table(storage_node::store::CHUNKS).unwrap();
+            let mut raw = chunks.get(("victim", 0)).unwrap().unwrap().value().to_vec();
+            raw[12_345] ^= 0x10;
+            chunks.insert(("victim", 0), &raw[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let server = env.start().await;
+    let mut c = env.client(&server, "gateway").await;
+    let e = get_object(&mut c, "victim").await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss);
+    assert!(e.message().contains("victim"), "{}", e.message());
+    let (_, by) = get_object(&mut c, "bystander").await.unwrap();
+    assert_eq!(by, data(1000, 6));
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[test]
+fn config_env_overrides_and_validation() {
+    let env = Env::new();
+    let text = env.config_toml("127.0.0.1:7000", "");
+    let overrides: BTreeMap<String, String> = [
+        ("TESSERA_STORAGE__SERVER__LISTEN", "127.0.0.1:0"),
+        ("TESSERA_STORAGE__NODE_ID", "storage-2"),
+        ("TESSERA_STORAGE__CAPACITY_BYTES", "1048576"),
+        ("TESSERA_STORAGE__MAX_OBJECT_BYTES", "1024"),
+        (
+            "TESSERA_STORAGE__SERVER__ACCESS__ROLES",
+            "{ \"spiffe://tessera.local/user/outsider\" = [\"admin\"] }",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let cfg: Config = load_config(
+        &ConfigSource::from_text(&text, overrides),
+        "TESSERA_STORAGE",
+    )
+    .unwrap();
+    assert_eq!(cfg.server.listen.port(), 0);
+    assert_eq!(cfg.node_id, "storage-2");
+    assert_eq!(cfg.capacity_bytes, 1_048_576);
+    assert_eq!(
+        cfg.server.access.roles["spiffe://tessera.local/user/outsider"],
+        [tessera_tls::Role::Admin]
+    );
+
+    for (key, value) in [
+        ("TESSERA_STORAGE__NODE_ID", "Bad Name"),
+        ("TESSERA_STORAGE__MAX_OBJECT_BYTES", "0"),
+        ("TESSERA_STORAGE__MAX_OBJECT_BYTES", "999999999999"),
+        ("TESSERA_STORAGE__SERVER__TLS__CA", "/nonexistent/ca.crt"),
+        ("TESSERA_STORAGE__SERVER__LISTEN", "not-an-address"),
+        ("TESSERA_STORAGE__UNKNOWN_KEY", "1"),
+        (
+            "TESSERA_STORAGE__TELEMETRY__OTLP_ENDPOINT",
+            "localhost:4317",
+        ),
+    ] {
+        let env_map = BTreeMap::from([(key.to_owned(), value.to_owned())]);
+        let r = load_config::<Config>(&ConfigSource::from_text(&text, env_map), "TESSERA_STORAGE");
+        assert!(r.is_err(), "{key}={value} must be refused");
+    }
+}
+
+#[tokio::test]
+async fn bench_runs_and_reports_ratios() {
+    let report = storage_node::bench_storage(storage_node::BenchOptions {
+        object_bytes: 64 * 1024,
+        objects: 4,
+    })
+    .await
+    .unwrap();
+    assert!(report.put_ratio() > 0.0 && report.get_ratio() > 0.0);
+    let text = report.to_string();
+    assert!(text.contains("put") && text.contains("get"), "{text}");
+}
+
+// ---- Crash safety: a real process, killed with SIGKILL mid-stream ----
+
+/// Acknowledged puts: (object id, SHA-256).
+type Acked = Vec<(String, [u8; 32])>;
+
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+fn start_process(config: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_storage-node"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening=")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    Proc { child, addr }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_puts_loses_no_acknowledged_object() {
+    let env = Env::new();
+    let config_path: PathBuf = env.tmp.path().join("node.toml");
+    std::fs::write(&config_path, env.config_toml("127.0.0.1:0", "")).unwrap();
+    let tls = env.tls("gateway");
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+
+    for round in 0..2u64 {
+        let mut proc = tokio::task::spawn_blocking({
+            let p = config_path.clone();
+            move || start_process(&p)
+        })
+        .await
+        .unwrap();
+        let channel = tls.connect(&proc.addr).await.unwrap();
+        // Two writers stream puts until the node dies.
+        let (enough_tx, mut enough_rx) = tokio::sync::mpsc::channel::<()>(64);
+        let mut writers = Vec::new();
+        for w in 0..2u64 {
+            let mut c = client(channel.clone());
+            let acked = acked.clone();
+            let enough_tx = enough_tx.clone();
+            writers.push(tokio::spawn(async move {
+                for i in 0u64.. {
+                    let id = format!("r{round}-w{w}-{i:05}");
+                    let body = data(
+                        20_000 + ((i * 7919) % 200_000) as usize,
+                        round * 1000 + w * 100 + i,
+                    );
+                    match put_object(&mut c, &id, &body).await {
+                        Ok(_) => {
+                            acked
+                                .lock()
+                                .unwrap()
+                                .push((id, Sha256::digest(&body).into()));
+                            let _ = enough_tx.try_send(());
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        drop(enough_tx);
+        // Let at least 15 puts be acknowledged in this round, then SIGKILL
+        // while the writers are still streaming.
+        for _ in 0..15 {
+            enough_rx.recv().await.unwrap();
+        }
+        proc.child.kill().unwrap();
+        proc.child.wait().unwrap();
+        for w in writers {
+            w.await.unwrap();
+        }
+    }
+
+    // Restart: every acknowledged object is there and intact, and every
+    // object that is there (including any in flight at the kill) is intact.
+    let mut proc = tokio::task::spawn_blocking({
+        let p = config_path.clone();
+        move || start_process(&p)
+    })
+    .await
+    .unwrap();
+    let mut c = client(tls.connect(&proc.addr).await.unwrap());
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 30);
+    for (id, digest) in &acked {
+        let (info, bytes) = get_object(&mut c, id)
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {id} lost: {e:?}"));
+        assert_eq!(info.sha256, digest.to_vec(), "{id}");
+        assert_eq!(Sha256::digest(&bytes)[..], digest[..], "{id}");
+    }
+    let mut start_after = String::new();
+    let mut listed = 0;
+    loop {
+        let page = c
+            .list(pb::ListRequest {
+                prefix: String::new(),
+                start_after: start_after.clone(),
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for o in &page.objects {
+            get_object(&mut c, &o.object_id).await.unwrap();
+            listed += 1;
+        }
+        if page.next_start_after.is_empty() {
+            break;
+        }
+        start_after = page.next_start_after;
+    }
+    assert!(listed >= acked.len());
+    let info = c
+        .node_info(pb::NodeInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.object_count, listed as u64,
+        "counters match the objects"
+    );
+    proc.child.kill().unwrap();
+    proc.child.wait().unwrap();
+}
