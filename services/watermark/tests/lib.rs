@@ -1,0 +1,669 @@
+//! Integration tests: a real keyserver and the real watermark service
+//! in-process on 127.0.0.1:0 with a generated development PKI, called over
+//! mutual TLS by one client per identity.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tessera_image::{Image, PixelFormat};
+use tessera_proto::keyserver::v1 as ks;
+use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_proto::watermark::v1 as pb;
+use tessera_proto::watermark::v1::watermark_client::WatermarkClient;
+use tessera_runtime::{ConfigSource, load_config};
+use tessera_tls::{ClientTls, TlsFiles};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use watermark_service::convert::CHUNK_BYTES;
+
+const OWNER: &str = "spiffe://tessera.local/user/owner";
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    pki: PathBuf,
+    ks_addr: String,
+    wm_addr: String,
+    keyserver: Option<keyserver::RunningApp>,
+    watermark: Option<watermark_service::RunningApp>,
+}
+
+fn watermark_config(
+    pki: &Path,
+    ks_addr: &str,
+    env: BTreeMap<String, String>,
+) -> watermark_service::Config {
+    let d = pki.display();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/watermark.crt\"\nkey = \"{d}/watermark.key\"\n\
+         [keyserver]\naddress = \"{ks_addr}\"\n[keyserver.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/watermark.crt\"\nkey = \"{d}/watermark.key\"\n\
+         [watermark]\nmax_image_bytes = 1048576\n"
+    );
+    load_config(
+        &ConfigSource::from_text(&text, env),
+        watermark_service::config::ENV_PREFIX,
+    )
+    .unwrap()
+}
+
+impl Env {
+    async fn start() -> Self {
+        Self::start_with(BTreeMap::new()).await
+    }
+
+    /// Starts both services; `wm_env` overrides the watermark config.
+    async fn start_with(wm_env: BTreeMap<String, String>) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = tessera_pki::generate(&tmp.path().join("pki")).unwrap().dir;
+        let kek = tmp.path().join("kek");
+        std::fs::write(&kek, [42u8; 32]).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let d = pki.display();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/keyserver.crt\"\nkey = \"{d}/keyserver.key\"\n\
+             [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\n",
+            tmp.path().join("ks.redb").display(),
+            kek.display()
+        );
+        let ks_cfg: keyserver::Config = load_config(
+            &ConfigSource::from_text(&text, Default::default()),
+            keyserver::config::ENV_PREFIX,
+        )
+        .unwrap();
+        let keyserver = keyserver::App::build(&ks_cfg)
+            .unwrap()
+            .spawn()
+            .await
+            .unwrap();
+        let ks_addr = keyserver.local_addr().to_string();
+        let wm_cfg = watermark_config(&pki, &ks_addr, wm_env);
+        let watermark = watermark_service::App::build(&wm_cfg)
+            .unwrap()
+            .spawn()
+            .await
+            .unwrap();
+        let wm_addr = watermark.local_addr().to_string();
+        Self {
+            _tmp: tmp,
+            pki,
+            ks_addr,
+            wm_addr,
+            keyserver: Some(keyserver),
+            watermark: Some(watermark),
+        }
+    }
+
+    async fn channel(&self, name: &str, addr: &str) -> Channel {
+        let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&self.pki, name)).unwrap();
+        tls.connect(addr).await.unwrap()
+    }
+
+    async fn client(&self, name: &str) -> WatermarkClient<Channel> {
+        WatermarkClient::new(self.channel(name, &self.wm_addr).await)
+    }
+
+    async fn register(&self, patient: &str) -> String {
+        KeyServerClient::new(self.channel("gateway", &self.ks_addr).await)
+            .register_study(ks::RegisterStudyRequest {
+                owner: OWNER.into(),
+                attributes: attrs(patient),
+                study_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .study_id
+    }
+
+    async fn stop(mut self) {
+        if let Some(w) = self.watermark.take() {
+            w.shutdown(Duration::from_secs(5)).await;
+        }
+        if let Some(k) = self.keyserver.take() {
+            k.shutdown(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+fn attrs(patient: &str) -> Vec<ks::Attribute> {
+    vec![
+        ks::Attribute {
+            name: "patient_id".into(),
+            value: patient.into(),
+        },
+        ks::Attribute {
+            name: "birth_date".into(),
+            value: "19700101".into(),
+        },
+    ]
+}
+
+fn study(id: &str, patient: &str) -> Option<pb::StudyRef> {
+    Some(pb::StudyRef {
+        study_id: id.into(),
+        attributes: attrs(patient),
+    })
+}
+
+/// A 512x512 16-bit (12 stored) head phantom: 512 KiB of pixels.
+fn phantom() -> Image {
+    tessera_image::phantom::head_phantom(512, 512, 1, PixelFormat::gray16(12, false), 7).unwrap()
+}
+
+fn start(study_id: &str, patient: &str, image: &Image) -> pb::ProtectStart {
+    pb::ProtectStart {
+        study: study(study_id, patient),
+        object_id: "obj-1".into(),
+        spec: Some(watermark_service::convert::spec_to_proto(image.spec())),
+        roi: Some(pb::Rect {
+            x: 100,
+            y: 120,
+            width: 200,
+            height: 180,
+        }),
+        profile: pb::Profile::Secure.into(),
+    }
+}
+
+fn protect_msgs(start: pb::ProtectStart, pixels: &[u8], chunk: usize) -> Vec<pb::ProtectRequest> {
+    let mut v = vec![pb::ProtectRequest {
+        msg: Some(pb::protect_request::Msg::Start(start)),
+    }];
+    v.extend(pixels.chunks(chunk).map(|c| pb::ProtectRequest {
+        msg: Some(pb::protect_request::Msg::Pixels(c.to_vec())),
+    }));
+    v
+}
+
+struct Protected {
+    header_json: String,
+    shares: [Vec<u8>; 2],
+}
+
+async fn protect(
+    c: &mut WatermarkClient<Channel>,
+    msgs: Vec<pb::ProtectRequest>,
+) -> Result<Protected, Status> {
+    let mut out = c.protect(tokio_stream::iter(msgs)).await?.into_inner();
+    let first = out.message().await?.expect("a header message");
+    let Some(pb::protect_response::Msg::Header(h)) = first.msg else {
+        panic!("first response must be the header");
+    };
+    let mut shares = [Vec::new(), Vec::new()];
+    let mut last_share = 1;
+    while let Some(m) = out.message().await? {
+        let Some(pb::protect_response::Msg::Share(c)) = m.msg else {
+            panic!("only share chunks after the header");
+        };
+        assert!(c.data.len() <= CHUNK_BYTES);
+        assert!(c.share >= last_share, "share 1 chunks come before share 2");
+        last_share = c.share;
+        shares[c.share as usize - 1].extend_from_slice(&c.data);
+    }
+    assert_eq!(shares[0].len() as u64, h.share1_bytes);
+    assert_eq!(shares[1].len() as u64, h.share2_bytes);
+    Ok(Protected {
+        header_json: h.header_json,
+        shares,
+    })
+}
+
+fn open_start(study: Option<pb::StudyRef>, header_json: &str) -> pb::OpenStart {
+    pb::OpenStart {
+        study,
+        header_json: header_json.into(),
+    }
+}
+
+/// Share chunks of 200 KiB, share 2 interleaved with share 1.
+fn share_chunks(s1: &[u8], s2: &[u8]) -> Vec<pb::ShareChunk> {
+    let a = s1.chunks(200 * 1024).map(|d| (1, d));
+    let b = s2.chunks(200 * 1024).map(|d| (2, d));
+    let mut v: Vec<pb::ShareChunk> = Vec::new();
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    while a.peek().is_some() || b.peek().is_some() {
+        for (share, d) in b.next().into_iter().chain(a.next()) {
+            v.push(pb::ShareChunk {
+                share,
+                data: d.to_vec(),
+            });
+        }
+    }
+    v
+}
+
+fn verify_msgs(start: pb::OpenStart, chunks: Vec<pb::ShareChunk>) -> Vec<pb::VerifyRequest> {
+    std::iter::once(pb::verify_request::Msg::Start(start))
+        .chain(chunks.into_iter().map(pb::verify_request::Msg::Share))
+        .map(|m| pb::VerifyRequest { msg: Some(m) })
+        .collect()
+}
+
+fn restore_msgs(start: pb::OpenStart, chunks: Vec<pb::ShareChunk>) -> Vec<pb::RestoreRequest> {
+    std::iter::once(pb::restore_request::Msg::Start(start))
+        .chain(chunks.into_iter().map(pb::restore_request::Msg::Share))
+        .map(|m| pb::RestoreRequest { msg: Some(m) })
+        .collect()
+}
+
+async fn verify(
+    c: &mut WatermarkClient<Channel>,
+    msgs: Vec<pb::VerifyRequest>,
+) -> Result<pb::VerificationReport, Status> {
+    Ok(c.verify(tokio_stream::iter(msgs))
+        .await?
+        .into_inner()
+        .report
+        .expect("a report"))
+}
+
+async fn restore(
+    c: &mut WatermarkClient<Channel>,
+    msgs: Vec<pb::RestoreRequest>,
+) -> Result<(pb::Restored, Vec<u8>), Status> {
+    let mut out = c.restore(tokio_stream::iter(msgs)).await?.into_inner();
+    let Some(pb::restore_response::Msg::Restored(r)) = out.message().await?.expect("first").msg
+    else {
+        panic!("first response must be `restored`");
+    };
+    let mut pixels = Vec::new();
+    while let Some(m) = out.message().await? {
+        let Some(pb::restore_response::Msg::Pixels(p)) = m.msg else {
+            panic!("only pixels after `restored`");
+        };
+        assert!(p.len() <= CHUNK_BYTES);
+        pixels.extend_from_slice(&p);
+    }
+    Ok((r, pixels))
+}
+
+#[tokio::test]
+async fn protect_restore_verify_and_localize_tampering() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    let mut gw = env.client("gateway").await;
+    let image = phantom();
+    let pixels = image.to_le_bytes();
+    assert_eq!(pixels.len(), 512 * 1024);
+
+    let p = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &pixels, 100_000),
+    )
+    .await
+    .unwrap();
+    let header = tessera_cryptomark::Header::from_json(&p.header_json).unwrap();
+    assert_eq!(header.object_id, "obj-1");
+    assert_eq!(header.profile, tessera_cryptomark::Profile::Secure);
+    assert!(p.shares[0] != p.shares[1]);
+
+    // Restore: bit-identical pixels and an intact report.
+    let (restored, back) = restore(
+        &mut gw,
+        restore_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            share_chunks(&p.shares[0], &p.shares[1]),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(back, pixels);
+    assert_eq!(
+        restored.spec.unwrap(),
+        watermark_service::convert::spec_to_proto(image.spec())
+    );
+    let report = restored.report.unwrap();
+    assert!(report.intact);
+    assert!(report.roi_blocks > 0);
+
+    let intact = verify(
+        &mut gw,
+        verify_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            share_chunks(&p.shares[0], &p.shares[1]),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(intact.intact);
+    assert_eq!(intact.tampered_block_count + intact.tampered_tile_count, 0);
+
+    // One byte of share 2 changed: exactly one tile, of share 2, is named.
+    let mut bad = p.shares[1].clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x01;
+    let r = verify(
+        &mut gw,
+        verify_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            share_chunks(&p.shares[0], &bad),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!r.intact);
+    assert_eq!(r.tampered_tile_count, 1, "{r:?}");
+    assert_eq!(r.tampered_tiles[0].shares, vec![2]);
+    assert_eq!(r.tampered_block_count, 1, "{r:?}");
+    // The block whose hash no longer matches is the one in that tile.
+    assert_eq!(r.tampered_blocks[0].rect, r.tampered_tiles[0].rect);
+    assert!(!r.truncated);
+    let rect = r.tampered_tiles[0].rect.unwrap();
+    assert!(rect.width <= 16 && rect.height <= 16);
+
+    // Swapped shares are refused as a failed precondition.
+    let e = verify(
+        &mut gw,
+        verify_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            share_chunks(&p.shares[1], &p.shares[0]),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn keys_are_bound_to_the_study_and_its_attributes() {
+    let env = Env::start().await;
+    let a = env.register("P-A").await;
+    let b = env.register("P-B").await;
+    let mut gw = env.client("gateway").await;
+    let image = phantom();
+    let pixels = image.to_le_bytes();
+
+    // Wrong attributes: the keyserver refuses the key.
+    let e = protect(
+        &mut gw,
+        protect_msgs(start(&a, "P-B", &image), &pixels, CHUNK_BYTES),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("keyserver"), "{e:?}");
+
+    // Unknown study.
+    let e = protect(
+        &mut gw,
+        protect_msgs(
+            start("st-0123456789abcdef0123456789abcdef", "P-A", &image),
+            &pixels,
+            CHUNK_BYTES,
+        ),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let p = protect(
+        &mut gw,
+        protect_msgs(start(&a, "P-A", &image), &pixels, CHUNK_BYTES),
+    )
+    .await
+    .unwrap();
+    let shares = || share_chunks(&p.shares[0], &p.shares[1]);
+    // Right study, wrong attributes.
+    let e = verify(
+        &mut gw,
+        verify_msgs(open_start(study(&a, "P-B"), &p.header_json), shares()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Another study's (valid) key does not open these shares.
+    let e = restore(
+        &mut gw,
+        restore_msgs(open_start(study(&b, "P-B"), &p.header_json), shares()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn only_allowed_callers_may_call() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    let image = phantom();
+    let pixels = image.to_le_bytes();
+    // outsider: no role (policy layer); storage-1: service role but not in
+    // allowed_callers (handler); owner: a user.
+    for who in ["outsider", "storage-1", "owner", "watermark"] {
+        let mut c = env.client(who).await;
+        let e = protect(
+            &mut c,
+            protect_msgs(start(&id, "P-1", &image), &pixels, CHUNK_BYTES),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e:?}");
+        let e = verify(
+            &mut c,
+            verify_msgs(open_start(study(&id, "P-1"), "{}"), vec![]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e:?}");
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_input_is_refused() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    let mut gw = env.client("gateway").await;
+    let image = phantom();
+    let pixels = image.to_le_bytes();
+    let code = |r: Result<Protected, Status>| r.err().map(|e| e.code());
+
+    // Pixels before start.
+    let mut msgs = protect_msgs(start(&id, "P-1", &image), &pixels, CHUNK_BYTES);
+    msgs.swap(0, 1);
+    assert_eq!(
+        code(protect(&mut gw, msgs).await),
+        Some(Code::InvalidArgument)
+    );
+    // Paper profile is offline-only.
+    let mut s = start(&id, "P-1", &image);
+    s.profile = pb::Profile::Paper.into();
+    let e = protect(&mut gw, protect_msgs(s, &pixels, CHUNK_BYTES))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("offline-only"));
+    // Too few and too many pixels.
+    assert_eq!(
+        code(
+            protect(
+                &mut gw,
+                protect_msgs(start(&id, "P-1", &image), &pixels[2..], CHUNK_BYTES)
+            )
+            .await
+        ),
+        Some(Code::InvalidArgument)
+    );
+    let mut more = pixels.clone();
+    more.extend_from_slice(&[0, 0]);
+    assert_eq!(
+        code(
+            protect(
+                &mut gw,
+                protect_msgs(start(&id, "P-1", &image), &more, CHUNK_BYTES)
+            )
+            .await
+        ),
+        Some(Code::InvalidArgument)
+    );
+    // A bad spec: bits_stored above bits_allocated.
+    let mut s = start(&id, "P-1", &image);
+    s.spec.as_mut().unwrap().bits_stored = 17;
+    let e = protect(&mut gw, protect_msgs(s, &pixels, CHUNK_BYTES))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("start.spec"), "{e:?}");
+    // Over MAX_SAMPLES: refused by the spec check, nothing allocated.
+    let mut s = start(&id, "P-1", &image);
+    let sp = s.spec.as_mut().unwrap();
+    (sp.width, sp.height, sp.frames) = (65_536, 65_536, 1);
+    s.roi = None;
+    assert_eq!(
+        code(protect(&mut gw, protect_msgs(s, &[], CHUNK_BYTES)).await),
+        Some(Code::InvalidArgument)
+    );
+    // Over the configured max_image_bytes (1 MiB here): 1024x1024x16 bits.
+    let mut s = start(&id, "P-1", &image);
+    let sp = s.spec.as_mut().unwrap();
+    (sp.width, sp.height) = (1024, 1024);
+    assert_eq!(
+        code(protect(&mut gw, protect_msgs(s, &[], CHUNK_BYTES)).await),
+        Some(Code::ResourceExhausted)
+    );
+    // A message over the 1 MiB chunk limit (plus framing) is refused by the decoder.
+    let big = vec![0u8; 2 * CHUNK_BYTES];
+    let mut s = start(&id, "P-1", &image);
+    let sp = s.spec.as_mut().unwrap();
+    (sp.width, sp.height) = (1024, 512);
+    s.roi = None;
+    let e = protect(&mut gw, protect_msgs(s, &big, big.len()))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    // Restore/Verify: bad header, bad share index, missing share.
+    let e = verify(
+        &mut gw,
+        verify_msgs(open_start(study(&id, "P-1"), "{not json"), vec![]),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("start.header_json"), "{e:?}");
+    let p = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &pixels, CHUNK_BYTES),
+    )
+    .await
+    .unwrap();
+    let chunk = |share, data: &[u8]| pb::ShareChunk {
+        share,
+        data: data.to_vec(),
+    };
+    let e = verify(
+        &mut gw,
+        verify_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            vec![chunk(3, &p.shares[0][..10])],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = verify(
+        &mut gw,
+        verify_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            vec![chunk(1, &p.shares[0])],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("share 2 is missing"), "{e:?}");
+    // A truncated share is a format error, not a key error.
+    let e = verify(
+        &mut gw,
+        verify_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            vec![
+                chunk(1, &p.shares[0]),
+                chunk(2, &p.shares[1][..p.shares[1].len() - 1]),
+            ],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn keyserver_down_is_unavailable() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    // A second watermark service whose keyserver address has nothing behind it.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let cfg = watermark_config(&env.pki, &closed, BTreeMap::new());
+    let wm = watermark_service::App::build(&cfg)
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    let addr = wm.local_addr().to_string();
+    let mut gw = WatermarkClient::new(env.channel("gateway", &addr).await);
+    let image = phantom();
+    let e = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &image.to_le_bytes(), CHUNK_BYTES),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("keyserver"), "{e:?}");
+    wm.shutdown(Duration::from_secs(5)).await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn multi_frame_image_streams_in_several_chunks_each_way() {
+    // 512x512x5 16-bit = 2.5 MiB: several chunks in, shares of more than
+    // 1 MiB each out, several pixel chunks back.
+    let env = Env::start_with(BTreeMap::from([(
+        "TESSERA_WATERMARK__WATERMARK__MAX_IMAGE_BYTES".to_string(),
+        "4194304".to_string(),
+    )]))
+    .await;
+    let id = env.register("P-1").await;
+    let mut gw = env.client("gateway").await;
+    let image =
+        tessera_image::phantom::head_phantom(512, 512, 5, PixelFormat::gray16(16, false), 3)
+            .unwrap();
+    let pixels = image.to_le_bytes();
+    let p = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &pixels, CHUNK_BYTES),
+    )
+    .await
+    .unwrap();
+    assert!(p.shares.iter().all(|s| s.len() > CHUNK_BYTES));
+    let (restored, back) = restore(
+        &mut gw,
+        restore_msgs(
+            open_start(study(&id, "P-1"), &p.header_json),
+            share_chunks(&p.shares[0], &p.shares[1]),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(restored.report.unwrap().intact);
+    assert_eq!(restored.spec.unwrap().frames, 5);
+    assert!(back == pixels, "restored pixels differ");
+    env.stop().await;
+}
