@@ -696,14 +696,7 @@ fn payload_len(header: &Header, layout: &Layout, share: u8) -> u64 {
     };
     match header.profile {
         Profile::Secure => {
-            let per_frame: u64 = layout
-                .tiles
-                .iter()
-                .map(|t| {
-                    packed_len(t.rect.area() as usize * layout.channels, width) as u64
-                        + TAG_LEN as u64
-                })
-                .sum();
+            let per_frame = sealed_prefix(layout, width)[layout.tiles.len()] as u64;
             per_frame * layout.frames as u64
         }
         Profile::Paper => {
