@@ -154,10 +154,54 @@ check "oversized message: ResourceExhausted" expect_code ResourceExhausted overs
 check "revoke needs an approved grant: FailedPrecondition" \
   expect_code FailedPrecondition gc owner "$ADDR" -d "{\"request_id\":\"$OWN\"}" -- "$SVC/RevokeGrant"
 
+# --- the gateway redeems a user's grant (no key leaves); gateway only ---
+CLIN=spiffe://tessera.local/user/clinician
+REQ2=$(request clinician "$ATTRS" | field requestId)
+gc owner "$ADDR" -d "{\"request_id\":\"$REQ2\",\"ttl_seconds\":600,\"uses\":2}" -- "$SVC/ApproveRequest" >/dev/null
+grant_call() { # grant_call IDENTITY METHOD REQUEST_ID
+  gc "$1" "$ADDR" -d "{\"request_id\":\"$3\",\"on_behalf_of\":\"$CLIN\",\"study_id\":\"$STUDY\"}" -- "$SVC/$2"
+}
+check "a clinician may not call RedeemGrant" expect_code PermissionDenied grant_call clinician RedeemGrant "$REQ2"
+check "an owner may not call CheckGrant" expect_code PermissionDenied grant_call owner CheckGrant "$REQ2"
+check "the watermark service may not redeem (gateway only)" \
+  expect_code PermissionDenied grant_call watermark RedeemGrant "$REQ2"
+check "gateway checks the grant (2 uses left, none spent)" out_has '"usesLeft": 2' grant_call gateway CheckGrant "$REQ2"
+redeemed_no_key() {
+  local out
+  out=$(grant_call gateway RedeemGrant "$REQ2") || return 1
+  grep -q '"usesLeft": 1' <<<"$out" && ! grep -q '"key"' <<<"$out"
+}
+check "gateway redeems one use, no key in the answer" redeemed_no_key
+
+# --- the gateway forgets the study (crypto-shredding) ---
+forget() { gc "$1" "$ADDR" -d "{\"study_id\":\"$STUDY\",\"on_behalf_of\":\"$OWNER\"}" -- "$SVC/ForgetStudy"; }
+check "an owner may not call ForgetStudy directly" expect_code PermissionDenied forget owner
+# Two approved grants (REQ used up, REQ2) are revoked; OWN (pending) is denied.
+check "gateway forgets the study: 2 grants revoked" out_has '"grantsRevoked": 2' forget gateway
+derive_deleted() {
+  local out
+  out=$(expect_code NotFound derive gateway "$ATTRS") || { echo "$out"; return 1; }
+  out=$(derive gateway "$ATTRS" 2>&1) && return 1
+  grep -q "was deleted" <<<"$out" || { echo "$out"; return 1; }
+}
+check "after ForgetStudy, DeriveKey: NotFound (study was deleted)" derive_deleted
+check "after ForgetStudy, RequestKey: NotFound" expect_code NotFound request clinician "$ATTRS"
+check "the redeemed grant is revoked" expect_code PermissionDenied grant_call gateway RedeemGrant "$REQ2"
+check "a second ForgetStudy: NotFound" expect_code NotFound forget gateway
+check "the forgotten study id cannot be registered again" \
+  expect_code AlreadyExists gc gateway "$ADDR" -d "{\"owner\":\"$OWNER\",\"attributes\":$ATTRS,\"study_id\":\"$STUDY\"}" -- "$SVC/RegisterStudy"
+
 # --- audit ---
 verify() { gc owner "$ADDR" -d '{}' -- "$SVC/VerifyAudit"; }
 audit_ok() { out_has '"ok": true' verify; }
 check "VerifyAudit: the chain and its signed checkpoints verify" audit_ok
+audit_has_events() {
+  local out
+  out=$(gc owner "$ADDR" -d '{"from_seq":1,"limit":1000}' -- "$SVC/ListAudit") || return 1
+  grep -q '"event": "grant.redeemed"' <<<"$out" && grep -q '"event": "study.forgotten"' <<<"$out" &&
+    grep -q '"event": "redeem.refused"' <<<"$out"
+}
+check "the audit log records the redemption, the refusal and the forget" audit_has_events
 check "a clinician may not read the audit" expect_code PermissionDenied gc clinician "$ADDR" -d '{}' -- "$SVC/VerifyAudit"
 APPROVAL_SEQ=$(gc owner "$ADDR" -d '{"from_seq":1,"limit":1000}' -- "$SVC/ListAudit" |
   python3 -c 'import json,sys; print(next(e["seq"] for e in json.load(sys.stdin)["entries"] if e["event"]=="grant.approved"))')

@@ -9,7 +9,7 @@ use tessera_tls::{Policy, Role};
 use tonic::{Request, Response, Status};
 
 use crate::core::store::{GrantState, RequestRecord};
-use crate::core::{Core, Operation};
+use crate::core::{Core, Operation, Redeemed};
 use crate::error::KeyServerError;
 
 /// gRPC service name, for the policy table and health.
@@ -36,6 +36,10 @@ pub fn policy() -> Policy {
         .allow(&p("VerifyAudit"), [Role::Owner, Role::Admin])
         .allow(&p("ListAudit"), [Role::Owner, Role::Admin])
         .allow(&p("RotateMaster"), [Role::Admin])
+        // Gateway only (the core checks the identity): users never call these.
+        .allow(&p("RedeemGrant"), [Role::Service])
+        .allow(&p("CheckGrant"), [Role::Service])
+        .allow(&p("ForgetStudy"), [Role::Service])
 }
 
 impl From<KeyServerError> for Status {
@@ -157,6 +161,15 @@ fn key_request(r: RequestRecord) -> pb::KeyRequest {
         }
     }
     out
+}
+
+fn redeemed(r: Redeemed) -> pb::RedeemGrantResponse {
+    pb::RedeemGrantResponse {
+        study_id: r.study_id,
+        purpose: r.purpose,
+        expires_at_unix: r.expires_at,
+        uses_left: r.uses_left,
+    }
 }
 
 #[tonic::async_trait]
@@ -354,6 +367,47 @@ impl KeyServer for KeyServerService {
             master_version: v,
         }))
     }
+
+    async fn redeem_grant(
+        &self,
+        req: Request<pb::RedeemGrantRequest>,
+    ) -> Result<Response<pb::RedeemGrantResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self
+            .core
+            .redeem_grant(&actor, &m.request_id, &m.on_behalf_of, &m.study_id)
+            .await?;
+        Ok(Response::new(redeemed(r)))
+    }
+
+    async fn check_grant(
+        &self,
+        req: Request<pb::RedeemGrantRequest>,
+    ) -> Result<Response<pb::RedeemGrantResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self
+            .core
+            .check_grant(&actor, &m.request_id, &m.on_behalf_of, &m.study_id)
+            .await?;
+        Ok(Response::new(redeemed(r)))
+    }
+
+    async fn forget_study(
+        &self,
+        req: Request<pb::ForgetStudyRequest>,
+    ) -> Result<Response<pb::ForgetStudyResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self
+            .core
+            .forget_study(&actor, &m.study_id, &m.on_behalf_of)
+            .await?;
+        Ok(Response::new(pb::ForgetStudyResponse {
+            grants_revoked: r.grants_revoked,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -420,6 +474,9 @@ mod tests {
             "VerifyAudit",
             "ListAudit",
             "RotateMaster",
+            "RedeemGrant",
+            "CheckGrant",
+            "ForgetStudy",
         ] {
             assert!(p.allowed(&format!("/{SERVICE}/{m}")).is_some(), "{m}");
         }
@@ -428,5 +485,9 @@ mod tests {
         assert!(approve.contains(&Role::Owner) && approve.len() == 1);
         let derive = p.allowed(&format!("/{SERVICE}/DeriveKey")).unwrap();
         assert!(!derive.contains(&Role::Clinician));
+        for m in ["RedeemGrant", "CheckGrant", "ForgetStudy"] {
+            let roles = p.allowed(&format!("/{SERVICE}/{m}")).unwrap();
+            assert!(roles.len() == 1 && roles.contains(&Role::Service), "{m}");
+        }
     }
 }

@@ -519,6 +519,166 @@ async fn grants_expire_on_the_injected_clock_and_rotation_needs_admin() {
 }
 
 #[tokio::test]
+async fn gateway_redeems_checks_and_forgets_over_mutual_tls() {
+    let env = Env::start().await;
+    let study = register(&env, "P-5").await;
+    let mut gateway = env.client("gateway").await;
+    let mut owner = env.client("owner").await;
+    let mut clin = env.client("clinician").await;
+    let mut watermark = env.client("watermark").await;
+    let r = clin
+        .request_key(request(&study, "P-5"))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    owner
+        .approve_request(pb::ApproveRequestRequest {
+            request_id: r.request_id.clone(),
+            ttl_seconds: 600,
+            uses: 2,
+        })
+        .await
+        .unwrap();
+    let redeem = pb::RedeemGrantRequest {
+        request_id: r.request_id.clone(),
+        on_behalf_of: CLIN.into(),
+        study_id: study.clone(),
+    };
+    // A user never reaches these RPCs (policy layer); another service is
+    // refused by the core and audited.
+    assert_eq!(
+        clin.redeem_grant(redeem.clone()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        owner.check_grant(redeem.clone()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let e = watermark.redeem_grant(redeem.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("only the gateway"), "{}", e.message());
+
+    let c = gateway
+        .check_grant(redeem.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        c,
+        pb::RedeemGrantResponse {
+            study_id: study.clone(),
+            purpose: "pixels".into(),
+            expires_at_unix: 1_700_000_600,
+            uses_left: 2,
+        }
+    );
+    let got = gateway
+        .redeem_grant(redeem.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.uses_left, 1);
+    let mut wrong = redeem.clone();
+    wrong.on_behalf_of = "spiffe://tessera.local/user/clinician2".into();
+    assert_eq!(
+        gateway.redeem_grant(wrong).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let mut bad = redeem.clone();
+    bad.study_id = "nope".into();
+    assert_eq!(
+        gateway.check_grant(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    let forget = pb::ForgetStudyRequest {
+        study_id: study.clone(),
+        on_behalf_of: OWNER.into(),
+    };
+    assert_eq!(
+        owner.forget_study(forget.clone()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        watermark
+            .forget_study(forget.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let done = gateway
+        .forget_study(forget.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.grants_revoked, 1);
+    let e = gateway.forget_study(forget).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = gateway
+        .derive_key(pb::DeriveKeyRequest {
+            study_id: study.clone(),
+            attributes: attrs("P-5"),
+            purpose: "pixels".into(),
+            operation: pb::Operation::Restore.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("was deleted"), "{}", e.message());
+    assert_eq!(
+        clin.request_key(request(&study, "P-5"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let e = gateway.redeem_grant(redeem).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("revoked"), "{}", e.message());
+    let e = gateway
+        .register_study(pb::RegisterStudyRequest {
+            owner: OWNER.into(),
+            attributes: attrs("P-5"),
+            study_id: study.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    let v = owner
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "{}", v.problem);
+    let log = owner
+        .list_audit(pb::ListAuditRequest {
+            from_seq: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for ev in [
+        "grant.redeemed",
+        "redeem.refused",
+        "study.forgotten",
+        "forget.refused",
+    ] {
+        assert!(log.iter().any(|e| e.event == ev), "{ev}");
+    }
+    let f = log.iter().find(|e| e.event == "study.forgotten").unwrap();
+    assert_eq!(f.actor, "spiffe://tessera.local/service/gateway");
+    assert!(f.detail.contains(OWNER), "{}", f.detail);
+    assert!(log.iter().all(|e| !e.detail.contains("P-5")));
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn bench_reports_both_rates() {
     let report = keyserver::bench_derive(keyserver::BenchOptions {
         clients: 4,

@@ -1,7 +1,11 @@
 //! Client helpers for callers of a storage node (gateway, tests, bench):
-//! chunked streaming put and a verified get.
+//! chunked streaming put, a verified get, and region-wise processing of one
+//! fragment ([`process_fragment`]).
+
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use tessera_segment::{Fragment, FragmentOutput, Mapping, Operation};
 use tessera_proto::storage::v1 as pb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_runtime::MAX_MESSAGE_BYTES;
@@ -80,4 +84,48 @@ pub async fn get_object(
         )));
     }
     Ok((info, data))
+}
+
+/// Has the node apply `op` to `fragment` (paper 000: one region per cloud)
+/// and returns the processed cores, checked against the fragment we sent:
+/// same region, the fragment's tile cores in order, exactly each core's
+/// samples (buffers sized from our fragment, never from the answer).
+///
+/// `mapping` must be given exactly for histogram equalization (the global
+/// mapping the caller computed from the whole image, e.g. with
+/// `tessera_wire::histeq_mapping`); otherwise INVALID_ARGUMENT before
+/// anything is sent. The node's own refusals come back as its status
+/// (INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED over its limits,
+/// PERMISSION_DENIED unless the caller is in its `process.allowed_callers`);
+/// a malformed answer is INTERNAL ("the storage node sent a malformed
+/// response: ...").
+///
+/// The request is encoded lazily from a copy of the fragment (the request
+/// stream must own its data).
+pub async fn process_fragment(
+    client: &mut StorageNodeClient<Channel>,
+    fragment: &Fragment,
+    op: Operation,
+    mapping: Option<&Mapping>,
+) -> Result<FragmentOutput, Status> {
+    match (op.is_global(), mapping) {
+        (true, Some(m)) => m
+            .validate_for(fragment.spec.format, fragment.spec.frames)
+            .map_err(|e| Status::invalid_argument(format!("mapping: {e}")))?,
+        (false, None) => {}
+        (true, None) => {
+            return Err(Status::invalid_argument(format!(
+                "{op} needs the image's global mapping"
+            )));
+        }
+        (false, Some(_)) => {
+            return Err(Status::invalid_argument(format!("{op} takes no mapping")));
+        }
+    }
+    let requests = tessera_wire::process_requests(Arc::new(fragment.clone()), op, mapping);
+    let stream = client
+        .process(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    tessera_wire::decode_output(stream, fragment, "the storage node").await
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
+use tessera_tls::Identity;
 
 /// Environment prefix: `TESSERA_STORAGE__SERVER__LISTEN=127.0.0.1:0`.
 pub const ENV_PREFIX: &str = "TESSERA_STORAGE";
@@ -12,6 +13,13 @@ pub const ENV_PREFIX: &str = "TESSERA_STORAGE";
 /// Objects are buffered in memory until committed, so one object may not
 /// exceed this whatever the config says.
 pub const HARD_MAX_OBJECT_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// A fragment being processed is held in memory (with its output), so one
+/// may not exceed this whatever the config says.
+pub const HARD_MAX_FRAGMENT_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Most `Process` calls at once any config may allow.
+pub const MAX_CONCURRENT_PROCESS: usize = 64;
 
 /// `storage-node` configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -30,9 +38,51 @@ pub struct Config {
     /// Uploads buffered at once (memory bound: this x max_object_bytes).
     #[serde(default = "default_concurrent_puts")]
     pub max_concurrent_puts: usize,
+    /// Region-wise processing (`Process`).
+    #[serde(default)]
+    pub process: ProcessSection,
     pub server: ServerConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+}
+
+/// The `[process]` section: who may have fragments processed and how much
+/// one call may make the node hold.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSection {
+    /// Identities allowed to call `Process`. The policy admits the `service`
+    /// role, which every Tessera service holds; this list narrows it.
+    #[serde(default = "default_process_callers")]
+    pub allowed_callers: Vec<String>,
+    /// Memory one fragment may take (2 bytes per sample, block list, tile
+    /// records, the histeq mapping); the output needs at most as much again.
+    #[serde(default = "default_max_fragment_bytes")]
+    pub max_fragment_bytes: u64,
+    /// `Process` calls at once (memory bound: about this x 2 x
+    /// max_fragment_bytes); further calls wait.
+    #[serde(default = "default_concurrent_process")]
+    pub max_concurrent: usize,
+}
+
+impl Default for ProcessSection {
+    fn default() -> Self {
+        Self {
+            allowed_callers: default_process_callers(),
+            max_fragment_bytes: default_max_fragment_bytes(),
+            max_concurrent: default_concurrent_process(),
+        }
+    }
+}
+
+fn default_process_callers() -> Vec<String> {
+    vec!["spiffe://tessera.local/service/gateway".into()]
+}
+fn default_max_fragment_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_concurrent_process() -> usize {
+    2
 }
 
 fn default_capacity() -> u64 {
@@ -78,6 +128,23 @@ impl Validate for Config {
         }
         if self.max_concurrent_puts == 0 {
             return Err("max_concurrent_puts must be at least 1".into());
+        }
+        let p = &self.process;
+        if p.allowed_callers.is_empty() {
+            return Err("process.allowed_callers must name at least one identity".into());
+        }
+        for c in &p.allowed_callers {
+            Identity::parse_uri(c).map_err(|e| format!("process.allowed_callers: {c:?}: {e}"))?;
+        }
+        if p.max_fragment_bytes == 0 || p.max_fragment_bytes > HARD_MAX_FRAGMENT_BYTES {
+            return Err(format!(
+                "process.max_fragment_bytes must be in 1..={HARD_MAX_FRAGMENT_BYTES}"
+            ));
+        }
+        if p.max_concurrent == 0 || p.max_concurrent > MAX_CONCURRENT_PROCESS {
+            return Err(format!(
+                "process.max_concurrent must be in 1..={MAX_CONCURRENT_PROCESS}"
+            ));
         }
         self.server.validate()?;
         self.telemetry.validate()

@@ -46,6 +46,14 @@ pub enum Error {
     },
     #[error("client stream: {0}")]
     Stream(tonic::Status),
+    /// A malformed, oversized or unprocessable `Process` request (the
+    /// message names the field), or an internal processing failure.
+    #[error("process: {0}")]
+    Process(#[from] tessera_wire::WireError),
+    /// The caller holds the service role but is not in
+    /// `process.allowed_callers`.
+    #[error("{0} may not call Process")]
+    CallerNotAllowed(String),
 }
 
 impl Error {
@@ -79,6 +87,10 @@ impl From<Error> for tonic::Status {
             // (OUT_OF_RANGE) reported as RESOURCE_EXHAUSTED like every
             // other limit.
             Error::Stream(status) => tessera_runtime::server::normalize_limit_status(status),
+            // INVALID_ARGUMENT / RESOURCE_EXHAUSTED with the field named, or
+            // a generic INTERNAL (logged).
+            Error::Process(w) => w.into(),
+            Error::CallerNotAllowed(_) => Status::permission_denied(e.to_string()),
             Error::Db(_) | Error::Task(_) | Error::Io { .. } => {
                 tracing::error!(error = %e, "internal error");
                 Status::internal("internal storage error")

@@ -3,6 +3,11 @@
 //! capacity limits, durable commits, served over mutual-TLS gRPC
 //! (`tessera.storage.v1.StorageNode`). It knows nothing of patients.
 //!
+//! It also processes one region's fragment of an image at a time (`Process`,
+//! paper 000: each region is processed on a different cloud): the operation
+//! runs in memory on the plaintext fragment (scattered blocks plus a halo)
+//! and the processed cores stream back; nothing is stored or logged.
+//!
 //! `App::build(config)` opens the store; `App::spawn()` serves it and returns
 //! the running server (bound address, graceful shutdown).
 #![forbid(unsafe_code)]
@@ -21,20 +26,26 @@ use tessera_runtime::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerError}
 use tessera_tls::{Policy, Role};
 
 pub use bench::{BenchOptions, BenchReport, bench_storage};
-pub use config::Config;
+pub use config::{Config, ProcessSection};
 pub use error::Error;
 pub use service::StorageService;
 pub use store::{Limits, ObjectMeta, Store};
 
 /// Who may call the storage node: other Tessera services (the gateway
 /// places and fetches shares) and operators. Users never talk to a storage
-/// node directly.
+/// node directly. `Process` (plaintext fragments) is for the service role
+/// only, and the handler narrows it further to `process.allowed_callers`.
 pub fn policy() -> Policy {
-    Policy::new().allow(
-        "/tessera.storage.v1.StorageNode/*",
-        [Role::Service, Role::Admin],
-    )
+    Policy::new()
+        .allow(
+            "/tessera.storage.v1.StorageNode/*",
+            [Role::Service, Role::Admin],
+        )
+        .allow(PROCESS_PATH, [Role::Service])
 }
+
+/// The gRPC path of `Process`.
+pub const PROCESS_PATH: &str = "/tessera.storage.v1.StorageNode/Process";
 
 /// A storage node, built and ready to serve.
 pub struct App {
@@ -63,7 +74,8 @@ impl App {
             self.store,
             self.config.node_id.clone(),
             self.config.max_concurrent_puts,
-        );
+        )
+        .with_process(&self.config.process);
         let grpc = StorageNodeServer::new(svc)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

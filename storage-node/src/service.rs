@@ -1,17 +1,41 @@
-//! The gRPC face of the store: `tessera.storage.v1.StorageNode`.
+//! The gRPC face of the store: `tessera.storage.v1.StorageNode`, plus
+//! `Process`, which applies an operation to one region's fragment in memory
+//! (nothing of it is stored or logged).
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tessera_proto::storage::v1 as pb;
+use tessera_wire::{ProcessDecoder, ProcessLimits, output_messages};
 use tokio::sync::Semaphore;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Error;
+use crate::config::ProcessSection;
 use crate::store::{Limits, ObjectMeta, STORE_CHUNK, Store};
 
 /// Default and maximum page size of `List`.
 pub const LIST_LIMIT: usize = 1000;
+
+/// `Process` settings: who may call it, and its limits.
+#[derive(Debug)]
+struct ProcessState {
+    allowed_callers: Vec<String>,
+    limits: ProcessLimits,
+    slots: Arc<Semaphore>,
+}
+
+impl ProcessState {
+    fn new(s: &ProcessSection) -> Self {
+        Self {
+            allowed_callers: s.allowed_callers.clone(),
+            limits: ProcessLimits::new(s.max_fragment_bytes),
+            slots: Arc::new(Semaphore::new(s.max_concurrent)),
+        }
+    }
+}
 
 /// The service implementation, shared across connections.
 #[derive(Clone, Debug)]
@@ -19,15 +43,55 @@ pub struct StorageService {
     store: Arc<Store>,
     node_id: String,
     put_slots: Arc<Semaphore>,
+    process: Arc<ProcessState>,
 }
 
 impl StorageService {
+    /// A service with the default `[process]` settings (the gateway only,
+    /// 256 MiB fragments, 2 at once); see [`Self::with_process`].
     pub fn new(store: Arc<Store>, node_id: String, max_concurrent_puts: usize) -> Self {
         Self {
             store,
             node_id,
             put_slots: Arc::new(Semaphore::new(max_concurrent_puts)),
+            process: Arc::new(ProcessState::new(&ProcessSection::default())),
         }
+    }
+
+    /// The `Process` callers and limits of the config's `[process]`.
+    pub fn with_process(mut self, settings: &ProcessSection) -> Self {
+        self.process = Arc::new(ProcessState::new(settings));
+        self
+    }
+
+    /// `Process` is narrowed to `process.allowed_callers` (the policy layer
+    /// already required the service role). Fails closed.
+    fn authorize_process<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let who = tessera_tls::caller(request)?.uri();
+        if self.process.allowed_callers.contains(&who) {
+            Ok(())
+        } else {
+            tracing::warn!(caller = %who, "caller not in process.allowed_callers");
+            Err(Error::CallerNotAllowed(who).into())
+        }
+    }
+
+    /// Reads and checks the whole request (bounded by the limits), then runs
+    /// the operation on a blocking thread. Nothing is stored.
+    async fn run_process(
+        &self,
+        mut stream: Streaming<pb::ProcessRequest>,
+    ) -> Result<(tessera_segment::FragmentOutput, tessera_image::PixelFormat), Error> {
+        let mut decoder = ProcessDecoder::new(self.process.limits);
+        while let Some(m) = stream.message().await.map_err(Error::Stream)? {
+            decoder.push(m)?;
+        }
+        tokio::task::spawn_blocking(move || {
+            let job = decoder.finish()?;
+            Ok((job.run()?, job.fragment.spec.format))
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
     }
 
     /// Runs blocking store work off the async threads.
@@ -124,6 +188,10 @@ fn info(meta: &ObjectMeta) -> pb::ObjectInfo {
 /// The stream `Get` returns: the info, then the chunks.
 pub type GetStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::GetResponse, Status>>>;
 
+/// The stream `Process` returns: the output header, then each tile's core
+/// and samples, encoded lazily.
+pub type ProcessStream = Pin<Box<dyn Stream<Item = Result<pb::ProcessResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::storage_node_server::StorageNode for StorageService {
     async fn put(
@@ -197,6 +265,30 @@ impl pb::storage_node_server::StorageNode for StorageService {
         };
         tracing::info!(object = %id, size, "deleted");
         Ok(Response::new(pb::DeleteResponse { size }))
+    }
+
+    type ProcessStream = ProcessStream;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<pb::ProcessRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        self.authorize_process(&request)?;
+        // Held until the response stream is dropped: it bounds the fragments
+        // and outputs in memory.
+        let slot = self
+            .process
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        let (out, format) = self.run_process(request.into_inner()).await?;
+        let messages = output_messages(out, format).map(move |m| {
+            let _held = &slot;
+            Ok(m)
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
     }
 
     async fn node_info(

@@ -1,7 +1,8 @@
-//! `tessera demo`: the main job. Today it runs the imaging core end to end
-//! on a built-in head phantom (protect into two shares, restore bit for
-//! bit, tamper and localize, reject a wrong key, the paper's statistics);
-//! every step is checked and the command exits non-zero if one fails.
+//! `tessera demo --offline`: the imaging core alone, no services, on a
+//! built-in head phantom (protect into two shares, restore bit for bit,
+//! tamper and localize, reject a wrong key, the paper's statistics, GA-ES);
+//! every step is checked and the command exits non-zero if one fails. The
+//! networked demo (the default) is in `suite_demo.rs`.
 
 use std::path::PathBuf;
 
@@ -18,17 +19,27 @@ use crate::image_cmd::{key_sensitivity, print_report, print_sensitivity, tamper_
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where the demo writes its PNGs and shares.
+    /// Where the demo writes its PNGs (and, for the suite, its PKI and redb files).
     #[arg(long, default_value = ".tessera/demo")]
     pub out: PathBuf,
+    /// Run the imaging core alone (no services): protect/restore, the paper's
+    /// statistics, GA-ES in one process.
+    #[arg(long)]
+    pub offline: bool,
 }
 
-struct Steps {
-    failed: Vec<String>,
+/// Checked demo steps.
+#[derive(Default)]
+pub struct Steps {
+    pub failed: Vec<String>,
 }
 
 impl Steps {
-    fn check(&mut self, name: &str, ok: bool) {
+    pub fn new() -> Self {
+        Self { failed: Vec::new() }
+    }
+
+    pub fn check(&mut self, name: &str, ok: bool) {
         println!("  [{}] {name}", if ok { "ok" } else { "FAILED" });
         if !ok {
             self.failed.push(name.to_owned());
@@ -40,7 +51,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let out = |name: &str| args.out.join(name);
-    let mut steps = Steps { failed: Vec::new() };
+    let mut steps = Steps::new();
 
     println!("== 1. A 512x512 12-bit CT-like head slice (synthetic phantom, no patient data)");
     let image = head_phantom(512, 512, 1, PixelFormat::gray16(12, false), 7)?;

@@ -2,11 +2,15 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_e2e;
+mod client;
 mod demo;
+mod dev_cmd;
 mod image_cmd;
 mod keys;
 mod pki_cmd;
 mod segment_cmd;
+mod suite_demo;
 
 use clap::{Parser, Subcommand};
 
@@ -33,10 +37,39 @@ enum Command {
     /// Benchmarks that print ratios against baselines measured in the same run.
     #[command(subcommand)]
     Bench(BenchCmd),
-    /// The all-in-one demonstration.
+    /// The main job: the whole suite on loopback, every flow checked
+    /// (`--offline`: the imaging core alone).
     Demo(demo::DemoArgs),
+    /// The whole suite on this machine (`dev up --dir DIR`).
+    #[command(subcommand)]
+    Dev(dev_cmd::DevCmd),
+    /// Store an image through the gateway; prints the study handle.
+    Store(client::gateway_cmd::StoreArgs),
+    /// Ask the study's owner for access (the gateway presents the patient
+    /// attributes for you); prints the request id.
+    RequestKey(client::gateway_cmd::RequestKeyArgs),
+    /// Retrieve a study with an approved request: restored, verified,
+    /// written as PNG or raw (`--local`: restore on this machine).
+    Retrieve(client::gateway_cmd::RetrieveArgs),
+    /// The integrity report of a stored study (no pixels).
+    Verify(client::gateway_cmd::VerifyArgs),
+    /// Region-wise processing across the storage nodes.
+    Process(client::gateway_cmd::ProcessArgs),
+    /// Delete a study: shares removed, key material destroyed (owner only).
+    Delete(client::gateway_cmd::DeleteArgs),
     /// Development PKI (`pki init --dir DIR`).
     Pki(pki_cmd::PkiArgs),
+    /// Key requests on your studies (study owner; pending unless --all).
+    Requests(client::keyserver_cmd::RequestsArgs),
+    /// Approve a key request: the requester may use the key --uses times
+    /// within --ttl.
+    Approve(client::keyserver_cmd::ApproveArgs),
+    /// Deny a pending key request.
+    Deny(client::keyserver_cmd::DecideArgs),
+    /// Revoke an approved grant.
+    Revoke(client::keyserver_cmd::DecideArgs),
+    /// Read (--from, --limit) or verify (--verify) the keyserver's audit log.
+    Audit(client::keyserver_cmd::AuditArgs),
 }
 
 #[derive(Subcommand)]
@@ -67,6 +100,8 @@ enum BenchCmd {
     Storage(bench::StorageBenchArgs),
     /// Audited key derivations per second over mTLS at 64 clients vs in process.
     Keyserver(bench::KeyserverBenchArgs),
+    /// Store/retrieve of 512x512 16-bit slices through the gateway vs in-process protect/restore.
+    E2e(bench_e2e::E2eBenchArgs),
     /// Every benchmark.
     All,
 }
@@ -88,10 +123,24 @@ fn main() -> std::process::ExitCode {
             BenchCmd::Segment(a) => segment_cmd::bench(a),
             BenchCmd::Storage(a) => bench::storage(a),
             BenchCmd::Keyserver(a) => bench::keyserver(a),
+            BenchCmd::E2e(a) => bench_e2e::e2e(a),
             BenchCmd::All => bench::all(),
         },
-        Command::Demo(a) => demo::run(a),
+        Command::Demo(a) if a.offline => demo::run(a),
+        Command::Demo(a) => suite_demo::run(a),
+        Command::Dev(cmd) => dev_cmd::run(cmd),
+        Command::Store(a) => client::gateway_cmd::store(a),
+        Command::RequestKey(a) => client::gateway_cmd::request_key(a),
+        Command::Retrieve(a) => client::gateway_cmd::retrieve(a),
+        Command::Verify(a) => client::gateway_cmd::verify(a),
+        Command::Process(a) => client::gateway_cmd::process(a),
+        Command::Delete(a) => client::gateway_cmd::delete(a),
         Command::Pki(a) => pki_cmd::run(a),
+        Command::Requests(a) => client::keyserver_cmd::requests(a),
+        Command::Approve(a) => client::keyserver_cmd::approve(a),
+        Command::Deny(a) => client::keyserver_cmd::deny(a),
+        Command::Revoke(a) => client::keyserver_cmd::revoke(a),
+        Command::Audit(a) => client::keyserver_cmd::audit(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -57,6 +57,15 @@ pub enum AuditEvent {
     FetchRefused,
     /// A grant was revoked.
     GrantRevoked,
+    /// The gateway spent one use of a user's grant to serve that user.
+    GrantRedeemed,
+    /// A redemption (or a grant check by a caller other than the gateway)
+    /// was refused.
+    RedeemRefused,
+    /// A study's key material was destroyed (crypto-shredding).
+    StudyForgotten,
+    /// A request to forget a study was refused.
+    ForgetRefused,
 }
 
 impl AuditEvent {
@@ -76,6 +85,10 @@ impl AuditEvent {
             Self::KeyReleased => "key.released",
             Self::FetchRefused => "fetch.refused",
             Self::GrantRevoked => "grant.revoked",
+            Self::GrantRedeemed => "grant.redeemed",
+            Self::RedeemRefused => "redeem.refused",
+            Self::StudyForgotten => "study.forgotten",
+            Self::ForgetRefused => "forget.refused",
         }
     }
 }

@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{
+    Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    WriteTransaction,
+};
 use ring::rand::SystemRandom;
 
 use crate::error::{KeyServerError, Result};
@@ -27,7 +30,7 @@ use crypto::{
 };
 use ids::{RequestId, StudyId, validate_label, validate_text, validate_user_identity};
 use store::{
-    AUDIT, CHECKPOINTS, GrantState, MASTERS, META, META_AUDIT_HEAD, META_MASTER_CURRENT,
+    AUDIT, CHECKPOINTS, Forgotten, GrantState, MASTERS, META, META_AUDIT_HEAD, META_MASTER_CURRENT,
     META_PUBLIC_KEY, META_SIGNING_KEY, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES,
     STUDY_REQUESTS, StudyRecord, get_bytes, get_json, index_key, index_scan, to_json,
 };
@@ -125,6 +128,29 @@ impl std::fmt::Debug for Released {
     }
 }
 
+/// A grant the gateway redeemed (one use spent) or checked (nothing spent).
+/// No key: the gateway serves the user itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    /// Study.
+    pub study_id: String,
+    /// Purpose label of the grant.
+    pub purpose: String,
+    /// Grant expiry, Unix seconds.
+    pub expires_at: u64,
+    /// Uses left (after this one, for a redemption).
+    pub uses_left: u32,
+}
+
+/// What [`Core::forget_study`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForgetReport {
+    /// Approved grants (valid, expired or used up) now revoked.
+    pub grants_revoked: u32,
+    /// Pending requests now denied.
+    pub requests_denied: u32,
+}
+
 /// The keyserver core. Cheap to clone.
 #[derive(Clone)]
 pub struct Core {
@@ -138,6 +164,7 @@ struct Inner {
     db: Arc<Database>,
     kek: Arc<Kek>,
     rng: SystemRandom,
+    clock: Arc<dyn Clock>,
     masters: RwLock<BTreeMap<u32, Arc<Master>>>,
     current: AtomicU32,
     studies: RwLock<HashMap<String, Arc<StudyRecord>>>,
@@ -150,6 +177,80 @@ struct Inner {
 
 fn denied(msg: &str) -> KeyServerError {
     KeyServerError::PermissionDenied(msg.to_owned())
+}
+
+fn deleted(study_id: &str) -> KeyServerError {
+    KeyServerError::NotFound(format!("study {study_id} was deleted"))
+}
+
+/// Inside a write transaction: true when the study is a tombstone. Jobs that
+/// act on a study looked up before the transaction (possibly from the cache)
+/// call this so nothing is derived or requested after `ForgetStudy` commits.
+fn forgotten_in_txn(txn: &WriteTransaction, study_id: &str) -> Result<bool> {
+    let studies = txn.open_table(STUDIES)?;
+    Ok(get_json::<StudyRecord, _>(&studies, study_id)?.is_some_and(|s| s.is_forgotten()))
+}
+
+/// Why an approved grant may not be used at `now` (state only; the caller
+/// checks who uses it), `None` when it may.
+fn grant_refusal(rec: &RequestRecord, now: u64) -> Option<&'static str> {
+    match &rec.state {
+        GrantState::Pending => Some("the request is pending approval"),
+        GrantState::Denied { .. } => Some("the request was denied"),
+        GrantState::Revoked { .. } => Some("the grant was revoked"),
+        GrantState::Approved { expires_at, .. } if now >= *expires_at => {
+            Some("the grant has expired")
+        }
+        GrantState::Approved { uses_left: 0, .. } => Some("the grant is used up"),
+        GrantState::Approved { .. } => None,
+    }
+}
+
+/// Why the gateway may not use a grant for `requester` on `study` at `now`.
+fn redeem_refusal(
+    rec: &RequestRecord,
+    requester: &str,
+    study: &str,
+    now: u64,
+) -> Option<&'static str> {
+    if rec.requester != requester {
+        Some("the grant belongs to another user")
+    } else if rec.study_id != study {
+        Some("the grant is for another study")
+    } else {
+        grant_refusal(rec, now)
+    }
+}
+
+/// Drops the held key of a grant seen expired; true when `rec` changed and
+/// must be written back.
+fn drop_expired_key(rec: &mut RequestRecord, now: u64) -> bool {
+    matches!(rec.state, GrantState::Approved { expires_at, .. } if now >= expires_at)
+        && rec.wrapped_key.take().is_some()
+}
+
+/// Spends one use of a grant [`grant_refusal`] accepted; returns
+/// `(expires_at, uses_left)`. The held key goes with the last use.
+fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
+    let GrantState::Approved {
+        expires_at,
+        uses_left,
+        ..
+    } = &mut rec.state
+    else {
+        return Err(KeyServerError::Corrupt(format!(
+            "request {} is not approved",
+            rec.id
+        )));
+    };
+    *uses_left = uses_left
+        .checked_sub(1)
+        .ok_or_else(|| KeyServerError::Corrupt(format!("request {} has no use left", rec.id)))?;
+    let out = (*expires_at, *uses_left);
+    if out.1 == 0 {
+        rec.wrapped_key = None;
+    }
+    Ok(out)
 }
 
 fn state_name(s: &GrantState) -> &'static str {
@@ -297,13 +398,20 @@ impl Core {
             (map, current)
         };
         let public_key = signer.public_key();
-        let writer = Writer::start(db.clone(), signer, chain, clock, cfg.checkpoint_every)?;
+        let writer = Writer::start(
+            db.clone(),
+            signer,
+            chain,
+            clock.clone(),
+            cfg.checkpoint_every,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
                 db,
                 kek,
                 rng,
+                clock,
                 masters: RwLock::new(masters),
                 current: AtomicU32::new(current),
                 studies: RwLock::new(HashMap::new()),
@@ -341,7 +449,17 @@ impl Core {
             .ok_or_else(|| KeyServerError::Corrupt(format!("unknown master version {version}")))
     }
 
+    /// A live study: `NotFound` for unknown ids and for tombstones.
     fn study(&self, id: &StudyId) -> Result<Arc<StudyRecord>> {
+        let s = self.study_any(id)?;
+        if s.is_forgotten() {
+            return Err(deleted(id.as_str()));
+        }
+        Ok(s)
+    }
+
+    /// A study or its tombstone.
+    fn study_any(&self, id: &StudyId) -> Result<Arc<StudyRecord>> {
         if let Some(s) = self
             .inner
             .studies
@@ -360,8 +478,19 @@ impl Core {
         Ok(rec)
     }
 
+    fn uncache_study(&self, id: &str) {
+        self.inner
+            .studies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
     fn cache_study(&self, rec: Arc<StudyRecord>) {
-        // Studies never change after registration, so caching them is safe.
+        // A study changes once at most, when it is forgotten: `forget_study`
+        // then caches the tombstone, and every job that acts on a study
+        // re-checks inside its write transaction (`forgotten_in_txn`), so a
+        // stale cached copy can never lead to a derivation or a request.
         let mut c = self
             .inner
             .studies
@@ -410,6 +539,7 @@ impl Core {
             master_version: master.version,
             created_at: 0,
             registered_by: actor.to_owned(),
+            forgotten: None,
         };
         let actor = actor.to_owned();
         let stored = self
@@ -420,11 +550,13 @@ impl Core {
                 rec.created_at = ctx.now_secs();
                 let txn = ctx.txn;
                 let mut studies = txn.open_table(STUDIES)?;
-                if studies.get(rec.id.as_str())?.is_some() {
-                    return Ok(Err(KeyServerError::AlreadyExists(format!(
-                        "study {}",
-                        rec.id
-                    ))));
+                if let Some(old) = get_json::<StudyRecord, _>(&studies, &rec.id)? {
+                    let why = if old.is_forgotten() {
+                        format!("study {} was deleted; its id cannot be reused", rec.id)
+                    } else {
+                        format!("study {}", rec.id)
+                    };
+                    return Ok(Err(KeyServerError::AlreadyExists(why)));
                 }
                 studies.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
                 let mut ix = txn.open_table(OWNER_STUDIES)?;
@@ -493,13 +625,29 @@ impl Core {
             )
             .await?;
         let key = master.derive_study_key(&study.salt, &study.id, &attrs, purpose)?;
-        self.audit_only(NewEntry {
+        let entry = NewEntry {
             actor: actor.to_owned(),
             event: AuditEvent::KeyDerived,
             study: study.id.clone(),
             detail: format!("{detail} master_version={}", master.version),
-        })
-        .await?;
+        };
+        let r = self
+            .inner
+            .writer
+            .submit(move |ctx| {
+                if forgotten_in_txn(ctx.txn, &entry.study)? {
+                    return Ok(Err(deleted(&entry.study)));
+                }
+                ctx.append(entry)?;
+                Ok(Ok(()))
+            })
+            .await;
+        if let Err(e) = r {
+            if matches!(e, KeyServerError::NotFound(_)) {
+                self.uncache_study(id.as_str());
+            }
+            return Err(e);
+        }
         Ok(Derived {
             key,
             master_version: master.version,
@@ -557,12 +705,16 @@ impl Core {
             state: GrantState::Pending,
             wrapped_key: Some(wrapped),
         };
-        self.inner
+        let r = self
+            .inner
             .writer
             .submit(move |ctx| {
                 let mut rec = rec;
                 rec.created_at = ctx.now_secs();
                 let txn = ctx.txn;
+                if forgotten_in_txn(txn, &rec.study_id)? {
+                    return Ok(Err(deleted(&rec.study_id)));
+                }
                 let mut reqs = txn.open_table(REQUESTS)?;
                 reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
                 let mut ix = txn.open_table(STUDY_REQUESTS)?;
@@ -579,7 +731,11 @@ impl Core {
                 rec.wrapped_key = None;
                 Ok(Ok(rec))
             })
-            .await
+            .await;
+        if matches!(r, Err(KeyServerError::NotFound(_))) {
+            self.uncache_study(id.as_str());
+        }
+        r
     }
 
     /// The owner lists requests on its studies (one study if `study_id` is
@@ -595,7 +751,7 @@ impl Core {
             index_scan(&r.open_table(OWNER_STUDIES)?, actor)?
         } else {
             let id = StudyId::parse(study_id)?;
-            if self.study(&id)?.owner != actor {
+            if self.study_any(&id)?.owner != actor {
                 return Err(denied("only the study owner lists its requests"));
             }
             vec![id.as_str().to_owned()]
@@ -807,62 +963,320 @@ impl Core {
                 let refusal = if rec.requester != actor {
                     Some("only the requester may fetch this key")
                 } else {
-                    match &mut rec.state {
-                        GrantState::Pending => Some("the request is pending approval"),
-                        GrantState::Denied { .. } => Some("the request was denied"),
-                        GrantState::Revoked { .. } => Some("the grant was revoked"),
-                        GrantState::Approved { expires_at, .. } if now >= *expires_at => {
-                            if rec.wrapped_key.take().is_some() {
-                                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                            }
-                            Some("the grant has expired")
+                    grant_refusal(&rec, now)
+                };
+                if let Some(why) = refusal {
+                    if drop_expired_key(&mut rec, now) {
+                        reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                    }
+                    ctx.append(NewEntry {
+                        actor,
+                        event: AuditEvent::FetchRefused,
+                        study: rec.study_id.clone(),
+                        detail: format!("request={} reason={why}", rec.id),
+                    })?;
+                    return Ok(Err(denied(why)));
+                }
+                let wrapped = rec.wrapped_key.clone().ok_or_else(|| {
+                    KeyServerError::Corrupt(format!("request {} holds no key", rec.id))
+                })?;
+                let key = kek.unwrap_secret(&grant_aad(&rec.id), &wrapped)?;
+                let (expires_at, uses_left) = take_use(&mut rec)?;
+                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                ctx.append(NewEntry {
+                    actor,
+                    event: AuditEvent::KeyReleased,
+                    study: rec.study_id.clone(),
+                    detail: format!("request={} uses_left={uses_left}", rec.id),
+                })?;
+                Ok(Ok(Released {
+                    key,
+                    study_id: rec.study_id,
+                    purpose: rec.purpose,
+                    master_version: rec.master_version,
+                    expires_at,
+                    uses_left,
+                }))
+            })
+            .await
+    }
+
+    /// Refuses (and audits as `event`) any caller but the gateway. Only ids
+    /// that parse reach the audit record.
+    async fn gateway_only(
+        &self,
+        actor: &str,
+        event: AuditEvent,
+        op: &str,
+        study_id: &str,
+        request_id: Option<&str>,
+    ) -> Result<()> {
+        if actor == self.inner.gateway {
+            return Ok(());
+        }
+        let study = StudyId::parse(study_id)
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default();
+        let request = request_id
+            .and_then(|r| RequestId::parse(r).ok())
+            .map(|r| format!("request={} ", r.as_str()))
+            .unwrap_or_default();
+        self.audit_only(NewEntry {
+            actor: actor.to_owned(),
+            event,
+            study,
+            detail: format!("op={op} {request}reason=caller is not the gateway"),
+        })
+        .await?;
+        Err(denied(&format!("only the gateway may {op}")))
+    }
+
+    /// Gateway only: spends one use of `on_behalf_of`'s grant on `study_id`
+    /// (same checks as [`Core::fetch_key`] with `on_behalf_of` as the
+    /// requester, plus the study must match). No key leaves the keyserver.
+    /// Audited as `grant.redeemed`; refusals as `redeem.refused`.
+    pub async fn redeem_grant(
+        &self,
+        actor: &str,
+        request_id: &str,
+        on_behalf_of: &str,
+        study_id: &str,
+    ) -> Result<Redeemed> {
+        self.gateway_only(
+            actor,
+            AuditEvent::RedeemRefused,
+            "redeem grants",
+            study_id,
+            Some(request_id),
+        )
+        .await?;
+        let rid = RequestId::parse(request_id)?;
+        let sid = StudyId::parse(study_id)?;
+        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        let actor = actor.to_owned();
+        let requester = on_behalf_of.to_owned();
+        self.inner
+            .writer
+            .submit(move |ctx| {
+                let txn = ctx.txn;
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                    return Ok(Err(KeyServerError::NotFound(format!(
+                        "request {}",
+                        rid.as_str()
+                    ))));
+                };
+                let now = ctx.now_secs();
+                if let Some(why) = redeem_refusal(&rec, &requester, sid.as_str(), now) {
+                    if drop_expired_key(&mut rec, now) {
+                        reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                    }
+                    let other = if rec.study_id == sid.as_str() {
+                        String::new()
+                    } else {
+                        format!(" asked_study={}", sid.as_str())
+                    };
+                    ctx.append(NewEntry {
+                        actor,
+                        event: AuditEvent::RedeemRefused,
+                        study: rec.study_id.clone(),
+                        detail: format!(
+                            "op=redeem request={} requester={requester}{other} reason={why}",
+                            rec.id
+                        ),
+                    })?;
+                    return Ok(Err(denied(why)));
+                }
+                let (expires_at, uses_left) = take_use(&mut rec)?;
+                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                ctx.append(NewEntry {
+                    actor,
+                    event: AuditEvent::GrantRedeemed,
+                    study: rec.study_id.clone(),
+                    detail: format!(
+                        "request={} requester={requester} purpose={} uses_left={uses_left}",
+                        rec.id, rec.purpose
+                    ),
+                })?;
+                Ok(Ok(Redeemed {
+                    study_id: rec.study_id,
+                    purpose: rec.purpose,
+                    expires_at,
+                    uses_left,
+                }))
+            })
+            .await
+    }
+
+    /// Gateway only: would [`Core::redeem_grant`] succeed now? Spends
+    /// nothing and, being a read, writes no audit record, neither on success
+    /// nor when the grant is not usable (the gateway must still redeem, which
+    /// is audited, before serving anyone). A caller other than the gateway is
+    /// refused and that refusal is audited (`redeem.refused`, `op=check`).
+    pub async fn check_grant(
+        &self,
+        actor: &str,
+        request_id: &str,
+        on_behalf_of: &str,
+        study_id: &str,
+    ) -> Result<Redeemed> {
+        self.gateway_only(
+            actor,
+            AuditEvent::RedeemRefused,
+            "check grants",
+            study_id,
+            Some(request_id),
+        )
+        .await?;
+        let rid = RequestId::parse(request_id)?;
+        let sid = StudyId::parse(study_id)?;
+        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        let rec = {
+            let r = self.inner.db.begin_read()?;
+            get_json::<RequestRecord, _>(&r.open_table(REQUESTS)?, rid.as_str())?
+                .ok_or_else(|| KeyServerError::NotFound(format!("request {}", rid.as_str())))?
+        };
+        let now = self.inner.clock.now_ms() / 1000;
+        if let Some(why) = redeem_refusal(&rec, on_behalf_of, sid.as_str(), now) {
+            return Err(denied(why));
+        }
+        let GrantState::Approved {
+            expires_at,
+            uses_left,
+            ..
+        } = rec.state
+        else {
+            return Err(KeyServerError::Corrupt(format!(
+                "request {} is not approved",
+                rec.id
+            )));
+        };
+        Ok(Redeemed {
+            study_id: rec.study_id,
+            purpose: rec.purpose,
+            expires_at,
+            uses_left,
+        })
+    }
+
+    /// Gateway only, for the study's owner `on_behalf_of`: crypto-shredding.
+    /// The study's salt and attribute commitment are overwritten (without
+    /// them no key of the study can be derived again, even with the master
+    /// secret and the attributes), a tombstone keeps the id so it is never
+    /// registered again and lookups say "study was deleted", every approved
+    /// grant is revoked and every pending request denied, and every held
+    /// wrapped key is dropped; one `study.forgotten` audit record, in the
+    /// same transaction. A second call answers `NotFound`.
+    pub async fn forget_study(
+        &self,
+        actor: &str,
+        study_id: &str,
+        on_behalf_of: &str,
+    ) -> Result<ForgetReport> {
+        self.gateway_only(
+            actor,
+            AuditEvent::ForgetRefused,
+            "forget studies",
+            study_id,
+            None,
+        )
+        .await?;
+        let sid = StudyId::parse(study_id)?;
+        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        let actor = actor.to_owned();
+        let asker = on_behalf_of.to_owned();
+        let (report, tombstone) = self
+            .inner
+            .writer
+            .submit(move |ctx| {
+                let txn = ctx.txn;
+                let now = ctx.now_secs();
+                let mut studies = txn.open_table(STUDIES)?;
+                let Some(mut study) = get_json::<StudyRecord, _>(&studies, sid.as_str())? else {
+                    return Ok(Err(KeyServerError::NotFound(format!(
+                        "study {}",
+                        sid.as_str()
+                    ))));
+                };
+                if study.is_forgotten() {
+                    return Ok(Err(deleted(&study.id)));
+                }
+                if study.owner != asker {
+                    ctx.append(NewEntry {
+                        actor,
+                        event: AuditEvent::ForgetRefused,
+                        study: study.id.clone(),
+                        detail: format!("on_behalf_of={asker} reason=not the study owner"),
+                    })?;
+                    return Ok(Err(denied("only the study owner may have it forgotten")));
+                }
+                study.salt = [0u8; 32];
+                study.commitment = [0u8; 32];
+                study.forgotten = Some(Forgotten {
+                    at: now,
+                    by: actor.clone(),
+                    on_behalf_of: asker.clone(),
+                });
+                studies.insert(study.id.as_str(), to_json(&study)?.as_slice())?;
+                let rids = index_scan(&txn.open_table(STUDY_REQUESTS)?, &study.id)?;
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let mut report = ForgetReport {
+                    grants_revoked: 0,
+                    requests_denied: 0,
+                };
+                let reason = "study forgotten".to_owned();
+                for rid in rids {
+                    let mut rec = get_json::<RequestRecord, _>(&reqs, &rid)?.ok_or_else(|| {
+                        KeyServerError::Corrupt(format!("indexed request {rid} is missing"))
+                    })?;
+                    let mut changed = rec.wrapped_key.take().is_some();
+                    match rec.state {
+                        GrantState::Pending => {
+                            rec.state = GrantState::Denied {
+                                by: actor.clone(),
+                                at: now,
+                                reason: reason.clone(),
+                            };
+                            report.requests_denied = report.requests_denied.saturating_add(1);
+                            changed = true;
                         }
-                        GrantState::Approved { uses_left: 0, .. } => Some("the grant is used up"),
                         GrantState::Approved {
                             expires_at,
+                            uses_granted,
                             uses_left,
                             ..
                         } => {
-                            let wrapped = rec.wrapped_key.clone().ok_or_else(|| {
-                                KeyServerError::Corrupt(format!("request {} holds no key", rec.id))
-                            })?;
-                            let key = kek.unwrap_secret(&grant_aad(&rec.id), &wrapped)?;
-                            *uses_left -= 1;
-                            let released = Released {
-                                key,
-                                study_id: rec.study_id.clone(),
-                                purpose: rec.purpose.clone(),
-                                master_version: rec.master_version,
-                                expires_at: *expires_at,
-                                uses_left: *uses_left,
+                            rec.state = GrantState::Revoked {
+                                by: actor.clone(),
+                                at: now,
+                                reason: reason.clone(),
+                                expires_at,
+                                uses_granted,
+                                uses_left,
                             };
-                            if released.uses_left == 0 {
-                                rec.wrapped_key = None;
-                            }
-                            reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                            ctx.append(NewEntry {
-                                actor,
-                                event: AuditEvent::KeyReleased,
-                                study: rec.study_id.clone(),
-                                detail: format!(
-                                    "request={} uses_left={}",
-                                    rec.id, released.uses_left
-                                ),
-                            })?;
-                            return Ok(Ok(released));
+                            report.grants_revoked = report.grants_revoked.saturating_add(1);
+                            changed = true;
                         }
+                        GrantState::Denied { .. } | GrantState::Revoked { .. } => {}
                     }
-                };
-                let why = refusal.unwrap_or("refused");
+                    if changed {
+                        reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                    }
+                }
                 ctx.append(NewEntry {
                     actor,
-                    event: AuditEvent::FetchRefused,
-                    study: rec.study_id.clone(),
-                    detail: format!("request={} reason={why}", rec.id),
+                    event: AuditEvent::StudyForgotten,
+                    study: study.id.clone(),
+                    detail: format!(
+                        "on_behalf_of={asker} grants_revoked={} requests_denied={}",
+                        report.grants_revoked, report.requests_denied
+                    ),
                 })?;
-                Ok(Err(denied(why)))
+                Ok(Ok((report, study)))
             })
-            .await
+            .await?;
+        self.cache_study(Arc::new(tombstone));
+        Ok(report)
     }
 
     /// Adds a master secret version; new studies use it, old ones keep theirs.
@@ -1307,6 +1721,387 @@ mod tests {
         }
         let rep = core.verify_audit().unwrap();
         assert!(rep.ok, "{rep:?}");
+    }
+
+    fn audit_len(core: &Core) -> usize {
+        core.list_audit(1, 10_000).unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn gateway_redeems_and_checks_grants() {
+        let (_dir, clock, core) = setup();
+        let study = core
+            .register_study(GW, OWNER, &attrs("P1"), None)
+            .await
+            .unwrap();
+        let other = core
+            .register_study(GW, OWNER, &attrs("P2"), None)
+            .await
+            .unwrap();
+        let req = core
+            .request_key(CLIN, &study.id, &attrs("P1"), "pixels", "", "")
+            .await
+            .unwrap();
+        let (rid, sid) = (req.id.as_str(), study.id.as_str());
+
+        // Pending: neither check nor redeem.
+        assert!(matches!(
+            core.check_grant(GW, rid, CLIN, sid).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("pending")
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, rid, CLIN, sid).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("pending")
+        ));
+        core.approve(OWNER, rid, 60, 3).await.unwrap();
+
+        // Only the gateway; the refusal is audited with the parsed ids only.
+        for who in [WM, CLIN, OWNER] {
+            assert!(matches!(
+                core.redeem_grant(who, rid, CLIN, sid).await,
+                Err(KeyServerError::PermissionDenied(m)) if m.contains("only the gateway")
+            ));
+            assert!(matches!(
+                core.check_grant(who, rid, CLIN, sid).await,
+                Err(KeyServerError::PermissionDenied(_))
+            ));
+        }
+        let refused = core
+            .list_audit(1, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "redeem.refused")
+            .collect::<Vec<_>>();
+        assert_eq!(refused.len(), 7, "3 redeem + 3 check + 1 pending redeem");
+        assert!(
+            refused.iter().any(|e| e.actor == WM
+                && e.study == study.id
+                && e.detail.contains("op=check grants"))
+        );
+
+        // Checking spends nothing and writes nothing.
+        let before = audit_len(&core);
+        let c = core.check_grant(GW, rid, CLIN, sid).await.unwrap();
+        assert_eq!(
+            c,
+            Redeemed {
+                study_id: study.id.clone(),
+                purpose: "pixels".into(),
+                expires_at: 1_000_060,
+                uses_left: 3,
+            }
+        );
+        assert_eq!(audit_len(&core), before);
+
+        let r = core.redeem_grant(GW, rid, CLIN, sid).await.unwrap();
+        assert_eq!(r.uses_left, 2);
+        assert_eq!(
+            core.check_grant(GW, rid, CLIN, sid)
+                .await
+                .unwrap()
+                .uses_left,
+            2
+        );
+
+        // Wrong user, wrong study, malformed input, unknown request.
+        assert!(matches!(
+            core.redeem_grant(GW, rid, CLIN2, sid).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("another user")
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, rid, CLIN, &other.id).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("another study")
+        ));
+        assert!(matches!(
+            core.check_grant(GW, rid, CLIN, &other.id).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("another study")
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, rid, CLIN, "st-x").await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, "rq-1", CLIN, sid).await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, rid, "clinician", sid).await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, rid, GW, sid).await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, "rq-00000000000000000000000000000000", CLIN, sid)
+                .await,
+            Err(KeyServerError::NotFound(_))
+        ));
+        assert!(matches!(
+            core.check_grant(GW, "rq-00000000000000000000000000000000", CLIN, sid)
+                .await,
+            Err(KeyServerError::NotFound(_))
+        ));
+
+        // Redemptions and fetches share the uses.
+        assert_eq!(core.fetch_key(CLIN, rid).await.unwrap().uses_left, 1);
+        assert_eq!(
+            core.redeem_grant(GW, rid, CLIN, sid)
+                .await
+                .unwrap()
+                .uses_left,
+            0
+        );
+        for r in [
+            core.redeem_grant(GW, rid, CLIN, sid).await,
+            core.check_grant(GW, rid, CLIN, sid).await,
+        ] {
+            assert!(matches!(r, Err(KeyServerError::PermissionDenied(m)) if m.contains("used up")));
+        }
+        assert!(matches!(
+            core.fetch_key(CLIN, rid).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("used up")
+        ));
+
+        // Expiry on the injected clock, for check and redeem alike.
+        let r2 = core
+            .request_key(CLIN, sid, &attrs("P1"), "pixels", "", "")
+            .await
+            .unwrap();
+        core.approve(OWNER, &r2.id, 10, 5).await.unwrap();
+        core.check_grant(GW, &r2.id, CLIN, sid).await.unwrap();
+        clock.advance_secs(10);
+        assert!(matches!(
+            core.check_grant(GW, &r2.id, CLIN, sid).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("expired")
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, &r2.id, CLIN, sid).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("expired")
+        ));
+
+        let log = core.list_audit(1, 10_000).unwrap();
+        let redeemed: Vec<_> = log.iter().filter(|e| e.event == "grant.redeemed").collect();
+        assert_eq!(redeemed.len(), 2);
+        assert!(redeemed.iter().all(|e| e.actor == GW
+            && e.detail.contains(&format!("request={rid}"))
+            && e.detail.contains(&format!("requester={CLIN}"))));
+        assert!(log.iter().any(|e| e.event == "redeem.refused"
+            && e.detail.contains("asked_study=")
+            && e.detail.contains("another study")));
+        let rep = core.verify_audit().unwrap();
+        assert!(rep.ok, "{rep:?}");
+    }
+
+    fn stored_study(core: &Core, id: &str) -> StudyRecord {
+        let r = core.inner.db.begin_read().unwrap();
+        get_json(&r.open_table(STUDIES).unwrap(), id)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn stored_request(core: &Core, id: &str) -> RequestRecord {
+        let r = core.inner.db.begin_read().unwrap();
+        get_json(&r.open_table(REQUESTS).unwrap(), id)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn forget_study_shreds_key_material_and_leaves_a_tombstone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks.redb");
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::at_secs(1_000_000));
+        let core = open_with(&path, [3; 32], clock.clone(), 3).unwrap();
+        let a = core
+            .register_study(GW, OWNER, &attrs("A"), None)
+            .await
+            .unwrap();
+        let b = core
+            .register_study(GW, OWNER, &attrs("B"), None)
+            .await
+            .unwrap();
+        let kb = core
+            .derive_key(GW, &b.id, &attrs("B"), "pixels", Operation::Protect)
+            .await
+            .unwrap();
+        let pending = core
+            .request_key(CLIN, &a.id, &attrs("A"), "pixels", "", "")
+            .await
+            .unwrap();
+        let approved = core
+            .request_key(CLIN, &a.id, &attrs("A"), "pixels", "", "")
+            .await
+            .unwrap();
+        core.approve(OWNER, &approved.id, 60, 5).await.unwrap();
+        let denied_req = core
+            .request_key(CLIN2, &a.id, &attrs("A"), "pixels", "", "")
+            .await
+            .unwrap();
+        core.deny(OWNER, &denied_req.id, "no").await.unwrap();
+        let on_b = core
+            .request_key(CLIN, &b.id, &attrs("B"), "pixels", "", "")
+            .await
+            .unwrap();
+        core.approve(OWNER, &on_b.id, 60, 5).await.unwrap();
+        assert!(stored_request(&core, &approved.id).wrapped_key.is_some());
+
+        // Only the gateway, and only for the owner; both refusals audited.
+        assert!(matches!(
+            core.forget_study(WM, &a.id, OWNER).await,
+            Err(KeyServerError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            core.forget_study(GW, &a.id, CLIN).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("owner")
+        ));
+        assert_eq!(
+            events(&core)
+                .iter()
+                .filter(|e| *e == "forget.refused")
+                .count(),
+            2
+        );
+        assert!(matches!(
+            core.forget_study(GW, "st-nope", OWNER).await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            core.forget_study(GW, &a.id, "").await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            core.forget_study(GW, "st-00000000000000000000000000000000", OWNER)
+                .await,
+            Err(KeyServerError::NotFound(_))
+        ));
+        // Nothing changed so far.
+        core.derive_key(GW, &a.id, &attrs("A"), "pixels", Operation::Restore)
+            .await
+            .unwrap();
+
+        let rep = core.forget_study(GW, &a.id, OWNER).await.unwrap();
+        assert_eq!(
+            rep,
+            ForgetReport {
+                grants_revoked: 1,
+                requests_denied: 1,
+            }
+        );
+
+        let tomb = stored_study(&core, &a.id);
+        assert_eq!(tomb.salt, [0u8; 32]);
+        assert_eq!(tomb.commitment, [0u8; 32]);
+        assert_eq!(
+            tomb.forgotten,
+            Some(Forgotten {
+                at: 1_000_000,
+                by: GW.into(),
+                on_behalf_of: OWNER.into(),
+            })
+        );
+        for id in [&pending.id, &approved.id, &denied_req.id] {
+            assert!(stored_request(&core, id).wrapped_key.is_none(), "{id}");
+        }
+        assert!(matches!(
+            stored_request(&core, &pending.id).state,
+            GrantState::Denied { ref reason, .. } if reason == "study forgotten"
+        ));
+        assert!(matches!(
+            stored_request(&core, &approved.id).state,
+            GrantState::Revoked { uses_left: 5, ref by, .. } if by == GW
+        ));
+        // The other study is untouched.
+        assert!(stored_request(&core, &on_b.id).wrapped_key.is_some());
+
+        let gone = |r: Result<Derived>| matches!(r, Err(KeyServerError::NotFound(m)) if m.contains("was deleted"));
+        assert!(gone(
+            core.derive_key(GW, &a.id, &attrs("A"), "pixels", Operation::Restore)
+                .await
+        ));
+        assert!(matches!(
+            core.request_key(CLIN, &a.id, &attrs("A"), "pixels", "", "").await,
+            Err(KeyServerError::NotFound(m)) if m.contains("was deleted")
+        ));
+        assert!(matches!(
+            core.register_study(GW, OWNER, &attrs("A"), Some(&a.id)).await,
+            Err(KeyServerError::AlreadyExists(m)) if m.contains("deleted")
+        ));
+        assert!(matches!(
+            core.fetch_key(CLIN, &approved.id).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("revoked")
+        ));
+        assert!(matches!(
+            core.redeem_grant(GW, &approved.id, CLIN, &a.id).await,
+            Err(KeyServerError::PermissionDenied(m)) if m.contains("revoked")
+        ));
+        assert!(matches!(
+            core.forget_study(GW, &a.id, OWNER).await,
+            Err(KeyServerError::NotFound(m)) if m.contains("was deleted")
+        ));
+        // The owner still sees the history of its requests.
+        assert_eq!(core.list_requests(OWNER, &a.id, true).unwrap().len(), 3);
+        assert!(core.list_requests(OWNER, &a.id, false).unwrap().is_empty());
+
+        // A copy cached before the forget committed cannot be used: the
+        // write job re-checks and the stale copy is evicted.
+        let mut stale = stored_study(&core, &b.id);
+        stale.id = a.id.clone();
+        // Make the stale copy pass the attribute check so the request reaches
+        // the write job.
+        let m = core.master(stale.master_version).unwrap();
+        stale.commitment = m.commitment(
+            &a.id,
+            &stale.salt,
+            &CanonicalAttributes::new(&attrs("A")).unwrap(),
+        );
+        core.cache_study(Arc::new(stale.clone()));
+        assert!(gone(
+            core.derive_key(GW, &a.id, &attrs("A"), "pixels", Operation::Restore)
+                .await
+        ));
+        core.cache_study(Arc::new(stale));
+        assert!(matches!(
+            core.request_key(CLIN, &a.id, &attrs("A"), "pixels", "", "").await,
+            Err(KeyServerError::NotFound(m)) if m.contains("was deleted")
+        ));
+        assert!(
+            core.study_any(&StudyId::parse(&a.id).unwrap())
+                .unwrap()
+                .is_forgotten(),
+            "the stale copy was evicted"
+        );
+
+        let log = core.list_audit(1, 10_000).unwrap();
+        let f: Vec<_> = log
+            .iter()
+            .filter(|e| e.event == "study.forgotten")
+            .collect();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].actor, GW);
+        assert_eq!(f[0].study, a.id);
+        assert!(f[0].detail.contains(&format!("on_behalf_of={OWNER}")));
+        assert!(f[0].detail.contains("grants_revoked=1"));
+        assert!(
+            !log.iter()
+                .any(|e| e.event == "key.derived" && e.study == a.id && e.seq > f[0].seq)
+        );
+        assert!(core.verify_audit().unwrap().ok);
+        drop(core);
+
+        // The tombstone survives a restart (empty cache).
+        let core = open_with(&path, [3; 32], clock, 3).unwrap();
+        assert!(gone(
+            core.derive_key(GW, &a.id, &attrs("A"), "pixels", Operation::Restore)
+                .await
+        ));
+        assert_eq!(
+            core.derive_key(GW, &b.id, &attrs("B"), "pixels", Operation::Restore)
+                .await
+                .unwrap(),
+            kb
+        );
+        assert!(core.verify_audit().unwrap().ok);
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `meta` | name | bytes: `master_current` (u32), `audit_signing_key` (wrapped PKCS#8), `audit_public_key`, `audit_head` (signed head) |
 //! | `masters` | version | KEK-wrapped master secret |
-//! | `studies` | study id | JSON [`StudyRecord`] |
+//! | `studies` | study id | JSON [`StudyRecord`] (a tombstone once forgotten) |
 //! | `requests` | request id | JSON [`RequestRecord`] |
 //! | `study_requests` | `study|request` | () |
 //! | `owner_studies` | `owner|study` | () |
@@ -57,6 +57,10 @@ pub fn index_range(a: &str) -> (String, String) {
 }
 
 /// A registered study. No patient attribute is stored, only the commitment.
+///
+/// A forgotten study (`ForgetStudy`) stays as a tombstone: `salt` and
+/// `commitment` are overwritten with zeros and `forgotten` is set, so the id
+/// can never be registered again and lookups answer "study was deleted".
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StudyRecord {
     /// Pseudonymous id.
@@ -73,6 +77,27 @@ pub struct StudyRecord {
     pub created_at: u64,
     /// Identity that registered it (the gateway).
     pub registered_by: String,
+    /// Set once the study's key material was destroyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgotten: Option<Forgotten>,
+}
+
+impl StudyRecord {
+    /// True for a tombstone left by `ForgetStudy`.
+    pub fn is_forgotten(&self) -> bool {
+        self.forgotten.is_some()
+    }
+}
+
+/// When and for whom a study's key material was destroyed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Unix seconds.
+    pub at: u64,
+    /// Identity that called `ForgetStudy` (the gateway).
+    pub by: String,
+    /// The user the gateway acted for (the owner).
+    pub on_behalf_of: String,
 }
 
 /// Where a key request stands.
@@ -206,6 +231,7 @@ mod tests {
             master_version: 1,
             created_at: 5,
             registered_by: "g".into(),
+            forgotten: None,
         };
         let w = db.begin_write().unwrap();
         {
@@ -225,6 +251,18 @@ mod tests {
         assert_eq!(get_json::<StudyRecord, _>(&t, "st-9").unwrap(), None);
         let ix = r.open_table(OWNER_STUDIES).unwrap();
         assert_eq!(index_scan(&ix, "alice").unwrap(), vec!["st-1", "st-2"]);
+    }
+
+    #[test]
+    fn records_without_the_tombstone_field_still_decode() {
+        let old = r#"{"id":"st-1","owner":"o","salt":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"commitment":[2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2],"master_version":1,"created_at":5,"registered_by":"g"}"#;
+        let rec: StudyRecord = serde_json::from_str(old).unwrap();
+        assert!(!rec.is_forgotten());
+        assert!(
+            !String::from_utf8(to_json(&rec).unwrap())
+                .unwrap()
+                .contains("forgotten")
+        );
     }
 
     #[test]

@@ -1,29 +1,22 @@
-//! The edge: protos to domain types (`TryFrom`, errors name the field) and
-//! domain results back to protos. The core never sees a proto.
+//! The edge: the start message to domain types (`TryFrom`, errors name the
+//! field) and the summary back to a proto. The core never sees a proto.
+//! Specs, operations, region maps and fragments are converted by
+//! `tessera-wire`, which the gateway shares to decode the response.
 
-use tessera_image::{ImageSpec, PixelFormat, Rect};
+use tessera_image::ImageSpec;
 use tessera_proto::segmentation::v1 as pb;
-use tessera_segment::{
-    BlockGrid, Fragment, GaParams, Operation, RegionMap, SegmentConfig, Segmentation,
-};
+use tessera_segment::{BlockGrid, GaParams, Operation, RegionMap, SegmentConfig, Segmentation};
+use tessera_wire::segmentation::required_spec;
+use tessera_wire::{MAX_BLOCKS, MAX_REGIONS, operation_from_proto, region_map_to_proto};
 
 use crate::error::SegmentationError;
 
-/// Largest data chunk in any message, either direction.
-pub const CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest accepted request message: a chunk plus framing, far below the
 /// platform's 4 MiB.
-pub const MAX_REQUEST_MESSAGE: usize = CHUNK_BYTES + 64 * 1024;
+pub const MAX_REQUEST_MESSAGE: usize = tessera_wire::MAX_MESSAGE_BYTES;
 /// Largest response message: a chunk, a region map (one byte per block) or a
 /// block-list chunk, plus framing.
-pub const MAX_RESPONSE_MESSAGE: usize = CHUNK_BYTES + 64 * 1024;
-/// Most regions one request may ask for (storage nodes).
-pub const MAX_REGIONS: u32 = 16;
-/// Most blocks a grid may have: the region map (one byte per block) then
-/// fits one 1 MiB message.
-pub const MAX_BLOCKS: u64 = CHUNK_BYTES as u64;
-/// Block indices per `BlockChunk` (at most 5 varint bytes each: 640 KiB).
-pub const BLOCK_CHUNK: usize = 128 * 1024;
+pub const MAX_RESPONSE_MESSAGE: usize = tessera_wire::MAX_MESSAGE_BYTES;
 
 fn invalid(m: impl Into<String>) -> SegmentationError {
     SegmentationError::InvalidArgument(m.into())
@@ -57,10 +50,7 @@ impl TryFrom<pb::SegmentStart> for SegmentPlan {
     type Error = SegmentationError;
 
     fn try_from(s: pb::SegmentStart) -> Result<Self, Self::Error> {
-        let spec = spec_from_proto(
-            "start.spec",
-            s.spec.ok_or_else(|| invalid("start.spec is required"))?,
-        )?;
+        let spec = required_spec("start.spec", s.spec)?;
         let side = spec.width.min(spec.height);
         if s.block_size == 0 || s.block_size > side {
             return Err(invalid(format!(
@@ -98,22 +88,7 @@ impl TryFrom<pb::SegmentStart> for SegmentPlan {
             Some(n) => n,
         };
         let max_regions = s.regions.unwrap_or(s.max_regions);
-        let operation = match pb::Operation::try_from(s.operation) {
-            Ok(pb::Operation::Unspecified) => {
-                return Err(invalid("start.operation is required"));
-            }
-            Err(_) => {
-                return Err(invalid(format!(
-                    "start.operation: unknown operation {}",
-                    s.operation
-                )));
-            }
-            Ok(pb::Operation::Gaussian) => Operation::Gaussian,
-            Ok(pb::Operation::Median) => Operation::Median,
-            Ok(pb::Operation::Unsharp) => Operation::Unsharp,
-            Ok(pb::Operation::Sobel) => Operation::Sobel,
-            Ok(pb::Operation::Histeq) => Operation::HistEq,
-        };
+        let operation = operation_from_proto("start.operation", s.operation)?;
         Ok(Self {
             spec,
             operation,
@@ -128,49 +103,6 @@ impl TryFrom<pb::SegmentStart> for SegmentPlan {
                 ..SegmentConfig::default()
             },
         })
-    }
-}
-
-/// Checks a spec and turns it into the core's type.
-pub fn spec_from_proto(field: &str, s: pb::ImageSpec) -> Result<ImageSpec, SegmentationError> {
-    let narrow = |name: &str, v: u32| {
-        u8::try_from(v).map_err(|_| invalid(format!("{field}.{name} {v} is out of range")))
-    };
-    let spec = ImageSpec {
-        width: s.width,
-        height: s.height,
-        frames: s.frames.max(1),
-        format: PixelFormat {
-            bits_allocated: narrow("bits_allocated", s.bits_allocated)?,
-            bits_stored: narrow("bits_stored", s.bits_stored)?,
-            signed: s.signed,
-            channels: narrow("channels", s.channels)?,
-        },
-    };
-    spec.validate()
-        .map_err(|e| invalid(format!("{field}: {e}")))?;
-    Ok(spec)
-}
-
-/// The core's spec as a proto.
-pub fn spec_to_proto(s: &ImageSpec) -> pb::ImageSpec {
-    pb::ImageSpec {
-        width: s.width,
-        height: s.height,
-        frames: s.frames,
-        bits_allocated: s.format.bits_allocated.into(),
-        bits_stored: s.format.bits_stored.into(),
-        signed: s.format.signed,
-        channels: s.format.channels.into(),
-    }
-}
-
-pub fn rect_to_proto(r: &Rect) -> pb::Rect {
-    pb::Rect {
-        x: r.x,
-        y: r.y,
-        width: r.width,
-        height: r.height,
     }
 }
 
@@ -221,76 +153,17 @@ pub fn summary_to_proto(seg: &Segmentation, halo: u32, fragments: usize) -> pb::
             }),
             generations: seg.generations as u64,
             evaluations: seg.evaluations,
-            region_map: Some(pb::RegionMap {
-                width: map.grid.width,
-                height: map.grid.height,
-                block_size: map.grid.block_size,
-                cols: map.grid.cols(),
-                rows: map.grid.rows(),
-                regions: u32::from(map.regions),
-                // Region ids are < MAX_REGIONS (16): one byte each.
-                assignment: map.assignment.iter().map(|&r| r as u8).collect(),
-            }),
+            region_map: Some(region_map_to_proto(map)),
             halo,
             fragments: fragments as u32,
         })),
     }
 }
 
-fn response(m: pb::segment_response::Msg) -> pb::SegmentResponse {
-    pb::SegmentResponse { msg: Some(m) }
-}
-
-/// Little-endian words: one byte per sample for 8-bit containers, else two.
-pub fn encode_samples(samples: &[u16], bytes_per_sample: usize) -> Vec<u8> {
-    if bytes_per_sample == 1 {
-        samples.iter().map(|&w| w as u8).collect()
-    } else {
-        samples.iter().flat_map(|w| w.to_le_bytes()).collect()
-    }
-}
-
-/// One fragment as messages: its header, its block list in chunks, then
-/// every tile's header followed by its samples in chunks of at most
-/// [`CHUNK_BYTES`]. Lazy: chunks are encoded as the stream is read.
-pub fn fragment_messages(f: Fragment) -> impl Iterator<Item = pb::SegmentResponse> + Send {
-    use pb::segment_response::Msg;
-    let bps = f.spec.format.bytes_per_sample();
-    let header = response(Msg::Fragment(pb::FragmentHeader {
-        region: u32::from(f.region),
-        spec: Some(spec_to_proto(&f.spec)),
-        block_size: f.block_size,
-        halo: f.halo,
-        block_count: f.blocks.len() as u32,
-        tile_count: f.tiles.len() as u32,
-        sample_count: f.tiles.iter().map(|t| t.samples.len() as u64).sum(),
-    }));
-    let blocks: Vec<pb::SegmentResponse> = f
-        .blocks
-        .chunks(BLOCK_CHUNK)
-        .map(|c| response(Msg::Blocks(pb::BlockChunk { blocks: c.to_vec() })))
-        .collect();
-    let per_chunk = CHUNK_BYTES / bps;
-    let tiles = f.tiles.into_iter().flat_map(move |t| {
-        let head = response(Msg::Tile(pb::TileHeader {
-            core: Some(rect_to_proto(&t.core)),
-            rect: Some(rect_to_proto(&t.rect)),
-        }));
-        let samples = t.samples;
-        let n = samples.len();
-        std::iter::once(head).chain((0..n).step_by(per_chunk).map(move |i| {
-            response(Msg::Samples(encode_samples(
-                &samples[i..n.min(i + per_chunk)],
-                bps,
-            )))
-        }))
-    });
-    std::iter::once(header).chain(blocks).chain(tiles)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_image::PixelFormat;
     use tessera_segment::make_fragments;
 
     fn start() -> pb::SegmentStart {
@@ -440,26 +313,5 @@ mod tests {
                 .sum();
             assert_eq!(fragment_samples(&map, halo, &spec), real, "halo {halo}");
         }
-    }
-
-    #[test]
-    fn fragment_messages_chunk_and_round_trip() {
-        let spec = ImageSpec::new(1200, 600, PixelFormat::gray16(12, false));
-        let image = tessera_image::Image::zeroed(spec).unwrap();
-        let grid = BlockGrid::new(1200, 600, 600).unwrap();
-        let map = RegionMap::new(grid, 1, vec![0, 0]).unwrap();
-        let frag = make_fragments(&image, &map, 2).unwrap().remove(0);
-        let msgs: Vec<_> = fragment_messages(frag.clone()).collect();
-        use pb::segment_response::Msg;
-        let mut bytes = 0;
-        for m in &msgs {
-            if let Some(Msg::Samples(s)) = &m.msg {
-                assert!(s.len() <= CHUNK_BYTES);
-                bytes += s.len();
-            }
-        }
-        assert_eq!(bytes, 1200 * 600 * 2);
-        assert!(msgs.len() > 3);
-        assert!(matches!(msgs[0].msg, Some(Msg::Fragment(_))));
     }
 }

@@ -13,6 +13,7 @@
 //!   with a generic message; the detail is logged.
 
 use tessera_segment::SegmentError;
+use tessera_wire::WireError;
 use tonic::Status;
 
 /// Everything that can go wrong in the segmentation service.
@@ -36,6 +37,16 @@ pub enum SegmentationError {
     /// A worker task failed.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl From<WireError> for SegmentationError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Invalid(m) => SegmentationError::InvalidArgument(m),
+            WireError::TooLarge(m) => SegmentationError::TooLarge(m),
+            WireError::Internal(m) => SegmentationError::Internal(m),
+        }
+    }
 }
 
 impl From<SegmentationError> for Status {

@@ -16,9 +16,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use tessera_wire::{CHUNK_BYTES, fragment_messages};
+
 use crate::convert::{
-    CHUNK_BYTES, MAX_REQUEST_MESSAGE, MAX_RESPONSE_MESSAGE, SegmentPlan, fragment_messages,
-    fragment_samples, summary_to_proto,
+    MAX_REQUEST_MESSAGE, MAX_RESPONSE_MESSAGE, SegmentPlan, fragment_samples, summary_to_proto,
 };
 use crate::error::SegmentationError;
 

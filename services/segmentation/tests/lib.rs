@@ -1,22 +1,21 @@
 //! Integration tests: the real segmentation service in-process on
 //! 127.0.0.1:0 with a generated development PKI, called over mutual TLS by
-//! one client per identity. Fragments are re-assembled client-side into
-//! `tessera_segment::Fragment` values and checked against the core.
+//! one client per identity. The response is decoded client-side with
+//! `tessera_wire::SegmentDecoder` (what the gateway uses) into a region map
+//! and `tessera_segment::Fragment` values, and checked against the core.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use segmentation_service::convert::{CHUNK_BYTES, spec_to_proto};
-use tessera_image::{Image, ImageSpec, PixelFormat, Rect};
+use tessera_image::{Image, ImageSpec, PixelFormat};
 use tessera_proto::segmentation::v1 as pb;
-use tessera_proto::segmentation::v1::segment_response::Msg;
 use tessera_proto::segmentation::v1::segmentation_client::SegmentationClient;
 use tessera_runtime::{ConfigSource, load_config};
-use tessera_segment::{
-    BlockGrid, Fragment, Operation, RegionMap, Tile, make_fragments, merge, process_whole,
-};
+use tessera_segment::{Fragment, Operation, RegionMap, make_fragments, merge, process_whole};
 use tessera_tls::{ClientTls, TlsFiles};
+use tessera_wire::segmentation::{spec_from_proto, spec_to_proto};
+use tessera_wire::{CHUNK_BYTES, SegmentDecoder};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -95,27 +94,12 @@ fn pixel_msg(c: &[u8]) -> pb::SegmentRequest {
     }
 }
 
-/// What a Segment call returned, re-assembled.
+/// What a Segment call returned, decoded.
 struct Segmented {
     summary: pb::Summary,
+    region_map: RegionMap,
     fragments: Vec<Fragment>,
     largest_message: usize,
-}
-
-fn rect(r: Option<pb::Rect>) -> Rect {
-    let r = r.expect("a rect");
-    Rect::new(r.x, r.y, r.width, r.height)
-}
-
-fn decode(bytes: &[u8], bytes_per_sample: usize) -> Vec<u16> {
-    if bytes_per_sample == 1 {
-        bytes.iter().map(|&b| u16::from(b)).collect()
-    } else {
-        bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect()
-    }
 }
 
 async fn segment(
@@ -123,61 +107,33 @@ async fn segment(
     requests: Vec<pb::SegmentRequest>,
 ) -> Result<Segmented, Status> {
     use prost::Message;
-    let encoded_len = |m: &pb::SegmentResponse| m.encoded_len();
-    let mut out = c.segment(tokio_stream::iter(requests)).await?.into_inner();
-    let first = out.message().await?.expect("a summary message");
-    let mut largest_message = encoded_len(&first);
-    let Some(Msg::Summary(summary)) = first.msg else {
-        panic!("the first response must be the summary");
-    };
-    let mut fragments: Vec<Fragment> = Vec::new();
-    while let Some(m) = out.message().await? {
-        largest_message = largest_message.max(encoded_len(&m));
-        match m.msg.expect("msg set") {
-            Msg::Summary(_) => panic!("a second summary"),
-            Msg::Fragment(h) => {
-                let spec = segmentation_service::convert::spec_from_proto(
-                    "fragment.spec",
-                    h.spec.expect("fragment spec"),
-                )
-                .unwrap();
-                fragments.push(Fragment {
-                    region: u16::try_from(h.region).unwrap(),
-                    spec,
-                    block_size: h.block_size,
-                    halo: h.halo,
-                    blocks: Vec::new(),
-                    tiles: Vec::new(),
-                });
-            }
-            Msg::Blocks(b) => fragments
-                .last_mut()
-                .expect("blocks after a fragment header")
-                .blocks
-                .extend(b.blocks),
-            Msg::Tile(t) => fragments
-                .last_mut()
-                .expect("a tile after a fragment header")
-                .tiles
-                .push(Tile {
-                    core: rect(t.core),
-                    rect: rect(t.rect),
-                    samples: Vec::new(),
-                }),
-            Msg::Samples(s) => {
-                let f = fragments.last_mut().expect("samples after a fragment");
-                let bps = f.spec.format.bytes_per_sample();
-                f.tiles
-                    .last_mut()
-                    .expect("samples after a tile header")
-                    .samples
-                    .extend(decode(&s, bps));
-            }
+    // The decoder checks the answer against the spec we sent (a request
+    // without a valid start gets no answer but an error).
+    let spec = match requests.first().and_then(|r| r.msg.as_ref()) {
+        Some(pb::segment_request::Msg::Start(s)) => {
+            s.spec.and_then(|p| spec_from_proto("spec", p).ok())
         }
+        _ => None,
+    };
+    let mut decoder = spec.map(|s| SegmentDecoder::new(s, 4 * MAX_IMAGE_BYTES));
+    let mut out = c.segment(tokio_stream::iter(requests)).await?.into_inner();
+    let mut largest_message = 0;
+    while let Some(m) = out.message().await? {
+        largest_message = largest_message.max(m.encoded_len());
+        decoder
+            .as_mut()
+            .expect("an answer only to a valid start")
+            .push(m)
+            .unwrap();
     }
+    let d = decoder
+        .expect("an answer only to a valid start")
+        .finish()
+        .unwrap();
     Ok(Segmented {
-        summary,
-        fragments,
+        summary: d.summary,
+        region_map: d.region_map,
+        fragments: d.fragments,
         largest_message,
     })
 }
@@ -205,16 +161,11 @@ async fn gateway_segments_the_head_phantom_and_fragments_merge_bit_identically()
         assert!(got.largest_message <= CHUNK_BYTES + 1024);
 
         // The region map covers every block exactly once.
-        let m = s.region_map.clone().unwrap();
-        assert_eq!((m.cols, m.rows, m.block_size), (32, 32, 16));
-        assert_eq!(m.assignment.len(), 32 * 32);
-        assert!(m.assignment.iter().all(|&r| u32::from(r) < s.regions));
-        let map = RegionMap::new(
-            BlockGrid::new(m.width, m.height, m.block_size).unwrap(),
-            u16::try_from(m.regions).unwrap(),
-            m.assignment.iter().map(|&r| u16::from(r)).collect(),
-        )
-        .unwrap();
+        let map = got.region_map.clone();
+        let grid = map.grid;
+        assert_eq!((grid.cols(), grid.rows(), grid.block_size), (32, 32, 16));
+        assert_eq!(map.assignment.len(), 32 * 32);
+        assert!(map.assignment.iter().all(|&r| u32::from(r) < s.regions));
         let mut seen = vec![0u32; map.grid.len()];
         for f in &got.fragments {
             for &b in &f.blocks {

@@ -1,0 +1,328 @@
+//! `tessera bench e2e`: store and retrieve of 512x512 16-bit slices through
+//! the gateway over mutual TLS with the whole suite in this process, beside
+//! protecting (and restoring) the same slices in-process in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use gateway_service::client as gw;
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_cryptomark::{ProtectKey, RestoreKey, StudyKey, protect, random_salt, restore};
+use tessera_devstack::{DevOptions, DevStack};
+use tessera_image::phantom::head_phantom;
+use tessera_image::{Image, PixelFormat, Rect};
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::keyserver::v1 as ks;
+use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_proto::watermark::v1 as wpb;
+use tessera_tls::{ClientTls, TlsFiles};
+use tokio::sync::Semaphore;
+
+#[derive(Args, Debug)]
+pub struct E2eBenchArgs {
+    /// Slices stored (and then retrieved).
+    #[arg(long, default_value_t = 200)]
+    pub slices: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+}
+
+const OWNER: &str = "spiffe://tessera.local/user/owner";
+const ROI: Rect = Rect::new(64, 48, 384, 416);
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "  {what:<9} {{bar:40}} {{pos}}/{{len}} {{per_sec}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+struct Row {
+    name: &'static str,
+    n: usize,
+    bytes: u64,
+    wall: Duration,
+    lat: Vec<Duration>,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.n as f64 / self.wall.as_secs_f64()
+    }
+    fn print(&self, baseline: f64) {
+        let mut lat = self.lat.clone();
+        lat.sort();
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.3} |",
+            self.name,
+            self.n,
+            self.rate(),
+            self.bytes as f64 / self.wall.as_secs_f64() / 1e6,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            self.rate() / baseline
+        );
+    }
+}
+
+pub fn e2e(args: E2eBenchArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: E2eBenchArgs) -> Result<()> {
+    let n = args.slices.max(1);
+    let c = args.concurrency.max(1);
+    println!(
+        "== tessera bench e2e: {n} slices 512x512 12-bit-in-16, {c} in flight, whole suite in-process over mTLS =="
+    );
+    let slices: Vec<Arc<Image>> = (0..n)
+        .map(|i| {
+            head_phantom(512, 512, 1, PixelFormat::gray16(12, false), 1000 + i as u64).map(Arc::new)
+        })
+        .collect::<Result<_, _>>()?;
+    let slice_bytes = slices[0].spec().byte_len() as u64;
+
+    // Baseline: the same slices protected and restored in-process, one
+    // thread per core, in this run.
+    let key = StudyKey::from_bytes([5; 32]);
+    let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
+    let t = Instant::now();
+    let protected = par_map(&slices, threads, |img| {
+        Ok(protect(
+            img,
+            ROI,
+            "bench",
+            ProtectKey::Secure {
+                key: &key,
+                salt: random_salt()?,
+            },
+        )?)
+    })?;
+    let protect_rate = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    par_map(&protected, threads, |p| {
+        Ok(restore(
+            &p.header,
+            &p.shares[0],
+            &p.shares[1],
+            RestoreKey::Secure(&key),
+        )?)
+    })?;
+    let restore_rate = n as f64 / t.elapsed().as_secs_f64();
+    drop(protected);
+
+    let tmp = tempfile_dir()?;
+    let mut stack = DevStack::start(&tmp, &DevOptions::default())
+        .await
+        .map_err(|e| anyhow!("starting the suite: {e}"))?;
+    let r = measure(&stack, &slices, c, slice_bytes).await;
+    stack.shutdown().await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (store, retrieve) = r?;
+
+    println!(
+        "| operation | slices | slices/s | MB/s | p50 ms | p99 ms | ratio to in-process ({threads} threads) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| in-process protect (baseline) | {n} | {protect_rate:.1} | {:.1} | | | 1.000 |",
+        protect_rate * slice_bytes as f64 / 1e6
+    );
+    store.print(protect_rate);
+    println!(
+        "| in-process restore (baseline) | {n} | {restore_rate:.1} | {:.1} | | | 1.000 |",
+        restore_rate * slice_bytes as f64 / 1e6
+    );
+    retrieve.print(restore_rate);
+    println!(
+        "store: {:.1} slices/s through the gateway (target >= 200 slices/s on this machine)",
+        store.rate()
+    );
+    Ok(())
+}
+
+/// `f` over `items` on `threads` scoped threads, results in order.
+fn par_map<T: Sync, U: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<U> + Sync,
+) -> Result<Vec<U>> {
+    let per = items.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .map(|part| {
+                let f = &f;
+                s.spawn(move || part.iter().map(f).collect::<Result<Vec<U>>>())
+            })
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for h in handles {
+            out.extend(h.join().map_err(|_| anyhow!("worker thread panicked"))??);
+        }
+        Ok(out)
+    })
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let base = std::env::temp_dir().join(format!("tessera-bench-e2e-{}", std::process::id()));
+    if base.exists() {
+        std::fs::remove_dir_all(&base)?;
+    }
+    std::fs::create_dir_all(&base)?;
+    Ok(base)
+}
+
+async fn measure(
+    stack: &DevStack,
+    slices: &[Arc<Image>],
+    c: usize,
+    slice_bytes: u64,
+) -> Result<(Row, Row)> {
+    let pki = stack.pki_dir();
+    let gw_addr = stack.endpoints().get("gateway")?.to_owned();
+    let ks_addr = stack.endpoints().get("keyserver")?.to_owned();
+    let connect = |who: &str, addr: String| {
+        let files = TlsFiles::from_pki_dir(&pki, who);
+        async move {
+            let tls = ClientTls::from_files(&files)?;
+            anyhow::Ok(tls.connect(&addr).await?)
+        }
+    };
+    // A few connections shared by the in-flight requests (HTTP/2 multiplexes).
+    let owner_ch = connect("owner", gw_addr.clone()).await?;
+    let clin_ch = connect("clinician", gw_addr.clone()).await?;
+    let ks_owner = KeyServerClient::new(connect("owner", ks_addr).await?);
+    let sem = Arc::new(Semaphore::new(c));
+
+    // Store.
+    let pbar = bar(slices.len(), "store");
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(slices.len());
+    for (i, img) in slices.iter().enumerate() {
+        let permit = sem.clone().acquire_owned().await?;
+        let mut client = gw::client(owner_ch.clone());
+        let img = img.clone();
+        let pbar = pbar.clone();
+        tasks.push(tokio::spawn(async move {
+            let header = pb::StoreHeader {
+                owner: OWNER.into(),
+                patient_attributes: vec![ks::Attribute {
+                    name: "patient_id".into(),
+                    value: format!("BENCH-{i}"),
+                }],
+                format: pb::ImageFormat::Raw.into(),
+                size: 0,
+                raw_spec: Some(tessera_wire::convert::watermark::spec_to_proto(img.spec())),
+                roi: Some(wpb::Rect {
+                    x: ROI.x,
+                    y: ROI.y,
+                    width: ROI.width,
+                    height: ROI.height,
+                }),
+            };
+            let bytes = img.to_le_bytes();
+            let t = Instant::now();
+            let r = gw::store(&mut client, header, &bytes).await;
+            drop(permit);
+            pbar.inc(1);
+            r.map(|s| (s.study_handle, t.elapsed()))
+        }));
+    }
+    let mut handles = Vec::with_capacity(slices.len());
+    let mut lat = Vec::with_capacity(slices.len());
+    for t in tasks {
+        let (h, d) = t
+            .await?
+            .map_err(|s| anyhow!("store: {:?}: {}", s.code(), s.message()))?;
+        handles.push(h);
+        lat.push(d);
+    }
+    let store = Row {
+        name: "store via gateway",
+        n: slices.len(),
+        bytes: slice_bytes * slices.len() as u64,
+        wall: t.elapsed(),
+        lat,
+    };
+    pbar.finish_and_clear();
+
+    // Grants (not timed): one request per study, approved by the owner.
+    let mut rids = Vec::with_capacity(handles.len());
+    let mut clin = gw::client(clin_ch.clone());
+    for h in &handles {
+        let req = clin
+            .request_access(pb::RequestAccessRequest {
+                study_handle: h.clone(),
+                justification: "bench".into(),
+            })
+            .await?
+            .into_inner()
+            .request
+            .ok_or_else(|| anyhow!("no request"))?;
+        ks_owner
+            .clone()
+            .approve_request(ks::ApproveRequestRequest {
+                request_id: req.request_id.clone(),
+                ttl_seconds: 3600,
+                uses: 1,
+            })
+            .await?;
+        rids.push(req.request_id);
+    }
+
+    // Retrieve.
+    let pbar = bar(handles.len(), "retrieve");
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(handles.len());
+    for (i, (h, rid)) in handles.into_iter().zip(rids).enumerate() {
+        let permit = sem.clone().acquire_owned().await?;
+        let mut client = gw::client(clin_ch.clone());
+        let want = slices[i].clone();
+        let pbar = pbar.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = gw::retrieve(&mut client, &h, &rid).await;
+            let d = t.elapsed();
+            drop(permit);
+            pbar.inc(1);
+            let (_, px) = r.map_err(|s| anyhow!("retrieve: {:?}: {}", s.code(), s.message()))?;
+            if px != want.to_le_bytes() {
+                return Err(anyhow!("retrieved slice {i} differs from the stored one"));
+            }
+            Ok(d)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.push(t.await??);
+    }
+    let retrieve = Row {
+        name: "retrieve via gateway (bit-identical checked)",
+        n: lat.len(),
+        bytes: slice_bytes * lat.len() as u64,
+        wall: t.elapsed(),
+        lat,
+    };
+    pbar.finish_and_clear();
+    Ok((store, retrieve))
+}

@@ -1,0 +1,670 @@
+//! Gateway subcommands: `store`, `request-key`, `retrieve` (through the
+//! gateway, or `--local`: shares and key fetched by the user and restored
+//! on this machine), `verify`, `process`, `delete`. Progress bars on
+//! transfers; non-zero exit on any failure, including a study that does not
+//! verify intact.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use gateway_service::client as gw;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tessera_image::{Image, ImageSpec, PixelFormat, Rect, codec};
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::gateway::v1::gateway_client::GatewayClient;
+use tessera_proto::keyserver::v1 as kpb;
+use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_proto::watermark::v1 as wpb;
+use tonic::transport::Channel;
+
+use super::{ConnArgs, OutputArgs, Service, block_on, status_error};
+
+#[derive(Args, Debug)]
+pub struct StoreArgs {
+    /// The image: .png, .tif/.tiff, or raw little-endian words with --raw.
+    pub file: PathBuf,
+    /// The data owner who approves access: a name from the PKI (owner) or
+    /// an identity URI.
+    #[arg(long)]
+    pub owner: String,
+    /// Patient attribute NAME=VALUE (repeat); stays in the trusted zone.
+    #[arg(long = "attr", value_name = "NAME=VALUE", required = true)]
+    pub attrs: Vec<String>,
+    /// Region of interest X,Y,WIDTH,HEIGHT.
+    #[arg(long, value_name = "X,Y,W,H")]
+    pub roi: Option<String>,
+    /// Raw pixels: WIDTH,HEIGHT,BITS_ALLOCATED,BITS_STORED[,FRAMES[,CHANNELS]].
+    #[arg(long, value_name = "W,H,BA,BS")]
+    pub raw: Option<String>,
+    /// Raw pixels are signed.
+    #[arg(long, requires = "raw")]
+    pub signed: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RequestKeyArgs {
+    /// The study handle (st-...).
+    pub study: String,
+    /// Why you need it (the owner sees it).
+    #[arg(long, default_value = "")]
+    pub why: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RetrieveArgs {
+    /// The study handle (st-...).
+    pub study: String,
+    /// Your approved key request.
+    #[arg(long = "request", value_name = "ID")]
+    pub request_id: String,
+    /// Output: .png (one frame) or anything else for raw little-endian words.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Fetch the shares from the storage nodes and the key from the keyserver
+    /// and restore on this machine (the gateway only tells where).
+    #[arg(long)]
+    pub local: bool,
+    /// Also write a tamper map PNG when the study does not verify intact.
+    #[arg(long, value_name = "PNG")]
+    pub map: Option<PathBuf>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The study handle (st-...).
+    pub study: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ProcessArgs {
+    /// The study handle (st-...).
+    pub study: String,
+    #[arg(long = "request", value_name = "ID")]
+    pub request_id: String,
+    /// gaussian, median, unsharp, sobel or histeq.
+    #[arg(long, default_value = "gaussian")]
+    pub op: String,
+    /// Segmentation block edge.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Output: .png (one frame) or raw little-endian words.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    /// The study handle (st-...).
+    pub study: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+async fn gateway(conn: &ConnArgs) -> Result<GatewayClient<Channel>> {
+    Ok(gw::client(conn.channel(Service::Gateway).await?))
+}
+
+fn transfer_bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what:>10} {{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn numbers(field: &str, text: &str, min: usize, max: usize) -> Result<Vec<u32>> {
+    let v = text
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| anyhow!("--{field} {text:?}: expected comma-separated numbers"))?;
+    if !(min..=max).contains(&v.len()) {
+        bail!("--{field} {text:?}: expected {min}..={max} numbers");
+    }
+    Ok(v)
+}
+
+fn owner_uri(owner: &str) -> String {
+    if owner.starts_with("spiffe://") {
+        owner.to_owned()
+    } else {
+        format!("spiffe://{}/user/{owner}", tessera_pki::TRUST_DOMAIN)
+    }
+}
+
+fn spec_to_core(s: &wpb::ImageSpec) -> Result<ImageSpec> {
+    tessera_wire::convert::watermark::spec_from_proto("spec", s.clone())
+        .map_err(|e| anyhow!("the gateway sent a bad spec: {e}"))
+}
+
+/// Writes pixels as PNG (by extension) or raw words.
+fn write_image(path: &Path, spec: ImageSpec, pixels: &[u8]) -> Result<()> {
+    let is_png = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if is_png {
+        let img = Image::from_le_bytes(spec, pixels)?;
+        if img.frames() > 1 {
+            bail!(
+                "{} has {} frames; PNG holds one: write raw (another extension) instead",
+                path.display(),
+                img.frames()
+            );
+        }
+        std::fs::write(path, codec::encode_png(&img, 0)?)
+    } else {
+        std::fs::write(path, pixels)
+    }
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+fn report_json(r: &wpb::VerificationReport) -> Value {
+    json!({
+        "intact": r.intact,
+        "roi_blocks": r.roi_blocks,
+        "tiles": r.tiles,
+        "tampered_block_count": r.tampered_block_count,
+        "tampered_tile_count": r.tampered_tile_count,
+        "tampered_blocks": r.tampered_blocks.iter().map(|b| {
+            let rc = b.rect.clone().unwrap_or_default();
+            json!({"index": b.index, "frame": b.frame, "x": rc.x, "y": rc.y, "width": rc.width, "height": rc.height})
+        }).collect::<Vec<_>>(),
+        "tampered_tiles": r.tampered_tiles.iter().map(|t| {
+            let rc = t.rect.clone().unwrap_or_default();
+            json!({"index": t.index, "frame": t.frame, "x": rc.x, "y": rc.y, "width": rc.width, "height": rc.height, "shares": t.shares})
+        }).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_report(r: &wpb::VerificationReport) {
+    if r.intact {
+        println!(
+            "integrity: intact ({} ROI blocks, {} tiles verified)",
+            r.roi_blocks, r.tiles
+        );
+        return;
+    }
+    println!(
+        "integrity: TAMPERED: {} ROI block(s), {} tile(s)",
+        r.tampered_block_count, r.tampered_tile_count
+    );
+    for t in &r.tampered_tiles {
+        let rc = t.rect.clone().unwrap_or_default();
+        println!(
+            "  tile {} frame {} at ({},{}) {}x{}: share(s) {:?}",
+            t.index, t.frame, rc.x, rc.y, rc.width, rc.height, t.shares
+        );
+    }
+    for b in &r.tampered_blocks {
+        let rc = b.rect.clone().unwrap_or_default();
+        println!(
+            "  ROI block {} frame {} at ({},{}) {}x{}",
+            b.index, b.frame, rc.x, rc.y, rc.width, rc.height
+        );
+    }
+}
+
+/// `tessera store`.
+pub fn store(a: StoreArgs) -> Result<()> {
+    let file = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let mut attributes = Vec::new();
+    for kv in &a.attrs {
+        let (n, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--attr {kv:?}: expected NAME=VALUE"))?;
+        attributes.push(kpb::Attribute {
+            name: n.trim().to_owned(),
+            value: v.to_owned(),
+        });
+    }
+    let roi = match &a.roi {
+        Some(r) => {
+            let v = numbers("roi", r, 4, 4)?;
+            Some(wpb::Rect {
+                x: v[0],
+                y: v[1],
+                width: v[2],
+                height: v[3],
+            })
+        }
+        None => None,
+    };
+    let ext = a
+        .file
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let (format, raw_spec) = match (&a.raw, ext.as_str()) {
+        (Some(r), _) => {
+            let v = numbers("raw", r, 4, 6)?;
+            let spec = wpb::ImageSpec {
+                width: v[0],
+                height: v[1],
+                bits_allocated: v[2],
+                bits_stored: v[3],
+                frames: v.get(4).copied().unwrap_or(1),
+                channels: v.get(5).copied().unwrap_or(1),
+                signed: a.signed,
+            };
+            (pb::ImageFormat::Raw, Some(spec))
+        }
+        (None, "png") => (pb::ImageFormat::Png, None),
+        (None, "tif" | "tiff") => (pb::ImageFormat::Tiff, None),
+        (None, _) => bail!(
+            "{}: give a .png or .tiff file, or raw pixels with --raw W,H,BITS_ALLOCATED,BITS_STORED",
+            a.file.display()
+        ),
+    };
+    let header = pb::StoreHeader {
+        owner: owner_uri(&a.owner),
+        patient_attributes: attributes,
+        format: format.into(),
+        size: 0,
+        raw_spec,
+        roi,
+    };
+    block_on(async move {
+        let bar = transfer_bar(file.len() as u64, "store");
+        let b = bar.clone();
+        let r = gw::store_with_progress(
+            &mut gateway(&a.conn).await?,
+            header,
+            &file,
+            move |sent, _| b.set_position(sent),
+        )
+        .await;
+        bar.finish_and_clear();
+        let r = r.map_err(|s| status_error("store", &s))?;
+        let value = json!({
+            "study": r.study_handle,
+            "placements": r.placements.iter().map(|p| json!({"share": p.share, "node": p.node, "object": p.object_id, "bytes": p.size})).collect::<Vec<_>>(),
+        });
+        a.out.emit(&value, || {
+            println!("stored: {}", r.study_handle);
+            for p in &r.placements {
+                println!("  share {} on {} ({} bytes)", p.share, p.node, p.size);
+            }
+        })
+    })
+}
+
+/// `tessera request-key`.
+pub fn request_key(a: RequestKeyArgs) -> Result<()> {
+    block_on(async move {
+        let r = gateway(&a.conn)
+            .await?
+            .request_access(a.conn.request(pb::RequestAccessRequest {
+                study_handle: a.study.clone(),
+                justification: a.why.clone(),
+            }))
+            .await
+            .map_err(|s| status_error("request key", &s))?
+            .into_inner()
+            .request
+            .ok_or_else(|| anyhow!("request key: the gateway answered without a request"))?;
+        let value = super::keyserver_cmd::request_json(&r);
+        a.out.emit(&value, || {
+            println!(
+                "requested: {} (study {}, {}); the owner must approve it",
+                r.request_id,
+                r.study_id,
+                super::keyserver_cmd::state_name(r.state)
+            );
+        })
+    })
+}
+
+/// `tessera retrieve`.
+pub fn retrieve(a: RetrieveArgs) -> Result<()> {
+    block_on(async move {
+        let (spec, report, attrs, pixels) = if a.local {
+            retrieve_local(&a).await?
+        } else {
+            let bar = transfer_bar(0, "retrieve");
+            let b = bar.clone();
+            let r = gw::retrieve_with_progress(
+                &mut gateway(&a.conn).await?,
+                &a.study,
+                &a.request_id,
+                move |got, total| {
+                    b.set_length(total);
+                    b.set_position(got);
+                },
+            )
+            .await;
+            bar.finish_and_clear();
+            let (h, pixels) = r.map_err(|s| status_error("retrieve", &s))?;
+            let spec = spec_to_core(h.spec.as_ref().ok_or_else(|| anyhow!("no spec"))?)?;
+            (
+                spec,
+                h.report.unwrap_or_default(),
+                h.patient_attributes,
+                pixels,
+            )
+        };
+        finish_retrieve(&a, spec, &report, &attrs, &pixels)
+    })
+}
+
+fn finish_retrieve(
+    a: &RetrieveArgs,
+    spec: ImageSpec,
+    report: &wpb::VerificationReport,
+    attrs: &[kpb::Attribute],
+    pixels: &[u8],
+) -> Result<()> {
+    if let Some(map) = &a.map
+        && !report.intact
+    {
+        let img = Image::from_le_bytes(spec, pixels)?;
+        std::fs::write(map, tamper_map(&img, report)?)
+            .with_context(|| format!("writing {}", map.display()))?;
+    }
+    if !report.intact {
+        let value = json!({"study": a.study, "report": report_json(report)});
+        a.out.emit(&value, || print_report(report))?;
+        bail!(
+            "retrieve: the study does not verify intact ({} tampered tile(s)); no image written",
+            report.tampered_tile_count
+        );
+    }
+    write_image(&a.output, spec, pixels)?;
+    let value = json!({
+        "study": a.study,
+        "output": a.output,
+        "width": spec.width, "height": spec.height, "frames": spec.frames,
+        "bits_allocated": spec.format.bits_allocated, "bits_stored": spec.format.bits_stored,
+        "report": report_json(report),
+        "patient": attrs.iter().map(|x| (x.name.clone(), Value::String(x.value.clone()))).collect::<serde_json::Map<_, _>>(),
+    });
+    a.out.emit(&value, || {
+        println!(
+            "retrieved {}: {}x{}x{} {}-bit ({} stored) -> {}",
+            a.study,
+            spec.width,
+            spec.height,
+            spec.frames,
+            spec.format.bits_allocated,
+            spec.format.bits_stored,
+            a.output.display()
+        );
+        print_report(report);
+        if attrs.is_empty() {
+            println!("identity: not shown to your role");
+        }
+        for x in attrs {
+            println!("  {} = {}", x.name, x.value);
+        }
+    })
+}
+
+/// User-side restore (paper 003): the gateway says where the shares are;
+/// the user's grant releases the key at the keyserver; the shares come from
+/// the storage nodes; the restore and verification run here.
+async fn retrieve_local(
+    a: &RetrieveArgs,
+) -> Result<(
+    ImageSpec,
+    wpb::VerificationReport,
+    Vec<kpb::Attribute>,
+    Vec<u8>,
+)> {
+    let loc = gateway(&a.conn)
+        .await?
+        .locate(a.conn.request(pb::LocateRequest {
+            study_handle: a.study.clone(),
+            key_request_id: a.request_id.clone(),
+        }))
+        .await
+        .map_err(|s| status_error("locate", &s))?
+        .into_inner();
+    let header = tessera_cryptomark::Header::from_json(&loc.header_json)
+        .map_err(|e| anyhow!("locate: the study header does not parse: {e}"))?;
+    let tls = tessera_tls::ClientTls::from_files(&a.conn.tls_files()?)?;
+    let mut shares: Vec<Vec<u8>> = Vec::with_capacity(2);
+    for share in [1u32, 2] {
+        let p = loc
+            .placements
+            .iter()
+            .find(|p| p.share == share)
+            .ok_or_else(|| anyhow!("locate: no placement for share {share}"))?;
+        let addr = loc
+            .nodes
+            .iter()
+            .find(|n| n.node == p.node)
+            .map(|n| n.address.clone())
+            .ok_or_else(|| anyhow!("locate: no address for {}", p.node))?;
+        let ch = tls
+            .connect(&addr)
+            .await
+            .with_context(|| format!("cannot reach storage node {} at {addr}", p.node))?;
+        let mut node = storage_node::client::client(ch);
+        let (_, data) = storage_node::client::get_object(&mut node, &p.object_id)
+            .await
+            .map_err(|s| status_error(&format!("get share {share} from {}", p.node), &s))?;
+        shares.push(data);
+    }
+    let released = KeyServerClient::new(a.conn.channel(Service::Keyserver).await?)
+        .fetch_key(a.conn.request(kpb::FetchKeyRequest {
+            request_id: a.request_id.clone(),
+        }))
+        .await
+        .map_err(|s| status_error("fetch key", &s))?
+        .into_inner();
+    let key: [u8; 32] = released.key.as_slice().try_into().map_err(|_| {
+        anyhow!(
+            "fetch key: the keyserver sent {} bytes, not 32",
+            released.key.len()
+        )
+    })?;
+    let key = tessera_cryptomark::StudyKey::from_bytes(key);
+    let restored = tessera_cryptomark::restore(
+        &header,
+        &shares[0],
+        &shares[1],
+        tessera_cryptomark::RestoreKey::Secure(&key),
+    )
+    .map_err(|e| anyhow!("restore: {e}"))?;
+    let r = &restored.report;
+    let rect = |rc: &Rect| wpb::Rect {
+        x: rc.x,
+        y: rc.y,
+        width: rc.width,
+        height: rc.height,
+    };
+    let report = wpb::VerificationReport {
+        intact: r.is_intact(),
+        roi_blocks: r.roi_blocks,
+        tiles: r.tiles,
+        tampered_block_count: r.tampered_blocks.len() as u64,
+        tampered_tile_count: r.tampered_tiles.len() as u64,
+        tampered_blocks: r
+            .tampered_blocks
+            .iter()
+            .map(|b| wpb::TamperedBlock {
+                index: b.index,
+                frame: b.frame,
+                rect: Some(rect(&b.rect)),
+            })
+            .collect(),
+        tampered_tiles: r
+            .tampered_tiles
+            .iter()
+            .map(|t| wpb::TamperedTile {
+                index: t.index,
+                frame: t.frame,
+                rect: Some(rect(&t.rect)),
+                shares: t.shares.iter().map(|&s| u32::from(s)).collect(),
+            })
+            .collect(),
+        truncated: false,
+    };
+    let spec = *restored.image.spec();
+    Ok((spec, report, Vec::new(), restored.image.to_le_bytes()))
+}
+
+/// The restored frame 0 in gray, tampered tiles orange, ROI blocks red.
+pub fn tamper_map(img: &Image, report: &wpb::VerificationReport) -> Result<Vec<u8>> {
+    let (w, h) = (img.width(), img.height());
+    let f: PixelFormat = img.format();
+    let lum: Vec<i32> = (0..w * h)
+        .map(|i| f.value(img.get(0, i % w, i / w, 0)))
+        .collect();
+    let lo = *lum.iter().min().unwrap_or(&0);
+    let hi = *lum.iter().max().unwrap_or(&1);
+    let span = (hi - lo).max(1) as f64;
+    let mut rgb: Vec<u8> = lum
+        .iter()
+        .flat_map(|&v| {
+            let g = ((v - lo) as f64 / span * 255.0) as u8;
+            [g, g, g]
+        })
+        .collect();
+    let mut tint = |r: &wpb::Rect, color: [u8; 3]| {
+        for y in r.y..(r.y.saturating_add(r.height)).min(h) {
+            for x in r.x..(r.x.saturating_add(r.width)).min(w) {
+                let i = ((y * w + x) * 3) as usize;
+                for c in 0..3 {
+                    rgb[i + c] = ((u16::from(rgb[i + c]) + u16::from(color[c]) * 3) / 4) as u8;
+                }
+            }
+        }
+    };
+    for t in report.tampered_tiles.iter().filter(|t| t.frame == 0) {
+        if let Some(r) = &t.rect {
+            tint(r, [255, 140, 0]);
+        }
+    }
+    for b in report.tampered_blocks.iter().filter(|b| b.frame == 0) {
+        if let Some(r) = &b.rect {
+            tint(r, [255, 0, 0]);
+        }
+    }
+    Ok(codec::encode_png_rgb8(w, h, rgb)?)
+}
+
+/// `tessera verify`.
+pub fn verify(a: VerifyArgs) -> Result<()> {
+    block_on(async move {
+        let r = gateway(&a.conn)
+            .await?
+            .verify(a.conn.request(pb::VerifyStudyRequest {
+                study_handle: a.study.clone(),
+            }))
+            .await
+            .map_err(|s| status_error("verify", &s))?
+            .into_inner()
+            .report
+            .unwrap_or_default();
+        a.out.emit(
+            &json!({"study": a.study, "report": report_json(&r)}),
+            || print_report(&r),
+        )?;
+        if r.intact {
+            Ok(())
+        } else {
+            bail!("verify: {} does not verify intact", a.study)
+        }
+    })
+}
+
+/// `tessera process`.
+pub fn process(a: ProcessArgs) -> Result<()> {
+    use tessera_proto::segmentation::v1::Operation as Op;
+    let op = match a.op.as_str() {
+        "gaussian" => Op::Gaussian,
+        "median" => Op::Median,
+        "unsharp" => Op::Unsharp,
+        "sobel" => Op::Sobel,
+        "histeq" => Op::Histeq,
+        other => bail!("--op {other:?}: expected gaussian, median, unsharp, sobel or histeq"),
+    };
+    block_on(async move {
+        let (h, pixels) = gw::process(
+            &mut gateway(&a.conn).await?,
+            pb::ProcessRequest {
+                study_handle: a.study.clone(),
+                key_request_id: a.request_id.clone(),
+                operation: op.into(),
+                block_size: a.block_size,
+                seed: a.seed,
+            },
+        )
+        .await
+        .map_err(|s| status_error("process", &s))?;
+        let spec = spec_to_core(h.spec.as_ref().ok_or_else(|| anyhow!("no spec"))?)?;
+        write_image(&a.output, spec, &pixels)?;
+        let value = json!({
+            "study": a.study, "output": a.output, "regions": h.regions,
+            "work": h.work.iter().map(|w| json!({"region": w.region, "node": w.node, "blocks": w.blocks, "samples_sent": w.samples_sent})).collect::<Vec<_>>(),
+        });
+        a.out.emit(&value, || {
+            println!(
+                "processed {} ({}) in {} region(s) -> {}",
+                a.study,
+                a.op,
+                h.regions,
+                a.output.display()
+            );
+            for w in &h.work {
+                println!(
+                    "  region {} on {}: {} blocks, {} samples sent (incl. halo)",
+                    w.region, w.node, w.blocks, w.samples_sent
+                );
+            }
+        })
+    })
+}
+
+/// `tessera delete`.
+pub fn delete(a: DeleteArgs) -> Result<()> {
+    block_on(async move {
+        let r = gateway(&a.conn)
+            .await?
+            .delete(a.conn.request(pb::DeleteStudyRequest {
+                study_handle: a.study.clone(),
+            }))
+            .await
+            .map_err(|s| status_error("delete", &s))?
+            .into_inner();
+        let value =
+            json!({"study": a.study, "removed": r.removed.len(), "key_destroyed": r.key_destroyed});
+        a.out.emit(&value, || {
+            println!(
+                "deleted {}: {} share(s) removed, key material destroyed: {}",
+                a.study,
+                r.removed.len(),
+                r.key_destroyed
+            );
+        })
+    })
+}

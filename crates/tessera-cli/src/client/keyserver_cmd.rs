@@ -1,0 +1,362 @@
+//! Keyserver subcommands for study owners (and auditors): `tessera
+//! requests`, `approve`, `deny`, `revoke`, `audit`. They call the keyserver
+//! directly over mutual TLS as the `--as` identity; the keyserver decides
+//! who may do what (owner of the study, never one's own request).
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use tessera_proto::keyserver::v1 as pb;
+use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tonic::transport::Channel;
+
+use super::{
+    ConnArgs, OutputArgs, Service, Table, block_on, now_secs, parse_duration, short_identity,
+    status_error, utc,
+};
+
+/// Largest keyserver message accepted (the server's own limit).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Most audit entries one `ListAudit` call returns.
+const AUDIT_PAGE_MAX: u32 = 1000;
+
+#[derive(Args, Debug, Clone)]
+pub struct RequestsArgs {
+    /// Only this study's requests.
+    #[arg(long, value_name = "STUDY_ID")]
+    pub study: Option<String>,
+    /// Also list decided requests (approved, denied, revoked).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ApproveArgs {
+    /// The request to approve (rq-...).
+    pub request_id: String,
+    /// How long the grant lasts (90, 30s, 15m, 1h, 7d).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// How many times the requester may use it.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub uses: u32,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DecideArgs {
+    /// The request (rq-...).
+    pub request_id: String,
+    /// Why (recorded with the request and shown to the requester).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// Recompute the hash chain and check the signed checkpoints instead of
+    /// listing entries; exits non-zero if the log is broken.
+    #[arg(long)]
+    pub verify: bool,
+    /// First entry to list (entries start at 1).
+    #[arg(long = "from", value_name = "SEQ", default_value_t = 1)]
+    pub from_seq: u64,
+    /// Most entries to list (1..=1000).
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(AUDIT_PAGE_MAX)))]
+    pub limit: u32,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+async fn client(conn: &ConnArgs) -> Result<KeyServerClient<Channel>> {
+    Ok(
+        KeyServerClient::new(conn.channel(Service::Keyserver).await?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+}
+
+/// `tessera requests`.
+pub fn requests(a: RequestsArgs) -> Result<()> {
+    block_on(async move {
+        let list = client(&a.conn)
+            .await?
+            .list_requests(a.conn.request(pb::ListRequestsRequest {
+                study_id: a.study.clone().unwrap_or_default(),
+                include_decided: a.all,
+            }))
+            .await
+            .map_err(|s| status_error("list requests", &s))?
+            .into_inner()
+            .requests;
+        let value = Value::Array(list.iter().map(request_json).collect());
+        a.out.emit(&value, || {
+            if list.is_empty() {
+                let which = if a.all { "" } else { "pending " };
+                println!("no {which}requests");
+                return;
+            }
+            print!("{}", requests_table(&list).render());
+        })
+    })
+}
+
+/// `tessera approve`.
+pub fn approve(a: ApproveArgs) -> Result<()> {
+    if a.ttl.is_zero() {
+        bail!("--ttl must be at least 1 second");
+    }
+    block_on(async move {
+        let r = client(&a.conn)
+            .await?
+            .approve_request(a.conn.request(pb::ApproveRequestRequest {
+                request_id: a.request_id.clone(),
+                ttl_seconds: a.ttl.as_secs(),
+                uses: a.uses,
+            }))
+            .await
+            .map_err(|s| status_error("approve", &s))?
+            .into_inner()
+            .request;
+        decided(&a.out, "approved", r)
+    })
+}
+
+/// `tessera deny`.
+pub fn deny(a: DecideArgs) -> Result<()> {
+    block_on(async move {
+        let r = client(&a.conn)
+            .await?
+            .deny_request(a.conn.request(pb::DenyRequestRequest {
+                request_id: a.request_id.clone(),
+                reason: a.reason.clone(),
+            }))
+            .await
+            .map_err(|s| status_error("deny", &s))?
+            .into_inner()
+            .request;
+        decided(&a.out, "denied", r)
+    })
+}
+
+/// `tessera revoke`.
+pub fn revoke(a: DecideArgs) -> Result<()> {
+    block_on(async move {
+        let r = client(&a.conn)
+            .await?
+            .revoke_grant(a.conn.request(pb::RevokeGrantRequest {
+                request_id: a.request_id.clone(),
+                reason: a.reason.clone(),
+            }))
+            .await
+            .map_err(|s| status_error("revoke", &s))?
+            .into_inner()
+            .request;
+        decided(&a.out, "revoked", r)
+    })
+}
+
+fn decided(out: &OutputArgs, verb: &str, r: Option<pb::KeyRequest>) -> Result<()> {
+    let Some(r) = r else {
+        bail!("{verb}: the keyserver answered without the request");
+    };
+    out.emit(&request_json(&r), || {
+        println!("{verb} {}", r.request_id);
+        print!("{}", requests_table(std::slice::from_ref(&r)).render());
+    })
+}
+
+/// `tessera audit`.
+pub fn audit(a: AuditArgs) -> Result<()> {
+    block_on(async move {
+        let mut ks = client(&a.conn).await?;
+        if a.verify {
+            let v = ks
+                .verify_audit(a.conn.request(pb::VerifyAuditRequest {}))
+                .await
+                .map_err(|s| status_error("verify audit", &s))?
+                .into_inner();
+            let value = json!({
+                "ok": v.ok,
+                "entries": v.entries,
+                "first_broken_seq": v.first_broken_seq,
+                "problem": v.problem,
+                "head_hash": hex::encode(&v.head_hash),
+                "checkpoints_verified": v.checkpoints_verified,
+                "last_checkpoint_seq": v.last_checkpoint_seq,
+                "audit_public_key": hex::encode(&v.audit_public_key),
+            });
+            a.out.emit(&value, || {
+                if v.ok {
+                    println!(
+                        "audit log OK: {} entries, {} signed checkpoints verified (last at {}), head {}",
+                        v.entries,
+                        v.checkpoints_verified,
+                        v.last_checkpoint_seq,
+                        hex::encode(&v.head_hash)
+                    );
+                } else {
+                    println!(
+                        "audit log BROKEN at entry {}: {}",
+                        v.first_broken_seq, v.problem
+                    );
+                }
+                println!("signing key (Ed25519): {}", hex::encode(&v.audit_public_key));
+            })?;
+            if !v.ok {
+                bail!(
+                    "audit log broken at entry {}: {}",
+                    v.first_broken_seq,
+                    v.problem
+                );
+            }
+            return Ok(());
+        }
+        let entries = ks
+            .list_audit(a.conn.request(pb::ListAuditRequest {
+                from_seq: a.from_seq,
+                limit: a.limit,
+            }))
+            .await
+            .map_err(|s| status_error("list audit", &s))?
+            .into_inner()
+            .entries;
+        let value = Value::Array(
+            entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "seq": e.seq,
+                        "timestamp_unix_ms": e.timestamp_unix_ms,
+                        "actor": e.actor,
+                        "event": e.event,
+                        "study_id": e.study_id,
+                        "detail": e.detail,
+                        "prev_hash": hex::encode(&e.prev_hash),
+                        "hash": hex::encode(&e.hash),
+                    })
+                })
+                .collect(),
+        );
+        a.out.emit(&value, || {
+            if entries.is_empty() {
+                println!("no audit entries from {}", a.from_seq);
+                return;
+            }
+            let mut t =
+                Table::new(["SEQ", "TIME", "ACTOR", "EVENT", "STUDY", "DETAIL"]).max_cell(120);
+            for e in &entries {
+                t.row([
+                    e.seq.to_string(),
+                    utc(e.timestamp_unix_ms / 1000),
+                    short_identity(&e.actor).to_owned(),
+                    e.event.clone(),
+                    e.study_id.clone(),
+                    e.detail.clone(),
+                ]);
+            }
+            print!("{}", t.render());
+            if let Some(last) = entries.last()
+                && entries.len() == a.limit as usize
+            {
+                println!("(more may follow: --from {})", last.seq + 1);
+            }
+        })
+    })
+}
+
+/// Lower-case state name of a request.
+pub fn state_name(state: i32) -> String {
+    match pb::RequestState::try_from(state) {
+        Ok(pb::RequestState::Unspecified) => "unspecified".into(),
+        Ok(pb::RequestState::Pending) => "pending".into(),
+        Ok(pb::RequestState::Approved) => "approved".into(),
+        Ok(pb::RequestState::Denied) => "denied".into(),
+        Ok(pb::RequestState::Revoked) => "revoked".into(),
+        Err(_) => format!("unknown({state})"),
+    }
+}
+
+/// A request as JSON (ids and identities in full, times as Unix seconds).
+pub fn request_json(r: &pb::KeyRequest) -> Value {
+    json!({
+        "request_id": r.request_id,
+        "study_id": r.study_id,
+        "requester": r.requester,
+        "presented_by": r.presented_by,
+        "purpose": r.purpose,
+        "justification": r.justification,
+        "state": state_name(r.state),
+        "created_at_unix": r.created_at_unix,
+        "decided_by": r.decided_by,
+        "decided_at_unix": r.decided_at_unix,
+        "expires_at_unix": r.expires_at_unix,
+        "uses_granted": r.uses_granted,
+        "uses_left": r.uses_left,
+        "reason": r.reason,
+    })
+}
+
+/// Requests as a human table.
+pub fn requests_table(list: &[pb::KeyRequest]) -> Table {
+    let now = now_secs();
+    let mut t = Table::new([
+        "REQUEST",
+        "STUDY",
+        "REQUESTER",
+        "PURPOSE",
+        "STATE",
+        "USES",
+        "EXPIRES",
+        "CREATED",
+        "NOTE",
+    ]);
+    for r in list {
+        let mut state = state_name(r.state);
+        let granted = r.uses_granted > 0;
+        if r.state == pb::RequestState::Approved as i32 {
+            if r.expires_at_unix <= now {
+                state.push_str(" (expired)");
+            } else if r.uses_left == 0 {
+                state.push_str(" (used up)");
+            }
+        }
+        let note = if r.reason.is_empty() {
+            r.justification.clone()
+        } else {
+            format!("reason: {}", r.reason)
+        };
+        t.row([
+            r.request_id.clone(),
+            r.study_id.clone(),
+            short_identity(&r.requester).to_owned(),
+            r.purpose.clone(),
+            state,
+            if granted {
+                format!("{}/{}", r.uses_left, r.uses_granted)
+            } else {
+                String::new()
+            },
+            utc(r.expires_at_unix),
+            utc(r.created_at_unix),
+            note,
+        ]);
+    }
+    t
+}

@@ -1,0 +1,447 @@
+//! The whole Tessera suite in one process, on loopback, from one directory:
+//!
+//! ```text
+//! DIR/pki/            development PKI (made once, kept)
+//! DIR/secrets/        keyserver KEK and gateway vault key (0600, made once)
+//! DIR/data/           keyserver.redb, vault.redb, storage-N/objects.redb
+//! DIR/endpoints.toml  service name -> address, for clients (`tessera --dir DIR`)
+//! ```
+//!
+//! Every service is the real one (the same `App` its binary runs) with
+//! real mutual TLS between them. Used by `tessera dev up`, `tessera demo`,
+//! `tessera bench e2e` and the gateway's integration tests.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use tessera_runtime::{ConfigSource, RunningServer, load_config};
+
+/// File name of the endpoints map inside a dev directory.
+pub const ENDPOINTS_FILE: &str = "endpoints.toml";
+
+/// Why the stack could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{service}: {detail}")]
+    Service { service: String, detail: String },
+    #[error("endpoints: {0}")]
+    Endpoints(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
+    move |source| DevError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn svc(service: &str) -> impl FnOnce(String) -> DevError + '_ {
+    move |detail| DevError::Service {
+        service: service.to_owned(),
+        detail,
+    }
+}
+
+/// `DIR/endpoints.toml`: where each service listens.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoints {
+    /// Service name (`gateway`, `keyserver`, `storage-1`, ...) -> `host:port`.
+    pub endpoints: BTreeMap<String, String>,
+}
+
+impl Endpoints {
+    /// Reads `DIR/endpoints.toml`.
+    pub fn load(dir: &Path) -> Result<Self, DevError> {
+        let path = dir.join(ENDPOINTS_FILE);
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        toml::from_str(&text).map_err(|e| DevError::Endpoints(format!("{}: {e}", path.display())))
+    }
+
+    /// Writes `DIR/endpoints.toml` atomically (temp file + rename).
+    pub fn save(&self, dir: &Path) -> Result<(), DevError> {
+        let path = dir.join(ENDPOINTS_FILE);
+        let tmp = dir.join(".endpoints.toml.tmp");
+        let text = toml::to_string(self).map_err(|e| DevError::Endpoints(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// The address of `service`.
+    pub fn get(&self, service: &str) -> Result<&str, DevError> {
+        self.endpoints
+            .get(service)
+            .map(String::as_str)
+            .ok_or_else(|| {
+                DevError::Endpoints(format!("no endpoint named {service:?} in {ENDPOINTS_FILE}"))
+            })
+    }
+}
+
+/// How to start the stack.
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    /// Storage nodes (2..=16).
+    pub storage_nodes: usize,
+    /// First port: keyserver = base, watermark = base+1, segmentation =
+    /// base+2, gateway = base+3, storage-N = base+10+N. `None`: free ports
+    /// chosen by the OS (tests, demo).
+    pub base_port: Option<u16>,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self {
+            storage_nodes: 3,
+            base_port: None,
+        }
+    }
+}
+
+enum Running {
+    Keyserver(keyserver::RunningApp),
+    Storage(RunningServer),
+    Watermark(watermark_service::RunningApp),
+    Segmentation(segmentation_service::RunningApp),
+    Gateway(gateway_service::RunningApp),
+}
+
+impl Running {
+    async fn shutdown(self, grace: Duration) {
+        match self {
+            Running::Keyserver(a) => a.shutdown(grace).await,
+            Running::Storage(a) => a.shutdown(grace).await,
+            Running::Watermark(a) => a.shutdown(grace).await,
+            Running::Segmentation(a) => a.shutdown(grace).await,
+            Running::Gateway(a) => a.shutdown(grace).await,
+        }
+    }
+}
+
+/// The running suite.
+pub struct DevStack {
+    dir: PathBuf,
+    endpoints: Endpoints,
+    /// In start order; shut down in reverse.
+    services: Vec<(String, Option<Running>)>,
+    storage_configs: BTreeMap<String, storage_node::Config>,
+}
+
+fn listen(base: Option<u16>, offset: u16) -> String {
+    match base {
+        Some(b) => format!("127.0.0.1:{}", b.saturating_add(offset)),
+        None => "127.0.0.1:0".into(),
+    }
+}
+
+fn tls_section(pki: &Path, name: &str, table: &str) -> String {
+    let d = pki.display();
+    format!("[{table}]\nca = \"{d}/ca.crt\"\ncert = \"{d}/{name}.crt\"\nkey = \"{d}/{name}.key\"\n")
+}
+
+fn server_section(pki: &Path, name: &str, listen: &str) -> String {
+    format!(
+        "[server]\nlisten = \"{listen}\"\n{}",
+        tls_section(pki, name, "server.tls")
+    )
+}
+
+/// `localhost:PORT`: the dev certificates name `localhost`.
+fn local(addr: SocketAddr) -> String {
+    format!("localhost:{}", addr.port())
+}
+
+fn parse<T: serde::de::DeserializeOwned + tessera_runtime::Validate>(
+    service: &str,
+    text: &str,
+    prefix: &str,
+) -> Result<T, DevError> {
+    load_config(&ConfigSource::from_text(text, BTreeMap::new()), prefix).map_err(|e| {
+        DevError::Service {
+            service: service.into(),
+            detail: e.to_string(),
+        }
+    })
+}
+
+/// Writes 32 random bytes to `path` (0600) unless it exists.
+fn ensure_secret(path: &Path) -> Result<(), DevError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut k = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut k)
+        .map_err(|_| svc("secrets")("no randomness".into()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(io(path))?;
+    std::io::Write::write_all(&mut f, &k).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+impl DevStack {
+    /// Creates what is missing under `dir` and starts every service.
+    pub async fn start(dir: &Path, opts: &DevOptions) -> Result<Self, DevError> {
+        if !(2..=16).contains(&opts.storage_nodes) {
+            return Err(svc("options")("storage nodes must be 2..=16".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let dir = std::fs::canonicalize(dir).map_err(io(dir))?;
+        let pki = dir.join("pki");
+        if !pki.join("ca.crt").exists() {
+            tessera_pki::init_dir(&pki, false).map_err(|e| svc("pki")(e.to_string()))?;
+        }
+        let secrets = dir.join("secrets");
+        let data = dir.join("data");
+        for d in [&secrets, &data] {
+            std::fs::create_dir_all(d).map_err(io(d))?;
+        }
+        let kek = secrets.join("keyserver.kek");
+        let vault_key = secrets.join("vault.key");
+        ensure_secret(&kek)?;
+        ensure_secret(&vault_key)?;
+
+        let mut stack = DevStack {
+            dir: dir.clone(),
+            endpoints: Endpoints::default(),
+            services: Vec::new(),
+            storage_configs: BTreeMap::new(),
+        };
+        let base = opts.base_port;
+        let r = stack
+            .start_all(&pki, &data, &kek, &vault_key, base, opts)
+            .await;
+        if let Err(e) = r {
+            stack.shutdown().await;
+            return Err(e);
+        }
+        stack.endpoints.save(&dir)?;
+        Ok(stack)
+    }
+
+    async fn start_all(
+        &mut self,
+        pki: &Path,
+        data: &Path,
+        kek: &Path,
+        vault_key: &Path,
+        base: Option<u16>,
+        opts: &DevOptions,
+    ) -> Result<(), DevError> {
+        // Keyserver.
+        let text = format!(
+            "{}[keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\n",
+            server_section(pki, "keyserver", &listen(base, 0)),
+            data.join("keyserver.redb").display(),
+            kek.display()
+        );
+        let cfg: keyserver::Config = parse("keyserver", &text, keyserver::config::ENV_PREFIX)?;
+        let app = keyserver::App::build(&cfg)
+            .map_err(|e| svc("keyserver")(e.to_string()))?
+            .spawn()
+            .await
+            .map_err(|e| svc("keyserver")(e.to_string()))?;
+        let ks = local(app.local_addr());
+        self.add("keyserver", ks.clone(), Running::Keyserver(app));
+
+        // Storage nodes.
+        let mut nodes = Vec::new();
+        for i in 1..=opts.storage_nodes {
+            let name = format!("storage-{i}");
+            if !pki.join(format!("{name}.crt")).exists() {
+                return Err(svc(&name)(format!(
+                    "the PKI in {} has no certificate for {name}",
+                    pki.display()
+                )));
+            }
+            let text = format!(
+                "node_id = \"{name}\"\ndata_dir = \"{}\"\n{}",
+                data.join(&name).display(),
+                server_section(pki, &name, &listen(base, 10 + i as u16)),
+            );
+            let cfg: storage_node::Config = parse(&name, &text, storage_node::config::ENV_PREFIX)?;
+            let addr = self.spawn_storage(&name, cfg.clone()).await?;
+            // Restarts reuse the bound address so the gateway finds it.
+            let mut fixed = cfg;
+            fixed.server.listen = addr;
+            self.storage_configs.insert(name.clone(), fixed);
+            nodes.push((name, local(addr)));
+        }
+
+        // Watermark and segmentation.
+        let text = format!(
+            "{}[keyserver]\naddress = \"{ks}\"\n{}",
+            server_section(pki, "watermark", &listen(base, 1)),
+            tls_section(pki, "watermark", "keyserver.tls"),
+        );
+        let cfg: watermark_service::Config =
+            parse("watermark", &text, watermark_service::config::ENV_PREFIX)?;
+        let app = watermark_service::App::build(&cfg)
+            .map_err(|e| svc("watermark")(e.to_string()))?
+            .spawn()
+            .await
+            .map_err(|e| svc("watermark")(e.to_string()))?;
+        let wm = local(app.local_addr());
+        self.add("watermark", wm.clone(), Running::Watermark(app));
+
+        let text = server_section(pki, "segmentation", &listen(base, 2));
+        let cfg: segmentation_service::Config = parse(
+            "segmentation",
+            &text,
+            segmentation_service::config::ENV_PREFIX,
+        )?;
+        let app = segmentation_service::App::build(&cfg)
+            .map_err(|e| svc("segmentation")(e.to_string()))?
+            .spawn()
+            .await
+            .map_err(|e| svc("segmentation")(e.to_string()))?;
+        let seg = local(app.local_addr());
+        self.add("segmentation", seg.clone(), Running::Segmentation(app));
+
+        // Gateway.
+        let mut text = format!(
+            "{}{}[keyserver]\naddress = \"{ks}\"\n[watermark]\naddress = \"{wm}\"\n[segmentation]\naddress = \"{seg}\"\n\
+             [vault]\npath = \"{}\"\nkey_file = \"{}\"\n",
+            server_section(pki, "gateway", &listen(base, 3)),
+            tls_section(pki, "gateway", "client_tls"),
+            data.join("vault.redb").display(),
+            vault_key.display(),
+        );
+        for (name, addr) in &nodes {
+            text.push_str(&format!(
+                "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
+            ));
+        }
+        let cfg: gateway_service::Config =
+            parse("gateway", &text, gateway_service::config::ENV_PREFIX)?;
+        let app = gateway_service::App::build(&cfg)
+            .map_err(|e| svc("gateway")(e.to_string()))?
+            .spawn()
+            .await
+            .map_err(|e| svc("gateway")(e.to_string()))?;
+        self.add("gateway", local(app.local_addr()), Running::Gateway(app));
+        Ok(())
+    }
+
+    async fn spawn_storage(
+        &mut self,
+        name: &str,
+        cfg: storage_node::Config,
+    ) -> Result<SocketAddr, DevError> {
+        let app = storage_node::App::build(cfg)
+            .map_err(|e| svc(name)(e.to_string()))?
+            .spawn()
+            .await
+            .map_err(|e| svc(name)(e.to_string()))?;
+        let addr = app.local_addr();
+        self.add(name, local(addr), Running::Storage(app));
+        Ok(addr)
+    }
+
+    fn add(&mut self, name: &str, addr: String, running: Running) {
+        self.endpoints.endpoints.insert(name.to_owned(), addr);
+        match self.services.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = Some(running),
+            None => self.services.push((name.to_owned(), Some(running))),
+        }
+    }
+
+    /// The dev directory (canonical).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `DIR/pki`.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// Where each service listens.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// A storage node's redb file (to scan it, or to tamper with it).
+    pub fn storage_db(&self, name: &str) -> Option<PathBuf> {
+        self.storage_configs.get(name).map(|c| c.db_path())
+    }
+
+    /// Stops one service (e.g. a storage node, to see the gateway fail
+    /// cleanly).
+    pub async fn stop(&mut self, name: &str) -> bool {
+        let Some(slot) = self.services.iter_mut().find(|(n, _)| n == name) else {
+            return false;
+        };
+        match slot.1.take() {
+            Some(r) => {
+                r.shutdown(Duration::from_secs(5)).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts a stopped storage node again on its old address.
+    pub async fn restart_storage(&mut self, name: &str) -> Result<(), DevError> {
+        let cfg = self
+            .storage_configs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| svc(name)("no such storage node".into()))?;
+        // The port was just released; retry briefly if the OS holds it.
+        let mut last = None;
+        for _ in 0..50 {
+            match self.spawn_storage(name, cfg.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| svc(name)("cannot restart".into())))
+    }
+
+    /// Stops everything, gateway first.
+    pub async fn shutdown(&mut self) {
+        while let Some((_, r)) = self.services.pop() {
+            if let Some(r) = r {
+                r.shutdown(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Endpoints::default();
+        e.endpoints
+            .insert("gateway".into(), "localhost:7703".into());
+        e.save(dir.path()).unwrap();
+        let back = Endpoints::load(dir.path()).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.get("gateway").unwrap(), "localhost:7703");
+        assert!(back.get("keyserver").is_err());
+    }
+}

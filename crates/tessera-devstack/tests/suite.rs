@@ -1,0 +1,494 @@
+//! The whole suite in-process over real mutual TLS: store, access request,
+//! approval, retrieve bit-identical, re-identification by role, tamper
+//! localization, region-wise processing, delete with crypto-shredding, a
+//! stopped storage node, bad input, and no identity or pixels at rest on
+//! the storage nodes.
+
+use gateway_service::client as gw;
+use tessera_devstack::{DevOptions, DevStack};
+use tessera_image::{Image, PixelFormat};
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::gateway::v1::gateway_client::GatewayClient;
+use tessera_proto::keyserver::v1 as ks;
+use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_proto::segmentation::v1 as segpb;
+use tessera_proto::storage::v1 as spb;
+use tessera_proto::watermark::v1 as wpb;
+use tessera_tls::{ClientTls, TlsFiles};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const OWNER: &str = "spiffe://tessera.local/user/owner";
+const PATIENT_NAME: &str = "Doe^Jane^Quincy";
+const PATIENT_ID: &str = "PID-7731-XQ";
+
+async fn channel(stack: &DevStack, who: &str, service: &str) -> Channel {
+    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who)).unwrap();
+    tls.connect(stack.endpoints().get(service).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn gateway(stack: &DevStack, who: &str) -> GatewayClient<Channel> {
+    gw::client(channel(stack, who, "gateway").await)
+}
+
+async fn keyserver(stack: &DevStack, who: &str) -> KeyServerClient<Channel> {
+    KeyServerClient::new(channel(stack, who, "keyserver").await)
+}
+
+fn attrs() -> Vec<ks::Attribute> {
+    [
+        ("patient_id", PATIENT_ID),
+        ("patient_name", PATIENT_NAME),
+        ("birth_date", "19610412"),
+    ]
+    .into_iter()
+    .map(|(n, v)| ks::Attribute {
+        name: n.into(),
+        value: v.into(),
+    })
+    .collect()
+}
+
+fn header(format: pb::ImageFormat, raw_spec: Option<wpb::ImageSpec>) -> pb::StoreHeader {
+    pb::StoreHeader {
+        owner: OWNER.into(),
+        patient_attributes: attrs(),
+        format: format.into(),
+        size: 0,
+        raw_spec,
+        roi: Some(wpb::Rect {
+            x: 32,
+            y: 48,
+            width: 64,
+            height: 64,
+        }),
+    }
+}
+
+fn slice16() -> Image {
+    tessera_image::phantom::head_phantom(128, 160, 1, PixelFormat::gray16(12, false), 7).unwrap()
+}
+
+fn raw_spec(img: &Image) -> wpb::ImageSpec {
+    tessera_wire::convert::watermark::spec_to_proto(img.spec())
+}
+
+async fn store_raw(stack: &DevStack, who: &str, img: &Image) -> pb::StoreResponse {
+    gw::store(
+        &mut gateway(stack, who).await,
+        header(pb::ImageFormat::Raw, Some(raw_spec(img))),
+        &img.to_le_bytes(),
+    )
+    .await
+    .unwrap()
+}
+
+/// clinician asks, owner approves; returns the request id.
+async fn grant(stack: &DevStack, who: &str, handle: &str, uses: u32) -> String {
+    let req = gateway(stack, who)
+        .await
+        .request_access(pb::RequestAccessRequest {
+            study_handle: handle.into(),
+            justification: "follow-up".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(req.state, ks::RequestState::Pending as i32);
+    keyserver(stack, "owner")
+        .await
+        .approve_request(ks::ApproveRequestRequest {
+            request_id: req.request_id.clone(),
+            ttl_seconds: 600,
+            uses,
+        })
+        .await
+        .unwrap();
+    req.request_id
+}
+
+/// Objects a running node holds (listed over mTLS with the gateway's cert).
+async fn object_count(stack: &DevStack, node: &str) -> usize {
+    let mut c = storage_node::client::client(channel(stack, "gateway", node).await);
+    c.list(spb::ListRequest {
+        prefix: String::new(),
+        start_after: String::new(),
+        limit: 1000,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .objects
+    .len()
+}
+
+async fn total_objects(stack: &DevStack) -> usize {
+    let mut n = 0;
+    for i in 1..=3 {
+        n += object_count(stack, &format!("storage-{i}")).await;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_request_approve_retrieve_tamper_process_delete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
+        .await
+        .unwrap();
+    let img = slice16();
+    let stored = store_raw(&stack, "clinician", &img).await;
+    let handle = stored.study_handle.clone();
+    assert!(handle.starts_with("st-") && handle.len() == 35);
+    assert_eq!(stored.placements.len(), 2);
+    assert_ne!(stored.placements[0].node, stored.placements[1].node);
+
+    // Retrieval needs an approved grant: none, then pending, refused.
+    let mut clin = gateway(&stack, "clinician").await;
+    let e = gw::retrieve(&mut clin, &handle, "rq-doesnotexist")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::NotFound | Code::InvalidArgument | Code::PermissionDenied
+        ),
+        "{e:?}"
+    );
+    let pending = clin
+        .request_access(pb::RequestAccessRequest {
+            study_handle: handle.clone(),
+            justification: "x".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    let e = gw::retrieve(&mut clin, &handle, &pending.request_id)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Approved: bit-identical, intact, identity shown to a clinician.
+    let rid = grant(&stack, "clinician", &handle, 1).await;
+    let (h, pixels) = gw::retrieve(&mut clin, &handle, &rid).await.unwrap();
+    assert_eq!(
+        pixels,
+        img.to_le_bytes(),
+        "restored pixels must be bit-identical"
+    );
+    assert!(h.report.as_ref().unwrap().intact);
+    assert!(h.patient_attributes.iter().any(|a| a.value == PATIENT_NAME));
+    // One use granted: a second retrieve is refused.
+    let e = gw::retrieve(&mut clin, &handle, &rid).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Another user cannot ride on the clinician's grant.
+    let rid2 = grant(&stack, "clinician", &handle, 3).await;
+    let e = gw::retrieve(&mut gateway(&stack, "clinician2").await, &handle, &rid2)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // A researcher gets the pixels but never the identity.
+    let rrid = grant(&stack, "researcher", &handle, 1).await;
+    let (h, pixels) = gw::retrieve(&mut gateway(&stack, "researcher").await, &handle, &rrid)
+        .await
+        .unwrap();
+    assert_eq!(pixels, img.to_le_bytes());
+    assert!(h.patient_attributes.is_empty());
+
+    // The outsider is refused everywhere.
+    let mut out = gateway(&stack, "outsider").await;
+    let e = gw::store(
+        &mut out,
+        header(pb::ImageFormat::Raw, Some(raw_spec(&img))),
+        &img.to_le_bytes(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = out
+        .verify(pb::VerifyStudyRequest {
+            study_handle: handle.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = gw::retrieve(&mut out, &handle, &rid2).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // Region-wise Gaussian across the storage nodes == local whole-image.
+    let (ph, result) = gw::process(
+        &mut clin,
+        pb::ProcessRequest {
+            study_handle: handle.clone(),
+            key_request_id: rid2.clone(),
+            operation: segpb::Operation::Gaussian.into(),
+            block_size: 16,
+            seed: 1,
+        },
+    )
+    .await
+    .unwrap();
+    let local = tessera_segment::process_whole(&img, tessera_segment::Operation::Gaussian).unwrap();
+    assert_eq!(
+        result,
+        local.to_le_bytes(),
+        "region-wise == whole, bit for bit"
+    );
+    let nodes: std::collections::BTreeSet<_> = ph.work.iter().map(|w| w.node.clone()).collect();
+    assert_eq!(nodes.len(), ph.work.len(), "each region on a distinct node");
+
+    // Nothing identifying or any run of the pixels at rest on any node.
+    let needle = img.to_le_bytes();
+    for n in 1..=3 {
+        let db = stack.storage_db(&format!("storage-{n}")).unwrap();
+        let raw = std::fs::read(&db).unwrap();
+        for bad in [PATIENT_NAME.as_bytes(), PATIENT_ID.as_bytes(), b"19610412"] {
+            assert!(
+                !raw.windows(bad.len()).any(|w| w == bad),
+                "identity on storage-{n}"
+            );
+        }
+        // 64-byte runs of the image taken every 4 KiB.
+        for start in (0..needle.len() - 64).step_by(4096) {
+            let run = &needle[start..start + 64];
+            if run.iter().all(|&b| b == run[0]) {
+                continue; // flat background
+            }
+            assert!(
+                !raw.windows(64).any(|w| w == run),
+                "pixels at rest on storage-{n}"
+            );
+        }
+    }
+
+    // A malicious cloud replaces share 2 with a flipped byte (it can keep
+    // its own checksum consistent): verify names the tampered tile.
+    let p2 = stored.placements.iter().find(|p| p.share == 2).unwrap();
+    let mut node = storage_node::client::client(channel(&stack, "gateway", &p2.node).await);
+    let (_, mut bytes) = storage_node::client::get_object(&mut node, &p2.object_id)
+        .await
+        .unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    node.delete(spb::DeleteRequest {
+        object_id: p2.object_id.clone(),
+    })
+    .await
+    .unwrap();
+    storage_node::client::put_object(&mut node, &p2.object_id, &bytes)
+        .await
+        .unwrap();
+    let report = gateway(&stack, "owner")
+        .await
+        .verify(pb::VerifyStudyRequest {
+            study_handle: handle.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert!(!report.intact);
+    assert!(
+        report.tampered_tile_count >= 1 && report.tampered_tile_count <= 2,
+        "{report:?}"
+    );
+    assert!(report.tampered_tiles.iter().all(|t| t.shares == vec![2]));
+
+    // Delete: only the owner; then the shares and the key are gone.
+    let e = clin
+        .delete(pb::DeleteStudyRequest {
+            study_handle: handle.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let d = gateway(&stack, "owner")
+        .await
+        .delete(pb::DeleteStudyRequest {
+            study_handle: handle.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.key_destroyed);
+    assert_eq!(d.removed.len(), 2);
+    let e = gw::retrieve(&mut clin, &handle, &rid2).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = node
+        .stat(spb::StatRequest {
+            object_id: p2.object_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // The keyserver no longer derives the study key.
+    let e = keyserver(&stack, "watermark")
+        .await
+        .derive_key(ks::DeriveKeyRequest {
+            study_id: handle.clone(),
+            attributes: attrs(),
+            purpose: "pixels".into(),
+            operation: ks::Operation::Restore.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    stack.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopped_nodes_bad_input_and_png() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
+        .await
+        .unwrap();
+    let img = slice16();
+
+    // PNG in, bit-identical pixels out (8-bit RGB too).
+    let rgb = tessera_image::phantom::head_phantom(40, 30, 1, PixelFormat::RGB8, 3).unwrap();
+    let png = tessera_image::codec::encode_png(&rgb, 0).unwrap();
+    let stored = gw::store(
+        &mut gateway(&stack, "owner").await,
+        header(pb::ImageFormat::Png, None).tap_roi(None),
+        &png,
+    )
+    .await
+    .unwrap();
+    let rid = grant(&stack, "clinician", &stored.study_handle, 1).await;
+    let (h, pixels) = gw::retrieve(
+        &mut gateway(&stack, "clinician").await,
+        &stored.study_handle,
+        &rid,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pixels, rgb.to_le_bytes());
+    assert_eq!(h.original_format, pb::ImageFormat::Png as i32);
+
+    // Bad input: InvalidArgument naming the field, nothing stored.
+    let before = total_objects(&stack).await;
+    let mut owner = gateway(&stack, "owner").await;
+    let mut bad_owner = header(pb::ImageFormat::Raw, Some(raw_spec(&img)));
+    bad_owner.owner = "spiffe://tessera.local/service/gateway".into();
+    let mut bad_attr = header(pb::ImageFormat::Raw, Some(raw_spec(&img)));
+    bad_attr.patient_attributes[0].name = "Patient ID".into();
+    let mut bad_roi = header(pb::ImageFormat::Raw, Some(raw_spec(&img)));
+    bad_roi.roi = Some(wpb::Rect {
+        x: 100,
+        y: 0,
+        width: 64,
+        height: 8,
+    });
+    for (h, data, field) in [
+        (bad_owner, img.to_le_bytes(), "header.owner"),
+        (
+            bad_attr,
+            img.to_le_bytes(),
+            "header.patient_attributes[0].name",
+        ),
+        (bad_roi, img.to_le_bytes(), "header.roi"),
+        (
+            header(pb::ImageFormat::Png, None),
+            b"not a png".to_vec(),
+            "chunk",
+        ),
+        (
+            header(pb::ImageFormat::Raw, Some(raw_spec(&img))),
+            vec![0u8; 10],
+            "header.size",
+        ),
+    ] {
+        let e = gw::store(&mut owner, h, &data).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    // A header that lies about the size.
+    let mut msgs = gw::store_messages(
+        header(pb::ImageFormat::Raw, Some(raw_spec(&img))),
+        &img.to_le_bytes(),
+    );
+    msgs.pop();
+    let e = owner.store(tokio_stream::iter(msgs)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = owner
+        .verify(pb::VerifyStudyRequest {
+            study_handle: "st-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("study_handle"));
+    let after = total_objects(&stack).await;
+    assert_eq!(before, after, "refused stores leave nothing on the nodes");
+
+    // One node stopped: stores avoid it; a study with a share there is
+    // UNAVAILABLE naming the node.
+    let a = store_raw(&stack, "owner", &img).await;
+    let victim = a.placements[0].node.clone();
+    assert!(stack.stop(&victim).await);
+    let b = store_raw(&stack, "owner", &img).await;
+    assert!(b.placements.iter().all(|p| p.node != victim));
+    let e = owner
+        .verify(pb::VerifyStudyRequest {
+            study_handle: a.study_handle.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains(&victim), "{}", e.message());
+
+    // Two nodes stopped: store fails cleanly, nothing left on the survivor.
+    let second = b.placements.iter().map(|p| p.node.clone()).next().unwrap();
+    let survivor = (1..=3)
+        .map(|n| format!("storage-{n}"))
+        .find(|n| *n != victim && *n != second)
+        .unwrap();
+    assert!(stack.stop(&second).await);
+    let survivor_before = object_count(&stack, &survivor).await;
+    let e = gw::store(
+        &mut owner,
+        header(pb::ImageFormat::Raw, Some(raw_spec(&img))),
+        &img.to_le_bytes(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&victim) && e.message().contains(&second),
+        "{}",
+        e.message()
+    );
+    assert_eq!(object_count(&stack, &survivor).await, survivor_before);
+
+    // Restarted, everything is served again.
+    stack.restart_storage(&victim).await.unwrap();
+    stack.restart_storage(&second).await.unwrap();
+    let r = owner
+        .verify(pb::VerifyStudyRequest {
+            study_handle: a.study_handle.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.report.unwrap().intact);
+    stack.shutdown().await;
+}
+
+trait TapRoi {
+    fn tap_roi(self, roi: Option<wpb::Rect>) -> Self;
+}
+
+impl TapRoi for pb::StoreHeader {
+    fn tap_roi(mut self, roi: Option<wpb::Rect>) -> Self {
+        self.roi = roi;
+        self
+    }
+}

@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""Helm chart checks for e2e/helm.sh.
+
+Two Helm libraries from PyPI, each a Go shared library, so each runs in its
+own process (two Go runtimes must not share one):
+
+* helm-sdkpy (`helm_sdkpy`): `Lint`, the gate. Its Lint takes only a chart
+  path, so non-default values are linted on a copy of the chart whose
+  values.yaml holds the merged values (`prepare`).
+* helm-python-sdk (`helm_python`): offline rendering (`Chart.render`), a YAML
+  parser, and lint messages with their text (`diagnose`).
+
+Subcommands:
+  prepare CHART OVERRIDES.json OUT_CHART_DIR   copy CHART with values = defaults + overrides
+  lint CHART_DIR                               helm-sdkpy Lint; exit 1 on any warning or error
+  diagnose CHART_DIR                           helm-python-sdk lint messages (why lint failed)
+  render CHART OUT_DIR [OVERRIDES.json]        render; write objects.json, values.json,
+                                               NOTES.txt and config/<configmap>.toml
+  check NAME OUT_DIR [ARG]                     one assertion on a rendered chart (see CHECKS)
+  gateway-nodes-override OUT_DIR ADDR...       TOML inline array of the rendered gateway's
+                                               storage nodes with the given addresses
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import shutil
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+
+SEVERITY = {0: "unknown", 1: "info", 2: "warning", 3: "error"}
+
+
+def merge(base, over):
+    """Helm's value coalescing: maps merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base.get(k), v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+def load_overrides(path: str | None) -> dict:
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------- helm_python
+
+
+def cmd_prepare(chart: str, overrides: str, out: str) -> None:
+    import helm_python as hp
+
+    with hp.chart.Chart.load(chart) as c:
+        values = merge(c.values, load_overrides(overrides))
+    out_dir = Path(out)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(chart, out_dir)
+    # JSON is YAML: the copy's values.yaml is the merged values.
+    (out_dir / "values.yaml").write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+
+
+def cmd_diagnose(chart: str) -> None:
+    import helm_python as hp
+
+    report = hp.chart.lint(chart, strict=True)
+    for m in report.get("messages", []):
+        print(f"[{SEVERITY.get(m['severity'], m['severity'])}] {m['path']}: {m['error'].strip()}")
+
+
+def split_documents(text: str) -> list[str]:
+    docs, cur = [], []
+    for line in text.splitlines():
+        if line.rstrip() == "---":
+            docs.append("\n".join(cur))
+            cur = []
+        else:
+            cur.append(line)
+    docs.append("\n".join(cur))
+    return [d for d in docs if any(l.strip() and not l.lstrip().startswith("#") for l in d.splitlines())]
+
+
+def cmd_render(chart: str, out: str, overrides: str | None) -> None:
+    import helm_python as hp
+
+    with hp.chart.Chart.load(chart) as c:
+        values = merge(c.values, load_overrides(overrides))
+        manifests = c.render(values, name="tessera", namespace="tessera", is_install=True)
+    out_dir = Path(out)
+    (out_dir / "config").mkdir(parents=True, exist_ok=True)
+    objects = []
+    for path in sorted(manifests):
+        text = manifests[path]
+        if path.endswith("NOTES.txt"):
+            (out_dir / "NOTES.txt").write_text(text, encoding="utf-8")
+            continue
+        for doc in split_documents(text):
+            obj = hp.chart.values_from_yaml(doc)
+            if obj:
+                objects.append({"template": path, "object": obj})
+    for o in objects:
+        obj = o["object"]
+        if obj.get("kind") == "ConfigMap" and "config.toml" in obj.get("data", {}):
+            name = obj["metadata"]["name"]
+            (out_dir / "config" / f"{name}.toml").write_text(obj["data"]["config.toml"], encoding="utf-8")
+    (out_dir / "objects.json").write_text(json.dumps(objects, indent=1), encoding="utf-8")
+    (out_dir / "values.json").write_text(json.dumps(values, indent=1), encoding="utf-8")
+    print(f"{len(objects)} objects from {len(manifests)} templates")
+
+
+# ---------------------------------------------------------------- helm_sdkpy
+
+
+def cmd_lint(chart: str) -> int:
+    import helm_sdkpy
+
+    config = helm_sdkpy.Configuration(namespace="tessera")
+    report = asyncio.run(helm_sdkpy.Lint(config).run(chart))
+    messages = report.get("Messages") or []
+    bad = [m for m in messages if m.get("Severity", 0) >= 2]
+    for m in messages:
+        print(f"[{SEVERITY.get(m.get('Severity'), m.get('Severity'))}] {m.get('Path')}")
+    print(f"linted {report.get('TotalChartsLinted')} chart(s): {len(bad)} warning(s)/error(s)")
+    if report.get("TotalChartsLinted") != 1:
+        return 1
+    return 1 if bad or report.get("Errors") else 0
+
+
+# -------------------------------------------------------------------- checks
+
+
+class Rendered:
+    def __init__(self, out: str):
+        d = Path(out)
+        self.objects = [o["object"] for o in json.loads((d / "objects.json").read_text())]
+        self.values = json.loads((d / "values.json").read_text())
+        self.configs = {p.stem: tomllib.loads(p.read_text()) for p in (d / "config").glob("*.toml")}
+        self.notes = (d / "NOTES.txt").read_text() if (d / "NOTES.txt").exists() else ""
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [o for o in self.objects if o.get("kind") == kind]
+
+    def get(self, kind: str, name: str) -> dict:
+        found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
+        if len(found) != 1:
+            raise AssertionError(f"expected one {kind} {name!r}, found {len(found)}")
+        return found[0]
+
+    def workloads(self) -> list[dict]:
+        return [o for o in self.objects if o.get("kind") in ("Deployment", "StatefulSet")]
+
+    def service_port(self, name: str) -> int:
+        svc = self.get("Service", name)
+        ports = svc["spec"]["ports"]
+        assert len(ports) == 1 and ports[0]["name"] == "grpc", f"Service {name}: one port named grpc"
+        return int(ports[0]["port"])
+
+    def config_of(self, workload: dict) -> tuple[str, dict]:
+        """(configmap name, parsed TOML) mounted by a workload."""
+        for v in workload["spec"]["template"]["spec"]["volumes"]:
+            if "configMap" in v:
+                name = v["configMap"]["name"]
+                return name, self.configs[name]
+        raise AssertionError(f"{workload['metadata']['name']}: no config volume")
+
+
+def storage_count(r: Rendered) -> int:
+    return int(r.values["storage"]["replicas"])
+
+
+def check_storage_nodes(r: Rendered, arg: str | None) -> None:
+    n = int(arg) if arg else storage_count(r)
+    expected = [f"storage-{i}" for i in range(1, n + 1)]
+    gw = r.configs["gateway-config"]
+    names = [s["name"] for s in gw["storage_nodes"]]
+    assert names == expected, f"gateway storage_nodes {names} != {expected}"
+    for s in gw["storage_nodes"]:
+        port = r.service_port(s["name"])
+        assert s["address"] == f"{s['name']}:{port}", f"{s['name']}: address {s['address']!r}, Service port {port}"
+        sts = r.get("StatefulSet", s["name"])
+        cm_name, cfg = r.config_of(sts)
+        assert cfg["node_id"] == s["name"], f"{cm_name}: node_id {cfg['node_id']!r} != {s['name']!r}"
+        assert sts["spec"]["replicas"] == 1, f"{s['name']}: one replica"
+    sts_names = sorted(o["metadata"]["name"] for o in r.of_kind("StatefulSet") if o["metadata"]["name"].startswith("storage-"))
+    assert sts_names == sorted(expected), f"storage StatefulSets {sts_names} != {expected}"
+    node_ids = sorted(c["node_id"] for c in r.configs.values() if "node_id" in c)
+    assert node_ids == sorted(expected), f"node_ids {node_ids} are not distinct storage-1..{n}"
+
+
+def all_containers(w: dict) -> list[dict]:
+    spec = w["spec"]["template"]["spec"]
+    return list(spec.get("initContainers", [])) + list(spec["containers"])
+
+
+def check_security(r: Rendered, _arg: str | None) -> None:
+    workloads = r.workloads()
+    kinds = sorted((w["kind"], w["metadata"]["name"]) for w in workloads)
+    n = storage_count(r)
+    expected = sorted(
+        [("Deployment", "gateway"), ("Deployment", "watermark"), ("Deployment", "segmentation"), ("StatefulSet", "keyserver")]
+        + [("StatefulSet", f"storage-{i}") for i in range(1, n + 1)]
+    )
+    assert kinds == expected, f"workloads {kinds} != {expected}"
+    for w in workloads:
+        name = w["metadata"]["name"]
+        pod = w["spec"]["template"]["spec"]
+        psc = pod.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot"
+        assert int(psc.get("runAsUser", 0)) != 0, f"{name}: pod runAsUser must not be 0"
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp RuntimeDefault"
+        assert pod.get("automountServiceAccountToken") is False, f"{name}: no service account token"
+        for c in all_containers(w):
+            sc = c.get("securityContext", {})
+            where = f"{name}/{c['name']}"
+            assert sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation false"
+            assert sc.get("privileged") is not True, f"{where}: not privileged"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: capabilities drop ALL"
+            assert not sc.get("capabilities", {}).get("add"), f"{where}: no added capabilities"
+            assert c.get("resources", {}).get("limits", {}).get("memory"), f"{where}: memory limit"
+
+
+def check_probes(r: Rendered, _arg: str | None) -> None:
+    for w in r.workloads():
+        name = w["metadata"]["name"]
+        (main,) = w["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+        assert "grpc" in ports, f"{name}: container port named grpc"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            p = main.get(probe)
+            assert p and p.get("tcpSocket", {}).get("port") == "grpc", f"{name}: {probe} is tcpSocket on grpc"
+            assert "grpc" not in p and "httpGet" not in p and "exec" not in p, f"{name}: {probe} only tcpSocket"
+        svc_port = r.service_port(name)
+        svc = r.get("Service", name)
+        assert svc["spec"]["ports"][0]["targetPort"] == "grpc", f"Service {name}: targetPort grpc"
+        assert svc["spec"]["type"] == "ClusterIP", f"Service {name}: ClusterIP by default"
+        sel = svc["spec"]["selector"]
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in sel.items()), f"Service {name} selects its pods"
+        others = [o for o in r.workloads() if o is not w and all(o["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+        assert not others, f"Service {name} also selects {[o['metadata']['name'] for o in others]}"
+        _, cfg = r.config_of(w)
+        host = r.values["server"]["listenHost"]
+        assert cfg["server"]["listen"] == f"{host}:{ports['grpc']}", f"{name}: listen {cfg['server']['listen']!r}"
+        assert svc_port == ports["grpc"], f"{name}: Service port {svc_port} != container port {ports['grpc']}"
+
+
+def check_addresses(r: Rendered, _arg: str | None) -> None:
+    gw = r.configs["gateway-config"]
+    wm = r.configs["watermark-config"]
+    dials = [gw["keyserver"]["address"], gw["watermark"]["address"], gw["segmentation"]["address"], wm["keyserver"]["address"]]
+    dials += [s["address"] for s in gw["storage_nodes"]]
+    for a in dials:
+        host, _, port = a.rpartition(":")
+        assert r.service_port(host) == int(port), f"{a}: Service {host} has another port"
+    for name, want in (("keyserver", "keyserver"), ("watermark", "watermark"), ("segmentation", "segmentation")):
+        host = gw[name]["address"].rpartition(":")[0]
+        assert host == want, f"gateway [{name}] dials {host!r}"
+
+
+def mounts_of(w: dict, container: str) -> dict[str, dict]:
+    for c in w["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == container:
+            return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+    raise AssertionError(f"{w['metadata']['name']}: no container {container}")
+
+
+def volume(w: dict, name: str) -> dict:
+    for v in w["spec"]["template"]["spec"]["volumes"]:
+        if v["name"] == name:
+            return v
+    for t in w["spec"].get("volumeClaimTemplates", []):
+        if t["metadata"]["name"] == name:
+            return {"name": name, "volumeClaimTemplate": t}
+    raise AssertionError(f"{w['metadata']['name']}: no volume {name}")
+
+
+def under(path: str, mounts: dict[str, dict]) -> dict:
+    p = PurePosixPath(path)
+    hits = [m for mp, m in mounts.items() if p == PurePosixPath(mp) or PurePosixPath(mp) in p.parents]
+    assert hits, f"{path} is on no mounted volume"
+    return max(hits, key=lambda m: len(m["mountPath"]))
+
+
+def config_paths(cfg: dict) -> list[tuple[str, str]]:
+    """(key, path) of every file or directory a config names."""
+    out = []
+    for sect in ("server",):
+        for k in ("ca", "cert", "key"):
+            out.append((f"{sect}.tls.{k}", cfg[sect]["tls"][k]))
+    for k in ("ca", "cert", "key"):
+        if "client_tls" in cfg:
+            out.append((f"client_tls.{k}", cfg["client_tls"][k]))
+        if "tls" in cfg.get("keyserver", {}):
+            out.append((f"keyserver.tls.{k}", cfg["keyserver"]["tls"][k]))
+    if "db_path" in cfg.get("keyserver", {}):
+        out += [("keyserver.db_path", cfg["keyserver"]["db_path"]), ("keyserver.kek_file", cfg["keyserver"]["kek_file"])]
+    if "vault" in cfg:
+        out += [("vault.path", cfg["vault"]["path"]), ("vault.key_file", cfg["vault"]["key_file"])]
+    if "data_dir" in cfg:
+        out.append(("data_dir", cfg["data_dir"]))
+    return out
+
+
+def check_paths(r: Rendered, _arg: str | None) -> None:
+    """Every path a config names is on the right kind of mounted volume."""
+    for w in r.workloads():
+        name = w["metadata"]["name"]
+        (main,) = w["spec"]["template"]["spec"]["containers"]
+        mounts = mounts_of(w, main["name"])
+        cm_name, cfg = r.config_of(w)
+        assert main["args"] == ["--config", under_config(mounts, cm_name, w)], f"{name}: --config path"
+        for key, path in config_paths(cfg):
+            m = under(path, mounts)
+            v = volume(w, m["name"])
+            where = f"{name}: {key} = {path}"
+            if key.rpartition(".")[0] in ("server.tls", "client_tls", "keyserver.tls"):
+                assert "secret" in v, f"{where}: not on a Secret volume"
+                items = {i["key"]: i["path"] for i in v["secret"].get("items", [])}
+                assert items == {"ca.crt": "ca.crt", "tls.crt": "tls.crt", "tls.key": "tls.key"}, f"{where}: items {items}"
+                rel = str(PurePosixPath(path).relative_to(m["mountPath"]))
+                assert rel in items.values(), f"{where}: {rel} is not a key of the Secret"
+            elif key in ("keyserver.db_path", "vault.path", "data_dir"):
+                assert "persistentVolumeClaim" in v or "volumeClaimTemplate" in v, f"{where}: not on a persistent volume"
+                assert not m.get("readOnly"), f"{where}: mounted read-only"
+            elif key in ("keyserver.kek_file", "vault.key_file"):
+                assert v.get("emptyDir", {}).get("medium") == "Memory", f"{where}: not on a memory emptyDir"
+                inits = w["spec"]["template"]["spec"].get("initContainers", [])
+                dest = [c for c in inits if path in c.get("command", [])]
+                assert dest, f"{where}: no init container writes it"
+                cmd = dest[0]["command"]
+                assert cmd[:3] == ["install", "-m", "0400"], f"{where}: copied with {cmd}"
+            else:
+                raise AssertionError(f"{where}: unchecked path key")
+
+
+def under_config(mounts: dict[str, dict], cm_name: str, w: dict) -> str:
+    for mp, m in mounts.items():
+        v = volume(w, m["name"])
+        if v.get("configMap", {}).get("name") == cm_name:
+            return f"{mp}/config.toml"
+    raise AssertionError(f"{w['metadata']['name']}: ConfigMap {cm_name} not mounted")
+
+
+def check_secrets(r: Rendered, _arg: str | None) -> None:
+    v = r.values
+    want = {"gateway": v["gateway"]["tlsSecret"], "keyserver": v["keyserver"]["tlsSecret"],
+            "watermark": v["watermark"]["tlsSecret"], "segmentation": v["segmentation"]["tlsSecret"]}
+    for i in range(1, storage_count(r) + 1):
+        want[f"storage-{i}"] = v["storage"]["tlsSecretFormat"].replace("%d", str(i))
+    for w in r.workloads():
+        name = w["metadata"]["name"]
+        got = volume(w, "pki")["secret"]["secretName"]
+        assert got == want[name], f"{name}: TLS Secret {got!r} != {want[name]!r}"
+    ks = r.get("StatefulSet", "keyserver")
+    assert volume(ks, "kek")["secret"]["secretName"] == v["keyserver"]["kekSecret"]["name"], "keyserver KEK Secret"
+    gw = r.get("Deployment", "gateway")
+    assert volume(gw, "vault-key")["secret"]["secretName"] == v["gateway"]["vaultKeySecret"]["name"], "gateway vault key Secret"
+    names = [s["metadata"]["name"] for s in r.of_kind("Secret")]
+    assert not names, f"the chart must not create Secrets (operator-provided), found {names}"
+
+
+def check_telemetry(r: Rendered, arg: str | None) -> None:
+    want = None if arg in (None, "", "none") else arg
+    assert len(r.configs) == 4 + storage_count(r), f"{len(r.configs)} configs"
+    for name, cfg in r.configs.items():
+        got = cfg.get("telemetry", {}).get("otlp_endpoint")
+        assert got == want, f"{name}: otlp_endpoint {got!r} != {want!r}"
+        assert cfg["telemetry"]["log"] == r.values["telemetry"]["log"], f"{name}: telemetry.log"
+
+
+def check_access(r: Rendered, _arg: str | None) -> None:
+    a = r.values["access"]
+    for name, cfg in r.configs.items():
+        acc = cfg["server"]["access"]
+        assert acc["trust_domain"] == a["trustDomain"], f"{name}: trust_domain"
+        assert acc["dev_roles"] == a["devRoles"], f"{name}: dev_roles"
+        assert acc.get("roles", {}) == a["roles"], f"{name}: roles {acc.get('roles')} != {a['roles']}"
+
+
+def check_notes(r: Rendered, _arg: str | None) -> None:
+    for s in ("grpcurl", "-cacert", "-cert", "-key", "grpc.health.v1.Health/Check", " list", "-servername keyserver"):
+        assert s in r.notes, f"NOTES.txt lacks {s!r}"
+    for i in range(1, storage_count(r) + 1):
+        assert f"storage-{i}:" in r.notes, f"NOTES.txt lacks storage-{i}"
+
+
+def check_checksums(r: Rendered, _arg: str | None) -> None:
+    seen = set()
+    for w in r.workloads():
+        ann = w["spec"]["template"]["metadata"].get("annotations", {})
+        sum_ = ann.get("checksum/config", "")
+        assert re.fullmatch(r"[0-9a-f]{64}", sum_), f"{w['metadata']['name']}: checksum/config annotation"
+        seen.add(sum_)
+    assert len(seen) == len(r.workloads()), "every workload has its own config checksum"
+
+
+CHECKS = {
+    "storage-nodes": check_storage_nodes,
+    "security": check_security,
+    "probes": check_probes,
+    "addresses": check_addresses,
+    "paths": check_paths,
+    "secrets": check_secrets,
+    "telemetry": check_telemetry,
+    "access": check_access,
+    "notes": check_notes,
+    "checksums": check_checksums,
+}
+
+
+def cmd_gateway_nodes_override(out: str, addrs: list[str]) -> None:
+    gw = Rendered(out).configs["gateway-config"]
+    names = [s["name"] for s in gw["storage_nodes"]]
+    if len(names) != len(addrs):
+        raise SystemExit(f"{len(names)} storage nodes rendered, {len(addrs)} addresses given")
+    print("[" + ", ".join(f'{{name = {json.dumps(n)}, address = {json.dumps(a)}}}' for n, a in zip(names, addrs)) + "]")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, args = argv[1], argv[2:]
+    if cmd == "prepare" and len(args) == 3:
+        cmd_prepare(*args)
+    elif cmd == "lint" and len(args) == 1:
+        return cmd_lint(args[0])
+    elif cmd == "diagnose" and len(args) == 1:
+        cmd_diagnose(args[0])
+    elif cmd == "render" and len(args) in (2, 3):
+        cmd_render(args[0], args[1], args[2] if len(args) == 3 else None)
+    elif cmd == "check" and len(args) in (2, 3) and args[0] in CHECKS:
+        try:
+            CHECKS[args[0]](Rendered(args[1]), args[2] if len(args) == 3 else None)
+        except (AssertionError, KeyError) as e:
+            print(f"{args[0]}: {type(e).__name__}: {e}")
+            return 1
+    elif cmd == "gateway-nodes-override" and len(args) >= 2:
+        cmd_gateway_nodes_override(args[0], args[1:])
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

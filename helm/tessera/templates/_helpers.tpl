@@ -1,0 +1,334 @@
+{{/*
+Shared helpers. Every service's config is rendered here as TOML, from values,
+with the exact keys of its Rust config struct (serde deny_unknown_fields:
+an extra key is a start-up error, exit 64). Strings go through toJson (a JSON
+string is a valid TOML basic string); numbers through int64 (Helm reads YAML
+numbers as float64, which would print 2.68435456e+08).
+*/}}
+
+{{/* Mount points inside every container. */}}
+{{- define "tessera.configDir" -}}/etc/tessera{{- end }}
+{{- define "tessera.pkiDir" -}}/pki{{- end }}
+{{- define "tessera.dataDir" -}}/data{{- end }}
+{{- define "tessera.secretsDir" -}}/secrets{{- end }}
+
+{{- define "tessera.chart" -}}
+{{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels. Call with (dict "root" $ "component" "keyserver" "name" "keyserver"). */}}
+{{- define "tessera.selectorLabels" -}}
+app.kubernetes.io/name: tessera
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+tessera.io/service: {{ .name }}
+{{- end }}
+
+{{- define "tessera.labels" -}}
+{{ include "tessera.selectorLabels" . }}
+helm.sh/chart: {{ include "tessera.chart" .root }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: tessera
+{{- end }}
+
+{{- define "tessera.image" -}}
+{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/* spiffe://<trustDomain>/service/<name>. Call with (list $ "gateway"). */}}
+{{- define "tessera.serviceIdentity" -}}
+{{- $root := index . 0 -}}
+{{ printf "spiffe://%s/service/%s" $root.Values.access.trustDomain (index . 1) }}
+{{- end }}
+
+{{/* "<name>:<port>": the address clients dial (the DNS SAN the server
+certificate must carry is <name>). Call with (list "keyserver" 7400). */}}
+{{- define "tessera.address" -}}
+{{ printf "%s:%d" (index . 0) (index . 1 | int) }}
+{{- end }}
+
+{{/* A TOML array of strings from a list. */}}
+{{- define "tessera.tomlStrings" -}}
+[{{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s | toString | toJson }}{{ end }}]
+{{- end }}
+
+{{/* Values sanity checks that a schema cannot express. */}}
+{{- define "tessera.validate" -}}
+{{- $ep := .Values.telemetry.otlpEndpoint | default "" -}}
+{{- if and $ep (not (regexMatch "^https?://" $ep)) -}}
+{{- fail (printf "telemetry.otlpEndpoint %q: use http(s)://host:port" $ep) -}}
+{{- end -}}
+{{- $n := .Values.storage.replicas | int -}}
+{{- if or (lt $n 2) (gt $n 16) -}}
+{{- fail (printf "storage.replicas is %d: use 2..16 (two shares go to distinct nodes; the gateway places on at most 16)" $n) -}}
+{{- end -}}
+{{- if gt (.Values.storage.maxObjectBytes | int64) (.Values.storage.capacityBytes | int64) -}}
+{{- fail "storage.maxObjectBytes must not exceed storage.capacityBytes" -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+[server] and [telemetry] tables of every service (the last tables of the
+file: callers put their own top-level keys first). Call with
+(dict "root" $ "port" 7400).
+*/}}
+{{- define "tessera.serverToml" -}}
+{{- $v := .root.Values -}}
+[server]
+listen = {{ printf "%s:%d" $v.server.listenHost (.port | int) | toJson }}
+max_concurrent_streams = {{ $v.server.maxConcurrentStreams | int64 }}
+
+[server.tls]
+ca = {{ printf "%s/ca.crt" (include "tessera.pkiDir" .) | toJson }}
+cert = {{ printf "%s/tls.crt" (include "tessera.pkiDir" .) | toJson }}
+key = {{ printf "%s/tls.key" (include "tessera.pkiDir" .) | toJson }}
+
+[server.access]
+trust_domain = {{ $v.access.trustDomain | toJson }}
+dev_roles = {{ $v.access.devRoles }}
+{{- if $v.access.roles }}
+
+[server.access.roles]
+{{- range $id, $roles := $v.access.roles }}
+{{ $id | toJson }} = {{ include "tessera.tomlStrings" $roles }}
+{{- end }}
+{{- end }}
+
+[telemetry]
+log = {{ $v.telemetry.log | toJson }}
+json = {{ $v.telemetry.json }}
+{{- if $v.telemetry.otlpEndpoint }}
+otlp_endpoint = {{ $v.telemetry.otlpEndpoint | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* Client TLS files: the service's own certificate (a [..tls] table body). */}}
+{{- define "tessera.clientTlsToml" -}}
+ca = {{ printf "%s/ca.crt" (include "tessera.pkiDir" .) | toJson }}
+cert = {{ printf "%s/tls.crt" (include "tessera.pkiDir" .) | toJson }}
+key = {{ printf "%s/tls.key" (include "tessera.pkiDir" .) | toJson }}
+{{- end }}
+
+{{/* ---------------- per-service config files ---------------- */}}
+
+{{- define "tessera.config.gateway" -}}
+{{- $v := .Values -}}
+# gateway --config: rendered by the Tessera chart from values.
+[client_tls]
+{{ include "tessera.clientTlsToml" . }}
+
+[keyserver]
+address = {{ include "tessera.address" (list "keyserver" $v.keyserver.port) | toJson }}
+
+[watermark]
+address = {{ include "tessera.address" (list "watermark" $v.watermark.port) | toJson }}
+
+[segmentation]
+address = {{ include "tessera.address" (list "segmentation" $v.segmentation.port) | toJson }}
+{{- range $i := until ($v.storage.replicas | int) }}
+{{- $node := printf "storage-%d" (add1 $i) }}
+
+[[storage_nodes]]
+name = {{ $node | toJson }}
+address = {{ include "tessera.address" (list $node $v.storage.port) | toJson }}
+{{- end }}
+
+[vault]
+path = {{ printf "%s/vault.redb" (include "tessera.dataDir" .) | toJson }}
+key_file = {{ printf "%s/vault.key" (include "tessera.secretsDir" .) | toJson }}
+
+[gateway]
+max_image_bytes = {{ $v.gateway.maxImageBytes | int64 }}
+max_concurrent_jobs = {{ $v.gateway.maxConcurrentJobs | int64 }}
+
+{{ include "tessera.serverToml" (dict "root" . "port" $v.gateway.port) }}
+{{- end }}
+
+{{- define "tessera.config.keyserver" -}}
+{{- $v := .Values -}}
+{{- $derive := $v.keyserver.deriveIdentities | default (list (include "tessera.serviceIdentity" (list . "gateway")) (include "tessera.serviceIdentity" (list . "watermark"))) -}}
+# keyserver --config: rendered by the Tessera chart from values.
+[keyserver]
+db_path = {{ printf "%s/keyserver.redb" (include "tessera.dataDir" .) | toJson }}
+kek_file = {{ printf "%s/keyserver.kek" (include "tessera.secretsDir" .) | toJson }}
+gateway_identity = {{ $v.keyserver.gatewayIdentity | default (include "tessera.serviceIdentity" (list . "gateway")) | toJson }}
+derive_identities = {{ include "tessera.tomlStrings" $derive }}
+checkpoint_every = {{ $v.keyserver.checkpointEvery | int64 }}
+max_grant_ttl_secs = {{ $v.keyserver.maxGrantTtlSecs | int64 }}
+max_grant_uses = {{ $v.keyserver.maxGrantUses | int64 }}
+
+{{ include "tessera.serverToml" (dict "root" . "port" $v.keyserver.port) }}
+{{- end }}
+
+{{- define "tessera.config.watermark" -}}
+{{- $v := .Values -}}
+{{- $callers := $v.watermark.allowedCallers | default (list (include "tessera.serviceIdentity" (list . "gateway"))) -}}
+# watermark --config: rendered by the Tessera chart from values.
+[keyserver]
+address = {{ include "tessera.address" (list "keyserver" $v.keyserver.port) | toJson }}
+
+[keyserver.tls]
+{{ include "tessera.clientTlsToml" . }}
+
+[watermark]
+allowed_callers = {{ include "tessera.tomlStrings" $callers }}
+max_image_bytes = {{ $v.watermark.maxImageBytes | int64 }}
+max_concurrent_jobs = {{ $v.watermark.maxConcurrentJobs | int64 }}
+
+{{ include "tessera.serverToml" (dict "root" . "port" $v.watermark.port) }}
+{{- end }}
+
+{{- define "tessera.config.segmentation" -}}
+{{- $v := .Values -}}
+{{- $callers := $v.segmentation.allowedCallers | default (list (include "tessera.serviceIdentity" (list . "gateway"))) -}}
+# segmentation --config: rendered by the Tessera chart from values.
+[segmentation]
+allowed_callers = {{ include "tessera.tomlStrings" $callers }}
+max_image_bytes = {{ $v.segmentation.maxImageBytes | int64 }}
+max_concurrent_jobs = {{ $v.segmentation.maxConcurrentJobs | int64 }}
+
+{{ include "tessera.serverToml" (dict "root" . "port" $v.segmentation.port) }}
+{{- end }}
+
+{{/* Call with (dict "root" $ "node" "storage-2"). */}}
+{{- define "tessera.config.storage" -}}
+{{- $v := .root.Values -}}
+# storage-node --config: rendered by the Tessera chart from values.
+node_id = {{ .node | toJson }}
+data_dir = {{ include "tessera.dataDir" . | toJson }}
+capacity_bytes = {{ $v.storage.capacityBytes | int64 }}
+max_object_bytes = {{ $v.storage.maxObjectBytes | int64 }}
+max_concurrent_puts = {{ $v.storage.maxConcurrentPuts | int64 }}
+
+{{ include "tessera.serverToml" (dict "root" .root "port" $v.storage.port) }}
+{{- end }}
+
+{{/* ---------------- pod building blocks ---------------- */}}
+
+{{/*
+Probes. The services serve grpc.health.v1 over mutual TLS only (no plaintext
+listener, client certificate required), so neither the kubelet's `grpc`
+probe nor `httpGet` can reach it; a tcpSocket probe checks that the listener
+accepts connections. For a real health check use grpcurl with a client
+certificate (templates/NOTES.txt).
+*/}}
+{{- define "tessera.probes" -}}
+{{- $p := .Values.probes -}}
+startupProbe:
+  tcpSocket:
+    port: grpc
+  periodSeconds: {{ $p.startup.periodSeconds }}
+  failureThreshold: {{ $p.startup.failureThreshold }}
+readinessProbe:
+  tcpSocket:
+    port: grpc
+  periodSeconds: {{ $p.readiness.periodSeconds }}
+  timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
+  failureThreshold: {{ $p.readiness.failureThreshold }}
+livenessProbe:
+  tcpSocket:
+    port: grpc
+  periodSeconds: {{ $p.liveness.periodSeconds }}
+  timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
+  failureThreshold: {{ $p.liveness.failureThreshold }}
+{{- end }}
+
+{{/* Pod spec lines shared by every pod. Call with (dict "root" $ "c" .Values.<component>). */}}
+{{- define "tessera.podCommon" -}}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+{{- with .c.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The main container's fixed parts (after its name). Call with (dict "root" $ "c" .Values.<component> "bin" "keyserver"). */}}
+{{- define "tessera.container" -}}
+image: {{ include "tessera.image" .root | quote }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+command: [{{ printf "/usr/local/bin/%s" .bin | quote }}]
+args: ["--config", {{ printf "%s/config.toml" (include "tessera.configDir" .) | quote }}]
+ports:
+  - name: grpc
+    containerPort: {{ .c.port }}
+    protocol: TCP
+securityContext:
+  {{- toYaml .root.Values.containerSecurityContext | nindent 2 }}
+resources:
+  {{- toYaml .c.resources | nindent 2 }}
+{{ include "tessera.probes" .root }}
+{{- end }}
+
+{{/* volumeMounts every main container has. */}}
+{{- define "tessera.baseMounts" -}}
+- name: config
+  mountPath: {{ include "tessera.configDir" . }}
+  readOnly: true
+- name: pki
+  mountPath: {{ include "tessera.pkiDir" . }}
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* volumes every pod has. Call with (dict "root" $ "config" "<configmap>" "tlsSecret" "<secret>"). */}}
+{{- define "tessera.baseVolumes" -}}
+- name: config
+  configMap:
+    name: {{ .config }}
+- name: pki
+  secret:
+    secretName: {{ .tlsSecret }}
+    # Group-readable: with fsGroup the kubelet adds group read anyway.
+    defaultMode: 0440
+    items:
+      - {key: ca.crt, path: ca.crt}
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+- name: tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 16Mi
+{{- end }}
+
+{{/*
+Secret key files (keyserver KEK, gateway vault key) must be mode 0600/0400
+and owned by the process: the binaries refuse group/other permission bits.
+A Secret volume cannot give that when fsGroup is set (the kubelet adds group
+read, kubernetes/kubernetes#57923), so an init container copies the key into
+a memory-backed emptyDir with mode 0400. Call with
+(dict "root" $ "secret" "<source volume>" "key" "<key in secret>" "file" "<dest name>").
+*/}}
+{{- define "tessera.keyCopyInit" -}}
+- name: copy-{{ .secret }}
+  image: {{ include "tessera.image" .root | quote }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  command: ["install", "-m", "0400", {{ printf "/secret-src/%s" .key | quote }}, {{ printf "%s/%s" (include "tessera.secretsDir" .) .file | quote }}]
+  securityContext:
+    {{- toYaml .root.Values.containerSecurityContext | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 32Mi}
+  volumeMounts:
+    - name: {{ .secret }}
+      mountPath: /secret-src
+      readOnly: true
+    - name: secrets
+      mountPath: {{ include "tessera.secretsDir" . }}
+{{- end }}

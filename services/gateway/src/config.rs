@@ -1,0 +1,290 @@
+//! The gateway's typed config: TOML plus `TESSERA_GATEWAY__*` environment
+//! overrides, validated at start (exit 64 on a bad config).
+//!
+//! ```toml
+//! [server]
+//! listen = "127.0.0.1:7700"
+//! [server.tls]
+//! ca = "pki/ca.crt"
+//! cert = "pki/gateway.crt"
+//! key = "pki/gateway.key"
+//!
+//! [client_tls]              # our certificate for calls to the other services
+//! ca = "pki/ca.crt"
+//! cert = "pki/gateway.crt"
+//! key = "pki/gateway.key"
+//!
+//! [keyserver]
+//! address = "localhost:7400"
+//! [watermark]
+//! address = "localhost:7500"
+//! [segmentation]
+//! address = "localhost:7550"
+//!
+//! [[storage_nodes]]
+//! name = "storage-1"        # must equal the node's node_id (checked)
+//! address = "localhost:7601"
+//! [[storage_nodes]]
+//! name = "storage-2"
+//! address = "localhost:7602"
+//!
+//! [vault]
+//! path = "data/vault.redb"
+//! key_file = "secrets/vault.key"   # 32 random bytes (or 64 hex), mode 0600/0400
+//!
+//! [gateway]
+//! max_image_bytes = 268435456
+//! max_concurrent_jobs = 4
+//! reidentify_roles = ["owner", "clinician"]
+//! ```
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
+use tessera_tls::{Role, TlsFiles};
+
+/// Environment prefix of overrides, e.g. `TESSERA_GATEWAY__VAULT__PATH`.
+pub const ENV_PREFIX: &str = "TESSERA_GATEWAY";
+
+/// Largest image any config may allow: `MAX_SAMPLES` 16-bit words.
+pub const MAX_IMAGE_BYTES_CEILING: u64 = tessera_image::MAX_SAMPLES * 2;
+
+/// Most storage nodes a gateway places on (the segmentation service's
+/// region limit).
+pub const MAX_STORAGE_NODES: usize = 16;
+
+/// The whole config file.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, TLS files, roles.
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// The gateway's own certificate for every outgoing call.
+    pub client_tls: TlsFiles,
+    pub keyserver: Upstream,
+    pub watermark: Upstream,
+    pub segmentation: Upstream,
+    /// The storage nodes shares and fragments are placed on (at least two).
+    pub storage_nodes: Vec<StorageNode>,
+    pub vault: VaultSection,
+    #[serde(default)]
+    pub gateway: GatewaySection,
+}
+
+/// A service the gateway calls.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `host:port`; the service's certificate must name `host`.
+    pub address: String,
+}
+
+/// One `[[storage_nodes]]` entry.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageNode {
+    /// The node's configured `node_id`; the gateway checks it at NodeInfo.
+    pub name: String,
+    pub address: String,
+}
+
+/// The `[vault]` section: the identity vault.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VaultSection {
+    /// redb file of sealed study records.
+    pub path: PathBuf,
+    /// 32-byte vault key (raw or 64 hex characters), owner-only permissions.
+    pub key_file: PathBuf,
+}
+
+/// The `[gateway]` section.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Largest file accepted by Store, and largest decoded image (bytes).
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: u64,
+    /// Store / retrieve / process jobs in flight at once (each holds an
+    /// image and its shares in memory).
+    #[serde(default = "default_jobs")]
+    pub max_concurrent_jobs: u32,
+    /// Roles whose Retrieve answer carries the patient's identity.
+    #[serde(default = "default_reidentify")]
+    pub reidentify_roles: Vec<Role>,
+    /// Seconds to wait for a storage node's NodeInfo before calling it
+    /// unavailable.
+    #[serde(default = "default_probe_secs")]
+    pub node_probe_timeout_secs: u64,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: default_max_image_bytes(),
+            max_concurrent_jobs: default_jobs(),
+            reidentify_roles: default_reidentify(),
+            node_probe_timeout_secs: default_probe_secs(),
+        }
+    }
+}
+
+fn default_max_image_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_jobs() -> u32 {
+    4
+}
+fn default_reidentify() -> Vec<Role> {
+    vec![Role::Owner, Role::Clinician]
+}
+fn default_probe_secs() -> u64 {
+    3
+}
+
+impl Validate for Config {
+    fn validate(&self) -> Result<(), String> {
+        self.server.validate()?;
+        self.telemetry.validate()?;
+        for (what, p) in [
+            ("client_tls.ca", &self.client_tls.ca),
+            ("client_tls.cert", &self.client_tls.cert),
+            ("client_tls.key", &self.client_tls.key),
+            ("vault.path", &self.vault.path),
+            ("vault.key_file", &self.vault.key_file),
+        ] {
+            if p.as_os_str().is_empty() {
+                return Err(format!("{what} must not be empty"));
+            }
+        }
+        for (what, u) in [
+            ("keyserver.address", &self.keyserver),
+            ("watermark.address", &self.watermark),
+            ("segmentation.address", &self.segmentation),
+        ] {
+            if u.address.trim().is_empty() {
+                return Err(format!("{what} must not be empty"));
+            }
+        }
+        if !(2..=MAX_STORAGE_NODES).contains(&self.storage_nodes.len()) {
+            return Err(format!(
+                "storage_nodes must list 2..={MAX_STORAGE_NODES} nodes (two shares go to distinct nodes)"
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, n) in self.storage_nodes.iter().enumerate() {
+            if n.name.is_empty()
+                || n.name.len() > 64
+                || !n
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                return Err(format!(
+                    "storage_nodes[{i}].name must be 1..=64 of [A-Za-z0-9._-]"
+                ));
+            }
+            if n.address.trim().is_empty() {
+                return Err(format!("storage_nodes[{i}].address must not be empty"));
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(format!(
+                    "storage_nodes[{i}].name {:?} is listed twice",
+                    n.name
+                ));
+            }
+        }
+        let g = &self.gateway;
+        if !(1..=MAX_IMAGE_BYTES_CEILING).contains(&g.max_image_bytes) {
+            return Err(format!(
+                "gateway.max_image_bytes must be 1..={MAX_IMAGE_BYTES_CEILING}"
+            ));
+        }
+        if !(1..=1024).contains(&g.max_concurrent_jobs) {
+            return Err("gateway.max_concurrent_jobs must be 1..=1024".into());
+        }
+        if !(1..=600).contains(&g.node_probe_timeout_secs) {
+            return Err("gateway.node_probe_timeout_secs must be 1..=600".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tessera_runtime::{ConfigError, ConfigSource, load_config};
+
+    fn text(dir: &std::path::Path) -> String {
+        for f in ["ca.crt", "gw.crt", "gw.key"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\n\
+             [client_tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\n\
+             [keyserver]\naddress = \"localhost:1\"\n[watermark]\naddress = \"localhost:2\"\n[segmentation]\naddress = \"localhost:3\"\n\
+             [[storage_nodes]]\nname = \"storage-1\"\naddress = \"localhost:4\"\n\
+             [[storage_nodes]]\nname = \"storage-2\"\naddress = \"localhost:5\"\n\
+             [vault]\npath = \"{d}/vault.redb\"\nkey_file = \"{d}/vault.key\"\n",
+            d = dir.display()
+        )
+    }
+
+    #[test]
+    fn loads_with_defaults_and_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = BTreeMap::from([(
+            "TESSERA_GATEWAY__GATEWAY__MAX_CONCURRENT_JOBS".to_string(),
+            "9".to_string(),
+        )]);
+        let cfg: Config =
+            load_config(&ConfigSource::from_text(&text(dir.path()), env), ENV_PREFIX).unwrap();
+        assert_eq!(cfg.gateway.max_concurrent_jobs, 9);
+        assert_eq!(cfg.storage_nodes.len(), 2);
+        assert_eq!(
+            cfg.gateway.reidentify_roles,
+            vec![Role::Owner, Role::Clinician]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        for (var, val) in [
+            ("TESSERA_GATEWAY__GATEWAY__MAX_IMAGE_BYTES", "0"),
+            ("TESSERA_GATEWAY__GATEWAY__MAX_CONCURRENT_JOBS", "0"),
+            ("TESSERA_GATEWAY__KEYSERVER__ADDRESS", "\" \""),
+            ("TESSERA_GATEWAY__VAULT__PATH", "\"\""),
+        ] {
+            let env = BTreeMap::from([(var.to_string(), val.to_string())]);
+            let r: Result<Config, _> =
+                load_config(&ConfigSource::from_text(&text(dir.path()), env), ENV_PREFIX);
+            assert!(matches!(r, Err(ConfigError::Invalid(_))), "{var}={val}");
+        }
+        // One storage node, or a node listed twice.
+        let one = text(dir.path()).replace(
+            "[[storage_nodes]]\nname = \"storage-2\"\naddress = \"localhost:5\"\n",
+            "",
+        );
+        let r: Result<Config, _> =
+            load_config(&ConfigSource::from_text(&one, BTreeMap::new()), ENV_PREFIX);
+        assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("storage_nodes")));
+        let twice = text(dir.path()).replace("storage-2", "storage-1");
+        let r: Result<Config, _> = load_config(
+            &ConfigSource::from_text(&twice, BTreeMap::new()),
+            ENV_PREFIX,
+        );
+        assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("twice")));
+        let env = BTreeMap::from([(
+            "TESSERA_GATEWAY__GATEWAY__SURPRISE".to_string(),
+            "1".to_string(),
+        )]);
+        let r: Result<Config, _> =
+            load_config(&ConfigSource::from_text(&text(dir.path()), env), ENV_PREFIX);
+        assert!(matches!(r, Err(ConfigError::Schema(_))));
+    }
+}

@@ -1,0 +1,21 @@
+//! Tessera gateway ("CloudSec", paper 000 section 3.1): the trusted entry
+//! point. It keeps patient identity in an encrypted identity vault, gives
+//! every study a random pseudonymous handle, and orchestrates the keyserver,
+//! the watermark and segmentation services and the untrusted storage nodes.
+//! See `README.md`.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod client;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod placement;
+mod process;
+pub mod service;
+pub mod upstream;
+pub mod vault;
+
+pub use app::{App, AppError, RunningApp};
+pub use config::Config;
+pub use error::GatewayError;

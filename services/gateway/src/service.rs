@@ -1,0 +1,914 @@
+//! The gRPC edge of the gateway and the flows behind it: store, request
+//! access, retrieve, verify, locate, delete (and process, in `process.rs`).
+//! Roles are checked before this by the `tessera_tls::AuthzLayer` driven by
+//! [`policy`]; ownership and grants are checked here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use sha2::{Digest, Sha256};
+use tessera_image::Image;
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::gateway::v1::gateway_server::{Gateway, GatewayServer};
+use tessera_proto::keyserver::v1 as kpb;
+use tessera_proto::watermark::v1 as wpb;
+use tessera_runtime::MAX_MESSAGE_BYTES;
+use tessera_tls::{Policy, Role};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::convert::{self, StorePlan, attributes_to_proto, check_handle, check_request_id};
+use crate::error::GatewayError;
+use crate::placement::{self, DistinctNodes, PlacementPolicy};
+use crate::upstream::{self, Node, Upstreams};
+use crate::vault::{SharePlacement, SpecRecord, StudyRecord, StudyState, Vault};
+
+/// gRPC service name, for the policy table and health.
+pub const SERVICE: &str = "tessera.gateway.v1.Gateway";
+
+/// The key purpose of pixel keys and grants.
+pub const PURPOSE_PIXELS: &str = "pixels";
+
+/// Shares per study.
+const SHARES: usize = 2;
+
+pub(crate) type Result<T, E = GatewayError> = std::result::Result<T, E>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Who may call what. Ownership (delete) and grants (retrieve, process,
+/// locate) are checked in the handlers.
+pub fn policy() -> Policy {
+    let p = |m: &str| format!("/{SERVICE}/{m}");
+    let readers = [Role::Owner, Role::Clinician, Role::Researcher];
+    Policy::new()
+        .allow(&p("Store"), [Role::Owner, Role::Clinician])
+        .allow(&p("RequestAccess"), readers)
+        .allow(&p("Retrieve"), readers)
+        .allow(&p("Process"), readers)
+        .allow(&p("Locate"), readers)
+        .allow(&p("Verify"), [Role::Owner, Role::Clinician, Role::Admin])
+        .allow(&p("Delete"), [Role::Owner])
+}
+
+/// Settings the handlers need.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_image_bytes: u64,
+    pub reidentify_roles: Vec<Role>,
+}
+
+/// The shared state behind every handler.
+pub struct Inner {
+    pub(crate) up: Upstreams,
+    pub(crate) vault: Arc<Vault>,
+    pub(crate) limits: Limits,
+    jobs: Arc<Semaphore>,
+    placement: Box<dyn PlacementPolicy>,
+    rng: SystemRandom,
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct GatewayService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs a vault operation off the async threads.
+pub(crate) async fn with_vault<T: Send + 'static>(
+    vault: &Arc<Vault>,
+    f: impl FnOnce(&Vault) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let v = vault.clone();
+    tokio::task::spawn_blocking(move || f(&v))
+        .await
+        .map_err(|e| GatewayError::Internal(format!("vault task: {e}")))?
+}
+
+impl GatewayService {
+    pub fn new(up: Upstreams, vault: Arc<Vault>, limits: Limits, max_jobs: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                up,
+                vault,
+                limits,
+                jobs: Arc::new(Semaphore::new(max_jobs)),
+                placement: Box::new(DistinctNodes),
+                rng: SystemRandom::new(),
+            }),
+        }
+    }
+
+    /// The generated server with explicit message limits.
+    pub fn into_server(self) -> GatewayServer<Self> {
+        GatewayServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub(crate) async fn job_permit(&self) -> Result<OwnedSemaphorePermit> {
+        self.inner
+            .jobs
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| GatewayError::Internal("job semaphore closed".into()))
+    }
+
+    fn new_study_id(&self) -> Result<String> {
+        let mut b = [0u8; 16];
+        self.inner
+            .rng
+            .fill(&mut b)
+            .map_err(|_| GatewayError::Internal("no randomness".into()))?;
+        Ok(format!("st-{}", hex::encode(b)))
+    }
+
+    // ---- store ------------------------------------------------------------
+
+    async fn store_inner(
+        &self,
+        caller: String,
+        mut stream: Streaming<pb::StoreRequest>,
+    ) -> Result<pb::StoreResponse> {
+        let header = match stream.message().await.map_err(stream_err)? {
+            Some(pb::StoreRequest {
+                part: Some(pb::store_request::Part::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(GatewayError::InvalidArgument(
+                    "the first message must be the header".into(),
+                ));
+            }
+            None => return Err(GatewayError::InvalidArgument("empty request stream".into())),
+        };
+        let plan = StorePlan::from_header(header, self.inner.limits.max_image_bytes)?;
+        let _permit = self.job_permit().await?;
+        let file = read_exact(&mut stream, plan.size).await?;
+        let image = decode(&plan, file).await?;
+        if let Some(roi) = &plan.roi {
+            image
+                .check_rect(roi)
+                .map_err(|e| GatewayError::InvalidArgument(format!("header.roi: {e}")))?;
+        }
+        let pixel_bytes = image.spec().byte_len() as u64;
+        if pixel_bytes > self.inner.limits.max_image_bytes {
+            return Err(GatewayError::TooLarge(format!(
+                "the decoded image is {pixel_bytes} bytes, over the limit of {} bytes",
+                self.inner.limits.max_image_bytes
+            )));
+        }
+
+        let study_id = self.new_study_id()?;
+        // Choose the nodes before anything is written anywhere.
+        let (healthy, problems) = self.inner.up.probe().await;
+        let names: Vec<String> = self.inner.up.nodes.iter().map(|n| n.name.clone()).collect();
+        // A share is at most the image plus per-tile framing.
+        let share_bound = pixel_bytes + pixel_bytes / 8 + 64 * 1024;
+        let chosen = placement::place(
+            self.inner.placement.as_ref(),
+            &study_id,
+            &healthy,
+            &problems,
+            &names,
+            SHARES,
+            share_bound,
+        )?;
+        let mut rec = StudyRecord {
+            study_id: study_id.clone(),
+            state: StudyState::Pending,
+            owner: plan.owner.clone(),
+            stored_by: caller,
+            attributes: plan.attributes.clone(),
+            original_format: plan.format.into(),
+            spec: SpecRecord::from_spec(image.spec()),
+            header_json: String::new(),
+            placements: chosen
+                .iter()
+                .enumerate()
+                .map(|(i, &h)| {
+                    let share = i as u32 + 1;
+                    SharePlacement {
+                        share,
+                        node: names[healthy[h].index].clone(),
+                        instance_id: healthy[h].instance_id.clone(),
+                        object_id: format!("{study_id}.s{share}"),
+                        size: 0,
+                        sha256: String::new(),
+                    }
+                })
+                .collect(),
+            created_unix: now_unix(),
+        };
+        // The intent record: a crash from here on is cleaned up at start.
+        let r = rec.clone();
+        with_vault(&self.inner.vault, move |v| v.insert_new(&r)).await?;
+        match self.store_steps(&mut rec, &plan, image).await {
+            Ok(()) => {
+                rec.state = StudyState::Committed;
+                let r = rec.clone();
+                if let Err(e) = with_vault(&self.inner.vault, move |v| v.put(&r)).await {
+                    self.rollback(&rec).await;
+                    return Err(e);
+                }
+                tracing::info!(study = %study_id, "stored");
+                Ok(pb::StoreResponse {
+                    study_handle: study_id,
+                    placements: rec.placements.iter().map(placement_to_proto).collect(),
+                    spec: Some(convert::spec_to_proto(&rec.spec.to_spec())),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(study = %study_id, error = %e, "store failed; rolling back");
+                self.rollback(&rec).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Register, protect, place both shares.
+    async fn store_steps(
+        &self,
+        rec: &mut StudyRecord,
+        plan: &StorePlan,
+        image: Image,
+    ) -> Result<()> {
+        let up = &self.inner.up;
+        let mut ks = up.keyserver.clone();
+        ks.register_study(kpb::RegisterStudyRequest {
+            owner: rec.owner.clone(),
+            attributes: attributes_to_proto(&rec.attributes),
+            study_id: rec.study_id.clone(),
+        })
+        .await
+        .map_err(|s| GatewayError::upstream("keyserver", s))?;
+
+        let (header_json, shares) = self.protect(rec, plan, image).await?;
+        rec.header_json = header_json;
+        let mut puts = Vec::with_capacity(SHARES);
+        for (p, data) in rec.placements.iter().zip(shares) {
+            let node = up.node(&p.node)?.clone();
+            let object_id = p.object_id.clone();
+            puts.push(tokio::spawn(async move {
+                let mut c = node.client.clone();
+                let r = storage_node::client::put_object(&mut c, &object_id, &data)
+                    .await
+                    .map_err(|s| node.err(s));
+                r.map(|_| (data.len() as u64, hex::encode(Sha256::digest(&data))))
+            }));
+        }
+        let mut first_err = None;
+        for (i, t) in puts.into_iter().enumerate() {
+            match t.await {
+                Ok(Ok((size, sha))) => {
+                    rec.placements[i].size = size;
+                    rec.placements[i].sha256 = sha;
+                }
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(GatewayError::Internal(format!("put task: {e}")));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Has the watermark service protect the image: the header and both
+    /// shares.
+    async fn protect(
+        &self,
+        rec: &StudyRecord,
+        plan: &StorePlan,
+        image: Image,
+    ) -> Result<(String, Vec<Vec<u8>>)> {
+        let spec = *image.spec();
+        let bytes = image.to_le_bytes();
+        drop(image);
+        let mut msgs = Vec::with_capacity(bytes.len() / convert::CHUNK_BYTES + 2);
+        msgs.push(wpb::ProtectRequest {
+            msg: Some(wpb::protect_request::Msg::Start(wpb::ProtectStart {
+                study: Some(study_ref(rec)),
+                object_id: rec.study_id.clone(),
+                spec: Some(convert::spec_to_proto(&spec)),
+                roi: plan
+                    .roi
+                    .map(|r| tessera_wire::convert::watermark::rect_to_proto(&r)),
+                profile: wpb::Profile::Secure.into(),
+            })),
+        });
+        for c in convert::chunks(&bytes) {
+            msgs.push(wpb::ProtectRequest {
+                msg: Some(wpb::protect_request::Msg::Pixels(c)),
+            });
+        }
+        drop(bytes);
+        let wm = |s: Status| GatewayError::upstream("watermark", s);
+        let mut out = self
+            .inner
+            .up
+            .watermark
+            .clone()
+            .protect(tokio_stream::iter(msgs))
+            .await
+            .map_err(wm)?
+            .into_inner();
+        let header = match out.message().await.map_err(wm)? {
+            Some(wpb::ProtectResponse {
+                msg: Some(wpb::protect_response::Msg::Header(h)),
+            }) => h,
+            Some(_) | None => {
+                return Err(wm(Status::internal("protect: no header first")));
+            }
+        };
+        let bound = (spec.byte_len() as u64) * 2 + (1 << 20);
+        if header.share1_bytes > bound || header.share2_bytes > bound {
+            return Err(wm(Status::internal("protect: shares larger than possible")));
+        }
+        let mut shares = vec![
+            Vec::with_capacity(header.share1_bytes as usize),
+            Vec::with_capacity(header.share2_bytes as usize),
+        ];
+        let want = [header.share1_bytes, header.share2_bytes];
+        while let Some(m) = out.message().await.map_err(wm)? {
+            match m.msg {
+                Some(wpb::protect_response::Msg::Share(c)) if c.share == 1 || c.share == 2 => {
+                    let i = c.share as usize - 1;
+                    if shares[i].len() as u64 + c.data.len() as u64 > want[i] {
+                        return Err(wm(Status::internal("protect: share longer than announced")));
+                    }
+                    shares[i].extend_from_slice(&c.data);
+                }
+                Some(_) | None => {
+                    return Err(wm(Status::internal("protect: unexpected message")));
+                }
+            }
+        }
+        if shares[0].len() as u64 != want[0] || shares[1].len() as u64 != want[1] {
+            return Err(wm(Status::internal(
+                "protect: share shorter than announced",
+            )));
+        }
+        Ok((header.header_json, shares))
+    }
+
+    /// Removes what a failed store (or an unfinished delete) left: the
+    /// shares, the study at the keyserver, then the vault record. Anything
+    /// that fails keeps the record, and the next start tries again.
+    pub(crate) async fn rollback(&self, rec: &StudyRecord) {
+        let mut clean = true;
+        for p in &rec.placements {
+            let r = match self.inner.up.node(&p.node) {
+                Ok(node) => upstream::delete_object(node, &p.object_id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                clean = false;
+                tracing::warn!(study = %rec.study_id, object = %p.object_id, error = %e, "cleanup: cannot delete share");
+            }
+        }
+        if let Err(e) = self.forget(rec).await {
+            clean = false;
+            tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot forget study");
+        }
+        if clean {
+            let id = rec.study_id.clone();
+            if let Err(e) = with_vault(&self.inner.vault, move |v| v.remove(&id)).await {
+                tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot remove vault record");
+            }
+        }
+    }
+
+    /// Crypto-shredding at the keyserver; a study it does not know is done.
+    async fn forget(&self, rec: &StudyRecord) -> Result<bool> {
+        let mut ks = self.inner.up.keyserver.clone();
+        match ks
+            .forget_study(kpb::ForgetStudyRequest {
+                study_id: rec.study_id.clone(),
+                on_behalf_of: rec.owner.clone(),
+            })
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(GatewayError::upstream("keyserver", s)),
+        }
+    }
+
+    /// Finishes what a crash interrupted (called once at start).
+    pub async fn sweep_unfinished(&self) {
+        let recs = match with_vault(&self.inner.vault, |v| v.unfinished()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "vault sweep failed");
+                return;
+            }
+        };
+        for rec in recs {
+            tracing::info!(study = %rec.study_id, state = ?rec.state, "finishing an interrupted store/delete");
+            self.rollback(&rec).await;
+        }
+    }
+
+    // ---- shared retrieval steps --------------------------------------------
+
+    /// Checks (without spending) that `caller` holds a valid grant for the
+    /// study.
+    pub(crate) async fn check_grant(&self, caller: &str, rid: &str, study: &str) -> Result<()> {
+        let mut ks = self.inner.up.keyserver.clone();
+        ks.check_grant(kpb::RedeemGrantRequest {
+            request_id: rid.to_owned(),
+            on_behalf_of: caller.to_owned(),
+            study_id: study.to_owned(),
+        })
+        .await
+        .map_err(|s| GatewayError::upstream("keyserver", s))?;
+        Ok(())
+    }
+
+    /// Spends one use of the grant: the last step before pixels leave.
+    pub(crate) async fn redeem_grant(&self, caller: &str, rid: &str, study: &str) -> Result<()> {
+        let mut ks = self.inner.up.keyserver.clone();
+        ks.redeem_grant(kpb::RedeemGrantRequest {
+            request_id: rid.to_owned(),
+            on_behalf_of: caller.to_owned(),
+            study_id: study.to_owned(),
+        })
+        .await
+        .map_err(|s| GatewayError::upstream("keyserver", s))?;
+        Ok(())
+    }
+
+    /// Fetches both shares in parallel. A stopped node is UNAVAILABLE naming
+    /// it. A share whose bytes differ from what was stored is still passed
+    /// on: the watermark check localizes the damage.
+    pub(crate) async fn fetch_shares(&self, rec: &StudyRecord) -> Result<Vec<Vec<u8>>> {
+        let limit = rec.spec.to_spec().byte_len() as u64 * 2 + (1 << 20);
+        let mut tasks = Vec::with_capacity(rec.placements.len());
+        for p in &rec.placements {
+            let node: Node = self.inner.up.node(&p.node)?.clone();
+            let object_id = p.object_id.clone();
+            tasks.push(tokio::spawn(async move {
+                upstream::get_object(&node, &object_id, limit).await
+            }));
+        }
+        let mut shares = Vec::with_capacity(tasks.len());
+        for (p, t) in rec.placements.iter().zip(tasks) {
+            let data = t
+                .await
+                .map_err(|e| GatewayError::Internal(format!("fetch task: {e}")))??;
+            if hex::encode(Sha256::digest(&data)) != p.sha256 {
+                tracing::warn!(study = %rec.study_id, node = %p.node, share = p.share, "share differs from the stored one");
+            }
+            shares.push(data);
+        }
+        Ok(shares)
+    }
+
+    fn open_messages<T>(
+        rec: &StudyRecord,
+        shares: Vec<Vec<u8>>,
+        start: impl Fn(wpb::OpenStart) -> T,
+        chunk: impl Fn(wpb::ShareChunk) -> T,
+    ) -> Vec<T> {
+        let mut msgs = vec![start(wpb::OpenStart {
+            study: Some(study_ref(rec)),
+            header_json: rec.header_json.clone(),
+        })];
+        for (i, s) in shares.iter().enumerate() {
+            for c in convert::chunks(s) {
+                msgs.push(chunk(wpb::ShareChunk {
+                    share: i as u32 + 1,
+                    data: c,
+                }));
+            }
+        }
+        msgs
+    }
+
+    /// Restores the pixels through the watermark service; the report says
+    /// which blocks and tiles were tampered with.
+    pub(crate) async fn restore(
+        &self,
+        rec: &StudyRecord,
+        shares: Vec<Vec<u8>>,
+    ) -> Result<(wpb::VerificationReport, Vec<u8>)> {
+        let msgs = Self::open_messages(
+            rec,
+            shares,
+            |s| wpb::RestoreRequest {
+                msg: Some(wpb::restore_request::Msg::Start(s)),
+            },
+            |c| wpb::RestoreRequest {
+                msg: Some(wpb::restore_request::Msg::Share(c)),
+            },
+        );
+        let wm = |s: Status| GatewayError::upstream("watermark", s);
+        let mut out = self
+            .inner
+            .up
+            .watermark
+            .clone()
+            .restore(tokio_stream::iter(msgs))
+            .await
+            .map_err(wm)?
+            .into_inner();
+        let restored = match out.message().await.map_err(wm)? {
+            Some(wpb::RestoreResponse {
+                msg: Some(wpb::restore_response::Msg::Restored(r)),
+            }) => r,
+            Some(_) | None => return Err(wm(Status::internal("restore: no header first"))),
+        };
+        let want = rec.spec.to_spec().byte_len();
+        let mut pixels = Vec::with_capacity(want);
+        while let Some(m) = out.message().await.map_err(wm)? {
+            match m.msg {
+                Some(wpb::restore_response::Msg::Pixels(p)) => {
+                    if pixels.len() + p.len() > want {
+                        return Err(wm(Status::internal(
+                            "restore: more pixels than the study has",
+                        )));
+                    }
+                    pixels.extend_from_slice(&p);
+                }
+                Some(wpb::restore_response::Msg::Restored(_)) | None => {
+                    return Err(wm(Status::internal("restore: unexpected message")));
+                }
+            }
+        }
+        if pixels.len() != want {
+            return Err(wm(Status::internal(
+                "restore: fewer pixels than the study has",
+            )));
+        }
+        Ok((restored.report.unwrap_or_default(), pixels))
+    }
+
+    async fn verify_shares(
+        &self,
+        rec: &StudyRecord,
+        shares: Vec<Vec<u8>>,
+    ) -> Result<wpb::VerificationReport> {
+        let msgs = Self::open_messages(
+            rec,
+            shares,
+            |s| wpb::VerifyRequest {
+                msg: Some(wpb::verify_request::Msg::Start(s)),
+            },
+            |c| wpb::VerifyRequest {
+                msg: Some(wpb::verify_request::Msg::Share(c)),
+            },
+        );
+        let r = self
+            .inner
+            .up
+            .watermark
+            .clone()
+            .verify(tokio_stream::iter(msgs))
+            .await
+            .map_err(|s| GatewayError::upstream("watermark", s))?
+            .into_inner();
+        Ok(r.report.unwrap_or_default())
+    }
+
+    pub(crate) async fn committed(&self, handle: &str) -> Result<StudyRecord> {
+        let h = handle.to_owned();
+        with_vault(&self.inner.vault, move |v| v.committed(&h)).await
+    }
+
+    // ---- handlers ---------------------------------------------------------
+
+    async fn request_access_inner(
+        &self,
+        caller: String,
+        r: pb::RequestAccessRequest,
+    ) -> Result<pb::RequestAccessResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        if r.justification.len() > 1024 {
+            return Err(GatewayError::InvalidArgument(
+                "justification: at most 1024 bytes".into(),
+            ));
+        }
+        let rec = self.committed(&r.study_handle).await?;
+        let mut ks = self.inner.up.keyserver.clone();
+        let resp = ks
+            .request_key(kpb::RequestKeyRequest {
+                study_id: rec.study_id.clone(),
+                attributes: attributes_to_proto(&rec.attributes),
+                purpose: PURPOSE_PIXELS.into(),
+                justification: r.justification,
+                on_behalf_of: caller,
+            })
+            .await
+            .map_err(|s| GatewayError::upstream("keyserver", s))?
+            .into_inner();
+        Ok(pb::RequestAccessResponse {
+            request: resp.request,
+        })
+    }
+
+    async fn retrieve_inner(
+        &self,
+        caller: String,
+        roles: std::collections::BTreeSet<Role>,
+        r: pb::RetrieveRequest,
+    ) -> Result<BoxStream<pb::RetrieveResponse>> {
+        check_handle("study_handle", &r.study_handle)?;
+        check_request_id("key_request_id", &r.key_request_id)?;
+        let rec = self.committed(&r.study_handle).await?;
+        self.check_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let _permit = self.job_permit().await?;
+        let shares = self.fetch_shares(&rec).await?;
+        let (report, pixels) = self.restore(&rec, shares).await?;
+        // The use is spent only when the pixels are about to leave.
+        self.redeem_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let reidentify = roles
+            .iter()
+            .any(|r| self.inner.limits.reidentify_roles.contains(r));
+        tracing::info!(study = %rec.study_id, caller = %caller, reidentified = reidentify, intact = report.intact, "retrieved");
+        let header = pb::RetrieveHeader {
+            spec: Some(convert::spec_to_proto(&rec.spec.to_spec())),
+            report: Some(report),
+            patient_attributes: if reidentify {
+                attributes_to_proto(&rec.attributes)
+            } else {
+                Vec::new()
+            },
+            original_format: rec.original_format,
+            pixels_sha256: Sha256::digest(&pixels).to_vec(),
+        };
+        let mut msgs = vec![Ok(pb::RetrieveResponse {
+            part: Some(pb::retrieve_response::Part::Header(header)),
+        })];
+        msgs.extend(convert::chunks(&pixels).map(|c| {
+            Ok(pb::RetrieveResponse {
+                part: Some(pb::retrieve_response::Part::Chunk(c)),
+            })
+        }));
+        Ok(Box::pin(tokio_stream::iter(msgs)))
+    }
+
+    async fn verify_inner(&self, r: pb::VerifyStudyRequest) -> Result<pb::VerifyStudyResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        let rec = self.committed(&r.study_handle).await?;
+        let _permit = self.job_permit().await?;
+        let shares = self.fetch_shares(&rec).await?;
+        let report = self.verify_shares(&rec, shares).await?;
+        Ok(pb::VerifyStudyResponse {
+            report: Some(report),
+        })
+    }
+
+    async fn locate_inner(
+        &self,
+        caller: String,
+        r: pb::LocateRequest,
+    ) -> Result<pb::LocateResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        check_request_id("key_request_id", &r.key_request_id)?;
+        let rec = self.committed(&r.study_handle).await?;
+        self.check_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let nodes = rec
+            .placements
+            .iter()
+            .filter_map(|p| self.inner.up.node(&p.node).ok())
+            .map(|n| pb::NodeAddress {
+                node: n.name.clone(),
+                address: n.address.clone(),
+            })
+            .collect();
+        Ok(pb::LocateResponse {
+            study_handle: rec.study_id.clone(),
+            header_json: rec.header_json.clone(),
+            placements: rec.placements.iter().map(placement_to_proto).collect(),
+            nodes,
+        })
+    }
+
+    async fn delete_inner(
+        &self,
+        caller: String,
+        r: pb::DeleteStudyRequest,
+    ) -> Result<pb::DeleteStudyResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        let h = r.study_handle.clone();
+        let rec = with_vault(&self.inner.vault, move |v| v.get(&h))
+            .await?
+            .filter(|r| r.state != StudyState::Pending)
+            .ok_or_else(|| GatewayError::NotFound(format!("study {}", r.study_handle)))?;
+        if rec.owner != caller {
+            return Err(GatewayError::PermissionDenied(format!(
+                "only the study's owner may delete {}",
+                rec.study_id
+            )));
+        }
+        // Invisible from now on; a failure below leaves it `Deleting` and a
+        // second Delete (or the next start) finishes the job.
+        let mut deleting = rec.clone();
+        deleting.state = StudyState::Deleting;
+        with_vault(&self.inner.vault, move |v| v.put(&deleting)).await?;
+        for p in &rec.placements {
+            let node = self.inner.up.node(&p.node)?;
+            upstream::delete_object(node, &p.object_id).await?;
+        }
+        self.forget(&rec).await?;
+        let id = rec.study_id.clone();
+        with_vault(&self.inner.vault, move |v| v.remove(&id)).await?;
+        tracing::info!(study = %rec.study_id, "deleted and key material destroyed");
+        Ok(pb::DeleteStudyResponse {
+            removed: rec.placements.iter().map(placement_to_proto).collect(),
+            key_destroyed: true,
+        })
+    }
+}
+
+/// The study reference the watermark service derives the key with.
+pub(crate) fn study_ref(rec: &StudyRecord) -> wpb::StudyRef {
+    wpb::StudyRef {
+        study_id: rec.study_id.clone(),
+        attributes: attributes_to_proto(&rec.attributes),
+    }
+}
+
+fn placement_to_proto(p: &SharePlacement) -> pb::Placement {
+    pb::Placement {
+        share: p.share,
+        node: p.node.clone(),
+        object_id: p.object_id.clone(),
+        size: p.size,
+        sha256: hex::decode(&p.sha256).unwrap_or_default(),
+    }
+}
+
+pub(crate) fn stream_err(s: Status) -> GatewayError {
+    match s.code() {
+        Code::ResourceExhausted | Code::OutOfRange => GatewayError::TooLarge(s.message().into()),
+        Code::Ok
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::InvalidArgument
+        | Code::DeadlineExceeded
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::Aborted
+        | Code::Unimplemented
+        | Code::Internal
+        | Code::Unavailable
+        | Code::DataLoss
+        | Code::Unauthenticated => {
+            GatewayError::InvalidArgument(format!("request stream: {}", s.message()))
+        }
+    }
+}
+
+/// Reads exactly `size` bytes of chunks, refusing more before storing them.
+async fn read_exact(stream: &mut Streaming<pb::StoreRequest>, size: u64) -> Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(size as usize);
+    while let Some(m) = stream.message().await.map_err(stream_err)? {
+        match m.part {
+            Some(pb::store_request::Part::Chunk(c)) => {
+                if c.len() > convert::CHUNK_BYTES {
+                    return Err(GatewayError::InvalidArgument(format!(
+                        "chunk: {} bytes, at most {} per message",
+                        c.len(),
+                        convert::CHUNK_BYTES
+                    )));
+                }
+                if data.len() as u64 + c.len() as u64 > size {
+                    return Err(GatewayError::InvalidArgument(format!(
+                        "chunk: more than the {size} bytes header.size declares"
+                    )));
+                }
+                data.extend_from_slice(&c);
+            }
+            Some(pb::store_request::Part::Header(_)) => {
+                return Err(GatewayError::InvalidArgument("header: sent twice".into()));
+            }
+            None => return Err(GatewayError::InvalidArgument("chunk: empty message".into())),
+        }
+    }
+    if data.len() as u64 != size {
+        return Err(GatewayError::InvalidArgument(format!(
+            "chunk: {} bytes received, header.size declares {size}",
+            data.len()
+        )));
+    }
+    Ok(data)
+}
+
+/// Decodes the file on a blocking thread.
+async fn decode(plan: &StorePlan, file: Vec<u8>) -> Result<Image> {
+    let format = plan.format;
+    let raw = plan.raw_spec;
+    tokio::task::spawn_blocking(move || match (format, raw) {
+        (pb::ImageFormat::Raw, Some(spec)) => tessera_image::codec::decode_raw(spec, &file),
+        (pb::ImageFormat::Png | pb::ImageFormat::Tiff, _) => tessera_image::codec::decode(&file),
+        (pb::ImageFormat::Raw | pb::ImageFormat::Unspecified, _) => Err(
+            tessera_image::ImageError::Codec("no spec for raw pixels".into()),
+        ),
+    })
+    .await
+    .map_err(|e| GatewayError::Internal(format!("decode task: {e}")))?
+    .map_err(|e| GatewayError::InvalidArgument(format!("chunk: the file does not decode: {e}")))
+}
+
+pub(crate) fn caller_uri<T>(req: &Request<T>) -> Result<String, Status> {
+    Ok(tessera_tls::caller(req)?.uri())
+}
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    async fn store(
+        &self,
+        request: Request<Streaming<pb::StoreRequest>>,
+    ) -> Result<Response<pb::StoreResponse>, Status> {
+        let caller = caller_uri(&request)?;
+        Ok(Response::new(
+            self.store_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn request_access(
+        &self,
+        request: Request<pb::RequestAccessRequest>,
+    ) -> Result<Response<pb::RequestAccessResponse>, Status> {
+        let caller = caller_uri(&request)?;
+        Ok(Response::new(
+            self.request_access_inner(caller, request.into_inner())
+                .await?,
+        ))
+    }
+
+    type RetrieveStream = BoxStream<pb::RetrieveResponse>;
+
+    async fn retrieve(
+        &self,
+        request: Request<pb::RetrieveRequest>,
+    ) -> Result<Response<Self::RetrieveStream>, Status> {
+        let caller = caller_uri(&request)?;
+        let roles = tessera_tls::caller_roles(&request);
+        Ok(Response::new(
+            self.retrieve_inner(caller, roles, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyStudyRequest>,
+    ) -> Result<Response<pb::VerifyStudyResponse>, Status> {
+        Ok(Response::new(
+            self.verify_inner(request.into_inner()).await?,
+        ))
+    }
+
+    type ProcessStream = BoxStream<pb::ProcessResponse>;
+
+    async fn process(
+        &self,
+        request: Request<pb::ProcessRequest>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let caller = caller_uri(&request)?;
+        Ok(Response::new(
+            self.process_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn locate(
+        &self,
+        request: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
+        let caller = caller_uri(&request)?;
+        Ok(Response::new(
+            self.locate_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteStudyRequest>,
+    ) -> Result<Response<pb::DeleteStudyResponse>, Status> {
+        let caller = caller_uri(&request)?;
+        Ok(Response::new(
+            self.delete_inner(caller, request.into_inner()).await?,
+        ))
+    }
+}

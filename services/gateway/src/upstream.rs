@@ -1,0 +1,225 @@
+//! Clients of the services the gateway orchestrates, all over mutual TLS
+//! with the gateway's own certificate. Channels are lazy: the gateway
+//! starts while its peers are still coming up and reconnects after a peer
+//! restarts.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_proto::segmentation::v1::segmentation_client::SegmentationClient;
+use tessera_proto::storage::v1 as spb;
+use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
+use tessera_proto::watermark::v1::watermark_client::WatermarkClient;
+use tessera_runtime::MAX_MESSAGE_BYTES;
+use tessera_tls::{ClientTls, TlsError};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::config::Config;
+use crate::error::GatewayError;
+
+/// One configured storage node.
+#[derive(Clone)]
+pub struct Node {
+    pub name: String,
+    pub address: String,
+    pub client: StorageNodeClient<Channel>,
+}
+
+impl Node {
+    /// "storage node storage-2 (localhost:7602)": how errors name it.
+    pub fn label(&self) -> String {
+        format!("storage node {} ({})", self.name, self.address)
+    }
+
+    /// Wraps a node's answer so the error names the node.
+    pub fn err(&self, status: Status) -> GatewayError {
+        GatewayError::upstream(self.label(), status)
+    }
+}
+
+/// What a probe learned about a node.
+#[derive(Clone, Debug)]
+pub struct NodeHealth {
+    /// Index into [`Upstreams::nodes`].
+    pub index: usize,
+    pub instance_id: String,
+    pub free_bytes: u64,
+    pub max_object_bytes: u64,
+}
+
+/// Every client the gateway needs.
+#[derive(Clone)]
+pub struct Upstreams {
+    pub keyserver: KeyServerClient<Channel>,
+    pub watermark: WatermarkClient<Channel>,
+    pub segmentation: SegmentationClient<Channel>,
+    pub nodes: Vec<Node>,
+    probe_timeout: Duration,
+}
+
+impl Upstreams {
+    /// Loads the client TLS material and prepares lazy channels.
+    pub fn new(cfg: &Config) -> Result<Self, TlsError> {
+        let tls = ClientTls::from_files(&cfg.client_tls)?;
+        let keyserver = KeyServerClient::new(tls.connect_lazy(&cfg.keyserver.address)?);
+        let watermark = WatermarkClient::new(tls.connect_lazy(&cfg.watermark.address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let segmentation = SegmentationClient::new(tls.connect_lazy(&cfg.segmentation.address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut nodes = Vec::with_capacity(cfg.storage_nodes.len());
+        for n in &cfg.storage_nodes {
+            nodes.push(Node {
+                name: n.name.clone(),
+                address: n.address.clone(),
+                client: storage_node::client::client(tls.connect_lazy(&n.address)?),
+            });
+        }
+        Ok(Self {
+            keyserver,
+            watermark,
+            segmentation,
+            nodes,
+            probe_timeout: Duration::from_secs(cfg.gateway.node_probe_timeout_secs),
+        })
+    }
+
+    /// The node with this configured name.
+    pub fn node(&self, name: &str) -> Result<&Node, GatewayError> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+            GatewayError::Unavailable(format!(
+                "storage node {name} is not in this gateway's configuration"
+            ))
+        })
+    }
+
+    /// Asks every node for its NodeInfo in parallel. A node that does not
+    /// answer in time, or answers with another name, is unhealthy (with the
+    /// reason); the others are returned in configuration order.
+    pub async fn probe(&self) -> (Vec<NodeHealth>, Vec<String>) {
+        let mut tasks = Vec::with_capacity(self.nodes.len());
+        for (index, node) in self.nodes.iter().enumerate() {
+            let node = node.clone();
+            let timeout = self.probe_timeout;
+            tasks.push(tokio::spawn(async move {
+                let mut c = node.client.clone();
+                let r = tokio::time::timeout(timeout, c.node_info(spb::NodeInfoRequest {})).await;
+                match r {
+                    Err(_) => Err(format!("{}: no answer within {timeout:?}", node.label())),
+                    Ok(Err(s)) => Err(format!("{}: {:?}: {}", node.label(), s.code(), s.message())),
+                    Ok(Ok(info)) => {
+                        let info = info.into_inner();
+                        if info.node_id != node.name {
+                            Err(format!(
+                                "{}: answers as {:?}; refusing to place on it",
+                                node.label(),
+                                info.node_id
+                            ))
+                        } else {
+                            Ok(NodeHealth {
+                                index,
+                                instance_id: info.instance_id,
+                                free_bytes: info.capacity_bytes.saturating_sub(info.used_bytes),
+                                max_object_bytes: info.max_object_bytes,
+                            })
+                        }
+                    }
+                }
+            }));
+        }
+        let mut healthy = Vec::new();
+        let mut problems = Vec::new();
+        for t in tasks {
+            match t.await {
+                Ok(Ok(h)) => healthy.push(h),
+                Ok(Err(p)) => problems.push(p),
+                Err(e) => problems.push(format!("probe task failed: {e}")),
+            }
+        }
+        // Two configured addresses reaching the same node would put both
+        // shares in one cloud: keep only the first of each instance.
+        let mut seen = std::collections::BTreeSet::new();
+        healthy.retain(|h| {
+            if seen.insert(h.instance_id.clone()) {
+                true
+            } else {
+                problems.push(format!(
+                    "{}: same instance as another configured node",
+                    self.nodes[h.index].label()
+                ));
+                false
+            }
+        });
+        (healthy, problems)
+    }
+}
+
+/// Streams an object out of a node, refusing more than `limit` bytes before
+/// allocating them.
+pub async fn get_object(node: &Node, object_id: &str, limit: u64) -> Result<Vec<u8>, GatewayError> {
+    let mut c = node.client.clone();
+    let mut stream = c
+        .get(spb::GetRequest {
+            object_id: object_id.to_owned(),
+        })
+        .await
+        .map_err(|s| node.err(s))?
+        .into_inner();
+    let info = match stream.message().await.map_err(|s| node.err(s))? {
+        Some(spb::GetResponse {
+            part: Some(spb::get_response::Part::Info(info)),
+        }) => info,
+        Some(_) | None => {
+            return Err(node.err(Status::internal(
+                "get: the first message was not the object info",
+            )));
+        }
+    };
+    if info.size > limit {
+        return Err(GatewayError::DataLoss(format!(
+            "{}: object {object_id} is {} bytes, more than the {limit} expected",
+            node.label(),
+            info.size
+        )));
+    }
+    let mut data = Vec::with_capacity(info.size as usize);
+    while let Some(msg) = stream.message().await.map_err(|s| node.err(s))? {
+        match msg.part {
+            Some(spb::get_response::Part::Chunk(c)) => {
+                if data.len() as u64 + c.len() as u64 > info.size {
+                    return Err(node.err(Status::data_loss(format!(
+                        "object {object_id}: more bytes than announced"
+                    ))));
+                }
+                data.extend_from_slice(&c);
+            }
+            Some(spb::get_response::Part::Info(_)) | None => {
+                return Err(node.err(Status::internal("get: unexpected message")));
+            }
+        }
+    }
+    if data.len() as u64 != info.size || Sha256::digest(&data)[..] != info.sha256[..] {
+        return Err(node.err(Status::data_loss(format!(
+            "object {object_id}: received bytes do not match the node's SHA-256"
+        ))));
+    }
+    Ok(data)
+}
+
+/// Deletes an object; one that is already gone counts as deleted.
+pub async fn delete_object(node: &Node, object_id: &str) -> Result<(), GatewayError> {
+    let mut c = node.client.clone();
+    match c
+        .delete(spb::DeleteRequest {
+            object_id: object_id.to_owned(),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::NotFound => Ok(()),
+        Err(s) => Err(node.err(s)),
+    }
+}

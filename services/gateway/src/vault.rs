@@ -1,0 +1,415 @@
+//! The identity vault: the only place where a study handle meets the
+//! patient's identity. One redb file; every record is sealed with
+//! AES-256-GCM under the vault key (random nonce per write, the study id as
+//! associated data, so a record copied under another id does not open).
+//!
+//! A study goes through `Pending` (its shares are being placed: the intent
+//! record lets a restarted gateway remove what a crash left behind) to
+//! `Committed` (visible) and `Deleting` (shares and keys being destroyed).
+//! Only `Committed` studies are ever served.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use crate::error::GatewayError;
+
+const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
+const AAD_PREFIX: &[u8] = b"tessera/gateway/vault/v1|";
+
+type Result<T, E = GatewayError> = std::result::Result<T, E>;
+
+/// Lifecycle of a study record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StudyState {
+    Pending,
+    Committed,
+    Deleting,
+}
+
+/// Where one share lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharePlacement {
+    pub share: u32,
+    pub node: String,
+    /// The node's instance id when placed: a replaced node is detected.
+    pub instance_id: String,
+    pub object_id: String,
+    pub size: u64,
+    /// Hex SHA-256 of the share (empty while pending).
+    pub sha256: String,
+}
+
+/// Geometry of the stored pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecRecord {
+    pub width: u32,
+    pub height: u32,
+    pub frames: u32,
+    pub bits_allocated: u8,
+    pub bits_stored: u8,
+    pub signed: bool,
+    pub channels: u8,
+}
+
+impl SpecRecord {
+    pub fn from_spec(s: &tessera_image::ImageSpec) -> Self {
+        Self {
+            width: s.width,
+            height: s.height,
+            frames: s.frames,
+            bits_allocated: s.format.bits_allocated,
+            bits_stored: s.format.bits_stored,
+            signed: s.format.signed,
+            channels: s.format.channels,
+        }
+    }
+
+    pub fn to_spec(self) -> tessera_image::ImageSpec {
+        tessera_image::ImageSpec {
+            width: self.width,
+            height: self.height,
+            frames: self.frames,
+            format: tessera_image::PixelFormat {
+                bits_allocated: self.bits_allocated,
+                bits_stored: self.bits_stored,
+                signed: self.signed,
+                channels: self.channels,
+            },
+        }
+    }
+}
+
+/// Everything the gateway knows about one study.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StudyRecord {
+    pub study_id: String,
+    pub state: StudyState,
+    /// The data owner's identity URI.
+    pub owner: String,
+    /// Who stored it.
+    pub stored_by: String,
+    /// The patient attributes (name, value), in the order given.
+    pub attributes: Vec<(String, String)>,
+    /// 1 png, 2 tiff, 3 raw (the proto's ImageFormat).
+    pub original_format: i32,
+    pub spec: SpecRecord,
+    /// The watermark header (JSON; public).
+    pub header_json: String,
+    pub placements: Vec<SharePlacement>,
+    pub created_unix: u64,
+}
+
+/// The vault key: AES-256-GCM.
+struct VaultKey(LessSafeKey);
+
+impl VaultKey {
+    fn new(bytes: &[u8; 32]) -> Result<Self> {
+        let k = UnboundKey::new(&AES_256_GCM, bytes)
+            .map_err(|_| GatewayError::Vault("bad vault key".into()))?;
+        Ok(Self(LessSafeKey::new(k)))
+    }
+}
+
+/// Reads a 32-byte key file (raw, or 64 hex characters plus optional
+/// newline) and refuses one other users can read.
+pub fn load_key_file(path: &Path) -> Result<[u8; 32], String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{shown}: permissions {mode:04o} are too open; use 0600 or 0400"
+            ));
+        }
+    }
+    if meta.len() > 1024 {
+        return Err(format!("{shown}: not a key file (too long)"));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
+    if bytes.len() == 32 {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&bytes);
+        return Ok(k);
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?
+        .trim();
+    let decoded = hex::decode(text)
+        .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?;
+    decoded
+        .try_into()
+        .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))
+}
+
+/// Writes a fresh random key file (mode 0600) unless one exists.
+pub fn create_key_file(path: &Path) -> std::io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut k = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut k)
+        .map_err(|_| std::io::Error::other("no randomness"))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    std::io::Write::write_all(&mut f, hex::encode(k).as_bytes())?;
+    f.sync_all()
+}
+
+/// The identity vault.
+pub struct Vault {
+    db: Database,
+    key: VaultKey,
+    rng: SystemRandom,
+}
+
+impl Vault {
+    /// Opens (or creates) the vault file.
+    pub fn open(path: &Path, key: &[u8; 32]) -> Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| GatewayError::Vault(format!("{}: {e}", parent.display())))?;
+        }
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(STUDIES)?;
+        txn.commit()?;
+        Ok(Self {
+            db,
+            key: VaultKey::new(key)?,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    fn aad(study_id: &str) -> Vec<u8> {
+        let mut a = AAD_PREFIX.to_vec();
+        a.extend_from_slice(study_id.as_bytes());
+        a
+    }
+
+    fn seal(&self, rec: &StudyRecord) -> Result<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| GatewayError::Internal("no randomness".into()))?;
+        let mut buf = serde_json::to_vec(rec).map_err(|e| GatewayError::Internal(e.to_string()))?;
+        self.key
+            .0
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(Self::aad(&rec.study_id)),
+                &mut buf,
+            )
+            .map_err(|_| GatewayError::Internal("seal failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buf);
+        Ok(out)
+    }
+
+    fn open_record(&self, study_id: &str, sealed: &[u8]) -> Result<StudyRecord> {
+        if sealed.len() < NONCE_LEN + AES_256_GCM.tag_len() {
+            return Err(GatewayError::Vault(format!(
+                "record {study_id} is truncated"
+            )));
+        }
+        let (n, ct) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(n)
+            .map_err(|_| GatewayError::Vault("bad nonce".into()))?;
+        let mut buf = ct.to_vec();
+        let plain = self
+            .key
+            .0
+            .open_in_place(nonce, Aad::from(Self::aad(study_id)), &mut buf)
+            .map_err(|_| {
+                GatewayError::Vault(format!(
+                    "record {study_id} does not open under the vault key (tampered, moved, or wrong key)"
+                ))
+            })?;
+        let rec: StudyRecord = serde_json::from_slice(plain)
+            .map_err(|e| GatewayError::Vault(format!("record {study_id}: {e}")))?;
+        if rec.study_id != study_id {
+            return Err(GatewayError::Vault(format!(
+                "record {study_id} names another study"
+            )));
+        }
+        Ok(rec)
+    }
+
+    /// Writes (inserts or replaces) a record durably.
+    pub fn put(&self, rec: &StudyRecord) -> Result<()> {
+        let sealed = self.seal(rec)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(STUDIES)?;
+            t.insert(rec.study_id.as_str(), sealed.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Inserts a new record; fails if the id is taken.
+    pub fn insert_new(&self, rec: &StudyRecord) -> Result<()> {
+        let sealed = self.seal(rec)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(STUDIES)?;
+            if t.get(rec.study_id.as_str())?.is_some() {
+                return Err(GatewayError::Internal(format!(
+                    "study id {} already in the vault",
+                    rec.study_id
+                )));
+            }
+            t.insert(rec.study_id.as_str(), sealed.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Any record, whatever its state.
+    pub fn get(&self, study_id: &str) -> Result<Option<StudyRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(STUDIES)?;
+        match t.get(study_id)? {
+            Some(v) => Ok(Some(self.open_record(study_id, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A committed study, or NotFound (pending and deleting studies are not
+    /// visible).
+    pub fn committed(&self, study_id: &str) -> Result<StudyRecord> {
+        match self.get(study_id)? {
+            Some(r) if r.state == StudyState::Committed => Ok(r),
+            Some(_) | None => Err(GatewayError::NotFound(format!("study {study_id}"))),
+        }
+    }
+
+    /// Removes a record (the last step of delete and of a rolled-back store).
+    pub fn remove(&self, study_id: &str) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(STUDIES)?;
+            t.remove(study_id)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Records left pending or deleting (by a crash), for the start-up sweep.
+    pub fn unfinished(&self) -> Result<Vec<StudyRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(STUDIES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let rec = self.open_record(k.value(), v.value())?;
+            if rec.state != StudyState::Committed {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of committed studies.
+    pub fn count_committed(&self) -> Result<usize> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(STUDIES)?;
+        let mut n = 0;
+        for item in t.iter()? {
+            let (k, v) = item?;
+            if self.open_record(k.value(), v.value())?.state == StudyState::Committed {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> StudyRecord {
+        StudyRecord {
+            study_id: id.into(),
+            state: StudyState::Pending,
+            owner: "spiffe://tessera.local/user/owner".into(),
+            stored_by: "spiffe://tessera.local/user/clinician".into(),
+            attributes: vec![("patient_name".into(), "Doe^Jane".into())],
+            original_format: 1,
+            spec: SpecRecord {
+                width: 4,
+                height: 4,
+                frames: 1,
+                bits_allocated: 8,
+                bits_stored: 8,
+                signed: false,
+                channels: 1,
+            },
+            header_json: "{}".into(),
+            placements: vec![],
+            created_unix: 1,
+        }
+    }
+
+    #[test]
+    fn records_are_sealed_at_rest_and_bound_to_their_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.redb");
+        let key = [7u8; 32];
+        let v = Vault::open(&path, &key).unwrap();
+        let mut r = record("st-00000000000000000000000000000001");
+        v.insert_new(&r).unwrap();
+        assert!(v.insert_new(&r).is_err(), "ids are unique");
+        assert!(matches!(
+            v.committed(&r.study_id),
+            Err(GatewayError::NotFound(_))
+        ));
+        assert_eq!(v.unfinished().unwrap().len(), 1);
+        r.state = StudyState::Committed;
+        v.put(&r).unwrap();
+        assert_eq!(v.committed(&r.study_id).unwrap(), r);
+        assert_eq!(v.count_committed().unwrap(), 1);
+        drop(v);
+        // No attribute value anywhere in the file.
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(8).any(|w| w == b"Doe^Jane"));
+        // Wrong key: the record does not open.
+        let v = Vault::open(&path, &[8u8; 32]).unwrap();
+        assert!(matches!(v.get(&r.study_id), Err(GatewayError::Vault(_))));
+        drop(v);
+        let v = Vault::open(&path, &key).unwrap();
+        v.remove(&r.study_id).unwrap();
+        assert!(v.get(&r.study_id).unwrap().is_none());
+    }
+
+    #[test]
+    fn key_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        create_key_file(&p).unwrap();
+        let k = load_key_file(&p).unwrap();
+        create_key_file(&p).unwrap();
+        assert_eq!(load_key_file(&p).unwrap(), k, "an existing key is kept");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_key_file(&p).unwrap_err().contains("too open"));
+        let q = dir.path().join("short");
+        std::fs::write(&q, b"abc").unwrap();
+        std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(load_key_file(&q).is_err());
+    }
+}
