@@ -114,7 +114,10 @@ check "a message over 4 MiB: ResourceExhausted" expect_code ResourceExhausted ov
 # --- who may not call ---
 check "outsider (no role): PermissionDenied" expect_code PermissionDenied gc outsider "$ADDR" "${NO_REFLECTION[@]}" -d '{}' -- "$SVC/NodeInfo"
 check "outsider cannot read an object" expect_code PermissionDenied gc outsider "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Get"
-check "a user (owner) may not call a storage node" expect_code PermissionDenied gc owner "$ADDR" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Get"
+check "a user (owner) may not write to a storage node" expect_code PermissionDenied gc owner "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Delete"
+check "a user (clinician) may not list a storage node" expect_code PermissionDenied gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{}' -- "$SVC/List"
+user_stat() { gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Stat" | grep -q '"objectId"'; }
+check "a user (clinician) may read a share (ciphertext; user-side restore)" user_stat
 check "outsider may not use reflection" expect_code PermissionDenied gc outsider "$ADDR" list
 check "plaintext connection refused" expect_refused grpcurl -max-time 5 -plaintext -d "{\"service\":\"$SVC\"}" "$ADDR" grpc.health.v1.Health/Check
 check "TLS without a client certificate refused" expect_refused grpcurl -max-time 5 -cacert "$PKI/ca.crt" -d "{\"service\":\"$SVC\"}" "$ADDR" grpc.health.v1.Health/Check
@@ -122,6 +125,42 @@ check "TLS without a client certificate refused" expect_refused grpcurl -max-tim
 check "certificate from another CA refused" expect_refused grpcurl -max-time 5 -cacert "$PKI/ca.crt" \
   -cert "$E2E_TMP/foreign/gateway.crt" -key "$E2E_TMP/foreign/gateway.key" \
   -d "{\"service\":\"$SVC\"}" "$ADDR" grpc.health.v1.Health/Check
+
+# --- region-wise processing (Process): one 4x4 8-bit fragment, median ---
+process_input() {
+  printf '{"start":{"operation":"OPERATION_MEDIAN","fragment":{"region":0,"spec":{"width":4,"height":4,"bits_allocated":8,"bits_stored":8,"channels":1},"block_size":4,"halo":1,"block_count":1,"tile_count":1,"sample_count":"16"}}}\n'
+  printf '{"blocks":{"blocks":[0]}}\n'
+  printf '{"tile":{"core":{"width":4,"height":4},"rect":{"width":4,"height":4}}}\n'
+  # A 4x4 ramp 0, 10, ..., 150.
+  printf '{"samples":"%s"}\n' "$(python3 -c 'import base64; print(base64.b64encode(bytes(range(0, 160, 10))).decode())')"
+}
+describes_process() { gc gateway "$ADDR" describe "$SVC" | grep -q 'rpc Process ( stream .tessera.storage.v1.ProcessRequest ) returns ( stream .tessera.storage.v1.ProcessResponse )'; }
+check "reflection describes the streaming Process" describes_process
+processes() {
+  process_input | gc gateway "$ADDR" -d @ -- "$SVC/Process" >"$E2E_TMP/process.json"
+  grep -q '"tileCount": 1' "$E2E_TMP/process.json"
+  # Replicate-border 3x3 median of the ramp, row-major.
+  python3 - "$E2E_TMP/process.json" <<'PY'
+import base64, json, sys
+text = open(sys.argv[1]).read()
+dec = json.JSONDecoder(); pos = 0; out = b""
+while pos < len(text):
+    while pos < len(text) and text[pos].isspace(): pos += 1
+    if pos >= len(text): break
+    obj, pos = dec.raw_decode(text, pos)
+    if "samples" in obj: out += base64.b64decode(obj["samples"])
+v = lambda x, y: 10 * (4 * min(max(y, 0), 3) + min(max(x, 0), 3))
+want = bytes(sorted(v(x + i, y + j) for j in (-1, 0, 1) for i in (-1, 0, 1))[4] for y in range(4) for x in range(4))
+sys.exit(0 if out == want else 1)
+PY
+}
+check "the gateway has a fragment processed (median of a 4x4 ramp)" processes
+start_only() { process_input | head -n 1 | gc gateway "$ADDR" -d @ -- "$SVC/Process"; }
+check "Process with a start only: InvalidArgument" expect_code InvalidArgument start_only
+process_as() { process_input | gc "$1" "$ADDR" -d @ -- "$SVC/Process"; }
+check "another service (keyserver) may not Process: PermissionDenied" expect_code PermissionDenied process_as keyserver
+no_objects_from_process() { gc keyserver "$ADDR" -d '{}' -- "$SVC/NodeInfo" | grep -q '"objectCount": "1"'; }
+check "the object count is unchanged by Process" no_objects_from_process
 
 # --- durability across a restart, delete ---
 kill "$SERVICE_PID"; wait "$SERVICE_PID" 2>/dev/null || true

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use tessera_segment::{Fragment, FragmentOutput, Mapping, Operation};
 use tessera_proto::storage::v1 as pb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_runtime::MAX_MESSAGE_BYTES;
+use tessera_segment::{Fragment, FragmentOutput, Mapping, Operation};
 use tonic::Status;
 use tonic::transport::Channel;
 

@@ -32,15 +32,27 @@ pub use service::StorageService;
 pub use store::{Limits, ObjectMeta, Store};
 
 /// Who may call the storage node: other Tessera services (the gateway
-/// places and fetches shares) and operators. Users never talk to a storage
-/// node directly. `Process` (plaintext fragments) is for the service role
-/// only, and the handler narrows it further to `process.allowed_callers`.
+/// places, fetches and deletes shares) and operators. Users may read
+/// (`Get`, `Stat`) and nothing else: a share is ciphertext, and reading it
+/// is how a user holding a released key restores a study on its own machine
+/// (paper 003's user-side restore; `tessera retrieve --local`). Without the
+/// key from the keyserver a share is useless. `Process` (plaintext
+/// fragments) is narrowed further to the configured callers.
 pub fn policy() -> Policy {
+    let readers = [
+        Role::Service,
+        Role::Admin,
+        Role::Owner,
+        Role::Clinician,
+        Role::Researcher,
+    ];
     Policy::new()
         .allow(
             "/tessera.storage.v1.StorageNode/*",
             [Role::Service, Role::Admin],
         )
+        .allow("/tessera.storage.v1.StorageNode/Get", readers)
+        .allow("/tessera.storage.v1.StorageNode/Stat", readers)
         .allow(PROCESS_PATH, [Role::Service])
 }
 

@@ -286,7 +286,7 @@ impl DevStack {
 
         // Watermark and segmentation.
         let text = format!(
-            "{}[keyserver]\naddress = \"{ks}\"\n{}",
+            "{}[keyserver]\naddress = \"{ks}\"\n{}[watermark]\nmax_concurrent_jobs = 8\n",
             server_section(pki, "watermark", &listen(base, 1)),
             tls_section(pki, "watermark", "keyserver.tls"),
         );

@@ -143,7 +143,7 @@ pub fn decode_samples(
             bytes.len()
         )));
     }
-    if bytes.len() % bytes_per_sample != 0 {
+    if !bytes.len().is_multiple_of(bytes_per_sample) {
         return Err(invalid(format!(
             "{field}: {} bytes is not a whole number of {bytes_per_sample}-byte words",
             bytes.len()
@@ -187,7 +187,9 @@ mod tests {
         let mut zero_frames = segmentation::spec_to_proto(&spec);
         zero_frames.frames = 0;
         assert_eq!(
-            segmentation::spec_from_proto("s", zero_frames).unwrap().frames,
+            segmentation::spec_from_proto("s", zero_frames)
+                .unwrap()
+                .frames,
             1
         );
         let mut bad = p;
@@ -245,7 +247,9 @@ mod tests {
         assert!(decode_samples("s", &[1, 2, 3], 2, 10, &mut out).is_err());
         assert!(decode_samples("s", &[], 1, 10, &mut out).is_err());
         assert!(decode_samples("s", &[1, 2, 3], 1, 2, &mut out).is_err());
-        assert!(decode_samples("s", &vec![0; crate::CHUNK_BYTES + 1], 1, u64::MAX, &mut out).is_err());
+        assert!(
+            decode_samples("s", &vec![0; crate::CHUNK_BYTES + 1], 1, u64::MAX, &mut out).is_err()
+        );
         assert!(out.is_empty(), "nothing appended on error");
     }
 }

@@ -325,7 +325,9 @@ impl FragmentBuilder {
             return Err(invalid(format!("{}: samples before a tile", self.field)));
         };
         if self.tile_left == 0 {
-            return Err(invalid(format!("{field}: more samples than the tile's rect")));
+            return Err(invalid(format!(
+                "{field}: more samples than the tile's rect"
+            )));
         }
         let before = tile.samples.len();
         decode_samples(&field, bytes, self.bps, self.tile_left, &mut tile.samples)?;
@@ -401,7 +403,8 @@ pub(crate) mod tests {
         budget: u64,
     ) -> Result<Fragment, WireError> {
         let mut budget = budget;
-        let mut b = FragmentBuilder::new("f", h, SampleCost::Memory, &mut budget, crate::MAX_BLOCKS)?;
+        let mut b =
+            FragmentBuilder::new("f", h, SampleCost::Memory, &mut budget, crate::MAX_BLOCKS)?;
         for p in parts {
             match p {
                 FragmentPart::Blocks(c) => b.blocks(c)?,
@@ -414,7 +417,11 @@ pub(crate) mod tests {
 
     #[test]
     fn body_round_trips_for_owned_and_shared_fragments() {
-        for format in [PixelFormat::GRAY8, PixelFormat::gray16(12, false), PixelFormat::RGB8] {
+        for format in [
+            PixelFormat::GRAY8,
+            PixelFormat::gray16(12, false),
+            PixelFormat::RGB8,
+        ] {
             let (_, _, frags) = fragments(format, 2);
             for f in frags {
                 let parts: Vec<_> = FragmentBody::new(std::sync::Arc::new(f.clone())).collect();
@@ -459,7 +466,13 @@ pub(crate) mod tests {
             ("no spec", pb::FragmentHeader { spec: None, ..h }),
             ("block size", pb::FragmentHeader { block_size: 0, ..h }),
             ("halo", pb::FragmentHeader { halo: 17, ..h }),
-            ("no blocks", pb::FragmentHeader { block_count: 0, ..h }),
+            (
+                "no blocks",
+                pb::FragmentHeader {
+                    block_count: 0,
+                    ..h
+                },
+            ),
             (
                 "blocks beyond grid",
                 pb::FragmentHeader {
@@ -474,7 +487,13 @@ pub(crate) mod tests {
                     ..h
                 },
             ),
-            ("no samples", pb::FragmentHeader { sample_count: 0, ..h }),
+            (
+                "no samples",
+                pb::FragmentHeader {
+                    sample_count: 0,
+                    ..h
+                },
+            ),
             (
                 "more samples",
                 pb::FragmentHeader {
@@ -503,10 +522,7 @@ pub(crate) mod tests {
                     ..h
                 },
             ),
-            (
-                "halo mismatch",
-                pb::FragmentHeader { halo: 2, ..h },
-            ),
+            ("halo mismatch", pb::FragmentHeader { halo: 2, ..h }),
         ] {
             let e = err(h2, parts.clone());
             assert!(matches!(e, WireError::Invalid(_)), "{what}: {e:?}");

@@ -231,10 +231,8 @@ impl ProcessDecoder {
         let mut mapping = None;
         if operation.is_global() {
             // Size the mapping from the spec before building anything.
-            let spec = crate::convert::segmentation::required_spec(
-                "start.fragment.spec",
-                header.spec,
-            )?;
+            let spec =
+                crate::convert::segmentation::required_spec("start.fragment.spec", header.spec)?;
             let words = mapping_words(&spec);
             let bytes = words * std::mem::size_of::<u16>() as u64;
             if bytes > budget {
@@ -376,7 +374,8 @@ impl OutputDecoder {
                 if self.header {
                     return Err(invalid("a second header"));
                 }
-                let expected: u64 = self.cores.iter().map(|c| c.area()).sum::<u64>() * self.per_pixel();
+                let expected: u64 =
+                    self.cores.iter().map(|c| c.area()).sum::<u64>() * self.per_pixel();
                 if h.region != u32::from(self.region)
                     || h.tile_count as usize != self.cores.len()
                     || h.sample_count != expected
@@ -488,7 +487,10 @@ mod tests {
     use std::sync::Arc;
     use tessera_segment::{merge, process_whole};
 
-    fn decode(limits: ProcessLimits, msgs: Vec<pb::ProcessRequest>) -> Result<ProcessJob, WireError> {
+    fn decode(
+        limits: ProcessLimits,
+        msgs: Vec<pb::ProcessRequest>,
+    ) -> Result<ProcessJob, WireError> {
         let mut d = ProcessDecoder::new(limits);
         for m in msgs {
             d.push(m)?;
@@ -576,10 +578,13 @@ mod tests {
             ("no operation", with_start(&|s| s.operation = 0)),
             ("unknown operation", with_start(&|s| s.operation = 77)),
             ("no fragment", with_start(&|s| s.fragment = None)),
-            ("halo too small", with_start(&|s| {
-                s.operation = operation_to_proto(Operation::Gaussian).into();
-                s.fragment.as_mut().unwrap().halo = 1;
-            })),
+            (
+                "halo too small",
+                with_start(&|s| {
+                    s.operation = operation_to_proto(Operation::Gaussian).into();
+                    s.fragment.as_mut().unwrap().halo = 1;
+                }),
+            ),
             ("start only", vec![good[0].clone()]),
             ("mapping for a local op", mapping_for_gaussian),
             ("histeq without mapping", no_mapping),

@@ -31,11 +31,15 @@ where
     let first = pb::SegmentRequest {
         msg: Some(Req::Start(start)),
     };
-    std::iter::once(first).chain((0..n).step_by(CHUNK_BYTES).map(move |i| pb::SegmentRequest {
-        msg: Some(Req::Pixels(
-            pixels.as_ref()[i..n.min(i + CHUNK_BYTES)].to_vec(),
-        )),
-    }))
+    std::iter::once(first).chain(
+        (0..n)
+            .step_by(CHUNK_BYTES)
+            .map(move |i| pb::SegmentRequest {
+                msg: Some(Req::Pixels(
+                    pixels.as_ref()[i..n.min(i + CHUNK_BYTES)].to_vec(),
+                )),
+            }),
+    )
 }
 
 /// A region map as the summary carries it (one byte per block).
@@ -276,8 +280,8 @@ impl SegmentDecoder {
                 .enumerate()
                 .filter(|&(_, &r)| r == f.region)
                 .map(|(i, _)| i as u32);
-            let same = f.blocks.iter().all(|&b| expected.next() == Some(b))
-                && expected.next().is_none();
+            let same =
+                f.blocks.iter().all(|&b| expected.next() == Some(b)) && expected.next().is_none();
             if !same {
                 return Err(invalid(format!(
                     "fragment[{i}]: its blocks are not region {}'s blocks in the region map",
@@ -359,7 +363,10 @@ mod tests {
         v
     }
 
-    fn decode(spec: ImageSpec, msgs: Vec<pb::SegmentResponse>) -> Result<DecodedSegmentation, WireError> {
+    fn decode(
+        spec: ImageSpec,
+        msgs: Vec<pb::SegmentResponse>,
+    ) -> Result<DecodedSegmentation, WireError> {
         let mut d = SegmentDecoder::new(spec, 1 << 30);
         for m in msgs {
             d.push(m)?;
@@ -385,7 +392,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got.fragments, frags);
-        let failing = vec![Ok(summary(&map, 1, 3)), Err(Status::invalid_argument("bad start"))];
+        let failing = vec![
+            Ok(summary(&map, 1, 3)),
+            Err(Status::invalid_argument("bad start")),
+        ];
         let e = decode_segment(tokio_stream::iter(failing), *image.spec(), 1 << 30)
             .await
             .unwrap_err();
@@ -443,13 +453,28 @@ mod tests {
             ("second summary", twice),
             ("missing fragment", missing_fragment),
             ("a fourth fragment", duplicate),
-            ("map without regions", with_summary(&|s| s.region_map.as_mut().unwrap().regions = 0)),
-            ("map over 16 regions", with_summary(&|s| s.region_map.as_mut().unwrap().regions = 17)),
-            ("map with bad cols", with_summary(&|s| s.region_map.as_mut().unwrap().cols = 1)),
-            ("short assignment", with_summary(&|s| {
-                s.region_map.as_mut().unwrap().assignment.pop();
-            })),
-            ("region id too big", with_summary(&|s| s.region_map.as_mut().unwrap().assignment[0] = 9)),
+            (
+                "map without regions",
+                with_summary(&|s| s.region_map.as_mut().unwrap().regions = 0),
+            ),
+            (
+                "map over 16 regions",
+                with_summary(&|s| s.region_map.as_mut().unwrap().regions = 17),
+            ),
+            (
+                "map with bad cols",
+                with_summary(&|s| s.region_map.as_mut().unwrap().cols = 1),
+            ),
+            (
+                "short assignment",
+                with_summary(&|s| {
+                    s.region_map.as_mut().unwrap().assignment.pop();
+                }),
+            ),
+            (
+                "region id too big",
+                with_summary(&|s| s.region_map.as_mut().unwrap().assignment[0] = 9),
+            ),
             ("regions disagree", with_summary(&|s| s.regions = 2)),
             ("fragment count lies", with_summary(&|s| s.fragments = 2)),
             ("summary halo over 16", with_summary(&|s| s.halo = 17)),
@@ -458,9 +483,12 @@ mod tests {
             ("region out of order", with_header(1, &|h| h.region = 0)),
             ("region out of range", with_header(2, &|h| h.region = 3)),
             ("foreign block size", with_header(0, &|h| h.block_size = 4)),
-            ("foreign spec", with_header(0, &|h| {
-                h.spec.as_mut().unwrap().bits_stored = 7;
-            })),
+            (
+                "foreign spec",
+                with_header(0, &|h| {
+                    h.spec.as_mut().unwrap().bits_stored = 7;
+                }),
+            ),
             ("blocks of another region", {
                 // Swap two fragments' regions: each is valid but not its
                 // region's blocks.
@@ -478,12 +506,12 @@ mod tests {
             let e = decode(spec, msgs).unwrap_err();
             assert!(matches!(e, WireError::Invalid(_)), "{what}: {e:?}");
         }
-        assert!(decode(other_spec, good.clone()).is_err(), "map of another size");
+        assert!(
+            decode(other_spec, good.clone()).is_err(),
+            "map of another size"
+        );
         let mut d = SegmentDecoder::new(spec, 1000);
-        let e = good
-            .into_iter()
-            .try_for_each(|m| d.push(m))
-            .unwrap_err();
+        let e = good.into_iter().try_for_each(|m| d.push(m)).unwrap_err();
         assert!(matches!(e, WireError::TooLarge(_)), "{e:?}");
     }
 }

@@ -61,6 +61,7 @@ impl App {
                 reidentify_roles: g.reidentify_roles.clone(),
             },
             g.max_concurrent_jobs as usize,
+            g.max_inflight_mib,
         );
         Ok(Self {
             service,

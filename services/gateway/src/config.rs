@@ -34,7 +34,8 @@
 //!
 //! [gateway]
 //! max_image_bytes = 268435456
-//! max_concurrent_jobs = 4
+//! max_concurrent_jobs = 32
+//! max_inflight_mib = 1024        # memory budget: a job counts 4x its image
 //! reidentify_roles = ["owner", "clinician"]
 //! ```
 
@@ -108,10 +109,13 @@ pub struct GatewaySection {
     /// Largest file accepted by Store, and largest decoded image (bytes).
     #[serde(default = "default_max_image_bytes")]
     pub max_image_bytes: u64,
-    /// Store / retrieve / process jobs in flight at once (each holds an
-    /// image and its shares in memory).
+    /// Store / retrieve / verify / process jobs in flight at once.
     #[serde(default = "default_jobs")]
     pub max_concurrent_jobs: u32,
+    /// Memory budget of the jobs in flight, MiB: a job is charged four
+    /// times its image (file or pixels plus both shares) and waits for room.
+    #[serde(default = "default_memory_mib")]
+    pub max_inflight_mib: u32,
     /// Roles whose Retrieve answer carries the patient's identity.
     #[serde(default = "default_reidentify")]
     pub reidentify_roles: Vec<Role>,
@@ -126,6 +130,7 @@ impl Default for GatewaySection {
         Self {
             max_image_bytes: default_max_image_bytes(),
             max_concurrent_jobs: default_jobs(),
+            max_inflight_mib: default_memory_mib(),
             reidentify_roles: default_reidentify(),
             node_probe_timeout_secs: default_probe_secs(),
         }
@@ -136,7 +141,10 @@ fn default_max_image_bytes() -> u64 {
     256 * 1024 * 1024
 }
 fn default_jobs() -> u32 {
-    4
+    32
+}
+fn default_memory_mib() -> u32 {
+    1024
 }
 fn default_reidentify() -> Vec<Role> {
     vec![Role::Owner, Role::Clinician]
@@ -205,6 +213,9 @@ impl Validate for Config {
         }
         if !(1..=1024).contains(&g.max_concurrent_jobs) {
             return Err("gateway.max_concurrent_jobs must be 1..=1024".into());
+        }
+        if !(16..=1_048_576).contains(&g.max_inflight_mib) {
+            return Err("gateway.max_inflight_mib must be 16..=1048576".into());
         }
         if !(1..=600).contains(&g.node_probe_timeout_secs) {
             return Err("gateway.node_probe_timeout_secs must be 1..=600".into());

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tessera_image::Image;
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::segmentation::v1 as segpb;
-use tessera_segment::{Fragment, FragmentOutput, Operation};
+use tessera_segment::{FragmentOutput, Operation};
 use tonic::Status;
 
 use crate::convert::{self, check_handle, check_request_id};
@@ -55,7 +55,8 @@ impl GatewayService {
         }
         self.check_grant(&caller, &r.key_request_id, &rec.study_id)
             .await?;
-        let _permit = self.job_permit().await?;
+        // Process also holds the fragments (halos overlap): charge twice.
+        let _permit = self.job_permit(spec.byte_len() as u64 * 2).await?;
 
         // The nodes that will process: the healthy ones, in a per-study
         // order so regions spread over the clouds.
@@ -97,31 +98,23 @@ impl GatewayService {
             .await
             .map_err(seg)?
             .into_inner();
-        let decoded = tessera_wire::segment::decode_segment(
-            stream,
-            spec,
-            (spec.byte_len() as u64).saturating_mul(4),
-        )
-        .await
-        .map_err(seg)?;
+        // Samples (halos overlap) plus per-block and per-tile bookkeeping.
+        let blocks = u64::from(spec.width.div_ceil(block_size))
+            * u64::from(spec.height.div_ceil(block_size));
+        let budget = (spec.byte_len() as u64)
+            .saturating_mul(4)
+            .saturating_add(blocks.saturating_mul(60));
+        let decoded = tessera_wire::segment::decode_segment(stream, spec, budget)
+            .await
+            .map_err(seg)?;
         drop(image);
 
         // Histogram equalization: one global mapping from all fragments.
         let mapping = match op {
-            Operation::HistEq => {
-                let hists = decoded
-                    .fragments
-                    .iter()
-                    .map(Fragment::histogram)
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| GatewayError::Internal(format!("histogram: {e}")))?;
-                let total = tessera_segment::merge_histograms(spec.format, spec.frames, &hists)
-                    .map_err(|e| GatewayError::Internal(format!("histogram: {e}")))?;
-                Some(
-                    tessera_segment::equalization_mapping(&total)
-                        .map_err(|e| GatewayError::Internal(format!("mapping: {e}")))?,
-                )
-            }
+            Operation::HistEq => Some(
+                tessera_wire::process::histeq_mapping(&spec, &decoded.fragments)
+                    .map_err(|e| GatewayError::Internal(format!("histogram mapping: {e}")))?,
+            ),
             Operation::Gaussian | Operation::Median | Operation::Unsharp | Operation::Sobel => None,
         };
 

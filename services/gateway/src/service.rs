@@ -66,8 +66,18 @@ pub struct Inner {
     pub(crate) vault: Arc<Vault>,
     pub(crate) limits: Limits,
     jobs: Arc<Semaphore>,
+    /// In-flight memory budget in MiB (an image, its file and its shares
+    /// held at once by a job count about four times the image).
+    memory_mib: Arc<Semaphore>,
+    memory_total_mib: u32,
     placement: Box<dyn PlacementPolicy>,
     rng: SystemRandom,
+}
+
+/// Held while a job runs.
+pub(crate) struct JobPermit {
+    _job: OwnedSemaphorePermit,
+    _memory: OwnedSemaphorePermit,
 }
 
 /// The tonic service.
@@ -95,13 +105,21 @@ pub(crate) async fn with_vault<T: Send + 'static>(
 }
 
 impl GatewayService {
-    pub fn new(up: Upstreams, vault: Arc<Vault>, limits: Limits, max_jobs: usize) -> Self {
+    pub fn new(
+        up: Upstreams,
+        vault: Arc<Vault>,
+        limits: Limits,
+        max_jobs: usize,
+        memory_mib: u32,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 up,
                 vault,
                 limits,
                 jobs: Arc::new(Semaphore::new(max_jobs)),
+                memory_mib: Arc::new(Semaphore::new(memory_mib as usize)),
+                memory_total_mib: memory_mib,
                 placement: Box::new(DistinctNodes),
                 rng: SystemRandom::new(),
             }),
@@ -115,13 +133,32 @@ impl GatewayService {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub(crate) async fn job_permit(&self) -> Result<OwnedSemaphorePermit> {
-        self.inner
+    /// Waits for a job slot and for `image_bytes` x 4 of the memory budget
+    /// (a job holds the file or image and both shares at once).
+    pub(crate) async fn job_permit(&self, image_bytes: u64) -> Result<JobPermit> {
+        let closed = |_| GatewayError::Internal("job semaphore closed".into());
+        let job = self
+            .inner
             .jobs
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| GatewayError::Internal("job semaphore closed".into()))
+            .map_err(closed)?;
+        let mib = (image_bytes.saturating_mul(4).div_ceil(1 << 20)).max(1);
+        let mib = u32::try_from(mib)
+            .unwrap_or(u32::MAX)
+            .min(self.inner.memory_total_mib);
+        let memory = self
+            .inner
+            .memory_mib
+            .clone()
+            .acquire_many_owned(mib)
+            .await
+            .map_err(closed)?;
+        Ok(JobPermit {
+            _job: job,
+            _memory: memory,
+        })
     }
 
     fn new_study_id(&self) -> Result<String> {
@@ -152,7 +189,11 @@ impl GatewayService {
             None => return Err(GatewayError::InvalidArgument("empty request stream".into())),
         };
         let plan = StorePlan::from_header(header, self.inner.limits.max_image_bytes)?;
-        let _permit = self.job_permit().await?;
+        // A compressed file decodes to more than its size; the decoded size
+        // is bounded by max_image_bytes and checked below.
+        let _permit = self
+            .job_permit(plan.size.max(pixel_estimate(&plan)))
+            .await?;
         let file = read_exact(&mut stream, plan.size).await?;
         let image = decode(&plan, file).await?;
         if let Some(roi) = &plan.roi {
@@ -260,10 +301,18 @@ impl GatewayService {
             let object_id = p.object_id.clone();
             puts.push(tokio::spawn(async move {
                 let mut c = node.client.clone();
+                // The node answers with the SHA-256 it verified against the
+                // one the client sent: record that, no second pass here.
                 let r = storage_node::client::put_object(&mut c, &object_id, &data)
                     .await
-                    .map_err(|s| node.err(s));
-                r.map(|_| (data.len() as u64, hex::encode(Sha256::digest(&data))))
+                    .map_err(|s| node.err(s))?;
+                let info = r.info.unwrap_or_default();
+                if info.size != data.len() as u64 || info.sha256.len() != 32 {
+                    return Err(node.err(Status::internal(
+                        "put: the node answered without the object's size and SHA-256",
+                    )));
+                }
+                Ok((info.size, hex::encode(info.sha256)))
             }));
         }
         let mut first_err = None;
@@ -467,10 +516,10 @@ impl GatewayService {
         }
         let mut shares = Vec::with_capacity(tasks.len());
         for (p, t) in rec.placements.iter().zip(tasks) {
-            let data = t
+            let (sha, data) = t
                 .await
                 .map_err(|e| GatewayError::Internal(format!("fetch task: {e}")))??;
-            if hex::encode(Sha256::digest(&data)) != p.sha256 {
+            if hex::encode(sha) != p.sha256 {
                 tracing::warn!(study = %rec.study_id, node = %p.node, share = p.share, "share differs from the stored one");
             }
             shares.push(data);
@@ -631,7 +680,9 @@ impl GatewayService {
         let rec = self.committed(&r.study_handle).await?;
         self.check_grant(&caller, &r.key_request_id, &rec.study_id)
             .await?;
-        let _permit = self.job_permit().await?;
+        let _permit = self
+            .job_permit(rec.spec.to_spec().byte_len() as u64)
+            .await?;
         let shares = self.fetch_shares(&rec).await?;
         let (report, pixels) = self.restore(&rec, shares).await?;
         // The use is spent only when the pixels are about to leave.
@@ -666,7 +717,9 @@ impl GatewayService {
     async fn verify_inner(&self, r: pb::VerifyStudyRequest) -> Result<pb::VerifyStudyResponse> {
         check_handle("study_handle", &r.study_handle)?;
         let rec = self.committed(&r.study_handle).await?;
-        let _permit = self.job_permit().await?;
+        let _permit = self
+            .job_permit(rec.spec.to_spec().byte_len() as u64)
+            .await?;
         let shares = self.fetch_shares(&rec).await?;
         let report = self.verify_shares(&rec, shares).await?;
         Ok(pb::VerifyStudyResponse {
@@ -812,6 +865,12 @@ async fn read_exact(stream: &mut Streaming<pb::StoreRequest>, size: u64) -> Resu
         )));
     }
     Ok(data)
+}
+
+/// The pixel bytes a store will hold: raw declares them; PNG/TIFF are
+/// charged at their file size here and checked after decoding.
+fn pixel_estimate(plan: &StorePlan) -> u64 {
+    plan.raw_spec.map_or(plan.size, |s| s.byte_len() as u64)
 }
 
 /// Decodes the file on a blocking thread.

@@ -158,8 +158,13 @@ impl Upstreams {
 }
 
 /// Streams an object out of a node, refusing more than `limit` bytes before
-/// allocating them.
-pub async fn get_object(node: &Node, object_id: &str, limit: u64) -> Result<Vec<u8>, GatewayError> {
+/// allocating them. Returns the SHA-256 the node announced (checked against
+/// the bytes received) and the bytes.
+pub async fn get_object(
+    node: &Node,
+    object_id: &str,
+    limit: u64,
+) -> Result<(Vec<u8>, Vec<u8>), GatewayError> {
     let mut c = node.client.clone();
     let mut stream = c
         .get(spb::GetRequest {
@@ -206,7 +211,7 @@ pub async fn get_object(node: &Node, object_id: &str, limit: u64) -> Result<Vec<
             "object {object_id}: received bytes do not match the node's SHA-256"
         ))));
     }
-    Ok(data)
+    Ok((info.sha256, data))
 }
 
 /// Deletes an object; one that is already gone counts as deleted.

@@ -169,11 +169,106 @@ pub fn create_key_file(path: &Path) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// The identity vault.
+/// One change, applied by the writer thread.
+enum Op {
+    /// Insert; fails if the id exists.
+    Insert(String, Vec<u8>),
+    /// Insert or replace.
+    Put(String, Vec<u8>),
+    Remove(String),
+}
+
+type Reply = std::sync::mpsc::SyncSender<Result<()>>;
+
+/// Most changes folded into one transaction.
+const MAX_BATCH: usize = 256;
+
+/// The identity vault. Reads run on the caller's thread; writes go to one
+/// writer thread that folds every change waiting into one durable
+/// transaction (group commit) and answers each caller only after the commit,
+/// so concurrent stores share fsyncs instead of queuing for them.
 pub struct Vault {
-    db: Database,
+    db: std::sync::Arc<Database>,
     key: VaultKey,
     rng: SystemRandom,
+    writer: std::sync::Mutex<Option<std::sync::mpsc::Sender<(Op, Reply)>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        if let Ok(mut t) = self.thread.lock()
+            && let Some(t) = t.take()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+fn apply(t: &mut redb::Table<&str, &[u8]>, op: &Op) -> Result<()> {
+    match op {
+        Op::Insert(id, sealed) => {
+            if t.get(id.as_str())?.is_some() {
+                return Err(GatewayError::Internal(format!(
+                    "study id {id} already in the vault"
+                )));
+            }
+            t.insert(id.as_str(), sealed.as_slice())?;
+        }
+        Op::Put(id, sealed) => {
+            t.insert(id.as_str(), sealed.as_slice())?;
+        }
+        Op::Remove(id) => {
+            t.remove(id.as_str())?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a batch in one transaction. Per-op refusals (an id taken) are
+/// answered individually; a storage failure fails the whole batch.
+fn commit_batch(db: &Database, batch: &[(Op, Reply)]) -> Result<Vec<Result<()>>> {
+    let txn = db.begin_write()?;
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut t = txn.open_table(STUDIES)?;
+        for (op, _) in batch {
+            results.push(match apply(&mut t, op) {
+                Err(GatewayError::Vault(m)) => return Err(GatewayError::Vault(m)),
+                other => other,
+            });
+        }
+    }
+    txn.commit()?;
+    Ok(results)
+}
+
+fn writer_loop(db: std::sync::Arc<Database>, rx: std::sync::mpsc::Receiver<(Op, Reply)>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        match commit_batch(&db, &batch) {
+            Ok(results) => {
+                for ((_, reply), r) in batch.into_iter().zip(results) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(GatewayError::Vault(msg.clone())));
+                }
+            }
+        }
+    }
 }
 
 impl Vault {
@@ -187,11 +282,39 @@ impl Vault {
         let txn = db.begin_write()?;
         txn.open_table(STUDIES)?;
         txn.commit()?;
+        let db = std::sync::Arc::new(db);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let wdb = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("vault-writer".into())
+            .spawn(move || writer_loop(wdb, rx))
+            .map_err(|e| GatewayError::Vault(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             db,
             key: VaultKey::new(key)?,
             rng: SystemRandom::new(),
+            writer: std::sync::Mutex::new(Some(tx)),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
+    }
+
+    /// Hands a change to the writer and waits for its commit.
+    fn submit(&self, op: Op) -> Result<()> {
+        let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let w = self
+                .writer
+                .lock()
+                .map_err(|_| GatewayError::Vault("writer lock poisoned".into()))?;
+            let w = w
+                .as_ref()
+                .ok_or_else(|| GatewayError::Vault("the vault is closed".into()))?;
+            w.send((op, reply_tx))
+                .map_err(|_| GatewayError::Vault("the vault writer stopped".into()))?;
+        }
+        reply_rx
+            .recv()
+            .map_err(|_| GatewayError::Vault("the vault writer stopped".into()))?
     }
 
     fn aad(study_id: &str) -> Vec<u8> {
@@ -251,31 +374,13 @@ impl Vault {
     /// Writes (inserts or replaces) a record durably.
     pub fn put(&self, rec: &StudyRecord) -> Result<()> {
         let sealed = self.seal(rec)?;
-        let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(STUDIES)?;
-            t.insert(rec.study_id.as_str(), sealed.as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.submit(Op::Put(rec.study_id.clone(), sealed))
     }
 
-    /// Inserts a new record; fails if the id is taken.
+    /// Inserts a new record durably; fails if the id is taken.
     pub fn insert_new(&self, rec: &StudyRecord) -> Result<()> {
         let sealed = self.seal(rec)?;
-        let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(STUDIES)?;
-            if t.get(rec.study_id.as_str())?.is_some() {
-                return Err(GatewayError::Internal(format!(
-                    "study id {} already in the vault",
-                    rec.study_id
-                )));
-            }
-            t.insert(rec.study_id.as_str(), sealed.as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.submit(Op::Insert(rec.study_id.clone(), sealed))
     }
 
     /// Any record, whatever its state.
@@ -299,13 +404,7 @@ impl Vault {
 
     /// Removes a record (the last step of delete and of a rolled-back store).
     pub fn remove(&self, study_id: &str) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(STUDIES)?;
-            t.remove(study_id)?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.submit(Op::Remove(study_id.to_owned()))
     }
 
     /// Records left pending or deleting (by a crash), for the start-up sweep.
@@ -374,6 +473,21 @@ mod tests {
         let mut r = record("st-00000000000000000000000000000001");
         v.insert_new(&r).unwrap();
         assert!(v.insert_new(&r).is_err(), "ids are unique");
+        // Concurrent writers are folded into shared commits; each answered.
+        std::thread::scope(|sc| {
+            for i in 0..32u32 {
+                let v = &v;
+                sc.spawn(move || {
+                    let mut x = record(&format!("st-{:032x}", i + 1000));
+                    x.state = StudyState::Committed;
+                    v.insert_new(&x).unwrap();
+                });
+            }
+        });
+        assert_eq!(v.count_committed().unwrap(), 32);
+        for i in 0..32u32 {
+            v.remove(&format!("st-{:032x}", i + 1000)).unwrap();
+        }
         assert!(matches!(
             v.committed(&r.study_id),
             Err(GatewayError::NotFound(_))

@@ -162,7 +162,7 @@ fn owner_uri(owner: &str) -> String {
 }
 
 fn spec_to_core(s: &wpb::ImageSpec) -> Result<ImageSpec> {
-    tessera_wire::convert::watermark::spec_from_proto("spec", s.clone())
+    tessera_wire::convert::watermark::spec_from_proto("spec", *s)
         .map_err(|e| anyhow!("the gateway sent a bad spec: {e}"))
 }
 
@@ -195,11 +195,11 @@ fn report_json(r: &wpb::VerificationReport) -> Value {
         "tampered_block_count": r.tampered_block_count,
         "tampered_tile_count": r.tampered_tile_count,
         "tampered_blocks": r.tampered_blocks.iter().map(|b| {
-            let rc = b.rect.clone().unwrap_or_default();
+            let rc = b.rect.unwrap_or_default();
             json!({"index": b.index, "frame": b.frame, "x": rc.x, "y": rc.y, "width": rc.width, "height": rc.height})
         }).collect::<Vec<_>>(),
         "tampered_tiles": r.tampered_tiles.iter().map(|t| {
-            let rc = t.rect.clone().unwrap_or_default();
+            let rc = t.rect.unwrap_or_default();
             json!({"index": t.index, "frame": t.frame, "x": rc.x, "y": rc.y, "width": rc.width, "height": rc.height, "shares": t.shares})
         }).collect::<Vec<_>>(),
     })
@@ -218,14 +218,14 @@ pub fn print_report(r: &wpb::VerificationReport) {
         r.tampered_block_count, r.tampered_tile_count
     );
     for t in &r.tampered_tiles {
-        let rc = t.rect.clone().unwrap_or_default();
+        let rc = t.rect.unwrap_or_default();
         println!(
             "  tile {} frame {} at ({},{}) {}x{}: share(s) {:?}",
             t.index, t.frame, rc.x, rc.y, rc.width, rc.height, t.shares
         );
     }
     for b in &r.tampered_blocks {
-        let rc = b.rect.clone().unwrap_or_default();
+        let rc = b.rect.unwrap_or_default();
         println!(
             "  ROI block {} frame {} at ({},{}) {}x{}",
             b.index, b.frame, rc.x, rc.y, rc.width, rc.height
