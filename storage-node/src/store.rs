@@ -113,6 +113,39 @@ pub struct Usage {
     pub object_count: u64,
 }
 
+/// A put waiting for the next group commit.
+#[derive(Debug)]
+struct PendingPut {
+    ticket: u64,
+    id: String,
+    data: Vec<u8>,
+    sha256: [u8; 32],
+}
+
+type PutOutcome = Result<(ObjectMeta, bool), Error>;
+
+/// Group commit of puts: callers queue their object; whoever finds no
+/// commit running becomes the leader, writes every queued object in one
+/// durable transaction and hands each caller its own outcome. Concurrent
+/// puts share one two-phase commit (two fsyncs) instead of paying for one
+/// each; every caller still returns only after its object is durable.
+#[derive(Debug, Default)]
+struct Batcher {
+    state: std::sync::Mutex<BatchState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct BatchState {
+    next_ticket: u64,
+    committing: bool,
+    queue: Vec<PendingPut>,
+    results: std::collections::HashMap<u64, PutOutcome>,
+}
+
+/// Most bytes written by one group commit (a batch stops growing there).
+const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+
 /// The redb-backed object store of one node.
 #[derive(Debug)]
 pub struct Store {
@@ -120,6 +153,7 @@ pub struct Store {
     limits: Limits,
     instance_id: String,
     path: PathBuf,
+    batcher: Batcher,
 }
 
 fn now_unix() -> u64 {
@@ -191,6 +225,7 @@ impl Store {
             limits,
             instance_id,
             path: path.to_owned(),
+            batcher: Batcher::default(),
         })
     }
 
@@ -236,7 +271,8 @@ impl Store {
 
     /// Stores `data` whose SHA-256 the caller already computed over exactly
     /// these bytes. Returns the meta and whether it was newly created;
-    /// identical content under the same id is a no-op (idempotent).
+    /// identical content under the same id is a no-op (idempotent). Returns
+    /// only once the object is durable (group-committed with concurrent puts).
     pub fn put_hashed(
         &self,
         id: &str,
@@ -252,58 +288,125 @@ impl Store {
                 max: self.limits.max_object_bytes,
             });
         }
+        let poisoned = || Error::Task("the put queue lock is poisoned".into());
+        let mut st = self.batcher.state.lock().map_err(|_| poisoned())?;
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        st.queue.push(PendingPut {
+            ticket,
+            id: id.to_owned(),
+            data: data.to_vec(),
+            sha256,
+        });
+        loop {
+            if let Some(r) = st.results.remove(&ticket) {
+                return r;
+            }
+            if st.committing {
+                st = self.batcher.done.wait(st).map_err(|_| poisoned())?;
+                continue;
+            }
+            // Lead: take what is queued (bounded by bytes), commit it.
+            st.committing = true;
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            while !st.queue.is_empty() && (batch.is_empty() || bytes < MAX_BATCH_BYTES) {
+                let p = st.queue.remove(0);
+                bytes += p.data.len();
+                batch.push(p);
+            }
+            drop(st);
+            let outcomes = self.commit_puts(&batch);
+            st = self.batcher.state.lock().map_err(|_| poisoned())?;
+            st.committing = false;
+            for (p, r) in batch.iter().zip(outcomes) {
+                st.results.insert(p.ticket, r);
+            }
+            self.batcher.done.notify_all();
+        }
+    }
+
+    /// Writes a batch in one durable transaction. A refused object (id taken
+    /// by other bytes, no capacity) gets its own error and leaves the others
+    /// alone; a storage failure fails every object of the batch.
+    fn commit_puts(&self, batch: &[PendingPut]) -> Vec<PutOutcome> {
+        match self.try_commit_puts(batch) {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = e.to_string();
+                batch
+                    .iter()
+                    .map(|_| Err(Error::Task(format!("commit failed: {msg}"))))
+                    .collect()
+            }
+        }
+    }
+
+    fn try_commit_puts(&self, batch: &[PendingPut]) -> Result<Vec<PutOutcome>, Error> {
         let txn = begin_durable(&self.db)?;
-        let outcome = {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut created_any = false;
+        {
             let mut objects = txn.open_table(OBJECTS).map_err(Error::db)?;
-            let existing = match objects.get(id).map_err(Error::db)? {
-                Some(raw) => Some(ObjectMeta::decode(id, raw.value())?),
-                None => None,
-            };
-            if let Some(existing) = existing {
-                if existing.sha256 == sha256 && existing.size == size {
-                    (existing, false)
-                } else {
-                    return Err(Error::Conflict(id.to_owned()));
+            let mut node = txn.open_table(NODE).map_err(Error::db)?;
+            let mut chunks = txn.open_table(CHUNKS).map_err(Error::db)?;
+            let mut used = read_u64(&node, "used_bytes")?;
+            let mut count = read_u64(&node, "object_count")?;
+            for p in batch {
+                let id = p.id.as_str();
+                let size = p.data.len() as u64;
+                let existing = match objects.get(id).map_err(Error::db)? {
+                    Some(raw) => Some(ObjectMeta::decode(id, raw.value())?),
+                    None => None,
+                };
+                if let Some(existing) = existing {
+                    out.push(if existing.sha256 == p.sha256 && existing.size == size {
+                        Ok((existing, false))
+                    } else {
+                        Err(Error::Conflict(id.to_owned()))
+                    });
+                    continue;
                 }
-            } else {
-                let mut node = txn.open_table(NODE).map_err(Error::db)?;
-                let used = read_u64(&node, "used_bytes")?;
-                let count = read_u64(&node, "object_count")?;
                 let available = self.limits.capacity_bytes.saturating_sub(used);
                 if size > available {
-                    return Err(Error::CapacityExceeded {
+                    out.push(Err(Error::CapacityExceeded {
                         id: id.to_owned(),
                         needed: size,
                         available,
-                    });
+                    }));
+                    continue;
                 }
-                let mut chunks = txn.open_table(CHUNKS).map_err(Error::db)?;
                 let mut n: u32 = 0;
-                for piece in data.chunks(STORE_CHUNK) {
+                for piece in p.data.chunks(STORE_CHUNK) {
                     chunks.insert((id, n), piece).map_err(Error::db)?;
                     n += 1;
                 }
                 let meta = ObjectMeta {
                     id: id.to_owned(),
                     size,
-                    sha256,
+                    sha256: p.sha256,
                     created_unix: now_unix(),
                     chunks: n,
                 };
                 objects.insert(id, &meta.encode()[..]).map_err(Error::db)?;
-                node.insert("used_bytes", &(used + size).to_le_bytes()[..])
-                    .map_err(Error::db)?;
-                node.insert("object_count", &(count + 1).to_le_bytes()[..])
-                    .map_err(Error::db)?;
-                (meta, true)
+                used += size;
+                count += 1;
+                created_any = true;
+                out.push(Ok((meta, true)));
             }
-        };
-        if outcome.1 {
+            if created_any {
+                node.insert("used_bytes", &used.to_le_bytes()[..])
+                    .map_err(Error::db)?;
+                node.insert("object_count", &count.to_le_bytes()[..])
+                    .map_err(Error::db)?;
+            }
+        }
+        if created_any {
             txn.commit().map_err(Error::db)?;
         } else {
             txn.abort().map_err(Error::db)?;
         }
-        Ok(outcome)
+        Ok(out)
     }
 
     /// The object's metadata.
@@ -505,6 +608,35 @@ mod tests {
         assert!(matches!(s.get("big"), Err(Error::NotFound(_))));
         assert!(matches!(s.delete("big"), Err(Error::NotFound(_))));
         assert_eq!(s.usage().unwrap().object_count, 2);
+    }
+
+    #[test]
+    fn concurrent_puts_share_commits_and_keep_their_own_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        s.put("taken", &bytes(100, 1)).unwrap();
+        std::thread::scope(|sc| {
+            for i in 0..24u8 {
+                let s = &s;
+                sc.spawn(move || {
+                    let id = format!("c{i}");
+                    let (meta, created) = s.put(&id, &bytes(70_000 + usize::from(i), i)).unwrap();
+                    assert!(created);
+                    assert_eq!(meta.size, 70_000 + u64::from(i));
+                    // A conflicting put in the same window fails alone.
+                    assert!(matches!(
+                        s.put("taken", &bytes(100, 2)),
+                        Err(Error::Conflict(_))
+                    ));
+                });
+            }
+        });
+        let u = s.usage().unwrap();
+        assert_eq!(u.object_count, 25);
+        for i in 0..24u8 {
+            let (_, data) = s.get(&format!("c{i}")).unwrap();
+            assert_eq!(data.concat(), bytes(70_000 + usize::from(i), i));
+        }
     }
 
     #[test]
