@@ -201,5 +201,9 @@ pub fn all() -> Result<()> {
         clients: 64,
         requests: 20_000,
     })?;
+    crate::bench_e2e::e2e(crate::bench_e2e::E2eBenchArgs {
+        slices: 200,
+        concurrency: 16,
+    })?;
     Ok(())
 }

@@ -135,6 +135,7 @@ pub struct DevStack {
     /// In start order; shut down in reverse.
     services: Vec<(String, Option<Running>)>,
     storage_configs: BTreeMap<String, storage_node::Config>,
+    gateway_config: Option<gateway_service::Config>,
 }
 
 fn listen(base: Option<u16>, offset: u16) -> String {
@@ -222,6 +223,7 @@ impl DevStack {
             endpoints: Endpoints::default(),
             services: Vec::new(),
             storage_configs: BTreeMap::new(),
+            gateway_config: None,
         };
         let base = opts.base_port;
         let r = stack
@@ -330,13 +332,48 @@ impl DevStack {
         }
         let cfg: gateway_service::Config =
             parse("gateway", &text, gateway_service::config::ENV_PREFIX)?;
-        let app = gateway_service::App::build(&cfg)
+        let mut fixed = cfg.clone();
+        let addr = self.spawn_gateway(&cfg).await?;
+        fixed.server.listen = addr;
+        self.gateway_config = Some(fixed);
+        Ok(())
+    }
+
+    async fn spawn_gateway(&mut self, cfg: &gateway_service::Config) -> Result<SocketAddr, DevError> {
+        let app = gateway_service::App::build(cfg)
             .map_err(|e| svc("gateway")(e.to_string()))?
             .spawn()
             .await
             .map_err(|e| svc("gateway")(e.to_string()))?;
-        self.add("gateway", local(app.local_addr()), Running::Gateway(app));
-        Ok(())
+        let addr = app.local_addr();
+        self.add("gateway", local(addr), Running::Gateway(app));
+        Ok(addr)
+    }
+
+    /// The gateway's config (its vault path and key file, for tests that
+    /// inspect the vault while the gateway is stopped).
+    pub fn gateway_config(&self) -> Option<&gateway_service::Config> {
+        self.gateway_config.as_ref()
+    }
+
+    /// Starts a stopped gateway again on its old address (a restart after a
+    /// crash: it finishes interrupted stores and deletes).
+    pub async fn restart_gateway(&mut self) -> Result<(), DevError> {
+        let cfg = self
+            .gateway_config
+            .clone()
+            .ok_or_else(|| svc("gateway")("not started".into()))?;
+        let mut last = None;
+        for _ in 0..50 {
+            match self.spawn_gateway(&cfg).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| svc("gateway")("cannot restart".into())))
     }
 
     async fn spawn_storage(

@@ -492,3 +492,104 @@ impl TapRoi for pb::StoreHeader {
         self
     }
 }
+
+/// A gateway that died in the middle of a store (study registered, share 1
+/// placed, vault record still pending) removes the leftovers when it comes
+/// back: the share is deleted, the study forgotten at the keyserver, the
+/// pending record dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
+    use gateway_service::vault::{
+        SharePlacement, SpecRecord, StudyRecord, StudyState, Vault, load_key_file,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
+        .await
+        .unwrap();
+    let id = "st-0123456789abcdef0123456789abcdef".to_string();
+    keyserver(&stack, "gateway")
+        .await
+        .register_study(ks::RegisterStudyRequest {
+            owner: OWNER.into(),
+            attributes: attrs(),
+            study_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let mut node = storage_node::client::client(channel(&stack, "gateway", "storage-1").await);
+    storage_node::client::put_object(&mut node, &format!("{id}.s1"), b"half a study")
+        .await
+        .unwrap();
+
+    // The crash: the gateway is gone with its intent record pending.
+    assert!(stack.stop("gateway").await);
+    let cfg = stack.gateway_config().unwrap().clone();
+    {
+        let key = load_key_file(&cfg.vault.key_file).unwrap();
+        let vault = Vault::open(&cfg.vault.path, &key).unwrap();
+        let placement = |share: u32, node: &str| SharePlacement {
+            share,
+            node: node.into(),
+            instance_id: String::new(),
+            object_id: format!("{id}.s{share}"),
+            size: 0,
+            sha256: String::new(),
+        };
+        vault
+            .insert_new(&StudyRecord {
+                study_id: id.clone(),
+                state: StudyState::Pending,
+                owner: OWNER.into(),
+                stored_by: OWNER.into(),
+                attributes: vec![("patient_id".into(), PATIENT_ID.into())],
+                original_format: 3,
+                spec: SpecRecord {
+                    width: 4,
+                    height: 4,
+                    frames: 1,
+                    bits_allocated: 8,
+                    bits_stored: 8,
+                    signed: false,
+                    channels: 1,
+                },
+                header_json: String::new(),
+                placements: vec![placement(1, "storage-1"), placement(2, "storage-2")],
+                created_unix: 0,
+            })
+            .unwrap();
+    }
+
+    stack.restart_gateway().await.unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        let share = node
+            .stat(spb::StatRequest {
+                object_id: format!("{id}.s1"),
+            })
+            .await;
+        let key = keyserver(&stack, "watermark")
+            .await
+            .derive_key(ks::DeriveKeyRequest {
+                study_id: id.clone(),
+                attributes: attrs(),
+                purpose: "pixels".into(),
+                operation: ks::Operation::Restore.into(),
+            })
+            .await;
+        if matches!(&share, Err(e) if e.code() == Code::NotFound)
+            && matches!(&key, Err(e) if e.code() == Code::NotFound)
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the share and the study's key material are removed");
+    // And the intent record with them.
+    assert!(stack.stop("gateway").await);
+    let key = load_key_file(&cfg.vault.key_file).unwrap();
+    let vault = Vault::open(&cfg.vault.path, &key).unwrap();
+    assert!(vault.get(&id).unwrap().is_none());
+    drop(vault);
+    stack.shutdown().await;
+}
