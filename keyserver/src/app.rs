@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError};
+use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError, Serving, StartError};
 
 use crate::config::Config;
 use crate::core::clock::{Clock, SystemClock};
@@ -24,6 +24,17 @@ pub enum AppError {
     /// The gRPC server failed to start.
     #[error(transparent)]
     Server(#[from] ServerError),
+}
+
+/// A missing, too-open or wrong KEK is a configuration error (exit 64).
+impl From<AppError> for StartError {
+    fn from(e: AppError) -> Self {
+        if matches!(e, AppError::Core(KeyServerError::Kek(_))) {
+            StartError::config(e)
+        } else {
+            StartError::other(e)
+        }
+    }
 }
 
 /// A built (not yet listening) keyserver.
@@ -101,5 +112,15 @@ impl RunningApp {
     pub async fn shutdown(self, grace: Duration) {
         self.server.shutdown(grace).await;
         drop(self.core);
+    }
+}
+
+impl Serving for RunningApp {
+    fn local_addr(&self) -> SocketAddr {
+        RunningApp::local_addr(self)
+    }
+
+    fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send {
+        RunningApp::shutdown(self, grace)
     }
 }

@@ -9,13 +9,19 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use keyserver::App;
 use keyserver::config::{Config, ENV_PREFIX};
 use keyserver::core::crypto::Kek;
-use keyserver::{App, AppError, KeyServerError};
-use tessera_runtime::{ConfigSource, EXIT_CONFIG, load_config, shutdown_signal, telemetry};
+use tessera_runtime::{EXIT_CONFIG, Service};
+
+const SERVICE: Service<Config> = Service::new(
+    "keyserver",
+    "Tessera keyserver",
+    ENV_PREFIX,
+    |c: &Config| &c.telemetry,
+);
 
 #[derive(Parser)]
 #[command(name = "keyserver", about = "Tessera keyserver", version)]
@@ -57,7 +63,9 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Cmd::AuditVerify { db, kek_file }) => audit_verify(&db, kek_file.as_deref()),
         Some(Cmd::Bench { clients, requests }) => bench(clients, requests),
-        None => serve(cli.config),
+        None => SERVICE.serve(cli.config.as_deref(), async |cfg| {
+            Ok(App::build(&cfg)?.spawn().await?)
+        }),
     }
 }
 
@@ -117,66 +125,4 @@ fn audit_verify(db: &std::path::Path, kek_file: Option<&std::path::Path>) -> Exi
             ExitCode::from(2)
         }
     }
-}
-
-fn serve(config: Option<PathBuf>) -> ExitCode {
-    let cfg: Config = match load_config(&ConfigSource::from_process(config.as_deref()), ENV_PREFIX)
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("keyserver: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("keyserver: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let _telemetry = match telemetry::init("keyserver", &cfg.telemetry) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("keyserver: telemetry: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let app = match App::build(&cfg) {
-            Ok(a) => a,
-            Err(e @ AppError::Core(KeyServerError::Kek(_))) => {
-                // A missing, too-open or wrong KEK is a configuration error.
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("keyserver: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("keyserver: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let running = match app.spawn().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen");
-                eprintln!("keyserver: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(addr = %running.local_addr(), "keyserver listening");
-        // The launcher and the e2e scripts wait for this line.
-        println!("listening={}", running.local_addr());
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        // Drains RPCs, then closes the database cleanly (a clean close means
-        // the next start need not repair the file).
-        running.shutdown(Duration::from_secs(10)).await;
-        ExitCode::SUCCESS
-    })
 }

@@ -5,10 +5,13 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
-use tessera_tls::Identity;
+use tessera_tls::CallerAllowList;
 
 /// Environment prefix: `TESSERA_STORAGE__SERVER__LISTEN=127.0.0.1:0`.
 pub const ENV_PREFIX: &str = "TESSERA_STORAGE";
+
+/// The setting that lists who may call `Process`.
+pub const PROCESS_CALLERS: &str = "process.allowed_callers";
 
 /// Objects are buffered in memory until committed, so one object may not
 /// exceed this whatever the config says.
@@ -130,12 +133,7 @@ impl Validate for Config {
             return Err("max_concurrent_puts must be at least 1".into());
         }
         let p = &self.process;
-        if p.allowed_callers.is_empty() {
-            return Err("process.allowed_callers must name at least one identity".into());
-        }
-        for c in &p.allowed_callers {
-            Identity::parse_uri(c).map_err(|e| format!("process.allowed_callers: {c:?}: {e}"))?;
-        }
+        CallerAllowList::validate(PROCESS_CALLERS, &p.allowed_callers)?;
         if p.max_fragment_bytes == 0 || p.max_fragment_bytes > HARD_MAX_FRAGMENT_BYTES {
             return Err(format!(
                 "process.max_fragment_bytes must be in 1..={HARD_MAX_FRAGMENT_BYTES}"

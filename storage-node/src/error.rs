@@ -62,6 +62,13 @@ impl Error {
     }
 }
 
+/// The node could not start (the database would not open): exit 1.
+impl From<Error> for tessera_runtime::StartError {
+    fn from(e: Error) -> Self {
+        Self::other(e)
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Status;

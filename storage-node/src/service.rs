@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tessera_proto::storage::v1 as pb;
+use tessera_tls::CallerAllowList;
 use tessera_wire::{ProcessDecoder, ProcessLimits, output_messages};
 use tokio::sync::Semaphore;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Error;
-use crate::config::ProcessSection;
+use crate::config::{PROCESS_CALLERS, ProcessSection};
 use crate::store::{Limits, ObjectMeta, STORE_CHUNK, Store};
 
 /// Default and maximum page size of `List`.
@@ -22,7 +23,7 @@ pub const LIST_LIMIT: usize = 1000;
 /// `Process` settings: who may call it, and its limits.
 #[derive(Debug)]
 struct ProcessState {
-    allowed_callers: Vec<String>,
+    allowed_callers: CallerAllowList,
     limits: ProcessLimits,
     slots: Arc<Semaphore>,
 }
@@ -30,7 +31,7 @@ struct ProcessState {
 impl ProcessState {
     fn new(s: &ProcessSection) -> Self {
         Self {
-            allowed_callers: s.allowed_callers.clone(),
+            allowed_callers: CallerAllowList::new(PROCESS_CALLERS, s.allowed_callers.clone()),
             limits: ProcessLimits::new(s.max_fragment_bytes),
             slots: Arc::new(Semaphore::new(s.max_concurrent)),
         }
@@ -67,13 +68,9 @@ impl StorageService {
     /// `Process` is narrowed to `process.allowed_callers` (the policy layer
     /// already required the service role). Fails closed.
     fn authorize_process<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let who = tessera_tls::caller(request)?.uri();
-        if self.process.allowed_callers.contains(&who) {
-            Ok(())
-        } else {
-            tracing::warn!(caller = %who, "caller not in process.allowed_callers");
-            Err(Error::CallerNotAllowed(who).into())
-        }
+        self.process
+            .allowed_callers
+            .check(request, Error::CallerNotAllowed)
     }
 
     /// Reads and checks the whole request (bounded by the limits), then runs

@@ -339,7 +339,10 @@ impl DevStack {
         Ok(())
     }
 
-    async fn spawn_gateway(&mut self, cfg: &gateway_service::Config) -> Result<SocketAddr, DevError> {
+    async fn spawn_gateway(
+        &mut self,
+        cfg: &gateway_service::Config,
+    ) -> Result<SocketAddr, DevError> {
         let app = gateway_service::App::build(cfg)
             .map_err(|e| svc("gateway")(e.to_string()))?
             .spawn()

@@ -1,15 +1,18 @@
 //! Shared server plumbing for every Tessera binary: typed config (TOML plus
 //! environment, injectable), telemetry (tracing, optional OTLP, a span per
 //! RPC with the trace context from gRPC metadata) and the mutual-TLS gRPC
-//! server with health, reflection, authorization and message limits.
+//! server with health, reflection, authorization and message limits, and
+//! [`Service`], the `main` every service binary shares.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod server;
+pub mod service_main;
 pub mod telemetry;
 
 pub use config::{ConfigError, ConfigSource, EXIT_CONFIG, Validate, load_config};
 pub use server::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerConfig, ServerError};
+pub use service_main::{SHUTDOWN_GRACE, Service, Serving, StartError};
 pub use telemetry::TelemetryConfig;
 
 /// Waits for SIGINT or SIGTERM (SIGINT only where SIGTERM does not exist).

@@ -1,12 +1,10 @@
 //! `App::build(config)` and `App::spawn()`: the real segmentation service,
 //! runnable in-process on `127.0.0.1:0` by tests and the launcher.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError, StartError};
+use tessera_tls::CallerAllowList;
 
-use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError};
-
-use crate::config::Config;
+use crate::config::{ALLOWED_CALLERS, Config};
 use crate::service::{Limits, SegmentationService, policy};
 
 /// Why the service could not start.
@@ -17,16 +15,23 @@ pub enum AppError {
     Server(#[from] ServerError),
 }
 
+impl From<AppError> for StartError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Server(e) => e.into(),
+        }
+    }
+}
+
 /// A built (not yet listening) service.
 pub struct App {
     service: SegmentationService,
     server: ServerConfig,
 }
 
-/// A listening service.
-pub struct RunningApp {
-    server: RunningServer,
-}
+/// A listening service: the server itself (bound address, health,
+/// graceful shutdown).
+pub type RunningApp = RunningServer;
 
 impl App {
     /// Prepares the service from a validated config.
@@ -34,7 +39,7 @@ impl App {
         let s = &config.segmentation;
         let service = SegmentationService::new(
             Limits {
-                allowed_callers: s.allowed_callers.clone(),
+                allowed_callers: CallerAllowList::new(ALLOWED_CALLERS, s.allowed_callers.clone()),
                 max_image_bytes: s.max_image_bytes,
             },
             s.max_concurrent_jobs as usize,
@@ -47,22 +52,9 @@ impl App {
 
     /// Binds and serves (mTLS, authz, health, reflection, limits).
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
-        let server = GrpcServer::new(&self.server, policy())?
+        Ok(GrpcServer::new(&self.server, policy())?
             .add_service(self.service.into_server())
             .spawn()
-            .await?;
-        Ok(RunningApp { server })
-    }
-}
-
-impl RunningApp {
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
-    }
-
-    /// Stops accepting and drains for at most `grace`.
-    pub async fn shutdown(self, grace: Duration) {
-        self.server.shutdown(grace).await;
+            .await?)
     }
 }

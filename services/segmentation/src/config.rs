@@ -18,11 +18,14 @@
 
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
-use tessera_tls::Identity;
+use tessera_tls::CallerAllowList;
 
 /// Environment prefix of overrides, e.g.
 /// `TESSERA_SEGMENTATION__SEGMENTATION__MAX_CONCURRENT_JOBS`.
 pub const ENV_PREFIX: &str = "TESSERA_SEGMENTATION";
+
+/// The setting that lists who may call the service.
+pub const ALLOWED_CALLERS: &str = "segmentation.allowed_callers";
 
 /// Largest image any config may allow: `MAX_SAMPLES` 16-bit words.
 pub const MAX_IMAGE_BYTES_CEILING: u64 = tessera_image::MAX_SAMPLES * 2;
@@ -84,13 +87,7 @@ impl Validate for Config {
         self.server.validate()?;
         self.telemetry.validate()?;
         let s = &self.segmentation;
-        if s.allowed_callers.is_empty() {
-            return Err("segmentation.allowed_callers must name at least one identity".into());
-        }
-        for c in &s.allowed_callers {
-            Identity::parse_uri(c)
-                .map_err(|e| format!("segmentation.allowed_callers: {c:?}: {e}"))?;
-        }
+        CallerAllowList::validate(ALLOWED_CALLERS, &s.allowed_callers)?;
         if !(1..=MAX_IMAGE_BYTES_CEILING).contains(&s.max_image_bytes) {
             return Err(format!(
                 "segmentation.max_image_bytes must be 1..={MAX_IMAGE_BYTES_CEILING}"

@@ -2,75 +2,19 @@
 //! `listening=ADDR` once serving (the launcher and e2e scripts wait for it).
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::Parser;
 use segmentation_service::App;
 use segmentation_service::config::{Config, ENV_PREFIX};
-use tessera_runtime::{ConfigSource, EXIT_CONFIG, load_config, shutdown_signal, telemetry};
+use tessera_runtime::Service;
 
-#[derive(Parser)]
-#[command(name = "segmentation", about = "Tessera segmentation service", version)]
-struct Cli {
-    /// TOML config; `TESSERA_SEGMENTATION__SECTION__KEY` variables override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-}
+const SERVICE: Service<Config> = Service::new(
+    "segmentation",
+    "Tessera segmentation service",
+    ENV_PREFIX,
+    |c: &Config| &c.telemetry,
+);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let cfg: Config = match load_config(
-        &ConfigSource::from_process(cli.config.as_deref()),
-        ENV_PREFIX,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("segmentation: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("segmentation: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let _telemetry = match telemetry::init("segmentation", &cfg.telemetry) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("segmentation: telemetry: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let app = match App::build(&cfg) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("segmentation: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let running = match app.spawn().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen");
-                eprintln!("segmentation: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(addr = %running.local_addr(), "segmentation listening");
-        println!("listening={}", running.local_addr());
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        running.shutdown(Duration::from_secs(10)).await;
-        ExitCode::SUCCESS
-    })
+    SERVICE.main(async |cfg| Ok(App::build(&cfg)?.spawn().await?))
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tessera_image::Image;
 use tessera_proto::segmentation::v1 as pb;
 use tessera_proto::segmentation::v1::segmentation_server::{Segmentation, SegmentationServer};
-use tessera_tls::{Policy, Role};
+use tessera_tls::{CallerAllowList, Policy, Role};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -42,7 +42,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Settings the handler needs.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    pub allowed_callers: Vec<String>,
+    pub allowed_callers: CallerAllowList,
     pub max_image_bytes: u64,
 }
 
@@ -69,13 +69,9 @@ impl SegmentationService {
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let who = tessera_tls::caller(request)?.uri();
-        if self.limits.allowed_callers.contains(&who) {
-            Ok(())
-        } else {
-            tracing::warn!(caller = %who, "caller not in segmentation.allowed_callers");
-            Err(SegmentationError::CallerNotAllowed(format!("{who} may not call {SERVICE}")).into())
-        }
+        self.limits.allowed_callers.check(request, |who| {
+            SegmentationError::CallerNotAllowed(format!("{who} may not call {SERVICE}"))
+        })
     }
 
     async fn job_permit(&self) -> Result<OwnedSemaphorePermit> {

@@ -1,12 +1,10 @@
 //! `App::build(config)` and `App::spawn()`: the real watermark service,
 //! runnable in-process on `127.0.0.1:0` by tests and the launcher.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError, StartError};
+use tessera_tls::CallerAllowList;
 
-use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError};
-
-use crate::config::Config;
+use crate::config::{ALLOWED_CALLERS, Config};
 use crate::keys::KeyClient;
 use crate::service::{Limits, WatermarkService, policy};
 
@@ -21,16 +19,25 @@ pub enum AppError {
     Server(#[from] ServerError),
 }
 
+/// Unreadable client TLS material is a configuration error (exit 64).
+impl From<AppError> for StartError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::KeyserverTls(_) => StartError::config(e),
+            AppError::Server(_) => StartError::other(e),
+        }
+    }
+}
+
 /// A built (not yet listening) service.
 pub struct App {
     service: WatermarkService,
     server: ServerConfig,
 }
 
-/// A listening service.
-pub struct RunningApp {
-    server: RunningServer,
-}
+/// A listening service: the server itself (bound address, health,
+/// graceful shutdown).
+pub type RunningApp = RunningServer;
 
 impl App {
     /// Loads the keyserver client TLS material and prepares the server. The
@@ -41,7 +48,7 @@ impl App {
         let service = WatermarkService::new(
             keys,
             Limits {
-                allowed_callers: w.allowed_callers.clone(),
+                allowed_callers: CallerAllowList::new(ALLOWED_CALLERS, w.allowed_callers.clone()),
                 max_image_bytes: w.max_image_bytes,
             },
             w.max_concurrent_jobs as usize,
@@ -54,22 +61,9 @@ impl App {
 
     /// Binds and serves (mTLS, authz, health, reflection, limits).
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
-        let server = GrpcServer::new(&self.server, policy())?
+        Ok(GrpcServer::new(&self.server, policy())?
             .add_service(self.service.into_server())
             .spawn()
-            .await?;
-        Ok(RunningApp { server })
-    }
-}
-
-impl RunningApp {
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
-    }
-
-    /// Stops accepting and drains for at most `grace`.
-    pub async fn shutdown(self, grace: Duration) {
-        self.server.shutdown(grace).await;
+            .await?)
     }
 }

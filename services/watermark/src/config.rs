@@ -24,10 +24,13 @@
 
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
-use tessera_tls::{Identity, TlsFiles};
+use tessera_tls::{CallerAllowList, TlsFiles};
 
 /// Environment prefix of overrides, e.g. `TESSERA_WATERMARK__KEYSERVER__ADDRESS`.
 pub const ENV_PREFIX: &str = "TESSERA_WATERMARK";
+
+/// The setting that lists who may call the service.
+pub const ALLOWED_CALLERS: &str = "watermark.allowed_callers";
 
 /// Largest image any config may allow: `MAX_SAMPLES` 16-bit words.
 pub const MAX_IMAGE_BYTES_CEILING: u64 = tessera_image::MAX_SAMPLES * 2;
@@ -113,12 +116,7 @@ impl Validate for Config {
             }
         }
         let w = &self.watermark;
-        if w.allowed_callers.is_empty() {
-            return Err("watermark.allowed_callers must name at least one identity".into());
-        }
-        for c in &w.allowed_callers {
-            Identity::parse_uri(c).map_err(|e| format!("watermark.allowed_callers: {c:?}: {e}"))?;
-        }
+        CallerAllowList::validate(ALLOWED_CALLERS, &w.allowed_callers)?;
         if !(1..=MAX_IMAGE_BYTES_CEILING).contains(&w.max_image_bytes) {
             return Err(format!(
                 "watermark.max_image_bytes must be 1..={MAX_IMAGE_BYTES_CEILING}"

@@ -3,9 +3,11 @@
 
 use tessera_cryptomark::header::MAX_OBJECT_ID;
 use tessera_cryptomark::{TamperedBlock, TamperedTile, VerificationReport};
-use tessera_image::{ImageSpec, PixelFormat, Rect};
+use tessera_image::{ImageSpec, Rect};
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::watermark::v1 as pb;
+pub use tessera_wire::convert::watermark::spec_to_proto;
+use tessera_wire::convert::watermark::{rect_from_proto, rect_to_proto, required_spec};
 
 use crate::error::WatermarkError;
 
@@ -86,11 +88,11 @@ impl TryFrom<pb::ProtectStart> for ProtectPlan {
                 "start.object_id must be 1..={MAX_OBJECT_ID} bytes"
             )));
         }
-        let spec = spec_from_proto(
-            "start.spec",
-            s.spec.ok_or_else(|| invalid("start.spec is required"))?,
-        )?;
-        let roi = s.roi.map(rect_from_proto).unwrap_or_default();
+        let spec = required_spec("start.spec", s.spec)?;
+        let roi = match s.roi {
+            Some(r) => rect_from_proto("start.roi", Some(r))?,
+            None => Rect::default(),
+        };
         if !roi.is_empty() && !roi.fits(spec.width, spec.height) {
             return Err(invalid(format!(
                 "start.roi {roi} lies outside the {}x{} image",
@@ -126,53 +128,6 @@ impl TryFrom<pb::OpenStart> for OpenPlan {
             tessera_cryptomark::Profile::Paper => return Err(invalid(PAPER_REFUSED)),
         }
         Ok(Self { study, header })
-    }
-}
-
-/// Checks a spec and turns it into the core's type.
-pub fn spec_from_proto(field: &str, s: pb::ImageSpec) -> Result<ImageSpec, WatermarkError> {
-    let narrow = |name: &str, v: u32| {
-        u8::try_from(v).map_err(|_| invalid(format!("{field}.{name} {v} is out of range")))
-    };
-    let spec = ImageSpec {
-        width: s.width,
-        height: s.height,
-        frames: s.frames.max(1),
-        format: PixelFormat {
-            bits_allocated: narrow("bits_allocated", s.bits_allocated)?,
-            bits_stored: narrow("bits_stored", s.bits_stored)?,
-            signed: s.signed,
-            channels: narrow("channels", s.channels)?,
-        },
-    };
-    spec.validate()
-        .map_err(|e| invalid(format!("{field}: {e}")))?;
-    Ok(spec)
-}
-
-/// The core's spec as a proto.
-pub fn spec_to_proto(s: &ImageSpec) -> pb::ImageSpec {
-    pb::ImageSpec {
-        width: s.width,
-        height: s.height,
-        frames: s.frames,
-        bits_allocated: s.format.bits_allocated.into(),
-        bits_stored: s.format.bits_stored.into(),
-        signed: s.format.signed,
-        channels: s.format.channels.into(),
-    }
-}
-
-fn rect_from_proto(r: pb::Rect) -> Rect {
-    Rect::new(r.x, r.y, r.width, r.height)
-}
-
-fn rect_to_proto(r: &Rect) -> pb::Rect {
-    pb::Rect {
-        x: r.x,
-        y: r.y,
-        width: r.width,
-        height: r.height,
     }
 }
 

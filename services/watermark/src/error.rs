@@ -13,6 +13,7 @@
 //! * keyserver unreachable -> UNAVAILABLE naming the keyserver.
 
 use tessera_cryptomark::CryptomarkError;
+use tessera_wire::WireError;
 use tonic::Status;
 
 /// Everything that can go wrong in the watermark service.
@@ -53,6 +54,17 @@ pub enum WatermarkError {
     /// A worker task failed.
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// Spec and rectangle conversions (`tessera_wire`) name the field.
+impl From<WireError> for WatermarkError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Invalid(m) => WatermarkError::InvalidArgument(m),
+            WireError::TooLarge(m) => WatermarkError::TooLarge(m),
+            WireError::Internal(m) => WatermarkError::Internal(m),
+        }
+    }
 }
 
 impl From<WatermarkError> for Status {

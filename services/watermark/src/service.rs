@@ -12,7 +12,7 @@ use tessera_cryptomark::{Header, ProtectKey, RestoreKey, SHARE_PREAMBLE};
 use tessera_image::Image;
 use tessera_proto::watermark::v1 as pb;
 use tessera_proto::watermark::v1::watermark_server::{Watermark, WatermarkServer};
-use tessera_tls::{Policy, Role};
+use tessera_tls::{CallerAllowList, Policy, Role};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -45,7 +45,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// Settings the handlers need.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    pub allowed_callers: Vec<String>,
+    pub allowed_callers: CallerAllowList,
     pub max_image_bytes: u64,
 }
 
@@ -74,13 +74,9 @@ impl WatermarkService {
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let who = tessera_tls::caller(request)?.uri();
-        if self.limits.allowed_callers.contains(&who) {
-            Ok(())
-        } else {
-            tracing::warn!(caller = %who, "caller not in watermark.allowed_callers");
-            Err(WatermarkError::CallerNotAllowed(format!("{who} may not call {SERVICE}")).into())
-        }
+        self.limits.allowed_callers.check(request, |who| {
+            WatermarkError::CallerNotAllowed(format!("{who} may not call {SERVICE}"))
+        })
     }
 
     async fn job_permit(&self) -> Result<OwnedSemaphorePermit> {
