@@ -399,7 +399,30 @@ pub fn verify_cmd(args: VerifyArgs) -> Result<()> {
 /// A PNG of frame 0 in gray (windowed to its min..max), tampered ROI blocks
 /// tinted red, other tampered tiles orange, ROI border green.
 pub fn tamper_map(header: &Header, restored: &Restored) -> Result<Vec<u8>> {
-    let img = &restored.image;
+    let r = &restored.report;
+    paint_tamper_map(
+        &restored.image,
+        r.tampered_tiles
+            .iter()
+            .filter(|t| t.frame == 0)
+            .map(|t| t.rect),
+        r.tampered_blocks
+            .iter()
+            .filter(|b| b.frame == 0)
+            .map(|b| b.rect),
+        Some(header.roi),
+    )
+}
+
+/// The one tamper-map painter (offline reports and gateway reports): frame 0
+/// in gray, `tiles` tinted orange, `blocks` red, the ROI's border green.
+/// Rectangles are clipped to the image.
+pub fn paint_tamper_map(
+    img: &Image,
+    tiles: impl Iterator<Item = Rect>,
+    blocks: impl Iterator<Item = Rect>,
+    roi: Option<Rect>,
+) -> Result<Vec<u8>> {
     let (w, h) = (img.width(), img.height());
     let f = img.format();
     let lum: Vec<i32> = (0..w * h)
@@ -417,7 +440,9 @@ pub fn tamper_map(header: &Header, restored: &Restored) -> Result<Vec<u8>> {
             [g, g, g]
         })
         .collect();
-    let mut tint = |r: &Rect, color: [u8; 3]| {
+    let clip = |r: Rect| r.intersect(&Rect::new(0, 0, w, h));
+    let mut tint = |r: Rect, color: [u8; 3]| {
+        let r = clip(r);
         for y in r.y..r.y + r.height {
             for x in r.x..r.x + r.width {
                 let i = ((y * w + x) * 3) as usize;
@@ -427,24 +452,13 @@ pub fn tamper_map(header: &Header, restored: &Restored) -> Result<Vec<u8>> {
             }
         }
     };
-    for t in restored
-        .report
-        .tampered_tiles
-        .iter()
-        .filter(|t| t.frame == 0)
-    {
-        tint(&t.rect, [255, 140, 0]);
+    for t in tiles {
+        tint(t, [255, 140, 0]);
     }
-    for b in restored
-        .report
-        .tampered_blocks
-        .iter()
-        .filter(|b| b.frame == 0)
-    {
-        tint(&b.rect, [255, 0, 0]);
+    for b in blocks {
+        tint(b, [255, 0, 0]);
     }
-    let roi = header.roi;
-    if !roi.is_empty() {
+    if let Some(roi) = roi.map(clip).filter(|r| !r.is_empty()) {
         for y in roi.y..roi.y + roi.height {
             for x in roi.x..roi.x + roi.width {
                 let edge = x == roi.x

@@ -11,7 +11,7 @@ use clap::Args;
 use gateway_service::client as gw;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
-use tessera_image::{Image, ImageSpec, PixelFormat, Rect, codec};
+use tessera_image::{Image, ImageSpec, Rect, codec};
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as kpb;
@@ -494,82 +494,32 @@ async fn retrieve_local(
         tessera_cryptomark::RestoreKey::Secure(&key),
     )
     .map_err(|e| anyhow!("restore: {e}"))?;
-    let r = &restored.report;
-    let rect = |rc: &Rect| wpb::Rect {
-        x: rc.x,
-        y: rc.y,
-        width: rc.width,
-        height: rc.height,
-    };
-    let report = wpb::VerificationReport {
-        intact: r.is_intact(),
-        roi_blocks: r.roi_blocks,
-        tiles: r.tiles,
-        tampered_block_count: r.tampered_blocks.len() as u64,
-        tampered_tile_count: r.tampered_tiles.len() as u64,
-        tampered_blocks: r
-            .tampered_blocks
-            .iter()
-            .map(|b| wpb::TamperedBlock {
-                index: b.index,
-                frame: b.frame,
-                rect: Some(rect(&b.rect)),
-            })
-            .collect(),
-        tampered_tiles: r
-            .tampered_tiles
-            .iter()
-            .map(|t| wpb::TamperedTile {
-                index: t.index,
-                frame: t.frame,
-                rect: Some(rect(&t.rect)),
-                shares: t.shares.iter().map(|&s| u32::from(s)).collect(),
-            })
-            .collect(),
-        truncated: false,
-    };
+    let report = watermark_service::convert::report_to_proto(&restored.report);
     let spec = *restored.image.spec();
     Ok((spec, report, Vec::new(), restored.image.to_le_bytes()))
 }
 
-/// The restored frame 0 in gray, tampered tiles orange, ROI blocks red.
+/// The restored frame 0 in gray, tampered tiles orange, ROI blocks red
+/// (the offline painter, fed the gateway's report).
 pub fn tamper_map(img: &Image, report: &wpb::VerificationReport) -> Result<Vec<u8>> {
-    let (w, h) = (img.width(), img.height());
-    let f: PixelFormat = img.format();
-    let lum: Vec<i32> = (0..w * h)
-        .map(|i| f.value(img.get(0, i % w, i / w, 0)))
-        .collect();
-    let lo = *lum.iter().min().unwrap_or(&0);
-    let hi = *lum.iter().max().unwrap_or(&1);
-    let span = (hi - lo).max(1) as f64;
-    let mut rgb: Vec<u8> = lum
-        .iter()
-        .flat_map(|&v| {
-            let g = ((v - lo) as f64 / span * 255.0) as u8;
-            [g, g, g]
-        })
-        .collect();
-    let mut tint = |r: &wpb::Rect, color: [u8; 3]| {
-        for y in r.y..(r.y.saturating_add(r.height)).min(h) {
-            for x in r.x..(r.x.saturating_add(r.width)).min(w) {
-                let i = ((y * w + x) * 3) as usize;
-                for c in 0..3 {
-                    rgb[i + c] = ((u16::from(rgb[i + c]) + u16::from(color[c]) * 3) / 4) as u8;
-                }
-            }
-        }
+    let rect = |r: &Option<wpb::Rect>| {
+        let r = r.unwrap_or_default();
+        Rect::new(r.x, r.y, r.width, r.height)
     };
-    for t in report.tampered_tiles.iter().filter(|t| t.frame == 0) {
-        if let Some(r) = &t.rect {
-            tint(r, [255, 140, 0]);
-        }
-    }
-    for b in report.tampered_blocks.iter().filter(|b| b.frame == 0) {
-        if let Some(r) = &b.rect {
-            tint(r, [255, 0, 0]);
-        }
-    }
-    Ok(codec::encode_png_rgb8(w, h, rgb)?)
+    crate::image_cmd::paint_tamper_map(
+        img,
+        report
+            .tampered_tiles
+            .iter()
+            .filter(|t| t.frame == 0)
+            .map(|t| rect(&t.rect)),
+        report
+            .tampered_blocks
+            .iter()
+            .filter(|b| b.frame == 0)
+            .map(|b| rect(&b.rect)),
+        None,
+    )
 }
 
 /// `tessera verify`.
