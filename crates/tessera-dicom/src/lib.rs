@@ -15,6 +15,7 @@
 
 mod deid;
 mod pixels;
+pub mod synth;
 mod table;
 mod walk;
 
@@ -164,8 +165,66 @@ pub struct Split {
     pub identifying: Vec<u8>,
     pub pixels: Pixels,
     /// A Part 10 file holding the de-identified data set without Pixel Data
-    /// (see [`write_deidentified`]).
+    /// (see [`write_deidentified`]); empty from [`split_for_store`].
     pub deidentified: Vec<u8>,
+    /// Who and what the file is about (read from the data set, in the clear:
+    /// for the caller's trusted zone only).
+    pub subject: Subject,
+}
+
+/// The attributes that group instances into a study and name the patient.
+/// Empty strings for absent elements.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Subject {
+    pub patient_id: String,
+    pub patient_name: String,
+    pub patient_birth_date: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub modality: String,
+}
+
+/// Longest value kept in a [`Subject`] field.
+const SUBJECT_MAX: usize = 256;
+
+fn subject_of(obj: &dicom_object::InMemDicomObject, meta: &dicom_object::FileMetaTable) -> Subject {
+    let text = |tag: Tag| -> String {
+        obj.get(tag)
+            .and_then(|e| e.to_str().ok())
+            .map(|v| {
+                let v = v.trim_end_matches(['\0', ' ']).trim_start();
+                v.chars().take(SUBJECT_MAX).collect()
+            })
+            .unwrap_or_default()
+    };
+    let or_meta = |v: String, m: &str| {
+        if v.is_empty() {
+            m.trim_end_matches(['\0', ' '])
+                .chars()
+                .take(SUBJECT_MAX)
+                .collect()
+        } else {
+            v
+        }
+    };
+    Subject {
+        patient_id: text(tags::PATIENT_ID),
+        patient_name: text(tags::PATIENT_NAME),
+        patient_birth_date: text(tags::PATIENT_BIRTH_DATE),
+        study_instance_uid: text(tags::STUDY_INSTANCE_UID),
+        series_instance_uid: text(tags::SERIES_INSTANCE_UID),
+        sop_instance_uid: or_meta(
+            text(tags::SOP_INSTANCE_UID),
+            meta.media_storage_sop_instance_uid(),
+        ),
+        sop_class_uid: or_meta(
+            text(tags::SOP_CLASS_UID),
+            meta.media_storage_sop_class_uid(),
+        ),
+        modality: text(tags::MODALITY),
+    }
 }
 
 /// File-meta attributes outside Table E.1-1 that can name a site or carry
@@ -207,6 +266,20 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Splits a DICOM Part 10 file.
 pub fn split(bytes: &[u8], limits: &Limits, profile: &Profile) -> Result<Split, DicomError> {
+    split_inner(bytes, limits, Some(profile))
+}
+
+/// Splits a file for storage: as [`split`] without the de-identified copy
+/// (`deidentified` is empty), which a store does not need.
+pub fn split_for_store(bytes: &[u8], limits: &Limits) -> Result<Split, DicomError> {
+    split_inner(bytes, limits, None)
+}
+
+fn split_inner(
+    bytes: &[u8],
+    limits: &Limits,
+    profile: Option<&Profile>,
+) -> Result<Split, DicomError> {
     let limit = limits.max_file_bytes;
     if bytes.len() as u64 > limit {
         return Err(DicomError::TooLarge {
@@ -293,6 +366,16 @@ pub fn split(bytes: &[u8], limits: &Limits, profile: &Profile) -> Result<Split, 
     // 5. The de-identified data set.
     let meta = file.meta().clone();
     let mut obj = file.into_inner();
+    let subject = subject_of(&obj, &meta);
+    let Some(profile) = profile else {
+        return Ok(Split {
+            container,
+            identifying: identifying.to_bytes(),
+            pixels: classified.pixels,
+            deidentified: Vec::new(),
+            subject,
+        });
+    };
     deid::deidentify(&mut obj, profile);
     let ts_out = match pixel_kind {
         PixelKind::Encapsulated => layout.transfer_syntax.as_str(),
@@ -320,6 +403,7 @@ pub fn split(bytes: &[u8], limits: &Limits, profile: &Profile) -> Result<Split, 
         identifying: identifying.to_bytes(),
         pixels: classified.pixels,
         deidentified,
+        subject,
     })
 }
 
@@ -478,7 +562,38 @@ impl Identifying {
     }
 }
 
+impl Pixels {
+    /// The Pixel Data value as stored, for encapsulated and opaque pixels
+    /// (kept whole, not decoded); `None` for native pixels.
+    pub fn stored_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Pixels::Native(_) => None,
+            Pixels::Encapsulated(b) | Pixels::Opaque { bytes: b, .. } => Some(b),
+        }
+    }
+}
+
 impl Container {
+    /// Rebuilds encapsulated or opaque [`Pixels`] from their stored bytes
+    /// ([`Pixels::stored_bytes`]); an error for a container of native pixels.
+    pub fn stored_pixels(&self, bytes: Vec<u8>) -> Result<Pixels, DicomError> {
+        match self.pixel_kind {
+            PixelKind::Encapsulated => Ok(Pixels::Encapsulated(bytes)),
+            PixelKind::Opaque {
+                big_endian,
+                word_bytes,
+            } => Ok(Pixels::Opaque {
+                bytes,
+                big_endian,
+                word_bytes,
+                reason: "kept as stored".into(),
+            }),
+            PixelKind::Native(_) => Err(DicomError::Mismatch(
+                "the container holds native pixels, not stored bytes".into(),
+            )),
+        }
+    }
+
     /// The transfer syntax UID of the original file.
     pub fn transfer_syntax(&self) -> &str {
         &self.transfer_syntax

@@ -59,6 +59,7 @@ impl App {
             Limits {
                 max_image_bytes: g.max_image_bytes,
                 reidentify_roles: g.reidentify_roles.clone(),
+                temporal: config.dicom.temporal,
             },
             g.max_concurrent_jobs as usize,
             g.max_inflight_mib,

@@ -172,3 +172,97 @@ pub async fn process(
     )
     .await
 }
+
+/// Stores one DICOM Part 10 file for `owner`.
+pub async fn store_dicom(
+    client: &mut GatewayClient<Channel>,
+    owner: &str,
+    file: &[u8],
+) -> Result<pb::StoreDicomResponse, Status> {
+    let mut msgs = Vec::with_capacity(file.len() / CHUNK_BYTES + 2);
+    msgs.push(pb::StoreDicomRequest {
+        part: Some(pb::store_dicom_request::Part::Header(
+            pb::StoreDicomHeader {
+                owner: owner.to_owned(),
+                size: file.len() as u64,
+            },
+        )),
+    });
+    for c in file.chunks(CHUNK_BYTES) {
+        msgs.push(pb::StoreDicomRequest {
+            part: Some(pb::store_dicom_request::Part::Chunk(c.to_vec())),
+        });
+    }
+    Ok(client
+        .store_dicom(tokio_stream::iter(msgs))
+        .await?
+        .into_inner())
+}
+
+/// Largest DICOM file a client accepts from the gateway.
+pub const MAX_DICOM_FILE_BYTES: u64 = 1 << 31;
+
+/// Retrieves every instance of a DICOM study, calling `on_instance` with
+/// each header and file (size and SHA-256 checked) as it arrives.
+pub async fn retrieve_dicom(
+    client: &mut GatewayClient<Channel>,
+    study_handle: &str,
+    key_request_id: &str,
+    mut on_instance: impl FnMut(pb::DicomInstanceHeader, Vec<u8>) -> Result<(), Status>,
+) -> Result<u32, Status> {
+    let mut stream = client
+        .retrieve_dicom(pb::RetrieveRequest {
+            study_handle: study_handle.to_owned(),
+            key_request_id: key_request_id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let mut current: Option<(pb::DicomInstanceHeader, Vec<u8>)> = None;
+    let mut done = 0u32;
+    let mut finish =
+        |cur: Option<(pb::DicomInstanceHeader, Vec<u8>)>, done: &mut u32| -> Result<(), Status> {
+            if let Some((h, data)) = cur {
+                if data.len() as u64 != h.size {
+                    return Err(Status::data_loss(format!(
+                        "instance {}: {} bytes received, {} announced",
+                        h.instance_id,
+                        data.len(),
+                        h.size
+                    )));
+                }
+                if Sha256::digest(&data)[..] != h.sha256[..] {
+                    return Err(Status::data_loss(format!(
+                        "instance {}: bytes do not match the announced SHA-256",
+                        h.instance_id
+                    )));
+                }
+                *done += 1;
+                on_instance(h, data)?;
+            }
+            Ok(())
+        };
+    while let Some(m) = stream.message().await? {
+        match m.part {
+            Some(pb::retrieve_dicom_response::Part::Instance(h)) => {
+                finish(current.take(), &mut done)?;
+                if h.size > MAX_DICOM_FILE_BYTES {
+                    return Err(Status::internal("an instance larger than 2 GiB announced"));
+                }
+                let cap = h.size as usize;
+                current = Some((h, Vec::with_capacity(cap)));
+            }
+            Some(pb::retrieve_dicom_response::Part::Chunk(c)) => {
+                let Some((h, data)) = current.as_mut() else {
+                    return Err(Status::internal("bytes before an instance header"));
+                };
+                if data.len() as u64 + c.len() as u64 > h.size {
+                    return Err(Status::internal("more bytes than the instance announced"));
+                }
+                data.extend_from_slice(&c);
+            }
+            None => return Err(Status::internal("empty message")),
+        }
+    }
+    finish(current.take(), &mut done)?;
+    Ok(done)
+}

@@ -37,6 +37,14 @@
 //! max_concurrent_jobs = 32
 //! max_inflight_mib = 1024        # memory budget: a job counts 4x its image
 //! reidentify_roles = ["owner", "clinician"]
+//!
+//! [dicom]
+//! temporal = "remove"            # or "retain-full", "retain-modified"
+//! [dicom.scp]                    # optional C-STORE SCP (trusted network)
+//! listen = "127.0.0.1:11112"
+//! ae_title = "TESSERA"
+//! allowed_calling_aes = ["CT01", "PACS"]
+//! owner = "spiffe://tessera.local/user/owner"
 //! ```
 
 use std::path::PathBuf;
@@ -73,6 +81,69 @@ pub struct Config {
     pub vault: VaultSection,
     #[serde(default)]
     pub gateway: GatewaySection,
+    #[serde(default)]
+    pub dicom: DicomSection,
+}
+
+/// Retain Longitudinal Temporal Information (PS3.15 E.3.6) for the
+/// de-identified files researchers receive.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TemporalOption {
+    /// Basic Profile: dates and times removed or replaced.
+    #[default]
+    Remove,
+    /// Retain full dates.
+    RetainFull,
+    /// Shift every date of a study by the same number of days (1..=3650,
+    /// derived per study from its metadata key; times kept).
+    RetainModified,
+}
+
+/// The `[dicom]` section.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DicomSection {
+    #[serde(default)]
+    pub temporal: TemporalOption,
+    /// The C-STORE SCP; absent: DICOM arrives over gRPC only.
+    pub scp: Option<ScpSection>,
+}
+
+/// The `[dicom.scp]` section.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScpSection {
+    /// Where the SCP listens (plain DICOM upper layer: put it on the
+    /// trusted hospital network only).
+    pub listen: std::net::SocketAddr,
+    #[serde(default = "default_ae_title")]
+    pub ae_title: String,
+    /// Calling AE titles accepted; any other is rejected.
+    pub allowed_calling_aes: Vec<String>,
+    /// The data owner of studies received over C-STORE.
+    pub owner: String,
+    #[serde(default = "default_associations")]
+    pub max_associations: u32,
+    /// Seconds without a PDU before an association is aborted.
+    #[serde(default = "default_idle_secs")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_ae_title() -> String {
+    "TESSERA".into()
+}
+fn default_associations() -> u32 {
+    16
+}
+fn default_idle_secs() -> u64 {
+    60
+}
+
+fn valid_ae(ae: &str) -> bool {
+    !ae.trim().is_empty()
+        && ae.len() <= 16
+        && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
 }
 
 /// A service the gateway calls.
@@ -219,6 +290,29 @@ impl Validate for Config {
         }
         if !(1..=600).contains(&g.node_probe_timeout_secs) {
             return Err("gateway.node_probe_timeout_secs must be 1..=600".into());
+        }
+        if let Some(scp) = &self.dicom.scp {
+            if !valid_ae(&scp.ae_title) {
+                return Err("dicom.scp.ae_title must be 1..=16 printable characters".into());
+            }
+            if scp.allowed_calling_aes.is_empty() {
+                return Err(
+                    "dicom.scp.allowed_calling_aes must list the AE titles allowed to send".into(),
+                );
+            }
+            if let Some(bad) = scp.allowed_calling_aes.iter().find(|a| !valid_ae(a)) {
+                return Err(format!(
+                    "dicom.scp.allowed_calling_aes: {bad:?} is not an AE title"
+                ));
+            }
+            crate::convert::check_owner("dicom.scp.owner", &scp.owner)
+                .map_err(|e| e.to_string())?;
+            if !(1..=1024).contains(&scp.max_associations) {
+                return Err("dicom.scp.max_associations must be 1..=1024".into());
+            }
+            if !(1..=3600).contains(&scp.idle_timeout_secs) {
+                return Err("dicom.scp.idle_timeout_secs must be 1..=3600".into());
+            }
         }
         Ok(())
     }

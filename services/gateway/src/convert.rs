@@ -30,23 +30,32 @@ pub struct StorePlan {
     pub roi: Option<Rect>,
 }
 
+/// Checks that `uri` names a user (the data owner of a study).
+pub fn check_owner(field: &str, uri: &str) -> Result<(), GatewayError> {
+    let owner = Identity::parse_uri(uri).map_err(|e| invalid(format!("{field}: {e}")))?;
+    if owner.kind() != "user" {
+        return Err(invalid(format!(
+            "{field}: {uri} is not a user identity (spiffe://<domain>/user/<name>)"
+        )));
+    }
+    Ok(())
+}
+
 impl StorePlan {
     /// Validates the header against the size limit.
     pub fn from_header(h: pb::StoreHeader, max_bytes: u64) -> Result<Self, GatewayError> {
-        let owner =
-            Identity::parse_uri(&h.owner).map_err(|e| invalid(format!("header.owner: {e}")))?;
-        if owner.kind() != "user" {
-            return Err(invalid(format!(
-                "header.owner: {} is not a user identity (spiffe://<domain>/user/<name>)",
-                h.owner
-            )));
-        }
+        check_owner("header.owner", &h.owner)?;
         let attributes = check_attributes("header.patient_attributes", &h.patient_attributes)?;
         let format = pb::ImageFormat::try_from(h.format)
             .map_err(|_| invalid(format!("header.format: unknown value {}", h.format)))?;
         let raw_spec = match format {
             pb::ImageFormat::Unspecified => {
                 return Err(invalid("header.format: must be PNG, TIFF or RAW"));
+            }
+            pb::ImageFormat::Dicom => {
+                return Err(invalid(
+                    "header.format: DICOM files go through StoreDicom (or the C-STORE SCP)",
+                ));
             }
             pb::ImageFormat::Png | pb::ImageFormat::Tiff => {
                 if h.raw_spec.is_some() {

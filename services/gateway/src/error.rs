@@ -27,6 +27,12 @@ pub enum GatewayError {
     /// is unreachable.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The same DICOM instance was stored before with other bytes.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The study is of another kind (an image vs. a DICOM study).
+    #[error("failed precondition: {0}")]
+    WrongKind(String),
     /// A stored share is gone or does not match what the vault recorded.
     #[error("data loss: {0}")]
     DataLoss(String),
@@ -58,6 +64,8 @@ impl GatewayError {
             GatewayError::PermissionDenied(_) => Code::PermissionDenied,
             GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::DataLoss(_) => Code::DataLoss,
+            GatewayError::AlreadyExists(_) => Code::AlreadyExists,
+            GatewayError::WrongKind(_) => Code::FailedPrecondition,
             GatewayError::Vault(_) | GatewayError::Internal(_) => Code::Internal,
             GatewayError::Upstream { status, .. } => match status.code() {
                 // Our own certificate refused: a deployment fault.

@@ -9,6 +9,8 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod dicom;
+pub mod envelope;
 pub mod error;
 pub mod placement;
 mod process;

@@ -45,7 +45,7 @@ impl GatewayService {
         } else {
             r.block_size
         };
-        let rec = self.committed(&r.study_handle).await?;
+        let rec = self.committed_image(&r.study_handle).await?;
         let spec = rec.spec.to_spec();
         if block_size > spec.width.min(spec.height) {
             return Err(GatewayError::InvalidArgument(format!(

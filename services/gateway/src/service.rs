@@ -51,6 +51,8 @@ pub fn policy() -> Policy {
         .allow(&p("Locate"), readers)
         .allow(&p("Verify"), [Role::Owner, Role::Clinician, Role::Admin])
         .allow(&p("Delete"), [Role::Owner])
+        .allow(&p("StoreDicom"), [Role::Owner, Role::Clinician])
+        .allow(&p("RetrieveDicom"), readers)
 }
 
 /// Settings the handlers need.
@@ -58,6 +60,8 @@ pub fn policy() -> Policy {
 pub struct Limits {
     pub max_image_bytes: u64,
     pub reidentify_roles: Vec<Role>,
+    /// Retain Longitudinal Temporal Information for de-identified DICOM.
+    pub temporal: crate::config::TemporalOption,
 }
 
 /// The shared state behind every handler.
@@ -70,8 +74,9 @@ pub struct Inner {
     /// held at once by a job count about four times the image).
     memory_mib: Arc<Semaphore>,
     memory_total_mib: u32,
-    placement: Box<dyn PlacementPolicy>,
+    pub(crate) placement: Box<dyn PlacementPolicy>,
     rng: SystemRandom,
+    pub(crate) dicom: crate::dicom::DicomState,
 }
 
 /// Held while a job runs.
@@ -122,6 +127,7 @@ impl GatewayService {
                 memory_total_mib: memory_mib,
                 placement: Box::new(DistinctNodes),
                 rng: SystemRandom::new(),
+                dicom: Default::default(),
             }),
         }
     }
@@ -161,13 +167,18 @@ impl GatewayService {
         })
     }
 
-    fn new_study_id(&self) -> Result<String> {
+    pub(crate) fn new_study_id(&self) -> Result<String> {
+        self.new_id("st")
+    }
+
+    /// `<prefix>-` + 32 random hex characters.
+    pub(crate) fn new_id(&self, prefix: &str) -> Result<String> {
         let mut b = [0u8; 16];
         self.inner
             .rng
             .fill(&mut b)
             .map_err(|_| GatewayError::Internal("no randomness".into()))?;
-        Ok(format!("st-{}", hex::encode(b)))
+        Ok(format!("{prefix}-{}", hex::encode(b)))
     }
 
     // ---- store ------------------------------------------------------------
@@ -194,7 +205,12 @@ impl GatewayService {
         let _permit = self
             .job_permit(plan.size.max(pixel_estimate(&plan)))
             .await?;
-        let file = read_exact(&mut stream, plan.size).await?;
+        let file = read_exact(&mut stream, plan.size, |m: pb::StoreRequest| match m.part {
+            Some(pb::store_request::Part::Chunk(c)) => Part::Chunk(c),
+            Some(pb::store_request::Part::Header(_)) => Part::Header,
+            None => Part::Empty,
+        })
+        .await?;
         let image = decode(&plan, file).await?;
         if let Some(roi) = &plan.roi {
             image
@@ -249,6 +265,7 @@ impl GatewayService {
                 })
                 .collect(),
             created_unix: now_unix(),
+            dicom_study_uid: String::new(),
         };
         // The intent record: a crash from here on is cleaned up at start.
         let r = rec.clone();
@@ -293,10 +310,23 @@ impl GatewayService {
         .await
         .map_err(|s| GatewayError::upstream("keyserver", s))?;
 
-        let (header_json, shares) = self.protect(rec, plan, image).await?;
+        let (header_json, shares) = self
+            .protect(study_ref(rec), rec.study_id.clone(), plan.roi, image)
+            .await?;
         rec.header_json = header_json;
-        let mut puts = Vec::with_capacity(SHARES);
-        for (p, data) in rec.placements.iter().zip(shares) {
+        self.put_objects(&mut rec.placements, shares).await
+    }
+
+    /// Puts `data[i]` as `placements[i]` in parallel and records each
+    /// object's size and SHA-256 as the node confirmed them.
+    pub(crate) async fn put_objects(
+        &self,
+        placements: &mut [SharePlacement],
+        data: Vec<Vec<u8>>,
+    ) -> Result<()> {
+        let up = &self.inner.up;
+        let mut puts = Vec::with_capacity(placements.len());
+        for (p, data) in placements.iter().zip(data) {
             let node = up.node(&p.node)?.clone();
             let object_id = p.object_id.clone();
             puts.push(tokio::spawn(async move {
@@ -319,8 +349,8 @@ impl GatewayService {
         for (i, t) in puts.into_iter().enumerate() {
             match t.await {
                 Ok(Ok((size, sha))) => {
-                    rec.placements[i].size = size;
-                    rec.placements[i].sha256 = sha;
+                    placements[i].size = size;
+                    placements[i].sha256 = sha;
                 }
                 Ok(Err(e)) => {
                     first_err.get_or_insert(e);
@@ -338,10 +368,11 @@ impl GatewayService {
 
     /// Has the watermark service protect the image: the header and both
     /// shares.
-    async fn protect(
+    pub(crate) async fn protect(
         &self,
-        rec: &StudyRecord,
-        plan: &StorePlan,
+        study: wpb::StudyRef,
+        object_id: String,
+        roi: Option<tessera_image::Rect>,
         image: Image,
     ) -> Result<(String, Vec<Vec<u8>>)> {
         let spec = *image.spec();
@@ -350,12 +381,10 @@ impl GatewayService {
         let mut msgs = Vec::with_capacity(bytes.len() / convert::CHUNK_BYTES + 2);
         msgs.push(wpb::ProtectRequest {
             msg: Some(wpb::protect_request::Msg::Start(wpb::ProtectStart {
-                study: Some(study_ref(rec)),
-                object_id: rec.study_id.clone(),
+                study: Some(study),
+                object_id,
                 spec: Some(convert::spec_to_proto(&spec)),
-                roi: plan
-                    .roi
-                    .map(|r| tessera_wire::convert::watermark::rect_to_proto(&r)),
+                roi: roi.map(|r| tessera_wire::convert::watermark::rect_to_proto(&r)),
                 profile: wpb::Profile::Secure.into(),
             })),
         });
@@ -419,6 +448,12 @@ impl GatewayService {
     /// that fails keeps the record, and the next start tries again.
     pub(crate) async fn rollback(&self, rec: &StudyRecord) {
         let mut clean = true;
+        if rec.is_dicom()
+            && let Err(e) = self.delete_instances(rec).await
+        {
+            clean = false;
+            tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot delete the study's instances");
+        }
         for p in &rec.placements {
             let r = match self.inner.up.node(&p.node) {
                 Ok(node) => upstream::delete_object(node, &p.object_id).await,
@@ -434,8 +469,15 @@ impl GatewayService {
             tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot forget study");
         }
         if clean {
-            let id = rec.study_id.clone();
-            if let Err(e) = with_vault(&self.inner.vault, move |v| v.remove(&id)).await {
+            let r = rec.clone();
+            let removed = with_vault(&self.inner.vault, move |v| {
+                if r.is_dicom() {
+                    v.remove_dicom_study(&r)
+                } else {
+                    v.remove(&r.study_id)
+                }
+            });
+            if let Err(e) = removed.await {
                 tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot remove vault record");
             }
         }
@@ -459,6 +501,7 @@ impl GatewayService {
 
     /// Finishes what a crash interrupted (called once at start).
     pub async fn sweep_unfinished(&self) {
+        self.sweep_instances().await;
         let recs = match with_vault(&self.inner.vault, |v| v.unfinished()).await {
             Ok(r) => r,
             Err(e) => {
@@ -506,8 +549,19 @@ impl GatewayService {
     /// on: the watermark check localizes the damage.
     pub(crate) async fn fetch_shares(&self, rec: &StudyRecord) -> Result<Vec<Vec<u8>>> {
         let limit = rec.spec.to_spec().byte_len() as u64 * 2 + (1 << 20);
-        let mut tasks = Vec::with_capacity(rec.placements.len());
-        for p in &rec.placements {
+        self.fetch_objects(&rec.study_id, &rec.placements, limit)
+            .await
+    }
+
+    /// Fetches objects in parallel (each at most `limit` bytes).
+    pub(crate) async fn fetch_objects(
+        &self,
+        label: &str,
+        placements: &[SharePlacement],
+        limit: u64,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut tasks = Vec::with_capacity(placements.len());
+        for p in placements {
             let node: Node = self.inner.up.node(&p.node)?.clone();
             let object_id = p.object_id.clone();
             tasks.push(tokio::spawn(async move {
@@ -515,12 +569,12 @@ impl GatewayService {
             }));
         }
         let mut shares = Vec::with_capacity(tasks.len());
-        for (p, t) in rec.placements.iter().zip(tasks) {
+        for (p, t) in placements.iter().zip(tasks) {
             let (sha, data) = t
                 .await
                 .map_err(|e| GatewayError::Internal(format!("fetch task: {e}")))??;
             if hex::encode(sha) != p.sha256 {
-                tracing::warn!(study = %rec.study_id, node = %p.node, share = p.share, "share differs from the stored one");
+                tracing::warn!(object = %label, node = %p.node, share = p.share, "object differs from the stored one");
             }
             shares.push(data);
         }
@@ -528,14 +582,15 @@ impl GatewayService {
     }
 
     fn open_messages<T>(
-        rec: &StudyRecord,
+        study: wpb::StudyRef,
+        header_json: String,
         shares: Vec<Vec<u8>>,
         start: impl Fn(wpb::OpenStart) -> T,
         chunk: impl Fn(wpb::ShareChunk) -> T,
     ) -> Vec<T> {
         let mut msgs = vec![start(wpb::OpenStart {
-            study: Some(study_ref(rec)),
-            header_json: rec.header_json.clone(),
+            study: Some(study),
+            header_json,
         })];
         for (i, s) in shares.iter().enumerate() {
             for c in convert::chunks(s) {
@@ -555,8 +610,22 @@ impl GatewayService {
         rec: &StudyRecord,
         shares: Vec<Vec<u8>>,
     ) -> Result<(wpb::VerificationReport, Vec<u8>)> {
+        let want = rec.spec.to_spec().byte_len();
+        self.restore_parts(study_ref(rec), rec.header_json.clone(), want, shares)
+            .await
+    }
+
+    /// Restores `want` pixel bytes from the shares of one object.
+    pub(crate) async fn restore_parts(
+        &self,
+        study: wpb::StudyRef,
+        header_json: String,
+        want: usize,
+        shares: Vec<Vec<u8>>,
+    ) -> Result<(wpb::VerificationReport, Vec<u8>)> {
         let msgs = Self::open_messages(
-            rec,
+            study,
+            header_json,
             shares,
             |s| wpb::RestoreRequest {
                 msg: Some(wpb::restore_request::Msg::Start(s)),
@@ -581,7 +650,6 @@ impl GatewayService {
             }) => r,
             Some(_) | None => return Err(wm(Status::internal("restore: no header first"))),
         };
-        let want = rec.spec.to_spec().byte_len();
         let mut pixels = Vec::with_capacity(want);
         while let Some(m) = out.message().await.map_err(wm)? {
             match m.msg {
@@ -612,7 +680,8 @@ impl GatewayService {
         shares: Vec<Vec<u8>>,
     ) -> Result<wpb::VerificationReport> {
         let msgs = Self::open_messages(
-            rec,
+            study_ref(rec),
+            rec.header_json.clone(),
             shares,
             |s| wpb::VerifyRequest {
                 msg: Some(wpb::verify_request::Msg::Start(s)),
@@ -636,6 +705,17 @@ impl GatewayService {
     pub(crate) async fn committed(&self, handle: &str) -> Result<StudyRecord> {
         let h = handle.to_owned();
         with_vault(&self.inner.vault, move |v| v.committed(&h)).await
+    }
+
+    /// A committed study of one image (not a DICOM study).
+    pub(crate) async fn committed_image(&self, handle: &str) -> Result<StudyRecord> {
+        let rec = self.committed(handle).await?;
+        if rec.is_dicom() {
+            return Err(GatewayError::WrongKind(format!(
+                "study {handle} holds DICOM instances: use RetrieveDicom"
+            )));
+        }
+        Ok(rec)
     }
 
     // ---- handlers ---------------------------------------------------------
@@ -677,7 +757,7 @@ impl GatewayService {
     ) -> Result<BoxStream<pb::RetrieveResponse>> {
         check_handle("study_handle", &r.study_handle)?;
         check_request_id("key_request_id", &r.key_request_id)?;
-        let rec = self.committed(&r.study_handle).await?;
+        let rec = self.committed_image(&r.study_handle).await?;
         self.check_grant(&caller, &r.key_request_id, &rec.study_id)
             .await?;
         let _permit = self
@@ -716,7 +796,7 @@ impl GatewayService {
 
     async fn verify_inner(&self, r: pb::VerifyStudyRequest) -> Result<pb::VerifyStudyResponse> {
         check_handle("study_handle", &r.study_handle)?;
-        let rec = self.committed(&r.study_handle).await?;
+        let rec = self.committed_image(&r.study_handle).await?;
         let _permit = self
             .job_permit(rec.spec.to_spec().byte_len() as u64)
             .await?;
@@ -734,7 +814,7 @@ impl GatewayService {
     ) -> Result<pb::LocateResponse> {
         check_handle("study_handle", &r.study_handle)?;
         check_request_id("key_request_id", &r.key_request_id)?;
-        let rec = self.committed(&r.study_handle).await?;
+        let rec = self.committed_image(&r.study_handle).await?;
         self.check_grant(&caller, &r.key_request_id, &rec.study_id)
             .await?;
         let nodes = rec
@@ -776,16 +856,28 @@ impl GatewayService {
         let mut deleting = rec.clone();
         deleting.state = StudyState::Deleting;
         with_vault(&self.inner.vault, move |v| v.put(&deleting)).await?;
+        let mut removed: Vec<pb::Placement> =
+            rec.placements.iter().map(placement_to_proto).collect();
+        if rec.is_dicom() {
+            removed.extend(self.delete_instances(&rec).await?);
+        }
         for p in &rec.placements {
             let node = self.inner.up.node(&p.node)?;
             upstream::delete_object(node, &p.object_id).await?;
         }
         self.forget(&rec).await?;
-        let id = rec.study_id.clone();
-        with_vault(&self.inner.vault, move |v| v.remove(&id)).await?;
+        let r = rec.clone();
+        with_vault(&self.inner.vault, move |v| {
+            if r.is_dicom() {
+                v.remove_dicom_study(&r)
+            } else {
+                v.remove(&r.study_id)
+            }
+        })
+        .await?;
         tracing::info!(study = %rec.study_id, "deleted and key material destroyed");
         Ok(pb::DeleteStudyResponse {
-            removed: rec.placements.iter().map(placement_to_proto).collect(),
+            removed,
             key_destroyed: true,
         })
     }
@@ -832,12 +924,23 @@ pub(crate) fn stream_err(s: Status) -> GatewayError {
     }
 }
 
+/// What a message of an upload stream after its header carries.
+pub(crate) enum Part {
+    Chunk(Vec<u8>),
+    Header,
+    Empty,
+}
+
 /// Reads exactly `size` bytes of chunks, refusing more before storing them.
-async fn read_exact(stream: &mut Streaming<pb::StoreRequest>, size: u64) -> Result<Vec<u8>> {
+pub(crate) async fn read_exact<M>(
+    stream: &mut Streaming<M>,
+    size: u64,
+    part: impl Fn(M) -> Part,
+) -> Result<Vec<u8>> {
     let mut data = Vec::with_capacity(size as usize);
     while let Some(m) = stream.message().await.map_err(stream_err)? {
-        match m.part {
-            Some(pb::store_request::Part::Chunk(c)) => {
+        match part(m) {
+            Part::Chunk(c) => {
                 if c.len() > convert::CHUNK_BYTES {
                     return Err(GatewayError::InvalidArgument(format!(
                         "chunk: {} bytes, at most {} per message",
@@ -852,10 +955,12 @@ async fn read_exact(stream: &mut Streaming<pb::StoreRequest>, size: u64) -> Resu
                 }
                 data.extend_from_slice(&c);
             }
-            Some(pb::store_request::Part::Header(_)) => {
+            Part::Header => {
                 return Err(GatewayError::InvalidArgument("header: sent twice".into()));
             }
-            None => return Err(GatewayError::InvalidArgument("chunk: empty message".into())),
+            Part::Empty => {
+                return Err(GatewayError::InvalidArgument("chunk: empty message".into()));
+            }
         }
     }
     if data.len() as u64 != size {
@@ -880,7 +985,7 @@ async fn decode(plan: &StorePlan, file: Vec<u8>) -> Result<Image> {
     tokio::task::spawn_blocking(move || match (format, raw) {
         (pb::ImageFormat::Raw, Some(spec)) => tessera_image::codec::decode_raw(spec, &file),
         (pb::ImageFormat::Png | pb::ImageFormat::Tiff, _) => tessera_image::codec::decode(&file),
-        (pb::ImageFormat::Raw | pb::ImageFormat::Unspecified, _) => Err(
+        (pb::ImageFormat::Raw | pb::ImageFormat::Unspecified | pb::ImageFormat::Dicom, _) => Err(
             tessera_image::ImageError::Codec("no spec for raw pixels".into()),
         ),
     })
@@ -968,6 +1073,30 @@ impl Gateway for GatewayService {
         let caller = caller_uri(&request)?;
         Ok(Response::new(
             self.delete_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn store_dicom(
+        &self,
+        request: Request<Streaming<pb::StoreDicomRequest>>,
+    ) -> Result<Response<pb::StoreDicomResponse>, Status> {
+        let caller = caller_uri(&request)?;
+        Ok(Response::new(
+            self.store_dicom_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
+    type RetrieveDicomStream = BoxStream<pb::RetrieveDicomResponse>;
+
+    async fn retrieve_dicom(
+        &self,
+        request: Request<pb::RetrieveRequest>,
+    ) -> Result<Response<Self::RetrieveDicomStream>, Status> {
+        let caller = caller_uri(&request)?;
+        let roles = tessera_tls::caller_roles(&request);
+        Ok(Response::new(
+            self.retrieve_dicom_inner(caller, roles, request.into_inner())
+                .await?,
         ))
     }
 }

@@ -18,7 +18,15 @@ use serde::{Deserialize, Serialize};
 use crate::error::GatewayError;
 
 const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
+/// DICOM instances, keyed `<study id>/<instance id>`.
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+/// Lookups by identifying values, keyed by an HMAC under a key derived from
+/// the vault key (the values never appear): `s:<hmac(owner, patient id,
+/// study uid)>` -> study id, `i:<hmac(study id, SOP instance uid)>` ->
+/// instance id.
+const INDEX: TableDefinition<&str, &str> = TableDefinition::new("dicom_index");
 const AAD_PREFIX: &[u8] = b"tessera/gateway/vault/v1|";
+const AAD_INSTANCE: &[u8] = b"tessera/gateway/vault/v1/instance|";
 
 type Result<T, E = GatewayError> = std::result::Result<T, E>;
 
@@ -101,6 +109,49 @@ pub struct StudyRecord {
     pub header_json: String,
     pub placements: Vec<SharePlacement>,
     pub created_unix: u64,
+    /// DICOM studies: the Study Instance UID (instances are
+    /// [`InstanceRecord`]s; `spec`, `header_json` and `placements` are
+    /// unused).
+    #[serde(default)]
+    pub dicom_study_uid: String,
+}
+
+impl StudyRecord {
+    /// A study of DICOM instances (StoreDicom), not one image (Store).
+    pub fn is_dicom(&self) -> bool {
+        self.original_format == 4
+    }
+}
+
+/// One DICOM instance of a study.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub study_id: String,
+    pub instance_id: String,
+    pub state: StudyState,
+    /// Orders the instances of a study (nanoseconds at store).
+    pub seq: u128,
+    pub sop_instance_uid: String,
+    /// Size and hex SHA-256 of the stored file.
+    pub size: u64,
+    pub sha256: String,
+    pub transfer_syntax: String,
+    /// Native pixels as watermarked shares (`spec`, `header_json`), or the
+    /// stored pixel bytes sealed.
+    pub watermarked: bool,
+    pub spec: SpecRecord,
+    pub header_json: String,
+    /// Share 0: the sealed metadata object; 1 and 2: pixel shares (or 1: the
+    /// sealed pixel bytes).
+    pub placements: Vec<SharePlacement>,
+    pub stored_by: String,
+    pub created_unix: u64,
+}
+
+impl InstanceRecord {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.study_id, self.instance_id)
+    }
 }
 
 /// The vault key: AES-256-GCM.
@@ -169,14 +220,24 @@ pub fn create_key_file(path: &Path) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// One change, applied by the writer thread.
-enum Op {
-    /// Insert; fails if the id exists.
-    Insert(String, Vec<u8>),
-    /// Insert or replace.
-    Put(String, Vec<u8>),
-    Remove(String),
+#[derive(Clone, Copy)]
+enum Tbl {
+    Studies,
+    Instances,
+    Index,
 }
+
+/// One write of an [`Op`].
+enum Write {
+    /// Insert; fails if the key exists.
+    Insert(Tbl, String, Vec<u8>),
+    /// Insert or replace.
+    Put(Tbl, String, Vec<u8>),
+    Remove(Tbl, String),
+}
+
+/// One change, applied atomically by the writer thread.
+struct Op(Vec<Write>);
 
 type Reply = std::sync::mpsc::SyncSender<Result<()>>;
 
@@ -190,6 +251,7 @@ const MAX_BATCH: usize = 256;
 pub struct Vault {
     db: std::sync::Arc<Database>,
     key: VaultKey,
+    index_key: ring::hmac::Key,
     rng: SystemRandom,
     writer: std::sync::Mutex<Option<std::sync::mpsc::Sender<(Op, Reply)>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -208,21 +270,70 @@ impl Drop for Vault {
     }
 }
 
-fn apply(t: &mut redb::Table<&str, &[u8]>, op: &Op) -> Result<()> {
-    match op {
-        Op::Insert(id, sealed) => {
-            if t.get(id.as_str())?.is_some() {
-                return Err(GatewayError::Internal(format!(
-                    "study id {id} already in the vault"
-                )));
+struct Tables<'t> {
+    studies: redb::Table<'t, &'static str, &'static [u8]>,
+    instances: redb::Table<'t, &'static str, &'static [u8]>,
+    index: redb::Table<'t, &'static str, &'static str>,
+}
+
+impl Tables<'_> {
+    fn exists(&self, tbl: Tbl, key: &str) -> Result<bool> {
+        Ok(match tbl {
+            Tbl::Studies => self.studies.get(key)?.is_some(),
+            Tbl::Instances => self.instances.get(key)?.is_some(),
+            Tbl::Index => self.index.get(key)?.is_some(),
+        })
+    }
+
+    fn put(&mut self, tbl: Tbl, key: &str, value: &[u8]) -> Result<()> {
+        match tbl {
+            Tbl::Studies => {
+                self.studies.insert(key, value)?;
             }
-            t.insert(id.as_str(), sealed.as_slice())?;
+            Tbl::Instances => {
+                self.instances.insert(key, value)?;
+            }
+            Tbl::Index => {
+                let v = std::str::from_utf8(value)
+                    .map_err(|_| GatewayError::Internal("index value is not text".into()))?;
+                self.index.insert(key, v)?;
+            }
         }
-        Op::Put(id, sealed) => {
-            t.insert(id.as_str(), sealed.as_slice())?;
+        Ok(())
+    }
+
+    fn remove(&mut self, tbl: Tbl, key: &str) -> Result<()> {
+        match tbl {
+            Tbl::Studies => {
+                self.studies.remove(key)?;
+            }
+            Tbl::Instances => {
+                self.instances.remove(key)?;
+            }
+            Tbl::Index => {
+                self.index.remove(key)?;
+            }
         }
-        Op::Remove(id) => {
-            t.remove(id.as_str())?;
+        Ok(())
+    }
+}
+
+/// Applies one op: every insert's key is checked first, so an op is all or
+/// nothing.
+fn apply(t: &mut Tables<'_>, op: &Op) -> Result<()> {
+    for w in &op.0 {
+        if let Write::Insert(tbl, key, _) = w
+            && t.exists(*tbl, key)?
+        {
+            return Err(GatewayError::AlreadyExists(format!(
+                "{key} is already in the vault"
+            )));
+        }
+    }
+    for w in &op.0 {
+        match w {
+            Write::Insert(tbl, key, v) | Write::Put(tbl, key, v) => t.put(*tbl, key, v)?,
+            Write::Remove(tbl, key) => t.remove(*tbl, key)?,
         }
     }
     Ok(())
@@ -234,7 +345,11 @@ fn commit_batch(db: &Database, batch: &[(Op, Reply)]) -> Result<Vec<Result<()>>>
     let txn = db.begin_write()?;
     let mut results = Vec::with_capacity(batch.len());
     {
-        let mut t = txn.open_table(STUDIES)?;
+        let mut t = Tables {
+            studies: txn.open_table(STUDIES)?,
+            instances: txn.open_table(INSTANCES)?,
+            index: txn.open_table(INDEX)?,
+        };
         for (op, _) in batch {
             results.push(match apply(&mut t, op) {
                 Err(GatewayError::Vault(m)) => return Err(GatewayError::Vault(m)),
@@ -281,6 +396,8 @@ impl Vault {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(STUDIES)?;
+        txn.open_table(INSTANCES)?;
+        txn.open_table(INDEX)?;
         txn.commit()?;
         let db = std::sync::Arc::new(db);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -289,8 +406,14 @@ impl Vault {
             .name("vault-writer".into())
             .spawn(move || writer_loop(wdb, rx))
             .map_err(|e| GatewayError::Vault(format!("cannot start the writer: {e}")))?;
+        let index_key = {
+            let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+            let derived = ring::hmac::sign(&k, b"tessera/gateway/vault/v1/dicom-index");
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
+        };
         Ok(Self {
             db,
+            index_key,
             key: VaultKey::new(key)?,
             rng: SystemRandom::new(),
             writer: std::sync::Mutex::new(Some(tx)),
@@ -324,6 +447,10 @@ impl Vault {
     }
 
     fn seal(&self, rec: &StudyRecord) -> Result<Vec<u8>> {
+        self.seal_with(rec, Self::aad(&rec.study_id))
+    }
+
+    fn seal_with<T: Serialize>(&self, rec: &T, aad: Vec<u8>) -> Result<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng
             .fill(&mut nonce)
@@ -333,7 +460,7 @@ impl Vault {
             .0
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(Self::aad(&rec.study_id)),
+                Aad::from(aad),
                 &mut buf,
             )
             .map_err(|_| GatewayError::Internal("seal failed".into()))?;
@@ -342,11 +469,14 @@ impl Vault {
         Ok(out)
     }
 
-    fn open_record(&self, study_id: &str, sealed: &[u8]) -> Result<StudyRecord> {
+    fn open_with<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        aad: Vec<u8>,
+        sealed: &[u8],
+    ) -> Result<T> {
         if sealed.len() < NONCE_LEN + AES_256_GCM.tag_len() {
-            return Err(GatewayError::Vault(format!(
-                "record {study_id} is truncated"
-            )));
+            return Err(GatewayError::Vault(format!("record {key} is truncated")));
         }
         let (n, ct) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(n)
@@ -355,14 +485,17 @@ impl Vault {
         let plain = self
             .key
             .0
-            .open_in_place(nonce, Aad::from(Self::aad(study_id)), &mut buf)
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
             .map_err(|_| {
                 GatewayError::Vault(format!(
-                    "record {study_id} does not open under the vault key (tampered, moved, or wrong key)"
+                    "record {key} does not open under the vault key (tampered, moved, or wrong key)"
                 ))
             })?;
-        let rec: StudyRecord = serde_json::from_slice(plain)
-            .map_err(|e| GatewayError::Vault(format!("record {study_id}: {e}")))?;
+        serde_json::from_slice(plain).map_err(|e| GatewayError::Vault(format!("record {key}: {e}")))
+    }
+
+    fn open_record(&self, study_id: &str, sealed: &[u8]) -> Result<StudyRecord> {
+        let rec: StudyRecord = self.open_with(study_id, Self::aad(study_id), sealed)?;
         if rec.study_id != study_id {
             return Err(GatewayError::Vault(format!(
                 "record {study_id} names another study"
@@ -374,13 +507,21 @@ impl Vault {
     /// Writes (inserts or replaces) a record durably.
     pub fn put(&self, rec: &StudyRecord) -> Result<()> {
         let sealed = self.seal(rec)?;
-        self.submit(Op::Put(rec.study_id.clone(), sealed))
+        self.submit(Op(vec![Write::Put(
+            Tbl::Studies,
+            rec.study_id.clone(),
+            sealed,
+        )]))
     }
 
     /// Inserts a new record durably; fails if the id is taken.
     pub fn insert_new(&self, rec: &StudyRecord) -> Result<()> {
         let sealed = self.seal(rec)?;
-        self.submit(Op::Insert(rec.study_id.clone(), sealed))
+        self.submit(Op(vec![Write::Insert(
+            Tbl::Studies,
+            rec.study_id.clone(),
+            sealed,
+        )]))
     }
 
     /// Any record, whatever its state.
@@ -404,7 +545,7 @@ impl Vault {
 
     /// Removes a record (the last step of delete and of a rolled-back store).
     pub fn remove(&self, study_id: &str) -> Result<()> {
-        self.submit(Op::Remove(study_id.to_owned()))
+        self.submit(Op(vec![Write::Remove(Tbl::Studies, study_id.to_owned())]))
     }
 
     /// Records left pending or deleting (by a crash), for the start-up sweep.
@@ -415,6 +556,176 @@ impl Vault {
         for item in t.iter()? {
             let (k, v) = item?;
             let rec = self.open_record(k.value(), v.value())?;
+            if rec.state != StudyState::Committed {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- DICOM studies and instances ----------------------------------------
+
+    fn index_key(&self, kind: &str, parts: &[&str]) -> String {
+        let mut ctx = ring::hmac::Context::with_key(&self.index_key);
+        ctx.update(kind.as_bytes());
+        for p in parts {
+            ctx.update(&(p.len() as u64).to_le_bytes());
+            ctx.update(p.as_bytes());
+        }
+        format!("{kind}:{}", hex::encode(ctx.sign().as_ref()))
+    }
+
+    fn study_index(&self, owner: &str, patient_id: &str, study_uid: &str) -> String {
+        self.index_key("s", &[owner, patient_id, study_uid])
+    }
+
+    fn sop_index(&self, study_id: &str, sop_uid: &str) -> String {
+        self.index_key("i", &[study_id, sop_uid])
+    }
+
+    fn instance_aad(key: &str) -> Vec<u8> {
+        let mut a = AAD_INSTANCE.to_vec();
+        a.extend_from_slice(key.as_bytes());
+        a
+    }
+
+    /// The committed DICOM study of (owner, Patient ID, Study Instance UID).
+    pub fn find_dicom_study(
+        &self,
+        owner: &str,
+        patient_id: &str,
+        study_uid: &str,
+    ) -> Result<Option<StudyRecord>> {
+        let k = self.study_index(owner, patient_id, study_uid);
+        let id = {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(INDEX)?;
+            t.get(k.as_str())?.map(|v| v.value().to_owned())
+        };
+        match id {
+            Some(id) => Ok(self
+                .get(&id)?
+                .filter(|r| r.state == StudyState::Committed && r.is_dicom())),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a DICOM study record and its index entry together.
+    pub fn put_dicom_study(&self, rec: &StudyRecord, patient_id: &str) -> Result<()> {
+        let k = self.study_index(&rec.owner, patient_id, &rec.dicom_study_uid);
+        let sealed = self.seal(rec)?;
+        self.submit(Op(vec![
+            Write::Put(Tbl::Studies, rec.study_id.clone(), sealed),
+            Write::Put(Tbl::Index, k, rec.study_id.clone().into_bytes()),
+        ]))
+    }
+
+    /// Removes a DICOM study record and its index entry.
+    pub fn remove_dicom_study(&self, rec: &StudyRecord) -> Result<()> {
+        let patient_id = rec
+            .attributes
+            .iter()
+            .find(|(n, _)| n == "patient_id")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        let k = self.study_index(&rec.owner, patient_id, &rec.dicom_study_uid);
+        let still_ours = {
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(INDEX)?;
+            t.get(k.as_str())?
+                .is_some_and(|v| v.value() == rec.study_id)
+        };
+        let mut w = vec![Write::Remove(Tbl::Studies, rec.study_id.clone())];
+        if still_ours {
+            w.push(Write::Remove(Tbl::Index, k));
+        }
+        self.submit(Op(w))
+    }
+
+    /// Inserts a new instance record; ALREADY_EXISTS when the study holds
+    /// this SOP Instance UID already.
+    pub fn insert_instance(&self, rec: &InstanceRecord) -> Result<()> {
+        let key = rec.key();
+        let sealed = self.seal_with(rec, Self::instance_aad(&key))?;
+        self.submit(Op(vec![
+            Write::Insert(
+                Tbl::Index,
+                self.sop_index(&rec.study_id, &rec.sop_instance_uid),
+                rec.instance_id.clone().into_bytes(),
+            ),
+            Write::Insert(Tbl::Instances, key, sealed),
+        ]))
+    }
+
+    /// Replaces an instance record.
+    pub fn put_instance(&self, rec: &InstanceRecord) -> Result<()> {
+        let key = rec.key();
+        let sealed = self.seal_with(rec, Self::instance_aad(&key))?;
+        self.submit(Op(vec![Write::Put(Tbl::Instances, key, sealed)]))
+    }
+
+    /// Removes an instance record and its SOP index entry.
+    pub fn remove_instance(&self, rec: &InstanceRecord) -> Result<()> {
+        self.submit(Op(vec![
+            Write::Remove(Tbl::Instances, rec.key()),
+            Write::Remove(
+                Tbl::Index,
+                self.sop_index(&rec.study_id, &rec.sop_instance_uid),
+            ),
+        ]))
+    }
+
+    /// The instance of a study holding this SOP Instance UID, any state.
+    pub fn instance_by_sop(&self, study_id: &str, sop_uid: &str) -> Result<Option<InstanceRecord>> {
+        let txn = self.db.begin_read()?;
+        let idx = txn.open_table(INDEX)?;
+        let Some(id) = idx.get(self.sop_index(study_id, sop_uid).as_str())? else {
+            return Ok(None);
+        };
+        let key = format!("{study_id}/{}", id.value());
+        let t = txn.open_table(INSTANCES)?;
+        match t.get(key.as_str())? {
+            Some(v) => Ok(Some(self.open_with(
+                &key,
+                Self::instance_aad(&key),
+                v.value(),
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every instance record of a study (any state), in store order.
+    pub fn instances(&self, study_id: &str) -> Result<Vec<InstanceRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(INSTANCES)?;
+        // '0' is the character after '/'.
+        let (from, to) = (format!("{study_id}/"), format!("{study_id}0"));
+        let mut out = Vec::new();
+        for item in t.range(from.as_str()..to.as_str())? {
+            let (k, v) = item?;
+            let rec: InstanceRecord =
+                self.open_with(k.value(), Self::instance_aad(k.value()), v.value())?;
+            if rec.key() != k.value() {
+                return Err(GatewayError::Vault(format!(
+                    "record {} names another instance",
+                    k.value()
+                )));
+            }
+            out.push(rec);
+        }
+        out.sort_by(|a, b| (a.seq, &a.instance_id).cmp(&(b.seq, &b.instance_id)));
+        Ok(out)
+    }
+
+    /// Instances left pending (by a crash), for the start-up sweep.
+    pub fn unfinished_instances(&self) -> Result<Vec<InstanceRecord>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(INSTANCES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let rec: InstanceRecord =
+                self.open_with(k.value(), Self::instance_aad(k.value()), v.value())?;
             if rec.state != StudyState::Committed {
                 out.push(rec);
             }
@@ -461,6 +772,7 @@ mod tests {
             header_json: "{}".into(),
             placements: vec![],
             created_unix: 1,
+            dicom_study_uid: String::new(),
         }
     }
 

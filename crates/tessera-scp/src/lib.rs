@@ -1,0 +1,435 @@
+//! A DICOM C-STORE service class provider (plus C-ECHO / Verification) on
+//! dicom-ul.
+//!
+//! A modality or PACS sends images with C-STORE as it would to any archive;
+//! each received instance becomes a complete Part 10 file (preamble, `DICM`,
+//! a file meta group written here, then the data set bytes exactly as they
+//! arrived) handed to an [`InstanceSink`], whose [`StoreOutcome`] becomes the
+//! C-STORE-RSP status. The crate knows nothing of the rest of Tessera.
+//!
+//! Limits: calling and called AE titles are checked (fail closed), the number
+//! of concurrent associations is bounded, every PDU read is bounded by
+//! `max_pdu_length` and `idle_timeout`, and every data set by
+//! `max_instance_bytes`. See the README for the statuses.
+
+mod association;
+mod dimse;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::association::server::{AccessControl, DefaultNegotiation, ServerAssociationOptions};
+use dicom_ul::pdu::{AssociationRJServiceUserReason, MINIMUM_PDU_SIZE, UserIdentity};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+/// Implementation Class UID written in (0002,0012) of every file.
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.87146146561537248212016202968034383609";
+/// Implementation Version Name written in (0002,0013) of every file.
+pub const IMPLEMENTATION_VERSION_NAME: &str = "TESSERA_SCP";
+
+/// Largest `max_pdu_length` accepted: a PDU is held in memory while read.
+pub const MAX_PDU_LENGTH_LIMIT: u32 = 16 * 1024 * 1024;
+
+/// Associations turned away for being over `max_associations` are answered
+/// (A-ASSOCIATE-RJ, transient, local limit exceeded) by at most this many
+/// tasks at once; beyond that the connection is closed without an answer.
+const MAX_REJECTING_TASKS: usize = 8;
+
+/// Configuration of the SCP.
+#[derive(Debug, Clone)]
+pub struct ScpConfig {
+    /// Our AE title; associations calling another called-AE are rejected.
+    pub ae_title: String,
+    /// Calling AE titles allowed to associate (exact match after trimming
+    /// spaces). Fail closed: an empty list rejects every association.
+    pub allowed_calling_aes: Vec<String>,
+    /// Largest P-DATA PDU we accept (announced in the A-ASSOCIATE-AC);
+    /// larger PDUs abort the association.
+    pub max_pdu_length: u32,
+    /// Largest data set accepted; a larger one is read to the end without
+    /// being kept and answered with 0xA700 (Out of Resources).
+    pub max_instance_bytes: u64,
+    /// Concurrent associations; more are rejected (transient, local limit
+    /// exceeded).
+    pub max_associations: usize,
+    /// No complete PDU for this long (or an association request taking this
+    /// long) aborts the association; also the grace period of a shutdown.
+    pub idle_timeout: Duration,
+    /// SOP classes accepted by C-STORE besides the standard storage SOP
+    /// classes (for instance a vendor's private SOP class).
+    pub extra_sop_classes: Vec<String>,
+}
+
+impl Default for ScpConfig {
+    fn default() -> Self {
+        ScpConfig {
+            ae_title: "TESSERA".into(),
+            allowed_calling_aes: Vec::new(),
+            max_pdu_length: 64 * 1024,
+            max_instance_bytes: 1024 * 1024 * 1024,
+            max_associations: 16,
+            idle_timeout: Duration::from_secs(60),
+            extra_sop_classes: Vec::new(),
+        }
+    }
+}
+
+impl ScpConfig {
+    fn validate(&self) -> io::Result<()> {
+        let invalid = |msg: String| Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+        if !valid_ae_title(&self.ae_title) {
+            return invalid(format!(
+                "ae_title {:?}: 1 to 16 printable ASCII characters, no backslash",
+                self.ae_title
+            ));
+        }
+        if let Some(ae) = self
+            .allowed_calling_aes
+            .iter()
+            .find(|ae| !valid_ae_title(ae))
+        {
+            return invalid(format!(
+                "allowed calling AE title {ae:?} is not an AE title"
+            ));
+        }
+        if !(MINIMUM_PDU_SIZE..=MAX_PDU_LENGTH_LIMIT).contains(&self.max_pdu_length) {
+            return invalid(format!(
+                "max_pdu_length {} outside {MINIMUM_PDU_SIZE}..={MAX_PDU_LENGTH_LIMIT}",
+                self.max_pdu_length
+            ));
+        }
+        if self.max_instance_bytes == 0 {
+            return invalid("max_instance_bytes is 0".into());
+        }
+        if self.max_associations == 0 || self.max_associations > Semaphore::MAX_PERMITS {
+            return invalid(format!("max_associations {}", self.max_associations));
+        }
+        if self.idle_timeout.is_zero() {
+            return invalid("idle_timeout is 0".into());
+        }
+        if let Some(uid) = self
+            .extra_sop_classes
+            .iter()
+            .find(|u| !dimse::is_valid_uid(u))
+        {
+            return invalid(format!("extra SOP class {uid:?} is not a UID"));
+        }
+        Ok(())
+    }
+}
+
+fn valid_ae_title(ae: &str) -> bool {
+    let t = ae.trim_matches(' ');
+    !t.is_empty() && t.len() <= 16 && t.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
+}
+
+/// One instance received by C-STORE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The association's calling AE title.
+    pub calling_ae: String,
+    /// The peer's socket address.
+    pub peer: SocketAddr,
+    /// Affected SOP Class UID of the C-STORE-RQ (also in (0002,0002)).
+    pub sop_class_uid: String,
+    /// Affected SOP Instance UID of the C-STORE-RQ (also in (0002,0003)).
+    pub sop_instance_uid: String,
+    /// The presentation context's transfer syntax (also in (0002,0010)).
+    pub transfer_syntax: String,
+    /// The complete Part 10 file: 128-byte preamble, `DICM`, the file meta
+    /// group written by us (Explicit VR LE), then the data set bytes exactly
+    /// as received.
+    pub file: Vec<u8>,
+    /// Offset of the data set in `file`.
+    pub dataset_offset: usize,
+}
+
+impl Received {
+    /// The data set bytes exactly as received.
+    pub fn dataset(&self) -> &[u8] {
+        self.file.get(self.dataset_offset..).unwrap_or_default()
+    }
+}
+
+/// What the sink did with an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// Stored: the C-STORE-RSP status is 0x0000.
+    Stored,
+    /// Not stored: `status` is sent back in the C-STORE-RSP (for instance
+    /// 0xA700 out of resources, 0xA900 data set does not match SOP class,
+    /// 0xC000 cannot understand) with `reason` as its Error Comment
+    /// (truncated to 64 characters). A status of 0x0000 here is sent as
+    /// 0xC000: a refusal never reads as success.
+    Refused { status: u16, reason: String },
+}
+
+/// Where received instances go.
+pub trait InstanceSink: Send + Sync + 'static {
+    fn store(&self, received: Received) -> impl Future<Output = StoreOutcome> + Send;
+}
+
+/// A bound, not yet serving, SCP.
+pub struct Scp {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    cfg: Arc<ScpConfig>,
+}
+
+/// Called-AE and calling-AE check done by dicom-ul during negotiation.
+#[derive(Debug)]
+pub(crate) struct AeFilter {
+    allowed_calling_aes: Vec<String>,
+}
+
+impl AccessControl for AeFilter {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if called_ae_title.trim_matches(' ') != this_ae_title.trim_matches(' ') {
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        let calling = calling_ae_title.trim_matches(' ');
+        if !self
+            .allowed_calling_aes
+            .iter()
+            .any(|ae| ae.trim_matches(' ') == calling)
+        {
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
+        Ok(())
+    }
+}
+
+pub(crate) type Options = ServerAssociationOptions<'static, AeFilter, DefaultNegotiation>;
+
+fn association_options(cfg: &ScpConfig) -> Options {
+    // Every abstract syntax is accepted at negotiation (promiscuous): the
+    // standard dictionary cannot be enumerated, so the storage check is made
+    // per C-STORE-RQ (0x0122 for a non-storage SOP class). Transfer
+    // syntaxes: the first proposed one that the transfer syntax registry
+    // supports (dicom-ul's default), others are rejected per context.
+    ServerAssociationOptions::new()
+        .ae_access_control(AeFilter {
+            allowed_calling_aes: cfg.allowed_calling_aes.clone(),
+        })
+        .ae_title(cfg.ae_title.trim_matches(' ').to_string())
+        .promiscuous(true)
+        .strict(true)
+        .max_pdu_length(cfg.max_pdu_length)
+        .read_timeout(cfg.idle_timeout)
+        .write_timeout(cfg.idle_timeout)
+}
+
+impl Scp {
+    /// Validate `cfg` and bind the listening socket.
+    pub async fn bind(addr: SocketAddr, cfg: ScpConfig) -> io::Result<Scp> {
+        cfg.validate()?;
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        Ok(Scp {
+            listener,
+            local_addr,
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    /// The bound address (with the port chosen by the system for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves; each association on its own task;
+    /// returns after in-flight associations end (bounded by idle_timeout).
+    ///
+    /// On shutdown the listener is closed, associations waiting between
+    /// messages are aborted, associations in the middle of a message finish
+    /// it (including the sink call), and whatever still runs after
+    /// `idle_timeout` is cancelled.
+    pub async fn serve<S: InstanceSink>(
+        self,
+        sink: Arc<S>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let Scp {
+            listener,
+            local_addr,
+            cfg,
+        } = self;
+        let options = Arc::new(association_options(&cfg));
+        let permits = Arc::new(Semaphore::new(cfg.max_associations));
+        let rejecting = Arc::new(Semaphore::new(MAX_REJECTING_TASKS));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        info!(%local_addr, ae_title = %cfg.ae_title, "DICOM SCP serving");
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = done {
+                        warn!(error = %e, "association task failed");
+                    }
+                }
+                accepted = listener.accept() => {
+                    let (socket, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors, connection reset before
+                            // accept...: keep serving, but do not spin.
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    if let Err(e) = socket.set_nodelay(true) {
+                        debug!(%peer, error = %e, "set_nodelay failed");
+                    }
+                    match permits.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let task = association::Task {
+                                options: options.clone(),
+                                cfg: cfg.clone(),
+                                sink: sink.clone(),
+                                stop: stop_rx.clone(),
+                                peer,
+                            };
+                            tasks.spawn(async move {
+                                task.run(socket).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => match rejecting.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                warn!(%peer, max = cfg.max_associations, "too many associations: rejecting");
+                                let cfg = cfg.clone();
+                                tasks.spawn(async move {
+                                    association::reject_busy(socket, peer, &cfg).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(_) => {
+                                warn!(%peer, "too many associations: closing the connection");
+                                drop(socket);
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        drop(listener);
+        info!(
+            in_flight = tasks.len(),
+            "DICOM SCP shutting down: waiting for associations"
+        );
+        // Receivers treat a dropped sender as a stop too, so the result
+        // does not matter.
+        let _ = stop_tx.send(true);
+        let mut grace = std::pin::pin!(tokio::time::sleep(cfg.idle_timeout));
+        loop {
+            tokio::select! {
+                done = tasks.join_next() => match done {
+                    None => break,
+                    Some(Err(e)) if e.is_panic() => warn!(error = %e, "association task panicked"),
+                    Some(_) => {}
+                },
+                () = &mut grace => {
+                    warn!(remaining = tasks.len(), "shutdown grace period over: cancelling associations");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        info!("DICOM SCP stopped");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_validation() {
+        assert!(ScpConfig::default().validate().is_ok());
+        let bad = [
+            ScpConfig {
+                ae_title: String::new(),
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                ae_title: "A_TITLE_LONGER_THAN_16".into(),
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                allowed_calling_aes: vec!["BAD\\AE".into()],
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                max_pdu_length: 100,
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                max_pdu_length: u32::MAX,
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                max_associations: 0,
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                idle_timeout: Duration::ZERO,
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                max_instance_bytes: 0,
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                extra_sop_classes: vec!["not a uid".into()],
+                ..ScpConfig::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn ae_filter_fails_closed() {
+        let f = AeFilter {
+            allowed_calling_aes: vec!["MODALITY".into()],
+        };
+        assert!(
+            f.check_access("TESSERA", "MODALITY", "TESSERA", None)
+                .is_ok()
+        );
+        assert_eq!(
+            f.check_access("TESSERA", "OTHER", "TESSERA", None),
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        );
+        assert_eq!(
+            f.check_access("TESSERA", "MODALITY", "PACS", None),
+            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+        );
+        let empty = AeFilter {
+            allowed_calling_aes: Vec::new(),
+        };
+        assert!(
+            empty
+                .check_access("TESSERA", "MODALITY", "TESSERA", None)
+                .is_err()
+        );
+    }
+}

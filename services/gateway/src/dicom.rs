@@ -1,0 +1,849 @@
+//! DICOM through the gateway (issue 6, papers 001/002): StoreDicom,
+//! RetrieveDicom, and the sink the C-STORE SCP hands received instances to.
+//!
+//! A study is (owner, Patient ID, Study Instance UID): its instances share
+//! one handle, one keyserver registration and one grant. Each instance is
+//! split by `tessera-dicom` into
+//! * the identifying elements and the container (everything else of the
+//!   file's structure): each sealed in an envelope (fresh AES-256-GCM data
+//!   key, wrapped under the study's metadata key, keyserver purpose
+//!   `dicom-metadata`), framed into one metadata object `<handle>.<id>.m`
+//!   placed on a node that holds neither pixel share when one is healthy;
+//! * native pixels: protected by the watermark service into two shares
+//!   `<handle>.<id>.s1/.s2` on two distinct nodes (tamper localization);
+//! * compressed or unusual native pixels: the stored bytes sealed under the
+//!   study's `dicom-pixels` key as `<handle>.<id>.p` (tampering detected,
+//!   not localized).
+//!
+//! Retrieve rebuilds the file (SHA-256 checked against the original) for
+//! roles allowed to re-identify, or writes the Basic Profile de-identified
+//! copy for the others (UIDs mapped with a per-study key derived from the
+//! metadata key, so every instance of a study maps consistently).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ring::hmac;
+use sha2::{Digest, Sha256};
+use tessera_dicom::{Limits as DicomLimits, Pixels, Profile, Split, Subject, Temporal, UidMap};
+use tessera_image::Image;
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::keyserver::v1 as kpb;
+use tessera_tls::Role;
+use tonic::Streaming;
+
+use crate::config::TemporalOption;
+use crate::convert::{self, attributes_to_proto, check_handle, check_owner, check_request_id};
+use crate::envelope;
+use crate::error::GatewayError;
+use crate::placement;
+use crate::service::{
+    BoxStream, GatewayService, Part, Result, read_exact, stream_err, study_ref, with_vault,
+};
+use crate::vault::{InstanceRecord, SharePlacement, SpecRecord, StudyRecord, StudyState};
+
+/// Keyserver purpose of the key that wraps the metadata envelopes.
+pub const PURPOSE_METADATA: &str = "dicom-metadata";
+/// Keyserver purpose of the key that seals stored (compressed) pixels.
+pub const PURPOSE_SEALED_PIXELS: &str = "dicom-pixels";
+
+/// `original_format` of DICOM studies in the vault.
+pub const FORMAT_DICOM: i32 = 4;
+
+/// Shared DICOM state: one lock per study key so concurrent first
+/// instances of a study open it once.
+#[derive(Default)]
+pub struct DicomState {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl DicomState {
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        m.entry(key.to_owned()).or_default().clone()
+    }
+}
+
+type Key = [u8; 32];
+
+/// The patient attributes a DICOM study is registered with.
+fn dicom_attributes(s: &Subject) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, v) in [
+        ("patient_id", &s.patient_id),
+        ("patient_name", &s.patient_name),
+        ("birth_date", &s.patient_birth_date),
+        ("study_instance_uid", &s.study_instance_uid),
+    ] {
+        if !v.is_empty() {
+            out.push((name.to_owned(), v.clone()));
+        }
+    }
+    out
+}
+
+fn data_loss(what: String) -> GatewayError {
+    GatewayError::DataLoss(what)
+}
+
+fn dicom_limits(max_bytes: u64) -> DicomLimits {
+    DicomLimits {
+        max_file_bytes: max_bytes,
+        max_samples: (max_bytes / 2).min(tessera_image::MAX_SAMPLES),
+    }
+}
+
+/// The de-identification profile of a study (researcher files).
+fn profile_for(kmeta: &Key, temporal: TemporalOption) -> Profile {
+    let k = hmac::Key::new(hmac::HMAC_SHA256, kmeta);
+    let uid_secret = hmac::sign(&k, b"tessera/dicom/uid-map/v1");
+    let temporal = match temporal {
+        TemporalOption::Remove => Temporal::Remove,
+        TemporalOption::RetainFull => Temporal::RetainFull,
+        TemporalOption::RetainModified => {
+            let t = hmac::sign(&k, b"tessera/dicom/date-shift/v1");
+            let b = t.as_ref();
+            let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) % 3650;
+            Temporal::RetainModified {
+                shift_days: -(n as i32 + 1),
+            }
+        }
+    };
+    Profile {
+        temporal,
+        uids: UidMap::new(uid_secret.as_ref()),
+    }
+}
+
+fn pixel_handling(watermarked: bool) -> pb::PixelHandling {
+    if watermarked {
+        pb::PixelHandling::Watermarked
+    } else {
+        pb::PixelHandling::Sealed
+    }
+}
+
+fn placement_to_proto(p: &SharePlacement) -> pb::Placement {
+    pb::Placement {
+        share: p.share,
+        node: p.node.clone(),
+        object_id: p.object_id.clone(),
+        size: p.size,
+        sha256: hex::decode(&p.sha256).unwrap_or_default(),
+    }
+}
+
+fn stored_response(
+    rec: &InstanceRecord,
+    new_study: bool,
+    duplicate: bool,
+) -> pb::StoreDicomResponse {
+    pb::StoreDicomResponse {
+        study_handle: rec.study_id.clone(),
+        instance_id: rec.instance_id.clone(),
+        new_study,
+        duplicate,
+        pixels: pixel_handling(rec.watermarked).into(),
+        transfer_syntax: rec.transfer_syntax.clone(),
+        size: rec.size,
+        sha256: hex::decode(&rec.sha256).unwrap_or_default(),
+        placements: rec.placements.iter().map(placement_to_proto).collect(),
+    }
+}
+
+/// One instance ready to be sent.
+struct Loaded {
+    header: pb::DicomInstanceHeader,
+    bytes: Vec<u8>,
+}
+
+impl GatewayService {
+    /// Asks the keyserver for a study key of `purpose` (audited there).
+    async fn derive(
+        &self,
+        rec: &StudyRecord,
+        purpose: &str,
+        operation: kpb::Operation,
+    ) -> Result<Key> {
+        let mut ks = self.inner.up.keyserver.clone();
+        let r = ks
+            .derive_key(kpb::DeriveKeyRequest {
+                study_id: rec.study_id.clone(),
+                attributes: attributes_to_proto(&rec.attributes),
+                purpose: purpose.into(),
+                operation: operation.into(),
+            })
+            .await
+            .map_err(|s| GatewayError::upstream("keyserver", s))?
+            .into_inner();
+        r.key
+            .try_into()
+            .map_err(|_| GatewayError::Internal("keyserver: a derived key is not 32 bytes".into()))
+    }
+
+    // ---- store ------------------------------------------------------------
+
+    pub(crate) async fn store_dicom_inner(
+        &self,
+        caller: String,
+        mut stream: Streaming<pb::StoreDicomRequest>,
+    ) -> Result<pb::StoreDicomResponse> {
+        let header = match stream.message().await.map_err(stream_err)? {
+            Some(pb::StoreDicomRequest {
+                part: Some(pb::store_dicom_request::Part::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(GatewayError::InvalidArgument(
+                    "the first message must be the header".into(),
+                ));
+            }
+            None => return Err(GatewayError::InvalidArgument("empty request stream".into())),
+        };
+        check_owner("header.owner", &header.owner)?;
+        let max = self.inner.limits.max_image_bytes;
+        if header.size == 0 || header.size > max {
+            return Err(GatewayError::TooLarge(format!(
+                "header.size: {} bytes; a DICOM file must be 1..={max} bytes",
+                header.size
+            )));
+        }
+        let _permit = self.job_permit(header.size).await?;
+        let file = read_exact(
+            &mut stream,
+            header.size,
+            |m: pb::StoreDicomRequest| match m.part {
+                Some(pb::store_dicom_request::Part::Chunk(c)) => Part::Chunk(c),
+                Some(pb::store_dicom_request::Part::Header(_)) => Part::Header,
+                None => Part::Empty,
+            },
+        )
+        .await?;
+        self.store_dicom_file(caller, header.owner, file).await
+    }
+
+    /// Stores one Part 10 file for `owner` (gRPC and C-STORE both end
+    /// here). The caller holds a job permit for the file.
+    pub async fn store_dicom_file(
+        &self,
+        stored_by: String,
+        owner: String,
+        file: Vec<u8>,
+    ) -> Result<pb::StoreDicomResponse> {
+        let limits = dicom_limits(self.inner.limits.max_image_bytes);
+        let size = file.len() as u64;
+        let (split, sha) = tokio::task::spawn_blocking(move || {
+            let sha: [u8; 32] = Sha256::digest(&file).into();
+            tessera_dicom::split_for_store(&file, &limits).map(|s| (s, sha))
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("split task: {e}")))?
+        .map_err(|e| {
+            if matches!(e, tessera_dicom::DicomError::TooLarge { .. }) {
+                GatewayError::TooLarge(format!("file: {e}"))
+            } else {
+                GatewayError::InvalidArgument(format!("file: {e}"))
+            }
+        })?;
+        if split.subject.sop_instance_uid.is_empty() {
+            return Err(GatewayError::InvalidArgument(
+                "file: no SOP Instance UID (0008,0018)".into(),
+            ));
+        }
+        let (study, new_study) = self.dicom_study(&owner, &stored_by, &split.subject).await?;
+        let sop = split.subject.sop_instance_uid.clone();
+        let (sid, s) = (study.study_id.clone(), sop.clone());
+        if let Some(existing) =
+            with_vault(&self.inner.vault, move |v| v.instance_by_sop(&sid, &s)).await?
+        {
+            return if existing.state == StudyState::Committed && existing.sha256 == hex::encode(sha)
+            {
+                Ok(stored_response(&existing, false, true))
+            } else {
+                Err(GatewayError::AlreadyExists(format!(
+                    "study {} already holds this SOP Instance UID with other bytes (or is storing it)",
+                    study.study_id
+                )))
+            };
+        }
+        let r = self
+            .store_instance(&study, stored_by, split, size, sha)
+            .await
+            .map(|rec| stored_response(&rec, new_study, false));
+        if let Err(e) = &r {
+            tracing::warn!(study = %study.study_id, error = %e, "DICOM store failed");
+        }
+        r
+    }
+
+    /// Finds the study of (owner, Patient ID, Study Instance UID) or opens
+    /// it (registered at the keyserver, committed in the vault).
+    async fn dicom_study(
+        &self,
+        owner: &str,
+        stored_by: &str,
+        subject: &Subject,
+    ) -> Result<(StudyRecord, bool)> {
+        if subject.study_instance_uid.is_empty() {
+            return Err(GatewayError::InvalidArgument(
+                "file: no Study Instance UID (0020,000D)".into(),
+            ));
+        }
+        let key = format!(
+            "{owner}\0{}\0{}",
+            subject.patient_id, subject.study_instance_uid
+        );
+        let lock = self.inner.dicom.lock_for(&key);
+        let _guard = lock.lock().await;
+        let (o, p, u) = (
+            owner.to_owned(),
+            subject.patient_id.clone(),
+            subject.study_instance_uid.clone(),
+        );
+        if let Some(rec) =
+            with_vault(&self.inner.vault, move |v| v.find_dicom_study(&o, &p, &u)).await?
+        {
+            return Ok((rec, false));
+        }
+        let mut rec = StudyRecord {
+            study_id: self.new_study_id()?,
+            state: StudyState::Pending,
+            owner: owner.to_owned(),
+            stored_by: stored_by.to_owned(),
+            attributes: dicom_attributes(subject),
+            original_format: FORMAT_DICOM,
+            spec: SpecRecord::from_spec(&tessera_image::ImageSpec {
+                width: 0,
+                height: 0,
+                frames: 0,
+                format: tessera_image::PixelFormat {
+                    bits_allocated: 8,
+                    bits_stored: 8,
+                    signed: false,
+                    channels: 1,
+                },
+            }),
+            header_json: String::new(),
+            placements: Vec::new(),
+            created_unix: crate::service::now_unix(),
+            dicom_study_uid: subject.study_instance_uid.clone(),
+        };
+        let r = rec.clone();
+        with_vault(&self.inner.vault, move |v| v.insert_new(&r)).await?;
+        let mut ks = self.inner.up.keyserver.clone();
+        if let Err(s) = ks
+            .register_study(kpb::RegisterStudyRequest {
+                owner: rec.owner.clone(),
+                attributes: attributes_to_proto(&rec.attributes),
+                study_id: rec.study_id.clone(),
+            })
+            .await
+        {
+            self.rollback(&rec).await;
+            return Err(GatewayError::upstream("keyserver", s));
+        }
+        rec.state = StudyState::Committed;
+        let (r, pid) = (rec.clone(), subject.patient_id.clone());
+        if let Err(e) = with_vault(&self.inner.vault, move |v| v.put_dicom_study(&r, &pid)).await {
+            self.rollback(&rec).await;
+            return Err(e);
+        }
+        tracing::info!(study = %rec.study_id, "DICOM study opened");
+        Ok((rec, true))
+    }
+
+    async fn store_instance(
+        &self,
+        study: &StudyRecord,
+        stored_by: String,
+        split: Split,
+        size: u64,
+        sha: [u8; 32],
+    ) -> Result<InstanceRecord> {
+        let kmeta = self
+            .derive(study, PURPOSE_METADATA, kpb::Operation::Protect)
+            .await?;
+        let instance_id = self.new_id("in")?;
+        let base = format!("{}.{}", study.study_id, instance_id);
+        let watermarked = matches!(split.pixels, Pixels::Native(_));
+        let (spec, pixel_bytes) = match &split.pixels {
+            Pixels::Native(image) => (*image.spec(), image.spec().byte_len() as u64),
+            Pixels::Encapsulated(b) | Pixels::Opaque { bytes: b, .. } => (
+                tessera_image::ImageSpec {
+                    width: 0,
+                    height: 0,
+                    frames: 0,
+                    format: tessera_image::PixelFormat {
+                        bits_allocated: 8,
+                        bits_stored: 8,
+                        signed: false,
+                        channels: 1,
+                    },
+                },
+                b.len() as u64,
+            ),
+        };
+
+        // Nodes: pixel shares on two distinct nodes, the metadata object on
+        // a third when one is healthy.
+        let (healthy, problems) = self.inner.up.probe().await;
+        let names: Vec<String> = self.inner.up.nodes.iter().map(|n| n.name.clone()).collect();
+        let bound = pixel_bytes + pixel_bytes / 8 + size / 4 + 128 * 1024;
+        let pixel_objects = if watermarked { 2 } else { 1 };
+        let chosen = placement::place(
+            self.inner.placement.as_ref(),
+            &base,
+            &healthy,
+            &problems,
+            &names,
+            pixel_objects + 1,
+            bound,
+        )
+        .or_else(|_| {
+            placement::place(
+                self.inner.placement.as_ref(),
+                &base,
+                &healthy,
+                &problems,
+                &names,
+                2,
+                bound,
+            )
+        })?;
+        let at = |i: usize| {
+            let h = &healthy[chosen[i.min(chosen.len() - 1)]];
+            (names[h.index].clone(), h.instance_id.clone())
+        };
+        let mut placements = Vec::with_capacity(3);
+        for share in 1..=pixel_objects {
+            let (node, instance) = at(share - 1);
+            placements.push(SharePlacement {
+                share: share as u32,
+                node,
+                instance_id: instance,
+                object_id: if watermarked {
+                    format!("{base}.s{share}")
+                } else {
+                    format!("{base}.p")
+                },
+                size: 0,
+                sha256: String::new(),
+            });
+        }
+        // With only two nodes the metadata object shares a node with the
+        // first pixel object (still a separate object under another key).
+        let meta_at = if chosen.len() > pixel_objects {
+            pixel_objects
+        } else {
+            0
+        };
+        let (node, instance) = at(meta_at);
+        placements.push(SharePlacement {
+            share: 0,
+            node,
+            instance_id: instance,
+            object_id: format!("{base}.m"),
+            size: 0,
+            sha256: String::new(),
+        });
+
+        let mut rec = InstanceRecord {
+            study_id: study.study_id.clone(),
+            instance_id,
+            state: StudyState::Pending,
+            seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+            sop_instance_uid: split.subject.sop_instance_uid.clone(),
+            size,
+            sha256: hex::encode(sha),
+            transfer_syntax: split.container.transfer_syntax().to_owned(),
+            watermarked,
+            spec: SpecRecord::from_spec(&spec),
+            header_json: String::new(),
+            placements,
+            stored_by,
+            created_unix: crate::service::now_unix(),
+        };
+        let r = rec.clone();
+        with_vault(&self.inner.vault, move |v| v.insert_instance(&r)).await?;
+        match self
+            .store_instance_steps(study, &mut rec, split, kmeta, &base)
+            .await
+        {
+            Ok(()) => {
+                rec.state = StudyState::Committed;
+                let r = rec.clone();
+                if let Err(e) = with_vault(&self.inner.vault, move |v| v.put_instance(&r)).await {
+                    self.rollback_instance(&rec).await;
+                    return Err(e);
+                }
+                tracing::info!(study = %rec.study_id, instance = %rec.instance_id, watermarked, "DICOM instance stored");
+                Ok(rec)
+            }
+            Err(e) => {
+                self.rollback_instance(&rec).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn store_instance_steps(
+        &self,
+        study: &StudyRecord,
+        rec: &mut InstanceRecord,
+        split: Split,
+        kmeta: Key,
+        base: &str,
+    ) -> Result<()> {
+        let Split {
+            container,
+            identifying,
+            pixels,
+            ..
+        } = split;
+        let meta_id = format!("{base}.m");
+        let rng = ring::rand::SystemRandom::new();
+        let meta = {
+            let rng = rng.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+                let seal = |part: &str, data: &[u8]| {
+                    envelope::seal(&kmeta, &format!("{meta_id}|{part}"), data, &rng)
+                        .map_err(|e| GatewayError::Internal(format!("seal {part}: {e}")))
+                };
+                let id = seal("identifying", &identifying)?;
+                let ct = seal("container", &container.to_bytes())?;
+                Ok(envelope::frame(&[&id, &ct]))
+            })
+            .await
+            .map_err(|e| GatewayError::Internal(format!("seal task: {e}")))??
+        };
+        let mut objects = match pixels {
+            Pixels::Native(image) => {
+                let (header_json, shares) = self
+                    .protect(study_ref(study), base.to_owned(), None, image)
+                    .await?;
+                rec.header_json = header_json;
+                shares
+            }
+            stored @ (Pixels::Encapsulated(_) | Pixels::Opaque { .. }) => {
+                let kpx = self
+                    .derive(study, PURPOSE_SEALED_PIXELS, kpb::Operation::Protect)
+                    .await?;
+                let ctx = format!("{base}.p|pixels");
+                let sealed = tokio::task::spawn_blocking(move || {
+                    let bytes = stored.stored_bytes().unwrap_or_default();
+                    envelope::seal(&kpx, &ctx, bytes, &rng)
+                        .map_err(|e| GatewayError::Internal(format!("seal pixels: {e}")))
+                })
+                .await
+                .map_err(|e| GatewayError::Internal(format!("seal task: {e}")))??;
+                vec![sealed]
+            }
+        };
+        objects.push(meta);
+        self.put_objects(&mut rec.placements, objects).await
+    }
+
+    /// Removes a failed instance's objects and record (kept for the next
+    /// start's sweep when a node cannot be reached).
+    pub(crate) async fn rollback_instance(&self, rec: &InstanceRecord) -> bool {
+        let mut clean = true;
+        for p in &rec.placements {
+            let r = match self.inner.up.node(&p.node) {
+                Ok(node) => crate::upstream::delete_object(node, &p.object_id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                clean = false;
+                tracing::warn!(study = %rec.study_id, object = %p.object_id, error = %e, "cleanup: cannot delete object");
+            }
+        }
+        if clean {
+            let r = rec.clone();
+            if let Err(e) = with_vault(&self.inner.vault, move |v| v.remove_instance(&r)).await {
+                tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot remove instance record");
+                clean = false;
+            }
+        }
+        clean
+    }
+
+    /// Deletes every instance of a DICOM study (objects, then records).
+    /// Returns the removed placements, or the first failure.
+    pub(crate) async fn delete_instances(&self, study: &StudyRecord) -> Result<Vec<pb::Placement>> {
+        let id = study.study_id.clone();
+        let instances = with_vault(&self.inner.vault, move |v| v.instances(&id)).await?;
+        let mut removed = Vec::new();
+        for inst in instances {
+            for p in &inst.placements {
+                let node = self.inner.up.node(&p.node)?;
+                crate::upstream::delete_object(node, &p.object_id).await?;
+                removed.push(placement_to_proto(p));
+            }
+            with_vault(&self.inner.vault, move |v| v.remove_instance(&inst)).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Finishes instances a crash left pending (called once at start).
+    pub(crate) async fn sweep_instances(&self) {
+        match with_vault(&self.inner.vault, |v| v.unfinished_instances()).await {
+            Ok(recs) => {
+                for rec in recs {
+                    tracing::info!(study = %rec.study_id, instance = %rec.instance_id, "removing an interrupted DICOM store");
+                    self.rollback_instance(&rec).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "vault sweep of instances failed"),
+        }
+    }
+
+    // ---- retrieve ---------------------------------------------------------
+
+    pub(crate) async fn retrieve_dicom_inner(
+        &self,
+        caller: String,
+        roles: std::collections::BTreeSet<Role>,
+        r: pb::RetrieveRequest,
+    ) -> Result<BoxStream<pb::RetrieveDicomResponse>> {
+        check_handle("study_handle", &r.study_handle)?;
+        check_request_id("key_request_id", &r.key_request_id)?;
+        let rec = self.committed(&r.study_handle).await?;
+        if !rec.is_dicom() {
+            return Err(GatewayError::WrongKind(format!(
+                "study {} is an image, not DICOM: use Retrieve",
+                r.study_handle
+            )));
+        }
+        self.check_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let id = rec.study_id.clone();
+        let instances: Vec<InstanceRecord> =
+            with_vault(&self.inner.vault, move |v| v.instances(&id))
+                .await?
+                .into_iter()
+                .filter(|i| i.state == StudyState::Committed)
+                .collect();
+        if instances.is_empty() {
+            return Err(GatewayError::NotFound(format!(
+                "study {} holds no instance",
+                rec.study_id
+            )));
+        }
+        let reidentify = roles
+            .iter()
+            .any(|r| self.inner.limits.reidentify_roles.contains(r));
+        let kmeta = self
+            .derive(&rec, PURPOSE_METADATA, kpb::Operation::Restore)
+            .await?;
+        let kpx = if instances.iter().any(|i| !i.watermarked) {
+            Some(
+                self.derive(&rec, PURPOSE_SEALED_PIXELS, kpb::Operation::Restore)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let profile = (!reidentify).then(|| profile_for(&kmeta, self.inner.limits.temporal));
+        let count = instances.len() as u32;
+        // The first instance is ready before the grant's use is spent.
+        let first = self
+            .load_instance(
+                &rec,
+                &instances[0],
+                0,
+                count,
+                &kmeta,
+                kpx.as_ref(),
+                profile.as_ref(),
+                reidentify,
+            )
+            .await?;
+        self.redeem_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        tracing::info!(study = %rec.study_id, caller = %caller, reidentified = reidentify, instances = count, "DICOM study retrieved");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            for (i, inst) in instances.iter().enumerate() {
+                let loaded = match next.take() {
+                    Some(l) => Ok(l),
+                    None => {
+                        this.load_instance(
+                            &rec,
+                            inst,
+                            i as u32,
+                            count,
+                            &kmeta,
+                            kpx.as_ref(),
+                            profile.as_ref(),
+                            reidentify,
+                        )
+                        .await
+                    }
+                };
+                let loaded = match loaded {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let head = pb::RetrieveDicomResponse {
+                    part: Some(pb::retrieve_dicom_response::Part::Instance(loaded.header)),
+                };
+                if tx.send(Ok(head)).await.is_err() {
+                    return;
+                }
+                for c in convert::chunks(&loaded.bytes) {
+                    let m = pb::RetrieveDicomResponse {
+                        part: Some(pb::retrieve_dicom_response::Part::Chunk(c)),
+                    };
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// Fetches, opens and rebuilds one instance (de-identified when
+    /// `profile` is given).
+    #[allow(clippy::too_many_arguments)]
+    async fn load_instance(
+        &self,
+        study: &StudyRecord,
+        inst: &InstanceRecord,
+        index: u32,
+        count: u32,
+        kmeta: &Key,
+        kpx: Option<&Key>,
+        profile: Option<&Profile>,
+        reidentify: bool,
+    ) -> Result<Loaded> {
+        let _permit = self.job_permit(inst.size).await?;
+        let name = format!("instance {} of study {}", inst.instance_id, inst.study_id);
+        let limit = inst.size.saturating_mul(2) + (1 << 20);
+        let mut objects = self
+            .fetch_objects(&inst.study_id, &inst.placements, limit)
+            .await?;
+        let meta_pos = inst
+            .placements
+            .iter()
+            .position(|p| p.share == 0)
+            .ok_or_else(|| data_loss(format!("{name}: no metadata object recorded")))?;
+        let meta = objects.remove(meta_pos);
+        let meta_id = inst.placements[meta_pos].object_id.clone();
+        let km = *kmeta;
+        let (container, identifying) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let parts = envelope::unframe(&meta, 2)
+                .map_err(|e| data_loss(format!("metadata object: {e}")))?;
+            let open = |part: &str, b: &[u8]| {
+                envelope::open(&km, &format!("{meta_id}|{part}"), b)
+                    .map_err(|e| data_loss(format!("metadata object, {part}: {e}")))
+            };
+            let identifying = open("identifying", parts[0])?;
+            let container = tessera_dicom::Container::from_bytes(&open("container", parts[1])?)
+                .map_err(|e| data_loss(format!("metadata object, container: {e}")))?;
+            Ok((container, identifying))
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("open task: {e}")))?
+        .map_err(|e| data_loss(format!("{name}: {e}")))?;
+
+        let mut report = None;
+        let pixels = if inst.watermarked {
+            let spec = inst.spec.to_spec();
+            let (rep, bytes) = self
+                .restore_parts(
+                    study_ref(study),
+                    inst.header_json.clone(),
+                    spec.byte_len(),
+                    objects,
+                )
+                .await?;
+            if !rep.intact {
+                return Err(data_loss(format!(
+                    "{name}: the pixel shares were altered ({} tiles, {} ROI blocks); nothing of it is returned",
+                    rep.tampered_tile_count, rep.tampered_block_count
+                )));
+            }
+            report = Some(rep);
+            let image = Image::from_le_bytes(spec, &bytes)
+                .map_err(|e| data_loss(format!("{name}: restored pixels: {e}")))?;
+            Pixels::Native(image)
+        } else {
+            let kpx = *kpx.ok_or_else(|| GatewayError::Internal("no pixel key".into()))?;
+            let ctx = format!("{}|pixels", inst.placements[0].object_id);
+            let sealed = objects
+                .into_iter()
+                .next()
+                .ok_or_else(|| data_loss(format!("{name}: no pixel object recorded")))?;
+            let bytes = tokio::task::spawn_blocking(move || envelope::open(&kpx, &ctx, &sealed))
+                .await
+                .map_err(|e| GatewayError::Internal(format!("open task: {e}")))?
+                .map_err(|e| data_loss(format!("{name}: pixel object: {e}")))?;
+            container
+                .stored_pixels(bytes)
+                .map_err(|e| data_loss(format!("{name}: {e}")))?
+        };
+        let profile = profile.cloned();
+        let max = self.inner.limits.max_image_bytes;
+        let (bytes, deidentified) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let original = tessera_dicom::join(&container, &identifying, &pixels)
+                .map_err(|e| data_loss(format!("rebuilding the file: {e}")))?;
+            match profile {
+                None => Ok((original, false)),
+                Some(p) => {
+                    drop(pixels);
+                    let s = tessera_dicom::split(
+                        &original,
+                        &dicom_limits(max.max(original.len() as u64)),
+                        &p,
+                    )
+                    .map_err(|e| GatewayError::Internal(format!("de-identify: {e}")))?;
+                    let out = tessera_dicom::write_deidentified(&s.deidentified, &s.pixels)
+                        .map_err(|e| GatewayError::Internal(format!("de-identify: {e}")))?;
+                    Ok((out, true))
+                }
+            }
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("join task: {e}")))?
+        .map_err(|e| {
+            if let GatewayError::DataLoss(m) = e {
+                data_loss(format!("{name}: {m}"))
+            } else {
+                e
+            }
+        })?;
+        if !deidentified && hex::encode(Sha256::digest(&bytes)) != inst.sha256 {
+            return Err(data_loss(format!(
+                "{name}: the rebuilt file differs from the stored one"
+            )));
+        }
+        Ok(Loaded {
+            header: pb::DicomInstanceHeader {
+                instance_id: inst.instance_id.clone(),
+                index,
+                count,
+                deidentified,
+                size: bytes.len() as u64,
+                sha256: Sha256::digest(&bytes).to_vec(),
+                transfer_syntax: inst.transfer_syntax.clone(),
+                pixels: pixel_handling(inst.watermarked).into(),
+                report,
+                patient_attributes: if reidentify {
+                    attributes_to_proto(&study.attributes)
+                } else {
+                    Vec::new()
+                },
+            },
+            bytes,
+        })
+    }
+}
