@@ -136,7 +136,15 @@ pub struct DevStack {
     services: Vec<(String, Option<Running>)>,
     storage_configs: BTreeMap<String, storage_node::Config>,
     gateway_config: Option<gateway_service::Config>,
+    dicom_addr: Option<SocketAddr>,
 }
+
+/// The AE title of the dev gateway's C-STORE SCP.
+pub const DICOM_AE_TITLE: &str = "TESSERA";
+/// Calling AE titles the dev SCP accepts.
+pub const DICOM_CALLING_AES: [&str; 3] = ["STORESCU", "MODALITY", "TESSERA-BENCH"];
+/// The data owner of studies the dev SCP receives.
+pub const DICOM_OWNER: &str = "spiffe://tessera.local/user/owner";
 
 fn listen(base: Option<u16>, offset: u16) -> String {
     match base {
@@ -224,6 +232,7 @@ impl DevStack {
             services: Vec::new(),
             storage_configs: BTreeMap::new(),
             gateway_config: None,
+            dicom_addr: None,
         };
         let base = opts.base_port;
         let r = stack
@@ -330,11 +339,20 @@ impl DevStack {
                 "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
             ));
         }
+        // The C-STORE SCP (plain DICOM on loopback) for the dev AE titles.
+        text.push_str(&format!(
+            "[dicom.scp]\nlisten = \"{}\"\nae_title = \"{DICOM_AE_TITLE}\"\nallowed_calling_aes = {:?}\nowner = \"{DICOM_OWNER}\"\n",
+            listen(base, 4),
+            DICOM_CALLING_AES,
+        ));
         let cfg: gateway_service::Config =
             parse("gateway", &text, gateway_service::config::ENV_PREFIX)?;
         let mut fixed = cfg.clone();
         let addr = self.spawn_gateway(&cfg).await?;
         fixed.server.listen = addr;
+        if let (Some(scp), Some(bound)) = (fixed.dicom.scp.as_mut(), self.dicom_addr) {
+            scp.listen = bound;
+        }
         self.gateway_config = Some(fixed);
         Ok(())
     }
@@ -349,6 +367,12 @@ impl DevStack {
             .await
             .map_err(|e| svc("gateway")(e.to_string()))?;
         let addr = app.local_addr();
+        if let Some(dicom) = app.dicom_addr() {
+            self.dicom_addr = Some(dicom);
+            self.endpoints
+                .endpoints
+                .insert("dicom".into(), local(dicom));
+        }
         self.add("gateway", local(addr), Running::Gateway(app));
         Ok(addr)
     }

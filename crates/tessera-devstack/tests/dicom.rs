@@ -149,6 +149,37 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
     let objects = total_objects(&stack).await;
     assert_eq!(objects, 9);
 
+    // The study is found by the values that identify it (owner and
+    // clinician only).
+    let find = pb::FindDicomStudyRequest {
+        owner: OWNER.into(),
+        patient_id: info.patient_id.clone(),
+        study_instance_uid: info.study_uid(),
+    };
+    let found = clin
+        .find_dicom_study(find.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (found.study_handle.as_str(), found.instances),
+        (handle.as_str(), 3)
+    );
+    let e = gateway(&stack, "researcher")
+        .await
+        .find_dicom_study(find.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = clin
+        .find_dicom_study(pb::FindDicomStudyRequest {
+            patient_id: "someone else".into(),
+            ..find.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
     // The same instance again: answered as a duplicate, nothing written;
     // the same SOP Instance UID with other bytes: ALREADY_EXISTS.
     let again = gw::store_dicom(&mut clin, OWNER, &files[1]).await.unwrap();

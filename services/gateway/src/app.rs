@@ -24,6 +24,8 @@ pub enum AppError {
     VaultKey(String),
     #[error("vault: {0}")]
     Vault(GatewayError),
+    #[error("DICOM SCP: {0}")]
+    Scp(std::io::Error),
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -39,11 +41,21 @@ impl AppError {
 pub struct App {
     service: GatewayService,
     server: ServerConfig,
+    scp: Option<crate::config::ScpSection>,
+    max_image_bytes: u64,
+}
+
+/// The C-STORE SCP while it serves.
+struct RunningScp {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 /// A listening gateway.
 pub struct RunningApp {
     server: RunningServer,
+    scp: Option<RunningScp>,
 }
 
 impl App {
@@ -67,6 +79,8 @@ impl App {
         Ok(Self {
             service,
             server: config.server.clone(),
+            scp: config.dicom.scp.clone(),
+            max_image_bytes: g.max_image_bytes,
         })
     }
 
@@ -74,12 +88,31 @@ impl App {
     /// finishes in the background whatever a crash left half-done.
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
         let sweeper = self.service.clone();
+        let scp = match &self.scp {
+            Some(section) => {
+                let scp = tessera_scp::Scp::bind(
+                    section.listen,
+                    crate::scp::scp_config(section, self.max_image_bytes),
+                )
+                .await
+                .map_err(AppError::Scp)?;
+                let addr = scp.local_addr();
+                let sink =
+                    crate::scp::GatewaySink::new(self.service.clone(), section.owner.clone());
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(scp.serve(sink, async move {
+                    let _ = stopped.await;
+                }));
+                Some(RunningScp { addr, stop, task })
+            }
+            None => None,
+        };
         let server = GrpcServer::new(&self.server, policy())?
             .add_service(self.service.into_server())
             .spawn()
             .await?;
         tokio::spawn(async move { sweeper.sweep_unfinished().await });
-        Ok(RunningApp { server })
+        Ok(RunningApp { server, scp })
     }
 }
 
@@ -88,8 +121,22 @@ impl RunningApp {
         self.server.local_addr()
     }
 
-    /// Stops accepting and drains for at most `grace`.
+    /// Where the C-STORE SCP listens, when configured.
+    pub fn dicom_addr(&self) -> Option<SocketAddr> {
+        self.scp.as_ref().map(|s| s.addr)
+    }
+
+    /// Stops accepting and drains for at most `grace` (the SCP first).
     pub async fn shutdown(self, grace: Duration) {
+        if let Some(scp) = self.scp {
+            let _ = scp.stop.send(());
+            match tokio::time::timeout(grace, scp.task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "DICOM SCP stopped with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "DICOM SCP task failed"),
+                Err(_) => tracing::warn!("DICOM SCP did not stop within the grace period"),
+            }
+        }
         self.server.shutdown(grace).await;
     }
 }

@@ -600,6 +600,45 @@ impl GatewayService {
         }
     }
 
+    pub(crate) async fn find_dicom_study_inner(
+        &self,
+        r: pb::FindDicomStudyRequest,
+    ) -> Result<pb::FindDicomStudyResponse> {
+        check_owner("owner", &r.owner)?;
+        if r.study_instance_uid.is_empty() || r.study_instance_uid.len() > 64 {
+            return Err(GatewayError::InvalidArgument(
+                "study_instance_uid: 1..=64 characters".into(),
+            ));
+        }
+        if r.patient_id.len() > 256 {
+            return Err(GatewayError::InvalidArgument(
+                "patient_id: at most 256 bytes".into(),
+            ));
+        }
+        let found = with_vault(&self.inner.vault, move |v| {
+            let Some(rec) = v.find_dicom_study(&r.owner, &r.patient_id, &r.study_instance_uid)?
+            else {
+                return Ok(None);
+            };
+            let n = v
+                .instances(&rec.study_id)?
+                .iter()
+                .filter(|i| i.state == StudyState::Committed)
+                .count();
+            Ok(Some((rec.study_id, n)))
+        })
+        .await?;
+        match found {
+            Some((study_handle, n)) => Ok(pb::FindDicomStudyResponse {
+                study_handle,
+                instances: u32::try_from(n).unwrap_or(u32::MAX),
+            }),
+            None => Err(GatewayError::NotFound(
+                "no DICOM study for this owner, patient and study UID".into(),
+            )),
+        }
+    }
+
     // ---- retrieve ---------------------------------------------------------
 
     pub(crate) async fn retrieve_dicom_inner(

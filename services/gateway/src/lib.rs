@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod error;
 pub mod placement;
 mod process;
+pub mod scp;
 pub mod service;
 pub mod upstream;
 pub mod vault;

@@ -20,7 +20,14 @@ const SERVICE: Service<Config> = Service::new(
 fn main() -> ExitCode {
     SERVICE.main(async |cfg| {
         let app = App::build(&cfg).map_err(start_error)?;
-        Ok(Gateway(app.spawn().await.map_err(start_error)?))
+        let running = app.spawn().await.map_err(start_error)?;
+        if let Some(addr) = running.dicom_addr() {
+            // Scripts read this line like `listening=` (a failed write
+            // would also fail that one).
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "dicom_listening={addr}");
+        }
+        Ok(Gateway(running))
     })
 }
 

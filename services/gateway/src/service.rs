@@ -53,6 +53,7 @@ pub fn policy() -> Policy {
         .allow(&p("Delete"), [Role::Owner])
         .allow(&p("StoreDicom"), [Role::Owner, Role::Clinician])
         .allow(&p("RetrieveDicom"), readers)
+        .allow(&p("FindDicomStudy"), [Role::Owner, Role::Clinician])
 }
 
 /// Settings the handlers need.
@@ -1083,6 +1084,15 @@ impl Gateway for GatewayService {
         let caller = caller_uri(&request)?;
         Ok(Response::new(
             self.store_dicom_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn find_dicom_study(
+        &self,
+        request: Request<pb::FindDicomStudyRequest>,
+    ) -> Result<Response<pb::FindDicomStudyResponse>, Status> {
+        Ok(Response::new(
+            self.find_dicom_study_inner(request.into_inner()).await?,
         ))
     }
 
