@@ -65,7 +65,17 @@ VKEY="$E2E_TMP/vault.key"; head -c 32 /dev/urandom >"$VKEY"; chmod 600 "$VKEY"
 { printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls gateway; tls client_tls gateway
   printf '[keyserver]\naddress = "%s"\n[watermark]\naddress = "%s"\n[segmentation]\naddress = "%s"\n' "$KS_ADDR" "$WM_ADDR" "$SEG_ADDR"
   for n in 1 2 3; do printf '[[storage_nodes]]\nname = "storage-%s"\naddress = "%s"\n' "$n" "${NODE_ADDR[$n]}"; done
-  printf '[vault]\npath = "%s"\nkey_file = "%s"\n[gateway]\nnode_probe_timeout_secs = 2\n' "$E2E_TMP/vault.redb" "$VKEY"; } >"$E2E_TMP/gateway.toml"
+  printf '[vault]\npath = "%s"\nkey_file = "%s"\n[gateway]\nnode_probe_timeout_secs = 2\n' "$E2E_TMP/vault.redb" "$VKEY"
+  printf '[dicom]\ntemporal = "retain-modified"\n[dicom.scp]\nlisten = "127.0.0.1:0"\nae_title = "TESSERA"\nallowed_calling_aes = ["STORESCU"]\nowner = "spiffe://tessera.local/user/owner"\n'; } >"$E2E_TMP/gateway.toml"
+
+# A C-STORE SCP open to every AE title is a configuration error (exit 64).
+scp_without_allow_list() {
+  local rc=0
+  sed 's/^allowed_calling_aes = .*/allowed_calling_aes = []/' "$E2E_TMP/gateway.toml" >"$E2E_TMP/open-scp.toml"
+  "$TESSERA_BIN_DIR/gateway" --config "$E2E_TMP/open-scp.toml" >/dev/null 2>"$E2E_TMP/open-scp.log" || rc=$?
+  [ "$rc" -eq 64 ] && grep -q "allowed_calling_aes" "$E2E_TMP/open-scp.log"
+}
+check "a C-STORE SCP without an allow-list of AE titles is refused (exit 64)" scp_without_allow_list
 
 # A vault key others can read is a configuration error (exit 64).
 loose_vault_key() {
@@ -78,6 +88,13 @@ loose_vault_key() {
 check "a world-readable vault key is refused (exit 64)" loose_vault_key
 
 start_service gateway "$E2E_TMP/gateway.toml"; ADDR=$SERVICE_ADDR
+DICOM_ADDR=$(sed -n 's/^dicom_listening=//p' "$E2E_TMP"/gateway.*.out | tail -n 1)
+scp_echo() {
+  local out
+  out=$($PY -m pynetdicom echoscu "${DICOM_ADDR%:*}" "${DICOM_ADDR##*:}" -aec TESSERA -aet STORESCU -v 2>&1)
+  grep -q "Status: 0x0000" <<<"$out" || { echo "$out"; return 1; }
+}
+check "the gateway binary prints dicom_listening= and its SCP answers C-ECHO" scp_echo
 echo "gateway on $ADDR (keyserver $KS_ADDR, watermark $WM_ADDR, segmentation $SEG_ADDR, storage ${NODE_ADDR[*]})"
 wait_healthy "$ADDR" owner "$GW"
 
