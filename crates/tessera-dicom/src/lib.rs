@@ -40,7 +40,7 @@ pub const DEFAULT_MAX_FILE_BYTES: u64 = 1 << 30;
 
 /// Explicit VR Little Endian: the transfer syntax of de-identified files with
 /// native pixel data.
-const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 
 /// Implementation Class UID written into de-identified files (a fixed
 /// `2.25` UID generated for Tessera).

@@ -832,34 +832,44 @@ impl GatewayService {
         };
         let profile = profile.cloned();
         let max = self.inner.limits.max_image_bytes;
-        let (bytes, deidentified) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let original = tessera_dicom::join(&container, &identifying, &pixels)
-                .map_err(|e| data_loss(format!("rebuilding the file: {e}")))?;
-            match profile {
-                None => Ok((original, false)),
-                Some(p) => {
-                    drop(pixels);
-                    let s = tessera_dicom::split(
-                        &original,
-                        &dicom_limits(max.max(original.len() as u64)),
-                        &p,
-                    )
-                    .map_err(|e| GatewayError::Internal(format!("de-identify: {e}")))?;
-                    let out = tessera_dicom::write_deidentified(&s.deidentified, &s.pixels)
+        let stored_ts = inst.transfer_syntax.clone();
+        let (bytes, deidentified, transfer_syntax) =
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let original = tessera_dicom::join(&container, &identifying, &pixels)
+                    .map_err(|e| data_loss(format!("rebuilding the file: {e}")))?;
+                match profile {
+                    None => Ok((original, false, stored_ts)),
+                    Some(p) => {
+                        drop(pixels);
+                        let s = tessera_dicom::split(
+                            &original,
+                            &dicom_limits(max.max(original.len() as u64)),
+                            &p,
+                        )
                         .map_err(|e| GatewayError::Internal(format!("de-identify: {e}")))?;
-                    Ok((out, true))
+                        let out = tessera_dicom::write_deidentified(&s.deidentified, &s.pixels)
+                            .map_err(|e| GatewayError::Internal(format!("de-identify: {e}")))?;
+                        // Native pixels are written Explicit VR Little Endian;
+                        // compressed ones keep their transfer syntax.
+                        let ts = match s.pixels {
+                            Pixels::Encapsulated(_) => stored_ts,
+                            Pixels::Native(_) | Pixels::Opaque { .. } => {
+                                tessera_dicom::EXPLICIT_VR_LE.to_owned()
+                            }
+                        };
+                        Ok((out, true, ts))
+                    }
                 }
-            }
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("join task: {e}")))?
-        .map_err(|e| {
-            if let GatewayError::DataLoss(m) = e {
-                data_loss(format!("{name}: {m}"))
-            } else {
-                e
-            }
-        })?;
+            })
+            .await
+            .map_err(|e| GatewayError::Internal(format!("join task: {e}")))?
+            .map_err(|e| {
+                if let GatewayError::DataLoss(m) = e {
+                    data_loss(format!("{name}: {m}"))
+                } else {
+                    e
+                }
+            })?;
         if !deidentified && hex::encode(Sha256::digest(&bytes)) != inst.sha256 {
             return Err(data_loss(format!(
                 "{name}: the rebuilt file differs from the stored one"
@@ -873,7 +883,7 @@ impl GatewayService {
                 deidentified,
                 size: bytes.len() as u64,
                 sha256: Sha256::digest(&bytes).to_vec(),
-                transfer_syntax: inst.transfer_syntax.clone(),
+                transfer_syntax,
                 pixels: pixel_handling(inst.watermarked).into(),
                 report,
                 patient_attributes: if reidentify {
