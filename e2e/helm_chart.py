@@ -19,6 +19,8 @@ Subcommands:
   check NAME OUT_DIR [ARG]                     one assertion on a rendered chart (see CHECKS)
   gateway-nodes-override OUT_DIR ADDR...       TOML inline array of the rendered gateway's
                                                storage nodes with the given addresses
+  gateway-scp OUT_DIR                          the rendered [dicom.scp] AE titles: called,
+                                               then the calling ones, one a line
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import copy
 import json
 import re
+import shlex
 import shutil
 import sys
 import tomllib
@@ -394,6 +397,66 @@ def check_notes(r: Rendered, _arg: str | None) -> None:
         assert f"storage-{i}:" in r.notes, f"NOTES.txt lacks storage-{i}"
 
 
+def check_dicom(r: Rendered, arg: str | None) -> None:
+    """gateway.dicom: [dicom] always, [dicom.scp] + container port + Service
+    gateway-dicom + NOTES echoscu exactly when scp.enabled (ARG: on / off)."""
+    assert arg in ("on", "off"), f"dicom check: ARG is on or off, not {arg!r}"
+    d = r.values["gateway"]["dicom"]
+    scp = d["scp"]
+    assert scp["enabled"] is (arg == "on"), f"values: gateway.dicom.scp.enabled is {scp['enabled']}"
+    gw = r.configs["gateway-config"]
+    assert gw["dicom"]["temporal"] == d["temporal"], f"[dicom] temporal {gw['dicom'].get('temporal')!r}"
+    dep = r.get("Deployment", "gateway")
+    (main,) = dep["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p for p in main["ports"]}
+    grpc_svc = r.get("Service", "gateway")
+    assert [p["name"] for p in grpc_svc["spec"]["ports"]] == ["grpc"], "Service gateway: its one port is grpc"
+    dicom_ports = [(s["metadata"]["name"], p) for s in r.of_kind("Service") for p in s["spec"]["ports"] if p["name"] == "dicom"]
+    if arg == "off":
+        assert set(gw["dicom"]) == {"temporal"}, f"[dicom] has {sorted(gw['dicom'])} with the SCP disabled"
+        assert sorted(ports) == ["grpc"], f"gateway container ports {sorted(ports)}"
+        assert not dicom_ports, f"a dicom Service port with the SCP disabled: {dicom_ports}"
+        assert "echoscu" not in r.notes and "gateway-dicom" not in r.notes, "NOTES.txt mentions the disabled SCP"
+        return
+    host = r.values["server"]["listenHost"]
+    want = {
+        "listen": f"{host}:{scp['port']}",
+        "ae_title": scp["aeTitle"],
+        "allowed_calling_aes": scp["allowedCallingAEs"],
+        "owner": scp["owner"],
+        "max_associations": scp["maxAssociations"],
+        "idle_timeout_secs": scp["idleTimeoutSecs"],
+    }
+    assert gw["dicom"]["scp"] == want, f"[dicom.scp] {gw['dicom']['scp']} != {want}"
+    assert set(gw["dicom"]) == {"temporal", "scp"}, f"[dicom] keys {sorted(gw['dicom'])}"
+    assert sorted(ports) == ["dicom", "grpc"], f"gateway container ports {sorted(ports)}"
+    assert ports["dicom"]["containerPort"] == scp["port"], f"container port dicom {ports['dicom']}"
+    assert ports["dicom"].get("protocol") == "TCP", "container port dicom: TCP"
+    assert [n for n, _ in dicom_ports] == ["gateway-dicom"], f"dicom Service ports {dicom_ports}"
+    svc = r.get("Service", "gateway-dicom")
+    (p,) = svc["spec"]["ports"]
+    assert p["port"] == scp["port"] and p["targetPort"] == "dicom", f"gateway-dicom port {p}"
+    assert p.get("protocol") == "TCP" and p.get("appProtocol") not in (None, "grpc"), f"gateway-dicom appProtocol {p}"
+    assert svc["spec"]["type"] == scp["service"]["type"], f"gateway-dicom type {svc['spec']['type']}"
+    assert (svc["metadata"].get("annotations") or {}) == scp["service"]["annotations"], "gateway-dicom annotations"
+    ranges = scp["service"].get("loadBalancerSourceRanges") or []
+    assert (svc["spec"].get("loadBalancerSourceRanges") or []) == ranges, "gateway-dicom loadBalancerSourceRanges"
+    sel = svc["spec"]["selector"]
+    picked = [w["metadata"]["name"] for w in r.workloads() if all(w["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+    assert picked == ["gateway"], f"gateway-dicom selects {picked}"
+    assert sel == grpc_svc["spec"]["selector"], "gateway-dicom and gateway select the same pod"
+    # The echoscu line in NOTES.txt, as the shell would split it.
+    lines = [l for l in r.notes.splitlines() if l.strip().startswith("echoscu ")]
+    assert len(lines) == 1, f"NOTES.txt: {len(lines)} echoscu lines"
+    argv = shlex.split(lines[0])
+    opt = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("-a")}
+    assert opt.get("-aec") == scp["aeTitle"], f"NOTES.txt echoscu -aec {opt.get('-aec')!r}"
+    assert opt.get("-aet") in scp["allowedCallingAEs"], f"NOTES.txt echoscu -aet {opt.get('-aet')!r}"
+    assert argv[-2:] == ["localhost", str(scp["port"])], f"NOTES.txt echoscu peer {argv[-2:]}"
+    fwd = f"port-forward svc/gateway-dicom {scp['port']}:{scp['port']}"
+    assert fwd in r.notes, f"NOTES.txt lacks {fwd!r}"
+
+
 def check_checksums(r: Rendered, _arg: str | None) -> None:
     seen = set()
     for w in r.workloads():
@@ -415,6 +478,7 @@ CHECKS = {
     "access": check_access,
     "notes": check_notes,
     "checksums": check_checksums,
+    "dicom": check_dicom,
 }
 
 
@@ -424,6 +488,12 @@ def cmd_gateway_nodes_override(out: str, addrs: list[str]) -> None:
     if len(names) != len(addrs):
         raise SystemExit(f"{len(names)} storage nodes rendered, {len(addrs)} addresses given")
     print("[" + ", ".join(f'{{name = {json.dumps(n)}, address = {json.dumps(a)}}}' for n, a in zip(names, addrs)) + "]")
+
+
+def cmd_gateway_scp(out: str) -> None:
+    """The rendered [dicom.scp]: called AE title, then each calling AE title, one a line."""
+    scp = Rendered(out).configs["gateway-config"]["dicom"]["scp"]
+    print("\n".join([scp["ae_title"], *scp["allowed_calling_aes"]]))
 
 
 def main(argv: list[str]) -> int:
@@ -445,6 +515,8 @@ def main(argv: list[str]) -> int:
         except (AssertionError, KeyError) as e:
             print(f"{args[0]}: {type(e).__name__}: {e}")
             return 1
+    elif cmd == "gateway-scp" and len(args) == 1:
+        cmd_gateway_scp(args[0])
     elif cmd == "gateway-nodes-override" and len(args) >= 2:
         cmd_gateway_nodes_override(args[0], args[1:])
     else:

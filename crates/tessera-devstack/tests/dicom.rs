@@ -433,3 +433,82 @@ async fn every_pydicom_data_file_round_trips_or_is_refused() {
     assert_eq!(total_objects(&stack).await, 0);
     stack.shutdown().await;
 }
+
+/// A study sent over C-STORE (our SCU against the gateway's SCP) lands in
+/// one study for the configured owner and comes back byte-identical to the
+/// file the SCP wrote (its file meta + the data set as sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn c_store_study_lands_in_one_study_and_round_trips() {
+    use tessera_scp::scu::{ScuError, ScuOptions, send_files};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
+        .await
+        .unwrap();
+    let addr = stack.endpoints().get("dicom").unwrap().to_owned();
+    let mut info = study();
+    info.uid_root = "1.2.826.0.1.3680043.10.1137.78".into();
+    let files = slices(&info, 4);
+    let opts = ScuOptions {
+        calling_ae: "MODALITY".into(),
+        called_ae: tessera_devstack::DICOM_AE_TITLE.into(),
+        ..ScuOptions::default()
+    };
+    let mut calls = 0;
+    let sent = send_files(&addr, &opts, &files, |_, _| calls += 1)
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 4);
+    assert!(sent.iter().all(|s| s.status == 0), "{sent:?}");
+    assert!(calls >= 4);
+    // Unknown calling AE title: the association is rejected.
+    let intruder = ScuOptions {
+        calling_ae: "INTRUDER".into(),
+        ..opts.clone()
+    };
+    assert!(matches!(
+        send_files(&addr, &intruder, &files[..1], |_, _| {}).await,
+        Err(ScuError::Rejected { .. })
+    ));
+    // A data set that does not parse: 0xC000 with the gateway's reason.
+    let mut broken = files[0].clone();
+    let n = broken.len();
+    broken.truncate(n - 64 * 48);
+    let bad = send_files(&addr, &opts, &[broken], |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(bad[0].status, 0xC000, "{bad:?}");
+    assert!(bad[0].error_comment.is_some());
+
+    let mut clin = gateway(&stack, "clinician").await;
+    let found = clin
+        .find_dicom_study(pb::FindDicomStudyRequest {
+            owner: tessera_devstack::DICOM_OWNER.into(),
+            patient_id: info.patient_id.clone(),
+            study_instance_uid: info.study_uid(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.instances, 4);
+    let rid = grant(&stack, "clinician", &found.study_handle).await;
+    let got = retrieve_all(&stack, "clinician", &found.study_handle, &rid)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 4);
+    let meta_end = |f: &[u8]| {
+        let group = u32::from_le_bytes([f[140], f[141], f[142], f[143]]) as usize;
+        144 + group
+    };
+    for ((_, bytes), f) in got.iter().zip(&files) {
+        assert_eq!(
+            &bytes[meta_end(bytes)..],
+            &f[meta_end(f)..],
+            "data set as sent"
+        );
+        assert!(
+            contains(bytes, "MODALITY"),
+            "the SCP records the source AE title"
+        );
+    }
+    stack.shutdown().await;
+}

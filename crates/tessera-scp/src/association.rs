@@ -74,10 +74,23 @@ enum AfterData {
 impl<S: InstanceSink> Task<S> {
     pub(crate) async fn run(mut self, socket: TcpStream) {
         let peer = self.peer;
+        // A second handle on the connection: dicom-ul drops its socket right
+        // after sending a rejection, and a peer that sees the close before
+        // it reads the A-ASSOCIATE-RJ reports an abort instead. Holding the
+        // connection open until the peer closes it (bounded, like the ARTIM
+        // timer) lets the rejection arrive as one.
+        let (socket, lingering) = match split_handle(socket) {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot use the connection");
+                return;
+            }
+        };
         let mut assoc = match self.options.establish_async(socket).await {
             Ok(a) => a,
             Err(UlError::Rejected { association_rj, .. }) => {
                 info!(%peer, reason = %association_rj.source, "association rejected");
+                linger_until_closed(lingering, REJECT_LINGER).await;
                 return;
             }
             Err(e) => {
@@ -85,6 +98,7 @@ impl<S: InstanceSink> Task<S> {
                 return;
             }
         };
+        drop(lingering);
         let calling_ae = assoc.peer_ae_title().trim_matches(' ').to_string();
         let accepted: Vec<_> = assoc
             .presentation_contexts()
@@ -642,4 +656,34 @@ pub(crate) async fn reject_busy(mut socket: TcpStream, peer: SocketAddr, cfg: &S
         Ok(Err(e)) => debug!(%peer, error = %e, "busy rejection failed"),
         Err(_) => debug!(%peer, "busy rejection timed out"),
     }
+}
+
+/// How long a rejected peer gets to close the connection itself.
+const REJECT_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The connection as two handles (a duplicated descriptor): one for
+/// dicom-ul, one to keep it open after dicom-ul drops its own.
+fn split_handle(socket: TcpStream) -> std::io::Result<(TcpStream, std::net::TcpStream)> {
+    let std = socket.into_std()?;
+    let spare = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, spare))
+}
+
+/// Reads (and discards) until the peer closes, at most `limit` and at most
+/// 64 KiB; then the handle is dropped.
+async fn linger_until_closed(spare: std::net::TcpStream, limit: std::time::Duration) {
+    let Ok(mut s) = TcpStream::from_std(spare) else {
+        return;
+    };
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        let mut seen = 0usize;
+        while seen < 64 * 1024 {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen += n,
+            }
+        }
+    })
+    .await;
 }

@@ -2,7 +2,7 @@
 //! header, encoded and decoded with dicom-object.
 
 use dicom_core::dictionary::{UidDictionary, UidType};
-use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::{StandardSopClassDictionary, tags, uids};
 use dicom_object::InMemDicomObject;
 use dicom_object::meta::FileMetaTableBuilder;
@@ -19,6 +19,9 @@ pub(crate) const C_CANCEL_RQ: u16 = 0x0FFF;
 
 /// Command Data Set Type value meaning "no data set follows".
 const NO_DATA_SET: u16 = 0x0101;
+/// Command Data Set Type sent when a data set follows (any other value
+/// than 0x0101 means the same).
+const DATA_SET_PRESENT: u16 = 0x0000;
 
 /// Statuses (PS3.7 annex C, PS3.4 table B.2-1).
 pub(crate) const STATUS_SUCCESS: u16 = 0x0000;
@@ -47,6 +50,38 @@ pub(crate) struct Command {
 /// dicom-object reads the set, because its decoder reserves a value's
 /// declared length up front.
 pub(crate) fn parse_command(bytes: &[u8]) -> Result<Command, String> {
+    let obj = read_command_set(bytes)?;
+    let u16_of = |tag, name: &str| u16_of(&obj, tag, name);
+    let str_of = |tag| str_of(&obj, tag);
+    let field = u16_of(tags::COMMAND_FIELD, "Command Field")?;
+    let message_id = u16_of(tags::MESSAGE_ID, "Message ID")?;
+    let data_set_type = u16_of(tags::COMMAND_DATA_SET_TYPE, "Command Data Set Type")?;
+    Ok(Command {
+        field,
+        message_id,
+        sop_class: str_of(tags::AFFECTED_SOP_CLASS_UID),
+        sop_instance: str_of(tags::AFFECTED_SOP_INSTANCE_UID),
+        has_data_set: data_set_type != NO_DATA_SET,
+    })
+}
+
+fn u16_of(obj: &InMemDicomObject, tag: Tag, name: &str) -> Result<u16, String> {
+    obj.get(tag)
+        .ok_or_else(|| format!("no {name}"))?
+        .uint16()
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+fn str_of(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    obj.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).trim_start().to_string())
+}
+
+/// Decode a command set (Implicit VR Little Endian, group 0000 only, at
+/// most [`MAX_COMMAND_BYTES`]), checking every element header against the
+/// bytes that remain first.
+fn read_command_set(bytes: &[u8]) -> Result<InMemDicomObject, String> {
     if bytes.len() > MAX_COMMAND_BYTES {
         return Err(format!("command set of {} bytes", bytes.len()));
     }
@@ -66,29 +101,96 @@ pub(crate) fn parse_command(bytes: &[u8]) -> Result<Command, String> {
             .ok_or_else(|| format!("command element declares {len} bytes past the end"))?;
     }
     let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
-        .map_err(|e| format!("unreadable command set: {e}"))?;
-    let u16_of = |tag, name: &str| -> Result<u16, String> {
-        obj.get(tag)
-            .ok_or_else(|| format!("no {name}"))?
-            .uint16()
-            .map_err(|e| format!("{name}: {e}"))
-    };
-    let str_of = |tag| -> Option<String> {
-        obj.get(tag)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).trim_start().to_string())
-    };
-    let field = u16_of(tags::COMMAND_FIELD, "Command Field")?;
-    let message_id = u16_of(tags::MESSAGE_ID, "Message ID")?;
-    let data_set_type = u16_of(tags::COMMAND_DATA_SET_TYPE, "Command Data Set Type")?;
-    Ok(Command {
-        field,
-        message_id,
-        sop_class: str_of(tags::AFFECTED_SOP_CLASS_UID),
-        sop_instance: str_of(tags::AFFECTED_SOP_INSTANCE_UID),
-        has_data_set: data_set_type != NO_DATA_SET,
+    InMemDicomObject::read_dataset_with_ts(bytes, &ts)
+        .map_err(|e| format!("unreadable command set: {e}"))
+}
+
+/// The fields of a response command set that the SCU uses.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ParsedResponse {
+    pub field: u16,
+    pub message_id: u16,
+    pub status: u16,
+    pub sop_instance: Option<String>,
+    pub comment: Option<String>,
+}
+
+/// Decode a response command set (as checked as [`parse_command`]).
+pub(crate) fn parse_response(bytes: &[u8]) -> Result<ParsedResponse, String> {
+    let obj = read_command_set(bytes)?;
+    Ok(ParsedResponse {
+        field: u16_of(&obj, tags::COMMAND_FIELD, "Command Field")?,
+        message_id: u16_of(
+            &obj,
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            "Message ID Being Responded To",
+        )?,
+        status: u16_of(&obj, tags::STATUS, "Status")?,
+        sop_instance: str_of(&obj, tags::AFFECTED_SOP_INSTANCE_UID).filter(|s| !s.is_empty()),
+        comment: str_of(&obj, tags::ERROR_COMMENT)
+            .map(|s| s.trim_end().to_string())
+            .filter(|s| !s.is_empty()),
     })
+}
+
+/// Encode a command set as Implicit VR Little Endian with its Command
+/// Group Length.
+fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Result<Vec<u8>, String> {
+    let obj = InMemDicomObject::command_from_element_iter(elements);
+    let mut out = Vec::with_capacity(256);
+    obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .map_err(|e| format!("cannot encode a command set: {e}"))?;
+    Ok(out)
+}
+
+/// A C-STORE-RQ command set (medium priority, a data set follows).
+pub(crate) fn store_request(
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: &str,
+) -> Result<Vec<u8>, String> {
+    encode_command(vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class),
+        ),
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(C_STORE_RQ),
+        ),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
+        DataElement::new(tags::PRIORITY, VR::US, PrimitiveValue::from(0_u16)),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(DATA_SET_PRESENT),
+        ),
+        DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_instance),
+        ),
+    ])
+}
+
+/// A C-ECHO-RQ command set.
+pub(crate) fn echo_request(message_id: u16) -> Result<Vec<u8>, String> {
+    encode_command(vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(uids::VERIFICATION),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(C_ECHO_RQ)),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(NO_DATA_SET),
+        ),
+    ])
 }
 
 /// A response command set.
@@ -146,11 +248,7 @@ impl Response<'_> {
                 PrimitiveValue::from(uid),
             ));
         }
-        let obj = InMemDicomObject::command_from_element_iter(elements);
-        let mut out = Vec::with_capacity(256);
-        obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-            .map_err(|e| format!("cannot encode a response: {e}"))?;
-        Ok(out)
+        encode_command(elements)
     }
 }
 
@@ -320,6 +418,67 @@ mod tests {
             "1.2.345"
         );
         assert_eq!(bytes.len() % 2, 0);
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let c =
+            parse_command(&store_request(9, uids::CT_IMAGE_STORAGE, "1.2.345").unwrap()).unwrap();
+        assert_eq!(c.field, C_STORE_RQ);
+        assert_eq!(c.message_id, 9);
+        assert_eq!(c.sop_class.as_deref(), Some(uids::CT_IMAGE_STORAGE));
+        assert_eq!(c.sop_instance.as_deref(), Some("1.2.345"));
+        assert!(c.has_data_set);
+        let c = parse_command(&echo_request(10).unwrap()).unwrap();
+        assert_eq!(c.field, C_ECHO_RQ);
+        assert_eq!(c.message_id, 10);
+        assert_eq!(c.sop_class.as_deref(), Some(uids::VERIFICATION));
+        assert!(!c.has_data_set);
+    }
+
+    #[test]
+    fn responses_parse() {
+        let bytes = Response {
+            field: C_STORE_RSP,
+            message_id: 4,
+            sop_class: Some(uids::CT_IMAGE_STORAGE),
+            sop_instance: Some("1.2.345"),
+            status: 0xA700,
+            comment: Some("too big"),
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(
+            parse_response(&bytes).unwrap(),
+            ParsedResponse {
+                field: C_STORE_RSP,
+                message_id: 4,
+                status: 0xA700,
+                sop_instance: Some("1.2.345".into()),
+                comment: Some("too big".into()),
+            }
+        );
+        let bytes = Response {
+            field: C_ECHO_RSP,
+            message_id: 1,
+            sop_class: None,
+            sop_instance: None,
+            status: 0,
+            comment: None,
+        }
+        .encode()
+        .unwrap();
+        let r = parse_response(&bytes).unwrap();
+        assert_eq!(
+            (r.field, r.status, r.sop_instance, r.comment),
+            (C_ECHO_RSP, 0, None, None)
+        );
+        // A request is not a response (no Message ID Being Responded To,
+        // no Status), and the length checks apply.
+        assert!(parse_response(&echo_request(1).unwrap()).is_err());
+        let mut lying = vec![0x00, 0x00, 0x00, 0x09];
+        lying.extend_from_slice(&0xFFFF_FF00_u32.to_le_bytes());
+        assert!(parse_response(&lying).is_err());
     }
 
     #[test]

@@ -11,9 +11,13 @@
 //! of concurrent associations is bounded, every PDU read is bounded by
 //! `max_pdu_length` and `idle_timeout`, and every data set by
 //! `max_instance_bytes`. See the README for the statuses.
+//!
+//! [`scu`] is the other side: it sends Part 10 files with C-STORE (and
+//! C-ECHO) to this SCP or any other.
 
 mod association;
 mod dimse;
+pub mod scu;
 
 use std::future::Future;
 use std::io;

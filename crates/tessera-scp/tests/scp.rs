@@ -1,6 +1,9 @@
-//! tessera-scp over real sockets, with dicom-ul's client as the SCU.
+//! tessera-scp over real sockets: `scu::send_files` / `scu::echo` as the
+//! client wherever a well-behaved SCU is enough, dicom-ul's client driven
+//! by hand where a test needs to misbehave, and a hand-made SCP (dicom-ul's
+//! server) that misbehaves towards the SCU.
 //!
-//! Instances: a small data set built here (always), plus, when
+//! Instances: small data sets built here (always), plus, when
 //! TESSERA_DICOM_DATA points at the pydicom-data files (as `./x unit`
 //! does), a few real files in several transfer syntaxes.
 
@@ -8,28 +11,29 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
-use dicom_object::meta::FileMetaTable;
+use dicom_object::meta::{FileMetaTable, FileMetaTableBuilder};
 use dicom_transfer_syntax_registry::entries::{
     EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
 };
 use dicom_ul::association::Error as UlError;
 use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{
-    AssociationRJResult, AssociationRJServiceProviderPresentationReason,
-    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
+    AbortRQSource, AssociationRJServiceProviderPresentationReason, AssociationRJSource, PDataValue,
+    PDataValueType,
 };
-use dicom_ul::{ClientAssociationOptions, Pdu};
+use dicom_ul::{ClientAssociationOptions, Pdu, ServerAssociationOptions};
+use tessera_scp::scu::{self, ScuError, ScuOptions, Sent};
 use tessera_scp::{
     IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, InstanceSink, Received, Scp, ScpConfig,
     StoreOutcome,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -103,7 +107,8 @@ fn config() -> ScpConfig {
     }
 }
 
-/// An instance to send: the data set bytes and what describes them.
+/// An instance to send: the Part 10 file, its data set bytes and what
+/// describes them.
 #[derive(Clone, Debug)]
 struct Instance {
     name: String,
@@ -111,18 +116,21 @@ struct Instance {
     sop_instance: String,
     ts: String,
     dataset: Vec<u8>,
+    file: Vec<u8>,
 }
 
 /// A small valid CT data set (Explicit VR LE) with 16-bit pixels.
 fn synthetic(sop_instance: &str, pixels: usize) -> Instance {
+    synthetic_with(uids::CT_IMAGE_STORAGE, sop_instance, pixels, EXPLICIT_LE)
+}
+
+/// A small valid image data set of `sop_class` with 16-bit pixels, in
+/// `ts` (Explicit or Implicit VR LE), and its Part 10 file.
+fn synthetic_with(sop_class: &str, sop_instance: &str, pixels: usize, ts: &str) -> Instance {
     let side = (pixels as f64).sqrt().ceil() as u16;
     let n = side as usize * side as usize;
     let obj = InMemDicomObject::from_element_iter([
-        DataElement::new(
-            tags::SOP_CLASS_UID,
-            VR::UI,
-            PrimitiveValue::from(uids::CT_IMAGE_STORAGE),
-        ),
+        DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from(sop_class)),
         DataElement::new(
             tags::SOP_INSTANCE_UID,
             VR::UI,
@@ -153,15 +161,36 @@ fn synthetic(sop_instance: &str, pixels: usize) -> Instance {
         ),
     ]);
     let mut dataset = Vec::new();
-    obj.write_dataset_with_ts(&mut dataset, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
-        .unwrap();
+    let encoding = match ts {
+        EXPLICIT_LE => EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        IMPLICIT_LE => IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        other => panic!("synthetic data sets in {other}"),
+    };
+    obj.write_dataset_with_ts(&mut dataset, &encoding).unwrap();
     Instance {
         name: format!("synthetic {sop_instance}"),
-        sop_class: uids::CT_IMAGE_STORAGE.into(),
+        sop_class: sop_class.into(),
         sop_instance: sop_instance.into(),
-        ts: EXPLICIT_LE.into(),
+        ts: ts.into(),
+        file: part10(sop_class, sop_instance, ts, &dataset),
         dataset,
     }
+}
+
+/// A Part 10 file: preamble, `DICM`, a meta group, then `dataset`.
+fn part10(sop_class: &str, sop_instance: &str, ts: &str, dataset: &[u8]) -> Vec<u8> {
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop_class)
+        .media_storage_sop_instance_uid(sop_instance)
+        .transfer_syntax(ts)
+        .implementation_class_uid("1.2.826.0.1.3680043.2.1125.1")
+        .build()
+        .unwrap();
+    let mut file = vec![0; 128];
+    file.extend_from_slice(b"DICM");
+    meta.write(&mut file).unwrap();
+    file.extend_from_slice(dataset);
+    file
 }
 
 /// Split a Part 10 file into its meta and data set.
@@ -176,6 +205,7 @@ fn from_file(name: &str, bytes: &[u8]) -> Instance {
         sop_instance: trim(meta.media_storage_sop_instance_uid()),
         ts: trim(meta.transfer_syntax()),
         dataset: bytes[offset..].to_vec(),
+        file: bytes.to_vec(),
     }
 }
 
@@ -427,83 +457,125 @@ fn assert_received(r: &Received, inst: &Instance) {
     assert_eq!(trim(&uid), inst.sop_instance, "{}", inst.name);
 }
 
+fn scu_options() -> ScuOptions {
+    ScuOptions {
+        calling_ae: CALLING.into(),
+        called_ae: CALLED.into(),
+        timeout: Duration::from_secs(10),
+        ..ScuOptions::default()
+    }
+}
+
+fn files(instances: &[Instance]) -> Vec<Vec<u8>> {
+    instances.iter().map(|i| i.file.clone()).collect()
+}
+
 #[tokio::test]
-async fn echo_and_store_round_trip() {
-    let server = Server::start(config(), TestSink::default()).await;
-    let mut instances = vec![synthetic("1.2.826.0.1.3680043.2.1125.7.1", 64)];
-    instances.extend(real_files());
-    let mut contexts: Vec<(&str, &str)> = vec![(uids::VERIFICATION, IMPLICIT_LE)];
-    for inst in &instances {
-        if !contexts.contains(&(inst.sop_class.as_str(), inst.ts.as_str())) {
-            contexts.push((&inst.sop_class, &inst.ts));
-        }
+async fn echo_and_a_mixed_batch_over_one_association() {
+    let refused = "1.2.826.0.1.3680043.2.1125.7.9";
+    let sink = TestSink {
+        refuse: HashMap::from([(
+            refused.to_string(),
+            (0xA900, "not for this study".to_string()),
+        )]),
+        ..TestSink::default()
+    };
+    let server = Server::start(config(), sink).await;
+    let addr = server.addr.to_string();
+    let opts = scu_options();
+    assert_eq!(scu::echo(&addr, &opts).await.unwrap(), 0x0000);
+
+    let mut batch = vec![
+        synthetic("1.2.826.0.1.3680043.2.1125.7.1", 64),
+        synthetic_with(
+            uids::MR_IMAGE_STORAGE,
+            "1.2.826.0.1.3680043.2.1125.7.2",
+            100,
+            IMPLICIT_LE,
+        ),
+        // Refused by the sink: its status comes back, the batch goes on.
+        synthetic_with(uids::CT_IMAGE_STORAGE, refused, 16, IMPLICIT_LE),
+    ];
+    batch.extend(real_files());
+    // Several PDUs' worth (64 KiB PDUs by default).
+    batch.push(synthetic("1.2.826.0.1.3680043.2.1125.7.3", 100_000));
+    batch.push(synthetic("1.2.826.0.1.3680043.2.1125.7.4", 4));
+    let n = batch.len();
+    let mut progress = Vec::new();
+    let sent = scu::send_files(&addr, &opts, &files(&batch), |done, total| {
+        progress.push((done, total))
+    })
+    .await
+    .unwrap();
+    assert_eq!(progress, (1..=n).map(|d| (d, n)).collect::<Vec<_>>());
+    assert_eq!(sent.len(), n);
+    for (s, inst) in sent.iter().zip(&batch) {
+        let expected = if inst.sop_instance == refused {
+            Sent {
+                sop_instance_uid: refused.into(),
+                status: 0xA900,
+                error_comment: Some("not for this study".into()),
+            }
+        } else {
+            Sent {
+                sop_instance_uid: inst.sop_instance.clone(),
+                status: 0x0000,
+                error_comment: None,
+            }
+        };
+        assert_eq!(*s, expected, "{}", inst.name);
     }
-    let mut assoc = associate(server.addr, CALLING, CALLED, &contexts)
-        .await
-        .unwrap();
-    assert_eq!(
-        assoc.presentation_contexts().len(),
-        contexts.len(),
-        "every context accepted: {:?}",
-        assoc.presentation_contexts()
-    );
-    let echo = context_id(&assoc, uids::VERIFICATION, IMPLICIT_LE);
-    assert_eq!(c_echo(&mut assoc, echo, 1).await, 0x0000);
-    for (i, inst) in instances.iter().enumerate() {
-        let pc = context_id(&assoc, &inst.sop_class, &inst.ts);
-        let (status, comment) = c_store(
-            &mut assoc,
-            pc,
-            i as u16 + 2,
-            &inst.sop_class,
-            &inst.sop_instance,
-            &inst.dataset,
-        )
-        .await;
-        assert_eq!((status, comment), (0x0000, None), "{}", inst.name);
-    }
-    assert_eq!(c_echo(&mut assoc, echo, 99).await, 0x0000);
-    assoc.release().await.unwrap();
     {
         let got = server.sink.got.lock().unwrap();
-        assert_eq!(got.len(), instances.len());
-        for (r, inst) in got.iter().zip(&instances) {
+        let stored: Vec<_> = batch.iter().filter(|i| i.sop_instance != refused).collect();
+        assert_eq!(got.len(), stored.len());
+        for (r, inst) in got.iter().zip(stored) {
             assert_received(r, inst);
         }
+        // One association: every instance came over the same connection.
+        assert!(got.iter().all(|r| r.peer == got[0].peer));
         println!(
             "stored: {:?}",
-            instances
+            batch
                 .iter()
                 .map(|i| (&i.name, &i.ts, i.dataset.len()))
                 .collect::<Vec<_>>()
         );
     }
+    // The association was released: the SCP still serves.
+    assert_eq!(scu::echo(&addr, &opts).await.unwrap(), 0x0000);
+    assert!(
+        scu::send_files(&addr, &opts, &[], |_, _| panic!("no progress"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     server.stop().await;
 }
 
 #[tokio::test]
 async fn association_rejections() {
     let server = Server::start(config(), TestSink::default()).await;
-    let ctx = [(uids::VERIFICATION, IMPLICIT_LE)];
-    let user_reject = |r: Result<_, UlError>| match r {
-        Err(UlError::Rejected { association_rj, .. }) => {
-            assert_eq!(association_rj.result, AssociationRJResult::Permanent);
-            association_rj.source
-        }
-        Err(e) => panic!("expected a rejection, got {e}"),
-        Ok(_) => panic!("expected a rejection, got an association"),
+    let addr = server.addr.to_string();
+    let rejection = |r: Result<u16, ScuError>| match r {
+        Err(ScuError::Rejected { transient, reason }) => (transient, reason),
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    let intruder = ScuOptions {
+        calling_ae: "INTRUDER".into(),
+        ..scu_options()
     };
     assert_eq!(
-        user_reject(associate(server.addr, "INTRUDER", CALLED, &ctx).await),
-        AssociationRJSource::ServiceUser(
-            AssociationRJServiceUserReason::CallingAETitleNotRecognized
-        )
+        rejection(scu::echo(&addr, &intruder).await),
+        (false, "calling AE title not recognized".to_string())
     );
+    let elsewhere = ScuOptions {
+        called_ae: "SOMEONE_ELSE".into(),
+        ..scu_options()
+    };
     assert_eq!(
-        user_reject(associate(server.addr, CALLING, "SOMEONE_ELSE", &ctx).await),
-        AssociationRJSource::ServiceUser(
-            AssociationRJServiceUserReason::CalledAETitleNotRecognized
-        )
+        rejection(scu::echo(&addr, &elsewhere).await),
+        (false, "called AE title not recognized".to_string())
     );
     // A transfer syntax nobody knows is rejected per context; the other
     // context is accepted.
@@ -525,6 +597,30 @@ async fn association_rejections() {
         .collect();
     assert_eq!(accepted, [uids::VERIFICATION]);
     assoc.release().await.unwrap();
+    // The SCU finds out before sending anything.
+    let ok = synthetic("1.2.826.0.1.3680043.2.1125.7.30", 16);
+    let odd = Instance {
+        file: part10(
+            uids::CT_IMAGE_STORAGE,
+            "1.2.826.0.1.3680043.2.1125.7.31",
+            "1.2.3.4.5.6.7",
+            &ok.dataset,
+        ),
+        ..ok.clone()
+    };
+    for batch in [vec![ok.clone(), odd.clone()], vec![odd]] {
+        match scu::send_files(&addr, &scu_options(), &files(&batch), |_, _| {}).await {
+            Err(ScuError::NoContext {
+                sop_class,
+                transfer_syntax,
+            }) => {
+                assert_eq!(sop_class, uids::CT_IMAGE_STORAGE);
+                assert_eq!(transfer_syntax, "1.2.3.4.5.6.7");
+            }
+            other => panic!("expected no context, got {other:?}"),
+        }
+    }
+    assert!(server.sink.got.lock().unwrap().is_empty());
     server.stop().await;
 
     // Fail closed: nobody is allowed when the list is empty.
@@ -537,10 +633,8 @@ async fn association_rejections() {
     )
     .await;
     assert_eq!(
-        user_reject(associate(server.addr, CALLING, CALLED, &ctx).await),
-        AssociationRJSource::ServiceUser(
-            AssociationRJServiceUserReason::CallingAETitleNotRecognized
-        )
+        rejection(scu::echo(&server.addr.to_string(), &scu_options()).await),
+        (false, "calling AE title not recognized".to_string())
     );
     server.stop().await;
 }
@@ -562,6 +656,41 @@ async fn refusals_come_back_as_statuses() {
         ..TestSink::default()
     };
     let server = Server::start(config(), sink).await;
+    let batch = [
+        synthetic(refused, 16),
+        synthetic("1.2.826.0.1.3680043.2.1125.7.67", 16),
+        synthetic("1.2.826.0.1.3680043.2.1125.7.68", 16),
+    ];
+    let sent = scu::send_files(
+        &server.addr.to_string(),
+        &scu_options(),
+        &files(&batch),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    let statuses: Vec<_> = sent
+        .iter()
+        .map(|s| (s.status, s.error_comment.as_deref()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (0xA900, Some("not for this study")),
+            // A refusal never reads as success.
+            (0xC000, Some("a refusal with a success status")),
+            (0x0000, None),
+        ]
+    );
+    let got = server.sink.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert_received(&got[0], &batch[2]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn misaddressed_stores_get_0122_or_c000() {
+    let server = Server::start(config(), TestSink::default()).await;
     let mut assoc = associate(
         server.addr,
         CALLING,
@@ -577,25 +706,7 @@ async fn refusals_come_back_as_statuses() {
     .await
     .unwrap();
     let ct = context_id(&assoc, uids::CT_IMAGE_STORAGE, EXPLICIT_LE);
-    let inst = synthetic(refused, 16);
-    let (status, comment) =
-        c_store(&mut assoc, ct, 1, &inst.sop_class, refused, &inst.dataset).await;
-    assert_eq!(
-        (status, comment.as_deref()),
-        (0xA900, Some("not for this study"))
-    );
-    // A refusal never reads as success.
-    let inst = synthetic("1.2.826.0.1.3680043.2.1125.7.67", 16);
-    let (status, _) = c_store(
-        &mut assoc,
-        ct,
-        2,
-        &inst.sop_class,
-        &inst.sop_instance,
-        &inst.dataset,
-    )
-    .await;
-    assert_eq!(status, 0xC000);
+    let inst = synthetic("1.2.826.0.1.3680043.2.1125.7.69", 16);
     // A SOP class that differs from the context's.
     let (status, _) = c_store(
         &mut assoc,
@@ -635,21 +746,20 @@ async fn refusals_come_back_as_statuses() {
     .await;
     assert_eq!(status, 0xC000);
     // The association still works and nothing was stored.
-    let ok = synthetic("1.2.826.0.1.3680043.2.1125.7.68", 16);
     let (status, _) = c_store(
         &mut assoc,
         ct,
         6,
-        &ok.sop_class,
-        &ok.sop_instance,
-        &ok.dataset,
+        &inst.sop_class,
+        &inst.sop_instance,
+        &inst.dataset,
     )
     .await;
     assert_eq!(status, 0x0000);
     assoc.release().await.unwrap();
     let got = server.sink.got.lock().unwrap().clone();
     assert_eq!(got.len(), 1);
-    assert_received(&got[0], &ok);
+    assert_received(&got[0], &inst);
     server.stop().await;
 }
 
@@ -658,49 +768,34 @@ async fn oversized_instance_gets_a700_and_the_association_goes_on() {
     let server = Server::start(
         ScpConfig {
             max_instance_bytes: 4000,
-            // Small PDUs: the data sets arrive in many fragments.
+            // Small PDUs: the data sets go in many fragments.
             max_pdu_length: 1024,
             ..config()
         },
         TestSink::default(),
     )
     .await;
-    let mut assoc = associate(
-        server.addr,
-        CALLING,
-        CALLED,
-        &[(uids::CT_IMAGE_STORAGE, EXPLICIT_LE)],
+    let big = synthetic("1.2.826.0.1.3680043.2.1125.7.100", 10_000);
+    assert!(big.dataset.len() > 4000);
+    let small = synthetic("1.2.826.0.1.3680043.2.1125.7.101", 900);
+    assert!(small.dataset.len() > 1024 && small.dataset.len() <= 4000);
+    let sent = scu::send_files(
+        &server.addr.to_string(),
+        &scu_options(),
+        &files(&[big, small.clone()]),
+        |_, _| {},
     )
     .await
     .unwrap();
-    assert_eq!(assoc.acceptor_max_pdu_length(), 1024);
-    let pc = context_id(&assoc, uids::CT_IMAGE_STORAGE, EXPLICIT_LE);
-    let big = synthetic("1.2.826.0.1.3680043.2.1125.7.100", 10_000);
-    assert!(big.dataset.len() > 4000);
-    let (status, comment) = c_store(
-        &mut assoc,
-        pc,
-        1,
-        &big.sop_class,
-        &big.sop_instance,
-        &big.dataset,
-    )
-    .await;
-    assert_eq!(status, 0xA700);
-    assert!(comment.unwrap().contains("exceeds"));
-    let small = synthetic("1.2.826.0.1.3680043.2.1125.7.101", 900);
-    assert!(small.dataset.len() > 1024 && small.dataset.len() <= 4000);
-    let (status, _) = c_store(
-        &mut assoc,
-        pc,
-        2,
-        &small.sop_class,
-        &small.sop_instance,
-        &small.dataset,
-    )
-    .await;
-    assert_eq!(status, 0x0000);
-    assoc.release().await.unwrap();
+    assert_eq!(sent[0].status, 0xA700);
+    assert!(
+        sent[0]
+            .error_comment
+            .as_deref()
+            .unwrap()
+            .contains("exceeds")
+    );
+    assert_eq!((sent[1].status, &sent[1].error_comment), (0x0000, &None));
     let got = server.sink.got.lock().unwrap().clone();
     assert_eq!(got.len(), 1);
     assert_received(&got[0], &small);
@@ -717,20 +812,21 @@ async fn too_many_associations_are_rejected() {
         TestSink::default(),
     )
     .await;
+    let addr = server.addr.to_string();
     let ctx = [(uids::VERIFICATION, IMPLICIT_LE)];
     let mut first = associate(server.addr, CALLING, CALLED, &ctx).await.unwrap();
-    match associate(server.addr, CALLING, CALLED, &ctx).await {
-        Err(UlError::Rejected { association_rj, .. }) => {
-            assert_eq!(association_rj.result, AssociationRJResult::Transient);
+    match scu::echo(&addr, &scu_options()).await {
+        Err(ScuError::Rejected { transient, reason }) => {
+            assert!(transient);
             assert_eq!(
-                association_rj.source,
+                reason,
                 AssociationRJSource::ServiceProviderPresentation(
                     AssociationRJServiceProviderPresentationReason::LocalLimitExceeded
                 )
+                .to_string()
             );
         }
-        Err(e) => panic!("expected a rejection, got {e}"),
-        Ok(_) => panic!("a second association was accepted"),
+        other => panic!("expected a transient rejection, got {other:?}"),
     }
     let pc = context_id(&first, uids::VERIFICATION, IMPLICIT_LE);
     assert_eq!(c_echo(&mut first, pc, 1).await, 0);
@@ -738,17 +834,18 @@ async fn too_many_associations_are_rejected() {
     // The slot is free again once the first one is gone.
     let mut again = None;
     for _ in 0..50 {
-        if let Ok(a) = associate(server.addr, CALLING, CALLED, &ctx).await {
-            again = Some(a);
-            break;
+        match scu::echo(&addr, &scu_options()).await {
+            Ok(status) => {
+                again = Some(status);
+                break;
+            }
+            Err(ScuError::Rejected {
+                transient: true, ..
+            }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    again
-        .expect("a new association after release")
-        .release()
-        .await
-        .unwrap();
+    assert_eq!(again, Some(0), "an association after release");
     server.stop().await;
 }
 
@@ -850,19 +947,16 @@ async fn bad_peers_are_dropped_without_harm() {
     assert!(matches!(stray.receive().await, Ok(Pdu::AbortRQ { .. })));
 
     // The server still serves.
-    let mut ok = associate(server.addr, CALLING, CALLED, &ctx).await.unwrap();
     let inst = synthetic("1.2.826.0.1.3680043.2.1125.7.200", 16);
-    let (status, _) = c_store(
-        &mut ok,
-        pc,
-        1,
-        &inst.sop_class,
-        &inst.sop_instance,
-        &inst.dataset,
+    let sent = scu::send_files(
+        &server.addr.to_string(),
+        &scu_options(),
+        &files(&[inst]),
+        |_, _| {},
     )
-    .await;
-    assert_eq!(status, 0);
-    ok.release().await.unwrap();
+    .await
+    .unwrap();
+    assert_eq!(sent[0].status, 0);
     server.stop().await;
 }
 
@@ -893,4 +987,239 @@ async fn shutdown_aborts_idle_associations_and_returns() {
         Ok(Pdu::AbortRQ { .. }) | Err(_)
     ));
     assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+}
+
+/// Whether anyone connects to `listener` within `within`.
+async fn connected_within(listener: &TcpListener, within: Duration) -> bool {
+    tokio::time::timeout(within, listener.accept())
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn bad_input_fails_before_anything_is_sent() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let good = synthetic("1.2.826.0.1.3680043.2.1125.7.300", 16);
+    let mut no_magic = good.file.clone();
+    no_magic[128..132].copy_from_slice(b"DIXM");
+    let mut truncated = good.file.clone();
+    truncated.truncate(150);
+    let cases = [
+        vec![good.file.clone(), no_magic, good.file.clone()],
+        vec![good.file.clone(), good.file.clone(), truncated],
+        vec![good.dataset.clone()],
+    ];
+    for (case, batch) in cases.iter().enumerate() {
+        let bad = batch.len() - 1 - usize::from(case == 0);
+        match scu::send_files(&addr, &scu_options(), batch, |_, _| panic!("progress")).await {
+            Err(e @ ScuError::NotPart10 { index, .. }) => {
+                assert_eq!(index, bad, "{e}");
+                assert!(e.to_string().contains(&format!("file {bad} ")), "{e}");
+            }
+            other => panic!("case {case}: expected NotPart10, got {other:?}"),
+        }
+    }
+    // More (SOP class, transfer syntax) pairs than presentation contexts.
+    let many: Vec<_> = (0..=scu::MAX_PRESENTATION_CONTEXTS)
+        .map(|i| {
+            synthetic_with(
+                &format!("1.2.826.0.1.3680043.2.1125.99.{i}"),
+                &format!("1.2.826.0.1.3680043.2.1125.7.{}", 400 + i),
+                4,
+                EXPLICIT_LE,
+            )
+            .file
+        })
+        .collect();
+    assert!(matches!(
+        scu::send_files(&addr, &scu_options(), &many, |_, _| {}).await,
+        Err(ScuError::TooManyContexts(129))
+    ));
+    // Invalid options.
+    let bad_ae = ScuOptions {
+        calling_ae: "BAD\\AE".into(),
+        ..scu_options()
+    };
+    assert!(matches!(
+        scu::echo(&addr, &bad_ae).await,
+        Err(ScuError::InvalidOptions(_))
+    ));
+    assert!(!connected_within(&listener, Duration::from_millis(200)).await);
+}
+
+/// What a misbehaving SCP does once it has read a whole C-STORE-RQ.
+#[derive(Clone, Copy, Debug)]
+enum Misbehaviour {
+    Silent,
+    WrongMessageId,
+    WrongInstance,
+    Abort,
+    DataInsteadOfCommand,
+    GarbageCommand,
+    WrongContext,
+    Close,
+}
+
+fn store_rsp(message_id: u16, status: u16, sop_instance: &str) -> Vec<u8> {
+    command(vec![
+        DataElement::new(
+            tags::COMMAND_FIELD,
+            VR::US,
+            PrimitiveValue::from(0x8001_u16),
+        ),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            PrimitiveValue::from(message_id),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(0x0101_u16),
+        ),
+        DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status)),
+        DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_instance),
+        ),
+    ])
+}
+
+/// An SCP (dicom-ul's server, accepting anything) that misbehaves after
+/// the first C-STORE-RQ has been read.
+async fn bad_scp(how: Misbehaviour) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut assoc = ServerAssociationOptions::new()
+            .accept_any()
+            .promiscuous(true)
+            .read_timeout(Duration::from_secs(10))
+            .establish_async(socket)
+            .await
+            .unwrap();
+        let pc = loop {
+            let Pdu::PData { data } = assoc.receive().await.unwrap() else {
+                panic!("expected P-DATA");
+            };
+            if data
+                .iter()
+                .any(|v| v.value_type == PDataValueType::Data && v.is_last)
+            {
+                break data[0].presentation_context_id;
+            }
+        };
+        let pdv = |value_type, data| Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type,
+                is_last: true,
+                data,
+            }],
+        };
+        let instance = "1.2.826.0.1.3680043.2.1125.7.500";
+        let reply = match how {
+            Misbehaviour::Silent => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return;
+            }
+            Misbehaviour::Close => return,
+            Misbehaviour::WrongMessageId => {
+                pdv(PDataValueType::Command, store_rsp(999, 0, instance))
+            }
+            Misbehaviour::WrongInstance => pdv(PDataValueType::Command, store_rsp(1, 0, "1.2.3.4")),
+            Misbehaviour::Abort => Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            },
+            Misbehaviour::DataInsteadOfCommand => {
+                pdv(PDataValueType::Data, store_rsp(1, 0, instance))
+            }
+            Misbehaviour::GarbageCommand => pdv(PDataValueType::Command, b"garbage!".to_vec()),
+            Misbehaviour::WrongContext => Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc + 2,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: store_rsp(1, 0, instance),
+                }],
+            },
+        };
+        let _ = assoc.send(&reply).await;
+        // Keep the connection open until the SCU has acted on the reply.
+        let _ = assoc.receive().await;
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn misbehaving_scps_give_errors_not_hangs() {
+    let opts = ScuOptions {
+        timeout: Duration::from_millis(500),
+        ..scu_options()
+    };
+    let inst = synthetic("1.2.826.0.1.3680043.2.1125.7.500", 16);
+    for how in [
+        Misbehaviour::Silent,
+        Misbehaviour::WrongMessageId,
+        Misbehaviour::WrongInstance,
+        Misbehaviour::Abort,
+        Misbehaviour::DataInsteadOfCommand,
+        Misbehaviour::GarbageCommand,
+        Misbehaviour::WrongContext,
+        Misbehaviour::Close,
+    ] {
+        let (addr, task) = bad_scp(how).await;
+        let started = Instant::now();
+        let result = scu::send_files(&addr, &opts, &files(std::slice::from_ref(&inst)), |_, _| {
+            panic!("{how:?}: progress")
+        })
+        .await;
+        assert!(started.elapsed() < Duration::from_secs(5), "{how:?}");
+        let ok = match (&result, how) {
+            (Err(ScuError::Timeout { .. }), Misbehaviour::Silent)
+            | (Err(ScuError::Io(_)), Misbehaviour::Close) => true,
+            (Err(ScuError::Protocol(_)), Misbehaviour::Close)
+            | (Err(ScuError::Protocol(_)), Misbehaviour::Silent) => false,
+            (Err(ScuError::Protocol(_)), _) => true,
+            _ => false,
+        };
+        assert!(ok, "{how:?}: {result:?}");
+        println!("{how:?}: {}", result.unwrap_err());
+        task.abort();
+    }
+
+    // Silent from the start, and garbage instead of an A-ASSOCIATE-AC.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let silent = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(socket);
+    });
+    let started = Instant::now();
+    assert!(matches!(
+        scu::echo(&addr, &opts).await,
+        Err(ScuError::Timeout { .. })
+    ));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    silent.abort();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let garbage = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        let _ = socket.read(&mut [0; 1024]).await;
+    });
+    let result = scu::echo(&addr, &opts).await;
+    assert!(
+        matches!(result, Err(ScuError::Protocol(_) | ScuError::Io(_))),
+        "{result:?}"
+    );
+    garbage.abort();
+    // Nobody listening.
+    let result = scu::echo("127.0.0.1:1", &opts).await;
+    assert!(matches!(result, Err(ScuError::Io(_))), "{result:?}");
 }

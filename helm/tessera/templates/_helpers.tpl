@@ -53,6 +53,15 @@ certificate must carry is <name>). Call with (list "keyserver" 7400). */}}
 [{{ range $i, $s := . }}{{ if $i }}, {{ end }}{{ $s | toString | toJson }}{{ end }}]
 {{- end }}
 
+{{/* A string as one shell word (single-quoted unless it is plain). */}}
+{{- define "tessera.shellWord" -}}
+{{- if regexMatch "^[A-Za-z0-9_./:-]+$" . -}}
+{{ . }}
+{{- else -}}
+{{ printf "'%s'" (replace "'" "'\\''" .) }}
+{{- end -}}
+{{- end }}
+
 {{/* Values sanity checks that a schema cannot express. */}}
 {{- define "tessera.validate" -}}
 {{- $ep := .Values.telemetry.otlpEndpoint | default "" -}}
@@ -65,6 +74,26 @@ certificate must carry is <name>). Call with (list "keyserver" 7400). */}}
 {{- end -}}
 {{- if gt (.Values.storage.maxObjectBytes | int64) (.Values.storage.capacityBytes | int64) -}}
 {{- fail "storage.maxObjectBytes must not exceed storage.capacityBytes" -}}
+{{- end -}}
+{{- /* gateway.dicom may be absent: an upgrade with --reuse-values from a release before it */ -}}
+{{- $scp := ((.Values.gateway.dicom | default dict).scp | default dict) -}}
+{{- if $scp.enabled -}}
+{{- if not $scp.allowedCallingAEs -}}
+{{- fail "gateway.dicom.scp.enabled needs gateway.dicom.scp.allowedCallingAEs: the calling AE titles allowed to send (e.g. [\"CT01\"])" -}}
+{{- end -}}
+{{- if not $scp.owner -}}
+{{- fail (printf "gateway.dicom.scp.enabled needs gateway.dicom.scp.owner: the data owner of received studies (spiffe://%s/user/<name>)" .Values.access.trustDomain) -}}
+{{- end -}}
+{{- $td := printf "spiffe://%s/user/" .Values.access.trustDomain -}}
+{{- if not (hasPrefix $td $scp.owner) -}}
+{{- fail (printf "gateway.dicom.scp.owner %q: use a user identity of access.trustDomain (%s<name>)" $scp.owner $td) -}}
+{{- end -}}
+{{- if and $scp.service.loadBalancerSourceRanges (ne $scp.service.type "LoadBalancer") -}}
+{{- fail "gateway.dicom.scp.service.loadBalancerSourceRanges applies to service.type LoadBalancer only: restrict a ClusterIP/NodePort DICOM port with a NetworkPolicy" -}}
+{{- end -}}
+{{- if eq ($scp.port | int) (.Values.gateway.port | int) -}}
+{{- fail (printf "gateway.dicom.scp.port %d is gateway.port: use another port" ($scp.port | int)) -}}
+{{- end -}}
 {{- end -}}
 {{- end }}
 
@@ -141,6 +170,23 @@ key_file = {{ printf "%s/vault.key" (include "tessera.secretsDir" .) | toJson }}
 [gateway]
 max_image_bytes = {{ $v.gateway.maxImageBytes | int64 }}
 max_concurrent_jobs = {{ $v.gateway.maxConcurrentJobs | int64 }}
+
+[dicom]
+{{- $dicom := $v.gateway.dicom | default dict }}
+temporal = {{ $dicom.temporal | default "remove" | toJson }}
+{{- with $dicom.scp }}
+{{- if .enabled }}
+
+# C-STORE / C-ECHO SCP: plain DICOM, for the trusted hospital network only.
+[dicom.scp]
+listen = {{ printf "%s:%d" $v.server.listenHost (.port | int) | toJson }}
+ae_title = {{ .aeTitle | toJson }}
+allowed_calling_aes = {{ include "tessera.tomlStrings" .allowedCallingAEs }}
+owner = {{ .owner | toJson }}
+max_associations = {{ .maxAssociations | int64 }}
+idle_timeout_secs = {{ .idleTimeoutSecs | int64 }}
+{{- end }}
+{{- end }}
 
 {{ include "tessera.serverToml" (dict "root" . "port" $v.gateway.port) }}
 {{- end }}
@@ -258,7 +304,8 @@ affinity:
 {{- end }}
 {{- end }}
 
-{{/* The main container's fixed parts (after its name). Call with (dict "root" $ "c" .Values.<component> "bin" "keyserver"). */}}
+{{/* The main container's fixed parts (after its name). Call with (dict "root" $ "c" .Values.<component> "bin" "keyserver"),
+optionally with "extraPorts" (list (dict "name" "dicom" "port" 11112)): container ports besides grpc. */}}
 {{- define "tessera.container" -}}
 image: {{ include "tessera.image" .root | quote }}
 imagePullPolicy: {{ .root.Values.image.pullPolicy }}
@@ -268,6 +315,11 @@ ports:
   - name: grpc
     containerPort: {{ .c.port }}
     protocol: TCP
+{{- range .extraPorts }}
+  - name: {{ .name }}
+    containerPort: {{ .port | int }}
+    protocol: TCP
+{{- end }}
 securityContext:
   {{- toYaml .root.Values.containerSecurityContext | nindent 2 }}
 resources:
