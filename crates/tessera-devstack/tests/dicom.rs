@@ -93,6 +93,17 @@ async fn total_objects(stack: &DevStack) -> usize {
     n
 }
 
+async fn verify_study(stack: &DevStack, handle: &str) -> pb::VerifyStudyResponse {
+    gateway(stack, "owner")
+        .await
+        .verify(pb::VerifyStudyRequest {
+            study_handle: handle.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn study() -> StudyInfo {
     StudyInfo {
         patient_name: "Quixote^Alonso^Q".into(),
@@ -314,6 +325,57 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
             assert!(!contains(&raw, secret), "{secret:?} on storage-{i}");
         }
     }
+
+    // Verify (no grant, nothing released): every instance intact.
+    let v = verify_study(&stack, &handle).await;
+    assert_eq!(v.instances.len(), 3);
+    assert!(v.report.as_ref().unwrap().intact);
+    assert!(v.instances.iter().all(|i| i.intact && i.problem.is_empty()));
+
+    // A cloud alters one byte of instance 2's share 2 and another byte of
+    // instance 3's metadata object: verify names both instances, and a
+    // retrieve refuses with DATA_LOSS instead of returning altered files.
+    let stored = |i: usize| {
+        let files = &files;
+        let mut c = clin.clone();
+        async move { gw::store_dicom(&mut c, OWNER, &files[i]).await.unwrap() }
+    };
+    let (s2, s3) = (stored(1).await, stored(2).await);
+    assert!(s2.duplicate && s3.duplicate);
+    for (p, at) in [
+        (s2.placements.iter().find(|p| p.share == 2).unwrap(), 0.5),
+        (s3.placements.iter().find(|p| p.share == 0).unwrap(), 0.9),
+    ] {
+        let mut node = storage_node::client::client(channel(&stack, "gateway", &p.node).await);
+        let (_, mut bytes) = storage_node::client::get_object(&mut node, &p.object_id)
+            .await
+            .unwrap();
+        let i = (bytes.len() as f64 * at) as usize;
+        bytes[i] ^= 0x20;
+        node.delete(spb::DeleteRequest {
+            object_id: p.object_id.clone(),
+        })
+        .await
+        .unwrap();
+        storage_node::client::put_object(&mut node, &p.object_id, &bytes)
+            .await
+            .unwrap();
+    }
+    let v = verify_study(&stack, &handle).await;
+    assert!(!v.report.as_ref().unwrap().intact);
+    let bad: Vec<_> = v.instances.iter().filter(|i| !i.intact).collect();
+    assert_eq!(bad.len(), 2, "{:?}", v.instances);
+    assert_eq!(bad[0].instance_id, s2.instance_id);
+    let r = bad[0].report.as_ref().unwrap();
+    assert!(r.tampered_tile_count >= 1 && r.tampered_tiles.iter().all(|t| t.shares == vec![2]));
+    assert_eq!(bad[1].instance_id, s3.instance_id);
+    assert!(bad[1].problem.contains("metadata"), "{}", bad[1].problem);
+    let rid = grant(&stack, "clinician", &handle).await;
+    let e = retrieve_all(&stack, "clinician", &handle, &rid)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains(&s2.instance_id), "{}", e.message());
 
     // Delete: every object and the keys go.
     let d = gateway(&stack, "owner")

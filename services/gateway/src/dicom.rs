@@ -639,6 +639,126 @@ impl GatewayService {
         }
     }
 
+    // ---- verify -----------------------------------------------------------
+
+    /// Checks every instance without releasing anything: the pixel shares
+    /// through the watermark service, the sealed metadata and pixels by
+    /// opening them in the gateway.
+    pub(crate) async fn verify_dicom(&self, rec: &StudyRecord) -> Result<pb::VerifyStudyResponse> {
+        let id = rec.study_id.clone();
+        let instances: Vec<InstanceRecord> =
+            with_vault(&self.inner.vault, move |v| v.instances(&id))
+                .await?
+                .into_iter()
+                .filter(|i| i.state == StudyState::Committed)
+                .collect();
+        let kmeta = self
+            .derive(rec, PURPOSE_METADATA, kpb::Operation::Restore)
+            .await?;
+        let kpx = if instances.iter().any(|i| !i.watermarked) {
+            Some(
+                self.derive(rec, PURPOSE_SEALED_PIXELS, kpb::Operation::Restore)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let mut total = tessera_proto::watermark::v1::VerificationReport {
+            intact: true,
+            ..Default::default()
+        };
+        let mut out = Vec::with_capacity(instances.len());
+        for (i, inst) in instances.iter().enumerate() {
+            let v = self
+                .verify_instance(rec, inst, i as u32, &kmeta, kpx.as_ref())
+                .await?;
+            total.intact &= v.intact;
+            if let Some(r) = &v.report {
+                total.roi_blocks += r.roi_blocks;
+                total.tiles += r.tiles;
+                total.tampered_block_count += r.tampered_block_count;
+                total.tampered_tile_count += r.tampered_tile_count;
+            }
+            out.push(v);
+        }
+        Ok(pb::VerifyStudyResponse {
+            report: Some(total),
+            instances: out,
+        })
+    }
+
+    async fn verify_instance(
+        &self,
+        study: &StudyRecord,
+        inst: &InstanceRecord,
+        index: u32,
+        kmeta: &Key,
+        kpx: Option<&Key>,
+    ) -> Result<pb::InstanceVerification> {
+        let _permit = self.job_permit(inst.size).await?;
+        let mut v = pb::InstanceVerification {
+            instance_id: inst.instance_id.clone(),
+            index,
+            intact: false,
+            pixels: pixel_handling(inst.watermarked).into(),
+            report: None,
+            problem: String::new(),
+        };
+        let limit = inst.size.saturating_mul(2) + (1 << 20);
+        let mut objects = match self
+            .fetch_objects(&inst.study_id, &inst.placements, limit)
+            .await
+        {
+            Ok(o) => o,
+            // A stopped node is not a verdict on the data.
+            Err(e) if e.code() == tonic::Code::Unavailable => return Err(e),
+            Err(e) => {
+                v.problem = e.to_string();
+                return Ok(v);
+            }
+        };
+        let Some(meta_pos) = inst.placements.iter().position(|p| p.share == 0) else {
+            v.problem = "no metadata object recorded".into();
+            return Ok(v);
+        };
+        let meta = objects.remove(meta_pos);
+        let meta_id = inst.placements[meta_pos].object_id.clone();
+        let km = *kmeta;
+        let meta_ok = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
+            let parts = envelope::unframe(&meta, 2).map_err(|e| format!("metadata object: {e}"))?;
+            for (part, bytes) in ["identifying", "container"].iter().zip(parts) {
+                envelope::open(&km, &format!("{meta_id}|{part}"), bytes)
+                    .map_err(|e| format!("metadata object, {part}: {e}"))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("verify task: {e}")))?;
+        if let Err(problem) = meta_ok {
+            v.problem = problem;
+            return Ok(v);
+        }
+        if inst.watermarked {
+            let report = self
+                .verify_parts(study_ref(study), inst.header_json.clone(), objects)
+                .await?;
+            v.intact = report.intact;
+            v.report = Some(report);
+        } else {
+            let kpx = *kpx.ok_or_else(|| GatewayError::Internal("no pixel key".into()))?;
+            let ctx = format!("{}|pixels", inst.placements[0].object_id);
+            let sealed = objects.into_iter().next().unwrap_or_default();
+            let opened = tokio::task::spawn_blocking(move || envelope::open(&kpx, &ctx, &sealed))
+                .await
+                .map_err(|e| GatewayError::Internal(format!("verify task: {e}")))?;
+            match opened {
+                Ok(_) => v.intact = true,
+                Err(e) => v.problem = format!("pixel object: {e}"),
+            }
+        }
+        Ok(v)
+    }
+
     // ---- retrieve ---------------------------------------------------------
 
     pub(crate) async fn retrieve_dicom_inner(

@@ -680,9 +680,20 @@ impl GatewayService {
         rec: &StudyRecord,
         shares: Vec<Vec<u8>>,
     ) -> Result<wpb::VerificationReport> {
+        self.verify_parts(study_ref(rec), rec.header_json.clone(), shares)
+            .await
+    }
+
+    /// The watermark check of one object's shares.
+    pub(crate) async fn verify_parts(
+        &self,
+        study: wpb::StudyRef,
+        header_json: String,
+        shares: Vec<Vec<u8>>,
+    ) -> Result<wpb::VerificationReport> {
         let msgs = Self::open_messages(
-            study_ref(rec),
-            rec.header_json.clone(),
+            study,
+            header_json,
             shares,
             |s| wpb::VerifyRequest {
                 msg: Some(wpb::verify_request::Msg::Start(s)),
@@ -797,7 +808,10 @@ impl GatewayService {
 
     async fn verify_inner(&self, r: pb::VerifyStudyRequest) -> Result<pb::VerifyStudyResponse> {
         check_handle("study_handle", &r.study_handle)?;
-        let rec = self.committed_image(&r.study_handle).await?;
+        let rec = self.committed(&r.study_handle).await?;
+        if rec.is_dicom() {
+            return self.verify_dicom(&rec).await;
+        }
         let _permit = self
             .job_permit(rec.spec.to_spec().byte_len() as u64)
             .await?;
@@ -805,6 +819,7 @@ impl GatewayService {
         let report = self.verify_shares(&rec, shares).await?;
         Ok(pb::VerifyStudyResponse {
             report: Some(report),
+            instances: Vec::new(),
         })
     }
 
