@@ -97,6 +97,13 @@ check "researcher: de-identified files, no identity, one mapped study UID" \
 check "an outsider is refused" expect_code PermissionDenied \
   gc outsider "$GW" -d "{\"study_handle\":\"$HANDLE\",\"key_request_id\":\"$RID\"}" -- tessera.gateway.v1.Gateway/RetrieveDicom
 
+verify_all() {
+  local out
+  out=$(gc owner "$GW" -d "{\"study_handle\":\"$HANDLE\"}" -- tessera.gateway.v1.Gateway/Verify)
+  "$PY" -c 'import json,sys; v=json.load(sys.stdin); i=v["instances"]; sys.exit(not (v["report"]["intact"] and len(i)==5 and all(x.get("intact") for x in i)))' <<<"$out" || { echo "$out"; return 1; }
+}
+check "Verify (no grant): the study and each of its 5 instances intact" verify_all
+
 # --- nothing identifying on the storage nodes ---
 no_identity() {
   local f
