@@ -179,10 +179,8 @@ fn misaligned_binary_value_is_refused_as_malformed() {
     );
     let bytes = std::fs::read(path).unwrap();
     let e = tessera_dicom::split_for_store(&bytes, &tessera_dicom::Limits::default()).unwrap_err();
-    match e {
-        tessera_dicom::DicomError::Malformed(m) => {
-            assert!(m.contains("not a multiple of 8"), "{m}")
-        }
-        other => panic!("expected Malformed, got {other:?}"),
-    }
+    let tessera_dicom::DicomError::Malformed(m) = &e else {
+        panic!("expected Malformed, got {e:?}");
+    };
+    assert!(m.contains("not a multiple of 8"), "{m}");
 }
