@@ -205,5 +205,10 @@ pub fn all() -> Result<()> {
         slices: 200,
         concurrency: 16,
     })?;
+    crate::bench_dicom::dicom(crate::bench_dicom::DicomBenchArgs {
+        slices: 300,
+        inflight: 16,
+        template: None,
+    })?;
     Ok(())
 }

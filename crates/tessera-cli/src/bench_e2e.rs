@@ -33,7 +33,7 @@ pub struct E2eBenchArgs {
 const OWNER: &str = "spiffe://tessera.local/user/owner";
 const ROI: Rect = Rect::new(64, 48, 384, 416);
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -41,7 +41,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
-fn bar(len: usize, what: &str) -> ProgressBar {
+pub(crate) fn bar(len: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64);
     pb.set_style(
         ProgressStyle::with_template(&format!(
@@ -161,7 +161,7 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
 }
 
 /// `f` over `items` on `threads` scoped threads, results in order.
-fn par_map<T: Sync, U: Send>(
+pub(crate) fn par_map<T: Sync, U: Send>(
     items: &[T],
     threads: usize,
     f: impl Fn(&T) -> Result<U> + Sync,
@@ -183,7 +183,7 @@ fn par_map<T: Sync, U: Send>(
     })
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf> {
+pub(crate) fn tempfile_dir() -> Result<std::path::PathBuf> {
     let base = std::env::temp_dir().join(format!("tessera-bench-e2e-{}", std::process::id()));
     if base.exists() {
         std::fs::remove_dir_all(&base)?;

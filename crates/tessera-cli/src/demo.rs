@@ -26,6 +26,11 @@ pub struct DemoArgs {
     /// statistics, GA-ES in one process.
     #[arg(long)]
     pub offline: bool,
+    /// A DICOM Part 10 file to walk through the suite instead of the
+    /// built-in slice: stored over StoreDicom, retrieved byte-identical by a
+    /// clinician and de-identified by a researcher, then deleted.
+    #[arg(long, value_name = "FILE", conflicts_with = "offline")]
+    pub input: Option<PathBuf>,
 }
 
 /// Checked demo steps.

@@ -2,9 +2,11 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_dicom;
 mod bench_e2e;
 mod client;
 mod demo;
+mod demo_dicom;
 mod dev_cmd;
 mod image_cmd;
 mod keys;
@@ -38,13 +40,20 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCmd),
     /// The main job: the whole suite on loopback, every flow checked
-    /// (`--offline`: the imaging core alone).
+    /// (`--offline`: the imaging core alone; `--input FILE.dcm`: a DICOM
+    /// file through the suite).
     Demo(demo::DemoArgs),
     /// The whole suite on this machine (`dev up --dir DIR`).
     #[command(subcommand)]
     Dev(dev_cmd::DevCmd),
     /// Store an image through the gateway; prints the study handle.
     Store(client::gateway_cmd::StoreArgs),
+    /// Store DICOM files (or directories of *.dcm) through the gateway;
+    /// prints each instance and the study handle(s).
+    StoreDicom(client::dicom_cmd::StoreDicomArgs),
+    /// Retrieve every instance of a DICOM study into a directory with an
+    /// approved request (de-identified unless your role may re-identify).
+    RetrieveDicom(client::dicom_cmd::RetrieveDicomArgs),
     /// Ask the study's owner for access (the gateway presents the patient
     /// attributes for you); prints the request id.
     RequestKey(client::gateway_cmd::RequestKeyArgs),
@@ -102,6 +111,9 @@ enum BenchCmd {
     Keyserver(bench::KeyserverBenchArgs),
     /// Store/retrieve of 512x512 16-bit slices through the gateway vs in-process protect/restore.
     E2e(bench_e2e::E2eBenchArgs),
+    /// A 512x512 16-bit CT series from a real slice ingested over
+    /// StoreDicom and retrieved vs dicom-object parse+write.
+    Dicom(bench_dicom::DicomBenchArgs),
     /// Every benchmark.
     All,
 }
@@ -124,12 +136,15 @@ fn main() -> std::process::ExitCode {
             BenchCmd::Storage(a) => bench::storage(a),
             BenchCmd::Keyserver(a) => bench::keyserver(a),
             BenchCmd::E2e(a) => bench_e2e::e2e(a),
+            BenchCmd::Dicom(a) => bench_dicom::dicom(a),
             BenchCmd::All => bench::all(),
         },
         Command::Demo(a) if a.offline => demo::run(a),
         Command::Demo(a) => suite_demo::run(a),
         Command::Dev(cmd) => dev_cmd::run(cmd),
         Command::Store(a) => client::gateway_cmd::store(a),
+        Command::StoreDicom(a) => client::dicom_cmd::store_dicom(a),
+        Command::RetrieveDicom(a) => client::dicom_cmd::retrieve_dicom(a),
         Command::RequestKey(a) => client::gateway_cmd::request_key(a),
         Command::Retrieve(a) => client::gateway_cmd::retrieve(a),
         Command::Verify(a) => client::gateway_cmd::verify(a),

@@ -26,18 +26,18 @@ use tonic::transport::Channel;
 use crate::client::gateway_cmd::{print_report, tamper_map};
 use crate::demo::{DemoArgs, Steps};
 
-const OWNER: &str = "spiffe://tessera.local/user/owner";
+pub(crate) const OWNER: &str = "spiffe://tessera.local/user/owner";
 
 async fn channel(stack: &DevStack, who: &str, service: &str) -> Result<Channel> {
     let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who))?;
     Ok(tls.connect(stack.endpoints().get(service)?).await?)
 }
 
-async fn gateway(stack: &DevStack, who: &str) -> Result<GatewayClient<Channel>> {
+pub(crate) async fn gateway(stack: &DevStack, who: &str) -> Result<GatewayClient<Channel>> {
     Ok(gw::client(channel(stack, who, "gateway").await?))
 }
 
-async fn keyserver(stack: &DevStack, who: &str) -> Result<KeyServerClient<Channel>> {
+pub(crate) async fn keyserver(stack: &DevStack, who: &str) -> Result<KeyServerClient<Channel>> {
     Ok(KeyServerClient::new(
         channel(stack, who, "keyserver").await?,
     ))
@@ -57,6 +57,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
 }
 
 async fn run_async(args: DemoArgs) -> Result<()> {
+    // `--input FILE`: checked before anything starts.
+    let dicom = match &args.input {
+        Some(path) => Some(crate::demo_dicom::Input::load(path)?),
+        None => None,
+    };
     let out_dir = args.out.clone();
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = |name: &str| out_dir.join(name);
@@ -82,7 +87,10 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         "  (mutual TLS everywhere; identities in {})",
         stack.pki_dir().display()
     );
-    let result = flows(&stack, &out_dir, &mut steps).await;
+    let result = match &dicom {
+        Some(input) => crate::demo_dicom::flows(&stack, input, &out_dir, &mut steps).await,
+        None => flows(&stack, &out_dir, &mut steps).await,
+    };
     stack.shutdown().await;
     result?;
 

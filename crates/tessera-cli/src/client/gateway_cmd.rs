@@ -126,7 +126,7 @@ pub struct DeleteArgs {
     pub out: OutputArgs,
 }
 
-async fn gateway(conn: &ConnArgs) -> Result<GatewayClient<Channel>> {
+pub(crate) async fn gateway(conn: &ConnArgs) -> Result<GatewayClient<Channel>> {
     Ok(gw::client(conn.channel(Service::Gateway).await?))
 }
 
@@ -153,7 +153,7 @@ fn numbers(field: &str, text: &str, min: usize, max: usize) -> Result<Vec<u32>> 
     Ok(v)
 }
 
-fn owner_uri(owner: &str) -> String {
+pub(crate) fn owner_uri(owner: &str) -> String {
     if owner.starts_with("spiffe://") {
         owner.to_owned()
     } else {

@@ -17,6 +17,7 @@
 //! `--cert/--key` over `--as NAME` (`DIR/pki/NAME.crt|key`); `--ca` over
 //! `DIR/pki/ca.crt`. `DIR` is `--dir`, else `$TESSERA_DIR`, else `.tessera`.
 
+pub mod dicom_cmd;
 pub mod gateway_cmd;
 pub mod keyserver_cmd;
 
@@ -242,6 +243,11 @@ pub fn status_error(what: &str, s: &Status) -> anyhow::Error {
         Code::Unknown => "unknown error",
         Code::Ok => "unexpected OK status",
     };
+    // Some servers already lead with the same words ("already exists: ...").
+    let m = m
+        .strip_prefix(words)
+        .and_then(|rest| rest.strip_prefix(": "))
+        .unwrap_or(m);
     if m.is_empty() {
         anyhow!("{what}: {words}")
     } else {
@@ -468,6 +474,11 @@ mod tests {
     fn status_words() {
         let e = status_error("approve", &Status::permission_denied("not yours"));
         assert_eq!(e.to_string(), "approve: refused: not yours");
+        let e = status_error(
+            "store",
+            &Status::already_exists("already exists: study st-1"),
+        );
+        assert_eq!(e.to_string(), "store: already exists: study st-1");
         let e = status_error("list", &Status::not_found(""));
         assert_eq!(e.to_string(), "list: not found");
     }

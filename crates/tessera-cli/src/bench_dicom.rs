@@ -1,0 +1,460 @@
+//! `tessera bench dicom`: a 512x512 16-bit (12 stored) CT series built from
+//! a real slice, ingested through the gateway over gRPC StoreDicom with the
+//! whole suite in this process, then retrieved once; beside parsing and
+//! writing back the same files with dicom-object in the same run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use gateway_service::client as gw;
+use sha2::{Digest, Sha256};
+use tessera_devstack::{DevOptions, DevStack};
+use tessera_dicom::Pixels;
+use tessera_dicom::synth::{StudyInfo, ct_slice, resample_to_12bit};
+use tessera_image::phantom::head_phantom;
+use tessera_image::{Image, ImageSpec, PixelFormat};
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::keyserver::v1 as ks;
+use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_tls::{ClientTls, TlsFiles};
+use tokio::sync::Semaphore;
+
+use crate::bench_e2e::{bar, par_map, percentile, tempfile_dir};
+
+#[derive(Args, Debug)]
+pub struct DicomBenchArgs {
+    /// Instances in the series.
+    #[arg(long, default_value_t = 300)]
+    pub slices: usize,
+    /// StoreDicom calls in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub inflight: usize,
+    /// A DICOM file whose (native) pixels every slice is made from; default:
+    /// the first native 16-bit grayscale file in $TESSERA_DICOM_DATA (a CT
+    /// if there is one), else the built-in head phantom.
+    #[arg(long, value_name = "FILE")]
+    pub template: Option<PathBuf>,
+}
+
+const OWNER: &str = "spiffe://tessera.local/user/owner";
+const SIZE: u16 = 512;
+/// The ingest target.
+const TARGET_PER_SEC: f64 = 250.0;
+
+/// Where the slices' pixels come from.
+struct Template {
+    /// What to print.
+    source: String,
+    /// One image per source frame, each one frame.
+    frames: Vec<Image>,
+}
+
+/// The frames of a native image, each as its own one-frame image.
+fn split_frames(img: &Image) -> Result<Vec<Image>> {
+    let spec = img.spec();
+    (0..spec.frames)
+        .map(|f| {
+            let one = ImageSpec { frames: 1, ..*spec };
+            Ok(Image::new(one, img.frame(f).to_vec())?)
+        })
+        .collect()
+}
+
+/// Native pixels of a DICOM file, or why not.
+fn native_pixels(path: &Path) -> Result<(Image, String)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let split = tessera_dicom::split_for_store(&bytes, &Default::default())
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    match split.pixels {
+        Pixels::Native(img) => Ok((img, split.subject.modality)),
+        Pixels::Encapsulated(_) => bail!("{}: compressed pixels", path.display()),
+        Pixels::Opaque { reason, .. } => bail!("{}: {reason}", path.display()),
+    }
+}
+
+fn is_gray16(img: &Image) -> bool {
+    img.format().bits_allocated == 16 && img.channels() == 1
+}
+
+fn describe(path: &Path, img: &Image, modality: &str) -> String {
+    format!(
+        "{} ({modality} {}x{}, {} frame(s), {} bits stored)",
+        path.display(),
+        img.width(),
+        img.height(),
+        img.frames(),
+        img.format().bits_stored
+    )
+}
+
+impl Template {
+    fn find(explicit: Option<&Path>) -> Result<Template> {
+        if let Some(path) = explicit {
+            let (img, modality) = native_pixels(path)
+                .with_context(|| "--template needs a DICOM file with native pixels")?;
+            return Ok(Template {
+                source: format!("--template {}", describe(path, &img, &modality)),
+                frames: split_frames(&img)?,
+            });
+        }
+        if let Some(dir) = std::env::var_os("TESSERA_DICOM_DATA").map(PathBuf::from)
+            && let Some(t) = Self::from_data_dir(&dir)?
+        {
+            return Ok(t);
+        }
+        let img = head_phantom(
+            SIZE.into(),
+            SIZE.into(),
+            1,
+            PixelFormat::gray16(12, false),
+            7,
+        )?;
+        Ok(Template {
+            source: "the built-in head phantom (no template given, TESSERA_DICOM_DATA unset or without a native 16-bit grayscale file)".into(),
+            frames: vec![img],
+        })
+    }
+
+    /// The first native 16-bit grayscale file of `dir` by name, a CT first.
+    fn from_data_dir(dir: &Path) -> Result<Option<Template>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading TESSERA_DICOM_DATA={}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("dcm")))
+            .collect();
+        paths.sort();
+        let mut first: Option<(PathBuf, Image, String)> = None;
+        for p in paths {
+            let Ok((img, modality)) = native_pixels(&p) else {
+                continue;
+            };
+            if !is_gray16(&img) {
+                continue;
+            }
+            if modality == "CT" {
+                first = Some((p, img, modality));
+                break;
+            }
+            if first.is_none() {
+                first = Some((p, img, modality));
+            }
+        }
+        match first {
+            Some((p, img, modality)) => Ok(Some(Template {
+                source: format!("$TESSERA_DICOM_DATA: {}", describe(&p, &img, &modality)),
+                frames: split_frames(&img)?,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    /// The series: slice `i` is frame `i mod frames`, resampled to 512x512
+    /// 12-bit, with a little deterministic noise so no two slices are alike.
+    fn series(&self, n: usize) -> Result<Vec<Vec<u8>>> {
+        let bases: Vec<Vec<u16>> = self
+            .frames
+            .iter()
+            .map(|f| resample_to_12bit(f, SIZE, SIZE))
+            .collect();
+        let info = StudyInfo {
+            patient_name: "Bench^Series^Ct".into(),
+            patient_id: "BENCH-0300".into(),
+            patient_birth_date: "19600101".into(),
+            study_date: "20260401".into(),
+            institution: "Tessera Bench Hospital".into(),
+            uid_root: "1.2.826.0.1.3680043.10.1137.300".into(),
+        };
+        let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
+        let idx: Vec<usize> = (0..n).collect();
+        par_map(&idx, threads, |&i| {
+            let base = &bases[i % bases.len()];
+            let mut state =
+                0x9e37_79b9_7f4a_7c15u64 ^ (i as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let px: Vec<u16> = base
+                .iter()
+                .map(|&v| {
+                    // xorshift64: noise in -2..=2.
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let d = (state % 5) as i32 - 2;
+                    (i32::from(v) + d).clamp(0, 4095) as u16
+                })
+                .collect();
+            Ok(ct_slice(&info, i as u32, SIZE, SIZE, &px)?)
+        })
+    }
+}
+
+/// One measured line of the table.
+struct Row {
+    name: String,
+    n: usize,
+    bytes: u64,
+    wall: Duration,
+    lat: Vec<Duration>,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.n as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    fn print(&self, baseline: f64) {
+        let mut lat = self.lat.clone();
+        lat.sort();
+        let (p50, p95) = if lat.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (
+                format!("{:.1}", percentile(&lat, 0.5)),
+                format!("{:.1}", percentile(&lat, 0.95)),
+            )
+        };
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {p50} | {p95} | {:.3} |",
+            self.name,
+            self.n,
+            self.rate(),
+            self.bytes as f64 / self.wall.as_secs_f64().max(1e-9) / 1e6,
+            self.rate() / baseline
+        );
+    }
+}
+
+pub fn dicom(args: DicomBenchArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: DicomBenchArgs) -> Result<()> {
+    let n = args.slices.max(1);
+    let c = args.inflight.max(1);
+    println!(
+        "== tessera bench dicom: {n} CT instances 512x512 16-bit (12 stored), {c} StoreDicom in flight, whole suite in-process over mTLS =="
+    );
+    let template = Template::find(args.template.as_deref())?;
+    println!("slices made from {}", template.source);
+    let series: Vec<Arc<Vec<u8>>> = template.series(n)?.into_iter().map(Arc::new).collect();
+    let total_bytes: u64 = series.iter().map(|f| f.len() as u64).sum();
+    println!(
+        "series: {n} files, {:.1} MB ({} bytes each)",
+        total_bytes as f64 / 1e6,
+        series[0].len()
+    );
+
+    // Baseline: every file parsed with dicom-object and written back to
+    // memory, one thread per core, in this run.
+    let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
+    let t = Instant::now();
+    let sizes = par_map(&series, threads, |f| parse_and_write(f))?;
+    let local = Row {
+        name: format!("dicom-object parse + write, {threads} threads (baseline)"),
+        n,
+        bytes: total_bytes,
+        wall: t.elapsed(),
+        lat: Vec::new(),
+    };
+    if sizes.iter().zip(&series).any(|(&s, f)| s != f.len()) {
+        bail!("dicom-object wrote a file of another size than it read");
+    }
+
+    let tmp = tempfile_dir()?;
+    let mut stack = DevStack::start(&tmp, &DevOptions::default())
+        .await
+        .map_err(|e| anyhow!("starting the suite: {e}"))?;
+    let r = measure(&stack, &series, c, total_bytes).await;
+    stack.shutdown().await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (store, cstore, retrieve) = r?;
+
+    println!(
+        "| operation | instances | instances/s | MB/s | p50 ms | p95 ms | ratio to local parse+write |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    local.print(local.rate());
+    store.print(local.rate());
+    match &cstore {
+        Some(row) => row.print(local.rate()),
+        None => println!("| C-STORE ingest (DICOM network) | | | | | | not measured yet |"),
+    }
+    retrieve.print(local.rate());
+    println!("target: >= 250 instances/s of 512x512 16-bit CT");
+    let rate = store.rate();
+    println!(
+        "StoreDicom ingest: {rate:.1} instances/s: target {}",
+        if rate >= TARGET_PER_SEC {
+            "met".to_owned()
+        } else {
+            format!("NOT met ({:.0} % of it)", 100.0 * rate / TARGET_PER_SEC)
+        }
+    );
+    Ok(())
+}
+
+/// Parses `file` with dicom-object and writes it back to memory; returns
+/// the written size.
+fn parse_and_write(file: &[u8]) -> Result<usize> {
+    let obj = dicom_object::OpenFileOptions::new()
+        .from_reader(
+            file.get(128..)
+                .ok_or_else(|| anyhow!("shorter than the preamble"))?,
+        )
+        .map_err(|e| anyhow!("dicom-object parse: {e}"))?;
+    let mut out = Vec::with_capacity(file.len());
+    obj.write_all(&mut out)
+        .map_err(|e| anyhow!("dicom-object write: {e}"))?;
+    Ok(out.len())
+}
+
+/// C-STORE ingest of the same series into the gateway's DICOM SCP: the
+/// slot for the figure of the DICOM network path.
+///
+/// TODO(C-STORE): the SCP is being integrated in the gateway; when it is,
+/// send `series` here with `inflight` associations (each file one C-STORE)
+/// to the SCP the `stack` runs and return its row (name "C-STORE ingest",
+/// latencies per instance). Until then there is no figure and the table
+/// says so.
+async fn cstore_ingest(
+    stack: &DevStack,
+    series: &[Arc<Vec<u8>>],
+    inflight: usize,
+) -> Result<Option<Row>> {
+    let _ = (stack, series, inflight);
+    Ok(None)
+}
+
+async fn measure(
+    stack: &DevStack,
+    series: &[Arc<Vec<u8>>],
+    c: usize,
+    total_bytes: u64,
+) -> Result<(Row, Option<Row>, Row)> {
+    let pki = stack.pki_dir();
+    let connect = |who: &str, service: &str| {
+        let files = TlsFiles::from_pki_dir(&pki, who);
+        let addr = stack.endpoints().get(service).map(str::to_owned);
+        async move {
+            let tls = ClientTls::from_files(&files)?;
+            anyhow::Ok(tls.connect(&addr?).await?)
+        }
+    };
+    // A few connections shared by the in-flight calls (HTTP/2 multiplexes).
+    let owner_ch = connect("owner", "gateway").await?;
+    let clin_ch = connect("clinician", "gateway").await?;
+    let sem = Arc::new(Semaphore::new(c));
+
+    // Ingest over StoreDicom.
+    let pbar = bar(series.len(), "store");
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(series.len());
+    for file in series {
+        let permit = sem.clone().acquire_owned().await?;
+        let mut client = gw::client(owner_ch.clone());
+        let file = file.clone();
+        let pbar = pbar.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = gw::store_dicom(&mut client, OWNER, &file).await;
+            let d = t.elapsed();
+            drop(permit);
+            pbar.inc(1);
+            r.map(|s| (s, d))
+        }));
+    }
+    let mut handles = std::collections::BTreeSet::new();
+    let mut lat = Vec::with_capacity(series.len());
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (r, d) = t
+            .await?
+            .map_err(|s| anyhow!("StoreDicom of slice {i}: {:?}: {}", s.code(), s.message()))?;
+        if r.duplicate || r.pixels != pb::PixelHandling::Watermarked as i32 {
+            bail!(
+                "slice {i}: stored as duplicate={} pixels={}",
+                r.duplicate,
+                r.pixels
+            );
+        }
+        handles.insert(r.study_handle);
+        lat.push(d);
+    }
+    pbar.finish_and_clear();
+    let store = Row {
+        name: format!("StoreDicom via gateway, {c} in flight"),
+        n: series.len(),
+        bytes: total_bytes,
+        wall: t.elapsed(),
+        lat,
+    };
+    let handle = match handles.into_iter().collect::<Vec<_>>().as_slice() {
+        [h] => h.clone(),
+        other => bail!("the series went into {} studies, not one", other.len()),
+    };
+
+    let cstore = cstore_ingest(stack, series, c).await?;
+
+    // One grant (not timed), then one RetrieveDicom of the whole study.
+    let mut clin = gw::client(clin_ch);
+    let req = clin
+        .request_access(pb::RequestAccessRequest {
+            study_handle: handle.clone(),
+            justification: "bench".into(),
+        })
+        .await?
+        .into_inner()
+        .request
+        .ok_or_else(|| anyhow!("no request"))?;
+    KeyServerClient::new(connect("owner", "keyserver").await?)
+        .approve_request(ks::ApproveRequestRequest {
+            request_id: req.request_id.clone(),
+            ttl_seconds: 3600,
+            uses: 1,
+        })
+        .await?;
+    // The stores ran concurrently, so the study's order is arrival order:
+    // each instance is matched to its file by SHA-256 (which the client
+    // checked against the bytes), each file exactly once.
+    let mut expected: std::collections::HashMap<Vec<u8>, usize> = series
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (Sha256::digest(&f[..]).to_vec(), i))
+        .collect();
+    let pbar = bar(series.len(), "retrieve");
+    let mut mismatched = Vec::new();
+    let mut got = 0usize;
+    let t = Instant::now();
+    gw::retrieve_dicom(&mut clin, &handle, &req.request_id, |h, bytes| {
+        match expected.remove(&h.sha256) {
+            Some(i) if series[i][..] == bytes[..] => {}
+            Some(_) | None => mismatched.push(h.index),
+        }
+        got += 1;
+        pbar.inc(1);
+        Ok(())
+    })
+    .await
+    .map_err(|s| anyhow!("RetrieveDicom: {:?}: {}", s.code(), s.message()))?;
+    let wall = t.elapsed();
+    pbar.finish_and_clear();
+    if got != series.len() || !mismatched.is_empty() {
+        bail!(
+            "RetrieveDicom gave {got} of {} instances, {} not byte-identical",
+            series.len(),
+            mismatched.len()
+        );
+    }
+    let retrieve = Row {
+        name: "RetrieveDicom, whole study, one call (byte-identical checked)".into(),
+        n: got,
+        bytes: total_bytes,
+        wall,
+        lat: Vec::new(),
+    };
+    Ok((store, cstore, retrieve))
+}
