@@ -377,6 +377,17 @@ fn split_inner(
         });
     };
     deid::deidentify(&mut obj, profile);
+    // `write_deidentified` writes native pixels interleaved (and little
+    // endian): the data set must say so.
+    if let PixelKind::Native(layout) = pixel_kind
+        && layout.planar
+    {
+        obj.put(dicom_core::DataElement::new(
+            tags::PLANAR_CONFIGURATION,
+            VR::US,
+            dicom_core::PrimitiveValue::from(0u16),
+        ));
+    }
     let ts_out = match pixel_kind {
         PixelKind::Encapsulated => layout.transfer_syntax.as_str(),
         PixelKind::Native(_) | PixelKind::Opaque { .. } => EXPLICIT_VR_LE,

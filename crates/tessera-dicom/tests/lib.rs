@@ -283,6 +283,16 @@ fn check_file(name: &str, bytes: &[u8]) -> Result<&'static str, DicomError> {
     let researcher = write_deidentified(&parts.deidentified, &parts.pixels).unwrap();
     let deid = open(&researcher)
         .unwrap_or_else(|e| panic!("{name}: de-identified file does not parse: {e}"));
+    // The researcher's file shows the same pixels (its attributes describe
+    // the pixel data as written, e.g. interleaved after a planar original).
+    if let Pixels::Native(image) = &parts.pixels {
+        let again = split(&researcher, &Limits::default(), &profile())
+            .unwrap_or_else(|e| panic!("{name}: de-identified file does not split: {e}"));
+        assert!(
+            again.pixels == Pixels::Native(image.clone()),
+            "{name}: the researcher's pixels differ from the original"
+        );
+    }
     let mut before = BTreeSet::new();
     identifying_values(&original, &mut before);
     let mut after = BTreeSet::new();
