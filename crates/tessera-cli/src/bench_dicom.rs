@@ -153,7 +153,7 @@ impl Template {
 
     /// The series: slice `i` is frame `i mod frames`, resampled to 512x512
     /// 12-bit, with a little deterministic noise so no two slices are alike.
-    fn series(&self, n: usize) -> Result<Vec<Vec<u8>>> {
+    fn series(&self, n: usize, uid_root: &str) -> Result<Vec<Vec<u8>>> {
         let bases: Vec<Vec<u16>> = self
             .frames
             .iter()
@@ -165,7 +165,7 @@ impl Template {
             patient_birth_date: "19600101".into(),
             study_date: "20260401".into(),
             institution: "Tessera Bench Hospital".into(),
-            uid_root: "1.2.826.0.1.3680043.10.1137.300".into(),
+            uid_root: uid_root.into(),
         };
         let threads = std::thread::available_parallelism().map_or(2, |p| p.get());
         let idx: Vec<usize> = (0..n).collect();
@@ -241,7 +241,14 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
     );
     let template = Template::find(args.template.as_deref())?;
     println!("slices made from {}", template.source);
-    let series: Vec<Arc<Vec<u8>>> = template.series(n)?.into_iter().map(Arc::new).collect();
+    let series: Vec<Arc<Vec<u8>>> = template
+        .series(n, "1.2.826.0.1.3680043.10.1137.300")?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    // The same slices as another study (other UIDs) for the C-STORE run:
+    // sent into the first study they would be acknowledged duplicates.
+    let cstore_series = template.series(n, "1.2.826.0.1.3680043.10.1137.301")?;
     let total_bytes: u64 = series.iter().map(|f| f.len() as u64).sum();
     println!(
         "series: {n} files, {:.1} MB ({} bytes each)",
@@ -269,7 +276,7 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
     let mut stack = DevStack::start(&tmp, &DevOptions::default())
         .await
         .map_err(|e| anyhow!("starting the suite: {e}"))?;
-    let r = measure(&stack, &series, c, total_bytes).await;
+    let r = measure(&stack, &series, &cstore_series, c, total_bytes).await;
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&tmp);
     let (store, cstore, retrieve) = r?;
@@ -280,20 +287,25 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
     println!("|---|---|---|---|---|---|---|");
     local.print(local.rate());
     store.print(local.rate());
-    match &cstore {
-        Some(row) => row.print(local.rate()),
-        None => println!("| C-STORE ingest (DICOM network) | | | | | | not measured yet |"),
-    }
+    cstore.print(local.rate());
     retrieve.print(local.rate());
     println!("target: >= 250 instances/s of 512x512 16-bit CT");
-    let rate = store.rate();
-    println!(
-        "StoreDicom ingest: {rate:.1} instances/s: target {}",
+    let verdict = |rate: f64| {
         if rate >= TARGET_PER_SEC {
             "met".to_owned()
         } else {
             format!("NOT met ({:.0} % of it)", 100.0 * rate / TARGET_PER_SEC)
         }
+    };
+    let rate = store.rate();
+    println!(
+        "StoreDicom ingest: {rate:.1} instances/s: target {}",
+        verdict(rate)
+    );
+    let rate = cstore.rate();
+    println!(
+        "C-STORE ingest: {rate:.1} instances/s: target {}",
+        verdict(rate)
     );
     Ok(())
 }
@@ -313,29 +325,79 @@ fn parse_and_write(file: &[u8]) -> Result<usize> {
     Ok(out.len())
 }
 
-/// C-STORE ingest of the same series into the gateway's DICOM SCP: the
-/// slot for the figure of the DICOM network path.
-///
-/// TODO(C-STORE): the SCP is being integrated in the gateway; when it is,
-/// send `series` here with `inflight` associations (each file one C-STORE)
-/// to the SCP the `stack` runs and return its row (name "C-STORE ingest",
-/// latencies per instance). Until then there is no figure and the table
-/// says so.
-async fn cstore_ingest(
-    stack: &DevStack,
-    series: &[Arc<Vec<u8>>],
-    inflight: usize,
-) -> Result<Option<Row>> {
-    let _ = (stack, series, inflight);
-    Ok(None)
+/// C-STORE ingest into the gateway's DICOM SCP (the DICOM network path a
+/// modality or PACS uses): the series split over `inflight` associations,
+/// each sending its files one C-STORE after the other (`tessera_scp::scu`).
+/// Latency per instance: the time between consecutive responses on its
+/// association.
+async fn cstore_ingest(stack: &DevStack, series: &[Vec<u8>], inflight: usize) -> Result<Row> {
+    use tessera_scp::scu::{ScuOptions, send_files};
+    let addr = stack
+        .endpoints()
+        .get("dicom")
+        .map_err(|e| anyhow!("the suite runs no C-STORE SCP: {e}"))?
+        .to_owned();
+    let opts = ScuOptions {
+        calling_ae: "TESSERA-BENCH".into(),
+        called_ae: tessera_devstack::DICOM_AE_TITLE.into(),
+        max_pdu_length: 1 << 20,
+        ..ScuOptions::default()
+    };
+    let k = inflight.clamp(1, series.len().max(1));
+    let mut groups: Vec<Vec<Vec<u8>>> = vec![Vec::new(); k];
+    for (i, f) in series.iter().enumerate() {
+        groups[i % k].push(f.clone());
+    }
+    let bytes: u64 = series.iter().map(|f| f.len() as u64).sum();
+    let pbar = bar(series.len(), "c-store");
+    let t = Instant::now();
+    let mut tasks = Vec::with_capacity(k);
+    for files in groups {
+        let (addr, opts, pbar) = (addr.clone(), opts.clone(), pbar.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(files.len());
+            let mut last = Instant::now();
+            let sent = send_files(&addr, &opts, &files, |_, _| {
+                lat.push(last.elapsed());
+                last = Instant::now();
+                pbar.inc(1);
+            })
+            .await;
+            sent.map(|s| (s, lat))
+        }));
+    }
+    let mut lat = Vec::with_capacity(series.len());
+    let mut n = 0;
+    for t in tasks {
+        let (sent, l) = t.await?.map_err(|e| anyhow!("C-STORE: {e}"))?;
+        if let Some(bad) = sent.iter().find(|s| s.status != 0) {
+            bail!(
+                "C-STORE status {:#06x}: {}",
+                bad.status,
+                bad.error_comment.as_deref().unwrap_or("")
+            );
+        }
+        n += sent.len();
+        lat.extend(l);
+    }
+    let wall = t.elapsed();
+    pbar.finish_and_clear();
+    Ok(Row {
+        name: format!("C-STORE to the gateway's SCP, {k} associations"),
+        n,
+        bytes,
+        wall,
+        lat,
+    })
 }
 
 async fn measure(
     stack: &DevStack,
     series: &[Arc<Vec<u8>>],
+    cstore_series: &[Vec<u8>],
     c: usize,
     total_bytes: u64,
-) -> Result<(Row, Option<Row>, Row)> {
+) -> Result<(Row, Row, Row)> {
     let pki = stack.pki_dir();
     let connect = |who: &str, service: &str| {
         let files = TlsFiles::from_pki_dir(&pki, who);
@@ -397,7 +459,7 @@ async fn measure(
         other => bail!("the series went into {} studies, not one", other.len()),
     };
 
-    let cstore = cstore_ingest(stack, series, c).await?;
+    let cstore = cstore_ingest(stack, cstore_series, c).await?;
 
     // One grant (not timed), then one RetrieveDicom of the whole study.
     let mut clin = gw::client(clin_ch);
