@@ -55,9 +55,56 @@ pub const FORMAT_DICOM: i32 = 4;
 #[derive(Default)]
 pub struct DicomState {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Store-side study keys, (study id, purpose) -> key and when it was
+    /// derived: a series of instances costs one audited derivation per
+    /// study and [`KEY_TTL`], not one per instance. Never used to open.
+    protect_keys: Mutex<KeyCache>,
 }
 
+/// (study id, purpose) -> (key, derived at).
+type KeyCache = HashMap<(String, &'static str), (Key, std::time::Instant)>;
+
+/// How long a store-side study key is reused.
+pub const KEY_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most store-side keys held at once.
+const MAX_CACHED_KEYS: usize = 1024;
+
 impl DicomState {
+    fn cached_key(&self, study: &str, purpose: &'static str) -> Option<Key> {
+        let mut m = self.protect_keys.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (k, at)| {
+            let keep = at.elapsed() < KEY_TTL;
+            if !keep {
+                k.fill(0);
+            }
+            keep
+        });
+        m.get(&(study.to_owned(), purpose)).map(|(k, _)| *k)
+    }
+
+    fn cache_key(&self, study: &str, purpose: &'static str, key: Key) {
+        let mut m = self.protect_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() < MAX_CACHED_KEYS {
+            m.insert(
+                (study.to_owned(), purpose),
+                (key, std::time::Instant::now()),
+            );
+        }
+    }
+
+    /// Drops a study's cached keys (delete, rollback).
+    pub(crate) fn forget_keys(&self, study: &str) {
+        let mut m = self.protect_keys.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|(s, _), (k, _)| {
+            if s == study {
+                k.fill(0);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|_, l| Arc::strong_count(l) > 1);
@@ -159,6 +206,17 @@ struct Loaded {
 }
 
 impl GatewayService {
+    /// A study key for sealing at store time: cached for [`KEY_TTL`] so a
+    /// series does not pay an audited keyserver round trip per instance.
+    async fn protect_key(&self, rec: &StudyRecord, purpose: &'static str) -> Result<Key> {
+        if let Some(k) = self.inner.dicom.cached_key(&rec.study_id, purpose) {
+            return Ok(k);
+        }
+        let k = self.derive(rec, purpose, kpb::Operation::Protect).await?;
+        self.inner.dicom.cache_key(&rec.study_id, purpose, k);
+        Ok(k)
+    }
+
     /// Asks the keyserver for a study key of `purpose` (audited there).
     async fn derive(
         &self,
@@ -360,9 +418,7 @@ impl GatewayService {
         size: u64,
         sha: [u8; 32],
     ) -> Result<InstanceRecord> {
-        let kmeta = self
-            .derive(study, PURPOSE_METADATA, kpb::Operation::Protect)
-            .await?;
+        let kmeta = self.protect_key(study, PURPOSE_METADATA).await?;
         let instance_id = self.new_id("in")?;
         let base = format!("{}.{}", study.study_id, instance_id);
         let watermarked = matches!(split.pixels, Pixels::Native(_));
@@ -528,9 +584,7 @@ impl GatewayService {
                 shares
             }
             stored @ (Pixels::Encapsulated(_) | Pixels::Opaque { .. }) => {
-                let kpx = self
-                    .derive(study, PURPOSE_SEALED_PIXELS, kpb::Operation::Protect)
-                    .await?;
+                let kpx = self.protect_key(study, PURPOSE_SEALED_PIXELS).await?;
                 let ctx = format!("{base}.p|pixels");
                 let sealed = tokio::task::spawn_blocking(move || {
                     let bytes = stored.stored_bytes().unwrap_or_default();

@@ -486,6 +486,7 @@ impl GatewayService {
 
     /// Crypto-shredding at the keyserver; a study it does not know is done.
     async fn forget(&self, rec: &StudyRecord) -> Result<bool> {
+        self.inner.dicom.forget_keys(&rec.study_id);
         let mut ks = self.inner.up.keyserver.clone();
         match ks
             .forget_study(kpb::ForgetStudyRequest {
