@@ -38,7 +38,7 @@ use crate::envelope;
 use crate::error::GatewayError;
 use crate::placement;
 use crate::service::{
-    BoxStream, GatewayService, Part, Result, read_exact, stream_err, study_ref, with_vault,
+    BoxStream, GatewayService, Part, Result, first_header, read_exact, study_ref, with_vault,
 };
 use crate::vault::{InstanceRecord, SharePlacement, SpecRecord, StudyRecord, StudyState};
 
@@ -46,6 +46,20 @@ use crate::vault::{InstanceRecord, SharePlacement, SpecRecord, StudyRecord, Stud
 pub const PURPOSE_METADATA: &str = "dicom-metadata";
 /// Keyserver purpose of the key that seals stored (compressed) pixels.
 pub const PURPOSE_SEALED_PIXELS: &str = "dicom-pixels";
+
+/// The spec recorded where no watermarked image exists (a DICOM study's own
+/// record, sealed pixels).
+const NO_IMAGE: tessera_image::ImageSpec = tessera_image::ImageSpec {
+    width: 0,
+    height: 0,
+    frames: 0,
+    format: tessera_image::PixelFormat {
+        bits_allocated: 8,
+        bits_stored: 8,
+        signed: false,
+        channels: 1,
+    },
+};
 
 /// `original_format` of DICOM studies in the vault.
 pub const FORMAT_DICOM: i32 = 4;
@@ -247,17 +261,11 @@ impl GatewayService {
         caller: String,
         mut stream: Streaming<pb::StoreDicomRequest>,
     ) -> Result<pb::StoreDicomResponse> {
-        let header = match stream.message().await.map_err(stream_err)? {
-            Some(pb::StoreDicomRequest {
-                part: Some(pb::store_dicom_request::Part::Header(h)),
-            }) => h,
-            Some(_) => {
-                return Err(GatewayError::InvalidArgument(
-                    "the first message must be the header".into(),
-                ));
-            }
-            None => return Err(GatewayError::InvalidArgument("empty request stream".into())),
-        };
+        let header = first_header(&mut stream, |m: pb::StoreDicomRequest| match m.part {
+            Some(pb::store_dicom_request::Part::Header(h)) => Some(h),
+            Some(pb::store_dicom_request::Part::Chunk(_)) | None => None,
+        })
+        .await?;
         check_owner("header.owner", &header.owner)?;
         let max = self.inner.limits.max_image_bytes;
         if header.size == 0 || header.size > max {
@@ -370,17 +378,7 @@ impl GatewayService {
             stored_by: stored_by.to_owned(),
             attributes: dicom_attributes(subject),
             original_format: FORMAT_DICOM,
-            spec: SpecRecord::from_spec(&tessera_image::ImageSpec {
-                width: 0,
-                height: 0,
-                frames: 0,
-                format: tessera_image::PixelFormat {
-                    bits_allocated: 8,
-                    bits_stored: 8,
-                    signed: false,
-                    channels: 1,
-                },
-            }),
+            spec: SpecRecord::from_spec(&NO_IMAGE),
             header_json: String::new(),
             placements: Vec::new(),
             created_unix: crate::service::now_unix(),
@@ -424,20 +422,7 @@ impl GatewayService {
         let watermarked = matches!(split.pixels, Pixels::Native(_));
         let (spec, pixel_bytes) = match &split.pixels {
             Pixels::Native(image) => (*image.spec(), image.spec().byte_len() as u64),
-            Pixels::Encapsulated(b) | Pixels::Opaque { bytes: b, .. } => (
-                tessera_image::ImageSpec {
-                    width: 0,
-                    height: 0,
-                    frames: 0,
-                    format: tessera_image::PixelFormat {
-                        bits_allocated: 8,
-                        bits_stored: 8,
-                        signed: false,
-                        channels: 1,
-                    },
-                },
-                b.len() as u64,
-            ),
+            Pixels::Encapsulated(b) | Pixels::Opaque { bytes: b, .. } => (NO_IMAGE, b.len() as u64),
         };
 
         // Nodes: pixel shares on two distinct nodes, the metadata object on

@@ -189,17 +189,11 @@ impl GatewayService {
         caller: String,
         mut stream: Streaming<pb::StoreRequest>,
     ) -> Result<pb::StoreResponse> {
-        let header = match stream.message().await.map_err(stream_err)? {
-            Some(pb::StoreRequest {
-                part: Some(pb::store_request::Part::Header(h)),
-            }) => h,
-            Some(_) => {
-                return Err(GatewayError::InvalidArgument(
-                    "the first message must be the header".into(),
-                ));
-            }
-            None => return Err(GatewayError::InvalidArgument("empty request stream".into())),
-        };
+        let header = first_header(&mut stream, |m: pb::StoreRequest| match m.part {
+            Some(pb::store_request::Part::Header(h)) => Some(h),
+            Some(pb::store_request::Part::Chunk(_)) | None => None,
+        })
+        .await?;
         let plan = StorePlan::from_header(header, self.inner.limits.max_image_bytes)?;
         // A compressed file decodes to more than its size; the decoded size
         // is bounded by max_image_bytes and checked below.
@@ -938,6 +932,19 @@ pub(crate) fn stream_err(s: Status) -> GatewayError {
         | Code::Unauthenticated => {
             GatewayError::InvalidArgument(format!("request stream: {}", s.message()))
         }
+    }
+}
+
+/// The first message of an upload stream, which must be its header.
+pub(crate) async fn first_header<M, H>(
+    stream: &mut Streaming<M>,
+    header: impl Fn(M) -> Option<H>,
+) -> Result<H> {
+    match stream.message().await.map_err(stream_err)? {
+        Some(m) => header(m).ok_or_else(|| {
+            GatewayError::InvalidArgument("the first message must be the header".into())
+        }),
+        None => Err(GatewayError::InvalidArgument("empty request stream".into())),
     }
 }
 
