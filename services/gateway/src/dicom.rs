@@ -520,6 +520,21 @@ impl GatewayService {
                     self.rollback_instance(&rec).await;
                     return Err(e);
                 }
+                // A Delete of the study may have started meanwhile (it lists
+                // the instances once): the instance must not outlive it.
+                let sid = rec.study_id.clone();
+                let alive = with_vault(&self.inner.vault, move |v| {
+                    Ok(v.get(&sid)?
+                        .is_some_and(|s| s.state == StudyState::Committed))
+                })
+                .await?;
+                if !alive {
+                    self.rollback_instance(&rec).await;
+                    return Err(GatewayError::NotFound(format!(
+                        "study {} was deleted while the instance was being stored",
+                        rec.study_id
+                    )));
+                }
                 tracing::info!(study = %rec.study_id, instance = %rec.instance_id, watermarked, "DICOM instance stored");
                 Ok(rec)
             }
