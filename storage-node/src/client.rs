@@ -50,6 +50,21 @@ pub async fn put_object(
     Ok(client.put(tokio_stream::iter(msgs)).await?.into_inner())
 }
 
+/// Replaces an object (objects are immutable: delete, then put), e.g. a
+/// test or the demo playing a cloud that alters what it holds.
+pub async fn replace_object(
+    client: &mut StorageNodeClient<Channel>,
+    object_id: &str,
+    data: &[u8],
+) -> Result<pb::PutResponse, Status> {
+    client
+        .delete(pb::DeleteRequest {
+            object_id: object_id.to_owned(),
+        })
+        .await?;
+    put_object(client, object_id, data).await
+}
+
 /// Fetches an object and checks it against the SHA-256 the node sent.
 pub async fn get_object(
     client: &mut StorageNodeClient<Channel>,

@@ -18,7 +18,6 @@ use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::segmentation::v1 as segpb;
-use tessera_proto::storage::v1 as spb;
 use tessera_proto::watermark::v1 as wpb;
 use tessera_tls::{ClientTls, TlsFiles};
 use tonic::transport::Channel;
@@ -289,11 +288,7 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
     let (_, mut bytes) = storage_node::client::get_object(&mut node, &p2.object_id).await?;
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;
-    node.delete(spb::DeleteRequest {
-        object_id: p2.object_id.clone(),
-    })
-    .await?;
-    storage_node::client::put_object(&mut node, &p2.object_id, &bytes).await?;
+    storage_node::client::replace_object(&mut node, &p2.object_id, &bytes).await?;
     println!("  {} now holds a modified {}", p2.node, p2.object_id);
     let (th, tpixels) = gw::retrieve(&mut clin, &handle, &req.request_id)
         .await
@@ -330,16 +325,9 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
     println!("== 7. Region-wise Gaussian filter across the storage nodes (GA-ES, paper 000)");
     let t = Instant::now();
     // Restore the clean share first (the owner stores the study again).
-    node.delete(spb::DeleteRequest {
-        object_id: p2.object_id.clone(),
-    })
-    .await?;
-    let (_, clean_bytes) = {
-        let mut b = bytes;
-        b[at] ^= 0x10;
-        ((), b)
-    };
-    storage_node::client::put_object(&mut node, &p2.object_id, &clean_bytes).await?;
+    let mut clean_bytes = bytes;
+    clean_bytes[at] ^= 0x10;
+    storage_node::client::replace_object(&mut node, &p2.object_id, &clean_bytes).await?;
     let (ph, result) = gw::process(
         &mut clin,
         pb::ProcessRequest {

@@ -352,12 +352,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
             .unwrap();
         let i = (bytes.len() as f64 * at) as usize;
         bytes[i] ^= 0x20;
-        node.delete(spb::DeleteRequest {
-            object_id: p.object_id.clone(),
-        })
-        .await
-        .unwrap();
-        storage_node::client::put_object(&mut node, &p.object_id, &bytes)
+        storage_node::client::replace_object(&mut node, &p.object_id, &bytes)
             .await
             .unwrap();
     }

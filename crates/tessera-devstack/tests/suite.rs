@@ -277,12 +277,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
         .unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x20;
-    node.delete(spb::DeleteRequest {
-        object_id: p2.object_id.clone(),
-    })
-    .await
-    .unwrap();
-    storage_node::client::put_object(&mut node, &p2.object_id, &bytes)
+    storage_node::client::replace_object(&mut node, &p2.object_id, &bytes)
         .await
         .unwrap();
     let report = gateway(&stack, "owner")

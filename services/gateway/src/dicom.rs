@@ -298,19 +298,19 @@ impl GatewayService {
     ) -> Result<pb::StoreDicomResponse> {
         let limits = dicom_limits(self.inner.limits.max_image_bytes);
         let size = file.len() as u64;
-        let (split, sha) = tokio::task::spawn_blocking(move || {
-            let sha: [u8; 32] = Sha256::digest(&file).into();
-            tessera_dicom::split_for_store(&file, &limits).map(|s| (s, sha))
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("split task: {e}")))?
-        .map_err(|e| {
-            if matches!(e, tessera_dicom::DicomError::TooLarge { .. }) {
-                GatewayError::TooLarge(format!("file: {e}"))
-            } else {
-                GatewayError::InvalidArgument(format!("file: {e}"))
-            }
-        })?;
+        // The container records the original's SHA-256: no second pass.
+        let split =
+            tokio::task::spawn_blocking(move || tessera_dicom::split_for_store(&file, &limits))
+                .await
+                .map_err(|e| GatewayError::Internal(format!("split task: {e}")))?
+                .map_err(|e| {
+                    if matches!(e, tessera_dicom::DicomError::TooLarge { .. }) {
+                        GatewayError::TooLarge(format!("file: {e}"))
+                    } else {
+                        GatewayError::InvalidArgument(format!("file: {e}"))
+                    }
+                })?;
+        let sha = split.container.original_sha256();
         if split.subject.sop_instance_uid.is_empty() {
             return Err(GatewayError::InvalidArgument(
                 "file: no SOP Instance UID (0008,0018)".into(),
@@ -603,17 +603,9 @@ impl GatewayService {
     /// Removes a failed instance's objects and record (kept for the next
     /// start's sweep when a node cannot be reached).
     pub(crate) async fn rollback_instance(&self, rec: &InstanceRecord) -> bool {
-        let mut clean = true;
-        for p in &rec.placements {
-            let r = match self.inner.up.node(&p.node) {
-                Ok(node) => crate::upstream::delete_object(node, &p.object_id).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
-                clean = false;
-                tracing::warn!(study = %rec.study_id, object = %p.object_id, error = %e, "cleanup: cannot delete object");
-            }
-        }
+        let mut clean = self
+            .delete_objects_logged(&rec.study_id, &rec.placements)
+            .await;
         if clean {
             let r = rec.clone();
             if let Err(e) = with_vault(&self.inner.vault, move |v| v.remove_instance(&r)).await {
@@ -695,17 +687,23 @@ impl GatewayService {
 
     // ---- verify -----------------------------------------------------------
 
-    /// Checks every instance without releasing anything: the pixel shares
-    /// through the watermark service, the sealed metadata and pixels by
-    /// opening them in the gateway.
-    pub(crate) async fn verify_dicom(&self, rec: &StudyRecord) -> Result<pb::VerifyStudyResponse> {
+    /// The committed instances of a DICOM study, in store order.
+    async fn committed_instances(&self, rec: &StudyRecord) -> Result<Vec<InstanceRecord>> {
         let id = rec.study_id.clone();
-        let instances: Vec<InstanceRecord> =
-            with_vault(&self.inner.vault, move |v| v.instances(&id))
-                .await?
-                .into_iter()
-                .filter(|i| i.state == StudyState::Committed)
-                .collect();
+        Ok(with_vault(&self.inner.vault, move |v| v.instances(&id))
+            .await?
+            .into_iter()
+            .filter(|i| i.state == StudyState::Committed)
+            .collect())
+    }
+
+    /// The keys that open a study's objects (derived afresh, audited): the
+    /// metadata key, and the sealed-pixel key when an instance needs it.
+    async fn restore_keys(
+        &self,
+        rec: &StudyRecord,
+        instances: &[InstanceRecord],
+    ) -> Result<(Key, Option<Key>)> {
         let kmeta = self
             .derive(rec, PURPOSE_METADATA, kpb::Operation::Restore)
             .await?;
@@ -717,6 +715,15 @@ impl GatewayService {
         } else {
             None
         };
+        Ok((kmeta, kpx))
+    }
+
+    /// Checks every instance without releasing anything: the pixel shares
+    /// through the watermark service, the sealed metadata and pixels by
+    /// opening them in the gateway.
+    pub(crate) async fn verify_dicom(&self, rec: &StudyRecord) -> Result<pb::VerifyStudyResponse> {
+        let instances = self.committed_instances(rec).await?;
+        let (kmeta, kpx) = self.restore_keys(rec, &instances).await?;
         let mut total = tessera_proto::watermark::v1::VerificationReport {
             intact: true,
             ..Default::default()
@@ -771,24 +778,12 @@ impl GatewayService {
                 return Ok(v);
             }
         };
-        let Some(meta_pos) = inst.placements.iter().position(|p| p.share == 0) else {
+        let Some((meta_id, meta)) = take_metadata(inst, &mut objects) else {
             v.problem = "no metadata object recorded".into();
             return Ok(v);
         };
-        let meta = objects.remove(meta_pos);
-        let meta_id = inst.placements[meta_pos].object_id.clone();
         let km = *kmeta;
-        let meta_ok = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
-            let parts = envelope::unframe(&meta, 2).map_err(|e| format!("metadata object: {e}"))?;
-            for (part, bytes) in ["identifying", "container"].iter().zip(parts) {
-                envelope::open(&km, &format!("{meta_id}|{part}"), bytes)
-                    .map_err(|e| format!("metadata object, {part}: {e}"))?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("verify task: {e}")))?;
-        if let Err(problem) = meta_ok {
+        if let Err(problem) = blocking(move || open_metadata(&km, &meta_id, &meta)).await? {
             v.problem = problem;
             return Ok(v);
         }
@@ -799,13 +794,8 @@ impl GatewayService {
             v.intact = report.intact;
             v.report = Some(report);
         } else {
-            let kpx = *kpx.ok_or_else(|| GatewayError::Internal("no pixel key".into()))?;
-            let ctx = format!("{}|pixels", inst.placements[0].object_id);
             let sealed = objects.into_iter().next().unwrap_or_default();
-            let opened = tokio::task::spawn_blocking(move || envelope::open(&kpx, &ctx, &sealed))
-                .await
-                .map_err(|e| GatewayError::Internal(format!("verify task: {e}")))?;
-            match opened {
+            match open_sealed_pixels(inst, kpx, sealed).await? {
                 Ok(_) => v.intact = true,
                 Err(e) => v.problem = format!("pixel object: {e}"),
             }
@@ -832,13 +822,7 @@ impl GatewayService {
         }
         self.check_grant(&caller, &r.key_request_id, &rec.study_id)
             .await?;
-        let id = rec.study_id.clone();
-        let instances: Vec<InstanceRecord> =
-            with_vault(&self.inner.vault, move |v| v.instances(&id))
-                .await?
-                .into_iter()
-                .filter(|i| i.state == StudyState::Committed)
-                .collect();
+        let instances = self.committed_instances(&rec).await?;
         if instances.is_empty() {
             return Err(GatewayError::NotFound(format!(
                 "study {} holds no instance",
@@ -848,17 +832,7 @@ impl GatewayService {
         let reidentify = roles
             .iter()
             .any(|r| self.inner.limits.reidentify_roles.contains(r));
-        let kmeta = self
-            .derive(&rec, PURPOSE_METADATA, kpb::Operation::Restore)
-            .await?;
-        let kpx = if instances.iter().any(|i| !i.watermarked) {
-            Some(
-                self.derive(&rec, PURPOSE_SEALED_PIXELS, kpb::Operation::Restore)
-                    .await?,
-            )
-        } else {
-            None
-        };
+        let (kmeta, kpx) = self.restore_keys(&rec, &instances).await?;
         let profile = (!reidentify).then(|| profile_for(&kmeta, self.inner.limits.temporal));
         let count = instances.len() as u32;
         // The first instance is ready before the grant's use is spent.
@@ -944,28 +918,16 @@ impl GatewayService {
         let mut objects = self
             .fetch_objects(&inst.study_id, &inst.placements, limit)
             .await?;
-        let meta_pos = inst
-            .placements
-            .iter()
-            .position(|p| p.share == 0)
+        let (meta_id, meta) = take_metadata(inst, &mut objects)
             .ok_or_else(|| data_loss(format!("{name}: no metadata object recorded")))?;
-        let meta = objects.remove(meta_pos);
-        let meta_id = inst.placements[meta_pos].object_id.clone();
         let km = *kmeta;
-        let (container, identifying) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let parts = envelope::unframe(&meta, 2)
-                .map_err(|e| data_loss(format!("metadata object: {e}")))?;
-            let open = |part: &str, b: &[u8]| {
-                envelope::open(&km, &format!("{meta_id}|{part}"), b)
-                    .map_err(|e| data_loss(format!("metadata object, {part}: {e}")))
-            };
-            let identifying = open("identifying", parts[0])?;
-            let container = tessera_dicom::Container::from_bytes(&open("container", parts[1])?)
-                .map_err(|e| data_loss(format!("metadata object, container: {e}")))?;
-            Ok((container, identifying))
+        let (container, identifying) = blocking(move || {
+            let (identifying, container) = open_metadata(&km, &meta_id, &meta)?;
+            let container = tessera_dicom::Container::from_bytes(&container)
+                .map_err(|e| format!("metadata object, container: {e}"))?;
+            Ok::<_, String>((container, identifying))
         })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("open task: {e}")))?
+        .await?
         .map_err(|e| data_loss(format!("{name}: {e}")))?;
 
         let mut report = None;
@@ -990,15 +952,12 @@ impl GatewayService {
                 .map_err(|e| data_loss(format!("{name}: restored pixels: {e}")))?;
             Pixels::Native(image)
         } else {
-            let kpx = *kpx.ok_or_else(|| GatewayError::Internal("no pixel key".into()))?;
-            let ctx = format!("{}|pixels", inst.placements[0].object_id);
             let sealed = objects
                 .into_iter()
                 .next()
                 .ok_or_else(|| data_loss(format!("{name}: no pixel object recorded")))?;
-            let bytes = tokio::task::spawn_blocking(move || envelope::open(&kpx, &ctx, &sealed))
-                .await
-                .map_err(|e| GatewayError::Internal(format!("open task: {e}")))?
+            let bytes = open_sealed_pixels(inst, kpx, sealed)
+                .await?
                 .map_err(|e| data_loss(format!("{name}: pixel object: {e}")))?;
             container
                 .stored_pixels(bytes)
@@ -1044,7 +1003,8 @@ impl GatewayService {
                     e
                 }
             })?;
-        if !deidentified && hex::encode(Sha256::digest(&bytes)) != inst.sha256 {
+        let digest = Sha256::digest(&bytes);
+        if !deidentified && hex::encode(digest) != inst.sha256 {
             return Err(data_loss(format!(
                 "{name}: the rebuilt file differs from the stored one"
             )));
@@ -1056,7 +1016,7 @@ impl GatewayService {
                 count,
                 deidentified,
                 size: bytes.len() as u64,
-                sha256: Sha256::digest(&bytes).to_vec(),
+                sha256: digest.to_vec(),
                 transfer_syntax,
                 pixels: pixel_handling(inst.watermarked).into(),
                 report,
@@ -1069,4 +1029,43 @@ impl GatewayService {
             bytes,
         })
     }
+}
+
+/// Runs CPU work (sealing, opening, parsing) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| GatewayError::Internal(format!("blocking task: {e}")))
+}
+
+/// Takes an instance's metadata object (share 0) out of its fetched
+/// objects (in placement order); the pixel objects remain.
+fn take_metadata(inst: &InstanceRecord, objects: &mut Vec<Vec<u8>>) -> Option<(String, Vec<u8>)> {
+    let pos = inst.placements.iter().position(|p| p.share == 0)?;
+    (pos < objects.len()).then(|| (inst.placements[pos].object_id.clone(), objects.remove(pos)))
+}
+
+/// Opens both envelopes of a metadata object: (identifying, container).
+fn open_metadata(
+    kmeta: &Key,
+    meta_id: &str,
+    meta: &[u8],
+) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+    let parts = envelope::unframe(meta, 2).map_err(|e| format!("metadata object: {e}"))?;
+    let open = |part: &str, b: &[u8]| {
+        envelope::open(kmeta, &format!("{meta_id}|{part}"), b)
+            .map_err(|e| format!("metadata object, {part}: {e}"))
+    };
+    Ok((open("identifying", parts[0])?, open("container", parts[1])?))
+}
+
+/// Opens an instance's sealed pixel object.
+async fn open_sealed_pixels(
+    inst: &InstanceRecord,
+    kpx: Option<&Key>,
+    sealed: Vec<u8>,
+) -> Result<std::result::Result<Vec<u8>, envelope::EnvelopeError>> {
+    let kpx = *kpx.ok_or_else(|| GatewayError::Internal("no pixel key".into()))?;
+    let ctx = format!("{}|pixels", inst.placements[0].object_id);
+    blocking(move || envelope::open(&kpx, &ctx, &sealed)).await
 }

@@ -449,16 +449,9 @@ impl GatewayService {
             clean = false;
             tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot delete the study's instances");
         }
-        for p in &rec.placements {
-            let r = match self.inner.up.node(&p.node) {
-                Ok(node) => upstream::delete_object(node, &p.object_id).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
-                clean = false;
-                tracing::warn!(study = %rec.study_id, object = %p.object_id, error = %e, "cleanup: cannot delete share");
-            }
-        }
+        clean &= self
+            .delete_objects_logged(&rec.study_id, &rec.placements)
+            .await;
         if let Err(e) = self.forget(rec).await {
             clean = false;
             tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot forget study");
@@ -476,6 +469,27 @@ impl GatewayService {
                 tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot remove vault record");
             }
         }
+    }
+
+    /// Best-effort removal of objects for a cleanup: every object is tried,
+    /// each failure logged; true when all are gone.
+    pub(crate) async fn delete_objects_logged(
+        &self,
+        study: &str,
+        placements: &[SharePlacement],
+    ) -> bool {
+        let mut clean = true;
+        for p in placements {
+            let r = match self.inner.up.node(&p.node) {
+                Ok(node) => upstream::delete_object(node, &p.object_id).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                clean = false;
+                tracing::warn!(%study, object = %p.object_id, error = %e, "cleanup: cannot delete object");
+            }
+        }
+        clean
     }
 
     /// Crypto-shredding at the keyserver; a study it does not know is done.
