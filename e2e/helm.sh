@@ -28,8 +28,8 @@ cat >"$E2E_TMP/custom.json" <<JSON
 {
   "image": {"repository": "registry.example/tessera", "tag": "test"},
   "access": {"devRoles": false, "roles": {
-    "spiffe://tessera.local/service/gateway": ["service"],
-    "spiffe://tessera.local/service/watermark": ["service"],
+    "spiffe://tessera.local/service/gateway": ["gateway"],
+    "spiffe://tessera.local/service/watermark": ["watermark"],
     "spiffe://tessera.local/user/owner": ["owner", "admin"]}},
   "telemetry": {"otlpEndpoint": "$OTLP", "log": "info,keyserver=debug", "json": false},
   "storage": {"replicas": 5, "capacityBytes": 21474836480, "maxObjectBytes": 134217728,

@@ -89,7 +89,7 @@ stat_ok() { gc gateway "$ADDR" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Stat" 
 check "stat reports the size" stat_ok
 list_ok() { gc gateway "$ADDR" -d '{"prefix":"e2e-"}' -- "$SVC/List" | grep -q '"objectId": "e2e-object-1"'; }
 check "list finds it" list_ok
-info_ok() { gc keyserver "$ADDR" -d '{}' -- "$SVC/NodeInfo" | grep -q '"nodeId": "storage-1"'; }
+info_ok() { gc admin "$ADDR" -d '{}' -- "$SVC/NodeInfo" | grep -q '"nodeId": "storage-1"'; }
 check "node info names the node" info_ok
 
 # --- bad input ---
@@ -116,8 +116,14 @@ check "outsider (no role): PermissionDenied" expect_code PermissionDenied gc out
 check "outsider cannot read an object" expect_code PermissionDenied gc outsider "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Get"
 check "a user (owner) may not write to a storage node" expect_code PermissionDenied gc owner "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Delete"
 check "a user (clinician) may not list a storage node" expect_code PermissionDenied gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{}' -- "$SVC/List"
-user_stat() { gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Stat" | grep -q '"objectId"'; }
-check "a user (clinician) may read a share (ciphertext; user-side restore)" user_stat
+check "a user (clinician) may not read a share (users fetch through the gateway)" expect_code PermissionDenied gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Get"
+check "a user (clinician) may not stat a share" expect_code PermissionDenied gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Stat"
+# No cloud acts on another: another node's identity may do nothing here.
+for m in Delete Get Stat List NodeInfo; do
+  check "storage-2's identity may not call $m on storage-1" expect_code PermissionDenied gc storage-2 "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/$m"
+done
+evil_put() { printf '{"header":{"object_id":"e2e-evil","size":"1"}}{"chunk":"AA=="}' | gc storage-2 "$ADDR" "${NO_REFLECTION[@]}" -d @ -- "$SVC/Put"; }
+check "storage-2's identity may not Put on storage-1" expect_code PermissionDenied evil_put
 check "outsider may not use reflection" expect_code PermissionDenied gc outsider "$ADDR" list
 check "plaintext connection refused" expect_refused grpcurl -max-time 5 -plaintext -d "{\"service\":\"$SVC\"}" "$ADDR" grpc.health.v1.Health/Check
 check "TLS without a client certificate refused" expect_refused grpcurl -max-time 5 -cacert "$PKI/ca.crt" -d "{\"service\":\"$SVC\"}" "$ADDR" grpc.health.v1.Health/Check
@@ -159,7 +165,7 @@ start_only() { process_input | head -n 1 | gc gateway "$ADDR" -d @ -- "$SVC/Proc
 check "Process with a start only: InvalidArgument" expect_code InvalidArgument start_only
 process_as() { process_input | gc "$1" "$ADDR" -d @ -- "$SVC/Process"; }
 check "another service (keyserver) may not Process: PermissionDenied" expect_code PermissionDenied process_as keyserver
-no_objects_from_process() { gc keyserver "$ADDR" -d '{}' -- "$SVC/NodeInfo" | grep -q '"objectCount": "1"'; }
+no_objects_from_process() { gc admin "$ADDR" -d '{}' -- "$SVC/NodeInfo" | grep -q '"objectCount": "1"'; }
 check "the object count is unchanged by Process" no_objects_from_process
 
 # --- durability across a restart, delete ---

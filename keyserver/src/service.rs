@@ -5,7 +5,7 @@
 
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_server::KeyServer;
-use tessera_tls::{Policy, Role};
+use tessera_tls::Policy;
 use tonic::{Request, Response, Status};
 
 use crate::core::store::{GrantState, RequestRecord};
@@ -18,28 +18,11 @@ pub const SERVICE: &str = "tessera.keyserver.v1.KeyServer";
 /// 32 attributes of 1 KiB fit with room to spare).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// The one policy table: which roles may call which RPC. Anything not
-/// listed is refused by the layer.
+/// The policy table: this service's rows of the one authorization matrix
+/// ([`tessera_tls::matrix::MATRIX`]). Anything not listed is refused by the
+/// layer; the handlers check ownership, grants and purposes on top.
 pub fn policy() -> Policy {
-    let p = |m: &str| format!("/{SERVICE}/{m}");
-    let users = [Role::Owner, Role::Clinician, Role::Researcher];
-    Policy::new()
-        .allow(&p("RegisterStudy"), [Role::Service])
-        .allow(&p("DeriveKey"), [Role::Service])
-        .allow(&p("RequestKey"), users)
-        .allow(&p("RequestKey"), [Role::Service])
-        .allow(&p("ListRequests"), [Role::Owner])
-        .allow(&p("ApproveRequest"), [Role::Owner])
-        .allow(&p("DenyRequest"), [Role::Owner])
-        .allow(&p("FetchKey"), users)
-        .allow(&p("RevokeGrant"), [Role::Owner])
-        .allow(&p("VerifyAudit"), [Role::Owner, Role::Admin])
-        .allow(&p("ListAudit"), [Role::Owner, Role::Admin])
-        .allow(&p("RotateMaster"), [Role::Admin])
-        // Gateway only (the core checks the identity): users never call these.
-        .allow(&p("RedeemGrant"), [Role::Service])
-        .allow(&p("CheckGrant"), [Role::Service])
-        .allow(&p("ForgetStudy"), [Role::Service])
+    Policy::for_service(SERVICE)
 }
 
 impl From<KeyServerError> for Status {
@@ -413,6 +396,7 @@ impl KeyServer for KeyServerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_tls::Role;
     use tonic::Code;
 
     #[test]
@@ -487,7 +471,7 @@ mod tests {
         assert!(!derive.contains(&Role::Clinician));
         for m in ["RedeemGrant", "CheckGrant", "ForgetStudy"] {
             let roles = p.allowed(&format!("/{SERVICE}/{m}")).unwrap();
-            assert!(roles.len() == 1 && roles.contains(&Role::Service), "{m}");
+            assert!(roles.len() == 1 && roles.contains(&Role::Gateway), "{m}");
         }
     }
 }

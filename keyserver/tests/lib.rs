@@ -546,8 +546,8 @@ async fn gateway_redeems_checks_and_forgets_over_mutual_tls() {
         on_behalf_of: CLIN.into(),
         study_id: study.clone(),
     };
-    // A user never reaches these RPCs (policy layer); another service is
-    // refused by the core and audited.
+    // Neither a user nor another service reaches these RPCs: the matrix
+    // admits the gateway role only (the layer refuses, security-logged).
     assert_eq!(
         clin.redeem_grant(redeem.clone()).await.unwrap_err().code(),
         Code::PermissionDenied
@@ -558,7 +558,7 @@ async fn gateway_redeems_checks_and_forgets_over_mutual_tls() {
     );
     let e = watermark.redeem_grant(redeem.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().contains("only the gateway"), "{}", e.message());
+    assert!(e.message().contains("may not call"), "{}", e.message());
 
     let c = gateway
         .check_grant(redeem.clone())

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use tessera_proto::storage::v1::storage_node_server::StorageNodeServer;
 use tessera_runtime::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerError};
-use tessera_tls::{Policy, Role};
+use tessera_tls::Policy;
 
 pub use bench::{BenchOptions, BenchReport, bench_storage};
 pub use config::{Config, ProcessSection};
@@ -31,29 +31,13 @@ pub use error::Error;
 pub use service::StorageService;
 pub use store::{Limits, ObjectMeta, Store};
 
-/// Who may call the storage node: other Tessera services (the gateway
-/// places, fetches and deletes shares) and operators. Users may read
-/// (`Get`, `Stat`) and nothing else: a share is ciphertext, and reading it
-/// is how a user holding a released key restores a study on its own machine
-/// (paper 003's user-side restore; `tessera retrieve --local`). Without the
-/// key from the keyserver a share is useless. `Process` (plaintext
-/// fragments) is narrowed further to the configured callers.
+/// Who may call the storage node: the gateway alone places, fetches, lists
+/// and deletes objects and has fragments processed; operators may ask
+/// `NodeInfo`. No storage identity may call anything on another node, and
+/// users never reach a node (they fetch ciphertext through the gateway's
+/// `FetchShare`). The rows live in [`tessera_tls::matrix::MATRIX`].
 pub fn policy() -> Policy {
-    let readers = [
-        Role::Service,
-        Role::Admin,
-        Role::Owner,
-        Role::Clinician,
-        Role::Researcher,
-    ];
-    Policy::new()
-        .allow(
-            "/tessera.storage.v1.StorageNode/*",
-            [Role::Service, Role::Admin],
-        )
-        .allow("/tessera.storage.v1.StorageNode/Get", readers)
-        .allow("/tessera.storage.v1.StorageNode/Stat", readers)
-        .allow(PROCESS_PATH, [Role::Service])
+    Policy::for_service("tessera.storage.v1.StorageNode")
 }
 
 /// The gRPC path of `Process`.

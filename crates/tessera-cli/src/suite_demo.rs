@@ -290,9 +290,27 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
     bytes[at] ^= 0x10;
     storage_node::client::replace_object(&mut node, &p2.object_id, &bytes).await?;
     println!("  {} now holds a modified {}", p2.node, p2.object_id);
-    let (th, tpixels) = gw::retrieve(&mut clin, &handle, &req.request_id)
-        .await
-        .context("retrieve after tampering")?;
+    let refused = gw::retrieve(&mut clin, &handle, &req.request_id).await;
+    if let Err(e) = &refused {
+        println!("  retrieve: {:?}: {}", e.code(), e.message());
+    }
+    steps.check(
+        "a plain retrieve of the tampered study is refused (DATA_LOSS, no use spent)",
+        refused
+            .as_ref()
+            .is_err_and(|e| e.code() == tonic::Code::DataLoss),
+    );
+    let (th, tpixels) = gw::retrieve_with_progress(
+        &mut clin,
+        tessera_proto::gateway::v1::RetrieveRequest {
+            study_handle: handle.clone(),
+            key_request_id: req.request_id.clone(),
+            allow_tampered: true,
+        },
+        |_, _| {},
+    )
+    .await
+    .context("retrieve after tampering (allow_tampered, for the tamper map)")?;
     let report = th.report.clone().unwrap_or_default();
     print_report(&report);
     let restored = Image::from_le_bytes(image.spec().to_owned(), &tpixels)?;

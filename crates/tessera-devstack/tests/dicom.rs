@@ -98,6 +98,7 @@ async fn verify_study(stack: &DevStack, handle: &str) -> pb::VerifyStudyResponse
         .await
         .verify(pb::VerifyStudyRequest {
             study_handle: handle.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -215,6 +215,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
     let e = out
         .verify(pb::VerifyStudyRequest {
             study_handle: handle.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -284,6 +285,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
         .await
         .verify(pb::VerifyStudyRequest {
             study_handle: handle.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -416,6 +418,7 @@ async fn stopped_nodes_bad_input_and_png() {
     let e = owner
         .verify(pb::VerifyStudyRequest {
             study_handle: "st-nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -434,6 +437,7 @@ async fn stopped_nodes_bad_input_and_png() {
     let e = owner
         .verify(pb::VerifyStudyRequest {
             study_handle: a.study_handle.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -469,6 +473,7 @@ async fn stopped_nodes_bad_input_and_png() {
     let r = owner
         .verify(pb::VerifyStudyRequest {
             study_handle: a.study_handle.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

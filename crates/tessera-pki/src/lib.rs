@@ -35,7 +35,14 @@ pub const SERVICES: [&str; 7] = [
 ];
 
 /// User identities (kind `user`). `outsider` is valid but has no role.
-pub const USERS: [&str; 5] = ["owner", "clinician", "clinician2", "researcher", "outsider"];
+pub const USERS: [&str; 6] = [
+    "owner",
+    "clinician",
+    "clinician2",
+    "researcher",
+    "admin",
+    "outsider",
+];
 
 /// Why the PKI could not be generated or written.
 #[derive(Debug, thiserror::Error)]

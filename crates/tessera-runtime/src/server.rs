@@ -112,6 +112,7 @@ pub struct GrpcServer {
     listen: SocketAddr,
     tls: ServerTls,
     authz: Authz,
+    refusal_sink: Option<std::sync::Arc<dyn tessera_tls::RefusalSink>>,
     max_concurrent_streams: u32,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
@@ -130,10 +131,18 @@ impl GrpcServer {
             listen: config.listen,
             tls,
             authz,
+            refusal_sink: None,
             max_concurrent_streams: config.max_concurrent_streams,
             routes: RoutesBuilder::default(),
             names: Vec::new(),
         })
+    }
+
+    /// Hands every refusal of the authorization layer to `sink` too (the
+    /// keyserver audits them in its chain), awaited before the reply.
+    pub fn with_refusal_sink(mut self, sink: std::sync::Arc<dyn tessera_tls::RefusalSink>) -> Self {
+        self.refusal_sink = Some(sink);
+        self
     }
 
     /// Adds a generated tonic server (set its message limits first).
@@ -205,7 +214,10 @@ impl GrpcServer {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(RpcSpanLayer)
-            .layer(AuthzLayer::new(self.authz))
+            .layer(match self.refusal_sink {
+                Some(sink) => AuthzLayer::new(self.authz).with_sink(sink),
+                None => AuthzLayer::new(self.authz),
+            })
             .add_routes(routes.routes());
         let identity = self.tls.identity().uri();
         tracing::info!(%local_addr, %identity, services = ?self.names, "serving gRPC over mutual TLS");

@@ -26,28 +26,67 @@ pub enum Role {
     Owner,
     Clinician,
     Researcher,
-    /// Another Tessera service (gateway, keyserver, ...).
-    Service,
     /// Operators.
     Admin,
+    /// The gateway ("CloudSec"): the only service that orchestrates.
+    Gateway,
+    /// The crypto-watermarking service (derives pixel keys).
+    Watermark,
+    /// The segmentation service (calls nothing).
+    Segmentation,
+    /// The keyserver (calls nothing).
+    Keyserver,
+    /// An untrusted storage node: it calls nothing, so no RPC of the suite
+    /// lists this role; it exists so a node's identity is named, not merely
+    /// unknown, in the matrix and the refusals.
+    Storage,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 9] = [
         Role::Owner,
         Role::Clinician,
         Role::Researcher,
-        Role::Service,
         Role::Admin,
+        Role::Gateway,
+        Role::Watermark,
+        Role::Segmentation,
+        Role::Keyserver,
+        Role::Storage,
     ];
+
+    /// The user roles (people, not services).
+    pub const USERS: [Role; 4] = [Role::Owner, Role::Clinician, Role::Researcher, Role::Admin];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Owner => "owner",
             Role::Clinician => "clinician",
             Role::Researcher => "researcher",
-            Role::Service => "service",
             Role::Admin => "admin",
+            Role::Gateway => "gateway",
+            Role::Watermark => "watermark",
+            Role::Segmentation => "segmentation",
+            Role::Keyserver => "keyserver",
+            Role::Storage => "storage",
+        }
+    }
+
+    /// The role of a service identity's name in the development PKI
+    /// (`storage-N` nodes are storage), or `None` for an unknown service.
+    pub fn of_dev_service(name: &str) -> Option<Role> {
+        match name {
+            "gateway" => Some(Role::Gateway),
+            "watermark" => Some(Role::Watermark),
+            "segmentation" => Some(Role::Segmentation),
+            "keyserver" => Some(Role::Keyserver),
+            n if n
+                .strip_prefix("storage-")
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                Some(Role::Storage)
+            }
+            _ => None,
         }
     }
 }
@@ -57,6 +96,10 @@ impl fmt::Display for Role {
         f.write_str(self.as_str())
     }
 }
+
+/// How many storage node identities (`storage-1` ..) the development role
+/// map names.
+pub const DEV_STORAGE_NODES: usize = 16;
 
 /// Roles by identity URI.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -70,8 +113,9 @@ impl RoleMap {
     }
 
     /// The development PKI's defaults: `owner` -> owner, `clinician` and
-    /// `clinician2` -> clinician, `researcher` -> researcher, every service
-    /// -> service, `outsider` -> nothing.
+    /// `clinician2` -> clinician, `researcher` -> researcher, `admin` ->
+    /// admin, each service -> its own role (`storage-1` .. `storage-`
+    /// [`DEV_STORAGE_NODES`] -> storage), `outsider` -> nothing.
     pub fn dev_default(trust_domain: &str) -> Self {
         let mut map = Self::new();
         let user = |n: &str| format!("spiffe://{trust_domain}/user/{n}");
@@ -79,19 +123,15 @@ impl RoleMap {
         map.set(&user("clinician"), [Role::Clinician]);
         map.set(&user("clinician2"), [Role::Clinician]);
         map.set(&user("researcher"), [Role::Researcher]);
-        for s in [
-            "keyserver",
-            "storage-1",
-            "storage-2",
-            "storage-3",
-            "watermark",
-            "segmentation",
-            "gateway",
-        ] {
-            map.set(
-                &format!("spiffe://{trust_domain}/service/{s}"),
-                [Role::Service],
-            );
+        map.set(&user("admin"), [Role::Admin]);
+        let services = ["keyserver", "watermark", "segmentation", "gateway"]
+            .map(str::to_owned)
+            .into_iter()
+            .chain((1..=DEV_STORAGE_NODES).map(|i| format!("storage-{i}")));
+        for s in services {
+            if let Some(role) = Role::of_dev_service(&s) {
+                map.set(&format!("spiffe://{trust_domain}/service/{s}"), [role]);
+            }
         }
         map
     }
@@ -237,17 +277,51 @@ impl Authz {
     }
 }
 
+/// A refusal of the authorization layer, handed to a [`RefusalSink`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The caller's identity URI, or `<none>`.
+    pub caller: String,
+    /// The gRPC path.
+    pub rpc: String,
+    pub reason: &'static str,
+}
+
+/// Where a service records the layer's refusals beyond the security log
+/// (the keyserver appends them to its audit chain). The layer awaits the
+/// returned future before it answers, so the record is written first.
+pub trait RefusalSink: Send + Sync + 'static {
+    fn record(&self, refusal: Refusal) -> BoxFuture<()>;
+}
+
 /// The tower layer; add it with `tonic::transport::Server::builder().layer(..)`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AuthzLayer {
     authz: Arc<Authz>,
+    sink: Option<Arc<dyn RefusalSink>>,
+}
+
+impl fmt::Debug for AuthzLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthzLayer")
+            .field("authz", &self.authz)
+            .field("sink", &self.sink.is_some())
+            .finish()
+    }
 }
 
 impl AuthzLayer {
     pub fn new(authz: Authz) -> Self {
         Self {
             authz: Arc::new(authz),
+            sink: None,
         }
+    }
+
+    /// Also hands every refusal to `sink` (awaited before the reply).
+    pub fn with_sink(mut self, sink: Arc<dyn RefusalSink>) -> Self {
+        self.sink = Some(sink);
+        self
     }
 }
 
@@ -257,18 +331,30 @@ impl<S> tower::Layer<S> for AuthzLayer {
         AuthzService {
             inner,
             authz: self.authz.clone(),
+            sink: self.sink.clone(),
         }
     }
 }
 
 /// See [`AuthzLayer`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AuthzService<S> {
     inner: S,
     authz: Arc<Authz>,
+    sink: Option<Arc<dyn RefusalSink>>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+impl<S: fmt::Debug> fmt::Debug for AuthzService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthzService")
+            .field("inner", &self.inner)
+            .field("authz", &self.authz)
+            .finish()
+    }
+}
+
+/// A boxed, sendable future (what a [`RefusalSink`] returns).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AuthzService<S>
 where
@@ -309,14 +395,36 @@ where
             }
             Err(denial) => {
                 let who = identity.map_or_else(|| "<none>".to_owned(), |i| i.uri());
-                tracing::warn!(rpc = %path, caller = %who, ?denial, "refused");
-                let status = match denial {
+                let reason = match denial {
+                    Denial::Unauthenticated => "no client identity",
+                    Denial::Unlisted => "rpc not in the authorization matrix",
+                    Denial::Forbidden => "no role of the caller is admitted",
+                };
+                crate::security::refused("authz", &who, &path, reason);
+                let mut status = match denial {
                     Denial::Unauthenticated => tonic::Status::unauthenticated("no client identity"),
                     Denial::Unlisted | Denial::Forbidden => {
                         tonic::Status::permission_denied(format!("{who} may not call {path}"))
                     }
                 };
-                Box::pin(std::future::ready(Ok(status.into_http())))
+                status.metadata_mut().insert(
+                    crate::security::REFUSED_BY_HEADER,
+                    tonic::metadata::MetadataValue::from_static("authz"),
+                );
+                match &self.sink {
+                    None => Box::pin(std::future::ready(Ok(status.into_http()))),
+                    Some(sink) => {
+                        let record = sink.record(Refusal {
+                            caller: who,
+                            rpc: path,
+                            reason,
+                        });
+                        Box::pin(async move {
+                            record.await;
+                            Ok(status.into_http())
+                        })
+                    }
+                }
             }
         }
     }
@@ -352,7 +460,7 @@ mod tests {
         let policy = Policy::new()
             .allow(
                 "/tessera.storage.v1.StorageNode/*",
-                [Role::Service, Role::Admin],
+                [Role::Gateway, Role::Admin],
             )
             .allow("/tessera.keyserver.v1.KeyServer/Approve", [Role::Owner]);
         Authz::new(policy, RoleMap::dev_default(DEFAULT_TRUST_DOMAIN))
@@ -365,7 +473,7 @@ mod tests {
         let owner = id("spiffe://tessera.local/user/owner");
         assert_eq!(
             a.decide("/tessera.storage.v1.StorageNode/Put", Some(&gw)),
-            Ok(BTreeSet::from([Role::Service]))
+            Ok(BTreeSet::from([Role::Gateway]))
         );
         assert_eq!(
             a.decide("/tessera.storage.v1.StorageNode/Put", Some(&owner)),

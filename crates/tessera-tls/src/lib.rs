@@ -19,13 +19,15 @@ mod authz;
 mod client;
 mod error;
 mod identity;
+pub mod matrix;
+pub mod security;
 mod server;
 mod tls_config;
 
 pub use allow_list::CallerAllowList;
 pub use authz::{
-    AccessConfig, Authz, AuthzLayer, AuthzService, CallerRoles, HEALTH_SERVICE_PREFIX, Policy,
-    Role, RoleMap, caller, caller_roles,
+    AccessConfig, Authz, AuthzLayer, AuthzService, BoxFuture, CallerRoles, DEV_STORAGE_NODES,
+    HEALTH_SERVICE_PREFIX, Policy, Refusal, RefusalSink, Role, RoleMap, caller, caller_roles,
 };
 pub use client::ClientTls;
 pub use error::TlsError;

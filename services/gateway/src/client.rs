@@ -124,23 +124,22 @@ pub async fn retrieve(
     study_handle: &str,
     key_request_id: &str,
 ) -> Result<(pb::RetrieveHeader, Vec<u8>), Status> {
-    retrieve_with_progress(client, study_handle, key_request_id, |_, _| {}).await
+    let request = pb::RetrieveRequest {
+        study_handle: study_handle.to_owned(),
+        key_request_id: key_request_id.to_owned(),
+        allow_tampered: false,
+    };
+    retrieve_with_progress(client, request, |_, _| {}).await
 }
 
-/// [`retrieve`], calling `progress(received, total)` per chunk.
+/// [`retrieve`] of any request (e.g. `allow_tampered`), calling
+/// `progress(received, total)` per chunk.
 pub async fn retrieve_with_progress(
     client: &mut GatewayClient<Channel>,
-    study_handle: &str,
-    key_request_id: &str,
+    request: pb::RetrieveRequest,
     progress: impl FnMut(u64, u64),
 ) -> Result<(pb::RetrieveHeader, Vec<u8>), Status> {
-    let stream = client
-        .retrieve(pb::RetrieveRequest {
-            study_handle: study_handle.to_owned(),
-            key_request_id: key_request_id.to_owned(),
-        })
-        .await?
-        .into_inner();
+    let stream = client.retrieve(request).await?.into_inner();
     collect(
         stream,
         |m: pb::RetrieveResponse| match m.part {
@@ -214,6 +213,7 @@ pub async fn retrieve_dicom(
         .retrieve_dicom(pb::RetrieveRequest {
             study_handle: study_handle.to_owned(),
             key_request_id: key_request_id.to_owned(),
+            allow_tampered: false,
         })
         .await?
         .into_inner();

@@ -259,14 +259,20 @@ impl GatewayService {
     pub(crate) async fn store_dicom_inner(
         &self,
         caller: String,
+        roles: std::collections::BTreeSet<tessera_tls::Role>,
         mut stream: Streaming<pb::StoreDicomRequest>,
     ) -> Result<pb::StoreDicomResponse> {
-        let header = first_header(&mut stream, |m: pb::StoreDicomRequest| match m.part {
+        let mut header = first_header(&mut stream, |m: pb::StoreDicomRequest| match m.part {
             Some(pb::store_dicom_request::Part::Header(h)) => Some(h),
             Some(pb::store_dicom_request::Part::Chunk(_)) | None => None,
         })
         .await?;
+        if header.owner.is_empty() {
+            header.owner.clone_from(&caller);
+        }
         check_owner("header.owner", &header.owner)?;
+        self.require_store_for("StoreDicom", &caller, &roles, &header.owner)
+            .await?;
         let max = self.inner.limits.max_image_bytes;
         if header.size == 0 || header.size > max {
             return Err(GatewayError::TooLarge(format!(
@@ -648,9 +654,15 @@ impl GatewayService {
 
     pub(crate) async fn find_dicom_study_inner(
         &self,
-        r: pb::FindDicomStudyRequest,
+        caller: String,
+        mut r: pb::FindDicomStudyRequest,
     ) -> Result<pb::FindDicomStudyResponse> {
+        if r.owner.is_empty() {
+            r.owner.clone_from(&caller);
+        }
         check_owner("owner", &r.owner)?;
+        self.require_acts_for("FindDicomStudy", &caller, &r.owner)
+            .await?;
         if r.study_instance_uid.is_empty() || r.study_instance_uid.len() > 64 {
             return Err(GatewayError::InvalidArgument(
                 "study_instance_uid: 1..=64 characters".into(),

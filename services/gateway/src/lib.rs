@@ -5,6 +5,7 @@
 //! See `README.md`.
 #![forbid(unsafe_code)]
 
+mod access;
 pub mod app;
 pub mod client;
 pub mod config;

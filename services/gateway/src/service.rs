@@ -38,22 +38,11 @@ const SHARES: usize = 2;
 pub(crate) type Result<T, E = GatewayError> = std::result::Result<T, E>;
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Who may call what. Ownership (delete) and grants (retrieve, process,
-/// locate) are checked in the handlers.
+/// Who may call what: this service's rows of the one authorization matrix
+/// ([`tessera_tls::matrix::MATRIX`]). Ownership, delegation and grants are
+/// checked in the handlers.
 pub fn policy() -> Policy {
-    let p = |m: &str| format!("/{SERVICE}/{m}");
-    let readers = [Role::Owner, Role::Clinician, Role::Researcher];
-    Policy::new()
-        .allow(&p("Store"), [Role::Owner, Role::Clinician])
-        .allow(&p("RequestAccess"), readers)
-        .allow(&p("Retrieve"), readers)
-        .allow(&p("Process"), readers)
-        .allow(&p("Locate"), readers)
-        .allow(&p("Verify"), [Role::Owner, Role::Clinician, Role::Admin])
-        .allow(&p("Delete"), [Role::Owner])
-        .allow(&p("StoreDicom"), [Role::Owner, Role::Clinician])
-        .allow(&p("RetrieveDicom"), readers)
-        .allow(&p("FindDicomStudy"), [Role::Owner, Role::Clinician])
+    Policy::for_service(SERVICE)
 }
 
 /// Settings the handlers need.
@@ -187,14 +176,20 @@ impl GatewayService {
     async fn store_inner(
         &self,
         caller: String,
+        roles: std::collections::BTreeSet<Role>,
         mut stream: Streaming<pb::StoreRequest>,
     ) -> Result<pb::StoreResponse> {
-        let header = first_header(&mut stream, |m: pb::StoreRequest| match m.part {
+        let mut header = first_header(&mut stream, |m: pb::StoreRequest| match m.part {
             Some(pb::store_request::Part::Header(h)) => Some(h),
             Some(pb::store_request::Part::Chunk(_)) | None => None,
         })
         .await?;
+        if header.owner.is_empty() {
+            header.owner.clone_from(&caller);
+        }
         let plan = StorePlan::from_header(header, self.inner.limits.max_image_bytes)?;
+        self.require_store_for("Store", &caller, &roles, &plan.owner)
+            .await?;
         // A compressed file decodes to more than its size; the decoded size
         // is bounded by max_image_bytes and checked below.
         let _permit = self
@@ -786,6 +781,10 @@ impl GatewayService {
             .await?;
         let shares = self.fetch_shares(&rec).await?;
         let (report, pixels) = self.restore(&rec, shares).await?;
+        if !report.intact && !r.allow_tampered {
+            tracing::warn!(study = %rec.study_id, tiles = report.tampered_tile_count, blocks = report.tampered_block_count, "retrieve refused: tampered");
+            return Err(crate::access::tampered(&rec.study_id, &report));
+        }
         // The use is spent only when the pixels are about to leave.
         self.redeem_grant(&caller, &r.key_request_id, &rec.study_id)
             .await?;
@@ -815,9 +814,15 @@ impl GatewayService {
         Ok(Box::pin(tokio_stream::iter(msgs)))
     }
 
-    async fn verify_inner(&self, r: pb::VerifyStudyRequest) -> Result<pb::VerifyStudyResponse> {
+    async fn verify_inner(
+        &self,
+        caller: String,
+        r: pb::VerifyStudyRequest,
+    ) -> Result<pb::VerifyStudyResponse> {
         check_handle("study_handle", &r.study_handle)?;
         let rec = self.committed(&r.study_handle).await?;
+        self.require_verify_access(&caller, &rec, &r.key_request_id)
+            .await?;
         if rec.is_dicom() {
             return self.verify_dicom(&rec).await;
         }
@@ -842,21 +847,49 @@ impl GatewayService {
         let rec = self.committed_image(&r.study_handle).await?;
         self.check_grant(&caller, &r.key_request_id, &rec.study_id)
             .await?;
-        let nodes = rec
-            .placements
-            .iter()
-            .filter_map(|p| self.inner.up.node(&p.node).ok())
-            .map(|n| pb::NodeAddress {
-                node: n.name.clone(),
-                address: n.address.clone(),
-            })
-            .collect();
         Ok(pb::LocateResponse {
             study_handle: rec.study_id.clone(),
             header_json: rec.header_json.clone(),
             placements: rec.placements.iter().map(placement_to_proto).collect(),
-            nodes,
         })
+    }
+
+    /// One share's ciphertext, relayed from its node for a grant holder.
+    async fn fetch_share_inner(
+        &self,
+        caller: String,
+        r: pb::FetchShareRequest,
+    ) -> Result<BoxStream<pb::FetchShareResponse>> {
+        check_handle("study_handle", &r.study_handle)?;
+        check_request_id("key_request_id", &r.key_request_id)?;
+        if !(1..=SHARES as u32).contains(&r.share) {
+            return Err(GatewayError::InvalidArgument(format!(
+                "share: {} is not 1..={SHARES}",
+                r.share
+            )));
+        }
+        let rec = self.committed_image(&r.study_handle).await?;
+        self.check_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let placement = rec
+            .placements
+            .iter()
+            .find(|p| p.share == r.share)
+            .cloned()
+            .ok_or_else(|| {
+                GatewayError::DataLoss(format!("study {}: no share {}", rec.study_id, r.share))
+            })?;
+        let limit = rec.spec.to_spec().byte_len() as u64 * 2 + (1 << 20);
+        let _permit = self.job_permit(limit).await?;
+        let mut objects = self
+            .fetch_objects(&rec.study_id, std::slice::from_ref(&placement), limit)
+            .await?;
+        let data = objects.pop().unwrap_or_default();
+        tracing::info!(study = %rec.study_id, share = r.share, caller = %caller, "share relayed");
+        let msgs: Vec<_> = convert::chunks(&data)
+            .map(|c| Ok(pb::FetchShareResponse { chunk: c }))
+            .collect();
+        Ok(Box::pin(tokio_stream::iter(msgs)))
     }
 
     async fn delete_inner(
@@ -871,10 +904,11 @@ impl GatewayService {
             .filter(|r| r.state != StudyState::Pending)
             .ok_or_else(|| GatewayError::NotFound(format!("study {}", r.study_handle)))?;
         if rec.owner != caller {
-            return Err(GatewayError::PermissionDenied(format!(
-                "only the study's owner may delete {}",
-                rec.study_id
-            )));
+            return Err(crate::access::refuse(
+                "Delete",
+                &caller,
+                format!("only the study's owner may delete {}", rec.study_id),
+            ));
         }
         // Invisible from now on; a failure below leaves it `Deleting` and a
         // second Delete (or the next start) finishes the job.
@@ -1043,8 +1077,10 @@ impl Gateway for GatewayService {
         request: Request<Streaming<pb::StoreRequest>>,
     ) -> Result<Response<pb::StoreResponse>, Status> {
         let caller = caller_uri(&request)?;
+        let roles = tessera_tls::caller_roles(&request);
         Ok(Response::new(
-            self.store_inner(caller, request.into_inner()).await?,
+            self.store_inner(caller, roles, request.into_inner())
+                .await?,
         ))
     }
 
@@ -1077,8 +1113,9 @@ impl Gateway for GatewayService {
         &self,
         request: Request<pb::VerifyStudyRequest>,
     ) -> Result<Response<pb::VerifyStudyResponse>, Status> {
+        let caller = caller_uri(&request)?;
         Ok(Response::new(
-            self.verify_inner(request.into_inner()).await?,
+            self.verify_inner(caller, request.into_inner()).await?,
         ))
     }
 
@@ -1104,6 +1141,18 @@ impl Gateway for GatewayService {
         ))
     }
 
+    type FetchShareStream = BoxStream<pb::FetchShareResponse>;
+
+    async fn fetch_share(
+        &self,
+        request: Request<pb::FetchShareRequest>,
+    ) -> Result<Response<Self::FetchShareStream>, Status> {
+        let caller = caller_uri(&request)?;
+        Ok(Response::new(
+            self.fetch_share_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
     async fn delete(
         &self,
         request: Request<pb::DeleteStudyRequest>,
@@ -1119,8 +1168,10 @@ impl Gateway for GatewayService {
         request: Request<Streaming<pb::StoreDicomRequest>>,
     ) -> Result<Response<pb::StoreDicomResponse>, Status> {
         let caller = caller_uri(&request)?;
+        let roles = tessera_tls::caller_roles(&request);
         Ok(Response::new(
-            self.store_dicom_inner(caller, request.into_inner()).await?,
+            self.store_dicom_inner(caller, roles, request.into_inner())
+                .await?,
         ))
     }
 
@@ -1128,8 +1179,10 @@ impl Gateway for GatewayService {
         &self,
         request: Request<pb::FindDicomStudyRequest>,
     ) -> Result<Response<pb::FindDicomStudyResponse>, Status> {
+        let caller = caller_uri(&request)?;
         Ok(Response::new(
-            self.find_dicom_study_inner(request.into_inner()).await?,
+            self.find_dicom_study_inner(caller, request.into_inner())
+                .await?,
         ))
     }
 

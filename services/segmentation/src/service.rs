@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tessera_image::Image;
 use tessera_proto::segmentation::v1 as pb;
 use tessera_proto::segmentation::v1::segmentation_server::{Segmentation, SegmentationServer};
-use tessera_tls::{CallerAllowList, Policy, Role};
+use tessera_tls::{CallerAllowList, Policy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -30,10 +30,10 @@ pub const SERVICE: &str = "tessera.segmentation.v1.Segmentation";
 /// overlap; tiny blocks with a wide halo multiply the pixels).
 pub const FRAGMENT_EXPANSION: u64 = 4;
 
-/// The policy table: the service role only; [`SegmentationService`] narrows
+/// The policy table: the gateway only (the matrix); [`SegmentationService`] narrows
 /// it to the configured callers.
 pub fn policy() -> Policy {
-    Policy::new().allow(&format!("/{SERVICE}/*"), [Role::Service])
+    Policy::for_service(SERVICE)
 }
 
 type Result<T, E = SegmentationError> = std::result::Result<T, E>;
@@ -207,14 +207,15 @@ fn empty_message() -> SegmentationError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_tls::Role;
 
     #[test]
-    fn policy_admits_the_service_role_only() {
+    fn policy_admits_the_gateway_only() {
         let p = policy();
         let roles = p.allowed(&format!("/{SERVICE}/Segment")).unwrap();
         assert_eq!(
             roles.iter().copied().collect::<Vec<_>>(),
-            vec![Role::Service]
+            vec![Role::Gateway]
         );
     }
 }

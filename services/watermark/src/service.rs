@@ -12,7 +12,7 @@ use tessera_cryptomark::{Header, ProtectKey, RestoreKey, SHARE_PREAMBLE};
 use tessera_image::Image;
 use tessera_proto::watermark::v1 as pb;
 use tessera_proto::watermark::v1::watermark_server::{Watermark, WatermarkServer};
-use tessera_tls::{CallerAllowList, Policy, Role};
+use tessera_tls::{CallerAllowList, Policy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -33,10 +33,10 @@ pub const MAX_RESPONSE_MESSAGE: usize = CHUNK_BYTES + 64 * 1024;
 /// (the core then checks the exact length).
 const SHARE_SLACK_PER_TILE: u64 = 64;
 
-/// The policy table: the service role only; [`WatermarkService`] narrows it
+/// The policy table: the gateway only (the matrix); [`WatermarkService`] narrows it
 /// to the configured callers.
 pub fn policy() -> Policy {
-    Policy::new().allow(&format!("/{SERVICE}/*"), [Role::Service])
+    Policy::for_service(SERVICE)
 }
 
 type Result<T, E = WatermarkError> = std::result::Result<T, E>;
@@ -354,14 +354,15 @@ fn empty_message() -> WatermarkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_tls::Role;
 
     #[test]
-    fn policy_admits_the_service_role_only() {
+    fn policy_admits_the_gateway_only() {
         let p = policy();
         let roles = p.allowed(&format!("/{SERVICE}/Protect")).unwrap();
         assert_eq!(
             roles.iter().copied().collect::<Vec<_>>(),
-            vec![Role::Service]
+            vec![Role::Gateway]
         );
     }
 }

@@ -70,11 +70,13 @@ pub struct RetrieveArgs {
     /// Output: .png (one frame) or anything else for raw little-endian words.
     #[arg(long, short)]
     pub output: PathBuf,
-    /// Fetch the shares from the storage nodes and the key from the keyserver
-    /// and restore on this machine (the gateway only tells where).
+    /// Fetch the shares' ciphertext (relayed by the gateway) and the key
+    /// from the keyserver and restore on this machine.
     #[arg(long)]
     pub local: bool,
-    /// Also write a tamper map PNG when the study does not verify intact.
+    /// Write a tamper map PNG when the study does not verify intact. The
+    /// gateway then sends the tampered pixels (one grant use is spent);
+    /// the image itself is still not written.
     #[arg(long, value_name = "PNG")]
     pub map: Option<PathBuf>,
     #[command(flatten)]
@@ -87,6 +89,10 @@ pub struct RetrieveArgs {
 pub struct VerifyArgs {
     /// The study handle (st-...).
     pub study: String,
+    /// Your approved key request on the study (needed unless you own the
+    /// study or are a delegate of its owner; not spent).
+    #[arg(long = "request", value_name = "ID", default_value = "")]
+    pub request_id: String,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
@@ -351,10 +357,14 @@ pub fn retrieve(a: RetrieveArgs) -> Result<()> {
         } else {
             let bar = transfer_bar(0, "retrieve");
             let b = bar.clone();
+            let request = pb::RetrieveRequest {
+                study_handle: a.study.clone(),
+                key_request_id: a.request_id.clone(),
+                allow_tampered: a.map.is_some(),
+            };
             let r = gw::retrieve_with_progress(
                 &mut gateway(&a.conn).await?,
-                &a.study,
-                &a.request_id,
+                request,
                 move |got, total| {
                     b.set_length(total);
                     b.set_position(got);
@@ -427,9 +437,10 @@ fn finish_retrieve(
     })
 }
 
-/// User-side restore (paper 003): the gateway says where the shares are;
-/// the user's grant releases the key at the keyserver; the shares come from
-/// the storage nodes; the restore and verification run here.
+/// User-side restore (paper 003): the gateway gives the public header and
+/// relays each share's ciphertext (users never reach a storage node); the
+/// user's grant releases the key at the keyserver; the restore and
+/// verification run here.
 async fn retrieve_local(
     a: &RetrieveArgs,
 ) -> Result<(
@@ -449,28 +460,29 @@ async fn retrieve_local(
         .into_inner();
     let header = tessera_cryptomark::Header::from_json(&loc.header_json)
         .map_err(|e| anyhow!("locate: the study header does not parse: {e}"))?;
-    let tls = tessera_tls::ClientTls::from_files(&a.conn.tls_files()?)?;
+    let mut gwc = gateway(&a.conn).await?;
     let mut shares: Vec<Vec<u8>> = Vec::with_capacity(2);
     for share in [1u32, 2] {
-        let p = loc
-            .placements
-            .iter()
-            .find(|p| p.share == share)
-            .ok_or_else(|| anyhow!("locate: no placement for share {share}"))?;
-        let addr = loc
-            .nodes
-            .iter()
-            .find(|n| n.node == p.node)
-            .map(|n| n.address.clone())
-            .ok_or_else(|| anyhow!("locate: no address for {}", p.node))?;
-        let ch = tls
-            .connect(&addr)
+        if !loc.placements.iter().any(|p| p.share == share) {
+            bail!("locate: no placement for share {share}");
+        }
+        let mut stream = gwc
+            .fetch_share(a.conn.request(pb::FetchShareRequest {
+                study_handle: a.study.clone(),
+                key_request_id: a.request_id.clone(),
+                share,
+            }))
             .await
-            .with_context(|| format!("cannot reach storage node {} at {addr}", p.node))?;
-        let mut node = storage_node::client::client(ch);
-        let (_, data) = storage_node::client::get_object(&mut node, &p.object_id)
+            .map_err(|s| status_error(&format!("fetch share {share}"), &s))?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(m) = stream
+            .message()
             .await
-            .map_err(|s| status_error(&format!("get share {share} from {}", p.node), &s))?;
+            .map_err(|s| status_error(&format!("fetch share {share}"), &s))?
+        {
+            data.extend_from_slice(&m.chunk);
+        }
         shares.push(data);
     }
     let released = KeyServerClient::new(a.conn.channel(Service::Keyserver).await?)
@@ -529,6 +541,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             .await?
             .verify(a.conn.request(pb::VerifyStudyRequest {
                 study_handle: a.study.clone(),
+                key_request_id: a.request_id.clone(),
             }))
             .await
             .map_err(|s| status_error("verify", &s))?
