@@ -276,3 +276,72 @@ async fn find_dicom_study_only_for_the_owner_and_delegates() {
     }
     stack.shutdown().await;
 }
+
+/// A CT slice whose Burned In Annotation is YES (the pixels may show a
+/// name): written with dicom-object over a synthetic slice.
+fn burned_in_slice() -> Vec<u8> {
+    use dicom_dictionary_std::tags;
+    let info = tessera_dicom::synth::StudyInfo {
+        patient_name: "Burned^In".into(),
+        patient_id: "MRN-BURN-1".into(),
+        patient_birth_date: "19500101".into(),
+        study_date: "20260301".into(),
+        institution: "Test Hospital".into(),
+        uid_root: "1.2.826.0.1.3680043.10.1137.91".into(),
+    };
+    let px: Vec<u16> = (0..32 * 24u32).map(|p| (p * 5 % 4096) as u16).collect();
+    let file = tessera_dicom::synth::ct_slice(&info, 0, 24, 32, &px).unwrap();
+    let mut obj = dicom_object::from_reader(&file[128..]).unwrap();
+    obj.put(dicom_object::mem::InMemElement::new(
+        tags::BURNED_IN_ANNOTATION,
+        dicom_core::VR::CS,
+        dicom_core::PrimitiveValue::from("YES"),
+    ));
+    let mut out = Vec::new();
+    obj.write_all(&mut out).unwrap();
+    out
+}
+
+/// Finding 13: a researcher's (de-identified) copy of a Burned In
+/// Annotation = YES instance is refused with a clear status, spending no
+/// use; a clinician (re-identifying role) still gets the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn burned_in_annotation_is_not_released_de_identified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
+        .await
+        .unwrap();
+    let file = burned_in_slice();
+    let stored = gw::store_dicom(&mut gateway(&stack, "owner").await, OWNER, &file)
+        .await
+        .unwrap();
+    let handle = stored.study_handle;
+    let rid = grant(&stack, "researcher", &handle, 1).await;
+    let mut res = gateway(&stack, "researcher").await;
+    for _ in 0..2 {
+        let e = gw::retrieve_dicom(&mut res, &handle, &rid, |_, _| Ok(()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().contains("Burned In Annotation"),
+            "{}",
+            e.message()
+        );
+    }
+    let crid = grant(&stack, "clinician", &handle, 1).await;
+    let mut got = Vec::new();
+    gw::retrieve_dicom(
+        &mut gateway(&stack, "clinician").await,
+        &handle,
+        &crid,
+        |_, f| {
+            got.push(f);
+            Ok(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, vec![file], "byte-identical for the clinician");
+    stack.shutdown().await;
+}

@@ -184,6 +184,9 @@ pub struct Subject {
     pub sop_instance_uid: String,
     pub sop_class_uid: String,
     pub modality: String,
+    /// Burned In Annotation (0028,0301) is `YES`: the pixels themselves may
+    /// show identity, which no header de-identification removes.
+    pub burned_in_annotation: bool,
 }
 
 /// Longest value kept in a [`Subject`] field.
@@ -224,6 +227,7 @@ fn subject_of(obj: &dicom_object::InMemDicomObject, meta: &dicom_object::FileMet
             meta.media_storage_sop_class_uid(),
         ),
         modality: text(tags::MODALITY),
+        burned_in_annotation: text(tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES"),
     }
 }
 

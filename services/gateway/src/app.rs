@@ -72,6 +72,7 @@ impl App {
                 max_image_bytes: g.max_image_bytes,
                 reidentify_roles: g.reidentify_roles.clone(),
                 temporal: config.dicom.temporal,
+                deidentify_burned_in: config.dicom.deidentify_burned_in,
             },
             g.max_concurrent_jobs as usize,
             g.max_inflight_mib,

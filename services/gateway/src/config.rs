@@ -40,6 +40,7 @@
 //!
 //! [dicom]
 //! temporal = "remove"            # or "retain-full", "retain-modified"
+//! deidentify_burned_in = false   # refuse researchers' copies of Burned In Annotation = YES
 //! [dicom.scp]                    # optional C-STORE SCP (trusted network)
 //! listen = "127.0.0.1:11112"
 //! ae_title = "TESSERA"
@@ -106,6 +107,11 @@ pub enum TemporalOption {
 pub struct DicomSection {
     #[serde(default)]
     pub temporal: TemporalOption,
+    /// Release de-identified copies of instances whose Burned In Annotation
+    /// is YES (their pixels may show identity). Off by default: such an
+    /// instance is refused to roles that get de-identified files.
+    #[serde(default)]
+    pub deidentify_burned_in: bool,
     /// The C-STORE SCP; absent: DICOM arrives over gRPC only.
     pub scp: Option<ScpSection>,
 }

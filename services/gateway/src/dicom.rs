@@ -512,6 +512,7 @@ impl GatewayService {
             placements,
             stored_by,
             created_unix: crate::service::now_unix(),
+            burned_in_annotation: split.subject.burned_in_annotation,
         };
         let r = rec.clone();
         with_vault(&self.inner.vault, move |v| v.insert_instance(&r)).await?;
@@ -844,6 +845,21 @@ impl GatewayService {
         let reidentify = roles
             .iter()
             .any(|r| self.inner.limits.reidentify_roles.contains(r));
+        if !reidentify && !self.inner.limits.deidentify_burned_in {
+            let burned: Vec<&str> = instances
+                .iter()
+                .filter(|i| i.burned_in_annotation)
+                .map(|i| i.instance_id.as_str())
+                .collect();
+            if !burned.is_empty() {
+                return Err(GatewayError::WrongKind(format!(
+                    "study {}: {} instance(s) have Burned In Annotation = YES ({}): their pixels may show identity, so no de-identified copy is released and no grant use was spent (the deployment may opt in with dicom.deidentify_burned_in)",
+                    rec.study_id,
+                    burned.len(),
+                    burned.join(", ")
+                )));
+            }
+        }
         let (kmeta, kpx) = self.restore_keys(&rec, &instances).await?;
         let profile = (!reidentify).then(|| profile_for(&kmeta, self.inner.limits.temporal));
         let count = instances.len() as u32;
@@ -977,7 +993,9 @@ impl GatewayService {
         };
         let profile = profile.cloned();
         let max = self.inner.limits.max_image_bytes;
+        let burned_in_ok = self.inner.limits.deidentify_burned_in;
         let stored_ts = inst.transfer_syntax.clone();
+        let instance_name = name.clone();
         let (bytes, deidentified, transfer_syntax) =
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let original = tessera_dicom::join(&container, &identifying, &pixels)
@@ -992,6 +1010,11 @@ impl GatewayService {
                             &p,
                         )
                         .map_err(|e| GatewayError::Internal(format!("de-identify: {e}")))?;
+                        if s.subject.burned_in_annotation && !burned_in_ok {
+                            return Err(GatewayError::WrongKind(format!(
+                                "{instance_name}: Burned In Annotation is YES (the pixels may show identity); a de-identified copy is not released (the deployment may opt in with dicom.deidentify_burned_in)"
+                            )));
+                        }
                         let out = tessera_dicom::write_deidentified(&s.deidentified, &s.pixels)
                             .map_err(|e| GatewayError::Internal(format!("de-identify: {e}")))?;
                         // Native pixels are written Explicit VR Little Endian;

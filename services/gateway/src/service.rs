@@ -52,6 +52,8 @@ pub struct Limits {
     pub reidentify_roles: Vec<Role>,
     /// Retain Longitudinal Temporal Information for de-identified DICOM.
     pub temporal: crate::config::TemporalOption,
+    /// Release de-identified copies of Burned In Annotation = YES instances.
+    pub deidentify_burned_in: bool,
 }
 
 /// The shared state behind every handler.

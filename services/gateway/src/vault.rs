@@ -146,6 +146,10 @@ pub struct InstanceRecord {
     pub placements: Vec<SharePlacement>,
     pub stored_by: String,
     pub created_unix: u64,
+    /// Burned In Annotation (0028,0301) was YES: the pixels may show
+    /// identity, so no de-identified copy is released unless configured.
+    #[serde(default)]
+    pub burned_in_annotation: bool,
 }
 
 impl InstanceRecord {
