@@ -63,7 +63,11 @@ impl App {
                 db_path: k.db_path.clone(),
                 kek: Kek::load(&k.kek_file)?,
                 gateway_identity: k.gateway_identity.clone(),
-                derive_identities: k.derive_identities.clone(),
+                derivers: k
+                    .derive_identities
+                    .iter()
+                    .map(|d| (d.clone(), vec!["*".to_owned()]))
+                    .collect(),
                 checkpoint_every: k.checkpoint_every,
                 max_grant_ttl_secs: k.max_grant_ttl_secs,
                 max_grant_uses: k.max_grant_uses,
