@@ -63,7 +63,11 @@ impl App {
                 db_path: k.db_path.clone(),
                 kek: Kek::load(&k.kek_file)?,
                 gateway_identity: k.gateway_identity.clone(),
-                derive_identities: k.derive_identities.clone(),
+                derivers: k
+                    .derive_identities
+                    .iter()
+                    .map(|d| (d.clone(), vec!["*".to_owned()]))
+                    .collect(),
                 checkpoint_every: k.checkpoint_every,
                 max_grant_ttl_secs: k.max_grant_ttl_secs,
                 max_grant_uses: k.max_grant_uses,
@@ -84,6 +88,7 @@ impl App {
     /// Binds and serves (mTLS, authz, health, reflection, limits).
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
         let server = GrpcServer::new(&self.server, policy())?
+            .with_refusal_sink(std::sync::Arc::new(AuditSink(self.core.clone())))
             .add_service(OversizeAsResourceExhausted::new(
                 KeyServerService::new(self.core.clone()).into_server(),
             ))
@@ -122,5 +127,18 @@ impl Serving for RunningApp {
 
     fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send {
         RunningApp::shutdown(self, grace)
+    }
+}
+
+/// Puts the authorization layer's refusals into the audit chain (awaited
+/// before the layer answers).
+struct AuditSink(Core);
+
+impl tessera_tls::RefusalSink for AuditSink {
+    fn record(&self, r: tessera_tls::Refusal) -> tessera_tls::BoxFuture<()> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            core.audit_access_refusal(&r.caller, &r.rpc, r.reason).await;
+        })
     }
 }

@@ -3,6 +3,8 @@
 //! ```text
 //! keyserver [--config FILE]                      serve until SIGINT/SIGTERM
 //! keyserver audit-verify --db FILE [--kek-file F] verify the audit chain of a stopped keyserver
+//! keyserver audit-recover --config FILE --acknowledge-broken-at N
+//!                                                 re-open a broken chain (stopped keyserver)
 //! keyserver bench [--clients 64] [--requests 20000]
 //! ```
 #![forbid(unsafe_code)]
@@ -13,8 +15,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keyserver::App;
 use keyserver::config::{Config, ENV_PREFIX};
+use keyserver::core::clock::{Clock, SystemClock};
 use keyserver::core::crypto::Kek;
-use tessera_runtime::{EXIT_CONFIG, Service};
+use tessera_runtime::{ConfigSource, EXIT_CONFIG, Service, load_config};
 
 const SERVICE: Service<Config> = Service::new(
     "keyserver",
@@ -46,6 +49,16 @@ enum Cmd {
         #[arg(long)]
         kek_file: Option<PathBuf>,
     },
+    /// Acknowledge a broken audit chain so the keyserver serves key
+    /// operations again (server stopped; KEK and database from --config).
+    /// Appends a signed `audit.recovered` entry naming the operator ($USER)
+    /// and the acknowledged entry, which must be the first broken one.
+    AuditRecover {
+        /// The first broken entry, as named by `audit-verify` or by the
+        /// keyserver's FAILED_PRECONDITION refusals.
+        #[arg(long, value_name = "SEQ")]
+        acknowledge_broken_at: u64,
+    },
     /// Derivations per second over mTLS gRPC vs in-process (temporary PKI,
     /// database and server on 127.0.0.1; bounded by count).
     Bench {
@@ -62,6 +75,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::AuditVerify { db, kek_file }) => audit_verify(&db, kek_file.as_deref()),
+        Some(Cmd::AuditRecover {
+            acknowledge_broken_at,
+        }) => audit_recover(cli.config.as_deref(), acknowledge_broken_at),
         Some(Cmd::Bench { clients, requests }) => bench(clients, requests),
         None => SERVICE.serve(cli.config.as_deref(), async |cfg| {
             Ok(App::build(&cfg)?.spawn().await?)
@@ -91,6 +107,43 @@ fn bench(clients: usize, requests: usize) -> ExitCode {
         Err(e) => {
             eprintln!("keyserver: bench failed: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_recover(config: Option<&std::path::Path>, seq: u64) -> ExitCode {
+    let cfg: Config = match load_config(&ConfigSource::from_process(config), ENV_PREFIX) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keyserver: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let kek = match Kek::load(&cfg.keyserver.kek_file) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keyserver: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let db = &cfg.keyserver.db_path;
+    match keyserver::core::recover_audit(db, &kek, &operator, seq, SystemClock.now_ms()) {
+        Ok(r) => {
+            println!(
+                "{{\"ok\":{},\"recoveredAt\":{},\"acknowledgedBrokenAt\":{},\"acknowledgedProblem\":{:?},\"entries\":{}}}",
+                r.report.ok, r.seq, r.acknowledged.seq, r.acknowledged.problem, r.report.entries
+            );
+            if r.report.ok {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("keyserver: still broken: {}", r.report.problem);
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("keyserver: cannot recover {}: {e}", db.display());
+            ExitCode::from(1)
         }
     }
 }

@@ -3,13 +3,15 @@
 //! `tessera_tls::AuthzLayer` driven by [`policy`]; the finer rules (gateway
 //! only, owner only, requester only, no self-approval) are in the core.
 
+use prost::Message;
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_server::KeyServer;
-use tessera_tls::Policy;
+use tessera_tls::{Policy, Role};
 use tonic::{Request, Response, Status};
 
+use crate::core::audit::AuditEntry;
 use crate::core::store::{GrantState, RequestRecord};
-use crate::core::{Core, Operation, Redeemed};
+use crate::core::{AuditScope, Core, Operation, Redeemed};
 use crate::error::KeyServerError;
 
 /// gRPC service name, for the policy table and health.
@@ -145,6 +147,29 @@ fn key_request(r: RequestRecord) -> pb::KeyRequest {
     }
     out
 }
+
+fn audit_entry(e: AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry {
+        seq: e.seq,
+        timestamp_unix_ms: e.timestamp_ms,
+        actor: e.actor,
+        event: e.event,
+        study_id: e.study,
+        detail: e.detail,
+        prev_hash: e.prev_hash.to_vec(),
+        hash: e.hash.to_vec(),
+    }
+}
+
+/// Bytes an entry adds to a `ListAuditResponse` (tag, length, message).
+fn audit_entry_size(e: &AuditEntry) -> usize {
+    let n = audit_entry(e.clone()).encoded_len();
+    1 + prost::length_delimiter_len(n) + n
+}
+
+/// What a `ListAuditResponse` page may hold: the message limit less room for
+/// `next_from_seq` (tag and a 10-byte varint) and a margin.
+const AUDIT_PAGE_BUDGET: usize = MAX_MESSAGE_BYTES - 64;
 
 fn redeemed(r: Redeemed) -> pb::RedeemGrantResponse {
     pb::RedeemGrantResponse {
@@ -313,6 +338,13 @@ impl KeyServer for KeyServerService {
         &self,
         req: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let actor = who(&req)?;
+        // Admins read the whole log; an owner only what concerns it.
+        let scope = if tessera_tls::caller_roles(&req).contains(&Role::Admin) {
+            AuditScope::All
+        } else {
+            AuditScope::Owner(actor)
+        };
         let m = req.into_inner();
         let limit = match m.limit {
             0 => 100,
@@ -320,23 +352,20 @@ impl KeyServer for KeyServerService {
             _ => return Err(Status::invalid_argument("limit must be 0..=1000")),
         };
         let core = self.core.clone();
-        let entries = tokio::task::spawn_blocking(move || core.list_audit(m.from_seq, limit))
-            .await
-            .map_err(|_| Status::internal("internal error"))??;
+        let page = tokio::task::spawn_blocking(move || {
+            core.list_audit_page(
+                m.from_seq,
+                limit,
+                &scope,
+                AUDIT_PAGE_BUDGET,
+                audit_entry_size,
+            )
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))??;
         Ok(Response::new(pb::ListAuditResponse {
-            entries: entries
-                .into_iter()
-                .map(|e| pb::AuditEntry {
-                    seq: e.seq,
-                    timestamp_unix_ms: e.timestamp_ms,
-                    actor: e.actor,
-                    event: e.event,
-                    study_id: e.study,
-                    detail: e.detail,
-                    prev_hash: e.prev_hash.to_vec(),
-                    hash: e.hash.to_vec(),
-                })
-                .collect(),
+            entries: page.entries.into_iter().map(audit_entry).collect(),
+            next_from_seq: page.next_from_seq,
         }))
     }
 
@@ -377,6 +406,51 @@ impl KeyServer for KeyServerService {
         Ok(Response::new(redeemed(r)))
     }
 
+    async fn add_delegate(
+        &self,
+        req: Request<pb::AddDelegateRequest>,
+    ) -> Result<Response<pb::AddDelegateResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        self.core.add_delegate(&actor, &m.delegate).await?;
+        Ok(Response::new(pb::AddDelegateResponse {}))
+    }
+
+    async fn remove_delegate(
+        &self,
+        req: Request<pb::RemoveDelegateRequest>,
+    ) -> Result<Response<pb::RemoveDelegateResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        self.core.remove_delegate(&actor, &m.delegate).await?;
+        Ok(Response::new(pb::RemoveDelegateResponse {}))
+    }
+
+    async fn list_delegates(
+        &self,
+        req: Request<pb::ListDelegatesRequest>,
+    ) -> Result<Response<pb::ListDelegatesResponse>, Status> {
+        let actor = who(&req)?;
+        let core = self.core.clone();
+        let delegates = tokio::task::spawn_blocking(move || core.list_delegates(&actor))
+            .await
+            .map_err(|_| Status::internal("internal error"))??;
+        Ok(Response::new(pb::ListDelegatesResponse { delegates }))
+    }
+
+    async fn check_delegate(
+        &self,
+        req: Request<pb::CheckDelegateRequest>,
+    ) -> Result<Response<pb::CheckDelegateResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let allowed = self
+            .core
+            .check_delegate(&actor, &m.owner, &m.delegate)
+            .await?;
+        Ok(Response::new(pb::CheckDelegateResponse { allowed }))
+    }
+
     async fn forget_study(
         &self,
         req: Request<pb::ForgetStudyRequest>,
@@ -396,7 +470,6 @@ impl KeyServer for KeyServerService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_tls::Role;
     use tonic::Code;
 
     #[test]
@@ -461,6 +534,10 @@ mod tests {
             "RedeemGrant",
             "CheckGrant",
             "ForgetStudy",
+            "AddDelegate",
+            "RemoveDelegate",
+            "ListDelegates",
+            "CheckDelegate",
         ] {
             assert!(p.allowed(&format!("/{SERVICE}/{m}")).is_some(), "{m}");
         }

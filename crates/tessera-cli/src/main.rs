@@ -79,6 +79,10 @@ enum Command {
     Revoke(client::keyserver_cmd::DecideArgs),
     /// Read (--from, --limit) or verify (--verify) the keyserver's audit log.
     Audit(client::keyserver_cmd::AuditArgs),
+    /// Who may store studies on your behalf (study owner): `delegate add
+    /// clinician`, `delegate list`, `delegate remove clinician`.
+    #[command(subcommand)]
+    Delegate(client::keyserver_cmd::DelegateCmd),
 }
 
 #[derive(Subcommand)]
@@ -156,6 +160,7 @@ fn main() -> std::process::ExitCode {
         Command::Deny(a) => client::keyserver_cmd::deny(a),
         Command::Revoke(a) => client::keyserver_cmd::revoke(a),
         Command::Audit(a) => client::keyserver_cmd::audit(a),
+        Command::Delegate(c) => client::keyserver_cmd::delegate(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

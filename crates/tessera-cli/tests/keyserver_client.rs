@@ -1,4 +1,4 @@
-//! `tessera requests | approve | deny | revoke | audit` against the real
+//! `tessera requests | approve | deny | revoke | audit | delegate` against the real
 //! keyserver, in-process on 127.0.0.1:0 with a generated development PKI in
 //! a dev directory (`DIR/pki`, `DIR/endpoints.toml`), run through the built
 //! `tessera` binary as different identities.
@@ -38,6 +38,7 @@ impl Stack {
         let d = pki.display();
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/keyserver.crt\"\nkey = \"{d}/keyserver.key\"\n\
+             [server.access]\nroles = {{ \"{OWNER}\" = [\"owner\", \"admin\"] }}\n\
              [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\ncheckpoint_every = 3\n",
             tmp.path().join("ks.redb").display(),
             kek.display()
@@ -456,5 +457,60 @@ async fn connection_options_and_their_errors() {
             .await,
     );
     assert!(!err.is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_adds_lists_and_removes_delegates_by_short_name() {
+    let stack = Stack::start().await;
+    let clin = "spiffe://tessera.local/user/clinician";
+    let out = ok(&stack
+        .tessera(Some("owner"), &["delegate", "add", "clinician"])
+        .await);
+    assert!(out.contains("user/clinician"), "{out}");
+    let list = json(
+        &stack
+            .tessera(Some("owner"), &["delegate", "list", "--json"])
+            .await,
+    );
+    assert_eq!(list, serde_json::json!([clin]));
+    let mut gateway = stack.client("gateway").await;
+    let check = |delegate: &str| pb::CheckDelegateRequest {
+        owner: OWNER.into(),
+        delegate: delegate.into(),
+    };
+    assert!(
+        gateway
+            .check_delegate(check(clin))
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
+    let err = failed(
+        &stack
+            .tessera(Some("owner"), &["delegate", "add", "clinician"])
+            .await,
+    );
+    assert!(err.contains("add delegate"), "{err}");
+    let err = failed(
+        &stack
+            .tessera(Some("clinician"), &["delegate", "add", "clinician2"])
+            .await,
+    );
+    assert!(err.contains("refused"), "{err}");
+    ok(&stack
+        .tessera(Some("owner"), &["delegate", "remove", "clinician"])
+        .await);
+    let out = ok(&stack.tessera(Some("owner"), &["delegate", "list"]).await);
+    assert!(out.contains("no delegates"), "{out}");
+    assert!(
+        !gateway
+            .check_delegate(check(clin))
+            .await
+            .unwrap()
+            .into_inner()
+            .allowed
+    );
     stack.stop().await;
 }

@@ -145,6 +145,25 @@ pub const DICOM_AE_TITLE: &str = "TESSERA";
 pub const DICOM_CALLING_AES: [&str; 3] = ["STORESCU", "MODALITY", "TESSERA-BENCH"];
 /// The data owner of studies the dev SCP receives.
 pub const DICOM_OWNER: &str = "spiffe://tessera.local/user/owner";
+/// The development delegates: `(owner, delegate)`. `clinician` may store
+/// studies on `owner`'s behalf; `clinician2` may not.
+pub const DEV_DELEGATES: [(&str, &str); 1] = [(
+    "spiffe://tessera.local/user/owner",
+    "spiffe://tessera.local/user/clinician",
+)];
+
+/// Makes the development delegates (through the keyserver core, audited as
+/// `delegate.added` by the owner, before the keyserver listens). Already
+/// present (a restart on the same data) is fine.
+async fn seed_delegates(core: &keyserver::core::Core) -> Result<(), DevError> {
+    for (owner, delegate) in DEV_DELEGATES {
+        match core.add_delegate(owner, delegate).await {
+            Ok(()) | Err(keyserver::KeyServerError::AlreadyExists(_)) => {}
+            Err(e) => return Err(svc("keyserver")(format!("seeding delegates: {e}"))),
+        }
+    }
+    Ok(())
+}
 
 fn listen(base: Option<u16>, offset: u16) -> String {
     match base {
@@ -263,8 +282,9 @@ impl DevStack {
             kek.display()
         );
         let cfg: keyserver::Config = parse("keyserver", &text, keyserver::config::ENV_PREFIX)?;
-        let app = keyserver::App::build(&cfg)
-            .map_err(|e| svc("keyserver")(e.to_string()))?
+        let app = keyserver::App::build(&cfg).map_err(|e| svc("keyserver")(e.to_string()))?;
+        seed_delegates(app.core()).await?;
+        let app = app
             .spawn()
             .await
             .map_err(|e| svc("keyserver")(e.to_string()))?;

@@ -140,6 +140,19 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
     let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
         .await
         .unwrap();
+    // `dev up` makes clinician (not clinician2) a delegate of owner.
+    let mut ks_gw = keyserver(&stack, "gateway").await;
+    for (delegate, allowed) in [("clinician", true), ("clinician2", false)] {
+        let r = ks_gw
+            .check_delegate(ks::CheckDelegateRequest {
+                owner: OWNER.into(),
+                delegate: format!("spiffe://tessera.local/user/{delegate}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.allowed, allowed, "{delegate}");
+    }
     let img = slice16();
     let stored = store_raw(&stack, "clinician", &img).await;
     let handle = stored.study_handle.clone();

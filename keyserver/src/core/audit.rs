@@ -47,7 +47,7 @@ pub enum AuditEvent {
     RequestRefused,
     /// The owner approved a request.
     GrantApproved,
-    /// An approval was refused (self-approval).
+    /// An approval was refused (self-approval, not the owner, decided already).
     ApprovalRefused,
     /// The owner denied a request.
     RequestDenied,
@@ -66,6 +66,24 @@ pub enum AuditEvent {
     StudyForgotten,
     /// A request to forget a study was refused.
     ForgetRefused,
+    /// A study registration was refused (caller is not the gateway).
+    RegisterRefused,
+    /// A denial was refused (not the owner, already decided).
+    DenialRefused,
+    /// A revocation was refused (not the owner, not an approved grant).
+    RevokeRefused,
+    /// An owner added a delegate (may store studies on the owner's behalf).
+    DelegateAdded,
+    /// An owner removed a delegate.
+    DelegateRemoved,
+    /// A delegate operation was refused.
+    DelegateRefused,
+    /// An administrator acknowledged a broken chain (`keyserver
+    /// audit-recover`); the chain verifies again from this entry.
+    AuditRecovered,
+    /// The authorization layer refused a caller (no admitted role, or an
+    /// RPC outside the matrix) before any handler ran.
+    AccessRefused,
 }
 
 impl AuditEvent {
@@ -89,6 +107,14 @@ impl AuditEvent {
             Self::RedeemRefused => "redeem.refused",
             Self::StudyForgotten => "study.forgotten",
             Self::ForgetRefused => "forget.refused",
+            Self::RegisterRefused => "register.refused",
+            Self::DenialRefused => "deny.refused",
+            Self::RevokeRefused => "revoke.refused",
+            Self::DelegateAdded => "delegate.added",
+            Self::DelegateRemoved => "delegate.removed",
+            Self::DelegateRefused => "delegate.refused",
+            Self::AuditRecovered => "audit.recovered",
+            Self::AccessRefused => "access.refused",
         }
     }
 }
@@ -264,7 +290,8 @@ impl SignedHead {
             signature: r.b.to_vec(),
         })
     }
-    fn valid(&self, public_key: &[u8]) -> bool {
+    /// True when the signature over `(seq, hash)` verifies.
+    pub fn valid(&self, public_key: &[u8]) -> bool {
         verify_signature(
             public_key,
             &checkpoint_message(self.seq, &self.hash),
@@ -290,6 +317,31 @@ pub struct VerifyReport {
     pub checkpoints_verified: u64,
     /// Highest checkpoint seen.
     pub last_checkpoint_seq: u64,
+    /// The first break before the last recovery entry (acknowledged by an
+    /// administrator), if any: `(seq, problem)`.
+    pub acknowledged: Option<(u64, String)>,
+}
+
+/// Where [`verify_chain`] starts and which breaks an administrator already
+/// acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyFrom {
+    /// First entry given (1: the whole log). From a later entry, that
+    /// entry's link to its predecessor is trusted (its own hash and any
+    /// checkpoint on it are checked).
+    pub seq: u64,
+    /// Breaks at entries below this (the last signed recovery entry) were
+    /// acknowledged with `keyserver audit-recover`: reported in
+    /// `acknowledged`, not failing the report.
+    pub acknowledged_before: u64,
+}
+
+impl VerifyFrom {
+    /// The whole log, nothing acknowledged.
+    pub const START: Self = Self {
+        seq: 1,
+        acknowledged_before: 0,
+    };
 }
 
 /// Recomputes the chain over `(key seq, stored record)` pairs in key order
@@ -299,6 +351,7 @@ pub fn verify_chain<I, E>(
     checkpoints: &[(u64, Vec<u8>)],
     head: Option<&[u8]>,
     public_key: &[u8],
+    from: VerifyFrom,
 ) -> Result<VerifyReport, E>
 where
     I: IntoIterator<Item = Result<(u64, Vec<u8>), E>>,
@@ -311,21 +364,31 @@ where
         head_hash: [0u8; 32],
         checkpoints_verified: 0,
         last_checkpoint_seq: 0,
+        acknowledged: None,
     };
-    fn broken(report: &mut VerifyReport, seq: u64, why: String) {
-        if report.first_broken_seq.is_none() {
+    let horizon = from.acknowledged_before;
+    let broken = |report: &mut VerifyReport, seq: u64, why: String| {
+        if seq < horizon {
+            if report.acknowledged.is_none() {
+                report.acknowledged = Some((seq, format!("entry {seq}: {why}")));
+            }
+        } else if report.first_broken_seq.is_none() {
             report.ok = false;
             report.first_broken_seq = Some(seq);
             report.problem = format!("entry {seq}: {why}");
         }
-    }
+    };
     // Hash of every checkpointed seq, to compare once the chain is known.
     let mut wanted: std::collections::BTreeMap<u64, Option<SignedHead>> = checkpoints
         .iter()
+        .filter(|(seq, _)| *seq >= from.seq)
         .map(|(seq, raw)| (*seq, SignedHead::decode(raw)))
         .collect();
-    let mut prev: Hash = [0u8; 32];
-    let mut expected_seq = 1u64;
+    let start = from.seq.max(1);
+    // From entry 1 the first link is all zeros; from a later entry it is
+    // taken from that entry (trusted), see `VerifyFrom::seq`.
+    let mut prev: Option<Hash> = (start == 1).then_some([0u8; 32]);
+    let mut expected_seq = start;
     for item in records {
         let (key, raw) = item?;
         report.entries += 1;
@@ -339,18 +402,19 @@ where
         let Some(e) = decode(&raw) else {
             broken(&mut report, key, "undecodable record".into());
             // Keep going from the stored trailing hash, if the record is long enough.
-            prev = raw
-                .len()
-                .checked_sub(32)
-                .and_then(|i| raw[i..].try_into().ok())
-                .unwrap_or([0u8; 32]);
+            prev = Some(
+                raw.len()
+                    .checked_sub(32)
+                    .and_then(|i| raw[i..].try_into().ok())
+                    .unwrap_or([0u8; 32]),
+            );
             expected_seq = key + 1;
             continue;
         };
         let body = &raw[..raw.len() - 32];
         if e.seq != key {
             broken(&mut report, key, format!("sequence field says {}", e.seq));
-        } else if e.prev_hash != prev {
+        } else if e.prev_hash != prev.unwrap_or(e.prev_hash) {
             broken(&mut report, key, "previous-hash link broken".into());
         } else if hash_body(body) != e.hash {
             broken(&mut report, key, "content does not match its hash".into());
@@ -364,9 +428,10 @@ where
                 Some(_) | None => broken(&mut report, key, "checkpoint does not match".into()),
             }
         }
-        prev = e.hash;
+        prev = Some(e.hash);
         expected_seq = key + 1;
     }
+    let prev = prev.unwrap_or([0u8; 32]);
     report.head_hash = prev;
     let last = expected_seq - 1;
     // A checkpoint beyond the last entry means the tail was cut off.
@@ -470,7 +535,14 @@ mod tests {
     }
 
     fn run(l: &Log) -> VerifyReport {
-        verify_chain::<_, ()>(l.recs.iter().cloned().map(Ok), &l.cps, Some(&l.head), &l.pk).unwrap()
+        verify_chain::<_, ()>(
+            l.recs.iter().cloned().map(Ok),
+            &l.cps,
+            Some(&l.head),
+            &l.pk,
+            VerifyFrom::START,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -536,6 +608,47 @@ mod tests {
     }
 
     #[test]
+    fn tail_verification_and_acknowledged_breaks() {
+        let check = |l: &Log, seq: u64, acknowledged_before: u64| {
+            verify_chain::<_, ()>(
+                l.recs.iter().filter(|(k, _)| *k >= seq).cloned().map(Ok),
+                &l.cps,
+                Some(&l.head),
+                &l.pk,
+                VerifyFrom {
+                    seq,
+                    acknowledged_before,
+                },
+            )
+            .unwrap()
+        };
+        let mut l = log(10, 4);
+        l.recs[8].1[60] ^= 1;
+        assert_eq!(check(&l, 8, 0).first_broken_seq, Some(9));
+        let mut l = log(10, 4);
+        l.recs[7].1[60] ^= 1;
+        assert_eq!(
+            check(&l, 8, 0).first_broken_seq,
+            Some(8),
+            "the checkpointed entry itself"
+        );
+        let mut l = log(10, 4);
+        l.recs[1].1[60] ^= 1;
+        assert!(
+            check(&l, 8, 0).ok,
+            "the tail check starts at the last checkpoint"
+        );
+        assert_eq!(run(&l).first_broken_seq, Some(2));
+        let rep = check(&l, 1, 5);
+        assert!(rep.ok, "{rep:?}");
+        assert_eq!(rep.acknowledged.map(|a| a.0), Some(2));
+        assert!(
+            !check(&l, 1, 2).ok,
+            "a break at the horizon is not acknowledged"
+        );
+    }
+
+    #[test]
     fn forged_head_is_detected() {
         let mut l = log(4, 100);
         let other = log(4, 100);
@@ -545,7 +658,8 @@ mod tests {
 
     #[test]
     fn empty_log_is_ok() {
-        let rep = verify_chain::<_, ()>(Vec::new(), &[], None, &[0u8; 32]).unwrap();
+        let rep =
+            verify_chain::<_, ()>(Vec::new(), &[], None, &[0u8; 32], VerifyFrom::START).unwrap();
         assert!(rep.ok);
         assert_eq!(rep.entries, 0);
     }
@@ -569,7 +683,7 @@ mod proptests {
             head in proptest::collection::vec(any::<u8>(), 0..120),
         ) {
             let cps: Vec<(u64, Vec<u8>)> = recs.iter().take(2).cloned().collect();
-            let rep = verify_chain::<_, ()>(recs.into_iter().map(Ok), &cps, Some(&head), &[0u8; 32]).unwrap();
+            let rep = verify_chain::<_, ()>(recs.into_iter().map(Ok), &cps, Some(&head), &[0u8; 32], VerifyFrom::START).unwrap();
             prop_assert!(rep.ok || rep.first_broken_seq.is_some());
         }
 

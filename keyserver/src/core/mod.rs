@@ -7,13 +7,15 @@ pub mod audit;
 pub mod clock;
 pub mod crypto;
 pub mod ids;
+pub mod policy;
 pub mod store;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
 
 use redb::{
     Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -23,21 +25,31 @@ use ring::rand::SystemRandom;
 
 use crate::error::{KeyServerError, Result};
 use attrs::CanonicalAttributes;
-use audit::{AuditEntry, AuditEvent, NewEntry, VerifyReport, verify_chain};
+use audit::{
+    AuditEntry, AuditEvent, NewEntry, SignedHead, VerifyFrom, VerifyReport, checkpoint_message,
+    verify_chain,
+};
 use clock::Clock;
 use crypto::{
     AuditSigner, Kek, Master, SIGNING_KEY_AAD, Secret, grant_aad, master_aad, random_secret,
 };
-use ids::{RequestId, StudyId, validate_label, validate_text, validate_user_identity};
+use ids::{
+    RequestId, StudyId, validate_identity, validate_label, validate_text, validate_user_identity,
+};
+use policy::{Action, Refused, Rpc, Rules};
 use store::{
-    AUDIT, CHECKPOINTS, Forgotten, GrantState, MASTERS, META, META_AUDIT_HEAD, META_MASTER_CURRENT,
-    META_PUBLIC_KEY, META_SIGNING_KEY, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES,
-    STUDY_REQUESTS, StudyRecord, get_bytes, get_json, index_key, index_scan, to_json,
+    AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, DELEGATES, Forgotten, GrantState, MASTERS, META,
+    META_AUDIT_HEAD, META_MASTER_CURRENT, META_PUBLIC_KEY, META_SIGNING_KEY, OWNER_STUDIES,
+    REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord, get_bytes, get_json, index_key,
+    index_scan, to_json,
 };
 use writer::{ChainState, Writer, apply_in_txn};
 
 /// Identity recorded as the actor of the keyserver's own events.
 pub const SELF_ACTOR: &str = "keyserver";
+/// Actor of an `audit.recovered` entry (a local administrator; the detail
+/// names the operator).
+pub const RECOVERY_ACTOR: &str = "keyserver audit-recover";
 /// Most studies kept in the in-memory study cache.
 const STUDY_CACHE_MAX: usize = 100_000;
 /// Most requests one `list_requests` returns.
@@ -53,10 +65,11 @@ pub struct CoreConfig {
     /// The gateway's identity: the only one that registers studies or
     /// presents attributes on a user's behalf.
     pub gateway_identity: String,
-    /// Trusted services allowed to derive keys (the gateway, watermark).
-    /// Storage nodes hold the `service` role too but are untrusted, so the
-    /// role alone is not enough.
-    pub derive_identities: Vec<String>,
+    /// Trusted services allowed to derive keys (the gateway, watermark),
+    /// each with the purposes it may derive (`prefix*` patterns). Storage
+    /// nodes hold the `service` role too but are untrusted, so the role
+    /// alone is not enough.
+    pub derivers: Vec<(String, Vec<String>)>,
     /// Signed checkpoint every this many audit entries (0 = only the head).
     pub checkpoint_every: u64,
     /// Longest grant an owner may approve, seconds.
@@ -169,10 +182,66 @@ struct Inner {
     current: AtomicU32,
     studies: RwLock<HashMap<String, Arc<StudyRecord>>>,
     public_key: Vec<u8>,
-    gateway: String,
-    derivers: Vec<String>,
+    rules: Rules,
     max_ttl: u64,
     max_uses: u32,
+    /// Set while the audit chain does not verify: every key operation is
+    /// refused until an administrator runs `keyserver audit-recover`.
+    broken: Arc<RwLock<Option<ChainBreak>>>,
+    /// The full verification started at open (joined before the database
+    /// closes).
+    verifier: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let t = self
+            .verifier
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The first broken audit entry found (at start, by the background full
+/// check, or by `VerifyAudit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainBreak {
+    /// First broken entry.
+    pub seq: u64,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ChainBreak {
+    fn from_report(rep: &VerifyReport) -> Option<Self> {
+        (!rep.ok).then(|| Self {
+            seq: rep.first_broken_seq.unwrap_or(0),
+            problem: rep.problem.clone(),
+        })
+    }
+}
+
+/// The audit entry of a refusal: caller, RPC, context and reason.
+fn refusal_entry(actor: &str, rpc: Rpc, study: &str, detail: &str, reason: &str) -> NewEntry {
+    let sep = if detail.is_empty() { "" } else { " " };
+    NewEntry {
+        actor: actor.to_owned(),
+        event: rpc.refused_event(),
+        study: study.to_owned(),
+        detail: format!("rpc={}{sep}{detail} reason={reason}", rpc.name()),
+    }
+}
+
+/// `study` if it is a well-formed study id, else empty (only parsed ids
+/// reach the audit log).
+fn audit_study(study_id: &str) -> String {
+    StudyId::parse(study_id)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_default()
 }
 
 fn denied(msg: &str) -> KeyServerError {
@@ -253,15 +322,6 @@ fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
     Ok(out)
 }
 
-fn state_name(s: &GrantState) -> &'static str {
-    match s {
-        GrantState::Pending => "pending",
-        GrantState::Approved { .. } => "approved",
-        GrantState::Denied { .. } => "denied",
-        GrantState::Revoked { .. } => "revoked",
-    }
-}
-
 fn load_signer(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
     kek: &Kek,
@@ -272,14 +332,58 @@ fn load_signer(
     }
 }
 
-/// Recomputes the audit chain of an open database.
+/// Recomputes the whole audit chain of an open database. Breaks before the
+/// last signed recovery entry (`keyserver audit-recover`) were acknowledged
+/// by an administrator and do not make the report fail.
 pub fn verify_database(db: &impl ReadableDatabase, public_key: &[u8]) -> Result<VerifyReport> {
+    verify_database_with(db, public_key, false)
+}
+
+/// Like [`verify_database`], but only from the last signed checkpoint (or
+/// recovery entry) on: what the keyserver checks before it serves, so a
+/// start stays fast however long the log is. The background check and
+/// `VerifyAudit` cover the rest.
+pub fn verify_database_tail(db: &impl ReadableDatabase, public_key: &[u8]) -> Result<VerifyReport> {
+    verify_database_with(db, public_key, true)
+}
+
+/// The highest recovery entry whose signature verifies (0 if none).
+fn recovery_horizon(t: &impl ReadableTable<u64, &'static [u8]>, public_key: &[u8]) -> Result<u64> {
+    let mut horizon = 0;
+    for item in t.iter()? {
+        let (k, v) = item?;
+        if let Some(h) = SignedHead::decode(v.value())
+            && h.seq == k.value()
+            && h.valid(public_key)
+        {
+            horizon = horizon.max(h.seq);
+        }
+    }
+    Ok(horizon)
+}
+
+fn verify_database_with(
+    db: &impl ReadableDatabase,
+    public_key: &[u8],
+    tail_only: bool,
+) -> Result<VerifyReport> {
     let r = db.begin_read()?;
     let audit = match r.open_table(AUDIT) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => {
-            return verify_chain::<_, KeyServerError>(Vec::new(), &[], None, public_key);
+            return verify_chain::<_, KeyServerError>(
+                Vec::new(),
+                &[],
+                None,
+                public_key,
+                VerifyFrom::START,
+            );
         }
+        Err(e) => return Err(e.into()),
+    };
+    let horizon = match r.open_table(AUDIT_RECOVERIES) {
+        Ok(t) => recovery_horizon(&t, public_key)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => 0,
         Err(e) => return Err(e.into()),
     };
     let cps = r.open_table(CHECKPOINTS)?;
@@ -288,13 +392,37 @@ pub fn verify_database(db: &impl ReadableDatabase, public_key: &[u8]) -> Result<
         let (k, v) = item?;
         checkpoints.push((k.value(), v.value().to_vec()));
     }
+    let from = if tail_only {
+        // The last checkpoint that names a stored entry; a dangling one
+        // (truncated tail) is left to `verify_chain` to report.
+        let last = audit.last()?.map_or(0, |(k, _)| k.value());
+        checkpoints
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| *seq <= last)
+            .max()
+            .unwrap_or(1)
+            .max(horizon)
+            .max(1)
+    } else {
+        1
+    };
     let meta = r.open_table(META)?;
     let head = get_bytes(&meta, META_AUDIT_HEAD)?;
-    let records = audit.iter()?.map(|item| {
+    let records = audit.range(from..)?.map(|item| {
         item.map(|(k, v)| (k.value(), v.value().to_vec()))
             .map_err(KeyServerError::from)
     });
-    verify_chain(records, &checkpoints, head.as_deref(), public_key)
+    verify_chain(
+        records,
+        &checkpoints,
+        head.as_deref(),
+        public_key,
+        VerifyFrom {
+            seq: from,
+            acknowledged_before: horizon,
+        },
+    )
 }
 
 /// Offline verification of a keyserver database file (the server need not
@@ -317,6 +445,127 @@ pub fn verify_audit_file(path: &Path, kek: Option<&Kek>) -> Result<(VerifyReport
     Ok((verify_database(&db, &public_key)?, public_key))
 }
 
+/// Records the first break seen (a later, different one does not replace it).
+fn mark_broken(slot: &RwLock<Option<ChainBreak>>, b: ChainBreak) {
+    let mut g = slot.write().unwrap_or_else(PoisonError::into_inner);
+    if g.as_ref().is_none_or(|old| b.seq < old.seq) {
+        *g = Some(b);
+    }
+}
+
+/// Most audit entries one [`Core::list_audit_page`] examines (an owner's
+/// page skips the entries it may not see).
+pub const AUDIT_SCAN_MAX: usize = 20_000;
+
+/// Whose view of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditScope {
+    /// An administrator: every entry.
+    All,
+    /// An owner: entries about its studies (and their requests) and the
+    /// entries it made itself.
+    Owner(String),
+}
+
+/// A page of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPage {
+    /// The entries.
+    pub entries: Vec<AuditEntry>,
+    /// First seq of the next page, 0 when the log ends here.
+    pub next_from_seq: u64,
+}
+
+/// What `keyserver audit-recover` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Seq of the signed `audit.recovered` entry.
+    pub seq: u64,
+    /// The break that was acknowledged.
+    pub acknowledged: ChainBreak,
+    /// The chain verified again after the recovery.
+    pub report: VerifyReport,
+}
+
+/// Offline recovery of a broken audit chain (the keyserver stopped): if the
+/// first broken entry is `acknowledge`, appends a signed `audit.recovered`
+/// entry (operator, acknowledged entry, problem), a signed checkpoint on it
+/// and a signed recovery record; the chain then verifies again from that
+/// entry on, and a keyserver started on the file serves key operations
+/// again. The broken entries stay in the log (and `VerifyAudit` keeps
+/// naming the acknowledged break). Refused when the chain is intact or its
+/// first broken entry is another one.
+pub fn recover_audit(
+    path: &Path,
+    kek: &Kek,
+    operator: &str,
+    acknowledge: u64,
+    now_ms: u64,
+) -> Result<Recovery> {
+    validate_text("operator", operator)?;
+    let db = Database::open(path)?;
+    let signer = {
+        let r = db.begin_read()?;
+        load_signer(&r.open_table(META)?, kek)?
+            .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?
+    };
+    let public_key = signer.public_key();
+    let before = verify_database(&db, &public_key)?;
+    let Some(b) = ChainBreak::from_report(&before) else {
+        return Err(KeyServerError::FailedPrecondition(
+            "the audit chain verifies; there is nothing to recover".into(),
+        ));
+    };
+    if b.seq != acknowledge {
+        return Err(KeyServerError::InvalidArgument(format!(
+            "the first broken entry is {} ({}), not {acknowledge}; acknowledge that entry",
+            b.seq, b.problem
+        )));
+    }
+    let w = db.begin_write()?;
+    let mut chain = ChainState::load(&w.open_table(AUDIT)?)?;
+    {
+        // Checkpoints past the last stored entry (a cut-off tail) would
+        // collide with the entries written from now on.
+        let mut cps = w.open_table(CHECKPOINTS)?;
+        let mut stale = Vec::new();
+        for item in cps.range(chain.next_seq..)? {
+            stale.push(item?.0.value());
+        }
+        for seq in stale {
+            cps.remove(seq)?;
+        }
+    }
+    let entry = NewEntry {
+        actor: RECOVERY_ACTOR.into(),
+        event: AuditEvent::AuditRecovered,
+        study: String::new(),
+        detail: format!(
+            "acknowledged_broken_at={} operator={operator} problem={}",
+            b.seq, b.problem
+        ),
+    };
+    // checkpoint_every = 1: the recovery entry always gets a checkpoint.
+    apply_in_txn(&w, &mut chain, &signer, now_ms, 1, |ctx| {
+        ctx.append(entry).map(drop)
+    })?;
+    let seq = chain.next_seq - 1;
+    let anchor = SignedHead {
+        seq,
+        hash: chain.head,
+        signature: signer.sign(&checkpoint_message(seq, &chain.head)),
+    };
+    w.open_table(AUDIT_RECOVERIES)?
+        .insert(seq, anchor.encode().as_slice())?;
+    w.commit()?;
+    let report = verify_database(&db, &public_key)?;
+    Ok(Recovery {
+        seq,
+        acknowledged: b,
+        report,
+    })
+}
+
 impl Core {
     /// Opens (or creates) the database: on first start generates master
     /// secret v1 and the audit signing key, both wrapped under the KEK.
@@ -333,6 +582,8 @@ impl Core {
             drop(w.open_table(OWNER_STUDIES)?);
             drop(w.open_table(AUDIT)?);
             drop(w.open_table(CHECKPOINTS)?);
+            drop(w.open_table(AUDIT_RECOVERIES)?);
+            drop(w.open_table(DELEGATES)?);
             let mut meta = w.open_table(META)?;
             match load_signer(&meta, &kek)? {
                 Some(s) => s,
@@ -398,6 +649,31 @@ impl Core {
             (map, current)
         };
         let public_key = signer.public_key();
+        // Fail closed: a chain that does not verify from its last signed
+        // checkpoint on blocks every key operation from the first request.
+        let tail = verify_database_tail(db.as_ref(), &public_key)?;
+        let broken = Arc::new(RwLock::new(ChainBreak::from_report(&tail)));
+        if let Some(b) = ChainBreak::from_report(&tail) {
+            tracing::error!(seq = b.seq, problem = %b.problem, "audit chain broken at start: key operations refused");
+        }
+        let verifier = {
+            // The rest of the chain is checked in the background.
+            let db = db.clone();
+            let pk = public_key.clone();
+            let broken = broken.clone();
+            std::thread::Builder::new()
+                .name("keyserver-audit-verify".into())
+                .spawn(move || match verify_database(db.as_ref(), &pk) {
+                    Ok(rep) => {
+                        if let Some(b) = ChainBreak::from_report(&rep) {
+                            tracing::error!(seq = b.seq, problem = %b.problem, "audit chain broken: key operations refused");
+                            mark_broken(&broken, b);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "audit chain could not be verified"),
+                })
+                .map_err(|e| KeyServerError::Storage(format!("cannot start verifier: {e}")))?
+        };
         let writer = Writer::start(
             db.clone(),
             signer,
@@ -416,10 +692,14 @@ impl Core {
                 current: AtomicU32::new(current),
                 studies: RwLock::new(HashMap::new()),
                 public_key,
-                gateway: cfg.gateway_identity,
-                derivers: cfg.derive_identities,
+                rules: Rules {
+                    gateway: cfg.gateway_identity,
+                    derivers: cfg.derivers,
+                },
                 max_ttl: cfg.max_grant_ttl_secs,
                 max_uses: cfg.max_grant_uses,
+                broken,
+                verifier: Mutex::new(Some(verifier)),
             }),
         })
     }
@@ -512,6 +792,84 @@ impl Core {
             .await
     }
 
+    /// The break that blocks key operations, if the chain is broken.
+    pub fn chain_break(&self) -> Option<ChainBreak> {
+        self.inner
+            .broken
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Fail closed: `FailedPrecondition` naming the first broken audit entry
+    /// while the chain does not verify (see `keyserver audit-recover`).
+    fn ensure_chain_intact(&self) -> Result<()> {
+        match self.chain_break() {
+            None => Ok(()),
+            Some(b) => Err(KeyServerError::FailedPrecondition(format!(
+                "audit chain broken at entry {} ({}); key operations are refused until an \
+                 administrator runs `keyserver audit-recover --acknowledge-broken-at {}`",
+                b.seq, b.problem, b.seq
+            ))),
+        }
+    }
+
+    /// Appends a refusal (caller, RPC, reason) to the audit chain, then
+    /// returns its error. If the audit write fails the caller is refused all
+    /// the same (and the failure logged).
+    async fn refuse(
+        &self,
+        actor: &str,
+        rpc: Rpc,
+        study: &str,
+        detail: &str,
+        refused: Refused,
+    ) -> KeyServerError {
+        let entry = refusal_entry(actor, rpc, study, detail, &refused.reason);
+        if let Err(e) = self.audit_only(entry).await {
+            tracing::error!(error = %e, rpc = rpc.name(), caller = actor, "refusal not audited; refused anyway");
+        }
+        refused.into_error()
+    }
+
+    /// Appends a refusal of the authorization layer (caller, RPC, reason)
+    /// to the chain; a failed write is logged (the call is refused anyway).
+    pub async fn audit_access_refusal(&self, caller: &str, rpc: &str, reason: &str) {
+        let entry = NewEntry {
+            actor: caller.chars().take(256).collect(),
+            event: AuditEvent::AccessRefused,
+            study: String::new(),
+            detail: format!(
+                "rpc={} layer=authz reason={reason}",
+                rpc.rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(128)
+                    .collect::<String>()
+            ),
+        };
+        if let Err(e) = self.audit_only(entry).await {
+            tracing::error!(error = %e, rpc, caller, "layer refusal not audited; refused anyway");
+        }
+    }
+
+    /// The gate of every key operation: the chain must verify, then
+    /// [`policy::decide`]; a refusal is audited before it is returned.
+    async fn authorize(
+        &self,
+        actor: &str,
+        action: Action<'_>,
+        study: &str,
+        detail: &str,
+    ) -> Result<()> {
+        self.ensure_chain_intact()?;
+        match policy::decide(&self.inner.rules, actor, &action) {
+            Ok(()) => Ok(()),
+            Err(r) => Err(self.refuse(actor, action.rpc(), study, detail, r).await),
+        }
+    }
+
     /// Registers a study (gateway only). Returns the stored record.
     pub async fn register_study(
         &self,
@@ -520,9 +878,13 @@ impl Core {
         attributes: &[(String, String)],
         study_id: Option<&str>,
     ) -> Result<StudyRecord> {
-        if actor != self.inner.gateway {
-            return Err(denied("only the gateway registers studies"));
-        }
+        self.authorize(
+            actor,
+            Action::RegisterStudy,
+            &audit_study(study_id.unwrap_or_default()),
+            "",
+        )
+        .await?;
         validate_user_identity("owner", owner)?;
         let attrs = CanonicalAttributes::new(attributes)?;
         let id = match study_id {
@@ -607,11 +969,26 @@ impl Core {
         purpose: &str,
         operation: Operation,
     ) -> Result<Derived> {
-        if !self.inner.derivers.iter().any(|d| d == actor) {
-            return Err(denied("only trusted services derive study keys"));
+        let label = validate_label("purpose", purpose);
+        let deriver = self.inner.rules.derivers.iter().any(|(d, _)| d == actor);
+        // A malformed purpose from a deriver is bad input; from anyone else
+        // the call is refused (and audited) before its input is looked at.
+        if label.is_ok() || !deriver {
+            let detail = if label.is_ok() {
+                format!("purpose={purpose} operation={}", operation.as_str())
+            } else {
+                format!("operation={}", operation.as_str())
+            };
+            self.authorize(
+                actor,
+                Action::DeriveKey { purpose },
+                &audit_study(study_id),
+                &detail,
+            )
+            .await?;
         }
+        label?;
         let id = StudyId::parse(study_id)?;
-        validate_label("purpose", purpose)?;
         let attrs = CanonicalAttributes::new(attributes)?;
         let study = self.study(&id)?;
         let detail = format!("purpose={purpose} operation={}", operation.as_str());
@@ -664,6 +1041,18 @@ impl Core {
         justification: &str,
         on_behalf_of: &str,
     ) -> Result<RequestRecord> {
+        let for_user = if validate_user_identity("on_behalf_of", on_behalf_of).is_ok() {
+            format!("on_behalf_of={on_behalf_of}")
+        } else {
+            String::new()
+        };
+        self.authorize(
+            actor,
+            Action::RequestKey { on_behalf_of },
+            &audit_study(study_id),
+            &for_user,
+        )
+        .await?;
         let id = StudyId::parse(study_id)?;
         validate_label("purpose", purpose)?;
         validate_text("justification", justification)?;
@@ -671,9 +1060,6 @@ impl Core {
         let requester = if on_behalf_of.is_empty() {
             actor.to_owned()
         } else {
-            if actor != self.inner.gateway {
-                return Err(denied("only the gateway may request on behalf of a user"));
-            }
             validate_user_identity("on_behalf_of", on_behalf_of)?;
             on_behalf_of.to_owned()
         };
@@ -776,15 +1162,25 @@ impl Core {
     }
 
     /// Shared frame of approve / deny / revoke: loads the request and its
-    /// study inside the write transaction and checks the caller owns it.
-    async fn decide<F>(&self, actor: &str, request_id: &str, f: F) -> Result<RequestRecord>
+    /// study inside the write transaction and asks [`policy::decide`] (owner
+    /// only, never one's own request, decided once); a refusal is appended
+    /// to the audit chain in that transaction, before the reply.
+    async fn decide<F>(
+        &self,
+        rpc: Rpc,
+        actor: &str,
+        request_id: &str,
+        f: F,
+    ) -> Result<RequestRecord>
     where
         F: FnOnce(&mut writer::TxnCtx<'_>, &mut RequestRecord, &str) -> Result<Result<NewEntry>>
             + Send
             + 'static,
     {
+        self.ensure_chain_intact()?;
         let rid = RequestId::parse(request_id)?;
         let actor = actor.to_owned();
+        let rules = self.inner.rules.clone();
         self.inner
             .writer
             .submit(move |ctx| {
@@ -802,8 +1198,21 @@ impl Core {
                         .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
                         .owner
                 };
-                if owner != actor {
-                    return Ok(Err(denied("only the study owner decides on its requests")));
+                let action = Action::Decide {
+                    rpc,
+                    owner: &owner,
+                    requester: &rec.requester,
+                    state: &rec.state,
+                };
+                if let Err(r) = policy::decide(&rules, &actor, &action) {
+                    ctx.append(refusal_entry(
+                        &actor,
+                        rpc,
+                        &rec.study_id,
+                        &format!("request={}", rec.id),
+                        &r.reason,
+                    ))?;
+                    return Ok(Err(r.into_error()));
                 }
                 let entry = match f(ctx, &mut rec, &actor)? {
                     Ok(e) => e,
@@ -837,41 +1246,31 @@ impl Core {
                 self.inner.max_uses
             )));
         }
-        self.decide(actor, request_id, move |ctx, rec, actor| {
-            if rec.requester == actor {
-                ctx.append(NewEntry {
+        self.decide(
+            Rpc::ApproveRequest,
+            actor,
+            request_id,
+            move |ctx, rec, actor| {
+                let now = ctx.now_secs();
+                let expires_at = now.saturating_add(ttl_secs);
+                rec.state = GrantState::Approved {
+                    by: actor.to_owned(),
+                    at: now,
+                    expires_at,
+                    uses_granted: uses,
+                    uses_left: uses,
+                };
+                Ok(Ok(NewEntry {
                     actor: actor.to_owned(),
-                    event: AuditEvent::ApprovalRefused,
+                    event: AuditEvent::GrantApproved,
                     study: rec.study_id.clone(),
-                    detail: format!("request={} reason=self-approval", rec.id),
-                })?;
-                return Ok(Err(denied("nobody may approve their own request")));
-            }
-            if rec.state != GrantState::Pending {
-                return Ok(Err(KeyServerError::FailedPrecondition(format!(
-                    "request is {}, not pending",
-                    state_name(&rec.state)
-                ))));
-            }
-            let now = ctx.now_secs();
-            let expires_at = now.saturating_add(ttl_secs);
-            rec.state = GrantState::Approved {
-                by: actor.to_owned(),
-                at: now,
-                expires_at,
-                uses_granted: uses,
-                uses_left: uses,
-            };
-            Ok(Ok(NewEntry {
-                actor: actor.to_owned(),
-                event: AuditEvent::GrantApproved,
-                study: rec.study_id.clone(),
-                detail: format!(
-                    "request={} requester={} expires_at={expires_at} uses={uses}",
-                    rec.id, rec.requester
-                ),
-            }))
-        })
+                    detail: format!(
+                        "request={} requester={} expires_at={expires_at} uses={uses}",
+                        rec.id, rec.requester
+                    ),
+                }))
+            },
+        )
         .await
     }
 
@@ -879,26 +1278,25 @@ impl Core {
     pub async fn deny(&self, actor: &str, request_id: &str, reason: &str) -> Result<RequestRecord> {
         validate_text("reason", reason)?;
         let reason = reason.to_owned();
-        self.decide(actor, request_id, move |ctx, rec, actor| {
-            if rec.state != GrantState::Pending {
-                return Ok(Err(KeyServerError::FailedPrecondition(format!(
-                    "request is {}, not pending",
-                    state_name(&rec.state)
-                ))));
-            }
-            rec.state = GrantState::Denied {
-                by: actor.to_owned(),
-                at: ctx.now_secs(),
-                reason,
-            };
-            rec.wrapped_key = None;
-            Ok(Ok(NewEntry {
-                actor: actor.to_owned(),
-                event: AuditEvent::RequestDenied,
-                study: rec.study_id.clone(),
-                detail: format!("request={} requester={}", rec.id, rec.requester),
-            }))
-        })
+        self.decide(
+            Rpc::DenyRequest,
+            actor,
+            request_id,
+            move |ctx, rec, actor| {
+                rec.state = GrantState::Denied {
+                    by: actor.to_owned(),
+                    at: ctx.now_secs(),
+                    reason,
+                };
+                rec.wrapped_key = None;
+                Ok(Ok(NewEntry {
+                    actor: actor.to_owned(),
+                    event: AuditEvent::RequestDenied,
+                    study: rec.study_id.clone(),
+                    detail: format!("request={} requester={}", rec.id, rec.requester),
+                }))
+            },
+        )
         .await
     }
 
@@ -911,40 +1309,47 @@ impl Core {
     ) -> Result<RequestRecord> {
         validate_text("reason", reason)?;
         let reason = reason.to_owned();
-        self.decide(actor, request_id, move |ctx, rec, actor| {
-            let GrantState::Approved {
-                expires_at,
-                uses_granted,
-                uses_left,
-                ..
-            } = rec.state
-            else {
-                return Ok(Err(KeyServerError::FailedPrecondition(format!(
-                    "request is {}, only approved grants can be revoked",
-                    state_name(&rec.state)
-                ))));
-            };
-            rec.state = GrantState::Revoked {
-                by: actor.to_owned(),
-                at: ctx.now_secs(),
-                reason,
-                expires_at,
-                uses_granted,
-                uses_left,
-            };
-            rec.wrapped_key = None;
-            Ok(Ok(NewEntry {
-                actor: actor.to_owned(),
-                event: AuditEvent::GrantRevoked,
-                study: rec.study_id.clone(),
-                detail: format!("request={} requester={}", rec.id, rec.requester),
-            }))
-        })
+        self.decide(
+            Rpc::RevokeGrant,
+            actor,
+            request_id,
+            move |ctx, rec, actor| {
+                // `policy::decide` admitted only an approved grant.
+                let GrantState::Approved {
+                    expires_at,
+                    uses_granted,
+                    uses_left,
+                    ..
+                } = rec.state
+                else {
+                    return Err(KeyServerError::Corrupt(format!(
+                        "request {} is not approved",
+                        rec.id
+                    )));
+                };
+                rec.state = GrantState::Revoked {
+                    by: actor.to_owned(),
+                    at: ctx.now_secs(),
+                    reason,
+                    expires_at,
+                    uses_granted,
+                    uses_left,
+                };
+                rec.wrapped_key = None;
+                Ok(Ok(NewEntry {
+                    actor: actor.to_owned(),
+                    event: AuditEvent::GrantRevoked,
+                    study: rec.study_id.clone(),
+                    detail: format!("request={} requester={}", rec.id, rec.requester),
+                }))
+            },
+        )
         .await
     }
 
     /// The requester fetches its key while the grant is valid; uses one use.
     pub async fn fetch_key(&self, actor: &str, request_id: &str) -> Result<Released> {
+        self.ensure_chain_intact()?;
         let rid = RequestId::parse(request_id)?;
         let actor = actor.to_owned();
         let kek = self.inner.kek.clone();
@@ -1001,34 +1406,27 @@ impl Core {
             .await
     }
 
-    /// Refuses (and audits as `event`) any caller but the gateway. Only ids
-    /// that parse reach the audit record.
+    /// Refuses (and audits) any caller but the gateway. Only ids that parse
+    /// reach the audit record.
     async fn gateway_only(
         &self,
         actor: &str,
-        event: AuditEvent,
+        rpc: Rpc,
         op: &str,
         study_id: &str,
         request_id: Option<&str>,
     ) -> Result<()> {
-        if actor == self.inner.gateway {
-            return Ok(());
-        }
-        let study = StudyId::parse(study_id)
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default();
         let request = request_id
             .and_then(|r| RequestId::parse(r).ok())
-            .map(|r| format!("request={} ", r.as_str()))
+            .map(|r| format!(" request={}", r.as_str()))
             .unwrap_or_default();
-        self.audit_only(NewEntry {
-            actor: actor.to_owned(),
-            event,
-            study,
-            detail: format!("op={op} {request}reason=caller is not the gateway"),
-        })
-        .await?;
-        Err(denied(&format!("only the gateway may {op}")))
+        self.authorize(
+            actor,
+            Action::GatewayOnly(rpc),
+            &audit_study(study_id),
+            &format!("op={op}{request}"),
+        )
+        .await
     }
 
     /// Gateway only: spends one use of `on_behalf_of`'s grant on `study_id`
@@ -1044,7 +1442,7 @@ impl Core {
     ) -> Result<Redeemed> {
         self.gateway_only(
             actor,
-            AuditEvent::RedeemRefused,
+            Rpc::RedeemGrant,
             "redeem grants",
             study_id,
             Some(request_id),
@@ -1122,7 +1520,7 @@ impl Core {
     ) -> Result<Redeemed> {
         self.gateway_only(
             actor,
-            AuditEvent::RedeemRefused,
+            Rpc::CheckGrant,
             "check grants",
             study_id,
             Some(request_id),
@@ -1173,14 +1571,8 @@ impl Core {
         study_id: &str,
         on_behalf_of: &str,
     ) -> Result<ForgetReport> {
-        self.gateway_only(
-            actor,
-            AuditEvent::ForgetRefused,
-            "forget studies",
-            study_id,
-            None,
-        )
-        .await?;
+        self.gateway_only(actor, Rpc::ForgetStudy, "forget studies", study_id, None)
+            .await?;
         let sid = StudyId::parse(study_id)?;
         validate_user_identity("on_behalf_of", on_behalf_of)?;
         let actor = actor.to_owned();
@@ -1281,6 +1673,7 @@ impl Core {
 
     /// Adds a master secret version; new studies use it, old ones keep theirs.
     pub async fn rotate_master(&self, actor: &str) -> Result<u32> {
+        self.ensure_chain_intact()?;
         let secret = random_secret(&self.inner.rng)?;
         let kek = self.inner.kek.clone();
         let actor = actor.to_owned();
@@ -1313,15 +1706,154 @@ impl Core {
         Ok(version)
     }
 
-    /// Recomputes the audit chain and checks signatures.
-    pub fn verify_audit(&self) -> Result<VerifyReport> {
-        verify_database(self.inner.db.as_ref(), &self.inner.public_key)
+    /// The owner `actor` lets `delegate` store studies on its behalf (the
+    /// gateway asks [`Core::check_delegate`]). Audited as `delegate.added`.
+    pub async fn add_delegate(&self, actor: &str, delegate: &str) -> Result<()> {
+        self.change_delegate(actor, delegate, true).await
     }
 
-    /// Reads up to `limit` audit entries from `from_seq`.
+    /// The owner `actor` withdraws `delegate`. Audited as `delegate.removed`.
+    pub async fn remove_delegate(&self, actor: &str, delegate: &str) -> Result<()> {
+        self.change_delegate(actor, delegate, false).await
+    }
+
+    async fn change_delegate(&self, actor: &str, delegate: &str, add: bool) -> Result<()> {
+        self.ensure_chain_intact()?;
+        validate_identity("delegate", delegate)?;
+        if delegate == actor {
+            return Err(KeyServerError::InvalidArgument(
+                "delegate: an owner is not its own delegate".into(),
+            ));
+        }
+        let owner = actor.to_owned();
+        let delegate = delegate.to_owned();
+        self.inner
+            .writer
+            .submit(move |ctx| {
+                let key = index_key(&owner, &delegate);
+                let mut t = ctx.txn.open_table(DELEGATES)?;
+                let present = t.get(key.as_str())?.is_some();
+                let event = match (add, present) {
+                    (true, true) => {
+                        return Ok(Err(KeyServerError::AlreadyExists(format!(
+                            "{delegate} is already a delegate"
+                        ))));
+                    }
+                    (false, false) => {
+                        return Ok(Err(KeyServerError::NotFound(format!(
+                            "{delegate} is not a delegate"
+                        ))));
+                    }
+                    (true, false) => {
+                        t.insert(key.as_str(), ())?;
+                        AuditEvent::DelegateAdded
+                    }
+                    (false, true) => {
+                        t.remove(key.as_str())?;
+                        AuditEvent::DelegateRemoved
+                    }
+                };
+                drop(t);
+                ctx.append(NewEntry {
+                    actor: owner,
+                    event,
+                    study: String::new(),
+                    detail: format!("delegate={delegate}"),
+                })?;
+                Ok(Ok(()))
+            })
+            .await
+    }
+
+    /// The delegates of the owner `actor`, sorted.
+    pub fn list_delegates(&self, actor: &str) -> Result<Vec<String>> {
+        let r = self.inner.db.begin_read()?;
+        index_scan(&r.open_table(DELEGATES)?, actor)
+    }
+
+    /// Gateway only: may `delegate` store studies on `owner`'s behalf? A
+    /// read (not audited unless the caller is not the gateway).
+    pub async fn check_delegate(&self, actor: &str, owner: &str, delegate: &str) -> Result<bool> {
+        self.gateway_only(actor, Rpc::CheckDelegate, "check delegates", "", None)
+            .await?;
+        validate_identity("owner", owner)?;
+        validate_identity("delegate", delegate)?;
+        let r = self.inner.db.begin_read()?;
+        let t = r.open_table(DELEGATES)?;
+        Ok(t.get(index_key(owner, delegate).as_str())?.is_some())
+    }
+
+    /// Recomputes the audit chain and checks signatures. A break found here
+    /// blocks key operations like one found at start.
+    pub fn verify_audit(&self) -> Result<VerifyReport> {
+        let rep = verify_database(self.inner.db.as_ref(), &self.inner.public_key)?;
+        if let Some(b) = ChainBreak::from_report(&rep) {
+            mark_broken(&self.inner.broken, b);
+        }
+        Ok(rep)
+    }
+
+    /// Reads up to `limit` audit entries from `from_seq` (everything; for
+    /// tests and tools).
     pub fn list_audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         let r = self.inner.db.begin_read()?;
         writer::read_entries(&r.open_table(AUDIT)?, from_seq.max(1), limit)
+    }
+
+    /// One page of the audit log as `scope` may see it: at most `limit`
+    /// entries whose `size`s add up to at most `budget` (at least one
+    /// entry), examining at most [`AUDIT_SCAN_MAX`] entries. `next_from_seq`
+    /// is where the next page starts, 0 at the end of the log.
+    pub fn list_audit_page(
+        &self,
+        from_seq: u64,
+        limit: usize,
+        scope: &AuditScope,
+        budget: usize,
+        mut size: impl FnMut(&AuditEntry) -> usize,
+    ) -> Result<AuditPage> {
+        let r = self.inner.db.begin_read()?;
+        let owned: Option<std::collections::HashSet<String>> = match scope {
+            AuditScope::All => None,
+            AuditScope::Owner(owner) => Some(
+                index_scan(&r.open_table(OWNER_STUDIES)?, owner)?
+                    .into_iter()
+                    .collect(),
+            ),
+        };
+        let audit = r.open_table(AUDIT)?;
+        let mut entries = Vec::new();
+        let mut used = 0usize;
+        let mut next_from_seq = 0;
+        for (scanned, item) in audit.range(from_seq.max(1)..)?.enumerate() {
+            let (k, v) = item?;
+            let seq = k.value();
+            if entries.len() >= limit || scanned >= AUDIT_SCAN_MAX {
+                next_from_seq = seq;
+                break;
+            }
+            let e = writer::decode_or_placeholder(seq, v.value());
+            let visible = match (scope, &owned) {
+                (AuditScope::Owner(owner), Some(studies)) => {
+                    e.actor == *owner || (!e.study.is_empty() && studies.contains(&e.study))
+                }
+                _ => true,
+            };
+            if !visible {
+                continue;
+            }
+            let n = size(&e);
+            if !entries.is_empty() && used.saturating_add(n) > budget {
+                next_from_seq = seq;
+                break;
+            }
+            used = used.saturating_add(n);
+            entries.push(e);
+        }
+        Ok(AuditPage {
+            entries,
+            next_from_seq,
+        })
     }
 }
 
@@ -1350,7 +1882,7 @@ mod tests {
                 db_path: path.to_owned(),
                 kek: Kek::from_bytes(&kek)?,
                 gateway_identity: GW.into(),
-                derive_identities: vec![GW.into(), WM.into()],
+                derivers: vec![(GW.into(), vec!["*".into()]), (WM.into(), vec!["*".into()])],
                 checkpoint_every: every,
                 max_grant_ttl_secs: 3600,
                 max_grant_uses: 10,

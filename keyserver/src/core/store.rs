@@ -12,6 +12,8 @@
 //! | `owner_studies` | `owner|study` | () |
 //! | `audit` | seq | audit record (see `audit.rs`) |
 //! | `audit_checkpoints` | seq | signed head |
+//! | `audit_recoveries` | seq | signed head of an `audit.recovered` entry |
+//! | `delegates` | `owner|delegate` | () |
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -35,6 +37,12 @@ pub const OWNER_STUDIES: TableDefinition<&str, ()> = TableDefinition::new("owner
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Signed audit checkpoints.
 pub const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
+
+/// Signed recovery entries (`keyserver audit-recover`): breaks before the
+/// last one were acknowledged by an administrator.
+pub const AUDIT_RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_recoveries");
+/// Delegates: identities that may store studies on an owner's behalf.
+pub const DELEGATES: TableDefinition<&str, ()> = TableDefinition::new("delegates");
 
 /// Meta key: current master version.
 pub const META_MASTER_CURRENT: &str = "master_current";

@@ -327,16 +327,21 @@ pub fn read_entries<T: ReadableTable<u64, &'static [u8]>>(
     let mut out = Vec::new();
     for item in audit.range(from..)?.take(limit) {
         let (k, v) = item?;
-        out.push(decode(v.value()).unwrap_or_else(|| AuditEntry {
-            seq: k.value(),
-            prev_hash: [0u8; 32],
-            timestamp_ms: 0,
-            actor: String::new(),
-            event: "<undecodable>".into(),
-            study: String::new(),
-            detail: String::new(),
-            hash: [0u8; 32],
-        }));
+        out.push(decode_or_placeholder(k.value(), v.value()));
     }
     Ok(out)
+}
+
+/// The decoded entry, or a placeholder for an undecodable one.
+pub fn decode_or_placeholder(seq: u64, raw: &[u8]) -> AuditEntry {
+    decode(raw).unwrap_or_else(|| AuditEntry {
+        seq,
+        prev_hash: [0u8; 32],
+        timestamp_ms: 0,
+        actor: String::new(),
+        event: "<undecodable>".into(),
+        study: String::new(),
+        detail: String::new(),
+        hash: [0u8; 32],
+    })
 }

@@ -34,9 +34,16 @@ impl GatewayService {
         if caller == owner {
             return Ok(true);
         }
-        // MERGE(ks): ask the keyserver's CheckDelegate.
-        let _ = kpb::Attribute::default();
-        Ok(false)
+        let mut ks = self.inner.up.keyserver.clone();
+        let r = ks
+            .check_delegate(kpb::CheckDelegateRequest {
+                owner: owner.to_owned(),
+                delegate: caller.to_owned(),
+            })
+            .await
+            .map_err(|s| GatewayError::upstream("keyserver", s))?
+            .into_inner();
+        Ok(r.allowed)
     }
 
     /// Ok when `caller` may store for `owner`: as [`Self::require_acts_for`],

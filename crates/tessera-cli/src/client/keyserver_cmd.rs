@@ -1,17 +1,18 @@
 //! Keyserver subcommands for study owners (and auditors): `tessera
-//! requests`, `approve`, `deny`, `revoke`, `audit`. They call the keyserver
+//! requests`, `approve`, `deny`, `revoke`, `audit`, `delegate add|list|remove`. They call the keyserver
 //! directly over mutual TLS as the `--as` identity; the keyserver decides
 //! who may do what (owner of the study, never one's own request).
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tonic::transport::Channel;
 
+use super::gateway_cmd::owner_uri;
 use super::{
     ConnArgs, OutputArgs, Service, Table, block_on, now_secs, parse_duration, short_identity,
     status_error, utc,
@@ -78,6 +79,36 @@ pub struct AuditArgs {
     #[arg(long, value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(AUDIT_PAGE_MAX)))]
     pub limit: u32,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `tessera delegate ...`: who may store studies on your behalf.
+#[derive(Subcommand, Debug, Clone)]
+pub enum DelegateCmd {
+    /// Let IDENTITY store studies on your behalf (through the gateway).
+    Add(DelegateArgs),
+    /// Your delegates.
+    List(DelegateListArgs),
+    /// Withdraw IDENTITY.
+    Remove(DelegateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DelegateArgs {
+    /// A user name (clinician) or a full identity
+    /// (spiffe://tessera.local/service/pacs).
+    pub identity: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DelegateListArgs {
     #[command(flatten)]
     pub out: OutputArgs,
     #[command(flatten)]
@@ -228,15 +259,15 @@ pub fn audit(a: AuditArgs) -> Result<()> {
             }
             return Ok(());
         }
-        let entries = ks
+        let page = ks
             .list_audit(a.conn.request(pb::ListAuditRequest {
                 from_seq: a.from_seq,
                 limit: a.limit,
             }))
             .await
             .map_err(|s| status_error("list audit", &s))?
-            .into_inner()
-            .entries;
+            .into_inner();
+        let (entries, next) = (page.entries, page.next_from_seq);
         let value = Value::Array(
             entries
                 .iter()
@@ -272,12 +303,67 @@ pub fn audit(a: AuditArgs) -> Result<()> {
                 ]);
             }
             print!("{}", t.render());
-            if let Some(last) = entries.last()
-                && entries.len() == a.limit as usize
-            {
-                println!("(more may follow: --from {})", last.seq + 1);
+            // The keyserver caps a page at its message size, so a page may
+            // be shorter than --limit; it says where the next one starts.
+            if next != 0 {
+                println!("(more may follow: --from {next})");
             }
         })
+    })
+}
+
+/// `tessera delegate add|list|remove`.
+pub fn delegate(cmd: DelegateCmd) -> Result<()> {
+    block_on(async move {
+        match cmd {
+            DelegateCmd::Add(a) => {
+                let delegate = owner_uri(&a.identity);
+                client(&a.conn)
+                    .await?
+                    .add_delegate(a.conn.request(pb::AddDelegateRequest {
+                        delegate: delegate.clone(),
+                    }))
+                    .await
+                    .map_err(|s| status_error("add delegate", &s))?;
+                a.out.emit(&json!({"added": delegate}), || {
+                    println!(
+                        "{} may now store studies on your behalf",
+                        short_identity(&delegate)
+                    );
+                })
+            }
+            DelegateCmd::Remove(a) => {
+                let delegate = owner_uri(&a.identity);
+                client(&a.conn)
+                    .await?
+                    .remove_delegate(a.conn.request(pb::RemoveDelegateRequest {
+                        delegate: delegate.clone(),
+                    }))
+                    .await
+                    .map_err(|s| status_error("remove delegate", &s))?;
+                a.out.emit(&json!({"removed": delegate}), || {
+                    println!("{} is no longer your delegate", short_identity(&delegate));
+                })
+            }
+            DelegateCmd::List(a) => {
+                let list = client(&a.conn)
+                    .await?
+                    .list_delegates(a.conn.request(pb::ListDelegatesRequest {}))
+                    .await
+                    .map_err(|s| status_error("list delegates", &s))?
+                    .into_inner()
+                    .delegates;
+                let value = Value::Array(list.iter().map(|d| json!(d)).collect());
+                a.out.emit(&value, || {
+                    if list.is_empty() {
+                        println!("no delegates");
+                    }
+                    for d in &list {
+                        println!("{}", short_identity(d));
+                    }
+                })
+            }
+        }
     })
 }
 

@@ -1,0 +1,369 @@
+//! The keyserver's one decision function: who may do what to which object.
+//!
+//! The tower layer (tessera-tls) has already checked the caller's *role*
+//! against `service::policy()`. The rules here are the finer ones that need
+//! the caller's exact identity or the object: only the gateway registers
+//! studies or acts for a user, only configured services derive (and only
+//! their purposes), only the owner decides on requests and manages
+//! delegates, nobody approves their own request, a request is decided once.
+//!
+//! [`decide`] is pure (no I/O). The core calls it for every such operation
+//! and, when it answers [`Refused`], appends the refusal (caller, RPC,
+//! reason) to the audit chain **before** replying (`Core::refuse`, or inside
+//! the write transaction for checks made there).
+
+use crate::core::audit::AuditEvent;
+use crate::core::store::GrantState;
+use crate::error::KeyServerError;
+
+/// The RPCs whose caller the core checks (names as in the proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    /// `RegisterStudy`.
+    RegisterStudy,
+    /// `DeriveKey`.
+    DeriveKey,
+    /// `RequestKey`.
+    RequestKey,
+    /// `ApproveRequest`.
+    ApproveRequest,
+    /// `DenyRequest`.
+    DenyRequest,
+    /// `RevokeGrant`.
+    RevokeGrant,
+    /// `FetchKey`.
+    FetchKey,
+    /// `RedeemGrant`.
+    RedeemGrant,
+    /// `CheckGrant`.
+    CheckGrant,
+    /// `ForgetStudy`.
+    ForgetStudy,
+    /// `AddDelegate`.
+    AddDelegate,
+    /// `RemoveDelegate`.
+    RemoveDelegate,
+    /// `CheckDelegate`.
+    CheckDelegate,
+}
+
+impl Rpc {
+    /// The proto method name (what the audit record says).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RegisterStudy => "RegisterStudy",
+            Self::DeriveKey => "DeriveKey",
+            Self::RequestKey => "RequestKey",
+            Self::ApproveRequest => "ApproveRequest",
+            Self::DenyRequest => "DenyRequest",
+            Self::RevokeGrant => "RevokeGrant",
+            Self::FetchKey => "FetchKey",
+            Self::RedeemGrant => "RedeemGrant",
+            Self::CheckGrant => "CheckGrant",
+            Self::ForgetStudy => "ForgetStudy",
+            Self::AddDelegate => "AddDelegate",
+            Self::RemoveDelegate => "RemoveDelegate",
+            Self::CheckDelegate => "CheckDelegate",
+        }
+    }
+
+    /// What the caller tried, for "only the gateway may ..." messages.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Self::RegisterStudy => "register studies",
+            Self::DeriveKey => "derive keys",
+            Self::RequestKey => "request keys",
+            Self::ApproveRequest => "approve requests",
+            Self::DenyRequest => "deny requests",
+            Self::RevokeGrant => "revoke grants",
+            Self::FetchKey => "fetch keys",
+            Self::RedeemGrant => "redeem grants",
+            Self::CheckGrant => "check grants",
+            Self::ForgetStudy => "forget studies",
+            Self::AddDelegate => "add delegates",
+            Self::RemoveDelegate => "remove delegates",
+            Self::CheckDelegate => "check delegates",
+        }
+    }
+
+    /// The audit event a refusal of this RPC is recorded as.
+    pub fn refused_event(self) -> AuditEvent {
+        match self {
+            Self::RegisterStudy => AuditEvent::RegisterRefused,
+            Self::DeriveKey => AuditEvent::DeriveRefused,
+            Self::RequestKey => AuditEvent::RequestRefused,
+            Self::ApproveRequest => AuditEvent::ApprovalRefused,
+            Self::DenyRequest => AuditEvent::DenialRefused,
+            Self::RevokeGrant => AuditEvent::RevokeRefused,
+            Self::FetchKey => AuditEvent::FetchRefused,
+            Self::RedeemGrant | Self::CheckGrant => AuditEvent::RedeemRefused,
+            Self::ForgetStudy => AuditEvent::ForgetRefused,
+            Self::AddDelegate | Self::RemoveDelegate | Self::CheckDelegate => {
+                AuditEvent::DelegateRefused
+            }
+        }
+    }
+}
+
+/// The identities the rules name (from the keyserver config).
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// The gateway: registers studies, acts on a user's behalf.
+    pub gateway: String,
+    /// Services that derive keys, each with the purposes it may derive
+    /// (`prefix-*` matches every purpose starting with `prefix-`).
+    pub derivers: Vec<(String, Vec<String>)>,
+}
+
+/// What is being asked, with the facts the rule needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// Register a study.
+    RegisterStudy,
+    /// Derive a key for `purpose`.
+    DeriveKey {
+        /// Key purpose label.
+        purpose: &'a str,
+    },
+    /// Request a key, possibly for another user (`on_behalf_of` non-empty).
+    RequestKey {
+        /// The user the caller acts for, or empty.
+        on_behalf_of: &'a str,
+    },
+    /// A gateway-only RPC (RedeemGrant, CheckGrant, ForgetStudy, CheckDelegate).
+    GatewayOnly(Rpc),
+    /// Approve, deny or revoke a request on a study owned by `owner`.
+    Decide {
+        /// ApproveRequest, DenyRequest or RevokeGrant.
+        rpc: Rpc,
+        /// The study's owner.
+        owner: &'a str,
+        /// Who asked for the key.
+        requester: &'a str,
+        /// The request's state now.
+        state: &'a GrantState,
+    },
+}
+
+impl Action<'_> {
+    /// The RPC this action belongs to.
+    pub fn rpc(&self) -> Rpc {
+        match self {
+            Self::RegisterStudy => Rpc::RegisterStudy,
+            Self::DeriveKey { .. } => Rpc::DeriveKey,
+            Self::RequestKey { .. } => Rpc::RequestKey,
+            Self::GatewayOnly(r) | Self::Decide { rpc: r, .. } => *r,
+        }
+    }
+}
+
+/// A refusal: what the caller is told and what the audit record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// PermissionDenied (who) or FailedPrecondition (state).
+    pub kind: RefusalKind,
+    /// Human reason, also written to the audit record.
+    pub reason: String,
+}
+
+/// Which status a refusal maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The caller may not do this.
+    Denied,
+    /// The object is not in a state that allows it (e.g. decided already).
+    Precondition,
+}
+
+impl Refused {
+    fn denied(reason: impl Into<String>) -> Self {
+        Self {
+            kind: RefusalKind::Denied,
+            reason: reason.into(),
+        }
+    }
+    fn precondition(reason: impl Into<String>) -> Self {
+        Self {
+            kind: RefusalKind::Precondition,
+            reason: reason.into(),
+        }
+    }
+    /// The error returned to the caller.
+    pub fn into_error(self) -> KeyServerError {
+        match self.kind {
+            RefusalKind::Denied => KeyServerError::PermissionDenied(self.reason),
+            RefusalKind::Precondition => KeyServerError::FailedPrecondition(self.reason),
+        }
+    }
+}
+
+/// True when `purpose` is one of `allowed` (exact, or `prefix*`).
+pub fn purpose_allowed(allowed: &[String], purpose: &str) -> bool {
+    allowed.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => purpose.starts_with(prefix),
+        None => p == purpose,
+    })
+}
+
+fn state_name(s: &GrantState) -> &'static str {
+    match s {
+        GrantState::Pending => "pending",
+        GrantState::Approved { .. } => "approved",
+        GrantState::Denied { .. } => "denied",
+        GrantState::Revoked { .. } => "revoked",
+    }
+}
+
+/// The decision: `Ok` when `caller` may do `action`.
+pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Refused> {
+    let gateway = caller == rules.gateway;
+    match *action {
+        Action::RegisterStudy if !gateway => {
+            Err(Refused::denied("only the gateway registers studies"))
+        }
+        Action::DeriveKey { purpose } => match rules.derivers.iter().find(|(id, _)| id == caller) {
+            None => Err(Refused::denied("only trusted services derive study keys")),
+            Some((_, allowed)) if !purpose_allowed(allowed, purpose) => Err(Refused::denied(
+                format!("this service may not derive keys for purpose {purpose}"),
+            )),
+            Some(_) => Ok(()),
+        },
+        Action::RequestKey { on_behalf_of } if !on_behalf_of.is_empty() && !gateway => Err(
+            Refused::denied("only the gateway may request on behalf of a user"),
+        ),
+        Action::GatewayOnly(rpc) if !gateway => Err(Refused::denied(format!(
+            "only the gateway may {}",
+            rpc.verb()
+        ))),
+        Action::Decide {
+            rpc,
+            owner,
+            requester,
+            state,
+        } => {
+            if owner != caller {
+                return Err(Refused::denied(
+                    "only the study owner decides on its requests",
+                ));
+            }
+            let pending = *state == GrantState::Pending;
+            let approved = matches!(state, GrantState::Approved { .. });
+            match rpc {
+                Rpc::ApproveRequest if requester == caller => {
+                    Err(Refused::denied("nobody may approve their own request"))
+                }
+                Rpc::ApproveRequest | Rpc::DenyRequest if !pending => Err(Refused::precondition(
+                    format!("request is {}, not pending", state_name(state)),
+                )),
+                Rpc::RevokeGrant if !approved => Err(Refused::precondition(format!(
+                    "request is {}, only approved grants can be revoked",
+                    state_name(state)
+                ))),
+                Rpc::ApproveRequest
+                | Rpc::DenyRequest
+                | Rpc::RevokeGrant
+                | Rpc::RegisterStudy
+                | Rpc::DeriveKey
+                | Rpc::RequestKey
+                | Rpc::FetchKey
+                | Rpc::RedeemGrant
+                | Rpc::CheckGrant
+                | Rpc::ForgetStudy
+                | Rpc::AddDelegate
+                | Rpc::RemoveDelegate
+                | Rpc::CheckDelegate => Ok(()),
+            }
+        }
+        Action::RegisterStudy | Action::RequestKey { .. } | Action::GatewayOnly(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GW: &str = "spiffe://tessera.local/service/gateway";
+    const WM: &str = "spiffe://tessera.local/service/watermark";
+    const ST: &str = "spiffe://tessera.local/service/storage-1";
+    const OWNER: &str = "spiffe://tessera.local/user/owner";
+    const CLIN: &str = "spiffe://tessera.local/user/clinician";
+
+    fn rules() -> Rules {
+        Rules {
+            gateway: GW.into(),
+            derivers: vec![
+                (GW.into(), vec!["dicom-*".into()]),
+                (WM.into(), vec!["pixels".into()]),
+            ],
+        }
+    }
+
+    #[test]
+    fn identity_rules() {
+        let r = rules();
+        assert!(decide(&r, GW, &Action::RegisterStudy).is_ok());
+        assert!(decide(&r, WM, &Action::RegisterStudy).is_err());
+        for (who, purpose, ok) in [
+            (GW, "dicom-metadata", true),
+            (GW, "dicom-pixels", true),
+            (GW, "pixels", false),
+            (WM, "pixels", true),
+            (WM, "dicom-pixels", false),
+            (ST, "pixels", false),
+        ] {
+            assert_eq!(
+                decide(&r, who, &Action::DeriveKey { purpose }).is_ok(),
+                ok,
+                "{who} {purpose}"
+            );
+        }
+        assert!(decide(&r, CLIN, &Action::RequestKey { on_behalf_of: "" }).is_ok());
+        assert!(decide(&r, WM, &Action::RequestKey { on_behalf_of: CLIN }).is_err());
+        assert!(decide(&r, WM, &Action::GatewayOnly(Rpc::CheckDelegate)).is_err());
+        assert!(decide(&r, GW, &Action::GatewayOnly(Rpc::CheckDelegate)).is_ok());
+    }
+
+    #[test]
+    fn decisions() {
+        let r = rules();
+        let pending = GrantState::Pending;
+        let approved = GrantState::Approved {
+            by: OWNER.into(),
+            at: 1,
+            expires_at: 2,
+            uses_granted: 1,
+            uses_left: 1,
+        };
+        let d = |who, rpc, requester, state| {
+            decide(
+                &r,
+                who,
+                &Action::Decide {
+                    rpc,
+                    owner: OWNER,
+                    requester,
+                    state,
+                },
+            )
+        };
+        assert!(d(OWNER, Rpc::ApproveRequest, CLIN, &pending).is_ok());
+        assert_eq!(
+            d(CLIN, Rpc::DenyRequest, CLIN, &pending).unwrap_err().kind,
+            RefusalKind::Denied
+        );
+        assert_eq!(
+            d(OWNER, Rpc::ApproveRequest, OWNER, &pending)
+                .unwrap_err()
+                .kind,
+            RefusalKind::Denied
+        );
+        assert_eq!(
+            d(OWNER, Rpc::ApproveRequest, CLIN, &approved)
+                .unwrap_err()
+                .kind,
+            RefusalKind::Precondition
+        );
+        assert!(d(OWNER, Rpc::RevokeGrant, CLIN, &approved).is_ok());
+        assert!(d(OWNER, Rpc::RevokeGrant, CLIN, &pending).is_err());
+    }
+}
