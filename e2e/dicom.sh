@@ -59,6 +59,8 @@ HANDLE=$(sed -n 's/.*"studyHandle": "\(.*\)".*/\1/p' "$E2E_TMP/find.json")
 check "FindDicomStudy: one handle, 5 instances" grep -q '"instances": 5' "$E2E_TMP/find.json"
 check "a researcher cannot look patients up" expect_code PermissionDenied \
   gc researcher "$GW" -d "$FIND" -- tessera.gateway.v1.Gateway/FindDicomStudy
+check "a clinician who is no delegate of the owner cannot probe its patients" expect_code PermissionDenied \
+  gc clinician2 "$GW" -d "$FIND" -- tessera.gateway.v1.Gateway/FindDicomStudy
 
 # --- the same SOP instance over gRPC with other bytes (the original file,
 # whose meta differs from what the SCP wrote): ALREADY_EXISTS ---

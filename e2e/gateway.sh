@@ -195,6 +195,28 @@ researcher_anonymous() {
 }
 check "retrieve as researcher: pixels without identity" researcher_anonymous
 
+# --- ownership, delegation, verify (docs/SECURITY.md) ---
+C2=spiffe://tessera.local/user/clinician2
+check "clinician2, no delegate of the owner, may not store for the owner" expect_msg PermissionDenied delegate store_as clinician2
+check "clinician2 without a grant may not verify the study" expect_code PermissionDenied \
+  gc clinician2 "$ADDR" -d "{\"study_handle\":\"$HANDLE\"}" -- "$GW/Verify"
+check "the clinician verifies with its own grant (not spent)" out_has '"intact": true' \
+  gc clinician "$ADDR" -d "{\"study_handle\":\"$HANDLE\",\"key_request_id\":\"$RID\"}" -- "$GW/Verify"
+check "another user's grant does not open Verify" expect_code PermissionDenied \
+  gc clinician2 "$ADDR" -d "{\"study_handle\":\"$HANDLE\",\"key_request_id\":\"$RID\"}" -- "$GW/Verify"
+check "the owner makes clinician2 a delegate" \
+  gc owner "$KS_ADDR" -d "{\"delegate\":\"$C2\"}" -- "$KS/AddDelegate"
+check "the owner lists its delegates" out_has "$C2" gc owner "$KS_ADDR" -d '{}' -- "$KS/ListDelegates"
+DELEGATE_STORE=$(store_as clinician2)
+check "the delegate stores for the owner" out_has studyHandle echo "$DELEGATE_STORE"
+DHANDLE=$($PY -c 'import json,sys; print(json.load(sys.stdin)["studyHandle"])' <<<"$DELEGATE_STORE")
+check "the delegate verifies the owner's study" out_has '"intact": true' \
+  gc clinician2 "$ADDR" -d "{\"study_handle\":\"$DHANDLE\"}" -- "$GW/Verify"
+check "the owner removes the delegate" \
+  gc owner "$KS_ADDR" -d "{\"delegate\":\"$C2\"}" -- "$KS/RemoveDelegate"
+check "a removed delegate may not store" expect_code PermissionDenied store_as clinician2
+gc owner "$ADDR" -d "{\"study_handle\":\"$DHANDLE\"}" -- "$GW/Delete" >/dev/null
+
 # --- the outsider is refused at every RPC (no role: no reflection either) ---
 GW_PROTO=(-import-path "$E2E_DIR/../proto" -proto tessera/gateway/v1/gateway.proto)
 for m in "Store:{}" "RequestAccess:{\"study_handle\":\"$HANDLE\"}" \

@@ -119,8 +119,11 @@ check "a user (clinician) may not list a storage node" expect_code PermissionDen
 check "a user (clinician) may not read a share (users fetch through the gateway)" expect_code PermissionDenied gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Get"
 check "a user (clinician) may not stat a share" expect_code PermissionDenied gc clinician "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/Stat"
 # No cloud acts on another: another node's identity may do nothing here.
-for m in Delete Get Stat List NodeInfo; do
+for m in Delete Get Stat; do
   check "storage-2's identity may not call $m on storage-1" expect_code PermissionDenied gc storage-2 "$ADDR" "${NO_REFLECTION[@]}" -d '{"object_id":"e2e-object-1"}' -- "$SVC/$m"
+done
+for m in List NodeInfo; do
+  check "storage-2's identity may not call $m on storage-1" expect_code PermissionDenied gc storage-2 "$ADDR" "${NO_REFLECTION[@]}" -d '{}' -- "$SVC/$m"
 done
 evil_put() { printf '{"header":{"object_id":"e2e-evil","size":"1"}}{"chunk":"AA=="}' | gc storage-2 "$ADDR" "${NO_REFLECTION[@]}" -d @ -- "$SVC/Put"; }
 check "storage-2's identity may not Put on storage-1" expect_code PermissionDenied evil_put
