@@ -24,9 +24,30 @@ pub struct UpArgs {
     /// gateway = P+3, storage-N = P+10+N. 0 lets the OS choose free ports.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
-    /// Number of storage nodes (the development PKI has certificates for 3).
+    /// Number of storage nodes (the development PKI has certificates for
+    /// storage-1..5).
     #[arg(long, default_value_t = 3)]
     pub storage_nodes: usize,
+    /// Erasure-code every stored object as K data + M parity fragments on
+    /// K+M distinct nodes (each node its own zone), e.g. `3+2` with
+    /// `--storage-nodes 5`: any 2 nodes may be lost. K >= 2.
+    #[arg(long, value_name = "K+M", value_parser = parse_erasure)]
+    pub erasure: Option<(usize, usize)>,
+}
+
+fn parse_erasure(s: &str) -> Result<(usize, usize), String> {
+    let (k, m) = s
+        .split_once('+')
+        .ok_or_else(|| format!("{s:?}: expected K+M, e.g. 3+2"))?;
+    let k: usize = k
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: K is not a number"))?;
+    let m: usize = m
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: M is not a number"))?;
+    Ok((k, m))
 }
 
 pub fn run(cmd: DevCmd) -> Result<()> {
@@ -44,6 +65,7 @@ fn up(args: UpArgs) -> Result<()> {
         let opts = DevOptions {
             storage_nodes: args.storage_nodes,
             base_port: (args.base_port != 0).then_some(args.base_port),
+            erasure: args.erasure,
         };
         let mut stack = DevStack::start(&args.dir, &opts)
             .await

@@ -97,6 +97,10 @@ pub struct DevOptions {
     /// base+2, gateway = base+3, storage-N = base+10+N. `None`: free ports
     /// chosen by the OS (tests, demo).
     pub base_port: Option<u16>,
+    /// Erasure coding `(k, m)` of every stored object across the nodes
+    /// (each node its own zone, `zone-a`, `zone-b`, ...); `None`: whole
+    /// objects, one copy each.
+    pub erasure: Option<(usize, usize)>,
 }
 
 impl Default for DevOptions {
@@ -104,8 +108,15 @@ impl Default for DevOptions {
         Self {
             storage_nodes: 3,
             base_port: None,
+            erasure: None,
         }
     }
+}
+
+/// The zone of the `i`-th storage node (1-based): `zone-a`, `zone-b`, ...
+pub fn dev_zone(i: usize) -> String {
+    let letter = (b'a' + ((i.saturating_sub(1)) % 26) as u8) as char;
+    format!("zone-{letter}")
 }
 
 enum Running {
@@ -354,10 +365,14 @@ impl DevStack {
             data.join("vault.redb").display(),
             vault_key.display(),
         );
-        for (name, addr) in &nodes {
+        for (i, (name, addr)) in nodes.iter().enumerate() {
             text.push_str(&format!(
-                "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
+                "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\nzone = \"{}\"\n",
+                dev_zone(i + 1)
             ));
+        }
+        if let Some((k, m)) = opts.erasure {
+            text.push_str(&format!("[erasure]\ndata = {k}\nparity = {m}\n"));
         }
         // The C-STORE SCP (plain DICOM on loopback) for the dev AE titles.
         text.push_str(&format!(

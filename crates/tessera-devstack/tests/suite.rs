@@ -547,6 +547,7 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
             object_id: format!("{id}.s{share}"),
             size: 0,
             sha256: String::new(),
+            erasure: None,
         };
         vault
             .insert_new(&StudyRecord {

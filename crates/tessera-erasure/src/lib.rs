@@ -228,7 +228,11 @@ pub fn decode(
     for &(index, bytes) in fragments {
         let (h, payload) = parse(bytes).map_err(|e| match e {
             ErasureError::Fragment { why, .. } => ErasureError::Fragment { index, why },
-            other => other,
+            other @ (ErasureError::Scheme { .. }
+            | ErasureError::ObjectId(_)
+            | ErasureError::TooFew { .. }
+            | ErasureError::Digest
+            | ErasureError::Codec(_)) => other,
         })?;
         let wrong = |why: String| ErasureError::Fragment { index, why };
         if h.object_id != object_id {
@@ -331,7 +335,11 @@ mod tests {
             for set in subsets(k + m, k) {
                 let given: Vec<(usize, &[u8])> =
                     set.iter().map(|&i| (i, frags[i].as_slice())).collect();
-                assert_eq!(decode("st-1.s1", s, &given).unwrap(), data, "{k}+{m} {set:?}");
+                assert_eq!(
+                    decode("st-1.s1", s, &given).unwrap(),
+                    data,
+                    "{k}+{m} {set:?}"
+                );
             }
         }
     }
@@ -345,7 +353,10 @@ mod tests {
             decode("o", s, &given),
             Err(ErasureError::TooFew { have: 2, need: 3 })
         );
-        assert!(matches!(decode("o", s, &[]), Err(ErasureError::TooFew { .. })));
+        assert!(matches!(
+            decode("o", s, &[]),
+            Err(ErasureError::TooFew { .. })
+        ));
     }
 
     #[test]
@@ -383,7 +394,11 @@ mod tests {
         for data in [&b""[..], b"a", b"ab", b"abc"] {
             let s = Scheme::new(3, 2).unwrap();
             let f = encode("t", s, data).unwrap();
-            let given = [(1, f[1].as_slice()), (3, f[3].as_slice()), (4, f[4].as_slice())];
+            let given = [
+                (1, f[1].as_slice()),
+                (3, f[3].as_slice()),
+                (4, f[4].as_slice()),
+            ];
             assert_eq!(decode("t", s, &given).unwrap(), data);
         }
     }

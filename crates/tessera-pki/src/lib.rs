@@ -24,11 +24,13 @@ use rcgen::{
 pub const TRUST_DOMAIN: &str = "tessera.local";
 
 /// Service identities (kind `service`).
-pub const SERVICES: [&str; 7] = [
+pub const SERVICES: [&str; 9] = [
     "keyserver",
     "storage-1",
     "storage-2",
     "storage-3",
+    "storage-4",
+    "storage-5",
     "watermark",
     "segmentation",
     "gateway",

@@ -73,6 +73,7 @@ impl App {
                 reidentify_roles: g.reidentify_roles.clone(),
                 temporal: config.dicom.temporal,
                 deidentify_burned_in: config.dicom.deidentify_burned_in,
+                erasure: config.erasure,
             },
             g.max_concurrent_jobs as usize,
             g.max_inflight_mib,

@@ -28,6 +28,11 @@
 //! name = "storage-2"
 //! address = "localhost:7602"
 //!
+//! [erasure]                 # optional: k data + m parity fragments per object
+//! data = 3                  # k >= 2 (clouds that must collude to rebuild a share)
+//! parity = 2                # m: nodes that may be lost or corrupt
+//! # write_quorum = 4        # fragments durable before a store is acknowledged (k + 1)
+//!
 //! [vault]
 //! path = "data/vault.redb"
 //! key_file = "secrets/vault.key"   # 32 random bytes (or 64 hex), mode 0600/0400
@@ -84,6 +89,8 @@ pub struct Config {
     pub gateway: GatewaySection,
     #[serde(default)]
     pub dicom: DicomSection,
+    #[serde(default)]
+    pub erasure: Option<ErasureSection>,
 }
 
 /// Retain Longitudinal Temporal Information (PS3.15 E.3.6) for the
@@ -167,6 +174,37 @@ pub struct StorageNode {
     /// The node's configured `node_id`; the gateway checks it at NodeInfo.
     pub name: String,
     pub address: String,
+    /// The node's failure domain (its cloud or region): fragments of one
+    /// object spread across zones first. Empty: the node is its own zone.
+    #[serde(default)]
+    pub zone: String,
+}
+
+/// The `[erasure]` section: every stored object (pixel shares, sealed
+/// pixels, metadata envelopes) is cut into `data` + `parity` fragments on
+/// that many distinct storage nodes; any `data` of them rebuild it.
+/// Absent: each object is stored whole on one node (one copy).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErasureSection {
+    /// k: fragments needed to rebuild (and the number of clouds that must
+    /// collude to rebuild a share): at least 2.
+    pub data: usize,
+    /// m: fragments that may be lost or corrupt.
+    pub parity: usize,
+    /// Fragments that must be durable before a store is acknowledged
+    /// (default k + 1, at most k + m); the others are recorded as missing
+    /// and left to repair.
+    #[serde(default)]
+    pub write_quorum: Option<usize>,
+}
+
+impl ErasureSection {
+    /// The write quorum in force.
+    pub fn quorum(&self) -> usize {
+        self.write_quorum
+            .unwrap_or((self.data + 1).min(self.data + self.parity))
+    }
 }
 
 /// The `[vault]` section: the identity vault.
@@ -296,6 +334,25 @@ impl Validate for Config {
         }
         if !(1..=600).contains(&g.node_probe_timeout_secs) {
             return Err("gateway.node_probe_timeout_secs must be 1..=600".into());
+        }
+        if let Some(e) = &self.erasure {
+            let n = e.data + e.parity;
+            if e.data < 2 {
+                return Err(format!(
+                    "erasure.data must be at least 2: with {} a single cloud holds a whole share (the confidentiality threshold is k clouds)",
+                    e.data
+                ));
+            }
+            if n > self.storage_nodes.len() {
+                return Err(format!(
+                    "erasure.data + erasure.parity = {n} fragments need {n} storage nodes; {} are configured",
+                    self.storage_nodes.len()
+                ));
+            }
+            if !(e.data..=n).contains(&e.quorum()) {
+                return Err(format!("erasure.write_quorum must be {}..={n}", e.data));
+            }
+            tessera_erasure::Scheme::new(e.data, e.parity).map_err(|e| format!("erasure: {e}"))?;
         }
         if let Some(scp) = &self.dicom.scp {
             if !valid_ae(&scp.ae_title) {

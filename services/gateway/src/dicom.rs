@@ -34,6 +34,7 @@ use tonic::Streaming;
 
 use crate::config::TemporalOption;
 use crate::convert::{self, attributes_to_proto, check_handle, check_owner, check_request_id};
+use crate::durability::placement_to_proto;
 use crate::envelope;
 use crate::error::GatewayError;
 use crate::placement;
@@ -182,16 +183,6 @@ fn pixel_handling(watermarked: bool) -> pb::PixelHandling {
         pb::PixelHandling::Watermarked
     } else {
         pb::PixelHandling::Sealed
-    }
-}
-
-fn placement_to_proto(p: &SharePlacement) -> pb::Placement {
-    pb::Placement {
-        share: p.share,
-        node: p.node.clone(),
-        object_id: p.object_id.clone(),
-        size: p.size,
-        sha256: hex::decode(&p.sha256).unwrap_or_default(),
     }
 }
 
@@ -475,6 +466,7 @@ impl GatewayService {
                 },
                 size: 0,
                 sha256: String::new(),
+                erasure: None,
             });
         }
         // With only two nodes the metadata object shares a node with the
@@ -492,7 +484,9 @@ impl GatewayService {
             object_id: format!("{base}.m"),
             size: 0,
             sha256: String::new(),
+            erasure: None,
         });
+        self.spread_fragments(&mut placements, &healthy, &problems, bound)?;
 
         let mut rec = InstanceRecord {
             study_id: study.study_id.clone(),
@@ -631,8 +625,7 @@ impl GatewayService {
         let mut removed = Vec::new();
         for inst in instances {
             for p in &inst.placements {
-                let node = self.inner.up.node(&p.node)?;
-                crate::upstream::delete_object(node, &p.object_id).await?;
+                self.delete_placement(p).await?;
                 removed.push(placement_to_proto(p));
             }
             with_vault(&self.inner.vault, move |v| v.remove_instance(&inst)).await?;
@@ -758,6 +751,7 @@ impl GatewayService {
         Ok(pb::VerifyStudyResponse {
             report: Some(total),
             instances: out,
+            fragment_problems: Vec::new(),
         })
     }
 

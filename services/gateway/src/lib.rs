@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod convert;
 pub mod dicom;
+pub mod durability;
 pub mod envelope;
 pub mod error;
 pub mod placement;

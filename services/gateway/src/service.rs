@@ -21,9 +21,10 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::convert::{self, StorePlan, attributes_to_proto, check_handle, check_request_id};
+use crate::durability::placement_to_proto;
 use crate::error::GatewayError;
 use crate::placement::{self, DistinctNodes, PlacementPolicy};
-use crate::upstream::{self, Node, Upstreams};
+use crate::upstream::Upstreams;
 use crate::vault::{SharePlacement, SpecRecord, StudyRecord, StudyState, Vault};
 
 /// gRPC service name, for the policy table and health.
@@ -54,6 +55,8 @@ pub struct Limits {
     pub temporal: crate::config::TemporalOption,
     /// Release de-identified copies of Burned In Annotation = YES instances.
     pub deidentify_burned_in: bool,
+    /// Erasure coding of stored objects (None: whole objects, one copy).
+    pub erasure: Option<crate::config::ErasureSection>,
 }
 
 /// The shared state behind every handler.
@@ -253,12 +256,14 @@ impl GatewayService {
                         object_id: format!("{study_id}.s{share}"),
                         size: 0,
                         sha256: String::new(),
+                        erasure: None,
                     }
                 })
                 .collect(),
             created_unix: now_unix(),
             dicom_study_uid: String::new(),
         };
+        self.spread_fragments(&mut rec.placements, &healthy, &problems, share_bound)?;
         // The intent record: a crash from here on is cleaned up at start.
         let r = rec.clone();
         with_vault(&self.inner.vault, move |v| v.insert_new(&r)).await?;
@@ -310,7 +315,8 @@ impl GatewayService {
     }
 
     /// Puts `data[i]` as `placements[i]` in parallel and records each
-    /// object's size and SHA-256 as the node confirmed them.
+    /// object's size and SHA-256 as the node confirmed them (erasure-coded
+    /// objects: every fragment, acknowledged at the write quorum).
     pub(crate) async fn put_objects(
         &self,
         placements: &mut [SharePlacement],
@@ -319,13 +325,21 @@ impl GatewayService {
         let up = &self.inner.up;
         let mut puts = Vec::with_capacity(placements.len());
         for (p, data) in placements.iter().zip(data) {
+            let this = self.clone();
+            let mut p = p.clone();
+            if p.erasure.is_some() {
+                puts.push(tokio::spawn(async move {
+                    this.put_fragments(&mut p, data).await?;
+                    Ok::<_, GatewayError>(p)
+                }));
+                continue;
+            }
             let node = up.node(&p.node)?.clone();
-            let object_id = p.object_id.clone();
             puts.push(tokio::spawn(async move {
                 let mut c = node.client.clone();
                 // The node answers with the SHA-256 it verified against the
                 // one the client sent: record that, no second pass here.
-                let r = storage_node::client::put_object(&mut c, &object_id, &data)
+                let r = storage_node::client::put_object(&mut c, &p.object_id, &data)
                     .await
                     .map_err(|s| node.err(s))?;
                 let info = r.info.unwrap_or_default();
@@ -334,16 +348,15 @@ impl GatewayService {
                         "put: the node answered without the object's size and SHA-256",
                     )));
                 }
-                Ok((info.size, hex::encode(info.sha256)))
+                p.size = info.size;
+                p.sha256 = hex::encode(info.sha256);
+                Ok(p)
             }));
         }
         let mut first_err = None;
         for (i, t) in puts.into_iter().enumerate() {
             match t.await {
-                Ok(Ok((size, sha))) => {
-                    placements[i].size = size;
-                    placements[i].sha256 = sha;
-                }
+                Ok(Ok(p)) => placements[i] = p,
                 Ok(Err(e)) => {
                     first_err.get_or_insert(e);
                 }
@@ -477,11 +490,7 @@ impl GatewayService {
     ) -> bool {
         let mut clean = true;
         for p in placements {
-            let r = match self.inner.up.node(&p.node) {
-                Ok(node) => upstream::delete_object(node, &p.object_id).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
+            if let Err(e) = self.delete_placement(p).await {
                 clean = false;
                 tracing::warn!(%study, object = %p.object_id, error = %e, "cleanup: cannot delete object");
             }
@@ -567,25 +576,39 @@ impl GatewayService {
         placements: &[SharePlacement],
         limit: u64,
     ) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .fetch_objects_reported(label, placements, limit, false)
+            .await?
+            .0)
+    }
+
+    /// [`Self::fetch_objects`], also naming the erasure-coded fragments that
+    /// were missing, unreachable or corrupt (rebuilt from the others).
+    pub(crate) async fn fetch_objects_reported(
+        &self,
+        label: &str,
+        placements: &[SharePlacement],
+        limit: u64,
+        thorough: bool,
+    ) -> Result<(Vec<Vec<u8>>, Vec<crate::durability::FragmentProblem>)> {
         let mut tasks = Vec::with_capacity(placements.len());
         for p in placements {
-            let node: Node = self.inner.up.node(&p.node)?.clone();
-            let object_id = p.object_id.clone();
+            let this = self.clone();
+            let p = p.clone();
             tasks.push(tokio::spawn(async move {
-                upstream::get_object(&node, &object_id, limit).await
+                this.read_object(&p, limit, thorough).await
             }));
         }
-        let mut shares = Vec::with_capacity(tasks.len());
-        for (p, t) in placements.iter().zip(tasks) {
-            let (sha, data) = t
+        let mut objects = Vec::with_capacity(tasks.len());
+        let mut problems = Vec::new();
+        for t in tasks {
+            let (data, mut pr) = t
                 .await
-                .map_err(|e| GatewayError::Internal(format!("fetch task: {e}")))??;
-            if hex::encode(sha) != p.sha256 {
-                tracing::warn!(object = %label, node = %p.node, share = p.share, "object differs from the stored one");
-            }
-            shares.push(data);
+                .map_err(|e| GatewayError::Internal(format!("fetch task ({label}): {e}")))??;
+            objects.push(data);
+            problems.append(&mut pr);
         }
-        Ok(shares)
+        Ok((objects, problems))
     }
 
     fn open_messages<T>(
@@ -831,11 +854,15 @@ impl GatewayService {
         let _permit = self
             .job_permit(rec.spec.to_spec().byte_len() as u64)
             .await?;
-        let shares = self.fetch_shares(&rec).await?;
+        let limit = rec.spec.to_spec().byte_len() as u64 * 2 + (1 << 20);
+        let (shares, problems) = self
+            .fetch_objects_reported(&rec.study_id, &rec.placements, limit, true)
+            .await?;
         let report = self.verify_shares(&rec, shares).await?;
         Ok(pb::VerifyStudyResponse {
             report: Some(report),
             instances: Vec::new(),
+            fragment_problems: problems.iter().map(|p| p.to_string()).collect(),
         })
     }
 
@@ -923,8 +950,7 @@ impl GatewayService {
             removed.extend(self.delete_instances(&rec).await?);
         }
         for p in &rec.placements {
-            let node = self.inner.up.node(&p.node)?;
-            upstream::delete_object(node, &p.object_id).await?;
+            self.delete_placement(p).await?;
         }
         self.forget(&rec).await?;
         let r = rec.clone();
@@ -949,16 +975,6 @@ pub(crate) fn study_ref(rec: &StudyRecord) -> wpb::StudyRef {
     wpb::StudyRef {
         study_id: rec.study_id.clone(),
         attributes: attributes_to_proto(&rec.attributes),
-    }
-}
-
-fn placement_to_proto(p: &SharePlacement) -> pb::Placement {
-    pb::Placement {
-        share: p.share,
-        node: p.node.clone(),
-        object_id: p.object_id.clone(),
-        size: p.size,
-        sha256: hex::decode(&p.sha256).unwrap_or_default(),
     }
 }
 

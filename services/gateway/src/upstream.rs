@@ -24,6 +24,8 @@ use crate::error::GatewayError;
 pub struct Node {
     pub name: String,
     pub address: String,
+    /// Failure domain (the node's own name when the config gives none).
+    pub zone: String,
     pub client: StorageNodeClient<Channel>,
 }
 
@@ -75,6 +77,11 @@ impl Upstreams {
             nodes.push(Node {
                 name: n.name.clone(),
                 address: n.address.clone(),
+                zone: if n.zone.is_empty() {
+                    n.name.clone()
+                } else {
+                    n.zone.clone()
+                },
                 client: storage_node::client::client(tls.connect_lazy(&n.address)?),
             });
         }

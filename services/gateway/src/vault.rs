@@ -49,6 +49,34 @@ pub struct SharePlacement {
     pub size: u64,
     /// Hex SHA-256 of the share (empty while pending).
     pub sha256: String,
+    /// Erasure-coded: `k` + `m` and where each fragment lives (`node` and
+    /// `instance_id` above are then empty). Absent: the whole object is on
+    /// `node` (one copy; records written before erasure coding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure: Option<ErasureRecord>,
+}
+
+/// The fragments of one erasure-coded object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureRecord {
+    pub k: u32,
+    pub m: u32,
+    pub fragments: Vec<FragmentPlacement>,
+}
+
+/// Where fragment `index` of an object lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FragmentPlacement {
+    pub index: u32,
+    pub node: String,
+    pub instance_id: String,
+    pub object_id: String,
+    pub size: u64,
+    /// Hex SHA-256 of the fragment as the node confirmed it.
+    pub sha256: String,
+    /// Not written (its node failed during the store): to be repaired.
+    #[serde(default)]
+    pub missing: bool,
 }
 
 /// Geometry of the stored pixels.

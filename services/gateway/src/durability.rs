@@ -1,0 +1,430 @@
+//! Erasure-coded placement, writes, reads and deletes of stored objects
+//! (`[erasure]` in the config; `tessera-erasure` does the coding).
+//!
+//! * **Placement**: each object's `k + m` fragments go to `k + m` distinct
+//!   healthy nodes, ranked by rendezvous hashing of the object id and
+//!   spread across zones first, so no node holds two fragments of one
+//!   object and a zone loses as few as it can.
+//! * **Writes** are acknowledged once `write_quorum` fragments (default
+//!   k + 1) are durable; a fragment that could not be written is recorded
+//!   as missing (for repair), never silently dropped.
+//! * **Reads** start with the `k` preferred fragments and fetch the others
+//!   only when one is missing, unreachable or fails its recorded SHA-256;
+//!   every such fragment is named in the log and in the reports.
+//!
+//! An object without an erasure record is stored whole on one node (the
+//! records written before erasure coding, or a gateway without
+//! `[erasure]`): the functions here fall back to that.
+
+use std::collections::BTreeSet;
+
+use sha2::{Digest, Sha256};
+use tessera_erasure::Scheme;
+use tonic::Status;
+
+use crate::error::GatewayError;
+use crate::service::{GatewayService, Result};
+use crate::upstream::{self, Node, NodeHealth};
+use crate::vault::{ErasureRecord, FragmentPlacement, SharePlacement};
+
+/// A fragment a read could not use, named for the reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FragmentProblem {
+    pub object_id: String,
+    pub index: u32,
+    pub node: String,
+    /// `missing` (never written, or gone), `unreachable`, `corrupt`.
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+impl std::fmt::Display for FragmentProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} fragment {} on {}: {} ({})",
+            self.object_id, self.index, self.node, self.kind, self.detail
+        )
+    }
+}
+
+/// Orders `healthy` for `object_id`: rendezvous hashing, then one node per
+/// zone in turn, so consecutive picks fall in different zones first.
+fn rank_nodes<'a>(
+    object_id: &str,
+    healthy: &'a [NodeHealth],
+    nodes: &[Node],
+    need_bytes: u64,
+) -> Vec<&'a NodeHealth> {
+    let mut ranked: Vec<(Vec<u8>, &NodeHealth)> = healthy
+        .iter()
+        .filter(|h| h.free_bytes >= need_bytes && h.max_object_bytes >= need_bytes)
+        .map(|h| {
+            let name = nodes.get(h.index).map(|n| n.name.as_str()).unwrap_or("");
+            let mut d = Sha256::new();
+            d.update(object_id.as_bytes());
+            d.update([0u8]);
+            d.update(name.as_bytes());
+            (d.finalize().to_vec(), h)
+        })
+        .collect();
+    ranked.sort_by(|a, b| a.0.cmp(&b.0));
+    // Round-robin over zones in rank order.
+    let mut zones: Vec<(String, Vec<&NodeHealth>)> = Vec::new();
+    for (_, h) in ranked {
+        let zone = nodes
+            .get(h.index)
+            .map(|n| n.zone.clone())
+            .unwrap_or_default();
+        match zones.iter_mut().find(|(z, _)| *z == zone) {
+            Some((_, v)) => v.push(h),
+            None => zones.push((zone, vec![h])),
+        }
+    }
+    let mut out = Vec::new();
+    let mut round = 0;
+    loop {
+        let before = out.len();
+        for (_, v) in &zones {
+            if let Some(h) = v.get(round) {
+                out.push(*h);
+            }
+        }
+        if out.len() == before {
+            return out;
+        }
+        round += 1;
+    }
+}
+
+impl GatewayService {
+    /// With `[erasure]`: replaces each placement's single node by its
+    /// `k + m` fragments on distinct healthy nodes (zones first). Without,
+    /// leaves the placements as they are.
+    pub(crate) fn spread_fragments(
+        &self,
+        placements: &mut [SharePlacement],
+        healthy: &[NodeHealth],
+        problems: &[String],
+        object_bound: u64,
+    ) -> Result<()> {
+        let Some(e) = self.inner.limits.erasure else {
+            return Ok(());
+        };
+        let scheme = Scheme {
+            k: e.data,
+            m: e.parity,
+        };
+        let n = scheme.n();
+        let fragment_bound = scheme.shard_len(object_bound) as u64 + 512;
+        let nodes = &self.inner.up.nodes;
+        for p in placements.iter_mut() {
+            let ranked = rank_nodes(&p.object_id, healthy, nodes, fragment_bound);
+            if ranked.len() < e.quorum() {
+                let mut msg = format!(
+                    "{} fragments of {} need at least {} healthy storage nodes with room for {fragment_bound} bytes (write quorum); {} are available",
+                    n,
+                    p.object_id,
+                    e.quorum(),
+                    ranked.len()
+                );
+                if !problems.is_empty() {
+                    msg.push_str(&format!(": {}", problems.join("; ")));
+                }
+                return Err(GatewayError::Unavailable(msg));
+            }
+            // Fewer healthy nodes than fragments (but a quorum): the rest are
+            // recorded missing, on the configured nodes that are down, so a
+            // repair can rebuild them there or elsewhere.
+            let mut used: BTreeSet<usize> = BTreeSet::new();
+            let mut fragments = Vec::with_capacity(n);
+            for index in 0..n {
+                let (node, instance, missing) = match ranked.get(index) {
+                    Some(h) => {
+                        used.insert(h.index);
+                        (nodes[h.index].name.clone(), h.instance_id.clone(), false)
+                    }
+                    None => {
+                        let spare = (0..nodes.len()).find(|i| !used.contains(i));
+                        let i = spare.unwrap_or(0);
+                        used.insert(i);
+                        (nodes[i].name.clone(), String::new(), true)
+                    }
+                };
+                fragments.push(FragmentPlacement {
+                    index: index as u32,
+                    node,
+                    instance_id: instance,
+                    object_id: tessera_erasure::fragment_object_id(&p.object_id, index),
+                    size: 0,
+                    sha256: String::new(),
+                    missing,
+                });
+            }
+            p.node = String::new();
+            p.instance_id = String::new();
+            p.erasure = Some(ErasureRecord {
+                k: scheme.k as u32,
+                m: scheme.m as u32,
+                fragments,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes one erasure-coded object: encodes, puts every fragment in
+    /// parallel, acknowledges at the write quorum (the rest marked missing).
+    pub(crate) async fn put_fragments(&self, p: &mut SharePlacement, data: Vec<u8>) -> Result<()> {
+        let Some(rec) = p.erasure.as_mut() else {
+            return Err(GatewayError::Internal(format!(
+                "{}: no erasure record",
+                p.object_id
+            )));
+        };
+        let scheme = Scheme {
+            k: rec.k as usize,
+            m: rec.m as usize,
+        };
+        let quorum = self
+            .inner
+            .limits
+            .erasure
+            .map(|e| e.quorum())
+            .unwrap_or(scheme.k + 1)
+            .min(scheme.n());
+        let object_id = p.object_id.clone();
+        p.size = data.len() as u64;
+        p.sha256 = hex::encode(Sha256::digest(&data));
+        let frags =
+            tokio::task::spawn_blocking(move || tessera_erasure::encode(&object_id, scheme, &data))
+                .await
+                .map_err(|e| GatewayError::Internal(format!("encode task: {e}")))?
+                .map_err(|e| GatewayError::Internal(format!("erasure encode: {e}")))?;
+        let mut tasks = Vec::new();
+        for (f, bytes) in rec.fragments.iter().zip(frags) {
+            if f.missing {
+                tasks.push(None);
+                continue;
+            }
+            let node = self.inner.up.node(&f.node)?.clone();
+            let id = f.object_id.clone();
+            tasks.push(Some(tokio::spawn(async move {
+                let mut c = node.client.clone();
+                let r = storage_node::client::put_object(&mut c, &id, &bytes)
+                    .await
+                    .map_err(|s| node.err(s))?;
+                let info = r.info.unwrap_or_default();
+                if info.size != bytes.len() as u64 || info.sha256.len() != 32 {
+                    return Err(node.err(Status::internal(
+                        "put: the node answered without the fragment's size and SHA-256",
+                    )));
+                }
+                Ok::<_, GatewayError>((info.size, hex::encode(info.sha256)))
+            })));
+        }
+        let mut durable = 0usize;
+        let mut first_err = None;
+        for (f, t) in rec.fragments.iter_mut().zip(tasks) {
+            let Some(t) = t else { continue };
+            match t.await {
+                Ok(Ok((size, sha))) => {
+                    f.size = size;
+                    f.sha256 = sha;
+                    durable += 1;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(object = %f.object_id, node = %f.node, error = %e, "fragment not written; recorded for repair");
+                    f.missing = true;
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    f.missing = true;
+                    first_err.get_or_insert(GatewayError::Internal(format!("put task: {e}")));
+                }
+            }
+        }
+        if durable >= quorum {
+            Ok(())
+        } else {
+            Err(first_err.unwrap_or_else(|| {
+                GatewayError::Unavailable(format!(
+                    "{}: {durable} fragments durable, the write quorum is {quorum}",
+                    p.object_id
+                ))
+            }))
+        }
+    }
+
+    /// Reads one object: whole from its node, or rebuilt from `k` verified
+    /// fragments. Returns the bytes and the fragments it could not use.
+    /// `thorough` (Verify) fetches and checks every fragment, so every
+    /// missing or corrupt one is named; otherwise only what is needed.
+    pub(crate) async fn read_object(
+        &self,
+        p: &SharePlacement,
+        limit: u64,
+        thorough: bool,
+    ) -> Result<(Vec<u8>, Vec<FragmentProblem>)> {
+        let Some(rec) = &p.erasure else {
+            let node = self.inner.up.node(&p.node)?.clone();
+            let (sha, data) = upstream::get_object(&node, &p.object_id, limit).await?;
+            if hex::encode(sha) != p.sha256 {
+                tracing::warn!(object = %p.object_id, node = %p.node, share = p.share, "object differs from the stored one");
+            }
+            return Ok((data, Vec::new()));
+        };
+        let scheme = Scheme {
+            k: rec.k as usize,
+            m: rec.m as usize,
+        };
+        let frag_limit = scheme.shard_len(limit) as u64 + 1024;
+        let mut problems = Vec::new();
+        let mut good: Vec<(usize, Vec<u8>)> = Vec::new();
+        // Preferred: the data fragments (no decoding work), then parity.
+        let mut order: Vec<&FragmentPlacement> = rec.fragments.iter().collect();
+        order.sort_by_key(|f| (f.missing, f.index));
+        let mut next = 0;
+        while (thorough || good.len() < scheme.k) && next < order.len() {
+            let want = if thorough {
+                order.len()
+            } else {
+                scheme.k - good.len()
+            };
+            let batch: Vec<&FragmentPlacement> = order[next..].iter().take(want).copied().collect();
+            next += batch.len();
+            let mut tasks = Vec::new();
+            for f in &batch {
+                if f.missing {
+                    tasks.push(None);
+                    continue;
+                }
+                let node = match self.inner.up.node(&f.node) {
+                    Ok(n) => n.clone(),
+                    Err(_) => {
+                        tasks.push(None);
+                        continue;
+                    }
+                };
+                let id = f.object_id.clone();
+                tasks.push(Some(tokio::spawn(async move {
+                    upstream::get_object(&node, &id, frag_limit).await
+                })));
+            }
+            for (f, t) in batch.iter().zip(tasks) {
+                let problem = |kind: &'static str, detail: String| FragmentProblem {
+                    object_id: p.object_id.clone(),
+                    index: f.index,
+                    node: f.node.clone(),
+                    kind,
+                    detail,
+                };
+                let Some(t) = t else {
+                    problems.push(problem("missing", "not written at store".into()));
+                    continue;
+                };
+                match t.await {
+                    Ok(Ok((sha, data))) => {
+                        if hex::encode(sha) == f.sha256 {
+                            good.push((f.index as usize, data));
+                        } else {
+                            problems.push(problem(
+                                "corrupt",
+                                "SHA-256 differs from the one recorded at store".into(),
+                            ));
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        let code = e.code();
+                        let kind = if code == tonic::Code::NotFound {
+                            "missing"
+                        } else if code == tonic::Code::DataLoss {
+                            "corrupt"
+                        } else {
+                            "unreachable"
+                        };
+                        problems.push(problem(kind, e.to_string()));
+                    }
+                    Err(e) => problems.push(problem("unreachable", format!("task: {e}"))),
+                }
+            }
+        }
+        for pr in &problems {
+            tracing::warn!(object = %pr.object_id, fragment = pr.index, node = %pr.node, kind = pr.kind, detail = %pr.detail, "fragment unusable; queued for repair");
+        }
+        if good.len() < scheme.k {
+            let named: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            return Err(GatewayError::DataLoss(format!(
+                "{}: {} of the {} fragments needed are usable: {}",
+                p.object_id,
+                good.len(),
+                scheme.k,
+                named.join("; ")
+            )));
+        }
+        let object_id = p.object_id.clone();
+        good.sort_by_key(|(i, _)| *i);
+        good.truncate(scheme.k);
+        let data = tokio::task::spawn_blocking(move || {
+            let given: Vec<(usize, &[u8])> = good.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+            tessera_erasure::decode(&object_id, scheme, &given)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("decode task: {e}")))?
+        .map_err(|e| GatewayError::DataLoss(format!("{}: {e}", p.object_id)))?;
+        if hex::encode(Sha256::digest(&data)) != p.sha256 {
+            return Err(GatewayError::DataLoss(format!(
+                "{}: the rebuilt object differs from the one stored",
+                p.object_id
+            )));
+        }
+        Ok((data, problems))
+    }
+
+    /// Deletes one object: every fragment (or the whole object). An
+    /// already-missing fragment counts as deleted.
+    pub(crate) async fn delete_placement(&self, p: &SharePlacement) -> Result<()> {
+        match &p.erasure {
+            None => {
+                let node = self.inner.up.node(&p.node)?;
+                upstream::delete_object(node, &p.object_id).await
+            }
+            Some(rec) => {
+                let mut first_err = None;
+                for f in &rec.fragments {
+                    let r = match self.inner.up.node(&f.node) {
+                        Ok(node) => upstream::delete_object(node, &f.object_id).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                first_err.map_or(Ok(()), Err)
+            }
+        }
+    }
+}
+
+/// The proto form of a placement (its fragments included).
+pub(crate) fn placement_to_proto(p: &SharePlacement) -> tessera_proto::gateway::v1::Placement {
+    use tessera_proto::gateway::v1 as pb;
+    pb::Placement {
+        share: p.share,
+        node: p.node.clone(),
+        object_id: p.object_id.clone(),
+        size: p.size,
+        sha256: hex::decode(&p.sha256).unwrap_or_default(),
+        fragments: p
+            .erasure
+            .iter()
+            .flat_map(|e| e.fragments.iter())
+            .map(|f| pb::Fragment {
+                index: f.index,
+                node: f.node.clone(),
+                object_id: f.object_id.clone(),
+                size: f.size,
+                missing: f.missing,
+            })
+            .collect(),
+    }
+}
