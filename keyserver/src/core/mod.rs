@@ -33,9 +33,7 @@ use clock::Clock;
 use crypto::{
     AuditSigner, Kek, Master, SIGNING_KEY_AAD, Secret, grant_aad, master_aad, random_secret,
 };
-use ids::{
-    RequestId, StudyId, validate_identity, validate_label, validate_text, validate_user_identity,
-};
+use ids::{RequestId, StudyId, parse_identity, parse_user_identity, validate_label, validate_text};
 use policy::{Action, Refused, Rpc, Rules};
 use store::{
     AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, DELEGATES, Forgotten, GrantState, MASTERS, META,
@@ -62,6 +60,8 @@ pub struct CoreConfig {
     pub db_path: PathBuf,
     /// Key-encryption key.
     pub kek: Kek,
+    /// The trust domain of every identity (`[server.access] trust_domain`).
+    pub trust_domain: String,
     /// The gateway's identity: the only one that registers studies or
     /// presents attributes on a user's behalf.
     pub gateway_identity: String,
@@ -182,6 +182,7 @@ struct Inner {
     current: AtomicU32,
     studies: RwLock<HashMap<String, Arc<StudyRecord>>>,
     public_key: Vec<u8>,
+    trust_domain: String,
     rules: Rules,
     max_ttl: u64,
     max_uses: u32,
@@ -692,6 +693,7 @@ impl Core {
                 current: AtomicU32::new(current),
                 studies: RwLock::new(HashMap::new()),
                 public_key,
+                trust_domain: cfg.trust_domain,
                 rules: Rules {
                     gateway: cfg.gateway_identity,
                     derivers: cfg.derivers,
@@ -792,6 +794,16 @@ impl Core {
             .await
     }
 
+    /// An identity from a message, in the configured trust domain.
+    fn identity(&self, field: &str, s: &str) -> Result<tessera_tls::Identity> {
+        parse_identity(field, s, &self.inner.trust_domain)
+    }
+
+    /// A user identity from a message, in the configured trust domain.
+    fn user_identity(&self, field: &str, s: &str) -> Result<tessera_tls::Identity> {
+        parse_user_identity(field, s, &self.inner.trust_domain)
+    }
+
     /// The break that blocks key operations, if the chain is broken.
     pub fn chain_break(&self) -> Option<ChainBreak> {
         self.inner
@@ -863,7 +875,7 @@ impl Core {
             "",
         )
         .await?;
-        validate_user_identity("owner", owner)?;
+        self.user_identity("owner", owner)?;
         let attrs = CanonicalAttributes::new(attributes)?;
         let id = match study_id {
             Some(s) if !s.is_empty() => StudyId::parse(s)?,
@@ -1019,7 +1031,7 @@ impl Core {
         justification: &str,
         on_behalf_of: &str,
     ) -> Result<RequestRecord> {
-        let for_user = if validate_user_identity("on_behalf_of", on_behalf_of).is_ok() {
+        let for_user = if self.user_identity("on_behalf_of", on_behalf_of).is_ok() {
             format!("on_behalf_of={on_behalf_of}")
         } else {
             String::new()
@@ -1038,7 +1050,7 @@ impl Core {
         let requester = if on_behalf_of.is_empty() {
             actor.to_owned()
         } else {
-            validate_user_identity("on_behalf_of", on_behalf_of)?;
+            self.user_identity("on_behalf_of", on_behalf_of)?;
             on_behalf_of.to_owned()
         };
         let study = self.study(&id)?;
@@ -1428,7 +1440,7 @@ impl Core {
         .await?;
         let rid = RequestId::parse(request_id)?;
         let sid = StudyId::parse(study_id)?;
-        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
         let actor = actor.to_owned();
         let requester = on_behalf_of.to_owned();
         self.inner
@@ -1506,7 +1518,7 @@ impl Core {
         .await?;
         let rid = RequestId::parse(request_id)?;
         let sid = StudyId::parse(study_id)?;
-        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
         let rec = {
             let r = self.inner.db.begin_read()?;
             get_json::<RequestRecord, _>(&r.open_table(REQUESTS)?, rid.as_str())?
@@ -1552,7 +1564,7 @@ impl Core {
         self.gateway_only(actor, Rpc::ForgetStudy, "forget studies", study_id, None)
             .await?;
         let sid = StudyId::parse(study_id)?;
-        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
         let actor = actor.to_owned();
         let asker = on_behalf_of.to_owned();
         let (report, tombstone) = self
@@ -1697,7 +1709,7 @@ impl Core {
 
     async fn change_delegate(&self, actor: &str, delegate: &str, add: bool) -> Result<()> {
         self.ensure_chain_intact()?;
-        validate_identity("delegate", delegate)?;
+        self.identity("delegate", delegate)?;
         if delegate == actor {
             return Err(KeyServerError::InvalidArgument(
                 "delegate: an owner is not its own delegate".into(),
@@ -1754,8 +1766,8 @@ impl Core {
     pub async fn check_delegate(&self, actor: &str, owner: &str, delegate: &str) -> Result<bool> {
         self.gateway_only(actor, Rpc::CheckDelegate, "check delegates", "", None)
             .await?;
-        validate_identity("owner", owner)?;
-        validate_identity("delegate", delegate)?;
+        self.identity("owner", owner)?;
+        self.identity("delegate", delegate)?;
         let r = self.inner.db.begin_read()?;
         let t = r.open_table(DELEGATES)?;
         Ok(t.get(index_key(owner, delegate).as_str())?.is_some())
@@ -1859,6 +1871,7 @@ mod tests {
             CoreConfig {
                 db_path: path.to_owned(),
                 kek: Kek::from_bytes(&kek)?,
+                trust_domain: "tessera.local".into(),
                 gateway_identity: GW.into(),
                 derivers: vec![(GW.into(), vec!["*".into()]), (WM.into(), vec!["*".into()])],
                 checkpoint_every: every,
@@ -2612,6 +2625,51 @@ mod tests {
             kb
         );
         assert!(core.verify_audit().unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn identities_are_in_the_configured_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = "spiffe://hospital.example/service/gateway";
+        let owner = "spiffe://hospital.example/user/owner";
+        let core = Core::open(
+            CoreConfig {
+                db_path: dir.path().join("ks.redb"),
+                kek: Kek::from_bytes(&[3; 32]).unwrap(),
+                trust_domain: "hospital.example".into(),
+                gateway_identity: gw.into(),
+                derivers: vec![(gw.into(), vec!["dicom-*".into()])],
+                checkpoint_every: 10,
+                max_grant_ttl_secs: 60,
+                max_grant_uses: 1,
+            },
+            Arc::new(ManualClock::at_secs(1)),
+        )
+        .unwrap();
+        // The built-in tessera.local domain is just another domain here.
+        assert!(matches!(
+            core.register_study(gw, OWNER, &attrs("A"), None).await,
+            Err(KeyServerError::InvalidArgument(m)) if m.contains("hospital.example")
+        ));
+        let s = core
+            .register_study(gw, owner, &attrs("A"), None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            core.add_delegate(owner, CLIN).await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        core.add_delegate(owner, "spiffe://hospital.example/user/clinician")
+            .await
+            .unwrap();
+        core.derive_key(gw, &s.id, &attrs("A"), "dicom-pixels", Operation::Protect)
+            .await
+            .unwrap();
+        assert!(matches!(
+            core.derive_key(gw, &s.id, &attrs("A"), "pixels", Operation::Protect)
+                .await,
+            Err(KeyServerError::PermissionDenied(_))
+        ));
     }
 
     #[tokio::test]
