@@ -31,7 +31,7 @@ use audit::{
 };
 use clock::Clock;
 use crypto::{
-    AuditSigner, Kek, Master, SIGNING_KEY_AAD, Secret, grant_aad, master_aad, random_secret,
+    AuditSigner, Kek, Master, SIGNING_KEY_AAD, SecretKey, grant_aad, master_aad, random_secret,
 };
 use ids::{RequestId, StudyId, parse_identity, parse_user_identity, validate_label, validate_text};
 use policy::{Action, Refused, Rpc, Rules};
@@ -99,11 +99,11 @@ impl Operation {
     }
 }
 
-/// A derived key.
+/// A derived key (wiped from memory when dropped).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Derived {
     /// 32 bytes.
-    pub key: Secret,
+    pub key: SecretKey,
     /// Master version it came from.
     pub master_version: u32,
 }
@@ -114,11 +114,11 @@ impl std::fmt::Debug for Derived {
     }
 }
 
-/// A key released to its requester.
+/// A key released to its requester (wiped from memory when dropped).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Released {
     /// 32 bytes.
-    pub key: Secret,
+    pub key: SecretKey,
     /// Study.
     pub study_id: String,
     /// Purpose label.
@@ -590,7 +590,7 @@ impl Core {
                 Some(s) => s,
                 None => {
                     let (s, pkcs8) = AuditSigner::generate(&rng)?;
-                    let wrapped = kek.wrap(&rng, SIGNING_KEY_AAD, &pkcs8)?;
+                    let wrapped = kek.wrap(&rng, SIGNING_KEY_AAD, &pkcs8[..])?;
                     meta.insert(META_SIGNING_KEY, wrapped.as_slice())?;
                     meta.insert(META_PUBLIC_KEY, s.public_key().as_slice())?;
                     s
@@ -602,7 +602,7 @@ impl Core {
             let mut masters = w.open_table(MASTERS)?;
             if masters.is_empty()? {
                 let secret = random_secret(&rng)?;
-                let wrapped = kek.wrap(&rng, &master_aad(1), &secret)?;
+                let wrapped = kek.wrap(&rng, &master_aad(1), &secret[..])?;
                 masters.insert(1, wrapped.as_slice())?;
                 let mut meta = w.open_table(META)?;
                 meta.insert(META_MASTER_CURRENT, 1u32.to_be_bytes().as_slice())?;
@@ -882,7 +882,8 @@ impl Core {
             _ => StudyId::random(&self.inner.rng)?,
         };
         let master = self.master(self.current_master_version())?;
-        let salt = random_secret(&self.inner.rng)?;
+        // The salt is stored in clear beside the study; no need to wipe it.
+        let salt = *random_secret(&self.inner.rng)?;
         let rec = StudyRecord {
             id: id.as_str().to_owned(),
             owner: owner.to_owned(),
@@ -1068,7 +1069,7 @@ impl Core {
         let wrapped = self
             .inner
             .kek
-            .wrap(&self.inner.rng, &grant_aad(rid.as_str()), &key)?;
+            .wrap(&self.inner.rng, &grant_aad(rid.as_str()), &key[..])?;
         let rec = RequestRecord {
             id: rid.as_str().to_owned(),
             study_id: study.id.clone(),
@@ -1665,6 +1666,7 @@ impl Core {
     pub async fn rotate_master(&self, actor: &str) -> Result<u32> {
         self.ensure_chain_intact()?;
         let secret = random_secret(&self.inner.rng)?;
+        let to_wrap = secret.clone();
         let kek = self.inner.kek.clone();
         let actor = actor.to_owned();
         let version = self
@@ -1674,7 +1676,7 @@ impl Core {
                 let txn = ctx.txn;
                 let mut masters = txn.open_table(MASTERS)?;
                 let next = masters.last()?.map_or(1, |(k, _)| k.value() + 1);
-                let wrapped = kek.wrap(&SystemRandom::new(), &master_aad(next), &secret)?;
+                let wrapped = kek.wrap(&SystemRandom::new(), &master_aad(next), &to_wrap[..])?;
                 masters.insert(next, wrapped.as_slice())?;
                 let mut meta = txn.open_table(META)?;
                 meta.insert(META_MASTER_CURRENT, next.to_be_bytes().as_slice())?;
