@@ -2690,6 +2690,11 @@ mod tests {
             .unwrap();
         core.approve(OWNER, &r.id, 60, 1).await.unwrap();
         core.fetch_key(CLIN, &r.id).await.unwrap();
+        for _ in 0..4 {
+            core.derive_key(GW, &s.id, &attrs("A"), "pixels", Operation::Restore)
+                .await
+                .unwrap();
+        }
         let approval_seq = core
             .list_audit(1, 100)
             .unwrap()
@@ -2713,11 +2718,32 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
 
         let kek = Kek::from_bytes(&[1; 32]).unwrap();
-        let (rep, _) = verify_audit_file(&path, Some(&kek)).unwrap();
+        let (rep, pk) = verify_audit_file(&path, Some(&kek)).unwrap();
         assert!(!rep.ok);
         assert_eq!(rep.first_broken_seq, Some(approval_seq), "{}", rep.problem);
+        {
+            // Older than the last checkpoint: the quick check at start passes.
+            let ro = ReadOnlyDatabase::open(&path).unwrap();
+            assert!(verify_database_tail(&ro, &pk).unwrap().ok);
+        }
 
         let core = open_with(&path, [1; 32], clock, 2).unwrap();
+        // The approval is older than the last checkpoint, so the check at
+        // start does not see it; the background full check does, and from
+        // then on key operations are refused.
+        let mut seen = None;
+        for _ in 0..500 {
+            seen = core.chain_break();
+            if seen.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(seen.map(|b| b.seq), Some(approval_seq));
+        assert!(matches!(
+            core.derive_key(GW, &s.id, &attrs("A"), "pixels", Operation::Restore).await,
+            Err(KeyServerError::FailedPrecondition(m)) if m.contains(&format!("entry {approval_seq}"))
+        ));
         let rep = core.verify_audit().unwrap();
         assert_eq!(rep.first_broken_seq, Some(approval_seq), "{}", rep.problem);
     }
