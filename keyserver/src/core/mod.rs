@@ -261,35 +261,32 @@ fn forgotten_in_txn(txn: &WriteTransaction, study_id: &str) -> Result<bool> {
     Ok(get_json::<StudyRecord, _>(&studies, study_id)?.is_some_and(|s| s.is_forgotten()))
 }
 
-/// Why an approved grant may not be used at `now` (state only; the caller
-/// checks who uses it), `None` when it may.
-fn grant_refusal(rec: &RequestRecord, now: u64) -> Option<&'static str> {
-    match &rec.state {
-        GrantState::Pending => Some("the request is pending approval"),
-        GrantState::Denied { .. } => Some("the request was denied"),
-        GrantState::Revoked { .. } => Some("the grant was revoked"),
-        GrantState::Approved { expires_at, .. } if now >= *expires_at => {
-            Some("the grant has expired")
-        }
-        GrantState::Approved { uses_left: 0, .. } => Some("the grant is used up"),
-        GrantState::Approved { .. } => None,
-    }
-}
-
-/// Why the gateway may not use a grant for `requester` on `study` at `now`.
-fn redeem_refusal(
+/// Why `user` may not use the grant `rec` (for `study`, if said) at `now`:
+/// [`policy::decide`] with [`Action::UseGrant`]; `None` when it may.
+fn grant_refusal(
+    rules: &Rules,
+    caller: &str,
+    rpc: Rpc,
     rec: &RequestRecord,
-    requester: &str,
-    study: &str,
+    user: &str,
+    study: Option<&str>,
     now: u64,
-) -> Option<&'static str> {
-    if rec.requester != requester {
-        Some("the grant belongs to another user")
-    } else if rec.study_id != study {
-        Some("the grant is for another study")
-    } else {
-        grant_refusal(rec, now)
-    }
+) -> Option<String> {
+    policy::decide(
+        rules,
+        caller,
+        &Action::UseGrant {
+            rpc,
+            user,
+            study,
+            requester: &rec.requester,
+            grant_study: &rec.study_id,
+            state: &rec.state,
+            now,
+        },
+    )
+    .err()
+    .map(|r| r.reason)
 }
 
 /// Drops the held key of a grant seen expired; true when `rec` changed and
@@ -299,7 +296,7 @@ fn drop_expired_key(rec: &mut RequestRecord, now: u64) -> bool {
         && rec.wrapped_key.take().is_some()
 }
 
-/// Spends one use of a grant [`grant_refusal`] accepted; returns
+/// Spends one use of a grant the policy accepted; returns
 /// `(expires_at, uses_left)`. The held key goes with the last use.
 fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
     let GrantState::Approved {
@@ -1344,6 +1341,7 @@ impl Core {
         let rid = RequestId::parse(request_id)?;
         let actor = actor.to_owned();
         let kek = self.inner.kek.clone();
+        let rules = self.inner.rules.clone();
         self.inner
             .writer
             .submit(move |ctx| {
@@ -1356,11 +1354,7 @@ impl Core {
                     ))));
                 };
                 let now = ctx.now_secs();
-                let refusal = if rec.requester != actor {
-                    Some("only the requester may fetch this key")
-                } else {
-                    grant_refusal(&rec, now)
-                };
+                let refusal = grant_refusal(&rules, &actor, Rpc::FetchKey, &rec, &actor, None, now);
                 if let Some(why) = refusal {
                     if drop_expired_key(&mut rec, now) {
                         reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
@@ -1371,7 +1365,7 @@ impl Core {
                         study: rec.study_id.clone(),
                         detail: format!("request={} reason={why}", rec.id),
                     })?;
-                    return Ok(Err(denied(why)));
+                    return Ok(Err(denied(&why)));
                 }
                 let wrapped = rec.wrapped_key.clone().ok_or_else(|| {
                     KeyServerError::Corrupt(format!("request {} holds no key", rec.id))
@@ -1444,6 +1438,7 @@ impl Core {
         self.user_identity("on_behalf_of", on_behalf_of)?;
         let actor = actor.to_owned();
         let requester = on_behalf_of.to_owned();
+        let rules = self.inner.rules.clone();
         self.inner
             .writer
             .submit(move |ctx| {
@@ -1456,7 +1451,15 @@ impl Core {
                     ))));
                 };
                 let now = ctx.now_secs();
-                if let Some(why) = redeem_refusal(&rec, &requester, sid.as_str(), now) {
+                if let Some(why) = grant_refusal(
+                    &rules,
+                    &actor,
+                    Rpc::RedeemGrant,
+                    &rec,
+                    &requester,
+                    Some(sid.as_str()),
+                    now,
+                ) {
                     if drop_expired_key(&mut rec, now) {
                         reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
                     }
@@ -1474,7 +1477,7 @@ impl Core {
                             rec.id
                         ),
                     })?;
-                    return Ok(Err(denied(why)));
+                    return Ok(Err(denied(&why)));
                 }
                 let (expires_at, uses_left) = take_use(&mut rec)?;
                 reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
@@ -1526,8 +1529,16 @@ impl Core {
                 .ok_or_else(|| KeyServerError::NotFound(format!("request {}", rid.as_str())))?
         };
         let now = self.inner.clock.now_ms() / 1000;
-        if let Some(why) = redeem_refusal(&rec, on_behalf_of, sid.as_str(), now) {
-            return Err(denied(why));
+        if let Some(why) = grant_refusal(
+            &self.inner.rules,
+            actor,
+            Rpc::CheckGrant,
+            &rec,
+            on_behalf_of,
+            Some(sid.as_str()),
+            now,
+        ) {
+            return Err(denied(&why));
         }
         let GrantState::Approved {
             expires_at,
@@ -1568,6 +1579,7 @@ impl Core {
         self.user_identity("on_behalf_of", on_behalf_of)?;
         let actor = actor.to_owned();
         let asker = on_behalf_of.to_owned();
+        let rules = self.inner.rules.clone();
         let (report, tombstone) = self
             .inner
             .writer
@@ -1584,14 +1596,19 @@ impl Core {
                 if study.is_forgotten() {
                     return Ok(Err(deleted(&study.id)));
                 }
-                if study.owner != asker {
-                    ctx.append(NewEntry {
-                        actor,
-                        event: AuditEvent::ForgetRefused,
-                        study: study.id.clone(),
-                        detail: format!("on_behalf_of={asker} reason=not the study owner"),
-                    })?;
-                    return Ok(Err(denied("only the study owner may have it forgotten")));
+                let action = Action::Forget {
+                    owner: &study.owner,
+                    on_behalf_of: &asker,
+                };
+                if let Err(r) = policy::decide(&rules, &actor, &action) {
+                    ctx.append(refusal_entry(
+                        &actor,
+                        Rpc::ForgetStudy,
+                        &study.id,
+                        &format!("on_behalf_of={asker}"),
+                        &r.reason,
+                    ))?;
+                    return Ok(Err(r.into_error()));
                 }
                 study.salt = [0u8; 32];
                 study.commitment = [0u8; 32];
