@@ -1055,6 +1055,7 @@ async fn a_broken_chain_refuses_key_operations_until_recovered() {
         .unwrap()
         .into_inner();
     assert!(v.ok, "{}", v.problem);
+    assert_eq!(v.acknowledged_broken_seq, target, "the break stays visible");
     let log = all_audit(&env).await;
     let recovered = log.iter().find(|e| e.event == "audit.recovered").unwrap();
     assert_eq!(recovered.seq, rec.seq);
