@@ -90,11 +90,13 @@ STUDY=$(gc gateway "$ADDR" -d "{\"owner\":\"$OWNER\",\"attributes\":$ATTRS}" -- 
 check "gateway registers a study (pseudonymous id)" grep -Eq '^st-[0-9a-f]{32}$' <<<"$STUDY"
 check "a clinician may not register studies" \
   expect_code PermissionDenied gc clinician "$ADDR" -d "{\"owner\":\"$OWNER\",\"attributes\":$ATTRS}" -- "$SVC/RegisterStudy"
-derive() { # derive IDENTITY ATTRS
-  gc "$1" "$ADDR" -d "{\"study_id\":\"$STUDY\",\"attributes\":$2,\"purpose\":\"pixels\",\"operation\":\"OPERATION_PROTECT\"}" -- "$SVC/DeriveKey"
+derive() { # derive IDENTITY ATTRS [PURPOSE]
+  gc "$1" "$ADDR" -d "{\"study_id\":\"$STUDY\",\"attributes\":$2,\"purpose\":\"${3:-pixels}\",\"operation\":\"OPERATION_PROTECT\"}" -- "$SVC/DeriveKey"
 }
-GW_KEY=$(derive gateway "$ATTRS" | field key)
-check "gateway derives the study key" test -n "$GW_KEY"
+WM_KEY=$(derive watermark "$ATTRS" | field key)
+check "the watermark derives the pixel key" test -n "$WM_KEY"
+check "the gateway derives DICOM keys" out_has '"key"' derive gateway "$ATTRS" dicom-metadata
+check "the gateway may not derive pixel keys (dicom-* only)" expect_code PermissionDenied derive gateway "$ATTRS" pixels
 check "a storage node may not derive keys" expect_code PermissionDenied derive storage-1 "$ATTRS"
 
 # --- clinician requests the key ---
@@ -118,8 +120,8 @@ check "owner approves (expiry 600 s, uses 1)" approved
 
 # --- release, once, to the requester only ---
 check "another clinician cannot fetch the grant" expect_code PermissionDenied fetch clinician2 "$REQ"
-released() { [ "$(fetch clinician "$REQ" | field key)" = "$GW_KEY" ]; }
-check "key released to the clinician (same key the gateway derived)" released
+released() { [ "$(fetch clinician "$REQ" | field key)" = "$WM_KEY" ]; }
+check "key released to the clinician (same key the watermark derived)" released
 check "a second fetch is refused (uses = 1)" expect_code PermissionDenied fetch clinician "$REQ"
 
 # --- outsider, self-approval, bad input ---
@@ -145,7 +147,7 @@ self_approval() {
 check "self-approval is refused" self_approval
 check "malformed request id: InvalidArgument" expect_code InvalidArgument fetch clinician "../etc/passwd"
 check "unknown study: NotFound" \
-  expect_code NotFound gc gateway "$ADDR" -d "{\"study_id\":\"st-0123456789abcdef0123456789abcdef\",\"attributes\":$ATTRS,\"purpose\":\"pixels\"}" -- "$SVC/DeriveKey"
+  expect_code NotFound gc gateway "$ADDR" -d "{\"study_id\":\"st-0123456789abcdef0123456789abcdef\",\"attributes\":$ATTRS,\"purpose\":\"dicom-pixels\"}" -- "$SVC/DeriveKey"
 BIG="$E2E_TMP/big.json"
 printf '{"study_id":"%s","purpose":"pixels","attributes":[{"name":"patient_id","value":"%s"}]}' \
   "$STUDY" "$(head -c 150000 /dev/zero | tr '\0' x)" >"$BIG"
@@ -180,8 +182,8 @@ check "an owner may not call ForgetStudy directly" expect_code PermissionDenied 
 check "gateway forgets the study: 2 grants revoked" out_has '"grantsRevoked": 2' forget gateway
 derive_deleted() {
   local out
-  out=$(expect_code NotFound derive gateway "$ATTRS") || { echo "$out"; return 1; }
-  out=$(derive gateway "$ATTRS" 2>&1) && return 1
+  out=$(expect_code NotFound derive watermark "$ATTRS") || { echo "$out"; return 1; }
+  out=$(derive watermark "$ATTRS" 2>&1) && return 1
   grep -q "was deleted" <<<"$out" || { echo "$out"; return 1; }
 }
 check "after ForgetStudy, DeriveKey: NotFound (study was deleted)" derive_deleted
@@ -226,6 +228,7 @@ check "offline audit-verify names entry $APPROVAL_SEQ (exit 1)" offline_names_en
 
 start_service keyserver "$E2E_TMP/keyserver.toml"
 ADDR=$SERVICE_ADDR
+KS_PID=$SERVICE_PID
 wait_healthy "$ADDR" gateway "$SVC"
 online_names_entry() {
   local out
@@ -234,5 +237,27 @@ online_names_entry() {
   grep -q '"firstBrokenSeq": "'"$APPROVAL_SEQ"'"' <<<"$out" && ! grep -q '"ok": true' <<<"$out"
 }
 check "after restart, VerifyAudit reports entry $APPROVAL_SEQ broken" online_names_entry
+register() { gc gateway "$ADDR" -d "{\"owner\":\"$OWNER\",\"attributes\":$ATTRS}" -- "$SVC/RegisterStudy"; }
+fails_closed() {
+  local out
+  out=$(expect_code FailedPrecondition register) || { echo "$out"; return 1; }
+  out=$(register 2>&1) && return 1
+  grep -q "entry $APPROVAL_SEQ" <<<"$out" || { echo "$out"; return 1; }
+}
+check "while the chain is broken, key operations fail closed (FailedPrecondition, entry $APPROVAL_SEQ)" fails_closed
+
+# --- recovery: the documented, audited administrator command ---
+kill "$KS_PID"
+wait "$KS_PID" 2>/dev/null || true
+recover() { "$TESSERA_BIN_DIR/keyserver" --config "$E2E_TMP/keyserver.toml" audit-recover --acknowledge-broken-at "$1"; }
+recover_other() { ! recover $((APPROVAL_SEQ + 1)); }
+check "audit-recover refuses another entry than the first broken one" recover_other
+check "audit-recover acknowledges entry $APPROVAL_SEQ" out_has '"ok":true' recover "$APPROVAL_SEQ"
+start_service keyserver "$E2E_TMP/keyserver.toml"
+ADDR=$SERVICE_ADDR
+KS_PID=$SERVICE_PID
+wait_healthy "$ADDR" gateway "$SVC"
+check "after recovery, VerifyAudit is ok" audit_ok
+check "after recovery, key operations work again" out_has studyId register
 
 e2e_finish

@@ -58,16 +58,14 @@ impl App {
     /// Like [`App::build`] with an injected clock (tests).
     pub fn build_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         let k = &config.keyserver;
+        let td = &config.server.access.trust_domain;
         let core = Core::open(
             CoreConfig {
                 db_path: k.db_path.clone(),
                 kek: Kek::load(&k.kek_file)?,
-                gateway_identity: k.gateway_identity.clone(),
-                derivers: k
-                    .derive_identities
-                    .iter()
-                    .map(|d| (d.clone(), vec!["*".to_owned()]))
-                    .collect(),
+                trust_domain: td.clone(),
+                gateway_identity: k.gateway(td),
+                derivers: k.derivers(td),
                 checkpoint_every: k.checkpoint_every,
                 max_grant_ttl_secs: k.max_grant_ttl_secs,
                 max_grant_uses: k.max_grant_uses,

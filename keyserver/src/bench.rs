@@ -89,7 +89,7 @@ pub async fn bench_derive(opts: BenchOptions) -> Result<String, BenchError> {
             .into_iter()
             .map(|(name, value)| pb::Attribute { name, value })
             .collect(),
-        purpose: "pixels".into(),
+        purpose: "dicom-pixels".into(),
         operation: pb::Operation::Protect.into(),
     };
     let mut conns = Vec::with_capacity(clients);
@@ -157,7 +157,7 @@ async fn in_process(
         tasks.push(tokio::spawn(async move {
             let a = attrs();
             for _ in 0..per_client {
-                core.derive_key(GW, &study_id, &a, "pixels", Operation::Protect)
+                core.derive_key(GW, &study_id, &a, "dicom-pixels", Operation::Protect)
                     .await?;
             }
             Ok::<(), crate::KeyServerError>(())

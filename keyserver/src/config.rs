@@ -14,14 +14,21 @@
 //! [keyserver]
 //! db_path = "data/keyserver.redb"
 //! kek_file = "secrets/keyserver.kek"   # 32 raw bytes or 64 hex, mode 0600/0400
+//! # Identities default to the trust domain of [server.access]:
+//! # gateway_identity = "spiffe://<trust_domain>/service/gateway"
+//! # derive_identities = [gateway, "spiffe://<trust_domain>/service/watermark"]
+//! [keyserver.derive_purposes]          # per deriving identity; default:
+//! "spiffe://tessera.local/service/gateway" = ["dicom-*"]
+//! "spiffe://tessera.local/service/watermark" = ["pixels"]
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
 
-use crate::core::ids::validate_identity;
+use crate::core::ids::{parse_identity, validate_label};
 
 /// Environment prefix of overrides, e.g. `TESSERA_KEYSERVER__KEYSERVER__KEK_FILE`.
 pub const ENV_PREFIX: &str = "TESSERA_KEYSERVER";
@@ -48,12 +55,20 @@ pub struct KeyserverSection {
     /// File holding the key-encryption key (`*_FILE`: never the key itself
     /// in config or flags). Must be mode 0600 or 0400.
     pub kek_file: PathBuf,
-    /// The gateway's identity.
-    #[serde(default = "default_gateway")]
-    pub gateway_identity: String,
-    /// Services allowed to derive keys.
-    #[serde(default = "default_derivers")]
-    pub derive_identities: Vec<String>,
+    /// The gateway's identity (default `spiffe://<trust_domain>/service/gateway`,
+    /// trust domain from `[server.access]`); see [`KeyserverSection::gateway`].
+    #[serde(default)]
+    pub gateway_identity: Option<String>,
+    /// Services allowed to derive keys (default the gateway and
+    /// `spiffe://<trust_domain>/service/watermark`).
+    #[serde(default)]
+    pub derive_identities: Option<Vec<String>>,
+    /// Purposes each deriving identity may derive: exact labels or
+    /// `prefix*` (`*` alone: any). Default: the gateway `dicom-*` (DICOM
+    /// metadata and sealed pixels), the watermark `pixels`. A deriving
+    /// identity without an entry is a config error.
+    #[serde(default)]
+    pub derive_purposes: Option<BTreeMap<String, Vec<String>>>,
     /// A signed audit checkpoint every this many entries.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
@@ -65,15 +80,6 @@ pub struct KeyserverSection {
     pub max_grant_uses: u32,
 }
 
-fn default_gateway() -> String {
-    "spiffe://tessera.local/service/gateway".into()
-}
-fn default_derivers() -> Vec<String> {
-    vec![
-        "spiffe://tessera.local/service/gateway".into(),
-        "spiffe://tessera.local/service/watermark".into(),
-    ]
-}
 fn default_checkpoint_every() -> u64 {
     1000
 }
@@ -82,6 +88,55 @@ fn default_max_ttl() -> u64 {
 }
 fn default_max_uses() -> u32 {
     100
+}
+
+impl KeyserverSection {
+    /// The gateway's identity in `trust_domain` (configured or default).
+    pub fn gateway(&self, trust_domain: &str) -> String {
+        self.gateway_identity
+            .clone()
+            .unwrap_or_else(|| format!("spiffe://{trust_domain}/service/gateway"))
+    }
+
+    /// The deriving identities with the purposes each may derive. An
+    /// identity with no purposes configured gets none (fails closed;
+    /// validation reports it).
+    pub fn derivers(&self, trust_domain: &str) -> Vec<(String, Vec<String>)> {
+        let gateway = self.gateway(trust_domain);
+        let watermark = format!("spiffe://{trust_domain}/service/watermark");
+        let ids = self
+            .derive_identities
+            .clone()
+            .unwrap_or_else(|| vec![gateway.clone(), watermark.clone()]);
+        let purposes = self.derive_purposes.clone().unwrap_or_else(|| {
+            BTreeMap::from([
+                (gateway, vec!["dicom-*".to_owned()]),
+                (watermark, vec!["pixels".to_owned()]),
+            ])
+        });
+        ids.into_iter()
+            .map(|id| {
+                let p = purposes.get(&id).cloned().unwrap_or_default();
+                (id, p)
+            })
+            .collect()
+    }
+}
+
+/// `label` or `label-prefix*` or `*`.
+fn validate_purpose_pattern(p: &str) -> Result<(), String> {
+    let ok = match p.strip_suffix('*') {
+        Some("") => true,
+        Some(prefix) => validate_label("", prefix).is_ok(),
+        None => validate_label("", p).is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "keyserver.derive_purposes: {p:?} is not a purpose ([a-z0-9_.-]{{1,64}}) or a prefix ending in *"
+        ))
+    }
 }
 
 impl Validate for Config {
@@ -95,10 +150,22 @@ impl Validate for Config {
         if k.kek_file.as_os_str().is_empty() {
             return Err("keyserver.kek_file must not be empty".into());
         }
-        validate_identity("keyserver.gateway_identity", &k.gateway_identity)
+        let td = &self.server.access.trust_domain;
+        parse_identity("keyserver.gateway_identity", &k.gateway(td), td)
             .map_err(|e| e.to_string())?;
-        for d in &k.derive_identities {
-            validate_identity("keyserver.derive_identities", d).map_err(|e| e.to_string())?;
+        for (id, purposes) in k.derivers(td) {
+            parse_identity("keyserver.derive_identities", &id, td).map_err(|e| e.to_string())?;
+            if purposes.is_empty() {
+                return Err(format!(
+                    "keyserver.derive_purposes: no purposes for deriving identity {id}"
+                ));
+            }
+            purposes
+                .iter()
+                .try_for_each(|p| validate_purpose_pattern(p))?;
+        }
+        for id in k.derive_purposes.iter().flat_map(|m| m.keys()) {
+            parse_identity("keyserver.derive_purposes", id, td).map_err(|e| e.to_string())?;
         }
         if !(1..=10_000_000).contains(&k.checkpoint_every) {
             return Err("keyserver.checkpoint_every must be 1..=10000000".into());
@@ -140,7 +207,81 @@ mod tests {
             load_config(&ConfigSource::from_text(&text(dir.path()), env), ENV_PREFIX).unwrap();
         assert_eq!(cfg.keyserver.max_grant_uses, 7);
         assert_eq!(cfg.keyserver.checkpoint_every, 1000);
-        assert_eq!(cfg.keyserver.derive_identities.len(), 2);
+        let derivers = cfg.keyserver.derivers("tessera.local");
+        assert_eq!(
+            derivers,
+            vec![
+                (
+                    "spiffe://tessera.local/service/gateway".to_owned(),
+                    vec!["dicom-*".to_owned()]
+                ),
+                (
+                    "spiffe://tessera.local/service/watermark".to_owned(),
+                    vec!["pixels".to_owned()]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn identities_follow_the_configured_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{}[server.access]\ntrust_domain = \"hospital.example\"\n",
+            text(dir.path())
+        );
+        let cfg: Config =
+            load_config(&ConfigSource::from_text(&text, BTreeMap::new()), ENV_PREFIX).unwrap();
+        let td = &cfg.server.access.trust_domain;
+        assert_eq!(
+            cfg.keyserver.gateway(td),
+            "spiffe://hospital.example/service/gateway"
+        );
+        assert!(
+            cfg.keyserver.derivers(td).iter().all(|(id, p)| id
+                .starts_with("spiffe://hospital.example/service/")
+                && !p.is_empty())
+        );
+        // An identity of another trust domain is a config error.
+        let env = BTreeMap::from([(
+            "TESSERA_KEYSERVER__KEYSERVER__GATEWAY_IDENTITY".to_string(),
+            "spiffe://tessera.local/service/gateway".to_string(),
+        )]);
+        let r: Result<Config, _> = load_config(&ConfigSource::from_text(&text, env), ENV_PREFIX);
+        assert!(matches!(r, Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn purposes_are_per_identity_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = text(dir.path());
+        let with = |extra: &str| {
+            load_config::<Config>(
+                &ConfigSource::from_text(&format!("{base}{extra}"), BTreeMap::new()),
+                ENV_PREFIX,
+            )
+        };
+        let cfg = with(
+            "[keyserver.derive_purposes]\n\"spiffe://tessera.local/service/gateway\" = [\"dicom-*\", \"pixels\"]\n\"spiffe://tessera.local/service/watermark\" = [\"pixels\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.keyserver.derivers("tessera.local")[0].1,
+            vec!["dicom-*".to_owned(), "pixels".to_owned()]
+        );
+        // The watermark (a default deriver) has no purposes: refused.
+        assert!(matches!(
+            with(
+                "[keyserver.derive_purposes]\n\"spiffe://tessera.local/service/gateway\" = [\"dicom-*\"]\n"
+            ),
+            Err(ConfigError::Invalid(_))
+        ));
+        assert!(matches!(
+            with(
+                "[keyserver.derive_purposes]\n\"spiffe://tessera.local/service/gateway\" = [\"Dicom*\"]\n\"spiffe://tessera.local/service/watermark\" = [\"pixels\"]\n"
+            ),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 
     #[test]

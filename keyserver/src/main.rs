@@ -159,13 +159,14 @@ fn audit_verify(db: &std::path::Path, kek_file: Option<&std::path::Path>) -> Exi
     match keyserver::core::verify_audit_file(db, kek.as_ref()) {
         Ok((rep, pk)) => {
             println!(
-                "{{\"ok\":{},\"entries\":{},\"firstBrokenSeq\":{},\"problem\":{:?},\"checkpointsVerified\":{},\"auditPublicKey\":\"{}\"}}",
+                "{{\"ok\":{},\"entries\":{},\"firstBrokenSeq\":{},\"problem\":{:?},\"checkpointsVerified\":{},\"auditPublicKey\":\"{}\",\"acknowledgedBrokenSeq\":{}}}",
                 rep.ok,
                 rep.entries,
                 rep.first_broken_seq.unwrap_or(0),
                 rep.problem,
                 rep.checkpoints_verified,
-                hex::encode(pk)
+                hex::encode(pk),
+                rep.acknowledged.as_ref().map_or(0, |a| a.0)
             );
             if rep.ok {
                 ExitCode::SUCCESS

@@ -331,6 +331,8 @@ impl KeyServer for KeyServerService {
             checkpoints_verified: rep.checkpoints_verified,
             last_checkpoint_seq: rep.last_checkpoint_seq,
             audit_public_key: self.core.audit_public_key().to_vec(),
+            acknowledged_broken_seq: rep.acknowledged.as_ref().map_or(0, |a| a.0),
+            acknowledged_problem: rep.acknowledged.map(|a| a.1).unwrap_or_default(),
         }))
     }
 

@@ -138,11 +138,13 @@ fn request(study: &str, patient: &str) -> pb::RequestKeyRequest {
 async fn key_flow_over_mutual_tls() {
     let env = Env::start().await;
     let study = register(&env, "P-1").await;
-    let mut gateway = env.client("gateway").await;
     let mut owner = env.client("owner").await;
     let mut clin = env.client("clinician").await;
 
-    let derived = gateway
+    // The watermark derives the pixel key (the gateway only `dicom-*`).
+    let derived = env
+        .client("watermark")
+        .await
         .derive_key(pb::DeriveKeyRequest {
             study_id: study.clone(),
             attributes: attrs("P-1"),
@@ -383,7 +385,7 @@ async fn bad_input_gets_clear_statuses() {
     let derive = |study: &str, patient: &str, op: i32| pb::DeriveKeyRequest {
         study_id: study.into(),
         attributes: attrs(patient),
-        purpose: "pixels".into(),
+        purpose: "dicom-pixels".into(),
         operation: op,
     };
     let code =
@@ -646,7 +648,7 @@ async fn gateway_redeems_checks_and_forgets_over_mutual_tls() {
         .derive_key(pb::DeriveKeyRequest {
             study_id: study.clone(),
             attributes: attrs("P-5"),
-            purpose: "pixels".into(),
+            purpose: "dicom-metadata".into(),
             operation: pb::Operation::Restore.into(),
         })
         .await
@@ -810,6 +812,39 @@ async fn every_refusal_is_audited_before_the_reply() {
         }),
     )
     .await;
+    // A deriver outside its purposes: the gateway derives `dicom-*` only,
+    // the watermark `pixels` only.
+    let mut gateway = env.client("gateway").await;
+    for (client, caller, purpose) in [
+        (&mut gateway, "service/gateway", "pixels"),
+        (&mut wm, "service/watermark", "dicom-metadata"),
+    ] {
+        refused_and_audited(
+            &env,
+            caller,
+            "DeriveKey",
+            "derive.refused",
+            Code::PermissionDenied,
+            client.derive_key(pb::DeriveKeyRequest {
+                study_id: study.clone(),
+                attributes: attrs("P-1"),
+                purpose: purpose.into(),
+                operation: 0,
+            }),
+        )
+        .await;
+    }
+    for (client, purpose) in [(&mut gateway, "dicom-metadata"), (&mut wm, "pixels")] {
+        client
+            .derive_key(pb::DeriveKeyRequest {
+                study_id: study.clone(),
+                attributes: attrs("P-1"),
+                purpose: purpose.into(),
+                operation: 0,
+            })
+            .await
+            .unwrap();
+    }
     let mut on_behalf = request(&study, "P-1");
     on_behalf.on_behalf_of = CLIN.into();
     refused_and_audited(
@@ -1026,6 +1061,7 @@ async fn a_broken_chain_refuses_key_operations_until_recovered() {
         .unwrap()
         .into_inner();
     assert!(v.ok, "{}", v.problem);
+    assert_eq!(v.acknowledged_broken_seq, target, "the break stays visible");
     let log = all_audit(&env).await;
     let recovered = log.iter().find(|e| e.event == "audit.recovered").unwrap();
     assert_eq!(recovered.seq, rec.seq);

@@ -157,7 +157,7 @@ mod proptests {
         fn id_parsing_never_panics(s in ".{0,80}") {
             let _ = crate::core::ids::StudyId::parse(&s);
             let _ = crate::core::ids::RequestId::parse(&s);
-            let _ = crate::core::ids::validate_identity("x", &s);
+            let _ = crate::core::ids::parse_identity("x", &s, "tessera.local");
         }
     }
 }

@@ -8,6 +8,7 @@ use ring::hkdf::{HKDF_SHA256, KeyType, Salt};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use zeroize::Zeroizing;
 
 use crate::core::attrs::CanonicalAttributes;
 use crate::error::{KeyServerError, Result};
@@ -15,17 +16,22 @@ use crate::error::{KeyServerError, Result};
 /// Length of every symmetric secret and derived key.
 pub const KEY_LEN: usize = 32;
 
-/// A 32-byte secret.
+/// 32 bytes that are not secret on their own (study salt, commitment).
 pub type Secret = [u8; KEY_LEN];
+
+/// 32 bytes of key material (master secret, derived key, KEK bytes): wiped
+/// from memory when dropped. The `ring` key objects built from them
+/// (`LessSafeKey`, `hmac::Key`) live inside `ring`, which offers no wiping.
+pub type SecretKey = Zeroizing<[u8; KEY_LEN]>;
 
 fn crypto(msg: &str) -> KeyServerError {
     KeyServerError::Crypto(msg.to_owned())
 }
 
 /// Fills a fresh 32-byte secret from the system RNG.
-pub fn random_secret(rng: &SystemRandom) -> Result<Secret> {
-    let mut s = [0u8; KEY_LEN];
-    rng.fill(&mut s)
+pub fn random_secret(rng: &SystemRandom) -> Result<SecretKey> {
+    let mut s = Zeroizing::new([0u8; KEY_LEN]);
+    rng.fill(&mut s[..])
         .map_err(|_| crypto("random generator failed"))?;
     Ok(s)
 }
@@ -71,11 +77,13 @@ impl Kek {
                 )));
             }
         }
-        let raw = std::fs::read(path).map_err(|e| KeyServerError::Kek(format!("{shown}: {e}")))?;
-        let mut key = [0u8; KEY_LEN];
+        let raw = Zeroizing::new(
+            std::fs::read(path).map_err(|e| KeyServerError::Kek(format!("{shown}: {e}")))?,
+        );
+        let mut key: SecretKey = Zeroizing::new([0u8; KEY_LEN]);
         let trimmed = raw.trim_ascii();
         if trimmed.len() == 2 * KEY_LEN && trimmed.iter().all(u8::is_ascii_hexdigit) {
-            hex::decode_to_slice(trimmed, &mut key)
+            hex::decode_to_slice(trimmed, &mut key[..])
                 .map_err(|_| KeyServerError::Kek(format!("{shown}: bad hex")))?;
         } else if raw.len() == KEY_LEN {
             key.copy_from_slice(&raw);
@@ -108,32 +116,38 @@ impl Kek {
         Ok(out)
     }
 
-    /// Decrypts a blob made by [`Kek::wrap`] with the same `aad`.
-    pub fn unwrap(&self, aad: &[u8], blob: &[u8]) -> Result<Vec<u8>> {
+    /// Decrypts a blob made by [`Kek::wrap`] with the same `aad`. The
+    /// plaintext is wiped when dropped.
+    pub fn unwrap(&self, aad: &[u8], blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         if blob.len() < NONCE_LEN + 16 {
             return Err(KeyServerError::Kek("wrapped secret too short".into()));
         }
         let (nonce, body) = blob.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| crypto("bad nonce"))?;
-        let mut body = body.to_vec();
+        let mut body = Zeroizing::new(body.to_vec());
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(aad), &mut body)
+            .open_in_place(nonce, Aad::from(aad), &mut body[..])
             .map_err(|_| {
                 KeyServerError::Kek(
                     "stored secret does not decrypt: wrong key-encryption key or edited database"
                         .into(),
                 )
             })?;
-        Ok(plain.to_vec())
+        Ok(Zeroizing::new(plain.to_vec()))
     }
 
     /// Unwraps a blob that must hold exactly one 32-byte secret.
-    pub fn unwrap_secret(&self, aad: &[u8], blob: &[u8]) -> Result<Secret> {
+    pub fn unwrap_secret(&self, aad: &[u8], blob: &[u8]) -> Result<SecretKey> {
         let v = self.unwrap(aad, blob)?;
-        v.as_slice()
-            .try_into()
-            .map_err(|_| KeyServerError::Kek("wrapped secret has the wrong length".into()))
+        if v.len() != KEY_LEN {
+            return Err(KeyServerError::Kek(
+                "wrapped secret has the wrong length".into(),
+            ));
+        }
+        let mut out: SecretKey = Zeroizing::new([0u8; KEY_LEN]);
+        out.copy_from_slice(&v);
+        Ok(out)
     }
 }
 
@@ -166,7 +180,7 @@ fn lp(n: usize) -> [u8; 4] {
 pub struct Master {
     /// Version number (1, 2, ...).
     pub version: u32,
-    secret: Secret,
+    secret: SecretKey,
     commit_key: hmac::Key,
 }
 
@@ -178,26 +192,26 @@ impl std::fmt::Debug for Master {
 
 impl Master {
     /// Wraps a raw master secret.
-    pub fn new(version: u32, secret: Secret) -> Result<Self> {
-        let mut ck = [0u8; KEY_LEN];
+    pub fn new(version: u32, secret: SecretKey) -> Result<Self> {
+        let mut ck: SecretKey = Zeroizing::new([0u8; KEY_LEN]);
         Salt::new(HKDF_SHA256, b"tessera-keyserver/commit-salt")
-            .extract(&secret)
+            .extract(&secret[..])
             .expand(
                 &[b"tessera/v1/attribute-commitment", &version.to_be_bytes()],
                 Len(KEY_LEN),
             )
             .map_err(|_| crypto("hkdf expand"))?
-            .fill(&mut ck)
+            .fill(&mut ck[..])
             .map_err(|_| crypto("hkdf fill"))?;
         Ok(Self {
             version,
             secret,
-            commit_key: hmac::Key::new(hmac::HMAC_SHA256, &ck),
+            commit_key: hmac::Key::new(hmac::HMAC_SHA256, &ck[..]),
         })
     }
 
     /// The raw secret, only for wrapping at rest.
-    pub fn secret(&self) -> &Secret {
+    pub fn secret(&self) -> &SecretKey {
         &self.secret
     }
 
@@ -210,8 +224,8 @@ impl Master {
         study_id: &str,
         attrs: &CanonicalAttributes,
         purpose: &str,
-    ) -> Result<Secret> {
-        let mut out = [0u8; KEY_LEN];
+    ) -> Result<SecretKey> {
+        let mut out: SecretKey = Zeroizing::new([0u8; KEY_LEN]);
         let version = self.version.to_be_bytes();
         let (sl, pl, al) = (
             lp(study_id.len()),
@@ -229,10 +243,10 @@ impl Master {
             attrs.as_bytes(),
         ];
         Salt::new(HKDF_SHA256, salt)
-            .extract(&self.secret)
+            .extract(&self.secret[..])
             .expand(&info, Len(KEY_LEN))
             .map_err(|_| crypto("hkdf expand"))?
-            .fill(&mut out)
+            .fill(&mut out[..])
             .map_err(|_| crypto("hkdf fill"))?;
         Ok(out)
     }
@@ -279,9 +293,9 @@ pub struct AuditSigner {
 
 impl AuditSigner {
     /// Generates a new key pair; returns the signer and its PKCS#8 document.
-    pub fn generate(rng: &SystemRandom) -> Result<(Self, Vec<u8>)> {
+    pub fn generate(rng: &SystemRandom) -> Result<(Self, Zeroizing<Vec<u8>>)> {
         let doc = Ed25519KeyPair::generate_pkcs8(rng).map_err(|_| crypto("ed25519 keygen"))?;
-        let pkcs8 = doc.as_ref().to_vec();
+        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
         Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
     }
 
@@ -322,7 +336,7 @@ mod tests {
         let rng = SystemRandom::new();
         let kek = Kek::from_bytes(&[7u8; 32]).unwrap();
         let blob = kek.wrap(&rng, b"slot-a", b"secret").unwrap();
-        assert_eq!(kek.unwrap(b"slot-a", &blob).unwrap(), b"secret");
+        assert_eq!(kek.unwrap(b"slot-a", &blob).unwrap().as_slice(), b"secret");
         assert!(kek.unwrap(b"slot-b", &blob).is_err());
         let other = Kek::from_bytes(&[8u8; 32]).unwrap();
         assert!(other.unwrap(b"slot-a", &blob).is_err());
@@ -334,8 +348,8 @@ mod tests {
 
     #[test]
     fn derivation_depends_on_every_input() {
-        let m1 = Master::new(1, [1u8; 32]).unwrap();
-        let m2 = Master::new(2, [1u8; 32]).unwrap();
+        let m1 = Master::new(1, [1u8; 32].into()).unwrap();
+        let m2 = Master::new(2, [1u8; 32].into()).unwrap();
         let salt = [9u8; 32];
         let base = m1
             .derive_study_key(&salt, "st-a", &attrs("P1"), "pixels")
@@ -363,7 +377,7 @@ mod tests {
 
     #[test]
     fn commitment_verifies_only_the_right_attributes() {
-        let m = Master::new(1, [3u8; 32]).unwrap();
+        let m = Master::new(1, [3u8; 32].into()).unwrap();
         let salt = [4u8; 32];
         let c = m.commitment("st-a", &salt, &attrs("P1"));
         assert!(m.verify_commitment("st-a", &salt, &attrs("P1"), &c));
@@ -402,5 +416,28 @@ mod tests {
         let sig = s.sign(b"head");
         assert!(verify_signature(&s.public_key(), b"head", &sig));
         assert!(!verify_signature(&s.public_key(), b"heaD", &sig));
+    }
+
+    #[test]
+    fn key_material_types_wipe_on_drop() {
+        // The types that hold key material are `Zeroizing`: wiped on drop.
+        fn wipes<T: zeroize::Zeroize>(_: &Zeroizing<T>) {}
+        let rng = SystemRandom::new();
+        let s = random_secret(&rng).unwrap();
+        wipes(&s);
+        let m = Master::new(1, s).unwrap();
+        wipes(m.secret());
+        let k = m
+            .derive_study_key(
+                &[0; 32],
+                "st-x",
+                &CanonicalAttributes::new(&[("a", "b")]).unwrap(),
+                "pixels",
+            )
+            .unwrap();
+        wipes(&k);
+        let mut copy = k.clone();
+        zeroize::Zeroize::zeroize(&mut *copy);
+        assert_eq!(*copy, [0u8; 32]);
     }
 }

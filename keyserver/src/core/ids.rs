@@ -1,12 +1,12 @@
 //! Identifiers and small validated strings: study ids, request ids,
-//! SPIFFE identities, purpose labels and free text.
+//! SPIFFE identities (checked on top of the suite's one grammar,
+//! [`tessera_tls::Identity`]), purpose labels and free text.
 
 use ring::rand::{SecureRandom, SystemRandom};
+use tessera_tls::Identity;
 
 use crate::error::{KeyServerError, Result};
 
-/// Trust domain prefix of every Tessera identity.
-pub const SPIFFE_PREFIX: &str = "spiffe://tessera.local/";
 /// Longest free-text field (justification, reason), in bytes.
 pub const MAX_TEXT_BYTES: usize = 512;
 
@@ -73,36 +73,35 @@ impl RequestId {
     }
 }
 
-/// Checks `spiffe://tessera.local/<kind>/<name>` with kind `user` or
-/// `service` and name 1..=63 chars of `[a-z0-9-]`. Returns the kind.
-pub fn validate_identity(field: &str, s: &str) -> Result<&'static str> {
-    let bad = || {
-        KeyServerError::InvalidArgument(format!(
-            "{field}: expected {SPIFFE_PREFIX}<user|service>/<name>"
-        ))
-    };
-    let rest = s.strip_prefix(SPIFFE_PREFIX).ok_or_else(bad)?;
-    let (kind, name) = rest.split_once('/').ok_or_else(bad)?;
-    let kind = match kind {
-        "user" => "user",
-        "service" => "service",
-        _ => return Err(bad()),
-    };
-    let name_ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if name_ok { Ok(kind) } else { Err(bad()) }
+/// An identity named in a message or the config (owner, on_behalf_of,
+/// delegate, gateway): parsed by [`Identity::parse_uri`], plus the
+/// keyserver's rules: in the configured `trust_domain`, kind `user` or
+/// `service`.
+pub fn parse_identity(field: &str, s: &str, trust_domain: &str) -> Result<Identity> {
+    let id = Identity::parse_uri(s)
+        .map_err(|e| KeyServerError::InvalidArgument(format!("{field}: {e}")))?;
+    if id.trust_domain() != trust_domain {
+        return Err(KeyServerError::InvalidArgument(format!(
+            "{field}: not in trust domain {trust_domain}"
+        )));
+    }
+    match id.kind() {
+        "user" | "service" => Ok(id),
+        _ => Err(KeyServerError::InvalidArgument(format!(
+            "{field}: expected spiffe://{trust_domain}/<user|service>/<name>"
+        ))),
+    }
 }
 
-/// Like [`validate_identity`] but the kind must be `user`.
-pub fn validate_user_identity(field: &str, s: &str) -> Result<()> {
-    match validate_identity(field, s)? {
-        "user" => Ok(()),
-        _ => Err(KeyServerError::InvalidArgument(format!(
-            "{field}: must be a user identity ({SPIFFE_PREFIX}user/<name>)"
-        ))),
+/// Like [`parse_identity`] but the kind must be `user`.
+pub fn parse_user_identity(field: &str, s: &str, trust_domain: &str) -> Result<Identity> {
+    let id = parse_identity(field, s, trust_domain)?;
+    if id.kind() == "user" {
+        Ok(id)
+    } else {
+        Err(KeyServerError::InvalidArgument(format!(
+            "{field}: must be a user identity (spiffe://{trust_domain}/user/<name>)"
+        )))
     }
 }
 
@@ -167,13 +166,18 @@ mod tests {
 
     #[test]
     fn identities_are_checked() {
+        const TD: &str = "tessera.local";
         assert_eq!(
-            validate_identity("x", "spiffe://tessera.local/user/owner").unwrap(),
+            parse_identity("x", "spiffe://tessera.local/user/owner", TD)
+                .unwrap()
+                .kind(),
             "user"
         );
         assert_eq!(
-            validate_identity("x", "spiffe://tessera.local/service/storage-1").unwrap(),
-            "service"
+            parse_identity("x", "spiffe://tessera.local/service/storage-1", TD)
+                .unwrap()
+                .name(),
+            "storage-1"
         );
         for bad in [
             "spiffe://tessera.local/user/",
@@ -182,9 +186,19 @@ mod tests {
             "spiffe://tessera.local/user/Owner",
             "spiffe://tessera.local/user/a/b",
         ] {
-            assert!(validate_identity("x", bad).is_err(), "{bad}");
+            assert!(parse_identity("x", bad, TD).is_err(), "{bad}");
         }
-        assert!(validate_user_identity("x", "spiffe://tessera.local/service/gateway").is_err());
+        assert!(parse_user_identity("x", "spiffe://tessera.local/service/gateway", TD).is_err());
+        // The trust domain is the configured one, not a constant.
+        assert!(parse_identity("x", "spiffe://hospital.example/user/owner", TD).is_err());
+        assert!(
+            parse_identity(
+                "x",
+                "spiffe://hospital.example/user/owner",
+                "hospital.example"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

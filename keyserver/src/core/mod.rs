@@ -31,11 +31,9 @@ use audit::{
 };
 use clock::Clock;
 use crypto::{
-    AuditSigner, Kek, Master, SIGNING_KEY_AAD, Secret, grant_aad, master_aad, random_secret,
+    AuditSigner, Kek, Master, SIGNING_KEY_AAD, SecretKey, grant_aad, master_aad, random_secret,
 };
-use ids::{
-    RequestId, StudyId, validate_identity, validate_label, validate_text, validate_user_identity,
-};
+use ids::{RequestId, StudyId, parse_identity, parse_user_identity, validate_label, validate_text};
 use policy::{Action, Refused, Rpc, Rules};
 use store::{
     AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, DELEGATES, Forgotten, GrantState, MASTERS, META,
@@ -62,6 +60,8 @@ pub struct CoreConfig {
     pub db_path: PathBuf,
     /// Key-encryption key.
     pub kek: Kek,
+    /// The trust domain of every identity (`[server.access] trust_domain`).
+    pub trust_domain: String,
     /// The gateway's identity: the only one that registers studies or
     /// presents attributes on a user's behalf.
     pub gateway_identity: String,
@@ -99,11 +99,11 @@ impl Operation {
     }
 }
 
-/// A derived key.
+/// A derived key (wiped from memory when dropped).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Derived {
     /// 32 bytes.
-    pub key: Secret,
+    pub key: SecretKey,
     /// Master version it came from.
     pub master_version: u32,
 }
@@ -114,11 +114,11 @@ impl std::fmt::Debug for Derived {
     }
 }
 
-/// A key released to its requester.
+/// A key released to its requester (wiped from memory when dropped).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Released {
     /// 32 bytes.
-    pub key: Secret,
+    pub key: SecretKey,
     /// Study.
     pub study_id: String,
     /// Purpose label.
@@ -182,6 +182,7 @@ struct Inner {
     current: AtomicU32,
     studies: RwLock<HashMap<String, Arc<StudyRecord>>>,
     public_key: Vec<u8>,
+    trust_domain: String,
     rules: Rules,
     max_ttl: u64,
     max_uses: u32,
@@ -260,35 +261,32 @@ fn forgotten_in_txn(txn: &WriteTransaction, study_id: &str) -> Result<bool> {
     Ok(get_json::<StudyRecord, _>(&studies, study_id)?.is_some_and(|s| s.is_forgotten()))
 }
 
-/// Why an approved grant may not be used at `now` (state only; the caller
-/// checks who uses it), `None` when it may.
-fn grant_refusal(rec: &RequestRecord, now: u64) -> Option<&'static str> {
-    match &rec.state {
-        GrantState::Pending => Some("the request is pending approval"),
-        GrantState::Denied { .. } => Some("the request was denied"),
-        GrantState::Revoked { .. } => Some("the grant was revoked"),
-        GrantState::Approved { expires_at, .. } if now >= *expires_at => {
-            Some("the grant has expired")
-        }
-        GrantState::Approved { uses_left: 0, .. } => Some("the grant is used up"),
-        GrantState::Approved { .. } => None,
-    }
-}
-
-/// Why the gateway may not use a grant for `requester` on `study` at `now`.
-fn redeem_refusal(
+/// Why `user` may not use the grant `rec` (for `study`, if said) at `now`:
+/// [`policy::decide`] with [`Action::UseGrant`]; `None` when it may.
+fn grant_refusal(
+    rules: &Rules,
+    caller: &str,
+    rpc: Rpc,
     rec: &RequestRecord,
-    requester: &str,
-    study: &str,
+    user: &str,
+    study: Option<&str>,
     now: u64,
-) -> Option<&'static str> {
-    if rec.requester != requester {
-        Some("the grant belongs to another user")
-    } else if rec.study_id != study {
-        Some("the grant is for another study")
-    } else {
-        grant_refusal(rec, now)
-    }
+) -> Option<String> {
+    policy::decide(
+        rules,
+        caller,
+        &Action::UseGrant {
+            rpc,
+            user,
+            study,
+            requester: &rec.requester,
+            grant_study: &rec.study_id,
+            state: &rec.state,
+            now,
+        },
+    )
+    .err()
+    .map(|r| r.reason)
 }
 
 /// Drops the held key of a grant seen expired; true when `rec` changed and
@@ -298,7 +296,7 @@ fn drop_expired_key(rec: &mut RequestRecord, now: u64) -> bool {
         && rec.wrapped_key.take().is_some()
 }
 
-/// Spends one use of a grant [`grant_refusal`] accepted; returns
+/// Spends one use of a grant the policy accepted; returns
 /// `(expires_at, uses_left)`. The held key goes with the last use.
 fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
     let GrantState::Approved {
@@ -589,7 +587,7 @@ impl Core {
                 Some(s) => s,
                 None => {
                     let (s, pkcs8) = AuditSigner::generate(&rng)?;
-                    let wrapped = kek.wrap(&rng, SIGNING_KEY_AAD, &pkcs8)?;
+                    let wrapped = kek.wrap(&rng, SIGNING_KEY_AAD, &pkcs8[..])?;
                     meta.insert(META_SIGNING_KEY, wrapped.as_slice())?;
                     meta.insert(META_PUBLIC_KEY, s.public_key().as_slice())?;
                     s
@@ -601,7 +599,7 @@ impl Core {
             let mut masters = w.open_table(MASTERS)?;
             if masters.is_empty()? {
                 let secret = random_secret(&rng)?;
-                let wrapped = kek.wrap(&rng, &master_aad(1), &secret)?;
+                let wrapped = kek.wrap(&rng, &master_aad(1), &secret[..])?;
                 masters.insert(1, wrapped.as_slice())?;
                 let mut meta = w.open_table(META)?;
                 meta.insert(META_MASTER_CURRENT, 1u32.to_be_bytes().as_slice())?;
@@ -692,6 +690,7 @@ impl Core {
                 current: AtomicU32::new(current),
                 studies: RwLock::new(HashMap::new()),
                 public_key,
+                trust_domain: cfg.trust_domain,
                 rules: Rules {
                     gateway: cfg.gateway_identity,
                     derivers: cfg.derivers,
@@ -792,6 +791,16 @@ impl Core {
             .await
     }
 
+    /// An identity from a message, in the configured trust domain.
+    fn identity(&self, field: &str, s: &str) -> Result<tessera_tls::Identity> {
+        parse_identity(field, s, &self.inner.trust_domain)
+    }
+
+    /// A user identity from a message, in the configured trust domain.
+    fn user_identity(&self, field: &str, s: &str) -> Result<tessera_tls::Identity> {
+        parse_user_identity(field, s, &self.inner.trust_domain)
+    }
+
     /// The break that blocks key operations, if the chain is broken.
     pub fn chain_break(&self) -> Option<ChainBreak> {
         self.inner
@@ -885,14 +894,15 @@ impl Core {
             "",
         )
         .await?;
-        validate_user_identity("owner", owner)?;
+        self.user_identity("owner", owner)?;
         let attrs = CanonicalAttributes::new(attributes)?;
         let id = match study_id {
             Some(s) if !s.is_empty() => StudyId::parse(s)?,
             _ => StudyId::random(&self.inner.rng)?,
         };
         let master = self.master(self.current_master_version())?;
-        let salt = random_secret(&self.inner.rng)?;
+        // The salt is stored in clear beside the study; no need to wipe it.
+        let salt = *random_secret(&self.inner.rng)?;
         let rec = StudyRecord {
             id: id.as_str().to_owned(),
             owner: owner.to_owned(),
@@ -1041,7 +1051,7 @@ impl Core {
         justification: &str,
         on_behalf_of: &str,
     ) -> Result<RequestRecord> {
-        let for_user = if validate_user_identity("on_behalf_of", on_behalf_of).is_ok() {
+        let for_user = if self.user_identity("on_behalf_of", on_behalf_of).is_ok() {
             format!("on_behalf_of={on_behalf_of}")
         } else {
             String::new()
@@ -1060,7 +1070,7 @@ impl Core {
         let requester = if on_behalf_of.is_empty() {
             actor.to_owned()
         } else {
-            validate_user_identity("on_behalf_of", on_behalf_of)?;
+            self.user_identity("on_behalf_of", on_behalf_of)?;
             on_behalf_of.to_owned()
         };
         let study = self.study(&id)?;
@@ -1078,7 +1088,7 @@ impl Core {
         let wrapped = self
             .inner
             .kek
-            .wrap(&self.inner.rng, &grant_aad(rid.as_str()), &key)?;
+            .wrap(&self.inner.rng, &grant_aad(rid.as_str()), &key[..])?;
         let rec = RequestRecord {
             id: rid.as_str().to_owned(),
             study_id: study.id.clone(),
@@ -1353,6 +1363,7 @@ impl Core {
         let rid = RequestId::parse(request_id)?;
         let actor = actor.to_owned();
         let kek = self.inner.kek.clone();
+        let rules = self.inner.rules.clone();
         self.inner
             .writer
             .submit(move |ctx| {
@@ -1365,11 +1376,7 @@ impl Core {
                     ))));
                 };
                 let now = ctx.now_secs();
-                let refusal = if rec.requester != actor {
-                    Some("only the requester may fetch this key")
-                } else {
-                    grant_refusal(&rec, now)
-                };
+                let refusal = grant_refusal(&rules, &actor, Rpc::FetchKey, &rec, &actor, None, now);
                 if let Some(why) = refusal {
                     if drop_expired_key(&mut rec, now) {
                         reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
@@ -1380,7 +1387,7 @@ impl Core {
                         study: rec.study_id.clone(),
                         detail: format!("request={} reason={why}", rec.id),
                     })?;
-                    return Ok(Err(denied(why)));
+                    return Ok(Err(denied(&why)));
                 }
                 let wrapped = rec.wrapped_key.clone().ok_or_else(|| {
                     KeyServerError::Corrupt(format!("request {} holds no key", rec.id))
@@ -1450,9 +1457,10 @@ impl Core {
         .await?;
         let rid = RequestId::parse(request_id)?;
         let sid = StudyId::parse(study_id)?;
-        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
         let actor = actor.to_owned();
         let requester = on_behalf_of.to_owned();
+        let rules = self.inner.rules.clone();
         self.inner
             .writer
             .submit(move |ctx| {
@@ -1465,7 +1473,15 @@ impl Core {
                     ))));
                 };
                 let now = ctx.now_secs();
-                if let Some(why) = redeem_refusal(&rec, &requester, sid.as_str(), now) {
+                if let Some(why) = grant_refusal(
+                    &rules,
+                    &actor,
+                    Rpc::RedeemGrant,
+                    &rec,
+                    &requester,
+                    Some(sid.as_str()),
+                    now,
+                ) {
                     if drop_expired_key(&mut rec, now) {
                         reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
                     }
@@ -1483,7 +1499,7 @@ impl Core {
                             rec.id
                         ),
                     })?;
-                    return Ok(Err(denied(why)));
+                    return Ok(Err(denied(&why)));
                 }
                 let (expires_at, uses_left) = take_use(&mut rec)?;
                 reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
@@ -1528,15 +1544,23 @@ impl Core {
         .await?;
         let rid = RequestId::parse(request_id)?;
         let sid = StudyId::parse(study_id)?;
-        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
         let rec = {
             let r = self.inner.db.begin_read()?;
             get_json::<RequestRecord, _>(&r.open_table(REQUESTS)?, rid.as_str())?
                 .ok_or_else(|| KeyServerError::NotFound(format!("request {}", rid.as_str())))?
         };
         let now = self.inner.clock.now_ms() / 1000;
-        if let Some(why) = redeem_refusal(&rec, on_behalf_of, sid.as_str(), now) {
-            return Err(denied(why));
+        if let Some(why) = grant_refusal(
+            &self.inner.rules,
+            actor,
+            Rpc::CheckGrant,
+            &rec,
+            on_behalf_of,
+            Some(sid.as_str()),
+            now,
+        ) {
+            return Err(denied(&why));
         }
         let GrantState::Approved {
             expires_at,
@@ -1574,9 +1598,10 @@ impl Core {
         self.gateway_only(actor, Rpc::ForgetStudy, "forget studies", study_id, None)
             .await?;
         let sid = StudyId::parse(study_id)?;
-        validate_user_identity("on_behalf_of", on_behalf_of)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
         let actor = actor.to_owned();
         let asker = on_behalf_of.to_owned();
+        let rules = self.inner.rules.clone();
         let (report, tombstone) = self
             .inner
             .writer
@@ -1593,14 +1618,19 @@ impl Core {
                 if study.is_forgotten() {
                     return Ok(Err(deleted(&study.id)));
                 }
-                if study.owner != asker {
-                    ctx.append(NewEntry {
-                        actor,
-                        event: AuditEvent::ForgetRefused,
-                        study: study.id.clone(),
-                        detail: format!("on_behalf_of={asker} reason=not the study owner"),
-                    })?;
-                    return Ok(Err(denied("only the study owner may have it forgotten")));
+                let action = Action::Forget {
+                    owner: &study.owner,
+                    on_behalf_of: &asker,
+                };
+                if let Err(r) = policy::decide(&rules, &actor, &action) {
+                    ctx.append(refusal_entry(
+                        &actor,
+                        Rpc::ForgetStudy,
+                        &study.id,
+                        &format!("on_behalf_of={asker}"),
+                        &r.reason,
+                    ))?;
+                    return Ok(Err(r.into_error()));
                 }
                 study.salt = [0u8; 32];
                 study.commitment = [0u8; 32];
@@ -1675,6 +1705,7 @@ impl Core {
     pub async fn rotate_master(&self, actor: &str) -> Result<u32> {
         self.ensure_chain_intact()?;
         let secret = random_secret(&self.inner.rng)?;
+        let to_wrap = secret.clone();
         let kek = self.inner.kek.clone();
         let actor = actor.to_owned();
         let version = self
@@ -1684,7 +1715,7 @@ impl Core {
                 let txn = ctx.txn;
                 let mut masters = txn.open_table(MASTERS)?;
                 let next = masters.last()?.map_or(1, |(k, _)| k.value() + 1);
-                let wrapped = kek.wrap(&SystemRandom::new(), &master_aad(next), &secret)?;
+                let wrapped = kek.wrap(&SystemRandom::new(), &master_aad(next), &to_wrap[..])?;
                 masters.insert(next, wrapped.as_slice())?;
                 let mut meta = txn.open_table(META)?;
                 meta.insert(META_MASTER_CURRENT, next.to_be_bytes().as_slice())?;
@@ -1719,7 +1750,7 @@ impl Core {
 
     async fn change_delegate(&self, actor: &str, delegate: &str, add: bool) -> Result<()> {
         self.ensure_chain_intact()?;
-        validate_identity("delegate", delegate)?;
+        self.identity("delegate", delegate)?;
         if delegate == actor {
             return Err(KeyServerError::InvalidArgument(
                 "delegate: an owner is not its own delegate".into(),
@@ -1776,8 +1807,8 @@ impl Core {
     pub async fn check_delegate(&self, actor: &str, owner: &str, delegate: &str) -> Result<bool> {
         self.gateway_only(actor, Rpc::CheckDelegate, "check delegates", "", None)
             .await?;
-        validate_identity("owner", owner)?;
-        validate_identity("delegate", delegate)?;
+        self.identity("owner", owner)?;
+        self.identity("delegate", delegate)?;
         let r = self.inner.db.begin_read()?;
         let t = r.open_table(DELEGATES)?;
         Ok(t.get(index_key(owner, delegate).as_str())?.is_some())
@@ -1881,6 +1912,7 @@ mod tests {
             CoreConfig {
                 db_path: path.to_owned(),
                 kek: Kek::from_bytes(&kek)?,
+                trust_domain: "tessera.local".into(),
                 gateway_identity: GW.into(),
                 derivers: vec![(GW.into(), vec!["*".into()]), (WM.into(), vec!["*".into()])],
                 checkpoint_every: every,
@@ -2637,6 +2669,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn identities_are_in_the_configured_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = "spiffe://hospital.example/service/gateway";
+        let owner = "spiffe://hospital.example/user/owner";
+        let core = Core::open(
+            CoreConfig {
+                db_path: dir.path().join("ks.redb"),
+                kek: Kek::from_bytes(&[3; 32]).unwrap(),
+                trust_domain: "hospital.example".into(),
+                gateway_identity: gw.into(),
+                derivers: vec![(gw.into(), vec!["dicom-*".into()])],
+                checkpoint_every: 10,
+                max_grant_ttl_secs: 60,
+                max_grant_uses: 1,
+            },
+            Arc::new(ManualClock::at_secs(1)),
+        )
+        .unwrap();
+        // The built-in tessera.local domain is just another domain here.
+        assert!(matches!(
+            core.register_study(gw, OWNER, &attrs("A"), None).await,
+            Err(KeyServerError::InvalidArgument(m)) if m.contains("hospital.example")
+        ));
+        let s = core
+            .register_study(gw, owner, &attrs("A"), None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            core.add_delegate(owner, CLIN).await,
+            Err(KeyServerError::InvalidArgument(_))
+        ));
+        core.add_delegate(owner, "spiffe://hospital.example/user/clinician")
+            .await
+            .unwrap();
+        core.derive_key(gw, &s.id, &attrs("A"), "dicom-pixels", Operation::Protect)
+            .await
+            .unwrap();
+        assert!(matches!(
+            core.derive_key(gw, &s.id, &attrs("A"), "pixels", Operation::Protect)
+                .await,
+            Err(KeyServerError::PermissionDenied(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn a_flipped_byte_on_disk_names_its_entry() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ks.redb");
@@ -2652,6 +2729,11 @@ mod tests {
             .unwrap();
         core.approve(OWNER, &r.id, 60, 1).await.unwrap();
         core.fetch_key(CLIN, &r.id).await.unwrap();
+        for _ in 0..4 {
+            core.derive_key(GW, &s.id, &attrs("A"), "pixels", Operation::Restore)
+                .await
+                .unwrap();
+        }
         let approval_seq = core
             .list_audit(1, 100)
             .unwrap()
@@ -2675,11 +2757,32 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
 
         let kek = Kek::from_bytes(&[1; 32]).unwrap();
-        let (rep, _) = verify_audit_file(&path, Some(&kek)).unwrap();
+        let (rep, pk) = verify_audit_file(&path, Some(&kek)).unwrap();
         assert!(!rep.ok);
         assert_eq!(rep.first_broken_seq, Some(approval_seq), "{}", rep.problem);
+        {
+            // Older than the last checkpoint: the quick check at start passes.
+            let ro = ReadOnlyDatabase::open(&path).unwrap();
+            assert!(verify_database_tail(&ro, &pk).unwrap().ok);
+        }
 
         let core = open_with(&path, [1; 32], clock, 2).unwrap();
+        // The approval is older than the last checkpoint, so the check at
+        // start does not see it; the background full check does, and from
+        // then on key operations are refused.
+        let mut seen = None;
+        for _ in 0..500 {
+            seen = core.chain_break();
+            if seen.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(seen.map(|b| b.seq), Some(approval_seq));
+        assert!(matches!(
+            core.derive_key(GW, &s.id, &attrs("A"), "pixels", Operation::Restore).await,
+            Err(KeyServerError::FailedPrecondition(m)) if m.contains(&format!("entry {approval_seq}"))
+        ));
         let rep = core.verify_audit().unwrap();
         assert_eq!(rep.first_broken_seq, Some(approval_seq), "{}", rep.problem);
     }

@@ -4,8 +4,10 @@
 //! against `service::policy()`. The rules here are the finer ones that need
 //! the caller's exact identity or the object: only the gateway registers
 //! studies or acts for a user, only configured services derive (and only
-//! their purposes), only the owner decides on requests and manages
-//! delegates, nobody approves their own request, a request is decided once.
+//! their purposes), only the owner decides on requests and has a study
+//! forgotten, nobody approves their own request, a request is decided once,
+//! only the requester (or the gateway for it) uses a grant, and only while
+//! it is approved, unexpired and not used up.
 //!
 //! [`decide`] is pure (no I/O). The core calls it for every such operation
 //! and, when it answers [`Refused`], appends the refusal (caller, RPC,
@@ -132,6 +134,33 @@ pub enum Action<'a> {
     },
     /// A gateway-only RPC (RedeemGrant, CheckGrant, ForgetStudy, CheckDelegate).
     GatewayOnly(Rpc),
+    /// Use a grant: FetchKey (the caller is `user`), RedeemGrant and
+    /// CheckGrant (the gateway, already admitted, acts for `user` on
+    /// `study`).
+    UseGrant {
+        /// FetchKey, RedeemGrant or CheckGrant.
+        rpc: Rpc,
+        /// Who wants to use it.
+        user: &'a str,
+        /// The study it is to be used for (the gateway's RPCs), if said.
+        study: Option<&'a str>,
+        /// The request's requester.
+        requester: &'a str,
+        /// The request's study.
+        grant_study: &'a str,
+        /// The request's state.
+        state: &'a GrantState,
+        /// Unix seconds now.
+        now: u64,
+    },
+    /// Forget (crypto-shred) a study owned by `owner` for `on_behalf_of`
+    /// (the gateway, already admitted, acts for that user).
+    Forget {
+        /// The study's owner.
+        owner: &'a str,
+        /// The user the gateway acts for.
+        on_behalf_of: &'a str,
+    },
     /// Approve, deny or revoke a request on a study owned by `owner`.
     Decide {
         /// ApproveRequest, DenyRequest or RevokeGrant.
@@ -152,7 +181,10 @@ impl Action<'_> {
             Self::RegisterStudy => Rpc::RegisterStudy,
             Self::DeriveKey { .. } => Rpc::DeriveKey,
             Self::RequestKey { .. } => Rpc::RequestKey,
-            Self::GatewayOnly(r) | Self::Decide { rpc: r, .. } => *r,
+            Self::GatewayOnly(r) | Self::Decide { rpc: r, .. } | Self::UseGrant { rpc: r, .. } => {
+                *r
+            }
+            Self::Forget { .. } => Rpc::ForgetStudy,
         }
     }
 }
@@ -274,7 +306,48 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
                 | Rpc::CheckDelegate => Ok(()),
             }
         }
-        Action::RegisterStudy | Action::RequestKey { .. } | Action::GatewayOnly(_) => Ok(()),
+        Action::UseGrant {
+            rpc,
+            user,
+            study,
+            requester,
+            grant_study,
+            state,
+            now,
+        } => {
+            if requester != user {
+                return Err(Refused::denied(if rpc == Rpc::FetchKey {
+                    "only the requester may fetch this key"
+                } else {
+                    "the grant belongs to another user"
+                }));
+            }
+            if study.is_some_and(|s| s != grant_study) {
+                return Err(Refused::denied("the grant is for another study"));
+            }
+            match state {
+                GrantState::Pending => Err(Refused::denied("the request is pending approval")),
+                GrantState::Denied { .. } => Err(Refused::denied("the request was denied")),
+                GrantState::Revoked { .. } => Err(Refused::denied("the grant was revoked")),
+                GrantState::Approved { expires_at, .. } if now >= *expires_at => {
+                    Err(Refused::denied("the grant has expired"))
+                }
+                GrantState::Approved { uses_left: 0, .. } => {
+                    Err(Refused::denied("the grant is used up"))
+                }
+                GrantState::Approved { .. } => Ok(()),
+            }
+        }
+        Action::Forget {
+            owner,
+            on_behalf_of,
+        } if owner != on_behalf_of => Err(Refused::denied(
+            "only the study owner may have it forgotten",
+        )),
+        Action::RegisterStudy
+        | Action::RequestKey { .. }
+        | Action::GatewayOnly(_)
+        | Action::Forget { .. } => Ok(()),
     }
 }
 
@@ -365,5 +438,62 @@ mod tests {
         );
         assert!(d(OWNER, Rpc::RevokeGrant, CLIN, &approved).is_ok());
         assert!(d(OWNER, Rpc::RevokeGrant, CLIN, &pending).is_err());
+    }
+
+    #[test]
+    fn grant_use_and_forget() {
+        let r = rules();
+        let approved = GrantState::Approved {
+            by: OWNER.into(),
+            at: 1,
+            expires_at: 100,
+            uses_granted: 2,
+            uses_left: 1,
+        };
+        let used = |user, study, state, now| {
+            decide(
+                &r,
+                GW,
+                &Action::UseGrant {
+                    rpc: Rpc::RedeemGrant,
+                    user,
+                    study,
+                    requester: CLIN,
+                    grant_study: "st-a",
+                    state,
+                    now,
+                },
+            )
+            .map_err(|e| e.reason)
+        };
+        assert!(used(CLIN, Some("st-a"), &approved, 99).is_ok());
+        assert_eq!(
+            used(OWNER, Some("st-a"), &approved, 99).unwrap_err(),
+            "the grant belongs to another user"
+        );
+        assert_eq!(
+            used(CLIN, Some("st-b"), &approved, 99).unwrap_err(),
+            "the grant is for another study"
+        );
+        assert_eq!(
+            used(CLIN, None, &approved, 100).unwrap_err(),
+            "the grant has expired"
+        );
+        assert_eq!(
+            used(CLIN, None, &GrantState::Pending, 1).unwrap_err(),
+            "the request is pending approval"
+        );
+        let forget = |on_behalf_of| {
+            decide(
+                &r,
+                GW,
+                &Action::Forget {
+                    owner: OWNER,
+                    on_behalf_of,
+                },
+            )
+        };
+        assert!(forget(OWNER).is_ok());
+        assert!(forget(CLIN).is_err());
     }
 }

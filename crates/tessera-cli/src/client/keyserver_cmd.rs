@@ -232,6 +232,8 @@ pub fn audit(a: AuditArgs) -> Result<()> {
                 "checkpoints_verified": v.checkpoints_verified,
                 "last_checkpoint_seq": v.last_checkpoint_seq,
                 "audit_public_key": hex::encode(&v.audit_public_key),
+                "acknowledged_broken_seq": v.acknowledged_broken_seq,
+                "acknowledged_problem": v.acknowledged_problem,
             });
             a.out.emit(&value, || {
                 if v.ok {
@@ -246,6 +248,12 @@ pub fn audit(a: AuditArgs) -> Result<()> {
                     println!(
                         "audit log BROKEN at entry {}: {}",
                         v.first_broken_seq, v.problem
+                    );
+                }
+                if v.acknowledged_broken_seq != 0 {
+                    println!(
+                        "acknowledged by an administrator (audit-recover): entry {}: {}",
+                        v.acknowledged_broken_seq, v.acknowledged_problem
                     );
                 }
                 println!("signing key (Ed25519): {}", hex::encode(&v.audit_public_key));
