@@ -61,6 +61,20 @@ impl Env {
         App::build(self.config()).unwrap().spawn().await.unwrap()
     }
 
+    /// A node with `TESSERA_STORAGE__*` overrides.
+    async fn start_with(&self, overrides: &[(&str, &str)]) -> RunningServer {
+        let env = overrides
+            .iter()
+            .map(|(k, v)| (format!("TESSERA_STORAGE__{k}"), (*v).to_owned()))
+            .collect();
+        let config = load_config(
+            &ConfigSource::from_text(&self.config_toml("127.0.0.1:0", ""), env),
+            "TESSERA_STORAGE",
+        )
+        .unwrap();
+        App::build(config).unwrap().spawn().await.unwrap()
+    }
+
     fn tls(&self, name: &str) -> ClientTls {
         ClientTls::from_files(&TlsFiles::from_pki_dir(&self.pki.dir, name)).unwrap()
     }
@@ -458,6 +472,92 @@ async fn bit_rot_is_data_loss_and_data_survives_restart() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Gets are capped: with one slot, a download whose reader stalls holds it
+/// (the node reads a bounded number of chunks ahead, so it cannot finish a
+/// 20 MiB object into a 4 MiB window) and another Get is refused with
+/// RESOURCE_EXHAUSTED after the configured wait; once the first reader goes
+/// away the slot is free again.
+#[tokio::test]
+async fn gets_are_capped_and_stream_in_bounded_chunks() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("MAX_OBJECT_BYTES", "20971520"),
+            ("MAX_CONCURRENT_GETS", "1"),
+            ("GET_WAIT_MS", "1500"),
+        ])
+        .await;
+    let mut c = env.client(&server, "gateway").await;
+    let big = data(20 * 1024 * 1024, 11);
+    put_object(&mut c, "big", &big).await.unwrap();
+
+    let mut stalled = c
+        .get(pb::GetRequest {
+            object_id: "big".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stalled.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.part,
+        Some(pb::get_response::Part::Info(ref i)) if i.size == big.len() as u64
+    ));
+
+    let mut other = env.client(&server, "gateway").await;
+    let e = get_object(&mut other, "big").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("downloads"), "{}", e.message());
+
+    drop(stalled);
+    let (_, got) = get_object(&mut other, "big").await.unwrap();
+    assert!(got == big, "the streamed object differs");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A client that opens a Put, sends its header and stalls is ended with
+/// DEADLINE_EXCEEDED after `server.stream_idle_timeout_secs`, and its upload
+/// slot is released: the next Put (one slot) succeeds.
+#[tokio::test]
+async fn stalled_put_times_out_and_frees_its_slot() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("MAX_CONCURRENT_PUTS", "1"),
+            ("SERVER__STREAM_IDLE_TIMEOUT_SECS", "1"),
+        ])
+        .await;
+    let mut c = env.client(&server, "gateway").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut msgs = put_messages("slow", &data(3 * 1024 * 1024, 3));
+    tx.send(msgs.remove(0)).await.unwrap();
+    tx.send(msgs.remove(0)).await.unwrap();
+    // `tx` stays alive: the upload is open and silent.
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.put(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("a stalled Put must be ended by the idle timeout")
+    .unwrap_err();
+    assert_eq!(stalled.code(), Code::DeadlineExceeded, "{stalled:?}");
+    assert!(
+        stalled.message().contains("stream_idle_timeout"),
+        "{}",
+        stalled.message()
+    );
+    drop(tx);
+    let put = put_object(&mut c, "next", b"fits").await.unwrap();
+    assert!(put.created);
+    let e = get_object(&mut c, "slow").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "nothing of the stalled Put is stored"
+    );
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 #[test]
 fn config_env_overrides_and_validation() {
     let env = Env::new();
@@ -494,6 +594,8 @@ fn config_env_overrides_and_validation() {
         ("TESSERA_STORAGE__MAX_OBJECT_BYTES", "999999999999"),
         ("TESSERA_STORAGE__SERVER__TLS__CA", "/nonexistent/ca.crt"),
         ("TESSERA_STORAGE__SERVER__LISTEN", "not-an-address"),
+        ("TESSERA_STORAGE__SERVER__STREAM_IDLE_TIMEOUT_SECS", "0"),
+        ("TESSERA_STORAGE__MAX_CONCURRENT_GETS", "0"),
         ("TESSERA_STORAGE__UNKNOWN_KEY", "1"),
         (
             "TESSERA_STORAGE__TELEMETRY__OTLP_ENDPOINT",

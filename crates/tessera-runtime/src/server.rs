@@ -55,6 +55,9 @@ pub(crate) fn normalize_limit_headers(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Longest configurable stream idle timeout (one hour).
+const MAX_IDLE_TIMEOUT_SECS: u64 = 3600;
+
 /// The `[server]` section of every binary's config.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -67,10 +70,19 @@ pub struct ServerConfig {
     /// In-flight RPCs allowed per connection.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_streams: u32,
+    /// A client stream (upload) that sends no message for this long ends
+    /// with DEADLINE_EXCEEDED, releasing what it held (upload slots, job
+    /// permits); a download whose reader takes nothing for this long ends
+    /// too. See [`crate::IdleStream`].
+    #[serde(default = "default_idle_timeout")]
+    pub stream_idle_timeout_secs: u64,
 }
 
 fn default_concurrency() -> u32 {
     256
+}
+fn default_idle_timeout() -> u64 {
+    crate::stream::DEFAULT_IDLE_TIMEOUT.as_secs()
 }
 
 impl ServerConfig {
@@ -89,7 +101,18 @@ impl ServerConfig {
         if self.max_concurrent_streams == 0 {
             return Err("server.max_concurrent_streams must be at least 1".into());
         }
+        if !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&self.stream_idle_timeout_secs) {
+            return Err(format!(
+                "server.stream_idle_timeout_secs must be in 1..={MAX_IDLE_TIMEOUT_SECS}"
+            ));
+        }
         Ok(())
+    }
+
+    /// How long a client stream may send (or a download's reader take)
+    /// nothing before the call ends.
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.stream_idle_timeout_secs)
     }
 }
 
