@@ -72,6 +72,7 @@ impl App {
                 max_image_bytes: g.max_image_bytes,
                 reidentify_roles: g.reidentify_roles.clone(),
                 temporal: config.dicom.temporal,
+                stream_idle: config.server.stream_idle_timeout(),
             },
             g.max_concurrent_jobs as usize,
             g.max_inflight_mib,

@@ -259,8 +259,9 @@ impl GatewayService {
     pub(crate) async fn store_dicom_inner(
         &self,
         caller: String,
-        mut stream: Streaming<pb::StoreDicomRequest>,
+        stream: Streaming<pb::StoreDicomRequest>,
     ) -> Result<pb::StoreDicomResponse> {
+        let mut stream = tessera_runtime::IdleStream::new(stream, self.inner.limits.stream_idle);
         let header = first_header(&mut stream, |m: pb::StoreDicomRequest| match m.part {
             Some(pb::store_dicom_request::Part::Header(h)) => Some(h),
             Some(pb::store_dicom_request::Part::Chunk(_)) | None => None,

@@ -48,6 +48,7 @@ impl App {
         let service = WatermarkService::new(
             keys,
             Limits {
+                stream_idle: config.server.stream_idle_timeout(),
                 allowed_callers: CallerAllowList::new(ALLOWED_CALLERS, w.allowed_callers.clone()),
                 max_image_bytes: w.max_image_bytes,
             },
