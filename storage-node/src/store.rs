@@ -240,6 +240,11 @@ impl Store {
                 source,
             })?;
         }
+        // Owner-only: object ids and sizes are nobody else's business.
+        tessera_runtime::private_db_file(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         let db = Database::create(path).map_err(Error::db)?;
         let txn = begin_durable(&db)?;
         let instance_id = {

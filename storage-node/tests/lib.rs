@@ -653,6 +653,39 @@ fn start_process(config: &Path) -> Proc {
     Proc { child, addr }
 }
 
+/// The node refuses to start (exit 64, a message naming the setting) when
+/// its TLS private key is readable by group or others, and the database it
+/// creates is owner-only.
+#[cfg(unix)]
+#[tokio::test]
+async fn loose_key_is_refused_and_the_database_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let config_path: PathBuf = env.tmp.path().join("node.toml");
+    std::fs::write(&config_path, env.config_toml("127.0.0.1:0", "")).unwrap();
+    let key = env.pki.key_path("storage-1");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_storage-node"))
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("server.tls.key") && stderr.contains("0644"),
+        "{stderr}"
+    );
+    let db = env.tmp.path().join("data").join("objects.redb");
+    assert!(!db.exists(), "nothing was created");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = env.start().await;
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "objects.redb is owner-only");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_puts_loses_no_acknowledged_object() {
     let env = Env::new();

@@ -6,12 +6,14 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod files;
 pub mod server;
 pub mod service_main;
 pub mod stream;
 pub mod telemetry;
 
 pub use config::{ConfigError, ConfigSource, EXIT_CONFIG, Validate, load_config};
+pub use files::{check_key_file_mode, private_db_file};
 pub use server::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerConfig, ServerError};
 pub use service_main::{SHUTDOWN_GRACE, Service, Serving, StartError};
 pub use stream::{DEFAULT_IDLE_TIMEOUT, IdleStream, idle_status};

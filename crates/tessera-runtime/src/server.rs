@@ -98,6 +98,7 @@ impl ServerConfig {
                 return Err(format!("{what}: {} is not a readable file", path.display()));
             }
         }
+        crate::files::check_key_file_mode("server.tls.key", &self.tls.key)?;
         if self.max_concurrent_streams == 0 {
             return Err("server.max_concurrent_streams must be at least 1".into());
         }

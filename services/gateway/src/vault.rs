@@ -393,6 +393,9 @@ impl Vault {
             std::fs::create_dir_all(parent)
                 .map_err(|e| GatewayError::Vault(format!("{}: {e}", parent.display())))?;
         }
+        // Owner-only: the vault maps pseudonyms to patients.
+        tessera_runtime::private_db_file(path)
+            .map_err(|e| GatewayError::Vault(format!("{}: {e}", path.display())))?;
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(STUDIES)?;
@@ -782,6 +785,12 @@ mod tests {
         let path = dir.path().join("vault.redb");
         let key = [7u8; 32];
         let v = Vault::open(&path, &key).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the vault file is owner-only");
+        }
         let mut r = record("st-00000000000000000000000000000001");
         v.insert_new(&r).unwrap();
         assert!(v.insert_new(&r).is_err(), "ids are unique");
