@@ -98,7 +98,6 @@ impl ServerConfig {
                 return Err(format!("{what}: {} is not a readable file", path.display()));
             }
         }
-        crate::files::check_key_file_mode("server.tls.key", &self.tls.key)?;
         if self.max_concurrent_streams == 0 {
             return Err("server.max_concurrent_streams must be at least 1".into());
         }
@@ -120,6 +119,10 @@ impl ServerConfig {
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The private key file is readable by group or others (a config
+    /// error: exit 64).
+    #[error("{0}")]
+    KeyPermissions(String),
     #[error("TLS: {0}")]
     Tls(#[from] tessera_tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -145,6 +148,8 @@ impl GrpcServer {
     /// Loads TLS material and builds the authorization decision from
     /// `policy` (plus reflection for every role) and `config.access`.
     pub fn new(config: &ServerConfig, policy: Policy) -> Result<Self, ServerError> {
+        crate::files::check_key_file_mode("server.tls.key", &config.tls.key)
+            .map_err(ServerError::KeyPermissions)?;
         let tls = ServerTls::from_files(&config.tls, &config.access.trust_domain)?;
         let policy = policy
             .allow(&format!("/{REFLECTION_V1}/*"), Role::ALL)

@@ -33,7 +33,12 @@ pub enum AppError {
 impl AppError {
     /// True when fixing the configuration fixes the error (exit 64).
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::ClientTls(_) | AppError::VaultKey(_))
+        matches!(
+            self,
+            AppError::ClientTls(_)
+                | AppError::VaultKey(_)
+                | AppError::Server(ServerError::KeyPermissions(_))
+        )
     }
 }
 

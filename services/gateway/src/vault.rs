@@ -9,6 +9,7 @@
 //! Only `Committed` studies are ever served.
 
 use std::path::Path;
+use zeroize::Zeroizing;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -166,8 +167,9 @@ impl VaultKey {
 }
 
 /// Reads a 32-byte key file (raw, or 64 hex characters plus optional
-/// newline) and refuses one other users can read.
-pub fn load_key_file(path: &Path) -> Result<[u8; 32], String> {
+/// newline) and refuses one other users can read. The key and every copy
+/// made while reading it are wiped when dropped.
+pub fn load_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, String> {
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
     #[cfg(unix)]
@@ -183,19 +185,21 @@ pub fn load_key_file(path: &Path) -> Result<[u8; 32], String> {
     if meta.len() > 1024 {
         return Err(format!("{shown}: not a key file (too long)"));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?);
     if bytes.len() == 32 {
-        let mut k = [0u8; 32];
+        let mut k = Zeroizing::new([0u8; 32]);
         k.copy_from_slice(&bytes);
         return Ok(k);
     }
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?
         .trim();
-    let decoded = hex::decode(text)
-        .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?;
-    decoded
-        .try_into()
+    let decoded = Zeroizing::new(
+        hex::decode(text)
+            .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?,
+    );
+    <[u8; 32]>::try_from(decoded.as_slice())
+        .map(Zeroizing::new)
         .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))
 }
 
@@ -204,9 +208,9 @@ pub fn create_key_file(path: &Path) -> std::io::Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let mut k = [0u8; 32];
+    let mut k = Zeroizing::new([0u8; 32]);
     SystemRandom::new()
-        .fill(&mut k)
+        .fill(k.as_mut_slice())
         .map_err(|_| std::io::Error::other("no randomness"))?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -216,7 +220,8 @@ pub fn create_key_file(path: &Path) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
-    std::io::Write::write_all(&mut f, hex::encode(k).as_bytes())?;
+    let text = Zeroizing::new(hex::encode(k.as_slice()));
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
     f.sync_all()
 }
 

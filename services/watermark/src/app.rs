@@ -24,7 +24,7 @@ impl From<AppError> for StartError {
     fn from(e: AppError) -> Self {
         match e {
             AppError::KeyserverTls(_) => StartError::config(e),
-            AppError::Server(_) => StartError::other(e),
+            AppError::Server(e) => e.into(),
         }
     }
 }
