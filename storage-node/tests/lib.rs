@@ -558,6 +558,93 @@ async fn stalled_put_times_out_and_frees_its_slot() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Reads from a raw socket until the server closes it; panics if it is
+/// still open after `within` (the server should have closed it long before).
+async fn closed_by_server(sock: &mut tokio::net::TcpStream, within: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(within, sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue, // a TLS alert, then the close
+            Err(_) => panic!("the server kept an idle socket open for {within:?}"),
+        }
+    }
+}
+
+/// TCP peers that connect and never start TLS: past `max_handshakes` they
+/// are closed at once (long before the configured 300 s handshake timeout,
+/// or the old fixed 10 s); when the idle ones go, real clients are served.
+#[tokio::test]
+async fn idle_sockets_beyond_the_handshake_cap_are_closed() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("SERVER__MAX_HANDSHAKES", "2"),
+            ("SERVER__HANDSHAKE_TIMEOUT_SECS", "300"),
+        ])
+        .await;
+    let addr = server.local_addr();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Accepted in order: the two idle sockets hold both handshake slots.
+    let mut extra = Vec::new();
+    for _ in 0..5 {
+        extra.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    for sock in &mut extra {
+        closed_by_server(sock, Duration::from_secs(5)).await;
+    }
+    drop(idle);
+    // The server sees the idle peers go (EOF in the handshake) and frees
+    // their slots; a real client is then served.
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(Ok(ch)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            env.tls("gateway").connect(&addr.to_string()),
+        )
+        .await
+            && health_ok(ch).await.is_ok()
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a real client was never served");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A peer that never finishes its handshake is closed after the configured
+/// `handshake_timeout_secs`, and connections over `max_connections` are
+/// closed at once while real clients hold the slots.
+#[tokio::test]
+async fn handshake_timeout_and_connection_cap() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("SERVER__HANDSHAKE_TIMEOUT_SECS", "1"),
+            ("SERVER__MAX_CONNECTIONS", "2"),
+        ])
+        .await;
+    let addr = server.local_addr();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    closed_by_server(&mut silent, Duration::from_secs(6)).await;
+    drop(silent);
+
+    let a = env.channel(&server, "gateway").await;
+    health_ok(a.clone()).await.unwrap();
+    let b = env.channel(&server, "gateway").await;
+    health_ok(b.clone()).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    closed_by_server(&mut third, Duration::from_secs(5)).await;
+    health_ok(a).await.unwrap();
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Sends and receives message bodies as raw bytes: a client that can send
 /// what no generated client would.
 #[derive(Clone, Copy, Default)]

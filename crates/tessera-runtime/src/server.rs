@@ -100,6 +100,30 @@ pub struct ServerConfig {
     /// too. See [`crate::IdleStream`].
     #[serde(default = "default_idle_timeout")]
     pub stream_idle_timeout_secs: u64,
+    /// Open connections (handshaking or established) on this listener;
+    /// more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once; more connections are closed at
+    /// once, so peers that connect and never speak cannot starve the rest
+    /// for longer than `handshake_timeout_secs`.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// A TLS handshake not finished within this is abandoned.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+}
+
+fn default_max_connections() -> usize {
+    tessera_tls::AcceptLimits::default().max_connections
+}
+fn default_max_handshakes() -> usize {
+    tessera_tls::AcceptLimits::default().max_handshakes
+}
+fn default_handshake_timeout() -> u64 {
+    tessera_tls::AcceptLimits::default()
+        .handshake_timeout
+        .as_secs()
 }
 
 fn default_concurrency() -> u32 {
@@ -124,6 +148,14 @@ impl ServerConfig {
         }
         if self.max_concurrent_streams == 0 {
             return Err("server.max_concurrent_streams must be at least 1".into());
+        }
+        if self.max_connections == 0 || self.max_handshakes == 0 {
+            return Err(
+                "server.max_connections and server.max_handshakes must be at least 1".into(),
+            );
+        }
+        if !(1..=300).contains(&self.handshake_timeout_secs) {
+            return Err("server.handshake_timeout_secs must be in 1..=300".into());
         }
         if !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&self.stream_idle_timeout_secs) {
             return Err(format!(
@@ -164,6 +196,7 @@ pub struct GrpcServer {
     tls: ServerTls,
     authz: Authz,
     max_concurrent_streams: u32,
+    accept: tessera_tls::AcceptLimits,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
 }
@@ -184,6 +217,11 @@ impl GrpcServer {
             tls,
             authz,
             max_concurrent_streams: config.max_concurrent_streams,
+            accept: tessera_tls::AcceptLimits {
+                max_connections: config.max_connections,
+                max_handshakes: config.max_handshakes,
+                handshake_timeout: Duration::from_secs(config.handshake_timeout_secs),
+            },
             routes: RoutesBuilder::default(),
             names: Vec::new(),
         })
@@ -246,7 +284,7 @@ impl GrpcServer {
             .add_service(reflection.build_v1()?)
             .add_service(reflection_alpha.build_v1alpha()?);
 
-        let incoming = tessera_tls::incoming(listener, &self.tls);
+        let incoming = tessera_tls::incoming_with(listener, &self.tls, self.accept);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)
