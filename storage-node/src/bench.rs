@@ -107,7 +107,9 @@ fn direct(
     dir: &std::path::Path,
     objects: &[(String, Vec<u8>)],
 ) -> Result<(Duration, Duration), BenchError> {
-    let db = Database::create(dir.join("direct.redb")).map_err(setup)?;
+    let path = dir.join("direct.redb");
+    tessera_runtime::private_db_file(&path).map_err(setup)?;
+    let db = Database::create(path).map_err(setup)?;
     let start = Instant::now();
     for (id, data) in objects {
         let mut txn = db.begin_write().map_err(setup)?;

@@ -41,6 +41,14 @@ pub struct Config {
     /// Uploads buffered at once (memory bound: this x max_object_bytes).
     #[serde(default = "default_concurrent_puts")]
     pub max_concurrent_puts: usize,
+    /// Downloads served at once. Each holds at most a few chunks in memory
+    /// (a few 1 MiB chunks) and one redb read snapshot.
+    #[serde(default = "default_concurrent_gets")]
+    pub max_concurrent_gets: usize,
+    /// A `Get` beyond `max_concurrent_gets` waits this long for a slot, then
+    /// fails with RESOURCE_EXHAUSTED (0: refuse at once).
+    #[serde(default = "default_get_wait_ms")]
+    pub get_wait_ms: u64,
     /// Region-wise processing (`Process`).
     #[serde(default)]
     pub process: ProcessSection,
@@ -97,6 +105,12 @@ fn default_max_object() -> u64 {
 fn default_concurrent_puts() -> usize {
     8
 }
+fn default_concurrent_gets() -> usize {
+    16
+}
+fn default_get_wait_ms() -> u64 {
+    5000
+}
 
 impl Config {
     pub fn db_path(&self) -> PathBuf {
@@ -131,6 +145,12 @@ impl Validate for Config {
         }
         if self.max_concurrent_puts == 0 {
             return Err("max_concurrent_puts must be at least 1".into());
+        }
+        if self.max_concurrent_gets == 0 {
+            return Err("max_concurrent_gets must be at least 1".into());
+        }
+        if self.get_wait_ms > 600_000 {
+            return Err("get_wait_ms must be at most 600000 (10 minutes)".into());
         }
         let p = &self.process;
         CallerAllowList::validate(PROCESS_CALLERS, &p.allowed_callers)?;

@@ -44,6 +44,8 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{max} downloads are being served; no slot freed within {waited_ms} ms")]
+    Busy { max: usize, waited_ms: u64 },
     #[error("client stream: {0}")]
     Stream(tonic::Status),
     /// A malformed, oversized or unprocessable `Process` request (the
@@ -81,7 +83,7 @@ impl From<Error> for tonic::Status {
             | Error::BadList(_) => Status::invalid_argument(e.to_string()),
             Error::NotFound(_) => Status::not_found(e.to_string()),
             Error::Conflict(_) => Status::already_exists(e.to_string()),
-            Error::TooLarge { .. } | Error::CapacityExceeded { .. } => {
+            Error::TooLarge { .. } | Error::CapacityExceeded { .. } | Error::Busy { .. } => {
                 Status::resource_exhausted(e.to_string())
             }
             // Bit rot or a damaged record: say which object, never serve it.

@@ -71,6 +71,11 @@ impl App {
             self.config.node_id.clone(),
             self.config.max_concurrent_puts,
         )
+        .with_gets(
+            self.config.max_concurrent_gets,
+            std::time::Duration::from_millis(self.config.get_wait_ms),
+        )
+        .with_idle_timeout(self.config.server.stream_idle_timeout())
         .with_process(&self.config.process);
         let grpc = StorageNodeServer::new(svc)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -4,21 +4,36 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tessera_proto::storage::v1 as pb;
+use tessera_runtime::{DEFAULT_IDLE_TIMEOUT, IdleStream};
 use tessera_tls::CallerAllowList;
 use tessera_wire::{ProcessDecoder, ProcessLimits, output_messages};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Error;
 use crate::config::{PROCESS_CALLERS, ProcessSection};
-use crate::store::{Limits, ObjectMeta, STORE_CHUNK, Store};
+use crate::store::{Limits, ObjectMeta, ObjectReader, STORE_CHUNK, Store};
 
 /// Default and maximum page size of `List`.
 pub const LIST_LIMIT: usize = 1000;
+
+/// Chunks a `Get` reads ahead of its reader (each at most [`STORE_CHUNK`]).
+pub const GET_CHUNKS_IN_FLIGHT: usize = 2;
+
+/// How many `Get`s run at once, and how long one beyond waits for a slot.
+#[derive(Debug)]
+struct GetSlots {
+    slots: Arc<Semaphore>,
+    max: usize,
+    wait: Duration,
+}
 
 /// `Process` settings: who may call it, and its limits.
 #[derive(Debug)]
@@ -44,18 +59,63 @@ pub struct StorageService {
     store: Arc<Store>,
     node_id: String,
     put_slots: Arc<Semaphore>,
+    gets: Arc<GetSlots>,
+    idle: Duration,
     process: Arc<ProcessState>,
 }
 
 impl StorageService {
     /// A service with the default `[process]` settings (the gateway only,
-    /// 256 MiB fragments, 2 at once); see [`Self::with_process`].
+    /// 256 MiB fragments, 2 at once), 16 `Get`s at once waiting 5 s for a
+    /// slot, and the default stream idle timeout; see [`Self::with_process`],
+    /// [`Self::with_gets`], [`Self::with_idle_timeout`].
     pub fn new(store: Arc<Store>, node_id: String, max_concurrent_puts: usize) -> Self {
         Self {
             store,
             node_id,
             put_slots: Arc::new(Semaphore::new(max_concurrent_puts)),
+            gets: Arc::new(GetSlots {
+                slots: Arc::new(Semaphore::new(16)),
+                max: 16,
+                wait: Duration::from_secs(5),
+            }),
+            idle: DEFAULT_IDLE_TIMEOUT,
             process: Arc::new(ProcessState::new(&ProcessSection::default())),
+        }
+    }
+
+    /// At most `max` `Get`s at once; one more waits up to `wait` for a slot,
+    /// then fails with RESOURCE_EXHAUSTED.
+    pub fn with_gets(mut self, max: usize, wait: Duration) -> Self {
+        self.gets = Arc::new(GetSlots {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            wait,
+        });
+        self
+    }
+
+    /// Uploads (`Put`, `Process`) that send nothing, and downloads whose
+    /// reader takes nothing, for `idle` end with DEADLINE_EXCEEDED.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// A `Get` slot, waiting at most the configured bound.
+    async fn get_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
+        let g = &self.gets;
+        let busy = || Error::Busy {
+            max: g.max,
+            waited_ms: u64::try_from(g.wait.as_millis()).unwrap_or(u64::MAX),
+        };
+        if g.wait.is_zero() {
+            return g.slots.clone().try_acquire_owned().map_err(|_| busy());
+        }
+        match tokio::time::timeout(g.wait, g.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Error::Task("get slots closed".into())),
+            Err(_) => Err(busy()),
         }
     }
 
@@ -77,8 +137,9 @@ impl StorageService {
     /// the operation on a blocking thread. Nothing is stored.
     async fn run_process(
         &self,
-        mut stream: Streaming<pb::ProcessRequest>,
+        stream: Streaming<pb::ProcessRequest>,
     ) -> Result<(tessera_segment::FragmentOutput, tessera_image::PixelFormat), Error> {
+        let mut stream = IdleStream::new(stream, self.idle);
         let mut decoder = ProcessDecoder::new(self.process.limits);
         while let Some(m) = stream.message().await.map_err(Error::Stream)? {
             decoder.push(m)?;
@@ -103,11 +164,9 @@ impl StorageService {
             .map_err(|e| Error::Task(e.to_string()))?
     }
 
-    async fn receive(
-        &self,
-        mut stream: Streaming<pb::PutRequest>,
-    ) -> Result<pb::PutResponse, Error> {
+    async fn receive(&self, stream: Streaming<pb::PutRequest>) -> Result<pb::PutResponse, Error> {
         use pb::put_request::Part;
+        let mut stream = IdleStream::new(stream, self.idle);
         let header = match stream.message().await.map_err(Error::Stream)? {
             Some(pb::PutRequest {
                 part: Some(Part::Header(h)),
@@ -182,8 +241,96 @@ fn info(meta: &ObjectMeta) -> pb::ObjectInfo {
     }
 }
 
-/// The stream `Get` returns: the info, then the chunks.
-pub type GetStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::GetResponse, Status>>>;
+/// The stream `Get` returns: the info, then the chunks, read from the store
+/// by a task at most [`GET_CHUNKS_IN_FLIGHT`] chunks ahead of the reader.
+/// The task holds the `Get` slot; it ends (releasing the slot and the read
+/// snapshot) when the object is sent, when the reader goes away, or when the
+/// reader takes nothing for the idle timeout, and the stream then ends with
+/// DEADLINE_EXCEEDED instead of looking complete.
+#[derive(Debug)]
+pub struct GetStream {
+    rx: mpsc::Receiver<Result<pb::GetResponse, Status>>,
+    complete: Arc<AtomicBool>,
+    idle: Duration,
+    done: bool,
+}
+
+impl Stream for GetStream {
+    type Item = Result<pb::GetResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => Poll::Ready(Some(item)),
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.done = true;
+                if self.complete.load(Ordering::Acquire) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "the reader took nothing for {} s (server.stream_idle_timeout_secs); \
+                         the download is ended",
+                        self.idle.as_secs_f64()
+                    )))))
+                }
+            }
+        }
+    }
+}
+
+/// Sends the object's chunks into `tx`, one read at a time off the async
+/// threads; gives up when the reader is gone or idle for `idle`.
+async fn feed_object(
+    reader: ObjectReader,
+    tx: mpsc::Sender<Result<pb::GetResponse, Status>>,
+    complete: Arc<AtomicBool>,
+    idle: Duration,
+    _slot: OwnedSemaphorePermit,
+) {
+    let id = reader.meta().id.clone();
+    let mut reader = Some(reader);
+    while let Some(mut r) = reader.take() {
+        let read = tokio::task::spawn_blocking(move || {
+            let next = r.next_chunk();
+            (r, next)
+        })
+        .await;
+        let (msg, last) = match read {
+            Ok((r, Ok(Some(piece)))) => {
+                reader = Some(r);
+                debug_assert!(piece.len() <= STORE_CHUNK);
+                (
+                    Ok(pb::GetResponse {
+                        part: Some(pb::get_response::Part::Chunk(piece)),
+                    }),
+                    false,
+                )
+            }
+            Ok((_, Ok(None))) => {
+                complete.store(true, Ordering::Release);
+                return;
+            }
+            Ok((_, Err(e))) => (Err(Status::from(e)), true),
+            Err(e) => (Err(Status::from(Error::Task(e.to_string()))), true),
+        };
+        match tokio::time::timeout(idle, tx.send(msg)).await {
+            Ok(Ok(())) if !last => {}
+            Ok(Ok(())) => {
+                // The error is the stream's last item.
+                complete.store(true, Ordering::Release);
+                return;
+            }
+            Ok(Err(_)) => return, // the reader went away
+            Err(_) => {
+                tracing::info!(object = %id, ?idle, "download reader idle; ending the download");
+                return;
+            }
+        }
+    }
+}
 
 /// The stream `Process` returns: the output header, then each tile's core
 /// and samples, encoded lazily.
@@ -209,19 +356,23 @@ impl pb::storage_node_server::StorageNode for StorageService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<Self::GetStream>, Status> {
+        let slot = self.get_slot().await?;
         let id = request.into_inner().object_id;
-        let (meta, pieces) = self.blocking(move |s| s.get(&id)).await?;
-        let mut out = Vec::with_capacity(pieces.len() + 1);
-        out.push(Ok(pb::GetResponse {
-            part: Some(pb::get_response::Part::Info(info(&meta))),
-        }));
-        for piece in pieces {
-            debug_assert!(piece.len() <= STORE_CHUNK);
-            out.push(Ok(pb::GetResponse {
-                part: Some(pb::get_response::Part::Chunk(piece)),
-            }));
-        }
-        Ok(Response::new(tokio_stream::iter(out)))
+        // Verifies size and SHA-256 chunk by chunk before anything is sent.
+        let reader = self.blocking(move |s| s.open_object(&id)).await?;
+        let (tx, rx) = mpsc::channel(GET_CHUNKS_IN_FLIGHT);
+        tx.try_send(Ok(pb::GetResponse {
+            part: Some(pb::get_response::Part::Info(info(reader.meta()))),
+        }))
+        .map_err(|_| Status::internal("internal storage error"))?;
+        let complete = Arc::new(AtomicBool::new(false));
+        tokio::spawn(feed_object(reader, tx, complete.clone(), self.idle, slot));
+        Ok(Response::new(GetStream {
+            rx,
+            complete,
+            idle: self.idle,
+            done: false,
+        }))
     }
 
     async fn stat(

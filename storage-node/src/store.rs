@@ -113,6 +113,49 @@ pub struct Usage {
     pub object_count: u64,
 }
 
+/// A verified object being streamed out (see [`Store::open_object`]).
+pub struct ObjectReader {
+    meta: ObjectMeta,
+    chunks: redb::ReadOnlyTable<(&'static str, u32), &'static [u8]>,
+    next: u32,
+}
+
+impl std::fmt::Debug for ObjectReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectReader")
+            .field("meta", &self.meta)
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectReader {
+    pub fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+
+    /// The next chunk (at most [`STORE_CHUNK`] bytes), or `None` after the
+    /// last one.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        if self.next >= self.meta.chunks {
+            return Ok(None);
+        }
+        let id = self.meta.id.as_str();
+        let piece = self
+            .chunks
+            .get((id, self.next))
+            .map_err(Error::db)?
+            .ok_or_else(|| Error::Corrupt {
+                id: id.to_owned(),
+                detail: format!("chunk {} vanished from the read snapshot", self.next),
+            })?
+            .value()
+            .to_vec();
+        self.next += 1;
+        Ok(Some(piece))
+    }
+}
+
 /// A put waiting for the next group commit.
 #[derive(Debug)]
 struct PendingPut {
@@ -197,6 +240,11 @@ impl Store {
                 source,
             })?;
         }
+        // Owner-only: object ids and sizes are nobody else's business.
+        tessera_runtime::private_db_file(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         let db = Database::create(path).map_err(Error::db)?;
         let txn = begin_durable(&db)?;
         let instance_id = {
@@ -421,9 +469,24 @@ impl Store {
         ObjectMeta::decode(id, raw.value())
     }
 
-    /// Reads the whole object and checks its size and SHA-256 before
-    /// returning anything: corrupt data is never served.
+    /// Reads the whole object into memory (tests and tools; the service
+    /// streams with [`Self::open_object`]). Checked like `open_object`.
     pub fn get(&self, id: &str) -> Result<(ObjectMeta, Vec<Vec<u8>>), Error> {
+        let mut reader = self.open_object(id)?;
+        let mut pieces = Vec::with_capacity(reader.meta().chunks as usize);
+        while let Some(piece) = reader.next_chunk()? {
+            pieces.push(piece);
+        }
+        Ok((reader.meta, pieces))
+    }
+
+    /// Opens an object for streaming from one read snapshot. Its size, chunk
+    /// count and SHA-256 are checked by a first pass that holds one chunk at
+    /// a time, so corrupt data is never served and memory stays at one
+    /// [`STORE_CHUNK`] whatever the object's size; the returned reader then
+    /// reads the chunks again, one per call, from the same snapshot (a
+    /// concurrent delete cannot tear the stream).
+    pub fn open_object(&self, id: &str) -> Result<ObjectReader, Error> {
         validate_id(id)?;
         let txn = self.db.begin_read().map_err(Error::db)?;
         let objects = txn.open_table(OBJECTS).map_err(Error::db)?;
@@ -436,35 +499,37 @@ impl Store {
         };
         let chunks = txn.open_table(CHUNKS).map_err(Error::db)?;
         let mut hasher = Sha256::new();
-        let mut pieces = Vec::with_capacity(meta.chunks as usize);
+        let mut count: u64 = 0;
         let mut total: u64 = 0;
         for entry in chunks
             .range((id, 0u32)..=(id, u32::MAX))
             .map_err(Error::db)?
         {
             let (_, v) = entry.map_err(Error::db)?;
-            let bytes = v.value().to_vec();
-            hasher.update(&bytes);
+            let bytes = v.value();
+            hasher.update(bytes);
             total += bytes.len() as u64;
-            pieces.push(bytes);
+            count += 1;
         }
         let corrupt = |detail: String| Error::Corrupt {
             id: id.to_owned(),
             detail,
         };
-        if pieces.len() != meta.chunks as usize || total != meta.size {
+        if count != u64::from(meta.chunks) || total != meta.size {
             return Err(corrupt(format!(
-                "expected {} bytes in {} chunks, found {total} in {}",
-                meta.size,
-                meta.chunks,
-                pieces.len()
+                "expected {} bytes in {} chunks, found {total} in {count}",
+                meta.size, meta.chunks,
             )));
         }
         let digest: [u8; 32] = hasher.finalize().into();
         if digest != meta.sha256 {
             return Err(corrupt("SHA-256 mismatch (bit rot)".to_owned()));
         }
-        Ok((meta, pieces))
+        Ok(ObjectReader {
+            meta,
+            chunks,
+            next: 0,
+        })
     }
 
     /// Objects in id order: those starting with `prefix`, strictly after

@@ -61,6 +61,20 @@ impl Env {
         App::build(self.config()).unwrap().spawn().await.unwrap()
     }
 
+    /// A node with `TESSERA_STORAGE__*` overrides.
+    async fn start_with(&self, overrides: &[(&str, &str)]) -> RunningServer {
+        let env = overrides
+            .iter()
+            .map(|(k, v)| (format!("TESSERA_STORAGE__{k}"), (*v).to_owned()))
+            .collect();
+        let config = load_config(
+            &ConfigSource::from_text(&self.config_toml("127.0.0.1:0", ""), env),
+            "TESSERA_STORAGE",
+        )
+        .unwrap();
+        App::build(config).unwrap().spawn().await.unwrap()
+    }
+
     fn tls(&self, name: &str) -> ClientTls {
         ClientTls::from_files(&TlsFiles::from_pki_dir(&self.pki.dir, name)).unwrap()
     }
@@ -458,6 +472,265 @@ async fn bit_rot_is_data_loss_and_data_survives_restart() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Gets are capped: with one slot, a download whose reader stalls holds it
+/// (the node reads a bounded number of chunks ahead, so it cannot finish a
+/// 20 MiB object into a 4 MiB window) and another Get is refused with
+/// RESOURCE_EXHAUSTED after the configured wait; once the first reader goes
+/// away the slot is free again.
+#[tokio::test]
+async fn gets_are_capped_and_stream_in_bounded_chunks() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("MAX_OBJECT_BYTES", "20971520"),
+            ("MAX_CONCURRENT_GETS", "1"),
+            ("GET_WAIT_MS", "1500"),
+        ])
+        .await;
+    let mut c = env.client(&server, "gateway").await;
+    let big = data(20 * 1024 * 1024, 11);
+    put_object(&mut c, "big", &big).await.unwrap();
+
+    let mut stalled = c
+        .get(pb::GetRequest {
+            object_id: "big".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stalled.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.part,
+        Some(pb::get_response::Part::Info(ref i)) if i.size == big.len() as u64
+    ));
+
+    let mut other = env.client(&server, "gateway").await;
+    let e = get_object(&mut other, "big").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("downloads"), "{}", e.message());
+
+    drop(stalled);
+    let (_, got) = get_object(&mut other, "big").await.unwrap();
+    assert!(got == big, "the streamed object differs");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A client that opens a Put, sends its header and stalls is ended with
+/// DEADLINE_EXCEEDED after `server.stream_idle_timeout_secs`, and its upload
+/// slot is released: the next Put (one slot) succeeds.
+#[tokio::test]
+async fn stalled_put_times_out_and_frees_its_slot() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("MAX_CONCURRENT_PUTS", "1"),
+            ("SERVER__STREAM_IDLE_TIMEOUT_SECS", "1"),
+        ])
+        .await;
+    let mut c = env.client(&server, "gateway").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut msgs = put_messages("slow", &data(3 * 1024 * 1024, 3));
+    tx.send(msgs.remove(0)).await.unwrap();
+    tx.send(msgs.remove(0)).await.unwrap();
+    // `tx` stays alive: the upload is open and silent.
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.put(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("a stalled Put must be ended by the idle timeout")
+    .unwrap_err();
+    assert_eq!(stalled.code(), Code::DeadlineExceeded, "{stalled:?}");
+    assert!(
+        stalled.message().contains("stream_idle_timeout"),
+        "{}",
+        stalled.message()
+    );
+    drop(tx);
+    let put = put_object(&mut c, "next", b"fits").await.unwrap();
+    assert!(put.created);
+    let e = get_object(&mut c, "slow").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "nothing of the stalled Put is stored"
+    );
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Reads from a raw socket until the server closes it; panics if it is
+/// still open after `within` (the server should have closed it long before).
+async fn closed_by_server(sock: &mut tokio::net::TcpStream, within: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(within, sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue, // a TLS alert, then the close
+            Err(_) => panic!("the server kept an idle socket open for {within:?}"),
+        }
+    }
+}
+
+/// TCP peers that connect and never start TLS: past `max_handshakes` they
+/// are closed at once (long before the configured 300 s handshake timeout,
+/// or the old fixed 10 s); when the idle ones go, real clients are served.
+#[tokio::test]
+async fn idle_sockets_beyond_the_handshake_cap_are_closed() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("SERVER__MAX_HANDSHAKES", "2"),
+            ("SERVER__HANDSHAKE_TIMEOUT_SECS", "300"),
+        ])
+        .await;
+    let addr = server.local_addr();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Accepted in order: the two idle sockets hold both handshake slots.
+    let mut extra = Vec::new();
+    for _ in 0..5 {
+        extra.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    for sock in &mut extra {
+        closed_by_server(sock, Duration::from_secs(5)).await;
+    }
+    drop(idle);
+    // The server sees the idle peers go (EOF in the handshake) and frees
+    // their slots; a real client is then served.
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(Ok(ch)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            env.tls("gateway").connect(&addr.to_string()),
+        )
+        .await
+            && health_ok(ch).await.is_ok()
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a real client was never served");
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A peer that never finishes its handshake is closed after the configured
+/// `handshake_timeout_secs`, and connections over `max_connections` are
+/// closed at once while real clients hold the slots.
+#[tokio::test]
+async fn handshake_timeout_and_connection_cap() {
+    let env = Env::new();
+    let server = env
+        .start_with(&[
+            ("SERVER__HANDSHAKE_TIMEOUT_SECS", "1"),
+            ("SERVER__MAX_CONNECTIONS", "2"),
+        ])
+        .await;
+    let addr = server.local_addr();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    closed_by_server(&mut silent, Duration::from_secs(6)).await;
+    drop(silent);
+
+    let a = env.channel(&server, "gateway").await;
+    health_ok(a.clone()).await.unwrap();
+    let b = env.channel(&server, "gateway").await;
+    health_ok(b.clone()).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    closed_by_server(&mut third, Duration::from_secs(5)).await;
+    health_ok(a).await.unwrap();
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Sends and receives message bodies as raw bytes: a client that can send
+/// what no generated client would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// Requests that do not parse as their protobuf message (a string field
+/// sent as a varint, a string that is not UTF-8) are the caller's error:
+/// INVALID_ARGUMENT on unary RPCs and on the client stream of Put, never
+/// INTERNAL.
+#[tokio::test]
+async fn undecodable_requests_are_invalid_argument() {
+    let env = Env::new();
+    let server = env.start().await;
+    let mut grpc = tonic::client::Grpc::new(env.channel(&server, "gateway").await);
+    let wrong_wire_type = vec![0x08, 0x01]; // field 1 (a string) as a varint
+    let bad_utf8 = vec![0x0a, 0x02, 0xff, 0xfe]; // field 1 = invalid UTF-8
+    for (what, body) in [("wire type", &wrong_wire_type), ("utf-8", &bad_utf8)] {
+        for path in [
+            "/tessera.storage.v1.StorageNode/Stat",
+            "/tessera.storage.v1.StorageNode/Delete",
+        ] {
+            grpc.ready().await.unwrap();
+            let e = grpc
+                .unary::<_, Vec<u8>, _>(
+                    tonic::Request::new(body.clone()),
+                    http::uri::PathAndQuery::from_static(path),
+                    RawCodec,
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{path} {what}: {e:?}");
+            assert!(e.message().contains("decode"), "{}", e.message());
+        }
+        // Put: a first message that does not decode.
+        grpc.ready().await.unwrap();
+        let e = grpc
+            .client_streaming::<_, _, Vec<u8>, _>(
+                tonic::Request::new(tokio_stream::iter(vec![body.clone()])),
+                http::uri::PathAndQuery::from_static("/tessera.storage.v1.StorageNode/Put"),
+                RawCodec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "put {what}: {e:?}");
+    }
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 #[test]
 fn config_env_overrides_and_validation() {
     let env = Env::new();
@@ -494,6 +767,8 @@ fn config_env_overrides_and_validation() {
         ("TESSERA_STORAGE__MAX_OBJECT_BYTES", "999999999999"),
         ("TESSERA_STORAGE__SERVER__TLS__CA", "/nonexistent/ca.crt"),
         ("TESSERA_STORAGE__SERVER__LISTEN", "not-an-address"),
+        ("TESSERA_STORAGE__SERVER__STREAM_IDLE_TIMEOUT_SECS", "0"),
+        ("TESSERA_STORAGE__MAX_CONCURRENT_GETS", "0"),
         ("TESSERA_STORAGE__UNKNOWN_KEY", "1"),
         (
             "TESSERA_STORAGE__TELEMETRY__OTLP_ENDPOINT",
@@ -549,6 +824,39 @@ fn start_process(config: &Path) -> Proc {
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
     Proc { child, addr }
+}
+
+/// The node refuses to start (exit 64, a message naming the setting) when
+/// its TLS private key is readable by group or others, and the database it
+/// creates is owner-only (also when an earlier version left it 0644).
+#[cfg(unix)]
+#[tokio::test]
+async fn loose_key_is_refused_and_the_database_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let config_path: PathBuf = env.tmp.path().join("node.toml");
+    std::fs::write(&config_path, env.config_toml("127.0.0.1:0", "")).unwrap();
+    let key = env.pki.key_path("storage-1");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_storage-node"))
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("server.tls.key") && stderr.contains("0644"),
+        "{stderr}"
+    );
+    let db = env.tmp.path().join("data").join("objects.redb");
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let server = env.start().await;
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "objects.redb is owner-only");
+    server.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,7 +122,32 @@ enum BenchCmd {
     All,
 }
 
+/// Exit status when stdout is a pipe whose reader has gone (`tessera ... |
+/// head`): what a shell reports for a program killed by SIGPIPE.
+const EXIT_CLOSED_PIPE: i32 = 141;
+
+/// `println!` panics when stdout is a closed pipe (Rust ignores SIGPIPE, so
+/// the write fails with EPIPE). That is not a bug of ours but the reader
+/// having read enough: exit quietly with [`EXIT_CLOSED_PIPE`], no panic
+/// message, no backtrace. Every other panic is reported as usual.
+fn exit_quietly_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(EXIT_CLOSED_PIPE);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> std::process::ExitCode {
+    exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Image(cmd) => match cmd {

@@ -253,3 +253,27 @@ fn bad_input_is_a_clear_error() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
     }
 }
+
+/// `tessera ... | head` with the reader gone before tessera writes: no
+/// panic, no backtrace, the SIGPIPE-style status 141 (the work itself was
+/// done: the key file is written).
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_exits_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.key");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["image", "keygen", "--out", p(&key)])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run tessera");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(key.is_file());
+}

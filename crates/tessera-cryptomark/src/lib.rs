@@ -64,6 +64,14 @@ impl std::str::FromStr for Profile {
 #[derive(Clone, PartialEq, Eq)]
 pub struct StudyKey([u8; 32]);
 
+/// Wiped when dropped (every clone too): a released key lives no longer in
+/// memory than its use.
+impl Drop for StudyKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl StudyKey {
     pub fn from_bytes(bytes: [u8; 32]) -> StudyKey {
         StudyKey(bytes)

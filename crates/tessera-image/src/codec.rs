@@ -4,7 +4,7 @@
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 use crate::{Image, ImageError, ImageSpec, PixelFormat};
 
@@ -24,9 +24,25 @@ pub fn decode(bytes: &[u8]) -> Result<Image, ImageError> {
     limits.max_image_height = Some(crate::MAX_DIMENSION);
     limits.max_alloc = Some(crate::MAX_SAMPLES * 2);
     reader.limits(limits);
-    let decoded = reader
-        .decode()
+    let decoder = reader
+        .into_decoder()
         .map_err(|e| ImageError::Codec(e.to_string()))?;
+    // The header alone says how big the image is: refuse one over the
+    // sample limit before a single pixel buffer is allocated (the decoded
+    // bytes of an 8-bit image would fit max_alloc and only the widened
+    // copy would be refused, after allocating both).
+    let (w, h) = decoder.dimensions();
+    let channels = u64::from(decoder.color_type().channel_count());
+    let samples = u64::from(w) * u64::from(h) * channels;
+    if samples > crate::MAX_SAMPLES {
+        return Err(ImageError::Codec(format!(
+            "the header declares {w}x{h} with {channels} channel(s): {samples} samples, \
+             more than the limit of {} (2^28)",
+            crate::MAX_SAMPLES
+        )));
+    }
+    let decoded =
+        DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Codec(e.to_string()))?;
     let (w, h) = (decoded.width(), decoded.height());
     // DynamicImage is non-exhaustive: every other color type is refused.
     #[allow(clippy::wildcard_enum_match_arm)]
@@ -132,6 +148,48 @@ mod tests {
             let png = encode_png(&img, 0).unwrap();
             assert_eq!(decode(&png).unwrap(), img, "{format}");
         }
+    }
+
+    /// A PNG of a few dozen bytes whose header declares 20000 x 20000
+    /// 8-bit gray (400 M samples, 400 MB decoded: under the allocation
+    /// limit, over the sample limit): refused from the header, naming the
+    /// limit, before any pixel buffer exists.
+    #[test]
+    fn huge_declared_dimensions_are_refused_from_the_header() {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = 0xFFFF_FFFFu32;
+            for &b in bytes {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 != 0 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let at = out.len();
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            let crc = crc32(&out[at..]);
+            out.extend_from_slice(&crc.to_be_bytes());
+        }
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&20_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&20_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit gray, no interlace
+        chunk(&mut png, b"IHDR", &ihdr);
+        // A start of zlib data: the decoder reads the header up to here.
+        chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x63, 0x00]);
+        chunk(&mut png, b"IEND", &[]);
+        assert!(png.len() < 80);
+        let e = decode(&png).unwrap_err().to_string();
+        assert!(e.contains("20000x20000") && e.contains("2^28"), "{e}");
     }
 
     #[test]

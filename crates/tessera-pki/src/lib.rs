@@ -217,6 +217,14 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
     #[cfg(not(unix))]
     let _ = secret;
     let mut f = opts.open(path).map_err(io)?;
+    // `mode` applies only to a new file: narrow a key file that `--force`
+    // overwrites, before its new contents are written.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+    }
     f.write_all(contents.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)
 }
@@ -305,6 +313,21 @@ mod tests {
             init_dir(tmp.path(), false),
             Err(PkiError::Exists(_))
         ));
+    }
+
+    /// `--force` over a key file someone loosened writes it 0600 again
+    /// (the open mode only applies to new files).
+    #[cfg(unix)]
+    #[test]
+    fn forced_init_narrows_existing_key_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = init_dir(tmp.path(), false).unwrap();
+        let key = pki.key_path("gateway");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        init_dir(tmp.path(), true).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

@@ -6,13 +6,17 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod files;
 pub mod server;
 pub mod service_main;
+pub mod stream;
 pub mod telemetry;
 
 pub use config::{ConfigError, ConfigSource, EXIT_CONFIG, Validate, load_config};
+pub use files::{check_key_file_mode, private_db_file};
 pub use server::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerConfig, ServerError};
 pub use service_main::{SHUTDOWN_GRACE, Service, Serving, StartError};
+pub use stream::{DEFAULT_IDLE_TIMEOUT, IdleStream, idle_status};
 pub use telemetry::TelemetryConfig;
 
 /// Waits for SIGINT or SIGTERM (SIGINT only where SIGTERM does not exist).

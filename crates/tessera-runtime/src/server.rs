@@ -29,19 +29,43 @@ const HEALTH: &str = "grpc.health.v1.Health";
 /// RESOURCE_EXHAUSTED.
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
 
-/// Maps tonic's over-limit status to RESOURCE_EXHAUSTED; other statuses
-/// pass unchanged. Handlers use it on errors read from request streams.
+/// tonic-prost reports a request that does not parse (wrong wire type,
+/// invalid UTF-8 in a string, truncated field) as INTERNAL with prost's
+/// message, which starts with this. It is the client's error: Tessera
+/// answers INVALID_ARGUMENT.
+const PROST_DECODE_ERROR: &str = "failed to decode Protobuf message";
+
+/// Maps tonic's over-limit status to RESOURCE_EXHAUSTED and a request that
+/// does not decode (INTERNAL from tonic-prost) to INVALID_ARGUMENT; other
+/// statuses pass unchanged. Handlers use it on errors read from request
+/// streams; [`normalize_limit_headers`] does the same for unary requests.
 pub fn normalize_limit_status(status: tonic::Status) -> tonic::Status {
     if status.code() == tonic::Code::OutOfRange && status.message().starts_with(TONIC_TOO_LARGE) {
         tonic::Status::resource_exhausted(status.message().to_owned())
+    } else if status.code() == tonic::Code::Internal
+        && status.message().starts_with(PROST_DECODE_ERROR)
+    {
+        tonic::Status::invalid_argument(format!("malformed request: {}", status.message()))
     } else {
         status
     }
 }
 
-/// The same for a trailers-only response (a unary request over the limit is
-/// refused before any handler runs).
+/// The same for a trailers-only response (a unary request over the limit, or
+/// one that does not decode, is refused before any handler runs).
 pub(crate) fn normalize_limit_headers(headers: &mut http::HeaderMap) {
+    let undecodable = headers.get("grpc-status").is_some_and(|v| v == "13")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.starts_with("failed%20to%20decode%20Protobuf%20message")
+                    || m.starts_with(PROST_DECODE_ERROR)
+            });
+    if undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        return;
+    }
     let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
         && headers
             .get("grpc-message")
@@ -55,6 +79,9 @@ pub(crate) fn normalize_limit_headers(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Longest configurable stream idle timeout (one hour).
+const MAX_IDLE_TIMEOUT_SECS: u64 = 3600;
+
 /// The `[server]` section of every binary's config.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -67,10 +94,43 @@ pub struct ServerConfig {
     /// In-flight RPCs allowed per connection.
     #[serde(default = "default_concurrency")]
     pub max_concurrent_streams: u32,
+    /// A client stream (upload) that sends no message for this long ends
+    /// with DEADLINE_EXCEEDED, releasing what it held (upload slots, job
+    /// permits); a download whose reader takes nothing for this long ends
+    /// too. See [`crate::IdleStream`].
+    #[serde(default = "default_idle_timeout")]
+    pub stream_idle_timeout_secs: u64,
+    /// Open connections (handshaking or established) on this listener;
+    /// more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once; more connections are closed at
+    /// once, so peers that connect and never speak cannot starve the rest
+    /// for longer than `handshake_timeout_secs`.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// A TLS handshake not finished within this is abandoned.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+}
+
+fn default_max_connections() -> usize {
+    tessera_tls::AcceptLimits::default().max_connections
+}
+fn default_max_handshakes() -> usize {
+    tessera_tls::AcceptLimits::default().max_handshakes
+}
+fn default_handshake_timeout() -> u64 {
+    tessera_tls::AcceptLimits::default()
+        .handshake_timeout
+        .as_secs()
 }
 
 fn default_concurrency() -> u32 {
     256
+}
+fn default_idle_timeout() -> u64 {
+    crate::stream::DEFAULT_IDLE_TIMEOUT.as_secs()
 }
 
 impl ServerConfig {
@@ -89,13 +149,36 @@ impl ServerConfig {
         if self.max_concurrent_streams == 0 {
             return Err("server.max_concurrent_streams must be at least 1".into());
         }
+        if self.max_connections == 0 || self.max_handshakes == 0 {
+            return Err(
+                "server.max_connections and server.max_handshakes must be at least 1".into(),
+            );
+        }
+        if !(1..=300).contains(&self.handshake_timeout_secs) {
+            return Err("server.handshake_timeout_secs must be in 1..=300".into());
+        }
+        if !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&self.stream_idle_timeout_secs) {
+            return Err(format!(
+                "server.stream_idle_timeout_secs must be in 1..={MAX_IDLE_TIMEOUT_SECS}"
+            ));
+        }
         Ok(())
+    }
+
+    /// How long a client stream may send (or a download's reader take)
+    /// nothing before the call ends.
+    pub fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.stream_idle_timeout_secs)
     }
 }
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The private key file is readable by group or others (a config
+    /// error: exit 64).
+    #[error("{0}")]
+    KeyPermissions(String),
     #[error("TLS: {0}")]
     Tls(#[from] tessera_tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -114,6 +197,7 @@ pub struct GrpcServer {
     authz: Authz,
     refusal_sink: Option<std::sync::Arc<dyn tessera_tls::RefusalSink>>,
     max_concurrent_streams: u32,
+    accept: tessera_tls::AcceptLimits,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
 }
@@ -122,6 +206,8 @@ impl GrpcServer {
     /// Loads TLS material and builds the authorization decision from
     /// `policy` (plus reflection for every role) and `config.access`.
     pub fn new(config: &ServerConfig, policy: Policy) -> Result<Self, ServerError> {
+        crate::files::check_key_file_mode("server.tls.key", &config.tls.key)
+            .map_err(ServerError::KeyPermissions)?;
         let tls = ServerTls::from_files(&config.tls, &config.access.trust_domain)?;
         let policy = policy
             .allow(&format!("/{REFLECTION_V1}/*"), Role::ALL)
@@ -133,6 +219,11 @@ impl GrpcServer {
             authz,
             refusal_sink: None,
             max_concurrent_streams: config.max_concurrent_streams,
+            accept: tessera_tls::AcceptLimits {
+                max_connections: config.max_connections,
+                max_handshakes: config.max_handshakes,
+                handshake_timeout: Duration::from_secs(config.handshake_timeout_secs),
+            },
             routes: RoutesBuilder::default(),
             names: Vec::new(),
         })
@@ -202,7 +293,7 @@ impl GrpcServer {
             .add_service(reflection.build_v1()?)
             .add_service(reflection_alpha.build_v1alpha()?);
 
-        let incoming = tessera_tls::incoming(listener, &self.tls);
+        let incoming = tessera_tls::incoming_with(listener, &self.tls, self.accept);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)

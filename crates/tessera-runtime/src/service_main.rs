@@ -122,7 +122,12 @@ impl std::error::Error for StartError {}
 /// The gRPC server could not start (TLS material, bind): exit 1.
 impl From<ServerError> for StartError {
     fn from(e: ServerError) -> Self {
-        Self::other(e)
+        match e {
+            ServerError::KeyPermissions(m) => Self::config(m),
+            e @ (ServerError::Tls(_) | ServerError::Bind { .. } | ServerError::Reflection(_)) => {
+                Self::other(e)
+            }
+        }
     }
 }
 

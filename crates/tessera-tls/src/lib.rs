@@ -32,7 +32,7 @@ pub use authz::{
 pub use client::ClientTls;
 pub use error::TlsError;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};
-pub use server::{PeerInfo, TlsConn, incoming};
+pub use server::{AcceptLimits, PeerInfo, TlsConn, incoming, incoming_with};
 pub use tls_config::{ServerTls, TlsFiles};
 
 /// The one crypto provider of the suite: rustls with `ring`.

@@ -5,15 +5,21 @@
 //! handshake verified the client certificate against our CA and its URI SAN
 //! parsed into an [`Identity`]; everything else (plaintext, another CA, no
 //! or several URI SANs, another trust domain) is dropped before HTTP/2.
+//!
+//! [`AcceptLimits`] bound what unauthenticated peers can hold: handshakes in
+//! progress (a TCP connection that never speaks TLS holds one until the
+//! handshake timeout), and connections overall. A connection over either
+//! cap is closed at once, before any TLS work.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,8 +27,28 @@ use tonic::transport::server::Connected;
 
 use crate::{Identity, ServerTls};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_QUEUE: usize = 64;
+
+/// Caps of one listener on what peers may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptLimits {
+    /// Open connections (handshaking or established); more are closed.
+    pub max_connections: usize,
+    /// TLS handshakes in progress; more are closed.
+    pub max_handshakes: usize,
+    /// A handshake not finished within this is abandoned.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for AcceptLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_handshakes: 128,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// What tonic puts in every request's extensions for a connection.
 #[derive(Clone, Debug)]
@@ -36,6 +62,8 @@ pub struct PeerInfo {
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Held while the connection lives (`max_connections`).
+    _slot: OwnedSemaphorePermit,
 }
 
 impl TlsConn {
@@ -92,9 +120,11 @@ async fn handshake(
     tcp: TcpStream,
     remote_addr: SocketAddr,
     trust_domain: &str,
+    timeout: Duration,
+    slot: OwnedSemaphorePermit,
 ) -> Result<TlsConn, String> {
     let _ = tcp.set_nodelay(true);
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let stream = tokio::time::timeout(timeout, acceptor.accept(tcp))
         .await
         .map_err(|_| "handshake timed out".to_owned())?
         .map_err(|e| format!("handshake failed: {e}"))?;
@@ -112,16 +142,28 @@ async fn handshake(
             identity,
             remote_addr,
         },
+        _slot: slot,
     })
 }
 
-/// Accepts TCP connections on `listener`, completes mutual TLS and yields
-/// authenticated connections. The accept task ends when the stream is
-/// dropped (tonic drops it on shutdown).
+/// [`incoming_with`] the default [`AcceptLimits`].
 pub fn incoming(
     listener: TcpListener,
     tls: &ServerTls,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    incoming_with(listener, tls, AcceptLimits::default())
+}
+
+/// Accepts TCP connections on `listener`, completes mutual TLS and yields
+/// authenticated connections, within `limits`. The accept task ends when
+/// the stream is dropped (tonic drops it on shutdown).
+pub fn incoming_with(
+    listener: TcpListener,
+    tls: &ServerTls,
+    limits: AcceptLimits,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
     let acceptor = TlsAcceptor::from(tls.config());
     let trust_domain = tls.trust_domain().to_owned();
@@ -139,11 +181,30 @@ pub fn incoming(
                     }
                 },
             };
+            // Over a cap: dropping `tcp` closes it before any TLS work.
+            let Ok(slot) = connections.clone().try_acquire_owned() else {
+                tracing::debug!(%remote_addr, max = limits.max_connections, "connection limit reached; closing");
+                continue;
+            };
+            let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+                tracing::debug!(%remote_addr, max = limits.max_handshakes, "handshake limit reached; closing");
+                continue;
+            };
             let tx = tx.clone();
             let acceptor = acceptor.clone();
             let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
-                match handshake(acceptor, tcp, remote_addr, &trust_domain).await {
+                let done = handshake(
+                    acceptor,
+                    tcp,
+                    remote_addr,
+                    &trust_domain,
+                    limits.handshake_timeout,
+                    slot,
+                )
+                .await;
+                drop(handshaking);
+                match done {
                     Ok(conn) => {
                         tracing::debug!(peer = %conn.peer.identity, %remote_addr, "mTLS connection");
                         let _ = tx.send(Ok(conn)).await;

@@ -568,6 +568,7 @@ impl Core {
     /// Opens (or creates) the database: on first start generates master
     /// secret v1 and the audit signing key, both wrapped under the KEK.
     pub fn open(cfg: CoreConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        tessera_runtime::private_db_file(&cfg.db_path).map_err(redb::Error::from)?;
         let db = Arc::new(Database::create(&cfg.db_path)?);
         let rng = SystemRandom::new();
         let kek = Arc::new(cfg.kek);

@@ -33,7 +33,12 @@ pub enum AppError {
 impl AppError {
     /// True when fixing the configuration fixes the error (exit 64).
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::ClientTls(_) | AppError::VaultKey(_))
+        matches!(
+            self,
+            AppError::ClientTls(_)
+                | AppError::VaultKey(_)
+                | AppError::Server(ServerError::KeyPermissions(_))
+        )
     }
 }
 
@@ -74,6 +79,7 @@ impl App {
                 temporal: config.dicom.temporal,
                 deidentify_burned_in: config.dicom.deidentify_burned_in,
                 erasure: config.erasure,
+                stream_idle: config.server.stream_idle_timeout(),
             },
             g.max_concurrent_jobs as usize,
             g.max_inflight_mib,

@@ -94,7 +94,7 @@ impl DicomState {
             }
             keep
         });
-        m.get(&(study.to_owned(), purpose)).map(|(k, _)| *k)
+        m.get(&(study.to_owned(), purpose)).map(|(k, _)| k.clone())
     }
 
     fn cache_key(&self, study: &str, purpose: &'static str, key: Key) {
@@ -127,7 +127,8 @@ impl DicomState {
     }
 }
 
-type Key = [u8; 32];
+/// A study key from the keyserver: wiped when the last copy is dropped.
+type Key = zeroize::Zeroizing<[u8; 32]>;
 
 /// The patient attributes a DICOM study is registered with.
 fn dicom_attributes(s: &Subject) -> Vec<(String, String)> {
@@ -158,7 +159,7 @@ fn dicom_limits(max_bytes: u64) -> DicomLimits {
 
 /// The de-identification profile of a study (researcher files).
 fn profile_for(kmeta: &Key, temporal: TemporalOption) -> Profile {
-    let k = hmac::Key::new(hmac::HMAC_SHA256, kmeta);
+    let k = hmac::Key::new(hmac::HMAC_SHA256, kmeta.as_slice());
     let uid_secret = hmac::sign(&k, b"tessera/dicom/uid-map/v1");
     let temporal = match temporal {
         TemporalOption::Remove => Temporal::Remove,
@@ -218,7 +219,9 @@ impl GatewayService {
             return Ok(k);
         }
         let k = self.derive(rec, purpose, kpb::Operation::Protect).await?;
-        self.inner.dicom.cache_key(&rec.study_id, purpose, k);
+        self.inner
+            .dicom
+            .cache_key(&rec.study_id, purpose, k.clone());
         Ok(k)
     }
 
@@ -240,8 +243,9 @@ impl GatewayService {
             .await
             .map_err(|s| GatewayError::upstream("keyserver", s))?
             .into_inner();
-        r.key
-            .try_into()
+        let raw = zeroize::Zeroizing::new(r.key);
+        <[u8; 32]>::try_from(raw.as_slice())
+            .map(zeroize::Zeroizing::new)
             .map_err(|_| GatewayError::Internal("keyserver: a derived key is not 32 bytes".into()))
     }
 
@@ -251,8 +255,9 @@ impl GatewayService {
         &self,
         caller: String,
         roles: std::collections::BTreeSet<tessera_tls::Role>,
-        mut stream: Streaming<pb::StoreDicomRequest>,
+        stream: Streaming<pb::StoreDicomRequest>,
     ) -> Result<pb::StoreDicomResponse> {
+        let mut stream = tessera_runtime::IdleStream::new(stream, self.inner.limits.stream_idle);
         let mut header = first_header(&mut stream, |m: pb::StoreDicomRequest| match m.part {
             Some(pb::store_dicom_request::Part::Header(h)) => Some(h),
             Some(pb::store_dicom_request::Part::Chunk(_)) | None => None,
@@ -789,7 +794,7 @@ impl GatewayService {
             v.problem = "no metadata object recorded".into();
             return Ok(v);
         };
-        let km = *kmeta;
+        let km = kmeta.clone();
         if let Err(problem) = blocking(move || open_metadata(&km, &meta_id, &meta)).await? {
             v.problem = problem;
             return Ok(v);
@@ -942,7 +947,7 @@ impl GatewayService {
             .await?;
         let (meta_id, meta) = take_metadata(inst, &mut objects)
             .ok_or_else(|| data_loss(format!("{name}: no metadata object recorded")))?;
-        let km = *kmeta;
+        let km = kmeta.clone();
         let (container, identifying) = blocking(move || {
             let (identifying, container) = open_metadata(&km, &meta_id, &meta)?;
             let container = tessera_dicom::Container::from_bytes(&container)
@@ -1094,7 +1099,9 @@ async fn open_sealed_pixels(
     kpx: Option<&Key>,
     sealed: Vec<u8>,
 ) -> Result<std::result::Result<Vec<u8>, envelope::EnvelopeError>> {
-    let kpx = *kpx.ok_or_else(|| GatewayError::Internal("no pixel key".into()))?;
+    let kpx = kpx
+        .ok_or_else(|| GatewayError::Internal("no pixel key".into()))?
+        .clone();
     let ctx = format!("{}|pixels", inst.placements[0].object_id);
     blocking(move || envelope::open(&kpx, &ctx, &sealed)).await
 }

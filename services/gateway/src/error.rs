@@ -44,6 +44,9 @@ pub enum GatewayError {
     Vault(String),
     #[error("internal: {0}")]
     Internal(String),
+    /// The client's upload sent nothing for the stream idle timeout.
+    #[error("deadline exceeded: {0}")]
+    Idle(String),
 }
 
 impl GatewayError {
@@ -66,6 +69,7 @@ impl GatewayError {
             GatewayError::DataLoss(_) => Code::DataLoss,
             GatewayError::AlreadyExists(_) => Code::AlreadyExists,
             GatewayError::WrongKind(_) => Code::FailedPrecondition,
+            GatewayError::Idle(_) => Code::DeadlineExceeded,
             GatewayError::Vault(_) | GatewayError::Internal(_) => Code::Internal,
             GatewayError::Upstream { status, .. } => match status.code() {
                 // Our own certificate refused: a deployment fault.

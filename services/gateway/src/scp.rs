@@ -46,7 +46,8 @@ pub fn status_of(e: &GatewayError) -> u16 {
         | GatewayError::DataLoss(_)
         | GatewayError::Upstream { .. }
         | GatewayError::Vault(_)
-        | GatewayError::Internal(_) => STATUS_PROCESSING_FAILURE,
+        | GatewayError::Internal(_)
+        | GatewayError::Idle(_) => STATUS_PROCESSING_FAILURE,
     }
 }
 

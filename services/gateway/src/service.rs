@@ -14,6 +14,7 @@ use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_server::{Gateway, GatewayServer};
 use tessera_proto::keyserver::v1 as kpb;
 use tessera_proto::watermark::v1 as wpb;
+use tessera_runtime::IdleStream;
 use tessera_runtime::MAX_MESSAGE_BYTES;
 use tessera_tls::{Policy, Role};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -57,6 +58,9 @@ pub struct Limits {
     pub deidentify_burned_in: bool,
     /// Erasure coding of stored objects (None: whole objects, one copy).
     pub erasure: Option<crate::config::ErasureSection>,
+    /// An upload that sends nothing this long ends with DEADLINE_EXCEEDED,
+    /// releasing its job permit (`server.stream_idle_timeout_secs`).
+    pub stream_idle: std::time::Duration,
 }
 
 /// The shared state behind every handler.
@@ -182,8 +186,9 @@ impl GatewayService {
         &self,
         caller: String,
         roles: std::collections::BTreeSet<Role>,
-        mut stream: Streaming<pb::StoreRequest>,
+        stream: Streaming<pb::StoreRequest>,
     ) -> Result<pb::StoreResponse> {
+        let mut stream = IdleStream::new(stream, self.inner.limits.stream_idle);
         let mut header = first_header(&mut stream, |m: pb::StoreRequest| match m.part {
             Some(pb::store_request::Part::Header(h)) => Some(h),
             Some(pb::store_request::Part::Chunk(_)) | None => None,
@@ -981,11 +986,11 @@ pub(crate) fn study_ref(rec: &StudyRecord) -> wpb::StudyRef {
 pub(crate) fn stream_err(s: Status) -> GatewayError {
     match s.code() {
         Code::ResourceExhausted | Code::OutOfRange => GatewayError::TooLarge(s.message().into()),
+        Code::DeadlineExceeded => GatewayError::Idle(s.message().into()),
         Code::Ok
         | Code::Cancelled
         | Code::Unknown
         | Code::InvalidArgument
-        | Code::DeadlineExceeded
         | Code::NotFound
         | Code::AlreadyExists
         | Code::PermissionDenied
@@ -1003,7 +1008,7 @@ pub(crate) fn stream_err(s: Status) -> GatewayError {
 
 /// The first message of an upload stream, which must be its header.
 pub(crate) async fn first_header<M, H>(
-    stream: &mut Streaming<M>,
+    stream: &mut IdleStream<M>,
     header: impl Fn(M) -> Option<H>,
 ) -> Result<H> {
     match stream.message().await.map_err(stream_err)? {
@@ -1023,7 +1028,7 @@ pub(crate) enum Part {
 
 /// Reads exactly `size` bytes of chunks, refusing more before storing them.
 pub(crate) async fn read_exact<M>(
-    stream: &mut Streaming<M>,
+    stream: &mut IdleStream<M>,
     size: u64,
     part: impl Fn(M) -> Part,
 ) -> Result<Vec<u8>> {

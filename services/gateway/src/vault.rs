@@ -9,6 +9,7 @@
 //! Only `Committed` studies are ever served.
 
 use std::path::Path;
+use zeroize::Zeroizing;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -198,8 +199,9 @@ impl VaultKey {
 }
 
 /// Reads a 32-byte key file (raw, or 64 hex characters plus optional
-/// newline) and refuses one other users can read.
-pub fn load_key_file(path: &Path) -> Result<[u8; 32], String> {
+/// newline) and refuses one other users can read. The key and every copy
+/// made while reading it are wiped when dropped.
+pub fn load_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, String> {
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
     #[cfg(unix)]
@@ -215,19 +217,21 @@ pub fn load_key_file(path: &Path) -> Result<[u8; 32], String> {
     if meta.len() > 1024 {
         return Err(format!("{shown}: not a key file (too long)"));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?);
     if bytes.len() == 32 {
-        let mut k = [0u8; 32];
+        let mut k = Zeroizing::new([0u8; 32]);
         k.copy_from_slice(&bytes);
         return Ok(k);
     }
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?
         .trim();
-    let decoded = hex::decode(text)
-        .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?;
-    decoded
-        .try_into()
+    let decoded = Zeroizing::new(
+        hex::decode(text)
+            .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?,
+    );
+    <[u8; 32]>::try_from(decoded.as_slice())
+        .map(Zeroizing::new)
         .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))
 }
 
@@ -236,9 +240,9 @@ pub fn create_key_file(path: &Path) -> std::io::Result<()> {
     if path.exists() {
         return Ok(());
     }
-    let mut k = [0u8; 32];
+    let mut k = Zeroizing::new([0u8; 32]);
     SystemRandom::new()
-        .fill(&mut k)
+        .fill(k.as_mut_slice())
         .map_err(|_| std::io::Error::other("no randomness"))?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -248,7 +252,8 @@ pub fn create_key_file(path: &Path) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path)?;
-    std::io::Write::write_all(&mut f, hex::encode(k).as_bytes())?;
+    let text = Zeroizing::new(hex::encode(k.as_slice()));
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
     f.sync_all()
 }
 
@@ -425,6 +430,9 @@ impl Vault {
             std::fs::create_dir_all(parent)
                 .map_err(|e| GatewayError::Vault(format!("{}: {e}", parent.display())))?;
         }
+        // Owner-only: the vault maps pseudonyms to patients.
+        tessera_runtime::private_db_file(path)
+            .map_err(|e| GatewayError::Vault(format!("{}: {e}", path.display())))?;
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(STUDIES)?;
@@ -814,6 +822,12 @@ mod tests {
         let path = dir.path().join("vault.redb");
         let key = [7u8; 32];
         let v = Vault::open(&path, &key).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the vault file is owner-only");
+        }
         let mut r = record("st-00000000000000000000000000000001");
         v.insert_new(&r).unwrap();
         assert!(v.insert_new(&r).is_err(), "ids are unique");

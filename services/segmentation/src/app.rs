@@ -39,6 +39,7 @@ impl App {
         let s = &config.segmentation;
         let service = SegmentationService::new(
             Limits {
+                stream_idle: config.server.stream_idle_timeout(),
                 allowed_callers: CallerAllowList::new(ALLOWED_CALLERS, s.allowed_callers.clone()),
                 max_image_bytes: s.max_image_bytes,
             },

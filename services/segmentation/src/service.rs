@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tessera_image::Image;
 use tessera_proto::segmentation::v1 as pb;
 use tessera_proto::segmentation::v1::segmentation_server::{Segmentation, SegmentationServer};
+use tessera_runtime::IdleStream;
 use tessera_tls::{CallerAllowList, Policy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
@@ -44,6 +45,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct Limits {
     pub allowed_callers: CallerAllowList,
     pub max_image_bytes: u64,
+    /// A request stream that sends nothing this long ends with
+    /// DEADLINE_EXCEEDED (`server.stream_idle_timeout_secs`).
+    pub stream_idle: std::time::Duration,
 }
 
 /// The tonic service.
@@ -84,8 +88,9 @@ impl SegmentationService {
 
     async fn segment_inner(
         &self,
-        mut stream: Streaming<pb::SegmentRequest>,
+        stream: Streaming<pb::SegmentRequest>,
     ) -> Result<BoxStream<pb::SegmentResponse>> {
+        let mut stream = IdleStream::new(stream, self.limits.stream_idle);
         let plan = match next(&mut stream).await? {
             Some(pb::SegmentRequest {
                 msg: Some(pb::segment_request::Msg::Start(s)),
@@ -196,7 +201,7 @@ impl Segmentation for SegmentationService {
     }
 }
 
-async fn next<T>(stream: &mut Streaming<T>) -> Result<Option<T>> {
+async fn next<T>(stream: &mut IdleStream<T>) -> Result<Option<T>> {
     stream.message().await.map_err(SegmentationError::Stream)
 }
 

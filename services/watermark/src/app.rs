@@ -24,7 +24,7 @@ impl From<AppError> for StartError {
     fn from(e: AppError) -> Self {
         match e {
             AppError::KeyserverTls(_) => StartError::config(e),
-            AppError::Server(_) => StartError::other(e),
+            AppError::Server(e) => e.into(),
         }
     }
 }
@@ -48,6 +48,7 @@ impl App {
         let service = WatermarkService::new(
             keys,
             Limits {
+                stream_idle: config.server.stream_idle_timeout(),
                 allowed_callers: CallerAllowList::new(ALLOWED_CALLERS, w.allowed_callers.clone()),
                 max_image_bytes: w.max_image_bytes,
             },

@@ -60,10 +60,12 @@ impl KeyClient {
             .await
             .map_err(keyserver_error)?
             .into_inner();
-        let bytes: [u8; 32] = resp.key.as_slice().try_into().map_err(|_| {
+        // The response's copy is wiped here, the StudyKey's when dropped.
+        let raw = zeroize::Zeroizing::new(resp.key);
+        let bytes: [u8; 32] = raw.as_slice().try_into().map_err(|_| {
             WatermarkError::KeyserverFailed(format!(
                 "derived key is {} bytes, expected 32",
-                resp.key.len()
+                raw.len()
             ))
         })?;
         Ok(StudyKey::from_bytes(bytes))

@@ -12,6 +12,7 @@ use tessera_cryptomark::{Header, ProtectKey, RestoreKey, SHARE_PREAMBLE};
 use tessera_image::Image;
 use tessera_proto::watermark::v1 as pb;
 use tessera_proto::watermark::v1::watermark_server::{Watermark, WatermarkServer};
+use tessera_runtime::IdleStream;
 use tessera_tls::{CallerAllowList, Policy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
@@ -47,6 +48,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct Limits {
     pub allowed_callers: CallerAllowList,
     pub max_image_bytes: u64,
+    /// A request stream that sends nothing this long ends with
+    /// DEADLINE_EXCEEDED (`server.stream_idle_timeout_secs`).
+    pub stream_idle: std::time::Duration,
 }
 
 /// The tonic service.
@@ -99,8 +103,9 @@ impl WatermarkService {
 
     async fn protect_inner(
         &self,
-        mut stream: Streaming<pb::ProtectRequest>,
+        stream: Streaming<pb::ProtectRequest>,
     ) -> Result<BoxStream<pb::ProtectResponse>> {
+        let mut stream = IdleStream::new(stream, self.limits.stream_idle);
         let plan = match next(&mut stream).await? {
             Some(pb::ProtectRequest {
                 msg: Some(pb::protect_request::Msg::Start(s)),
@@ -176,8 +181,9 @@ impl WatermarkService {
     /// runs the core's restore.
     async fn open<M: OpenMessage>(
         &self,
-        mut stream: Streaming<M>,
+        stream: Streaming<M>,
     ) -> Result<tessera_cryptomark::Restored> {
+        let mut stream = IdleStream::new(stream, self.limits.stream_idle);
         let plan = match next(&mut stream).await? {
             Some(m) => match m.into_part() {
                 Some(OpenPart::Start(s)) => OpenPlan::try_from(s)?,
@@ -317,7 +323,7 @@ impl OpenMessage for pb::VerifyRequest {
     }
 }
 
-async fn next<T>(stream: &mut Streaming<T>) -> Result<Option<T>> {
+async fn next<T>(stream: &mut IdleStream<T>) -> Result<Option<T>> {
     stream.message().await.map_err(WatermarkError::Stream)
 }
 
