@@ -3,6 +3,8 @@
 //! * [`ServerTls`] / [`ClientTls`]: rustls configs with the `ring` provider,
 //!   client certificates always required ([`rustls::server::WebPkiClientVerifier`],
 //!   never unauthenticated), loaded from PEM files.
+//! * [`ClientTls::expecting`]: a client that accepts one server identity
+//!   only (chain, host name, then the URI SAN), with [`ChannelTimeouts`].
 //! * [`Identity`]: the caller, parsed from the certificate's single URI SAN
 //!   `spiffe://<trust-domain>/<kind>/<name>`.
 //! * [`incoming`]: a TLS accept loop for `tonic::transport::Server::serve_with_incoming`
@@ -19,6 +21,7 @@ mod authz;
 mod client;
 mod error;
 mod identity;
+mod peer;
 mod server;
 mod tls_config;
 
@@ -27,9 +30,10 @@ pub use authz::{
     AccessConfig, Authz, AuthzLayer, AuthzService, CallerRoles, HEALTH_SERVICE_PREFIX, Policy,
     Role, RoleMap, caller, caller_roles,
 };
-pub use client::ClientTls;
+pub use client::{ChannelTimeouts, ClientTls, deadline_status, timed_out};
 pub use error::TlsError;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};
+pub use peer::{ExpectedPeer, PeerError};
 pub use server::{PeerInfo, TlsConn, incoming};
 pub use tls_config::{ServerTls, TlsFiles};
 
