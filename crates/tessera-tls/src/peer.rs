@@ -66,7 +66,7 @@ impl fmt::Debug for PeerError {
 
 impl ExpectedPeer {
     /// Checks the server's end-entity certificate against what we expect.
-    pub fn check(&self, end_entity: &[u8]) -> Result<Identity, PeerError> {
+    pub fn check(&self, end_entity: &[u8]) -> Result<Identity, Box<PeerError>> {
         let presented = Identity::from_cert_der_any_domain(end_entity).map_err(|source| {
             PeerError::NoIdentity {
                 expected: self.clone(),
@@ -85,10 +85,10 @@ impl ExpectedPeer {
         if ok {
             Ok(presented)
         } else {
-            Err(PeerError::Wrong {
+            Err(Box::new(PeerError::Wrong {
                 expected: self.clone(),
                 presented,
-            })
+            }))
         }
     }
 }
@@ -125,7 +125,7 @@ impl ServerCertVerifier for PeerVerifier {
         )?;
         self.expected.check(end_entity).map_err(|e| {
             tracing::warn!(error = %e, server = ?server_name, "refusing the server");
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(*e))))
         })?;
         Ok(verified)
     }
