@@ -69,13 +69,10 @@ pub fn timed_out(status: &tonic::Status) -> bool {
 }
 
 /// The status a caller passes on for an upstream's answer: a channel
-/// timeout becomes DEADLINE_EXCEEDED naming the upstream, anything else is
-/// returned as it is.
-pub fn deadline_status(upstream: &str, status: tonic::Status) -> tonic::Status {
+/// timeout becomes DEADLINE_EXCEEDED, anything else is returned as it is.
+pub fn deadline_status(status: tonic::Status) -> tonic::Status {
     if timed_out(&status) {
-        tonic::Status::deadline_exceeded(format!(
-            "{upstream}: no answer within the configured timeout"
-        ))
+        tonic::Status::deadline_exceeded("no answer within the configured call timeout")
     } else {
         status
     }

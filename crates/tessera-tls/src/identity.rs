@@ -40,6 +40,19 @@ impl Identity {
         Self::parse_uri(&format!("spiffe://{trust_domain}/{kind}/{name}"))
     }
 
+    /// The identity a client expects at an upstream: `configured` when the
+    /// config names one, else `spiffe://<trust_domain>/service/<name>`.
+    pub fn upstream(
+        configured: Option<&str>,
+        trust_domain: &str,
+        name: &str,
+    ) -> Result<Self, IdentityError> {
+        match configured {
+            Some(uri) => Self::parse_uri(uri),
+            None => Self::new(trust_domain, "service", name),
+        }
+    }
+
     /// Parses `spiffe://<trust-domain>/<kind>/<name>`.
     ///
     /// Strict on purpose: lower-case DNS-like trust domain, kind of
@@ -175,6 +188,21 @@ mod tests {
                 .name(),
             "owner"
         );
+    }
+
+    #[test]
+    fn upstream_identity_defaults_from_the_name() {
+        let id = Identity::upstream(None, "tessera.local", "keyserver").unwrap();
+        assert_eq!(id.uri(), "spiffe://tessera.local/service/keyserver");
+        let id = Identity::upstream(
+            Some("spiffe://prod.example/service/ks-a"),
+            "tessera.local",
+            "keyserver",
+        )
+        .unwrap();
+        assert_eq!(id.uri(), "spiffe://prod.example/service/ks-a");
+        assert!(Identity::upstream(Some("keyserver"), "tessera.local", "keyserver").is_err());
+        assert!(Identity::upstream(None, "tessera.local", "Storage_1").is_err());
     }
 
     #[test]
