@@ -632,6 +632,35 @@ async fn keyserver_down_is_unavailable() {
 }
 
 #[tokio::test]
+async fn another_service_at_the_keyserver_address_is_refused() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    // The keyserver address leads to the watermark service itself: its
+    // certificate chains to our CA and names 127.0.0.1, but its identity
+    // is not the keyserver's, so no DeriveKey is ever sent there.
+    let cfg = watermark_config(&env.pki, &env.wm_addr, BTreeMap::new());
+    let wm = watermark_service::App::build(&cfg)
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    let addr = wm.local_addr().to_string();
+    let mut gw = WatermarkClient::new(env.channel("gateway", &addr).await);
+    let image = phantom();
+    let e = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &image.to_le_bytes(), CHUNK_BYTES),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("keyserver"), "{e:?}");
+    wm.shutdown(Duration::from_secs(5)).await;
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn multi_frame_image_streams_in_several_chunks_each_way() {
     // 512x512x5 16-bit = 2.5 MiB: several chunks in, shares of more than
     // 1 MiB each out, several pixel chunks back.
