@@ -449,7 +449,7 @@ async fn retrieve_local(
         .into_inner();
     let header = tessera_cryptomark::Header::from_json(&loc.header_json)
         .map_err(|e| anyhow!("locate: the study header does not parse: {e}"))?;
-    let tls = tessera_tls::ClientTls::from_files(&a.conn.tls_files()?)?;
+    let tls = a.conn.client_tls()?;
     let mut shares: Vec<Vec<u8>> = Vec::with_capacity(2);
     for share in [1u32, 2] {
         let p = loc
@@ -463,9 +463,12 @@ async fn retrieve_local(
             .find(|n| n.node == p.node)
             .map(|n| n.address.clone())
             .ok_or_else(|| anyhow!("locate: no address for {}", p.node))?;
+        // The node must present the identity of the name the gateway gave.
         let ch = tls
+            .expecting(&a.conn.service_identity(&tls, &p.node)?)
             .connect(&addr)
             .await
+            .map_err(|e| anyhow!("{}", super::error_chain(&e)))
             .with_context(|| format!("cannot reach storage node {} at {addr}", p.node))?;
         let mut node = storage_node::client::client(ch);
         let (_, data) = storage_node::client::get_object(&mut node, &p.object_id)
