@@ -37,7 +37,10 @@ done
 check "dev up writes endpoints.toml for every service" \
   bash -c "for s in gateway keyserver watermark segmentation storage-1 storage-2 storage-3; do grep -q \"^\$s = \" '$DIR/endpoints.toml' || grep -q \"^\\\"\$s\\\" = \" '$DIR/endpoints.toml' || exit 1; done"
 check "dev up made the PKI" test -f "$DIR/pki/ca.crt" -a -f "$DIR/pki/clinician.key"
-GW_ADDR=$(sed -n 's/^gateway = "\(.*\)"/\1/p' "$DIR/endpoints.toml")
+check "dev up writes the identity every service must present" \
+  grep -q '^keyserver = "spiffe://tessera.local/service/keyserver"' "$DIR/endpoints.toml"
+# The address from [endpoints] ([identities] has the same keys).
+GW_ADDR=$(sed -n '/^\[endpoints\]/,/^\[/s/^gateway = "\(.*\)"/\1/p' "$DIR/endpoints.toml")
 check "the gateway answers grpcurl health" out_has SERVING \
   grpcurl -cacert "$DIR/pki/ca.crt" -cert "$DIR/pki/owner.crt" -key "$DIR/pki/owner.key" \
   -d '{"service":"tessera.gateway.v1.Gateway"}' "$GW_ADDR" grpc.health.v1.Health/Check

@@ -24,7 +24,8 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 PKI="$DIR/pki"
-ep() { sed -n "s/^$1 = \"\(.*\)\"/\1/p" "$DIR/endpoints.toml"; }
+# The address from [endpoints] ([identities] has the same keys).
+ep() { sed -n "/^\[endpoints\]/,/^\[/s/^$1 = \"\(.*\)\"/\1/p" "$DIR/endpoints.toml"; }
 GW=$(ep gateway)
 KS=$(ep keyserver)
 DICOM=$(ep dicom)

@@ -4,7 +4,8 @@
 # nodes, OTLP export, explicit roles; and the gateway's DICOM C-STORE SCP
 # enabled), proves that lint rejects bad values, renders it offline
 # (helm-python-sdk) and checks the manifests (N storage nodes in the gateway
-# config, security context, probes, volumes, Secrets, [dicom.scp] with its
+# config, the identity every upstream must present and the call timeouts,
+# security context, probes, volumes, Secrets, [dicom.scp] with its
 # container port and Service gateway-dicom only when enabled), then starts the
 # real binaries on the rendered configs (paths and listen addresses overridden
 # by environment) so the deny_unknown_fields configs are proven to load (the
@@ -35,7 +36,8 @@ cat >"$E2E_TMP/custom.json" <<JSON
   "storage": {"replicas": 5, "capacityBytes": 21474836480, "maxObjectBytes": 134217728,
               "persistence": {"size": "25Gi", "storageClass": "fast"}},
   "watermark": {"replicas": 2},
-  "gateway": {"persistence": {"existingClaim": "vault-data"}, "maxConcurrentJobs": 8},
+  "gateway": {"persistence": {"existingClaim": "vault-data"}, "maxConcurrentJobs": 8,
+              "upstreamTimeouts": {"connectSecs": 3, "callSecs": 20, "streamSecs": 900}},
   "keyserver": {"maxGrantUses": 5}
 }
 JSON
@@ -88,6 +90,7 @@ check "lint rejects a service identity as DICOM owner" \
 check "lint rejects a 17-character AE title" lint_rejects "$(scp_json "$AES, $OWNER, \"aeTitle\": \"TESSERA-GATEWAY-1\"")"
 check "lint rejects an AE title with a backslash" lint_rejects "$(scp_json "\"allowedCallingAEs\": [\"CT\\\\01\"], $OWNER")"
 check "lint rejects an unknown dicom.temporal" lint_rejects '{"gateway": {"dicom": {"temporal": "shift"}}}'
+check "lint rejects a zero upstream call timeout" lint_rejects '{"gateway": {"upstreamTimeouts": {"callSecs": 0}}}'
 # Checks across values (tessera.validate) fail the render, which install and
 # template do; Helm's lint only logs a template's `fail`.
 render_rejects() { # render_rejects JSON MESSAGE: rendering must fail, naming MESSAGE
@@ -122,7 +125,7 @@ for set in default custom dicom; do
     hc check storage-nodes "$R" "$n"
   check "$set: every pod non-root, read-only root, no privilege escalation, caps dropped" hc check security "$R"
   check "$set: tcpSocket probes on the grpc port; Services match listen ports" hc check probes "$R"
-  check "$set: every dialled <service>:<port> is a rendered Service" hc check addresses "$R"
+  check "$set: every dialled <service>:<port> is a rendered Service, with its identity and timeouts" hc check addresses "$R"
   check "$set: config paths on the right volumes (Secret, PVC, memory emptyDir)" hc check paths "$R"
   check "$set: TLS, KEK and vault-key Secrets as named in values; none created" hc check secrets "$R"
   check "$set: telemetry.otlp_endpoint = $otlp in every config" hc check telemetry "$R" "$otlp"

@@ -268,6 +268,18 @@ def check_addresses(r: Rendered, _arg: str | None) -> None:
     for name, want in (("keyserver", "keyserver"), ("watermark", "watermark"), ("segmentation", "segmentation")):
         host = gw[name]["address"].rpartition(":")[0]
         assert host == want, f"gateway [{name}] dials {host!r}"
+    # Verified peers: every upstream is rendered with the identity it must present.
+    td = r.values["access"]["trustDomain"]
+    expect = [(f"gateway [{n}]", gw[n].get("identity"), n) for n in ("keyserver", "watermark", "segmentation")]
+    expect += [(f"gateway storage_nodes {s['name']}", s.get("identity"), s["name"]) for s in gw["storage_nodes"]]
+    expect += [("watermark [keyserver]", wm["keyserver"].get("identity"), "keyserver")]
+    for what, got, name in expect:
+        assert got == f"spiffe://{td}/service/{name}", f"{what}: identity {got!r}"
+    t = gw["upstream_timeouts"]
+    ut = r.values["gateway"]["upstreamTimeouts"]
+    assert (t["connect_secs"], t["call_secs"], t["stream_secs"]) == (ut["connectSecs"], ut["callSecs"], ut["streamSecs"]), f"gateway [upstream_timeouts] {t}"
+    kt = r.values["watermark"]["keyserverTimeouts"]
+    assert (wm["keyserver"]["connect_timeout_secs"], wm["keyserver"]["call_timeout_secs"]) == (kt["connectSecs"], kt["callSecs"]), "watermark keyserver timeouts"
 
 
 def mounts_of(w: dict, container: str) -> dict[str, dict]:
@@ -487,7 +499,12 @@ def cmd_gateway_nodes_override(out: str, addrs: list[str]) -> None:
     names = [s["name"] for s in gw["storage_nodes"]]
     if len(names) != len(addrs):
         raise SystemExit(f"{len(names)} storage nodes rendered, {len(addrs)} addresses given")
-    print("[" + ", ".join(f'{{name = {json.dumps(n)}, address = {json.dumps(a)}}}' for n, a in zip(names, addrs)) + "]")
+    ids = [s.get("identity") for s in gw["storage_nodes"]]
+    print("[" + ", ".join(
+        f'{{name = {json.dumps(n)}, address = {json.dumps(a)}'
+        + (f', identity = {json.dumps(i)}' if i else "")
+        + "}"
+        for n, a, i in zip(names, addrs, ids)) + "]")
 
 
 def cmd_gateway_scp(out: str) -> None:

@@ -402,8 +402,10 @@ async fn measure(
     let connect = |who: &str, service: &str| {
         let files = TlsFiles::from_pki_dir(&pki, who);
         let addr = stack.endpoints().get(service).map(str::to_owned);
+        let expected =
+            tessera_tls::Identity::parse_uri(&tessera_devstack::service_identity(service));
         async move {
-            let tls = ClientTls::from_files(&files)?;
+            let tls = ClientTls::from_files(&files)?.expecting(&expected?);
             anyhow::Ok(tls.connect(&addr?).await?)
         }
     };

@@ -29,7 +29,12 @@ pub(crate) const OWNER: &str = "spiffe://tessera.local/user/owner";
 
 async fn channel(stack: &DevStack, who: &str, service: &str) -> Result<Channel> {
     let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who))?;
-    Ok(tls.connect(stack.endpoints().get(service)?).await?)
+    // The server there must be that service (endpoints.toml names it).
+    let expected = tessera_tls::Identity::parse_uri(&tessera_devstack::service_identity(service))?;
+    Ok(tls
+        .expecting(&expected)
+        .connect(stack.endpoints().get(service)?)
+        .await?)
 }
 
 pub(crate) async fn gateway(stack: &DevStack, who: &str) -> Result<GatewayClient<Channel>> {

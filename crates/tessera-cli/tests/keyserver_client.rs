@@ -99,6 +99,8 @@ async fn run(args: Vec<String>, env: Vec<(String, String)>) -> Output {
             "TESSERA_AS",
             "TESSERA_KEYSERVER",
             "TESSERA_GATEWAY",
+            "TESSERA_KEYSERVER_IDENTITY",
+            "TESSERA_GATEWAY_IDENTITY",
         ] {
             c.env_remove(v);
         }
@@ -457,6 +459,38 @@ async fn connection_options_and_their_errors() {
             .await,
     );
     assert!(!err.is_empty());
+
+    // The server at the keyserver address must be the keyserver: expecting
+    // anyone else there (as if a storage node had its address) is refused
+    // by our side of the handshake, naming both identities.
+    let err = failed(
+        &stack
+            .tessera(
+                Some("owner"),
+                &[
+                    "requests",
+                    "--keyserver-identity",
+                    "spiffe://tessera.local/service/storage-1",
+                ],
+            )
+            .await,
+    );
+    assert!(
+        err.contains(
+            "expected spiffe://tessera.local/service/storage-1, \
+             the server presented spiffe://tessera.local/service/keyserver"
+        ),
+        "{err}"
+    );
+    let err = failed(
+        &stack
+            .tessera(
+                Some("owner"),
+                &["requests", "--keyserver-identity", "keyserver"],
+            )
+            .await,
+    );
+    assert!(err.contains("--keyserver-identity"), "{err}");
     stack.stop().await;
 }
 

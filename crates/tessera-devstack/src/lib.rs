@@ -52,12 +52,16 @@ fn svc(service: &str) -> impl FnOnce(String) -> DevError + '_ {
     }
 }
 
-/// `DIR/endpoints.toml`: where each service listens.
+/// `DIR/endpoints.toml`: where each service listens and who answers there.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoints {
     /// Service name (`gateway`, `keyserver`, `storage-1`, ...) -> `host:port`.
     pub endpoints: BTreeMap<String, String>,
+    /// Service name -> the SPIFFE identity its certificate must carry
+    /// (clients refuse any other server there).
+    #[serde(default)]
+    pub identities: BTreeMap<String, String>,
 }
 
 impl Endpoints {
@@ -75,6 +79,11 @@ impl Endpoints {
         let text = toml::to_string(self).map_err(|e| DevError::Endpoints(e.to_string()))?;
         std::fs::write(&tmp, text).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// The identity expected at `service`, when the file names one.
+    pub fn identity(&self, service: &str) -> Option<&str> {
+        self.identities.get(service).map(String::as_str)
     }
 
     /// The address of `service`.
@@ -193,6 +202,11 @@ fn server_section(pki: &Path, name: &str, listen: &str) -> String {
         "[server]\nlisten = \"{listen}\"\n{}",
         tls_section(pki, name, "server.tls")
     )
+}
+
+/// The identity of a dev service: `spiffe://tessera.local/service/<name>`.
+pub fn service_identity(name: &str) -> String {
+    format!("spiffe://{}/service/{name}", tessera_pki::TRUST_DOMAIN)
 }
 
 /// `localhost:PORT`: the dev certificates name `localhost`.
@@ -328,8 +342,9 @@ impl DevStack {
 
         // Watermark and segmentation.
         let text = format!(
-            "{}[keyserver]\naddress = \"{ks}\"\n{}[watermark]\nmax_concurrent_jobs = 8\n",
+            "{}[keyserver]\naddress = \"{ks}\"\nidentity = \"{}\"\n{}[watermark]\nmax_concurrent_jobs = 8\n",
             server_section(pki, "watermark", &listen(base, 1)),
+            service_identity("keyserver"),
             tls_section(pki, "watermark", "keyserver.tls"),
         );
         let cfg: watermark_service::Config =
@@ -357,18 +372,25 @@ impl DevStack {
         self.add("segmentation", seg.clone(), Running::Segmentation(app));
 
         // Gateway.
+        // Every upstream with the identity it must present.
         let mut text = format!(
-            "{}{}[keyserver]\naddress = \"{ks}\"\n[watermark]\naddress = \"{wm}\"\n[segmentation]\naddress = \"{seg}\"\n\
+            "{}{}[keyserver]\naddress = \"{ks}\"\nidentity = \"{}\"\n\
+             [watermark]\naddress = \"{wm}\"\nidentity = \"{}\"\n\
+             [segmentation]\naddress = \"{seg}\"\nidentity = \"{}\"\n\
              [vault]\npath = \"{}\"\nkey_file = \"{}\"\n",
             server_section(pki, "gateway", &listen(base, 3)),
             tls_section(pki, "gateway", "client_tls"),
+            service_identity("keyserver"),
+            service_identity("watermark"),
+            service_identity("segmentation"),
             data.join("vault.redb").display(),
             vault_key.display(),
         );
         for (i, (name, addr)) in nodes.iter().enumerate() {
             text.push_str(&format!(
-                "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\nzone = \"{}\"\n",
-                dev_zone(i + 1)
+                "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\nzone = \"{}\"\nidentity = \"{}\"\n",
+                dev_zone(i + 1),
+                service_identity(name)
             ));
         }
         if let Some((k, m)) = opts.erasure {
@@ -455,6 +477,9 @@ impl DevStack {
 
     fn add(&mut self, name: &str, addr: String, running: Running) {
         self.endpoints.endpoints.insert(name.to_owned(), addr);
+        self.endpoints
+            .identities
+            .insert(name.to_owned(), service_identity(name));
         match self.services.iter_mut().find(|(n, _)| n == name) {
             Some(slot) => slot.1 = Some(running),
             None => self.services.push((name.to_owned(), Some(running))),
@@ -537,10 +562,27 @@ mod tests {
         let mut e = Endpoints::default();
         e.endpoints
             .insert("gateway".into(), "localhost:7703".into());
+        e.identities
+            .insert("gateway".into(), service_identity("gateway"));
         e.save(dir.path()).unwrap();
         let back = Endpoints::load(dir.path()).unwrap();
         assert_eq!(back, e);
         assert_eq!(back.get("gateway").unwrap(), "localhost:7703");
+        assert_eq!(
+            back.identity("gateway"),
+            Some("spiffe://tessera.local/service/gateway")
+        );
         assert!(back.get("keyserver").is_err());
+        assert_eq!(back.identity("keyserver"), None);
+        // A file from before identities were written still loads.
+        std::fs::write(
+            dir.path().join(ENDPOINTS_FILE),
+            "[endpoints]\ngateway = \"localhost:1\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Endpoints::load(dir.path()).unwrap().identity("gateway"),
+            None
+        );
     }
 }

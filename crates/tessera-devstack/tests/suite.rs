@@ -608,3 +608,175 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
     drop(vault);
     stack.shutdown().await;
 }
+
+/// A second gateway made from the stack's gateway config with `edit`
+/// applied: its own listener and vault, no DICOM SCP.
+async fn side_gateway(
+    stack: &DevStack,
+    vault: &std::path::Path,
+    edit: impl FnOnce(&mut gateway_service::Config),
+) -> gateway_service::RunningApp {
+    let mut cfg = stack.gateway_config().unwrap().clone();
+    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.dicom.scp = None;
+    cfg.vault.path = vault.to_owned();
+    edit(&mut cfg);
+    gateway_service::App::build(&cfg)
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap()
+}
+
+async fn store_via(
+    stack: &DevStack,
+    gateway: &gateway_service::RunningApp,
+    img: &Image,
+) -> Result<pb::StoreResponse, tonic::Status> {
+    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), "owner")).unwrap();
+    let ch = tls
+        .expecting(&service_id("gateway"))
+        .connect(&gateway.local_addr().to_string())
+        .await
+        .unwrap();
+    gw::store(
+        &mut gw::client(ch),
+        header(pb::ImageFormat::Raw, Some(raw_spec(img))),
+        &img.to_le_bytes(),
+    )
+    .await
+}
+
+fn service_id(name: &str) -> tessera_tls::Identity {
+    tessera_tls::Identity::parse_uri(&tessera_devstack::service_identity(name)).unwrap()
+}
+
+/// Finding 5: every service certificate names localhost and chains to the
+/// CA, so only the identity check keeps a storage node from answering as
+/// the keyserver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_refuses_a_storage_node_posing_as_the_keyserver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
+        .await
+        .unwrap();
+    let eps = stack.endpoints().clone();
+    assert_eq!(
+        eps.identity("keyserver"),
+        Some("spiffe://tessera.local/service/keyserver")
+    );
+    let storage2 = eps.get("storage-2").unwrap().to_owned();
+    let img = slice16();
+
+    // Explicit identity (as `tessera dev up` writes it) and the default
+    // from the section name both refuse storage-2's certificate.
+    for explicit in [true, false] {
+        let vault = tmp.path().join(format!("side-{explicit}.redb"));
+        let side = side_gateway(&stack, &vault, |cfg| {
+            cfg.keyserver.address = storage2.clone();
+            if !explicit {
+                cfg.keyserver.identity = None;
+            }
+        })
+        .await;
+        let e = store_via(&stack, &side, &img).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(
+            e.message().contains(
+                "expected spiffe://tessera.local/service/keyserver, \
+                 the server presented spiffe://tessera.local/service/storage-2"
+            ),
+            "{e:?}"
+        );
+        side.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+
+    // A storage node listed under another node's name is refused too.
+    let vault = tmp.path().join("side-swap.redb");
+    let side = side_gateway(&stack, &vault, |cfg| {
+        let a = cfg.storage_nodes[0].address.clone();
+        cfg.storage_nodes[0].address = cfg.storage_nodes[1].address.clone();
+        cfg.storage_nodes[1].address = a;
+        cfg.storage_nodes.truncate(2);
+    })
+    .await;
+    let e = store_via(&stack, &side, &img).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("the server presented"), "{e:?}");
+    side.shutdown(std::time::Duration::from_secs(5)).await;
+
+    // The right keyserver still works through the same code path.
+    let vault = tmp.path().join("side-ok.redb");
+    let side = side_gateway(&stack, &vault, |cfg| cfg.keyserver.identity = None).await;
+    store_via(&stack, &side, &img).await.unwrap();
+    side.shutdown(std::time::Duration::from_secs(5)).await;
+    stack.shutdown().await;
+}
+
+/// A keyserver that accepts the TLS connection and every call, and never
+/// answers.
+#[derive(Clone)]
+struct HungKeyserver;
+
+impl tonic::server::NamedService for HungKeyserver {
+    const NAME: &'static str = "tessera.keyserver.v1.KeyServer";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for HungKeyserver {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::pending()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_keyserver_is_deadline_exceeded_not_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
+        .await
+        .unwrap();
+    // The hung keyserver holds the real keyserver certificate.
+    let tls = tessera_tls::ServerTls::from_files(
+        &TlsFiles::from_pki_dir(&stack.pki_dir(), "keyserver"),
+        tessera_tls::DEFAULT_TRUST_DOMAIN,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = listener.local_addr().unwrap();
+    let incoming = tessera_tls::incoming(listener, &tls);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(HungKeyserver)
+            .serve_with_incoming(incoming),
+    );
+
+    let vault = tmp.path().join("side.redb");
+    let side = side_gateway(&stack, &vault, |cfg| {
+        cfg.keyserver.address = format!("localhost:{}", hung.port());
+        cfg.upstream_timeouts.call_secs = 1;
+    })
+    .await;
+    // The outer bound only turns a hang (the bug) into a failure.
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        store_via(&stack, &side, &slice16()),
+    )
+    .await
+    .expect("the gateway waited on the hung keyserver without a deadline")
+    .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("keyserver"), "{e:?}");
+    side.shutdown(std::time::Duration::from_secs(5)).await;
+    server.abort();
+    stack.shutdown().await;
+}

@@ -1,24 +1,81 @@
 //! gRPC client channels over mutual TLS: our certificate, the CA as the only
-//! root, the server name checked against the server certificate's SANs.
+//! root, the server name checked against the server certificate's SANs and
+//! the server's SPIFFE identity against the one we expect there
+//! ([`ClientTls::expecting`]); every channel has a connect timeout and,
+//! when configured, a per-call timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::peer::{ExpectedPeer, PeerVerifier};
 use crate::tls_config::{load_certs, load_key, load_roots};
-use crate::{TlsError, TlsFiles};
+use crate::{Identity, TlsError, TlsFiles};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a channel waits for its upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelTimeouts {
+    /// TCP connect plus the TLS handshake.
+    pub connect: Duration,
+    /// Each call, until the answer starts (tonic `Endpoint::timeout`): a
+    /// whole unary call, a whole client-streamed upload, the first answer of
+    /// a streaming call. `None`: unbounded.
+    pub call: Option<Duration>,
+}
 
-/// A client's TLS setup, shared by every channel it opens.
+impl Default for ChannelTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            call: None,
+        }
+    }
+}
+
+/// HTTP/2 pings on a busy connection, so a peer that vanished (no FIN, no
+/// RST) fails its calls instead of holding them.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A client's TLS setup, shared by every channel it opens. Narrow it to
+/// one upstream with [`ClientTls::expecting`].
 #[derive(Clone, Debug)]
 pub struct ClientTls {
     config: Arc<rustls::ClientConfig>,
+    webpki: Arc<WebPkiServerVerifier>,
+    own: Option<Identity>,
+    expected: ExpectedPeer,
+    timeouts: ChannelTimeouts,
+}
+
+/// True when `status` is a client-side timeout of a channel (tonic reports
+/// those as CANCELLED "Timeout expired"): callers map it to
+/// DEADLINE_EXCEEDED.
+pub fn timed_out(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The status a caller passes on for an upstream's answer: a channel
+/// timeout becomes DEADLINE_EXCEEDED, anything else is returned as it is.
+pub fn deadline_status(status: tonic::Status) -> tonic::Status {
+    if timed_out(&status) {
+        tonic::Status::deadline_exceeded("no answer within the configured call timeout")
+    } else {
+        status
+    }
 }
 
 impl ClientTls {
@@ -27,21 +84,83 @@ impl ClientTls {
         let roots = load_roots(&files.ca)?;
         let certs = load_certs(&files.cert)?;
         let key = load_key(&files.key)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(crate::provider())
+        let provider = crate::provider();
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| TlsError::ServerVerifier(e.to_string()))?;
+        // Without an expected identity a server must still present one
+        // valid service identity (of our trust domain when we have one).
+        let own = Identity::from_cert_der_any_domain(&certs[0]).ok();
+        let expected = ExpectedPeer::AnyService {
+            trust_domain: own.as_ref().map(|id| id.trust_domain().to_owned()),
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerVerifier::new(
+                webpki.clone(),
+                expected.clone(),
+            )))
             .with_client_auth_cert(certs, key)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
             config: Arc::new(config),
+            webpki,
+            own,
+            expected,
+            timeouts: ChannelTimeouts::default(),
         })
+    }
+
+    /// The same client that accepts only `expected` at the other end: the
+    /// chain and host name checks stay, then the server certificate's
+    /// single URI SAN must equal `expected`. A handshake with any other
+    /// server fails naming both identities.
+    pub fn expecting(&self, expected: &Identity) -> Self {
+        let expected = ExpectedPeer::Exactly(expected.clone());
+        let mut config = (*self.config).clone();
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(PeerVerifier::new(
+                self.webpki.clone(),
+                expected.clone(),
+            )));
+        Self {
+            config: Arc::new(config),
+            webpki: self.webpki.clone(),
+            own: self.own.clone(),
+            expected,
+            timeouts: self.timeouts,
+        }
+    }
+
+    /// The same client with these timeouts on the channels it opens.
+    pub fn with_timeouts(&self, timeouts: ChannelTimeouts) -> Self {
+        Self {
+            timeouts,
+            ..self.clone()
+        }
+    }
+
+    /// Our own identity (the URI SAN of our certificate), if it has one.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.own.as_ref()
+    }
+
+    /// Who this client accepts at the other end.
+    pub fn expected(&self) -> &ExpectedPeer {
+        &self.expected
+    }
+
+    pub fn timeouts(&self) -> ChannelTimeouts {
+        self.timeouts
     }
 
     pub fn config(&self) -> Arc<rustls::ClientConfig> {
         self.config.clone()
     }
 
-    fn endpoint(addr: &str) -> Result<(Endpoint, String), TlsError> {
+    fn endpoint(&self, addr: &str) -> Result<(Endpoint, String), TlsError> {
         let bad = |detail: &str| TlsError::Endpoint {
             endpoint: addr.to_owned(),
             detail: detail.to_owned(),
@@ -64,11 +183,16 @@ impl ClientTls {
         if uri.port_u16().is_none() {
             return Err(bad("no port"));
         }
-        let endpoint = Endpoint::from(uri)
-            .connect_timeout(CONNECT_TIMEOUT)
+        let mut endpoint = Endpoint::from(uri)
+            .connect_timeout(self.timeouts.connect)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .tcp_nodelay(true)
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(8 * 1024 * 1024);
+        if let Some(call) = self.timeouts.call {
+            endpoint = endpoint.timeout(call);
+        }
         Ok((endpoint, host))
     }
 
@@ -104,9 +228,10 @@ impl ClientTls {
     }
 
     /// Connects now to `addr` (`host:port`, e.g. `127.0.0.1:7001` or
-    /// `localhost:7001`); the server certificate must name that host.
+    /// `localhost:7001`); the server certificate must name that host and
+    /// carry the identity this client expects.
     pub async fn connect(&self, addr: &str) -> Result<Channel, TlsError> {
-        let (endpoint, host) = Self::endpoint(addr)?;
+        let (endpoint, host) = self.endpoint(addr)?;
         let name = Self::server_name(&host)?;
         Ok(endpoint
             .connect_with_connector(self.connector(name))
@@ -115,7 +240,7 @@ impl ClientTls {
 
     /// Like [`ClientTls::connect`] but connects on first use (and reconnects).
     pub fn connect_lazy(&self, addr: &str) -> Result<Channel, TlsError> {
-        let (endpoint, host) = Self::endpoint(addr)?;
+        let (endpoint, host) = self.endpoint(addr)?;
         let name = Self::server_name(&host)?;
         Ok(endpoint.connect_with_connector_lazy(self.connector(name)))
     }

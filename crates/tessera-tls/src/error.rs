@@ -25,6 +25,8 @@ pub enum TlsError {
     },
     #[error("rustls: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("server verifier: {0}")]
+    ServerVerifier(String),
     #[error("client verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("invalid server name {0:?}")]

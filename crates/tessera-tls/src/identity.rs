@@ -40,6 +40,19 @@ impl Identity {
         Self::parse_uri(&format!("spiffe://{trust_domain}/{kind}/{name}"))
     }
 
+    /// The identity a client expects at an upstream: `configured` when the
+    /// config names one, else `spiffe://<trust_domain>/service/<name>`.
+    pub fn upstream(
+        configured: Option<&str>,
+        trust_domain: &str,
+        name: &str,
+    ) -> Result<Self, IdentityError> {
+        match configured {
+            Some(uri) => Self::parse_uri(uri),
+            None => Self::new(trust_domain, "service", name),
+        }
+    }
+
     /// Parses `spiffe://<trust-domain>/<kind>/<name>`.
     ///
     /// Strict on purpose: lower-case DNS-like trust domain, kind of
@@ -82,6 +95,20 @@ impl Identity {
     /// Parses the identity out of a DER certificate: exactly one URI SAN,
     /// in `expected_trust_domain`.
     pub fn from_cert_der(der: &[u8], expected_trust_domain: &str) -> Result<Self, IdentityError> {
+        let id = Self::from_cert_der_any_domain(der)?;
+        if id.trust_domain != expected_trust_domain {
+            return Err(IdentityError::WrongTrustDomain {
+                found: id.trust_domain,
+                expected: expected_trust_domain.to_owned(),
+            });
+        }
+        Ok(id)
+    }
+
+    /// The identity of a DER certificate (exactly one URI SAN, well formed)
+    /// in whatever trust domain it names: for a client that compares it
+    /// with the one identity it expects.
+    pub fn from_cert_der_any_domain(der: &[u8]) -> Result<Self, IdentityError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| IdentityError::Certificate(e.to_string()))?;
         let san = cert
@@ -105,14 +132,7 @@ impl Identity {
             [one] => *one,
             many => return Err(IdentityError::SeveralUriSans(many.len())),
         };
-        let id = Self::parse_uri(uri)?;
-        if id.trust_domain != expected_trust_domain {
-            return Err(IdentityError::WrongTrustDomain {
-                found: id.trust_domain,
-                expected: expected_trust_domain.to_owned(),
-            });
-        }
-        Ok(id)
+        Self::parse_uri(uri)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -168,6 +188,21 @@ mod tests {
                 .name(),
             "owner"
         );
+    }
+
+    #[test]
+    fn upstream_identity_defaults_from_the_name() {
+        let id = Identity::upstream(None, "tessera.local", "keyserver").unwrap();
+        assert_eq!(id.uri(), "spiffe://tessera.local/service/keyserver");
+        let id = Identity::upstream(
+            Some("spiffe://prod.example/service/ks-a"),
+            "tessera.local",
+            "keyserver",
+        )
+        .unwrap();
+        assert_eq!(id.uri(), "spiffe://prod.example/service/ks-a");
+        assert!(Identity::upstream(Some("keyserver"), "tessera.local", "keyserver").is_err());
+        assert!(Identity::upstream(None, "tessera.local", "Storage_1").is_err());
     }
 
     #[test]

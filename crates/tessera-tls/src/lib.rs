@@ -3,6 +3,8 @@
 //! * [`ServerTls`] / [`ClientTls`]: rustls configs with the `ring` provider,
 //!   client certificates always required ([`rustls::server::WebPkiClientVerifier`],
 //!   never unauthenticated), loaded from PEM files.
+//! * [`ClientTls::expecting`]: a client that accepts one server identity
+//!   only (chain, host name, then the URI SAN), with [`ChannelTimeouts`].
 //! * [`Identity`]: the caller, parsed from the certificate's single URI SAN
 //!   `spiffe://<trust-domain>/<kind>/<name>`.
 //! * [`incoming`]: a TLS accept loop for `tonic::transport::Server::serve_with_incoming`
@@ -21,6 +23,7 @@ mod error;
 mod identity;
 pub mod matrix;
 pub mod security;
+mod peer;
 mod server;
 mod tls_config;
 
@@ -29,9 +32,10 @@ pub use authz::{
     AccessConfig, Authz, AuthzLayer, AuthzService, BoxFuture, CallerRoles, DEV_STORAGE_NODES,
     HEALTH_SERVICE_PREFIX, Policy, Refusal, RefusalSink, Role, RoleMap, caller, caller_roles,
 };
-pub use client::ClientTls;
+pub use client::{ChannelTimeouts, ClientTls, deadline_status, timed_out};
 pub use error::TlsError;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};
+pub use peer::{ExpectedPeer, PeerError};
 pub use server::{AcceptLimits, PeerInfo, TlsConn, incoming, incoming_with};
 pub use tls_config::{ServerTls, TlsFiles};
 

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use tessera_pki::Ca;
 use tessera_tls::{
-    AccessConfig, Authz, AuthzLayer, ClientTls, DEFAULT_TRUST_DOMAIN, Identity, IdentityError,
-    Policy, Role, ServerTls, TlsFiles,
+    AccessConfig, Authz, AuthzLayer, ChannelTimeouts, ClientTls, DEFAULT_TRUST_DOMAIN, Identity,
+    IdentityError, Policy, Role, ServerTls, TlsFiles,
 };
 use tokio::net::TcpListener;
 use tonic::Code;
@@ -253,4 +253,217 @@ async fn authz_layer_fails_closed_over_the_wire() {
         })
         .await
         .unwrap();
+}
+
+/// A health server holding `cert_name`'s certificate of the PKI in `dir`,
+/// its `check` answering (or, with `hang`, never answering).
+async fn serve_as(
+    dir: &Path,
+    cert_name: &str,
+    hang: bool,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    use tonic_health::pb::health_server::{Health, HealthServer};
+
+    struct Hang;
+    #[tonic::async_trait]
+    impl Health for Hang {
+        async fn check(
+            &self,
+            _: tonic::Request<HealthCheckRequest>,
+        ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+            // Accepts the connection and the call, then never answers.
+            std::future::pending().await
+        }
+        type WatchStream =
+            tokio_stream::Pending<Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>;
+        async fn watch(
+            &self,
+            _: tonic::Request<HealthCheckRequest>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            std::future::pending().await
+        }
+    }
+
+    let tls = ServerTls::from_files(
+        &TlsFiles::from_pki_dir(dir, cert_name),
+        DEFAULT_TRUST_DOMAIN,
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("probe", tonic_health::ServingStatus::Serving)
+        .await;
+    std::mem::forget(reporter);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tessera_tls::incoming(listener, &tls);
+    let mut router = tonic::transport::Server::builder();
+    let router = if hang {
+        router.add_service(HealthServer::new(Hang))
+    } else {
+        router.add_service(health)
+    };
+    tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (addr, stop)
+}
+
+fn service_id(name: &str) -> Identity {
+    Identity::new(DEFAULT_TRUST_DOMAIN, "service", name).unwrap()
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_with_another_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tessera_pki::generate(tmp.path()).unwrap();
+    let (storage, _s1) = serve_as(&pki.dir, "storage-2", false).await;
+    let (keyserver, _s2) = serve_as(&pki.dir, "keyserver", false).await;
+    let gateway = ClientTls::from_files(&TlsFiles::from_pki_dir(&pki.dir, "gateway")).unwrap();
+    let to_keyserver = gateway.expecting(&service_id("keyserver"));
+
+    // A storage node's certificate is valid for localhost and 127.0.0.1 and
+    // chains to our CA: only the identity check tells it from the keyserver.
+    for addr in [storage.to_string(), format!("localhost:{}", storage.port())] {
+        let e = to_keyserver.connect(&addr).await.unwrap_err();
+        let chain = error_chain(&e);
+        assert!(
+            chain.contains(
+                "expected spiffe://tessera.local/service/keyserver, \
+                 the server presented spiffe://tessera.local/service/storage-2"
+            ),
+            "{chain}"
+        );
+    }
+    // A lazy channel fails its calls with the same words.
+    let lazy = to_keyserver.connect_lazy(&storage.to_string()).unwrap();
+    let s = check(lazy).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+    assert!(
+        s.message()
+            .contains("the server presented spiffe://tessera.local/service/storage-2"),
+        "{s:?}"
+    );
+
+    // The right server still works, eagerly and lazily; and the storage
+    // node answers a client that expects it.
+    check(to_keyserver.connect(&keyserver.to_string()).await.unwrap())
+        .await
+        .unwrap();
+    check(to_keyserver.connect_lazy(&keyserver.to_string()).unwrap())
+        .await
+        .unwrap();
+    let to_storage = gateway.expecting(&service_id("storage-2"));
+    check(to_storage.connect(&storage.to_string()).await.unwrap())
+        .await
+        .unwrap();
+    assert!(to_storage.connect(&keyserver.to_string()).await.is_err());
+
+    // Without an expected identity a server must still present a service
+    // identity: a user certificate (no serverAuth, no localhost) or a
+    // service certificate without a URI SAN is refused.
+    let ca = Ca::new(DEFAULT_TRUST_DOMAIN).unwrap();
+    let d2 = tmp.path().join("nouri");
+    std::fs::create_dir_all(&d2).unwrap();
+    std::fs::write(d2.join("ca.crt"), ca.cert_pem()).unwrap();
+    let gw = ca.issue_service("gateway").unwrap();
+    write_pair(&d2, "gateway", &gw.cert_pem, &gw.key_pem);
+    let bare = ca.issue_custom("bare", &[], true).unwrap();
+    write_pair(&d2, "bare", &bare.cert_pem, &bare.key_pem);
+    let client = ClientTls::from_files(&TlsFiles::from_pki_dir(&d2, "gateway")).unwrap();
+    let no_uri_server = {
+        // ServerTls refuses a certificate without identity at start, so
+        // serve the bare certificate with rustls directly.
+        let files = TlsFiles::from_pki_dir(&d2, "bare");
+        let certs = vec![rustls::pki_types::CertificateDer::from(der_of(
+            &bare.cert_pem,
+        ))];
+        let key = {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap()
+        };
+        let mut cfg = rustls::ServerConfig::builder_with_provider(tessera_tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        addr
+    };
+    let e = client
+        .connect(&no_uri_server.to_string())
+        .await
+        .unwrap_err();
+    assert!(
+        error_chain(&e).contains("no subjectAltName URI"),
+        "{}",
+        error_chain(&e)
+    );
+    let e = client
+        .expecting(&service_id("keyserver"))
+        .connect(&no_uri_server.to_string())
+        .await
+        .unwrap_err();
+    assert!(
+        error_chain(&e).contains("expected spiffe://tessera.local/service/keyserver"),
+        "{}",
+        error_chain(&e)
+    );
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(" / ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_hits_the_call_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tessera_pki::generate(tmp.path()).unwrap();
+    let (hung, _stop) = serve_as(&pki.dir, "keyserver", true).await;
+    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&pki.dir, "gateway"))
+        .unwrap()
+        .expecting(&service_id("keyserver"))
+        .with_timeouts(ChannelTimeouts {
+            connect: std::time::Duration::from_secs(5),
+            call: Some(std::time::Duration::from_millis(300)),
+        });
+    // The TLS handshake and the call are accepted; the answer never comes.
+    for ch in [
+        tls.connect(&hung.to_string()).await.unwrap(),
+        tls.connect_lazy(&hung.to_string()).unwrap(),
+    ] {
+        // The outer bound only turns a hang (the bug) into a failure.
+        let s = tokio::time::timeout(std::time::Duration::from_secs(60), check(ch))
+            .await
+            .expect("the call waited without a deadline")
+            .unwrap_err();
+        assert!(tessera_tls::timed_out(&s), "{s:?}");
+        let s = tessera_tls::deadline_status(s);
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+        assert!(s.message().contains("timeout"), "{}", s.message());
+    }
+    // Other failures are passed on unchanged.
+    let s = tessera_tls::deadline_status(tonic::Status::not_found("x"));
+    assert_eq!(s.code(), Code::NotFound);
 }

@@ -147,21 +147,32 @@ key = {{ printf "%s/tls.key" (include "tessera.pkiDir" .) | toJson }}
 [client_tls]
 {{ include "tessera.clientTlsToml" . }}
 
+# Each upstream must present exactly this identity (its URI SAN).
 [keyserver]
 address = {{ include "tessera.address" (list "keyserver" $v.keyserver.port) | toJson }}
+identity = {{ include "tessera.serviceIdentity" (list . "keyserver") | toJson }}
 
 [watermark]
 address = {{ include "tessera.address" (list "watermark" $v.watermark.port) | toJson }}
+identity = {{ include "tessera.serviceIdentity" (list . "watermark") | toJson }}
 
 [segmentation]
 address = {{ include "tessera.address" (list "segmentation" $v.segmentation.port) | toJson }}
+identity = {{ include "tessera.serviceIdentity" (list . "segmentation") | toJson }}
 {{- range $i := until ($v.storage.replicas | int) }}
 {{- $node := printf "storage-%d" (add1 $i) }}
 
 [[storage_nodes]]
 name = {{ $node | toJson }}
 address = {{ include "tessera.address" (list $node $v.storage.port) | toJson }}
+identity = {{ include "tessera.serviceIdentity" (list $ $node) | toJson }}
 {{- end }}
+{{- $t := $v.gateway.upstreamTimeouts | default dict }}
+
+[upstream_timeouts]
+connect_secs = {{ $t.connectSecs | default 5 | int64 }}
+call_secs = {{ $t.callSecs | default 30 | int64 }}
+stream_secs = {{ $t.streamSecs | default 600 | int64 }}
 
 [vault]
 path = {{ printf "%s/vault.redb" (include "tessera.dataDir" .) | toJson }}
@@ -211,8 +222,12 @@ max_grant_uses = {{ $v.keyserver.maxGrantUses | int64 }}
 {{- $v := .Values -}}
 {{- $callers := $v.watermark.allowedCallers | default (list (include "tessera.serviceIdentity" (list . "gateway"))) -}}
 # watermark --config: rendered by the Tessera chart from values.
+{{- $t := $v.watermark.keyserverTimeouts | default dict }}
 [keyserver]
 address = {{ include "tessera.address" (list "keyserver" $v.keyserver.port) | toJson }}
+identity = {{ include "tessera.serviceIdentity" (list . "keyserver") | toJson }}
+connect_timeout_secs = {{ $t.connectSecs | default 5 | int64 }}
+call_timeout_secs = {{ $t.callSecs | default 30 | int64 }}
 
 [keyserver.tls]
 {{ include "tessera.clientTlsToml" . }}

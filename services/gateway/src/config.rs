@@ -14,19 +14,32 @@
 //! cert = "pki/gateway.crt"
 //! key = "pki/gateway.key"
 //!
+//! # Every upstream must present the SPIFFE identity `identity` (default:
+//! # spiffe://<server.access.trust_domain>/service/<name>) besides naming
+//! # the host of `address`; any other certificate is refused.
 //! [keyserver]
 //! address = "localhost:7400"
+//! identity = "spiffe://tessera.local/service/keyserver"
 //! [watermark]
 //! address = "localhost:7500"
+//! identity = "spiffe://tessera.local/service/watermark"
 //! [segmentation]
 //! address = "localhost:7550"
+//! identity = "spiffe://tessera.local/service/segmentation"
 //!
 //! [[storage_nodes]]
 //! name = "storage-1"        # must equal the node's node_id (checked)
 //! address = "localhost:7601"
+//! identity = "spiffe://tessera.local/service/storage-1"   # default from name
 //! [[storage_nodes]]
 //! name = "storage-2"
 //! address = "localhost:7602"
+//!
+//! [upstream_timeouts]       # every outgoing call (defaults shown)
+//! connect_secs = 5          # TCP connect + TLS handshake
+//! call_secs = 30            # keyserver calls; each message of a storage Get
+//! stream_secs = 600         # watermark, segmentation, storage channels:
+//!                           # until the answer starts (a whole Put upload)
 //!
 //! [erasure]                 # optional: k data + m parity fragments per object
 //! data = 3                  # k >= 2 (clouds that must collude to rebuild a share)
@@ -55,9 +68,11 @@
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
-use tessera_tls::{Role, TlsFiles};
+use tessera_tls::{ChannelTimeouts, Identity, Role, TlsFiles};
 
 /// Environment prefix of overrides, e.g. `TESSERA_GATEWAY__VAULT__PATH`.
 pub const ENV_PREFIX: &str = "TESSERA_GATEWAY";
@@ -85,6 +100,9 @@ pub struct Config {
     /// The storage nodes shares and fragments are placed on (at least two).
     pub storage_nodes: Vec<StorageNode>,
     pub vault: VaultSection,
+    /// Deadlines of every call to an upstream.
+    #[serde(default)]
+    pub upstream_timeouts: UpstreamTimeouts,
     #[serde(default)]
     pub gateway: GatewaySection,
     #[serde(default)]
@@ -165,6 +183,10 @@ fn valid_ae(ae: &str) -> bool {
 pub struct Upstream {
     /// `host:port`; the service's certificate must name `host`.
     pub address: String,
+    /// The SPIFFE identity the service must present; default
+    /// `spiffe://<server.access.trust_domain>/service/<section name>`.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// One `[[storage_nodes]]` entry.
@@ -178,6 +200,10 @@ pub struct StorageNode {
     /// object spread across zones first. Empty: the node is its own zone.
     #[serde(default)]
     pub zone: String,
+    /// The SPIFFE identity the node must present; default
+    /// `spiffe://<server.access.trust_domain>/service/<name>`.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// The `[erasure]` section: every stored object (pixel shares, sealed
@@ -204,6 +230,90 @@ impl ErasureSection {
     pub fn quorum(&self) -> usize {
         self.write_quorum
             .unwrap_or((self.data + 1).min(self.data + self.parity))
+    }
+}
+
+/// The `[upstream_timeouts]` section, seconds.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTimeouts {
+    /// TCP connect plus TLS handshake.
+    #[serde(default = "default_connect_secs")]
+    pub connect_secs: u64,
+    /// Every keyserver call (all unary); also the longest wait for each
+    /// message of a storage Get.
+    #[serde(default = "default_call_secs")]
+    pub call_secs: u64,
+    /// Calls to the watermark and segmentation services and the storage
+    /// nodes, until their answer starts: a whole Put upload or unary call,
+    /// the first message of a Get, Protect, Restore, Segment or Process.
+    #[serde(default = "default_stream_secs")]
+    pub stream_secs: u64,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self {
+            connect_secs: default_connect_secs(),
+            call_secs: default_call_secs(),
+            stream_secs: default_stream_secs(),
+        }
+    }
+}
+
+fn default_connect_secs() -> u64 {
+    5
+}
+fn default_call_secs() -> u64 {
+    30
+}
+fn default_stream_secs() -> u64 {
+    600
+}
+
+impl UpstreamTimeouts {
+    /// Channel timeouts of the keyserver (unary calls).
+    pub fn unary(&self) -> ChannelTimeouts {
+        ChannelTimeouts {
+            connect: Duration::from_secs(self.connect_secs),
+            call: Some(Duration::from_secs(self.call_secs)),
+        }
+    }
+
+    /// Channel timeouts of the streaming services and the storage nodes.
+    pub fn streaming(&self) -> ChannelTimeouts {
+        ChannelTimeouts {
+            connect: Duration::from_secs(self.connect_secs),
+            call: Some(Duration::from_secs(self.stream_secs)),
+        }
+    }
+}
+
+impl Config {
+    /// The identity expected at `[keyserver]`, `[watermark]` or
+    /// `[segmentation]` (`name`), explicit or defaulted.
+    pub fn upstream_identity(&self, name: &str, u: &Upstream) -> Result<Identity, String> {
+        Identity::upstream(
+            u.identity.as_deref(),
+            &self.server.access.trust_domain,
+            name,
+        )
+        .map_err(|e| format!("{name}.identity: {e}"))
+    }
+
+    /// The identity expected at a storage node, explicit or from its name.
+    pub fn node_identity(&self, n: &StorageNode) -> Result<Identity, String> {
+        Identity::upstream(
+            n.identity.as_deref(),
+            &self.server.access.trust_domain,
+            &n.name,
+        )
+        .map_err(|e| {
+            format!(
+                "storage_nodes {:?}: identity: {e} (set `identity` when the name is not a valid identity name)",
+                n.name
+            )
+        })
     }
 }
 
@@ -290,6 +400,22 @@ impl Validate for Config {
         ] {
             if u.address.trim().is_empty() {
                 return Err(format!("{what} must not be empty"));
+            }
+        }
+        self.upstream_identity("keyserver", &self.keyserver)?;
+        self.upstream_identity("watermark", &self.watermark)?;
+        self.upstream_identity("segmentation", &self.segmentation)?;
+        for n in &self.storage_nodes {
+            self.node_identity(n)?;
+        }
+        let t = &self.upstream_timeouts;
+        for (what, v, max) in [
+            ("upstream_timeouts.connect_secs", t.connect_secs, 300),
+            ("upstream_timeouts.call_secs", t.call_secs, 3600),
+            ("upstream_timeouts.stream_secs", t.stream_secs, 86_400),
+        ] {
+            if !(1..=max).contains(&v) {
+                return Err(format!("{what} must be 1..={max}"));
             }
         }
         if !(2..=MAX_STORAGE_NODES).contains(&self.storage_nodes.len()) {
@@ -417,6 +543,42 @@ mod tests {
             cfg.gateway.reidentify_roles,
             vec![Role::Owner, Role::Clinician]
         );
+        // Identities default from the names and the trust domain.
+        assert_eq!(
+            cfg.upstream_identity("keyserver", &cfg.keyserver)
+                .unwrap()
+                .uri(),
+            "spiffe://tessera.local/service/keyserver"
+        );
+        assert_eq!(
+            cfg.node_identity(&cfg.storage_nodes[1]).unwrap().uri(),
+            "spiffe://tessera.local/service/storage-2"
+        );
+        assert_eq!(cfg.upstream_timeouts, UpstreamTimeouts::default());
+        assert_eq!(
+            cfg.upstream_timeouts.unary().call,
+            Some(Duration::from_secs(30))
+        );
+        // Explicit ones win.
+        let env = BTreeMap::from([
+            (
+                "TESSERA_GATEWAY__KEYSERVER__IDENTITY".to_string(),
+                "spiffe://tessera.local/service/ks-east".to_string(),
+            ),
+            (
+                "TESSERA_GATEWAY__UPSTREAM_TIMEOUTS__CALL_SECS".to_string(),
+                "7".to_string(),
+            ),
+        ]);
+        let cfg: Config =
+            load_config(&ConfigSource::from_text(&text(dir.path()), env), ENV_PREFIX).unwrap();
+        assert_eq!(
+            cfg.upstream_identity("keyserver", &cfg.keyserver)
+                .unwrap()
+                .uri(),
+            "spiffe://tessera.local/service/ks-east"
+        );
+        assert_eq!(cfg.upstream_timeouts.call_secs, 7);
     }
 
     #[test]
@@ -427,6 +589,13 @@ mod tests {
             ("TESSERA_GATEWAY__GATEWAY__MAX_CONCURRENT_JOBS", "0"),
             ("TESSERA_GATEWAY__KEYSERVER__ADDRESS", "\" \""),
             ("TESSERA_GATEWAY__VAULT__PATH", "\"\""),
+            ("TESSERA_GATEWAY__WATERMARK__IDENTITY", "watermark"),
+            (
+                "TESSERA_GATEWAY__SEGMENTATION__IDENTITY",
+                "spiffe://tessera.local/service/a/b",
+            ),
+            ("TESSERA_GATEWAY__UPSTREAM_TIMEOUTS__CALL_SECS", "0"),
+            ("TESSERA_GATEWAY__UPSTREAM_TIMEOUTS__CONNECT_SECS", "0"),
         ] {
             let env = BTreeMap::from([(var.to_string(), val.to_string())]);
             let r: Result<Config, _> =
@@ -447,6 +616,26 @@ mod tests {
             ENV_PREFIX,
         );
         assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("twice")));
+        // A node name that is no identity name needs an explicit identity.
+        let upper = text(dir.path()).replace("\"storage-2\"", "\"Storage-2\"");
+        let r: Result<Config, _> = load_config(
+            &ConfigSource::from_text(&upper, BTreeMap::new()),
+            ENV_PREFIX,
+        );
+        assert!(matches!(r, Err(ConfigError::Invalid(m)) if m.contains("identity")));
+        let upper = upper.replace(
+            "name = \"Storage-2\"\n",
+            "name = \"Storage-2\"\nidentity = \"spiffe://tessera.local/service/storage-2\"\n",
+        );
+        let cfg: Config = load_config(
+            &ConfigSource::from_text(&upper, BTreeMap::new()),
+            ENV_PREFIX,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.node_identity(&cfg.storage_nodes[1]).unwrap().name(),
+            "storage-2"
+        );
         let env = BTreeMap::from([(
             "TESSERA_GATEWAY__GATEWAY__SURPRISE".to_string(),
             "1".to_string(),

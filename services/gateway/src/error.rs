@@ -51,10 +51,12 @@ pub enum GatewayError {
 
 impl GatewayError {
     /// Wraps an upstream answer, naming the service.
+    /// A channel timeout (tonic's CANCELLED "Timeout expired") becomes
+    /// DEADLINE_EXCEEDED naming the service.
     pub fn upstream(service: impl Into<String>, status: Status) -> Self {
         GatewayError::Upstream {
             service: service.into(),
-            status,
+            status: tessera_tls::deadline_status(status),
         }
     }
 

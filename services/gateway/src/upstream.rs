@@ -1,5 +1,7 @@
 //! Clients of the services the gateway orchestrates, all over mutual TLS
-//! with the gateway's own certificate. Channels are lazy: the gateway
+//! with the gateway's own certificate. Each channel accepts one identity
+//! only (the keyserver channel refuses a storage node's certificate) and
+//! has the `[upstream_timeouts]` deadlines. Channels are lazy: the gateway
 //! starts while its peers are still coming up and reconnects after a peer
 //! restarts.
 
@@ -16,7 +18,7 @@ use tessera_tls::{ClientTls, TlsError};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::config::Config;
+use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
 
 /// One configured storage node.
@@ -27,6 +29,8 @@ pub struct Node {
     /// Failure domain (the node's own name when the config gives none).
     pub zone: String,
     pub client: StorageNodeClient<Channel>,
+    /// Longest wait for each message of a Get after the first.
+    pub message_timeout: Duration,
 }
 
 impl Node {
@@ -62,18 +66,41 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// Loads the client TLS material and prepares lazy channels.
+    /// Loads the client TLS material and prepares lazy channels, each
+    /// expecting its upstream's identity.
     pub fn new(cfg: &Config) -> Result<Self, TlsError> {
         let tls = ClientTls::from_files(&cfg.client_tls)?;
-        let keyserver = KeyServerClient::new(tls.connect_lazy(&cfg.keyserver.address)?);
-        let watermark = WatermarkClient::new(tls.connect_lazy(&cfg.watermark.address)?)
+        let t = &cfg.upstream_timeouts;
+        let (unary, streaming) = (t.unary(), t.streaming());
+        let bad_identity = |address: &str, detail: String| TlsError::Endpoint {
+            endpoint: address.to_owned(),
+            detail,
+        };
+        let channel = |name: &str, u: &Upstream, timeouts| {
+            let id = cfg
+                .upstream_identity(name, u)
+                .map_err(|e| bad_identity(&u.address, e))?;
+            tls.expecting(&id)
+                .with_timeouts(timeouts)
+                .connect_lazy(&u.address)
+        };
+        let keyserver = KeyServerClient::new(channel("keyserver", &cfg.keyserver, unary)?);
+        let watermark = WatermarkClient::new(channel("watermark", &cfg.watermark, streaming)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let segmentation = SegmentationClient::new(tls.connect_lazy(&cfg.segmentation.address)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let segmentation =
+            SegmentationClient::new(channel("segmentation", &cfg.segmentation, streaming)?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let mut nodes = Vec::with_capacity(cfg.storage_nodes.len());
         for n in &cfg.storage_nodes {
+            let id = cfg
+                .node_identity(n)
+                .map_err(|e| bad_identity(&n.address, e))?;
+            let ch = tls
+                .expecting(&id)
+                .with_timeouts(streaming)
+                .connect_lazy(&n.address)?;
             nodes.push(Node {
                 name: n.name.clone(),
                 address: n.address.clone(),
@@ -82,7 +109,8 @@ impl Upstreams {
                 } else {
                     n.zone.clone()
                 },
-                client: storage_node::client::client(tls.connect_lazy(&n.address)?),
+                client: storage_node::client::client(ch),
+                message_timeout: Duration::from_secs(t.call_secs),
             });
         }
         Ok(Self {
@@ -198,7 +226,20 @@ pub async fn get_object(
         )));
     }
     let mut data = Vec::with_capacity(info.size as usize);
-    while let Some(msg) = stream.message().await.map_err(|s| node.err(s))? {
+    // The channel's timeout ends when the answer starts: bound each further
+    // message, so a node that stalls mid-object cannot hold the job.
+    let wait = node.message_timeout;
+    loop {
+        let next = tokio::time::timeout(wait, stream.message())
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "no data for {wait:?} in the middle of a get"
+                )))
+            });
+        let Some(msg) = next.map_err(|s| node.err(s))? else {
+            break;
+        };
         match msg.part {
             Some(spb::get_response::Part::Chunk(c)) => {
                 if data.len() as u64 + c.len() as u64 > info.size {

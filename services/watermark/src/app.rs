@@ -14,6 +14,9 @@ pub enum AppError {
     /// The keyserver client TLS material is unusable.
     #[error("keyserver client: {0}")]
     KeyserverTls(#[from] tessera_tls::TlsError),
+    /// The identity expected at the keyserver is not a valid identity.
+    #[error("{0}")]
+    KeyserverIdentity(String),
     /// The gRPC server failed to start.
     #[error(transparent)]
     Server(#[from] ServerError),
@@ -23,8 +26,8 @@ pub enum AppError {
 impl From<AppError> for StartError {
     fn from(e: AppError) -> Self {
         match e {
-            AppError::KeyserverTls(_) => StartError::config(e),
-            AppError::Server(e) => e.into(),
+            AppError::KeyserverTls(_) | AppError::KeyserverIdentity(_) => StartError::config(e),
+            AppError::Server(_) => StartError::other(e),
         }
     }
 }
@@ -41,9 +44,13 @@ pub type RunningApp = RunningServer;
 
 impl App {
     /// Loads the keyserver client TLS material and prepares the server. The
-    /// keyserver is dialled on first use, so it need not be up yet.
+    /// keyserver is dialled on first use, so it need not be up yet; it must
+    /// then present the configured (or default) keyserver identity.
     pub fn build(config: &Config) -> Result<Self, AppError> {
-        let keys = KeyClient::new(&config.keyserver)?;
+        let identity = config
+            .keyserver_identity()
+            .map_err(AppError::KeyserverIdentity)?;
+        let keys = KeyClient::new(&config.keyserver, &identity)?;
         let w = &config.watermark;
         let service = WatermarkService::new(
             keys,

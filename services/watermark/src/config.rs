@@ -11,6 +11,11 @@
 //!
 //! [keyserver]                 # where study keys are derived
 //! address = "localhost:7400"  # the keyserver certificate must name this host
+//! # ... and carry this identity (default:
+//! # spiffe://<server.access.trust_domain>/service/keyserver)
+//! identity = "spiffe://tessera.local/service/keyserver"
+//! connect_timeout_secs = 5    # TCP connect + TLS handshake
+//! call_timeout_secs = 30      # each DeriveKey call
 //! [keyserver.tls]             # our client certificate (the watermark identity)
 //! ca = "pki/ca.crt"
 //! cert = "pki/watermark.crt"
@@ -22,9 +27,11 @@
 //! max_concurrent_jobs = 4
 //! ```
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
-use tessera_tls::{CallerAllowList, TlsFiles};
+use tessera_tls::{CallerAllowList, ChannelTimeouts, Identity, TlsFiles};
 
 /// Environment prefix of overrides, e.g. `TESSERA_WATERMARK__KEYSERVER__ADDRESS`.
 pub const ENV_PREFIX: &str = "TESSERA_WATERMARK";
@@ -57,8 +64,47 @@ pub struct Config {
 pub struct KeyserverSection {
     /// `host:port`; the keyserver certificate must name `host`.
     pub address: String,
+    /// The SPIFFE identity the keyserver must present; default
+    /// `spiffe://<server.access.trust_domain>/service/keyserver`.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Seconds for TCP connect plus TLS handshake.
+    #[serde(default = "default_connect_secs")]
+    pub connect_timeout_secs: u64,
+    /// Seconds a DeriveKey call may take.
+    #[serde(default = "default_call_secs")]
+    pub call_timeout_secs: u64,
     /// Client TLS material: this service's own certificate.
     pub tls: TlsFiles,
+}
+
+fn default_connect_secs() -> u64 {
+    5
+}
+fn default_call_secs() -> u64 {
+    30
+}
+
+impl KeyserverSection {
+    /// The timeouts of the keyserver channel.
+    pub fn timeouts(&self) -> ChannelTimeouts {
+        ChannelTimeouts {
+            connect: Duration::from_secs(self.connect_timeout_secs),
+            call: Some(Duration::from_secs(self.call_timeout_secs)),
+        }
+    }
+}
+
+impl Config {
+    /// The identity the keyserver must present, explicit or defaulted.
+    pub fn keyserver_identity(&self) -> Result<Identity, String> {
+        Identity::upstream(
+            self.keyserver.identity.as_deref(),
+            &self.server.access.trust_domain,
+            "keyserver",
+        )
+        .map_err(|e| format!("keyserver.identity: {e}"))
+    }
 }
 
 /// The `[watermark]` section.
@@ -105,6 +151,13 @@ impl Validate for Config {
         let k = &self.keyserver;
         if k.address.trim().is_empty() {
             return Err("keyserver.address must not be empty".into());
+        }
+        self.keyserver_identity()?;
+        if !(1..=300).contains(&k.connect_timeout_secs) {
+            return Err("keyserver.connect_timeout_secs must be 1..=300".into());
+        }
+        if !(1..=3600).contains(&k.call_timeout_secs) {
+            return Err("keyserver.call_timeout_secs must be 1..=3600".into());
         }
         for (what, p) in [
             ("keyserver.tls.ca", &k.tls.ca),
@@ -161,6 +214,17 @@ mod tests {
             vec!["spiffe://tessera.local/service/gateway".to_string()]
         );
         assert_eq!(cfg.watermark.max_image_bytes, 256 * 1024 * 1024);
+        assert_eq!(
+            cfg.keyserver_identity().unwrap().uri(),
+            "spiffe://tessera.local/service/keyserver"
+        );
+        assert_eq!(
+            cfg.keyserver.timeouts(),
+            ChannelTimeouts {
+                connect: Duration::from_secs(5),
+                call: Some(Duration::from_secs(30)),
+            }
+        );
     }
 
     #[test]
@@ -178,6 +242,8 @@ mod tests {
                 "[\"gateway\"]",
             ),
             ("TESSERA_WATERMARK__KEYSERVER__ADDRESS", "\" \""),
+            ("TESSERA_WATERMARK__KEYSERVER__IDENTITY", "keyserver"),
+            ("TESSERA_WATERMARK__KEYSERVER__CALL_TIMEOUT_SECS", "0"),
         ] {
             let env = BTreeMap::from([(var.to_string(), val.to_string())]);
             let r: Result<Config, _> =

@@ -5,7 +5,7 @@
 use tessera_cryptomark::StudyKey;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
-use tessera_tls::ClientTls;
+use tessera_tls::{ClientTls, Identity};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -28,10 +28,14 @@ pub struct KeyClient {
 }
 
 impl KeyClient {
-    /// Loads the client TLS material and prepares a lazy channel.
-    pub fn new(cfg: &KeyserverSection) -> Result<Self, tessera_tls::TlsError> {
-        let tls = ClientTls::from_files(&cfg.tls)?;
-        let channel = tls.connect_lazy(&cfg.address)?;
+    /// Loads the client TLS material and prepares a lazy channel that
+    /// accepts only `identity` at the other end, with the configured
+    /// timeouts.
+    pub fn new(cfg: &KeyserverSection, identity: &Identity) -> Result<Self, tessera_tls::TlsError> {
+        let channel = ClientTls::from_files(&cfg.tls)?
+            .expecting(identity)
+            .with_timeouts(cfg.timeouts())
+            .connect_lazy(&cfg.address)?;
         Ok(Self {
             client: KeyServerClient::new(channel),
         })
@@ -58,7 +62,7 @@ impl KeyClient {
             .clone()
             .derive_key(request)
             .await
-            .map_err(keyserver_error)?
+            .map_err(|s| keyserver_error(tessera_tls::deadline_status(s)))?
             .into_inner();
         // The response's copy is wiped here, the StudyKey's when dropped.
         let raw = zeroize::Zeroizing::new(resp.key);

@@ -632,6 +632,114 @@ async fn keyserver_down_is_unavailable() {
 }
 
 #[tokio::test]
+async fn another_service_at_the_keyserver_address_is_refused() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    // The keyserver address leads to the watermark service itself: its
+    // certificate chains to our CA and names 127.0.0.1, but its identity
+    // is not the keyserver's, so no DeriveKey is ever sent there.
+    let cfg = watermark_config(&env.pki, &env.wm_addr, BTreeMap::new());
+    let wm = watermark_service::App::build(&cfg)
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    let addr = wm.local_addr().to_string();
+    let mut gw = WatermarkClient::new(env.channel("gateway", &addr).await);
+    let image = phantom();
+    let e = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &image.to_le_bytes(), CHUNK_BYTES),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("keyserver"), "{e:?}");
+    wm.shutdown(Duration::from_secs(5)).await;
+    env.stop().await;
+}
+
+/// A keyserver that accepts the TLS connection and every call, and never
+/// answers.
+#[derive(Clone)]
+struct HungKeyserver;
+
+impl tonic::server::NamedService for HungKeyserver {
+    const NAME: &'static str = "tessera.keyserver.v1.KeyServer";
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for HungKeyserver {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        std::future::pending()
+    }
+}
+
+#[tokio::test]
+async fn a_hung_keyserver_fails_the_call_instead_of_holding_it() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    // The hung keyserver holds the real keyserver certificate.
+    let tls = tessera_tls::ServerTls::from_files(
+        &TlsFiles::from_pki_dir(&env.pki, "keyserver"),
+        tessera_tls::DEFAULT_TRUST_DOMAIN,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung = listener.local_addr().unwrap().to_string();
+    let incoming = tessera_tls::incoming(listener, &tls);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(HungKeyserver)
+            .serve_with_incoming(incoming),
+    );
+    let cfg = watermark_config(
+        &env.pki,
+        &hung,
+        BTreeMap::from([(
+            "TESSERA_WATERMARK__KEYSERVER__CALL_TIMEOUT_SECS".to_string(),
+            "1".to_string(),
+        )]),
+    );
+    let wm = watermark_service::App::build(&cfg)
+        .unwrap()
+        .spawn()
+        .await
+        .unwrap();
+    let addr = wm.local_addr().to_string();
+    let mut gw = WatermarkClient::new(env.channel("gateway", &addr).await);
+    let image = phantom();
+    // The outer bound only turns a hang (the bug) into a failure.
+    let e = tokio::time::timeout(
+        Duration::from_secs(60),
+        protect(
+            &mut gw,
+            protect_msgs(start(&id, "P-1", &image), &image.to_le_bytes(), CHUNK_BYTES),
+        ),
+    )
+    .await
+    .expect("the watermark service waited on the hung keyserver without a deadline")
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("keyserver"), "{e:?}");
+    wm.shutdown(Duration::from_secs(5)).await;
+    server.abort();
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn multi_frame_image_streams_in_several_chunks_each_way() {
     // 512x512x5 16-bit = 2.5 MiB: several chunks in, shares of more than
     // 1 MiB each out, several pixel chunks back.

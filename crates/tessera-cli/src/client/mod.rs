@@ -16,6 +16,10 @@
 //! Resolution order: `--keyserver/--gateway ADDR` over `DIR/endpoints.toml`;
 //! `--cert/--key` over `--as NAME` (`DIR/pki/NAME.crt|key`); `--ca` over
 //! `DIR/pki/ca.crt`. `DIR` is `--dir`, else `$TESSERA_DIR`, else `.tessera`.
+//!
+//! The server must present the identity expected there, always checked:
+//! `--keyserver-identity/--gateway-identity URI`, else the `[identities]`
+//! of `DIR/endpoints.toml`, else `spiffe://<our trust domain>/service/<name>`.
 
 pub mod dicom_cmd;
 pub mod gateway_cmd;
@@ -27,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use tessera_tls::{ClientTls, TlsFiles};
+use tessera_tls::{ChannelTimeouts, ClientTls, DEFAULT_TRUST_DOMAIN, Identity, TlsFiles};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -86,9 +90,20 @@ pub struct ConnArgs {
     /// Gateway address (host:port), instead of DIR/endpoints.toml.
     #[arg(long, value_name = "ADDR", env = "TESSERA_GATEWAY")]
     pub gateway: Option<String>,
+    /// SPIFFE identity the keyserver must present (default: from
+    /// DIR/endpoints.toml, else spiffe://<trust domain>/service/keyserver).
+    #[arg(long, value_name = "URI", env = "TESSERA_KEYSERVER_IDENTITY")]
+    pub keyserver_identity: Option<String>,
+    /// SPIFFE identity the gateway must present (default: from
+    /// DIR/endpoints.toml, else spiffe://<trust domain>/service/gateway).
+    #[arg(long, value_name = "URI", env = "TESSERA_GATEWAY_IDENTITY")]
+    pub gateway_identity: Option<String>,
     /// Deadline of each call, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
+    /// Deadline of connecting (TCP plus TLS handshake), seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub connect_timeout: u64,
 }
 
 impl ConnArgs {
@@ -167,14 +182,63 @@ impl ConnArgs {
             .map_err(|e| anyhow!("{e} ({})", file.display()))
     }
 
-    /// A connected mutual-TLS channel to `service`.
-    pub async fn channel(&self, service: Service) -> Result<Channel> {
+    /// Our TLS client with this command's timeouts (no server identity
+    /// chosen yet: see [`ConnArgs::channel`] and [`ConnArgs::service_identity`]).
+    pub fn client_tls(&self) -> Result<ClientTls> {
         let files = self.tls_files()?;
-        let addr = self.endpoint(service)?;
         let tls = ClientTls::from_files(&files)
             .with_context(|| format!("loading the TLS identity of {}", self.who()))?;
-        tls.connect(&addr)
+        Ok(tls.with_timeouts(ChannelTimeouts {
+            connect: Duration::from_secs(self.connect_timeout.max(1)),
+            call: Some(Duration::from_secs(self.timeout.max(1))),
+        }))
+    }
+
+    /// The identity expected at `service`: the flag, else
+    /// `DIR/endpoints.toml`, else the service name in our trust domain.
+    pub fn identity(&self, service: Service, tls: &ClientTls) -> Result<Identity> {
+        let flag = match service {
+            Service::Keyserver => self.keyserver_identity.as_ref(),
+            Service::Gateway => self.gateway_identity.as_ref(),
+        };
+        let name = service.name();
+        if let Some(uri) = flag {
+            return Identity::parse_uri(uri).map_err(|e| anyhow!("--{name}-identity: {e}"));
+        }
+        if self.dir.join(ENDPOINTS_FILE).is_file() {
+            let endpoints = Endpoints::load(&self.dir).map_err(|e| anyhow!("{e}"))?;
+            if let Some(uri) = endpoints.identity(name) {
+                return Identity::parse_uri(uri).map_err(|e| {
+                    anyhow!(
+                        "{}: identity of the {name}: {e}",
+                        self.dir.join(ENDPOINTS_FILE).display()
+                    )
+                });
+            }
+        }
+        self.service_identity(tls, name)
+    }
+
+    /// `spiffe://<our trust domain>/service/<name>`: a storage node named
+    /// by the gateway, or a service the endpoints file does not describe.
+    pub fn service_identity(&self, tls: &ClientTls, name: &str) -> Result<Identity> {
+        let td = tls
+            .identity()
+            .map_or(DEFAULT_TRUST_DOMAIN, |id| id.trust_domain());
+        Identity::new(td, "service", name)
+            .map_err(|e| anyhow!("{name:?} is not a service identity name: {e}"))
+    }
+
+    /// A connected mutual-TLS channel to `service`, which must present the
+    /// identity expected there.
+    pub async fn channel(&self, service: Service) -> Result<Channel> {
+        let addr = self.endpoint(service)?;
+        let tls = self.client_tls()?;
+        let expected = self.identity(service, &tls)?;
+        tls.expecting(&expected)
+            .connect(&addr)
             .await
+            .map_err(|e| anyhow!("{}", error_chain(&e)))
             .with_context(|| format!("cannot reach the {} at {addr}", service.name()))
     }
 
@@ -184,6 +248,22 @@ impl ConnArgs {
         r.set_timeout(Duration::from_secs(self.timeout.max(1)));
         r
     }
+}
+
+/// An error and its causes on one line (a refused server identity is
+/// deep in the chain of a connect error).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !out.contains(&s_text) {
+            out.push_str(": ");
+            out.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// `--as` names are file stems in DIR/pki: 1..=63 of `[a-z0-9-]`.
@@ -235,6 +315,7 @@ pub fn status_error(what: &str, s: &Status) -> anyhow::Error {
         Code::ResourceExhausted => "too large or too many",
         Code::Unavailable => "unavailable",
         Code::DeadlineExceeded => "timed out",
+        Code::Cancelled if tessera_tls::timed_out(s) => "timed out",
         Code::Cancelled => "cancelled",
         Code::Aborted => "aborted",
         Code::Unimplemented => "not supported by the server",
@@ -492,7 +573,10 @@ mod tests {
             ca: None,
             keyserver: None,
             gateway: None,
+            keyserver_identity: None,
+            gateway_identity: None,
             timeout: 30,
+            connect_timeout: 5,
         }
     }
 
@@ -524,5 +608,32 @@ mod tests {
         assert!(a.endpoint(Service::Gateway).is_err());
         a.gateway = Some("127.0.0.1:1".into());
         assert_eq!(a.endpoint(Service::Gateway).unwrap(), "127.0.0.1:1");
+
+        // Identities: the flag, else endpoints.toml, else the default.
+        let tls = a.client_tls().unwrap();
+        assert_eq!(
+            a.identity(Service::Gateway, &tls).unwrap().uri(),
+            "spiffe://tessera.local/service/gateway"
+        );
+        eps.identities.insert(
+            "gateway".into(),
+            "spiffe://tessera.local/service/gw-east".into(),
+        );
+        eps.save(dir.path()).unwrap();
+        assert_eq!(
+            a.identity(Service::Gateway, &tls).unwrap().uri(),
+            "spiffe://tessera.local/service/gw-east"
+        );
+        a.gateway_identity = Some("spiffe://tessera.local/service/gw-west".into());
+        assert_eq!(
+            a.identity(Service::Gateway, &tls).unwrap().uri(),
+            "spiffe://tessera.local/service/gw-west"
+        );
+        a.gateway_identity = Some("gateway".into());
+        assert!(a.identity(Service::Gateway, &tls).is_err());
+        assert_eq!(
+            a.service_identity(&tls, "storage-2").unwrap().uri(),
+            "spiffe://tessera.local/service/storage-2"
+        );
     }
 }
