@@ -109,10 +109,13 @@ check "Verify (no grant): the study and each of its 5 instances intact" verify_a
 
 # --- nothing identifying on the storage nodes ---
 no_identity() {
-  local f
+  local f scanned=0
   for f in $(find "$DIR" -name '*.redb' ! -name 'vault.redb' ! -name 'keyserver.redb'); do
+    scanned=$((scanned + 1))
     if grep -qa -e "Tesserae" -e "E2E-MRN-90417" -e "$STUDY_UID" "$f"; then echo "identity in $f"; return 1; fi
   done
+  # A scan of nothing proves nothing: every storage node's file must be there.
+  [ "$scanned" -ge 3 ] || { echo "only $scanned storage redb files found under $DIR"; return 1; }
 }
 check "no patient name, ID or study UID in any storage node's redb file" no_identity
 

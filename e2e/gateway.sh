@@ -141,8 +141,13 @@ check "the request is pending" out_has 'REQUEST_STATE_PENDING' echo "$REQ_OUT"
 check "the owner lists it" out_has "$RID" gc owner "$KS_ADDR" -d "{\"study_id\":\"$HANDLE\"}" -- "$KS/ListRequests"
 check "retrieve while pending: PermissionDenied" expect_code PermissionDenied \
   gc clinician "$ADDR" -d "{\"study_handle\":\"$HANDLE\",\"key_request_id\":\"$RID\"}" -- "$GW/Retrieve"
-check "the clinician cannot approve its own request" expect_code PermissionDenied \
+check "the clinician (no owner role) cannot approve its request" expect_code PermissionDenied \
   gc clinician "$KS_ADDR" -d "{\"request_id\":\"$RID\",\"ttl_seconds\":600,\"uses\":4}" -- "$KS/ApproveRequest"
+# The self-approval rule itself: the owner asks for its own study, and may
+# not approve that request (the role would allow it; the rule does not).
+SELF_RID=$($PY -c 'import json,sys; print(json.load(sys.stdin)["request"]["requestId"])' <<<"$(gc owner "$ADDR" -d "{\"study_handle\":\"$HANDLE\",\"justification\":\"self\"}" -- "$GW/RequestAccess")")
+check "nobody approves their own request (the owner, on its own study)" expect_msg PermissionDenied "own request" \
+  gc owner "$KS_ADDR" -d "{\"request_id\":\"$SELF_RID\",\"ttl_seconds\":600,\"uses\":1}" -- "$KS/ApproveRequest"
 check "the owner approves (4 uses)" out_has APPROVED \
   gc owner "$KS_ADDR" -d "{\"request_id\":\"$RID\",\"ttl_seconds\":600,\"uses\":4}" -- "$KS/ApproveRequest"
 
@@ -232,10 +237,11 @@ check "no client certificate: refused" expect_refused \
   grpcurl -max-time 10 -cacert "$PKI/ca.crt" "${GW_PROTO[@]}" -d "{\"study_handle\":\"$HANDLE\"}" "$ADDR" "$GW/Verify"
 
 # --- bad input: InvalidArgument naming the field, nothing stored ---
-count_objects() { # total objects on the running nodes given as arguments
-  local total=0 n c
+count_objects() { # total objects on the running nodes given as arguments; fails if a List fails
+  local total=0 n out c
   for n in "$@"; do
-    c=$(gc gateway "${NODE_ADDR[$n]}" -d '{"limit":1000}' -- "$ST/List" | grep -c '"objectId"' || true)
+    out=$(gc gateway "${NODE_ADDR[$n]}" -d '{"limit":1000}' -- "$ST/List") || { echo "List on storage-$n failed" >&2; return 1; }
+    c=$($PY -c 'import json,sys; print(len(json.loads(sys.stdin.read() or "{}").get("objects", [])))' <<<"$out")
     total=$((total + c))
   done
   echo "$total"
@@ -267,7 +273,7 @@ for db in sys.argv[2:]:
 PY
 }
 check "storage redb files: no patient identity, no 32-byte run of the image" scan_nodes
-check "the vault holds no identity in the clear" bash -c "! grep -q 'Roe^Richard' '$E2E_TMP/vault.redb'"
+check "the vault holds no identity in the clear" bash -c "test -s '$E2E_TMP/vault.redb' && ! grep -q 'Roe^Richard' '$E2E_TMP/vault.redb'"
 
 # --- one storage node stopped ---
 VICTIM=$($PY -c 'import json,sys; print(json.load(sys.stdin)["placements"][0]["node"])' <<<"$STORE_OUT")

@@ -312,7 +312,8 @@ if [ -x "$TESSERA_BIN_DIR/gateway" ]; then
   check "C-ECHO to another called AE title: rejected" \
     echo_rejected OTHERPACS "${scp_aes[1]}" "called AE title not recognized"
 else
-  echo "skip - gateway: $TESSERA_BIN_DIR/gateway not built"
+  E2E_FAILED=$((E2E_FAILED + 1))
+  echo "FAIL - gateway: $TESSERA_BIN_DIR/gateway not built (the rendered DICOM config cannot be checked)"
 fi
 
 # --- helm/dev-pki.sh: certificates for in-cluster names ---

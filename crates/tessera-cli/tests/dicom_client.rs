@@ -375,10 +375,7 @@ async fn demo_walks_a_dicom_file_and_refuses_other_input() {
 /// compressed pixels kept sealed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_on_pydicom_data_files() {
-    let Some(data) = std::env::var_os("TESSERA_DICOM_DATA").map(PathBuf::from) else {
-        println!("TESSERA_DICOM_DATA is unset: skipping (./x unit sets it)");
-        return;
-    };
+    let data = tessera_dicom::testdata::pydicom_data_dir().unwrap_or_else(|e| panic!("{e}"));
     let tmp = tempfile::tempdir().unwrap();
     for name in ["eCT_Supplemental.dcm", "JPEG-LL.dcm"] {
         let text = ok(&run(

@@ -395,18 +395,15 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
     stack.shutdown().await;
 }
 
-fn data_dir() -> Option<PathBuf> {
-    std::env::var_os("TESSERA_DICOM_DATA").map(PathBuf::from)
+fn data_dir() -> PathBuf {
+    tessera_dicom::testdata::pydicom_data_dir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Every pydicom-data file: stored and retrieved byte-identical when
 /// tessera-dicom reads it, refused with INVALID_ARGUMENT otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_pydicom_data_file_round_trips_or_is_refused() {
-    let Some(dir) = data_dir() else {
-        println!("TESSERA_DICOM_DATA is unset: skipping the pydicom-data files (./x unit sets it)");
-        return;
-    };
+    let dir = data_dir();
     let tmp = tempfile::tempdir().unwrap();
     let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
         .await

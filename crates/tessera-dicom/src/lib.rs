@@ -16,6 +16,7 @@
 mod deid;
 mod pixels;
 pub mod synth;
+pub mod testdata;
 mod table;
 mod walk;
 

@@ -655,26 +655,18 @@ proptest! {
     }
 }
 
-/// The smallest pydicom-data file when the data set is there, else a
-/// synthetic one.
+/// A small real pydicom-data file (SC_rgb.dcm).
 fn small_real_file() -> Vec<u8> {
     static FILE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     FILE.get_or_init(|| {
-        data_dir()
-            .and_then(|d| std::fs::read(d.join("SC_rgb.dcm")).ok())
-            .unwrap_or_else(|| {
-                make_file(&Spec {
-                    rows: 8,
-                    columns: 8,
-                    ..Spec::gray16()
-                })
-            })
+        let p = data_dir().join("SC_rgb.dcm");
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     })
     .clone()
 }
 
-fn data_dir() -> Option<PathBuf> {
-    std::env::var_os("TESSERA_DICOM_DATA").map(PathBuf::from)
+fn data_dir() -> PathBuf {
+    tessera_dicom::testdata::pydicom_data_dir().unwrap_or_else(|e| panic!("{e}"))
 }
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/DICOM.md");
@@ -685,10 +677,7 @@ const END: &str = "<!-- refused-files:end -->";
 /// the others are refused, and the refusals match docs/DICOM.md.
 #[test]
 fn pydicom_data_files() {
-    let Some(dir) = data_dir() else {
-        println!("TESSERA_DICOM_DATA is unset: skipping the pydicom-data files (./x unit sets it)");
-        return;
-    };
+    let dir = data_dir();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
