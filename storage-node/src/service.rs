@@ -379,8 +379,15 @@ impl pb::storage_node_server::StorageNode for StorageService {
         &self,
         request: Request<pb::StatRequest>,
     ) -> Result<Response<pb::ObjectInfo>, Status> {
-        let id = request.into_inner().object_id;
-        let meta = self.blocking(move |s| s.stat(&id)).await?;
+        let req = request.into_inner();
+        let id = req.object_id;
+        let meta = if req.verify {
+            // One pass over the chunks from one snapshot, one chunk in memory.
+            self.blocking(move |s| s.open_object(&id).map(|r| r.meta().clone()))
+                .await?
+        } else {
+            self.blocking(move |s| s.stat(&id)).await?
+        };
         Ok(Response::new(info(&meta)))
     }
 

@@ -135,6 +135,7 @@ async fn put_get_stat_list_delete() {
     let stat = c
         .stat(pb::StatRequest {
             object_id: "share-b".into(),
+            verify: false,
         })
         .await
         .unwrap()
@@ -207,6 +208,7 @@ async fn bad_input_gets_clear_statuses() {
         get_object(&mut c, "nope").await.unwrap_err(),
         c.stat(pb::StatRequest {
             object_id: "nope".into(),
+            verify: false,
         })
         .await
         .unwrap_err(),
@@ -251,6 +253,7 @@ async fn bad_input_gets_clear_statuses() {
         .clone()
         .stat(pb::StatRequest {
             object_id: "x".repeat(5 * 1024 * 1024),
+            verify: false,
         })
         .await
         .unwrap_err();

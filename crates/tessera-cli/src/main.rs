@@ -83,6 +83,14 @@ enum Command {
     /// clinician`, `delegate list`, `delegate remove clinician`.
     #[command(subcommand)]
     Delegate(client::keyserver_cmd::DelegateCmd),
+    /// Scrub (`repair status`) and repair (`repair run`) of erasure-coded
+    /// fragments across the storage nodes (admin).
+    #[command(subcommand)]
+    Repair(client::repair_cmd::RepairCmd),
+    /// `node drain NAME` moves every fragment off a storage node; `node
+    /// replace NAME` rebuilds a replaced (empty) node's fragments (admin).
+    #[command(subcommand)]
+    Node(client::repair_cmd::NodeCmd),
 }
 
 #[derive(Subcommand)]
@@ -186,6 +194,8 @@ fn main() -> std::process::ExitCode {
         Command::Revoke(a) => client::keyserver_cmd::revoke(a),
         Command::Audit(a) => client::keyserver_cmd::audit(a),
         Command::Delegate(c) => client::keyserver_cmd::delegate(c),
+        Command::Repair(c) => client::repair_cmd::repair(c),
+        Command::Node(c) => client::repair_cmd::node(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

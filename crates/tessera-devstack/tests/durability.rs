@@ -139,6 +139,19 @@ async fn verify(stack: &DevStack, handle: &str) -> pb::VerifyStudyResponse {
         .into_inner()
 }
 
+async fn repair(stack: &DevStack, dry_run: bool, evacuate: &str) -> pb::RepairResponse {
+    gateway(stack, "admin")
+        .await
+        .repair(pb::RepairRequest {
+            study_handle: String::new(),
+            dry_run,
+            evacuate_node: evacuate.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Empties a node: stop it, delete its redb file, start it again (a new,
 /// empty disk in the same cloud).
 async fn lose_disk(stack: &mut DevStack, node: &str) {
@@ -202,16 +215,61 @@ async fn any_two_of_five_nodes_lost_or_corrupt() {
         );
     }
 
-    // A third node lost: below k for some objects: a clear DATA_LOSS
-    // naming the fragments, never wrong pixels.
-    lose_disk(&mut stack, "storage-1").await;
-    let e = gw::retrieve(
+    // Scrub sees the 2 lost disks' fragments; repair rebuilds them onto
+    // the replaced (empty) nodes; a second scrub finds nothing missing.
+    let scrub = repair(&stack, true, "").await;
+    assert!(scrub.fragments_missing >= 4, "{scrub:?}");
+    assert_eq!(scrub.fragments_corrupt, 0, "{scrub:?}");
+    assert_eq!(scrub.fragments_rebuilt, 0, "a dry run changes nothing");
+    let fixed = repair(&stack, false, "").await;
+    assert_eq!(
+        fixed.fragments_rebuilt, scrub.fragments_missing,
+        "{fixed:?}"
+    );
+    assert!(fixed.failures.is_empty(), "{:?}", fixed.failures);
+    let clean = repair(&stack, true, "").await;
+    assert_eq!(
+        (
+            clean.fragments_missing,
+            clean.fragments_corrupt,
+            clean.fragments_unreachable
+        ),
+        (0, 0, 0),
+        "{clean:?}"
+    );
+    assert!(
+        verify(&stack, &stored.study_handle)
+            .await
+            .fragment_problems
+            .is_empty()
+    );
+    // After repair, two *other* disks lost: still everything readable.
+    lose_disk(&mut stack, "storage-3").await;
+    lose_disk(&mut stack, "storage-5").await;
+    assert_eq!(
+        retrieve_image(&stack, &stored.study_handle, &rid).await,
+        img.to_le_bytes()
+    );
+    assert_eq!(
+        retrieve_dicom(&stack, &dstored.study_handle, &drid).await,
+        vec![file.clone()]
+    );
+    assert!(repair(&stack, false, "").await.failures.is_empty());
+
+    // Three nodes lost at once: below k: a clear DATA_LOSS naming the
+    // fragments, never wrong pixels.
+    for n in ["storage-1", "storage-2", "storage-4"] {
+        lose_disk(&mut stack, n).await;
+    }
+    let r = gw::retrieve(
         &mut gateway(&stack, "clinician").await,
         &stored.study_handle,
         &rid,
     )
-    .await
-    .unwrap_err();
+    .await;
+    let Err(e) = r else {
+        panic!("a study with 3 of 5 fragments lost was returned");
+    };
     assert_eq!(e.code(), tonic::Code::DataLoss, "{e:?}");
     assert!(e.message().contains("fragments needed"), "{}", e.message());
     stack.shutdown().await;
@@ -325,4 +383,66 @@ async fn unsafe_or_impossible_schemes_are_refused() {
         img.to_le_bytes()
     );
     stack.shutdown().await;
+}
+
+/// Drain: with 2 + 2 fragments on 5 nodes there is a spare node for every
+/// object; every fragment on storage-3 is rebuilt elsewhere and the node is
+/// left empty; the studies still read exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_moves_every_fragment_off_a_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = DevOptions {
+        storage_nodes: 5,
+        erasure: Some((2, 2)),
+        ..DevOptions::default()
+    };
+    let mut stack = DevStack::start(tmp.path(), &opts).await.unwrap();
+    let img = image();
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(store_image(&stack, &img).await.study_handle);
+    }
+    let before = list(&stack, "storage-3").await;
+    assert!(
+        !before.is_empty(),
+        "storage-3 holds fragments before the drain"
+    );
+    let drained = repair(&stack, false, "storage-3").await;
+    assert_eq!(
+        drained.fragments_moved as usize,
+        before.len(),
+        "{drained:?}"
+    );
+    assert!(drained.failures.is_empty(), "{:?}", drained.failures);
+    let left = list(&stack, "storage-3").await;
+    assert!(left.is_empty(), "left on the drained node: {left:?}");
+    // The node can now go: the studies read without it.
+    assert!(stack.stop("storage-3").await);
+    for h in &handles {
+        let rid = grant(&stack, h, 1).await;
+        assert_eq!(retrieve_image(&stack, h, &rid).await, img.to_le_bytes());
+    }
+    let clean = repair(&stack, true, "").await;
+    assert_eq!(
+        clean.fragments_missing + clean.fragments_corrupt + clean.fragments_unreachable,
+        0,
+        "{clean:?}"
+    );
+    stack.shutdown().await;
+}
+
+async fn list(stack: &DevStack, node: &str) -> Vec<String> {
+    let mut c = storage_node::client::client(channel(stack, "gateway", node).await);
+    c.list(tessera_proto::storage::v1::ListRequest {
+        prefix: String::new(),
+        start_after: String::new(),
+        limit: 1000,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .objects
+    .into_iter()
+    .map(|o| o.object_id)
+    .collect()
 }

@@ -335,6 +335,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
     let e = node
         .stat(spb::StatRequest {
             object_id: p2.object_id.clone(),
+            verify: false,
         })
         .await
         .unwrap_err();
@@ -580,6 +581,7 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
         let share = node
             .stat(spb::StatRequest {
                 object_id: format!("{id}.s1"),
+                verify: false,
             })
             .await;
         let key = keyserver(&stack, "watermark")

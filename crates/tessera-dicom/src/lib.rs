@@ -16,8 +16,8 @@
 mod deid;
 mod pixels;
 pub mod synth;
-pub mod testdata;
 mod table;
+pub mod testdata;
 mod walk;
 
 use std::ops::Range;

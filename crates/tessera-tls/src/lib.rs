@@ -22,8 +22,8 @@ mod client;
 mod error;
 mod identity;
 pub mod matrix;
-pub mod security;
 mod peer;
+pub mod security;
 mod server;
 mod tls_config;
 

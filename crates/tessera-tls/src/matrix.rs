@@ -92,6 +92,11 @@ pub const MATRIX: &[Rule] = &[
         &[Owner, Clinician],
         "the owner asked about is the caller, or made the caller a delegate",
     ),
+    rule(
+        "/tessera.gateway.v1.Gateway/Repair",
+        &[Admin],
+        "· (fragments are ciphertext; no key is derived)",
+    ),
     // Keyserver: keys, grants, delegation, audit.
     rule(
         "/tessera.keyserver.v1.KeyServer/RegisterStudy",

@@ -699,7 +699,10 @@ impl GatewayService {
     // ---- verify -----------------------------------------------------------
 
     /// The committed instances of a DICOM study, in store order.
-    async fn committed_instances(&self, rec: &StudyRecord) -> Result<Vec<InstanceRecord>> {
+    pub(crate) async fn committed_instances(
+        &self,
+        rec: &StudyRecord,
+    ) -> Result<Vec<InstanceRecord>> {
         let id = rec.study_id.clone();
         Ok(with_vault(&self.inner.vault, move |v| v.instances(&id))
             .await?

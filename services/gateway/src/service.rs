@@ -926,6 +926,71 @@ impl GatewayService {
         Ok(Box::pin(tokio_stream::iter(msgs)))
     }
 
+    async fn repair_inner(&self, r: pb::RepairRequest) -> Result<pb::RepairResponse> {
+        let ids = if r.study_handle.is_empty() {
+            with_vault(&self.inner.vault, |v| v.committed_ids()).await?
+        } else {
+            check_handle("study_handle", &r.study_handle)?;
+            vec![self.committed(&r.study_handle).await?.study_id]
+        };
+        if !r.evacuate_node.is_empty() {
+            self.inner.up.node(&r.evacuate_node)?;
+        }
+        let evacuate = (!r.evacuate_node.is_empty()).then_some(r.evacuate_node.as_str());
+        let (healthy, _) = self.inner.up.probe().await;
+        let mut tally = crate::durability::RepairTally::default();
+        for id in &ids {
+            // A study deleted meanwhile is skipped, not an error.
+            let Ok(mut rec) = self.committed(id).await else {
+                continue;
+            };
+            let mut changed = false;
+            for p in rec.placements.iter_mut() {
+                changed |= self
+                    .repair_placement(p, &healthy, evacuate, r.dry_run, &mut tally)
+                    .await;
+            }
+            if changed {
+                let rr = rec.clone();
+                with_vault(&self.inner.vault, move |v| v.put(&rr)).await?;
+            }
+            if rec.is_dicom() {
+                for mut inst in self.committed_instances(&rec).await? {
+                    let mut changed = false;
+                    for p in inst.placements.iter_mut() {
+                        changed |= self
+                            .repair_placement(p, &healthy, evacuate, r.dry_run, &mut tally)
+                            .await;
+                    }
+                    if changed {
+                        with_vault(&self.inner.vault, move |v| v.put_instance(&inst)).await?;
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            studies = ids.len(),
+            objects = tally.objects,
+            rebuilt = tally.rebuilt,
+            moved = tally.moved,
+            failures = tally.failures.len(),
+            dry_run = r.dry_run,
+            "repair pass"
+        );
+        Ok(pb::RepairResponse {
+            studies: ids.len() as u64,
+            objects: tally.objects,
+            fragments_checked: tally.checked,
+            fragments_missing: tally.missing,
+            fragments_corrupt: tally.corrupt,
+            fragments_unreachable: tally.unreachable,
+            fragments_rebuilt: tally.rebuilt,
+            fragments_moved: tally.moved,
+            failures: tally.failures,
+            actions: tally.actions,
+        })
+    }
+
     async fn delete_inner(
         &self,
         caller: String,
@@ -1161,6 +1226,15 @@ impl Gateway for GatewayService {
         let caller = caller_uri(&request)?;
         Ok(Response::new(
             self.locate_inner(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn repair(
+        &self,
+        request: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        Ok(Response::new(
+            self.repair_inner(request.into_inner()).await?,
         ))
     }
 

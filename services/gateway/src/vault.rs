@@ -773,6 +773,21 @@ impl Vault {
         Ok(out)
     }
 
+    /// The ids of every committed study, in key order (for scrub and repair).
+    pub fn committed_ids(&self) -> Result<Vec<String>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(STUDIES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let rec = self.open_record(k.value(), v.value())?;
+            if rec.state == StudyState::Committed {
+                out.push(rec.study_id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Number of committed studies.
     pub fn count_committed(&self) -> Result<usize> {
         let txn = self.db.begin_read()?;

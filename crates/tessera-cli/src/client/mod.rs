@@ -24,6 +24,7 @@
 pub mod dicom_cmd;
 pub mod gateway_cmd;
 pub mod keyserver_cmd;
+pub mod repair_cmd;
 
 use std::future::Future;
 use std::path::PathBuf;
