@@ -13,7 +13,7 @@ pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
@@ -192,10 +192,15 @@ struct Inner {
     /// The full verification started at open (joined before the database
     /// closes).
     verifier: Mutex<Option<JoinHandle<()>>>,
+    /// Tells that verification to stop early (shutdown).
+    stop_verifier: Arc<AtomicBool>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // A long log must not hold up shutdown: the background check stops
+        // at the next entry and its (partial) result is discarded.
+        self.stop_verifier.store(true, Ordering::SeqCst);
         let t = self
             .verifier
             .get_mut()
@@ -365,6 +370,17 @@ fn verify_database_with(
     public_key: &[u8],
     tail_only: bool,
 ) -> Result<VerifyReport> {
+    // Without a stop flag the walk always completes.
+    verify_database_stoppable(db, public_key, tail_only, None)?.ok_or(KeyServerError::Unavailable)
+}
+
+/// `stop`: once set, reading ends early and the result is `Ok(None)`.
+fn verify_database_stoppable(
+    db: &impl ReadableDatabase,
+    public_key: &[u8],
+    tail_only: bool,
+    stop: Option<&AtomicBool>,
+) -> Result<Option<VerifyReport>> {
     let r = db.begin_read()?;
     let audit = match r.open_table(AUDIT) {
         Ok(t) => t,
@@ -375,7 +391,8 @@ fn verify_database_with(
                 None,
                 public_key,
                 VerifyFrom::START,
-            );
+            )
+            .map(Some);
         }
         Err(e) => return Err(e.into()),
     };
@@ -407,11 +424,12 @@ fn verify_database_with(
     };
     let meta = r.open_table(META)?;
     let head = get_bytes(&meta, META_AUDIT_HEAD)?;
-    let records = audit.range(from..)?.map(|item| {
+    let stopped = || stop.is_some_and(|s| s.load(Ordering::Relaxed));
+    let records = audit.range(from..)?.take_while(|_| !stopped()).map(|item| {
         item.map(|(k, v)| (k.value(), v.value().to_vec()))
             .map_err(KeyServerError::from)
     });
-    verify_chain(
+    let report = verify_chain(
         records,
         &checkpoints,
         head.as_deref(),
@@ -420,7 +438,9 @@ fn verify_database_with(
             seq: from,
             acknowledged_before: horizon,
         },
-    )
+    )?;
+    // A stopped walk looks truncated: its report means nothing.
+    Ok((!stopped()).then_some(report))
 }
 
 /// Offline verification of a keyserver database file (the server need not
@@ -654,15 +674,18 @@ impl Core {
         if let Some(b) = ChainBreak::from_report(&tail) {
             tracing::error!(seq = b.seq, problem = %b.problem, "audit chain broken at start: key operations refused");
         }
+        let stop_verifier = Arc::new(AtomicBool::new(false));
         let verifier = {
             // The rest of the chain is checked in the background.
             let db = db.clone();
             let pk = public_key.clone();
             let broken = broken.clone();
+            let stop = stop_verifier.clone();
             std::thread::Builder::new()
                 .name("keyserver-audit-verify".into())
-                .spawn(move || match verify_database(db.as_ref(), &pk) {
-                    Ok(rep) => {
+                .spawn(move || match verify_database_stoppable(db.as_ref(), &pk, false, Some(&stop)) {
+                    Ok(None) => tracing::info!("background audit verification stopped (shutdown)"),
+                    Ok(Some(rep)) => {
                         if let Some(b) = ChainBreak::from_report(&rep) {
                             tracing::error!(seq = b.seq, problem = %b.problem, "audit chain broken: key operations refused");
                             mark_broken(&broken, b);
@@ -699,6 +722,7 @@ impl Core {
                 max_uses: cfg.max_grant_uses,
                 broken,
                 verifier: Mutex::new(Some(verifier)),
+                stop_verifier,
             }),
         })
     }
@@ -2644,6 +2668,30 @@ mod tests {
             kb
         );
         assert!(core.verify_audit().unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_verification_reports_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks.redb");
+        let core = open_with(&path, [2; 32], Arc::new(ManualClock::at_secs(5)), 2).unwrap();
+        core.register_study(GW, OWNER, &attrs("A"), None)
+            .await
+            .unwrap();
+        let pk = core.audit_public_key().to_vec();
+        drop(core);
+        let ro = ReadOnlyDatabase::open(&path).unwrap();
+        let stop = AtomicBool::new(true);
+        // Stopped before the first entry: not a truncated log, no verdict.
+        assert_eq!(
+            verify_database_stoppable(&ro, &pk, false, Some(&stop)).unwrap(),
+            None
+        );
+        stop.store(false, Ordering::SeqCst);
+        let rep = verify_database_stoppable(&ro, &pk, false, Some(&stop))
+            .unwrap()
+            .unwrap();
+        assert!(rep.ok, "{rep:?}");
     }
 
     #[tokio::test]
