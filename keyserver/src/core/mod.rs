@@ -4,6 +4,7 @@
 
 pub mod attrs;
 pub mod audit;
+pub mod chain;
 pub mod clock;
 pub mod crypto;
 pub mod ids;
@@ -12,23 +13,17 @@ pub mod store;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
-use redb::{
-    Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use ring::rand::SystemRandom;
 
 use crate::error::{KeyServerError, Result};
 use attrs::CanonicalAttributes;
-use audit::{
-    AuditEntry, AuditEvent, NewEntry, SignedHead, VerifyFrom, VerifyReport, checkpoint_message,
-    verify_chain,
-};
+use audit::{AuditEntry, AuditEvent, NewEntry, VerifyReport};
 use clock::Clock;
 use crypto::{
     AuditSigner, Kek, Master, SIGNING_KEY_AAD, SecretKey, grant_aad, master_aad, random_secret,
@@ -37,17 +32,19 @@ use ids::{RequestId, StudyId, parse_identity, parse_user_identity, validate_labe
 use policy::{Action, Refused, Rpc, Rules};
 use store::{
     AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, DELEGATES, Forgotten, GrantState, MASTERS, META,
-    META_AUDIT_HEAD, META_MASTER_CURRENT, META_PUBLIC_KEY, META_SIGNING_KEY, OWNER_STUDIES,
-    REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord, get_bytes, get_json, index_key,
-    index_scan, to_json,
+    META_MASTER_CURRENT, META_PUBLIC_KEY, META_SIGNING_KEY, OWNER_STUDIES, REQUESTS, RequestRecord,
+    STUDIES, STUDY_REQUESTS, StudyRecord, get_bytes, get_json, index_key, index_scan, to_json,
 };
 use writer::{ChainState, Writer, apply_in_txn};
 
+pub use chain::{
+    ChainBreak, RECOVERY_ACTOR, Recovery, recover_audit, verify_audit_file, verify_database,
+    verify_database_tail,
+};
+use chain::{load_signer, mark_broken, verify_database_stoppable};
+
 /// Identity recorded as the actor of the keyserver's own events.
 pub const SELF_ACTOR: &str = "keyserver";
-/// Actor of an `audit.recovered` entry (a local administrator; the detail
-/// names the operator).
-pub const RECOVERY_ACTOR: &str = "keyserver audit-recover";
 /// Most studies kept in the in-memory study cache.
 const STUDY_CACHE_MAX: usize = 100_000;
 /// Most requests one `list_requests` returns.
@@ -192,10 +189,15 @@ struct Inner {
     /// The full verification started at open (joined before the database
     /// closes).
     verifier: Mutex<Option<JoinHandle<()>>>,
+    /// Tells that verification to stop early (shutdown).
+    stop_verifier: Arc<AtomicBool>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // A long log must not hold up shutdown: the background check stops
+        // at the next entry and its (partial) result is discarded.
+        self.stop_verifier.store(true, Ordering::SeqCst);
         let t = self
             .verifier
             .get_mut()
@@ -204,25 +206,6 @@ impl Drop for Inner {
         if let Some(t) = t {
             let _ = t.join();
         }
-    }
-}
-
-/// The first broken audit entry found (at start, by the background full
-/// check, or by `VerifyAudit`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainBreak {
-    /// First broken entry.
-    pub seq: u64,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl ChainBreak {
-    fn from_report(rep: &VerifyReport) -> Option<Self> {
-        (!rep.ok).then(|| Self {
-            seq: rep.first_broken_seq.unwrap_or(0),
-            problem: rep.problem.clone(),
-        })
     }
 }
 
@@ -320,137 +303,6 @@ fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
     Ok(out)
 }
 
-fn load_signer(
-    meta: &impl ReadableTable<&'static str, &'static [u8]>,
-    kek: &Kek,
-) -> Result<Option<AuditSigner>> {
-    match get_bytes(meta, META_SIGNING_KEY)? {
-        None => Ok(None),
-        Some(w) => AuditSigner::from_pkcs8(&kek.unwrap(SIGNING_KEY_AAD, &w)?).map(Some),
-    }
-}
-
-/// Recomputes the whole audit chain of an open database. Breaks before the
-/// last signed recovery entry (`keyserver audit-recover`) were acknowledged
-/// by an administrator and do not make the report fail.
-pub fn verify_database(db: &impl ReadableDatabase, public_key: &[u8]) -> Result<VerifyReport> {
-    verify_database_with(db, public_key, false)
-}
-
-/// Like [`verify_database`], but only from the last signed checkpoint (or
-/// recovery entry) on: what the keyserver checks before it serves, so a
-/// start stays fast however long the log is. The background check and
-/// `VerifyAudit` cover the rest.
-pub fn verify_database_tail(db: &impl ReadableDatabase, public_key: &[u8]) -> Result<VerifyReport> {
-    verify_database_with(db, public_key, true)
-}
-
-/// The highest recovery entry whose signature verifies (0 if none).
-fn recovery_horizon(t: &impl ReadableTable<u64, &'static [u8]>, public_key: &[u8]) -> Result<u64> {
-    let mut horizon = 0;
-    for item in t.iter()? {
-        let (k, v) = item?;
-        if let Some(h) = SignedHead::decode(v.value())
-            && h.seq == k.value()
-            && h.valid(public_key)
-        {
-            horizon = horizon.max(h.seq);
-        }
-    }
-    Ok(horizon)
-}
-
-fn verify_database_with(
-    db: &impl ReadableDatabase,
-    public_key: &[u8],
-    tail_only: bool,
-) -> Result<VerifyReport> {
-    let r = db.begin_read()?;
-    let audit = match r.open_table(AUDIT) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => {
-            return verify_chain::<_, KeyServerError>(
-                Vec::new(),
-                &[],
-                None,
-                public_key,
-                VerifyFrom::START,
-            );
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let horizon = match r.open_table(AUDIT_RECOVERIES) {
-        Ok(t) => recovery_horizon(&t, public_key)?,
-        Err(redb::TableError::TableDoesNotExist(_)) => 0,
-        Err(e) => return Err(e.into()),
-    };
-    let cps = r.open_table(CHECKPOINTS)?;
-    let mut checkpoints = Vec::new();
-    for item in cps.iter()? {
-        let (k, v) = item?;
-        checkpoints.push((k.value(), v.value().to_vec()));
-    }
-    let from = if tail_only {
-        // The last checkpoint that names a stored entry; a dangling one
-        // (truncated tail) is left to `verify_chain` to report.
-        let last = audit.last()?.map_or(0, |(k, _)| k.value());
-        checkpoints
-            .iter()
-            .map(|(seq, _)| *seq)
-            .filter(|seq| *seq <= last)
-            .max()
-            .unwrap_or(1)
-            .max(horizon)
-            .max(1)
-    } else {
-        1
-    };
-    let meta = r.open_table(META)?;
-    let head = get_bytes(&meta, META_AUDIT_HEAD)?;
-    let records = audit.range(from..)?.map(|item| {
-        item.map(|(k, v)| (k.value(), v.value().to_vec()))
-            .map_err(KeyServerError::from)
-    });
-    verify_chain(
-        records,
-        &checkpoints,
-        head.as_deref(),
-        public_key,
-        VerifyFrom {
-            seq: from,
-            acknowledged_before: horizon,
-        },
-    )
-}
-
-/// Offline verification of a keyserver database file (the server need not
-/// run, e.g. when it refuses to start). With the KEK, the signing key is
-/// authenticated; without it, the public key stored beside the log is used
-/// and the report is only as trustworthy as the file.
-pub fn verify_audit_file(path: &Path, kek: Option<&Kek>) -> Result<(VerifyReport, Vec<u8>)> {
-    let db = ReadOnlyDatabase::open(path)?;
-    let public_key = {
-        let r = db.begin_read()?;
-        let meta = r.open_table(META)?;
-        match kek {
-            Some(k) => load_signer(&meta, k)?
-                .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?
-                .public_key(),
-            None => get_bytes(&meta, META_PUBLIC_KEY)?
-                .ok_or_else(|| KeyServerError::Corrupt("no audit public key".into()))?,
-        }
-    };
-    Ok((verify_database(&db, &public_key)?, public_key))
-}
-
-/// Records the first break seen (a later, different one does not replace it).
-fn mark_broken(slot: &RwLock<Option<ChainBreak>>, b: ChainBreak) {
-    let mut g = slot.write().unwrap_or_else(PoisonError::into_inner);
-    if g.as_ref().is_none_or(|old| b.seq < old.seq) {
-        *g = Some(b);
-    }
-}
-
 /// Most audit entries one [`Core::list_audit_page`] examines (an owner's
 /// page skips the entries it may not see).
 pub const AUDIT_SCAN_MAX: usize = 20_000;
@@ -472,96 +324,6 @@ pub struct AuditPage {
     pub entries: Vec<AuditEntry>,
     /// First seq of the next page, 0 when the log ends here.
     pub next_from_seq: u64,
-}
-
-/// What `keyserver audit-recover` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recovery {
-    /// Seq of the signed `audit.recovered` entry.
-    pub seq: u64,
-    /// The break that was acknowledged.
-    pub acknowledged: ChainBreak,
-    /// The chain verified again after the recovery.
-    pub report: VerifyReport,
-}
-
-/// Offline recovery of a broken audit chain (the keyserver stopped): if the
-/// first broken entry is `acknowledge`, appends a signed `audit.recovered`
-/// entry (operator, acknowledged entry, problem), a signed checkpoint on it
-/// and a signed recovery record; the chain then verifies again from that
-/// entry on, and a keyserver started on the file serves key operations
-/// again. The broken entries stay in the log (and `VerifyAudit` keeps
-/// naming the acknowledged break). Refused when the chain is intact or its
-/// first broken entry is another one.
-pub fn recover_audit(
-    path: &Path,
-    kek: &Kek,
-    operator: &str,
-    acknowledge: u64,
-    now_ms: u64,
-) -> Result<Recovery> {
-    validate_text("operator", operator)?;
-    let db = Database::open(path)?;
-    let signer = {
-        let r = db.begin_read()?;
-        load_signer(&r.open_table(META)?, kek)?
-            .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?
-    };
-    let public_key = signer.public_key();
-    let before = verify_database(&db, &public_key)?;
-    let Some(b) = ChainBreak::from_report(&before) else {
-        return Err(KeyServerError::FailedPrecondition(
-            "the audit chain verifies; there is nothing to recover".into(),
-        ));
-    };
-    if b.seq != acknowledge {
-        return Err(KeyServerError::InvalidArgument(format!(
-            "the first broken entry is {} ({}), not {acknowledge}; acknowledge that entry",
-            b.seq, b.problem
-        )));
-    }
-    let w = db.begin_write()?;
-    let mut chain = ChainState::load(&w.open_table(AUDIT)?)?;
-    {
-        // Checkpoints past the last stored entry (a cut-off tail) would
-        // collide with the entries written from now on.
-        let mut cps = w.open_table(CHECKPOINTS)?;
-        let mut stale = Vec::new();
-        for item in cps.range(chain.next_seq..)? {
-            stale.push(item?.0.value());
-        }
-        for seq in stale {
-            cps.remove(seq)?;
-        }
-    }
-    let entry = NewEntry {
-        actor: RECOVERY_ACTOR.into(),
-        event: AuditEvent::AuditRecovered,
-        study: String::new(),
-        detail: format!(
-            "acknowledged_broken_at={} operator={operator} problem={}",
-            b.seq, b.problem
-        ),
-    };
-    // checkpoint_every = 1: the recovery entry always gets a checkpoint.
-    apply_in_txn(&w, &mut chain, &signer, now_ms, 1, |ctx| {
-        ctx.append(entry).map(drop)
-    })?;
-    let seq = chain.next_seq - 1;
-    let anchor = SignedHead {
-        seq,
-        hash: chain.head,
-        signature: signer.sign(&checkpoint_message(seq, &chain.head)),
-    };
-    w.open_table(AUDIT_RECOVERIES)?
-        .insert(seq, anchor.encode().as_slice())?;
-    w.commit()?;
-    let report = verify_database(&db, &public_key)?;
-    Ok(Recovery {
-        seq,
-        acknowledged: b,
-        report,
-    })
 }
 
 impl Core {
@@ -655,15 +417,18 @@ impl Core {
         if let Some(b) = ChainBreak::from_report(&tail) {
             tracing::error!(seq = b.seq, problem = %b.problem, "audit chain broken at start: key operations refused");
         }
+        let stop_verifier = Arc::new(AtomicBool::new(false));
         let verifier = {
             // The rest of the chain is checked in the background.
             let db = db.clone();
             let pk = public_key.clone();
             let broken = broken.clone();
+            let stop = stop_verifier.clone();
             std::thread::Builder::new()
                 .name("keyserver-audit-verify".into())
-                .spawn(move || match verify_database(db.as_ref(), &pk) {
-                    Ok(rep) => {
+                .spawn(move || match verify_database_stoppable(db.as_ref(), &pk, false, Some(&stop)) {
+                    Ok(None) => tracing::info!("background audit verification stopped (shutdown)"),
+                    Ok(Some(rep)) => {
                         if let Some(b) = ChainBreak::from_report(&rep) {
                             tracing::error!(seq = b.seq, problem = %b.problem, "audit chain broken: key operations refused");
                             mark_broken(&broken, b);
@@ -700,6 +465,7 @@ impl Core {
                 max_uses: cfg.max_grant_uses,
                 broken,
                 verifier: Mutex::new(Some(verifier)),
+                stop_verifier,
             }),
         })
     }
@@ -1893,6 +1659,8 @@ impl Core {
 mod tests {
     use super::*;
     use crate::core::clock::ManualClock;
+    use redb::ReadOnlyDatabase;
+    use std::path::Path;
 
     const GW: &str = "spiffe://tessera.local/service/gateway";
     const WM: &str = "spiffe://tessera.local/service/watermark";
@@ -2667,6 +2435,30 @@ mod tests {
             kb
         );
         assert!(core.verify_audit().unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_verification_reports_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ks.redb");
+        let core = open_with(&path, [2; 32], Arc::new(ManualClock::at_secs(5)), 2).unwrap();
+        core.register_study(GW, OWNER, &attrs("A"), None)
+            .await
+            .unwrap();
+        let pk = core.audit_public_key().to_vec();
+        drop(core);
+        let ro = ReadOnlyDatabase::open(&path).unwrap();
+        let stop = AtomicBool::new(true);
+        // Stopped before the first entry: not a truncated log, no verdict.
+        assert_eq!(
+            verify_database_stoppable(&ro, &pk, false, Some(&stop)).unwrap(),
+            None
+        );
+        stop.store(false, Ordering::SeqCst);
+        let rep = verify_database_stoppable(&ro, &pk, false, Some(&stop))
+            .unwrap()
+            .unwrap();
+        assert!(rep.ok, "{rep:?}");
     }
 
     #[tokio::test]
