@@ -116,6 +116,11 @@ impl ClientTls {
     /// chain and host name checks stay, then the server certificate's
     /// single URI SAN must equal `expected`. A handshake with any other
     /// server fails naming both identities.
+    ///
+    /// The clone shares the session cache, which is safe: rustls resumes a
+    /// session only under the very verifier (same `Arc`) that checked the
+    /// certificate first, so a ticket from one upstream never stands in for
+    /// the identity check of another.
     pub fn expecting(&self, expected: &Identity) -> Self {
         let expected = ExpectedPeer::Exactly(expected.clone());
         let mut config = (*self.config).clone();
