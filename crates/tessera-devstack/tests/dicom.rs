@@ -565,5 +565,14 @@ async fn c_store_study_lands_in_one_study_and_round_trips() {
             "the SCP records the source AE title"
         );
     }
+    // The unauthenticated calling AE title is not who stored the study:
+    // the configured Tessera identity (default: the gateway's own) is.
+    let cfg = stack.gateway_config().unwrap().clone();
+    assert!(stack.stop("gateway").await);
+    let key = gateway_service::vault::load_key_file(&cfg.vault.key_file).unwrap();
+    let vault = gateway_service::vault::Vault::open(&cfg.vault.path, &key).unwrap();
+    let rec = vault.get(&found.study_handle).unwrap().unwrap();
+    assert_eq!(rec.stored_by, "spiffe://tessera.local/service/gateway");
+    drop(vault);
     stack.shutdown().await;
 }

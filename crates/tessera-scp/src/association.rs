@@ -86,7 +86,15 @@ impl<S: InstanceSink> Task<S> {
                 return;
             }
         };
-        let mut assoc = match self.options.establish_async(socket).await {
+        // ARTIM: the whole A-ASSOCIATE-RQ within artim_timeout.
+        let established =
+            tokio::time::timeout(self.cfg.artim_timeout, self.options.establish_async(socket))
+                .await;
+        let Ok(established) = established else {
+            info!(%peer, timeout = ?self.cfg.artim_timeout, "ARTIM timer expired during association request; closing");
+            return;
+        };
+        let mut assoc = match established {
             Ok(a) => a,
             Err(UlError::Rejected { association_rj, .. }) => {
                 info!(%peer, reason = %association_rj.source, "association rejected");
@@ -404,7 +412,9 @@ impl<S: InstanceSink> Connection<'_, S> {
             None
         };
         if let Some((status, comment)) = refusal {
-            warn!(%peer, %sop_class, %sop_instance, status, %comment, "C-STORE refused");
+            // UIDs identify a patient's images: debug only.
+            warn!(%peer, %sop_class, status, "C-STORE refused");
+            debug!(%peer, %sop_instance, %comment, "C-STORE refused");
             return self.refuse(assoc, pc, command, status, comment).await;
         }
         let transfer_syntax = transfer_syntax.trim_end_matches(['\0', ' ']).to_string();
@@ -477,8 +487,9 @@ impl<S: InstanceSink> Connection<'_, S> {
             } => {
                 let peer = self.peer;
                 let Some(file) = file else {
-                    warn!(%peer, %sop_instance, bytes = received,
+                    warn!(%peer, bytes = received,
                         limit = self.cfg.max_instance_bytes, "C-STORE data set over the limit");
+                    debug!(%peer, %sop_instance, "C-STORE data set over the limit");
                     let comment = format!(
                         "data set of {received} bytes exceeds the limit of {}",
                         self.cfg.max_instance_bytes
@@ -506,11 +517,14 @@ impl<S: InstanceSink> Connection<'_, S> {
                 let outcome = self.sink.store(instance).await;
                 let (status, comment) = match outcome {
                     StoreOutcome::Stored => {
-                        info!(%peer, calling_ae = %self.calling_ae, %sop_instance, bytes = received, "C-STORE stored");
+                        info!(%peer, calling_ae = %self.calling_ae, bytes = received, "C-STORE stored");
+                        debug!(%peer, %sop_instance, "C-STORE stored");
                         (dimse::STATUS_SUCCESS, None)
                     }
                     StoreOutcome::Refused { status, reason } => {
-                        warn!(%peer, calling_ae = %self.calling_ae, %sop_instance, status, %reason, "C-STORE refused by the sink");
+                        // The reason may quote UIDs or patient values.
+                        warn!(%peer, calling_ae = %self.calling_ae, status, "C-STORE refused by the sink");
+                        debug!(%peer, %sop_instance, %reason, "C-STORE refused by the sink");
                         let status = if status == dimse::STATUS_SUCCESS {
                             dimse::STATUS_CANNOT_UNDERSTAND
                         } else {
@@ -616,6 +630,32 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// The ARTIM timer before an association: waits (without reading) for the
+/// connection's first byte, at most `artim_timeout`. False when the peer
+/// closed, the timer expired or the SCP is stopping: drop the connection.
+pub(crate) async fn first_byte(
+    socket: &TcpStream,
+    peer: SocketAddr,
+    cfg: &ScpConfig,
+    mut stop: watch::Receiver<bool>,
+) -> bool {
+    let mut b = [0_u8; 1];
+    tokio::select! {
+        r = tokio::time::timeout(cfg.artim_timeout, socket.peek(&mut b)) => match r {
+            Ok(Ok(n)) if n > 0 => true,
+            Ok(Ok(_)) | Ok(Err(_)) => {
+                debug!(%peer, "connection closed before an association request");
+                false
+            }
+            Err(_) => {
+                info!(%peer, timeout = ?cfg.artim_timeout, "ARTIM timer expired: no association request; closing");
+                false
+            }
+        },
+        _ = stop.wait_for(|s| *s) => false,
+    }
 }
 
 /// Turn away an association over the concurrency limit: read its

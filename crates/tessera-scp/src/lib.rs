@@ -8,9 +8,11 @@
 //! C-STORE-RSP status. The crate knows nothing of the rest of Tessera.
 //!
 //! Limits: calling and called AE titles are checked (fail closed), the number
-//! of concurrent associations is bounded, every PDU read is bounded by
-//! `max_pdu_length` and `idle_timeout`, and every data set by
-//! `max_instance_bytes`. See the README for the statuses.
+//! of concurrent associations is bounded, a connection must complete its
+//! A-ASSOCIATE-RQ within `artim_timeout` (holding no association slot until
+//! it starts one), every PDU read is bounded by `max_pdu_length` and
+//! `idle_timeout`, and every data set by `max_instance_bytes`. See the
+//! README for the statuses.
 //!
 //! [`scu`] is the other side: it sends Part 10 files with C-STORE (and
 //! C-ECHO) to this SCP or any other.
@@ -45,6 +47,13 @@ pub const MAX_PDU_LENGTH_LIMIT: u32 = 16 * 1024 * 1024;
 /// tasks at once; beyond that the connection is closed without an answer.
 const MAX_REJECTING_TASKS: usize = 8;
 
+/// Connections that have not yet sent their first byte: at most this many
+/// per association slot, and at least [`MIN_PENDING`]; beyond that a new
+/// connection is closed at once. They hold no association slot, only one of
+/// these, for at most `artim_timeout`.
+const PENDING_PER_ASSOCIATION: usize = 4;
+const MIN_PENDING: usize = 64;
+
 /// Configuration of the SCP.
 #[derive(Debug, Clone)]
 pub struct ScpConfig {
@@ -62,9 +71,13 @@ pub struct ScpConfig {
     /// Concurrent associations; more are rejected (transient, local limit
     /// exceeded).
     pub max_associations: usize,
-    /// No complete PDU for this long (or an association request taking this
-    /// long) aborts the association; also the grace period of a shutdown.
+    /// No complete PDU for this long aborts the association; also the grace
+    /// period of a shutdown.
     pub idle_timeout: Duration,
+    /// The ARTIM timer (PS3.8 9.1.5): a connection that has not sent and
+    /// completed its A-ASSOCIATE-RQ within this is closed. Until its first
+    /// byte arrives a connection holds no association slot.
+    pub artim_timeout: Duration,
     /// SOP classes accepted by C-STORE besides the standard storage SOP
     /// classes (for instance a vendor's private SOP class).
     pub extra_sop_classes: Vec<String>,
@@ -79,6 +92,7 @@ impl Default for ScpConfig {
             max_instance_bytes: 1024 * 1024 * 1024,
             max_associations: 16,
             idle_timeout: Duration::from_secs(60),
+            artim_timeout: Duration::from_secs(10),
             extra_sop_classes: Vec::new(),
         }
     }
@@ -116,6 +130,9 @@ impl ScpConfig {
         }
         if self.idle_timeout.is_zero() {
             return invalid("idle_timeout is 0".into());
+        }
+        if self.artim_timeout.is_zero() {
+            return invalid("artim_timeout is 0".into());
         }
         if let Some(uid) = self
             .extra_sop_classes
@@ -273,6 +290,11 @@ impl Scp {
         let options = Arc::new(association_options(&cfg));
         let permits = Arc::new(Semaphore::new(cfg.max_associations));
         let rejecting = Arc::new(Semaphore::new(MAX_REJECTING_TASKS));
+        let pending = Arc::new(Semaphore::new(
+            cfg.max_associations
+                .saturating_mul(PENDING_PER_ASSOCIATION)
+                .max(MIN_PENDING),
+        ));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         info!(%local_addr, ae_title = %cfg.ae_title, "DICOM SCP serving");
@@ -299,35 +321,44 @@ impl Scp {
                     if let Err(e) = socket.set_nodelay(true) {
                         debug!(%peer, error = %e, "set_nodelay failed");
                     }
-                    match permits.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            let task = association::Task {
-                                options: options.clone(),
-                                cfg: cfg.clone(),
-                                sink: sink.clone(),
-                                stop: stop_rx.clone(),
-                                peer,
-                            };
-                            tasks.spawn(async move {
+                    let Ok(waiting) = pending.clone().try_acquire_owned() else {
+                        debug!(%peer, "too many silent connections: closing");
+                        drop(socket);
+                        continue;
+                    };
+                    let task = association::Task {
+                        options: options.clone(),
+                        cfg: cfg.clone(),
+                        sink: sink.clone(),
+                        stop: stop_rx.clone(),
+                        peer,
+                    };
+                    let (permits, rejecting) = (permits.clone(), rejecting.clone());
+                    tasks.spawn(async move {
+                        // ARTIM: wait for the first byte without holding an
+                        // association slot.
+                        if !association::first_byte(&socket, peer, &task.cfg, task.stop.clone()).await {
+                            return;
+                        }
+                        drop(waiting);
+                        match permits.try_acquire_owned() {
+                            Ok(permit) => {
                                 task.run(socket).await;
                                 drop(permit);
-                            });
-                        }
-                        Err(_) => match rejecting.clone().try_acquire_owned() {
-                            Ok(permit) => {
-                                warn!(%peer, max = cfg.max_associations, "too many associations: rejecting");
-                                let cfg = cfg.clone();
-                                tasks.spawn(async move {
-                                    association::reject_busy(socket, peer, &cfg).await;
+                            }
+                            Err(_) => match rejecting.try_acquire_owned() {
+                                Ok(permit) => {
+                                    warn!(%peer, max = task.cfg.max_associations, "too many associations: rejecting");
+                                    association::reject_busy(socket, peer, &task.cfg).await;
                                     drop(permit);
-                                });
-                            }
-                            Err(_) => {
-                                warn!(%peer, "too many associations: closing the connection");
-                                drop(socket);
-                            }
-                        },
-                    }
+                                }
+                                Err(_) => {
+                                    warn!(%peer, "too many associations: closing the connection");
+                                    drop(socket);
+                                }
+                            },
+                        }
+                    });
                 }
             }
         }
@@ -394,6 +425,10 @@ mod tests {
             },
             ScpConfig {
                 idle_timeout: Duration::ZERO,
+                ..ScpConfig::default()
+            },
+            ScpConfig {
+                artim_timeout: Duration::ZERO,
                 ..ScpConfig::default()
             },
             ScpConfig {

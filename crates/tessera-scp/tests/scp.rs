@@ -849,6 +849,42 @@ async fn too_many_associations_are_rejected() {
     server.stop().await;
 }
 
+/// Sixteen connections that never send an A-ASSOCIATE-RQ (a port scan, a
+/// load balancer probe, an attack) hold no association slot: with two slots
+/// and a 60 s idle timeout, a real SCU still associates at once, and the
+/// silent connections are closed by the ARTIM timer (2 s), not after the
+/// idle timeout.
+#[tokio::test]
+async fn silent_connections_hold_no_slot_and_meet_the_artim_timer() {
+    let server = Server::start(
+        ScpConfig {
+            max_associations: 2,
+            idle_timeout: Duration::from_secs(60),
+            artim_timeout: Duration::from_secs(2),
+            ..config()
+        },
+        TestSink::default(),
+    )
+    .await;
+    let addr = server.addr.to_string();
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    for _ in 0..2 {
+        assert_eq!(scu::echo(&addr, &scu_options()).await.unwrap(), 0);
+    }
+    for s in &mut silent {
+        assert!(closed_within(s, Duration::from_secs(20)).await.is_empty());
+    }
+    // A peer that starts an A-ASSOCIATE-RQ and stalls is closed too.
+    let mut stalled = TcpStream::connect(server.addr).await.unwrap();
+    stalled.write_all(&[0x01, 0x00, 0x00, 0x00]).await.unwrap();
+    closed_within(&mut stalled, Duration::from_secs(20)).await;
+    assert_eq!(scu::echo(&addr, &scu_options()).await.unwrap(), 0);
+    server.stop().await;
+}
+
 /// Reads until the server closes the connection; panics if it takes longer
 /// than `within`.
 async fn closed_within(socket: &mut TcpStream, within: Duration) -> Vec<u8> {
@@ -872,12 +908,13 @@ async fn bad_peers_are_dropped_without_harm() {
     let server = Server::start(
         ScpConfig {
             idle_timeout: Duration::from_millis(300),
+            artim_timeout: Duration::from_millis(300),
             ..config()
         },
         TestSink::default(),
     )
     .await;
-    // Silent connection: closed after the idle timeout.
+    // Silent connection: closed by the ARTIM timer.
     let mut silent = TcpStream::connect(server.addr).await.unwrap();
     closed_within(&mut silent, Duration::from_secs(5)).await;
     // A PDU declaring 4 GiB: refused at once, nothing allocated.

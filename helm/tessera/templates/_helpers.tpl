@@ -11,6 +11,8 @@ numbers as float64, which would print 2.68435456e+08).
 {{- define "tessera.pkiDir" -}}/pki{{- end }}
 {{- define "tessera.dataDir" -}}/data{{- end }}
 {{- define "tessera.secretsDir" -}}/secrets{{- end }}
+{{/* The TLS private key, copied 0400 out of the Secret (see tessera.tlsKeyInit). */}}
+{{- define "tessera.tlsKeyDir" -}}/pki-key{{- end }}
 
 {{- define "tessera.chart" -}}
 {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
@@ -111,7 +113,7 @@ max_concurrent_streams = {{ $v.server.maxConcurrentStreams | int64 }}
 [server.tls]
 ca = {{ printf "%s/ca.crt" (include "tessera.pkiDir" .) | toJson }}
 cert = {{ printf "%s/tls.crt" (include "tessera.pkiDir" .) | toJson }}
-key = {{ printf "%s/tls.key" (include "tessera.pkiDir" .) | toJson }}
+key = {{ printf "%s/tls.key" (include "tessera.tlsKeyDir" .) | toJson }}
 
 [server.access]
 trust_domain = {{ $v.access.trustDomain | toJson }}
@@ -136,7 +138,7 @@ otlp_endpoint = {{ $v.telemetry.otlpEndpoint | toJson }}
 {{- define "tessera.clientTlsToml" -}}
 ca = {{ printf "%s/ca.crt" (include "tessera.pkiDir" .) | toJson }}
 cert = {{ printf "%s/tls.crt" (include "tessera.pkiDir" .) | toJson }}
-key = {{ printf "%s/tls.key" (include "tessera.pkiDir" .) | toJson }}
+key = {{ printf "%s/tls.key" (include "tessera.tlsKeyDir" .) | toJson }}
 {{- end }}
 
 {{/* ---------------- per-service config files ---------------- */}}
@@ -350,6 +352,9 @@ resources:
 - name: pki
   mountPath: {{ include "tessera.pkiDir" . }}
   readOnly: true
+- name: pki-key
+  mountPath: {{ include "tessera.tlsKeyDir" . }}
+  readOnly: true
 - name: tmp
   mountPath: /tmp
 {{- end }}
@@ -368,10 +373,39 @@ resources:
       - {key: ca.crt, path: ca.crt}
       - {key: tls.crt, path: tls.crt}
       - {key: tls.key, path: tls.key}
+- name: pki-key
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
 - name: tmp
   emptyDir:
     medium: Memory
     sizeLimit: 16Mi
+{{- end }}
+
+{{/*
+The services refuse a TLS private key with group or other permission bits
+(as they refuse such a KEK or vault key), and the pki Secret volume is
+group-readable (fsGroup). Like tessera.keyCopyInit, an init container copies
+tls.key with mode 0400 into a memory-backed emptyDir. Call with
+(dict "root" $).
+*/}}
+{{- define "tessera.tlsKeyInit" -}}
+- name: copy-tls-key
+  image: {{ include "tessera.image" .root | quote }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  command: ["install", "-m", "0400", {{ printf "%s/tls.key" (include "tessera.pkiDir" .) | quote }}, {{ printf "%s/tls.key" (include "tessera.tlsKeyDir" .) | quote }}]
+  securityContext:
+    {{- toYaml .root.Values.containerSecurityContext | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 32Mi}
+  volumeMounts:
+    - name: pki
+      mountPath: {{ include "tessera.pkiDir" . }}
+      readOnly: true
+    - name: pki-key
+      mountPath: {{ include "tessera.tlsKeyDir" . }}
 {{- end }}
 
 {{/*

@@ -47,6 +47,8 @@ pub struct App {
     service: GatewayService,
     server: ServerConfig,
     scp: Option<crate::config::ScpSection>,
+    /// Who instances received over C-STORE are recorded as stored by.
+    scp_stored_by: String,
     max_image_bytes: u64,
 }
 
@@ -88,6 +90,17 @@ impl App {
             service,
             server: config.server.clone(),
             scp: config.dicom.scp.clone(),
+            scp_stored_by: config
+                .dicom
+                .scp
+                .as_ref()
+                .and_then(|s| s.stored_by.clone())
+                .unwrap_or_else(|| {
+                    format!(
+                        "spiffe://{}/service/gateway",
+                        config.server.access.trust_domain
+                    )
+                }),
             max_image_bytes: g.max_image_bytes,
         })
     }
@@ -105,8 +118,11 @@ impl App {
                 .await
                 .map_err(AppError::Scp)?;
                 let addr = scp.local_addr();
-                let sink =
-                    crate::scp::GatewaySink::new(self.service.clone(), section.owner.clone());
+                let sink = crate::scp::GatewaySink::new(
+                    self.service.clone(),
+                    section.owner.clone(),
+                    self.scp_stored_by.clone(),
+                );
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                 let task = tokio::spawn(scp.serve(sink, async move {
                     let _ = stopped.await;

@@ -64,6 +64,8 @@
 //! ae_title = "TESSERA"
 //! allowed_calling_aes = ["CT01", "PACS"]
 //! owner = "spiffe://tessera.local/user/owner"
+//! artim_timeout_secs = 10        # the whole A-ASSOCIATE-RQ within this
+//! # stored_by = "spiffe://tessera.local/service/gateway"   # the default
 //! ```
 
 use std::path::PathBuf;
@@ -159,6 +161,20 @@ pub struct ScpSection {
     /// Seconds without a PDU before an association is aborted.
     #[serde(default = "default_idle_secs")]
     pub idle_timeout_secs: u64,
+    /// The ARTIM timer: seconds a new connection has to send its whole
+    /// A-ASSOCIATE-RQ; silent connections hold no association slot.
+    #[serde(default = "default_artim_secs")]
+    pub artim_timeout_secs: u64,
+    /// The Tessera identity recorded as `stored_by` of what arrives over
+    /// C-STORE (the calling AE title is not authenticated, so it is never
+    /// recorded as who stored anything). Default: the gateway's own
+    /// identity, `spiffe://<server.access.trust_domain>/service/gateway`.
+    #[serde(default)]
+    pub stored_by: Option<String>,
+}
+
+fn default_artim_secs() -> u64 {
+    10
 }
 
 fn default_ae_title() -> String {
@@ -498,6 +514,13 @@ impl Validate for Config {
                 .map_err(|e| e.to_string())?;
             if !(1..=1024).contains(&scp.max_associations) {
                 return Err("dicom.scp.max_associations must be 1..=1024".into());
+            }
+            if !(1..=300).contains(&scp.artim_timeout_secs) {
+                return Err("dicom.scp.artim_timeout_secs must be 1..=300".into());
+            }
+            if let Some(id) = &scp.stored_by {
+                tessera_tls::Identity::parse_uri(id)
+                    .map_err(|e| format!("dicom.scp.stored_by {id:?}: {e}"))?;
             }
             if !(1..=3600).contains(&scp.idle_timeout_secs) {
                 return Err("dicom.scp.idle_timeout_secs must be 1..=3600".into());

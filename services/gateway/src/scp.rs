@@ -25,11 +25,20 @@ pub const STATUS_PROCESSING_FAILURE: u16 = 0x0110;
 pub struct GatewaySink {
     service: GatewayService,
     owner: String,
+    /// The configured Tessera identity recorded as `stored_by`.
+    stored_by: String,
 }
 
 impl GatewaySink {
-    pub fn new(service: GatewayService, owner: String) -> Arc<Self> {
-        Arc::new(Self { service, owner })
+    /// `stored_by`: the Tessera identity recorded for every instance
+    /// received (`dicom.scp.stored_by`); the unauthenticated calling AE
+    /// title is only logged and kept in the file's (0002,0016).
+    pub fn new(service: GatewayService, owner: String, stored_by: String) -> Arc<Self> {
+        Arc::new(Self {
+            service,
+            owner,
+            stored_by,
+        })
     }
 }
 
@@ -53,7 +62,7 @@ pub fn status_of(e: &GatewayError) -> u16 {
 
 impl InstanceSink for GatewaySink {
     async fn store(&self, received: Received) -> StoreOutcome {
-        let stored_by = format!("dicom-ae:{}", received.calling_ae.trim());
+        let stored_by = self.stored_by.clone();
         let peer = received.peer;
         let result = match self.service.job_permit(received.file.len() as u64).await {
             Ok(_permit) => {
@@ -87,6 +96,7 @@ pub fn scp_config(s: &ScpSection, max_instance_bytes: u64) -> ScpConfig {
         max_instance_bytes,
         max_associations: s.max_associations as usize,
         idle_timeout: Duration::from_secs(s.idle_timeout_secs),
+        artim_timeout: Duration::from_secs(s.artim_timeout_secs),
         ..ScpConfig::default()
     }
 }
