@@ -359,8 +359,17 @@ async fn mutual_tls_and_roles() {
     let server = env.start().await;
     let addr = server.local_addr().to_string();
 
-    // Services and admins may call; users, including the outsider, may not.
-    for who in ["owner", "clinician", "researcher", "outsider"] {
+    // The gateway (and admins, for NodeInfo) may call; users, the outsider
+    // and every other service, another storage node included, may not.
+    for who in [
+        "owner",
+        "clinician",
+        "researcher",
+        "outsider",
+        "keyserver",
+        "watermark",
+        "storage-2",
+    ] {
         let mut c = env.client(&server, who).await;
         let e = put_object(&mut c, "x", b"x").await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{who}");
@@ -369,8 +378,10 @@ async fn mutual_tls_and_roles() {
         // Health needs no role.
         health_ok(env.channel(&server, who).await).await.unwrap();
     }
-    let mut c = env.client(&server, "keyserver").await;
-    c.node_info(pb::NodeInfoRequest {}).await.unwrap();
+    for who in ["gateway", "admin"] {
+        let mut c = env.client(&server, who).await;
+        c.node_info(pb::NodeInfoRequest {}).await.unwrap();
+    }
 
     // Reflection lists exactly this server's services.
     {
@@ -1364,20 +1375,30 @@ mod process {
                 .unwrap_err();
             assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e:?}");
         }
-        // The admin still manages the node; the keyserver still stores.
+        // The admin still reads the node's info; nobody but the gateway
+        // stores, not even another service.
         let mut admin = env.client(&server, "outsider").await;
         admin.node_info(pb::NodeInfoRequest {}).await.unwrap();
-        put_object(&mut env.client(&server, "keyserver").await, "k", b"x")
+        let e = put_object(&mut env.client(&server, "keyserver").await, "k", b"x")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        put_object(&mut env.client(&server, "gateway").await, "k", b"x")
             .await
             .unwrap();
         server.shutdown(Duration::from_secs(5)).await;
 
-        // Another allow-list replaces the default.
+        // Another allow-list replaces the default: a second identity holding
+        // the gateway role (config) is the only one allowed to process; the
+        // dev gateway, role or not, is then refused by the list.
         let server = env
             .start_node(
                 "storage-2",
                 "[process]\nallowed_callers = [\"spiffe://tessera.local/service/keyserver\"]",
-                &[],
+                &[(
+                    "TESSERA_STORAGE__SERVER__ACCESS__ROLES",
+                    "{ \"spiffe://tessera.local/service/keyserver\" = [\"gateway\"] }",
+                )],
             )
             .await;
         let mut ks = env.client(&server, "keyserver").await;
