@@ -790,6 +790,17 @@ pub fn print_trials(trials: &[Trial]) {
         );
     }
     for s in 0..2 {
+        let below = trials
+            .iter()
+            .filter(|t| t.npcr[s] < npcr_floor(t.max))
+            .count();
+        println!(
+            "share {}: {below} of {} keys below the NPCR floor",
+            s + 1,
+            trials.len()
+        );
+    }
+    for s in 0..2 {
         let Some(w) = trials.iter().min_by(|a, b| a.npcr[s].total_cmp(&b.npcr[s])) else {
             continue;
         };
