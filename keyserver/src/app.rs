@@ -29,7 +29,9 @@ pub enum AppError {
 /// A missing, too-open or wrong KEK is a configuration error (exit 64).
 impl From<AppError> for StartError {
     fn from(e: AppError) -> Self {
-        if matches!(e, AppError::Core(KeyServerError::Kek(_))) {
+        if matches!(e, AppError::Core(KeyServerError::Kek(_)))
+            || matches!(e, AppError::Server(ServerError::KeyPermissions(_)))
+        {
             StartError::config(e)
         } else {
             StartError::other(e)

@@ -277,3 +277,100 @@ fn a_closed_stdout_pipe_exits_quietly() {
     assert_eq!(out.status.code(), Some(141), "{stderr}");
     assert!(key.is_file());
 }
+
+/// Issue 16: the paper profile takes explicit share keys (`--paper-key`),
+/// refuses a study key instead of ignoring it, and `metrics
+/// --key-sensitivity` measures one-bit key changes.
+#[test]
+fn paper_profile_explicit_keys_refusal_and_key_sensitivity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = head_phantom(256, 256, 1, PixelFormat::GRAY8, 4).unwrap();
+    let png = d.join("head.png");
+    std::fs::write(&png, codec::encode_png(&image, 0).unwrap()).unwrap();
+    let study = d.join("study.key");
+    ok(&tessera(&["image", "keygen", "--out", p(&study)]));
+    let refused = tessera(&[
+        "image",
+        "protect",
+        "-i",
+        p(&png),
+        "--profile",
+        "paper",
+        "--key-file",
+        p(&study),
+        "-o",
+        p(&d.join("x")),
+    ]);
+    assert!(
+        !refused.status.success(),
+        "a study key with --profile paper must be refused"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--paper-key"), "{err}");
+    assert!(!d.join("x").join("header.json").exists());
+
+    let keys = [
+        "000102030405060708090a0b0c0d0e0f:f0e0d0c0b0a090807060504030201000",
+        "000102030405060708090a0b0c0d0e0f:f0e0d0c0b0a090807060504030201001",
+    ];
+    let mut shares = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let kf = d.join(format!("paper{i}.key"));
+        std::fs::write(&kf, format!("{k}\n")).unwrap();
+        let out = d.join(format!("p{i}"));
+        ok(&tessera(&[
+            "image",
+            "protect",
+            "-i",
+            p(&png),
+            "--profile",
+            "paper",
+            "--paper-key",
+            p(&kf),
+            "-o",
+            p(&out),
+        ]));
+        assert_eq!(
+            std::fs::read_to_string(out.join("paper.key"))
+                .unwrap()
+                .trim(),
+            *k
+        );
+        let back = d.join(format!("back{i}.png"));
+        ok(&tessera(&[
+            "image",
+            "restore",
+            "-d",
+            p(&out),
+            "-o",
+            p(&back),
+        ]));
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&png).unwrap());
+        shares.push(std::fs::read(out.join("share2.bin")).unwrap());
+    }
+    let same = shares[0]
+        .iter()
+        .zip(&shares[1])
+        .skip(56)
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same * 100 < shares[0].len(),
+        "{same} share bytes unchanged by the last key bit"
+    );
+
+    let out = ok(&tessera(&[
+        "image",
+        "metrics",
+        "--key-sensitivity",
+        "3",
+        "--image",
+        p(&png),
+        "--seed",
+        "7",
+    ]));
+    assert!(out.contains("3 random keys (--seed 7)"), "{out}");
+    assert!(out.contains("worst key for share 2"), "{out}");
+    assert!(!out.contains("BELOW"), "{out}");
+}

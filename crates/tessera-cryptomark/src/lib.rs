@@ -15,7 +15,9 @@
 //!      under a per-share key from HKDF(caller key, random salt), with the
 //!      header digest, share index and tile index as associated data;
 //!    - `paper`: the chaotic diffusion of eq. 5-10, keys taken from the
-//!      block hashes as the paper does. Not for production.
+//!      block hashes as the paper does (or given), fed to the maps through
+//!      a key schedule that keeps every orbit chaotic (`chaos`, issue 16).
+//!      Not for production.
 //!
 //! Pure: no async, no network, no file I/O.
 #![forbid(unsafe_code)]
@@ -136,7 +138,8 @@ pub enum ProtectKey<'a> {
     Secure { key: &'a StudyKey, salt: [u8; 32] },
     /// Paper profile: keys derived from the image, as in the paper.
     Paper,
-    /// Paper profile with given keys (to measure key sensitivity).
+    /// Paper profile with given keys (`tessera image protect --paper-key`,
+    /// and to measure key sensitivity).
     PaperWithKeys(&'a PaperKeys),
 }
 
