@@ -282,8 +282,9 @@ def check_addresses(r: Rendered, _arg: str | None) -> None:
     assert (wm["keyserver"]["connect_timeout_secs"], wm["keyserver"]["call_timeout_secs"]) == (kt["connectSecs"], kt["callSecs"]), "watermark keyserver timeouts"
 
 
-def mounts_of(w: dict, container: str) -> dict[str, dict]:
-    for c in w["spec"]["template"]["spec"]["containers"]:
+def mounts_of(w: dict, container: str, init: bool = False) -> dict[str, dict]:
+    spec = w["spec"]["template"]["spec"]
+    for c in spec.get("initContainers", []) if init else spec["containers"]:
         if c["name"] == container:
             return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
     raise AssertionError(f"{w['metadata']['name']}: no container {container}")
@@ -338,7 +339,18 @@ def check_paths(r: Rendered, _arg: str | None) -> None:
             m = under(path, mounts)
             v = volume(w, m["name"])
             where = f"{name}: {key} = {path}"
-            if key.rpartition(".")[0] in ("server.tls", "client_tls", "keyserver.tls"):
+            if key.rpartition(".")[0] in ("server.tls", "client_tls", "keyserver.tls") and key.endswith(".key") and "emptyDir" in v:
+                # The TLS key: copied 0400 by an init container from the
+                # Secret into a memory-only emptyDir (services refuse a
+                # group-readable key; fsGroup makes Secret files group-readable).
+                assert v["emptyDir"].get("medium") == "Memory", f"{where}: key copy not on a memory emptyDir"
+                inits = w["spec"]["template"]["spec"].get("initContainers", [])
+                copies = [c for c in inits if "0400" in c.get("command", []) and any(a.endswith("/tls.key") for a in c.get("command", []))]
+                assert copies, f"{where}: no init container copies tls.key with mode 0400"
+                src = copies[0]["command"][-2]
+                sm = under(src, mounts_of(w, copies[0]["name"], init=True))
+                assert "secret" in volume(w, sm["name"]), f"{where}: the key copy does not come from a Secret"
+            elif key.rpartition(".")[0] in ("server.tls", "client_tls", "keyserver.tls"):
                 assert "secret" in v, f"{where}: not on a Secret volume"
                 items = {i["key"]: i["path"] for i in v["secret"].get("items", [])}
                 assert items == {"ca.crt": "ca.crt", "tls.crt": "tls.crt", "tls.key": "tls.key"}, f"{where}: items {items}"
