@@ -75,7 +75,7 @@ fn up(args: UpArgs) -> Result<()> {
             println!("  {name:<13} {addr}");
         }
         println!(
-            "Endpoints: {}\nPKI: {} (identities: owner, clinician, clinician2, researcher, outsider)",
+            "Endpoints: {}\nPKI: {} (identities: owner, clinician (a delegate of owner), clinician2, researcher, admin, outsider)",
             stack.dir().join(tessera_devstack::ENDPOINTS_FILE).display(),
             stack.pki_dir().display()
         );

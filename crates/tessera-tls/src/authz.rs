@@ -520,6 +520,88 @@ mod tests {
         assert!(a.decide("/grpc.health.v1.Health/Check", None).is_ok());
     }
 
+    /// The layer itself: a refused call answers with the refused-by
+    /// metadata, is counted on the security log, and reaches the sink
+    /// before the reply; an admitted call reaches the inner service.
+    #[tokio::test]
+    async fn the_layer_records_every_refusal() {
+        use std::sync::Mutex;
+        use tower::{Layer, Service, ServiceExt};
+
+        #[derive(Default)]
+        struct Sink(Mutex<Vec<Refusal>>);
+        impl RefusalSink for Arc<Sink> {
+            fn record(&self, r: Refusal) -> BoxFuture<()> {
+                self.0.lock().unwrap().push(r);
+                Box::pin(async {})
+            }
+        }
+        let sink = Arc::new(Sink::default());
+        let inner = tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let mut svc = AuthzLayer::new(authz())
+            .with_sink(Arc::new(sink.clone()))
+            .layer(inner);
+        let req = |path: &str, who: Option<&str>| {
+            let mut r = http::Request::builder().uri(path).body(()).unwrap();
+            if let Some(w) = who {
+                r.extensions_mut().insert(PeerInfo {
+                    identity: id(w),
+                    remote_addr: "127.0.0.1:1".parse().unwrap(),
+                });
+            }
+            r
+        };
+        let before = crate::security::refusal_counts()
+            .get(&("authz".to_owned(), "no role of the caller is admitted".to_owned()))
+            .copied()
+            .unwrap_or(0);
+        let path = "/tessera.storage.v1.StorageNode/Put";
+        let refused = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(path, Some("spiffe://tessera.local/user/owner")))
+            .await
+            .unwrap();
+        let status = tonic::Status::from_header_map(refused.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            refused.headers().get(crate::security::REFUSED_BY_HEADER).unwrap(),
+            "authz"
+        );
+        let after = crate::security::refusal_counts()
+            .get(&("authz".to_owned(), "no role of the caller is admitted".to_owned()))
+            .copied()
+            .unwrap_or(0);
+        assert!(after > before, "the refusal is counted");
+        let recorded = sink.0.lock().unwrap().clone();
+        assert_eq!(
+            recorded,
+            vec![Refusal {
+                caller: "spiffe://tessera.local/user/owner".into(),
+                rpc: path.into(),
+                reason: "no role of the caller is admitted",
+            }]
+        );
+        // No identity at all: UNAUTHENTICATED, recorded as well.
+        let r = svc.ready().await.unwrap().call(req(path, None)).await.unwrap();
+        let status = tonic::Status::from_header_map(r.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(sink.0.lock().unwrap().len(), 2);
+        // Admitted: the inner service answers (no grpc-status header).
+        let ok = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(path, Some("spiffe://tessera.local/service/gateway")))
+            .await
+            .unwrap();
+        assert!(ok.headers().get("grpc-status").is_none());
+        assert_eq!(sink.0.lock().unwrap().len(), 2);
+    }
+
     #[test]
     fn access_config_overrides_defaults() {
         let mut cfg = AccessConfig::default();
