@@ -554,7 +554,10 @@ mod tests {
             r
         };
         let before = crate::security::refusal_counts()
-            .get(&("authz".to_owned(), "no role of the caller is admitted".to_owned()))
+            .get(&(
+                "authz".to_owned(),
+                "no role of the caller is admitted".to_owned(),
+            ))
             .copied()
             .unwrap_or(0);
         let path = "/tessera.storage.v1.StorageNode/Put";
@@ -568,11 +571,17 @@ mod tests {
         let status = tonic::Status::from_header_map(refused.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         assert_eq!(
-            refused.headers().get(crate::security::REFUSED_BY_HEADER).unwrap(),
+            refused
+                .headers()
+                .get(crate::security::REFUSED_BY_HEADER)
+                .unwrap(),
             "authz"
         );
         let after = crate::security::refusal_counts()
-            .get(&("authz".to_owned(), "no role of the caller is admitted".to_owned()))
+            .get(&(
+                "authz".to_owned(),
+                "no role of the caller is admitted".to_owned(),
+            ))
             .copied()
             .unwrap_or(0);
         assert!(after > before, "the refusal is counted");
@@ -586,7 +595,13 @@ mod tests {
             }]
         );
         // No identity at all: UNAUTHENTICATED, recorded as well.
-        let r = svc.ready().await.unwrap().call(req(path, None)).await.unwrap();
+        let r = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(path, None))
+            .await
+            .unwrap();
         let status = tonic::Status::from_header_map(r.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
         assert_eq!(sink.0.lock().unwrap().len(), 2);
