@@ -1449,6 +1449,28 @@ async fn online_backup_restores_the_older_studies_and_only_those() {
     assert!(err.contains("not a sound database"), "{err}");
     assert_eq!(std::fs::read(&db).unwrap(), before);
 
+    // Rewritten through redb (valid page checksums) but not by the
+    // keyserver: the audit chain names the entry.
+    let forged = dir.path().join("forged.redb");
+    std::fs::write(&forged, &raw).unwrap();
+    {
+        use redb::ReadableTable;
+        let db = redb::Database::open(&forged).unwrap();
+        let w = db.begin_write().unwrap();
+        {
+            let mut t = w.open_table(keyserver::core::store::AUDIT).unwrap();
+            let mut v = t.get(2).unwrap().unwrap().value().to_vec();
+            let last = v.len() - 1;
+            v[last] ^= 1;
+            t.insert(2, v.as_slice()).unwrap();
+        }
+        w.commit().unwrap();
+    }
+    let (code, _, err) = restore(&[OsStr::new("--force")], &forged);
+    assert_eq!(code, 1);
+    assert!(err.contains("audit chain broken at entry 2"), "{err}");
+    assert_eq!(std::fs::read(&db).unwrap(), before);
+
     // Another KEK cannot unwrap the backup's secrets: refused.
     let other_kek = dir.path().join("other.kek");
     std::fs::write(&other_kek, [7u8; 32]).unwrap();
