@@ -30,6 +30,12 @@ pub enum SnapshotError {
     /// Another process (a running service) has the database open.
     #[error("{0} is open in another process (stop the service first)")]
     InUse(PathBuf),
+    /// Another process holds the database in redb's exclusive mode (a
+    /// service built before it shared its file, or an offline tool).
+    #[error(
+        "{0} is held exclusively by another process; only a service opening it in the shared mode can be backed up while it runs"
+    )]
+    Exclusive(PathBuf),
     /// A file operation failed.
     #[error("{path}: {message}")]
     Io {
@@ -203,7 +209,13 @@ pub fn write_snapshot<T, E: std::fmt::Display>(
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(SnapshotError::Exists(out.to_owned()));
     }
-    let live = open_live_read_only(source).map_err(|e| db_err(source, e))?;
+    let live = open_live_read_only(source).map_err(|e| {
+        if matches!(e, DatabaseError::DatabaseAlreadyOpen) {
+            SnapshotError::Exclusive(source.to_owned())
+        } else {
+            db_err(source, e)
+        }
+    })?;
     let tmp = sibling(out, "partial")?;
     drop(create_private(&tmp)?);
     let mut guard = TempGuard(Some(tmp.clone()));
@@ -327,6 +339,10 @@ mod tests {
             open_live_read_only(&excl),
             Err(DatabaseError::DatabaseAlreadyOpen)
         ));
+        let out = dir.path().join("out.redb");
+        let e = write_snapshot(&excl, &out, copy_t, |_| Ok(())).unwrap_err();
+        assert!(matches!(e, SnapshotError::Exclusive(_)), "{e}");
+        assert!(!out.exists());
         drop(held);
 
         let shared = dir.path().join("shared.redb");
