@@ -432,7 +432,8 @@ impl Vault {
         }
         // Owner-only (the vault maps pseudonyms to patients), and shared
         // read-only with `gateway vault-backup` while serving.
-        let db = tessera_runtime::snapshot::open_shared_writer(path)?;
+        let db = tessera_runtime::snapshot::open_shared_writer(path)
+            .map_err(|e| GatewayError::Vault(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write()?;
         txn.open_table(STUDIES)?;
         txn.open_table(INSTANCES)?;
