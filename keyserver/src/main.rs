@@ -5,6 +5,9 @@
 //! keyserver audit-verify --db FILE [--kek-file F] verify the audit chain of a stopped keyserver
 //! keyserver audit-recover --config FILE --acknowledge-broken-at N
 //!                                                 re-open a broken chain (stopped keyserver)
+//! keyserver --config FILE backup --out FILE      online snapshot (the keyserver may run)
+//! keyserver --config FILE restore --backup FILE [--db FILE] [--force]
+//!                                                 check a backup and install it (stopped keyserver)
 //! keyserver bench [--clients 64] [--requests 20000]
 //! ```
 #![forbid(unsafe_code)]
@@ -59,6 +62,27 @@ enum Cmd {
         #[arg(long, value_name = "SEQ")]
         acknowledge_broken_at: u64,
     },
+    /// Online backup: one consistent snapshot of the database named by
+    /// --config (the keyserver may be running) into a new 0600 file,
+    /// checked restorable under the configured KEK. Never overwrites.
+    Backup {
+        /// The backup file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check a backup (redb integrity, KEK unwraps every secret, audit
+    /// chain verifies) and install it as the database (keyserver stopped).
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        backup: PathBuf,
+        /// The database to create (default: keyserver.db_path of --config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Replace a non-empty database.
+        #[arg(long)]
+        force: bool,
+    },
     /// Derivations per second over mTLS gRPC vs in-process (temporary PKI,
     /// database and server on 127.0.0.1; bounded by count).
     Bench {
@@ -78,6 +102,13 @@ fn main() -> ExitCode {
         Some(Cmd::AuditRecover {
             acknowledge_broken_at,
         }) => audit_recover(cli.config.as_deref(), acknowledge_broken_at),
+        Some(Cmd::Backup { out }) => snapshot(cli.config.as_deref(), |cfg, kek| {
+            keyserver::core::backup::backup(&cfg.keyserver.db_path, &out, kek)
+        }),
+        Some(Cmd::Restore { backup, db, force }) => snapshot(cli.config.as_deref(), |cfg, kek| {
+            let db = db.as_deref().unwrap_or(&cfg.keyserver.db_path);
+            keyserver::core::backup::restore(&backup, db, kek, force)
+        }),
         Some(Cmd::Bench { clients, requests }) => bench(clients, requests),
         None => SERVICE.serve(cli.config.as_deref(), async |cfg| {
             Ok(App::build(&cfg)?.spawn().await?)
@@ -111,20 +142,53 @@ fn bench(clients: usize, requests: usize) -> ExitCode {
     }
 }
 
-fn audit_recover(config: Option<&std::path::Path>, seq: u64) -> ExitCode {
-    let cfg: Config = match load_config(&ConfigSource::from_process(config), ENV_PREFIX) {
+fn load(config: Option<&std::path::Path>) -> Result<(Config, Kek), ExitCode> {
+    let cfg: Config =
+        load_config(&ConfigSource::from_process(config), ENV_PREFIX).map_err(|e| {
+            eprintln!("keyserver: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })?;
+    let kek = Kek::load(&cfg.keyserver.kek_file).map_err(|e| {
+        eprintln!("keyserver: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    Ok((cfg, kek))
+}
+
+/// `backup` / `restore`: one JSON line on success, exit 1 on refusal.
+fn snapshot(
+    config: Option<&std::path::Path>,
+    run: impl FnOnce(
+        &Config,
+        &Kek,
+    ) -> Result<
+        keyserver::core::backup::SnapshotReport,
+        tessera_runtime::snapshot::SnapshotError,
+    >,
+) -> ExitCode {
+    let (cfg, kek) = match load(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("keyserver: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
-    let kek = match Kek::load(&cfg.keyserver.kek_file) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("keyserver: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+    match run(&cfg, &kek) {
+        Ok(r) => {
+            println!(
+                "{{\"ok\":true,\"rows\":{},\"studies\":{},\"masters\":{},\"auditEntries\":{}}}",
+                r.rows, r.studies, r.masters, r.audit_entries
+            );
+            ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("keyserver: refused: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn audit_recover(config: Option<&std::path::Path>, seq: u64) -> ExitCode {
+    let (cfg, kek) = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let db = &cfg.keyserver.db_path;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod files;
 pub mod server;
 pub mod service_main;
+pub mod snapshot;
 pub mod stream;
 pub mod telemetry;
 

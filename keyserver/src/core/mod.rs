@@ -4,6 +4,7 @@
 
 pub mod attrs;
 pub mod audit;
+pub mod backup;
 pub mod chain;
 pub mod clock;
 pub mod crypto;
@@ -330,8 +331,8 @@ impl Core {
     /// Opens (or creates) the database: on first start generates master
     /// secret v1 and the audit signing key, both wrapped under the KEK.
     pub fn open(cfg: CoreConfig, clock: Arc<dyn Clock>) -> Result<Self> {
-        tessera_runtime::private_db_file(&cfg.db_path).map_err(redb::Error::from)?;
-        let db = Arc::new(Database::create(&cfg.db_path)?);
+        // 0600, and shared read-only with `keyserver backup` while serving.
+        let db = Arc::new(tessera_runtime::snapshot::open_shared_writer(&cfg.db_path)?);
         let rng = SystemRandom::new();
         let kek = Arc::new(cfg.kek);
         let w = db.begin_write()?;

@@ -20,6 +20,7 @@ pub mod scp;
 pub mod service;
 pub mod upstream;
 pub mod vault;
+pub mod vault_backup;
 
 pub use app::{App, AppError, RunningApp};
 pub use config::Config;

@@ -11,7 +11,7 @@
 use std::path::Path;
 use zeroize::Zeroizing;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
@@ -430,10 +430,10 @@ impl Vault {
             std::fs::create_dir_all(parent)
                 .map_err(|e| GatewayError::Vault(format!("{}: {e}", parent.display())))?;
         }
-        // Owner-only: the vault maps pseudonyms to patients.
-        tessera_runtime::private_db_file(path)
+        // Owner-only (the vault maps pseudonyms to patients), and shared
+        // read-only with `gateway vault-backup` while serving.
+        let db = tessera_runtime::snapshot::open_shared_writer(path)
             .map_err(|e| GatewayError::Vault(format!("{}: {e}", path.display())))?;
-        let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(STUDIES)?;
         txn.open_table(INSTANCES)?;
@@ -481,9 +481,7 @@ impl Vault {
     }
 
     fn aad(study_id: &str) -> Vec<u8> {
-        let mut a = AAD_PREFIX.to_vec();
-        a.extend_from_slice(study_id.as_bytes());
-        a
+        study_aad(study_id)
     }
 
     fn seal(&self, rec: &StudyRecord) -> Result<Vec<u8>> {
@@ -515,23 +513,7 @@ impl Vault {
         aad: Vec<u8>,
         sealed: &[u8],
     ) -> Result<T> {
-        if sealed.len() < NONCE_LEN + AES_256_GCM.tag_len() {
-            return Err(GatewayError::Vault(format!("record {key} is truncated")));
-        }
-        let (n, ct) = sealed.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(n)
-            .map_err(|_| GatewayError::Vault("bad nonce".into()))?;
-        let mut buf = ct.to_vec();
-        let plain = self
-            .key
-            .0
-            .open_in_place(nonce, Aad::from(aad), &mut buf)
-            .map_err(|_| {
-                GatewayError::Vault(format!(
-                    "record {key} does not open under the vault key (tampered, moved, or wrong key)"
-                ))
-            })?;
-        serde_json::from_slice(plain).map_err(|e| GatewayError::Vault(format!("record {key}: {e}")))
+        open_sealed(&self.key, key, aad, sealed)
     }
 
     fn open_record(&self, study_id: &str, sealed: &[u8]) -> Result<StudyRecord> {
@@ -624,9 +606,7 @@ impl Vault {
     }
 
     fn instance_aad(key: &str) -> Vec<u8> {
-        let mut a = AAD_INSTANCE.to_vec();
-        a.extend_from_slice(key.as_bytes());
-        a
+        instance_aad(key)
     }
 
     /// The committed DICOM study of (owner, Patient ID, Study Instance UID).
@@ -801,6 +781,113 @@ impl Vault {
         }
         Ok(n)
     }
+}
+
+/// Opens one sealed record (`nonce | AES-256-GCM(vault key, JSON)`) bound
+/// to `aad`; `key` names it in errors.
+fn open_sealed<T: serde::de::DeserializeOwned>(
+    vk: &VaultKey,
+    key: &str,
+    aad: Vec<u8>,
+    sealed: &[u8],
+) -> Result<T> {
+    if sealed.len() < NONCE_LEN + AES_256_GCM.tag_len() {
+        return Err(GatewayError::Vault(format!("record {key} is truncated")));
+    }
+    let (n, ct) = sealed.split_at(NONCE_LEN);
+    let nonce =
+        Nonce::try_assume_unique_for_key(n).map_err(|_| GatewayError::Vault("bad nonce".into()))?;
+    let mut buf = ct.to_vec();
+    let plain =
+        vk.0.open_in_place(nonce, Aad::from(aad), &mut buf)
+            .map_err(|_| {
+                GatewayError::Vault(format!(
+                    "record {key} does not open under the vault key (tampered, moved, or wrong key)"
+                ))
+            })?;
+    serde_json::from_slice(plain).map_err(|e| GatewayError::Vault(format!("record {key}: {e}")))
+}
+
+fn study_aad(study_id: &str) -> Vec<u8> {
+    let mut a = AAD_PREFIX.to_vec();
+    a.extend_from_slice(study_id.as_bytes());
+    a
+}
+
+fn instance_aad(key: &str) -> Vec<u8> {
+    let mut a = AAD_INSTANCE.to_vec();
+    a.extend_from_slice(key.as_bytes());
+    a
+}
+
+/// The vault's tables, sorted by name: a backup refuses any other.
+pub(crate) const TABLE_NAMES: [&str; 3] = ["dicom_index", "instances", "studies"];
+
+/// Copies every table of the vault byte for byte (records stay sealed);
+/// returns the rows copied.
+pub(crate) fn copy_tables(
+    r: &redb::ReadTransaction,
+    w: &redb::WriteTransaction,
+) -> Result<u64, redb::Error> {
+    use tessera_runtime::snapshot::copy_table;
+    Ok([
+        copy_table(r, w, STUDIES)?,
+        copy_table(r, w, INSTANCES)?,
+        copy_table(r, w, INDEX)?,
+    ]
+    .into_iter()
+    .map(|n| n.unwrap_or(0))
+    .sum())
+}
+
+/// What [`check_sealed`] opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaultCounts {
+    /// Study records.
+    pub studies: u64,
+    /// DICOM instance records.
+    pub instances: u64,
+    /// Index entries.
+    pub index: u64,
+}
+
+/// Opens every record of a vault database under `key` (the AEAD tag, the
+/// id it is bound to, the id it names): what a restore accepts.
+pub(crate) fn check_sealed(db: &impl ReadableDatabase, key: &[u8; 32]) -> Result<VaultCounts> {
+    let vk = VaultKey::new(key)?;
+    let r = db.begin_read()?;
+    let studies = r.open_table(STUDIES)?;
+    let instances = r.open_table(INSTANCES)?;
+    let mut counts = VaultCounts {
+        studies: 0,
+        instances: 0,
+        index: 0,
+    };
+    for item in studies.iter()? {
+        let (k, v) = item?;
+        let rec: StudyRecord = open_sealed(&vk, k.value(), study_aad(k.value()), v.value())?;
+        if rec.study_id != k.value() {
+            return Err(GatewayError::Vault(format!(
+                "record {} names another study",
+                k.value()
+            )));
+        }
+        counts.studies += 1;
+    }
+    for item in instances.iter()? {
+        let (k, v) = item?;
+        let rec: InstanceRecord = open_sealed(&vk, k.value(), instance_aad(k.value()), v.value())?;
+        if rec.key() != k.value() {
+            return Err(GatewayError::Vault(format!(
+                "record {} names another instance",
+                k.value()
+            )));
+        }
+        counts.instances += 1;
+    }
+    // Index entries are HMACs naming ids, not sealed: counted, not opened.
+    counts.index = r.open_table(INDEX)?.len()?;
+    Ok(counts)
 }
 
 #[cfg(test)]
