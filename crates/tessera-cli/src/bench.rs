@@ -189,6 +189,12 @@ pub fn keyserver(args: KeyserverBenchArgs) -> Result<()> {
 
 pub fn all() -> Result<()> {
     image(ImageBenchArgs { iterations: 15 })?;
+    crate::bench_erasure::erasure(crate::bench_erasure::ErasureBenchArgs {
+        mib: 8,
+        data: 3,
+        parity: 2,
+        iterations: 9,
+    })?;
     crate::segment_cmd::bench(crate::segment_cmd::BenchArgs {
         iterations: 15,
         size: 512,

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_dicom;
 mod bench_e2e;
+mod bench_erasure;
 mod client;
 mod demo;
 mod demo_dicom;
@@ -126,6 +127,8 @@ enum BenchCmd {
     /// A 512x512 16-bit CT series from a real slice ingested over
     /// StoreDicom and retrieved vs dicom-object parse+write.
     Dicom(bench_dicom::DicomBenchArgs),
+    /// Erasure coding (k+m) encode/decode vs memcpy and SHA-256 of the same bytes.
+    Erasure(bench_erasure::ErasureBenchArgs),
     /// Every benchmark.
     All,
 }
@@ -174,6 +177,7 @@ fn main() -> std::process::ExitCode {
             BenchCmd::Keyserver(a) => bench::keyserver(a),
             BenchCmd::E2e(a) => bench_e2e::e2e(a),
             BenchCmd::Dicom(a) => bench_dicom::dicom(a),
+            BenchCmd::Erasure(a) => bench_erasure::erasure(a),
             BenchCmd::All => bench::all(),
         },
         Command::Demo(a) if a.offline => demo::run(a),
