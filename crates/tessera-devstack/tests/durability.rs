@@ -6,52 +6,14 @@
 //! caught; configurations that would let one cloud rebuild a share, or
 //! need more nodes than there are, are refused.
 
+mod common;
+use common::{OWNER, channel, gateway, grant};
 use gateway_service::client as gw;
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_image::{Image, PixelFormat};
 use tessera_proto::gateway::v1 as pb;
-use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
-use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::watermark::v1 as wpb;
-use tessera_tls::{ClientTls, TlsFiles};
-use tonic::transport::Channel;
-
-const OWNER: &str = "spiffe://tessera.local/user/owner";
-
-async fn channel(stack: &DevStack, who: &str, service: &str) -> Channel {
-    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who)).unwrap();
-    tls.connect(stack.endpoints().get(service).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn gateway(stack: &DevStack, who: &str) -> GatewayClient<Channel> {
-    gw::client(channel(stack, who, "gateway").await)
-}
-
-async fn grant(stack: &DevStack, handle: &str, uses: u32) -> String {
-    let req = gateway(stack, "clinician")
-        .await
-        .request_access(pb::RequestAccessRequest {
-            study_handle: handle.into(),
-            justification: "durability".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
-    KeyServerClient::new(channel(stack, "owner", "keyserver").await)
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 600,
-            uses,
-        })
-        .await
-        .unwrap();
-    req.request_id
-}
 
 fn options() -> DevOptions {
     DevOptions {
@@ -180,8 +142,8 @@ async fn any_two_of_five_nodes_lost_or_corrupt() {
         assert_eq!(nodes.len(), 5, "one fragment per node: {p:?}");
         assert!(p.fragments.iter().all(|f| !f.missing));
     }
-    let rid = grant(&stack, &stored.study_handle, 10).await;
-    let drid = grant(&stack, &dstored.study_handle, 10).await;
+    let rid = grant(&stack, "clinician", &stored.study_handle, 10).await;
+    let drid = grant(&stack, "clinician", &dstored.study_handle, 10).await;
     assert_eq!(
         retrieve_image(&stack, &stored.study_handle, &rid).await,
         img.to_le_bytes()
@@ -282,7 +244,7 @@ async fn corrupt_and_swapped_fragments_are_detected() {
     let img = image();
     let stored = store_image(&stack, &img).await;
     let other = store_image(&stack, &img).await;
-    let rid = grant(&stack, &stored.study_handle, 10).await;
+    let rid = grant(&stack, "clinician", &stored.study_handle, 10).await;
 
     // Flip one byte in the data fragments 0 and 1 of share 1 (on two
     // nodes), keeping each node's own checksum consistent.
@@ -377,7 +339,7 @@ async fn unsafe_or_impossible_schemes_are_refused() {
     let mut stack = DevStack::start(tmp.path(), &opts).await.unwrap();
     let img = image();
     let stored = store_image(&stack, &img).await;
-    let rid = grant(&stack, &stored.study_handle, 1).await;
+    let rid = grant(&stack, "clinician", &stored.study_handle, 1).await;
     assert_eq!(
         retrieve_image(&stack, &stored.study_handle, &rid).await,
         img.to_le_bytes()
@@ -419,7 +381,7 @@ async fn drain_moves_every_fragment_off_a_node() {
     // The node can now go: the studies read without it.
     assert!(stack.stop("storage-3").await);
     for h in &handles {
-        let rid = grant(&stack, h, 1).await;
+        let rid = grant(&stack, "clinician", h, 1).await;
         assert_eq!(retrieve_image(&stack, h, &rid).await, img.to_le_bytes());
     }
     let clean = repair(&stack, true, "").await;

@@ -4,32 +4,18 @@
 //! only through the gateway. `tessera dev up` (and `DevStack`) make
 //! `clinician` a delegate of `owner`; `clinician2` is not one.
 
+mod common;
+use common::{OWNER, channel, gateway, grant};
 use gateway_service::client as gw;
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_image::{Image, PixelFormat};
 use tessera_proto::gateway::v1 as pb;
-use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
-use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::storage::v1 as spb;
 use tessera_proto::watermark::v1 as wpb;
-use tessera_tls::{ClientTls, TlsFiles};
 use tonic::Code;
-use tonic::transport::Channel;
 
-const OWNER: &str = "spiffe://tessera.local/user/owner";
 const CLINICIAN: &str = "spiffe://tessera.local/user/clinician";
-
-async fn channel(stack: &DevStack, who: &str, service: &str) -> Channel {
-    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who)).unwrap();
-    tls.connect(stack.endpoints().get(service).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn gateway(stack: &DevStack, who: &str) -> GatewayClient<Channel> {
-    gw::client(channel(stack, who, "gateway").await)
-}
 
 fn image() -> Image {
     tessera_image::phantom::head_phantom(96, 80, 1, PixelFormat::gray16(12, false), 3).unwrap()
@@ -66,29 +52,6 @@ async fn store(
         &img.to_le_bytes(),
     )
     .await
-}
-
-async fn grant(stack: &DevStack, who: &str, handle: &str, uses: u32) -> String {
-    let req = gateway(stack, who)
-        .await
-        .request_access(pb::RequestAccessRequest {
-            study_handle: handle.into(),
-            justification: "trust test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
-    KeyServerClient::new(channel(stack, "owner", "keyserver").await)
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 600,
-            uses,
-        })
-        .await
-        .unwrap();
-    req.request_id
 }
 
 fn verify_req(handle: &str, rid: &str) -> pb::VerifyStudyRequest {
