@@ -102,6 +102,9 @@ check "a revoked grant cannot retrieve" fails_with refused \
   "$T" retrieve "$STUDY" --request "$R3" --as researcher -o "$E2E_TMP/r2.raw"
 
 # --- delete and audit ---
+check "repair status (admin): every object scrubbed on its node, nothing missing" \
+  out_has " 0 missing, 0 corrupt, 0 unreachable" "$T" repair status --as admin
+check "repair by an owner is refused" fails_with refused "$T" repair status --as owner
 check "delete by a clinician fails" fails_with refused "$T" delete "$STUDY" --as clinician
 check "delete by the owner" out_has "key material destroyed: true" "$T" delete "$STUDY" --as owner
 check "verify after delete: not found" fails_with "not found" "$T" verify "$STUDY" --as owner

@@ -312,15 +312,38 @@ pub fn store(a: StoreArgs) -> Result<()> {
         let r = r.map_err(|s| status_error("store", &s))?;
         let value = json!({
             "study": r.study_handle,
-            "placements": r.placements.iter().map(|p| json!({"share": p.share, "node": p.node, "object": p.object_id, "bytes": p.size})).collect::<Vec<_>>(),
+            "placements": r.placements.iter().map(|p| json!({
+                "share": p.share, "node": p.node, "object": p.object_id, "bytes": p.size,
+                "fragments": p.fragments.iter().map(|f| json!({"index": f.index, "node": f.node, "bytes": f.size, "missing": f.missing})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         });
         a.out.emit(&value, || {
             println!("stored: {}", r.study_handle);
             for p in &r.placements {
-                println!("  share {} on {} ({} bytes)", p.share, p.node, p.size);
+                println!("  share {} {} ({} bytes)", p.share, where_stored(p), p.size);
             }
         })
     })
+}
+
+/// "on storage-2", or "as 5 fragments on storage-1, storage-4, ..." for an
+/// erasure-coded object (missing fragments marked).
+pub(crate) fn where_stored(p: &pb::Placement) -> String {
+    if p.fragments.is_empty() {
+        return format!("on {}", p.node);
+    }
+    let nodes: Vec<String> = p
+        .fragments
+        .iter()
+        .map(|f| {
+            if f.missing {
+                format!("{} (missing)", f.node)
+            } else {
+                f.node.clone()
+            }
+        })
+        .collect();
+    format!("as {} fragments on {}", p.fragments.len(), nodes.join(", "))
 }
 
 /// `tessera request-key`.
