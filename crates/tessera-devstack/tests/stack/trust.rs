@@ -4,8 +4,7 @@
 //! only through the gateway. `tessera dev up` (and `DevStack`) make
 //! `clinician` a delegate of `owner`; `clinician2` is not one.
 
-mod common;
-use common::{OWNER, channel, gateway, grant};
+use crate::common::{OWNER, channel, gateway, grant};
 use gateway_service::client as gw;
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_image::{Image, PixelFormat};

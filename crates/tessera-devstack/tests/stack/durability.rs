@@ -6,8 +6,7 @@
 //! caught; configurations that would let one cloud rebuild a share, or
 //! need more nodes than there are, are refused.
 
-mod common;
-use common::{OWNER, channel, gateway, grant};
+use crate::common::{OWNER, channel, gateway, grant};
 use gateway_service::client as gw;
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_image::{Image, PixelFormat};

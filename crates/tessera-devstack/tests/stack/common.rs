@@ -1,8 +1,6 @@
 //! Fixtures the suite tests share: mutual-TLS clients of the running
 //! DevStack as any development identity, and the request-approve flow.
 
-#![allow(dead_code)]
-
 use gateway_service::client as gw;
 use tessera_devstack::DevStack;
 use tessera_proto::gateway::v1 as pb;

@@ -1,0 +1,11 @@
+//! The live suite's trust model and durability, one test binary (each
+//! integration test file links the whole suite: fewer binaries, faster CI).
+//!
+//! * [`matrix`]: every RPC as every kind of caller against the matrix;
+//! * [`trust`]: ownership, delegation, Verify, tampered retrieve, share relay;
+//! * [`durability`]: erasure coding, node loss, corrupt fragments, repair.
+
+mod common;
+mod durability;
+mod matrix;
+mod trust;
