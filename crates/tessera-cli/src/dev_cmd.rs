@@ -66,6 +66,7 @@ fn up(args: UpArgs) -> Result<()> {
             storage_nodes: args.storage_nodes,
             base_port: (args.base_port != 0).then_some(args.base_port),
             erasure: args.erasure,
+            repair_interval_secs: None,
         };
         let mut stack = DevStack::start(&args.dir, &opts)
             .await

@@ -110,6 +110,9 @@ pub struct DevOptions {
     /// (each node its own zone, `zone-a`, `zone-b`, ...); `None`: whole
     /// objects, one copy each.
     pub erasure: Option<(usize, usize)>,
+    /// With `erasure`: seconds between the gateway's background repair
+    /// passes (`None`: the gateway's default, hourly).
+    pub repair_interval_secs: Option<u64>,
 }
 
 impl Default for DevOptions {
@@ -118,6 +121,7 @@ impl Default for DevOptions {
             storage_nodes: 3,
             base_port: None,
             erasure: None,
+            repair_interval_secs: None,
         }
     }
 }
@@ -395,6 +399,9 @@ impl DevStack {
         }
         if let Some((k, m)) = opts.erasure {
             text.push_str(&format!("[erasure]\ndata = {k}\nparity = {m}\n"));
+            if let Some(s) = opts.repair_interval_secs {
+                text.push_str(&format!("repair_interval_secs = {s}\n"));
+            }
         }
         // The C-STORE SCP (plain DICOM on loopback) for the dev AE titles.
         text.push_str(&format!(

@@ -50,6 +50,7 @@ pub struct App {
     /// Who instances received over C-STORE are recorded as stored by.
     scp_stored_by: String,
     max_image_bytes: u64,
+    erasure: Option<crate::config::ErasureSection>,
 }
 
 /// The C-STORE SCP while it serves.
@@ -63,6 +64,8 @@ struct RunningScp {
 pub struct RunningApp {
     server: RunningServer,
     scp: Option<RunningScp>,
+    /// The background repairer (with `[erasure]` and an interval).
+    repairer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl App {
@@ -90,6 +93,7 @@ impl App {
             service,
             server: config.server.clone(),
             scp: config.dicom.scp.clone(),
+            erasure: config.erasure,
             scp_stored_by: config
                 .dicom
                 .scp
@@ -135,8 +139,21 @@ impl App {
             .add_service(self.service.into_server())
             .spawn()
             .await?;
+        let repairer = self
+            .erasure
+            .filter(|e| e.repair_interval_secs > 0)
+            .map(|e| {
+                tokio::spawn(sweeper.clone().repair_forever(
+                    Duration::from_secs(e.repair_interval_secs),
+                    e.repair_objects_per_sec,
+                ))
+            });
         tokio::spawn(async move { sweeper.sweep_unfinished().await });
-        Ok(RunningApp { server, scp })
+        Ok(RunningApp {
+            server,
+            scp,
+            repairer,
+        })
     }
 }
 
@@ -152,6 +169,10 @@ impl RunningApp {
 
     /// Stops accepting and drains for at most `grace` (the SCP first).
     pub async fn shutdown(self, grace: Duration) {
+        if let Some(r) = self.repairer {
+            r.abort();
+            let _ = r.await;
+        }
         if let Some(scp) = self.scp {
             let _ = scp.stop.send(());
             match tokio::time::timeout(grace, scp.task).await {

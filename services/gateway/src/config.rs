@@ -45,6 +45,8 @@
 //! data = 3                  # k >= 2 (clouds that must collude to rebuild a share)
 //! parity = 2                # m: nodes that may be lost or corrupt
 //! # write_quorum = 4        # fragments durable before a store is acknowledged (k + 1)
+//! # repair_interval_secs = 3600   # background scrub + repair pass (0: off)
+//! # repair_objects_per_sec = 20   # its bounded rate
 //!
 //! [vault]
 //! path = "data/vault.redb"
@@ -239,6 +241,21 @@ pub struct ErasureSection {
     /// and left to repair.
     #[serde(default)]
     pub write_quorum: Option<usize>,
+    /// Seconds between background scrub-and-repair passes over every
+    /// object (0: only when an operator runs `tessera repair run`).
+    #[serde(default = "default_repair_interval")]
+    pub repair_interval_secs: u64,
+    /// Objects a background pass checks per second at most (bounded rate:
+    /// the clouds' disks and egress are not hammered).
+    #[serde(default = "default_repair_rate")]
+    pub repair_objects_per_sec: u32,
+}
+
+fn default_repair_interval() -> u64 {
+    3600
+}
+fn default_repair_rate() -> u32 {
+    20
 }
 
 impl ErasureSection {
@@ -490,6 +507,9 @@ impl Validate for Config {
                     "erasure.data + erasure.parity = {n} fragments need {n} storage nodes; {} are configured",
                     self.storage_nodes.len()
                 ));
+            }
+            if e.repair_objects_per_sec == 0 || e.repair_objects_per_sec > 10_000 {
+                return Err("erasure.repair_objects_per_sec must be 1..=10000".into());
             }
             if !(e.data..=n).contains(&e.quorum()) {
                 return Err(format!("erasure.write_quorum must be {}..={n}", e.data));

@@ -926,7 +926,50 @@ impl GatewayService {
         Ok(Box::pin(tokio_stream::iter(msgs)))
     }
 
+    /// The background repairer: a scrub-and-repair pass over every object
+    /// every `interval`, at most `per_sec` objects a second. Runs until the
+    /// task is aborted (gateway shutdown).
+    pub async fn repair_forever(self, interval: std::time::Duration, per_sec: u32) {
+        loop {
+            tokio::time::sleep(interval).await;
+            match self
+                .repair_pass(
+                    pb::RepairRequest {
+                        study_handle: String::new(),
+                        dry_run: false,
+                        evacuate_node: String::new(),
+                    },
+                    Some(per_sec),
+                )
+                .await
+            {
+                Ok(r) if r.failures.is_empty() => tracing::info!(
+                    objects = r.objects,
+                    rebuilt = r.fragments_rebuilt,
+                    missing = r.fragments_missing,
+                    corrupt = r.fragments_corrupt,
+                    "background repair pass"
+                ),
+                Ok(r) => {
+                    tracing::warn!(failures = ?r.failures, rebuilt = r.fragments_rebuilt, "background repair pass left objects short")
+                }
+                Err(e) => tracing::warn!(error = %e, "background repair pass failed"),
+            }
+        }
+    }
+
     async fn repair_inner(&self, r: pb::RepairRequest) -> Result<pb::RepairResponse> {
+        self.repair_pass(r, None).await
+    }
+
+    /// One scrub (and, unless `dry_run`, repair) pass; `rate` bounds the
+    /// objects checked per second.
+    async fn repair_pass(
+        &self,
+        r: pb::RepairRequest,
+        rate: Option<u32>,
+    ) -> Result<pb::RepairResponse> {
+        let pause = rate.map(|n| std::time::Duration::from_secs_f64(1.0 / f64::from(n.max(1))));
         let ids = if r.study_handle.is_empty() {
             with_vault(&self.inner.vault, |v| v.committed_ids()).await?
         } else {
@@ -949,6 +992,9 @@ impl GatewayService {
                 changed |= self
                     .repair_placement(p, &healthy, evacuate, r.dry_run, &mut tally)
                     .await;
+                if let Some(d) = pause {
+                    tokio::time::sleep(d).await;
+                }
             }
             if changed {
                 let rr = rec.clone();
@@ -961,6 +1007,9 @@ impl GatewayService {
                         changed |= self
                             .repair_placement(p, &healthy, evacuate, r.dry_run, &mut tally)
                             .await;
+                        if let Some(d) = pause {
+                            tokio::time::sleep(d).await;
+                        }
                     }
                     if changed {
                         with_vault(&self.inner.vault, move |v| v.put_instance(&inst)).await?;

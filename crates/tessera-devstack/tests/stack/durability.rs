@@ -407,3 +407,50 @@ async fn list(stack: &DevStack, node: &str) -> Vec<String> {
     .map(|o| o.object_id)
     .collect()
 }
+
+/// The gateway's background repairer (here every second, at its bounded
+/// rate) brings a replaced, empty node's fragments back without anyone
+/// running `repair`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_background_repairer_rebuilds_a_lost_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = DevOptions {
+        repair_interval_secs: Some(1),
+        ..options()
+    };
+    let mut stack = DevStack::start(tmp.path(), &opts).await.unwrap();
+    let img = image();
+    let stored = store_image(&stack, &img).await;
+    lose_disk(&mut stack, "storage-3").await;
+    assert!(
+        !verify(&stack, &stored.study_handle)
+            .await
+            .fragment_problems
+            .is_empty(),
+        "the lost disk's fragments are missing at first"
+    );
+    // Wait (bounded) for a background pass to rebuild them.
+    let mut healed = false;
+    for _ in 0..120 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        if verify(&stack, &stored.study_handle)
+            .await
+            .fragment_problems
+            .is_empty()
+        {
+            healed = true;
+            break;
+        }
+    }
+    assert!(
+        healed,
+        "no background pass rebuilt the fragments within 30 s"
+    );
+    let scrub = repair(&stack, true, "").await;
+    assert_eq!(
+        scrub.fragments_missing + scrub.fragments_corrupt,
+        0,
+        "{scrub:?}"
+    );
+    stack.shutdown().await;
+}
