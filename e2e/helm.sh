@@ -34,6 +34,8 @@ cat >"$E2E_TMP/custom.json" <<JSON
     "spiffe://tessera.local/user/owner": ["owner", "admin"]}},
   "telemetry": {"otlpEndpoint": "$OTLP", "log": "info,keyserver=debug", "json": false},
   "storage": {"replicas": 5, "capacityBytes": 21474836480, "maxObjectBytes": 134217728,
+              "zones": ["cloud-a", "cloud-a", "cloud-b", "cloud-b", "cloud-c"],
+              "erasure": {"enabled": true, "data": 3, "parity": 2},
               "persistence": {"size": "25Gi", "storageClass": "fast"}},
   "watermark": {"replicas": 2},
   "gateway": {"persistence": {"existingClaim": "vault-data"}, "maxConcurrentJobs": 8,
@@ -117,10 +119,11 @@ hc render "$CHART" "$E2E_TMP/r-dicom" "$E2E_TMP/dicom.json"
 for set in default custom dicom; do
   R="$E2E_TMP/r-$set"
   case $set in
-    default) n=3 otlp=none dicom=off ;;
-    custom) n=5 otlp=$OTLP dicom=off ;;
-    dicom) n=3 otlp=none dicom=on ;;
+    default) n=3 otlp=none dicom=off ec=off ;;
+    custom) n=5 otlp=$OTLP dicom=off ec=3+2/cloud-a,cloud-a,cloud-b,cloud-b,cloud-c ;;
+    dicom) n=3 otlp=none dicom=on ec=off ;;
   esac
+  check "$set: [erasure] and node zones from values: $ec" hc check erasure "$R" "$ec"
   check "$set: gateway config lists exactly storage-1..$n, each a StatefulSet with that node_id" \
     hc check storage-nodes "$R" "$n"
   check "$set: every pod non-root, read-only root, no privilege escalation, caps dropped" hc check security "$R"

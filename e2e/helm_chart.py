@@ -198,6 +198,23 @@ def check_storage_nodes(r: Rendered, arg: str | None) -> None:
     assert node_ids == sorted(expected), f"node_ids {node_ids} are not distinct storage-1..{n}"
 
 
+def check_erasure(r: Rendered, arg: str | None) -> None:
+    """`off`, or `K+M/zone,zone,...`: the gateway's [erasure] and node zones."""
+    gw = r.configs["gateway-config"]
+    if arg == "off":
+        assert "erasure" not in gw, f"[erasure] rendered: {gw.get('erasure')}"
+        assert all("zone" not in s for s in gw["storage_nodes"]), gw["storage_nodes"]
+        return
+    scheme, _, zones = (arg or "").partition("/")
+    k, m = (int(x) for x in scheme.split("+"))
+    e = gw.get("erasure")
+    assert e and e["data"] == k and e["parity"] == m, f"[erasure] {e} != {k}+{m}"
+    assert k + m <= len(gw["storage_nodes"]), f"{k}+{m} fragments on {len(gw['storage_nodes'])} nodes"
+    want = zones.split(",")
+    got = [s.get("zone") for s in gw["storage_nodes"]]
+    assert got == want, f"zones {got} != {want}"
+
+
 def all_containers(w: dict) -> list[dict]:
     spec = w["spec"]["template"]["spec"]
     return list(spec.get("initContainers", [])) + list(spec["containers"])
@@ -493,6 +510,7 @@ def check_checksums(r: Rendered, _arg: str | None) -> None:
 
 CHECKS = {
     "storage-nodes": check_storage_nodes,
+    "erasure": check_erasure,
     "security": check_security,
     "probes": check_probes,
     "addresses": check_addresses,

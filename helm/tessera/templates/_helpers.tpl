@@ -168,6 +168,19 @@ identity = {{ include "tessera.serviceIdentity" (list . "segmentation") | toJson
 name = {{ $node | toJson }}
 address = {{ include "tessera.address" (list $node $v.storage.port) | toJson }}
 identity = {{ include "tessera.serviceIdentity" (list $ $node) | toJson }}
+{{- with $v.storage.zones }}{{ with index . $i }}
+zone = {{ . | toJson }}
+{{- end }}{{ end }}
+{{- end }}
+{{- with $v.storage.erasure }}
+{{- if .enabled }}
+
+# Every stored object as data + parity fragments on distinct nodes.
+[erasure]
+data = {{ .data | int64 }}
+parity = {{ .parity | int64 }}
+repair_interval_secs = {{ .repairIntervalSecs | default 3600 | int64 }}
+{{- end }}
 {{- end }}
 {{- $t := $v.gateway.upstreamTimeouts | default dict }}
 
