@@ -210,6 +210,8 @@ pub fn all() -> Result<()> {
     crate::bench_e2e::e2e(crate::bench_e2e::E2eBenchArgs {
         slices: 200,
         concurrency: 16,
+        erasure: Some((3, 2)),
+        erasure_nodes: Some(5),
     })?;
     crate::bench_dicom::dicom(crate::bench_dicom::DicomBenchArgs {
         slices: 300,

@@ -28,6 +28,14 @@ pub struct E2eBenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Also run the suite with every object erasure-coded as K+M on
+    /// `--erasure-nodes` nodes and print it beside whole-object placement
+    /// (same slices, same run), e.g. `--erasure 3+2`.
+    #[arg(long, value_name = "K+M", value_parser = crate::dev_cmd::parse_erasure)]
+    pub erasure: Option<(usize, usize)>,
+    /// Storage nodes for `--erasure` (default K+M).
+    #[arg(long)]
+    pub erasure_nodes: Option<usize>,
 }
 
 const OWNER: &str = "spiffe://tessera.local/user/owner";
@@ -138,6 +146,28 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&tmp);
     let (store, retrieve) = r?;
+    let coded = match args.erasure {
+        None => None,
+        Some((k, m)) => {
+            let nodes = args.erasure_nodes.unwrap_or(k + m);
+            let tmp = tempfile_dir()?;
+            let opts = DevOptions {
+                storage_nodes: nodes,
+                erasure: Some((k, m)),
+                ..DevOptions::default()
+            };
+            let mut stack = DevStack::start(&tmp, &opts)
+                .await
+                .map_err(|e| anyhow!("starting the suite with {k}+{m}: {e}"))?;
+            let r = measure(&stack, &slices, c, slice_bytes).await;
+            stack.shutdown().await;
+            let _ = std::fs::remove_dir_all(&tmp);
+            let (mut s, mut g) = r?;
+            s.name = "store, erasure-coded (ratio: to whole-object store)";
+            g.name = "retrieve, erasure-coded (ratio: to whole-object retrieve)";
+            Some((k, m, nodes, s, g))
+        }
+    };
 
     println!(
         "| operation | slices | slices/s | MB/s | p50 ms | p99 ms | ratio to in-process ({threads} threads) |"
@@ -153,6 +183,11 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
         restore_rate * slice_bytes as f64 / 1e6
     );
     retrieve.print(restore_rate);
+    if let Some((k, m, nodes, s, g)) = &coded {
+        println!("| {k}+{m} fragments on {nodes} nodes | | | | | | |");
+        s.print(store.rate());
+        g.print(retrieve.rate());
+    }
     println!(
         "store: {:.1} slices/s through the gateway (target >= 200 slices/s on this machine)",
         store.rate()

@@ -35,7 +35,7 @@ pub struct UpArgs {
     pub erasure: Option<(usize, usize)>,
 }
 
-fn parse_erasure(s: &str) -> Result<(usize, usize), String> {
+pub(crate) fn parse_erasure(s: &str) -> Result<(usize, usize), String> {
     let (k, m) = s
         .split_once('+')
         .ok_or_else(|| format!("{s:?}: expected K+M, e.g. 3+2"))?;
