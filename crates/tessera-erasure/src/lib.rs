@@ -172,6 +172,17 @@ pub fn parse(fragment: &[u8]) -> Result<(FragmentHeader, &[u8]), ErasureError> {
 /// Encodes `data` (the object `object_id`) into `scheme.n()` fragments,
 /// index order: `k` data fragments, then `m` parity fragments.
 pub fn encode(object_id: &str, scheme: Scheme, data: &[u8]) -> Result<Vec<Vec<u8>>, ErasureError> {
+    encode_hashed(object_id, scheme, data, Sha256::digest(data).into())
+}
+
+/// [`encode`] for a caller that already holds the object's SHA-256 (it is
+/// not computed again; a wrong digest makes every [`decode`] fail).
+pub fn encode_hashed(
+    object_id: &str,
+    scheme: Scheme,
+    data: &[u8],
+    object_sha256: [u8; 32],
+) -> Result<Vec<Vec<u8>>, ErasureError> {
     scheme.check()?;
     if object_id.is_empty() || object_id.len() > MAX_OBJECT_ID {
         return Err(ErasureError::ObjectId(object_id.to_owned()));
@@ -197,7 +208,7 @@ pub fn encode(object_id: &str, scheme: Scheme, data: &[u8]) -> Result<Vec<Vec<u8
         index: 0,
         scheme,
         object_len: data.len() as u64,
-        object_sha256: Sha256::digest(data).into(),
+        object_sha256,
     };
     let mut out = Vec::with_capacity(scheme.n());
     for (index, payload) in originals.drain(..).chain(parity).enumerate() {

@@ -194,12 +194,15 @@ impl GatewayService {
             .min(scheme.n());
         let object_id = p.object_id.clone();
         p.size = data.len() as u64;
-        p.sha256 = hex::encode(Sha256::digest(&data));
-        let frags =
-            tokio::task::spawn_blocking(move || tessera_erasure::encode(&object_id, scheme, &data))
-                .await
-                .map_err(|e| GatewayError::Internal(format!("encode task: {e}")))?
-                .map_err(|e| GatewayError::Internal(format!("erasure encode: {e}")))?;
+        // One SHA-256 pass: the record's digest is the fragments' too.
+        let (frags, digest) = tokio::task::spawn_blocking(move || {
+            let digest: [u8; 32] = Sha256::digest(&data).into();
+            tessera_erasure::encode_hashed(&object_id, scheme, &data, digest).map(|f| (f, digest))
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("encode task: {e}")))?
+        .map_err(|e| GatewayError::Internal(format!("erasure encode: {e}")))?;
+        p.sha256 = hex::encode(digest);
         let mut tasks = Vec::new();
         for (f, bytes) in rec.fragments.iter().zip(frags) {
             if f.missing {
@@ -364,6 +367,18 @@ impl GatewayService {
         let object_id = p.object_id.clone();
         good.sort_by_key(|(i, _)| *i);
         good.truncate(scheme.k);
+        // The fragments name the object's SHA-256 and decode checks the
+        // rebuilt bytes against it: it must be the digest the vault
+        // recorded at store (no second hashing pass here).
+        let named = tessera_erasure::parse(&good[0].1)
+            .map(|(h, _)| hex::encode(h.object_sha256))
+            .unwrap_or_default();
+        if named != p.sha256 {
+            return Err(GatewayError::DataLoss(format!(
+                "{}: the fragments describe another object than the one stored",
+                p.object_id
+            )));
+        }
         let data = tokio::task::spawn_blocking(move || {
             let given: Vec<(usize, &[u8])> = good.iter().map(|(i, d)| (*i, d.as_slice())).collect();
             tessera_erasure::decode(&object_id, scheme, &given)
@@ -371,12 +386,6 @@ impl GatewayService {
         .await
         .map_err(|e| GatewayError::Internal(format!("decode task: {e}")))?
         .map_err(|e| GatewayError::DataLoss(format!("{}: {e}", p.object_id)))?;
-        if hex::encode(Sha256::digest(&data)) != p.sha256 {
-            return Err(GatewayError::DataLoss(format!(
-                "{}: the rebuilt object differs from the one stored",
-                p.object_id
-            )));
-        }
         Ok((data, problems))
     }
 
@@ -443,6 +452,16 @@ pub struct RepairTally {
     pub actions: Vec<String>,
 }
 
+/// The settings of one scrub/repair pass.
+pub(crate) struct Pass<'a> {
+    pub healthy: &'a [NodeHealth],
+    /// Move every fragment off this node.
+    pub evacuate: Option<&'a str>,
+    pub dry_run: bool,
+    /// Wait between objects (the background pass's bounded rate).
+    pub pause: Option<std::time::Duration>,
+}
+
 /// One fragment's state on its node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FragmentState {
@@ -476,6 +495,26 @@ impl GatewayService {
             Err(s) if s.code() == tonic::Code::DataLoss => FragmentState::Corrupt,
             Err(_) => FragmentState::Unreachable,
         }
+    }
+
+    /// [`Self::repair_placement`] over a record's objects; true when any
+    /// changed (the caller saves the record).
+    pub(crate) async fn repair_placements(
+        &self,
+        placements: &mut [SharePlacement],
+        pass: &Pass<'_>,
+        tally: &mut RepairTally,
+    ) -> bool {
+        let mut changed = false;
+        for p in placements.iter_mut() {
+            changed |= self
+                .repair_placement(p, pass.healthy, pass.evacuate, pass.dry_run, tally)
+                .await;
+            if let Some(d) = pass.pause {
+                tokio::time::sleep(d).await;
+            }
+        }
+        changed
     }
 
     /// Scrubs one stored object and, unless `dry_run`, rebuilds what is
@@ -562,8 +601,17 @@ impl GatewayService {
             }
         };
         let object_id = p.object_id.clone();
+        // read_object checked the bytes against the recorded digest.
+        let mut digest = [0u8; 32];
+        if hex::decode_to_slice(&p.sha256, &mut digest).is_err() {
+            tally.failures.push(format!(
+                "{}: the recorded SHA-256 does not parse",
+                p.object_id
+            ));
+            return false;
+        }
         let frags = match tokio::task::spawn_blocking(move || {
-            tessera_erasure::encode(&object_id, scheme, &data)
+            tessera_erasure::encode_hashed(&object_id, scheme, &data, digest)
         })
         .await
         {

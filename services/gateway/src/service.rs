@@ -987,31 +987,25 @@ impl GatewayService {
             let Ok(mut rec) = self.committed(id).await else {
                 continue;
             };
-            let mut changed = false;
-            for p in rec.placements.iter_mut() {
-                changed |= self
-                    .repair_placement(p, &healthy, evacuate, r.dry_run, &mut tally)
-                    .await;
-                if let Some(d) = pause {
-                    tokio::time::sleep(d).await;
-                }
-            }
-            if changed {
+            let pass = crate::durability::Pass {
+                healthy: &healthy,
+                evacuate,
+                dry_run: r.dry_run,
+                pause,
+            };
+            if self
+                .repair_placements(&mut rec.placements, &pass, &mut tally)
+                .await
+            {
                 let rr = rec.clone();
                 with_vault(&self.inner.vault, move |v| v.put(&rr)).await?;
             }
             if rec.is_dicom() {
                 for mut inst in self.committed_instances(&rec).await? {
-                    let mut changed = false;
-                    for p in inst.placements.iter_mut() {
-                        changed |= self
-                            .repair_placement(p, &healthy, evacuate, r.dry_run, &mut tally)
-                            .await;
-                        if let Some(d) = pause {
-                            tokio::time::sleep(d).await;
-                        }
-                    }
-                    if changed {
+                    if self
+                        .repair_placements(&mut inst.placements, &pass, &mut tally)
+                        .await
+                    {
                         with_vault(&self.inner.vault, move |v| v.put_instance(&inst)).await?;
                     }
                 }
