@@ -205,18 +205,23 @@ pub async fn flows(
             format!("pixel share {}", p.share)
         };
         println!(
-            "  {what} -> {} as {} ({} bytes)",
-            p.node, p.object_id, p.size
+            "  {what} ({} bytes) -> {}",
+            p.size,
+            crate::suite_demo::object_nodes(p).join(", ")
         );
     }
     steps.check(
         "a new study; the gateway's SHA-256 of the stored file equals the input's",
         stored.new_study && !stored.duplicate && stored.sha256 == sha,
     );
-    let nodes: std::collections::BTreeSet<_> = stored.placements.iter().map(|p| &p.node).collect();
     steps.check(
-        "metadata and pixel objects on distinct storage nodes",
-        !stored.placements.is_empty() && nodes.len() == stored.placements.len(),
+        "metadata and pixel objects each spread as fragments over distinct storage nodes",
+        !stored.placements.is_empty()
+            && stored.placements.iter().all(|p| {
+                let n = crate::suite_demo::object_nodes(p);
+                let distinct: std::collections::BTreeSet<_> = n.iter().collect();
+                n.len() > 1 && distinct.len() == n.len()
+            }),
     );
     let secrets = searchable(subject);
     if secrets.is_empty() {
@@ -224,15 +229,17 @@ pub async fn flows(
             "  (the file's Patient Name and Patient ID are empty or shorter than {MIN_SEARCH_LEN} characters: too short to search the storage nodes' bytes for)"
         );
     }
-    let mut clean = true;
+    let nodes = crate::suite_demo::storage_nodes(stack);
+    let mut clean = !nodes.is_empty();
     for node in &nodes {
-        if let Some(db) = stack.storage_db(node) {
-            let raw = std::fs::read(&db).with_context(|| format!("reading {}", db.display()))?;
-            for (what, v) in &secrets {
-                if contains(&raw, v) {
-                    println!("  {what} found in {}", db.display());
-                    clean = false;
-                }
+        let db = stack
+            .storage_db(node)
+            .ok_or_else(|| anyhow!("{node}: no redb file"))?;
+        let raw = std::fs::read(&db).with_context(|| format!("reading {}", db.display()))?;
+        for (what, v) in &secrets {
+            if contains(&raw, v) {
+                println!("  {what} found in {}", db.display());
+                clean = false;
             }
         }
     }

@@ -24,15 +24,23 @@ pub struct UpArgs {
     /// gateway = P+3, storage-N = P+10+N. 0 lets the OS choose free ports.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
-    /// Number of storage nodes (the development PKI has certificates for
-    /// storage-1..5).
-    #[arg(long, default_value_t = 3)]
+    /// Number of storage nodes, each its own zone (zone-a, zone-b, ...;
+    /// the development PKI has certificates for storage-1..5).
+    #[arg(long = "nodes", visible_alias = "storage-nodes", default_value_t = 5)]
     pub storage_nodes: usize,
     /// Erasure-code every stored object as K data + M parity fragments on
-    /// K+M distinct nodes (each node its own zone), e.g. `3+2` with
-    /// `--storage-nodes 5`: any 2 nodes may be lost. K >= 2.
-    #[arg(long, value_name = "K+M", value_parser = parse_erasure)]
-    pub erasure: Option<(usize, usize)>,
+    /// K+M distinct nodes, or `none` (each object whole on one node).
+    /// Default: 3+2 on 5 nodes (any 2 nodes may be lost), 2+2 on 4, 2+1 on
+    /// 3, none on 2. K >= 2.
+    #[arg(long, value_name = "K+M|none", value_parser = parse_erasure_opt)]
+    pub erasure: Option<Option<(usize, usize)>>,
+}
+
+fn parse_erasure_opt(s: &str) -> Result<Option<(usize, usize)>, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    parse_erasure(s).map(Some)
 }
 
 pub(crate) fn parse_erasure(s: &str) -> Result<(usize, usize), String> {
@@ -65,7 +73,9 @@ fn up(args: UpArgs) -> Result<()> {
         let opts = DevOptions {
             storage_nodes: args.storage_nodes,
             base_port: (args.base_port != 0).then_some(args.base_port),
-            erasure: args.erasure,
+            erasure: args
+                .erasure
+                .unwrap_or_else(|| tessera_devstack::auto_erasure(args.storage_nodes)),
             repair_interval_secs: None,
         };
         let mut stack = DevStack::start(&args.dir, &opts)
@@ -74,6 +84,16 @@ fn up(args: UpArgs) -> Result<()> {
         println!("Tessera is up (mutual TLS on every port). Data in {}", stack.dir().display());
         for (name, addr) in &stack.endpoints().endpoints {
             println!("  {name:<13} {addr}");
+        }
+        match opts.erasure {
+            Some((k, m)) => println!(
+                "Storage: {} nodes, each its own zone; every object erasure-coded {k}+{m} (any {m} node(s) may be lost; {k} clouds must collude to rebuild a share)",
+                opts.storage_nodes
+            ),
+            None => println!(
+                "Storage: {} nodes; every object stored whole on one node (no erasure coding)",
+                opts.storage_nodes
+            ),
         }
         println!(
             "Endpoints: {}\nPKI: {} (identities: owner, clinician (a delegate of owner), clinician2, researcher, admin, outsider)",

@@ -1,5 +1,6 @@
 //! `tessera demo`: the main job. The whole suite comes up in this process
-//! on loopback (development PKI, keyserver, three storage nodes, watermark,
+//! on loopback (development PKI, keyserver, five storage nodes (every
+//! object erasure-coded 3+2 across them), watermark,
 //! segmentation, gateway; real mutual TLS between them; redb files under
 //! `OUT/suite`), and a sample study goes through every flow as the
 //! different users would drive it. Every step is checked; the command exits
@@ -26,6 +27,40 @@ use crate::client::gateway_cmd::{print_report, tamper_map};
 use crate::demo::{DemoArgs, Steps};
 
 pub(crate) const OWNER: &str = "spiffe://tessera.local/user/owner";
+
+/// The nodes holding a stored object: its fragments' nodes, or its one
+/// node when it is stored whole.
+pub(crate) fn object_nodes(p: &pb::Placement) -> Vec<&str> {
+    if p.fragments.is_empty() {
+        vec![p.node.as_str()]
+    } else {
+        p.fragments.iter().map(|f| f.node.as_str()).collect()
+    }
+}
+
+/// The suite's storage nodes, by name.
+pub(crate) fn storage_nodes(stack: &DevStack) -> Vec<String> {
+    stack
+        .endpoints()
+        .endpoints
+        .keys()
+        .filter(|n| n.starts_with("storage-"))
+        .cloned()
+        .collect()
+}
+
+/// A repair pass over every study, as the admin.
+async fn repair(admin: &mut GatewayClient<Channel>) -> Result<pb::RepairResponse> {
+    Ok(admin
+        .repair(pb::RepairRequest {
+            study_handle: String::new(),
+            dry_run: false,
+            evacuate_node: String::new(),
+        })
+        .await
+        .context("repair")?
+        .into_inner())
+}
 
 async fn channel(stack: &DevStack, who: &str, service: &str) -> Result<Channel> {
     let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who))?;
@@ -79,9 +114,9 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     let t0 = Instant::now();
 
     println!(
-        "== 1. The suite on loopback: development PKI, keyserver, 3 storage nodes, watermark, segmentation, gateway"
+        "== 1. The suite on loopback: development PKI, keyserver, 5 storage nodes (5 clouds, every object erasure-coded 3+2), watermark, segmentation, gateway"
     );
-    let mut stack = DevStack::start(&suite_dir, &DevOptions::default())
+    let mut stack = DevStack::start(&suite_dir, &DevOptions::dev_up())
         .await
         .map_err(|e| anyhow!("starting the suite: {e}"))?;
     for (name, addr) in &stack.endpoints().endpoints {
@@ -93,7 +128,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     );
     let result = match &dicom {
         Some(input) => crate::demo_dicom::flows(&stack, input, &out_dir, &mut steps).await,
-        None => flows(&stack, &out_dir, &mut steps).await,
+        None => flows(&mut stack, &out_dir, &mut steps).await,
     };
     stack.shutdown().await;
     result?;
@@ -112,7 +147,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     }
 }
 
-async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()> {
+async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()> {
     let out = |name: &str| out_dir.join(name);
 
     println!(
@@ -159,26 +194,37 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         t.elapsed().as_secs_f64() * 1e3
     );
     for p in &stored.placements {
+        let nodes: Vec<&str> = p.fragments.iter().map(|f| f.node.as_str()).collect();
         println!(
-            "  share {} -> {} as {} ({} bytes)",
-            p.share, p.node, p.object_id, p.size
+            "  share {} ({} bytes) -> {} fragments on {}",
+            p.share,
+            p.size,
+            p.fragments.len(),
+            nodes.join(", ")
         );
     }
+    let spread = |p: &pb::Placement| {
+        let distinct: std::collections::BTreeSet<&str> =
+            p.fragments.iter().map(|f| f.node.as_str()).collect();
+        p.fragments.len() == 5 && distinct.len() == 5
+    };
     steps.check(
-        "two shares on two distinct storage nodes",
-        stored.placements.len() == 2 && stored.placements[0].node != stored.placements[1].node,
+        "two shares, each as 5 fragments (3 data + 2 parity) on 5 distinct clouds",
+        stored.placements.len() == 2 && stored.placements.iter().all(spread),
     );
-    let mut clean = true;
-    for p in &stored.placements {
-        if let Some(db) = stack.storage_db(&p.node) {
-            let raw = std::fs::read(&db)?;
-            for (_, v) in &attributes {
-                clean &= !raw.windows(v.len()).any(|w| w == v.as_bytes());
-            }
+    let nodes = storage_nodes(stack);
+    let mut clean = nodes.len() == 5;
+    for node in &nodes {
+        let db = stack
+            .storage_db(node)
+            .ok_or_else(|| anyhow!("{node}: no redb file"))?;
+        let raw = std::fs::read(&db).with_context(|| format!("reading {}", db.display()))?;
+        for (_, v) in &attributes {
+            clean &= !raw.windows(v.len()).any(|w| w == v.as_bytes());
         }
     }
     steps.check(
-        "no patient attribute in any storage node's redb file",
+        "no patient attribute in any of the 5 storage nodes' redb files",
         clean,
     );
 
@@ -233,13 +279,13 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         matches!(&outsider, Err(e) if e.code() == tonic::Code::PermissionDenied),
     );
 
-    println!("== 4. The owner approves (1 hour, 3 uses)");
+    println!("== 4. The owner approves (1 hour, 5 uses)");
     let approved = keyserver(stack, "owner")
         .await?
         .approve_request(ks::ApproveRequestRequest {
             request_id: req.request_id.clone(),
             ttl_seconds: 3600,
-            uses: 3,
+            uses: 5,
         })
         .await
         .context("approve")?
@@ -283,43 +329,178 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         !rh.patient_attributes.is_empty(),
     );
 
-    println!("== 6. Cloud B tampers with its share (one byte changed, checksum kept consistent)");
+    println!("== 6. Clouds fail: one corrupts its fragment, two lose their disks");
     let p2 = stored
         .placements
         .iter()
         .find(|p| p.share == 2)
         .ok_or_else(|| anyhow!("no share 2"))?;
-    let mut node = storage_node::client::client(channel(stack, "gateway", &p2.node).await?);
-    let (_, mut bytes) = storage_node::client::get_object(&mut node, &p2.object_id).await?;
+    let victim = p2
+        .fragments
+        .first()
+        .ok_or_else(|| anyhow!("share 2 has no fragments"))?;
+    let mut node = storage_node::client::client(channel(stack, "gateway", &victim.node).await?);
+    let (_, mut bytes) = storage_node::client::get_object(&mut node, &victim.object_id).await?;
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;
-    storage_node::client::replace_object(&mut node, &p2.object_id, &bytes).await?;
-    println!("  {} now holds a modified {}", p2.node, p2.object_id);
-    let refused = gw::retrieve(&mut clin, &handle, &req.request_id).await;
-    if let Err(e) = &refused {
-        println!("  retrieve: {:?}: {}", e.code(), e.message());
+    storage_node::client::replace_object(&mut node, &victim.object_id, &bytes).await?;
+    println!(
+        "  {} now holds a modified {} (fragment {} of share 2)",
+        victim.node, victim.object_id, victim.index
+    );
+    let mut owner_gw = gateway(stack, "owner").await?;
+    let v = owner_gw
+        .verify(pb::VerifyStudyRequest {
+            study_handle: handle.clone(),
+            key_request_id: String::new(),
+        })
+        .await
+        .context("verify")?
+        .into_inner();
+    for p in &v.fragment_problems {
+        println!("  verify: {p}");
     }
     steps.check(
-        "a plain retrieve of the tampered study is refused (DATA_LOSS, no use spent)",
-        refused
-            .as_ref()
-            .is_err_and(|e| e.code() == tonic::Code::DataLoss),
+        "verify names the corrupt fragment, the study itself intact",
+        v.fragment_problems.len() == 1
+            && v.fragment_problems[0].contains(&victim.node)
+            && v.fragment_problems[0].contains("corrupt")
+            && v.report.as_ref().is_some_and(|r| r.intact),
     );
-    let (th, tpixels) = gw::retrieve_with_progress(
-        &mut clin,
-        tessera_proto::gateway::v1::RetrieveRequest {
+    let (_, px) = gw::retrieve(&mut clin, &handle, &req.request_id)
+        .await
+        .context("retrieve with a corrupt fragment")?;
+    steps.check(
+        "the clinician still retrieves it bit-identical (rebuilt from the other fragments)",
+        px == image.to_le_bytes(),
+    );
+    let mut admin = gateway(stack, "admin").await?;
+    let repaired = repair(&mut admin).await?;
+    steps.check(
+        "repair rebuilds the corrupt fragment in place",
+        repaired.fragments_corrupt == 1 && repaired.fragments_rebuilt == 1,
+    );
+    let lost: Vec<String> = nodes
+        .iter()
+        .filter(|n| **n != victim.node)
+        .take(2)
+        .cloned()
+        .collect();
+    for n in &lost {
+        let db = stack
+            .storage_db(n)
+            .ok_or_else(|| anyhow!("{n}: no redb file"))?;
+        stack.stop(n).await;
+        std::fs::remove_file(&db).with_context(|| format!("removing {}", db.display()))?;
+        println!("  {n} lost its disk ({} deleted)", db.display());
+    }
+    let v = owner_gw
+        .verify(pb::VerifyStudyRequest {
+            study_handle: handle.clone(),
+            key_request_id: String::new(),
+        })
+        .await
+        .context("verify with 2 clouds down")?
+        .into_inner();
+    println!(
+        "  verify with 2 of 5 clouds down: {} fragments unusable, study intact = {}",
+        v.fragment_problems.len(),
+        v.report.as_ref().is_some_and(|r| r.intact)
+    );
+    steps.check(
+        "with 2 of 5 clouds gone, verify still restores the study intact and names the 4 lost fragments",
+        v.fragment_problems.len() == 4 && v.report.as_ref().is_some_and(|r| r.intact),
+    );
+    for n in &lost {
+        stack
+            .restart_storage(n)
+            .await
+            .map_err(|e| anyhow!("restarting {n}: {e}"))?;
+    }
+    println!("  {} back with new, empty disks", lost.join(" and "));
+    let t = Instant::now();
+    let repaired = repair(&mut admin).await?;
+    println!(
+        "  repair: {} fragments checked, {} missing, {} rebuilt in {:.0} ms",
+        repaired.fragments_checked,
+        repaired.fragments_missing,
+        repaired.fragments_rebuilt,
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let scrub = admin
+        .repair(pb::RepairRequest {
+            study_handle: String::new(),
+            dry_run: true,
+            evacuate_node: String::new(),
+        })
+        .await
+        .context("scrub")?
+        .into_inner();
+    steps.check(
+        "repair rebuilds the 4 lost fragments; a scrub then finds 0 missing, 0 corrupt",
+        repaired.fragments_rebuilt == 4
+            && scrub.fragments_missing == 0
+            && scrub.fragments_corrupt == 0
+            && scrub.fragments_unreachable == 0,
+    );
+
+    println!(
+        "== 7. Share 2 altered on its way to the clinician: the watermark localizes it (local restore, paper 003)"
+    );
+    let loc = clin
+        .locate(pb::LocateRequest {
             study_handle: handle.clone(),
             key_request_id: req.request_id.clone(),
-            allow_tampered: true,
-        },
-        |_, _| {},
+        })
+        .await
+        .context("locate")?
+        .into_inner();
+    let header = tessera_cryptomark::Header::from_json(&loc.header_json)
+        .map_err(|e| anyhow!("locate: the header does not parse: {e}"))?;
+    let mut shares = Vec::new();
+    for share in [1u32, 2] {
+        let mut stream = clin
+            .fetch_share(pb::FetchShareRequest {
+                study_handle: handle.clone(),
+                key_request_id: req.request_id.clone(),
+                share,
+            })
+            .await
+            .with_context(|| format!("fetch share {share}"))?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(m) = stream.message().await? {
+            data.extend_from_slice(&m.chunk);
+        }
+        shares.push(data);
+    }
+    let released = keyserver(stack, "clinician")
+        .await?
+        .fetch_key(ks::FetchKeyRequest {
+            request_id: req.request_id.clone(),
+        })
+        .await
+        .context("fetch key")?
+        .into_inner();
+    let key: [u8; 32] = released
+        .key
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow!("fetch key: not 32 bytes"))?;
+    let key = tessera_cryptomark::StudyKey::from_bytes(key);
+    let mut altered = shares[1].clone();
+    let at = altered.len() / 2;
+    altered[at] ^= 0x10;
+    let restored = tessera_cryptomark::restore(
+        &header,
+        &shares[0],
+        &altered,
+        tessera_cryptomark::RestoreKey::Secure(&key),
     )
-    .await
-    .context("retrieve after tampering (allow_tampered, for the tamper map)")?;
-    let report = th.report.clone().unwrap_or_default();
+    .map_err(|e| anyhow!("restore: {e}"))?;
+    let report = watermark_service::convert::report_to_proto(&restored.report);
     print_report(&report);
-    let restored = Image::from_le_bytes(image.spec().to_owned(), &tpixels)?;
-    std::fs::write(out("tamper-map.png"), tamper_map(&restored, &report)?)?;
+    std::fs::write(out("tamper-map.png"), tamper_map(&restored.image, &report)?)?;
     println!("  wrote {}", out("tamper-map.png").display());
     steps.check(
         "exactly one tile flagged, in share 2",
@@ -337,7 +518,7 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
     let wrong = image
         .samples()
         .iter()
-        .zip(restored.samples())
+        .zip(restored.image.samples())
         .filter(|(a, b)| a != b)
         .count();
     steps.check(
@@ -345,12 +526,8 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         wrong <= tile_area,
     );
 
-    println!("== 7. Region-wise Gaussian filter across the storage nodes (GA-ES, paper 000)");
+    println!("== 8. Region-wise Gaussian filter across the storage nodes (GA-ES, paper 000)");
     let t = Instant::now();
-    // Restore the clean share first (the owner stores the study again).
-    let mut clean_bytes = bytes;
-    clean_bytes[at] ^= 0x10;
-    storage_node::client::replace_object(&mut node, &p2.object_id, &clean_bytes).await?;
     let (ph, result) = gw::process(
         &mut clin,
         pb::ProcessRequest {
@@ -387,7 +564,7 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         distinct.len() == ph.work.len() && ph.work.len() > 1,
     );
 
-    println!("== 8. The audit log at the keyserver");
+    println!("== 9. The audit log at the keyserver");
     let audit = keyserver(stack, "owner")
         .await?
         .verify_audit(ks::VerifyAuditRequest {})
@@ -396,7 +573,7 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
     println!("  {} entries, chain ok = {}", audit.entries, audit.ok);
     steps.check("the audit chain verifies", audit.ok && audit.entries > 0);
 
-    println!("== 9. The owner deletes the study: shares removed, key material destroyed");
+    println!("== 10. The owner deletes the study: every fragment removed, key material destroyed");
     let d = gateway(stack, "owner")
         .await?
         .delete(pb::DeleteStudyRequest {
@@ -407,9 +584,10 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         .into_inner();
     let gone = gw::retrieve(&mut clin, &handle, &req.request_id).await;
     steps.check(
-        "after delete: shares removed, key destroyed, study not found",
+        "after delete: both shares' fragments removed, key destroyed, study not found",
         d.key_destroyed
             && d.removed.len() == 2
+            && d.removed.iter().all(|p| p.fragments.len() == 5)
             && matches!(&gone, Err(e) if e.code() == tonic::Code::NotFound),
     );
     Ok(())

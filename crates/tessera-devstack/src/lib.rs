@@ -126,6 +126,31 @@ impl Default for DevOptions {
     }
 }
 
+impl DevOptions {
+    /// What `tessera dev up` and the demo run: 5 storage nodes, each its
+    /// own zone, every object erasure-coded 3 + 2 (any 2 nodes may be lost;
+    /// 3 clouds must collude to rebuild a share).
+    pub fn dev_up() -> Self {
+        Self {
+            storage_nodes: 5,
+            erasure: auto_erasure(5),
+            ..Self::default()
+        }
+    }
+}
+
+/// The erasure coding `dev up` picks for `nodes` storage nodes: 3 + 2 from
+/// 5 nodes, 2 + 2 on 4, 2 + 1 on 3 (any one node lost), whole objects on
+/// 2. Never k = 1: at least two clouds must collude to rebuild a share.
+pub fn auto_erasure(nodes: usize) -> Option<(usize, usize)> {
+    match nodes {
+        0..=2 => None,
+        3 => Some((2, 1)),
+        4 => Some((2, 2)),
+        _ => Some((3, 2)),
+    }
+}
+
 /// The zone of the `i`-th storage node (1-based): `zone-a`, `zone-b`, ...
 pub fn dev_zone(i: usize) -> String {
     let letter = (b'a' + ((i.saturating_sub(1)) % 26) as u8) as char;

@@ -47,6 +47,8 @@
 //! # write_quorum = 4        # fragments durable before a store is acknowledged (k + 1)
 //! # repair_interval_secs = 3600   # background scrub + repair pass (0: off)
 //! # repair_objects_per_sec = 20   # its bounded rate
+//! # hedge_after_ms = 250    # a read asks one more node when k fragments are this late
+//! # orphan_grace_secs = 3600  # a full repair pass removes objects no record names, once this old
 //!
 //! [vault]
 //! path = "data/vault.redb"
@@ -249,6 +251,24 @@ pub struct ErasureSection {
     /// the clouds' disks and egress are not hammered).
     #[serde(default = "default_repair_rate")]
     pub repair_objects_per_sec: u32,
+    /// A read starts with the k preferred fragments; each time this many
+    /// milliseconds pass without k verified ones, it asks one more node
+    /// (a hedged read: a slow cloud costs this delay, not its whole delay).
+    #[serde(default = "default_hedge_after_ms")]
+    pub hedge_after_ms: u64,
+    /// A full repair pass removes objects on the nodes that no record names
+    /// (what a crash left) once they are this many seconds old by the
+    /// node's clock: longer than any store runs, plus clock skew.
+    #[serde(default = "default_orphan_grace")]
+    pub orphan_grace_secs: u64,
+}
+
+fn default_orphan_grace() -> u64 {
+    3600
+}
+
+fn default_hedge_after_ms() -> u64 {
+    250
 }
 
 fn default_repair_interval() -> u64 {
@@ -507,6 +527,9 @@ impl Validate for Config {
                     "erasure.data + erasure.parity = {n} fragments need {n} storage nodes; {} are configured",
                     self.storage_nodes.len()
                 ));
+            }
+            if e.hedge_after_ms == 0 || e.hedge_after_ms > 60_000 {
+                return Err("erasure.hedge_after_ms must be 1..=60000".into());
             }
             if e.repair_objects_per_sec == 0 || e.repair_objects_per_sec > 10_000 {
                 return Err("erasure.repair_objects_per_sec must be 1..=10000".into());

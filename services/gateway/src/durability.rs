@@ -8,15 +8,18 @@
 //! * **Writes** are acknowledged once `write_quorum` fragments (default
 //!   k + 1) are durable; a fragment that could not be written is recorded
 //!   as missing (for repair), never silently dropped.
-//! * **Reads** start with the `k` preferred fragments and fetch the others
-//!   only when one is missing, unreachable or fails its recorded SHA-256;
-//!   every such fragment is named in the log and in the reports.
+//! * **Reads** start with the `k` preferred fragments and fetch another
+//!   at once when one is missing, unreachable or fails its recorded
+//!   SHA-256 (every such fragment is named in the log and the reports), and
+//!   one more each `hedge_after_ms` while k verified fragments are not in
+//!   (a slow cloud costs that delay, not its own).
 //!
 //! An object without an erasure record is stored whole on one node (the
 //! records written before erasure coding, or a gateway without
 //! `[erasure]`): the functions here fall back to that.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
 
 use sha2::{Digest, Sha256};
 use tessera_erasure::Scheme;
@@ -26,6 +29,17 @@ use crate::error::GatewayError;
 use crate::service::{GatewayService, Result};
 use crate::upstream::{self, Node, NodeHealth};
 use crate::vault::{ErasureRecord, FragmentPlacement, SharePlacement};
+
+/// Milliseconds a read waits for its k fragments before asking one more
+/// node, when the config does not say (`[erasure] hedge_after_ms`).
+const DEFAULT_HEDGE_AFTER_MS: u64 = 250;
+
+/// Seconds an object must have existed on its node before the orphan sweep
+/// may remove it (`[erasure] orphan_grace_secs`): longer than any store.
+pub(crate) const DEFAULT_ORPHAN_GRACE_SECS: u64 = 3600;
+
+/// A fetched object: its SHA-256 as the node computed it, and its bytes.
+type Fetched = (Vec<u8>, Vec<u8>);
 
 /// A fragment a read could not use, named for the reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,75 +295,115 @@ impl GatewayService {
             m: rec.m as usize,
         };
         let frag_limit = scheme.shard_len(limit) as u64 + 1024;
+        let hedge_after = std::time::Duration::from_millis(
+            self.inner
+                .limits
+                .erasure
+                .map_or(DEFAULT_HEDGE_AFTER_MS, |e| e.hedge_after_ms),
+        );
         let mut problems = Vec::new();
         let mut good: Vec<(usize, Vec<u8>)> = Vec::new();
         // Preferred: the data fragments (no decoding work), then parity.
         let mut order: Vec<&FragmentPlacement> = rec.fragments.iter().collect();
         order.sort_by_key(|f| (f.missing, f.index));
-        let mut next = 0;
-        while (thorough || good.len() < scheme.k) && next < order.len() {
-            let want = if thorough {
-                order.len()
-            } else {
-                scheme.k - good.len()
-            };
-            let batch: Vec<&FragmentPlacement> = order[next..].iter().take(want).copied().collect();
-            next += batch.len();
-            let mut tasks = Vec::new();
-            for f in &batch {
+        let problem = |f: &FragmentPlacement, kind: &'static str, detail: String| FragmentProblem {
+            object_id: p.object_id.clone(),
+            index: f.index,
+            node: f.node.clone(),
+            kind,
+            detail,
+        };
+        // Each task answers with its position in `order`.
+        let mut tasks: tokio::task::JoinSet<(usize, Result<Fetched>)> = tokio::task::JoinSet::new();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        // Starts the next fetchable fragment; false when none is left.
+        let launch = |tasks: &mut tokio::task::JoinSet<_>, problems: &mut Vec<FragmentProblem>| {
+            while next.load(Relaxed) < order.len() {
+                let pos = next.fetch_add(1, Relaxed);
+                let f = order[pos];
                 if f.missing {
-                    tasks.push(None);
+                    problems.push(problem(f, "missing", "not written at store".into()));
                     continue;
                 }
-                let node = match self.inner.up.node(&f.node) {
-                    Ok(n) => n.clone(),
-                    Err(_) => {
-                        tasks.push(None);
-                        continue;
-                    }
+                let Ok(node) = self.inner.up.node(&f.node).cloned() else {
+                    problems.push(problem(f, "unreachable", "not a configured node".into()));
+                    continue;
                 };
                 let id = f.object_id.clone();
-                tasks.push(Some(tokio::spawn(async move {
-                    upstream::get_object(&node, &id, frag_limit).await
-                })));
+                tasks.spawn(
+                    async move { (pos, upstream::get_object(&node, &id, frag_limit).await) },
+                );
+                return true;
             }
-            for (f, t) in batch.iter().zip(tasks) {
-                let problem = |kind: &'static str, detail: String| FragmentProblem {
-                    object_id: p.object_id.clone(),
-                    index: f.index,
-                    node: f.node.clone(),
-                    kind,
-                    detail,
-                };
-                let Some(t) = t else {
-                    problems.push(problem("missing", "not written at store".into()));
-                    continue;
-                };
-                match t.await {
-                    Ok(Ok((sha, data))) => {
-                        if hex::encode(sha) == f.sha256 {
-                            good.push((f.index as usize, data));
-                        } else {
-                            problems.push(problem(
-                                "corrupt",
-                                "SHA-256 differs from the one recorded at store".into(),
-                            ));
+            false
+        };
+        let wanted = if thorough { order.len() } else { scheme.k };
+        for _ in 0..wanted {
+            if !launch(&mut tasks, &mut problems) {
+                break;
+            }
+        }
+        let hedge = tokio::time::sleep(hedge_after);
+        tokio::pin!(hedge);
+        let mut hedged = 0usize;
+        while thorough || good.len() < scheme.k {
+            if tasks.is_empty() {
+                // Every started fetch answered and k are not good yet.
+                if !launch(&mut tasks, &mut problems) {
+                    break;
+                }
+                continue;
+            }
+            tokio::select! {
+                joined = tasks.join_next() => {
+                    let Some(joined) = joined else { continue };
+                    let (pos, r) = match joined {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::warn!(object = %p.object_id, error = %e, "fragment fetch task failed");
+                            continue;
                         }
+                    };
+                    let f = order[pos];
+                    let usable = match r {
+                        Ok((sha, data)) if hex::encode(&sha) == f.sha256 => {
+                            good.push((f.index as usize, data));
+                            true
+                        }
+                        Ok(_) => {
+                            problems.push(problem(f, "corrupt", "SHA-256 differs from the one recorded at store".into()));
+                            false
+                        }
+                        Err(e) => {
+                            let code = e.code();
+                            let kind = if code == tonic::Code::NotFound {
+                                "missing"
+                            } else if code == tonic::Code::DataLoss {
+                                "corrupt"
+                            } else {
+                                "unreachable"
+                            };
+                            problems.push(problem(f, kind, e.to_string()));
+                            false
+                        }
+                    };
+                    // An unusable fragment is replaced by the next at once.
+                    if !usable && !thorough && good.len() + tasks.len() < scheme.k {
+                        launch(&mut tasks, &mut problems);
                     }
-                    Ok(Err(e)) => {
-                        let code = e.code();
-                        let kind = if code == tonic::Code::NotFound {
-                            "missing"
-                        } else if code == tonic::Code::DataLoss {
-                            "corrupt"
-                        } else {
-                            "unreachable"
-                        };
-                        problems.push(problem(kind, e.to_string()));
+                }
+                () = &mut hedge, if !thorough && next.load(Relaxed) < order.len() => {
+                    if launch(&mut tasks, &mut problems) {
+                        hedged += 1;
                     }
-                    Err(e) => problems.push(problem("unreachable", format!("task: {e}"))),
+                    hedge.as_mut().reset(tokio::time::Instant::now() + hedge_after);
                 }
             }
+        }
+        // Fetches still running (slow nodes a hedge overtook) are dropped.
+        tasks.abort_all();
+        if hedged > 0 {
+            tracing::info!(object = %p.object_id, hedged, "read hedged to further fragments (slow nodes)");
         }
         for pr in &problems {
             tracing::warn!(object = %pr.object_id, fragment = pr.index, node = %pr.node, kind = pr.kind, detail = %pr.detail, "fragment unusable; queued for repair");
@@ -448,6 +502,11 @@ pub struct RepairTally {
     pub unreachable: u64,
     pub rebuilt: u64,
     pub moved: u64,
+    /// Stores a crashed gateway left pending, rolled back by this pass.
+    pub interrupted: u64,
+    /// Objects on a node that no record names (a crash between a node's
+    /// write and the record), removed.
+    pub orphans: u64,
     pub failures: Vec<String>,
     pub actions: Vec<String>,
 }
@@ -712,5 +771,163 @@ impl GatewayService {
             }
         }
         changed
+    }
+
+    /// Rolls back the stores an earlier gateway process left pending (a
+    /// crash mid-store) that its start-up sweep could not finish (a node
+    /// was down then). Records created since this process started may be
+    /// in flight and are left alone; interrupted deletes are finished at
+    /// the next start.
+    pub(crate) async fn finish_interrupted(&self, dry_run: bool, tally: &mut RepairTally) {
+        use crate::vault::StudyState;
+        let started = self.inner.started_unix;
+        let found = crate::service::with_vault(&self.inner.vault, |v| {
+            Ok((v.unfinished()?, v.unfinished_instances()?))
+        })
+        .await;
+        let (studies, instances) = match found {
+            Ok(v) => v,
+            Err(e) => {
+                tally
+                    .failures
+                    .push(format!("reading unfinished records: {e}"));
+                return;
+            }
+        };
+        for rec in studies
+            .iter()
+            .filter(|r| r.state == StudyState::Pending && r.created_unix < started)
+        {
+            tally.actions.push(format!(
+                "{}roll back the interrupted store of {}",
+                if dry_run { "would " } else { "" },
+                rec.study_id
+            ));
+            if !dry_run {
+                self.rollback(rec).await;
+                tally.interrupted += 1;
+            }
+        }
+        for rec in instances.iter().filter(|r| r.created_unix < started) {
+            tally.actions.push(format!(
+                "{}roll back the interrupted store of instance {} of {}",
+                if dry_run { "would " } else { "" },
+                rec.instance_id,
+                rec.study_id
+            ));
+            if !dry_run && self.rollback_instance(rec).await {
+                tally.interrupted += 1;
+            }
+        }
+    }
+
+    /// Removes objects that no record names from every healthy node: what a
+    /// crash left between a node's write and the vault, or a moved
+    /// fragment's old copy on a node that was away. Only objects older
+    /// than `grace_secs` (by the node's clock) are touched: a store writes
+    /// its intent record before its objects, so an object older than the
+    /// record listing below is either named there or an orphan.
+    pub(crate) async fn sweep_orphans(
+        &self,
+        healthy: &[NodeHealth],
+        grace_secs: u64,
+        dry_run: bool,
+        tally: &mut RepairTally,
+    ) {
+        let listed_at = crate::service::now_unix();
+        let referenced = crate::service::with_vault(&self.inner.vault, |v| {
+            let mut ids = std::collections::HashSet::new();
+            let mut add = |ps: &[SharePlacement]| {
+                for p in ps {
+                    ids.insert(p.object_id.clone());
+                    for f in p.erasure.iter().flat_map(|e| e.fragments.iter()) {
+                        ids.insert(f.object_id.clone());
+                    }
+                }
+            };
+            // Unfinished first: a store that commits meanwhile is then seen
+            // by one read or the other.
+            let mut studies = v.unfinished()?;
+            for id in v.committed_ids()? {
+                studies.extend(v.get(&id)?);
+            }
+            for r in &studies {
+                add(&r.placements);
+                for i in v.instances(&r.study_id)? {
+                    add(&i.placements);
+                }
+            }
+            for i in v.unfinished_instances()? {
+                add(&i.placements);
+            }
+            Ok(ids)
+        })
+        .await;
+        let referenced = match referenced {
+            Ok(r) => r,
+            Err(e) => {
+                tally
+                    .failures
+                    .push(format!("orphan sweep: reading the vault: {e}"));
+                return;
+            }
+        };
+        for h in healthy {
+            let Some(node) = self.inner.up.nodes.get(h.index) else {
+                continue;
+            };
+            let mut c = node.client.clone();
+            let mut start_after = String::new();
+            loop {
+                let page = match c
+                    .list(tessera_proto::storage::v1::ListRequest {
+                        prefix: String::new(),
+                        start_after: start_after.clone(),
+                        limit: 1000,
+                    })
+                    .await
+                {
+                    Ok(r) => r.into_inner(),
+                    Err(s) => {
+                        tally.failures.push(format!(
+                            "orphan sweep: listing {}: {}",
+                            node.name,
+                            s.message()
+                        ));
+                        break;
+                    }
+                };
+                for o in &page.objects {
+                    if referenced.contains(&o.object_id)
+                        || o.created_unix.saturating_add(grace_secs) >= listed_at
+                    {
+                        continue;
+                    }
+                    tally.actions.push(format!(
+                        "{}remove orphan {} on {} ({} bytes, named by no record)",
+                        if dry_run { "would " } else { "" },
+                        o.object_id,
+                        node.name,
+                        o.size
+                    ));
+                    if dry_run {
+                        continue;
+                    }
+                    match upstream::delete_object(node, &o.object_id).await {
+                        Ok(()) => {
+                            tally.orphans += 1;
+                            tracing::info!(object = %o.object_id, node = %node.name, "orphan removed");
+                        }
+                        Err(e) => tally
+                            .failures
+                            .push(format!("orphan {} on {}: {e}", o.object_id, node.name)),
+                    }
+                }
+                if page.next_start_after.is_empty() || page.objects.is_empty() {
+                    break;
+                }
+                start_after = page.next_start_after;
+            }
+        }
     }
 }

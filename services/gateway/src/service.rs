@@ -76,6 +76,9 @@ pub struct Inner {
     pub(crate) placement: Box<dyn PlacementPolicy>,
     rng: SystemRandom,
     pub(crate) dicom: crate::dicom::DicomState,
+    /// When this process started (unix seconds): unfinished records older
+    /// than this are not in flight here (the repair pass finishes them).
+    pub(crate) started_unix: u64,
 }
 
 /// Held while a job runs.
@@ -127,6 +130,7 @@ impl GatewayService {
                 placement: Box::new(DistinctNodes),
                 rng: SystemRandom::new(),
                 dicom: Default::default(),
+                started_unix: now_unix(),
             }),
         }
     }
@@ -1011,6 +1015,18 @@ impl GatewayService {
                 }
             }
         }
+        if r.study_handle.is_empty() && r.evacuate_node.is_empty() {
+            self.finish_interrupted(r.dry_run, &mut tally).await;
+            let grace = self
+                .inner
+                .limits
+                .erasure
+                .map_or(crate::durability::DEFAULT_ORPHAN_GRACE_SECS, |e| {
+                    e.orphan_grace_secs
+                });
+            self.sweep_orphans(&healthy, grace, r.dry_run, &mut tally)
+                .await;
+        }
         tracing::info!(
             studies = ids.len(),
             objects = tally.objects,
@@ -1029,6 +1045,8 @@ impl GatewayService {
             fragments_unreachable: tally.unreachable,
             fragments_rebuilt: tally.rebuilt,
             fragments_moved: tally.moved,
+            interrupted_finished: tally.interrupted,
+            orphans_removed: tally.orphans,
             failures: tally.failures,
             actions: tally.actions,
         })

@@ -560,7 +560,7 @@ pub fn tamper_map(img: &Image, report: &wpb::VerificationReport) -> Result<Vec<u
 /// `tessera verify`.
 pub fn verify(a: VerifyArgs) -> Result<()> {
     block_on(async move {
-        let r = gateway(&a.conn)
+        let v = gateway(&a.conn)
             .await?
             .verify(a.conn.request(pb::VerifyStudyRequest {
                 study_handle: a.study.clone(),
@@ -568,12 +568,22 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             }))
             .await
             .map_err(|s| status_error("verify", &s))?
-            .into_inner()
-            .report
-            .unwrap_or_default();
+            .into_inner();
+        let r = v.report.unwrap_or_default();
         a.out.emit(
-            &json!({"study": a.study, "report": report_json(&r)}),
-            || print_report(&r),
+            &json!({"study": a.study, "report": report_json(&r), "fragment_problems": v.fragment_problems}),
+            || {
+                print_report(&r);
+                if !v.fragment_problems.is_empty() {
+                    println!(
+                        "storage: {} fragment(s) unusable; the study was rebuilt from the others (`tessera repair run` restores full redundancy):",
+                        v.fragment_problems.len()
+                    );
+                    for p in &v.fragment_problems {
+                        println!("  {p}");
+                    }
+                }
+            },
         )?;
         if r.intact {
             Ok(())

@@ -96,6 +96,8 @@ fn call(
             "fragments_unreachable": r.fragments_unreachable,
             "fragments_rebuilt": r.fragments_rebuilt,
             "fragments_moved": r.fragments_moved,
+            "interrupted_finished": r.interrupted_finished,
+            "orphans_removed": r.orphans_removed,
             "failures": r.failures, "actions": r.actions,
         });
         out.emit(&value, || {
@@ -110,8 +112,8 @@ fn call(
             );
             if !dry_run {
                 println!(
-                    "rebuilt {} fragment(s), moved {}",
-                    r.fragments_rebuilt, r.fragments_moved
+                    "rebuilt {} fragment(s), moved {}; {} interrupted store(s) rolled back, {} orphan object(s) removed",
+                    r.fragments_rebuilt, r.fragments_moved, r.interrupted_finished, r.orphans_removed
                 );
             }
             for a in &r.actions {
