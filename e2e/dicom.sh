@@ -121,8 +121,19 @@ check "no patient name, ID or study UID in any storage node's redb file" no_iden
 
 # --- delete ---
 gc owner "$GW" -d "{\"study_handle\":\"$HANDLE\"}" -- tessera.gateway.v1.Gateway/Delete >"$E2E_TMP/del.json"
-check "delete removes every object (4 x 3 + 1 x 2) and the keys" \
-  bash -c "[ \$(grep -c '\"objectId\"' '$E2E_TMP/del.json') -eq 14 ] && grep -q '\"keyDestroyed\": true' '$E2E_TMP/del.json'"
+deleted_all() {
+  python3 - "$E2E_TMP/del.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+removed = d.get("removed", [])
+frags = [len(p.get("fragments", [])) for p in removed]
+ok = len(removed) == 14 and all(n == 5 for n in frags) and d.get("keyDestroyed") is True
+if not ok:
+    print(f"removed {len(removed)} objects with fragments {frags}, keyDestroyed={d.get('keyDestroyed')}")
+sys.exit(0 if ok else 1)
+PY
+}
+check "delete removes every object (4 x 3 + 1 x 2), each as its 5 fragments (dev up: 3+2), and the keys" deleted_all
 check "after delete: NotFound" expect_code NotFound \
   gc clinician "$GW" -d "$FIND" -- tessera.gateway.v1.Gateway/FindDicomStudy
 
