@@ -210,6 +210,7 @@ def check_erasure(r: Rendered, arg: str | None) -> None:
     e = gw.get("erasure")
     assert e and e["data"] == k and e["parity"] == m, f"[erasure] {e} != {k}+{m}"
     assert k + m <= len(gw["storage_nodes"]), f"{k}+{m} fragments on {len(gw['storage_nodes'])} nodes"
+    assert e.get("hedge_after_ms") == 250 and e.get("orphan_grace_secs") == 3600, f"[erasure] hedging/orphans: {e}"
     want = zones.split(",")
     got = [s.get("zone") for s in gw["storage_nodes"]]
     assert got == want, f"zones {got} != {want}"

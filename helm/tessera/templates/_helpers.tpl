@@ -180,6 +180,8 @@ zone = {{ . | toJson }}
 data = {{ .data | int64 }}
 parity = {{ .parity | int64 }}
 repair_interval_secs = {{ .repairIntervalSecs | default 3600 | int64 }}
+hedge_after_ms = {{ .hedgeAfterMs | default 250 | int64 }}
+orphan_grace_secs = {{ .orphanGraceSecs | default 3600 | int64 }}
 {{- end }}
 {{- end }}
 {{- $t := $v.gateway.upstreamTimeouts | default dict }}
