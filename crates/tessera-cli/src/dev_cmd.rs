@@ -76,7 +76,7 @@ fn up(args: UpArgs) -> Result<()> {
             erasure: args
                 .erasure
                 .unwrap_or_else(|| tessera_devstack::auto_erasure(args.storage_nodes)),
-            repair_interval_secs: None,
+            ..DevOptions::default()
         };
         let mut stack = DevStack::start(&args.dir, &opts)
             .await

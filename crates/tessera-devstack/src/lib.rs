@@ -113,6 +113,9 @@ pub struct DevOptions {
     /// With `erasure`: seconds between the gateway's background repair
     /// passes (`None`: the gateway's default, hourly).
     pub repair_interval_secs: Option<u64>,
+    /// Storage nodes per zone: 1 gives each node its own zone; 2 puts
+    /// storage-1 and -2 in `zone-a`, -3 and -4 in `zone-b`, ...
+    pub nodes_per_zone: usize,
 }
 
 impl Default for DevOptions {
@@ -122,6 +125,7 @@ impl Default for DevOptions {
             base_port: None,
             erasure: None,
             repair_interval_secs: None,
+            nodes_per_zone: 1,
         }
     }
 }
@@ -418,7 +422,7 @@ impl DevStack {
         for (i, (name, addr)) in nodes.iter().enumerate() {
             text.push_str(&format!(
                 "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\nzone = \"{}\"\nidentity = \"{}\"\n",
-                dev_zone(i + 1),
+                dev_zone(i / opts.nodes_per_zone.max(1) + 1),
                 service_identity(name)
             ));
         }

@@ -454,3 +454,70 @@ async fn the_background_repairer_rebuilds_a_lost_disk() {
     );
     stack.shutdown().await;
 }
+
+/// Failure domains: 5 nodes in zones of 2, 2 and 1, objects as 2 + 1
+/// fragments. Placement spreads each object across the zones first (one
+/// fragment per zone; picking 3 of the 5 nodes by rendezvous order alone
+/// would do so for only 4 objects in 10), so a whole zone down (both its
+/// nodes) still leaves every study readable; repair then finds the zone's
+/// fragments unreachable, and a scrub after its return finds nothing wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_zone_down_loses_no_study() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = DevOptions {
+        storage_nodes: 5,
+        erasure: Some((2, 1)),
+        nodes_per_zone: 2,
+        ..DevOptions::default()
+    };
+    let mut stack = DevStack::start(tmp.path(), &opts).await.unwrap();
+    let zone_of = |node: &str| -> usize {
+        let i: usize = node.trim_start_matches("storage-").parse().unwrap();
+        (i - 1) / 2
+    };
+    let img = image();
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let stored = store_image(&stack, &img).await;
+        for p in &stored.placements {
+            assert_eq!(p.fragments.len(), 3, "{p:?}");
+            let mut per_zone = [0usize; 3];
+            for f in &p.fragments {
+                per_zone[zone_of(&f.node)] += 1;
+            }
+            assert!(
+                per_zone == [1, 1, 1],
+                "{}: fragments per zone {per_zone:?}: not spread across the zones first",
+                p.object_id
+            );
+        }
+        handles.push(stored.study_handle);
+    }
+    // zone-a (storage-1 and storage-2) goes down as a whole.
+    assert!(stack.stop("storage-1").await);
+    assert!(stack.stop("storage-2").await);
+    for h in &handles {
+        let rid = grant(&stack, "clinician", h, 1).await;
+        assert_eq!(retrieve_image(&stack, h, &rid).await, img.to_le_bytes());
+        let v = verify(&stack, h).await;
+        assert!(v.report.unwrap().intact);
+        assert!(
+            v.fragment_problems
+                .iter()
+                .all(|p| p.contains("storage-1") || p.contains("storage-2")),
+            "{:?}",
+            v.fragment_problems
+        );
+    }
+    let scrub = repair(&stack, true, "").await;
+    assert!(scrub.fragments_unreachable > 0, "{scrub:?}");
+    stack.restart_storage("storage-1").await.unwrap();
+    stack.restart_storage("storage-2").await.unwrap();
+    let clean = repair(&stack, true, "").await;
+    assert_eq!(
+        clean.fragments_missing + clean.fragments_corrupt + clean.fragments_unreachable,
+        0,
+        "{clean:?}"
+    );
+    stack.shutdown().await;
+}
