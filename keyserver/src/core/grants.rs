@@ -576,3 +576,67 @@ impl Core {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(state: GrantState) -> RequestRecord {
+        RequestRecord {
+            id: "rq-1".into(),
+            study_id: "st-a".into(),
+            requester: "spiffe://tessera.local/user/clinician".into(),
+            presented_by: "spiffe://tessera.local/user/clinician".into(),
+            purpose: "pixels".into(),
+            justification: String::new(),
+            created_at: 1,
+            master_version: 1,
+            state,
+            wrapped_key: Some(vec![1, 2, 3]),
+        }
+    }
+
+    fn approved(expires_at: u64, uses_left: u32) -> GrantState {
+        GrantState::Approved {
+            by: "spiffe://tessera.local/user/owner".into(),
+            at: 1,
+            expires_at,
+            uses_granted: 2,
+            uses_left,
+        }
+    }
+
+    #[test]
+    fn a_use_is_spent_and_the_key_goes_with_the_last() {
+        let mut rec = grant(approved(100, 2));
+        assert_eq!(take_use(&mut rec).unwrap(), (100, 1));
+        assert!(rec.wrapped_key.is_some());
+        assert_eq!(take_use(&mut rec).unwrap(), (100, 0));
+        assert!(rec.wrapped_key.is_none());
+        // The policy refuses a used-up grant first; reaching here is damage.
+        assert!(matches!(
+            take_use(&mut rec),
+            Err(KeyServerError::Corrupt(_))
+        ));
+        assert!(matches!(
+            take_use(&mut grant(GrantState::Pending)),
+            Err(KeyServerError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn an_expired_grant_loses_its_key_once() {
+        let mut rec = grant(approved(100, 1));
+        assert!(!drop_expired_key(&mut rec, 99));
+        assert!(rec.wrapped_key.is_some());
+        assert!(drop_expired_key(&mut rec, 100));
+        assert!(rec.wrapped_key.is_none());
+        assert!(
+            !drop_expired_key(&mut rec, 101),
+            "nothing left to write back"
+        );
+        let mut pending = grant(GrantState::Pending);
+        assert!(!drop_expired_key(&mut pending, u64::MAX));
+        assert!(pending.wrapped_key.is_some());
+    }
+}
