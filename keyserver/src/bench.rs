@@ -9,7 +9,7 @@ use std::time::Instant;
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_runtime::{ConfigSource, load_config};
-use tessera_tls::{ClientTls, TlsFiles};
+use tessera_tls::{ClientTls, Identity, TlsFiles, USER_KIND};
 
 use crate::app::App;
 use crate::config::{Config, ENV_PREFIX};
@@ -35,8 +35,6 @@ impl Default for BenchOptions {
         }
     }
 }
-
-const GW: &str = "spiffe://tessera.local/service/gateway";
 
 fn attrs() -> Vec<(String, String)> {
     vec![
@@ -79,8 +77,12 @@ pub async fn bench_derive(opts: BenchOptions) -> Result<String, BenchError> {
     let addr = running.local_addr().to_string();
     let core = running.core().clone();
 
+    // The identities of the configured trust domain (the default one here).
+    let td = &cfg.server.access.trust_domain;
+    let gateway = cfg.keyserver.gateway(td);
+    let owner = Identity::format_uri(td, USER_KIND, "owner");
     let study = core
-        .register_study(GW, "spiffe://tessera.local/user/owner", &attrs(), None)
+        .register_study(&gateway, &owner, &attrs(), None)
         .await?;
     let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&pki.dir, "gateway"))?;
     let request = pb::DeriveKeyRequest {
@@ -118,7 +120,7 @@ pub async fn bench_derive(opts: BenchOptions) -> Result<String, BenchError> {
     let grpc_secs = start.elapsed().as_secs_f64();
     let (b1, j1) = core.writer_stats();
 
-    let inproc_secs = in_process(&core, &study.id, clients, per_client).await?;
+    let inproc_secs = in_process(&core, &gateway, &study.id, clients, per_client).await?;
     let (b2, j2) = core.writer_stats();
 
     let report = core.verify_audit()?;
@@ -144,20 +146,23 @@ pub async fn bench_derive(opts: BenchOptions) -> Result<String, BenchError> {
 
 async fn in_process(
     core: &Core,
+    gateway: &str,
     study_id: &str,
     clients: usize,
     per_client: usize,
 ) -> Result<f64, BenchError> {
     let study_id: Arc<str> = Arc::from(study_id);
+    let gateway: Arc<str> = Arc::from(gateway);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
     for _ in 0..clients {
         let core = core.clone();
         let study_id = study_id.clone();
+        let gateway = gateway.clone();
         tasks.push(tokio::spawn(async move {
             let a = attrs();
             for _ in 0..per_client {
-                core.derive_key(GW, &study_id, &a, "dicom-pixels", Operation::Protect)
+                core.derive_key(&gateway, &study_id, &a, "dicom-pixels", Operation::Protect)
                     .await?;
             }
             Ok::<(), crate::KeyServerError>(())

@@ -27,6 +27,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
+use tessera_tls::{Identity, SERVICE_KIND};
 
 use crate::core::ids::{parse_identity, validate_label};
 
@@ -95,7 +96,7 @@ impl KeyserverSection {
     pub fn gateway(&self, trust_domain: &str) -> String {
         self.gateway_identity
             .clone()
-            .unwrap_or_else(|| format!("spiffe://{trust_domain}/service/gateway"))
+            .unwrap_or_else(|| Identity::format_uri(trust_domain, SERVICE_KIND, "gateway"))
     }
 
     /// The deriving identities with the purposes each may derive. An
@@ -103,7 +104,7 @@ impl KeyserverSection {
     /// validation reports it).
     pub fn derivers(&self, trust_domain: &str) -> Vec<(String, Vec<String>)> {
         let gateway = self.gateway(trust_domain);
-        let watermark = format!("spiffe://{trust_domain}/service/watermark");
+        let watermark = Identity::format_uri(trust_domain, SERVICE_KIND, "watermark");
         let ids = self
             .derive_identities
             .clone()

@@ -244,12 +244,10 @@ impl KeyServer for KeyServerService {
     ) -> Result<Response<pb::ListRequestsResponse>, Status> {
         let actor = who(&req)?;
         let m = req.into_inner();
-        let core = self.core.clone();
-        let list = tokio::task::spawn_blocking(move || {
-            core.list_requests(&actor, &m.study_id, m.include_decided)
-        })
-        .await
-        .map_err(|_| Status::internal("internal error"))??;
+        let list = self
+            .core
+            .list_requests(&actor, &m.study_id, m.include_decided)
+            .await?;
         Ok(Response::new(pb::ListRequestsResponse {
             requests: list.into_iter().map(key_request).collect(),
         }))

@@ -9,6 +9,11 @@ use x509_parser::extensions::GeneralName;
 /// The trust domain of the development PKI.
 pub const DEFAULT_TRUST_DOMAIN: &str = "tessera.local";
 
+/// The kind of a person's identity (`spiffe://<td>/user/<name>`).
+pub const USER_KIND: &str = "user";
+/// The kind of a service's identity (`spiffe://<td>/service/<name>`).
+pub const SERVICE_KIND: &str = "service";
+
 const MAX_URI_LEN: usize = 255;
 
 /// A verified caller (or server): who a certificate says it is.
@@ -92,17 +97,34 @@ impl Identity {
         })
     }
 
+    /// Parses `uri` ([`Identity::parse_uri`]) and requires it to be in
+    /// `trust_domain`, as a certificate must be ([`Identity::from_cert_der`]):
+    /// for identities named in messages and configuration.
+    pub fn parse_in_domain(uri: &str, trust_domain: &str) -> Result<Self, IdentityError> {
+        Self::parse_uri(uri)?.in_domain(trust_domain)
+    }
+
+    /// `self` if it is in `trust_domain`, else [`IdentityError::WrongTrustDomain`].
+    fn in_domain(self, trust_domain: &str) -> Result<Self, IdentityError> {
+        if self.trust_domain != trust_domain {
+            return Err(IdentityError::WrongTrustDomain {
+                found: self.trust_domain,
+                expected: trust_domain.to_owned(),
+            });
+        }
+        Ok(self)
+    }
+
+    /// `spiffe://<trust_domain>/<kind>/<name>`, not checked (a configured
+    /// default, say; parse the result to check it).
+    pub fn format_uri(trust_domain: &str, kind: &str, name: &str) -> String {
+        format!("spiffe://{trust_domain}/{kind}/{name}")
+    }
+
     /// Parses the identity out of a DER certificate: exactly one URI SAN,
     /// in `expected_trust_domain`.
     pub fn from_cert_der(der: &[u8], expected_trust_domain: &str) -> Result<Self, IdentityError> {
-        let id = Self::from_cert_der_any_domain(der)?;
-        if id.trust_domain != expected_trust_domain {
-            return Err(IdentityError::WrongTrustDomain {
-                found: id.trust_domain,
-                expected: expected_trust_domain.to_owned(),
-            });
-        }
-        Ok(id)
+        Self::from_cert_der_any_domain(der)?.in_domain(expected_trust_domain)
     }
 
     /// The identity of a DER certificate (exactly one URI SAN, well formed)
@@ -144,6 +166,16 @@ impl Identity {
         &self.kind
     }
 
+    /// True for a person's identity (kind [`USER_KIND`]).
+    pub fn is_user(&self) -> bool {
+        self.kind == USER_KIND
+    }
+
+    /// True for a service's identity (kind [`SERVICE_KIND`]).
+    pub fn is_service(&self) -> bool {
+        self.kind == SERVICE_KIND
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -156,11 +188,11 @@ impl Identity {
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/{}/{}",
-            self.trust_domain, self.kind, self.name
-        )
+        f.write_str(&Self::format_uri(
+            &self.trust_domain,
+            &self.kind,
+            &self.name,
+        ))
     }
 }
 
@@ -231,6 +263,36 @@ mod tests {
         }
         let long = format!("spiffe://tessera.local/user/{}", "a".repeat(300));
         assert!(Identity::parse_uri(&long).is_err());
+    }
+
+    #[test]
+    fn identities_in_a_trust_domain_and_their_kinds() {
+        let id =
+            Identity::parse_in_domain("spiffe://hospital.example/user/owner", "hospital.example")
+                .unwrap();
+        assert!(id.is_user() && !id.is_service());
+        assert_eq!(
+            Identity::parse_in_domain("spiffe://tessera.local/user/owner", "hospital.example"),
+            Err(IdentityError::WrongTrustDomain {
+                found: "tessera.local".into(),
+                expected: "hospital.example".into(),
+            })
+        );
+        assert!(matches!(
+            Identity::parse_in_domain("spiffe://tessera.local/User/owner", DEFAULT_TRUST_DOMAIN),
+            Err(IdentityError::Malformed(_))
+        ));
+        let svc = Identity::parse_uri(&Identity::format_uri(
+            DEFAULT_TRUST_DOMAIN,
+            SERVICE_KIND,
+            "gateway",
+        ))
+        .unwrap();
+        assert!(svc.is_service() && !svc.is_user());
+        assert_eq!(svc.uri(), "spiffe://tessera.local/service/gateway");
+        // The grammar admits any lower-case kind; neither predicate does.
+        let other = Identity::parse_uri("spiffe://tessera.local/admin/x").unwrap();
+        assert!(!other.is_user() && !other.is_service());
     }
 
     #[test]

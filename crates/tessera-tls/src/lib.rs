@@ -34,7 +34,7 @@ pub use authz::{
 };
 pub use client::{ChannelTimeouts, ClientTls, deadline_status, timed_out};
 pub use error::TlsError;
-pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError};
+pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError, SERVICE_KIND, USER_KIND};
 pub use peer::{ExpectedPeer, PeerError};
 pub use server::{AcceptLimits, PeerInfo, TlsConn, incoming, incoming_with};
 pub use tls_config::{ServerTls, TlsFiles};

@@ -1,9 +1,10 @@
 //! Identifiers and small validated strings: study ids, request ids,
-//! SPIFFE identities (checked on top of the suite's one grammar,
-//! [`tessera_tls::Identity`]), purpose labels and free text.
+//! SPIFFE identities (the suite's one grammar and trust-domain rule,
+//! [`tessera_tls::Identity::parse_in_domain`], plus the keyserver's
+//! stricter kind rule), purpose labels and free text.
 
 use ring::rand::{SecureRandom, SystemRandom};
-use tessera_tls::Identity;
+use tessera_tls::{Identity, IdentityError};
 
 use crate::error::{KeyServerError, Result};
 
@@ -74,29 +75,35 @@ impl RequestId {
 }
 
 /// An identity named in a message or the config (owner, on_behalf_of,
-/// delegate, gateway): parsed by [`Identity::parse_uri`], plus the
-/// keyserver's rules: in the configured `trust_domain`, kind `user` or
-/// `service`.
+/// delegate, gateway): [`Identity::parse_in_domain`] in the configured
+/// `trust_domain` (grammar and domain: the suite's rules), then the
+/// keyserver's stricter rule: the kind is `user` or `service` (the suite's
+/// grammar admits any lower-case kind). Errors name `field`.
 pub fn parse_identity(field: &str, s: &str, trust_domain: &str) -> Result<Identity> {
-    let id = Identity::parse_uri(s)
-        .map_err(|e| KeyServerError::InvalidArgument(format!("{field}: {e}")))?;
-    if id.trust_domain() != trust_domain {
-        return Err(KeyServerError::InvalidArgument(format!(
-            "{field}: not in trust domain {trust_domain}"
-        )));
-    }
-    match id.kind() {
-        "user" | "service" => Ok(id),
-        _ => Err(KeyServerError::InvalidArgument(format!(
+    let id = Identity::parse_in_domain(s, trust_domain).map_err(|e| {
+        KeyServerError::InvalidArgument(match e {
+            IdentityError::WrongTrustDomain { .. } => {
+                format!("{field}: not in trust domain {trust_domain}")
+            }
+            e @ (IdentityError::Malformed(_)
+            | IdentityError::Certificate(_)
+            | IdentityError::NoUriSan
+            | IdentityError::SeveralUriSans(_)) => format!("{field}: {e}"),
+        })
+    })?;
+    if id.is_user() || id.is_service() {
+        Ok(id)
+    } else {
+        Err(KeyServerError::InvalidArgument(format!(
             "{field}: expected spiffe://{trust_domain}/<user|service>/<name>"
-        ))),
+        )))
     }
 }
 
 /// Like [`parse_identity`] but the kind must be `user`.
 pub fn parse_user_identity(field: &str, s: &str, trust_domain: &str) -> Result<Identity> {
     let id = parse_identity(field, s, trust_domain)?;
-    if id.kind() == "user" {
+    if id.is_user() {
         Ok(id)
     } else {
         Err(KeyServerError::InvalidArgument(format!(
@@ -199,6 +206,47 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    /// Where the keyserver's rule and the suite's grammar differ: the
+    /// keyserver is stricter (kind, trust domain) and never looser.
+    #[test]
+    fn the_keyserver_rule_is_the_grammar_and_stricter() {
+        const TD: &str = "tessera.local";
+        let invalid = |r: Result<Identity>, want: &str| matches!(r, Err(KeyServerError::InvalidArgument(ref m)) if m.starts_with("owner: ") && m.contains(want));
+        // Admitted by tessera-tls, refused here: a kind other than user or
+        // service, and another trust domain than the configured one.
+        for (uri, want) in [
+            ("spiffe://tessera.local/admin/x", "<user|service>"),
+            ("spiffe://tessera.local/node/storage-1", "<user|service>"),
+            (
+                "spiffe://hospital.example/user/owner",
+                "not in trust domain tessera.local",
+            ),
+        ] {
+            assert!(Identity::parse_uri(uri).is_ok(), "{uri}");
+            assert!(invalid(parse_identity("owner", uri, TD), want), "{uri}");
+        }
+        // Refused by the grammar: refused here with the grammar's message.
+        for uri in [
+            "",
+            "spiffe://tessera.local/user/Owner",
+            "spiffe://tessera.local/user/.hidden",
+            "spiffe://tessera.local:443/user/owner",
+            "spiffe://tessera.local/user/owner?x=1",
+            "https://tessera.local/user/owner",
+        ] {
+            assert!(Identity::parse_uri(uri).is_err(), "{uri:?}");
+            assert!(
+                invalid(parse_identity("owner", uri, TD), "not a spiffe URI"),
+                "{uri:?}"
+            );
+        }
+        // A service where a person is meant.
+        assert!(matches!(
+            parse_user_identity("owner", "spiffe://tessera.local/service/gateway", TD),
+            Err(KeyServerError::InvalidArgument(m)) if m.contains("must be a user identity")
+        ));
     }
 
     #[test]

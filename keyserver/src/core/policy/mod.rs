@@ -9,10 +9,12 @@
 //! only the requester (or the gateway for it) uses a grant, and only while
 //! it is approved, unexpired and not used up.
 //!
-//! [`decide`] is pure (no I/O). The core calls it for every such operation
-//! and, when it answers [`Refused`], appends the refusal (caller, RPC,
-//! reason) to the audit chain **before** replying (`Core::refuse`, or inside
-//! the write transaction for checks made there).
+//! [`decide`] is pure (no I/O): the facts it needs (owner, requester,
+//! state, clock) are read by the caller and passed in the [`Action`]. The
+//! core never calls it directly but through its gate (`core/gate.rs`),
+//! which turns an answer of [`Refused`] into an audit record (caller, RPC,
+//! reason) written **before** the reply (before the transaction, or inside
+//! it for checks made there).
 
 use crate::core::audit::AuditEvent;
 use crate::core::store::GrantState;
@@ -27,6 +29,8 @@ pub enum Rpc {
     DeriveKey,
     /// `RequestKey`.
     RequestKey,
+    /// `ListRequests` (naming one study).
+    ListRequests,
     /// `ApproveRequest`.
     ApproveRequest,
     /// `DenyRequest`.
@@ -56,6 +60,7 @@ impl Rpc {
             Self::RegisterStudy => "RegisterStudy",
             Self::DeriveKey => "DeriveKey",
             Self::RequestKey => "RequestKey",
+            Self::ListRequests => "ListRequests",
             Self::ApproveRequest => "ApproveRequest",
             Self::DenyRequest => "DenyRequest",
             Self::RevokeGrant => "RevokeGrant",
@@ -75,6 +80,7 @@ impl Rpc {
             Self::RegisterStudy => "register studies",
             Self::DeriveKey => "derive keys",
             Self::RequestKey => "request keys",
+            Self::ListRequests => "list requests",
             Self::ApproveRequest => "approve requests",
             Self::DenyRequest => "deny requests",
             Self::RevokeGrant => "revoke grants",
@@ -94,6 +100,9 @@ impl Rpc {
             Self::RegisterStudy => AuditEvent::RegisterRefused,
             Self::DeriveKey => AuditEvent::DeriveRefused,
             Self::RequestKey => AuditEvent::RequestRefused,
+            // No event of its own: the listing refusal is an access refusal
+            // (told apart from the layer's by the absence of `layer=authz`).
+            Self::ListRequests => AuditEvent::AccessRefused,
             Self::ApproveRequest => AuditEvent::ApprovalRefused,
             Self::DenyRequest => AuditEvent::DenialRefused,
             Self::RevokeGrant => AuditEvent::RevokeRefused,
@@ -131,6 +140,11 @@ pub enum Action<'a> {
     RequestKey {
         /// The user the caller acts for, or empty.
         on_behalf_of: &'a str,
+    },
+    /// List the requests on a study owned by `owner`.
+    ListRequests {
+        /// The study's owner.
+        owner: &'a str,
     },
     /// A gateway-only RPC (RedeemGrant, CheckGrant, ForgetStudy, CheckDelegate).
     GatewayOnly(Rpc),
@@ -181,6 +195,7 @@ impl Action<'_> {
             Self::RegisterStudy => Rpc::RegisterStudy,
             Self::DeriveKey { .. } => Rpc::DeriveKey,
             Self::RequestKey { .. } => Rpc::RequestKey,
+            Self::ListRequests { .. } => Rpc::ListRequests,
             Self::GatewayOnly(r) | Self::Decide { rpc: r, .. } | Self::UseGrant { rpc: r, .. } => {
                 *r
             }
@@ -263,6 +278,9 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
         Action::RequestKey { on_behalf_of } if !on_behalf_of.is_empty() && !gateway => Err(
             Refused::denied("only the gateway may request on behalf of a user"),
         ),
+        Action::ListRequests { owner } if owner != caller => {
+            Err(Refused::denied("only the study owner lists its requests"))
+        }
         Action::GatewayOnly(rpc) if !gateway => Err(Refused::denied(format!(
             "only the gateway may {}",
             rpc.verb()
@@ -297,6 +315,7 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
                 | Rpc::RegisterStudy
                 | Rpc::DeriveKey
                 | Rpc::RequestKey
+                | Rpc::ListRequests
                 | Rpc::FetchKey
                 | Rpc::RedeemGrant
                 | Rpc::CheckGrant
@@ -346,154 +365,11 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
         )),
         Action::RegisterStudy
         | Action::RequestKey { .. }
+        | Action::ListRequests { .. }
         | Action::GatewayOnly(_)
         | Action::Forget { .. } => Ok(()),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GW: &str = "spiffe://tessera.local/service/gateway";
-    const WM: &str = "spiffe://tessera.local/service/watermark";
-    const ST: &str = "spiffe://tessera.local/service/storage-1";
-    const OWNER: &str = "spiffe://tessera.local/user/owner";
-    const CLIN: &str = "spiffe://tessera.local/user/clinician";
-
-    fn rules() -> Rules {
-        Rules {
-            gateway: GW.into(),
-            derivers: vec![
-                (GW.into(), vec!["dicom-*".into()]),
-                (WM.into(), vec!["pixels".into()]),
-            ],
-        }
-    }
-
-    #[test]
-    fn identity_rules() {
-        let r = rules();
-        assert!(decide(&r, GW, &Action::RegisterStudy).is_ok());
-        assert!(decide(&r, WM, &Action::RegisterStudy).is_err());
-        for (who, purpose, ok) in [
-            (GW, "dicom-metadata", true),
-            (GW, "dicom-pixels", true),
-            (GW, "pixels", false),
-            (WM, "pixels", true),
-            (WM, "dicom-pixels", false),
-            (ST, "pixels", false),
-        ] {
-            assert_eq!(
-                decide(&r, who, &Action::DeriveKey { purpose }).is_ok(),
-                ok,
-                "{who} {purpose}"
-            );
-        }
-        assert!(decide(&r, CLIN, &Action::RequestKey { on_behalf_of: "" }).is_ok());
-        assert!(decide(&r, WM, &Action::RequestKey { on_behalf_of: CLIN }).is_err());
-        assert!(decide(&r, WM, &Action::GatewayOnly(Rpc::CheckDelegate)).is_err());
-        assert!(decide(&r, GW, &Action::GatewayOnly(Rpc::CheckDelegate)).is_ok());
-    }
-
-    #[test]
-    fn decisions() {
-        let r = rules();
-        let pending = GrantState::Pending;
-        let approved = GrantState::Approved {
-            by: OWNER.into(),
-            at: 1,
-            expires_at: 2,
-            uses_granted: 1,
-            uses_left: 1,
-        };
-        let d = |who, rpc, requester, state| {
-            decide(
-                &r,
-                who,
-                &Action::Decide {
-                    rpc,
-                    owner: OWNER,
-                    requester,
-                    state,
-                },
-            )
-        };
-        assert!(d(OWNER, Rpc::ApproveRequest, CLIN, &pending).is_ok());
-        assert_eq!(
-            d(CLIN, Rpc::DenyRequest, CLIN, &pending).unwrap_err().kind,
-            RefusalKind::Denied
-        );
-        assert_eq!(
-            d(OWNER, Rpc::ApproveRequest, OWNER, &pending)
-                .unwrap_err()
-                .kind,
-            RefusalKind::Denied
-        );
-        assert_eq!(
-            d(OWNER, Rpc::ApproveRequest, CLIN, &approved)
-                .unwrap_err()
-                .kind,
-            RefusalKind::Precondition
-        );
-        assert!(d(OWNER, Rpc::RevokeGrant, CLIN, &approved).is_ok());
-        assert!(d(OWNER, Rpc::RevokeGrant, CLIN, &pending).is_err());
-    }
-
-    #[test]
-    fn grant_use_and_forget() {
-        let r = rules();
-        let approved = GrantState::Approved {
-            by: OWNER.into(),
-            at: 1,
-            expires_at: 100,
-            uses_granted: 2,
-            uses_left: 1,
-        };
-        let used = |user, study, state, now| {
-            decide(
-                &r,
-                GW,
-                &Action::UseGrant {
-                    rpc: Rpc::RedeemGrant,
-                    user,
-                    study,
-                    requester: CLIN,
-                    grant_study: "st-a",
-                    state,
-                    now,
-                },
-            )
-            .map_err(|e| e.reason)
-        };
-        assert!(used(CLIN, Some("st-a"), &approved, 99).is_ok());
-        assert_eq!(
-            used(OWNER, Some("st-a"), &approved, 99).unwrap_err(),
-            "the grant belongs to another user"
-        );
-        assert_eq!(
-            used(CLIN, Some("st-b"), &approved, 99).unwrap_err(),
-            "the grant is for another study"
-        );
-        assert_eq!(
-            used(CLIN, None, &approved, 100).unwrap_err(),
-            "the grant has expired"
-        );
-        assert_eq!(
-            used(CLIN, None, &GrantState::Pending, 1).unwrap_err(),
-            "the request is pending approval"
-        );
-        let forget = |on_behalf_of| {
-            decide(
-                &r,
-                GW,
-                &Action::Forget {
-                    owner: OWNER,
-                    on_behalf_of,
-                },
-            )
-        };
-        assert!(forget(OWNER).is_ok());
-        assert!(forget(CLIN).is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,642 @@
+//! Key requests and grants: request, list, approve, deny, revoke, fetch,
+//! and the gateway's redeem and check. Every decision goes through
+//! [`gate`] (before the transaction, or inside it when it depends on the
+//! request's state); every change is one write job that also appends its
+//! audit entry.
+
+use redb::ReadableDatabase;
+
+use crate::core::attrs::CanonicalAttributes;
+use crate::core::audit::{AuditEvent, NewEntry};
+use crate::core::crypto::grant_aad;
+use crate::core::gate::{self, Context, audit_study, authorize_in_txn};
+use crate::core::ids::{RequestId, StudyId, validate_label, validate_text};
+use crate::core::policy::{Action, Rpc};
+use crate::core::store::{
+    GrantState, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord,
+    get_json, index_key, index_scan, to_json,
+};
+use crate::core::types::{Redeemed, Released};
+use crate::core::{Core, LIST_MAX, deleted, forgotten_in_txn, writer};
+use crate::error::{KeyServerError, Result};
+
+/// The grant-use question about `rec`: may `user` use it (for `study`, if
+/// said) at `now`?
+fn use_grant<'a>(
+    rpc: Rpc,
+    rec: &'a RequestRecord,
+    user: &'a str,
+    study: Option<&'a str>,
+    now: u64,
+) -> Action<'a> {
+    Action::UseGrant {
+        rpc,
+        user,
+        study,
+        requester: &rec.requester,
+        grant_study: &rec.study_id,
+        state: &rec.state,
+        now,
+    }
+}
+
+/// Drops the held key of a grant seen expired; true when `rec` changed and
+/// must be written back.
+fn drop_expired_key(rec: &mut RequestRecord, now: u64) -> bool {
+    matches!(rec.state, GrantState::Approved { expires_at, .. } if now >= expires_at)
+        && rec.wrapped_key.take().is_some()
+}
+
+/// Spends one use of a grant the policy accepted; returns
+/// `(expires_at, uses_left)`. The held key goes with the last use.
+fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
+    let GrantState::Approved {
+        expires_at,
+        uses_left,
+        ..
+    } = &mut rec.state
+    else {
+        return Err(KeyServerError::Corrupt(format!(
+            "request {} is not approved",
+            rec.id
+        )));
+    };
+    *uses_left = uses_left
+        .checked_sub(1)
+        .ok_or_else(|| KeyServerError::Corrupt(format!("request {} has no use left", rec.id)))?;
+    let out = (*expires_at, *uses_left);
+    if out.1 == 0 {
+        rec.wrapped_key = None;
+    }
+    Ok(out)
+}
+
+impl Core {
+    /// A user (or the gateway on a user's behalf) requests a study key.
+    pub async fn request_key(
+        &self,
+        actor: &str,
+        study_id: &str,
+        attributes: &[(String, String)],
+        purpose: &str,
+        justification: &str,
+        on_behalf_of: &str,
+    ) -> Result<RequestRecord> {
+        let for_user = if self.user_identity("on_behalf_of", on_behalf_of).is_ok() {
+            format!("on_behalf_of={on_behalf_of}")
+        } else {
+            String::new()
+        };
+        self.authorize(
+            actor,
+            Action::RequestKey { on_behalf_of },
+            Context::rpc(audit_study(study_id), for_user),
+        )
+        .await?;
+        let id = StudyId::parse(study_id)?;
+        validate_label("purpose", purpose)?;
+        validate_text("justification", justification)?;
+        let attrs = CanonicalAttributes::new(attributes)?;
+        let requester = if on_behalf_of.is_empty() {
+            actor.to_owned()
+        } else {
+            self.user_identity("on_behalf_of", on_behalf_of)?;
+            on_behalf_of.to_owned()
+        };
+        let study = self.study(&id)?;
+        let master = self
+            .check_attributes(
+                actor,
+                &study,
+                &attrs,
+                AuditEvent::RequestRefused,
+                format!("requester={requester} purpose={purpose}"),
+            )
+            .await?;
+        let key = master.derive_study_key(&study.salt, &study.id, &attrs, purpose)?;
+        let rid = RequestId::random(&self.inner.rng)?;
+        let wrapped = self
+            .inner
+            .kek
+            .wrap(&self.inner.rng, &grant_aad(rid.as_str()), &key[..])?;
+        let rec = RequestRecord {
+            id: rid.as_str().to_owned(),
+            study_id: study.id.clone(),
+            requester,
+            presented_by: actor.to_owned(),
+            purpose: purpose.to_owned(),
+            justification: justification.to_owned(),
+            created_at: 0,
+            master_version: master.version,
+            state: GrantState::Pending,
+            wrapped_key: Some(wrapped),
+        };
+        let r = self
+            .inner
+            .writer
+            .submit(move |ctx| {
+                let mut rec = rec;
+                rec.created_at = ctx.now_secs();
+                let txn = ctx.txn;
+                if forgotten_in_txn(txn, &rec.study_id)? {
+                    return Ok(Err(deleted(&rec.study_id)));
+                }
+                let mut reqs = txn.open_table(REQUESTS)?;
+                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                let mut ix = txn.open_table(STUDY_REQUESTS)?;
+                ix.insert(index_key(&rec.study_id, &rec.id).as_str(), ())?;
+                ctx.append(NewEntry {
+                    actor: rec.presented_by.clone(),
+                    event: AuditEvent::KeyRequested,
+                    study: rec.study_id.clone(),
+                    detail: format!(
+                        "request={} requester={} purpose={}",
+                        rec.id, rec.requester, rec.purpose
+                    ),
+                })?;
+                rec.wrapped_key = None;
+                Ok(Ok(rec))
+            })
+            .await;
+        if matches!(r, Err(KeyServerError::NotFound(_))) {
+            self.uncache_study(id.as_str());
+        }
+        r
+    }
+
+    /// The owner lists requests on its studies (one study if `study_id` is
+    /// not empty). Pending only unless `include_decided`. Naming a study one
+    /// does not own is refused and recorded (`access.refused`, `rpc=ListRequests`).
+    pub async fn list_requests(
+        &self,
+        actor: &str,
+        study_id: &str,
+        include_decided: bool,
+    ) -> Result<Vec<RequestRecord>> {
+        let study = if study_id.is_empty() {
+            None
+        } else {
+            let id = StudyId::parse(study_id)?;
+            let owner = self.study_any(&id)?.owner.clone();
+            let action = Action::ListRequests { owner: &owner };
+            let audit = Context::rpc(id.as_str(), "");
+            // A read: no chain check, but a refusal is still recorded.
+            if let Err(r) = gate::judge(&self.inner.rules, actor, &action, audit) {
+                return Err(self.record(r).await);
+            }
+            Some(id)
+        };
+        // The scan reads every request of the owner's studies: keep it off
+        // the async workers.
+        let core = self.clone();
+        let actor = actor.to_owned();
+        tokio::task::spawn_blocking(move || core.scan_requests(&actor, study, include_decided))
+            .await
+            .map_err(|e| KeyServerError::Storage(format!("request listing stopped: {e}")))?
+    }
+
+    /// The listing of [`Core::list_requests`], its decision taken: the
+    /// requests on `study` (or on every study `owner` owns), oldest first,
+    /// without their held keys.
+    fn scan_requests(
+        &self,
+        owner: &str,
+        study: Option<StudyId>,
+        include_decided: bool,
+    ) -> Result<Vec<RequestRecord>> {
+        let r = self.inner.db.begin_read()?;
+        let studies = match study {
+            Some(id) => vec![id.as_str().to_owned()],
+            None => index_scan(&r.open_table(OWNER_STUDIES)?, owner)?,
+        };
+        let ix = r.open_table(STUDY_REQUESTS)?;
+        let reqs = r.open_table(REQUESTS)?;
+        let mut out = Vec::new();
+        for s in studies {
+            for rid in index_scan(&ix, &s)? {
+                if let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, &rid)?
+                    && (include_decided || rec.state == GrantState::Pending)
+                {
+                    rec.wrapped_key = None;
+                    out.push(rec);
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        out.truncate(LIST_MAX);
+        Ok(out)
+    }
+
+    /// Shared frame of approve / deny / revoke: loads the request and its
+    /// study inside the write transaction and asks the gate (owner only,
+    /// never one's own request, decided once); a refusal is appended to the
+    /// audit chain in that transaction, before the reply.
+    async fn decide_request<F>(
+        &self,
+        rpc: Rpc,
+        actor: &str,
+        request_id: &str,
+        f: F,
+    ) -> Result<RequestRecord>
+    where
+        F: FnOnce(&mut writer::TxnCtx<'_>, &mut RequestRecord, &str) -> Result<Result<NewEntry>>
+            + Send
+            + 'static,
+    {
+        self.ensure_chain_intact()?;
+        let rid = RequestId::parse(request_id)?;
+        let actor = actor.to_owned();
+        let rules = self.inner.rules.clone();
+        self.inner
+            .writer
+            .submit(move |ctx| {
+                let txn = ctx.txn;
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                    return Ok(Err(KeyServerError::NotFound(format!(
+                        "request {}",
+                        rid.as_str()
+                    ))));
+                };
+                let owner = {
+                    let studies = txn.open_table(STUDIES)?;
+                    get_json::<StudyRecord, _>(&studies, &rec.study_id)?
+                        .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
+                        .owner
+                };
+                let action = Action::Decide {
+                    rpc,
+                    owner: &owner,
+                    requester: &rec.requester,
+                    state: &rec.state,
+                };
+                let audit = Context::rpc(rec.study_id.clone(), format!("request={}", rec.id));
+                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit)? {
+                    return Ok(Err(e));
+                }
+                let entry = match f(ctx, &mut rec, &actor)? {
+                    Ok(e) => e,
+                    Err(e) => return Ok(Err(e)),
+                };
+                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                ctx.append(entry)?;
+                rec.wrapped_key = None;
+                Ok(Ok(rec))
+            })
+            .await
+    }
+
+    /// The owner approves a pending request (never its own).
+    pub async fn approve(
+        &self,
+        actor: &str,
+        request_id: &str,
+        ttl_secs: u64,
+        uses: u32,
+    ) -> Result<RequestRecord> {
+        if ttl_secs == 0 || ttl_secs > self.inner.max_ttl {
+            return Err(KeyServerError::InvalidArgument(format!(
+                "ttl_seconds must be 1..={}",
+                self.inner.max_ttl
+            )));
+        }
+        if uses == 0 || uses > self.inner.max_uses {
+            return Err(KeyServerError::InvalidArgument(format!(
+                "uses must be 1..={}",
+                self.inner.max_uses
+            )));
+        }
+        self.decide_request(
+            Rpc::ApproveRequest,
+            actor,
+            request_id,
+            move |ctx, rec, actor| {
+                let now = ctx.now_secs();
+                let expires_at = now.saturating_add(ttl_secs);
+                rec.state = GrantState::Approved {
+                    by: actor.to_owned(),
+                    at: now,
+                    expires_at,
+                    uses_granted: uses,
+                    uses_left: uses,
+                };
+                Ok(Ok(NewEntry {
+                    actor: actor.to_owned(),
+                    event: AuditEvent::GrantApproved,
+                    study: rec.study_id.clone(),
+                    detail: format!(
+                        "request={} requester={} expires_at={expires_at} uses={uses}",
+                        rec.id, rec.requester
+                    ),
+                }))
+            },
+        )
+        .await
+    }
+
+    /// The owner denies a pending request.
+    pub async fn deny(&self, actor: &str, request_id: &str, reason: &str) -> Result<RequestRecord> {
+        validate_text("reason", reason)?;
+        let reason = reason.to_owned();
+        self.decide_request(
+            Rpc::DenyRequest,
+            actor,
+            request_id,
+            move |ctx, rec, actor| {
+                rec.state = GrantState::Denied {
+                    by: actor.to_owned(),
+                    at: ctx.now_secs(),
+                    reason,
+                };
+                rec.wrapped_key = None;
+                Ok(Ok(NewEntry {
+                    actor: actor.to_owned(),
+                    event: AuditEvent::RequestDenied,
+                    study: rec.study_id.clone(),
+                    detail: format!("request={} requester={}", rec.id, rec.requester),
+                }))
+            },
+        )
+        .await
+    }
+
+    /// The owner revokes an approved grant.
+    pub async fn revoke(
+        &self,
+        actor: &str,
+        request_id: &str,
+        reason: &str,
+    ) -> Result<RequestRecord> {
+        validate_text("reason", reason)?;
+        let reason = reason.to_owned();
+        self.decide_request(
+            Rpc::RevokeGrant,
+            actor,
+            request_id,
+            move |ctx, rec, actor| {
+                // The gate admitted only an approved grant.
+                let GrantState::Approved {
+                    expires_at,
+                    uses_granted,
+                    uses_left,
+                    ..
+                } = rec.state
+                else {
+                    return Err(KeyServerError::Corrupt(format!(
+                        "request {} is not approved",
+                        rec.id
+                    )));
+                };
+                rec.state = GrantState::Revoked {
+                    by: actor.to_owned(),
+                    at: ctx.now_secs(),
+                    reason,
+                    expires_at,
+                    uses_granted,
+                    uses_left,
+                };
+                rec.wrapped_key = None;
+                Ok(Ok(NewEntry {
+                    actor: actor.to_owned(),
+                    event: AuditEvent::GrantRevoked,
+                    study: rec.study_id.clone(),
+                    detail: format!("request={} requester={}", rec.id, rec.requester),
+                }))
+            },
+        )
+        .await
+    }
+
+    /// The requester fetches its key while the grant is valid; uses one use.
+    pub async fn fetch_key(&self, actor: &str, request_id: &str) -> Result<Released> {
+        self.ensure_chain_intact()?;
+        let rid = RequestId::parse(request_id)?;
+        let actor = actor.to_owned();
+        let kek = self.inner.kek.clone();
+        let rules = self.inner.rules.clone();
+        self.inner
+            .writer
+            .submit(move |ctx| {
+                let txn = ctx.txn;
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                    return Ok(Err(KeyServerError::NotFound(format!(
+                        "request {}",
+                        rid.as_str()
+                    ))));
+                };
+                let now = ctx.now_secs();
+                // An expired grant is refused below whoever asks: its held
+                // key goes now.
+                if drop_expired_key(&mut rec, now) {
+                    reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                }
+                let action = use_grant(Rpc::FetchKey, &rec, &actor, None, now);
+                let audit = Context::bare(rec.study_id.clone(), format!("request={}", rec.id));
+                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit)? {
+                    return Ok(Err(e));
+                }
+                let wrapped = rec.wrapped_key.clone().ok_or_else(|| {
+                    KeyServerError::Corrupt(format!("request {} holds no key", rec.id))
+                })?;
+                let key = kek.unwrap_secret(&grant_aad(&rec.id), &wrapped)?;
+                let (expires_at, uses_left) = take_use(&mut rec)?;
+                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                ctx.append(NewEntry {
+                    actor,
+                    event: AuditEvent::KeyReleased,
+                    study: rec.study_id.clone(),
+                    detail: format!("request={} uses_left={uses_left}", rec.id),
+                })?;
+                Ok(Ok(Released {
+                    key,
+                    study_id: rec.study_id,
+                    purpose: rec.purpose,
+                    master_version: rec.master_version,
+                    expires_at,
+                    uses_left,
+                }))
+            })
+            .await
+    }
+
+    /// Gateway only: spends one use of `on_behalf_of`'s grant on `study_id`
+    /// (same checks as [`Core::fetch_key`] with `on_behalf_of` as the
+    /// requester, plus the study must match). No key leaves the keyserver.
+    /// Audited as `grant.redeemed`; refusals as `redeem.refused`.
+    pub async fn redeem_grant(
+        &self,
+        actor: &str,
+        request_id: &str,
+        on_behalf_of: &str,
+        study_id: &str,
+    ) -> Result<Redeemed> {
+        self.gateway_only(actor, Rpc::RedeemGrant, study_id, Some(request_id))
+            .await?;
+        let rid = RequestId::parse(request_id)?;
+        let sid = StudyId::parse(study_id)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
+        let actor = actor.to_owned();
+        let requester = on_behalf_of.to_owned();
+        let rules = self.inner.rules.clone();
+        self.inner
+            .writer
+            .submit(move |ctx| {
+                let txn = ctx.txn;
+                let mut reqs = txn.open_table(REQUESTS)?;
+                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                    return Ok(Err(KeyServerError::NotFound(format!(
+                        "request {}",
+                        rid.as_str()
+                    ))));
+                };
+                let now = ctx.now_secs();
+                // An expired grant is refused below whoever asks: its held
+                // key goes now.
+                if drop_expired_key(&mut rec, now) {
+                    reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                }
+                let other = if rec.study_id == sid.as_str() {
+                    String::new()
+                } else {
+                    format!(" asked_study={}", sid.as_str())
+                };
+                let audit = Context::bare(
+                    rec.study_id.clone(),
+                    format!("op=redeem request={} requester={requester}{other}", rec.id),
+                );
+                let action = use_grant(Rpc::RedeemGrant, &rec, &requester, Some(sid.as_str()), now);
+                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit)? {
+                    return Ok(Err(e));
+                }
+                let (expires_at, uses_left) = take_use(&mut rec)?;
+                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                ctx.append(NewEntry {
+                    actor,
+                    event: AuditEvent::GrantRedeemed,
+                    study: rec.study_id.clone(),
+                    detail: format!(
+                        "request={} requester={requester} purpose={} uses_left={uses_left}",
+                        rec.id, rec.purpose
+                    ),
+                })?;
+                Ok(Ok(Redeemed {
+                    study_id: rec.study_id,
+                    purpose: rec.purpose,
+                    expires_at,
+                    uses_left,
+                }))
+            })
+            .await
+    }
+
+    /// Gateway only: would [`Core::redeem_grant`] succeed now? Spends
+    /// nothing and, being a read, writes no audit record, neither on success
+    /// nor when the grant is not usable (the gateway must still redeem, which
+    /// is audited, before serving anyone). A caller other than the gateway is
+    /// refused and that refusal is audited (`redeem.refused`, `op=check`).
+    pub async fn check_grant(
+        &self,
+        actor: &str,
+        request_id: &str,
+        on_behalf_of: &str,
+        study_id: &str,
+    ) -> Result<Redeemed> {
+        self.gateway_only(actor, Rpc::CheckGrant, study_id, Some(request_id))
+            .await?;
+        let rid = RequestId::parse(request_id)?;
+        let sid = StudyId::parse(study_id)?;
+        self.user_identity("on_behalf_of", on_behalf_of)?;
+        let rec = {
+            let r = self.inner.db.begin_read()?;
+            get_json::<RequestRecord, _>(&r.open_table(REQUESTS)?, rid.as_str())?
+                .ok_or_else(|| KeyServerError::NotFound(format!("request {}", rid.as_str())))?
+        };
+        let now = self.inner.clock.now_ms() / 1000;
+        // A read: a grant that is not usable is answered, not recorded
+        // (README, "Gateway grants").
+        let action = use_grant(Rpc::CheckGrant, &rec, on_behalf_of, Some(sid.as_str()), now);
+        gate::answer_unrecorded(&self.inner.rules, actor, &action)?;
+        let GrantState::Approved {
+            expires_at,
+            uses_left,
+            ..
+        } = rec.state
+        else {
+            return Err(KeyServerError::Corrupt(format!(
+                "request {} is not approved",
+                rec.id
+            )));
+        };
+        Ok(Redeemed {
+            study_id: rec.study_id,
+            purpose: rec.purpose,
+            expires_at,
+            uses_left,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(state: GrantState) -> RequestRecord {
+        RequestRecord {
+            id: "rq-1".into(),
+            study_id: "st-a".into(),
+            requester: "spiffe://tessera.local/user/clinician".into(),
+            presented_by: "spiffe://tessera.local/user/clinician".into(),
+            purpose: "pixels".into(),
+            justification: String::new(),
+            created_at: 1,
+            master_version: 1,
+            state,
+            wrapped_key: Some(vec![1, 2, 3]),
+        }
+    }
+
+    fn approved(expires_at: u64, uses_left: u32) -> GrantState {
+        GrantState::Approved {
+            by: "spiffe://tessera.local/user/owner".into(),
+            at: 1,
+            expires_at,
+            uses_granted: 2,
+            uses_left,
+        }
+    }
+
+    #[test]
+    fn a_use_is_spent_and_the_key_goes_with_the_last() {
+        let mut rec = grant(approved(100, 2));
+        assert_eq!(take_use(&mut rec).unwrap(), (100, 1));
+        assert!(rec.wrapped_key.is_some());
+        assert_eq!(take_use(&mut rec).unwrap(), (100, 0));
+        assert!(rec.wrapped_key.is_none());
+        // The policy refuses a used-up grant first; reaching here is damage.
+        assert!(matches!(
+            take_use(&mut rec),
+            Err(KeyServerError::Corrupt(_))
+        ));
+        assert!(matches!(
+            take_use(&mut grant(GrantState::Pending)),
+            Err(KeyServerError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn an_expired_grant_loses_its_key_once() {
+        let mut rec = grant(approved(100, 1));
+        assert!(!drop_expired_key(&mut rec, 99));
+        assert!(rec.wrapped_key.is_some());
+        assert!(drop_expired_key(&mut rec, 100));
+        assert!(rec.wrapped_key.is_none());
+        assert!(
+            !drop_expired_key(&mut rec, 101),
+            "nothing left to write back"
+        );
+        let mut pending = grant(GrantState::Pending);
+        assert!(!drop_expired_key(&mut pending, u64::MAX));
+        assert!(pending.wrapped_key.is_some());
+    }
+}
