@@ -244,12 +244,55 @@ impl KeyServer for KeyServerService {
     ) -> Result<Response<pb::ListRequestsResponse>, Status> {
         let actor = who(&req)?;
         let m = req.into_inner();
+        let page_size = match m.page_size {
+            0 => 100,
+            n @ 1..=500 => n as usize,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n}: at most 500 (0 means 100)"
+                )));
+            }
+        };
+        // The token is the last listed request's (created_at, id).
+        let after = if m.page_token.is_empty() {
+            None
+        } else {
+            let bad = || Status::invalid_argument("page_token: not a token this keyserver gave");
+            let (at, id) = m.page_token.split_once(':').ok_or_else(bad)?;
+            if !id.starts_with("rq-") {
+                return Err(bad());
+            }
+            Some((at.parse::<u64>().map_err(|_| bad())?, id.to_owned()))
+        };
         let list = self
             .core
             .list_requests(&actor, &m.study_id, m.include_decided)
             .await?;
+        let mut requests = Vec::new();
+        let mut budget = MAX_MESSAGE_BYTES - 1024;
+        let mut next_page_token = String::new();
+        let mut last: Option<(u64, String)> = None;
+        for r in list.into_iter().filter(|r| {
+            after
+                .as_ref()
+                .is_none_or(|(at, id)| (r.created_at, &r.id) > (*at, id))
+        }) {
+            let key = (r.created_at, r.id.clone());
+            let k = key_request(r);
+            let len = prost::Message::encoded_len(&k) + 8;
+            if requests.len() == page_size || len > budget {
+                if let Some((at, id)) = &last {
+                    next_page_token = format!("{at}:{id}");
+                }
+                break;
+            }
+            budget -= len;
+            last = Some(key);
+            requests.push(k);
+        }
         Ok(Response::new(pb::ListRequestsResponse {
-            requests: list.into_iter().map(key_request).collect(),
+            requests,
+            next_page_token,
         }))
     }
 

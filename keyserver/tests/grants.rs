@@ -415,3 +415,106 @@ async fn grants_expire_on_the_injected_clock_and_rotation_needs_admin() {
     assert_eq!(v, 2);
     env.stop().await;
 }
+
+/// An owner with more pending requests than one 64 KiB message holds lists
+/// them all, page by page: every page under the limit, none twice, oldest
+/// first, and a token the keyserver never gave is refused.
+#[tokio::test]
+async fn list_requests_pages_past_the_message_limit() {
+    let env = Env::start().await;
+    let mut owner = env.client("owner").await;
+    let mut want = Vec::new();
+    let long = "x".repeat(400);
+    for i in 0..12 {
+        let patient = format!("P-PAGE-{i}");
+        let study = register(&env, &patient).await;
+        for who in ["clinician", "clinician2", "researcher"] {
+            let mut c = env.client(who).await;
+            for _ in 0..5 {
+                let mut r = request(&study, &patient);
+                r.justification = long.clone();
+                want.push(
+                    c.request_key(r)
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .request
+                        .unwrap()
+                        .request_id,
+                );
+            }
+        }
+    }
+    // 180 requests of ~500 bytes: more than one 64 KiB message.
+    let mut got = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = owner
+            .list_requests(pb::ListRequestsRequest {
+                page_size: 500,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(prost::Message::encoded_len(&page) <= 64 * 1024);
+        got.extend(page.requests.into_iter().map(|r| r.request_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        assert!(pages < 100, "paging does not end");
+    }
+    assert!(pages >= 2, "{} requests fit in one page", got.len());
+    assert_eq!(got.len(), want.len());
+    let mut a = got.clone();
+    a.sort();
+    a.dedup();
+    assert_eq!(a.len(), got.len(), "a request listed twice");
+    let mut w = want.clone();
+    w.sort();
+    assert_eq!(a, w);
+    // Small pages give the same sequence.
+    let mut small = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = owner
+            .list_requests(pb::ListRequestsRequest {
+                page_size: 7,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.requests.len() <= 7);
+        small.extend(page.requests.into_iter().map(|r| r.request_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(small, got);
+    for bad in ["nonsense", "12:", "x:rq-1"] {
+        let e = owner
+            .list_requests(pb::ListRequestsRequest {
+                page_token: bad.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+    }
+    let e = owner
+        .list_requests(pb::ListRequestsRequest {
+            page_size: 501,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    env.stop().await;
+}

@@ -261,6 +261,7 @@ pub async fn flows(
         .list_requests(ks::ListRequestsRequest {
             study_id: handle.clone(),
             include_decided: false,
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -246,6 +246,7 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         .list_requests(ks::ListRequestsRequest {
             study_id: handle.clone(),
             include_decided: false,
+            ..Default::default()
         })
         .await?
         .into_inner()

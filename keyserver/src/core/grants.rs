@@ -17,7 +17,7 @@ use crate::core::store::{
     get_json, index_key, index_scan, to_json,
 };
 use crate::core::types::{Redeemed, Released};
-use crate::core::{Core, LIST_MAX, deleted, forgotten_in_txn, writer};
+use crate::core::{Core, deleted, forgotten_in_txn, writer};
 use crate::error::{KeyServerError, Result};
 
 /// The grant-use question about `rec`: may `user` use it (for `study`, if
@@ -223,7 +223,6 @@ impl Core {
             }
         }
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        out.truncate(LIST_MAX);
         Ok(out)
     }
 

@@ -126,16 +126,27 @@ async fn client(conn: &ConnArgs) -> Result<KeyServerClient<Channel>> {
 /// `tessera requests`.
 pub fn requests(a: RequestsArgs) -> Result<()> {
     block_on(async move {
-        let list = client(&a.conn)
-            .await?
-            .list_requests(a.conn.request(pb::ListRequestsRequest {
-                study_id: a.study.clone().unwrap_or_default(),
-                include_decided: a.all,
-            }))
-            .await
-            .map_err(|s| status_error("list requests", &s))?
-            .into_inner()
-            .requests;
+        // Every page (a page stays under the message limit).
+        let mut ks = client(&a.conn).await?;
+        let mut list = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = ks
+                .list_requests(a.conn.request(pb::ListRequestsRequest {
+                    study_id: a.study.clone().unwrap_or_default(),
+                    include_decided: a.all,
+                    page_size: 500,
+                    page_token: page_token.clone(),
+                }))
+                .await
+                .map_err(|s| status_error("list requests", &s))?
+                .into_inner();
+            list.extend(page.requests);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         let value = Value::Array(list.iter().map(request_json).collect());
         a.out.emit(&value, || {
             if list.is_empty() {
