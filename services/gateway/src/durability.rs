@@ -619,9 +619,23 @@ impl GatewayService {
             m: rec.m as usize,
         };
         let mut bad: Vec<(usize, FragmentState)> = Vec::new();
+        // Every fragment re-hashed on its node at once (each node hashes
+        // its own; nothing moves).
+        let mut scrubs = tokio::task::JoinSet::new();
+        for (i, f) in rec.fragments.iter().enumerate() {
+            let this = self.clone();
+            let f = f.clone();
+            scrubs.spawn(async move { (i, this.scrub_fragment(&f).await) });
+        }
+        let mut states = vec![FragmentState::Unreachable; rec.fragments.len()];
+        while let Some(joined) = scrubs.join_next().await {
+            if let Ok((i, state)) = joined {
+                states[i] = state;
+            }
+        }
         for (i, f) in rec.fragments.iter().enumerate() {
             tally.checked += 1;
-            let state = self.scrub_fragment(f).await;
+            let state = states[i];
             match state {
                 FragmentState::Good => {}
                 FragmentState::Missing => tally.missing += 1,
