@@ -77,9 +77,10 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     }
     let mut steps = Steps::new();
     let t0 = Instant::now();
+    let since = crate::demo::run_started();
 
     println!(
-        "== 1. The suite on loopback: development PKI, keyserver, 3 storage nodes, watermark, segmentation, gateway"
+        "== 1. The suite on loopback: development PKI, keyserver, 3 storage nodes, watermark, segmentation, gateway (gRPC, and its DICOM C-STORE SCP as `dicom`)"
     );
     let mut stack = DevStack::start(&suite_dir, &DevOptions::default())
         .await
@@ -101,7 +102,12 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     println!();
     println!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
     if steps.failed.is_empty() {
-        println!("demo: every step held. Outputs in {}", out_dir.display());
+        println!("demo: every step held.");
+        crate::demo::print_outputs(
+            &out_dir,
+            since,
+            &[("suite", "this run's PKI and redb files")],
+        )?;
         Ok(())
     } else {
         bail!(
@@ -247,8 +253,9 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         .request
         .ok_or_else(|| anyhow!("no request in the answer"))?;
     println!(
-        "  approved: {} uses until unix {}",
-        approved.uses_left, approved.expires_at_unix
+        "  approved: {} uses until {}",
+        approved.uses_left,
+        crate::client::utc(approved.expires_at_unix)
     );
     let self_approve = keyserver(stack, "clinician")
         .await?
@@ -266,7 +273,10 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         .await
         .context("retrieve")?;
     println!("  retrieved in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
-    print_report(rh.report.as_ref().ok_or_else(|| anyhow!("no report"))?);
+    print_report(
+        rh.report.as_ref().ok_or_else(|| anyhow!("no report"))?,
+        "  ",
+    );
     for a in &rh.patient_attributes {
         println!("  identity: {} = {}", a.name, a.value);
     }
@@ -317,7 +327,7 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
     .await
     .context("retrieve after tampering (allow_tampered, for the tamper map)")?;
     let report = th.report.clone().unwrap_or_default();
-    print_report(&report);
+    print_report(&report, "  ");
     let restored = Image::from_le_bytes(image.spec().to_owned(), &tpixels)?;
     std::fs::write(out("tamper-map.png"), tamper_map(&restored, &report)?)?;
     println!("  wrote {}", out("tamper-map.png").display());
