@@ -191,6 +191,9 @@ fn check_pki(dir: &Path, checks: &mut Checks) {
     let names = tessera_pki::SERVICES
         .iter()
         .chain(tessera_pki::USERS.iter());
+    // Every certificate fine: one line with the first to expire; else a
+    // line for each that is not.
+    let mut fine: Vec<(&str, i64)> = Vec::new();
     for name in names {
         let cert = pki.join(format!("{name}.crt"));
         let key = pki.join(format!("{name}.key"));
@@ -226,7 +229,25 @@ fn check_pki(dir: &Path, checks: &mut Checks) {
                 text.push_str(&format!("; key: {e}"));
             }
         }
-        checks.add(level, what, text);
+        if level == Level::Ok {
+            fine.push((name, info.not_after));
+        } else {
+            checks.add(level, what, text);
+        }
+    }
+    if let Some((first, until)) = fine.iter().min_by_key(|(_, t)| *t) {
+        let names: Vec<&str> = fine.iter().map(|(n, _)| *n).collect();
+        checks.add(
+            Level::Ok,
+            "PKI identities",
+            format!(
+                "{} certificates issued by the CA, keys mode 0600 ({}); the first to expire, {first}, is valid until {} ({} days)",
+                fine.len(),
+                names.join(", "),
+                utc(u64::try_from(*until).unwrap_or(0)),
+                (until - now) / 86_400
+            ),
+        );
     }
 }
 

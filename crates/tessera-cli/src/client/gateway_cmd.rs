@@ -395,16 +395,27 @@ fn finish_retrieve(
     attrs: &[kpb::Attribute],
     pixels: &[u8],
 ) -> Result<()> {
+    let mut map_written = None;
     if let Some(map) = &a.map
         && !report.intact
     {
         let img = Image::from_le_bytes(spec, pixels)?;
         std::fs::write(map, tamper_map(&img, report)?)
             .with_context(|| format!("writing {}", map.display()))?;
+        map_written = Some(map);
     }
     if !report.intact {
-        let value = json!({"study": a.study, "report": report_json(report)});
-        a.out.emit(&value, || print_report(report, ""))?;
+        let value = json!({"study": a.study, "report": report_json(report), "map": map_written});
+        a.out.emit(&value, || {
+            print_report(report, "");
+            if let Some(m) = map_written {
+                println!(
+                    "wrote tamper map {} (tampered tiles orange, ROI blocks red; one use of {} spent)",
+                    m.display(),
+                    a.request_id
+                );
+            }
+        })?;
         bail!(
             "retrieve: the study does not verify intact ({} tampered tile(s)); no image written",
             report.tampered_tile_count
