@@ -2,7 +2,9 @@
 //! not the files: a C-STORE SCP writes its own file meta group (0002) and
 //! an encoder may drop the trailing padding (FFFC,FFFC) or retired group
 //! lengths (gggg,0000), none of which changes the instance. Every other
-//! element, at any depth (sequence items too), must hold the same value.
+//! element, at any depth (sequence items too), must hold the same value,
+//! and the Pixel Data value the same bytes as stored (what a retrieve
+//! gives back), in the same transfer syntax.
 //!
 //! ```text
 //! same_instance(stored, received) -> Ok(())                  the same instance
@@ -100,8 +102,27 @@ pub fn same_instance(a: &[u8], b: &[u8]) -> Result<(), Vec<Difference>> {
             }]
         })
     };
-    let ((ts1, first), (ts2, second)) = (read(a, 1)?, read(b, 2)?);
+    let ((ts1, px1, first), (ts2, px2, second)) = (read(a, 1)?, read(b, 2)?);
     let mut differences = differences(&first, &second);
+    // Pixel Data is also compared as stored (what a retrieve gives back):
+    // an encapsulated value cut short of its delimiter parses alike.
+    let pixel = |bytes: &[u8], r: Option<std::ops::Range<u64>>| {
+        r.and_then(|r| {
+            bytes
+                .get(r.start as usize..r.end as usize)
+                .map(<[u8]>::to_vec)
+        })
+    };
+    if pixel(a, px1) != pixel(b, px2)
+        && !differences
+            .iter()
+            .any(|d| d.tag() == Some(dicom_dictionary_std::tags::PIXEL_DATA))
+    {
+        differences.push(Difference::Value {
+            tag: dicom_dictionary_std::tags::PIXEL_DATA,
+        });
+        differences.sort_by_key(Difference::tag);
+    }
     if ts1 != ts2 {
         differences.insert(
             0,
@@ -118,15 +139,18 @@ pub fn same_instance(a: &[u8], b: &[u8]) -> Result<(), Vec<Difference>> {
     }
 }
 
-/// The transfer syntax and data set of a Part 10 file (its length fields
-/// checked first).
-fn open(bytes: &[u8]) -> Result<(String, InMemDicomObject), DicomError> {
+/// The transfer syntax, where the Pixel Data value sits and the data set
+/// of a Part 10 file (its length fields checked first).
+fn open(
+    bytes: &[u8],
+) -> Result<(String, Option<std::ops::Range<u64>>, InMemDicomObject), DicomError> {
     let layout = walk::walk(bytes)?;
     let file = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(&bytes[layout.magic_at as usize..])
         .map_err(|e| DicomError::Unreadable(error_chain(&e)))?;
-    Ok((layout.transfer_syntax, file.into_inner()))
+    let pixel = layout.pixel.map(|p| p.value);
+    Ok((layout.transfer_syntax, pixel, file.into_inner()))
 }
 
 /// The elements that count: no group lengths, no trailing padding (the

@@ -260,3 +260,17 @@ fn unreadable_files_are_named_not_compared() {
     );
     assert!(d[0].to_string().starts_with("file 2 is not readable DICOM"));
 }
+
+/// pydicom-data's `emri_small_jpeg_2k_lossless_too_short.dcm` is the same
+/// instance with its pixel data cut short: another data set.
+#[test]
+fn a_cut_short_copy_is_not_the_same_instance() {
+    let whole = real("emri_small_jpeg_2k_lossless.dcm");
+    let short = real("emri_small_jpeg_2k_lossless_too_short.dcm");
+    assert_eq!(
+        same_instance(&whole, &short),
+        Err(vec![Difference::Value {
+            tag: tags::PIXEL_DATA
+        }])
+    );
+}
