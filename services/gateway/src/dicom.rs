@@ -338,7 +338,7 @@ impl GatewayService {
                 if let Err(d) = tessera_dicom::same_instance(&old, &file) {
                     let named: Vec<String> = d.iter().take(8).map(|d| d.to_string()).collect();
                     return Err(GatewayError::AlreadyExists(format!(
-                        "study {} already holds SOP Instance UID {sop} with another data set ({} element(s) differ, first = stored, second = this file: {}; file meta and padding ignored)",
+                        "study {} already holds this SOP Instance UID with another data set ({} element(s) differ, first = stored, second = this file: {}; file meta and padding ignored)",
                         study.study_id,
                         d.len(),
                         named.join("; ")
