@@ -385,3 +385,90 @@ fn completions_and_doctor_on_a_missing_directory() {
         "{all}"
     );
 }
+
+/// Items 6 and 7: raw input read in both forms alike; a trailing slash on
+/// the output folder is not doubled, and the paper profile says where its
+/// key file went.
+#[test]
+fn raw_forms_and_trailing_slashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let image = head_phantom(64, 40, 1, PixelFormat::gray16(12, false), 3).unwrap();
+    let raw = d.join("ct.raw");
+    std::fs::write(&raw, image.to_le_bytes()).unwrap();
+    let out_dir = format!("{}/", d.join("paper").display());
+    let text = ok(&command(&[
+        "image",
+        "protect",
+        "-i",
+        p(&raw),
+        "--raw",
+        "64,40,16,12",
+        "--roi",
+        "8,4,32,24",
+        "--profile",
+        "paper",
+        "-o",
+        &out_dir,
+    ])
+    .output()
+    .unwrap());
+    assert!(!text.contains("//"), "{text}");
+    assert!(text.contains("ROI 8,4,32,24 (x,y,w,h)"), "{text}");
+    assert!(
+        text.contains(&format!("{}", d.join("paper/paper.key").display())),
+        "{text}"
+    );
+    // The documented form gives the same image back.
+    let back = d.join("back.raw");
+    ok(
+        &command(&["image", "restore", "-d", &out_dir, "-o", p(&back)])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), image.to_le_bytes());
+    let text = ok(&command(&[
+        "image",
+        "protect",
+        "-i",
+        p(&raw),
+        "--raw",
+        "64x40",
+        "--bits",
+        "16",
+        "--stored",
+        "12",
+        "--profile",
+        "paper",
+        "-o",
+        p(&d.join("p2")),
+    ])
+    .output()
+    .unwrap());
+    assert!(text.contains("64x40x1"), "{text}");
+    // Both forms at once must agree.
+    let all = failed(
+        &command(&[
+            "image",
+            "protect",
+            "-i",
+            p(&raw),
+            "--raw",
+            "64,40,16,12",
+            "--bits",
+            "8",
+            "-o",
+            p(&d.join("p3")),
+        ])
+        .output()
+        .unwrap(),
+    );
+    assert!(all.contains("--bits says 8"), "{all}");
+    // Item 8: `metrics --tables` says which tables it prints.
+    let text = ok(&command(&["image", "metrics", "--tables"]).output().unwrap());
+    assert!(
+        text.starts_with("Tables 3-4 (key sensitivity and share statistics)")
+            && text.contains("ROI 83,55,351,431"),
+        "{text}"
+    );
+}
