@@ -78,13 +78,13 @@ check "the owner's requests list shows it" out_has "$RID" "$T" requests --as own
 check "retrieve before approval fails: refused" fails_with "refused" \
   "$T" retrieve "$STUDY" --request "$RID" --as clinician -o "$E2E_TMP/early.raw"
 check "the clinician cannot approve" fails_with "refused" "$T" approve "$RID" --as clinician --uses 3
-check "the owner approves" out_has approved "$T" approve "$RID" --as owner --ttl 10m --uses 3
+check "the owner approves: 3 uses until a date (not a Unix time)" out_has ": 3 use(s) left until 20" "$T" approve "$RID" --as owner --ttl 10m --uses 3
 check "retrieve through the gateway: identical bytes, identity shown" \
   bash -c "'$T' retrieve '$STUDY' --request '$RID' --as clinician -o '$E2E_TMP/got.raw' | grep -q 'Poe^Edgar' && cmp '$E2E_TMP/got.raw' '$E2E_TMP/slice.raw'"
-check "retrieve --local (user-side restore): identical bytes" \
-  bash -c "'$T' retrieve '$STUDY' --request '$RID' --as clinician --local -o '$E2E_TMP/local.raw' >/dev/null && cmp '$E2E_TMP/local.raw' '$E2E_TMP/slice.raw'"
+check "retrieve --local (user-side restore): identical bytes, says why no identity" \
+  bash -c "'$T' retrieve '$STUDY' --request '$RID' --as clinician --local -o '$E2E_TMP/local.raw' | grep -q 'identity: not fetched with --local' && cmp '$E2E_TMP/local.raw' '$E2E_TMP/slice.raw'"
 check "verify: intact" out_has intact "$T" verify "$STUDY" --as owner
-check "process gaussian writes a PNG" bash -c "'$T' process '$STUDY' --request '$RID' --as clinician --op gaussian -o '$E2E_TMP/smooth.png' >/dev/null && test -s '$E2E_TMP/smooth.png'"
+check "process gaussian writes a PNG and says it spent a use" bash -c "'$T' process '$STUDY' --request '$RID' --as clinician --op gaussian -o '$E2E_TMP/smooth.png' | grep -q 'one use of $RID spent' && test -s '$E2E_TMP/smooth.png'"
 check "the grant is used up after 3 uses" fails_with "used up" \
   "$T" retrieve "$STUDY" --request "$RID" --as clinician -o "$E2E_TMP/again.raw"
 
@@ -111,6 +111,15 @@ check "verify after delete: not found" fails_with "not found" "$T" verify "$STUD
 check "audit --verify" "$T" audit --as owner --verify
 check "an unreachable gateway is a clear error" fails_with "cannot reach the gateway" \
   "$T" verify "$STUDY" --as owner --gateway 127.0.0.1:1
+once() { # each ": "-separated part of the error line once
+  local line
+  line=$("$T" verify "$STUDY" --as owner --gateway 127.0.0.1:1 2>&1 | grep '^error: ')
+  [ "$(tr -s ' ' <<<"${line//: /$'\n'}" | sort | uniq -d | wc -l)" -eq 0 ] || { echo "$line"; return 1; }
+}
+check "  ... each cause said once" once
+check "doctor: every endpoint with its identity" out_has "0 failed" "$T" doctor
+check "--json into a closed pipe: quiet, exit 141" bash -c \
+  "set +o pipefail; '$T' requests --as owner --all --json 2>'$E2E_TMP/pipe.err' | head -c 1 >/dev/null; ! grep -q panicked '$E2E_TMP/pipe.err'"
 
 # --- Ctrl-C stops every service cleanly ---
 # (wait must run in this shell, not in check's subshell)

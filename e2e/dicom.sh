@@ -63,10 +63,20 @@ check "a researcher cannot look patients up" expect_code PermissionDenied \
 check "a clinician who is no delegate of the owner cannot probe its patients" expect_code PermissionDenied \
   gc clinician2 "$GW" -d "$FIND" -- tessera.gateway.v1.Gateway/FindDicomStudy
 
-# --- the same SOP instance over gRPC with other bytes (the original file,
-# whose meta differs from what the SCP wrote): ALREADY_EXISTS ---
+# --- the same SOP instance over gRPC: the original file, whose meta differs
+# from what the SCP wrote, is the same data set: a duplicate; another data
+# set under the same UID: ALREADY_EXISTS naming the element ---
 store_grpc() { "$PY" "$TOOL" store-json "$1" "$OWNER" | gc clinician "$GW" -d @ -- tessera.gateway.v1.Gateway/StoreDicom; }
-check "the same SOP instance with other bytes over gRPC: AlreadyExists" expect_code AlreadyExists store_grpc "$STUDY_DIR/im3.dcm"
+dup_ok() { local out; out=$(store_grpc "$STUDY_DIR/im3.dcm") && grep -q '"duplicate": true' <<<"$out" || { echo "$out"; return 1; }; }
+check "the same SOP instance over gRPC after C-STORE (other file meta): a duplicate" dup_ok
+"$PY" -c 'import pydicom, sys; d = pydicom.dcmread(sys.argv[1]); d.StudyDescription = "another data set"; d.save_as(sys.argv[2])' \
+  "$STUDY_DIR/im3.dcm" "$E2E_TMP/im3-changed.dcm"
+changed_refused() {
+  local out
+  if out=$(store_grpc "$E2E_TMP/im3-changed.dcm" 2>&1); then echo "expected AlreadyExists, stored: $out"; return 1; fi
+  grep -q "Code: AlreadyExists" <<<"$out" && grep -q "(0008,1030) StudyDescription" <<<"$out" || { echo "$out"; return 1; }
+}
+check "another data set under the same SOP Instance UID: AlreadyExists naming (0008,1030)" changed_refused
 head -c 2000 "$STUDY_DIR/im1.dcm" >"$E2E_TMP/truncated.dcm"
 check "a truncated file over gRPC: InvalidArgument" expect_code InvalidArgument store_grpc "$E2E_TMP/truncated.dcm"
 printf 'hello, not dicom at all %.0s' $(seq 1 20) >"$E2E_TMP/text.dcm"

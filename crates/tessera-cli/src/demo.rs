@@ -4,7 +4,8 @@
 //! every step is checked and the command exits non-zero if one fails. The
 //! networked demo (the default) is in `suite_demo.rs`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -19,11 +20,12 @@ use crate::image_cmd::{key_sensitivity, print_report, print_sensitivity, tamper_
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where the demo writes its PNGs (and, for the suite, its PKI and redb files).
+    /// Where the demo writes its PNGs (and, for the suite, its PKI and redb
+    /// files under OUT/suite); `--offline` writes into OUT/offline.
     #[arg(long, default_value = ".tessera/demo")]
     pub out: PathBuf,
     /// Run the imaging core alone (no services): protect/restore, the paper's
-    /// statistics, GA-ES in one process.
+    /// statistics, GA-ES in one process; outputs in OUT/offline.
     #[arg(long)]
     pub offline: bool,
     /// A DICOM Part 10 file to walk through the suite instead of the
@@ -52,17 +54,65 @@ impl Steps {
     }
 }
 
+/// Now, as a moment files written from here on are not older than (whole
+/// seconds: some file systems keep no finer times).
+pub fn run_started() -> SystemTime {
+    let now = SystemTime::now();
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| UNIX_EPOCH + std::time::Duration::from_secs(d.as_secs()))
+        .unwrap_or(now)
+}
+
+/// `dir` as an absolute path (for messages: a relative one says nothing
+/// once the user has changed directory).
+pub fn absolute(dir: &Path) -> PathBuf {
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned())
+}
+
+/// The demo's closing lines: the absolute output directory and every file
+/// this run wrote there (modified since `since`), sorted, with sizes;
+/// subdirectories are named with what they hold.
+pub fn print_outputs(dir: &Path, since: SystemTime, subdirs: &[(&str, &str)]) -> Result<()> {
+    let abs = absolute(dir);
+    println!("Outputs in {}:", abs.display());
+    let mut files: Vec<(String, u64)> = Vec::new();
+    for e in std::fs::read_dir(&abs).with_context(|| format!("listing {}", abs.display()))? {
+        let e = e.with_context(|| format!("listing {}", abs.display()))?;
+        let meta = e.metadata()?;
+        let fresh = meta.modified().is_ok_and(|m| m >= since);
+        if meta.is_file() && fresh {
+            files.push((e.file_name().to_string_lossy().into_owned(), meta.len()));
+        }
+    }
+    files.sort();
+    for (name, len) in &files {
+        println!("  {name} ({len} bytes)");
+    }
+    for (name, what) in subdirs {
+        if abs.join(name).is_dir() {
+            println!("  {name}/ ({what})");
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: DemoArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let out = |name: &str| args.out.join(name);
+    // Its own folder: the suite demo writes PNGs of the same names.
+    let dir = args.out.join("offline");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let since = run_started();
+    let out = |name: &str| dir.join(name);
     let mut steps = Steps::new();
 
     println!("== 1. A 512x512 12-bit CT-like head slice (synthetic phantom, no patient data)");
     let image = head_phantom(512, 512, 1, PixelFormat::gray16(12, false), 7)?;
     std::fs::write(out("original.png"), codec::encode_png(&image, 0)?)?;
     let roi = Rect::new(96, 40, 320, 432);
-    println!("  ROI {roi}; wrote {}", out("original.png").display());
+    println!(
+        "  ROI {} (x,y,w,h); wrote {}",
+        crate::report::rect(roi),
+        out("original.png").display()
+    );
 
     println!(
         "== 2. Protect (secure profile: S-box, bit planes, embedded block hashes, AES-256-GCM tiles)"
@@ -104,11 +154,18 @@ pub fn run(args: DemoArgs) -> Result<()> {
         std::fs::write(out(&format!("share{}.bin", i + 1)), s)?;
     }
     std::fs::write(out("header.json"), protected.header.to_json())?;
-    println!("  wrote share1.png, share2.png (what each cloud sees) and header.json");
+    println!(
+        "  wrote {}, {} (what each cloud sees), {}, {} and {}",
+        out("share1.png").display(),
+        out("share2.png").display(),
+        out("share1.bin").display(),
+        out("share2.bin").display(),
+        out("header.json").display()
+    );
 
     println!("== 3. Restore with the key: bit-identical and verified");
     let r = restore(&protected.header, s1, s2, RestoreKey::Secure(&key))?;
-    print_report(&r.report);
+    print_report(&r.report, "  ");
     steps.check(
         "restored image is bit-identical to the original",
         r.image == image,
@@ -123,7 +180,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let pos = SHARE_PREAMBLE + tampered.len() / 2;
     tampered[pos] ^= 0x10;
     let t = restore(&protected.header, s1, &tampered, RestoreKey::Secure(&key))?;
-    print_report(&t.report);
+    print_report(&t.report, "  ");
     std::fs::write(out("tamper-map.png"), tamper_map(&protected.header, &t)?)?;
     println!("  wrote {}", out("tamper-map.png").display());
     steps.check(
@@ -226,7 +283,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     println!();
     if steps.failed.is_empty() {
-        println!("demo: every step held. Outputs in {}", args.out.display());
+        println!("demo: every step held.");
+        print_outputs(&dir, since, &[])?;
         Ok(())
     } else {
         bail!(

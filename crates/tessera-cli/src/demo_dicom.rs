@@ -287,8 +287,9 @@ pub async fn flows(
     println!("== 4. The owner approves (1 hour, 1 use: one retrieve of the whole study)");
     let approved = approve(stack, &req.request_id).await?;
     println!(
-        "  approved: {} use(s) until unix {}",
-        approved.uses_left, approved.expires_at_unix
+        "  approved: {} use(s) until {}",
+        approved.uses_left,
+        crate::client::utc(approved.expires_at_unix)
     );
     let self_approve = keyserver(stack, "clinician")
         .await?
@@ -320,12 +321,7 @@ pub async fn flows(
                 h.deidentified
             );
             if let Some(r) = &h.report {
-                println!(
-                    "  integrity: {} ({} ROI blocks, {} tiles verified)",
-                    if r.intact { "intact" } else { "TAMPERED" },
-                    r.roi_blocks,
-                    r.tiles
-                );
+                crate::report::Summary::from(r).print("  ");
             }
             for a in &h.patient_attributes {
                 println!("  identity: {} = {}", a.name, a.value);

@@ -11,8 +11,32 @@ use tessera_devstack::{DevOptions, DevStack};
 #[derive(Subcommand, Debug)]
 pub enum DevCmd {
     /// Start every service (keyserver, storage nodes, watermark,
-    /// segmentation, gateway) in this process until Ctrl-C.
+    /// segmentation, gateway and the gateway's DICOM C-STORE SCP, AE title
+    /// TESSERA on P+4) in this process until Ctrl-C.
     Up(UpArgs),
+    /// Play a dishonest cloud in a dev suite: change one byte of a stored
+    /// object on a storage node (connecting as DIR/pki/gateway, the only
+    /// identity a node lets write), so `verify` and `retrieve` show what
+    /// Tessera does about it. Development PKI only.
+    Tamper(TamperArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TamperArgs {
+    /// The storage node (storage-1, ...), as `store` names it.
+    #[arg(long)]
+    pub node: String,
+    /// The object id on that node, as `store` prints it.
+    #[arg(long)]
+    pub object: String,
+    /// Dev directory made by `tessera dev up` (endpoints.toml and pki/).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "TESSERA_DIR",
+        default_value = ".tessera"
+    )]
+    pub dir: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -21,7 +45,8 @@ pub struct UpArgs {
     #[arg(long, default_value = ".tessera")]
     pub dir: PathBuf,
     /// First port: keyserver = P, watermark = P+1, segmentation = P+2,
-    /// gateway = P+3, storage-N = P+10+N. 0 lets the OS choose free ports.
+    /// gateway = P+3, DICOM C-STORE SCP = P+4, storage-N = P+10+N. 0 lets
+    /// the OS choose free ports.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
     /// Number of storage nodes, each its own zone (zone-a, zone-b, ...;
@@ -61,7 +86,57 @@ pub(crate) fn parse_erasure(s: &str) -> Result<(usize, usize), String> {
 pub fn run(cmd: DevCmd) -> Result<()> {
     match cmd {
         DevCmd::Up(a) => up(a),
+        DevCmd::Tamper(a) => tamper(a),
     }
+}
+
+/// `tessera dev tamper`: XOR 0x10 into the middle byte of the object.
+fn tamper(a: TamperArgs) -> Result<()> {
+    let endpoints = tessera_devstack::Endpoints::load(&a.dir).map_err(|e| {
+        anyhow!(
+            "{e} (is `tessera dev up --dir {}` running?)",
+            a.dir.display()
+        )
+    })?;
+    let addr = endpoints
+        .get(&a.node)
+        .map_err(|e| anyhow!("--node {}: {e}", a.node))?
+        .to_owned();
+    let expected = endpoints
+        .identity(&a.node)
+        .map(str::to_owned)
+        .unwrap_or_else(|| tessera_devstack::service_identity(&a.node));
+    let files = tessera_tls::TlsFiles::from_pki_dir(&a.dir.join(crate::client::PKI_DIR), "gateway");
+    crate::client::block_on(async move {
+        let tls = tessera_tls::ClientTls::from_files(&files)
+            .context("loading the gateway's dev certificate")?;
+        let expected = tessera_tls::Identity::parse_uri(&expected)?;
+        let channel = tls
+            .expecting(&expected)
+            .connect(&addr)
+            .await
+            .map_err(|e| anyhow!("{}", crate::client::error_chain(&e)))
+            .with_context(|| format!("cannot reach {} at {addr}", a.node))?;
+        let mut node = storage_node::client::client(channel);
+        let (_, mut bytes) = storage_node::client::get_object(&mut node, &a.object)
+            .await
+            .map_err(|s| crate::client::status_error(&format!("get {}", a.object), &s))?;
+        if bytes.is_empty() {
+            anyhow::bail!("{} on {} is empty: nothing to change", a.object, a.node);
+        }
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        storage_node::client::replace_object(&mut node, &a.object, &bytes)
+            .await
+            .map_err(|s| crate::client::status_error(&format!("replace {}", a.object), &s))?;
+        println!(
+            "{}: changed byte {at} of {} ({} bytes), as a dishonest cloud would",
+            a.node,
+            a.object,
+            bytes.len()
+        );
+        Ok(())
+    })
 }
 
 fn up(args: UpArgs) -> Result<()> {
@@ -100,8 +175,15 @@ fn up(args: UpArgs) -> Result<()> {
             stack.dir().join(tessera_devstack::ENDPOINTS_FILE).display(),
             stack.pki_dir().display()
         );
+        if let Ok(dicom) = stack.endpoints().get("dicom") {
+            println!(
+                "DICOM: C-STORE SCP at {dicom}, AE title {}, calling AE titles {} (studies stored for user/owner)",
+                tessera_devstack::DICOM_AE_TITLE,
+                tessera_devstack::DICOM_CALLING_AES.join(", ")
+            );
+        }
         println!(
-            "Try: tessera store --dir {d} --as owner --owner owner --attr patient_id=P1 IMAGE.png\nCtrl-C stops every service.",
+            "Try: tessera store --dir {d} --as owner --owner owner --attr patient_id=P1 IMAGE.png\nCheck: tessera doctor --dir {d}\nCtrl-C stops every service.",
             d = args.dir.display()
         );
         let _ = std::io::Write::flush(&mut std::io::stdout());

@@ -22,24 +22,99 @@ pub struct InputArgs {
     /// PNG or TIFF file, or raw little-endian words with --raw.
     #[arg(long, short, value_name = "FILE")]
     pub input: PathBuf,
-    /// Read raw words of WIDTHxHEIGHT (e.g. 512x512).
+    /// Read raw little-endian words of WIDTHxHEIGHT, e.g. `--raw 512x512
+    /// --bits 16 --stored 12` (`--raw 512,512,16,12` is read alike).
     #[arg(long, value_name = "WxH")]
     pub raw: Option<String>,
-    /// Raw: bits allocated per sample (8 or 16).
-    #[arg(long, default_value_t = 16)]
-    pub bits: u8,
+    #[command(flatten)]
+    pub layout: RawLayout,
+}
+
+/// The words of a raw file, besides its size (`--raw`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RawLayout {
+    /// Raw: bits allocated per sample, 8 or 16 (default 16).
+    #[arg(long, value_name = "BITS")]
+    pub bits: Option<u8>,
     /// Raw: bits stored (default: --bits).
-    #[arg(long)]
+    #[arg(long, value_name = "BITS")]
     pub stored: Option<u8>,
     /// Raw: samples are signed.
     #[arg(long)]
     pub signed: bool,
-    /// Raw: 1 (gray) or 3 (RGB).
-    #[arg(long, default_value_t = 1)]
-    pub channels: u8,
-    /// Raw: number of frames.
-    #[arg(long, default_value_t = 1)]
-    pub frames: u32,
+    /// Raw: 1 (gray) or 3 (RGB) samples per pixel (default 1).
+    #[arg(long)]
+    pub channels: Option<u8>,
+    /// Raw: number of frames (default 1).
+    #[arg(long)]
+    pub frames: Option<u32>,
+}
+
+/// `--raw` in either form: `WxH` with `--bits/--stored/--frames/--channels`
+/// (the documented one), or `W,H,BITS,STORED[,FRAMES[,CHANNELS]]` (what
+/// `store --raw` took first); a number given both ways must agree.
+pub fn raw_spec(text: &str, l: &RawLayout) -> Result<ImageSpec> {
+    let (width, height, mut bits, mut stored, mut frames, mut channels) = if text.contains(',') {
+        let v: Vec<u32> = text
+            .split(',')
+            .map(|p| p.trim().parse::<u32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "--raw {text:?}: expected WxH or W,H,BITS,STORED[,FRAMES[,CHANNELS]]"
+                )
+            })?;
+        if !(4..=6).contains(&v.len()) {
+            bail!("--raw {text:?}: expected WxH or W,H,BITS,STORED[,FRAMES[,CHANNELS]]");
+        }
+        let small = |i: usize, what: &str| -> Result<Option<u8>> {
+            v.get(i)
+                .map(|&n| {
+                    u8::try_from(n)
+                        .map_err(|_| anyhow::anyhow!("--raw {text:?}: {what} {n} is too large"))
+                })
+                .transpose()
+        };
+        (
+            v[0],
+            v[1],
+            small(2, "bits")?,
+            small(3, "bits stored")?,
+            v.get(4).copied(),
+            small(5, "channels")?,
+        )
+    } else {
+        let (w, h) = parse_dims(text)?;
+        (w, h, None, None, None, None)
+    };
+    for (name, from_raw, flag) in [
+        ("--bits", &mut bits, l.bits),
+        ("--stored", &mut stored, l.stored),
+        ("--channels", &mut channels, l.channels),
+    ] {
+        match (*from_raw, flag) {
+            (Some(a), Some(b)) if a != b => bail!("--raw {text:?} says {a}, {name} says {b}"),
+            (None, Some(b)) => *from_raw = Some(b),
+            _ => {}
+        }
+    }
+    match (frames, l.frames) {
+        (Some(a), Some(b)) if a != b => bail!("--raw {text:?} says {a} frames, --frames says {b}"),
+        (None, Some(b)) => frames = Some(b),
+        _ => {}
+    }
+    let bits = bits.unwrap_or(16);
+    Ok(ImageSpec {
+        width,
+        height,
+        frames: frames.unwrap_or(1),
+        format: PixelFormat {
+            bits_allocated: bits,
+            bits_stored: stored.unwrap_or(bits),
+            signed: l.signed,
+            channels: channels.unwrap_or(1),
+        },
+    })
 }
 
 impl InputArgs {
@@ -50,18 +125,7 @@ impl InputArgs {
                 codec::decode(&bytes).with_context(|| format!("decoding {}", self.input.display()))
             }
             Some(dims) => {
-                let (w, h) = parse_dims(dims)?;
-                let spec = ImageSpec {
-                    width: w,
-                    height: h,
-                    frames: self.frames,
-                    format: PixelFormat {
-                        bits_allocated: self.bits,
-                        bits_stored: self.stored.unwrap_or(self.bits),
-                        signed: self.signed,
-                        channels: self.channels,
-                    },
-                };
+                let spec = raw_spec(dims, &self.layout)?;
                 codec::decode_raw(spec, &bytes)
                     .with_context(|| format!("raw file {}", self.input.display()))
             }
@@ -206,7 +270,7 @@ pub struct MetricsArgs {
     #[arg(long, default_value = "paper")]
     pub profile: Profile,
     /// ROI for --key-sensitivity on --image: x,y,width,height, `full` (the
-    /// default) or `none`. The phantom uses Table 2's ROI.
+    /// default) or `none`. The phantom uses the paper's ROI 83,55,351,431.
     #[arg(long)]
     pub roi: Option<String>,
     /// Seed of the --key-sensitivity keys (default: random, printed).
@@ -219,6 +283,27 @@ pub struct KeygenArgs {
     /// Where to write a new random 256-bit key (hex, mode 0600).
     #[arg(long, short)]
     pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PhantomArgs {
+    /// Where to write the PNG.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// WIDTHxHEIGHT.
+    #[arg(long, default_value = "512x512")]
+    pub size: String,
+}
+
+pub fn phantom(args: PhantomArgs) -> Result<()> {
+    let (w, h) = parse_dims(&args.size)?;
+    let image = tessera_image::phantom::head_phantom(w, h, 1, PixelFormat::gray16(12, false), 7)?;
+    write_file(&args.out, &codec::encode_png(&image, 0)?)?;
+    println!(
+        "wrote {}: {w}x{h} 16-bit gray (12 bits used), the built-in CT-like head phantom (no patient data)",
+        args.out.display()
+    );
+    Ok(())
 }
 
 pub fn keygen(args: KeygenArgs) -> Result<()> {
@@ -300,7 +385,7 @@ pub fn protect_cmd(args: ProtectArgs) -> Result<()> {
     let original = image.spec().byte_len() as f64;
     let (s1, s2) = (protected.shares[0].len(), protected.shares[1].len());
     println!(
-        "protected {} ({}x{}x{} {}) as {:?} profile, object {:?}, ROI {}",
+        "protected {} ({}x{}x{} {}) as {:?} profile, object {:?}, ROI {} (x,y,w,h)",
         args.input.input.display(),
         image.width(),
         image.height(),
@@ -308,21 +393,24 @@ pub fn protect_cmd(args: ProtectArgs) -> Result<()> {
         image.format(),
         args.profile,
         object_id,
-        roi
+        crate::report::rect(roi)
     );
     println!(
         "share1 {s1} B, share2 {s2} B: {:.3}x the {} image bytes",
         (s1 + s2) as f64 / original,
         original
     );
+    let written = |name: &str| args.out.join(name).display().to_string();
     println!(
-        "wrote {}/{{header.json,share1.bin,share2.bin}}",
-        args.out.display()
+        "wrote {}, {}, {}",
+        written("header.json"),
+        written("share1.bin"),
+        written("share2.bin")
     );
     if args.profile == Profile::Paper {
         println!(
-            "paper profile: NOT FOR PRODUCTION; keys in {}/paper.key",
-            args.out.display()
+            "paper profile: NOT FOR PRODUCTION; its share keys are in {} (restore reads them there)",
+            written("paper.key")
         );
     }
     Ok(())
@@ -369,45 +457,14 @@ fn load_and_restore(args: &SharesArgs) -> Result<(Header, Restored)> {
     Ok((header, restored))
 }
 
-pub fn print_report(report: &VerificationReport) {
-    if report.is_intact() {
-        println!(
-            "verification: INTACT ({} ROI blocks, {} tiles checked)",
-            report.roi_blocks, report.tiles
-        );
-        return;
-    }
-    println!(
-        "verification: TAMPERED: {} of {} ROI blocks, {} of {} tiles",
-        report.tampered_blocks.len(),
-        report.roi_blocks,
-        report.tampered_tiles.len(),
-        report.tiles
-    );
-    for b in report.tampered_blocks.iter().take(50) {
-        println!(
-            "  ROI block {} (frame {}): pixels {}",
-            b.index, b.frame, b.rect
-        );
-    }
-    for t in report.tampered_tiles.iter().take(50) {
-        println!(
-            "  tile {} (frame {}): pixels {}, share(s) {:?}",
-            t.index, t.frame, t.rect, t.shares
-        );
-    }
-    let more = report
-        .tampered_blocks
-        .len()
-        .max(report.tampered_tiles.len());
-    if more > 50 {
-        println!("  ... ({} more)", more - 50);
-    }
+/// The report in the one format of every command (see `crate::report`).
+pub fn print_report(report: &VerificationReport, indent: &str) {
+    crate::report::Summary::from(report).print(indent);
 }
 
 pub fn restore_cmd(args: RestoreArgs) -> Result<()> {
     let (_, restored) = load_and_restore(&args.shares)?;
-    print_report(&restored.report);
+    print_report(&restored.report, "");
     if !restored.report.is_intact() && !args.allow_tampered {
         bail!("not writing a tampered image (use --allow-tampered to write it anyway)");
     }
@@ -435,7 +492,7 @@ pub fn write_image(path: &Path, image: &Image) -> Result<()> {
 
 pub fn verify_cmd(args: VerifyArgs) -> Result<()> {
     let (header, restored) = load_and_restore(&args.shares)?;
-    print_report(&restored.report);
+    print_report(&restored.report, "");
     if let Some(map) = &args.map {
         write_file(map, &tamper_map(&header, &restored)?)?;
         println!("wrote tamper map {}", map.display());
@@ -843,12 +900,13 @@ fn key_sensitivity_cmd(args: &MetricsArgs, n: usize) -> Result<()> {
         None => u64::from_be_bytes(random_salt()?[..8].try_into().expect("8 bytes")),
     };
     println!(
-        "key sensitivity, {:?} profile, {n} random keys (--seed {seed}), on {what} ({}x{}x{} {}), ROI {roi}:",
+        "key sensitivity, {:?} profile, {n} random keys (--seed {seed}), on {what} ({}x{}x{} {}), ROI {} (x,y,w,h):",
         args.profile,
         image.width(),
         image.height(),
         image.frames(),
         image.format(),
+        crate::report::rect(roi),
     );
     match args.profile {
         Profile::Paper => {
@@ -934,7 +992,7 @@ pub fn metrics_cmd(args: MetricsArgs) -> Result<()> {
     if args.tables {
         let image = tessera_image::phantom::head_phantom(512, 512, 1, PixelFormat::GRAY8, 2023)?;
         println!(
-            "key sensitivity on the 512x512 8-bit head phantom, ROI 351x431+83+55 (Table 2, IM-0001-0012):"
+            "Tables 3-4 (key sensitivity and share statistics) on the 512x512 8-bit head phantom, ROI 83,55,351,431 (x,y,w,h: the paper's ROI for its image IM-0001-0012):"
         );
         print_sensitivity(&key_sensitivity(&image, Rect::new(83, 55, 351, 431))?);
         did = true;

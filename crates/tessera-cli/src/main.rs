@@ -9,13 +9,15 @@ mod client;
 mod demo;
 mod demo_dicom;
 mod dev_cmd;
+mod doctor;
 mod image_cmd;
 mod keys;
 mod pki_cmd;
+mod report;
 mod segment_cmd;
 mod suite_demo;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Counts heap use so `tessera bench` can report peak memory per operation.
 #[global_allocator]
@@ -44,9 +46,16 @@ enum Command {
     /// (`--offline`: the imaging core alone; `--input FILE.dcm`: a DICOM
     /// file through the suite).
     Demo(demo::DemoArgs),
-    /// The whole suite on this machine (`dev up --dir DIR`).
+    /// The whole suite on this machine (`dev up --dir DIR`): the services
+    /// over mutual TLS and the gateway's DICOM C-STORE SCP.
     #[command(subcommand)]
     Dev(dev_cmd::DevCmd),
+    /// Check a dev directory: the PKI (present, valid for how long), every
+    /// endpoint reachable with the identity it must present, versions.
+    Doctor(doctor::DoctorArgs),
+    /// Print a shell completion script: `tessera completions bash >
+    /// ~/.local/share/bash-completion/completions/tessera` (zsh, fish alike).
+    Completions(CompletionsArgs),
     /// Store an image through the gateway; prints the study handle.
     Store(client::gateway_cmd::StoreArgs),
     /// Store DICOM files (or directories of *.dcm) through the gateway;
@@ -94,6 +103,12 @@ enum Command {
     Node(client::repair_cmd::NodeCmd),
 }
 
+#[derive(clap::Args)]
+struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    shell: clap_complete::Shell,
+}
+
 #[derive(Subcommand)]
 enum ImageCmd {
     /// Protect an image into two shares and a public header.
@@ -106,6 +121,9 @@ enum ImageCmd {
     Metrics(image_cmd::MetricsArgs),
     /// Write a new random 256-bit key file for offline use.
     Keygen(image_cmd::KeygenArgs),
+    /// Write the built-in CT-like head phantom (no patient data) as a
+    /// 16-bit PNG: an image to try everything on.
+    Phantom(image_cmd::PhantomArgs),
     /// GA-ES: entropy block segmentation into regions; writes the region map PNG.
     Segment(segment_cmd::SegmentArgs),
     /// Region-wise processing (one fragment per region), merged; writes the result.
@@ -167,6 +185,7 @@ fn main() -> std::process::ExitCode {
             ImageCmd::Verify(a) => image_cmd::verify_cmd(a),
             ImageCmd::Metrics(a) => image_cmd::metrics_cmd(a),
             ImageCmd::Keygen(a) => image_cmd::keygen(a),
+            ImageCmd::Phantom(a) => image_cmd::phantom(a),
             ImageCmd::Segment(a) => segment_cmd::segment(a),
             ImageCmd::Process(a) => segment_cmd::process(a),
         },
@@ -183,6 +202,12 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) if a.offline => demo::run(a),
         Command::Demo(a) => suite_demo::run(a),
         Command::Dev(cmd) => dev_cmd::run(cmd),
+        Command::Doctor(a) => doctor::doctor(a),
+        Command::Completions(a) => {
+            let mut script = Vec::new();
+            clap_complete::generate(a.shell, &mut Cli::command(), "tessera", &mut script);
+            write_stdout(&script)
+        }
         Command::Store(a) => client::gateway_cmd::store(a),
         Command::StoreDicom(a) => client::dicom_cmd::store_dicom(a),
         Command::RetrieveDicom(a) => client::dicom_cmd::retrieve_dicom(a),
@@ -204,8 +229,61 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes `bytes` to stdout; a closed pipe exits as [`EXIT_CLOSED_PIPE`].
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            std::process::exit(EXIT_CLOSED_PIPE)
+        }
+        Err(e) => Err(anyhow::anyhow!("writing to stdout: {e}")),
+    }
+}
+
+/// The error and its causes on one line, each said once: a cause's text
+/// often repeats its own source's ("connect: transport error" over
+/// "transport error"), so every `: `-separated part already said is dropped.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        for part in cause.to_string().split(": ") {
+            let part = part.trim();
+            if !part.is_empty() && !parts.iter().any(|p| p == part) {
+                parts.push(part.to_owned());
+            }
+        }
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_once() {
+        let e = anyhow::anyhow!(
+            "connect: transport error: transport error: Connection refused (os error 111): Connection refused (os error 111)"
+        )
+        .context("cannot reach the gateway at localhost:39699");
+        assert_eq!(
+            one_line(&e),
+            "cannot reach the gateway at localhost:39699: connect: transport error: Connection refused (os error 111)"
+        );
+        let e = anyhow::anyhow!("not found: study st-1").context("verify");
+        assert_eq!(one_line(&e), "verify: not found: study st-1");
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

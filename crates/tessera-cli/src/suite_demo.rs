@@ -112,9 +112,10 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     }
     let mut steps = Steps::new();
     let t0 = Instant::now();
+    let since = crate::demo::run_started();
 
     println!(
-        "== 1. The suite on loopback: development PKI, keyserver, 5 storage nodes (5 clouds, every object erasure-coded 3+2), watermark, segmentation, gateway"
+        "== 1. The suite on loopback: development PKI, keyserver, 5 storage nodes (5 clouds, every object erasure-coded 3+2), watermark, segmentation, gateway (gRPC, and its DICOM C-STORE SCP as `dicom`)"
     );
     let mut stack = DevStack::start(&suite_dir, &DevOptions::dev_up())
         .await
@@ -136,7 +137,12 @@ async fn run_async(args: DemoArgs) -> Result<()> {
     println!();
     println!("demo finished in {:.1} s", t0.elapsed().as_secs_f64());
     if steps.failed.is_empty() {
-        println!("demo: every step held. Outputs in {}", out_dir.display());
+        println!("demo: every step held.");
+        crate::demo::print_outputs(
+            &out_dir,
+            since,
+            &[("suite", "this run's PKI and redb files")],
+        )?;
         Ok(())
     } else {
         bail!(
@@ -294,8 +300,9 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         .request
         .ok_or_else(|| anyhow!("no request in the answer"))?;
     println!(
-        "  approved: {} uses until unix {}",
-        approved.uses_left, approved.expires_at_unix
+        "  approved: {} uses until {}",
+        approved.uses_left,
+        crate::client::utc(approved.expires_at_unix)
     );
     let self_approve = keyserver(stack, "clinician")
         .await?
@@ -313,7 +320,10 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         .await
         .context("retrieve")?;
     println!("  retrieved in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
-    print_report(rh.report.as_ref().ok_or_else(|| anyhow!("no report"))?);
+    print_report(
+        rh.report.as_ref().ok_or_else(|| anyhow!("no report"))?,
+        "  ",
+    );
     for a in &rh.patient_attributes {
         println!("  identity: {} = {}", a.name, a.value);
     }
@@ -500,7 +510,7 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
     )
     .map_err(|e| anyhow!("restore: {e}"))?;
     let report = watermark_service::convert::report_to_proto(&restored.report);
-    print_report(&report);
+    print_report(&report, "  ");
     std::fs::write(out("tamper-map.png"), tamper_map(&restored.image, &report)?)?;
     println!("  wrote {}", out("tamper-map.png").display());
     steps.check(

@@ -69,7 +69,7 @@ fn protect_restore_verify_round_trip_on_png_files() {
         "-o",
         p(&restored),
     ]));
-    assert!(out.contains("INTACT"), "{out}");
+    assert!(out.contains("integrity: intact"), "{out}");
     let back = codec::decode(&std::fs::read(&restored).unwrap()).unwrap();
     assert_eq!(back, image, "restored PNG is bit-identical");
 

@@ -340,6 +340,19 @@ async fn demo_walks_a_dicom_file_and_refuses_other_input() {
     .await);
     assert!(text.contains("every step held"), "{text}");
     assert!(!text.contains("FAILED"), "{text}");
+    // Issue 17: dates, not Unix times; the absolute folder and its files.
+    assert!(
+        text.contains("approved: 1 use(s) until 20") && !text.contains("unix"),
+        "{text}"
+    );
+    let abs = std::fs::canonicalize(&out_dir).unwrap();
+    assert!(
+        text.contains(&format!("Outputs in {}:", abs.display())),
+        "{text}"
+    );
+    for listed in ["  clinician.dcm (", "  researcher.dcm (", "  suite/ ("] {
+        assert!(text.contains(listed), "{listed}: {text}");
+    }
     assert!(
         text.contains("(0012,0062) Patient Identity Removed = \"YES\""),
         "{text}"

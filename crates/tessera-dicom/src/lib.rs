@@ -13,6 +13,7 @@
 //! See docs/DICOM.md for the design and the refused files.
 #![forbid(unsafe_code)]
 
+mod compare;
 mod deid;
 mod pixels;
 pub mod synth;
@@ -33,6 +34,7 @@ use dicom_object::meta::FileMetaTableBuilder;
 use sha2::{Digest, Sha256};
 use tessera_image::{Image, ImageSpec, PixelFormat};
 
+pub use compare::{Difference, same_instance};
 pub use deid::{Profile, Temporal, UidMap};
 pub use pixels::NativeLayout;
 

@@ -301,17 +301,18 @@ impl GatewayService {
         let limits = dicom_limits(self.inner.limits.max_image_bytes);
         let size = file.len() as u64;
         // The container records the original's SHA-256: no second pass.
-        let split =
-            tokio::task::spawn_blocking(move || tessera_dicom::split_for_store(&file, &limits))
-                .await
-                .map_err(|e| GatewayError::Internal(format!("split task: {e}")))?
-                .map_err(|e| {
-                    if matches!(e, tessera_dicom::DicomError::TooLarge { .. }) {
-                        GatewayError::TooLarge(format!("file: {e}"))
-                    } else {
-                        GatewayError::InvalidArgument(format!("file: {e}"))
-                    }
-                })?;
+        let (split, file) = tokio::task::spawn_blocking(move || {
+            tessera_dicom::split_for_store(&file, &limits).map(|s| (s, file))
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("split task: {e}")))?
+        .map_err(|e| {
+            if matches!(e, tessera_dicom::DicomError::TooLarge { .. }) {
+                GatewayError::TooLarge(format!("file: {e}"))
+            } else {
+                GatewayError::InvalidArgument(format!("file: {e}"))
+            }
+        })?;
         let sha = split.container.original_sha256();
         if split.subject.sop_instance_uid.is_empty() {
             return Err(GatewayError::InvalidArgument(
@@ -324,15 +325,27 @@ impl GatewayService {
         if let Some(existing) =
             with_vault(&self.inner.vault, move |v| v.instance_by_sop(&sid, &s)).await?
         {
-            return if existing.state == StudyState::Committed && existing.sha256 == hex::encode(sha)
-            {
-                Ok(stored_response(&existing, false, true))
-            } else {
-                Err(GatewayError::AlreadyExists(format!(
-                    "study {} already holds this SOP Instance UID with other bytes (or is storing it)",
+            if existing.state != StudyState::Committed {
+                return Err(GatewayError::AlreadyExists(format!(
+                    "study {} is storing this SOP Instance UID",
                     study.study_id
-                )))
-            };
+                )));
+            }
+            // Other bytes may still be the same instance (an SCP writes its
+            // own file meta group): compare the data sets.
+            if existing.sha256 != hex::encode(sha) {
+                let old = self.stored_instance(&study, &existing).await?;
+                if let Err(d) = tessera_dicom::same_instance(&old, &file) {
+                    let named: Vec<String> = d.iter().take(8).map(|d| d.to_string()).collect();
+                    return Err(GatewayError::AlreadyExists(format!(
+                        "study {} already holds this SOP Instance UID with another data set ({} element(s) differ, first = stored, second = this file: {}; file meta and padding ignored)",
+                        study.study_id,
+                        d.len(),
+                        named.join("; ")
+                    )));
+                }
+            }
+            return Ok(stored_response(&existing, false, true));
         }
         let r = self
             .store_instance(&study, stored_by, split, size, sha)
@@ -943,6 +956,32 @@ impl GatewayService {
         reidentify: bool,
     ) -> Result<Loaded> {
         let _permit = self.job_permit(inst.size).await?;
+        self.rebuild_instance(study, inst, index, count, kmeta, kpx, profile, reidentify)
+            .await
+    }
+
+    /// The stored file of a committed instance, rebuilt byte for byte (for
+    /// a store that holds a permit already).
+    async fn stored_instance(&self, study: &StudyRecord, inst: &InstanceRecord) -> Result<Vec<u8>> {
+        let (kmeta, kpx) = self.restore_keys(study, std::slice::from_ref(inst)).await?;
+        let loaded = self
+            .rebuild_instance(study, inst, 0, 1, &kmeta, kpx.as_ref(), None, false)
+            .await?;
+        Ok(loaded.bytes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn rebuild_instance(
+        &self,
+        study: &StudyRecord,
+        inst: &InstanceRecord,
+        index: u32,
+        count: u32,
+        kmeta: &Key,
+        kpx: Option<&Key>,
+        profile: Option<&Profile>,
+        reidentify: bool,
+    ) -> Result<Loaded> {
         let name = format!("instance {} of study {}", inst.instance_id, inst.study_id);
         let limit = inst.size.saturating_mul(2) + (1 << 20);
         let mut objects = self

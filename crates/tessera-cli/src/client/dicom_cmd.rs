@@ -243,13 +243,23 @@ pub fn store_dicom(a: StoreDicomArgs) -> Result<()> {
                 stored.len() - new
             );
         })?;
-        match refused.as_slice() {
-            [] => Ok(()),
-            [(_, e)] => bail!("{e}"),
-            [(_, first), ..] => bail!(
-                "{} of {total} file(s) refused; first: {first}",
-                refused.len()
-            ),
+        // Each refusal was printed with its file above: not again here.
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            let mut names: Vec<String> = refused
+                .iter()
+                .take(3)
+                .map(|(f, _)| f.display().to_string())
+                .collect();
+            if refused.len() > 3 {
+                names.push("...".into());
+            }
+            bail!(
+                "{} of {total} file(s) refused: {} (each reason is above)",
+                refused.len(),
+                names.join(", ")
+            )
         }
     })
 }

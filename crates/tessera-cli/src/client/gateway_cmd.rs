@@ -32,15 +32,15 @@ pub struct StoreArgs {
     /// Patient attribute NAME=VALUE (repeat); stays in the trusted zone.
     #[arg(long = "attr", value_name = "NAME=VALUE", required = true)]
     pub attrs: Vec<String>,
-    /// Region of interest X,Y,WIDTH,HEIGHT.
+    /// Region of interest X,Y,WIDTH,HEIGHT (x, y of its top-left corner).
     #[arg(long, value_name = "X,Y,W,H")]
     pub roi: Option<String>,
-    /// Raw pixels: WIDTH,HEIGHT,BITS_ALLOCATED,BITS_STORED[,FRAMES[,CHANNELS]].
-    #[arg(long, value_name = "W,H,BA,BS")]
+    /// Raw little-endian words of WIDTHxHEIGHT, e.g. `--raw 512x512 --bits
+    /// 16 --stored 12` (`--raw 512,512,16,12` is read alike).
+    #[arg(long, value_name = "WxH")]
     pub raw: Option<String>,
-    /// Raw pixels are signed.
-    #[arg(long, requires = "raw")]
-    pub signed: bool,
+    #[command(flatten)]
+    pub layout: crate::image_cmd::RawLayout,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
@@ -64,7 +64,8 @@ pub struct RequestKeyArgs {
 pub struct RetrieveArgs {
     /// The study handle (st-...).
     pub study: String,
-    /// Your approved key request.
+    /// Your approved key request; each retrieve (and each --local one)
+    /// spends one of its uses.
     #[arg(long = "request", value_name = "ID")]
     pub request_id: String,
     /// Output: .png (one frame) or anything else for raw little-endian words.
@@ -103,6 +104,8 @@ pub struct VerifyArgs {
 pub struct ProcessArgs {
     /// The study handle (st-...).
     pub study: String,
+    /// Your approved key request: processing spends one of its uses, like
+    /// a retrieve.
     #[arg(long = "request", value_name = "ID")]
     pub request_id: String,
     /// gaussian, median, unsharp, sobel or histeq.
@@ -211,32 +214,9 @@ fn report_json(r: &wpb::VerificationReport) -> Value {
     })
 }
 
-pub fn print_report(r: &wpb::VerificationReport) {
-    if r.intact {
-        println!(
-            "integrity: intact ({} ROI blocks, {} tiles verified)",
-            r.roi_blocks, r.tiles
-        );
-        return;
-    }
-    println!(
-        "integrity: TAMPERED: {} ROI block(s), {} tile(s)",
-        r.tampered_block_count, r.tampered_tile_count
-    );
-    for t in &r.tampered_tiles {
-        let rc = t.rect.unwrap_or_default();
-        println!(
-            "  tile {} frame {} at ({},{}) {}x{}: share(s) {:?}",
-            t.index, t.frame, rc.x, rc.y, rc.width, rc.height, t.shares
-        );
-    }
-    for b in &r.tampered_blocks {
-        let rc = b.rect.unwrap_or_default();
-        println!(
-            "  ROI block {} frame {} at ({},{}) {}x{}",
-            b.index, b.frame, rc.x, rc.y, rc.width, rc.height
-        );
-    }
+/// The report in the one format of every command (see `crate::report`).
+pub fn print_report(r: &wpb::VerificationReport, indent: &str) {
+    crate::report::Summary::from(r).print(indent);
 }
 
 /// `tessera store`.
@@ -271,22 +251,16 @@ pub fn store(a: StoreArgs) -> Result<()> {
         .unwrap_or_default();
     let (format, raw_spec) = match (&a.raw, ext.as_str()) {
         (Some(r), _) => {
-            let v = numbers("raw", r, 4, 6)?;
-            let spec = wpb::ImageSpec {
-                width: v[0],
-                height: v[1],
-                bits_allocated: v[2],
-                bits_stored: v[3],
-                frames: v.get(4).copied().unwrap_or(1),
-                channels: v.get(5).copied().unwrap_or(1),
-                signed: a.signed,
-            };
-            (pb::ImageFormat::Raw, Some(spec))
+            let spec = crate::image_cmd::raw_spec(r, &a.layout)?;
+            (
+                pb::ImageFormat::Raw,
+                Some(tessera_wire::convert::watermark::spec_to_proto(&spec)),
+            )
         }
         (None, "png") => (pb::ImageFormat::Png, None),
         (None, "tif" | "tiff") => (pb::ImageFormat::Tiff, None),
         (None, _) => bail!(
-            "{}: give a .png or .tiff file, or raw pixels with --raw W,H,BITS_ALLOCATED,BITS_STORED",
+            "{}: give a .png or .tiff file, or raw pixels with --raw WxH --bits BITS --stored BITS",
             a.file.display()
         ),
     };
@@ -320,7 +294,13 @@ pub fn store(a: StoreArgs) -> Result<()> {
         a.out.emit(&value, || {
             println!("stored: {}", r.study_handle);
             for p in &r.placements {
-                println!("  share {} {} ({} bytes)", p.share, where_stored(p), p.size);
+                println!(
+                    "  share {} {} as {} ({} bytes)",
+                    p.share,
+                    where_stored(p),
+                    p.object_id,
+                    p.size
+                );
             }
         })
     })
@@ -415,22 +395,40 @@ fn finish_retrieve(
     attrs: &[kpb::Attribute],
     pixels: &[u8],
 ) -> Result<()> {
+    let mut map_written = None;
     if let Some(map) = &a.map
         && !report.intact
     {
         let img = Image::from_le_bytes(spec, pixels)?;
         std::fs::write(map, tamper_map(&img, report)?)
             .with_context(|| format!("writing {}", map.display()))?;
+        map_written = Some(map);
     }
     if !report.intact {
-        let value = json!({"study": a.study, "report": report_json(report)});
-        a.out.emit(&value, || print_report(report))?;
+        let value = json!({"study": a.study, "report": report_json(report), "map": map_written});
+        a.out.emit(&value, || {
+            print_report(report, "");
+            if let Some(m) = map_written {
+                println!(
+                    "wrote tamper map {} (tampered tiles orange, ROI blocks red; one use of {} spent)",
+                    m.display(),
+                    a.request_id
+                );
+            }
+        })?;
         bail!(
             "retrieve: the study does not verify intact ({} tampered tile(s)); no image written",
             report.tampered_tile_count
         );
     }
     write_image(&a.output, spec, pixels)?;
+    let identity = if a.local {
+        "not fetched with --local"
+    } else if attrs.is_empty() {
+        "not shown to your role"
+    } else {
+        "shown"
+    };
     let value = json!({
         "study": a.study,
         "output": a.output,
@@ -438,24 +436,33 @@ fn finish_retrieve(
         "bits_allocated": spec.format.bits_allocated, "bits_stored": spec.format.bits_stored,
         "report": report_json(report),
         "patient": attrs.iter().map(|x| (x.name.clone(), Value::String(x.value.clone()))).collect::<serde_json::Map<_, _>>(),
+        "identity": identity,
+        "grant_use_spent": true,
     });
     a.out.emit(&value, || {
         println!(
-            "retrieved {}: {}x{}x{} {}-bit ({} stored) -> {}",
+            "retrieved {}: {}x{}x{} {}-bit ({} stored) -> {} (one use of {} spent)",
             a.study,
             spec.width,
             spec.height,
             spec.frames,
             spec.format.bits_allocated,
             spec.format.bits_stored,
-            a.output.display()
+            a.output.display(),
+            a.request_id
         );
-        print_report(report);
-        if attrs.is_empty() {
-            println!("identity: not shown to your role");
+        print_report(report, "  ");
+        if a.local {
+            // The identity vault is in the gateway; --local talks to it
+            // only for the public header and the shares.
+            println!(
+                "  identity: not fetched with --local (retrieve without --local shows it to the roles that may see it)"
+            );
+        } else if attrs.is_empty() {
+            println!("  identity: not shown to your role");
         }
         for x in attrs {
-            println!("  {} = {}", x.name, x.value);
+            println!("  identity: {} = {}", x.name, x.value);
         }
     })
 }
@@ -573,7 +580,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         a.out.emit(
             &json!({"study": a.study, "report": report_json(&r), "fragment_problems": v.fragment_problems}),
             || {
-                print_report(&r);
+                print_report(&r, "");
                 if !v.fragment_problems.is_empty() {
                     println!(
                         "storage: {} fragment(s) unusable; the study was rebuilt from the others (`tessera repair run` restores full redundancy):",
@@ -620,16 +627,17 @@ pub fn process(a: ProcessArgs) -> Result<()> {
         let spec = spec_to_core(h.spec.as_ref().ok_or_else(|| anyhow!("no spec"))?)?;
         write_image(&a.output, spec, &pixels)?;
         let value = json!({
-            "study": a.study, "output": a.output, "regions": h.regions,
+            "study": a.study, "output": a.output, "regions": h.regions, "grant_use_spent": true,
             "work": h.work.iter().map(|w| json!({"region": w.region, "node": w.node, "blocks": w.blocks, "samples_sent": w.samples_sent})).collect::<Vec<_>>(),
         });
         a.out.emit(&value, || {
             println!(
-                "processed {} ({}) in {} region(s) -> {}",
+                "processed {} ({}) in {} region(s) -> {} (one use of {} spent)",
                 a.study,
                 a.op,
                 h.regions,
-                a.output.display()
+                a.output.display(),
+                a.request_id
             );
             for w in &h.work {
                 println!(

@@ -219,7 +219,16 @@ fn decided(out: &OutputArgs, verb: &str, r: Option<pb::KeyRequest>) -> Result<()
         bail!("{verb}: the keyserver answered without the request");
     };
     out.emit(&request_json(&r), || {
-        println!("{verb} {}", r.request_id);
+        if r.expires_at_unix != 0 {
+            println!(
+                "{verb} {}: {} use(s) left until {}",
+                r.request_id,
+                r.uses_left,
+                utc(r.expires_at_unix)
+            );
+        } else {
+            println!("{verb} {}", r.request_id);
+        }
         print!("{}", requests_table(std::slice::from_ref(&r)).render());
     })
 }
@@ -249,12 +258,22 @@ pub fn audit(a: AuditArgs) -> Result<()> {
             a.out.emit(&value, || {
                 if v.ok {
                     println!(
-                        "audit log OK: {} entries, {} signed checkpoints verified (last at {}), head {}",
+                        "audit log OK: {} entries, hash chain intact, head {} (signed)",
                         v.entries,
-                        v.checkpoints_verified,
-                        v.last_checkpoint_seq,
                         hex::encode(&v.head_hash)
                     );
+                    // A checkpoint: the keyserver signs the hash of every
+                    // checkpoint_every-th entry (1000 by default).
+                    if v.checkpoints_verified == 0 {
+                        println!(
+                            "checkpoints: none yet. A checkpoint is the hash of every checkpoint_every-th entry (1000 by default) signed with the keyserver's audit key, so a cut or rewritten past shows; the first comes at entry checkpoint_every. Until then the signed head above covers the chain."
+                        );
+                    } else {
+                        println!(
+                            "checkpoints: {} signed checkpoint(s) verified, the last at entry {} (a checkpoint is the hash of every checkpoint_every-th entry, signed with the keyserver's audit key)",
+                            v.checkpoints_verified, v.last_checkpoint_seq
+                        );
+                    }
                 } else {
                     println!(
                         "audit log BROKEN at entry {}: {}",

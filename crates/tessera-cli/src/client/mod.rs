@@ -325,10 +325,30 @@ pub fn status_error(what: &str, s: &Status) -> anyhow::Error {
         Code::Unknown => "unknown error",
         Code::Ok => "unexpected OK status",
     };
-    // Some servers already lead with the same words ("already exists: ...").
-    let m = m
-        .strip_prefix(words)
-        .and_then(|rest| rest.strip_prefix(": "))
+    // Some servers already lead with the same words ("already exists: ...")
+    // or with the code's own name ("data loss: ..."): not twice.
+    let code_name = match s.code() {
+        Code::PermissionDenied => "permission denied",
+        Code::InvalidArgument => "invalid argument",
+        Code::FailedPrecondition => "failed precondition",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::OutOfRange
+        | Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::Unimplemented
+        | Code::Internal
+        | Code::Unknown
+        | Code::Ok => words,
+    };
+    let m = [words, code_name]
+        .iter()
+        .find_map(|w| m.strip_prefix(w).and_then(|rest| rest.strip_prefix(": ")))
         .unwrap_or(m);
     if m.is_empty() {
         anyhow!("{what}: {words}")
@@ -561,6 +581,14 @@ mod tests {
             &Status::already_exists("already exists: study st-1"),
         );
         assert_eq!(e.to_string(), "store: already exists: study st-1");
+        let e = status_error(
+            "retrieve",
+            &Status::data_loss("data loss: study st-1 is tampered"),
+        );
+        assert_eq!(
+            e.to_string(),
+            "retrieve: data loss on the server: study st-1 is tampered"
+        );
         let e = status_error("list", &Status::not_found(""));
         assert_eq!(e.to_string(), "list: not found");
     }
