@@ -58,7 +58,8 @@ for _ in $(seq 1 300); do
 done
 devup_says() {
   local p
-  for p in "Tessera is up (mutual TLS on every port). Data in" "  storage-3     " \
+  for p in "Tessera is up (mutual TLS on every port). Data in" "  storage-3     " "  storage-5     " \
+    "Storage: 5 nodes, each its own zone; every object erasure-coded 3+2" \
     "DICOM: C-STORE SCP at" "AE title TESSERA, calling AE titles STORESCU, MODALITY, TESSERA-BENCH" \
     "Check: tessera doctor --dir .tessera" "Ctrl-C stops every service."; do
     grep -qF -- "$p" "$E2E_TMP/devup.out" || { echo "dev up lacks: $p"; return 1; }
@@ -73,13 +74,14 @@ step "tessera doctor" 0 "  ok    PKI CA          .tessera/pki/ca.crt: valid unti
   "C-ECHO STORESCU -> TESSERA: success (the C-STORE SCP)" \
   "spiffe://tessera.local/service/gateway, serves tessera.gateway.v1.Gateway" \
   "spiffe://tessera.local/service/storage-2, serves tessera.storage.v1.StorageNode" \
-  "doctor: 12 checks, 0 failed, 0 warning(s)"
+  "spiffe://tessera.local/service/storage-5, serves tessera.storage.v1.StorageNode" \
+  "doctor: 14 checks, 0 failed, 0 warning(s)"
 
 # --- 4. store ---
 step "tessera store slice.png --as owner --owner owner --attr patient_id=P-1 --attr patient_name='Doe^Jane' --roi 96,40,320,432" 0 \
-  "stored: st-" "  share 1 on storage-" "  share 2 on storage-" ".s2 (311864 bytes)"
+  "stored: st-" "  share 1 as 5 fragments on storage-" "  share 2 as 5 fragments on storage-" ".s2 (311864 bytes)"
 STUDY=$(sed -n 's/^stored: \(st-[0-9a-f]*\)$/\1/p' <<<"$LAST")
-NODE2=$(sed -n 's/^  share 2 on \(storage-[0-9]*\) as .*/\1/p' <<<"$LAST")
+NODE2=$(sed -n 's/^  share 2 as 5 fragments on \(storage-[0-9]*\), .*/\1/p' <<<"$LAST")
 check "the doc sets STUDY and NODE2 as the reader copies them" \
   bash -c "grep -qE '^\\\$ STUDY=st-[0-9a-f]+\$' '$DOC' && grep -qE '^\\\$ NODE2=storage-[0-9]+\$' '$DOC' && [ -n '$STUDY' ] && [ -n '$NODE2' ]"
 
@@ -99,21 +101,28 @@ step 'tessera retrieve $STUDY --request $RQ --as clinician -o back.png' 0 \
   "  identity: patient_id = P-1" "  identity: patient_name = Doe^Jane"
 step "cmp slice.png back.png && echo identical" 0 "identical"
 
-# --- 7. a cloud cheats ---
-step 'tessera dev tamper --node $NODE2 --object $STUDY.s2' 0 ".s2 (311864 bytes), as a dishonest cloud would"
-step 'tessera verify $STUDY --as owner' 1 \
-  "integrity: TAMPERED: 1 of 540 ROI blocks, 1 of 1056 tiles" "(x,y,w,h): share(s) 2" \
-  "does not verify intact"
-step 'tessera retrieve $STUDY --request $RQ --as clinician -o back2.png' 1 \
-  "error: retrieve: data loss on the server: study st-" \
-  "nothing was returned and no grant use was spent"
-check "no image written for a tampered study" test ! -e back2.png
+# --- 7. a cloud cheats: a fragment changed, caught, the study intact, repaired ---
+step 'tessera dev tamper --node $NODE2 --object $STUDY.s2.f0' 0 ".s2.f0 (104043 bytes), as a dishonest cloud would"
+step 'tessera verify $STUDY --as owner' 0 \
+  "integrity: intact (540 ROI blocks, 1056 tiles verified)" \
+  "storage: 1 fragment(s) unusable; the study was rebuilt from the others" \
+  ".s2 fragment 0 on storage-" ": corrupt (SHA-256 differs from the one recorded at store)"
+step 'tessera retrieve $STUDY --request $RQ --as clinician -o back2.png' 0 \
+  ": 512x512x1 16-bit (16 stored) -> back2.png (one use of rq-" \
+  "  integrity: intact (540 ROI blocks, 1056 tiles verified)"
+step "cmp slice.png back2.png && echo identical" 0 "identical"
+step "tessera repair run --as admin" 0 "10 fragments checked: 0 missing, 1 corrupt, 0 unreachable" \
+  "rebuilt 1 fragment(s), moved 0" ".s2 fragment 0 on storage-"
+step "tessera requests --as owner --all" 0 "approved  1/3 "
 
-# --- 8. the tamper map ---
-step 'tessera retrieve $STUDY --request $RQ --as clinician -o back2.png --map tamper-map.png' 1 \
-  "integrity: TAMPERED: 1 of 540 ROI blocks, 1 of 1056 tiles" \
-  "wrote tamper map tamper-map.png (tampered tiles orange, ROI blocks red; one use of rq-" \
-  "no image written"
+# --- 8. the tamper map: the watermark's own check, offline ---
+step "tessera image keygen -o study.key" 0 "wrote a new 256-bit key to study.key"
+step "tessera image protect -i slice.png --key-file study.key --roi 96,40,320,432 -o shares" 0 \
+  "ROI 96,40,320,432 (x,y,w,h)" "wrote shares/header.json, shares/share1.bin, shares/share2.bin"
+step "printf 'XY' | dd of=shares/share2.bin bs=1 seek=155932 conv=notrunc status=none" 0
+step "tessera image verify --dir shares --key-file study.key --map tamper-map.png" 1 \
+  "integrity: TAMPERED: 1 of 540 ROI blocks, 1 of 1056 tiles" "(x,y,w,h): share(s) 2" \
+  "wrote tamper map tamper-map.png"
 map_ok() {
   python3 - <<'PY'
 import struct
@@ -123,8 +132,7 @@ w, h = struct.unpack(">II", b[16:24])
 assert (w, h) == (512, 512), (w, h)
 PY
 }
-check "tamper-map.png is a 512x512 PNG, and still no image" bash -c "$(declare -f map_ok); map_ok && test ! -e back2.png"
-step "tessera requests --as owner --all" 0 "approved  1/3 "
+check "tamper-map.png is a 512x512 PNG" bash -c "$(declare -f map_ok); map_ok"
 
 # --- 9. audit, delete ---
 step "tessera audit --as owner --verify" 0 "audit log OK: " "hash chain intact" \
