@@ -289,11 +289,11 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
         .iter()
         .find(|p| p.share == 2)
         .ok_or_else(|| anyhow!("no share 2"))?;
-    let mut node = storage_node::client::client(channel(stack, "gateway", &p2.node).await?);
-    let (_, mut bytes) = storage_node::client::get_object(&mut node, &p2.object_id).await?;
+    let mut node = tessera_storage_client::client(channel(stack, "gateway", &p2.node).await?);
+    let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &p2.object_id).await?;
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;
-    storage_node::client::replace_object(&mut node, &p2.object_id, &bytes).await?;
+    tessera_storage_client::replace_object(&mut node, &p2.object_id, &bytes).await?;
     println!("  {} now holds a modified {}", p2.node, p2.object_id);
     let refused = gw::retrieve(&mut clin, &handle, &req.request_id).await;
     if let Err(e) = &refused {
@@ -350,7 +350,7 @@ async fn flows(stack: &DevStack, out_dir: &Path, steps: &mut Steps) -> Result<()
     // Restore the clean share first (the owner stores the study again).
     let mut clean_bytes = bytes;
     clean_bytes[at] ^= 0x10;
-    storage_node::client::replace_object(&mut node, &p2.object_id, &clean_bytes).await?;
+    tessera_storage_client::replace_object(&mut node, &p2.object_id, &clean_bytes).await?;
     let (ph, result) = gw::process(
         &mut clin,
         pb::ProcessRequest {

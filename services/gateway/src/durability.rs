@@ -27,6 +27,11 @@ use crate::service::{GatewayService, Result};
 use crate::upstream::{self, Node, NodeHealth};
 use crate::vault::{ErasureRecord, FragmentPlacement, SharePlacement};
 
+// The storage client under its old path, so this file's body is unchanged
+// by the crate move (issue 13): `storage_node::client::` here is
+// `tessera_storage_client::client::`.
+use tessera_storage_client as storage_node;
+
 /// A fragment a read could not use, named for the reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FragmentProblem {

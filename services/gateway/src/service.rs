@@ -344,7 +344,7 @@ impl GatewayService {
                 let mut c = node.client.clone();
                 // The node answers with the SHA-256 it verified against the
                 // one the client sent: record that, no second pass here.
-                let r = storage_node::client::put_object(&mut c, &p.object_id, &data)
+                let r = tessera_storage_client::put_object(&mut c, &p.object_id, &data)
                     .await
                     .map_err(|s| node.err(s))?;
                 let info = r.info.unwrap_or_default();
