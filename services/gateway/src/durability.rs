@@ -23,7 +23,7 @@ use tessera_erasure::Scheme;
 use tonic::Status;
 
 use crate::error::GatewayError;
-use crate::service::{GatewayService, Result};
+use crate::shared::{GatewayService, Result};
 use crate::upstream::{self, Node, NodeHealth};
 use crate::vault::{ErasureRecord, FragmentPlacement, SharePlacement};
 

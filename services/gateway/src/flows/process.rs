@@ -15,7 +15,7 @@ use tonic::Status;
 
 use crate::convert::{self, check_handle, check_request_id};
 use crate::error::GatewayError;
-use crate::service::{BoxStream, GatewayService, Result};
+use crate::shared::{BoxStream, GatewayService, Result};
 use crate::upstream::Node;
 
 /// Default block edge of the segmentation.
