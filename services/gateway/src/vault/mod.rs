@@ -1,7 +1,9 @@
 //! The identity vault: the only place where a study handle meets the
-//! patient's identity. One redb file; every record is sealed with
-//! AES-256-GCM under the vault key (random nonce per write, the study id as
-//! associated data, so a record copied under another id does not open).
+//! patient's identity. One redb file; every record is sealed under the vault
+//! key in the one envelope format of `tessera-envelope` (AES-256-GCM, random
+//! nonce per write, purpose `VaultStudy`/`VaultInstance`, the record's id
+//! as context, so a record copied under another id does not open): see
+//! `seal.rs`.
 //!
 //! A study goes through `Pending` (its shares are being placed: the intent
 //! record lets a restarted gateway remove what a crash left behind) to
@@ -10,13 +12,13 @@
 
 mod keyfile;
 mod records;
+mod seal;
 mod store;
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::SystemRandom;
 use serde::Serialize;
 
 use crate::error::GatewayError;
@@ -25,23 +27,10 @@ pub use records::{
     ErasureRecord, FragmentPlacement, InstanceRecord, SharePlacement, SpecRecord, StudyRecord,
     StudyState,
 };
+use seal::{Binding, VaultKey, instance_aad, open_sealed, seal_record, study_aad};
 use store::{INDEX, INSTANCES, Op, Reply, STUDIES, Tbl, Write, writer_loop};
 
-const AAD_PREFIX: &[u8] = b"tessera/gateway/vault/v1|";
-const AAD_INSTANCE: &[u8] = b"tessera/gateway/vault/v1/instance|";
-
 type Result<T, E = GatewayError> = std::result::Result<T, E>;
-
-/// The vault key: AES-256-GCM.
-struct VaultKey(LessSafeKey);
-
-impl VaultKey {
-    fn new(bytes: &[u8; 32]) -> Result<Self> {
-        let k = UnboundKey::new(&AES_256_GCM, bytes)
-            .map_err(|_| GatewayError::Vault("bad vault key".into()))?;
-        Ok(Self(LessSafeKey::new(k)))
-    }
-}
 
 /// The identity vault. Reads run on the caller's thread; writes go to one
 /// writer thread that folds every change waiting into one durable
@@ -126,7 +115,7 @@ impl Vault {
             .map_err(|_| GatewayError::Vault("the vault writer stopped".into()))?
     }
 
-    fn aad(study_id: &str) -> Vec<u8> {
+    fn aad(study_id: &str) -> Binding {
         study_aad(study_id)
     }
 
@@ -134,32 +123,17 @@ impl Vault {
         self.seal_with(rec, Self::aad(&rec.study_id))
     }
 
-    fn seal_with<T: Serialize>(&self, rec: &T, aad: Vec<u8>) -> Result<Vec<u8>> {
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng
-            .fill(&mut nonce)
-            .map_err(|_| GatewayError::Internal("no randomness".into()))?;
-        let mut buf = serde_json::to_vec(rec).map_err(|e| GatewayError::Internal(e.to_string()))?;
-        self.key
-            .0
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut buf,
-            )
-            .map_err(|_| GatewayError::Internal("seal failed".into()))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
-        Ok(out)
+    fn seal_with<T: Serialize>(&self, rec: &T, binding: Binding) -> Result<Vec<u8>> {
+        seal_record(&self.key, &self.rng, rec, binding)
     }
 
     fn open_with<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
-        aad: Vec<u8>,
+        binding: Binding,
         sealed: &[u8],
     ) -> Result<T> {
-        open_sealed(&self.key, key, aad, sealed)
+        open_sealed(&self.key, key, binding, sealed)
     }
 
     fn open_record(&self, study_id: &str, sealed: &[u8]) -> Result<StudyRecord> {
@@ -251,7 +225,7 @@ impl Vault {
         self.index_key("i", &[study_id, sop_uid])
     }
 
-    fn instance_aad(key: &str) -> Vec<u8> {
+    fn instance_aad(key: &str) -> Binding {
         instance_aad(key)
     }
 
@@ -427,43 +401,6 @@ impl Vault {
         }
         Ok(n)
     }
-}
-
-/// Opens one sealed record (`nonce | AES-256-GCM(vault key, JSON)`) bound
-/// to `aad`; `key` names it in errors.
-fn open_sealed<T: serde::de::DeserializeOwned>(
-    vk: &VaultKey,
-    key: &str,
-    aad: Vec<u8>,
-    sealed: &[u8],
-) -> Result<T> {
-    if sealed.len() < NONCE_LEN + AES_256_GCM.tag_len() {
-        return Err(GatewayError::Vault(format!("record {key} is truncated")));
-    }
-    let (n, ct) = sealed.split_at(NONCE_LEN);
-    let nonce =
-        Nonce::try_assume_unique_for_key(n).map_err(|_| GatewayError::Vault("bad nonce".into()))?;
-    let mut buf = ct.to_vec();
-    let plain =
-        vk.0.open_in_place(nonce, Aad::from(aad), &mut buf)
-            .map_err(|_| {
-                GatewayError::Vault(format!(
-                    "record {key} does not open under the vault key (tampered, moved, or wrong key)"
-                ))
-            })?;
-    serde_json::from_slice(plain).map_err(|e| GatewayError::Vault(format!("record {key}: {e}")))
-}
-
-fn study_aad(study_id: &str) -> Vec<u8> {
-    let mut a = AAD_PREFIX.to_vec();
-    a.extend_from_slice(study_id.as_bytes());
-    a
-}
-
-fn instance_aad(key: &str) -> Vec<u8> {
-    let mut a = AAD_INSTANCE.to_vec();
-    a.extend_from_slice(key.as_bytes());
-    a
 }
 
 /// The vault's tables, sorted by name: a backup refuses any other.

@@ -172,8 +172,13 @@ pub(super) fn open_metadata(
 ) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
     let parts = envelope::unframe(meta, 2).map_err(|e| format!("metadata object: {e}"))?;
     let open = |part: &str, b: &[u8]| {
-        envelope::open(kmeta, &format!("{meta_id}|{part}"), b)
-            .map_err(|e| format!("metadata object, {part}: {e}"))
+        envelope::open(
+            kmeta,
+            envelope::Purpose::DicomMetadata,
+            &format!("{meta_id}|{part}"),
+            b,
+        )
+        .map_err(|e| format!("metadata object, {part}: {e}"))
     };
     Ok((open("identifying", parts[0])?, open("container", parts[1])?))
 }
@@ -188,7 +193,7 @@ pub(super) async fn open_sealed_pixels(
         .ok_or_else(|| GatewayError::Internal("no pixel key".into()))?
         .clone();
     let ctx = format!("{}|pixels", inst.placements[0].object_id);
-    blocking(move || envelope::open(&kpx, &ctx, &sealed)).await
+    blocking(move || envelope::open(&kpx, envelope::Purpose::DicomPixels, &ctx, &sealed)).await
 }
 
 impl GatewayService {

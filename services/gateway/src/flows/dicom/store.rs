@@ -341,8 +341,14 @@ impl GatewayService {
             let rng = rng.clone();
             tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
                 let seal = |part: &str, data: &[u8]| {
-                    envelope::seal(&kmeta, &format!("{meta_id}|{part}"), data, &rng)
-                        .map_err(|e| GatewayError::Internal(format!("seal {part}: {e}")))
+                    envelope::seal(
+                        &kmeta,
+                        envelope::Purpose::DicomMetadata,
+                        &format!("{meta_id}|{part}"),
+                        data,
+                        &rng,
+                    )
+                    .map_err(|e| GatewayError::Internal(format!("seal {part}: {e}")))
                 };
                 let id = seal("identifying", &identifying)?;
                 let ct = seal("container", &container.to_bytes())?;
@@ -364,7 +370,7 @@ impl GatewayService {
                 let ctx = format!("{base}.p|pixels");
                 let sealed = tokio::task::spawn_blocking(move || {
                     let bytes = stored.stored_bytes().unwrap_or_default();
-                    envelope::seal(&kpx, &ctx, bytes, &rng)
+                    envelope::seal(&kpx, envelope::Purpose::DicomPixels, &ctx, bytes, &rng)
                         .map_err(|e| GatewayError::Internal(format!("seal pixels: {e}")))
                 })
                 .await
