@@ -12,8 +12,6 @@
 //! the running server (bound address, graceful shutdown).
 #![forbid(unsafe_code)]
 
-pub mod bench;
-pub mod client;
 pub mod config;
 mod error;
 pub mod service;
@@ -25,7 +23,6 @@ use tessera_proto::storage::v1::storage_node_server::StorageNodeServer;
 use tessera_runtime::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerError};
 use tessera_tls::Policy;
 
-pub use bench::{BenchOptions, BenchReport, bench_storage};
 pub use config::{Config, ProcessSection};
 pub use error::Error;
 pub use service::StorageService;

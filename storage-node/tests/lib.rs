@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use redb::ReadableTable;
 use sha2::{Digest, Sha256};
-use storage_node::client::{client, get_object, put_messages, put_object};
 use storage_node::{App, Config};
 use tessera_pki::DevPki;
 use tessera_proto::storage::v1 as pb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_runtime::{ConfigSource, RunningServer, load_config};
+use tessera_storage_client::{client, get_object, put_messages, put_object};
 use tessera_tls::{ClientTls, TlsFiles};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -795,19 +795,6 @@ fn config_env_overrides_and_validation() {
     }
 }
 
-#[tokio::test]
-async fn bench_runs_and_reports_ratios() {
-    let report = storage_node::bench_storage(storage_node::BenchOptions {
-        object_bytes: 64 * 1024,
-        objects: 4,
-    })
-    .await
-    .unwrap();
-    assert!(report.put_ratio() > 0.0 && report.get_ratio() > 0.0);
-    let text = report.to_string();
-    assert!(text.contains("put") && text.contains("get"), "{text}");
-}
-
 // ---- Crash safety: a real process, killed with SIGKILL mid-stream ----
 
 /// Acknowledged puts: (object id, SHA-256).
@@ -986,7 +973,6 @@ async fn kill_9_during_puts_loses_no_acknowledged_object() {
 
 mod process {
     use super::*;
-    use storage_node::client::process_fragment;
     use tessera_image::phantom::head_phantom;
     use tessera_image::{Image, PixelFormat};
     use tessera_proto::storage::v1::process_request::Msg as Req;
@@ -994,6 +980,7 @@ mod process {
         BlockGrid, Fragment, GaParams, Operation, RegionMap, SegmentConfig, make_fragments, merge,
         process_whole,
     };
+    use tessera_storage_client::process_fragment;
     use tessera_wire::{CHUNK_BYTES, histeq_mapping, process_requests};
     use tonic::Status;
 

@@ -150,10 +150,12 @@ pub struct StorageBenchArgs {
 /// Storage node put/get over mTLS vs redb directly on the same bytes.
 pub fn storage(args: StorageBenchArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(storage_node::bench_storage(storage_node::BenchOptions {
-        object_bytes: args.kib * 1024,
-        objects: args.objects,
-    }))?;
+    let report = rt.block_on(tessera_devstack::bench_storage(
+        tessera_devstack::BenchOptions {
+            object_bytes: args.kib * 1024,
+            objects: args.objects,
+        },
+    ))?;
     println!(
         "== tessera bench storage: {} objects of {} KiB ==",
         args.objects, args.kib

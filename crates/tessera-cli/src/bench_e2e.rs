@@ -426,7 +426,7 @@ async fn repair_lost_disk(stack: &mut DevStack) -> Result<RepairFigure> {
     if !r.failures.is_empty() {
         return Err(anyhow!("repair left failures: {:?}", r.failures));
     }
-    let mut c = storage_node::client::client(
+    let mut c = tessera_storage_client::client(
         tls("gateway")?
             .connect(stack.endpoints().get(node)?)
             .await?,

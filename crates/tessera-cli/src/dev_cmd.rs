@@ -117,8 +117,8 @@ fn tamper(a: TamperArgs) -> Result<()> {
             .await
             .map_err(|e| anyhow!("{}", crate::client::error_chain(&e)))
             .with_context(|| format!("cannot reach {} at {addr}", a.node))?;
-        let mut node = storage_node::client::client(channel);
-        let (_, mut bytes) = storage_node::client::get_object(&mut node, &a.object)
+        let mut node = tessera_storage_client::client(channel);
+        let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &a.object)
             .await
             .map_err(|s| crate::client::status_error(&format!("get {}", a.object), &s))?;
         if bytes.is_empty() {
@@ -126,7 +126,7 @@ fn tamper(a: TamperArgs) -> Result<()> {
         }
         let at = bytes.len() / 2;
         bytes[at] ^= 0x10;
-        storage_node::client::replace_object(&mut node, &a.object, &bytes)
+        tessera_storage_client::replace_object(&mut node, &a.object, &bytes)
             .await
             .map_err(|s| crate::client::status_error(&format!("replace {}", a.object), &s))?;
         println!(

@@ -350,11 +350,11 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         .fragments
         .first()
         .ok_or_else(|| anyhow!("share 2 has no fragments"))?;
-    let mut node = storage_node::client::client(channel(stack, "gateway", &victim.node).await?);
-    let (_, mut bytes) = storage_node::client::get_object(&mut node, &victim.object_id).await?;
+    let mut node = tessera_storage_client::client(channel(stack, "gateway", &victim.node).await?);
+    let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &victim.object_id).await?;
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;
-    storage_node::client::replace_object(&mut node, &victim.object_id, &bytes).await?;
+    tessera_storage_client::replace_object(&mut node, &victim.object_id, &bytes).await?;
     println!(
         "  {} now holds a modified {} (fragment {} of share 2)",
         victim.node, victim.object_id, victim.index

@@ -12,6 +12,10 @@
 //! `tessera bench e2e` and the gateway's integration tests.
 #![forbid(unsafe_code)]
 
+mod bench_storage;
+
+pub use bench_storage::{BenchError, BenchOptions, BenchReport, bench_storage};
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

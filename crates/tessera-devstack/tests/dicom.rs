@@ -76,8 +76,9 @@ async fn retrieve_all(
 async fn total_objects(stack: &DevStack) -> usize {
     let mut n = 0;
     for i in 1..=3 {
-        let mut c =
-            storage_node::client::client(channel(stack, "gateway", &format!("storage-{i}")).await);
+        let mut c = tessera_storage_client::client(
+            channel(stack, "gateway", &format!("storage-{i}")).await,
+        );
         n += c
             .list(spb::ListRequest {
                 prefix: String::new(),
@@ -347,13 +348,13 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
         (s2.placements.iter().find(|p| p.share == 2).unwrap(), 0.5),
         (s3.placements.iter().find(|p| p.share == 0).unwrap(), 0.9),
     ] {
-        let mut node = storage_node::client::client(channel(&stack, "gateway", &p.node).await);
-        let (_, mut bytes) = storage_node::client::get_object(&mut node, &p.object_id)
+        let mut node = tessera_storage_client::client(channel(&stack, "gateway", &p.node).await);
+        let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &p.object_id)
             .await
             .unwrap();
         let i = (bytes.len() as f64 * at) as usize;
         bytes[i] ^= 0x20;
-        storage_node::client::replace_object(&mut node, &p.object_id, &bytes)
+        tessera_storage_client::replace_object(&mut node, &p.object_id, &bytes)
             .await
             .unwrap();
     }

@@ -113,7 +113,7 @@ async fn grant(stack: &DevStack, who: &str, handle: &str, uses: u32) -> String {
 
 /// Objects a running node holds (listed over mTLS with the gateway's cert).
 async fn object_count(stack: &DevStack, node: &str) -> usize {
-    let mut c = storage_node::client::client(channel(stack, "gateway", node).await);
+    let mut c = tessera_storage_client::client(channel(stack, "gateway", node).await);
     c.list(spb::ListRequest {
         prefix: String::new(),
         start_after: String::new(),
@@ -285,13 +285,13 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
     // A malicious cloud replaces share 2 with a flipped byte (it can keep
     // its own checksum consistent): verify names the tampered tile.
     let p2 = stored.placements.iter().find(|p| p.share == 2).unwrap();
-    let mut node = storage_node::client::client(channel(&stack, "gateway", &p2.node).await);
-    let (_, mut bytes) = storage_node::client::get_object(&mut node, &p2.object_id)
+    let mut node = tessera_storage_client::client(channel(&stack, "gateway", &p2.node).await);
+    let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &p2.object_id)
         .await
         .unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x20;
-    storage_node::client::replace_object(&mut node, &p2.object_id, &bytes)
+    tessera_storage_client::replace_object(&mut node, &p2.object_id, &bytes)
         .await
         .unwrap();
     let report = gateway(&stack, "owner")
@@ -530,8 +530,8 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
         })
         .await
         .unwrap();
-    let mut node = storage_node::client::client(channel(&stack, "gateway", "storage-1").await);
-    storage_node::client::put_object(&mut node, &format!("{id}.s1"), b"half a study")
+    let mut node = tessera_storage_client::client(channel(&stack, "gateway", "storage-1").await);
+    tessera_storage_client::put_object(&mut node, &format!("{id}.s1"), b"half a study")
         .await
         .unwrap();
 

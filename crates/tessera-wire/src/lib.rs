@@ -7,7 +7,7 @@
 //!   and [`tessera_segment::Fragment`]s with [`segment::SegmentDecoder`] /
 //!   [`segment::decode_segment`], sends each fragment to a storage node with
 //!   [`process::process_requests`] (wrapped by
-//!   `storage_node::client::process_fragment`) and decodes the node's answer
+//!   `tessera_storage_client::process_fragment`) and decodes the node's answer
 //!   with [`process::OutputDecoder`];
 //! * a storage node decodes a `Process` request with
 //!   [`process::ProcessDecoder`], runs the [`process::ProcessJob`] and encodes

@@ -72,7 +72,7 @@ fn request(m: Req) -> pb::ProcessRequest {
 /// The Process request for `fragment` (owned or `Arc`): `start`, the
 /// mapping chunks when `mapping` is given, then the fragment's body, encoded
 /// lazily. The caller passes a mapping exactly for global operations
-/// (`storage_node::client::process_fragment` checks this).
+/// (`tessera_storage_client::process_fragment` checks this).
 pub fn process_requests<F>(
     fragment: F,
     op: Operation,

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf::{HKDF_SHA256, KeyType, Salt};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use tessera_envelope::{EnvelopeError, Purpose};
 use zeroize::Zeroizing;
 
 use crate::core::attrs::CanonicalAttributes;
@@ -37,9 +37,10 @@ pub fn random_secret(rng: &SystemRandom) -> Result<SecretKey> {
 }
 
 /// The key-encryption key: wraps the master secrets, the audit signing key
-/// and pending grant keys with AES-256-GCM. Never stored in the database.
+/// and pending grant keys in the one envelope format (`tessera-envelope`).
+/// Never stored in the database; wiped on drop.
 pub struct Kek {
-    key: LessSafeKey,
+    key: SecretKey,
 }
 
 impl std::fmt::Debug for Kek {
@@ -51,9 +52,8 @@ impl std::fmt::Debug for Kek {
 impl Kek {
     /// Builds a KEK from raw bytes.
     pub fn from_bytes(bytes: &Secret) -> Result<Self> {
-        let unbound = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| crypto("bad KEK length"))?;
         Ok(Self {
-            key: LessSafeKey::new(unbound),
+            key: Zeroizing::new(*bytes),
         })
     }
 
@@ -95,46 +95,32 @@ impl Kek {
         Self::from_bytes(&key)
     }
 
-    /// Encrypts `plaintext`; the output is `nonce || ciphertext || tag`.
-    /// `aad` binds the blob to its role (e.g. master version), so blobs
-    /// cannot be swapped between slots.
+    /// Seals `plaintext` in the one envelope format (`tessera-envelope`,
+    /// purpose `KeyserverSecret`): header, random nonce, AES-256-GCM
+    /// ciphertext and tag. `aad` (the envelope's context) binds the blob to
+    /// its slot (e.g. master version), so blobs cannot be swapped between
+    /// slots.
     pub fn wrap(&self, rng: &SystemRandom, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill(&mut nonce)
-            .map_err(|_| crypto("random generator failed"))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
-        out.extend_from_slice(&nonce);
-        let mut body = plaintext.to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut body,
-            )
-            .map_err(|_| crypto("seal failed"))?;
-        out.extend_from_slice(&body);
-        Ok(out)
+        tessera_envelope::seal(&self.key, Purpose::KeyserverSecret, aad, plaintext, rng)
+            .map_err(|e| crypto(&format!("seal failed: {e}")))
     }
 
     /// Decrypts a blob made by [`Kek::wrap`] with the same `aad`. The
     /// plaintext is wiped when dropped.
     pub fn unwrap(&self, aad: &[u8], blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
-        if blob.len() < NONCE_LEN + 16 {
-            return Err(KeyServerError::Kek("wrapped secret too short".into()));
-        }
-        let (nonce, body) = blob.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| crypto("bad nonce"))?;
-        let mut body = Zeroizing::new(body.to_vec());
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(aad), &mut body[..])
-            .map_err(|_| {
-                KeyServerError::Kek(
+        tessera_envelope::open(&self.key, Purpose::KeyserverSecret, aad, blob).map_err(
+            |e| match e {
+                EnvelopeError::Truncated => KeyServerError::Kek("wrapped secret too short".into()),
+                EnvelopeError::Forged => KeyServerError::Kek(
                     "stored secret does not decrypt: wrong key-encryption key or edited database"
                         .into(),
-                )
-            })?;
-        Ok(Zeroizing::new(plain.to_vec()))
+                ),
+                EnvelopeError::BadMagic
+                | EnvelopeError::UnsupportedVersion(_)
+                | EnvelopeError::WrongPurpose { .. }
+                | EnvelopeError::Rng => KeyServerError::Kek(format!("stored secret: {e}")),
+            },
+        )
     }
 
     /// Unwraps a blob that must hold exactly one 32-byte secret.

@@ -13,7 +13,7 @@
 use tessera_proto::keyserver::v1 as kpb;
 
 use crate::error::GatewayError;
-use crate::service::{GatewayService, Result};
+use crate::shared::{GatewayService, Result};
 use crate::vault::StudyRecord;
 
 /// gRPC path of an RPC of this service, for the security log.

@@ -109,6 +109,12 @@ impl App {
         })
     }
 
+    /// The service behind the server: its `Gateway` handlers, called
+    /// directly by the handler tests (`tests/handlers.rs`).
+    pub fn service(&self) -> &GatewayService {
+        &self.service
+    }
+
     /// Binds and serves (mTLS, authz, health, reflection, limits), then
     /// finishes in the background whatever a crash left half-done.
     pub async fn spawn(self) -> Result<RunningApp, AppError> {

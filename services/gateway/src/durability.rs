@@ -26,7 +26,7 @@ use tessera_erasure::Scheme;
 use tonic::Status;
 
 use crate::error::GatewayError;
-use crate::service::{GatewayService, Result};
+use crate::shared::{GatewayService, Result};
 use crate::upstream::{self, Node, NodeHealth};
 use crate::vault::{ErasureRecord, FragmentPlacement, SharePlacement};
 
@@ -227,7 +227,7 @@ impl GatewayService {
             let id = f.object_id.clone();
             tasks.push(Some(tokio::spawn(async move {
                 let mut c = node.client.clone();
-                let r = storage_node::client::put_object(&mut c, &id, &bytes)
+                let r = tessera_storage_client::put_object(&mut c, &id, &bytes)
                     .await
                     .map_err(|s| node.err(s))?;
                 let info = r.info.unwrap_or_default();
@@ -743,7 +743,7 @@ impl GatewayService {
             if same_ok && state == FragmentState::Corrupt {
                 let _ = upstream::delete_object(&node, &old.object_id).await;
             }
-            match storage_node::client::put_object(&mut c, &old.object_id, &frags[i]).await {
+            match tessera_storage_client::put_object(&mut c, &old.object_id, &frags[i]).await {
                 Ok(r) => {
                     let info = r.info.unwrap_or_default();
                     let f = &mut rec.fragments[i];
@@ -795,7 +795,7 @@ impl GatewayService {
     pub(crate) async fn finish_interrupted(&self, dry_run: bool, tally: &mut RepairTally) {
         use crate::vault::StudyState;
         let started = self.inner.started_unix;
-        let found = crate::service::with_vault(&self.inner.vault, |v| {
+        let found = crate::shared::with_vault(&self.inner.vault, |v| {
             Ok((v.unfinished()?, v.unfinished_instances()?))
         })
         .await;
@@ -848,8 +848,8 @@ impl GatewayService {
         dry_run: bool,
         tally: &mut RepairTally,
     ) {
-        let listed_at = crate::service::now_unix();
-        let referenced = crate::service::with_vault(&self.inner.vault, |v| {
+        let listed_at = crate::shared::now_unix();
+        let referenced = crate::shared::with_vault(&self.inner.vault, |v| {
             let mut ids = std::collections::HashSet::new();
             let mut add = |ps: &[SharePlacement]| {
                 for p in ps {

@@ -10,7 +10,7 @@ use tessera_scp::{InstanceSink, Received, ScpConfig, StoreOutcome};
 
 use crate::config::ScpSection;
 use crate::error::GatewayError;
-use crate::service::GatewayService;
+use crate::shared::GatewayService;
 
 /// Refused: out of resources.
 pub const STATUS_OUT_OF_RESOURCES: u16 = 0xA700;

@@ -109,7 +109,7 @@ impl Upstreams {
                 } else {
                     n.zone.clone()
                 },
-                client: storage_node::client::client(ch),
+                client: tessera_storage_client::client(ch),
                 message_timeout: Duration::from_secs(t.call_secs),
             });
         }

@@ -250,13 +250,13 @@ async fn corrupt_and_swapped_fragments_are_detected() {
     let s1 = stored.placements.iter().find(|p| p.share == 1).unwrap();
     for index in [0u32, 1] {
         let f = s1.fragments.iter().find(|f| f.index == index).unwrap();
-        let mut node = storage_node::client::client(channel(&stack, "gateway", &f.node).await);
-        let (_, mut bytes) = storage_node::client::get_object(&mut node, &f.object_id)
+        let mut node = tessera_storage_client::client(channel(&stack, "gateway", &f.node).await);
+        let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &f.object_id)
             .await
             .unwrap();
         let at = bytes.len() - 3;
         bytes[at] ^= 0x40;
-        storage_node::client::replace_object(&mut node, &f.object_id, &bytes)
+        tessera_storage_client::replace_object(&mut node, &f.object_id, &bytes)
             .await
             .unwrap();
     }
@@ -287,12 +287,12 @@ async fn corrupt_and_swapped_fragments_are_detected() {
     let o2 = other.placements.iter().find(|p| p.share == 2).unwrap();
     let mine = s2.fragments.iter().find(|f| f.index == 2).unwrap();
     let theirs = o2.fragments.iter().find(|f| f.index == 2).unwrap();
-    let mut tn = storage_node::client::client(channel(&stack, "gateway", &theirs.node).await);
-    let (_, foreign) = storage_node::client::get_object(&mut tn, &theirs.object_id)
+    let mut tn = tessera_storage_client::client(channel(&stack, "gateway", &theirs.node).await);
+    let (_, foreign) = tessera_storage_client::get_object(&mut tn, &theirs.object_id)
         .await
         .unwrap();
-    let mut mn = storage_node::client::client(channel(&stack, "gateway", &mine.node).await);
-    storage_node::client::replace_object(&mut mn, &mine.object_id, &foreign)
+    let mut mn = tessera_storage_client::client(channel(&stack, "gateway", &mine.node).await);
+    tessera_storage_client::replace_object(&mut mn, &mine.object_id, &foreign)
         .await
         .unwrap();
     let v = verify(&stack, &stored.study_handle).await;
@@ -393,7 +393,7 @@ async fn drain_moves_every_fragment_off_a_node() {
 }
 
 async fn list(stack: &DevStack, node: &str) -> Vec<String> {
-    let mut c = storage_node::client::client(channel(stack, "gateway", node).await);
+    let mut c = tessera_storage_client::client(channel(stack, "gateway", node).await);
     c.list(tessera_proto::storage::v1::ListRequest {
         prefix: String::new(),
         start_after: String::new(),

@@ -146,12 +146,12 @@ async fn ownership_delegation_verify_tamper_and_share_relay() {
     while let Some(m) = s.message().await.unwrap() {
         relayed.extend_from_slice(&m.chunk);
     }
-    let mut node = storage_node::client::client(channel(&stack, "gateway", &p1.node).await);
-    let (_, at_node) = storage_node::client::get_object(&mut node, &p1.object_id)
+    let mut node = tessera_storage_client::client(channel(&stack, "gateway", &p1.node).await);
+    let (_, at_node) = tessera_storage_client::get_object(&mut node, &p1.object_id)
         .await
         .unwrap();
     assert_eq!(relayed, at_node);
-    let e = storage_node::client::client(channel(&stack, "clinician2", &p1.node).await)
+    let e = tessera_storage_client::client(channel(&stack, "clinician2", &p1.node).await)
         .get(spb::GetRequest {
             object_id: p1.object_id.clone(),
         })
@@ -162,13 +162,13 @@ async fn ownership_delegation_verify_tamper_and_share_relay() {
     // Finding 9: a tampered image is refused with DATA_LOSS naming the
     // tiles, and the refusal spends no use.
     let p2 = stored.placements.iter().find(|p| p.share == 2).unwrap();
-    let mut node2 = storage_node::client::client(channel(&stack, "gateway", &p2.node).await);
-    let (_, mut bytes) = storage_node::client::get_object(&mut node2, &p2.object_id)
+    let mut node2 = tessera_storage_client::client(channel(&stack, "gateway", &p2.node).await);
+    let (_, mut bytes) = tessera_storage_client::get_object(&mut node2, &p2.object_id)
         .await
         .unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x08;
-    storage_node::client::replace_object(&mut node2, &p2.object_id, &bytes)
+    tessera_storage_client::replace_object(&mut node2, &p2.object_id, &bytes)
         .await
         .unwrap();
     for _ in 0..3 {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use redb::{Database, ReadableDatabase, TableDefinition};
 
-use crate::App;
-use crate::config::Config;
+use storage_node::{App, Config};
+use tessera_storage_client as client;
 
 const DIRECT: TableDefinition<&str, &[u8]> = TableDefinition::new("direct");
 
@@ -88,7 +88,7 @@ pub enum BenchError {
     #[error("setup: {0}")]
     Setup(String),
     #[error("storage: {0}")]
-    Store(#[from] crate::Error),
+    Store(#[from] storage_node::Error),
     #[error("rpc: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("object {0} came back different")]
@@ -161,7 +161,7 @@ pub async fn bench_storage(opts: BenchOptions) -> Result<BenchReport, BenchError
     );
     let config: Config = tessera_runtime::load_config(
         &tessera_runtime::ConfigSource::from_text(&server_toml, Default::default()),
-        crate::config::ENV_PREFIX,
+        storage_node::config::ENV_PREFIX,
     )
     .map_err(setup)?;
     let server = App::build(config)?.spawn().await.map_err(setup)?;
@@ -173,16 +173,16 @@ pub async fn bench_storage(opts: BenchOptions) -> Result<BenchReport, BenchError
         .connect(&server.local_addr().to_string())
         .await
         .map_err(setup)?;
-    let mut client = crate::client::client(channel);
+    let mut client = client::client(channel);
 
     let start = Instant::now();
     for (id, data) in &objects {
-        crate::client::put_object(&mut client, id, data).await?;
+        client::put_object(&mut client, id, data).await?;
     }
     let node_put = start.elapsed();
     let start = Instant::now();
     for (id, data) in &objects {
-        let (_, got) = crate::client::get_object(&mut client, id).await?;
+        let (_, got) = client::get_object(&mut client, id).await?;
         if &got != data {
             return Err(BenchError::Mismatch(id.clone()));
         }
@@ -203,4 +203,22 @@ pub async fn bench_storage(opts: BenchOptions) -> Result<BenchReport, BenchError
         direct_put_mb_s: mb_s(total, direct_put),
         direct_get_mb_s: mb_s(total, direct_get),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bench_runs_and_reports_ratios() {
+        let report = bench_storage(BenchOptions {
+            object_bytes: 64 * 1024,
+            objects: 4,
+        })
+        .await
+        .unwrap();
+        assert!(report.put_ratio() > 0.0 && report.get_ratio() > 0.0);
+        let text = report.to_string();
+        assert!(text.contains("put") && text.contains("get"), "{text}");
+    }
 }

@@ -1,6 +1,4 @@
-//! Client helpers for callers of a storage node (gateway, tests, bench):
-//! chunked streaming put, a verified get, and region-wise processing of one
-//! fragment ([`process_fragment`]).
+//! The client functions; re-exported at the crate root.
 
 use std::sync::Arc;
 

@@ -1,285 +1,36 @@
 //! The identity vault: the only place where a study handle meets the
-//! patient's identity. One redb file; every record is sealed with
-//! AES-256-GCM under the vault key (random nonce per write, the study id as
-//! associated data, so a record copied under another id does not open).
+//! patient's identity. One redb file; every record is sealed under the vault
+//! key in the one envelope format of `tessera-envelope` (AES-256-GCM, random
+//! nonce per write, purpose `VaultStudy`/`VaultInstance`, the record's id
+//! as context, so a record copied under another id does not open): see
+//! `seal.rs`.
 //!
 //! A study goes through `Pending` (its shares are being placed: the intent
 //! record lets a restarted gateway remove what a crash left behind) to
 //! `Committed` (visible) and `Deleting` (shares and keys being destroyed).
 //! Only `Committed` studies are ever served.
 
-use std::path::Path;
-use zeroize::Zeroizing;
+mod keyfile;
+mod records;
+mod seal;
+mod store;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
-use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use ring::rand::SystemRandom;
+use serde::Serialize;
 
 use crate::error::GatewayError;
-
-const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
-/// DICOM instances, keyed `<study id>/<instance id>`.
-const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
-/// Lookups by identifying values, keyed by an HMAC under a key derived from
-/// the vault key (the values never appear): `s:<hmac(owner, patient id,
-/// study uid)>` -> study id, `i:<hmac(study id, SOP instance uid)>` ->
-/// instance id.
-const INDEX: TableDefinition<&str, &str> = TableDefinition::new("dicom_index");
-const AAD_PREFIX: &[u8] = b"tessera/gateway/vault/v1|";
-const AAD_INSTANCE: &[u8] = b"tessera/gateway/vault/v1/instance|";
+pub use keyfile::{create_key_file, load_key_file};
+pub use records::{
+    ErasureRecord, FragmentPlacement, InstanceRecord, SharePlacement, SpecRecord, StudyRecord,
+    StudyState,
+};
+use seal::{Binding, VaultKey, instance_aad, open_sealed, seal_record, study_aad};
+use store::{INDEX, INSTANCES, Op, Reply, STUDIES, Tbl, Write, writer_loop};
 
 type Result<T, E = GatewayError> = std::result::Result<T, E>;
-
-/// Lifecycle of a study record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StudyState {
-    Pending,
-    Committed,
-    Deleting,
-}
-
-/// Where one share lives.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SharePlacement {
-    pub share: u32,
-    pub node: String,
-    /// The node's instance id when placed: a replaced node is detected.
-    pub instance_id: String,
-    pub object_id: String,
-    pub size: u64,
-    /// Hex SHA-256 of the share (empty while pending).
-    pub sha256: String,
-    /// Erasure-coded: `k` + `m` and where each fragment lives (`node` and
-    /// `instance_id` above are then empty). Absent: the whole object is on
-    /// `node` (one copy; records written before erasure coding).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub erasure: Option<ErasureRecord>,
-}
-
-/// The fragments of one erasure-coded object.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErasureRecord {
-    pub k: u32,
-    pub m: u32,
-    pub fragments: Vec<FragmentPlacement>,
-}
-
-/// Where fragment `index` of an object lives.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FragmentPlacement {
-    pub index: u32,
-    pub node: String,
-    pub instance_id: String,
-    pub object_id: String,
-    pub size: u64,
-    /// Hex SHA-256 of the fragment as the node confirmed it.
-    pub sha256: String,
-    /// Not written (its node failed during the store): to be repaired.
-    #[serde(default)]
-    pub missing: bool,
-}
-
-/// Geometry of the stored pixels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SpecRecord {
-    pub width: u32,
-    pub height: u32,
-    pub frames: u32,
-    pub bits_allocated: u8,
-    pub bits_stored: u8,
-    pub signed: bool,
-    pub channels: u8,
-}
-
-impl SpecRecord {
-    pub fn from_spec(s: &tessera_image::ImageSpec) -> Self {
-        Self {
-            width: s.width,
-            height: s.height,
-            frames: s.frames,
-            bits_allocated: s.format.bits_allocated,
-            bits_stored: s.format.bits_stored,
-            signed: s.format.signed,
-            channels: s.format.channels,
-        }
-    }
-
-    pub fn to_spec(self) -> tessera_image::ImageSpec {
-        tessera_image::ImageSpec {
-            width: self.width,
-            height: self.height,
-            frames: self.frames,
-            format: tessera_image::PixelFormat {
-                bits_allocated: self.bits_allocated,
-                bits_stored: self.bits_stored,
-                signed: self.signed,
-                channels: self.channels,
-            },
-        }
-    }
-}
-
-/// Everything the gateway knows about one study.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StudyRecord {
-    pub study_id: String,
-    pub state: StudyState,
-    /// The data owner's identity URI.
-    pub owner: String,
-    /// Who stored it.
-    pub stored_by: String,
-    /// The patient attributes (name, value), in the order given.
-    pub attributes: Vec<(String, String)>,
-    /// 1 png, 2 tiff, 3 raw (the proto's ImageFormat).
-    pub original_format: i32,
-    pub spec: SpecRecord,
-    /// The watermark header (JSON; public).
-    pub header_json: String,
-    pub placements: Vec<SharePlacement>,
-    pub created_unix: u64,
-    /// DICOM studies: the Study Instance UID (instances are
-    /// [`InstanceRecord`]s; `spec`, `header_json` and `placements` are
-    /// unused).
-    #[serde(default)]
-    pub dicom_study_uid: String,
-}
-
-impl StudyRecord {
-    /// A study of DICOM instances (StoreDicom), not one image (Store).
-    pub fn is_dicom(&self) -> bool {
-        self.original_format == 4
-    }
-}
-
-/// One DICOM instance of a study.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub study_id: String,
-    pub instance_id: String,
-    pub state: StudyState,
-    /// Orders the instances of a study (nanoseconds at store).
-    pub seq: u128,
-    pub sop_instance_uid: String,
-    /// Size and hex SHA-256 of the stored file.
-    pub size: u64,
-    pub sha256: String,
-    pub transfer_syntax: String,
-    /// Native pixels as watermarked shares (`spec`, `header_json`), or the
-    /// stored pixel bytes sealed.
-    pub watermarked: bool,
-    pub spec: SpecRecord,
-    pub header_json: String,
-    /// Share 0: the sealed metadata object; 1 and 2: pixel shares (or 1: the
-    /// sealed pixel bytes).
-    pub placements: Vec<SharePlacement>,
-    pub stored_by: String,
-    pub created_unix: u64,
-    /// Burned In Annotation (0028,0301) was YES: the pixels may show
-    /// identity, so no de-identified copy is released unless configured.
-    #[serde(default)]
-    pub burned_in_annotation: bool,
-}
-
-impl InstanceRecord {
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.study_id, self.instance_id)
-    }
-}
-
-/// The vault key: AES-256-GCM.
-struct VaultKey(LessSafeKey);
-
-impl VaultKey {
-    fn new(bytes: &[u8; 32]) -> Result<Self> {
-        let k = UnboundKey::new(&AES_256_GCM, bytes)
-            .map_err(|_| GatewayError::Vault("bad vault key".into()))?;
-        Ok(Self(LessSafeKey::new(k)))
-    }
-}
-
-/// Reads a 32-byte key file (raw, or 64 hex characters plus optional
-/// newline) and refuses one other users can read. The key and every copy
-/// made while reading it are wiped when dropped.
-pub fn load_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, String> {
-    let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{shown}: permissions {mode:04o} are too open; use 0600 or 0400"
-            ));
-        }
-    }
-    if meta.len() > 1024 {
-        return Err(format!("{shown}: not a key file (too long)"));
-    }
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?);
-    if bytes.len() == 32 {
-        let mut k = Zeroizing::new([0u8; 32]);
-        k.copy_from_slice(&bytes);
-        return Ok(k);
-    }
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?
-        .trim();
-    let decoded = Zeroizing::new(
-        hex::decode(text)
-            .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))?,
-    );
-    <[u8; 32]>::try_from(decoded.as_slice())
-        .map(Zeroizing::new)
-        .map_err(|_| format!("{shown}: expected 32 bytes or 64 hex characters"))
-}
-
-/// Writes a fresh random key file (mode 0600) unless one exists.
-pub fn create_key_file(path: &Path) -> std::io::Result<()> {
-    if path.exists() {
-        return Ok(());
-    }
-    let mut k = Zeroizing::new([0u8; 32]);
-    SystemRandom::new()
-        .fill(k.as_mut_slice())
-        .map_err(|_| std::io::Error::other("no randomness"))?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    let text = Zeroizing::new(hex::encode(k.as_slice()));
-    std::io::Write::write_all(&mut f, text.as_bytes())?;
-    f.sync_all()
-}
-
-#[derive(Clone, Copy)]
-enum Tbl {
-    Studies,
-    Instances,
-    Index,
-}
-
-/// One write of an [`Op`].
-enum Write {
-    /// Insert; fails if the key exists.
-    Insert(Tbl, String, Vec<u8>),
-    /// Insert or replace.
-    Put(Tbl, String, Vec<u8>),
-    Remove(Tbl, String),
-}
-
-/// One change, applied atomically by the writer thread.
-struct Op(Vec<Write>);
-
-type Reply = std::sync::mpsc::SyncSender<Result<()>>;
-
-/// Most changes folded into one transaction.
-const MAX_BATCH: usize = 256;
 
 /// The identity vault. Reads run on the caller's thread; writes go to one
 /// writer thread that folds every change waiting into one durable
@@ -303,122 +54,6 @@ impl Drop for Vault {
             && let Some(t) = t.take()
         {
             let _ = t.join();
-        }
-    }
-}
-
-struct Tables<'t> {
-    studies: redb::Table<'t, &'static str, &'static [u8]>,
-    instances: redb::Table<'t, &'static str, &'static [u8]>,
-    index: redb::Table<'t, &'static str, &'static str>,
-}
-
-impl Tables<'_> {
-    fn exists(&self, tbl: Tbl, key: &str) -> Result<bool> {
-        Ok(match tbl {
-            Tbl::Studies => self.studies.get(key)?.is_some(),
-            Tbl::Instances => self.instances.get(key)?.is_some(),
-            Tbl::Index => self.index.get(key)?.is_some(),
-        })
-    }
-
-    fn put(&mut self, tbl: Tbl, key: &str, value: &[u8]) -> Result<()> {
-        match tbl {
-            Tbl::Studies => {
-                self.studies.insert(key, value)?;
-            }
-            Tbl::Instances => {
-                self.instances.insert(key, value)?;
-            }
-            Tbl::Index => {
-                let v = std::str::from_utf8(value)
-                    .map_err(|_| GatewayError::Internal("index value is not text".into()))?;
-                self.index.insert(key, v)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn remove(&mut self, tbl: Tbl, key: &str) -> Result<()> {
-        match tbl {
-            Tbl::Studies => {
-                self.studies.remove(key)?;
-            }
-            Tbl::Instances => {
-                self.instances.remove(key)?;
-            }
-            Tbl::Index => {
-                self.index.remove(key)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Applies one op: every insert's key is checked first, so an op is all or
-/// nothing.
-fn apply(t: &mut Tables<'_>, op: &Op) -> Result<()> {
-    for w in &op.0 {
-        if let Write::Insert(tbl, key, _) = w
-            && t.exists(*tbl, key)?
-        {
-            return Err(GatewayError::AlreadyExists(format!(
-                "{key} is already in the vault"
-            )));
-        }
-    }
-    for w in &op.0 {
-        match w {
-            Write::Insert(tbl, key, v) | Write::Put(tbl, key, v) => t.put(*tbl, key, v)?,
-            Write::Remove(tbl, key) => t.remove(*tbl, key)?,
-        }
-    }
-    Ok(())
-}
-
-/// Applies a batch in one transaction. Per-op refusals (an id taken) are
-/// answered individually; a storage failure fails the whole batch.
-fn commit_batch(db: &Database, batch: &[(Op, Reply)]) -> Result<Vec<Result<()>>> {
-    let txn = db.begin_write()?;
-    let mut results = Vec::with_capacity(batch.len());
-    {
-        let mut t = Tables {
-            studies: txn.open_table(STUDIES)?,
-            instances: txn.open_table(INSTANCES)?,
-            index: txn.open_table(INDEX)?,
-        };
-        for (op, _) in batch {
-            results.push(match apply(&mut t, op) {
-                Err(GatewayError::Vault(m)) => return Err(GatewayError::Vault(m)),
-                other => other,
-            });
-        }
-    }
-    txn.commit()?;
-    Ok(results)
-}
-
-fn writer_loop(db: std::sync::Arc<Database>, rx: std::sync::mpsc::Receiver<(Op, Reply)>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
-        match commit_batch(&db, &batch) {
-            Ok(results) => {
-                for ((_, reply), r) in batch.into_iter().zip(results) {
-                    let _ = reply.send(r);
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                for (_, reply) in batch {
-                    let _ = reply.send(Err(GatewayError::Vault(msg.clone())));
-                }
-            }
         }
     }
 }
@@ -480,7 +115,7 @@ impl Vault {
             .map_err(|_| GatewayError::Vault("the vault writer stopped".into()))?
     }
 
-    fn aad(study_id: &str) -> Vec<u8> {
+    fn aad(study_id: &str) -> Binding {
         study_aad(study_id)
     }
 
@@ -488,32 +123,17 @@ impl Vault {
         self.seal_with(rec, Self::aad(&rec.study_id))
     }
 
-    fn seal_with<T: Serialize>(&self, rec: &T, aad: Vec<u8>) -> Result<Vec<u8>> {
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng
-            .fill(&mut nonce)
-            .map_err(|_| GatewayError::Internal("no randomness".into()))?;
-        let mut buf = serde_json::to_vec(rec).map_err(|e| GatewayError::Internal(e.to_string()))?;
-        self.key
-            .0
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut buf,
-            )
-            .map_err(|_| GatewayError::Internal("seal failed".into()))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
-        Ok(out)
+    fn seal_with<T: Serialize>(&self, rec: &T, binding: Binding) -> Result<Vec<u8>> {
+        seal_record(&self.key, &self.rng, rec, binding)
     }
 
     fn open_with<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
-        aad: Vec<u8>,
+        binding: Binding,
         sealed: &[u8],
     ) -> Result<T> {
-        open_sealed(&self.key, key, aad, sealed)
+        open_sealed(&self.key, key, binding, sealed)
     }
 
     fn open_record(&self, study_id: &str, sealed: &[u8]) -> Result<StudyRecord> {
@@ -605,7 +225,7 @@ impl Vault {
         self.index_key("i", &[study_id, sop_uid])
     }
 
-    fn instance_aad(key: &str) -> Vec<u8> {
+    fn instance_aad(key: &str) -> Binding {
         instance_aad(key)
     }
 
@@ -781,43 +401,6 @@ impl Vault {
         }
         Ok(n)
     }
-}
-
-/// Opens one sealed record (`nonce | AES-256-GCM(vault key, JSON)`) bound
-/// to `aad`; `key` names it in errors.
-fn open_sealed<T: serde::de::DeserializeOwned>(
-    vk: &VaultKey,
-    key: &str,
-    aad: Vec<u8>,
-    sealed: &[u8],
-) -> Result<T> {
-    if sealed.len() < NONCE_LEN + AES_256_GCM.tag_len() {
-        return Err(GatewayError::Vault(format!("record {key} is truncated")));
-    }
-    let (n, ct) = sealed.split_at(NONCE_LEN);
-    let nonce =
-        Nonce::try_assume_unique_for_key(n).map_err(|_| GatewayError::Vault("bad nonce".into()))?;
-    let mut buf = ct.to_vec();
-    let plain =
-        vk.0.open_in_place(nonce, Aad::from(aad), &mut buf)
-            .map_err(|_| {
-                GatewayError::Vault(format!(
-                    "record {key} does not open under the vault key (tampered, moved, or wrong key)"
-                ))
-            })?;
-    serde_json::from_slice(plain).map_err(|e| GatewayError::Vault(format!("record {key}: {e}")))
-}
-
-fn study_aad(study_id: &str) -> Vec<u8> {
-    let mut a = AAD_PREFIX.to_vec();
-    a.extend_from_slice(study_id.as_bytes());
-    a
-}
-
-fn instance_aad(key: &str) -> Vec<u8> {
-    let mut a = AAD_INSTANCE.to_vec();
-    a.extend_from_slice(key.as_bytes());
-    a
 }
 
 /// The vault's tables, sorted by name: a backup refuses any other.

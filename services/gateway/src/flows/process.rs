@@ -15,7 +15,7 @@ use tonic::Status;
 
 use crate::convert::{self, check_handle, check_request_id};
 use crate::error::GatewayError;
-use crate::service::{BoxStream, GatewayService, Result};
+use crate::shared::{BoxStream, GatewayService, Result};
 use crate::upstream::Node;
 
 /// Default block edge of the segmentation.
@@ -132,7 +132,7 @@ impl GatewayService {
             let mapping = mapping.clone();
             tasks.push(tokio::spawn(async move {
                 let mut c = node.client.clone();
-                storage_node::client::process_fragment(&mut c, &fragment, op, mapping.as_ref())
+                tessera_storage_client::process_fragment(&mut c, &fragment, op, mapping.as_ref())
                     .await
                     .map_err(|s| node.err(s))
             }));

@@ -1,0 +1,183 @@
+//! Delete and repair: Delete (the owner's; crypto-shredding at the
+//! keyserver after the objects are gone), Repair (one scrub-and-repair pass
+//! over a study or all of them) and the background repairer.
+
+use tessera_proto::gateway::v1 as pb;
+
+use crate::convert::check_handle;
+use crate::durability::{Pass, RepairTally, placement_to_proto};
+use crate::error::GatewayError;
+use crate::shared::{GatewayService, Result, with_vault};
+use crate::vault::StudyState;
+
+impl GatewayService {
+    pub(crate) async fn delete_inner(
+        &self,
+        caller: String,
+        r: pb::DeleteStudyRequest,
+    ) -> Result<pb::DeleteStudyResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        let h = r.study_handle.clone();
+        let rec = with_vault(&self.inner.vault, move |v| v.get(&h))
+            .await?
+            .filter(|r| r.state != StudyState::Pending)
+            .ok_or_else(|| GatewayError::NotFound(format!("study {}", r.study_handle)))?;
+        if rec.owner != caller {
+            return Err(crate::access::refuse(
+                "Delete",
+                &caller,
+                format!("only the study's owner may delete {}", rec.study_id),
+            ));
+        }
+        // Invisible from now on; a failure below leaves it `Deleting` and a
+        // second Delete (or the next start) finishes the job.
+        let mut deleting = rec.clone();
+        deleting.state = StudyState::Deleting;
+        with_vault(&self.inner.vault, move |v| v.put(&deleting)).await?;
+        let mut removed: Vec<pb::Placement> =
+            rec.placements.iter().map(placement_to_proto).collect();
+        if rec.is_dicom() {
+            removed.extend(self.delete_instances(&rec).await?);
+        }
+        for p in &rec.placements {
+            self.delete_placement(p).await?;
+        }
+        self.forget(&rec).await?;
+        let r = rec.clone();
+        with_vault(&self.inner.vault, move |v| {
+            if r.is_dicom() {
+                v.remove_dicom_study(&r)
+            } else {
+                v.remove(&r.study_id)
+            }
+        })
+        .await?;
+        tracing::info!(study = %rec.study_id, "deleted and key material destroyed");
+        Ok(pb::DeleteStudyResponse {
+            removed,
+            key_destroyed: true,
+        })
+    }
+
+    /// The background repairer: a scrub-and-repair pass over every object
+    /// every `interval`, at most `per_sec` objects a second. Runs until the
+    /// task is aborted (gateway shutdown).
+    pub async fn repair_forever(self, interval: std::time::Duration, per_sec: u32) {
+        loop {
+            tokio::time::sleep(interval).await;
+            match self
+                .repair_pass(
+                    pb::RepairRequest {
+                        study_handle: String::new(),
+                        dry_run: false,
+                        evacuate_node: String::new(),
+                    },
+                    Some(per_sec),
+                )
+                .await
+            {
+                Ok(r) if r.failures.is_empty() => tracing::info!(
+                    objects = r.objects,
+                    rebuilt = r.fragments_rebuilt,
+                    missing = r.fragments_missing,
+                    corrupt = r.fragments_corrupt,
+                    "background repair pass"
+                ),
+                Ok(r) => {
+                    tracing::warn!(failures = ?r.failures, rebuilt = r.fragments_rebuilt, "background repair pass left objects short")
+                }
+                Err(e) => tracing::warn!(error = %e, "background repair pass failed"),
+            }
+        }
+    }
+
+    pub(crate) async fn repair_inner(&self, r: pb::RepairRequest) -> Result<pb::RepairResponse> {
+        self.repair_pass(r, None).await
+    }
+
+    /// One scrub (and, unless `dry_run`, repair) pass; `rate` bounds the
+    /// objects checked per second.
+    async fn repair_pass(
+        &self,
+        r: pb::RepairRequest,
+        rate: Option<u32>,
+    ) -> Result<pb::RepairResponse> {
+        let pause = rate.map(|n| std::time::Duration::from_secs_f64(1.0 / f64::from(n.max(1))));
+        let ids = if r.study_handle.is_empty() {
+            with_vault(&self.inner.vault, |v| v.committed_ids()).await?
+        } else {
+            check_handle("study_handle", &r.study_handle)?;
+            vec![self.committed(&r.study_handle).await?.study_id]
+        };
+        if !r.evacuate_node.is_empty() {
+            self.inner.up.node(&r.evacuate_node)?;
+        }
+        let evacuate = (!r.evacuate_node.is_empty()).then_some(r.evacuate_node.as_str());
+        let (healthy, _) = self.inner.up.probe().await;
+        let mut tally = RepairTally::default();
+        for id in &ids {
+            // A study deleted meanwhile is skipped, not an error.
+            let Ok(mut rec) = self.committed(id).await else {
+                continue;
+            };
+            let pass = Pass {
+                healthy: &healthy,
+                evacuate,
+                dry_run: r.dry_run,
+                pause,
+            };
+            if self
+                .repair_placements(&mut rec.placements, &pass, &mut tally)
+                .await
+            {
+                let rr = rec.clone();
+                with_vault(&self.inner.vault, move |v| v.put(&rr)).await?;
+            }
+            if rec.is_dicom() {
+                for mut inst in self.committed_instances(&rec).await? {
+                    if self
+                        .repair_placements(&mut inst.placements, &pass, &mut tally)
+                        .await
+                    {
+                        with_vault(&self.inner.vault, move |v| v.put_instance(&inst)).await?;
+                    }
+                }
+            }
+        }
+        if r.study_handle.is_empty() && r.evacuate_node.is_empty() {
+            self.finish_interrupted(r.dry_run, &mut tally).await;
+            let grace = self
+                .inner
+                .limits
+                .erasure
+                .map_or(crate::durability::DEFAULT_ORPHAN_GRACE_SECS, |e| {
+                    e.orphan_grace_secs
+                });
+            self.sweep_orphans(&healthy, grace, r.dry_run, &mut tally)
+                .await;
+        }
+        tracing::info!(
+            studies = ids.len(),
+            objects = tally.objects,
+            rebuilt = tally.rebuilt,
+            moved = tally.moved,
+            failures = tally.failures.len(),
+            dry_run = r.dry_run,
+            "repair pass"
+        );
+        Ok(pb::RepairResponse {
+            studies: ids.len() as u64,
+            objects: tally.objects,
+            fragments_checked: tally.checked,
+            fragments_missing: tally.missing,
+            fragments_corrupt: tally.corrupt,
+            fragments_unreachable: tally.unreachable,
+            fragments_rebuilt: tally.rebuilt,
+            fragments_moved: tally.moved,
+            interrupted_finished: tally.interrupted,
+            orphans_removed: tally.orphans,
+            failures: tally.failures,
+            actions: tally.actions,
+        })
+    }
+}

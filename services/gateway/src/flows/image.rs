@@ -1,0 +1,343 @@
+//! The image flow (papers 000/003): Store (decode, place, protect through
+//! the watermark service, put both shares, commit), RequestAccess, Retrieve
+//! (restore with the tamper report, re-identify for allowed roles), Verify,
+//! Locate and FetchShare (ciphertext relayed for a grant holder).
+
+use sha2::{Digest, Sha256};
+use tessera_image::Image;
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::keyserver::v1 as kpb;
+use tessera_runtime::IdleStream;
+use tessera_tls::Role;
+use tonic::Streaming;
+
+use crate::convert::{self, StorePlan, attributes_to_proto, check_handle, check_request_id};
+use crate::durability::placement_to_proto;
+use crate::error::GatewayError;
+use crate::shared::placement;
+use crate::shared::upload::{Part, first_header, read_exact};
+use crate::shared::{
+    BoxStream, GatewayService, PURPOSE_PIXELS, Result, SHARES, now_unix, study_ref, with_vault,
+};
+use crate::vault::{SharePlacement, SpecRecord, StudyRecord, StudyState};
+
+impl GatewayService {
+    pub(crate) async fn store_inner(
+        &self,
+        caller: String,
+        roles: std::collections::BTreeSet<Role>,
+        stream: Streaming<pb::StoreRequest>,
+    ) -> Result<pb::StoreResponse> {
+        let mut stream = IdleStream::new(stream, self.inner.limits.stream_idle);
+        let mut header = first_header(&mut stream, |m: pb::StoreRequest| match m.part {
+            Some(pb::store_request::Part::Header(h)) => Some(h),
+            Some(pb::store_request::Part::Chunk(_)) | None => None,
+        })
+        .await?;
+        if header.owner.is_empty() {
+            header.owner.clone_from(&caller);
+        }
+        let plan = StorePlan::from_header(header, self.inner.limits.max_image_bytes)?;
+        self.require_store_for("Store", &caller, &roles, &plan.owner)
+            .await?;
+        // A compressed file decodes to more than its size; the decoded size
+        // is bounded by max_image_bytes and checked below.
+        let _permit = self
+            .job_permit(plan.size.max(pixel_estimate(&plan)))
+            .await?;
+        let file = read_exact(&mut stream, plan.size, |m: pb::StoreRequest| match m.part {
+            Some(pb::store_request::Part::Chunk(c)) => Part::Chunk(c),
+            Some(pb::store_request::Part::Header(_)) => Part::Header,
+            None => Part::Empty,
+        })
+        .await?;
+        let image = decode(&plan, file).await?;
+        if let Some(roi) = &plan.roi {
+            image
+                .check_rect(roi)
+                .map_err(|e| GatewayError::InvalidArgument(format!("header.roi: {e}")))?;
+        }
+        let pixel_bytes = image.spec().byte_len() as u64;
+        if pixel_bytes > self.inner.limits.max_image_bytes {
+            return Err(GatewayError::TooLarge(format!(
+                "the decoded image is {pixel_bytes} bytes, over the limit of {} bytes",
+                self.inner.limits.max_image_bytes
+            )));
+        }
+
+        let study_id = self.new_study_id()?;
+        // Choose the nodes before anything is written anywhere.
+        let (healthy, problems) = self.inner.up.probe().await;
+        let names: Vec<String> = self.inner.up.nodes.iter().map(|n| n.name.clone()).collect();
+        // A share is at most the image plus per-tile framing.
+        let share_bound = pixel_bytes + pixel_bytes / 8 + 64 * 1024;
+        let chosen = placement::place(
+            self.inner.placement.as_ref(),
+            &study_id,
+            &healthy,
+            &problems,
+            &names,
+            SHARES,
+            share_bound,
+        )?;
+        let mut rec = StudyRecord {
+            study_id: study_id.clone(),
+            state: StudyState::Pending,
+            owner: plan.owner.clone(),
+            stored_by: caller,
+            attributes: plan.attributes.clone(),
+            original_format: plan.format.into(),
+            spec: SpecRecord::from_spec(image.spec()),
+            header_json: String::new(),
+            placements: chosen
+                .iter()
+                .enumerate()
+                .map(|(i, &h)| {
+                    let share = i as u32 + 1;
+                    SharePlacement {
+                        share,
+                        node: names[healthy[h].index].clone(),
+                        instance_id: healthy[h].instance_id.clone(),
+                        object_id: format!("{study_id}.s{share}"),
+                        size: 0,
+                        sha256: String::new(),
+                        erasure: None,
+                    }
+                })
+                .collect(),
+            created_unix: now_unix(),
+            dicom_study_uid: String::new(),
+        };
+        self.spread_fragments(&mut rec.placements, &healthy, &problems, share_bound)?;
+        // The intent record: a crash from here on is cleaned up at start.
+        let r = rec.clone();
+        with_vault(&self.inner.vault, move |v| v.insert_new(&r)).await?;
+        match self.store_steps(&mut rec, &plan, image).await {
+            Ok(()) => {
+                rec.state = StudyState::Committed;
+                let r = rec.clone();
+                if let Err(e) = with_vault(&self.inner.vault, move |v| v.put(&r)).await {
+                    self.rollback(&rec).await;
+                    return Err(e);
+                }
+                tracing::info!(study = %study_id, "stored");
+                Ok(pb::StoreResponse {
+                    study_handle: study_id,
+                    placements: rec.placements.iter().map(placement_to_proto).collect(),
+                    spec: Some(convert::spec_to_proto(&rec.spec.to_spec())),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(study = %study_id, error = %e, "store failed; rolling back");
+                self.rollback(&rec).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Register, protect, place both shares.
+    async fn store_steps(
+        &self,
+        rec: &mut StudyRecord,
+        plan: &StorePlan,
+        image: Image,
+    ) -> Result<()> {
+        let up = &self.inner.up;
+        let mut ks = up.keyserver.clone();
+        ks.register_study(kpb::RegisterStudyRequest {
+            owner: rec.owner.clone(),
+            attributes: attributes_to_proto(&rec.attributes),
+            study_id: rec.study_id.clone(),
+        })
+        .await
+        .map_err(|s| GatewayError::upstream("keyserver", s))?;
+
+        let (header_json, shares) = self
+            .protect(study_ref(rec), rec.study_id.clone(), plan.roi, image)
+            .await?;
+        rec.header_json = header_json;
+        self.put_objects(&mut rec.placements, shares).await
+    }
+
+    pub(crate) async fn request_access_inner(
+        &self,
+        caller: String,
+        r: pb::RequestAccessRequest,
+    ) -> Result<pb::RequestAccessResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        if r.justification.len() > 1024 {
+            return Err(GatewayError::InvalidArgument(
+                "justification: at most 1024 bytes".into(),
+            ));
+        }
+        let rec = self.committed(&r.study_handle).await?;
+        let mut ks = self.inner.up.keyserver.clone();
+        let resp = ks
+            .request_key(kpb::RequestKeyRequest {
+                study_id: rec.study_id.clone(),
+                attributes: attributes_to_proto(&rec.attributes),
+                purpose: PURPOSE_PIXELS.into(),
+                justification: r.justification,
+                on_behalf_of: caller,
+            })
+            .await
+            .map_err(|s| GatewayError::upstream("keyserver", s))?
+            .into_inner();
+        Ok(pb::RequestAccessResponse {
+            request: resp.request,
+        })
+    }
+
+    pub(crate) async fn retrieve_inner(
+        &self,
+        caller: String,
+        roles: std::collections::BTreeSet<Role>,
+        r: pb::RetrieveRequest,
+    ) -> Result<BoxStream<pb::RetrieveResponse>> {
+        check_handle("study_handle", &r.study_handle)?;
+        check_request_id("key_request_id", &r.key_request_id)?;
+        let rec = self.committed_image(&r.study_handle).await?;
+        self.check_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let _permit = self
+            .job_permit(rec.spec.to_spec().byte_len() as u64)
+            .await?;
+        let shares = self.fetch_shares(&rec).await?;
+        let (report, pixels) = self.restore(&rec, shares).await?;
+        if !report.intact && !r.allow_tampered {
+            tracing::warn!(study = %rec.study_id, tiles = report.tampered_tile_count, blocks = report.tampered_block_count, "retrieve refused: tampered");
+            return Err(crate::access::tampered(&rec.study_id, &report));
+        }
+        // The use is spent only when the pixels are about to leave.
+        self.redeem_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let reidentify = roles
+            .iter()
+            .any(|r| self.inner.limits.reidentify_roles.contains(r));
+        tracing::info!(study = %rec.study_id, caller = %caller, reidentified = reidentify, intact = report.intact, "retrieved");
+        let header = pb::RetrieveHeader {
+            spec: Some(convert::spec_to_proto(&rec.spec.to_spec())),
+            report: Some(report),
+            patient_attributes: if reidentify {
+                attributes_to_proto(&rec.attributes)
+            } else {
+                Vec::new()
+            },
+            original_format: rec.original_format,
+            pixels_sha256: Sha256::digest(&pixels).to_vec(),
+        };
+        let mut msgs = vec![Ok(pb::RetrieveResponse {
+            part: Some(pb::retrieve_response::Part::Header(header)),
+        })];
+        msgs.extend(convert::chunks(&pixels).map(|c| {
+            Ok(pb::RetrieveResponse {
+                part: Some(pb::retrieve_response::Part::Chunk(c)),
+            })
+        }));
+        Ok(Box::pin(tokio_stream::iter(msgs)))
+    }
+
+    pub(crate) async fn verify_inner(
+        &self,
+        caller: String,
+        r: pb::VerifyStudyRequest,
+    ) -> Result<pb::VerifyStudyResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        let rec = self.committed(&r.study_handle).await?;
+        self.require_verify_access(&caller, &rec, &r.key_request_id)
+            .await?;
+        if rec.is_dicom() {
+            return self.verify_dicom(&rec).await;
+        }
+        let _permit = self
+            .job_permit(rec.spec.to_spec().byte_len() as u64)
+            .await?;
+        let limit = rec.spec.to_spec().byte_len() as u64 * 2 + (1 << 20);
+        let (shares, problems) = self
+            .fetch_objects_reported(&rec.study_id, &rec.placements, limit, true)
+            .await?;
+        let report = self.verify_shares(&rec, shares).await?;
+        Ok(pb::VerifyStudyResponse {
+            report: Some(report),
+            instances: Vec::new(),
+            fragment_problems: problems.iter().map(|p| p.to_string()).collect(),
+        })
+    }
+
+    pub(crate) async fn locate_inner(
+        &self,
+        caller: String,
+        r: pb::LocateRequest,
+    ) -> Result<pb::LocateResponse> {
+        check_handle("study_handle", &r.study_handle)?;
+        check_request_id("key_request_id", &r.key_request_id)?;
+        let rec = self.committed_image(&r.study_handle).await?;
+        self.check_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        Ok(pb::LocateResponse {
+            study_handle: rec.study_id.clone(),
+            header_json: rec.header_json.clone(),
+            placements: rec.placements.iter().map(placement_to_proto).collect(),
+        })
+    }
+
+    /// One share's ciphertext, relayed from its node for a grant holder.
+    pub(crate) async fn fetch_share_inner(
+        &self,
+        caller: String,
+        r: pb::FetchShareRequest,
+    ) -> Result<BoxStream<pb::FetchShareResponse>> {
+        check_handle("study_handle", &r.study_handle)?;
+        check_request_id("key_request_id", &r.key_request_id)?;
+        if !(1..=SHARES as u32).contains(&r.share) {
+            return Err(GatewayError::InvalidArgument(format!(
+                "share: {} is not 1..={SHARES}",
+                r.share
+            )));
+        }
+        let rec = self.committed_image(&r.study_handle).await?;
+        self.check_grant(&caller, &r.key_request_id, &rec.study_id)
+            .await?;
+        let placement = rec
+            .placements
+            .iter()
+            .find(|p| p.share == r.share)
+            .cloned()
+            .ok_or_else(|| {
+                GatewayError::DataLoss(format!("study {}: no share {}", rec.study_id, r.share))
+            })?;
+        let limit = rec.spec.to_spec().byte_len() as u64 * 2 + (1 << 20);
+        let _permit = self.job_permit(limit).await?;
+        let mut objects = self
+            .fetch_objects(&rec.study_id, std::slice::from_ref(&placement), limit)
+            .await?;
+        let data = objects.pop().unwrap_or_default();
+        tracing::info!(study = %rec.study_id, share = r.share, caller = %caller, "share relayed");
+        let msgs: Vec<_> = convert::chunks(&data)
+            .map(|c| Ok(pb::FetchShareResponse { chunk: c }))
+            .collect();
+        Ok(Box::pin(tokio_stream::iter(msgs)))
+    }
+}
+
+/// The pixel bytes a store will hold: raw declares them; PNG/TIFF are
+/// charged at their file size here and checked after decoding.
+fn pixel_estimate(plan: &StorePlan) -> u64 {
+    plan.raw_spec.map_or(plan.size, |s| s.byte_len() as u64)
+}
+
+/// Decodes the file on a blocking thread.
+async fn decode(plan: &StorePlan, file: Vec<u8>) -> Result<Image> {
+    let format = plan.format;
+    let raw = plan.raw_spec;
+    tokio::task::spawn_blocking(move || match (format, raw) {
+        (pb::ImageFormat::Raw, Some(spec)) => tessera_image::codec::decode_raw(spec, &file),
+        (pb::ImageFormat::Png | pb::ImageFormat::Tiff, _) => tessera_image::codec::decode(&file),
+        (pb::ImageFormat::Raw | pb::ImageFormat::Unspecified | pb::ImageFormat::Dicom, _) => Err(
+            tessera_image::ImageError::Codec("no spec for raw pixels".into()),
+        ),
+    })
+    .await
+    .map_err(|e| GatewayError::Internal(format!("decode task: {e}")))?
+    .map_err(|e| GatewayError::InvalidArgument(format!("chunk: the file does not decode: {e}")))
+}
