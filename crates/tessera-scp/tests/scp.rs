@@ -3,13 +3,12 @@
 //! by hand where a test needs to misbehave, and a hand-made SCP (dicom-ul's
 //! server) that misbehaves towards the SCU.
 //!
-//! Instances: small data sets built here (always), plus, when
-//! TESSERA_DICOM_DATA points at the pydicom-data files (as `./x unit`
-//! does), a few real files in several transfer syntaxes.
+//! Instances: small data sets built here, plus a few real files from
+//! pydicom-data in several transfer syntaxes (found through
+//! TESSERA_DICOM_DATA or the project's .venv; the test fails without them).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -209,12 +208,10 @@ fn from_file(name: &str, bytes: &[u8]) -> Instance {
     }
 }
 
-/// Real files from pydicom-data in several transfer syntaxes, if available.
+/// Real files from pydicom-data in several transfer syntaxes: the test fails,
+/// naming how to install them, when pydicom-data cannot be found.
 fn real_files() -> Vec<Instance> {
-    let Some(dir) = std::env::var_os("TESSERA_DICOM_DATA").map(PathBuf::from) else {
-        println!("TESSERA_DICOM_DATA is unset: only the synthetic instances (./x unit sets it)");
-        return Vec::new();
-    };
+    let dir = tessera_dicom::testdata::pydicom_data_dir().unwrap_or_else(|e| panic!("{e}"));
     [
         "MR2_UNCR.dcm",                    // Explicit VR LE
         "gdcm-US-ALOKA-16.dcm",            // Implicit VR LE
