@@ -394,6 +394,33 @@ mod tests {
         );
         assert!(shift_date("2020", 3).is_none());
         assert!(shift_date("20201340", 3).is_none());
+        // Pinned edge cases (outputs of the hand-written arithmetic this
+        // function had before it used the `time` crate):
+        // a day past the month's end rolls over, as the day count did;
+        assert_eq!(shift_date("20230231", 0).unwrap(), "20230303");
+        assert_eq!(shift_date("19000229", 0).unwrap(), "19000301");
+        assert_eq!(shift_date("20240431", 1).unwrap(), "20240502");
+        // year 0 exists (proleptic Gregorian, a leap year); results outside
+        // 0000..=9999 are not dates;
+        assert_eq!(shift_date("00000229", 0).unwrap(), "00000229");
+        assert_eq!(shift_date("00000101", 0).unwrap(), "00000101");
+        assert!(shift_date("00000101", -1).is_none());
+        assert_eq!(shift_date("99991231", 0).unwrap(), "99991231");
+        assert!(shift_date("99991231", 1).is_none());
+        assert!(shift_date("20200101", i32::MAX).is_none());
+        assert!(shift_date("20200101", i32::MIN).is_none());
+        assert_eq!(shift_date("20200101", 2_000_000).unwrap(), "74951025");
+        assert_eq!(shift_date("20200101", -700_000).unwrap(), "01030620");
+        // month or day 00, non-digits, a sign: not dates; the rest of a DT
+        // value is kept as it was.
+        assert!(shift_date("20200001", 1).is_none());
+        assert!(shift_date("20200100", 1).is_none());
+        assert!(shift_date("2020-1-1", 1).is_none());
+        assert!(shift_date("+0200101", 1).is_none());
+        assert_eq!(
+            shift_date("20201231235959+0100", 1).unwrap(),
+            "20210101235959+0100"
+        );
         for days in [-100_000i64, -1, 0, 1, 59, 365, 100_000] {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
