@@ -260,11 +260,12 @@ check "an unknown study: NotFound" expect_code NotFound \
 check "refused stores left nothing on the nodes" test "$(count_objects 1 2 3)" = "$BEFORE"
 
 # --- nothing identifying, no run of the pixels at rest on any node ---
-scan_nodes() {
-  $PY - "$IMG" "$E2E_TMP"/storage-*/objects.redb <<'PY'
-import sys
+scan_nodes() { # every node's redb file must be there: a scan of nothing proves nothing
+  $PY - "$IMG" "$E2E_TMP"/storage-{1,2,3}/objects.redb <<'PY'
+import os, sys
 img = open(sys.argv[1], "rb").read()
 for db in sys.argv[2:]:
+    assert os.path.getsize(db) > 0, (db, "empty")
     raw = open(db, "rb").read()
     for bad in (b"PID-E2E-5521", b"Roe^Richard^E2E", b"patient_name"):
         assert bad not in raw, (db, bad)

@@ -161,8 +161,8 @@ run_rendered() {
   if start_with_env "$bin" "$config" "$@" && wait_healthy "$SERVICE_ADDR" gateway "$svc"; then
     started "$name: rendered config loads; healthy on $SERVICE_ADDR"
   else
-    failed "$name: rendered config"
-    return 1
+    failed "$name: rendered config"  # counted; later checks on it fail too
+    SERVICE_ADDR=
   fi
 }
 start_with_env() { # start_with_env BIN CONFIG VAR=VALUE...
@@ -184,18 +184,18 @@ mapfile -t ks_env < <(tls_env TESSERA_KEYSERVER SERVER__TLS keyserver)
 run_rendered keyserver keyserver "$CFG/keyserver-config.toml" tessera.keyserver.v1.KeyServer \
   TESSERA_KEYSERVER__SERVER__LISTEN=127.0.0.1:0 "${ks_env[@]}" \
   TESSERA_KEYSERVER__KEYSERVER__DB_PATH="$E2E_TMP/keyserver.redb" \
-  TESSERA_KEYSERVER__KEYSERVER__KEK_FILE="$KEK" || true
+  TESSERA_KEYSERVER__KEYSERVER__KEK_FILE="$KEK"
 KS_ADDR=${SERVICE_ADDR:-}
 
 mapfile -t wm_env < <(tls_env TESSERA_WATERMARK SERVER__TLS watermark; tls_env TESSERA_WATERMARK KEYSERVER__TLS watermark)
 run_rendered watermark watermark "$CFG/watermark-config.toml" tessera.watermark.v1.Watermark \
   TESSERA_WATERMARK__SERVER__LISTEN=127.0.0.1:0 "${wm_env[@]}" \
-  TESSERA_WATERMARK__KEYSERVER__ADDRESS="${KS_ADDR:-127.0.0.1:1}" || true
+  TESSERA_WATERMARK__KEYSERVER__ADDRESS="${KS_ADDR:-127.0.0.1:1}"
 WM_ADDR=${SERVICE_ADDR:-}
 
 mapfile -t seg_env < <(tls_env TESSERA_SEGMENTATION SERVER__TLS segmentation)
 run_rendered segmentation segmentation "$CFG/segmentation-config.toml" tessera.segmentation.v1.Segmentation \
-  TESSERA_SEGMENTATION__SERVER__LISTEN=127.0.0.1:0 "${seg_env[@]}" || true
+  TESSERA_SEGMENTATION__SERVER__LISTEN=127.0.0.1:0 "${seg_env[@]}"
 SEG_ADDR=${SERVICE_ADDR:-}
 
 # The custom set renders [server.access.roles], no dev roles, OTLP export
@@ -204,7 +204,7 @@ SEG_ADDR=${SERVICE_ADDR:-}
 run_rendered "segmentation (custom values)" segmentation "$E2E_TMP/r-custom/config/segmentation-config.toml" \
   tessera.segmentation.v1.Segmentation \
   TESSERA_SEGMENTATION__SERVER__LISTEN=127.0.0.1:0 "${seg_env[@]}" \
-  TESSERA_SEGMENTATION__TELEMETRY__OTLP_ENDPOINT=http://127.0.0.1:1 || true
+  TESSERA_SEGMENTATION__TELEMETRY__OTLP_ENDPOINT=http://127.0.0.1:1
 CUSTOM_SEG=${SERVICE_ADDR:-127.0.0.1:1}
 # Reflection needs any role: clinician holds one only through dev_roles,
 # owner through the rendered [server.access.roles] table.
@@ -221,7 +221,7 @@ for i in 1 2 3; do
   SERVICE_ADDR=
   run_rendered "storage-$i" storage-node "$CFG/storage-$i-config.toml" tessera.storage.v1.StorageNode \
     TESSERA_STORAGE__SERVER__LISTEN=127.0.0.1:0 "${st_env[@]}" \
-    TESSERA_STORAGE__DATA_DIR="$E2E_TMP/storage-$i" || true
+    TESSERA_STORAGE__DATA_DIR="$E2E_TMP/storage-$i"
   STORAGE_ADDRS+=("${SERVICE_ADDR:-127.0.0.1:1}")
 done
 node_id_is() { # node_id_is ADDR ID: NodeInfo answers the rendered node_id
@@ -244,7 +244,7 @@ if [ -x "$TESSERA_BIN_DIR/gateway" ]; then
     TESSERA_GATEWAY__SEGMENTATION__ADDRESS="$SEG_ADDR" \
     TESSERA_GATEWAY__STORAGE_NODES="$NODES" \
     TESSERA_GATEWAY__VAULT__PATH="$E2E_TMP/vault.redb" \
-    TESSERA_GATEWAY__VAULT__KEY_FILE="$VAULT_KEY" || true
+    TESSERA_GATEWAY__VAULT__KEY_FILE="$VAULT_KEY"
 
   # The DICOM values: the binary must accept the rendered [dicom.scp] (a
   # rejected config exits 64), serve it, and answer C-ECHO for the rendered
@@ -272,7 +272,7 @@ if [ -x "$TESSERA_BIN_DIR/gateway" ]; then
   SERVICE_ADDR=
   run_rendered "gateway (DICOM SCP values)" gateway "$DCFG" tessera.gateway.v1.Gateway \
     TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 "${dgw_env[@]}" \
-    TESSERA_GATEWAY__DICOM__SCP__LISTEN=127.0.0.1:0 || true
+    TESSERA_GATEWAY__DICOM__SCP__LISTEN=127.0.0.1:0
   DGW_OUT="$E2E_TMP/gateway.$((${#E2E_PIDS[@]} - 1)).out"
   DICOM_ADDR=$(sed -n 's/^dicom_listening=//p' "$DGW_OUT" 2>/dev/null | head -n 1)
   check "gateway (DICOM SCP values) prints dicom_listening=ADDR (${DICOM_ADDR:-none})" test -n "$DICOM_ADDR"
@@ -341,6 +341,8 @@ if start_with_env keyserver "$CFG/keyserver-config.toml" \
   TESSERA_KEYSERVER__KEYSERVER__DB_PATH="$E2E_TMP/keyserver2.redb" \
   TESSERA_KEYSERVER__KEYSERVER__KEK_FILE="$KEK2"; then
   K2=$SERVICE_ADDR
+else # counted: the refusal check below would otherwise pass on a keyserver that never ran
+  failed "keyserver on dev-pki.sh certificates did not start"
 fi
 health_as() { # health_as SERVERNAME: the TLS name grpcurl checks the certificate against
   local i

@@ -14,49 +14,9 @@ use sha2::{Digest, Sha256};
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_dicom::synth::{StudyInfo, ct_slice};
 use tessera_proto::gateway::v1 as pb;
-use tessera_proto::gateway::v1::gateway_client::GatewayClient;
-use tessera_proto::keyserver::v1 as ks;
-use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
-use tessera_proto::storage::v1 as spb;
-use tessera_tls::{ClientTls, TlsFiles};
+use tessera_testkit::OWNER;
+use tessera_testkit::suite::{gateway, grant, start, storage, total_objects};
 use tonic::Code;
-use tonic::transport::Channel;
-
-const OWNER: &str = "spiffe://tessera.local/user/owner";
-
-async fn channel(stack: &DevStack, who: &str, service: &str) -> Channel {
-    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who)).unwrap();
-    tls.connect(stack.endpoints().get(service).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn gateway(stack: &DevStack, who: &str) -> GatewayClient<Channel> {
-    gw::client(channel(stack, who, "gateway").await)
-}
-
-async fn grant(stack: &DevStack, who: &str, handle: &str) -> String {
-    let req = gateway(stack, who)
-        .await
-        .request_access(pb::RequestAccessRequest {
-            study_handle: handle.into(),
-            justification: "tumour board".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
-    KeyServerClient::new(channel(stack, "owner", "keyserver").await)
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 600,
-            uses: 1,
-        })
-        .await
-        .unwrap();
-    req.request_id
-}
 
 async fn retrieve_all(
     stack: &DevStack,
@@ -71,27 +31,6 @@ async fn retrieve_all(
     })
     .await?;
     Ok(out)
-}
-
-async fn total_objects(stack: &DevStack) -> usize {
-    let mut n = 0;
-    for i in 1..=3 {
-        let mut c = tessera_storage_client::client(
-            channel(stack, "gateway", &format!("storage-{i}")).await,
-        );
-        n += c
-            .list(spb::ListRequest {
-                prefix: String::new(),
-                start_after: String::new(),
-                limit: 1000,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .objects
-            .len();
-    }
-    n
 }
 
 async fn verify_study(stack: &DevStack, handle: &str) -> pb::VerifyStudyResponse {
@@ -134,10 +73,7 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let info = study();
     let files = slices(&info, 3);
     let mut clin = gateway(&stack, "clinician").await;
@@ -159,7 +95,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
         }
         assert_eq!(r.study_handle, handle);
     }
-    let objects = total_objects(&stack).await;
+    let objects = total_objects(&stack, 3).await;
     assert_eq!(objects, 9);
 
     // The study is found by the values that identify it (owner and
@@ -204,7 +140,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
-    assert_eq!(total_objects(&stack).await, objects);
+    assert_eq!(total_objects(&stack, 3).await, objects);
 
     // Bad input: refused with a clear error, nothing stored.
     for (bad, what) in [
@@ -224,7 +160,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
     .await
     .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert_eq!(total_objects(&stack).await, objects);
+    assert_eq!(total_objects(&stack, 3).await, objects);
     // Neither an outsider nor a researcher may store.
     for who in ["outsider", "researcher"] {
         let e = gw::store_dicom(&mut gateway(&stack, who).await, OWNER, &files[0])
@@ -244,7 +180,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
         ),
         "{e:?}"
     );
-    let rid = grant(&stack, "clinician", &handle).await;
+    let rid = grant(&stack, "clinician", &handle, 1).await;
     let e = gw::retrieve(&mut clin, &handle, &rid).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
@@ -272,7 +208,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
 
     // Researcher: de-identified files, no identity, UIDs replaced
     // consistently across the study.
-    let rrid = grant(&stack, "researcher", &handle).await;
+    let rrid = grant(&stack, "researcher", &handle, 1).await;
     let got = retrieve_all(&stack, "researcher", &handle, &rrid)
         .await
         .unwrap();
@@ -348,7 +284,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
         (s2.placements.iter().find(|p| p.share == 2).unwrap(), 0.5),
         (s3.placements.iter().find(|p| p.share == 0).unwrap(), 0.9),
     ] {
-        let mut node = tessera_storage_client::client(channel(&stack, "gateway", &p.node).await);
+        let mut node = storage(&stack, &p.node).await;
         let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &p.object_id)
             .await
             .unwrap();
@@ -367,7 +303,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
     assert!(r.tampered_tile_count >= 1 && r.tampered_tiles.iter().all(|t| t.shares == vec![2]));
     assert_eq!(bad[1].instance_id, s3.instance_id);
     assert!(bad[1].problem.contains("metadata"), "{}", bad[1].problem);
-    let rid = grant(&stack, "clinician", &handle).await;
+    let rid = grant(&stack, "clinician", &handle, 1).await;
     let e = retrieve_all(&stack, "clinician", &handle, &rid)
         .await
         .unwrap_err();
@@ -385,7 +321,7 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
         .into_inner();
     assert_eq!(d.removed.len(), 9);
     assert!(d.key_destroyed);
-    assert_eq!(total_objects(&stack).await, 0);
+    assert_eq!(total_objects(&stack, 3).await, 0);
     let e = retrieve_all(&stack, "clinician", &handle, &rid)
         .await
         .unwrap_err();
@@ -396,19 +332,12 @@ async fn dicom_study_round_trip_deidentify_duplicates_bad_input_delete() {
     stack.shutdown().await;
 }
 
-fn data_dir() -> PathBuf {
-    tessera_dicom::testdata::pydicom_data_dir().unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// Every pydicom-data file: stored and retrieved byte-identical when
 /// tessera-dicom reads it, refused with INVALID_ARGUMENT otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_pydicom_data_file_round_trips_or_is_refused() {
-    let dir = data_dir();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let dir = tessera_testkit::pydicom_data();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -454,7 +383,7 @@ async fn every_pydicom_data_file_round_trips_or_is_refused() {
         }
         let mut seen = 0;
         for h in &handles {
-            let rid = grant(&stack, "clinician", h).await;
+            let rid = grant(&stack, "clinician", h, 1).await;
             for (head, bytes) in retrieve_all(&stack, "clinician", h, &rid).await.unwrap() {
                 let sha = Sha256::digest(&bytes).to_vec();
                 let path = by_sha.get(&sha).unwrap_or_else(|| {
@@ -486,7 +415,7 @@ async fn every_pydicom_data_file_round_trips_or_is_refused() {
         stored >= 60 && sealed >= 10,
         "{stored} stored, {sealed} sealed"
     );
-    assert_eq!(total_objects(&stack).await, 0);
+    assert_eq!(total_objects(&stack, 3).await, 0);
     stack.shutdown().await;
 }
 
@@ -496,10 +425,7 @@ async fn every_pydicom_data_file_round_trips_or_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn c_store_study_lands_in_one_study_and_round_trips() {
     use tessera_scp::scu::{ScuError, ScuOptions, send_files};
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let addr = stack.endpoints().get("dicom").unwrap().to_owned();
     let mut info = study();
     info.uid_root = "1.2.826.0.1.3680043.10.1137.78".into();
@@ -546,7 +472,7 @@ async fn c_store_study_lands_in_one_study_and_round_trips() {
         .unwrap()
         .into_inner();
     assert_eq!(found.instances, 4);
-    let rid = grant(&stack, "clinician", &found.study_handle).await;
+    let rid = grant(&stack, "clinician", &found.study_handle, 1).await;
     let got = retrieve_all(&stack, "clinician", &found.study_handle, &rid)
         .await
         .unwrap();

@@ -8,34 +8,17 @@ use gateway_service::client as gw;
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_image::{Image, PixelFormat};
 use tessera_proto::gateway::v1 as pb;
-use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
-use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::segmentation::v1 as segpb;
 use tessera_proto::storage::v1 as spb;
 use tessera_proto::watermark::v1 as wpb;
-use tessera_tls::{ClientTls, TlsFiles};
+use tessera_testkit::OWNER;
+use tessera_testkit::suite::{gateway, grant, keyserver, objects, start, storage, total_objects};
+use tessera_tls::TlsFiles;
 use tonic::Code;
-use tonic::transport::Channel;
 
-const OWNER: &str = "spiffe://tessera.local/user/owner";
 const PATIENT_NAME: &str = "Doe^Jane^Quincy";
 const PATIENT_ID: &str = "PID-7731-XQ";
-
-async fn channel(stack: &DevStack, who: &str, service: &str) -> Channel {
-    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who)).unwrap();
-    tls.connect(stack.endpoints().get(service).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn gateway(stack: &DevStack, who: &str) -> GatewayClient<Channel> {
-    gw::client(channel(stack, who, "gateway").await)
-}
-
-async fn keyserver(stack: &DevStack, who: &str) -> KeyServerClient<Channel> {
-    KeyServerClient::new(channel(stack, who, "keyserver").await)
-}
 
 fn attrs() -> Vec<ks::Attribute> {
     [
@@ -85,61 +68,9 @@ async fn store_raw(stack: &DevStack, who: &str, img: &Image) -> pb::StoreRespons
     .unwrap()
 }
 
-/// clinician asks, owner approves; returns the request id.
-async fn grant(stack: &DevStack, who: &str, handle: &str, uses: u32) -> String {
-    let req = gateway(stack, who)
-        .await
-        .request_access(pb::RequestAccessRequest {
-            study_handle: handle.into(),
-            justification: "follow-up".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
-    assert_eq!(req.state, ks::RequestState::Pending as i32);
-    keyserver(stack, "owner")
-        .await
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 600,
-            uses,
-        })
-        .await
-        .unwrap();
-    req.request_id
-}
-
-/// Objects a running node holds (listed over mTLS with the gateway's cert).
-async fn object_count(stack: &DevStack, node: &str) -> usize {
-    let mut c = tessera_storage_client::client(channel(stack, "gateway", node).await);
-    c.list(spb::ListRequest {
-        prefix: String::new(),
-        start_after: String::new(),
-        limit: 1000,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .objects
-    .len()
-}
-
-async fn total_objects(stack: &DevStack) -> usize {
-    let mut n = 0;
-    for i in 1..=3 {
-        n += object_count(stack, &format!("storage-{i}")).await;
-    }
-    n
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_request_approve_retrieve_tamper_process_delete() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     // `dev up` makes clinician (not clinician2) a delegate of owner.
     let mut ks_gw = keyserver(&stack, "gateway").await;
     for (delegate, allowed) in [("clinician", true), ("clinician2", false)] {
@@ -285,7 +216,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
     // A malicious cloud replaces share 2 with a flipped byte (it can keep
     // its own checksum consistent): verify names the tampered tile.
     let p2 = stored.placements.iter().find(|p| p.share == 2).unwrap();
-    let mut node = tessera_storage_client::client(channel(&stack, "gateway", &p2.node).await);
+    let mut node = storage(&stack, &p2.node).await;
     let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &p2.object_id)
         .await
         .unwrap();
@@ -357,10 +288,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopped_nodes_bad_input_and_png() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let img = slice16();
 
     // PNG in, bit-identical pixels out (8-bit RGB too).
@@ -385,7 +313,7 @@ async fn stopped_nodes_bad_input_and_png() {
     assert_eq!(h.original_format, pb::ImageFormat::Png as i32);
 
     // Bad input: InvalidArgument naming the field, nothing stored.
-    let before = total_objects(&stack).await;
+    let before = total_objects(&stack, 3).await;
     let mut owner = gateway(&stack, "owner").await;
     let mut bad_owner = header(pb::ImageFormat::Raw, Some(raw_spec(&img)));
     bad_owner.owner = "spiffe://tessera.local/service/gateway".into();
@@ -438,7 +366,7 @@ async fn stopped_nodes_bad_input_and_png() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("study_handle"));
-    let after = total_objects(&stack).await;
+    let after = total_objects(&stack, 3).await;
     assert_eq!(before, after, "refused stores leave nothing on the nodes");
 
     // One node stopped: stores avoid it; a study with a share there is
@@ -465,7 +393,7 @@ async fn stopped_nodes_bad_input_and_png() {
         .find(|n| *n != victim && *n != second)
         .unwrap();
     assert!(stack.stop(&second).await);
-    let survivor_before = object_count(&stack, &survivor).await;
+    let survivor_before = objects(&stack, &survivor).await.len();
     let e = gw::store(
         &mut owner,
         header(pb::ImageFormat::Raw, Some(raw_spec(&img))),
@@ -479,7 +407,7 @@ async fn stopped_nodes_bad_input_and_png() {
         "{}",
         e.message()
     );
-    assert_eq!(object_count(&stack, &survivor).await, survivor_before);
+    assert_eq!(objects(&stack, &survivor).await.len(), survivor_before);
 
     // Restarted, everything is served again.
     stack.restart_storage(&victim).await.unwrap();
@@ -516,10 +444,7 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
     use gateway_service::vault::{
         SharePlacement, SpecRecord, StudyRecord, StudyState, Vault, load_key_file,
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let id = "st-0123456789abcdef0123456789abcdef".to_string();
     keyserver(&stack, "gateway")
         .await
@@ -530,7 +455,7 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
         })
         .await
         .unwrap();
-    let mut node = tessera_storage_client::client(channel(&stack, "gateway", "storage-1").await);
+    let mut node = storage(&stack, "storage-1").await;
     tessera_storage_client::put_object(&mut node, &format!("{id}.s1"), b"half a study")
         .await
         .unwrap();
@@ -635,7 +560,7 @@ async fn store_via(
     gateway: &gateway_service::RunningApp,
     img: &Image,
 ) -> Result<pb::StoreResponse, tonic::Status> {
-    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), "owner")).unwrap();
+    let tls = tessera_testkit::client_tls(&stack.pki_dir(), "owner");
     let ch = tls
         .expecting(&service_id("gateway"))
         .connect(&gateway.local_addr().to_string())
@@ -658,10 +583,7 @@ fn service_id(name: &str) -> tessera_tls::Identity {
 /// the keyserver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_gateway_refuses_a_storage_node_posing_as_the_keyserver() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (tmp, mut stack) = start(&DevOptions::default()).await;
     let eps = stack.endpoints().clone();
     assert_eq!(
         eps.identity("keyserver"),
@@ -743,10 +665,7 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_keyserver_is_deadline_exceeded_not_a_hang() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (tmp, mut stack) = start(&DevOptions::default()).await;
     // The hung keyserver holds the real keyserver certificate.
     let tls = tessera_tls::ServerTls::from_files(
         &TlsFiles::from_pki_dir(&stack.pki_dir(), "keyserver"),

@@ -141,46 +141,33 @@ fn map_uids(uids: &UidMap, value: &str) -> String {
         .join("\\")
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// Shifts a YYYYMMDD prefix by `days`; `None` if it is not a valid date.
+/// A day past the end of its month counts on into the next (20230231 is
+/// 20230303), and results outside the years 0000..=9999 are not dates.
 fn shift_date(value: &str, days: i32) -> Option<String> {
     let date = value.get(..8)?;
     if !date.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let y: i64 = date[..4].parse().ok()?;
-    let m: i64 = date[4..6].parse().ok()?;
+    let y: i32 = date[..4].parse().ok()?;
+    let m: u8 = date[4..6].parse().ok()?;
     let d: i64 = date[6..8].parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    if !(1..=31).contains(&d) {
         return None;
     }
-    let (y, m, d) = civil_from_days(days_from_civil(y, m, d) + i64::from(days));
-    if !(0..=9999).contains(&y) {
+    let month = time::Month::try_from(m).ok()?;
+    let first = time::Date::from_calendar_date(y, month, 1).ok()?;
+    let shifted = first.checked_add(time::Duration::days(d - 1 + i64::from(days)))?;
+    if !(0..=9999).contains(&shifted.year()) {
         return None;
     }
-    Some(format!("{y:04}{m:02}{d:02}{}", &value[8..]))
+    Some(format!(
+        "{:04}{:02}{:02}{}",
+        shifted.year(),
+        u8::from(shifted.month()),
+        shifted.day(),
+        &value[8..]
+    ))
 }
 
 /// The text of an element; for VR UN (explicit VR files with unknown VRs)
@@ -394,9 +381,36 @@ mod tests {
         );
         assert!(shift_date("2020", 3).is_none());
         assert!(shift_date("20201340", 3).is_none());
-        for days in [-100_000i64, -1, 0, 1, 59, 365, 100_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
+        // Pinned edge cases (outputs of the hand-written arithmetic this
+        // function had before it used the `time` crate):
+        // a day past the month's end rolls over, as the day count did;
+        assert_eq!(shift_date("20230231", 0).unwrap(), "20230303");
+        assert_eq!(shift_date("19000229", 0).unwrap(), "19000301");
+        assert_eq!(shift_date("20240431", 1).unwrap(), "20240502");
+        // year 0 exists (proleptic Gregorian, a leap year); results outside
+        // 0000..=9999 are not dates;
+        assert_eq!(shift_date("00000229", 0).unwrap(), "00000229");
+        assert_eq!(shift_date("00000101", 0).unwrap(), "00000101");
+        assert!(shift_date("00000101", -1).is_none());
+        assert_eq!(shift_date("99991231", 0).unwrap(), "99991231");
+        assert!(shift_date("99991231", 1).is_none());
+        assert!(shift_date("20200101", i32::MAX).is_none());
+        assert!(shift_date("20200101", i32::MIN).is_none());
+        assert_eq!(shift_date("20200101", 2_000_000).unwrap(), "74951025");
+        assert_eq!(shift_date("20200101", -700_000).unwrap(), "01030620");
+        // month or day 00, non-digits, a sign: not dates; the rest of a DT
+        // value is kept as it was.
+        assert!(shift_date("20200001", 1).is_none());
+        assert!(shift_date("20200100", 1).is_none());
+        assert!(shift_date("2020-1-1", 1).is_none());
+        assert!(shift_date("+0200101", 1).is_none());
+        assert_eq!(
+            shift_date("20201231235959+0100", 1).unwrap(),
+            "20210101235959+0100"
+        );
+        for days in [-100_000, -1, 0, 1, 59, 365, 100_000] {
+            let there = shift_date("19700101", days).unwrap();
+            assert_eq!(shift_date(&there, -days).unwrap(), "19700101", "{days}");
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod files;
+mod limits;
 pub mod server;
 pub mod service_main;
 pub mod snapshot;

@@ -247,7 +247,7 @@ where
             async move {
                 let mut res = fut.await;
                 if let Ok(resp) = &mut res {
-                    crate::server::normalize_limit_headers(resp.headers_mut());
+                    crate::limits::normalize_limit_headers(resp.headers_mut());
                     // Trailers-only responses (errors before any message)
                     // carry the status in the headers.
                     if let Some(code) = resp.headers().get("grpc-status") {

@@ -6,13 +6,14 @@
 //! caught; configurations that would let one cloud rebuild a share, or
 //! need more nodes than there are, are refused.
 
-use crate::common::{OWNER, channel, gateway, grant};
 use gateway_service::client as gw;
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_image::{Image, PixelFormat};
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::watermark::v1 as wpb;
+use tessera_testkit::OWNER;
+use tessera_testkit::suite::{gateway, grant, objects, start, storage};
 
 fn options() -> DevOptions {
     DevOptions {
@@ -124,8 +125,7 @@ async fn lose_disk(stack: &mut DevStack, node: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn any_two_of_five_nodes_lost_or_corrupt() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &options()).await.unwrap();
+    let (_tmp, mut stack) = start(&options()).await;
     let img = image();
     let stored = store_image(&stack, &img).await;
     let file = dicom_file();
@@ -238,8 +238,7 @@ async fn any_two_of_five_nodes_lost_or_corrupt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupt_and_swapped_fragments_are_detected() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &options()).await.unwrap();
+    let (_tmp, mut stack) = start(&options()).await;
     let img = image();
     let stored = store_image(&stack, &img).await;
     let other = store_image(&stack, &img).await;
@@ -250,7 +249,7 @@ async fn corrupt_and_swapped_fragments_are_detected() {
     let s1 = stored.placements.iter().find(|p| p.share == 1).unwrap();
     for index in [0u32, 1] {
         let f = s1.fragments.iter().find(|f| f.index == index).unwrap();
-        let mut node = tessera_storage_client::client(channel(&stack, "gateway", &f.node).await);
+        let mut node = storage(&stack, &f.node).await;
         let (_, mut bytes) = tessera_storage_client::get_object(&mut node, &f.object_id)
             .await
             .unwrap();
@@ -287,11 +286,11 @@ async fn corrupt_and_swapped_fragments_are_detected() {
     let o2 = other.placements.iter().find(|p| p.share == 2).unwrap();
     let mine = s2.fragments.iter().find(|f| f.index == 2).unwrap();
     let theirs = o2.fragments.iter().find(|f| f.index == 2).unwrap();
-    let mut tn = tessera_storage_client::client(channel(&stack, "gateway", &theirs.node).await);
+    let mut tn = storage(&stack, &theirs.node).await;
     let (_, foreign) = tessera_storage_client::get_object(&mut tn, &theirs.object_id)
         .await
         .unwrap();
-    let mut mn = tessera_storage_client::client(channel(&stack, "gateway", &mine.node).await);
+    let mut mn = storage(&stack, &mine.node).await;
     tessera_storage_client::replace_object(&mut mn, &mine.object_id, &foreign)
         .await
         .unwrap();
@@ -329,13 +328,12 @@ async fn unsafe_or_impossible_schemes_are_refused() {
         assert!(e.contains(why), "{k}+{m}: {e}");
     }
     // m = 0 is allowed (no redundancy, still no whole share on one node).
-    let tmp = tempfile::tempdir().unwrap();
     let opts = DevOptions {
         storage_nodes: 2,
         erasure: Some((2, 0)),
         ..DevOptions::default()
     };
-    let mut stack = DevStack::start(tmp.path(), &opts).await.unwrap();
+    let (_tmp, mut stack) = start(&opts).await;
     let img = image();
     let stored = store_image(&stack, &img).await;
     let rid = grant(&stack, "clinician", &stored.study_handle, 1).await;
@@ -351,19 +349,18 @@ async fn unsafe_or_impossible_schemes_are_refused() {
 /// left empty; the studies still read exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drain_moves_every_fragment_off_a_node() {
-    let tmp = tempfile::tempdir().unwrap();
     let opts = DevOptions {
         storage_nodes: 5,
         erasure: Some((2, 2)),
         ..DevOptions::default()
     };
-    let mut stack = DevStack::start(tmp.path(), &opts).await.unwrap();
+    let (_tmp, mut stack) = start(&opts).await;
     let img = image();
     let mut handles = Vec::new();
     for _ in 0..3 {
         handles.push(store_image(&stack, &img).await.study_handle);
     }
-    let before = list(&stack, "storage-3").await;
+    let before = objects(&stack, "storage-3").await;
     assert!(
         !before.is_empty(),
         "storage-3 holds fragments before the drain"
@@ -375,7 +372,7 @@ async fn drain_moves_every_fragment_off_a_node() {
         "{drained:?}"
     );
     assert!(drained.failures.is_empty(), "{:?}", drained.failures);
-    let left = list(&stack, "storage-3").await;
+    let left = objects(&stack, "storage-3").await;
     assert!(left.is_empty(), "left on the drained node: {left:?}");
     // The node can now go: the studies read without it.
     assert!(stack.stop("storage-3").await);
@@ -392,33 +389,16 @@ async fn drain_moves_every_fragment_off_a_node() {
     stack.shutdown().await;
 }
 
-async fn list(stack: &DevStack, node: &str) -> Vec<String> {
-    let mut c = tessera_storage_client::client(channel(stack, "gateway", node).await);
-    c.list(tessera_proto::storage::v1::ListRequest {
-        prefix: String::new(),
-        start_after: String::new(),
-        limit: 1000,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .objects
-    .into_iter()
-    .map(|o| o.object_id)
-    .collect()
-}
-
 /// The gateway's background repairer (here every second, at its bounded
 /// rate) brings a replaced, empty node's fragments back without anyone
 /// running `repair`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_background_repairer_rebuilds_a_lost_disk() {
-    let tmp = tempfile::tempdir().unwrap();
     let opts = DevOptions {
         repair_interval_secs: Some(1),
         ..options()
     };
-    let mut stack = DevStack::start(tmp.path(), &opts).await.unwrap();
+    let (_tmp, mut stack) = start(&opts).await;
     let img = image();
     let stored = store_image(&stack, &img).await;
     lose_disk(&mut stack, "storage-3").await;

@@ -5,7 +5,6 @@
 //! * [`trust`]: ownership, delegation, Verify, tampered retrieve, share relay;
 //! * [`durability`]: erasure coding, node loss, corrupt fragments, repair.
 
-mod common;
 mod durability;
 mod matrix;
 mod trust;

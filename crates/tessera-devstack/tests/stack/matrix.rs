@@ -15,7 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use prost::Message;
-use tessera_devstack::{DevOptions, DevStack};
+use tessera_devstack::DevOptions;
+use tessera_testkit::suite::start;
 use tessera_tls::matrix::{MATRIX, rule_for};
 use tessera_tls::security::REFUSED_BY_HEADER;
 use tessera_tls::{ClientTls, DEFAULT_TRUST_DOMAIN, Identity, Role, RoleMap, TlsFiles};
@@ -154,12 +155,11 @@ fn every_rpc_has_exactly_one_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_suite_enforces_the_matrix() {
-    let dir = tempfile::tempdir().unwrap();
     let opts = DevOptions {
         base_port: Some(0),
         ..DevOptions::default()
     };
-    let mut stack = DevStack::start(dir.path(), &opts).await.unwrap();
+    let (_dir, mut stack) = start(&opts).await;
     let rpcs = rpcs_from_descriptors();
     // The role map gives every kind of caller the role the matrix names.
     assert_eq!(

@@ -4,7 +4,6 @@
 //! only through the gateway. `tessera dev up` (and `DevStack`) make
 //! `clinician` a delegate of `owner`; `clinician2` is not one.
 
-use crate::common::{OWNER, channel, gateway, grant};
 use gateway_service::client as gw;
 use tessera_devstack::{DevOptions, DevStack};
 use tessera_image::{Image, PixelFormat};
@@ -12,6 +11,8 @@ use tessera_proto::gateway::v1 as pb;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::storage::v1 as spb;
 use tessera_proto::watermark::v1 as wpb;
+use tessera_testkit::OWNER;
+use tessera_testkit::suite::{channel, gateway, grant, start, storage};
 use tonic::Code;
 
 const CLINICIAN: &str = "spiffe://tessera.local/user/clinician";
@@ -62,10 +63,7 @@ fn verify_req(handle: &str, rid: &str) -> pb::VerifyStudyRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ownership_delegation_verify_tamper_and_share_relay() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let img = image();
 
     // Finding 3: the uploader cannot choose the owner. clinician2 is no
@@ -146,7 +144,7 @@ async fn ownership_delegation_verify_tamper_and_share_relay() {
     while let Some(m) = s.message().await.unwrap() {
         relayed.extend_from_slice(&m.chunk);
     }
-    let mut node = tessera_storage_client::client(channel(&stack, "gateway", &p1.node).await);
+    let mut node = storage(&stack, &p1.node).await;
     let (_, at_node) = tessera_storage_client::get_object(&mut node, &p1.object_id)
         .await
         .unwrap();
@@ -162,7 +160,7 @@ async fn ownership_delegation_verify_tamper_and_share_relay() {
     // Finding 9: a tampered image is refused with DATA_LOSS naming the
     // tiles, and the refusal spends no use.
     let p2 = stored.placements.iter().find(|p| p.share == 2).unwrap();
-    let mut node2 = tessera_storage_client::client(channel(&stack, "gateway", &p2.node).await);
+    let mut node2 = storage(&stack, &p2.node).await;
     let (_, mut bytes) = tessera_storage_client::get_object(&mut node2, &p2.object_id)
         .await
         .unwrap();
@@ -211,10 +209,7 @@ async fn ownership_delegation_verify_tamper_and_share_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn find_dicom_study_only_for_the_owner_and_delegates() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let find = |owner: &str| pb::FindDicomStudyRequest {
         owner: owner.into(),
         patient_id: "P-NONE".into(),
@@ -269,10 +264,7 @@ fn burned_in_slice() -> Vec<u8> {
 /// use; a clinician (re-identifying role) still gets the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn burned_in_annotation_is_not_released_de_identified() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut stack = DevStack::start(tmp.path(), &DevOptions::default())
-        .await
-        .unwrap();
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let file = burned_in_slice();
     let stored = gw::store_dicom(&mut gateway(&stack, "owner").await, OWNER, &file)
         .await

@@ -1,0 +1,321 @@
+//! The per-tile kernels of protect and restore: block hashes, the carrier
+//! bit streams, and the sample transform that splits a tile into its two
+//! plane values and back.
+
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+use tessera_image::{Image, ImageSpec, Rect};
+
+use crate::BLOCK;
+use crate::header::HighBits;
+use crate::layout::Tile;
+use crate::sbox::SBox;
+
+pub(super) fn sbox(bits: u8) -> &'static SBox {
+    static TABLES: [OnceLock<SBox>; 17] = [const { OnceLock::new() }; 17];
+    TABLES[bits as usize].get_or_init(|| SBox::new(bits))
+}
+
+/// Which payload width and high-bit rule an image needs (see [`HighBits`]).
+pub(super) fn payload_rule(image: &Image) -> (u8, HighBits) {
+    let f = image.format();
+    if f.bits_allocated == 8 || f.bits_stored >= 16 {
+        return (f.bits_allocated, HighBits::None);
+    }
+    if f.signed {
+        let b = f.bits_stored.max(2);
+        let canonical = image.samples().iter().all(|&w| sign_extend(w, b) == w);
+        if canonical {
+            (b, HighBits::SignExtend)
+        } else {
+            (16, HighBits::None)
+        }
+    } else {
+        let max = image.samples().iter().copied().max().unwrap_or(0);
+        let used = (16 - max.leading_zeros()) as u8;
+        let b = f.bits_stored.max(used).max(2);
+        if b < 16 {
+            (b, HighBits::Zero)
+        } else {
+            (16, HighBits::None)
+        }
+    }
+}
+
+#[inline]
+pub(super) fn sign_extend(w: u16, b: u8) -> u16 {
+    let mask = ((1u32 << b) - 1) as u16;
+    let v = w & mask;
+    if (v >> (b - 1)) & 1 == 1 {
+        v | !mask
+    } else {
+        v
+    }
+}
+
+/// SHA-256 of a block's original words (little-endian, one byte per 8-bit
+/// sample), folded to 128 bits by eq. 4: h'_i = h_i XOR h_{i+128}.
+/// `buf[frame_base + i - offset]` is sample `i` of the frame.
+pub(super) fn block_hash(
+    buf: &[u16],
+    frame_base: usize,
+    offset: usize,
+    spec: &ImageSpec,
+    part: &Rect,
+    scratch: &mut Vec<u8>,
+) -> [u8; 16] {
+    let c = spec.format.channels as usize;
+    let bytes_per = spec.format.bytes_per_sample();
+    let row_len = part.width as usize * c;
+    scratch.clear();
+    scratch.resize(row_len * bytes_per * part.height as usize, 0);
+    for (i, y) in (part.y..part.y + part.height).enumerate() {
+        let start = frame_base + (y as usize * spec.width as usize + part.x as usize) * c - offset;
+        let row = &buf[start..start + row_len];
+        let dst = &mut scratch[i * row_len * bytes_per..(i + 1) * row_len * bytes_per];
+        if bytes_per == 2 {
+            for (d, &w) in dst.chunks_exact_mut(2).zip(row) {
+                d.copy_from_slice(&w.to_le_bytes());
+            }
+        } else {
+            for (d, &w) in dst.iter_mut().zip(row) {
+                *d = w as u8;
+            }
+        }
+    }
+    let full: [u8; 32] = Sha256::digest(&scratch[..]).into();
+    let mut folded = [0u8; 16];
+    for i in 0..16 {
+        folded[i] = full[i] ^ full[i + 16];
+    }
+    folded
+}
+
+/// How many hash bits a block of `samples` samples carries: 128, or two per
+/// sample for blocks too small to hold 128 (edge blocks of tiny ROIs).
+pub(super) fn hash_bits(samples: usize) -> usize {
+    128.min(2 * samples)
+}
+
+/// Largest tile: 16 x 16 pixels x 3 channels.
+pub(super) const MAX_TILE: usize = (BLOCK * BLOCK) as usize * 3;
+
+/// The embedding bit streams of one ROI block, most significant bit first:
+/// `(high plane, low plane)`. The primary plane (high for the first half of
+/// the blocks, as the paper puts H_1..H_t into the MSB image) carries hash
+/// bits 0.. one per carrier sample; the other plane carries what is left
+/// when the block has fewer samples than hash bits. Bits past the hash are 0.
+pub(super) fn carrier_streams(hash: &[u8; 16], samples: usize, high_first: bool) -> (u128, u128) {
+    let bits = hash_bits(samples);
+    let h = u128::from_be_bytes(*hash);
+    let top = if bits >= 128 {
+        h
+    } else {
+        h & (!0u128 << (128 - bits))
+    };
+    let primary = top;
+    let secondary = if samples >= 128 { 0 } else { top << samples };
+    if high_first {
+        (primary, secondary)
+    } else {
+        (secondary, primary)
+    }
+}
+
+/// Constants of the per-sample transform.
+#[derive(Clone, Copy)]
+pub(super) struct Planes {
+    /// Low-plane bits floor(b/2).
+    pub(super) lb: u8,
+    pub(super) lmask: u16,
+    pub(super) pmask: u16,
+}
+
+/// Protect kernel for one tile: gathers the tile's samples in raster order
+/// (channels interleaved), substitutes ROI samples, splits them into plane
+/// values and embeds one bit per plane: `hv = h << 1 | e1`, `lv = l << 1 | e2`.
+/// Returns the number of samples.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn encode_tile(
+    words: &[u16],
+    spec: &ImageSpec,
+    tile: &Tile,
+    sb: &SBox,
+    k: Planes,
+    mut streams: (u128, u128),
+    hv: &mut [u16; MAX_TILE],
+    lv: &mut [u16; MAX_TILE],
+) -> usize {
+    let c = spec.format.channels as usize;
+    let r = &tile.rect;
+    let part = &tile.roi_part;
+    let (a, b) = if part.is_empty() {
+        (0, 0)
+    } else {
+        (
+            ((part.x - r.x) as usize) * c,
+            ((part.x - r.x + part.width) as usize) * c,
+        )
+    };
+    let mut n = 0;
+    let plain = |wd: u16, n: usize, hv: &mut [u16; MAX_TILE], lv: &mut [u16; MAX_TILE]| {
+        let v = wd & k.pmask;
+        hv[n] = (v >> k.lb) << 1;
+        lv[n] = (v & k.lmask) << 1;
+    };
+    for y in r.y..r.y + r.height {
+        let start = (y as usize * spec.width as usize + r.x as usize) * c;
+        let row = &words[start..start + r.width as usize * c];
+        let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
+        if !in_roi {
+            for &wd in row {
+                plain(wd, n, hv, lv);
+                n += 1;
+            }
+            continue;
+        }
+        for &wd in &row[..a] {
+            plain(wd, n, hv, lv);
+            n += 1;
+        }
+        for &wd in &row[a..b] {
+            let v = sb.forward(wd & k.pmask);
+            let e1 = (streams.0 >> 127) as u16;
+            let e2 = (streams.1 >> 127) as u16;
+            streams.0 <<= 1;
+            streams.1 <<= 1;
+            hv[n] = ((v >> k.lb) << 1) | e1;
+            lv[n] = ((v & k.lmask) << 1) | e2;
+            n += 1;
+        }
+        for &wd in &row[b..] {
+            plain(wd, n, hv, lv);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// What [`decode_tile`] found besides the pixels.
+pub(super) struct Decoded {
+    /// The embedded hash bits, right-aligned (`bits` of them).
+    pub(super) extracted: u128,
+    /// A bit that should be 0 was 1.
+    pub(super) padding_set: bool,
+}
+
+/// Restore kernel for one tile: the inverse of [`encode_tile`], writing
+/// rebuilt words into `out` (the frame) and collecting the embedded bits.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode_tile(
+    out: &mut [u16],
+    frame_base: usize,
+    offset: usize,
+    spec: &ImageSpec,
+    tile: &Tile,
+    sb: &SBox,
+    k: Planes,
+    rule: HighBits,
+    b: u8,
+    high_first: bool,
+    hv: &[u16; MAX_TILE],
+    lv: &[u16; MAX_TILE],
+) -> Decoded {
+    let c = spec.format.channels as usize;
+    let r = &tile.rect;
+    let part = &tile.roi_part;
+    let (a, bnd) = if part.is_empty() {
+        (0, 0)
+    } else {
+        (
+            ((part.x - r.x) as usize) * c,
+            ((part.x - r.x + part.width) as usize) * c,
+        )
+    };
+    let samples = part.area() as usize * c;
+    let bits = if samples == 0 { 0 } else { hash_bits(samples) };
+    let n1 = samples.min(128);
+    let n2 = bits.saturating_sub(samples);
+    let (mut acc1, mut acc2) = (0u128, 0u128);
+    let mut pad = 0u16;
+    let mut n = 0;
+    let mut kk = 0usize;
+    // Branch-free rebuild of the bits above the payload.
+    let sign_bit = b - 1;
+    let ext = match rule {
+        HighBits::SignExtend => !(((1u32 << b) - 1) as u16),
+        HighBits::None | HighBits::Zero => 0,
+    };
+    let rebuild = |p: u16| p | (ext & 0u16.wrapping_sub((p >> sign_bit) & 1));
+    for y in r.y..r.y + r.height {
+        let start = frame_base + (y as usize * spec.width as usize + r.x as usize) * c - offset;
+        let row = &mut out[start..start + r.width as usize * c];
+        let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
+        let (a, bnd) = if in_roi {
+            (a, bnd)
+        } else {
+            (row.len(), row.len())
+        };
+        let (left, rest) = row.split_at_mut(a);
+        let (mid, right) = rest.split_at_mut(bnd - a);
+        for o in left.iter_mut() {
+            let (h, l) = (hv[n], lv[n]);
+            n += 1;
+            pad |= (h | l) & 1;
+            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+        }
+        for o in mid.iter_mut() {
+            let (h, l) = (hv[n], lv[n]);
+            n += 1;
+            *o = rebuild(sb.inverse(((h >> 1) << k.lb) | (l >> 1)));
+            let (ef, es) = if high_first {
+                (h & 1, l & 1)
+            } else {
+                (l & 1, h & 1)
+            };
+            if kk < n1 {
+                acc1 = (acc1 << 1) | ef as u128;
+            } else {
+                pad |= ef;
+            }
+            if kk < n2 {
+                acc2 = (acc2 << 1) | es as u128;
+            } else {
+                pad |= es;
+            }
+            kk += 1;
+        }
+        for o in right.iter_mut() {
+            let (h, l) = (hv[n], lv[n]);
+            n += 1;
+            pad |= (h | l) & 1;
+            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+        }
+    }
+    let extracted = if n2 == 0 { acc1 } else { (acc1 << n2) | acc2 };
+    Decoded {
+        extracted,
+        padding_set: pad != 0,
+    }
+}
+
+/// The top `bits` bits of a folded hash, right-aligned.
+pub(super) fn hash_prefix(hash: &[u8; 16], bits: usize) -> u128 {
+    let h = u128::from_be_bytes(*hash);
+    if bits >= 128 { h } else { h >> (128 - bits) }
+}
+
+/// Sample indices (within the frame) of a tile, in tile order.
+pub(super) fn tile_indices(spec: &ImageSpec, tile: &Tile, mut f: impl FnMut(usize, usize)) {
+    let c = spec.format.channels as usize;
+    let r = &tile.rect;
+    let mut n = 0;
+    for y in r.y..r.y + r.height {
+        let start = (y as usize * spec.width as usize + r.x as usize) * c;
+        for idx in start..start + r.width as usize * c {
+            f(n, idx);
+            n += 1;
+        }
+    }
+}
