@@ -218,6 +218,7 @@ pub fn all() -> Result<()> {
     crate::bench_dicom::dicom(crate::bench_dicom::DicomBenchArgs {
         slices: 300,
         inflight: 16,
+        associations: vec![1, 4],
         template: None,
     })?;
     Ok(())

@@ -427,6 +427,20 @@ async fn bench_dicom_runs_on_a_short_series() {
         "{text}"
     );
     assert!(text.contains("| RetrieveDicom, whole study"), "{text}");
+    // C-STORE over one and over four associations (the default), each a
+    // row with its ratio to StoreDicom and a verdict line.
+    for k in [1, 4] {
+        assert!(
+            text.contains(&format!(
+                "| C-STORE to the gateway's SCP, {k} association(s) | 6 |"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("C-STORE ingest, {k} association(s): ")),
+            "{text}"
+        );
+    }
     assert!(
         text.contains("target: >= 250 instances/s of 512x512 16-bit CT"),
         "{text}"

@@ -356,7 +356,7 @@ async fn associate(
     }
     let timeout = opts.timeout;
     let doing = "the association to be accepted";
-    let assoc = bounded(timeout, doing, async {
+    let mut assoc = bounded(timeout, doing, async {
         options.establish_async(addr).await.map_err(|e| {
             // dicom-ul fails this way when it accepts none: name the first.
             if let UlError::NoAcceptedPresentationContexts { .. } = e
@@ -372,6 +372,11 @@ async fn associate(
         })
     })
     .await?;
+    // Each PDU goes out in one write: without TCP_NODELAY, Nagle holds the
+    // tail of a data set until the SCP's delayed ACK (~40 ms per C-STORE).
+    if let Err(e) = assoc.inner_stream().set_nodelay(true) {
+        debug!(addr, error = %e, "set_nodelay failed");
+    }
     let peer_max = assoc.acceptor_max_pdu_length();
     if peer_max < MIN_PEER_PDU {
         let _ = bounded(timeout, "A-ABORT", async {

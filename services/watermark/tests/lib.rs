@@ -775,3 +775,51 @@ async fn multi_frame_image_streams_in_several_chunks_each_way() {
     assert!(back == pixels, "restored pixels differ");
     env.stop().await;
 }
+
+/// A protect key is reused for the same study and attributes (no keyserver
+/// needed the second time); other attributes and every restore still go to
+/// the keyserver.
+#[tokio::test]
+async fn protect_keys_are_reused_per_study_and_attributes_restore_keys_never() {
+    let mut env = Env::start().await;
+    let id = env.register("P-1").await;
+    let mut gw = env.client("gateway").await;
+    let image = phantom();
+    let pixels = image.to_le_bytes();
+    let first = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &pixels, CHUNK_BYTES),
+    )
+    .await
+    .unwrap();
+    if let Some(k) = env.keyserver.take() {
+        k.shutdown(Duration::from_secs(5)).await;
+    }
+    // The keyserver is gone: the key derived a moment ago protects again.
+    let second = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-1", &image), &pixels, CHUNK_BYTES),
+    )
+    .await
+    .unwrap();
+    assert_ne!(first.shares, second.shares, "a fresh salt per protect");
+    // Other attributes are never answered from the cache.
+    let e = protect(
+        &mut gw,
+        protect_msgs(start(&id, "P-2", &image), &pixels, CHUNK_BYTES),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // Nor is a restore key, even for the study whose protect key is kept.
+    let shares = share_chunks(&second.shares[0], &second.shares[1]);
+    let e = restore(
+        &mut gw,
+        restore_msgs(open_start(study(&id, "P-1"), &second.header_json), shares),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    env.stop().await;
+}
