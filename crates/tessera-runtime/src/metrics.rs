@@ -152,6 +152,26 @@ impl Metrics {
         }));
     }
 
+    /// Adds a counter read at scrape time: the RPCs of `methods`
+    /// (`package.Service/Method`) answered OK so far (a service's own
+    /// count of derivations, stores, ... without touching its handlers).
+    pub fn rpc_ok_counter(&self, name: &str, help: &str, methods: &[&str]) {
+        let requests = self.inner.requests.clone();
+        let labels: Vec<RpcLabels> = methods
+            .iter()
+            .map(|m| RpcLabels {
+                method: (*m).to_owned(),
+                code: (tonic::Code::Ok as i32).to_string(),
+            })
+            .collect();
+        self.counter_fn(name, help, move || {
+            labels
+                .iter()
+                .map(|l| requests.get(l).map_or(0, |c| c.get()))
+                .sum()
+        });
+    }
+
     /// Requests of `method` (`package.Service/Method`) answered with gRPC
     /// status `code` so far.
     pub fn rpc_count(&self, method: &str, code: tonic::Code) -> u64 {
