@@ -155,7 +155,10 @@ async fn admin_listeners_serve_metrics_live_and_ready() {
         objects += sample(&m, "tessera_storage_objects");
         bytes += sample(&m, "tessera_storage_bytes");
     }
-    assert!(objects >= 2.0 && bytes > 0.0, "{objects} objects, {bytes} bytes");
+    assert!(
+        objects >= 2.0 && bytes > 0.0,
+        "{objects} objects, {bytes} bytes"
+    );
     let (_, wmm) = get(&stack, "watermark", "/metrics").await;
     assert!(
         sample(
