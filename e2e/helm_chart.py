@@ -463,7 +463,7 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     dicom_ports = [(s["metadata"]["name"], p) for s in r.of_kind("Service") for p in s["spec"]["ports"] if p["name"] == "dicom"]
     if arg == "off":
         assert set(gw["dicom"]) == {"temporal"}, f"[dicom] has {sorted(gw['dicom'])} with the SCP disabled"
-        assert sorted(ports) == ["grpc"], f"gateway container ports {sorted(ports)}"
+        assert sorted(ports) == ["admin", "grpc"], f"gateway container ports {sorted(ports)}"
         assert not dicom_ports, f"a dicom Service port with the SCP disabled: {dicom_ports}"
         assert "echoscu" not in r.notes and "gateway-dicom" not in r.notes, "NOTES.txt mentions the disabled SCP"
         return
@@ -478,7 +478,7 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     }
     assert gw["dicom"]["scp"] == want, f"[dicom.scp] {gw['dicom']['scp']} != {want}"
     assert set(gw["dicom"]) == {"temporal", "scp"}, f"[dicom] keys {sorted(gw['dicom'])}"
-    assert sorted(ports) == ["dicom", "grpc"], f"gateway container ports {sorted(ports)}"
+    assert sorted(ports) == ["admin", "dicom", "grpc"], f"gateway container ports {sorted(ports)}"
     assert ports["dicom"]["containerPort"] == scp["port"], f"container port dicom {ports['dicom']}"
     assert ports["dicom"].get("protocol") == "TCP", "container port dicom: TCP"
     assert [n for n, _ in dicom_ports] == ["gateway-dicom"], f"dicom Service ports {dicom_ports}"
