@@ -127,7 +127,7 @@ for set in default custom dicom; do
   check "$set: gateway config lists exactly storage-1..$n, each a StatefulSet with that node_id" \
     hc check storage-nodes "$R" "$n"
   check "$set: every pod non-root, read-only root, no privilege escalation, caps dropped" hc check security "$R"
-  check "$set: tcpSocket probes on the grpc port; Services match listen ports" hc check probes "$R"
+  check "$set: httpGet probes on the admin port (/live, /ready); Services match listen ports" hc check probes "$R"
   check "$set: every dialled <service>:<port> is a rendered Service, with its identity and timeouts" hc check addresses "$R"
   check "$set: config paths on the right volumes (Secret, PVC, memory emptyDir)" hc check paths "$R"
   check "$set: TLS, KEK and vault-key Secrets as named in values; none created" hc check secrets "$R"
@@ -182,20 +182,27 @@ head -c 32 /dev/urandom >"$KEK"
 chmod 600 "$KEK"
 mapfile -t ks_env < <(tls_env TESSERA_KEYSERVER SERVER__TLS keyserver)
 run_rendered keyserver keyserver "$CFG/keyserver-config.toml" tessera.keyserver.v1.KeyServer \
-  TESSERA_KEYSERVER__SERVER__LISTEN=127.0.0.1:0 "${ks_env[@]}" \
+  TESSERA_KEYSERVER__SERVER__LISTEN=127.0.0.1:0 TESSERA_KEYSERVER__ADMIN__LISTEN=127.0.0.1:0 "${ks_env[@]}" \
   TESSERA_KEYSERVER__KEYSERVER__DB_PATH="$E2E_TMP/keyserver.redb" \
   TESSERA_KEYSERVER__KEYSERVER__KEK_FILE="$KEK"
 KS_ADDR=${SERVICE_ADDR:-}
+# The rendered [admin] section: plain-HTTP probes answer on the keyserver.
+KS_OUT=$(grep -l "^listening=${KS_ADDR:-none}\$" "$E2E_TMP"/keyserver.*.out 2>/dev/null | head -n 1 || true)
+KS_ADMIN=$(sed -n 's/^admin=//p' "${KS_OUT:-/dev/null}" | head -n 1)
+check "keyserver (rendered config) admin listener: /live and /ready 200 (${KS_ADMIN:-none})" \
+  bash -c 'curl -fsS -o /dev/null "http://$1/live" && curl -fsS -o /dev/null "http://$1/ready"' _ "$KS_ADMIN"
+ks_metrics() { curl -fsS "http://$KS_ADMIN/metrics" | grep -q '^tessera_rpc_requests_total{method="grpc.health.v1.Health/Check",code="0"} [1-9]'; }
+check "keyserver (rendered config) /metrics counts the health checks" ks_metrics
 
 mapfile -t wm_env < <(tls_env TESSERA_WATERMARK SERVER__TLS watermark; tls_env TESSERA_WATERMARK KEYSERVER__TLS watermark)
 run_rendered watermark watermark "$CFG/watermark-config.toml" tessera.watermark.v1.Watermark \
-  TESSERA_WATERMARK__SERVER__LISTEN=127.0.0.1:0 "${wm_env[@]}" \
+  TESSERA_WATERMARK__SERVER__LISTEN=127.0.0.1:0 TESSERA_WATERMARK__ADMIN__LISTEN=127.0.0.1:0 "${wm_env[@]}" \
   TESSERA_WATERMARK__KEYSERVER__ADDRESS="${KS_ADDR:-127.0.0.1:1}"
 WM_ADDR=${SERVICE_ADDR:-}
 
 mapfile -t seg_env < <(tls_env TESSERA_SEGMENTATION SERVER__TLS segmentation)
 run_rendered segmentation segmentation "$CFG/segmentation-config.toml" tessera.segmentation.v1.Segmentation \
-  TESSERA_SEGMENTATION__SERVER__LISTEN=127.0.0.1:0 "${seg_env[@]}"
+  TESSERA_SEGMENTATION__SERVER__LISTEN=127.0.0.1:0 TESSERA_SEGMENTATION__ADMIN__LISTEN=127.0.0.1:0 "${seg_env[@]}"
 SEG_ADDR=${SERVICE_ADDR:-}
 
 # The custom set renders [server.access.roles], no dev roles, OTLP export
@@ -203,7 +210,7 @@ SEG_ADDR=${SERVICE_ADDR:-}
 # collector is pointed at a closed loopback port).
 run_rendered "segmentation (custom values)" segmentation "$E2E_TMP/r-custom/config/segmentation-config.toml" \
   tessera.segmentation.v1.Segmentation \
-  TESSERA_SEGMENTATION__SERVER__LISTEN=127.0.0.1:0 "${seg_env[@]}" \
+  TESSERA_SEGMENTATION__SERVER__LISTEN=127.0.0.1:0 TESSERA_SEGMENTATION__ADMIN__LISTEN=127.0.0.1:0 "${seg_env[@]}" \
   TESSERA_SEGMENTATION__TELEMETRY__OTLP_ENDPOINT=http://127.0.0.1:1
 CUSTOM_SEG=${SERVICE_ADDR:-127.0.0.1:1}
 # Reflection needs any role: clinician holds one only through dev_roles,
@@ -220,7 +227,7 @@ for i in 1 2 3; do
   mapfile -t st_env < <(tls_env TESSERA_STORAGE SERVER__TLS "storage-$i")
   SERVICE_ADDR=
   run_rendered "storage-$i" storage-node "$CFG/storage-$i-config.toml" tessera.storage.v1.StorageNode \
-    TESSERA_STORAGE__SERVER__LISTEN=127.0.0.1:0 "${st_env[@]}" \
+    TESSERA_STORAGE__SERVER__LISTEN=127.0.0.1:0 TESSERA_STORAGE__ADMIN__LISTEN=127.0.0.1:0 "${st_env[@]}" \
     TESSERA_STORAGE__DATA_DIR="$E2E_TMP/storage-$i"
   STORAGE_ADDRS+=("${SERVICE_ADDR:-127.0.0.1:1}")
 done
@@ -238,7 +245,7 @@ if [ -x "$TESSERA_BIN_DIR/gateway" ]; then
   NODES=$(hc gateway-nodes-override "$E2E_TMP/r-default" "${STORAGE_ADDRS[@]}")
   mapfile -t gw_env < <(tls_env TESSERA_GATEWAY SERVER__TLS gateway; tls_env TESSERA_GATEWAY CLIENT_TLS gateway)
   run_rendered gateway gateway "$CFG/gateway-config.toml" tessera.gateway.v1.Gateway \
-    TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 "${gw_env[@]}" \
+    TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 TESSERA_GATEWAY__ADMIN__LISTEN=127.0.0.1:0 "${gw_env[@]}" \
     TESSERA_GATEWAY__KEYSERVER__ADDRESS="$KS_ADDR" \
     TESSERA_GATEWAY__WATERMARK__ADDRESS="$WM_ADDR" \
     TESSERA_GATEWAY__SEGMENTATION__ADDRESS="$SEG_ADDR" \
@@ -260,7 +267,7 @@ if [ -x "$TESSERA_BIN_DIR/gateway" ]; then
   exits_64() { # exits_64 GREP VAR=VALUE...: the gateway refuses the DICOM config, naming GREP
     local want=$1 rc=0
     shift
-    env "${dgw_env[@]}" TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 "$@" \
+    env "${dgw_env[@]}" TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 TESSERA_GATEWAY__ADMIN__LISTEN=127.0.0.1:0 "$@" \
       timeout 30 "$TESSERA_BIN_DIR/gateway" --config "$DCFG" >/dev/null 2>"$E2E_TMP/gateway-64.log" || rc=$?
     [ "$rc" -eq 64 ] && grep -q "$want" "$E2E_TMP/gateway-64.log" && return 0
     echo "exit $rc, expected 64 naming $want:"
@@ -271,7 +278,7 @@ if [ -x "$TESSERA_BIN_DIR/gateway" ]; then
     exits_64 dicom.scp.owner TESSERA_GATEWAY__DICOM__SCP__OWNER=spiffe://tessera.local/service/gateway
   SERVICE_ADDR=
   run_rendered "gateway (DICOM SCP values)" gateway "$DCFG" tessera.gateway.v1.Gateway \
-    TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 "${dgw_env[@]}" \
+    TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 TESSERA_GATEWAY__ADMIN__LISTEN=127.0.0.1:0 "${dgw_env[@]}" \
     TESSERA_GATEWAY__DICOM__SCP__LISTEN=127.0.0.1:0
   DGW_OUT="$E2E_TMP/gateway.$((${#E2E_PIDS[@]} - 1)).out"
   DICOM_ADDR=$(sed -n 's/^dicom_listening=//p' "$DGW_OUT" 2>/dev/null | head -n 1)
@@ -334,7 +341,7 @@ kg() { # kg SERVERNAME ARGS...: grpcurl as the dev-pki.sh owner
 }
 K2=127.0.0.1:1
 if start_with_env keyserver "$CFG/keyserver-config.toml" \
-  TESSERA_KEYSERVER__SERVER__LISTEN=127.0.0.1:0 \
+  TESSERA_KEYSERVER__SERVER__LISTEN=127.0.0.1:0 TESSERA_KEYSERVER__ADMIN__LISTEN=127.0.0.1:0 \
   TESSERA_KEYSERVER__SERVER__TLS__CA="$KPKI/ca.crt" \
   TESSERA_KEYSERVER__SERVER__TLS__CERT="$KPKI/keyserver.crt" \
   TESSERA_KEYSERVER__SERVER__TLS__KEY="$KPKI/keyserver.key" \

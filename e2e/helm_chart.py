@@ -256,10 +256,16 @@ def check_probes(r: Rendered, _arg: str | None) -> None:
         (main,) = w["spec"]["template"]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in main["ports"]}
         assert "grpc" in ports, f"{name}: container port named grpc"
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert ports.get("admin") == int(r.values["admin"]["port"]), f"{name}: container port named admin"
+        assert ports["admin"] != ports["grpc"], f"{name}: admin and grpc ports differ"
+        # Probes speak plain HTTP to the admin listener, never TLS to grpc.
+        want = {"startupProbe": "/live", "readinessProbe": "/ready", "livenessProbe": "/live"}
+        for probe, path in want.items():
             p = main.get(probe)
-            assert p and p.get("tcpSocket", {}).get("port") == "grpc", f"{name}: {probe} is tcpSocket on grpc"
-            assert "grpc" not in p and "httpGet" not in p and "exec" not in p, f"{name}: {probe} only tcpSocket"
+            get = (p or {}).get("httpGet", {})
+            assert get.get("port") == "admin" and get.get("path") == path, f"{name}: {probe} is httpGet {path} on admin: {p}"
+            assert get.get("scheme", "HTTP") == "HTTP", f"{name}: {probe} plain HTTP"
+            assert not {"grpc", "tcpSocket", "exec"} & set(p), f"{name}: {probe} only httpGet"
         svc_port = r.service_port(name)
         svc = r.get("Service", name)
         assert svc["spec"]["ports"][0]["targetPort"] == "grpc", f"Service {name}: targetPort grpc"
@@ -272,6 +278,7 @@ def check_probes(r: Rendered, _arg: str | None) -> None:
         _, cfg = r.config_of(w)
         host = r.values["server"]["listenHost"]
         assert cfg["server"]["listen"] == f"{host}:{ports['grpc']}", f"{name}: listen {cfg['server']['listen']!r}"
+        assert cfg["admin"]["listen"] == f"{host}:{ports['admin']}", f"{name}: admin.listen {cfg.get('admin')!r}"
         assert svc_port == ports["grpc"], f"{name}: Service port {svc_port} != container port {ports['grpc']}"
 
 
@@ -456,7 +463,7 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     dicom_ports = [(s["metadata"]["name"], p) for s in r.of_kind("Service") for p in s["spec"]["ports"] if p["name"] == "dicom"]
     if arg == "off":
         assert set(gw["dicom"]) == {"temporal"}, f"[dicom] has {sorted(gw['dicom'])} with the SCP disabled"
-        assert sorted(ports) == ["grpc"], f"gateway container ports {sorted(ports)}"
+        assert sorted(ports) == ["admin", "grpc"], f"gateway container ports {sorted(ports)}"
         assert not dicom_ports, f"a dicom Service port with the SCP disabled: {dicom_ports}"
         assert "echoscu" not in r.notes and "gateway-dicom" not in r.notes, "NOTES.txt mentions the disabled SCP"
         return
@@ -471,7 +478,7 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     }
     assert gw["dicom"]["scp"] == want, f"[dicom.scp] {gw['dicom']['scp']} != {want}"
     assert set(gw["dicom"]) == {"temporal", "scp"}, f"[dicom] keys {sorted(gw['dicom'])}"
-    assert sorted(ports) == ["dicom", "grpc"], f"gateway container ports {sorted(ports)}"
+    assert sorted(ports) == ["admin", "dicom", "grpc"], f"gateway container ports {sorted(ports)}"
     assert ports["dicom"]["containerPort"] == scp["port"], f"container port dicom {ports['dicom']}"
     assert ports["dicom"].get("protocol") == "TCP", "container port dicom: TCP"
     assert [n for n, _ in dicom_ports] == ["gateway-dicom"], f"dicom Service ports {dicom_ports}"

@@ -21,6 +21,9 @@ key = "$PKI/storage-1.key"
 
 [telemetry]
 log = "info"
+
+[admin]
+listen = "127.0.0.1:0"
 TOML
 
 start_service storage-node "$E2E_TMP/node.toml"
@@ -170,6 +173,24 @@ process_as() { process_input | gc "$1" "$ADDR" -d @ -- "$SVC/Process"; }
 check "another service (keyserver) may not Process: PermissionDenied" expect_code PermissionDenied process_as keyserver
 no_objects_from_process() { gc admin "$ADDR" -d '{}' -- "$SVC/NodeInfo" | grep -q '"objectCount": "1"'; }
 check "the object count is unchanged by Process" no_objects_from_process
+
+# --- the admin listener (plain HTTP): metrics, liveness, readiness ---
+ADMIN=$(sed -n 's/^admin=//p' "$E2E_TMP"/storage-node.0.out | head -n 1)
+check "prints admin=ADDR after listening=ADDR ($ADMIN)" \
+  bash -c '[ -n "$1" ] && head -n 1 "$2" | grep -q "^listening=" && sed -n 2p "$2" | grep -q "^admin="' _ "$ADMIN" "$E2E_TMP/storage-node.0.out"
+check "/live: 200" curl -fsS -o /dev/null "http://$ADMIN/live"
+check "/ready: 200 (database readable)" curl -fsS -o /dev/null "http://$ADMIN/ready"
+metrics_counted() {
+  local m
+  m=$(curl -fsS "http://$ADMIN/metrics")
+  printf '%s\n' "$m" | grep -q '^tessera_rpc_requests_total{method="tessera.storage.v1.StorageNode/Put",code="0"} [1-9]' &&
+    printf '%s\n' "$m" | grep -q '^tessera_authz_denials_total{reason="no role of the caller is admitted",caller_kind="service"} [1-9]' &&
+    printf '%s\n' "$m" | grep -q '^tessera_rpc_duration_seconds_bucket{le="+Inf",method="tessera.storage.v1.StorageNode/Put"} [1-9]' &&
+    printf '%s\n' "$m" | grep -q '^tessera_storage_objects 1$'
+}
+check "/metrics: Put counted by code, the keyserver's refusal by reason, 1 object" metrics_counted
+no_tls_on_admin() { ! curl -fsS -o /dev/null --max-time 5 "http://$ADDR/metrics"; }
+check "the mTLS port serves no plain-HTTP metrics" no_tls_on_admin
 
 # --- durability across a restart, delete ---
 kill "$SERVICE_PID"; wait "$SERVICE_PID" 2>/dev/null || true

@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError, Serving, StartError};
+use tessera_runtime::{
+    AdminConfig, GrpcServer, Metrics, Readiness, RunningServer, ServerConfig, ServerError, Serving,
+    StartError,
+};
 
 use crate::config::Config;
 use crate::core::clock::{Clock, SystemClock};
@@ -43,6 +46,7 @@ impl From<AppError> for StartError {
 pub struct App {
     core: Core,
     server: ServerConfig,
+    admin: Option<AdminConfig>,
 }
 
 /// A listening keyserver.
@@ -77,6 +81,7 @@ impl App {
         Ok(Self {
             core,
             server: config.server.clone(),
+            admin: config.admin.clone(),
         })
     }
 
@@ -88,6 +93,10 @@ impl App {
     /// Binds and serves (mTLS, authz, health, reflection, limits).
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
         let server = GrpcServer::new(&self.server, policy())?
+            .with_admin(self.admin.as_ref())
+            .with_readiness(readiness(self.core.clone()));
+        register_metrics(&server.metrics(), &self.core);
+        let server = server
             .with_refusal_sink(std::sync::Arc::new(AuditSink(self.core.clone())))
             .add_service(OversizeAsResourceExhausted::new(
                 KeyServerService::new(self.core.clone()).into_server(),
@@ -112,6 +121,11 @@ impl RunningApp {
         &self.core
     }
 
+    /// Where the admin listener serves, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_addr()
+    }
+
     /// Stops accepting, drains for at most `grace`, then lets the core close
     /// the database (pending audit appends are committed first).
     pub async fn shutdown(self, grace: Duration) {
@@ -128,6 +142,60 @@ impl Serving for RunningApp {
     fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send {
         RunningApp::shutdown(self, grace)
     }
+
+    fn admin_addr(&self) -> Option<SocketAddr> {
+        RunningApp::admin_addr(self)
+    }
+}
+
+/// Ready while the database is open (it is, once built) and the audit
+/// chain verifies: a broken chain refuses every key operation.
+fn readiness(core: Core) -> Readiness {
+    Arc::new(move || {
+        let broken = core.chain_break();
+        Box::pin(async move {
+            match broken {
+                None => Ok(()),
+                Some(b) => Err(format!(
+                    "audit chain broken at entry {}: {}",
+                    b.seq, b.problem
+                )),
+            }
+        })
+    })
+}
+
+/// The keyserver's own metrics, read at scrape time.
+fn register_metrics(metrics: &Metrics, core: &Core) {
+    const KS: &str = "tessera.keyserver.v1.KeyServer";
+    metrics.rpc_ok_counter(
+        "keyserver_derivations",
+        "Study keys derived (DeriveKey answered OK)",
+        &[&format!("{KS}/DeriveKey")],
+    );
+    metrics.rpc_ok_counter(
+        "keyserver_releases",
+        "Keys released to researchers (FetchKey and RedeemGrant answered OK)",
+        &[&format!("{KS}/FetchKey"), &format!("{KS}/RedeemGrant")],
+    );
+    let c = core.clone();
+    metrics.counter_fn(
+        "keyserver_audit_commits",
+        "Audit-logged jobs committed by the group-commit writer",
+        move || c.writer_stats().1,
+    );
+    let c = core.clone();
+    metrics.counter_fn(
+        "keyserver_audit_batches",
+        "Group commits of the audit writer",
+        move || c.writer_stats().0,
+    );
+    let c = core.clone();
+    metrics.gauge_fn(
+        "keyserver_audit_chain_broken",
+        "1 while the audit chain does not verify (key operations refused)",
+        move || i64::from(c.chain_break().is_some()),
+    );
 }
 
 /// Puts the authorization layer's refusals into the audit chain (awaited

@@ -20,13 +20,15 @@
 //! [keyserver.derive_purposes]          # per deriving identity; default:
 //! "spiffe://tessera.local/service/gateway" = ["dicom-*"]
 //! "spiffe://tessera.local/service/watermark" = ["pixels"]
+//! [admin]                  # optional: plain HTTP /metrics, /live, /ready
+//! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
+use tessera_runtime::{AdminConfig, ServerConfig, TelemetryConfig, Validate};
 use tessera_tls::{Identity, SERVICE_KIND};
 
 use crate::core::ids::{parse_identity, validate_label};
@@ -40,6 +42,10 @@ pub const ENV_PREFIX: &str = "TESSERA_KEYSERVER";
 pub struct Config {
     /// Listener, TLS files, roles.
     pub server: ServerConfig,
+    /// Plain-HTTP admin listener (`/metrics`, `/live`, `/ready`), off
+    /// the mutual-TLS port; no listener when the section is absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// Logs and OTLP export.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -143,6 +149,9 @@ fn validate_purpose_pattern(p: &str) -> Result<(), String> {
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.server.validate()?;
+        if let Some(admin) = &self.admin {
+            admin.validate(self.server.listen)?;
+        }
         self.telemetry.validate()?;
         let k = &self.keyserver;
         if k.db_path.as_os_str().is_empty() {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
+use tessera_runtime::{AdminConfig, ServerConfig, TelemetryConfig, Validate};
 use tessera_tls::CallerAllowList;
 
 /// Environment prefix: `TESSERA_STORAGE__SERVER__LISTEN=127.0.0.1:0`.
@@ -53,6 +53,10 @@ pub struct Config {
     #[serde(default)]
     pub process: ProcessSection,
     pub server: ServerConfig,
+    /// Plain-HTTP admin listener (`/metrics`, `/live`, `/ready`), off
+    /// the mutual-TLS port; no listener when the section is absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
 }
@@ -165,6 +169,9 @@ impl Validate for Config {
             ));
         }
         self.server.validate()?;
+        if let Some(admin) = &self.admin {
+            admin.validate(self.server.listen)?;
+        }
         self.telemetry.validate()
     }
 }

@@ -64,7 +64,7 @@ impl App {
     /// Serves the node (mTLS, health, reflection, authz) in a task.
     pub async fn spawn(self) -> Result<RunningServer, ServerError> {
         let svc = StorageService::new(
-            self.store,
+            self.store.clone(),
             self.config.node_id.clone(),
             self.config.max_concurrent_puts,
         )
@@ -77,9 +77,55 @@ impl App {
         let grpc = StorageNodeServer::new(svc)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        GrpcServer::new(&self.config.server, policy())?
-            .add_service(grpc)
-            .spawn()
-            .await
+        let server = GrpcServer::new(&self.config.server, policy())?
+            .with_admin(self.config.admin.as_ref())
+            .with_readiness(readiness(self.store.clone()));
+        register_metrics(&server.metrics(), &self.store);
+        server.add_service(grpc).spawn().await
     }
+}
+
+/// Ready while the database answers a read. Metrics and readiness hold
+/// the store weakly: a stopped node's database closes as before.
+fn readiness(store: Arc<Store>) -> tessera_runtime::Readiness {
+    let store = Arc::downgrade(&store);
+    Arc::new(move || {
+        let store = store.clone();
+        Box::pin(async move {
+            let store = store.upgrade().ok_or("the store is closed")?;
+            tokio::task::spawn_blocking(move || store.usage())
+                .await
+                .map_err(|e| format!("usage check: {e}"))?
+                .map(|_| ())
+                .map_err(|e| format!("database: {e}"))
+        })
+    })
+}
+
+/// Objects and bytes held, read at scrape time (-1: the store is closed
+/// or unreadable).
+fn register_metrics(metrics: &tessera_runtime::Metrics, store: &Arc<Store>) {
+    let read = |f: fn(&Store) -> Option<u64>| {
+        let s = Arc::downgrade(store);
+        move || {
+            s.upgrade()
+                .and_then(|s| f(&s))
+                .map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+        }
+    };
+    metrics.gauge_fn(
+        "storage_objects",
+        "Objects held by this node",
+        read(|s| s.usage().ok().map(|u| u.object_count)),
+    );
+    metrics.gauge_fn(
+        "storage_bytes",
+        "Bytes of objects held by this node",
+        read(|s| s.usage().ok().map(|u| u.used_bytes)),
+    );
+    metrics.gauge_fn(
+        "storage_capacity_bytes",
+        "Configured capacity of this node",
+        read(|s| Some(s.limits().capacity_bytes)),
+    );
 }

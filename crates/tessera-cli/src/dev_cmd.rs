@@ -158,7 +158,10 @@ fn up(args: UpArgs) -> Result<()> {
             .map_err(|e| anyhow!("dev up: {e}"))?;
         println!("Tessera is up (mutual TLS on every port). Data in {}", stack.dir().display());
         for (name, addr) in &stack.endpoints().endpoints {
-            println!("  {name:<13} {addr}");
+            match stack.endpoints().admin.get(name) {
+                Some(admin) => println!("  {name:<13} {addr:<16} admin (metrics, ready) http://{admin}"),
+                None => println!("  {name:<13} {addr}"),
+            }
         }
         match opts.erasure {
             Some((k, m)) => println!(

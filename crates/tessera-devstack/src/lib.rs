@@ -66,6 +66,10 @@ pub struct Endpoints {
     /// (clients refuse any other server there).
     #[serde(default)]
     pub identities: BTreeMap<String, String>,
+    /// Service name -> its admin listener (`host:port`, plain HTTP:
+    /// `/metrics`, `/live`, `/ready`); the `[admin]` table.
+    #[serde(default)]
+    pub admin: BTreeMap<String, String>,
 }
 
 impl Endpoints {
@@ -174,6 +178,16 @@ enum Running {
 }
 
 impl Running {
+    fn admin_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Running::Keyserver(a) => a.admin_addr(),
+            Running::Storage(a) => a.admin_addr(),
+            Running::Watermark(a) => a.admin_addr(),
+            Running::Segmentation(a) => a.admin_addr(),
+            Running::Gateway(a) => a.admin_addr(),
+        }
+    }
+
     async fn shutdown(self, grace: Duration) {
         match self {
             Running::Keyserver(a) => a.shutdown(grace).await,
@@ -236,7 +250,7 @@ fn tls_section(pki: &Path, name: &str, table: &str) -> String {
 
 fn server_section(pki: &Path, name: &str, listen: &str) -> String {
     format!(
-        "[server]\nlisten = \"{listen}\"\n{}",
+        "[server]\nlisten = \"{listen}\"\n{}[admin]\nlisten = \"127.0.0.1:0\"\n",
         tls_section(pki, name, "server.tls")
     )
 }
@@ -517,6 +531,11 @@ impl DevStack {
 
     fn add(&mut self, name: &str, addr: String, running: Running) {
         self.endpoints.endpoints.insert(name.to_owned(), addr);
+        if let Some(admin) = running.admin_addr() {
+            self.endpoints
+                .admin
+                .insert(name.to_owned(), admin.to_string());
+        }
         self.endpoints
             .identities
             .insert(name.to_owned(), service_identity(name));

@@ -1,21 +1,26 @@
 //! Shared server plumbing for every Tessera binary: typed config (TOML plus
 //! environment, injectable), telemetry (tracing, optional OTLP, a span per
 //! RPC with the trace context from gRPC metadata) and the mutual-TLS gRPC
-//! server with health, reflection, authorization and message limits, and
+//! server with health, reflection, authorization and message limits, the
+//! admin listener (Prometheus `/metrics`, `/live`, `/ready`), and
 //! [`Service`], the `main` every service binary shares.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod files;
 mod limits;
+pub mod metrics;
 pub mod server;
 pub mod service_main;
 pub mod snapshot;
 pub mod stream;
 pub mod telemetry;
 
+pub use admin::{AdminConfig, Readiness};
 pub use config::{ConfigError, ConfigSource, EXIT_CONFIG, Validate, load_config};
 pub use files::{check_key_file_mode, private_db_file};
+pub use metrics::Metrics;
 pub use server::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerConfig, ServerError};
 pub use service_main::{SHUTDOWN_GRACE, Service, Serving, StartError};
 pub use stream::{DEFAULT_IDLE_TIMEOUT, IdleStream, idle_status};

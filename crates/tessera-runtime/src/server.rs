@@ -15,6 +15,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use crate::limits::normalize_limit_status;
+use crate::admin::{AdminConfig, AdminServer, Readiness};
+use crate::metrics::{CountingSink, Metrics, RpcMetricsLayer};
 use crate::telemetry::RpcSpanLayer;
 
 /// The largest gRPC message any Tessera server or client accepts or sends.
@@ -146,6 +148,9 @@ pub struct GrpcServer {
     accept: tessera_tls::AcceptLimits,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    metrics: Metrics,
+    admin: Option<AdminConfig>,
+    readiness: Readiness,
 }
 
 impl GrpcServer {
@@ -172,7 +177,29 @@ impl GrpcServer {
             },
             routes: RoutesBuilder::default(),
             names: Vec::new(),
+            metrics: Metrics::new(),
+            admin: None,
+            readiness: crate::admin::always_ready(),
         })
+    }
+
+    /// The server's metrics registry: the RPC layer records into it; the
+    /// service adds its own metrics (a handle, cheap to clone).
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// Also serves `/metrics`, `/live` and `/ready` on the admin listener
+    /// when `admin` is configured (the `[admin]` section).
+    pub fn with_admin(mut self, admin: Option<&AdminConfig>) -> Self {
+        self.admin = admin.cloned();
+        self
+    }
+
+    /// The check behind `/ready` (default: always ready while serving).
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// Hands every refusal of the authorization layer to `sink` too (the
@@ -239,6 +266,28 @@ impl GrpcServer {
             .add_service(reflection.build_v1()?)
             .add_service(reflection_alpha.build_v1alpha()?);
 
+        let admin = match &self.admin {
+            None => None,
+            Some(config) => Some(
+                AdminServer::spawn(config, self.metrics.clone(), self.readiness.clone())
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr: config.listen,
+                        source,
+                    })?,
+            ),
+        };
+        let known = self
+            .names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .chain([HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA].map(str::to_owned));
+        let metrics_layer = RpcMetricsLayer::new(self.metrics.clone(), known);
+        let sink = CountingSink {
+            metrics: self.metrics.clone(),
+            next: self.refusal_sink,
+        };
+
         let incoming = tessera_tls::incoming_with(listener, &self.tls, self.accept);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -250,11 +299,11 @@ impl GrpcServer {
             .initial_connection_window_size(8 * 1024 * 1024)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Outermost: it sees the final (normalized) status of every
+            // RPC, refusals of the authorization layer included.
+            .layer(metrics_layer)
             .layer(RpcSpanLayer)
-            .layer(match self.refusal_sink {
-                Some(sink) => AuthzLayer::new(self.authz).with_sink(sink),
-                None => AuthzLayer::new(self.authz),
-            })
+            .layer(AuthzLayer::new(self.authz).with_sink(std::sync::Arc::new(sink)))
             .add_routes(routes.routes());
         let identity = self.tls.identity().uri();
         tracing::info!(%local_addr, %identity, services = ?self.names, "serving gRPC over mutual TLS");
@@ -267,6 +316,8 @@ impl GrpcServer {
         });
         Ok(RunningServer {
             local_addr,
+            admin,
+            metrics: self.metrics,
             health,
             names: self.names,
             stop: Some(stop_tx),
@@ -278,6 +329,8 @@ impl GrpcServer {
 /// A server running in a task.
 pub struct RunningServer {
     local_addr: SocketAddr,
+    admin: Option<AdminServer>,
+    metrics: Metrics,
     health: HealthReporter,
     names: Vec<&'static str>,
     stop: Option<oneshot::Sender<()>>,
@@ -290,6 +343,16 @@ impl RunningServer {
         self.local_addr
     }
 
+    /// Where the admin listener serves, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    /// The server's metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn health(&self) -> &HealthReporter {
         &self.health
     }
@@ -297,6 +360,9 @@ impl RunningServer {
     /// Marks every service NOT_SERVING, stops accepting, lets in-flight RPCs
     /// finish for at most `grace`, then aborts what is left.
     pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(admin) = &self.admin {
+            admin.set_draining();
+        }
         self.health
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -319,6 +385,9 @@ impl RunningServer {
                 // (databases, files) is released when shutdown returns.
                 let _ = (&mut self.task).await;
             }
+        }
+        if let Some(admin) = self.admin.take() {
+            admin.shutdown().await;
         }
     }
 

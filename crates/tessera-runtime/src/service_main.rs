@@ -11,8 +11,9 @@
 //! 3. runs the service's start closure; a [`StartError`] is logged, printed
 //!    as `NAME: <why>` and exits 64 when it is a configuration error (an
 //!    unreadable or too-open key file), 1 otherwise;
-//! 4. prints `listening=ADDR` on stdout and flushes it (launchers and the
-//!    e2e scripts wait for that line);
+//! 4. prints `listening=ADDR` on stdout, then `admin=ADDR` when the
+//!    `[admin]` listener serves, and flushes (launchers and the e2e scripts
+//!    wait for the first line);
 //! 5. waits for SIGINT/SIGTERM, shuts down gracefully (in-flight RPCs get
 //!    [`SHUTDOWN_GRACE`]) and exits 0.
 //!
@@ -58,6 +59,10 @@ pub trait Serving {
     /// Stops accepting, drains for at most `grace`, then releases whatever
     /// the service holds (databases, files).
     fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send;
+    /// Where the admin listener serves, when configured.
+    fn admin_addr(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 impl Serving for RunningServer {
@@ -67,6 +72,10 @@ impl Serving for RunningServer {
 
     fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send {
         RunningServer::shutdown(self, grace)
+    }
+
+    fn admin_addr(&self) -> Option<SocketAddr> {
+        RunningServer::admin_addr(self)
     }
 }
 
@@ -249,7 +258,7 @@ impl<C: DeserializeOwned + Validate> Service<C> {
             };
             let addr = running.local_addr();
             tracing::info!(service = name, %addr, "listening");
-            if let Err(e) = announce(addr) {
+            if let Err(e) = announce(addr, running.admin_addr()) {
                 tracing::error!(error = %e, "cannot announce the address");
                 eprintln!("{name}: cannot write to stdout: {e}");
                 running.shutdown(SHUTDOWN_GRACE).await;
@@ -264,9 +273,13 @@ impl<C: DeserializeOwned + Validate> Service<C> {
 }
 
 /// The line launchers and the e2e scripts wait for.
-fn announce(addr: SocketAddr) -> std::io::Result<()> {
+/// `admin=ADDR` follows on its own line when the admin listener serves.
+fn announce(addr: SocketAddr, admin: Option<SocketAddr>) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening={addr}")?;
+    if let Some(admin) = admin {
+        writeln!(out, "admin={admin}")?;
+    }
     out.flush()
 }
 

@@ -126,6 +126,9 @@ dev_roles = {{ $v.access.devRoles }}
 {{- end }}
 {{- end }}
 
+[admin]
+listen = {{ printf "%s:%d" $v.server.listenHost ($v.admin.port | int) | toJson }}
+
 [telemetry]
 log = {{ $v.telemetry.log | toJson }}
 json = {{ $v.telemetry.json }}
@@ -285,28 +288,32 @@ max_concurrent_puts = {{ $v.storage.maxConcurrentPuts | int64 }}
 {{/* ---------------- pod building blocks ---------------- */}}
 
 {{/*
-Probes. The services serve grpc.health.v1 over mutual TLS only (no plaintext
-listener, client certificate required), so neither the kubelet's `grpc`
-probe nor `httpGet` can reach it; a tcpSocket probe checks that the listener
-accepts connections. For a real health check use grpcurl with a client
-certificate (templates/NOTES.txt).
+Probes: httpGet on the admin listener (plain HTTP, `[admin]`, port
+`admin.port`), never on the mutual-TLS gRPC port (a probe there is a TLS
+handshake the server logs as an EOF every few seconds). `/live` answers
+while the process serves; `/ready` when the service's own check passes
+(its database opened, its upstreams answer) and 503 with the reason
+otherwise.
 */}}
 {{- define "tessera.probes" -}}
 {{- $p := .Values.probes -}}
 startupProbe:
-  tcpSocket:
-    port: grpc
+  httpGet:
+    path: /live
+    port: admin
   periodSeconds: {{ $p.startup.periodSeconds }}
   failureThreshold: {{ $p.startup.failureThreshold }}
 readinessProbe:
-  tcpSocket:
-    port: grpc
+  httpGet:
+    path: /ready
+    port: admin
   periodSeconds: {{ $p.readiness.periodSeconds }}
   timeoutSeconds: {{ $p.readiness.timeoutSeconds }}
   failureThreshold: {{ $p.readiness.failureThreshold }}
 livenessProbe:
-  tcpSocket:
-    port: grpc
+  httpGet:
+    path: /live
+    port: admin
   periodSeconds: {{ $p.liveness.periodSeconds }}
   timeoutSeconds: {{ $p.liveness.timeoutSeconds }}
   failureThreshold: {{ $p.liveness.failureThreshold }}
@@ -346,6 +353,9 @@ args: ["--config", {{ printf "%s/config.toml" (include "tessera.configDir" .) | 
 ports:
   - name: grpc
     containerPort: {{ .c.port }}
+    protocol: TCP
+  - name: admin
+    containerPort: {{ .root.Values.admin.port | int }}
     protocol: TCP
 {{- range .extraPorts }}
   - name: {{ .name }}

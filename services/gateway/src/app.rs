@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError};
+use tessera_runtime::{
+    AdminConfig, GrpcServer, Metrics, Readiness, RunningServer, ServerConfig, ServerError,
+};
+use tonic::transport::Channel;
 
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -51,6 +54,8 @@ pub struct App {
     scp_stored_by: String,
     max_image_bytes: u64,
     erasure: Option<crate::config::ErasureSection>,
+    admin: Option<AdminConfig>,
+    readiness: Readiness,
 }
 
 /// The C-STORE SCP while it serves.
@@ -72,6 +77,7 @@ impl App {
     /// Opens the vault and prepares lazy clients of every peer.
     pub fn build(config: &Config) -> Result<Self, AppError> {
         let up = Upstreams::new(config)?;
+        let readiness = readiness(up.clone(), keyserver_health_channel(config)?, config);
         let key = load_key_file(&config.vault.key_file).map_err(AppError::VaultKey)?;
         let vault = Vault::open(&config.vault.path, &key).map_err(AppError::Vault)?;
         let g = &config.gateway;
@@ -106,6 +112,8 @@ impl App {
                     )
                 }),
             max_image_bytes: g.max_image_bytes,
+            admin: config.admin.clone(),
+            readiness,
         })
     }
 
@@ -142,6 +150,10 @@ impl App {
             None => None,
         };
         let server = GrpcServer::new(&self.server, policy())?
+            .with_admin(self.admin.as_ref())
+            .with_readiness(self.readiness);
+        register_metrics(&server.metrics());
+        let server = server
             .add_service(self.service.into_server())
             .spawn()
             .await?;
@@ -168,6 +180,11 @@ impl RunningApp {
         self.server.local_addr()
     }
 
+    /// Where the admin listener serves, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_addr()
+    }
+
     /// Where the C-STORE SCP listens, when configured.
     pub fn dicom_addr(&self) -> Option<SocketAddr> {
         self.scp.as_ref().map(|s| s.addr)
@@ -190,4 +207,55 @@ impl RunningApp {
         }
         self.server.shutdown(grace).await;
     }
+}
+
+/// A channel to the keyserver for its `grpc.health.v1` check alone (the
+/// service's clients do not expose theirs).
+fn keyserver_health_channel(config: &Config) -> Result<Channel, AppError> {
+    let id = config
+        .upstream_identity("keyserver", &config.keyserver)
+        .map_err(|detail| tessera_tls::TlsError::Endpoint {
+            endpoint: config.keyserver.address.clone(),
+            detail,
+        })?;
+    Ok(tessera_tls::ClientTls::from_files(&config.client_tls)?
+        .expecting(&id)
+        .connect_lazy(&config.keyserver.address)?)
+}
+
+/// Ready when the keyserver answers its health check and enough storage
+/// nodes answer to place a study (two shares, or k fragments with
+/// `[erasure]`).
+fn readiness(up: Upstreams, keyserver: Channel, config: &Config) -> Readiness {
+    let needed = config.erasure.map_or(2, |e| e.data);
+    Arc::new(move || {
+        let (up, keyserver) = (up.clone(), keyserver.clone());
+        Box::pin(async move {
+            tessera_runtime::admin::upstream_serving("keyserver", keyserver, "").await?;
+            let (healthy, problems) = up.probe().await;
+            if healthy.len() < needed {
+                return Err(format!(
+                    "{} storage nodes answer, {needed} needed: {}",
+                    healthy.len(),
+                    problems.join("; ")
+                ));
+            }
+            Ok(())
+        })
+    })
+}
+
+/// The gateway's own counters, read at scrape time from the RPC layer's.
+fn register_metrics(metrics: &Metrics) {
+    const GW: &str = "tessera.gateway.v1.Gateway";
+    metrics.rpc_ok_counter(
+        "gateway_studies_stored",
+        "Images and DICOM instances stored (Store and StoreDicom answered OK)",
+        &[&format!("{GW}/Store"), &format!("{GW}/StoreDicom")],
+    );
+    metrics.rpc_ok_counter(
+        "gateway_retrievals",
+        "Retrievals answered OK (Retrieve and RetrieveDicom)",
+        &[&format!("{GW}/Retrieve"), &format!("{GW}/RetrieveDicom")],
+    );
 }

@@ -70,6 +70,8 @@
 //! owner = "spiffe://tessera.local/user/owner"
 //! artim_timeout_secs = 10        # the whole A-ASSOCIATE-RQ within this
 //! # stored_by = "spiffe://tessera.local/service/gateway"   # the default
+//! [admin]                  # optional: plain HTTP /metrics, /live, /ready
+//! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
 
 use std::path::PathBuf;
@@ -77,7 +79,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
+use tessera_runtime::{AdminConfig, ServerConfig, TelemetryConfig, Validate};
 use tessera_tls::{ChannelTimeouts, Identity, Role, TlsFiles};
 
 /// Environment prefix of overrides, e.g. `TESSERA_GATEWAY__VAULT__PATH`.
@@ -96,6 +98,10 @@ pub const MAX_STORAGE_NODES: usize = 16;
 pub struct Config {
     /// Listener, TLS files, roles.
     pub server: ServerConfig,
+    /// Plain-HTTP admin listener (`/metrics`, `/live`, `/ready`), off
+    /// the mutual-TLS port; no listener when the section is absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
     /// The gateway's own certificate for every outgoing call.
@@ -434,6 +440,9 @@ fn default_probe_secs() -> u64 {
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.server.validate()?;
+        if let Some(admin) = &self.admin {
+            admin.validate(self.server.listen)?;
+        }
         self.telemetry.validate()?;
         for (what, p) in [
             ("client_tls.ca", &self.client_tls.ca),

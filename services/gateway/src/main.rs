@@ -138,4 +138,8 @@ impl Serving for Gateway {
     fn shutdown(self, grace: Duration) -> impl Future<Output = ()> + Send {
         self.0.shutdown(grace)
     }
+
+    fn admin_addr(&self) -> Option<SocketAddr> {
+        self.0.admin_addr()
+    }
 }

@@ -27,6 +27,7 @@ impl From<AppError> for StartError {
 pub struct App {
     service: SegmentationService,
     server: ServerConfig,
+    admin: Option<tessera_runtime::AdminConfig>,
 }
 
 /// A listening service: the server itself (bound address, health,
@@ -48,12 +49,15 @@ impl App {
         Ok(Self {
             service,
             server: config.server.clone(),
+            admin: config.admin.clone(),
         })
     }
 
     /// Binds and serves (mTLS, authz, health, reflection, limits).
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
+        // No upstreams, no database: ready while serving.
         Ok(GrpcServer::new(&self.server, policy())?
+            .with_admin(self.admin.as_ref())
             .add_service(self.service.into_server())
             .spawn()
             .await?)

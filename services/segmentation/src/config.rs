@@ -14,10 +14,12 @@
 //! allowed_callers = ["spiffe://tessera.local/service/gateway"]
 //! max_image_bytes = 268435456
 //! max_concurrent_jobs = 2
+//! [admin]                  # optional: plain HTTP /metrics, /live, /ready
+//! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
 
 use serde::Deserialize;
-use tessera_runtime::{ServerConfig, TelemetryConfig, Validate};
+use tessera_runtime::{AdminConfig, ServerConfig, TelemetryConfig, Validate};
 use tessera_tls::CallerAllowList;
 
 /// Environment prefix of overrides, e.g.
@@ -36,6 +38,10 @@ pub const MAX_IMAGE_BYTES_CEILING: u64 = tessera_image::MAX_SAMPLES * 2;
 pub struct Config {
     /// Listener, TLS files, roles.
     pub server: ServerConfig,
+    /// Plain-HTTP admin listener (`/metrics`, `/live`, `/ready`), off
+    /// the mutual-TLS port; no listener when the section is absent.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// Logs and OTLP export.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -85,6 +91,9 @@ fn default_jobs() -> u32 {
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.server.validate()?;
+        if let Some(admin) = &self.admin {
+            admin.validate(self.server.listen)?;
+        }
         self.telemetry.validate()?;
         let s = &self.segmentation;
         CallerAllowList::validate(ALLOWED_CALLERS, &s.allowed_callers)?;

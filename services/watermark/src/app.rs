@@ -1,7 +1,9 @@
 //! `App::build(config)` and `App::spawn()`: the real watermark service,
 //! runnable in-process on `127.0.0.1:0` by tests and the launcher.
 
-use tessera_runtime::{GrpcServer, RunningServer, ServerConfig, ServerError, StartError};
+use tessera_runtime::{
+    AdminConfig, GrpcServer, Readiness, RunningServer, ServerConfig, ServerError, StartError,
+};
 use tessera_tls::CallerAllowList;
 
 use crate::config::{ALLOWED_CALLERS, Config};
@@ -36,6 +38,8 @@ impl From<AppError> for StartError {
 pub struct App {
     service: WatermarkService,
     server: ServerConfig,
+    admin: Option<AdminConfig>,
+    readiness: Readiness,
 }
 
 /// A listening service: the server itself (bound address, health,
@@ -51,6 +55,19 @@ impl App {
             .keyserver_identity()
             .map_err(AppError::KeyserverIdentity)?;
         let keys = KeyClient::new(&config.keyserver, &identity)?;
+        // Its own channel for the keyserver's health check (the key
+        // client does not expose its channel).
+        let health = tessera_tls::ClientTls::from_files(&config.keyserver.tls)?
+            .expecting(&identity)
+            .connect_lazy(&config.keyserver.address)?;
+        let readiness: Readiness = std::sync::Arc::new(move || {
+            let channel = health.clone();
+            Box::pin(tessera_runtime::admin::upstream_serving(
+                "keyserver",
+                channel,
+                "",
+            ))
+        });
         let w = &config.watermark;
         let service = WatermarkService::new(
             keys,
@@ -64,12 +81,16 @@ impl App {
         Ok(Self {
             service,
             server: config.server.clone(),
+            admin: config.admin.clone(),
+            readiness,
         })
     }
 
     /// Binds and serves (mTLS, authz, health, reflection, limits).
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
         Ok(GrpcServer::new(&self.server, policy())?
+            .with_admin(self.admin.as_ref())
+            .with_readiness(self.readiness)
             .add_service(self.service.into_server())
             .spawn()
             .await?)

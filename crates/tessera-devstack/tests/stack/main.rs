@@ -3,8 +3,10 @@
 //!
 //! * [`matrix`]: every RPC as every kind of caller against the matrix;
 //! * [`trust`]: ownership, delegation, Verify, tampered retrieve, share relay;
-//! * [`durability`]: erasure coding, node loss, corrupt fragments, repair.
+//! * [`durability`]: erasure coding, node loss, corrupt fragments, repair;
+//! * [`ops`]: admin listeners: metrics move with traffic, live and ready.
 
 mod durability;
 mod matrix;
+mod ops;
 mod trust;
