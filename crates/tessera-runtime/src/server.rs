@@ -14,8 +14,8 @@ use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-pub use crate::limits::normalize_limit_status;
 use crate::admin::{AdminConfig, AdminServer, Readiness};
+pub use crate::limits::normalize_limit_status;
 use crate::metrics::{CountingSink, Metrics, RpcMetricsLayer};
 use crate::telemetry::RpcSpanLayer;
 

@@ -6,9 +6,9 @@ use std::time::Duration;
 use crate::common::*;
 use redb::ReadableTable;
 use sha2::{Digest, Sha256};
-use tessera_storage_client::{get_object, put_messages, put_object};
 use tessera_proto::storage::v1 as pb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
+use tessera_storage_client::{get_object, put_messages, put_object};
 use tessera_tls::{ClientTls, TlsFiles};
 use tonic::Code;
 

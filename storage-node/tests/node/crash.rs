@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::common::*;
 use sha2::{Digest, Sha256};
-use tessera_storage_client::{client, get_object, put_object};
 use tessera_proto::storage::v1 as pb;
+use tessera_storage_client::{client, get_object, put_object};
 
 /// Acknowledged puts: (object id, SHA-256).
 type Acked = Vec<(String, [u8; 32])>;

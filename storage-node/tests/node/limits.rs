@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crate::common::*;
-use tessera_storage_client::{get_object, put_messages, put_object};
 use tessera_proto::storage::v1 as pb;
+use tessera_storage_client::{get_object, put_messages, put_object};
 use tonic::Code;
 
 /// Gets are capped: with one slot, a download whose reader stalls holds it

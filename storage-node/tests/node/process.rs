@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::common::*;
-use tessera_storage_client::process_fragment;
-use tessera_storage_client::put_object;
 use storage_node::{App, Config};
 use tessera_image::phantom::head_phantom;
 use tessera_image::{Image, PixelFormat};
@@ -17,6 +15,8 @@ use tessera_segment::{
     BlockGrid, Fragment, GaParams, Operation, RegionMap, SegmentConfig, make_fragments, merge,
     process_whole,
 };
+use tessera_storage_client::process_fragment;
+use tessera_storage_client::put_object;
 use tessera_wire::{CHUNK_BYTES, histeq_mapping, process_requests};
 use tonic::Code;
 use tonic::Status;

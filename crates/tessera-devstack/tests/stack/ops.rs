@@ -17,7 +17,8 @@ use tessera_proto::storage::v1 as spb;
 use tessera_proto::watermark::v1 as wpb;
 use tonic::Code;
 
-use crate::common::{OWNER, channel, gateway, grant};
+use tessera_testkit::OWNER;
+use tessera_testkit::suite::{channel, gateway, grant};
 
 const SERVICES: [&str; 6] = [
     "keyserver",
