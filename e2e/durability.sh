@@ -64,6 +64,7 @@ VKEY="$E2E_TMP/vault.key"; head -c 32 /dev/urandom >"$VKEY"; chmod 600 "$VKEY"
   printf '[vault]\npath = "%s"\nkey_file = "%s"\n[gateway]\nnode_probe_timeout_secs = 2\n' "$E2E_TMP/vault.redb" "$VKEY"
   # No background pass (the script runs them); orphans older than 1 s go.
   printf '[erasure]\ndata = 3\nparity = 2\nrepair_interval_secs = 0\norphan_grace_secs = 1\nhedge_after_ms = 200\n'
+  printf '[admin]\nlisten = "127.0.0.1:0"\n'
 } >"$E2E_TMP/gateway.toml"
 start_service gateway "$E2E_TMP/gateway.toml"; GW_ADDR=$SERVICE_ADDR; GW_PID=$SERVICE_PID
 # The gateway's port is pinned too: the CLI's endpoints.toml names it.
@@ -248,5 +249,21 @@ check "... and every study still retrieves bit-identical" retrieve_all
 kill -CONT "${NODE_PID[1]}"
 check "the gateway logged reads that hedged past the stopped node" \
   grep -q "read hedged to further fragments" "$E2E_TMP"/gateway.*.log
+
+# --- 6. the repair counters on the gateway's admin listener (/metrics) ---
+repair_metrics() {
+  local out admin m
+  # The newest gateway process (its output file was written last).
+  out=$(ls -t "$E2E_TMP"/gateway.*.out | head -n 1)
+  admin=$(sed -n 's/^admin=//p' "$out" | head -n 1)
+  [ -n "$admin" ] || { echo "the gateway printed no admin= line"; return 1; }
+  m=$(curl -fsS "http://$admin/metrics") || { echo "no /metrics at $admin"; return 1; }
+  # This gateway process ran the last passes: 2 disks rebuilt, nothing left.
+  grep -qE '^tessera_gateway_repair_passes(_total)? [1-9]' <<<"$m" &&
+    grep -qE '^tessera_gateway_repair_fragments_rebuilt(_total)? [1-9]' <<<"$m" &&
+    grep -qE '^tessera_gateway_repair_fragments_missing(_total)? [1-9]' <<<"$m" ||
+    { grep '^tessera_gateway_repair' <<<"$m"; return 1; }
+}
+check "/metrics counts the repair passes, missing and rebuilt fragments" repair_metrics
 
 e2e_finish

@@ -19,6 +19,7 @@
 //! `[erasure]`): the functions here fall back to that.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 
 use sha2::{Digest, Sha256};
@@ -509,6 +510,41 @@ pub struct RepairTally {
     pub orphans: u64,
     pub failures: Vec<String>,
     pub actions: Vec<String>,
+}
+
+/// Repair passes since start, summed (read by `/metrics`).
+#[derive(Debug, Default)]
+pub struct RepairCounters {
+    pub passes: AtomicU64,
+    pub checked: AtomicU64,
+    pub missing: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub unreachable: AtomicU64,
+    pub rebuilt: AtomicU64,
+    pub moved: AtomicU64,
+    pub orphans: AtomicU64,
+    pub interrupted: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+impl RepairCounters {
+    /// Adds one pass's tally.
+    pub(crate) fn add(&self, t: &RepairTally) {
+        self.passes.fetch_add(1, Relaxed);
+        for (c, v) in [
+            (&self.checked, t.checked),
+            (&self.missing, t.missing),
+            (&self.corrupt, t.corrupt),
+            (&self.unreachable, t.unreachable),
+            (&self.rebuilt, t.rebuilt),
+            (&self.moved, t.moved),
+            (&self.orphans, t.orphans),
+            (&self.interrupted, t.interrupted),
+            (&self.failures, t.failures.len() as u64),
+        ] {
+            c.fetch_add(v, Relaxed);
+        }
+    }
 }
 
 /// The settings of one scrub/repair pass.

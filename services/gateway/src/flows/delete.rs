@@ -156,6 +156,7 @@ impl GatewayService {
             self.sweep_orphans(&healthy, grace, r.dry_run, &mut tally)
                 .await;
         }
+        self.inner.repair_counters.add(&tally);
         tracing::info!(
             studies = ids.len(),
             objects = tally.objects,

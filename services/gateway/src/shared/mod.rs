@@ -77,6 +77,8 @@ pub struct Inner {
     /// When this process started (unix seconds): unfinished records older
     /// than this are not in flight here (the repair pass finishes them).
     pub(crate) started_unix: u64,
+    /// Scrub and repair counters since start (`/metrics`).
+    pub(crate) repair_counters: Arc<crate::durability::RepairCounters>,
 }
 
 /// Held while a job runs.
@@ -129,6 +131,7 @@ impl GatewayService {
                 rng: SystemRandom::new(),
                 keys: Default::default(),
                 started_unix: now_unix(),
+                repair_counters: Default::default(),
             }),
         }
     }
@@ -242,4 +245,11 @@ pub(crate) fn study_ref(rec: &StudyRecord) -> wpb::StudyRef {
 
 pub(crate) fn caller_uri<T>(req: &Request<T>) -> Result<String, Status> {
     Ok(tessera_tls::caller(req)?.uri())
+}
+
+impl GatewayService {
+    /// The scrub and repair counters since start.
+    pub fn repair_counters(&self) -> Arc<crate::durability::RepairCounters> {
+        self.inner.repair_counters.clone()
+    }
 }
