@@ -49,7 +49,6 @@ KNOWN_EXCEPTIONS: dict = {
 CIRCLES_REPORTED_ONLY = {
     "keyserver": "issue 13 (keyserver core split)",
     "gateway-service": "issue 13 (gateway split by flow)",
-    "tessera-cli": "issue 13 (CLI, demos and benches apart)",
 }
 
 

@@ -1,7 +1,7 @@
 //! `tessera bench`: figures printed as ratios against baselines measured in
 //! the same run on the same bytes (never pass/fail timings).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
@@ -11,42 +11,13 @@ use tessera_image::phantom::head_phantom;
 use tessera_image::{PixelFormat, Rect};
 
 use crate::PEAK;
+use crate::timing::fastest;
 
 #[derive(Args, Debug)]
 pub struct ImageBenchArgs {
     /// Timed repetitions per measurement (the fastest is printed).
     #[arg(long, default_value_t = 15)]
     pub iterations: usize,
-}
-
-/// Fastest wall time of `iterations` runs of `f` (after one warm-up run).
-/// On a shared, noisy machine interference only ever adds time, so the
-/// minimum is the most repeatable estimate; every figure in a table is
-/// measured the same way in the same run.
-pub fn fastest<T>(iterations: usize, mut f: impl FnMut() -> T) -> Duration {
-    std::hint::black_box(f());
-    (0..iterations.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(f());
-            t.elapsed()
-        })
-        .min()
-        .unwrap_or_default()
-}
-
-/// Median wall time of `iterations` runs of `f` (after one warm-up run).
-pub fn median<T>(iterations: usize, mut f: impl FnMut() -> T) -> Duration {
-    std::hint::black_box(f());
-    let mut times: Vec<Duration> = (0..iterations.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            std::hint::black_box(f());
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[times.len() / 2]
 }
 
 fn ms(d: Duration) -> f64 {

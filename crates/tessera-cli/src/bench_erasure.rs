@@ -8,7 +8,7 @@ use clap::Args;
 use sha2::{Digest, Sha256};
 use tessera_erasure::Scheme;
 
-use crate::bench::fastest;
+use crate::timing::fastest;
 
 #[derive(Args, Debug)]
 pub struct ErasureBenchArgs {

@@ -22,7 +22,7 @@ use tonic::Code;
 
 use crate::client::dicom_cmd::pixel_words;
 use crate::demo::Steps;
-use crate::suite_demo::{OWNER, gateway, keyserver};
+use crate::demo_kit::{OWNER, gateway, keyserver, object_nodes, storage_nodes};
 
 /// Identifiers at least this long are searched for as bytes (and as
 /// substrings of element values); shorter ones (a four-digit Patient ID
@@ -207,7 +207,7 @@ pub async fn flows(
         println!(
             "  {what} ({} bytes) -> {}",
             p.size,
-            crate::suite_demo::object_nodes(p).join(", ")
+            object_nodes(p).join(", ")
         );
     }
     steps.check(
@@ -218,7 +218,7 @@ pub async fn flows(
         "metadata and pixel objects each spread as fragments over distinct storage nodes",
         !stored.placements.is_empty()
             && stored.placements.iter().all(|p| {
-                let n = crate::suite_demo::object_nodes(p);
+                let n = object_nodes(p);
                 let distinct: std::collections::BTreeSet<_> = n.iter().collect();
                 n.len() > 1 && distinct.len() == n.len()
             }),
@@ -229,7 +229,7 @@ pub async fn flows(
             "  (the file's Patient Name and Patient ID are empty or shorter than {MIN_SEARCH_LEN} characters: too short to search the storage nodes' bytes for)"
         );
     }
-    let nodes = crate::suite_demo::storage_nodes(stack);
+    let nodes = storage_nodes(stack);
     let mut clean = !nodes.is_empty();
     for node in &nodes {
         let db = stack

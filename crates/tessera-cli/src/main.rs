@@ -8,6 +8,7 @@ mod bench_erasure;
 mod client;
 mod demo;
 mod demo_dicom;
+mod demo_kit;
 mod dev_cmd;
 mod doctor;
 mod image_cmd;
@@ -16,6 +17,7 @@ mod pki_cmd;
 mod report;
 mod segment_cmd;
 mod suite_demo;
+mod timing;
 
 use clap::{CommandFactory, Parser, Subcommand};
 

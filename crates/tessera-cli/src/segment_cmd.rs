@@ -14,8 +14,8 @@ use tessera_segment::{
     make_fragments, process_regions, process_whole,
 };
 
-use crate::bench::median;
 use crate::image_cmd::InputArgs;
+use crate::timing::median;
 
 /// GA-ES knobs shared by `segment` and `process`.
 #[derive(Args, Debug, Clone)]

@@ -17,37 +17,13 @@ use tessera_image::{Image, PixelFormat, codec};
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
-use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::segmentation::v1 as segpb;
 use tessera_proto::watermark::v1 as wpb;
-use tessera_tls::{ClientTls, TlsFiles};
 use tonic::transport::Channel;
 
 use crate::client::gateway_cmd::{print_report, tamper_map};
 use crate::demo::{DemoArgs, Steps};
-
-pub(crate) const OWNER: &str = "spiffe://tessera.local/user/owner";
-
-/// The nodes holding a stored object: its fragments' nodes, or its one
-/// node when it is stored whole.
-pub(crate) fn object_nodes(p: &pb::Placement) -> Vec<&str> {
-    if p.fragments.is_empty() {
-        vec![p.node.as_str()]
-    } else {
-        p.fragments.iter().map(|f| f.node.as_str()).collect()
-    }
-}
-
-/// The suite's storage nodes, by name.
-pub(crate) fn storage_nodes(stack: &DevStack) -> Vec<String> {
-    stack
-        .endpoints()
-        .endpoints
-        .keys()
-        .filter(|n| n.starts_with("storage-"))
-        .cloned()
-        .collect()
-}
+use crate::demo_kit::{OWNER, channel, gateway, keyserver, storage_nodes};
 
 /// A repair pass over every study, as the admin.
 async fn repair(admin: &mut GatewayClient<Channel>) -> Result<pb::RepairResponse> {
@@ -60,26 +36,6 @@ async fn repair(admin: &mut GatewayClient<Channel>) -> Result<pb::RepairResponse
         .await
         .context("repair")?
         .into_inner())
-}
-
-async fn channel(stack: &DevStack, who: &str, service: &str) -> Result<Channel> {
-    let tls = ClientTls::from_files(&TlsFiles::from_pki_dir(&stack.pki_dir(), who))?;
-    // The server there must be that service (endpoints.toml names it).
-    let expected = tessera_tls::Identity::parse_uri(&tessera_devstack::service_identity(service))?;
-    Ok(tls
-        .expecting(&expected)
-        .connect(stack.endpoints().get(service)?)
-        .await?)
-}
-
-pub(crate) async fn gateway(stack: &DevStack, who: &str) -> Result<GatewayClient<Channel>> {
-    Ok(gw::client(channel(stack, who, "gateway").await?))
-}
-
-pub(crate) async fn keyserver(stack: &DevStack, who: &str) -> Result<KeyServerClient<Channel>> {
-    Ok(KeyServerClient::new(
-        channel(stack, who, "keyserver").await?,
-    ))
 }
 
 /// A readable PNG of any image (frame 0, first channel, windowed).

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use tessera_proto::gateway::v1 as pb;
 use tonic::{Code, Status};
 
-use super::gateway_cmd::{gateway, owner_uri};
+use super::gateway_cmd::gateway;
+use super::owner_uri;
 use super::{ConnArgs, OutputArgs, block_on, status_error};
 
 #[derive(Args, Debug)]

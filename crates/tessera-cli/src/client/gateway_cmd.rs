@@ -19,7 +19,7 @@ use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::watermark::v1 as wpb;
 use tonic::transport::Channel;
 
-use super::{ConnArgs, OutputArgs, Service, block_on, status_error};
+use super::{ConnArgs, OutputArgs, Service, block_on, owner_uri, status_error};
 
 #[derive(Args, Debug)]
 pub struct StoreArgs {
@@ -160,14 +160,6 @@ fn numbers(field: &str, text: &str, min: usize, max: usize) -> Result<Vec<u32>> 
         bail!("--{field} {text:?}: expected {min}..={max} numbers");
     }
     Ok(v)
-}
-
-pub(crate) fn owner_uri(owner: &str) -> String {
-    if owner.starts_with("spiffe://") {
-        owner.to_owned()
-    } else {
-        format!("spiffe://{}/user/{owner}", tessera_pki::TRUST_DOMAIN)
-    }
 }
 
 fn spec_to_core(s: &wpb::ImageSpec) -> Result<ImageSpec> {

@@ -12,7 +12,7 @@ use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tonic::transport::Channel;
 
-use super::gateway_cmd::owner_uri;
+use super::owner_uri;
 use super::{
     ConnArgs, OutputArgs, Service, Table, block_on, now_secs, parse_duration, short_identity,
     status_error, utc,

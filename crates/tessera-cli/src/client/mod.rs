@@ -530,6 +530,16 @@ fn cut(s: &str, max: usize) -> String {
     }
 }
 
+/// A user name (`owner`) as its identity URI in the development trust
+/// domain; a full `spiffe://` URI is kept as given.
+pub(crate) fn owner_uri(owner: &str) -> String {
+    if owner.starts_with("spiffe://") {
+        owner.to_owned()
+    } else {
+        format!("spiffe://{}/user/{owner}", tessera_pki::TRUST_DOMAIN)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
