@@ -12,12 +12,6 @@ T="$TESSERA_BIN_DIR/tessera"
 DIR="$E2E_TMP/dev"
 export TESSERA_DIR="$DIR"
 
-out_has() {
-  local pat=$1 out
-  shift
-  out=$("$@") || return 1
-  grep -q -- "$pat" <<<"$out"
-}
 fails_with() { # fails_with PATTERN CMD...: CMD exits non-zero and says PATTERN
   local pat=$1 out
   shift

@@ -20,17 +20,6 @@ T="$TESSERA_BIN_DIR/tessera"
 ST=tessera.storage.v1.StorageNode
 export TESSERA_DIR="$E2E_TMP"
 
-out_has() { # out_has PATTERN CMD...: CMD succeeds and prints PATTERN
-  local pat=$1 out
-  shift
-  out=$("$@") || { echo "$out"; return 1; }
-  grep -q -- "$pat" <<<"$out" || { echo "$out"; return 1; }
-}
-
-tls() { # tls TABLE NAME
-  printf '[%s]\nca = "%s/ca.crt"\ncert = "%s/%s.crt"\nkey = "%s/%s.key"\n' "$1" "$PKI" "$PKI" "$2" "$PKI" "$2"
-}
-
 # --- the suite, one process per service ---
 KEK="$E2E_TMP/keyserver.kek"; head -c 32 /dev/urandom >"$KEK"; chmod 600 "$KEK"
 { printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls keyserver

@@ -16,13 +16,6 @@ ST=tessera.storage.v1.StorageNode
 OWNER=spiffe://tessera.local/user/owner
 PY=python3
 
-out_has() {
-  local pat=$1 out
-  shift
-  out=$("$@") || return 1
-  grep -q -- "$pat" <<<"$out"
-}
-
 # expect_msg CODE PATTERN CMD...: CMD fails with CODE and a message matching PATTERN.
 expect_msg() {
   local code=$1 pat=$2 out
@@ -31,10 +24,6 @@ expect_msg() {
   if grep -qE "Code: $code" <<<"$out" && grep -q -- "$pat" <<<"$out"; then return 0; fi
   echo "expected $code matching '$pat', got: $out"
   return 1
-}
-
-tls() { # tls TABLE NAME
-  printf '[%s]\nca = "%s/ca.crt"\ncert = "%s/%s.crt"\nkey = "%s/%s.key"\n' "$1" "$PKI" "$PKI" "$2" "$PKI" "$2"
 }
 
 # --- the suite, one process per service ---

@@ -9,13 +9,6 @@ e2e_init
 # out_has PATTERN CMD...: CMD succeeds and its output matches PATTERN (a
 # here-string, not a pipe: `grep -q` closing a pipe early would fail the
 # pipeline under pipefail).
-out_has() {
-  local pat=$1 out
-  shift
-  out=$("$@") || return 1
-  grep -q -- "$pat" <<<"$out"
-}
-
 SVC=tessera.keyserver.v1.KeyServer
 OWNER=spiffe://tessera.local/user/owner
 DB="$E2E_TMP/keyserver.redb"

@@ -171,3 +171,18 @@ e2e_finish() {
   echo "$(basename "$0" .sh): $E2E_PASSED passed, $E2E_FAILED failed"
   [ "$E2E_FAILED" -eq 0 ]
 }
+
+# out_has PATTERN CMD...: CMD succeeds and its stdout holds PATTERN (the
+# output is shown when it does not).
+out_has() {
+  local pat=$1 out
+  shift
+  out=$("$@") || { echo "$out"; return 1; }
+  grep -q -- "$pat" <<<"$out" || { echo "$out"; return 1; }
+}
+
+# tls TABLE NAME: a TOML [TABLE] with the dev PKI's CA and NAME's
+# certificate and key (for the configs the scripts write).
+tls() {
+  printf '[%s]\nca = "%s/ca.crt"\ncert = "%s/%s.crt"\nkey = "%s/%s.key"\n' "$1" "$PKI" "$PKI" "$2" "$PKI" "$2"
+}

@@ -249,61 +249,9 @@ fn readiness(up: Upstreams, keyserver: Channel, config: &Config) -> Readiness {
 /// The gateway's own counters, read at scrape time from the RPC layer's.
 fn register_metrics(metrics: &Metrics, service: &GatewayService) {
     let c = service.repair_counters();
-    for (name, help, read) in [
-        (
-            "gateway_repair_passes",
-            "Scrub/repair passes run (background and Repair RPCs)",
-            (|c: &crate::durability::RepairCounters| c.passes.load(Relaxed))
-                as fn(&crate::durability::RepairCounters) -> u64,
-        ),
-        (
-            "gateway_repair_fragments_checked",
-            "Fragments re-hashed on their nodes by repair passes",
-            |c| c.checked.load(Relaxed),
-        ),
-        (
-            "gateway_repair_fragments_missing",
-            "Fragments found missing by repair passes",
-            |c| c.missing.load(Relaxed),
-        ),
-        (
-            "gateway_repair_fragments_corrupt",
-            "Fragments found corrupt by repair passes",
-            |c| c.corrupt.load(Relaxed),
-        ),
-        (
-            "gateway_repair_fragments_unreachable",
-            "Fragments on unreachable nodes at repair passes",
-            |c| c.unreachable.load(Relaxed),
-        ),
-        (
-            "gateway_repair_fragments_rebuilt",
-            "Fragments rebuilt by repair passes",
-            |c| c.rebuilt.load(Relaxed),
-        ),
-        (
-            "gateway_repair_fragments_moved",
-            "Fragments moved to another node by repair passes",
-            |c| c.moved.load(Relaxed),
-        ),
-        (
-            "gateway_repair_orphans_removed",
-            "Objects no record names, removed by repair passes",
-            |c| c.orphans.load(Relaxed),
-        ),
-        (
-            "gateway_repair_interrupted_finished",
-            "Interrupted stores rolled back by repair passes",
-            |c| c.interrupted.load(Relaxed),
-        ),
-        (
-            "gateway_repair_failures",
-            "Objects repair passes could not bring back to full redundancy",
-            |c| c.failures.load(Relaxed),
-        ),
-    ] {
+    for (i, (name, help, _)) in c.fields().into_iter().enumerate() {
         let c = c.clone();
-        metrics.counter_fn(name, help, move || read(&c));
+        metrics.counter_fn(name, help, move || c.fields()[i].2.load(Relaxed));
     }
     const GW: &str = "tessera.gateway.v1.Gateway";
     metrics.rpc_ok_counter(

@@ -528,6 +528,62 @@ pub struct RepairCounters {
 }
 
 impl RepairCounters {
+    /// Each counter with its metric name and help text (`/metrics`).
+    pub fn fields(&self) -> [(&'static str, &'static str, &AtomicU64); 10] {
+        [
+            (
+                "gateway_repair_passes",
+                "Scrub/repair passes run (background and Repair RPCs)",
+                &self.passes,
+            ),
+            (
+                "gateway_repair_fragments_checked",
+                "Fragments re-hashed on their nodes by repair passes",
+                &self.checked,
+            ),
+            (
+                "gateway_repair_fragments_missing",
+                "Fragments found missing by repair passes",
+                &self.missing,
+            ),
+            (
+                "gateway_repair_fragments_corrupt",
+                "Fragments found corrupt by repair passes",
+                &self.corrupt,
+            ),
+            (
+                "gateway_repair_fragments_unreachable",
+                "Fragments on unreachable nodes at repair passes",
+                &self.unreachable,
+            ),
+            (
+                "gateway_repair_fragments_rebuilt",
+                "Fragments rebuilt by repair passes",
+                &self.rebuilt,
+            ),
+            (
+                "gateway_repair_fragments_moved",
+                "Fragments moved to another node by repair passes",
+                &self.moved,
+            ),
+            (
+                "gateway_repair_orphans_removed",
+                "Objects no record names, removed by repair passes",
+                &self.orphans,
+            ),
+            (
+                "gateway_repair_interrupted_finished",
+                "Interrupted stores rolled back by repair passes",
+                &self.interrupted,
+            ),
+            (
+                "gateway_repair_failures",
+                "Objects repair passes could not bring back to full redundancy",
+                &self.failures,
+            ),
+        ]
+    }
+
     /// Adds one pass's tally.
     pub(crate) fn add(&self, t: &RepairTally) {
         self.passes.fetch_add(1, Relaxed);
