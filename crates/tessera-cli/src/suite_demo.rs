@@ -465,7 +465,7 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         tessera_cryptomark::RestoreKey::Secure(&key),
     )
     .map_err(|e| anyhow!("restore: {e}"))?;
-    let report = watermark_service::convert::report_to_proto(&restored.report);
+    let report = tessera_wire::report::report_to_proto(&restored.report);
     print_report(&report, "  ");
     std::fs::write(out("tamper-map.png"), tamper_map(&restored.image, &report)?)?;
     println!("  wrote {}", out("tamper-map.png").display());

@@ -13,6 +13,9 @@
 //!   [`process::ProcessDecoder`], runs the [`process::ProcessJob`] and encodes
 //!   the output with [`process::output_messages`].
 //!
+//! It also holds what every service sends the same way: [`stream`] chunking
+//! of payloads and the watermark [`report`] as a proto.
+//!
 //! Decoders are synchronous state machines fed one message at a time (thin
 //! async wrappers read a `tonic::Streaming`). They never trust a declared
 //! length: every count is checked against the limits before anything is
@@ -27,7 +30,9 @@
 pub mod convert;
 pub mod fragment;
 pub mod process;
+pub mod report;
 pub mod segment;
+pub mod stream;
 
 pub use convert::{
     decode_samples, encode_samples, operation_from_proto, operation_to_proto, segmentation,
@@ -40,7 +45,7 @@ pub use process::{
 };
 pub use segment::{
     DecodedSegmentation, SegmentDecoder, decode_segment, fragment_messages, region_map_from_proto,
-    region_map_to_proto, segment_requests,
+    region_map_to_proto, segment_requests, summary_to_proto,
 };
 
 use tonic::Status;

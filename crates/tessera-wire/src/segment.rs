@@ -9,7 +9,7 @@ use tessera_image::ImageSpec;
 use tessera_proto::segmentation::v1 as pb;
 use tessera_proto::segmentation::v1::segment_response::Msg;
 use tessera_segment::fragment::MAX_HALO;
-use tessera_segment::{BlockGrid, Fragment, RegionMap};
+use tessera_segment::{BlockGrid, Fragment, RegionMap, Segmentation};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
@@ -332,6 +332,32 @@ where
         d.push(m?).map_err(|e| e.upstream(PEER))?;
     }
     d.finish().map_err(|e| e.upstream(PEER))
+}
+
+/// The summary message: N, thresholds, fitness, search effort, region map.
+pub fn summary_to_proto(seg: &Segmentation, halo: u32, fragments: usize) -> pb::SegmentResponse {
+    let map = &seg.region_map;
+    let f = &seg.fitness;
+    pb::SegmentResponse {
+        msg: Some(pb::segment_response::Msg::Summary(pb::Summary {
+            regions: u32::from(map.regions),
+            thresholds: seg.thresholds.clone(),
+            fitness: Some(pb::FitnessTerms {
+                regions: f.regions as u32,
+                makespan_ns: f.makespan_ns,
+                cost: f.cost,
+                info_share: f.info_share,
+                cor: f.cor,
+                npcr: f.npcr,
+                total: f.total,
+            }),
+            generations: seg.generations as u64,
+            evaluations: seg.evaluations,
+            region_map: Some(region_map_to_proto(map)),
+            halo,
+            fragments: fragments as u32,
+        })),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use tessera_tls::Identity;
 use crate::error::GatewayError;
 
 /// Data travels in chunks of this size.
-pub const CHUNK_BYTES: usize = 1024 * 1024;
+pub use tessera_wire::CHUNK_BYTES;
 
 /// Most patient attributes per study (the keyserver's limit).
 pub const MAX_ATTRIBUTES: usize = 32;
@@ -185,10 +185,7 @@ pub fn spec_from_proto(field: &str, s: wpb::ImageSpec) -> Result<ImageSpec, Gate
     Ok(tessera_wire::convert::watermark::spec_from_proto(field, s)?)
 }
 
-/// Splits bytes into chunk-sized pieces.
-pub fn chunks(data: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
-    data.chunks(CHUNK_BYTES).map(<[u8]>::to_vec)
-}
+pub use tessera_wire::stream::chunks;
 
 #[cfg(test)]
 mod tests {

@@ -1,13 +1,13 @@
-//! The edge: the start message to domain types (`TryFrom`, errors name the
-//! field) and the summary back to a proto. The core never sees a proto.
-//! Specs, operations, region maps and fragments are converted by
-//! `tessera-wire`, which the gateway shares to decode the response.
+//! Request checking: the start message to a checked plan (`TryFrom`,
+//! errors name the field). The core never sees a proto. Specs, operations,
+//! region maps, fragments and the summary are converted by `tessera-wire`,
+//! which the gateway shares to decode the response.
 
 use tessera_image::ImageSpec;
 use tessera_proto::segmentation::v1 as pb;
-use tessera_segment::{BlockGrid, GaParams, Operation, RegionMap, SegmentConfig, Segmentation};
+use tessera_segment::{BlockGrid, GaParams, Operation, RegionMap, SegmentConfig};
 use tessera_wire::segmentation::required_spec;
-use tessera_wire::{MAX_BLOCKS, MAX_REGIONS, operation_from_proto, region_map_to_proto};
+use tessera_wire::{MAX_BLOCKS, MAX_REGIONS, operation_from_proto};
 
 use crate::error::SegmentationError;
 
@@ -132,32 +132,6 @@ pub fn fragment_samples(map: &RegionMap, halo: u32, spec: &ImageSpec) -> u64 {
         }
     }
     total
-}
-
-/// The summary message: N, thresholds, fitness, search effort, region map.
-pub fn summary_to_proto(seg: &Segmentation, halo: u32, fragments: usize) -> pb::SegmentResponse {
-    let map = &seg.region_map;
-    let f = &seg.fitness;
-    pb::SegmentResponse {
-        msg: Some(pb::segment_response::Msg::Summary(pb::Summary {
-            regions: u32::from(map.regions),
-            thresholds: seg.thresholds.clone(),
-            fitness: Some(pb::FitnessTerms {
-                regions: f.regions as u32,
-                makespan_ns: f.makespan_ns,
-                cost: f.cost,
-                info_share: f.info_share,
-                cor: f.cor,
-                npcr: f.npcr,
-                total: f.total,
-            }),
-            generations: seg.generations as u64,
-            evaluations: seg.evaluations,
-            region_map: Some(region_map_to_proto(map)),
-            halo,
-            fragments: fragments as u32,
-        })),
-    }
 }
 
 #[cfg(test)]

@@ -17,11 +17,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use tessera_wire::{CHUNK_BYTES, fragment_messages};
+use tessera_wire::{CHUNK_BYTES, fragment_messages, summary_to_proto};
 
-use crate::convert::{
-    MAX_REQUEST_MESSAGE, MAX_RESPONSE_MESSAGE, SegmentPlan, fragment_samples, summary_to_proto,
-};
+use crate::convert::{MAX_REQUEST_MESSAGE, MAX_RESPONSE_MESSAGE, SegmentPlan, fragment_samples};
 use crate::error::SegmentationError;
 
 /// gRPC service name, for the policy table and health.

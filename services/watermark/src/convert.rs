@@ -1,23 +1,22 @@
-//! The edge: protos to domain types (`TryFrom`, errors name the field) and
-//! domain results back to protos. The core never sees a proto.
+//! Request checking: the start messages to checked plans (`TryFrom`,
+//! errors name the field). The core never sees a proto. Specs, rectangles,
+//! reports and chunking are `tessera-wire`'s, shared with the gateway and
+//! the CLI.
 
 use tessera_cryptomark::header::MAX_OBJECT_ID;
-use tessera_cryptomark::{TamperedBlock, TamperedTile, VerificationReport};
 use tessera_image::{ImageSpec, Rect};
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::watermark::v1 as pb;
 pub use tessera_wire::convert::watermark::spec_to_proto;
-use tessera_wire::convert::watermark::{rect_from_proto, rect_to_proto, required_spec};
+use tessera_wire::convert::watermark::{rect_from_proto, required_spec};
 
 use crate::error::WatermarkError;
 
 /// Largest data chunk in any message, either direction.
-pub const CHUNK_BYTES: usize = 1024 * 1024;
+pub use tessera_wire::CHUNK_BYTES;
 /// Largest accepted request message: a chunk plus framing, far below the
 /// platform's 4 MiB.
 pub const MAX_REQUEST_MESSAGE: usize = CHUNK_BYTES + 64 * 1024;
-/// Entries of each tamper list sent back; the totals are always exact.
-pub const MAX_REPORT_ENTRIES: usize = 4096;
 /// The keyserver's purpose label for pixel keys.
 pub const PURPOSE_PIXELS: &str = "pixels";
 
@@ -131,50 +130,6 @@ impl TryFrom<pb::OpenStart> for OpenPlan {
     }
 }
 
-/// The report as a proto, each list cut at [`MAX_REPORT_ENTRIES`] so the
-/// message stays small whatever the damage.
-pub fn report_to_proto(r: &VerificationReport) -> pb::VerificationReport {
-    let block = |b: &TamperedBlock| pb::TamperedBlock {
-        index: b.index,
-        frame: b.frame,
-        rect: Some(rect_to_proto(&b.rect)),
-    };
-    let tile = |t: &TamperedTile| pb::TamperedTile {
-        index: t.index,
-        frame: t.frame,
-        rect: Some(rect_to_proto(&t.rect)),
-        shares: t.shares.iter().map(|&s| u32::from(s)).collect(),
-    };
-    pb::VerificationReport {
-        intact: r.is_intact(),
-        roi_blocks: r.roi_blocks,
-        tiles: r.tiles,
-        tampered_block_count: r.tampered_blocks.len() as u64,
-        tampered_tile_count: r.tampered_tiles.len() as u64,
-        tampered_blocks: r
-            .tampered_blocks
-            .iter()
-            .take(MAX_REPORT_ENTRIES)
-            .map(block)
-            .collect(),
-        tampered_tiles: r
-            .tampered_tiles
-            .iter()
-            .take(MAX_REPORT_ENTRIES)
-            .map(tile)
-            .collect(),
-        truncated: r.tampered_blocks.len() > MAX_REPORT_ENTRIES
-            || r.tampered_tiles.len() > MAX_REPORT_ENTRIES,
-    }
-}
-
-/// Splits owned bytes into chunks of at most [`CHUNK_BYTES`].
-pub fn chunks(data: Vec<u8>) -> impl Iterator<Item = Vec<u8>> + Send {
-    (0..data.len())
-        .step_by(CHUNK_BYTES)
-        .map(move |i| data[i..data.len().min(i + CHUNK_BYTES)].to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,35 +202,5 @@ mod tests {
         let mut s = start();
         s.study.as_mut().unwrap().attributes.clear();
         assert!(err_of(s).contains("start.study.attributes"));
-    }
-
-    #[test]
-    fn chunks_cover_the_data_in_order() {
-        let data: Vec<u8> = (0..(CHUNK_BYTES * 2 + 5)).map(|i| i as u8).collect();
-        let parts: Vec<Vec<u8>> = chunks(data.clone()).collect();
-        assert_eq!(
-            parts.iter().map(Vec::len).collect::<Vec<_>>(),
-            vec![CHUNK_BYTES, CHUNK_BYTES, 5]
-        );
-        assert_eq!(parts.concat(), data);
-    }
-
-    #[test]
-    fn report_lists_are_capped_but_counts_exact() {
-        let b = TamperedBlock {
-            index: 0,
-            frame: 0,
-            rect: Rect::new(0, 0, 16, 16),
-        };
-        let r = VerificationReport {
-            roi_blocks: 10_000,
-            tiles: 10_000,
-            tampered_blocks: vec![b; MAX_REPORT_ENTRIES + 1],
-            tampered_tiles: vec![],
-        };
-        let p = report_to_proto(&r);
-        assert!(!p.intact && p.truncated);
-        assert_eq!(p.tampered_block_count, MAX_REPORT_ENTRIES as u64 + 1);
-        assert_eq!(p.tampered_blocks.len(), MAX_REPORT_ENTRIES);
     }
 }

@@ -18,9 +18,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::convert::{
-    self, CHUNK_BYTES, MAX_REQUEST_MESSAGE, OpenPlan, ProtectPlan, chunks, report_to_proto,
-};
+use tessera_wire::report::report_to_proto;
+use tessera_wire::stream::owned_chunks as chunks;
+
+use crate::convert::{self, CHUNK_BYTES, MAX_REQUEST_MESSAGE, OpenPlan, ProtectPlan};
 use crate::error::WatermarkError;
 use crate::keys::{KeyClient, Purpose};
 

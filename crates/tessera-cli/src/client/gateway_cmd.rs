@@ -528,7 +528,7 @@ async fn retrieve_local(
         tessera_cryptomark::RestoreKey::Secure(&key),
     )
     .map_err(|e| anyhow!("restore: {e}"))?;
-    let report = watermark_service::convert::report_to_proto(&restored.report);
+    let report = tessera_wire::report::report_to_proto(&restored.report);
     let spec = *restored.image.spec();
     Ok((spec, report, Vec::new(), restored.image.to_le_bytes()))
 }
