@@ -411,28 +411,26 @@ pub fn short_identity(uri: &str) -> &str {
     uri.strip_prefix("spiffe://tessera.local/").unwrap_or(uri)
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM:SSZ` (UTC); empty for 0.
+/// Unix seconds as `YYYY-MM-DD HH:MM:SSZ` (UTC); empty for 0, `@SECS` past
+/// the calendar's range.
 pub fn utc(secs: u64) -> String {
     if secs == 0 {
         return String::new();
     }
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let at = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok());
+    let Some(t) = at else {
+        return format!("@{secs}");
+    };
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
 }
 
@@ -568,6 +566,7 @@ mod tests {
         assert_eq!(utc(1), "1970-01-01 00:00:01Z");
         assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
         assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20Z");
+        assert_eq!(utc(u64::MAX), format!("@{}", u64::MAX));
     }
 
     #[test]
