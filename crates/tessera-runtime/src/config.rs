@@ -1,5 +1,5 @@
-//! Typed configuration: a TOML file, then environment overrides, then
-//! validation. The source is a value, so tests pass their own environment
+//! Typed configuration: a TOML file, then environment overrides, layered by
+//! `figment`, then validation. The source is a value, so tests pass their own environment
 //! and never touch the process's.
 //!
 //! An override `PREFIX__A__B=value` sets key `a.b`. The value is read as a
@@ -7,8 +7,12 @@
 //! string otherwise (`127.0.0.1:7101`, `/tmp/x`).
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
 use serde::de::DeserializeOwned;
 
 /// Exit code for a bad configuration (`EX_CONFIG` from sysexits).
@@ -71,48 +75,8 @@ impl ConfigSource {
     }
 }
 
-fn set_path(
-    table: &mut toml::Table,
-    path: &[String],
-    value: toml::Value,
-    var: &str,
-) -> Result<(), ConfigError> {
-    let Some((last, parents)) = path.split_last() else {
-        return Err(ConfigError::Env {
-            var: var.to_owned(),
-            detail: "empty key".to_owned(),
-        });
-    };
-    let mut cur = table;
-    for key in parents {
-        let entry = cur
-            .entry(key.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let kind = entry.type_str();
-        let toml::Value::Table(t) = entry else {
-            return Err(ConfigError::Env {
-                var: var.to_owned(),
-                detail: format!("{key} is a {kind}, not a table"),
-            });
-        };
-        cur = t;
-    }
-    cur.insert(last.clone(), value);
-    Ok(())
-}
-
-fn parse_env_value(raw: &str) -> toml::Value {
-    // Parse as the right-hand side of a TOML assignment; fall back to a string.
-    format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
-}
-
-/// Builds the merged TOML table (file, then environment) without typing it.
-pub fn merged_table(source: &ConfigSource, env_prefix: &str) -> Result<toml::Table, ConfigError> {
-    let (text, origin) = match (&source.text, &source.file) {
+fn read_text(source: &ConfigSource) -> Result<(String, String), ConfigError> {
+    Ok(match (&source.text, &source.file) {
         (Some(text), _) => (text.clone(), "text".to_owned()),
         (None, Some(path)) => (
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -122,13 +86,22 @@ pub fn merged_table(source: &ConfigSource, env_prefix: &str) -> Result<toml::Tab
             path.display().to_string(),
         ),
         (None, None) => (String::new(), "defaults".to_owned()),
-    };
-    let mut table: toml::Table =
-        text.parse()
-            .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                origin,
-                detail: e.to_string(),
-            })?;
+    })
+}
+
+/// The layered configuration (figment): the TOML text, then one
+/// `PREFIX__A__B` override per environment variable at key `a.b`, each value
+/// read as figment reads environment values (TOML-like scalars and arrays,
+/// a string otherwise).
+pub fn figment(source: &ConfigSource, env_prefix: &str) -> Result<Figment, ConfigError> {
+    let (text, origin) = read_text(source)?;
+    // Checked here so a syntax error names its file, not a figment provider.
+    text.parse::<toml::Table>()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            origin,
+            detail: e.to_string(),
+        })?;
+    let mut fig = Figment::from(Toml::string(&text));
     let prefix = format!("{env_prefix}__");
     for (var, raw) in &source.env {
         let Some(rest) = var.strip_prefix(&prefix) else {
@@ -141,9 +114,47 @@ pub fn merged_table(source: &ConfigSource, env_prefix: &str) -> Result<toml::Tab
                 detail: "empty key segment".to_owned(),
             });
         }
-        set_path(&mut table, &path, parse_env_value(raw), var)?;
+        // An override never turns a value into a table under it.
+        for n in 1..path.len() {
+            let parent = path[..n].join(".");
+            if let Ok(v) = fig.find_value(&parent)
+                && v.as_dict().is_none()
+            {
+                return Err(ConfigError::Env {
+                    var: var.clone(),
+                    detail: format!("{parent} is not a table"),
+                });
+            }
+        }
+        let value: Value = raw.parse().unwrap_or_else(|e: Infallible| match e {});
+        fig = fig.merge(Serialized::default(&path.join("."), value));
     }
-    Ok(table)
+    Ok(fig)
+}
+
+/// A figment error as one line naming the key and where its value came
+/// from (the file, or the environment variable that overrode it).
+fn schema_message(e: &figment::Error, source: &ConfigSource, env_prefix: &str) -> String {
+    let key = e
+        .path
+        .iter()
+        .skip_while(|p| p.as_str() == "default")
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(".");
+    let var = format!("{env_prefix}__{}", key.to_uppercase().replace('.', "__"));
+    let origin = if !key.is_empty() && source.env.contains_key(&var) {
+        format!("environment variable {var}")
+    } else if let (None, Some(path)) = (&source.text, &source.file) {
+        path.display().to_string()
+    } else {
+        "the configuration".to_owned()
+    };
+    if key.is_empty() {
+        format!("{} (in {origin})", e.kind)
+    } else {
+        format!("{key}: {} (in {origin})", e.kind)
+    }
 }
 
 /// Loads, overrides and validates a typed config.
@@ -151,10 +162,9 @@ pub fn load_config<T: DeserializeOwned + Validate>(
     source: &ConfigSource,
     env_prefix: &str,
 ) -> Result<T, ConfigError> {
-    let table = merged_table(source, env_prefix)?;
-    let config: T = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Schema(e.to_string()))?;
+    let config: T = figment(source, env_prefix)?
+        .extract()
+        .map_err(|e| ConfigError::Schema(schema_message(&e, source, env_prefix)))?;
     config.validate().map_err(ConfigError::Invalid)?;
     Ok(config)
 }
@@ -242,6 +252,22 @@ mod tests {
             load_config::<Cfg>(&wrong_type, "APP"),
             Err(ConfigError::Schema(_))
         ));
+        let wrong_type = ConfigSource::from_text(
+            "name = \"a\"\n",
+            env(&[("APP__INNER__PORT", "not-a-number")]),
+        );
+        let Err(ConfigError::Schema(m)) = load_config::<Cfg>(&wrong_type, "APP") else {
+            panic!("a bad override is a schema error");
+        };
+        assert!(
+            m.starts_with("inner.port: ")
+                && m.ends_with("(in environment variable APP__INNER__PORT)"),
+            "{m}"
+        );
+        let Err(ConfigError::Schema(m)) = load_config::<Cfg>(&unknown, "APP") else {
+            panic!("an unknown key is a schema error");
+        };
+        assert!(m.starts_with("nope: unknown field"), "{m}");
         let through_scalar =
             ConfigSource::from_text("name = \"a\"\n", env(&[("APP__NAME__X", "1")]));
         assert!(matches!(
