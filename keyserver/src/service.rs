@@ -494,6 +494,28 @@ impl KeyServer for KeyServerService {
         Ok(Response::new(pb::CheckDelegateResponse { allowed }))
     }
 
+    async fn find_grants(
+        &self,
+        req: Request<pb::FindGrantsRequest>,
+    ) -> Result<Response<pb::FindGrantsResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let grants = self
+            .core
+            .find_grants(&actor, &m.on_behalf_of, &m.study_id)
+            .await?
+            .into_iter()
+            .map(|g| pb::FoundGrant {
+                request_id: g.request_id,
+                study_id: g.study_id,
+                purpose: g.purpose,
+                expires_at_unix: g.expires_at,
+                uses_left: g.uses_left,
+            })
+            .collect();
+        Ok(Response::new(pb::FindGrantsResponse { grants }))
+    }
+
     async fn forget_study(
         &self,
         req: Request<pb::ForgetStudyRequest>,
@@ -581,6 +603,7 @@ mod tests {
             "RemoveDelegate",
             "ListDelegates",
             "CheckDelegate",
+            "FindGrants",
         ] {
             assert!(p.allowed(&format!("/{SERVICE}/{m}")).is_some(), "{m}");
         }

@@ -214,6 +214,15 @@ pub struct DevStack {
 pub const DICOM_AE_TITLE: &str = "TESSERA";
 /// Calling AE titles the dev SCP accepts.
 pub const DICOM_CALLING_AES: [&str; 3] = ["STORESCU", "MODALITY", "TESSERA-BENCH"];
+/// Query/retrieve peers of the dev SCP: (calling AE title, user, network).
+/// `FARVIEWER` is bound to a network loopback is not in (always refused).
+pub const DICOM_PEERS: [(&str, &str, &str); 5] = [
+    ("VIEWER", "clinician", "127.0.0.0/8"),
+    ("VIEWER2", "clinician2", "127.0.0.0/8"),
+    ("RESEARCH", "researcher", "127.0.0.0/8"),
+    ("OWNERVIEW", "owner", "127.0.0.0/8"),
+    ("FARVIEWER", "clinician", "192.0.2.0/24"),
+];
 /// The data owner of studies the dev SCP receives.
 pub const DICOM_OWNER: &str = "spiffe://tessera.local/user/owner";
 /// The development delegates: `(owner, delegate)`. `clinician` may store
@@ -456,6 +465,21 @@ impl DevStack {
             listen(base, 4),
             DICOM_CALLING_AES,
         ));
+        // Query/retrieve peers on loopback (and one bound to a network the
+        // loopback is not in), and the C-MOVE destination named by
+        // TESSERA_DEV_MOVE_DESTINATION=AE=host:port, if set.
+        for (ae, user, net) in DICOM_PEERS {
+            text.push_str(&format!(
+                "[[dicom.scp.peers]]\nae_title = \"{ae}\"\nidentity = \"spiffe://tessera.local/user/{user}\"\nnetworks = [\"{net}\"]\n"
+            ));
+        }
+        if let Ok(dest) = std::env::var("TESSERA_DEV_MOVE_DESTINATION")
+            && let Some((ae, addr)) = dest.split_once('=')
+        {
+            text.push_str(&format!(
+                "[[dicom.scp.move_destinations]]\nae_title = {ae:?}\naddress = {addr:?}\n"
+            ));
+        }
         let cfg: gateway_service::Config =
             parse("gateway", &text, gateway_service::config::ENV_PREFIX)?;
         let mut fixed = cfg.clone();

@@ -17,6 +17,7 @@ mod compare;
 mod deid;
 mod parts;
 mod pixels;
+pub mod query;
 pub mod synth;
 mod table;
 pub mod testdata;
@@ -36,7 +37,7 @@ use sha2::{Digest, Sha256};
 use tessera_image::Image;
 
 pub use compare::{Difference, same_instance};
-pub use deid::{Profile, Temporal, UidMap};
+pub use deid::{Profile, Temporal, UidMap, deidentify};
 pub use parts::Identifying;
 pub use pixels::NativeLayout;
 
@@ -192,6 +193,9 @@ pub struct Subject {
     /// Burned In Annotation (0028,0301) is `YES`: the pixels themselves may
     /// show identity, which no header de-identification removes.
     pub burned_in_annotation: bool,
+    /// The attributes the gateway's query index keeps
+    /// ([`query::indexed_values`]).
+    pub indexed: Vec<(query::TagPair, String)>,
 }
 
 /// Longest value kept in a [`Subject`] field.
@@ -233,6 +237,7 @@ fn subject_of(obj: &dicom_object::InMemDicomObject, meta: &dicom_object::FileMet
         ),
         modality: text(tags::MODALITY),
         burned_in_annotation: text(tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES"),
+        indexed: query::indexed_values(obj),
     }
 }
 

@@ -17,10 +17,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::dimse::{self, Command, Response};
-use crate::{InstanceSink, Options, Received, ScpConfig, StoreOutcome};
+use crate::{AeFilter, InstanceSink, Received, ScpConfig, StoreOutcome, qr};
 
 pub(crate) struct Task<S> {
-    pub options: Arc<Options>,
     pub cfg: Arc<ScpConfig>,
     pub sink: Arc<S>,
     pub stop: watch::Receiver<bool>,
@@ -28,7 +27,7 @@ pub(crate) struct Task<S> {
 }
 
 /// Why an association ended other than by release.
-enum End {
+pub(crate) enum End {
     /// The peer sent A-ABORT or closed the connection.
     Peer,
     /// We abort: protocol violation, malformed PDU, timeout, shutdown.
@@ -53,6 +52,12 @@ enum Phase {
 
 /// What to do once the data set is complete.
 enum AfterData {
+    /// A Query/Retrieve request: keep the identifier (dropped, to be
+    /// refused, past [`qr::MAX_IDENTIFIER_BYTES`]).
+    Query {
+        command: Command,
+        identifier: Option<Vec<u8>>,
+    },
     /// Keep the bytes (appended to the Part 10 header in `file` until the
     /// data set exceeds the limit, then dropped) and call the sink.
     Store {
@@ -86,10 +91,13 @@ impl<S: InstanceSink> Task<S> {
                 return;
             }
         };
-        // ARTIM: the whole A-ASSOCIATE-RQ within artim_timeout.
+        // ARTIM: the whole A-ASSOCIATE-RQ within artim_timeout. The AE
+        // check knows the peer's address (per-AE networks).
+        let filter = AeFilter::new(&self.cfg, Some(peer.ip()));
+        let refusal = filter.refusal.clone();
+        let options = crate::association_options(&self.cfg, filter);
         let established =
-            tokio::time::timeout(self.cfg.artim_timeout, self.options.establish_async(socket))
-                .await;
+            tokio::time::timeout(self.cfg.artim_timeout, options.establish_async(socket)).await;
         let Ok(established) = established else {
             info!(%peer, timeout = ?self.cfg.artim_timeout, "ARTIM timer expired during association request; closing");
             return;
@@ -98,6 +106,10 @@ impl<S: InstanceSink> Task<S> {
             Ok(a) => a,
             Err(UlError::Rejected { association_rj, .. }) => {
                 info!(%peer, reason = %association_rj.source, "association rejected");
+                let why = refusal.lock().ok().and_then(|mut r| r.take());
+                if let Some((calling_ae, reason)) = why {
+                    self.sink.association_refused(&calling_ae, peer, &reason);
+                }
                 linger_until_closed(lingering, REJECT_LINGER).await;
                 return;
             }
@@ -152,17 +164,17 @@ impl<S: InstanceSink> Task<S> {
     }
 }
 
-struct Connection<'a, S> {
-    cfg: &'a ScpConfig,
-    sink: &'a Arc<S>,
-    peer: SocketAddr,
-    calling_ae: &'a str,
+pub(crate) struct Connection<'a, S> {
+    pub(crate) cfg: &'a ScpConfig,
+    pub(crate) sink: &'a Arc<S>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) calling_ae: &'a str,
     /// Accepted presentation contexts: (id, abstract syntax, transfer syntax).
-    accepted: &'a [(u8, String, String)],
+    pub(crate) accepted: &'a [(u8, String, String)],
     phase: Phase,
 }
 
-type Assoc = AsyncServerAssociation<TcpStream>;
+pub(crate) type Assoc = AsyncServerAssociation<TcpStream>;
 
 impl<S: InstanceSink> Connection<'_, S> {
     async fn serve(
@@ -222,7 +234,7 @@ impl<S: InstanceSink> Connection<'_, S> {
         }
     }
 
-    fn context(&self, pc: u8) -> Option<&(u8, String, String)> {
+    pub(crate) fn context(&self, pc: u8) -> Option<&(u8, String, String)> {
         self.accepted.iter().find(|(id, _, _)| *id == pc)
     }
 
@@ -308,6 +320,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         debug!(%peer, pc, field = command.field, message_id = command.message_id, "command");
         match command.field {
             dimse::C_STORE_RQ => self.on_store_request(assoc, pc, command).await,
+            qr::C_FIND_RQ | qr::C_GET_RQ | qr::C_MOVE_RQ => {
+                self.on_query_request(assoc, pc, command).await
+            }
             dimse::C_ECHO_RQ if !command.has_data_set => {
                 info!(%peer, calling_ae = %self.calling_ae, "C-ECHO");
                 self.respond(
@@ -370,6 +385,48 @@ impl<S: InstanceSink> Connection<'_, S> {
         let field = command.field | 0x8000;
         self.respond(assoc, pc, &command, field, status, Some(&comment))
             .await
+    }
+
+    async fn on_query_request(
+        &mut self,
+        assoc: &mut Assoc,
+        pc: u8,
+        command: Command,
+    ) -> Result<(), End> {
+        let Some((_, abstract_syntax, _)) = self.context(pc).cloned() else {
+            return Err(End::Abort(
+                AbortRQServiceProviderReason::InvalidPduParameter,
+            ));
+        };
+        let sop_class = command.sop_class.clone().unwrap_or_default();
+        let refusal = if sop_class != abstract_syntax.trim_end_matches(['\0', ' '])
+            || !qr::is_study_root(&sop_class, command.field)
+        {
+            Some((
+                dimse::STATUS_SOP_CLASS_NOT_SUPPORTED,
+                "only Study Root Query/Retrieve (FIND, GET, MOVE) is served".to_string(),
+            ))
+        } else if !command.has_data_set {
+            Some((
+                dimse::STATUS_CANNOT_UNDERSTAND,
+                "request without an identifier".to_string(),
+            ))
+        } else {
+            None
+        };
+        if let Some((status, comment)) = refusal {
+            warn!(peer = %self.peer, %sop_class, status, "query/retrieve refused");
+            return self.refuse(assoc, pc, command, status, comment).await;
+        }
+        self.phase = Phase::Data {
+            pc,
+            received: 0,
+            then: AfterData::Query {
+                command,
+                identifier: Some(Vec::new()),
+            },
+        };
+        Ok(())
     }
 
     async fn on_store_request(
@@ -454,6 +511,13 @@ impl<S: InstanceSink> Connection<'_, S> {
         is_last: bool,
     ) -> Result<(), End> {
         let received = received.saturating_add(data.len() as u64);
+        if let AfterData::Query { identifier, .. } = &mut then {
+            if received > qr::MAX_IDENTIFIER_BYTES {
+                *identifier = None;
+            } else if let Some(id) = identifier {
+                id.extend_from_slice(&data);
+            }
+        }
         if let AfterData::Store { file, .. } = &mut then {
             if received > self.cfg.max_instance_bytes {
                 // Free what was kept; the rest is read and dropped.
@@ -468,6 +532,13 @@ impl<S: InstanceSink> Connection<'_, S> {
             return Ok(());
         }
         match then {
+            AfterData::Query {
+                command,
+                identifier,
+            } => {
+                self.phase = Phase::Idle;
+                self.on_query(assoc, pc, command, identifier).await
+            }
             AfterData::Discard {
                 command,
                 status,

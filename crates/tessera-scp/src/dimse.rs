@@ -42,6 +42,8 @@ pub(crate) struct Command {
     pub sop_class: Option<String>,
     pub sop_instance: Option<String>,
     pub has_data_set: bool,
+    /// Move Destination (0000,0600) of a C-MOVE-RQ.
+    pub move_destination: Option<String>,
 }
 
 /// Decode a command set (always Implicit VR Little Endian).
@@ -62,6 +64,7 @@ pub(crate) fn parse_command(bytes: &[u8]) -> Result<Command, String> {
         sop_class: str_of(tags::AFFECTED_SOP_CLASS_UID),
         sop_instance: str_of(tags::AFFECTED_SOP_INSTANCE_UID),
         has_data_set: data_set_type != NO_DATA_SET,
+        move_destination: str_of(tags::MOVE_DESTINATION),
     })
 }
 
@@ -135,7 +138,9 @@ pub(crate) fn parse_response(bytes: &[u8]) -> Result<ParsedResponse, String> {
 
 /// Encode a command set as Implicit VR Little Endian with its Command
 /// Group Length.
-fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Result<Vec<u8>, String> {
+pub(crate) fn encode_command(
+    elements: Vec<DataElement<InMemDicomObject>>,
+) -> Result<Vec<u8>, String> {
     let obj = InMemDicomObject::command_from_element_iter(elements);
     let mut out = Vec::with_capacity(256);
     obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
@@ -254,7 +259,7 @@ impl Response<'_> {
 
 /// Error Comment is LO: at most 64 characters of the default repertoire,
 /// no backslash.
-fn error_comment(text: &str) -> String {
+pub(crate) fn error_comment(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_ascii_graphic() && c != '\\' || c == ' ' {

@@ -19,7 +19,17 @@
 
 mod association;
 mod dimse;
+mod identifier;
+mod net;
+mod qr;
 pub mod scu;
+
+pub use net::Cidr;
+pub use qr::{
+    FindOutcome, FindRequest, QueryKey, RetrieveKind, RetrieveOutcome, RetrieveRequest,
+    STATUS_CANCEL, STATUS_IDENTIFIER_MISMATCH, STATUS_MOVE_DESTINATION_UNKNOWN,
+    STATUS_NOT_AUTHORIZED, STATUS_PENDING, STATUS_SUBOPS_IMPOSSIBLE, STATUS_SUBOPS_WARNING,
+};
 
 use std::future::Future;
 use std::io;
@@ -27,8 +37,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::association::server::{AccessControl, DefaultNegotiation, ServerAssociationOptions};
-use dicom_ul::pdu::{AssociationRJServiceUserReason, MINIMUM_PDU_SIZE, UserIdentity};
+use dicom_ul::association::server::{AccessControl, Negotiation, ServerAssociationOptions};
+use dicom_ul::pdu::{
+    AssociationRJServiceUserReason, MINIMUM_PDU_SIZE, RequestorRoles, UserIdentity,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -81,6 +93,13 @@ pub struct ScpConfig {
     /// SOP classes accepted by C-STORE besides the standard storage SOP
     /// classes (for instance a vendor's private SOP class).
     pub extra_sop_classes: Vec<String>,
+    /// Per calling AE title, the networks its associations must come from
+    /// (an AE listed here with no network matching the peer's address is
+    /// rejected like an unknown AE). AEs not listed: any address.
+    pub calling_ae_networks: Vec<(String, Vec<Cidr>)>,
+    /// C-MOVE destinations: AE title -> `host:port`. Any other destination
+    /// is refused (0xA801).
+    pub move_destinations: Vec<(String, String)>,
 }
 
 impl Default for ScpConfig {
@@ -94,6 +113,8 @@ impl Default for ScpConfig {
             idle_timeout: Duration::from_secs(60),
             artim_timeout: Duration::from_secs(10),
             extra_sop_classes: Vec::new(),
+            calling_ae_networks: Vec::new(),
+            move_destinations: Vec::new(),
         }
     }
 }
@@ -141,11 +162,20 @@ impl ScpConfig {
         {
             return invalid(format!("extra SOP class {uid:?} is not a UID"));
         }
+        if let Some((ae, _)) = self
+            .move_destinations
+            .iter()
+            .find(|(ae, addr)| !valid_ae_title(ae) || addr.is_empty())
+        {
+            return invalid(format!(
+                "move destination {ae:?}: an AE title and host:port"
+            ));
+        }
         Ok(())
     }
 }
 
-fn valid_ae_title(ae: &str) -> bool {
+pub(crate) fn valid_ae_title(ae: &str) -> bool {
     let t = ae.trim_matches(' ');
     !t.is_empty() && t.len() <= 16 && t.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
 }
@@ -191,9 +221,38 @@ pub enum StoreOutcome {
     Refused { status: u16, reason: String },
 }
 
-/// Where received instances go.
+/// Where received instances go, and what C-FIND, C-GET and C-MOVE answer.
 pub trait InstanceSink: Send + Sync + 'static {
     fn store(&self, received: Received) -> impl Future<Output = StoreOutcome> + Send;
+
+    /// The matches of a Study Root C-FIND. Default: none served (0x0122).
+    fn find(&self, request: FindRequest) -> impl Future<Output = FindOutcome> + Send {
+        drop(request);
+        async {
+            FindOutcome::Refused {
+                status: dimse::STATUS_SOP_CLASS_NOT_SUPPORTED,
+                reason: "query is not served here".into(),
+            }
+        }
+    }
+
+    /// The instances of a Study Root C-GET or C-MOVE. Default: none
+    /// served (0x0122).
+    fn retrieve(&self, request: RetrieveRequest) -> impl Future<Output = RetrieveOutcome> + Send {
+        drop(request);
+        async {
+            RetrieveOutcome::Refused {
+                status: dimse::STATUS_SOP_CLASS_NOT_SUPPORTED,
+                reason: "retrieve is not served here".into(),
+            }
+        }
+    }
+
+    /// An association was rejected: unknown calling AE, an address outside
+    /// its networks, or a wrong called AE (for the security log).
+    fn association_refused(&self, calling_ae: &str, peer: SocketAddr, reason: &str) {
+        let _ = (calling_ae, peer, reason);
+    }
 }
 
 /// A bound, not yet serving, SCP.
@@ -203,10 +262,37 @@ pub struct Scp {
     cfg: Arc<ScpConfig>,
 }
 
-/// Called-AE and calling-AE check done by dicom-ul during negotiation.
+/// Called-AE, calling-AE and peer address check done by dicom-ul during
+/// negotiation; the reason of a rejection is kept in `refusal`.
 #[derive(Debug)]
 pub(crate) struct AeFilter {
     allowed_calling_aes: Vec<String>,
+    networks: Vec<(String, Vec<Cidr>)>,
+    peer: Option<std::net::IpAddr>,
+    pub(crate) refusal: Arc<std::sync::Mutex<Option<(String, String)>>>,
+}
+
+impl AeFilter {
+    pub(crate) fn new(cfg: &ScpConfig, peer: Option<std::net::IpAddr>) -> Self {
+        AeFilter {
+            allowed_calling_aes: cfg.allowed_calling_aes.clone(),
+            networks: cfg.calling_ae_networks.clone(),
+            peer,
+            refusal: Arc::default(),
+        }
+    }
+
+    fn refuse(
+        &self,
+        calling: &str,
+        reason: String,
+        r: AssociationRJServiceUserReason,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if let Ok(mut slot) = self.refusal.lock() {
+            *slot = Some((calling.to_string(), reason));
+        }
+        Err(r)
+    }
 }
 
 impl AccessControl for AeFilter {
@@ -217,33 +303,77 @@ impl AccessControl for AeFilter {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        if called_ae_title.trim_matches(' ') != this_ae_title.trim_matches(' ') {
-            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
-        }
         let calling = calling_ae_title.trim_matches(' ');
+        if called_ae_title.trim_matches(' ') != this_ae_title.trim_matches(' ') {
+            return self.refuse(
+                calling,
+                format!("called AE title {:?} is not ours", called_ae_title.trim()),
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            );
+        }
         if !self
             .allowed_calling_aes
             .iter()
             .any(|ae| ae.trim_matches(' ') == calling)
         {
-            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+            return self.refuse(
+                calling,
+                format!("calling AE title {calling:?} is not configured"),
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            );
+        }
+        if let Some((_, nets)) = self
+            .networks
+            .iter()
+            .find(|(ae, _)| ae.trim_matches(' ') == calling)
+            && !self
+                .peer
+                .is_some_and(|ip| nets.iter().any(|n| n.contains(ip)))
+        {
+            let from = self.peer.map(|ip| ip.to_string()).unwrap_or_default();
+            return self.refuse(
+                calling,
+                format!(
+                    "calling AE title {calling:?} from {from}, outside its configured networks"
+                ),
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            );
         }
         Ok(())
     }
 }
 
-pub(crate) type Options = ServerAssociationOptions<'static, AeFilter, DefaultNegotiation>;
+/// Role selection: a requestor may take the SCP role for storage SOP
+/// classes (how C-GET sends its instances back); nothing else is answered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QrNegotiation;
 
-fn association_options(cfg: &ScpConfig) -> Options {
+impl Negotiation for QrNegotiation {
+    fn negotiate_roles(
+        &self,
+        sop_class_uid: &str,
+        scu_role: bool,
+        scp_role: bool,
+    ) -> Option<RequestorRoles> {
+        let uid = sop_class_uid.trim_end_matches(['\0', ' ']);
+        dimse::is_standard_storage_sop_class(uid).then_some(RequestorRoles {
+            scu: scu_role,
+            scp: scp_role,
+        })
+    }
+}
+
+pub(crate) type Options = ServerAssociationOptions<'static, AeFilter, QrNegotiation>;
+
+pub(crate) fn association_options(cfg: &ScpConfig, filter: AeFilter) -> Options {
     // Every abstract syntax is accepted at negotiation (promiscuous): the
     // standard dictionary cannot be enumerated, so the storage check is made
     // per C-STORE-RQ (0x0122 for a non-storage SOP class). Transfer
     // syntaxes: the first proposed one that the transfer syntax registry
     // supports (dicom-ul's default), others are rejected per context.
     ServerAssociationOptions::new()
-        .ae_access_control(AeFilter {
-            allowed_calling_aes: cfg.allowed_calling_aes.clone(),
-        })
+        .ae_access_control(filter)
+        .with_negotiation(QrNegotiation)
         .ae_title(cfg.ae_title.trim_matches(' ').to_string())
         .promiscuous(true)
         .strict(true)
@@ -287,7 +417,6 @@ impl Scp {
             local_addr,
             cfg,
         } = self;
-        let options = Arc::new(association_options(&cfg));
         let permits = Arc::new(Semaphore::new(cfg.max_associations));
         let rejecting = Arc::new(Semaphore::new(MAX_REJECTING_TASKS));
         let pending = Arc::new(Semaphore::new(
@@ -327,7 +456,6 @@ impl Scp {
                         continue;
                     };
                     let task = association::Task {
-                        options: options.clone(),
                         cfg: cfg.clone(),
                         sink: sink.clone(),
                         stop: stop_rx.clone(),
@@ -447,9 +575,32 @@ mod tests {
 
     #[test]
     fn ae_filter_fails_closed() {
-        let f = AeFilter {
-            allowed_calling_aes: vec!["MODALITY".into()],
+        let cfg = ScpConfig {
+            allowed_calling_aes: vec!["MODALITY".into(), "VIEWER".into()],
+            calling_ae_networks: vec![("VIEWER".into(), vec!["10.1.0.0/16".parse().unwrap()])],
+            ..ScpConfig::default()
         };
+        let f = AeFilter::new(&cfg, Some("10.2.0.1".parse().unwrap()));
+        assert_eq!(
+            f.check_access("TESSERA", "VIEWER", "TESSERA", None),
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized),
+            "outside the AE's network"
+        );
+        assert!(
+            f.refusal
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .1
+                .contains("outside")
+        );
+        let inside = AeFilter::new(&cfg, Some("10.1.200.3".parse().unwrap()));
+        assert!(
+            inside
+                .check_access("TESSERA", "VIEWER", "TESSERA", None)
+                .is_ok()
+        );
         assert!(
             f.check_access("TESSERA", "MODALITY", "TESSERA", None)
                 .is_ok()
@@ -462,9 +613,7 @@ mod tests {
             f.check_access("TESSERA", "MODALITY", "PACS", None),
             Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
         );
-        let empty = AeFilter {
-            allowed_calling_aes: Vec::new(),
-        };
+        let empty = AeFilter::new(&ScpConfig::default(), None);
         assert!(
             empty
                 .check_access("TESSERA", "MODALITY", "TESSERA", None)

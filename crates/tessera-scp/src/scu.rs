@@ -148,11 +148,11 @@ pub enum ScuError {
 /// A file ready to send: what its meta group says and where its data set
 /// starts.
 #[derive(Debug)]
-struct Part10<'a> {
-    sop_class: String,
-    sop_instance: String,
-    transfer_syntax: String,
-    dataset: &'a [u8],
+pub(crate) struct Part10<'a> {
+    pub(crate) sop_class: String,
+    pub(crate) sop_instance: String,
+    pub(crate) transfer_syntax: String,
+    pub(crate) dataset: &'a [u8],
 }
 
 /// Explicit VR with a 2-byte reserved field and a 4-byte length.
@@ -181,7 +181,7 @@ fn long_length_vr(vr: [u8; 2]) -> bool {
 /// meta group's extent is found by walking its elements (Explicit VR LE,
 /// every length checked against the bytes that remain) up to the first
 /// element outside group 0002; only that slice is given to dicom-object.
-fn split_part10(bytes: &[u8]) -> Result<Part10<'_>, String> {
+pub(crate) fn split_part10(bytes: &[u8]) -> Result<Part10<'_>, String> {
     let start = if bytes.get(128..132) == Some(b"DICM") {
         128
     } else if bytes.get(..4) == Some(b"DICM") {

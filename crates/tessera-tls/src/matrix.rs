@@ -120,6 +120,11 @@ pub const MATRIX: &[Rule] = &[
     ),
     rule("/tessera.keyserver.v1.KeyServer/CheckGrant", &[Gateway], ""),
     rule(
+        "/tessera.keyserver.v1.KeyServer/FindGrants",
+        &[Gateway],
+        "on_behalf_of's usable grants (DICOM query/retrieve)",
+    ),
+    rule(
         "/tessera.keyserver.v1.KeyServer/CheckDelegate",
         &[Gateway],
         "",

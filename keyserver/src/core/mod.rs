@@ -28,6 +28,7 @@ pub mod clock;
 pub mod crypto;
 mod delegates;
 pub(crate) mod gate;
+pub mod grant_find;
 mod grants;
 pub mod ids;
 pub mod policy;

@@ -53,6 +53,8 @@ pub struct App {
     scp: Option<crate::config::ScpSection>,
     /// Who instances received over C-STORE are recorded as stored by.
     scp_stored_by: String,
+    /// Roles of the identities DICOM peers stand for.
+    scp_roles: tessera_tls::RoleMap,
     max_image_bytes: u64,
     erasure: Option<crate::config::ErasureSection>,
     admin: Option<AdminConfig>,
@@ -112,6 +114,7 @@ impl App {
                         config.server.access.trust_domain
                     )
                 }),
+            scp_roles: config.server.access.role_map(),
             max_image_bytes: g.max_image_bytes,
             admin: config.admin.clone(),
             readiness,
@@ -137,10 +140,12 @@ impl App {
                 .await
                 .map_err(AppError::Scp)?;
                 let addr = scp.local_addr();
-                let sink = crate::scp::GatewaySink::new(
+                let sink = crate::scp::GatewaySink::with_peers(
                     self.service.clone(),
                     section.owner.clone(),
                     self.scp_stored_by.clone(),
+                    Some(section),
+                    &self.scp_roles,
                 );
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
                 let task = tokio::spawn(scp.serve(sink, async move {

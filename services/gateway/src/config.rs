@@ -162,8 +162,17 @@ pub struct ScpSection {
     pub listen: std::net::SocketAddr,
     #[serde(default = "default_ae_title")]
     pub ae_title: String,
-    /// Calling AE titles accepted; any other is rejected.
+    /// Calling AE titles that may C-STORE (for `owner`); an AE in neither
+    /// this list nor `peers` is rejected.
+    #[serde(default)]
     pub allowed_calling_aes: Vec<String>,
+    /// Query/retrieve peers (viewers, PACS): each calling AE title bound to
+    /// a Tessera identity and the networks it may call from.
+    #[serde(default)]
+    pub peers: Vec<PeerSection>,
+    /// Where C-MOVE may send: any other destination is refused.
+    #[serde(default)]
+    pub move_destinations: Vec<MoveDestination>,
     /// The data owner of studies received over C-STORE.
     pub owner: String,
     #[serde(default = "default_associations")]
@@ -181,6 +190,28 @@ pub struct ScpSection {
     /// identity, `spiffe://<server.access.trust_domain>/service/gateway`.
     #[serde(default)]
     pub stored_by: Option<String>,
+}
+
+/// One `[[dicom.scp.peers]]` entry: DIMSE has no authentication, so the
+/// calling AE title stands for `identity` (whose roles and grants decide
+/// everything it sees) only from `networks`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub ae_title: String,
+    /// `spiffe://<trust domain>/user/<name>`.
+    pub identity: String,
+    /// CIDR ranges (`10.1.0.0/16`, `127.0.0.1/32`); at least one.
+    pub networks: Vec<String>,
+}
+
+/// One `[[dicom.scp.move_destinations]]` entry.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MoveDestination {
+    pub ae_title: String,
+    /// `host:port` of the destination's storage SCP.
+    pub address: String,
 }
 
 fn default_artim_secs() -> u64 {
@@ -552,11 +583,12 @@ impl Validate for Config {
             if !valid_ae(&scp.ae_title) {
                 return Err("dicom.scp.ae_title must be 1..=16 printable characters".into());
             }
-            if scp.allowed_calling_aes.is_empty() {
+            if scp.allowed_calling_aes.is_empty() && scp.peers.is_empty() {
                 return Err(
-                    "dicom.scp.allowed_calling_aes must list the AE titles allowed to send".into(),
+                    "dicom.scp.allowed_calling_aes or dicom.scp.peers must name the calling AE titles".into(),
                 );
             }
+            crate::scp::validate_peers(scp, &self.server.access.trust_domain)?;
             if let Some(bad) = scp.allowed_calling_aes.iter().find(|a| !valid_ae(a)) {
                 return Err(format!(
                     "dicom.scp.allowed_calling_aes: {bad:?} is not an AE title"

@@ -119,6 +119,7 @@ fn online_vault_backup_restores_the_older_records_and_only_those() {
         stored_by: "spiffe://tessera.local/user/clinician".into(),
         created_unix: 1,
         burned_in_annotation: false,
+        indexed: vec![],
     };
     vault.insert_instance(&instance).unwrap();
 

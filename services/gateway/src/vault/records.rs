@@ -151,6 +151,13 @@ pub struct InstanceRecord {
     /// identity, so no de-identified copy is released unless configured.
     #[serde(default)]
     pub burned_in_annotation: bool,
+    /// The query index: the attributes C-FIND matches and answers
+    /// (`tessera_dicom::query::INDEXED`: patient, study, series and
+    /// instance attributes), sealed with the record. Empty for instances
+    /// stored before the index existed (then only the study's UID, patient
+    /// name and ID and the SOP Instance UID are known).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indexed: Vec<((u16, u16), String)>,
 }
 
 impl InstanceRecord {

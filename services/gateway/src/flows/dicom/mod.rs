@@ -24,8 +24,12 @@
 //! `retrieve.rs` holds FindDicomStudy, Verify of a DICOM study and
 //! RetrieveDicom; this file their shared constants and helpers.
 
+mod get_move;
+mod query;
 mod retrieve;
 mod store;
+
+pub use query::DicomPeer;
 
 use ring::hmac;
 use tessera_dicom::{Limits as DicomLimits, Profile, Subject, Temporal, UidMap};

@@ -283,7 +283,7 @@ impl GatewayService {
     /// Fetches, opens and rebuilds one instance (de-identified when
     /// `profile` is given).
     #[allow(clippy::too_many_arguments)]
-    async fn load_instance(
+    pub(super) async fn load_instance(
         &self,
         study: &StudyRecord,
         inst: &InstanceRecord,

@@ -295,6 +295,7 @@ impl GatewayService {
             stored_by,
             created_unix: now_unix(),
             burned_in_annotation: split.subject.burned_in_annotation,
+            indexed: split.subject.indexed.clone(),
         };
         let r = rec.clone();
         with_vault(&self.inner.vault, move |v| v.insert_instance(&r)).await?;
