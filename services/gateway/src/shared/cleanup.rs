@@ -7,7 +7,7 @@ use tessera_proto::gateway::v1 as pb;
 use tessera_proto::keyserver::v1 as kpb;
 use tonic::Code;
 
-use crate::durability::placement_to_proto;
+use crate::durability::placement::placement_to_proto;
 use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result, with_vault};
 use crate::vault::{InstanceRecord, SharePlacement, StudyRecord};

@@ -4,7 +4,7 @@
 
 use tonic::Status;
 
-use crate::durability::FragmentProblem;
+use crate::durability::counters::FragmentProblem;
 use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result};
 use crate::vault::{SharePlacement, StudyRecord};
