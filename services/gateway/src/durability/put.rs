@@ -163,6 +163,10 @@ impl GatewayService {
                 }
             }
         }
+        if first_err.is_some() {
+            // A node did not take its fragment: the next store probes anew.
+            self.inner.up.forget_probe();
+        }
         if durable >= quorum {
             Ok(())
         } else {

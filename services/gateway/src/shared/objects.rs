@@ -62,7 +62,10 @@ impl GatewayService {
             }
         }
         match first_err {
-            Some(e) => Err(e),
+            Some(e) => {
+                up.forget_probe();
+                Err(e)
+            }
             None => Ok(()),
         }
     }
