@@ -44,6 +44,23 @@ pub struct RepairTally {
     pub actions: Vec<String>,
 }
 
+impl RepairTally {
+    /// Adds another tally (a study repaired beside others) after this one.
+    pub(crate) fn merge(&mut self, o: RepairTally) {
+        self.objects += o.objects;
+        self.checked += o.checked;
+        self.missing += o.missing;
+        self.corrupt += o.corrupt;
+        self.unreachable += o.unreachable;
+        self.rebuilt += o.rebuilt;
+        self.moved += o.moved;
+        self.interrupted += o.interrupted;
+        self.orphans += o.orphans;
+        self.failures.extend(o.failures);
+        self.actions.extend(o.actions);
+    }
+}
+
 /// Repair passes since start, summed (read by `/metrics`).
 #[derive(Debug, Default)]
 pub struct RepairCounters {

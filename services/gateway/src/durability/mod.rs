@@ -35,5 +35,5 @@ mod sweep;
 
 pub use counters::{FragmentProblem, RepairCounters, RepairTally};
 pub(crate) use placement::placement_to_proto;
-pub(crate) use repair::Pass;
+pub(crate) use repair::{Pacer, Pass};
 pub(crate) use sweep::DEFAULT_ORPHAN_GRACE_SECS;

@@ -19,8 +19,41 @@ pub(crate) struct Pass<'a> {
     /// Move every fragment off this node.
     pub evacuate: Option<&'a str>,
     pub dry_run: bool,
-    /// Wait between objects (the background pass's bounded rate).
-    pub pause: Option<std::time::Duration>,
+    /// The background pass's bounded rate, shared by the studies it
+    /// repairs at once.
+    pub pace: Option<&'a Pacer>,
+}
+
+/// Spaces objects `interval` apart across every task that waits on it (a
+/// rate bound that holds however many studies are repaired at once).
+#[derive(Debug)]
+pub(crate) struct Pacer {
+    interval: std::time::Duration,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    /// At most `per_sec` objects a second.
+    pub(crate) fn per_sec(per_sec: u32) -> Self {
+        Self {
+            interval: std::time::Duration::from_secs_f64(1.0 / f64::from(per_sec.max(1))),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for the next free slot and takes it.
+    pub(crate) async fn wait(&self) {
+        let at = {
+            let mut next = self
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 /// One fragment's state on its node.
@@ -68,12 +101,12 @@ impl GatewayService {
     ) -> bool {
         let mut changed = false;
         for p in placements.iter_mut() {
+            if let Some(pace) = pass.pace {
+                pace.wait().await;
+            }
             changed |= self
                 .repair_placement(p, pass.healthy, pass.evacuate, pass.dry_run, tally)
                 .await;
-            if let Some(d) = pass.pause {
-                tokio::time::sleep(d).await;
-            }
         }
         changed
     }
@@ -335,5 +368,36 @@ impl GatewayService {
                 tally.interrupted += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pacer;
+
+    /// Several studies repaired at once share one rate: 3 tasks x 4
+    /// objects at 100 a second take at least 11 intervals (the first slot
+    /// is now), not 3.
+    #[tokio::test]
+    async fn the_rate_holds_across_tasks() {
+        let pacer = std::sync::Arc::new(Pacer::per_sec(100));
+        let t0 = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..3 {
+            let p = pacer.clone();
+            tasks.spawn(async move {
+                for _ in 0..4 {
+                    p.wait().await;
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        assert!(
+            t0.elapsed() >= std::time::Duration::from_millis(110),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 }
