@@ -23,8 +23,9 @@
 //! deleting them), `read.rs` (the hedged read), `repair.rs` (scrub and
 //! repair of stored objects, interrupted stores), `sweep.rs` (the orphan
 //! sweep), `counters.rs` (what reads and passes report; `/metrics`).
-//! `placement` and `counters` import nothing of the rest of the gateway,
-//! so `shared` may use them without an import circle.
+//! `placement` and `counters` import neither `shared` nor the files that
+//! do (only `upstream` and `vault` types), so `shared` may use them
+//! without an import circle (`tools/crate_graph.py` checks).
 
 pub(crate) mod counters;
 pub(crate) mod placement;
