@@ -373,7 +373,7 @@ impl GatewayService {
 
 #[cfg(test)]
 mod tests {
-    use super::Pacer;
+    use crate::durability::repair::Pacer;
 
     /// Several studies repaired at once share one rate: 3 tasks x 4
     /// objects at 100 a second take at least 11 intervals (the first slot
