@@ -190,6 +190,11 @@ pub const MATRIX: &[Rule] = &[
     rule("/tessera.watermark.v1.Watermark/Restore", &[Gateway], ""),
     rule("/tessera.watermark.v1.Watermark/Verify", &[Gateway], ""),
     rule(
+        "/tessera.watermark.v1.Watermark/ForgetStudy",
+        &[Gateway],
+        "",
+    ),
+    rule(
         "/tessera.segmentation.v1.Segmentation/Segment",
         &[Gateway],
         "",

@@ -47,6 +47,7 @@
 //! # write_quorum = 4        # fragments durable before a store is acknowledged (k + 1)
 //! # repair_interval_secs = 3600   # background scrub + repair pass (0: off)
 //! # repair_objects_per_sec = 20   # its bounded rate
+//! # repair_studies_in_flight = 4  # studies a repair pass works on at once
 //! # hedge_after_ms = 250    # a read asks one more node when k fragments are this late
 //! # orphan_grace_secs = 3600  # a full repair pass removes objects no record names, once this old
 //!
@@ -288,6 +289,11 @@ pub struct ErasureSection {
     /// the clouds' disks and egress are not hammered).
     #[serde(default = "default_repair_rate")]
     pub repair_objects_per_sec: u32,
+    /// Studies a repair pass scrubs and repairs at once (each checks its
+    /// objects one after the other; `repair_objects_per_sec` bounds them
+    /// together).
+    #[serde(default = "default_repair_studies_in_flight")]
+    pub repair_studies_in_flight: usize,
     /// A read starts with the k preferred fragments; each time this many
     /// milliseconds pass without k verified ones, it asks one more node
     /// (a hedged read: a slow cloud costs this delay, not its whole delay).
@@ -313,6 +319,14 @@ fn default_repair_interval() -> u64 {
 }
 fn default_repair_rate() -> u32 {
     20
+}
+
+/// `[erasure] repair_studies_in_flight` when not given (and for a gateway
+/// without `[erasure]`).
+pub const DEFAULT_REPAIR_STUDIES_IN_FLIGHT: usize = 4;
+
+fn default_repair_studies_in_flight() -> usize {
+    DEFAULT_REPAIR_STUDIES_IN_FLIGHT
 }
 
 impl ErasureSection {
@@ -573,6 +587,9 @@ impl Validate for Config {
             }
             if e.repair_objects_per_sec == 0 || e.repair_objects_per_sec > 10_000 {
                 return Err("erasure.repair_objects_per_sec must be 1..=10000".into());
+            }
+            if !(1..=64).contains(&e.repair_studies_in_flight) {
+                return Err("erasure.repair_studies_in_flight must be 1..=64".into());
             }
             if !(e.data..=n).contains(&e.quorum()) {
                 return Err(format!("erasure.write_quorum must be {}..={n}", e.data));

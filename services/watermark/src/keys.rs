@@ -109,6 +109,15 @@ impl ProtectKeyCache {
         }
     }
 
+    /// Drops every key kept for `study_id` (whatever the attributes): the
+    /// study was forgotten at the keyserver. Returns how many were kept.
+    pub fn forget(&self, study_id: &str) -> usize {
+        let mut entries = self.lock();
+        let before = entries.len();
+        entries.retain(|(id, _), _| id != study_id);
+        before - entries.len()
+    }
+
     /// Studies whose key is kept (expired ones included until the next put).
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -160,6 +169,11 @@ impl KeyClient {
                 Ok(key)
             }
         }
+    }
+
+    /// Drops the protect keys kept for `study_id` (ForgetStudy).
+    pub fn forget(&self, study_id: &str) -> usize {
+        self.protect_keys.forget(study_id)
     }
 
     async fn derive_at_keyserver(
@@ -252,6 +266,26 @@ mod tests {
         // Expired: gone, and removed.
         assert!(cache.get(&a, t0 + Duration::from_secs(30)).is_none());
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn forget_drops_every_key_of_the_study_only() {
+        let cache = ProtectKeyCache::new(Duration::from_secs(30), 8);
+        let t0 = Instant::now();
+        let (a1, a2, b) = (
+            study("a", &[("k", "1")]),
+            study("a", &[("k", "2")]),
+            study("b", &[("k", "1")]),
+        );
+        cache.put(&a1, StudyKey::from_bytes([1; 32]), t0);
+        cache.put(&a2, StudyKey::from_bytes([2; 32]), t0);
+        cache.put(&b, StudyKey::from_bytes([3; 32]), t0);
+        assert_eq!(cache.forget("a"), 2);
+        assert!(cache.get(&a1, t0).is_none());
+        assert!(cache.get(&a2, t0).is_none());
+        assert!(cache.get(&b, t0) == Some(StudyKey::from_bytes([3; 32])));
+        assert_eq!(cache.forget("a"), 0);
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

@@ -823,3 +823,57 @@ async fn protect_keys_are_reused_per_study_and_attributes_restore_keys_never() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     env.stop().await;
 }
+
+/// ForgetStudy at the keyserver, then at the watermark service (what the
+/// gateway's delete does): the study's protect key kept by the watermark
+/// service is dropped, so the next protect asks the keyserver, which
+/// refuses the forgotten study.
+#[tokio::test]
+async fn a_forgotten_study_s_protect_key_is_no_longer_served_from_cache() {
+    let env = Env::start().await;
+    let id = env.register("P-1").await;
+    let mut gw = env.client("gateway").await;
+    let image = phantom();
+    let pixels = image.to_le_bytes();
+    let msgs = || protect_msgs(start(&id, "P-1", &image), &pixels, CHUNK_BYTES);
+    protect(&mut gw, msgs()).await.unwrap();
+    KeyServerClient::new(env.channel("gateway", &env.ks_addr).await)
+        .forget_study(ks::ForgetStudyRequest {
+            study_id: id.clone(),
+            on_behalf_of: OWNER.into(),
+        })
+        .await
+        .unwrap();
+    // Forgotten at the keyserver only: the kept key still protects (the
+    // cache is what serves it; the keyserver would refuse).
+    protect(&mut gw, msgs()).await.unwrap();
+    // Only the gateway may drop keys.
+    let e = env
+        .client("owner")
+        .await
+        .forget_study(pb::ForgetStudyRequest {
+            study_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let r = gw
+        .forget_study(pb::ForgetStudyRequest {
+            study_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keys_dropped, 1);
+    let e = protect(&mut gw, msgs()).await.err().unwrap();
+    // Derived again at the keyserver, which no longer knows the study.
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Nothing kept any more.
+    let r = gw
+        .forget_study(pb::ForgetStudyRequest { study_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.keys_dropped, 0);
+    env.stop().await;
+}

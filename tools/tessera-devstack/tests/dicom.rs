@@ -503,3 +503,77 @@ async fn c_store_study_lands_in_one_study_and_round_trips() {
     drop(vault);
     stack.shutdown().await;
 }
+
+/// The DICOM store reuses the last NodeInfo probe for a moment. A node
+/// stopped since: the put on it fails, the cached probe is forgotten and
+/// the instance is placed again on the nodes that answer. The failed
+/// attempt's record stays pending for the sweep (its object on the stopped
+/// node could not be removed); its SOP Instance UID was freed.
+#[tokio::test]
+async fn a_store_placed_on_a_stale_probe_is_placed_again() {
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
+    let mut info = study();
+    info.uid_root = "1.2.826.0.1.3680043.10.1137.79".into();
+    let files = slices(&info, 2);
+    let mut clin = gateway(&stack, "clinician").await;
+    // Three objects on the three nodes: the probe is cached now.
+    let first = gw::store_dicom(&mut clin, OWNER, &files[0]).await.unwrap();
+    assert_eq!(first.placements.len(), 3);
+    let t0 = std::time::Instant::now();
+    assert!(stack.stop("storage-3").await);
+    assert!(
+        t0.elapsed() < gateway_service::upstream::PLACEMENT_PROBE_TTL / 2,
+        "the node stopped within the probe's TTL ({:?})",
+        t0.elapsed()
+    );
+    // Placed on the cached probe (storage-3 among the nodes), refused,
+    // placed again on storage-1 and -2.
+    let second = gw::store_dicom(&mut clin, OWNER, &files[1]).await.unwrap();
+    assert!(!second.duplicate);
+    assert_eq!(second.study_handle, first.study_handle);
+    let nodes: BTreeSet<_> = second.placements.iter().map(|p| p.node.clone()).collect();
+    assert!(!nodes.contains("storage-3"), "{:?}", second.placements);
+    // Stored once: the same file again is a duplicate.
+    let again = gw::store_dicom(&mut clin, OWNER, &files[1]).await.unwrap();
+    assert!(again.duplicate);
+    // Both instances retrieved once the first's node is back.
+    stack.restart_storage("storage-3").await.unwrap();
+    let rid = grant(&stack, "clinician", &first.study_handle, 1).await;
+    let got = retrieve_all(&stack, "clinician", &first.study_handle, &rid)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+
+    let cfg = stack.gateway_config().unwrap().clone();
+    assert!(stack.stop("gateway").await);
+    let key = gateway_service::vault::load_key_file(&cfg.vault.key_file).unwrap();
+    let vault = gateway_service::vault::Vault::open(&cfg.vault.path, &key).unwrap();
+    let states: Vec<_> = vault
+        .instances(&first.study_handle)
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.sop_instance_uid, i.state))
+        .collect();
+    let pending: Vec<_> = states
+        .iter()
+        .filter(|(_, s)| *s == gateway_service::vault::StudyState::Pending)
+        .collect();
+    assert_eq!(
+        pending.len(),
+        1,
+        "the failed attempt, for the sweep: {states:?}"
+    );
+    assert_eq!(states.len(), 3, "{states:?}");
+    let sop = &pending[0].0;
+    let committed = vault
+        .instance_by_sop(&first.study_handle, sop)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        committed.state,
+        gateway_service::vault::StudyState::Committed,
+        "the SOP Instance UID names the stored instance"
+    );
+    drop(vault);
+    stack.shutdown().await;
+}

@@ -78,7 +78,7 @@ pub struct Inner {
     /// than this are not in flight here (the repair pass finishes them).
     pub(crate) started_unix: u64,
     /// Scrub and repair counters since start (`/metrics`).
-    pub(crate) repair_counters: Arc<crate::durability::RepairCounters>,
+    pub(crate) repair_counters: Arc<crate::durability::counters::RepairCounters>,
 }
 
 /// Held while a job runs.
@@ -249,7 +249,7 @@ pub(crate) fn caller_uri<T>(req: &Request<T>) -> Result<String, Status> {
 
 impl GatewayService {
     /// The scrub and repair counters since start.
-    pub fn repair_counters(&self) -> Arc<crate::durability::RepairCounters> {
+    pub fn repair_counters(&self) -> Arc<crate::durability::counters::RepairCounters> {
         self.inner.repair_counters.clone()
     }
 }

@@ -4,7 +4,7 @@
 
 use tonic::Status;
 
-use crate::durability::FragmentProblem;
+use crate::durability::counters::FragmentProblem;
 use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result};
 use crate::vault::{SharePlacement, StudyRecord};
@@ -62,7 +62,10 @@ impl GatewayService {
             }
         }
         match first_err {
-            Some(e) => Err(e),
+            Some(e) => {
+                up.forget_probe();
+                Err(e)
+            }
             None => Ok(()),
         }
     }
