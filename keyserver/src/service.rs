@@ -9,8 +9,8 @@ use tessera_proto::keyserver::v1::key_server_server::KeyServer;
 use tessera_tls::{Policy, Role};
 use tonic::{Request, Response, Status};
 
-use crate::core::audit::AuditEntry;
 use crate::core::access::NewStanding;
+use crate::core::audit::AuditEntry;
 use crate::core::store::{GrantState, Grantee, RequestRecord, StandingRecord};
 use crate::core::{Ask, AuditScope, Core, Operation, Redeemed};
 use crate::error::KeyServerError;
@@ -629,7 +629,13 @@ impl KeyServer for KeyServerService {
         let m = req.into_inner();
         let sa = self
             .core
-            .update_standing(&actor, &m.approval_id, m.ttl_seconds, m.budget, m.clear_budget)
+            .update_standing(
+                &actor,
+                &m.approval_id,
+                m.ttl_seconds,
+                m.budget,
+                m.clear_budget,
+            )
             .await?;
         Ok(Response::new(pb::StandingApprovalResponse {
             approval: Some(standing(sa)),
@@ -713,7 +719,10 @@ impl KeyServer for KeyServerService {
         let actor = who(&req)?;
         let admin = is_admin(&req);
         let m = req.into_inner();
-        let r = self.core.mark_reviewed(&actor, admin, &m.request_id).await?;
+        let r = self
+            .core
+            .mark_reviewed(&actor, admin, &m.request_id)
+            .await?;
         Ok(Response::new(pb::MarkReviewedResponse {
             request: Some(key_request(r)),
         }))
@@ -784,11 +793,11 @@ impl KeyServer for KeyServerService {
                         request: Some(key_request(ev.request)),
                     }),
                     Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Err(
-                        Status::resource_exhausted(format!(
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Status::resource_exhausted(format!(
                             "watcher too slow: {n} events missed; list requests and watch again"
-                        )),
-                    ),
+                        )))
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 };
                 let end = item.is_err();
@@ -874,6 +883,16 @@ mod tests {
             "RemoveDelegate",
             "ListDelegates",
             "CheckDelegate",
+            "CreateStandingApproval",
+            "ListStandingApprovals",
+            "UpdateStandingApproval",
+            "RevokeStandingApproval",
+            "BreakGlass",
+            "SetBreakGlass",
+            "ListBreakGlass",
+            "MarkReviewed",
+            "ListGrants",
+            "WatchRequests",
         ] {
             assert!(p.allowed(&format!("/{SERVICE}/{m}")).is_some(), "{m}");
         }

@@ -162,6 +162,7 @@ async fn request_as(stack: &Stack, who: &str, study: &str) -> String {
             purpose: "pixels".into(),
             justification: "second opinion".into(),
             on_behalf_of: String::new(),
+            access_purpose: String::new(),
         })
         .await
         .unwrap()

@@ -17,8 +17,8 @@ use crate::core::policy::access::AccessRules;
 use crate::core::policy::{Action, Rpc};
 use crate::core::store::{
     GrantState, Grantee, OWNER_SETTINGS, OWNER_STANDING, OWNER_STUDIES, OwnerSettings,
-    REQUESTER_REQUESTS, REQUESTS, RequestRecord, STANDING, STUDIES, STUDY_REQUESTS,
-    StandingRecord, StudyRecord, get_json, index_key, index_scan, to_json,
+    REQUESTER_REQUESTS, REQUESTS, RequestRecord, STANDING, STUDIES, STUDY_REQUESTS, StandingRecord,
+    StudyRecord, get_json, index_key, index_scan, to_json,
 };
 use crate::error::{KeyServerError, Result};
 
@@ -323,7 +323,11 @@ impl Core {
     }
 
     /// The owner's standing approvals (live only unless `include_inactive`).
-    pub fn list_standing(&self, actor: &str, include_inactive: bool) -> Result<Vec<StandingRecord>> {
+    pub fn list_standing(
+        &self,
+        actor: &str,
+        include_inactive: bool,
+    ) -> Result<Vec<StandingRecord>> {
         let now = self.inner.clock.now_ms() / 1000;
         let r = self.inner.db.begin_read()?;
         let t = r.open_table(STANDING)?;
@@ -401,10 +405,7 @@ impl Core {
                 sa.revoked_at = Some(now);
                 (
                     AuditEvent::StandingRevoked,
-                    format!(
-                        "approval={} approvals_made={}",
-                        sa.id, sa.approvals_made
-                    ),
+                    format!("approval={} approvals_made={}", sa.id, sa.approvals_made),
                 )
             },
         )
@@ -547,14 +548,18 @@ impl Core {
                         rid.as_str()
                     ))));
                 };
-                let owner = get_json::<StudyRecord, _>(&ctx.txn.open_table(STUDIES)?, &rec.study_id)?
-                    .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
-                    .owner;
+                let owner =
+                    get_json::<StudyRecord, _>(&ctx.txn.open_table(STUDIES)?, &rec.study_id)?
+                        .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
+                        .owner;
                 let action = Action::Review {
                     owner: &owner,
                     admin,
                     break_glass: rec.break_glass.is_some(),
-                    reviewed: rec.break_glass.as_ref().is_some_and(|b| b.reviewed.is_some()),
+                    reviewed: rec
+                        .break_glass
+                        .as_ref()
+                        .is_some_and(|b| b.reviewed.is_some()),
                 };
                 let audit = Context::rpc(rec.study_id.clone(), format!("request={}", rec.id));
                 if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit)? {

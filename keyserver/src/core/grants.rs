@@ -6,19 +6,19 @@
 
 use redb::ReadableDatabase;
 
+use crate::core::access;
 use crate::core::attrs::CanonicalAttributes;
 use crate::core::audit::{AuditEvent, NewEntry};
 use crate::core::crypto::grant_aad;
 use crate::core::gate::{self, Context, audit_study, authorize_in_txn};
 use crate::core::ids::{RequestId, StudyId, validate_label, validate_text};
+use crate::core::policy::access::{EMERGENCY, RequestFacts, first_standing};
 use crate::core::policy::{Action, Rpc};
+use crate::core::store::BreakGlass;
 use crate::core::store::{
     GrantState, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord,
     get_json, index_key, index_scan, to_json,
 };
-use crate::core::access;
-use crate::core::policy::access::{EMERGENCY, RequestFacts, first_standing};
-use crate::core::store::BreakGlass;
 use crate::core::types::{Redeemed, Released};
 use crate::core::{Core, SELF_ACTOR, deleted, forgotten_in_txn, writer};
 
@@ -120,7 +120,13 @@ fn standing_gate(
         return Ok(Ok(()));
     };
     let revoked = access::standing_revoked(ctx.txn, sa)?;
-    authorize_in_txn(ctx, rules, actor, &Action::StandingGrant { rpc, revoked }, audit)
+    authorize_in_txn(
+        ctx,
+        rules,
+        actor,
+        &Action::StandingGrant { rpc, revoked },
+        audit,
+    )
 }
 
 impl Core {
@@ -240,7 +246,8 @@ impl Core {
                 owner: &study.owner,
                 disabled: false,
             };
-            self.authorize(actor, action, Context::rpc(id.as_str(), "")).await?;
+            self.authorize(actor, action, Context::rpc(id.as_str(), ""))
+                .await?;
         }
         let master = self
             .check_attributes(

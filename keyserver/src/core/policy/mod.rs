@@ -489,9 +489,9 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
         Action::ChangeStanding { owner, .. } if owner != caller => Err(Refused::denied(
             "only its owner changes a standing approval",
         )),
-        Action::ChangeStanding { revoked: true, .. } => Err(Refused::precondition(
-            "the standing approval is revoked",
-        )),
+        Action::ChangeStanding { revoked: true, .. } => {
+            Err(Refused::precondition("the standing approval is revoked"))
+        }
         Action::StandingGrant { revoked: true, .. } => Err(Refused::denied(
             "the standing approval of this grant was revoked",
         )),
@@ -508,7 +508,9 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
                     access::REASON_MAX
                 )))
             } else if owner == caller {
-                Err(Refused::denied("an owner needs no break-glass on its own study"))
+                Err(Refused::denied(
+                    "an owner needs no break-glass on its own study",
+                ))
             } else if disabled {
                 Err(Refused::denied(
                     "the owner has disabled break-glass on its studies",
@@ -528,7 +530,9 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
                     "only the study owner or an admin reviews break-glass uses",
                 ))
             } else if !break_glass {
-                Err(Refused::precondition("the request is not a break-glass use"))
+                Err(Refused::precondition(
+                    "the request is not a break-glass use",
+                ))
             } else if reviewed {
                 Err(Refused::precondition("reviewed already"))
             } else {
