@@ -551,6 +551,25 @@ async fn owner_adds_lists_and_removes_delegates_by_short_name() {
     stack.stop().await;
 }
 
+async fn break_glass_as(stack: &Stack, study: &str, who: &str) -> Output {
+    stack
+        .tessera(
+            Some(who),
+            &[
+                "break-glass",
+                study,
+                "--reason",
+                "arrest in ward 4",
+                "--attr",
+                "patient_id=P-77",
+                "--attr",
+                "birth_date=19800101",
+                "--json",
+            ],
+        )
+        .await
+}
+
 async fn register(stack: &Stack) -> String {
     stack
         .client("gateway")
@@ -681,30 +700,9 @@ async fn standing_approvals_grants_break_glass_and_review_through_the_cli() {
     );
 
     // Break-glass: refused without the permission, open with it, reviewed.
-    let bg = |who: &'static str| {
-        let study = study.clone();
-        async move {
-            stack
-                .tessera(
-                    Some(who),
-                    &[
-                        "break-glass",
-                        &study,
-                        "--reason",
-                        "arrest in ward 4",
-                        "--attr",
-                        "patient_id=P-77",
-                        "--attr",
-                        "birth_date=19800101",
-                        "--json",
-                    ],
-                )
-                .await
-        }
-    };
-    let err = failed(&bg("clinician2").await);
+    let err = failed(&break_glass_as(&stack, &study, "clinician2").await);
     assert!(err.contains("break glass"), "{err}");
-    let opened = json(&bg("clinician").await);
+    let opened = json(&break_glass_as(&stack, &study, "clinician").await);
     assert_eq!(opened["break_glass"], true);
     assert_eq!(opened["state"], "approved");
     let rid = opened["request_id"].as_str().unwrap().to_owned();
@@ -720,7 +718,7 @@ async fn standing_approvals_grants_break_glass_and_review_through_the_cli() {
     ok(&stack
         .tessera(Some("owner"), &["break-glass-setting", "--disable"])
         .await);
-    let err = failed(&bg("clinician").await);
+    let err = failed(&break_glass_as(&stack, &study, "clinician").await);
     assert!(err.contains("disabled"), "{err}");
     stack.stop().await;
 }
