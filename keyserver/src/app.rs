@@ -75,6 +75,7 @@ impl App {
                 checkpoint_every: k.checkpoint_every,
                 max_grant_ttl_secs: k.max_grant_ttl_secs,
                 max_grant_uses: k.max_grant_uses,
+                access: k.access.core_config(config.server.access.role_map()),
             },
             clock,
         )?;

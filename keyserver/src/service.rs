@@ -9,9 +9,10 @@ use tessera_proto::keyserver::v1::key_server_server::KeyServer;
 use tessera_tls::{Policy, Role};
 use tonic::{Request, Response, Status};
 
+use crate::core::access::NewStanding;
 use crate::core::audit::AuditEntry;
-use crate::core::store::{GrantState, RequestRecord};
-use crate::core::{AuditScope, Core, Operation, Redeemed};
+use crate::core::store::{GrantState, Grantee, RequestRecord, StandingRecord};
+use crate::core::{Ask, AuditScope, Core, Operation, Redeemed};
 use crate::error::KeyServerError;
 
 /// gRPC service name, for the policy table and health.
@@ -96,7 +97,20 @@ fn operation(v: i32) -> Result<Operation, Status> {
 }
 
 fn key_request(r: RequestRecord) -> pb::KeyRequest {
+    let (break_glass, break_glass_reason, reviewed_by, reviewed_at_unix) = match r.break_glass {
+        Some(b) => {
+            let (by, at) = b.reviewed.unwrap_or_default();
+            (true, b.reason, by, at)
+        }
+        None => (false, String::new(), String::new(), 0),
+    };
     let mut out = pb::KeyRequest {
+        access_purpose: r.access_purpose,
+        standing_approval: r.standing.unwrap_or_default(),
+        break_glass,
+        break_glass_reason,
+        reviewed_by,
+        reviewed_at_unix,
         request_id: r.id,
         study_id: r.study_id,
         requester: r.requester,
@@ -147,6 +161,62 @@ fn key_request(r: RequestRecord) -> pb::KeyRequest {
     }
     out
 }
+
+fn standing(sa: StandingRecord) -> pb::StandingApproval {
+    let (grantee_identity, grantee_role) = match sa.grantee {
+        Grantee::Identity(i) => (i, String::new()),
+        Grantee::Role(r) => (String::new(), r),
+    };
+    pb::StandingApproval {
+        approval_id: sa.id,
+        owner: sa.owner,
+        grantee_identity,
+        grantee_role,
+        access_purpose: sa.access_purpose,
+        study_ids: sa.studies,
+        created_at_unix: sa.created_at,
+        expires_at_unix: sa.expires_at,
+        has_budget: sa.budget_left.is_some(),
+        budget_left: sa.budget_left.unwrap_or(0),
+        grant_ttl_seconds: sa.grant_ttl_secs,
+        grant_uses: sa.grant_uses,
+        approvals_made: sa.approvals_made,
+        revoked: sa.revoked_at.is_some(),
+        revoked_at_unix: sa.revoked_at.unwrap_or(0),
+    }
+}
+
+fn is_admin<T>(req: &Request<T>) -> bool {
+    tessera_tls::caller_roles(req).contains(&Role::Admin)
+}
+
+/// `page_size` of a listing: 1..=500, 0 means 100.
+fn page_size(n: u32) -> Result<usize, Status> {
+    match n {
+        0 => Ok(100),
+        n @ 1..=500 => Ok(n as usize),
+        n => Err(Status::invalid_argument(format!(
+            "page_size {n}: at most 500 (0 means 100)"
+        ))),
+    }
+}
+
+/// A listing's page token: the last listed request's `created_at:id`.
+fn page_after(token: &str) -> Result<Option<(u64, String)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Status::invalid_argument("page_token: not a token this keyserver gave");
+    let (at, id) = token.split_once(':').ok_or_else(bad)?;
+    if !id.starts_with("rq-") {
+        return Err(bad());
+    }
+    Ok(Some((at.parse::<u64>().map_err(|_| bad())?, id.to_owned())))
+}
+
+/// The live feed's answer stream.
+pub type RequestEventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::RequestEvent, Status>> + Send>>;
 
 fn audit_entry(e: AuditEntry) -> pb::AuditEntry {
     pb::AuditEntry {
@@ -222,17 +292,16 @@ impl KeyServer for KeyServerService {
     ) -> Result<Response<pb::RequestKeyResponse>, Status> {
         let actor = who(&req)?;
         let m = req.into_inner();
-        let r = self
-            .core
-            .request_key(
-                &actor,
-                &m.study_id,
-                &pairs(m.attributes),
-                &m.purpose,
-                &m.justification,
-                &m.on_behalf_of,
-            )
-            .await?;
+        let attributes = pairs(m.attributes);
+        let ask = Ask {
+            study_id: &m.study_id,
+            attributes: &attributes,
+            purpose: &m.purpose,
+            access_purpose: &m.access_purpose,
+            justification: &m.justification,
+            on_behalf_of: &m.on_behalf_of,
+        };
+        let r = self.core.request_access(&actor, &ask).await?;
         Ok(Response::new(pb::RequestKeyResponse {
             request: Some(key_request(r)),
         }))
@@ -530,6 +599,239 @@ impl KeyServer for KeyServerService {
             grants_revoked: r.grants_revoked,
         }))
     }
+
+    async fn create_standing_approval(
+        &self,
+        req: Request<pb::CreateStandingApprovalRequest>,
+    ) -> Result<Response<pb::StandingApprovalResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let sa = self
+            .core
+            .create_standing(
+                &actor,
+                NewStanding {
+                    grantee_identity: m.grantee_identity,
+                    grantee_role: m.grantee_role,
+                    access_purpose: m.access_purpose,
+                    studies: m.study_ids,
+                    ttl_secs: m.ttl_seconds,
+                    budget: m.budget,
+                    grant_ttl_secs: m.grant_ttl_seconds,
+                    grant_uses: m.grant_uses,
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::StandingApprovalResponse {
+            approval: Some(standing(sa)),
+        }))
+    }
+
+    async fn list_standing_approvals(
+        &self,
+        req: Request<pb::ListStandingApprovalsRequest>,
+    ) -> Result<Response<pb::ListStandingApprovalsResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let core = self.core.clone();
+        let list =
+            tokio::task::spawn_blocking(move || core.list_standing(&actor, m.include_inactive))
+                .await
+                .map_err(|_| Status::internal("internal error"))??;
+        Ok(Response::new(pb::ListStandingApprovalsResponse {
+            approvals: list.into_iter().map(standing).collect(),
+        }))
+    }
+
+    async fn update_standing_approval(
+        &self,
+        req: Request<pb::UpdateStandingApprovalRequest>,
+    ) -> Result<Response<pb::StandingApprovalResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let sa = self
+            .core
+            .update_standing(
+                &actor,
+                &m.approval_id,
+                m.ttl_seconds,
+                m.budget,
+                m.clear_budget,
+            )
+            .await?;
+        Ok(Response::new(pb::StandingApprovalResponse {
+            approval: Some(standing(sa)),
+        }))
+    }
+
+    async fn revoke_standing_approval(
+        &self,
+        req: Request<pb::RevokeStandingApprovalRequest>,
+    ) -> Result<Response<pb::StandingApprovalResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let sa = self.core.revoke_standing(&actor, &m.approval_id).await?;
+        Ok(Response::new(pb::StandingApprovalResponse {
+            approval: Some(standing(sa)),
+        }))
+    }
+
+    async fn break_glass(
+        &self,
+        req: Request<pb::BreakGlassRequest>,
+    ) -> Result<Response<pb::BreakGlassResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let r = self
+            .core
+            .break_glass(
+                &actor,
+                &m.study_id,
+                &pairs(m.attributes),
+                &m.purpose,
+                &m.reason,
+            )
+            .await?;
+        Ok(Response::new(pb::BreakGlassResponse {
+            request: Some(key_request(r)),
+        }))
+    }
+
+    async fn set_break_glass(
+        &self,
+        req: Request<pb::SetBreakGlassRequest>,
+    ) -> Result<Response<pb::SetBreakGlassResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let disabled = self.core.set_break_glass(&actor, m.disabled).await?;
+        Ok(Response::new(pb::SetBreakGlassResponse { disabled }))
+    }
+
+    async fn list_break_glass(
+        &self,
+        req: Request<pb::ListBreakGlassRequest>,
+    ) -> Result<Response<pb::ListBreakGlassResponse>, Status> {
+        let actor = who(&req)?;
+        let admin = is_admin(&req);
+        let m = req.into_inner();
+        let core = self.core.clone();
+        let list = tokio::task::spawn_blocking(move || {
+            core.list_break_glass(&actor, admin, m.include_reviewed)
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))??;
+        let mut requests = Vec::new();
+        let mut budget = MAX_MESSAGE_BYTES - 1024;
+        for r in list {
+            let k = key_request(r);
+            let len = prost::Message::encoded_len(&k) + 8;
+            if len > budget {
+                break;
+            }
+            budget -= len;
+            requests.push(k);
+        }
+        Ok(Response::new(pb::ListBreakGlassResponse { requests }))
+    }
+
+    async fn mark_reviewed(
+        &self,
+        req: Request<pb::MarkReviewedRequest>,
+    ) -> Result<Response<pb::MarkReviewedResponse>, Status> {
+        let actor = who(&req)?;
+        let admin = is_admin(&req);
+        let m = req.into_inner();
+        let r = self
+            .core
+            .mark_reviewed(&actor, admin, &m.request_id)
+            .await?;
+        Ok(Response::new(pb::MarkReviewedResponse {
+            request: Some(key_request(r)),
+        }))
+    }
+
+    async fn list_grants(
+        &self,
+        req: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let actor = who(&req)?;
+        let m = req.into_inner();
+        let page_size = page_size(m.page_size)?;
+        let after = page_after(&m.page_token)?;
+        let core = self.core.clone();
+        let list = tokio::task::spawn_blocking(move || {
+            core.list_grants(&actor, m.as_owner, m.include_spent)
+        })
+        .await
+        .map_err(|_| Status::internal("internal error"))??;
+        let mut grants = Vec::new();
+        let mut budget = MAX_MESSAGE_BYTES - 1024;
+        let mut next_page_token = String::new();
+        let mut last: Option<(u64, String)> = None;
+        for g in list.into_iter().filter(|g| {
+            after
+                .as_ref()
+                .is_none_or(|(at, id)| (g.request.created_at, &g.request.id) > (*at, id))
+        }) {
+            let key = (g.request.created_at, g.request.id.clone());
+            let k = pb::Grant {
+                request: Some(key_request(g.request)),
+                valid: g.valid,
+                expiring_soon: g.expiring_soon,
+                seconds_left: g.seconds_left,
+            };
+            let len = prost::Message::encoded_len(&k) + 8;
+            if grants.len() == page_size || len > budget {
+                if let Some((at, id)) = &last {
+                    next_page_token = format!("{at}:{id}");
+                }
+                break;
+            }
+            budget -= len;
+            last = Some(key);
+            grants.push(k);
+        }
+        Ok(Response::new(pb::ListGrantsResponse {
+            grants,
+            next_page_token,
+        }))
+    }
+
+    type WatchRequestsStream = RequestEventStream;
+
+    async fn watch_requests(
+        &self,
+        req: Request<pb::WatchRequestsRequest>,
+    ) -> Result<Response<Self::WatchRequestsStream>, Status> {
+        let actor = who(&req)?;
+        let as_owner = req.into_inner().as_owner;
+        let mut feed = self.core.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let item = match feed.recv().await {
+                    Ok(ev) if ev.for_watcher(&actor, as_owner) => Ok(pb::RequestEvent {
+                        kind: ev.kind.to_owned(),
+                        request: Some(key_request(ev.request)),
+                    }),
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Status::resource_exhausted(format!(
+                            "watcher too slow: {n} events missed; list requests and watch again"
+                        )))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let end = item.is_err();
+                if tx.send(item).await.is_err() || end {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -604,6 +906,16 @@ mod tests {
             "ListDelegates",
             "CheckDelegate",
             "FindGrants",
+            "CreateStandingApproval",
+            "ListStandingApprovals",
+            "UpdateStandingApproval",
+            "RevokeStandingApproval",
+            "BreakGlass",
+            "SetBreakGlass",
+            "ListBreakGlass",
+            "MarkReviewed",
+            "ListGrants",
+            "WatchRequests",
         ] {
             assert!(p.allowed(&format!("/{SERVICE}/{m}")).is_some(), "{m}");
         }

@@ -95,6 +95,21 @@ enum Command {
     /// clinician`, `delegate list`, `delegate remove clinician`.
     #[command(subcommand)]
     Delegate(client::keyserver_cmd::DelegateCmd),
+    /// Approvals granted in advance (study owner): `standing create --to
+    /// clinician --purpose treatment --ttl 30d`, `list`, `update`, `revoke`.
+    #[command(subcommand)]
+    Standing(client::access_cmd::StandingCmd),
+    /// Emergency access to one study at once, with a written reason
+    /// (identities with the `emergency` permission); reviewed afterwards.
+    BreakGlass(client::access_cmd::BreakGlassArgs),
+    /// Allow (--enable) or forbid (--disable) break-glass on your studies.
+    BreakGlassSetting(client::access_cmd::BreakGlassSettingArgs),
+    /// Break-glass uses to review (owner: on your studies; admin: all);
+    /// --mark REQUEST marks one reviewed.
+    Review(client::access_cmd::ReviewArgs),
+    /// Your grants (or, with --owner, grants on your studies): uses left,
+    /// expiry, purpose; grants about to expire flagged.
+    Grants(client::access_cmd::GrantsArgs),
     /// Scrub (`repair status`) and repair (`repair run`) of erasure-coded
     /// fragments across the storage nodes (admin).
     #[command(subcommand)]
@@ -225,6 +240,11 @@ fn main() -> std::process::ExitCode {
         Command::Revoke(a) => client::keyserver_cmd::revoke(a),
         Command::Audit(a) => client::keyserver_cmd::audit(a),
         Command::Delegate(c) => client::keyserver_cmd::delegate(c),
+        Command::Standing(c) => client::access_cmd::standing(c),
+        Command::BreakGlass(a) => client::access_cmd::break_glass(a),
+        Command::BreakGlassSetting(a) => client::access_cmd::break_glass_setting(a),
+        Command::Review(a) => client::access_cmd::review(a),
+        Command::Grants(a) => client::access_cmd::grants(a),
         Command::Repair(c) => client::repair_cmd::repair(c),
         Command::Node(c) => client::repair_cmd::node(c),
     };

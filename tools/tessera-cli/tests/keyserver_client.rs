@@ -39,7 +39,8 @@ impl Stack {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/keyserver.crt\"\nkey = \"{d}/keyserver.key\"\n\
              [server.access]\nroles = {{ \"{OWNER}\" = [\"owner\", \"admin\"] }}\n\
-             [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\ncheckpoint_every = 3\n",
+             [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\ncheckpoint_every = 3\n\
+             [keyserver.access]\nemergency = [\"spiffe://tessera.local/user/clinician\"]\n",
             tmp.path().join("ks.redb").display(),
             kek.display()
         );
@@ -162,6 +163,7 @@ async fn request_as(stack: &Stack, who: &str, study: &str) -> String {
             purpose: "pixels".into(),
             justification: "second opinion".into(),
             on_behalf_of: String::new(),
+            access_purpose: String::new(),
         })
         .await
         .unwrap()
@@ -546,5 +548,177 @@ async fn owner_adds_lists_and_removes_delegates_by_short_name() {
             .into_inner()
             .allowed
     );
+    stack.stop().await;
+}
+
+async fn break_glass_as(stack: &Stack, study: &str, who: &str) -> Output {
+    stack
+        .tessera(
+            Some(who),
+            &[
+                "break-glass",
+                study,
+                "--reason",
+                "arrest in ward 4",
+                "--attr",
+                "patient_id=P-77",
+                "--attr",
+                "birth_date=19800101",
+                "--json",
+            ],
+        )
+        .await
+}
+
+async fn register(stack: &Stack) -> String {
+    stack
+        .client("gateway")
+        .await
+        .register_study(pb::RegisterStudyRequest {
+            owner: OWNER.into(),
+            attributes: attrs(),
+            study_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .study_id
+}
+
+#[tokio::test]
+async fn standing_approvals_grants_break_glass_and_review_through_the_cli() {
+    let stack = Stack::start().await;
+    let study = register(&stack).await;
+    // The owner approves the clinician in advance for treatment.
+    let sa = json(
+        &stack
+            .tessera(
+                Some("owner"),
+                &[
+                    "standing",
+                    "create",
+                    "--to",
+                    "clinician",
+                    "--purpose",
+                    "treatment",
+                    "--ttl",
+                    "1d",
+                    "--budget",
+                    "3",
+                    "--grant-uses",
+                    "2",
+                    "--json",
+                ],
+            )
+            .await,
+    );
+    let sa_id = sa["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(sa["budget_left"], 3);
+    // A purpose outside the vocabulary is refused.
+    let err = failed(
+        &stack
+            .tessera(
+                Some("owner"),
+                &[
+                    "standing",
+                    "create",
+                    "--to",
+                    "clinician",
+                    "--purpose",
+                    "gossip",
+                ],
+            )
+            .await,
+    );
+    assert!(err.contains("create standing approval"), "{err}");
+    // The owner watches; the clinician's request is approved at once.
+    let watcher = {
+        let args: Vec<String> = [
+            "requests", "--watch", "--count", "1", "--json", "--as", "owner", "--dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([p(&stack.dir()).to_owned()])
+        .collect();
+        tokio::spawn(run(args, Vec::new()))
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let r = stack
+        .client("clinician")
+        .await
+        .request_key(pb::RequestKeyRequest {
+            study_id: study.clone(),
+            attributes: attrs(),
+            purpose: "pixels".into(),
+            justification: "ward round".into(),
+            on_behalf_of: String::new(),
+            access_purpose: "treatment".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(r.standing_approval, sa_id);
+    let seen = json(
+        &tokio::time::timeout(std::time::Duration::from_secs(20), watcher)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(seen["event"], "requested");
+    assert_eq!(seen["request_id"], r.request_id.as_str());
+    // `tessera grants`: the clinician's, with purpose, uses and expiry.
+    let grants = json(
+        &stack
+            .tessera(Some("clinician"), &["grants", "--json"])
+            .await,
+    );
+    assert_eq!(grants[0]["request_id"], r.request_id.as_str());
+    assert_eq!(grants[0]["access_purpose"], "treatment");
+    assert_eq!(grants[0]["uses_left"], 2);
+    assert_eq!(grants[0]["valid"], true);
+    let table = ok(&stack.tessera(Some("owner"), &["grants", "--owner"]).await);
+    assert!(
+        table.contains(&sa_id) && table.contains("treatment"),
+        "{table}"
+    );
+    let list = ok(&stack.tessera(Some("owner"), &["standing", "list"]).await);
+    assert!(list.contains(&sa_id) && list.contains("live"), "{list}");
+    ok(&stack
+        .tessera(Some("owner"), &["standing", "revoke", &sa_id])
+        .await);
+    let grants = json(
+        &stack
+            .tessera(Some("clinician"), &["grants", "--json"])
+            .await,
+    );
+    assert_eq!(
+        grants,
+        serde_json::json!([]),
+        "revoked approval: no valid grant"
+    );
+
+    // Break-glass: refused without the permission, open with it, reviewed.
+    let err = failed(&break_glass_as(&stack, &study, "clinician2").await);
+    assert!(err.contains("break glass"), "{err}");
+    let opened = json(&break_glass_as(&stack, &study, "clinician").await);
+    assert_eq!(opened["break_glass"], true);
+    assert_eq!(opened["state"], "approved");
+    let rid = opened["request_id"].as_str().unwrap().to_owned();
+    let review = json(&stack.tessera(Some("owner"), &["review", "--json"]).await);
+    assert_eq!(review[0]["request_id"], rid.as_str());
+    assert_eq!(review[0]["break_glass_reason"], "arrest in ward 4");
+    ok(&stack
+        .tessera(Some("owner"), &["review", "--mark", &rid])
+        .await);
+    let out = ok(&stack.tessera(Some("owner"), &["review"]).await);
+    assert!(out.contains("no break-glass uses to review"), "{out}");
+    // Disabled by the owner: refused.
+    ok(&stack
+        .tessera(Some("owner"), &["break-glass-setting", "--disable"])
+        .await);
+    let err = failed(&break_glass_as(&stack, &study, "clinician").await);
+    assert!(err.contains("disabled"), "{err}");
     stack.stop().await;
 }

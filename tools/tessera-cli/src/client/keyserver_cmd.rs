@@ -31,6 +31,15 @@ pub struct RequestsArgs {
     /// Also list decided requests (approved, denied, revoked).
     #[arg(long)]
     pub all: bool,
+    /// Print new requests on your studies as they come (Ctrl-C to stop).
+    #[arg(long, conflicts_with_all = ["study", "all"])]
+    pub watch: bool,
+    /// With --watch: decisions on your own requests instead.
+    #[arg(long, requires = "watch")]
+    pub mine: bool,
+    /// With --watch: stop after N events.
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
     #[command(flatten)]
     pub out: OutputArgs,
     #[command(flatten)]
@@ -126,6 +135,9 @@ async fn client(conn: &ConnArgs) -> Result<KeyServerClient<Channel>> {
 /// `tessera requests`.
 pub fn requests(a: RequestsArgs) -> Result<()> {
     block_on(async move {
+        if a.watch {
+            return super::access_cmd::watch(&a.conn, &a.out, a.mine, a.count).await;
+        }
         // Every page (a page stays under the message limit).
         let mut ks = client(&a.conn).await?;
         let mut list = Vec::new();
@@ -434,6 +446,11 @@ pub fn request_json(r: &pb::KeyRequest) -> Value {
         "uses_granted": r.uses_granted,
         "uses_left": r.uses_left,
         "reason": r.reason,
+        "access_purpose": r.access_purpose,
+        "standing_approval": r.standing_approval,
+        "break_glass": r.break_glass,
+        "break_glass_reason": r.break_glass_reason,
+        "reviewed_by": r.reviewed_by,
     })
 }
 

@@ -21,6 +21,7 @@
 //! `--keyserver-identity/--gateway-identity URI`, else the `[identities]`
 //! of `DIR/endpoints.toml`, else `spiffe://<our trust domain>/service/<name>`.
 
+pub mod access_cmd;
 pub mod dicom_cmd;
 pub mod gateway_cmd;
 pub mod keyserver_cmd;
