@@ -9,7 +9,7 @@ use std::time::Duration;
 use tessera_runtime::{
     AdminConfig, GrpcServer, Metrics, Readiness, RunningServer, ServerConfig, ServerError,
 };
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
 use crate::config::Config;
 use crate::error::GatewayError;

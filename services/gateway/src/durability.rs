@@ -226,7 +226,7 @@ impl GatewayService {
             }
             let node = self.inner.up.node(&f.node)?.clone();
             let id = f.object_id.clone();
-            tasks.push(Some(tokio::spawn(async move {
+            tasks.push(Some(crate::upstream::spawn_traced(async move {
                 let mut c = node.client.clone();
                 let r = tessera_storage_client::put_object(&mut c, &id, &bytes)
                     .await
@@ -331,9 +331,9 @@ impl GatewayService {
                     continue;
                 };
                 let id = f.object_id.clone();
-                tasks.spawn(
-                    async move { (pos, upstream::get_object(&node, &id, frag_limit).await) },
-                );
+                tasks.spawn(tracing::Instrument::in_current_span(async move {
+                    (pos, upstream::get_object(&node, &id, frag_limit).await)
+                }));
                 return true;
             }
             false

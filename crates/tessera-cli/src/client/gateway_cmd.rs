@@ -17,7 +17,7 @@ use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as kpb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::watermark::v1 as wpb;
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
 use super::{ConnArgs, OutputArgs, Service, block_on, owner_uri, status_error};
 

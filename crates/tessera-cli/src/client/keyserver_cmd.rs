@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
 use super::owner_uri;
 use super::{
