@@ -273,7 +273,13 @@ async fn each_store_is_one_trace_from_the_gateway_to_every_upstream() {
 
     // No patient attribute or name anywhere in a span.
     let all = format!("{spans:?}");
-    for secret in [PATIENT_ID, PATIENT_NAME, "Quixote", DICOM_PATIENT_ID, "19470923"] {
+    for secret in [
+        PATIENT_ID,
+        PATIENT_NAME,
+        "Quixote",
+        DICOM_PATIENT_ID,
+        "19470923",
+    ] {
         assert!(!all.contains(secret), "{secret} in a span");
     }
 }

@@ -133,18 +133,7 @@ pub fn init(service_name: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard,
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service_name.to_owned()))
         .with_filter(LevelFilter::INFO);
-    let fmt_layer = match cfg.format() {
-        // Each line carries the spans it is in (the RPC span's `trace_id`).
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_current_span(false)
-            .with_span_list(true)
-            .with_writer(std::io::stderr)
-            .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
-    };
+    let fmt_layer = log_layer(cfg.format(), std::io::stderr);
     tracing_subscriber::registry()
         .with(fmt_layer.with_filter(filter))
         .with(otel_layer)
@@ -153,6 +142,27 @@ pub fn init(service_name: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard,
     Ok(TelemetryGuard {
         provider: Some(provider),
     })
+}
+
+/// The log-line layer: text, or JSON objects that carry the spans each
+/// line is in (the RPC span's `trace_id` inside a request).
+fn log_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
+    }
 }
 
 /// For a client process (the CLI): a tracer and the propagator, no log
@@ -364,6 +374,72 @@ mod tests {
         assert_eq!(
             back.span().span_context().trace_id(),
             opentelemetry::trace::TraceId::from(0x0af7651916cd43dd8448eb211c80319c_u128)
+        );
+    }
+
+    #[test]
+    fn log_format_json_or_text() {
+        let json: TelemetryConfig = toml::from_str("log_format = \"json\"").unwrap();
+        assert_eq!(json.format(), LogFormat::Json);
+        let legacy: TelemetryConfig = toml::from_str("json = true").unwrap();
+        assert_eq!(legacy.format(), LogFormat::Json);
+        assert_eq!(TelemetryConfig::default().format(), LogFormat::Text);
+        assert!(toml::from_str::<TelemetryConfig>("log_format = \"xml\"").is_err());
+    }
+
+    /// A JSON log line written inside an RPC carries the caller's trace id.
+    #[tokio::test]
+    async fn json_lines_inside_an_rpc_carry_the_trace_id() {
+        use std::sync::{Arc, Mutex};
+        use tower::{Layer as _, Service, ServiceExt};
+
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let provider = tracer_provider("test", None).unwrap();
+        let subscriber = tracing_subscriber::registry()
+            .with(log_layer(LogFormat::Json, move || writer.clone()))
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let mut svc = RpcSpanLayer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            tracing::info!("inside the handler");
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        }));
+        let req = http::Request::builder()
+            .uri("/tessera.keyserver.v1.KeyServer/DeriveKey")
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .body(())
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        drop(res);
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let line = out
+            .lines()
+            .find(|l| l.contains("inside the handler"))
+            .unwrap_or_else(|| panic!("no log line in {out:?}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let spans = v["spans"].as_array().unwrap();
+        assert_eq!(
+            spans[0]["trace_id"], "0af7651916cd43dd8448eb211c80319c",
+            "{line}"
+        );
+        assert_eq!(
+            spans[0]["otel.name"],
+            "tessera.keyserver.v1.KeyServer/DeriveKey"
         );
     }
 }
