@@ -28,6 +28,7 @@ pub mod clock;
 pub mod crypto;
 mod delegates;
 pub(crate) mod gate;
+mod gauges;
 mod grants;
 pub mod ids;
 pub mod policy;
@@ -63,6 +64,7 @@ pub use chain::{
     verify_database_tail,
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
+pub use gauges::Gauges;
 pub use types::{
     AUDIT_SCAN_MAX, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed, Released,
 };
