@@ -112,17 +112,56 @@ check "render refuses loadBalancerSourceRanges on a ClusterIP DICOM Service" \
   render_rejects "$(scp_json "$AES, $OWNER, \"service\": {\"loadBalancerSourceRanges\": [\"10.0.0.0/8\"]}")" \
   "loadBalancerSourceRanges applies to service.type LoadBalancer only"
 
+# Operations: users only from the clinic namespace, the DICOM port from one
+# CIDR, scrapers from monitoring, a PodMonitor, 3+2 erasure on 5 nodes.
+cat >"$E2E_TMP/ops.json" <<JSON
+{
+  "networkPolicy": {
+    "usersFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "clinic"}}}],
+    "dicomCIDRs": ["10.20.0.0/16"],
+    "adminFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+  "metrics": {"podMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "prom"}}},
+  "storage": {"replicas": 5, "zones": ["a", "a", "b", "b", "c"],
+              "erasure": {"enabled": true, "data": 3, "parity": 2}},
+  "gateway": {"dicom": {"scp": {"enabled": true, "owner": "$DICOM_OWNER", "allowedCallingAEs": ["CT01"]}}}
+}
+JSON
+# Policies off: no NetworkPolicy, no PodDisruptionBudget.
+cat >"$E2E_TMP/nopolicy.json" <<JSON
+{"networkPolicy": {"enabled": false}, "podDisruptionBudget": {"enabled": false}}
+JSON
+
 # --- render (helm-python-sdk) and check the manifests ---
 hc render "$CHART" "$E2E_TMP/r-default"
 hc render "$CHART" "$E2E_TMP/r-custom" "$E2E_TMP/custom.json"
 hc render "$CHART" "$E2E_TMP/r-dicom" "$E2E_TMP/dicom.json"
-for set in default custom dicom; do
+hc render "$CHART" "$E2E_TMP/r-ops" "$E2E_TMP/ops.json"
+hc render "$CHART" "$E2E_TMP/r-nopolicy" "$E2E_TMP/nopolicy.json"
+# The schema check is a gate: a manifest Kubernetes would refuse fails it.
+cp -r "$E2E_TMP/r-default" "$E2E_TMP/r-broken"
+python3 - "$E2E_TMP/r-broken/objects.json" <<'PY'
+import json, sys
+objs = json.load(open(sys.argv[1]))
+svc = next(o["object"] for o in objs if o["object"]["kind"] == "Service")
+svc["spec"]["ports"][0]["port"] = "seven-thousand"
+json.dump(objs, open(sys.argv[1], "w"))
+PY
+schema_refuses() { ! hc check schemas "$E2E_TMP/r-broken" >/dev/null; }
+check "the Kubernetes schema check refuses a Service port that is not a number" schema_refuses
+for set in default custom dicom ops nopolicy; do
   R="$E2E_TMP/r-$set"
+  np=on
   case $set in
     default) n=3 otlp=none dicom=off ec=off ;;
     custom) n=5 otlp=$OTLP dicom=off ec=3+2/cloud-a,cloud-a,cloud-b,cloud-b,cloud-c ;;
     dicom) n=3 otlp=none dicom=on ec=off ;;
+    ops) n=5 otlp=none dicom=on ec=3+2/a,a,b,b,c ;;
+    nopolicy) n=3 otlp=none dicom=off ec=off np=off ;;
   esac
+  check "$set: every manifest valid against the Kubernetes $(hc k8s-version) OpenAPI schemas (strict)" \
+    hc check schemas "$R"
+  check "$set: NetworkPolicies encode the trust zones ($np)" hc check network-policies "$R" "$np"
+  check "$set: PodDisruptionBudgets (storage: the erasure parity)" hc check disruption-budgets "$R"
   check "$set: [erasure] and node zones from values: $ec" hc check erasure "$R" "$ec"
   check "$set: gateway config lists exactly storage-1..$n, each a StatefulSet with that node_id" \
     hc check storage-nodes "$R" "$n"
