@@ -523,7 +523,7 @@ K8S_VERSION = "1.33.0"
 
 # Custom resources the chart may render (no schema bundled for them): each
 # is checked by hand below, and any other kind without a schema fails.
-CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("cert-manager.io/v1", "Certificate")}
 
 
 def check_schemas(r: Rendered, _arg: str | None) -> None:
@@ -547,6 +547,17 @@ def check_schemas(r: Rendered, _arg: str | None) -> None:
 
 def check_crd(o: dict) -> None:
     name = o["metadata"]["name"]
+    if o["kind"] == "Certificate":
+        spec = o["spec"]
+        allowed = {"secretName", "commonName", "uris", "dnsNames", "duration", "renewBefore",
+                   "privateKey", "usages", "issuerRef"}
+        assert set(spec) == allowed, f"Certificate {name}: {sorted(spec)}"
+        assert spec["privateKey"] == {"algorithm": "ECDSA", "size": 256, "encoding": "PKCS8",
+                                      "rotationPolicy": "Always"}, spec["privateKey"]
+        assert set(spec["usages"]) == {"digital signature", "server auth", "client auth"}, spec["usages"]
+        assert spec["issuerRef"]["group"] == "cert-manager.io" and spec["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer")
+        for d in ("duration", "renewBefore"):
+            assert re.fullmatch(r"[0-9]+(h|m|s)", spec[d]), spec[d]
     if o["kind"] == "PodMonitor":
         spec = o["spec"]
         assert set(spec) == {"selector", "podMetricsEndpoints"}, f"PodMonitor {name}: {sorted(spec)}"
@@ -618,6 +629,29 @@ def check_network_policies(r: Rendered, arg: str | None) -> None:
         assert f"tessera-{comp}" in pols, f"{w['metadata']['name']}: no NetworkPolicy"
 
 
+def check_certificates(r: Rendered, arg: str | None) -> None:
+    """`off`, or `on`: one Certificate per service into the Secret it mounts,
+    with its SPIFFE URI SAN and the Service DNS names."""
+    certs = {c["spec"]["secretName"]: c for c in r.of_kind("Certificate")}
+    if arg == "off":
+        assert not certs, sorted(certs)
+        return
+    td = r.values["access"]["trustDomain"]
+    mounted = {}
+    for w in r.workloads():
+        name = w["metadata"]["name"]
+        for vol in w["spec"]["template"]["spec"]["volumes"]:
+            secret = vol.get("secret", {}).get("secretName", "")
+            if secret in certs:
+                mounted[secret] = name
+    assert set(mounted) == set(certs), f"Certificates {sorted(certs)} vs mounted {sorted(mounted)}"
+    for secret, svc in mounted.items():
+        spec = certs[secret]["spec"]
+        assert spec["uris"] == [f"spiffe://{td}/service/{svc}"], spec["uris"]
+        assert spec["dnsNames"] == [svc, f"{svc}.tessera.svc", f"{svc}.tessera.svc.cluster.local"], spec["dnsNames"]
+        r.get("Service", svc)
+
+
 def check_disruption_budgets(r: Rendered, _arg: str | None) -> None:
     v = r.values
     pdbs = {p["metadata"]["name"]: p for p in r.of_kind("PodDisruptionBudget")}
@@ -647,6 +681,7 @@ CHECKS = {
     "schemas": check_schemas,
     "network-policies": check_network_policies,
     "disruption-budgets": check_disruption_budgets,
+    "certificates": check_certificates,
     "storage-nodes": check_storage_nodes,
     "erasure": check_erasure,
     "security": check_security,

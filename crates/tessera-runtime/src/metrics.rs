@@ -356,8 +356,11 @@ where
 /// body fails, `"1"` (CANCELLED) when it is dropped before its end.
 pub struct StatusBody<B> {
     inner: Pin<Box<B>>,
-    on_status: Option<Box<dyn FnOnce(&str) + Send>>,
+    on_status: Option<OnStatus>,
 }
+
+/// Called once with a response's final gRPC status code.
+type OnStatus = Box<dyn FnOnce(&str) + Send>;
 
 /// The body the metrics layer answers with.
 pub type MetricsBody<B> = StatusBody<B>;
@@ -369,7 +372,7 @@ impl<B> StatusBody<B> {
         on_status: impl FnOnce(&str) + Send + 'static,
     ) -> http::Response<Self> {
         let (parts, body) = res.into_parts();
-        let mut on_status: Option<Box<dyn FnOnce(&str) + Send>> = Some(Box::new(on_status));
+        let mut on_status: Option<OnStatus> = Some(Box::new(on_status));
         // Trailers-only responses (errors before any message) carry the
         // status in the headers.
         if let Some(code) = parts.headers.get("grpc-status")
