@@ -326,7 +326,7 @@ async fn mutual_tls_and_roles() {
     .unwrap();
     let refused = match impostor.connect(&addr).await {
         Err(_) => true,
-        Ok(ch) => health_ok(tessera_tls::Channel::new(ch)).await.is_err(),
+        Ok(ch) => health_ok(ch).await.is_err(),
     };
     assert!(refused, "a certificate from another CA must be refused");
     // A client that trusts only the foreign CA refuses our server.
