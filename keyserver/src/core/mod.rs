@@ -29,6 +29,7 @@ pub mod clock;
 pub mod crypto;
 mod delegates;
 pub(crate) mod gate;
+mod gauges;
 pub mod grant_find;
 mod grants;
 pub mod ids;
@@ -65,6 +66,7 @@ pub use chain::{
     verify_database_tail,
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
+pub use gauges::Gauges;
 pub use grants::Ask;
 pub use types::{
     AUDIT_SCAN_MAX, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed, Released,

@@ -11,9 +11,9 @@ use keyserver::{App, RunningApp};
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_runtime::{ConfigSource, load_config};
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};
 use tonic::Code;
-use tonic::transport::Channel;
 
 pub const OWNER: &str = "spiffe://tessera.local/user/owner";
 pub const CLIN: &str = "spiffe://tessera.local/user/clinician";

@@ -75,12 +75,13 @@
 //! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-
 use std::time::Duration;
 
 use serde::Deserialize;
 use tessera_runtime::{AdminConfig, ServerConfig, TelemetryConfig, Validate};
+use tessera_scp::Cidr;
 use tessera_tls::{ChannelTimeouts, Identity, Role, TlsFiles};
 
 /// Environment prefix of overrides, e.g. `TESSERA_GATEWAY__VAULT__PATH`.
@@ -605,7 +606,7 @@ impl Validate for Config {
                     "dicom.scp.allowed_calling_aes or dicom.scp.peers must name the calling AE titles".into(),
                 );
             }
-            crate::scp::validate_peers(scp, &self.server.access.trust_domain)?;
+            validate_peers(scp, &self.server.access.trust_domain)?;
             if let Some(bad) = scp.allowed_calling_aes.iter().find(|a| !valid_ae(a)) {
                 return Err(format!(
                     "dicom.scp.allowed_calling_aes: {bad:?} is not an AE title"
@@ -629,6 +630,50 @@ impl Validate for Config {
         }
         Ok(())
     }
+}
+
+/// Checks `[[dicom.scp.peers]]` and `[[dicom.scp.move_destinations]]`.
+pub fn validate_peers(s: &ScpSection, trust_domain: &str) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for p in &s.peers {
+        let ae = p.ae_title.trim();
+        if ae.is_empty() || ae.len() > 16 || ae.contains('\\') || !ae.is_ascii() {
+            return Err(format!(
+                "dicom.scp.peers: {:?} is not an AE title",
+                p.ae_title
+            ));
+        }
+        if !seen.insert(ae.to_string()) {
+            return Err(format!("dicom.scp.peers: AE title {ae:?} appears twice"));
+        }
+        let id = Identity::parse_uri(&p.identity)
+            .map_err(|e| format!("dicom.scp.peers {ae}: identity {:?}: {e}", p.identity))?;
+        if id.trust_domain() != trust_domain {
+            return Err(format!(
+                "dicom.scp.peers {ae}: identity {:?} is not in trust domain {trust_domain:?}",
+                p.identity
+            ));
+        }
+        if p.networks.is_empty() {
+            return Err(format!(
+                "dicom.scp.peers {ae}: networks must list at least one CIDR range"
+            ));
+        }
+        for n in &p.networks {
+            n.parse::<Cidr>()
+                .map_err(|e| format!("dicom.scp.peers {ae}: {e}"))?;
+        }
+    }
+    for d in &s.move_destinations {
+        let ae = d.ae_title.trim();
+        if ae.is_empty() || ae.len() > 16 || ae.contains('\\') || d.address.is_empty() {
+            return Err(format!(
+                "dicom.scp.move_destinations: {:?} -> {:?}: an AE title and host:port",
+                d.ae_title, d.address
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,12 +15,23 @@ use tessera_proto::storage::v1 as spb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_proto::watermark::v1::watermark_client::WatermarkClient;
 use tessera_runtime::MAX_MESSAGE_BYTES;
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsError};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
+
+/// `tokio::spawn` inside the current span: the task's upstream calls
+/// carry the RPC's trace context (a bare spawn starts outside any span).
+pub(crate) fn spawn_traced<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    tokio::spawn(task.in_current_span())
+}
 
 /// One configured storage node.
 #[derive(Clone)]

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use tessera_cryptomark::StudyKey;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, Identity};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::KeyserverSection;
@@ -185,16 +185,13 @@ impl KeyClient {
             Purpose::Protect => ks::Operation::Protect,
             Purpose::Restore => ks::Operation::Restore,
         };
-        let mut request = tonic::Request::new(ks::DeriveKeyRequest {
+        // The channel carries the trace context of this RPC to the keyserver.
+        let request = tonic::Request::new(ks::DeriveKeyRequest {
             study_id: study.study_id.clone(),
             attributes: study.attributes.clone(),
             purpose: PURPOSE_PIXELS.into(),
             operation: operation.into(),
         });
-        // Carry the trace context of this RPC to the keyserver.
-        if let Ok(r) = tessera_runtime::telemetry::inject_context(tonic::Request::new(())) {
-            *request.metadata_mut() = r.metadata().clone();
-        }
         let resp = self
             .client
             .clone()

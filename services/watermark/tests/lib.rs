@@ -12,8 +12,8 @@ use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::watermark::v1 as pb;
 use tessera_proto::watermark::v1::watermark_client::WatermarkClient;
 use tessera_runtime::{ConfigSource, load_config};
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use watermark_service::convert::CHUNK_BYTES;
 

@@ -8,8 +8,8 @@ use tessera_devstack::DevStack;
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};
-use tonic::transport::Channel;
 
 pub(crate) const OWNER: &str = "spiffe://tessera.local/user/owner";
 

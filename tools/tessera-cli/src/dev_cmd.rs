@@ -59,6 +59,10 @@ pub struct UpArgs {
     /// 3, none on 2. K >= 2.
     #[arg(long, value_name = "K+M|none", value_parser = parse_erasure_opt)]
     pub erasure: Option<Option<(usize, usize)>>,
+    /// Export every service's spans over OTLP/gRPC to this collector
+    /// (`http://127.0.0.1:4317`); warnings and errors are logged to stderr.
+    #[arg(long, value_name = "URL")]
+    pub otlp: Option<String>,
 }
 
 fn parse_erasure_opt(s: &str) -> Result<Option<(usize, usize)>, String> {
@@ -145,6 +149,23 @@ fn up(args: UpArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        // One process, one tracer: the spans of every service go to the
+        // collector (`rpc.service` tells them apart).
+        let _telemetry = match &args.otlp {
+            None => None,
+            Some(endpoint) => {
+                let cfg = tessera_runtime::TelemetryConfig {
+                    log: "warn".to_owned(),
+                    otlp_endpoint: Some(endpoint.clone()),
+                    ..tessera_runtime::TelemetryConfig::default()
+                };
+                cfg.validate().map_err(|e| anyhow!("--otlp: {e}"))?;
+                let guard = tessera_runtime::telemetry::init("tessera-dev", &cfg)
+                    .map_err(|e| anyhow!("--otlp: {e}"))?;
+                println!("Traces: exported over OTLP/gRPC to {endpoint}");
+                Some(guard)
+            }
+        };
         let opts = DevOptions {
             storage_nodes: args.storage_nodes,
             base_port: (args.base_port != 0).then_some(args.base_port),

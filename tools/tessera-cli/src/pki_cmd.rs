@@ -1,5 +1,5 @@
-//! `tessera pki init --dir DIR`: the development PKI every test, e2e script
-//! and the demo use.
+//! `tessera pki init --dir DIR [--dns SUFFIX...]`: the development PKI every
+//! test, e2e script and the demo use; with `--dns`, for the Helm chart.
 
 use std::path::PathBuf;
 
@@ -23,18 +23,31 @@ pub enum PkiCommand {
         /// Replace an existing PKI in DIR.
         #[arg(long)]
         force: bool,
+        /// For a cluster: each service certificate also names its Service
+        /// (`gateway`, `storage-1`, ...) and, per SUFFIX, `<service>.SUFFIX`,
+        /// e.g. `--dns tessera.svc tessera.svc.cluster.local` for namespace
+        /// `tessera`.
+        #[arg(long, value_name = "SUFFIX", num_args = 0..)]
+        dns: Option<Vec<String>>,
     },
 }
 
 pub fn run(args: PkiArgs) -> anyhow::Result<()> {
     match args.command {
-        PkiCommand::Init { dir, force } => {
-            let pki = tessera_pki::init_dir(&dir, force)
+        PkiCommand::Init { dir, force, dns } => {
+            let pki = tessera_pki::init_dir_with(&dir, force, dns.as_deref())
                 .with_context(|| format!("writing the PKI into {}", dir.display()))?;
             println!("CA      {}", pki.ca_path().display());
             for name in tessera_pki::SERVICES {
+                let names = match &dns {
+                    None => String::new(),
+                    Some(suffixes) => std::iter::once(name.to_owned())
+                        .chain(suffixes.iter().map(|s| format!("{name}.{s}")))
+                        .map(|d| format!(" DNS:{d}"))
+                        .collect(),
+                };
                 println!(
-                    "service {name:<13} spiffe://{}/service/{name}",
+                    "service {name:<13} spiffe://{}/service/{name}{names}",
                     pki.trust_domain
                 );
             }

@@ -19,7 +19,7 @@ use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::segmentation::v1 as segpb;
 use tessera_proto::watermark::v1 as wpb;
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
 use crate::client::gateway_cmd::{print_report, tamper_map};
 use crate::demo::{DemoArgs, Steps};

@@ -12,8 +12,8 @@
 use std::path::Path;
 
 use tessera_pki::DevPki;
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};
-use tonic::transport::Channel;
 
 #[cfg(feature = "suite")]
 pub mod suite;

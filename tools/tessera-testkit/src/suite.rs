@@ -10,7 +10,7 @@ use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::storage::v1 as spb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
 /// A suite started with `opts` in a fresh temporary folder; keep the folder
 /// alive as long as the stack runs.

@@ -128,7 +128,7 @@ impl GatewayService {
             }
             let node = self.inner.up.node(&f.node)?.clone();
             let id = f.object_id.clone();
-            tasks.push(Some(tokio::spawn(async move {
+            tasks.push(Some(crate::upstream::spawn_traced(async move {
                 let mut c = node.client.clone();
                 let r = tessera_storage_client::put_object(&mut c, &id, &bytes)
                     .await

@@ -78,9 +78,9 @@ impl GatewayService {
                     continue;
                 };
                 let id = f.object_id.clone();
-                tasks.spawn(
-                    async move { (pos, upstream::get_object(&node, &id, frag_limit).await) },
-                );
+                tasks.spawn(tracing::Instrument::in_current_span(async move {
+                    (pos, upstream::get_object(&node, &id, frag_limit).await)
+                }));
                 return true;
             }
             false

@@ -11,9 +11,9 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
-use super::keyserver_cmd::{request_json, requests_table};
+use super::requests_view::{request_json, requests_table};
 use super::{
     ConnArgs, OutputArgs, Service, Table, block_on, owner_uri, parse_duration, short_identity,
     status_error, utc,

@@ -17,7 +17,7 @@ use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as kpb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_proto::watermark::v1 as wpb;
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
 use super::{ConnArgs, OutputArgs, Service, block_on, owner_uri, status_error};
 
@@ -332,13 +332,13 @@ pub fn request_key(a: RequestKeyArgs) -> Result<()> {
             .into_inner()
             .request
             .ok_or_else(|| anyhow!("request key: the gateway answered without a request"))?;
-        let value = super::keyserver_cmd::request_json(&r);
+        let value = super::requests_view::request_json(&r);
         a.out.emit(&value, || {
             println!(
                 "requested: {} (study {}, {}); the owner must approve it",
                 r.request_id,
                 r.study_id,
-                super::keyserver_cmd::state_name(r.state)
+                super::requests_view::state_name(r.state)
             );
         })
     })

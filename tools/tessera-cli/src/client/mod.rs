@@ -26,6 +26,7 @@ pub mod dicom_cmd;
 pub mod gateway_cmd;
 pub mod keyserver_cmd;
 pub mod repair_cmd;
+pub mod requests_view;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -33,8 +34,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use tessera_tls::Channel;
 use tessera_tls::{ChannelTimeouts, ClientTls, DEFAULT_TRUST_DOMAIN, Identity, TlsFiles};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 pub use tessera_devstack::{ENDPOINTS_FILE, Endpoints};
@@ -358,13 +359,36 @@ pub fn status_error(what: &str, s: &Status) -> anyhow::Error {
     }
 }
 
-/// Runs an async command body on a fresh runtime (the CLI is synchronous).
+/// Runs an async command body on a fresh runtime (the CLI is synchronous),
+/// inside one `tessera` span: every call the command makes carries its
+/// trace context (`traceparent`), so the services' spans of one command
+/// share a trace. With `OTEL_EXPORTER_OTLP_ENDPOINT` set
+/// (`http://host:4317`) the command's own span is exported there too.
 pub fn block_on<F: Future<Output = Result<()>>>(f: F) -> Result<()> {
-    tokio::runtime::Builder::new_current_thread()
+    use tracing::Instrument;
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(f)
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty());
+        // A second command in the same process (tests) keeps the first
+        // one's tracer: tracing is best effort, the command runs anyway.
+        let telemetry =
+            tessera_runtime::telemetry::init_client("tessera-cli", endpoint.as_deref()).ok();
+        let command = std::env::args()
+            .nth(1)
+            .filter(|c| c.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+            .unwrap_or_default();
+        let span = tracing::info_span!("command", otel.name = %format!("tessera {command}"));
+        let result = f.instrument(span).await;
+        if let Some(mut t) = telemetry {
+            t.shutdown();
+        }
+        result
+    })
 }
 
 /// Parses a duration: plain seconds (`90`) or number+unit groups

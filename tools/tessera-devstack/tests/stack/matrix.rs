@@ -17,11 +17,11 @@ use std::time::Duration;
 use prost::Message;
 use tessera_devstack::DevOptions;
 use tessera_testkit::suite::start;
+use tessera_tls::Channel;
 use tessera_tls::matrix::{MATRIX, rule_for};
 use tessera_tls::security::REFUSED_BY_HEADER;
 use tessera_tls::{ClientTls, DEFAULT_TRUST_DOMAIN, Identity, Role, RoleMap, TlsFiles};
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 

@@ -1,7 +1,9 @@
 //! Operations on the live suite (issue 15): every service's admin listener
 //! over real HTTP. `/metrics` counters move with the traffic sent (RPCs by
 //! method and code, an authorization denial, the keyserver's derivations,
-//! the storage nodes' objects), `/live` and `/ready` answer 200, and
+//! the storage nodes' objects), the gauges (pending key requests, audit
+//! chain length and checkpoint age, gateway jobs, memory budget and
+//! studies) read the state, `/live` and `/ready` answer 200, and
 //! `/ready` turns 503 with a reason when the keyserver stops.
 
 use bytes::Bytes;
@@ -89,6 +91,15 @@ async fn admin_listeners_serve_metrics_live_and_ready() {
     .await
     .unwrap();
     assert_eq!(pixels.len(), img.to_le_bytes().len());
+    // A second request the owner has not decided yet: pending.
+    gateway(&stack, "clinician2")
+        .await
+        .request_access(pb::RequestAccessRequest {
+            study_handle: stored.study_handle.clone(),
+            justification: "ops gauge".into(),
+        })
+        .await
+        .unwrap();
     // And a call the authorization layer refuses: a user at a storage node.
     let e = tessera_proto::storage::v1::storage_node_client::StorageNodeClient::new(
         channel(&stack, "researcher", "storage-1").await,
@@ -114,6 +125,26 @@ async fn admin_listeners_serve_metrics_live_and_ready() {
         "{gwm}"
     );
     assert_eq!(sample(&gwm, "tessera_gateway_studies_stored_total"), 1.0);
+    // Gauges: nothing in flight once the calls have answered, one study.
+    assert_eq!(
+        sample(&gwm, "tessera_gateway_job_permits_in_use"),
+        0.0,
+        "{gwm}"
+    );
+    assert_eq!(
+        sample(&gwm, "tessera_gateway_memory_budget_in_use_mib"),
+        0.0,
+        "{gwm}"
+    );
+    assert!(
+        gwm.contains("# TYPE tessera_gateway_job_permits_in_use gauge"),
+        "{gwm}"
+    );
+    assert!(
+        gwm.contains("# TYPE tessera_gateway_memory_budget_in_use_mib gauge"),
+        "{gwm}"
+    );
+    assert_eq!(sample(&gwm, "tessera_gateway_studies"), 1.0, "{gwm}");
     // No patient attribute leaks into metric labels.
     assert!(!gwm.contains("PID-OPS-1"), "{gwm}");
 
@@ -128,6 +159,22 @@ async fn admin_listeners_serve_metrics_live_and_ready() {
     );
     assert!(sample(&ksm, "tessera_keyserver_audit_commits_total") > 0.0);
     assert_eq!(sample(&ksm, "tessera_keyserver_audit_chain_broken"), 0.0);
+    assert_eq!(
+        sample(&ksm, "tessera_keyserver_pending_requests"),
+        1.0,
+        "{ksm}"
+    );
+    // Every audited job appended at least one entry.
+    let chain = sample(&ksm, "tessera_keyserver_audit_chain_length");
+    assert!(
+        chain >= sample(&ksm, "tessera_keyserver_audit_commits_total") && chain > 0.0,
+        "{ksm}"
+    );
+    // No checkpoint yet (one every 1000 entries): the age counts from the
+    // first entry, made by this test a moment ago.
+    let age = sample(&ksm, "tessera_keyserver_audit_checkpoint_age_seconds");
+    assert!((0.0..600.0).contains(&age), "{ksm}");
+    assert!(ksm.contains("# TYPE tessera_keyserver_audit_checkpoint_age_seconds gauge"));
 
     let (_, sm) = get(&stack, "storage-1", "/metrics").await;
     assert_eq!(

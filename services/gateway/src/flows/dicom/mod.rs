@@ -25,11 +25,9 @@
 //! RetrieveDicom; this file their shared constants and helpers.
 
 mod get_move;
-mod query;
+pub(crate) mod query;
 mod retrieve;
 mod store;
-
-pub use query::DicomPeer;
 
 use ring::hmac;
 use tessera_dicom::{Limits as DicomLimits, Profile, Subject, Temporal, UidMap};
