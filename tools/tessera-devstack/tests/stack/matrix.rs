@@ -110,8 +110,15 @@ async fn call(channel: Channel, rpc: &Rpc) -> Result<(), Status> {
                 .server_streaming(tonic::Request::new(()), path, codec)
                 .await?
                 .into_inner();
-            while s.message().await?.is_some() {}
-            Ok(())
+            // A live feed (WatchRequests) stays open once admitted: a stream
+            // still open after 2 s passed the authorization layer.
+            let drain = async {
+                while s.message().await?.is_some() {}
+                Ok(())
+            };
+            tokio::time::timeout(Duration::from_secs(2), drain)
+                .await
+                .unwrap_or(Ok(()))
         }
         (true, false) => grpc
             .client_streaming(tonic::Request::new(one()), path, codec)
