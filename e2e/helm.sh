@@ -238,7 +238,9 @@ KS_OUT=$(grep -l "^listening=${KS_ADDR:-none}\$" "$E2E_TMP"/keyserver.*.out 2>/d
 KS_ADMIN=$(sed -n 's/^admin=//p' "${KS_OUT:-/dev/null}" | head -n 1)
 check "keyserver (rendered config) admin listener: /live and /ready 200 (${KS_ADMIN:-none})" \
   bash -c 'curl -fsS -o /dev/null "http://$1/live" && curl -fsS -o /dev/null "http://$1/ready"' _ "$KS_ADMIN"
-ks_metrics() { curl -fsS "http://$KS_ADMIN/metrics" | grep -q '^tessera_rpc_requests_total{method="grpc.health.v1.Health/Check",code="0"} [1-9]'; }
+# The body is read whole first: `curl | grep -q` fails under pipefail when
+# grep stops at its match before curl has written everything.
+ks_metrics() { local body; body=$(curl -fsS "http://$KS_ADMIN/metrics") && grep -q '^tessera_rpc_requests_total{method="grpc.health.v1.Health/Check",code="0"} [1-9]' <<<"$body"; }
 check "keyserver (rendered config) /metrics counts the health checks" ks_metrics
 
 mapfile -t wm_env < <(tls_env TESSERA_WATERMARK SERVER__TLS watermark; tls_env TESSERA_WATERMARK KEYSERVER__TLS watermark)
