@@ -228,9 +228,7 @@ fn keyserver_health_channel(config: &Config) -> Result<Channel, AppError> {
     if let Some(every) = config.server.tls_reload() {
         let _watching = tls.watch(every);
     }
-    Ok(tls
-        .expecting(&id)
-        .connect_lazy(&config.keyserver.address)?)
+    Ok(tls.expecting(&id).connect_lazy(&config.keyserver.address)?)
 }
 
 /// Ready when the keyserver answers its health check and enough storage
