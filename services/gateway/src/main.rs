@@ -97,6 +97,12 @@ fn snapshot(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if cfg.vault.backend != gateway_service::config::VaultBackend::Redb {
+        eprintln!(
+            "gateway: refused: the vault is on PostgreSQL: back it up with the database's own tools (pg_dump; its rows stay sealed under the vault key)"
+        );
+        return ExitCode::from(1);
+    }
     let key = match gateway_service::vault::load_key_file(&cfg.vault.key_file) {
         Ok(k) => k,
         Err(e) => {

@@ -325,13 +325,14 @@ impl GatewayService {
     /// Rolls back the stores an earlier gateway process left pending (a
     /// crash mid-store) that its start-up sweep could not finish (a node
     /// was down then). Records created since this process started may be
-    /// in flight and are left alone; interrupted deletes are finished at
-    /// the next start.
+    /// in flight and are left alone, and so are the records of other
+    /// replicas whose lease is live (a shared PostgreSQL vault);
+    /// interrupted deletes are finished at the next start.
     pub(crate) async fn finish_interrupted(&self, dry_run: bool, tally: &mut RepairTally) {
         use crate::vault::StudyState;
         let started = self.inner.started_unix;
         let found = crate::shared::with_vault(&self.inner.vault, |v| {
-            Ok((v.unfinished()?, v.unfinished_instances()?))
+            Ok((v.recoverable_studies()?, v.recoverable_instances()?))
         })
         .await;
         let (studies, instances) = match found {

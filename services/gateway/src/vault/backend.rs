@@ -114,7 +114,10 @@ impl Backend for RedbBackend {
     fn get(&self, tbl: Tbl, key: &str) -> Result<Option<Vec<u8>>> {
         let txn = self.db.begin_read()?;
         Ok(match tbl {
-            Tbl::Studies => txn.open_table(STUDIES)?.get(key)?.map(|v| v.value().to_vec()),
+            Tbl::Studies => txn
+                .open_table(STUDIES)?
+                .get(key)?
+                .map(|v| v.value().to_vec()),
             Tbl::Instances => txn
                 .open_table(INSTANCES)?
                 .get(key)?
@@ -131,9 +134,7 @@ impl Backend for RedbBackend {
         match tbl {
             Tbl::Studies => rows(&txn.open_table(STUDIES)?, from, to, |v| v.to_vec()),
             Tbl::Instances => rows(&txn.open_table(INSTANCES)?, from, to, |v| v.to_vec()),
-            Tbl::Index => rows(&txn.open_table(INDEX)?, from, to, |v| {
-                v.as_bytes().to_vec()
-            }),
+            Tbl::Index => rows(&txn.open_table(INDEX)?, from, to, |v| v.as_bytes().to_vec()),
         }
     }
 

@@ -212,6 +212,43 @@ impl Vault {
         Ok(out)
     }
 
+    /// Unfinished records recovery may finish (see [`Self::recoverable`]).
+    pub fn recoverable_studies(&self) -> Result<Vec<StudyRecord>> {
+        let mut live = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for r in self.unfinished()? {
+            if self.recoverable_cached(&r.replica, &mut live)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unfinished instances recovery may finish.
+    pub fn recoverable_instances(&self) -> Result<Vec<InstanceRecord>> {
+        let mut live = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for r in self.unfinished_instances()? {
+            if self.recoverable_cached(&r.replica, &mut live)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn recoverable_cached(
+        &self,
+        replica: &str,
+        seen: &mut std::collections::HashMap<String, bool>,
+    ) -> Result<bool> {
+        if let Some(&r) = seen.get(replica) {
+            return Ok(r);
+        }
+        let r = self.recoverable(replica)?;
+        seen.insert(replica.to_owned(), r);
+        Ok(r)
+    }
+
     // ---- DICOM studies and instances ----------------------------------------
 
     fn index_key(&self, kind: &str, parts: &[&str]) -> String {
@@ -502,6 +539,7 @@ mod tests {
             placements: vec![],
             created_unix: 1,
             dicom_study_uid: String::new(),
+            replica: String::new(),
         }
     }
 

@@ -197,7 +197,10 @@ impl PgBackend {
     }
 }
 
-async fn apply(mut c: Client, op: Op) -> std::result::Result<(Client, Result<()>), tokio_postgres::Error> {
+async fn apply(
+    mut c: Client,
+    op: Op,
+) -> std::result::Result<(Client, Result<()>), tokio_postgres::Error> {
     let t = c.transaction().await?;
     for w in &op.0 {
         match w {
