@@ -444,6 +444,42 @@ impl Vault {
     }
 }
 
+impl Vault {
+    /// Copies every row, sealed as stored, into the new owner-only redb
+    /// file `out` (the backup of a PostgreSQL vault, restorable with
+    /// `gateway vault-restore` into a redb vault), then opens every record
+    /// of the copy under the vault key. Never overwrites `out`.
+    pub fn export_redb(&self, out: &Path) -> Result<VaultCounts> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .map_err(|e| GatewayError::Vault(format!("{}: {e}", out.display())))?;
+        let db = redb::Database::create(out)?;
+        let w = db.begin_write()?;
+        {
+            let mut studies = w.open_table(STUDIES)?;
+            for (k, v) in self.backend.range(Tbl::Studies, "", None)? {
+                studies.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut instances = w.open_table(INSTANCES)?;
+            for (k, v) in self.backend.range(Tbl::Instances, "", None)? {
+                instances.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut index = w.open_table(INDEX)?;
+            for (k, v) in self.backend.range(Tbl::Index, "", None)? {
+                let v = String::from_utf8(v)
+                    .map_err(|_| GatewayError::Vault(format!("index entry {k} is not text")))?;
+                index.insert(k.as_str(), v.as_str())?;
+            }
+        }
+        w.commit()?;
+        check_sealed_with(&db, &self.key)
+    }
+}
+
 /// The vault's tables, sorted by name: a backup refuses any other.
 pub(crate) const TABLE_NAMES: [&str; 3] = ["dicom_index", "instances", "studies"];
 
@@ -478,7 +514,10 @@ pub struct VaultCounts {
 /// Opens every record of a vault database under `key` (the AEAD tag, the
 /// id it is bound to, the id it names): what a restore accepts.
 pub(crate) fn check_sealed(db: &impl ReadableDatabase, key: &[u8; 32]) -> Result<VaultCounts> {
-    let vk = VaultKey::new(key)?;
+    check_sealed_with(db, &VaultKey::new(key)?)
+}
+
+fn check_sealed_with(db: &impl ReadableDatabase, vk: &VaultKey) -> Result<VaultCounts> {
     let r = db.begin_read()?;
     let studies = r.open_table(STUDIES)?;
     let instances = r.open_table(INSTANCES)?;
@@ -489,7 +528,7 @@ pub(crate) fn check_sealed(db: &impl ReadableDatabase, key: &[u8; 32]) -> Result
     };
     for item in studies.iter()? {
         let (k, v) = item?;
-        let rec: StudyRecord = open_sealed(&vk, k.value(), study_aad(k.value()), v.value())?;
+        let rec: StudyRecord = open_sealed(vk, k.value(), study_aad(k.value()), v.value())?;
         if rec.study_id != k.value() {
             return Err(GatewayError::Vault(format!(
                 "record {} names another study",
@@ -500,7 +539,7 @@ pub(crate) fn check_sealed(db: &impl ReadableDatabase, key: &[u8; 32]) -> Result
     }
     for item in instances.iter()? {
         let (k, v) = item?;
-        let rec: InstanceRecord = open_sealed(&vk, k.value(), instance_aad(k.value()), v.value())?;
+        let rec: InstanceRecord = open_sealed(vk, k.value(), instance_aad(k.value()), v.value())?;
         if rec.key() != k.value() {
             return Err(GatewayError::Vault(format!(
                 "record {} names another instance",
