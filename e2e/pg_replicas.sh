@@ -7,8 +7,9 @@
 #     leaves A's stores in flight alone (A's lease is live);
 #   - stores sent to both at once, A killed -9 mid-burst: every acknowledged
 #     store (through A or B) retrieves bit-identical through B;
-#   - B's repair pass leaves A's unfinished stores alone while A's lease
-#     could still be live, and finishes them once it lapsed;
+#   - B's repair pass leaves A's unfinished stores (held by a stopped
+#     storage node when A died) alone while A's lease is live, and finishes
+#     them once it lapsed;
 #   - the database holds no patient identity bytes (plain or hex).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -72,17 +73,24 @@ wait_acked 1
 start_service gateway "$E2E_TMP/gateway.toml"; GW_B=$SERVICE_ADDR; PID_B=$SERVICE_PID
 wait "$BA1"
 check "B started (sharing the database) while A stored; A's burst all acknowledged" test "$(acked)" -eq 6
-burst "$GW_A" 7 9 11 13 15 17 19 21 23 & BA2=$!
-burst "$GW_B" 8 10 12 14 16 18 20 22 24 & BB=$!
+burst "$GW_A" 7 9 11 & BA2=$!; burst "$GW_A" 13 15 17 & BA3=$!; burst "$GW_A" 19 21 23 & BA4=$!
+burst "$GW_B" 8 10 12 & BB1=$!; burst "$GW_B" 14 16 18 & BB2=$!; burst "$GW_B" 20 22 24 & BB3=$!
 wait_acked 12
+# storage-3 stopped: the stores in flight hold (their intent records
+# written, every fragment needed); A dies with its stores unfinished.
+kill -STOP "${NODE_PID[3]}"
+sleep 1.5
 kill9 "$PID_A"; KILLED_AT=$(date +%s)
+kill -CONT "${NODE_PID[3]}"
+sed -i "s/$GW_A/$GW_B/" "$E2E_TMP/endpoints.toml"   # the CLI's default gateway: B from now on
 # --- recovery respects A's lease (A beat at most LEASE/3 s ago) ---
 rollbacks() { "$T" repair status --as admin --gateway "$GW_B" | grep -c 'roll back the interrupted store' || true; }
 check "right after A died, B's repair pass would roll back none of A's stores (lease live)" test "$(rollbacks)" -eq 0
-wait "$BA2" "$BB"
+wait "$BA2" "$BA3" "$BA4" "$BB1" "$BB2" "$BB3"
 N_ACKED=$(acked)
 echo "   ($N_ACKED of 24 stores acknowledged; A killed -9 after 12)"
 check "B went on storing after A died" bash -c "grep -cE '^(8|10|12|14|16|18|20|22|24) ' '$E2E_TMP/acked.txt' | grep -qx 9"
+check "A died with stores unacknowledged" test "$N_ACKED" -lt 24
 
 # --- 2. every acknowledged store retrieves bit-identical through B ---
 declare -A RID
@@ -109,7 +117,7 @@ check "every acknowledged store (through A or B) retrieves bit-identical through
 WAIT=$((KILLED_AT + LEASE + 2 - $(date +%s)))
 [ "$WAIT" -le 0 ] || sleep "$WAIT"
 LEFT=$(rollbacks)
-echo "   ($LEFT interrupted store(s) of A found once its lease lapsed)"
+check "once A's lease lapsed, B's repair pass would roll back A's interrupted stores ($LEFT)" test "$LEFT" -ge 1
 check "after A's lease lapsed, B's repair run completes" "$T" repair run --as admin --gateway "$GW_B"
 check "... leaving nothing unfinished" test "$(rollbacks)" -eq 0
 check "... and every acknowledged store still retrieves bit-identical" retrieve_all "$GW_B"
