@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# e2e: two gateway replicas sharing one vault on PostgreSQL (decision 31).
+# e2e: two gateway replicas sharing one vault on PostgreSQL (decision 22).
 # A real PostgreSQL server (Debian's package, ./x installs it) on a private
 # socket folder; one keyserver, three storage nodes (erasure 2+1), watermark
 # and segmentation; gateways A and B with the same vault key and database.

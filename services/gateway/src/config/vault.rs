@@ -1,4 +1,4 @@
-//! The `[vault]` section: where the identity vault lives (decision 31).
+//! The `[vault]` section: where the identity vault lives (decision 22).
 //!
 //! ```toml
 //! [vault]

@@ -2,7 +2,7 @@
 //! tables (studies, instances, dicom_index) that only ever sees sealed
 //! records and HMAC index keys, with two implementations: the local redb
 //! file (one gateway) and PostgreSQL (`pg.rs`: several gateway replicas
-//! sharing one database). Decision 31 in docs/ARCHITECTURE.md.
+//! sharing one database). Decision 22 in docs/ARCHITECTURE.md.
 
 use std::collections::HashMap;
 
