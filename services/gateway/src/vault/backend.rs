@@ -186,11 +186,3 @@ impl Backend for RedbBackend {
         false
     }
 }
-
-impl RedbBackend {
-    /// The database, for `check_sealed` in tests.
-    #[cfg(test)]
-    pub(super) fn db(&self) -> &Database {
-        &self.db
-    }
-}
