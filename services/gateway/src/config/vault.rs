@@ -124,3 +124,74 @@ impl VaultSection {
         Ok(url)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(json: &str) -> VaultSection {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn backends_are_validated() {
+        let redb = section(r#"{"path": "v.redb", "key_file": "k"}"#);
+        assert_eq!(redb.backend, VaultBackend::Redb);
+        assert_eq!(redb.lease_secs, crate::vault::DEFAULT_LEASE_SECS);
+        redb.validate().unwrap();
+        let pg =
+            section(r#"{"backend": "postgres", "key_file": "k", "postgres_url_env": "PGURL"}"#);
+        pg.validate().unwrap();
+        for (text, why) in [
+            (
+                r#"{"backend": "postgres", "key_file": "k"}"#,
+                "needs postgres_url_file",
+            ),
+            (
+                r#"{"backend": "postgres", "key_file": "k", "postgres_url_env": "A", "postgres_url_file": "f"}"#,
+                "set one of",
+            ),
+            (
+                r#"{"backend": "postgres", "path": "v.redb", "key_file": "k", "postgres_url_env": "A"}"#,
+                "unset it",
+            ),
+            (
+                r#"{"key_file": "k", "postgres_url_env": "A", "path": "v"}"#,
+                "need backend",
+            ),
+            (r#"{"key_file": "k"}"#, "vault.path"),
+            (
+                r#"{"path": "v", "key_file": "k", "lease_secs": 1}"#,
+                "lease_secs",
+            ),
+        ] {
+            let e = section(text).validate().unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
+        assert!(
+            serde_json::from_str::<VaultSection>(r#"{"backend": "sqlite", "key_file": "k"}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_connection_string_comes_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("url");
+        std::fs::write(
+            &f,
+            "host=/run/pg user=tessera password=s3cret dbname=vault\n",
+        )
+        .unwrap();
+        let mut s = section(r#"{"backend": "postgres", "key_file": "k"}"#);
+        s.postgres_url_file = Some(f.clone());
+        assert_eq!(
+            s.postgres_url().unwrap(),
+            "host=/run/pg user=tessera password=s3cret dbname=vault"
+        );
+        std::fs::write(&f, "  \n").unwrap();
+        assert!(s.postgres_url().unwrap_err().contains("empty"));
+        s.postgres_url_file = Some(dir.path().join("absent"));
+        assert!(s.postgres_url().is_err());
+    }
+}
