@@ -1,5 +1,6 @@
 //! The identity vault: the only place where a study handle meets the
-//! patient's identity. One redb file; every record is sealed under the vault
+//! patient's identity. One redb file, or PostgreSQL shared by gateway
+//! replicas (`backend.rs`, `pg.rs`); every record is sealed under the vault
 //! key in the one envelope format of `tessera-envelope` (AES-256-GCM, random
 //! nonce per write, purpose `VaultStudy`/`VaultInstance`, the record's id
 //! as context, so a record copied under another id does not open): see
@@ -8,7 +9,9 @@
 //! A study goes through `Pending` (its shares are being placed: the intent
 //! record lets a restarted gateway remove what a crash left behind) to
 //! `Committed` (visible) and `Deleting` (shares and keys being destroyed).
-//! Only `Committed` studies are ever served.
+//! Only `Committed` studies are ever served. Pending and deleting records
+//! carry the replica that wrote them; recovery finishes only those of
+//! replicas whose lease lapsed ([`Vault::recoverable`]).
 
 mod backend;
 mod keyfile;
