@@ -194,7 +194,7 @@ tls() {
 # start_backends N [ZONE...]: the keyserver, N storage nodes (ports pinned in
 # their configs so restarts come back on the same address; node n in zone
 # ZONE[n-1] when zones are given), the watermark and the segmentation
-# service, one process each. Sets KS_ADDR, WM_ADDR, SEG_ADDR, NODE_COUNT and
+# service, one process each. Sets KS_ADDR, KS_PID, WM_ADDR, SEG_ADDR, NODE_COUNT and
 # the arrays NODE_ADDR, NODE_PID, NODE_CFG, NODE_ZONE (indexed 1..N).
 declare -A NODE_ADDR NODE_PID NODE_CFG NODE_ZONE
 start_backends() {
@@ -205,7 +205,7 @@ start_backends() {
   head -c 32 /dev/urandom >"$kek"; chmod 600 "$kek"
   { printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls keyserver
     printf '[keyserver]\ndb_path = "%s"\nkek_file = "%s"\n' "$E2E_TMP/keyserver.redb" "$kek"; } >"$E2E_TMP/keyserver.toml"
-  start_service keyserver "$E2E_TMP/keyserver.toml"; KS_ADDR=$SERVICE_ADDR
+  start_service keyserver "$E2E_TMP/keyserver.toml"; KS_ADDR=$SERVICE_ADDR; KS_PID=$SERVICE_PID
   for n in $(seq 1 "$NODE_COUNT"); do
     cfg="$E2E_TMP/storage-$n.toml"
     { printf 'node_id = "storage-%s"\ndata_dir = "%s"\n[server]\nlisten = "127.0.0.1:0"\n' "$n" "$E2E_TMP/storage-$n"

@@ -8,7 +8,7 @@
 #   - stores sent to both at once, A killed -9 mid-burst: every acknowledged
 #     store (through A or B) retrieves bit-identical through B;
 #   - B's repair pass leaves A's unfinished stores (held by a stopped
-#     storage node when A died) alone while A's lease is live, and finishes
+#     keyserver when A died) alone while A's lease is live, and finishes
 #     them once it lapsed;
 #   - the database holds no patient identity bytes (plain or hex).
 set -euo pipefail
@@ -76,12 +76,13 @@ check "B started (sharing the database) while A stored; A's burst all acknowledg
 burst "$GW_A" 7 9 11 & BA2=$!; burst "$GW_A" 13 15 17 & BA3=$!; burst "$GW_A" 19 21 23 & BA4=$!
 burst "$GW_B" 8 10 12 & BB1=$!; burst "$GW_B" 14 16 18 & BB2=$!; burst "$GW_B" 20 22 24 & BB3=$!
 wait_acked 12
-# storage-3 stopped: the stores in flight hold (their intent records
-# written, every fragment needed); A dies with its stores unfinished.
-kill -STOP "${NODE_PID[3]}"
-sleep 1.5
+# The keyserver stopped (SIGSTOP): every store in flight holds right after
+# its intent record (the pending record, then the keyserver registers the
+# study); A dies with its stores unfinished, B's resume.
+kill -STOP "$KS_PID"
+sleep 3
 kill9 "$PID_A"; KILLED_AT=$(date +%s)
-kill -CONT "${NODE_PID[3]}"
+kill -CONT "$KS_PID"
 sed -i "s/$GW_A/$GW_B/" "$E2E_TMP/endpoints.toml"   # the CLI's default gateway: B from now on
 # --- recovery respects A's lease (A beat at most LEASE/3 s ago) ---
 rollbacks() { "$T" repair status --as admin --gateway "$GW_B" | grep -c 'roll back the interrupted store' || true; }
