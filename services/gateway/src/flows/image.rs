@@ -107,6 +107,7 @@ impl GatewayService {
                 .collect(),
             created_unix: now_unix(),
             dicom_study_uid: String::new(),
+            replica: self.inner.vault.replica().to_owned(),
         };
         self.spread_fragments(&mut rec.placements, &healthy, &problems, share_bound)?;
         // The intent record: a crash from here on is cleaned up at start.
