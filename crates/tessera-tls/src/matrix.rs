@@ -236,6 +236,21 @@ pub const MATRIX: &[Rule] = &[
         USERS,
         "requests on the caller's studies, or decisions on its own requests",
     ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/SetWebhook",
+        &[Owner],
+        "the caller's own webhook; https:// only",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/GetWebhook",
+        &[Owner],
+        "the caller's own webhook",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/ClearWebhook",
+        &[Owner],
+        "the caller's own webhook",
+    ),
     // Watermark and segmentation: plaintext pixels, the gateway only.
     rule("/tessera.watermark.v1.Watermark/Protect", &[Gateway], ""),
     rule("/tessera.watermark.v1.Watermark/Restore", &[Gateway], ""),
