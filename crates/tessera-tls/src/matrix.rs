@@ -208,8 +208,8 @@ pub const MATRIX: &[Rule] = &[
     ),
     rule(
         "/tessera.keyserver.v1.KeyServer/BreakGlass",
-        USERS,
-        "the `emergency` permission (keyserver config), a reason, break-glass not disabled by the owner",
+        &[Owner, Clinician, Researcher, Gateway],
+        "the `emergency` permission (keyserver config), a reason, break-glass not disabled by the owner; on_behalf_of only from the gateway",
     ),
     rule(
         "/tessera.keyserver.v1.KeyServer/SetBreakGlass",

@@ -162,7 +162,8 @@ impl Core {
 
     /// Break-glass: `actor` (with the `emergency` permission) opens one
     /// study at once with a written reason; the grant is short, flagged in
-    /// every audit entry and listed for review.
+    /// every audit entry and listed for review. The gateway breaks it on
+    /// a user's behalf (`on_behalf_of`): the permission is that user's.
     pub async fn break_glass(
         &self,
         actor: &str,
@@ -170,6 +171,7 @@ impl Core {
         attributes: &[(String, String)],
         purpose: &str,
         reason: &str,
+        on_behalf_of: &str,
     ) -> Result<RequestRecord> {
         let ask = Ask {
             study_id,
@@ -177,7 +179,7 @@ impl Core {
             purpose,
             access_purpose: EMERGENCY,
             justification: "",
-            on_behalf_of: "",
+            on_behalf_of,
         };
         self.file_request(actor, &ask, Some(reason)).await
     }
@@ -246,7 +248,12 @@ impl Core {
                 owner: &study.owner,
                 disabled: false,
             };
-            self.authorize(actor, action, Context::rpc(id.as_str(), ""))
+            let via = if requester == actor {
+                String::new()
+            } else {
+                format!("presented_by={actor}")
+            };
+            self.authorize(&requester, action, Context::rpc(id.as_str(), via))
                 .await?;
         }
         let master = self
@@ -314,7 +321,7 @@ impl Core {
                         disabled,
                     };
                     let audit = Context::rpc(rec.study_id.clone(), "");
-                    if let Err(e) = authorize_in_txn(ctx, &rules, &rec.presented_by, &action, audit)? {
+                    if let Err(e) = authorize_in_txn(ctx, &rules, &rec.requester, &action, audit)? {
                         return Ok(Err(e));
                     }
                     let expires_at = now.saturating_add(bg_ttl);
@@ -386,7 +393,7 @@ impl Core {
                 if let Some((expires_at, uses, by)) = approval {
                     ctx.append(NewEntry {
                         actor: if rec.break_glass.is_some() {
-                            rec.presented_by.clone()
+                            rec.requester.clone()
                         } else {
                             SELF_ACTOR.to_owned()
                         },

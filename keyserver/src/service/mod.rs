@@ -559,6 +559,7 @@ impl KeyServer for KeyServerService {
                 &pairs(m.attributes),
                 &m.purpose,
                 &m.reason,
+                &m.on_behalf_of,
             )
             .await?;
         Ok(Response::new(pb::BreakGlassResponse {

@@ -196,6 +196,7 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         .request_access(pb::RequestAccessRequest {
             study_handle: handle.clone(),
             justification: "tumour board follow-up".into(),
+            ..Default::default()
         })
         .await
         .context("request access")?
