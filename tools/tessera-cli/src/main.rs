@@ -7,6 +7,7 @@ mod bench_e2e;
 mod bench_erasure;
 mod client;
 mod demo;
+mod demo_access;
 mod demo_dicom;
 mod demo_kit;
 mod dev_cmd;
