@@ -19,25 +19,9 @@ use crate::core::store::{
     GrantState, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord,
     get_json, index_key, index_scan, to_json,
 };
-use crate::core::types::{Redeemed, Released};
+use crate::core::types::{Ask, Redeemed, Released};
 use crate::core::{Core, SELF_ACTOR, deleted, forgotten_in_txn, writer};
 
-/// What a requester asks for ([`Core::request_access`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Ask<'a> {
-    /// The study.
-    pub study_id: &'a str,
-    /// The patient attributes its key is bound to.
-    pub attributes: &'a [(String, String)],
-    /// Key purpose label (derivation).
-    pub purpose: &'a str,
-    /// Access purpose (vocabulary); empty: the default.
-    pub access_purpose: &'a str,
-    /// Free text.
-    pub justification: &'a str,
-    /// Gateway only: the user asked for.
-    pub on_behalf_of: &'a str,
-}
 use crate::error::{KeyServerError, Result};
 
 /// The grant-use question about `rec`: may `user` use it (for `study`, if

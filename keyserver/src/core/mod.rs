@@ -68,9 +68,9 @@ pub use chain::{
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
 pub use gauges::Gauges;
-pub use grants::Ask;
 pub use types::{
-    AUDIT_SCAN_MAX, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed, Released,
+    AUDIT_SCAN_MAX, Ask, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed,
+    Released,
 };
 
 /// Identity recorded as the actor of the keyserver's own events.
