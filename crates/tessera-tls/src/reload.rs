@@ -75,7 +75,7 @@ impl std::fmt::Debug for TlsSource {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
@@ -99,7 +99,7 @@ pub(crate) fn parse_certs(
     Ok(certs)
 }
 
-fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::Pem {
         what: "private key",
         path: path.to_owned(),

@@ -107,6 +107,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
         .request_access(pb::RequestAccessRequest {
             study_handle: handle.clone(),
             justification: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
