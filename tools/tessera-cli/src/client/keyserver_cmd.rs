@@ -397,13 +397,24 @@ pub fn delegate(cmd: DelegateCmd) -> Result<()> {
                 })
             }
             DelegateCmd::List(a) => {
-                let list = client(&a.conn)
-                    .await?
-                    .list_delegates(a.conn.request(pb::ListDelegatesRequest {}))
-                    .await
-                    .map_err(|s| status_error("list delegates", &s))?
-                    .into_inner()
-                    .delegates;
+                let mut ks = client(&a.conn).await?;
+                let mut list = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let page = ks
+                        .list_delegates(a.conn.request(pb::ListDelegatesRequest {
+                            page_size: 500,
+                            page_token: std::mem::take(&mut page_token),
+                        }))
+                        .await
+                        .map_err(|s| status_error("list delegates", &s))?
+                        .into_inner();
+                    list.extend(page.delegates);
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
+                }
                 let value = Value::Array(list.iter().map(|d| json!(d)).collect());
                 a.out.emit(&value, || {
                     if list.is_empty() {
