@@ -770,5 +770,38 @@ async fn requests_lists_every_page_past_the_message_limit() {
     got.dedup();
     want.sort();
     assert_eq!(got, want);
+
+    // The audit log of those 400 requests is more than one 64 KiB page
+    // too: `tessera audit --limit 1000` follows the pages to the end.
+    let audit = json(
+        &stack
+            .tessera(Some("owner"), &["audit", "--json", "--limit", "1000"])
+            .await,
+    );
+    let seqs: Vec<u64> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    let requested = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "key.requested")
+        .count();
+    assert_eq!(requested, 400, "every key.requested entry listed");
+    let one_page = stack
+        .client("owner")
+        .await
+        .list_audit(pb::ListAuditRequest {
+            from_seq: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(one_page.entries.len() < seqs.len() && one_page.next_from_seq != 0);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, none twice");
     stack.stop().await;
 }
