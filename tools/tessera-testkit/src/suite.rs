@@ -8,7 +8,6 @@ use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
-use tessera_proto::storage::v1 as spb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_tls::Channel;
 
