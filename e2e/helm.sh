@@ -110,6 +110,12 @@ check "render refuses the DICOM SCP on the gRPC port" \
 check "render refuses loadBalancerSourceRanges on a ClusterIP DICOM Service" \
   render_rejects "$(scp_json "$AES, $OWNER, \"service\": {\"loadBalancerSourceRanges\": [\"10.0.0.0/8\"]}")" \
   "loadBalancerSourceRanges applies to service.type LoadBalancer only"
+# One size limit (issue 20): a node cap or a service limit below what
+# gateway.maxImageBytes needs fails the render, naming both.
+check "render refuses storage.maxObjectBytes below what gateway.maxImageBytes needs" \
+  render_rejects '{"storage": {"maxObjectBytes": 67108864}}' "below the 369229824 bytes per object that gateway.maxImageBytes = 268435456 needs"
+check "render refuses watermark.maxImageBytes below gateway.maxImageBytes" \
+  render_rejects '{"watermark": {"maxImageBytes": 1048576}}' "watermark.maxImageBytes (1048576) is below gateway.maxImageBytes"
 
 # Operations: users only from the clinic namespace, the DICOM port from one
 # CIDR, scrapers from monitoring, a PodMonitor, 3+2 erasure on 5 nodes.
@@ -160,6 +166,18 @@ assert 'backend = "postgres"' in cfg and "vault.redb" not in cfg, cfg
 PY
 }
 check "pgvault: the gateway on an external PostgreSQL: 3 replicas rolling, connection string from a Secret, no vault volume" pg_gateway
+limits_follow() { # limits_follow DIR CAP: every storage node's cap is CAP, every service's limit the gateway's
+  local d=$1 cap=$2 gw
+  gw=$(grep -h '^max_image_bytes' "$d"/config/*gateway*.toml)
+  for f in "$d"/config/*watermark*.toml "$d"/config/*segmentation*.toml; do
+    grep -qx "$gw" "$f" || { echo "$f: not $gw"; return 1; }
+  done
+  for f in "$d"/config/*storage-*.toml; do
+    grep -qx "max_object_bytes = $cap" "$f" || { echo "$f: $(grep max_object_bytes "$f")"; return 1; }
+  done
+}
+check "default: the nodes' cap derived from gateway.maxImageBytes (352 MiB whole)" limits_follow "$E2E_TMP/r-default" 369229824
+check "ops (3+2): the nodes' cap is one fragment of it" limits_follow "$E2E_TMP/r-ops" 123077120
 # The schema check is a gate: a manifest Kubernetes would refuse fails it.
 cp -r "$E2E_TMP/r-default" "$E2E_TMP/r-broken"
 python3 - "$E2E_TMP/r-broken/objects.json" <<'PY'

@@ -204,6 +204,7 @@ async fn a_standing_approval_approves_and_its_revocation_stops_releases_at_once(
     let all = owner
         .list_standing_approvals(pb::ListStandingApprovalsRequest {
             include_inactive: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -519,7 +520,8 @@ async fn break_glass_opens_at_once_loudly_and_is_reviewed() {
     assert_eq!(
         owner
             .list_break_glass(pb::ListBreakGlassRequest {
-                include_reviewed: true
+                include_reviewed: true,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -218,7 +218,7 @@ async fn owners_manage_delegates_and_the_gateway_checks_them() {
         );
     }
     let listed = owner
-        .list_delegates(pb::ListDelegatesRequest {})
+        .list_delegates(pb::ListDelegatesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -293,7 +293,7 @@ async fn owners_manage_delegates_and_the_gateway_checks_them() {
     );
     assert!(
         owner
-            .list_delegates(pb::ListDelegatesRequest {})
+            .list_delegates(pb::ListDelegatesRequest::default())
             .await
             .unwrap()
             .into_inner()

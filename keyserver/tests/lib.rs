@@ -10,3 +10,4 @@ mod common;
 mod gateway;
 mod grants;
 mod webhook;
+mod paging;

@@ -23,6 +23,10 @@ use crate::store::{Limits, ObjectMeta, ObjectReader, STORE_CHUNK, Store};
 
 /// Default and maximum page size of `List`.
 pub const LIST_LIMIT: usize = 1000;
+// A full List page (ids of at most MAX_ID_LEN, a SHA-256, size and time
+// per object, with their field overhead) stays far below the message limit.
+const _: () =
+    assert!(LIST_LIMIT * (crate::store::MAX_ID_LEN + 64) < tessera_runtime::MAX_MESSAGE_BYTES / 4);
 
 /// Chunks a `Get` reads ahead of its reader (each at most [`STORE_CHUNK`]).
 pub const GET_CHUNKS_IN_FLIGHT: usize = 2;

@@ -74,8 +74,24 @@ certificate must carry is <name>). Call with (list "keyserver" 7400). */}}
 {{- if or (lt $n 2) (gt $n 16) -}}
 {{- fail (printf "storage.replicas is %d: use 2..16 (two shares go to distinct nodes; the gateway places on at most 16)" $n) -}}
 {{- end -}}
-{{- if gt (.Values.storage.maxObjectBytes | int64) (.Values.storage.capacityBytes | int64) -}}
-{{- fail "storage.maxObjectBytes must not exceed storage.capacityBytes" -}}
+{{- /* One size limit (issue 20): the nodes' cap follows gateway.maxImageBytes. */ -}}
+{{- $maxImage := .Values.gateway.maxImageBytes | int64 -}}
+{{- $need := include "tessera.nodeObjectBytesNeeded" . | int64 -}}
+{{- $cap := include "tessera.storageMaxObjectBytes" . | int64 -}}
+{{- if lt $cap $need -}}
+{{- fail (printf "storage.maxObjectBytes is %d, below the %d bytes per object that gateway.maxImageBytes = %d needs on every node: leave it unset (null) to derive it, raise it, or lower gateway.maxImageBytes" $cap $need $maxImage) -}}
+{{- end -}}
+{{- if gt $cap 1073741824 -}}
+{{- fail (printf "gateway.maxImageBytes = %d needs %d bytes per object on a storage node, over the node's hard cap of 1 GiB: lower it or enable storage.erasure" $maxImage $cap) -}}
+{{- end -}}
+{{- if gt $cap (.Values.storage.capacityBytes | int64) -}}
+{{- fail (printf "storage.maxObjectBytes (%d, derived from gateway.maxImageBytes unless set) must not exceed storage.capacityBytes" $cap) -}}
+{{- end -}}
+{{- range $svc := list "watermark" "segmentation" -}}
+{{- $own := (index $.Values $svc).maxImageBytes -}}
+{{- if and (not (kindIs "invalid" $own)) (lt ($own | int64) $maxImage) -}}
+{{- fail (printf "%s.maxImageBytes (%d) is below gateway.maxImageBytes (%d): images the gateway accepts would be refused there; leave it unset (null) to follow the gateway" $svc ($own | int64) $maxImage) -}}
+{{- end -}}
 {{- end -}}
 {{- /* gateway.dicom may be absent: an upgrade with --reuse-values from a release before it */ -}}
 {{- $scp := ((.Values.gateway.dicom | default dict).scp | default dict) -}}
@@ -260,7 +276,7 @@ call_timeout_secs = {{ $t.callSecs | default 30 | int64 }}
 
 [watermark]
 allowed_callers = {{ include "tessera.tomlStrings" $callers }}
-max_image_bytes = {{ $v.watermark.maxImageBytes | int64 }}
+max_image_bytes = {{ $v.watermark.maxImageBytes | default $v.gateway.maxImageBytes | int64 }}
 max_concurrent_jobs = {{ $v.watermark.maxConcurrentJobs | int64 }}
 
 {{ include "tessera.serverToml" (dict "root" . "port" $v.watermark.port) }}
@@ -272,7 +288,7 @@ max_concurrent_jobs = {{ $v.watermark.maxConcurrentJobs | int64 }}
 # segmentation --config: rendered by the Tessera chart from values.
 [segmentation]
 allowed_callers = {{ include "tessera.tomlStrings" $callers }}
-max_image_bytes = {{ $v.segmentation.maxImageBytes | int64 }}
+max_image_bytes = {{ $v.segmentation.maxImageBytes | default $v.gateway.maxImageBytes | int64 }}
 max_concurrent_jobs = {{ $v.segmentation.maxConcurrentJobs | int64 }}
 
 {{ include "tessera.serverToml" (dict "root" . "port" $v.segmentation.port) }}
@@ -285,11 +301,40 @@ max_concurrent_jobs = {{ $v.segmentation.maxConcurrentJobs | int64 }}
 node_id = {{ .node | toJson }}
 data_dir = {{ include "tessera.dataDir" . | toJson }}
 capacity_bytes = {{ $v.storage.capacityBytes | int64 }}
-max_object_bytes = {{ $v.storage.maxObjectBytes | int64 }}
+max_object_bytes = {{ include "tessera.storageMaxObjectBytes" .root }}
 max_concurrent_puts = {{ $v.storage.maxConcurrentPuts | int64 }}
 
 {{ include "tessera.serverToml" (dict "root" .root "port" $v.storage.port) }}
 {{- end }}
+
+{{/*
+The per-object cap every storage node needs so that any image or DICOM
+instance within gateway.maxImageBytes can be placed (the gateway's
+sizes::node_object_bytes_needed): max + max/8 + max/4 + 128 KiB per whole
+object; with erasure coding one fragment of it (ceil(whole / k), rounded up
+to even, plus a 512-byte header).
+*/}}
+{{- define "tessera.nodeObjectBytesNeeded" -}}
+{{- $max := .Values.gateway.maxImageBytes | int64 -}}
+{{- $whole := add $max (div $max 8) (div $max 4) 131072 -}}
+{{- $e := .Values.storage.erasure | default dict -}}
+{{- if $e.enabled -}}
+{{- $k := $e.data | int64 -}}
+{{- $per := div (add $whole $k -1) $k -}}
+{{- add $per (mod $per 2) 512 -}}
+{{- else -}}
+{{- $whole -}}
+{{- end -}}
+{{- end -}}
+
+{{/* storage.maxObjectBytes, or (null) the cap gateway.maxImageBytes needs. */}}
+{{- define "tessera.storageMaxObjectBytes" -}}
+{{- if kindIs "invalid" .Values.storage.maxObjectBytes -}}
+{{- include "tessera.nodeObjectBytesNeeded" . -}}
+{{- else -}}
+{{- .Values.storage.maxObjectBytes | int64 -}}
+{{- end -}}
+{{- end -}}
 
 {{/* ---------------- pod building blocks ---------------- */}}
 

@@ -13,6 +13,7 @@ use crate::core::{Ask, AuditScope, Core};
 use crate::error::KeyServerError;
 
 mod convert;
+mod lists;
 use convert::{audit_entry, audit_entry_size, key_request, operation, pairs, redeemed, standing};
 
 /// gRPC service name, for the policy table and health.
@@ -87,30 +88,6 @@ fn is_admin<T>(req: &Request<T>) -> bool {
     tessera_tls::caller_roles(req).contains(&Role::Admin)
 }
 
-/// `page_size` of a listing: 1..=500, 0 means 100.
-fn page_size(n: u32) -> Result<usize, Status> {
-    match n {
-        0 => Ok(100),
-        n @ 1..=500 => Ok(n as usize),
-        n => Err(Status::invalid_argument(format!(
-            "page_size {n}: at most 500 (0 means 100)"
-        ))),
-    }
-}
-
-/// A listing's page token: the last listed request's `created_at:id`.
-fn page_after(token: &str) -> Result<Option<(u64, String)>, Status> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || Status::invalid_argument("page_token: not a token this keyserver gave");
-    let (at, id) = token.split_once(':').ok_or_else(bad)?;
-    if !id.starts_with("rq-") {
-        return Err(bad());
-    }
-    Ok(Some((at.parse::<u64>().map_err(|_| bad())?, id.to_owned())))
-}
-
 /// The live feed's answer stream.
 pub type RequestEventStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::RequestEvent, Status>> + Send>>;
@@ -181,57 +158,9 @@ impl KeyServer for KeyServerService {
         req: Request<pb::ListRequestsRequest>,
     ) -> Result<Response<pb::ListRequestsResponse>, Status> {
         let actor = who(&req)?;
-        let m = req.into_inner();
-        let page_size = match m.page_size {
-            0 => 100,
-            n @ 1..=500 => n as usize,
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size {n}: at most 500 (0 means 100)"
-                )));
-            }
-        };
-        // The token is the last listed request's (created_at, id).
-        let after = if m.page_token.is_empty() {
-            None
-        } else {
-            let bad = || Status::invalid_argument("page_token: not a token this keyserver gave");
-            let (at, id) = m.page_token.split_once(':').ok_or_else(bad)?;
-            if !id.starts_with("rq-") {
-                return Err(bad());
-            }
-            Some((at.parse::<u64>().map_err(|_| bad())?, id.to_owned()))
-        };
-        let list = self
-            .core
-            .list_requests(&actor, &m.study_id, m.include_decided)
-            .await?;
-        let mut requests = Vec::new();
-        let mut budget = MAX_MESSAGE_BYTES - 1024;
-        let mut next_page_token = String::new();
-        let mut last: Option<(u64, String)> = None;
-        for r in list.into_iter().filter(|r| {
-            after
-                .as_ref()
-                .is_none_or(|(at, id)| (r.created_at, &r.id) > (*at, id))
-        }) {
-            let key = (r.created_at, r.id.clone());
-            let k = key_request(r);
-            let len = prost::Message::encoded_len(&k) + 8;
-            if requests.len() == page_size || len > budget {
-                if let Some((at, id)) = &last {
-                    next_page_token = format!("{at}:{id}");
-                }
-                break;
-            }
-            budget -= len;
-            last = Some(key);
-            requests.push(k);
-        }
-        Ok(Response::new(pb::ListRequestsResponse {
-            requests,
-            next_page_token,
-        }))
+        Ok(Response::new(
+            self.requests_page(actor, req.into_inner()).await?,
+        ))
     }
 
     async fn approve_request(
@@ -412,11 +341,9 @@ impl KeyServer for KeyServerService {
         req: Request<pb::ListDelegatesRequest>,
     ) -> Result<Response<pb::ListDelegatesResponse>, Status> {
         let actor = who(&req)?;
-        let core = self.core.clone();
-        let delegates = tokio::task::spawn_blocking(move || core.list_delegates(&actor))
-            .await
-            .map_err(|_| Status::internal("internal error"))??;
-        Ok(Response::new(pb::ListDelegatesResponse { delegates }))
+        Ok(Response::new(
+            self.delegates_page(actor, req.into_inner()).await?,
+        ))
     }
 
     async fn check_delegate(
@@ -437,21 +364,9 @@ impl KeyServer for KeyServerService {
         req: Request<pb::FindGrantsRequest>,
     ) -> Result<Response<pb::FindGrantsResponse>, Status> {
         let actor = who(&req)?;
-        let m = req.into_inner();
-        let grants = self
-            .core
-            .find_grants(&actor, &m.on_behalf_of, &m.study_id)
-            .await?
-            .into_iter()
-            .map(|g| pb::FoundGrant {
-                request_id: g.request_id,
-                study_id: g.study_id,
-                purpose: g.purpose,
-                expires_at_unix: g.expires_at,
-                uses_left: g.uses_left,
-            })
-            .collect();
-        Ok(Response::new(pb::FindGrantsResponse { grants }))
+        Ok(Response::new(
+            self.found_grants_page(actor, req.into_inner()).await?,
+        ))
     }
 
     async fn forget_study(
@@ -501,15 +416,9 @@ impl KeyServer for KeyServerService {
         req: Request<pb::ListStandingApprovalsRequest>,
     ) -> Result<Response<pb::ListStandingApprovalsResponse>, Status> {
         let actor = who(&req)?;
-        let m = req.into_inner();
-        let core = self.core.clone();
-        let list =
-            tokio::task::spawn_blocking(move || core.list_standing(&actor, m.include_inactive))
-                .await
-                .map_err(|_| Status::internal("internal error"))??;
-        Ok(Response::new(pb::ListStandingApprovalsResponse {
-            approvals: list.into_iter().map(standing).collect(),
-        }))
+        Ok(Response::new(
+            self.standing_page(actor, req.into_inner()).await?,
+        ))
     }
 
     async fn update_standing_approval(
@@ -583,25 +492,10 @@ impl KeyServer for KeyServerService {
     ) -> Result<Response<pb::ListBreakGlassResponse>, Status> {
         let actor = who(&req)?;
         let admin = is_admin(&req);
-        let m = req.into_inner();
-        let core = self.core.clone();
-        let list = tokio::task::spawn_blocking(move || {
-            core.list_break_glass(&actor, admin, m.include_reviewed)
-        })
-        .await
-        .map_err(|_| Status::internal("internal error"))??;
-        let mut requests = Vec::new();
-        let mut budget = MAX_MESSAGE_BYTES - 1024;
-        for r in list {
-            let k = key_request(r);
-            let len = prost::Message::encoded_len(&k) + 8;
-            if len > budget {
-                break;
-            }
-            budget -= len;
-            requests.push(k);
-        }
-        Ok(Response::new(pb::ListBreakGlassResponse { requests }))
+        let page = self
+            .break_glass_page(actor, admin, req.into_inner())
+            .await?;
+        Ok(Response::new(page))
     }
 
     async fn mark_reviewed(
@@ -625,46 +519,9 @@ impl KeyServer for KeyServerService {
         req: Request<pb::ListGrantsRequest>,
     ) -> Result<Response<pb::ListGrantsResponse>, Status> {
         let actor = who(&req)?;
-        let m = req.into_inner();
-        let page_size = page_size(m.page_size)?;
-        let after = page_after(&m.page_token)?;
-        let core = self.core.clone();
-        let list = tokio::task::spawn_blocking(move || {
-            core.list_grants(&actor, m.as_owner, m.include_spent)
-        })
-        .await
-        .map_err(|_| Status::internal("internal error"))??;
-        let mut grants = Vec::new();
-        let mut budget = MAX_MESSAGE_BYTES - 1024;
-        let mut next_page_token = String::new();
-        let mut last: Option<(u64, String)> = None;
-        for g in list.into_iter().filter(|g| {
-            after
-                .as_ref()
-                .is_none_or(|(at, id)| (g.request.created_at, &g.request.id) > (*at, id))
-        }) {
-            let key = (g.request.created_at, g.request.id.clone());
-            let k = pb::Grant {
-                request: Some(key_request(g.request)),
-                valid: g.valid,
-                expiring_soon: g.expiring_soon,
-                seconds_left: g.seconds_left,
-            };
-            let len = prost::Message::encoded_len(&k) + 8;
-            if grants.len() == page_size || len > budget {
-                if let Some((at, id)) = &last {
-                    next_page_token = format!("{at}:{id}");
-                }
-                break;
-            }
-            budget -= len;
-            last = Some(key);
-            grants.push(k);
-        }
-        Ok(Response::new(pb::ListGrantsResponse {
-            grants,
-            next_page_token,
-        }))
+        Ok(Response::new(
+            self.grants_page(actor, req.into_inner()).await?,
+        ))
     }
 
     type WatchRequestsStream = RequestEventStream;

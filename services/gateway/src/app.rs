@@ -204,6 +204,10 @@ impl App {
         let heartbeat = vault
             .shared()
             .then(|| tokio::spawn(heartbeat_forever(vault)));
+        // Say at start when a node's per-object cap is below what
+        // gateway.max_image_bytes needs (the probe logs it).
+        let up = sweeper.inner.up.clone();
+        tokio::spawn(async move { up.probe().await });
         tokio::spawn(async move { sweeper.sweep_unfinished().await });
         Ok(RunningApp {
             server,

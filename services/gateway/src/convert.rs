@@ -83,7 +83,7 @@ impl StorePlan {
         }
         if h.size > max_bytes {
             return Err(GatewayError::TooLarge(format!(
-                "header.size: {} bytes exceeds the limit of {max_bytes} bytes",
+                "header.size: the image is {} bytes, the limit is {max_bytes} (gateway.max_image_bytes)",
                 h.size
             )));
         }

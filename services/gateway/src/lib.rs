@@ -17,6 +17,7 @@ mod flows;
 pub mod scp;
 pub mod service;
 pub mod shared;
+pub mod sizes;
 pub mod upstream;
 pub mod vault;
 pub mod vault_backup;

@@ -85,6 +85,11 @@ pub struct Upstreams {
     probe_timeout: Duration,
     /// The last probe, for [`Self::placement_probe`] (shared by clones).
     last_probe: Arc<Mutex<Option<CachedProbe>>>,
+    /// The per-object cap every node needs for `gateway.max_image_bytes`
+    /// ([`crate::sizes::node_object_bytes_needed`]).
+    pub cap_needed: u64,
+    /// Caps already warned about, by node index (one warning per value).
+    cap_warned: Arc<Mutex<std::collections::BTreeMap<usize, u64>>>,
 }
 
 impl Upstreams {
@@ -145,6 +150,11 @@ impl Upstreams {
             nodes,
             probe_timeout: Duration::from_secs(cfg.gateway.node_probe_timeout_secs),
             last_probe: Arc::default(),
+            cap_needed: crate::sizes::node_object_bytes_needed(
+                cfg.gateway.max_image_bytes,
+                cfg.erasure.map(|e| (e.data, e.parity)),
+            ),
+            cap_warned: Arc::default(),
         })
     }
 
@@ -229,6 +239,7 @@ impl Upstreams {
                 Err(e) => problems.push(format!("probe task failed: {e}")),
             }
         }
+        self.warn_small_caps(&healthy);
         // Two configured addresses reaching the same node would put both
         // shares in one cloud: keep only the first of each instance.
         let mut seen = std::collections::BTreeSet::new();
@@ -244,6 +255,35 @@ impl Upstreams {
             }
         });
         (healthy, problems)
+    }
+}
+
+impl Upstreams {
+    /// Logs a warning (once per node and cap value) for every node whose
+    /// per-object cap is below what `gateway.max_image_bytes` needs: images
+    /// near the limit would be refused with RESOURCE_EXHAUSTED.
+    fn warn_small_caps(&self, healthy: &[NodeHealth]) {
+        let mut warned = self
+            .cap_warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for h in healthy {
+            if h.max_object_bytes >= self.cap_needed {
+                warned.remove(&h.index);
+                continue;
+            }
+            if warned.insert(h.index, h.max_object_bytes) == Some(h.max_object_bytes) {
+                continue;
+            }
+            tracing::warn!(
+                node = %self.nodes[h.index].name,
+                max_object_bytes = h.max_object_bytes,
+                needed = self.cap_needed,
+                "the node's per-object cap (max_object_bytes) is below what gateway.max_image_bytes needs: \
+                 large images will be refused with RESOURCE_EXHAUSTED; raise the node's max_object_bytes \
+                 or lower gateway.max_image_bytes"
+            );
+        }
     }
 }
 

@@ -75,6 +75,18 @@ async fn put_get_stat_list_delete() {
     let ids: Vec<_> = rest.objects.iter().map(|o| o.object_id.as_str()).collect();
     assert_eq!(ids, ["share-b"]);
     assert!(rest.next_start_after.is_empty());
+    // The client's pages follow next_start_after to the end.
+    let mut pages = tessera_storage_client::list_pages(&mut c, "", 1);
+    let mut seen = Vec::new();
+    while let Some(page) = pages.next_page().await.unwrap() {
+        assert!(page.len() <= 1);
+        seen.extend(page.into_iter().map(|o| o.object_id));
+    }
+    assert_eq!(seen, ["other", "share-a", "share-b"]);
+    let all = tessera_storage_client::list_all(&mut c, "share-")
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
 
     let info = c
         .node_info(pb::NodeInfoRequest {})

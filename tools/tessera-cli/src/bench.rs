@@ -185,6 +185,7 @@ pub fn all() -> Result<()> {
         concurrency: 16,
         erasure: Some((3, 2)),
         erasure_nodes: Some(5),
+        large_mib: 32,
     })?;
     crate::bench_dicom::dicom(crate::bench_dicom::DicomBenchArgs {
         slices: 300,

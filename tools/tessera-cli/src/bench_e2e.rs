@@ -36,6 +36,12 @@ pub struct E2eBenchArgs {
     /// Storage nodes for `--erasure` (default K+M).
     #[arg(long)]
     pub erasure_nodes: Option<usize>,
+    /// Also store one image of this many MiB (512 x 512 x 2N frames) and
+    /// print the suite's peak memory for it as a ratio to the image, and
+    /// what stays resident after (0: skip).
+    #[arg(long, value_name = "N", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(0..=256))]
+    pub large_mib: u64,
 }
 
 const OWNER: &str = "spiffe://tessera.local/user/owner";
@@ -143,9 +149,14 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("starting the suite: {e}"))?;
     let r = measure(&stack, &slices, c, slice_bytes).await;
+    let memory = match (&r, args.large_mib) {
+        (Ok(_), mib @ 1..) => Some(crate::bench_memory::peak_per_job(&stack, mib).await),
+        (Ok(_), 0) | (Err(_), _) => None,
+    };
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&tmp);
     let (store, retrieve) = r?;
+    let memory = memory.transpose()?;
     let coded = match args.erasure {
         None => None,
         Some((k, m)) => {
@@ -209,6 +220,9 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
             mbps / (rep.bytes as f64 / sha_secs / 1e6),
             rep.bytes as f64 / sha_secs / 1e6
         );
+    }
+    if let Some(m) = &memory {
+        m.print();
     }
     println!(
         "store: {:.1} slices/s through the gateway (target >= 200 slices/s on this machine)",

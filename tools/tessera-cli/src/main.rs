@@ -5,6 +5,7 @@ mod bench;
 mod bench_dicom;
 mod bench_e2e;
 mod bench_erasure;
+mod bench_memory;
 mod client;
 mod demo;
 mod demo_access;

@@ -385,3 +385,86 @@ async fn owner_adds_lists_and_removes_delegates_by_short_name() {
     );
     stack.stop().await;
 }
+
+/// More pending requests than one 64 KiB message holds (the issue failed
+/// at 375): `tessera requests` follows every page and lists all 400, each
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_lists_every_page_past_the_message_limit() {
+    let stack = Stack::start().await;
+    let study = stack
+        .client("gateway")
+        .await
+        .register_study(pb::RegisterStudyRequest {
+            owner: OWNER.into(),
+            attributes: attrs(),
+            study_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .study_id;
+    let mut want = Vec::new();
+    for _ in 0..400 {
+        want.push(request_as(&stack, "clinician", &study).await);
+    }
+    // One page of all of them would not fit in a message.
+    let one_page = stack
+        .client("owner")
+        .await
+        .list_requests(pb::ListRequestsRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(one_page.requests.len() < 400 && !one_page.next_page_token.is_empty());
+
+    let listed = json(&stack.tessera(Some("owner"), &["requests", "--json"]).await);
+    let mut got: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got.len(), 400);
+    got.sort();
+    got.dedup();
+    want.sort();
+    assert_eq!(got, want);
+
+    // The audit log of those 400 requests is more than one 64 KiB page
+    // too: `tessera audit --limit 1000` follows the pages to the end.
+    let audit = json(
+        &stack
+            .tessera(Some("owner"), &["audit", "--json", "--limit", "1000"])
+            .await,
+    );
+    let seqs: Vec<u64> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    let requested = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "key.requested")
+        .count();
+    assert_eq!(requested, 400, "every key.requested entry listed");
+    let one_page = stack
+        .client("owner")
+        .await
+        .list_audit(pb::ListAuditRequest {
+            from_seq: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(one_page.entries.len() < seqs.len() && one_page.next_from_seq != 0);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, none twice");
+    stack.stop().await;
+}

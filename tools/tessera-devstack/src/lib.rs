@@ -124,6 +124,13 @@ pub struct DevOptions {
     /// Storage nodes per zone: 1 gives each node its own zone; 2 puts
     /// storage-1 and -2 in `zone-a`, -3 and -4 in `zone-b`, ...
     pub nodes_per_zone: usize,
+    /// The one size limit: the gateway's, the watermark and segmentation
+    /// services' `max_image_bytes`, and the storage nodes' per-object cap
+    /// derived from it ([`gateway_service::sizes::node_object_bytes_needed`]).
+    pub max_image_bytes: u64,
+    /// Overrides the derived per-object cap of every storage node (tests
+    /// of a misconfigured suite); `None`: derived from `max_image_bytes`.
+    pub storage_max_object_bytes: Option<u64>,
 }
 
 impl Default for DevOptions {
@@ -134,6 +141,8 @@ impl Default for DevOptions {
             erasure: None,
             repair_interval_secs: None,
             nodes_per_zone: 1,
+            max_image_bytes: gateway_service::config::DEFAULT_MAX_IMAGE_BYTES,
+            storage_max_object_bytes: None,
         }
     }
 }
@@ -384,7 +393,11 @@ impl DevStack {
         let ks = local(app.local_addr());
         self.add("keyserver", ks.clone(), Running::Keyserver(app));
 
-        // Storage nodes.
+        // Storage nodes, their per-object cap derived from the one limit.
+        let max_image = opts.max_image_bytes;
+        let cap = opts.storage_max_object_bytes.unwrap_or_else(|| {
+            gateway_service::sizes::node_object_bytes_needed(max_image, opts.erasure)
+        });
         let mut nodes = Vec::new();
         for i in 1..=opts.storage_nodes {
             let name = format!("storage-{i}");
@@ -395,7 +408,7 @@ impl DevStack {
                 )));
             }
             let text = format!(
-                "node_id = \"{name}\"\ndata_dir = \"{}\"\n{}",
+                "node_id = \"{name}\"\ndata_dir = \"{}\"\nmax_object_bytes = {cap}\n{}",
                 data.join(&name).display(),
                 server_section(pki, &name, &listen(base, 10 + i as u16)),
             );
@@ -410,7 +423,7 @@ impl DevStack {
 
         // Watermark and segmentation.
         let text = format!(
-            "{}[keyserver]\naddress = \"{ks}\"\nidentity = \"{}\"\n{}[watermark]\nmax_concurrent_jobs = 8\n",
+            "{}[keyserver]\naddress = \"{ks}\"\nidentity = \"{}\"\n{}[watermark]\nmax_concurrent_jobs = 8\nmax_image_bytes = {max_image}\n",
             server_section(pki, "watermark", &listen(base, 1)),
             service_identity("keyserver"),
             tls_section(pki, "watermark", "keyserver.tls"),
@@ -425,7 +438,10 @@ impl DevStack {
         let wm = local(app.local_addr());
         self.add("watermark", wm.clone(), Running::Watermark(app));
 
-        let text = server_section(pki, "segmentation", &listen(base, 2));
+        let text = format!(
+            "{}[segmentation]\nmax_image_bytes = {max_image}\n",
+            server_section(pki, "segmentation", &listen(base, 2))
+        );
         let cfg: segmentation_service::Config = parse(
             "segmentation",
             &text,
@@ -445,7 +461,8 @@ impl DevStack {
             "{}{}[keyserver]\naddress = \"{ks}\"\nidentity = \"{}\"\n\
              [watermark]\naddress = \"{wm}\"\nidentity = \"{}\"\n\
              [segmentation]\naddress = \"{seg}\"\nidentity = \"{}\"\n\
-             [vault]\npath = \"{}\"\nkey_file = \"{}\"\n",
+             [vault]\npath = \"{}\"\nkey_file = \"{}\"\n\
+             [gateway]\nmax_image_bytes = {max_image}\n",
             server_section(pki, "gateway", &listen(base, 3)),
             tls_section(pki, "gateway", "client_tls"),
             service_identity("keyserver"),

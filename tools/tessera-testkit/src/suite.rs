@@ -8,7 +8,6 @@ use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
-use tessera_proto::storage::v1 as spb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_tls::Channel;
 
@@ -74,19 +73,11 @@ pub async fn grant(stack: &DevStack, who: &str, handle: &str, uses: u32) -> Stri
     req.request_id
 }
 
-/// The object ids a running node holds (listed as the gateway).
+/// The object ids a running node holds (listed as the gateway, every page).
 pub async fn objects(stack: &DevStack, node: &str) -> Vec<String> {
-    storage(stack, node)
-        .await
-        .list(spb::ListRequest {
-            prefix: String::new(),
-            start_after: String::new(),
-            limit: 1000,
-        })
+    tessera_storage_client::list_all(&mut storage(stack, node).await, "")
         .await
         .unwrap_or_else(|s| panic!("List on {node}: {s}"))
-        .into_inner()
-        .objects
         .into_iter()
         .map(|o| o.object_id)
         .collect()

@@ -351,8 +351,11 @@ impl Default for GatewaySection {
     }
 }
 
+/// `gateway.max_image_bytes` when the config does not say (256 MiB).
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 256 * 1024 * 1024;
+
 fn default_max_image_bytes() -> u64 {
-    256 * 1024 * 1024
+    DEFAULT_MAX_IMAGE_BYTES
 }
 fn default_jobs() -> u32 {
     32

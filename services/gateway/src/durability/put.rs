@@ -33,11 +33,21 @@ impl GatewayService {
             m: e.parity,
         };
         let n = scheme.n();
-        let fragment_bound = scheme.shard_len(object_bound) as u64 + 512;
+        let fragment_bound = crate::sizes::per_node_bytes(object_bound, Some((e.data, e.parity)));
         let nodes = &self.inner.up.nodes;
+        let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
         for p in placements.iter_mut() {
             let ranked = rank_nodes(&p.object_id, healthy, nodes, fragment_bound);
             if ranked.len() < e.quorum() {
+                if let Some(err) = crate::shared::placement::over_cap(
+                    healthy,
+                    &names,
+                    e.quorum(),
+                    fragment_bound,
+                    self.inner.limits.node_cap_needed(),
+                ) {
+                    return Err(err);
+                }
                 let mut msg = format!(
                     "{} fragments of {} need at least {} healthy storage nodes with room for {fragment_bound} bytes (write quorum); {} are available",
                     n,

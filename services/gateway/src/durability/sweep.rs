@@ -66,17 +66,11 @@ impl GatewayService {
                 continue;
             };
             let mut c = node.client.clone();
-            let mut start_after = String::new();
+            let mut pages = tessera_storage_client::list_pages(&mut c, "", 1000);
             loop {
-                let page = match c
-                    .list(tessera_proto::storage::v1::ListRequest {
-                        prefix: String::new(),
-                        start_after: start_after.clone(),
-                        limit: 1000,
-                    })
-                    .await
-                {
-                    Ok(r) => r.into_inner(),
+                let page = match pages.next_page().await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
                     Err(s) => {
                         tally.failures.push(format!(
                             "orphan sweep: listing {}: {}",
@@ -86,7 +80,7 @@ impl GatewayService {
                         break;
                     }
                 };
-                for o in &page.objects {
+                for o in &page {
                     if referenced.contains(&o.object_id)
                         || o.created_unix.saturating_add(grace_secs) >= listed_at
                     {
@@ -112,10 +106,6 @@ impl GatewayService {
                             .push(format!("orphan {} on {}: {e}", o.object_id, node.name)),
                     }
                 }
-                if page.next_start_after.is_empty() || page.objects.is_empty() {
-                    break;
-                }
-                start_after = page.next_start_after;
             }
         }
     }

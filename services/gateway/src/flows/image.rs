@@ -45,11 +45,24 @@ impl GatewayService {
         let _permit = self
             .job_permit(plan.size.max(pixel_estimate(&plan)))
             .await?;
-        let file = read_exact(&mut stream, plan.size, |m: pb::StoreRequest| match m.part {
-            Some(pb::store_request::Part::Chunk(c)) => Part::Chunk(c),
-            Some(pb::store_request::Part::Header(_)) => Part::Header,
-            None => Part::Empty,
-        })
+        let max = self.inner.limits.max_image_bytes;
+        let file = read_exact(
+            &mut stream,
+            plan.size,
+            |m: pb::StoreRequest| match m.part {
+                Some(pb::store_request::Part::Chunk(c)) => Part::Chunk(c),
+                Some(pb::store_request::Part::Header(_)) => Part::Header,
+                None => Part::Empty,
+            },
+            // A PNG declares its dimensions in its first bytes: refuse an
+            // over-size one there, before its pixels are read.
+            |head| match png_min_decoded_bytes(head) {
+                Some(bytes) if bytes > max => {
+                    Err(over_limit("the image the PNG's IHDR declares", bytes, max))
+                }
+                Some(_) | None => Ok(()),
+            },
+        )
         .await?;
         let image = decode(&plan, file).await?;
         if let Some(roi) = &plan.roi {
@@ -58,19 +71,18 @@ impl GatewayService {
                 .map_err(|e| GatewayError::InvalidArgument(format!("header.roi: {e}")))?;
         }
         let pixel_bytes = image.spec().byte_len() as u64;
-        if pixel_bytes > self.inner.limits.max_image_bytes {
-            return Err(GatewayError::TooLarge(format!(
-                "the decoded image is {pixel_bytes} bytes, over the limit of {} bytes",
-                self.inner.limits.max_image_bytes
-            )));
+        if pixel_bytes > max {
+            return Err(over_limit("the decoded image", pixel_bytes, max));
         }
 
         let study_id = self.new_study_id()?;
         // Choose the nodes before anything is written anywhere.
         let (healthy, problems) = self.inner.up.probe().await;
         let names: Vec<String> = self.inner.up.nodes.iter().map(|n| n.name.clone()).collect();
-        // A share is at most the image plus per-tile framing.
-        let share_bound = pixel_bytes + pixel_bytes / 8 + 64 * 1024;
+        // A share is at most the image plus per-tile framing; a node holds
+        // the share or (erasure-coded) one fragment of it.
+        let share_bound = crate::sizes::image_share_bound(pixel_bytes);
+        let limits = &self.inner.limits;
         let chosen = placement::place(
             self.inner.placement.as_ref(),
             &study_id,
@@ -78,7 +90,8 @@ impl GatewayService {
             &problems,
             &names,
             SHARES,
-            share_bound,
+            crate::sizes::per_node_bytes(share_bound, limits.erasure_scheme()),
+            limits.node_cap_needed(),
         )?;
         let mut rec = StudyRecord {
             study_id: study_id.clone(),
@@ -355,6 +368,38 @@ impl GatewayService {
 
 /// The pixel bytes a store will hold: raw declares them; PNG/TIFF are
 /// charged at their file size here and checked after decoding.
+/// RESOURCE_EXHAUSTED naming the limit and its setting.
+pub(crate) fn over_limit(what: &str, bytes: u64, max: u64) -> GatewayError {
+    GatewayError::TooLarge(format!(
+        "{what} is {bytes} bytes, the limit is {max} (gateway.max_image_bytes)"
+    ))
+}
+
+/// The fewest bytes a PNG decodes to, from its IHDR (width x height x
+/// samples x bytes per sample, counting alpha and palette entries as
+/// nothing): `None` when `head` is not a PNG's start.
+fn png_min_decoded_bytes(head: &[u8]) -> Option<u64> {
+    const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    if head.len() < 26 || head[..8] != SIGNATURE || &head[12..16] != b"IHDR" {
+        return None;
+    }
+    let word = |at: usize| {
+        u64::from(u32::from_be_bytes([
+            head[at],
+            head[at + 1],
+            head[at + 2],
+            head[at + 3],
+        ]))
+    };
+    let (width, height) = (word(16), word(20));
+    let bytes_per_sample = if head[24] > 8 { 2 } else { 1 };
+    let samples = match head[25] {
+        2 | 6 => 3,
+        _ => 1,
+    };
+    Some(width * height * samples * bytes_per_sample)
+}
+
 fn pixel_estimate(plan: &StorePlan) -> u64 {
     plan.raw_spec.map_or(plan.size, |s| s.byte_len() as u64)
 }

@@ -61,6 +61,19 @@ pub struct Limits {
     pub stream_idle: std::time::Duration,
 }
 
+impl Limits {
+    /// The erasure coding `(k, m)` of stored objects, if any.
+    pub fn erasure_scheme(&self) -> Option<(usize, usize)> {
+        self.erasure.map(|e| (e.data, e.parity))
+    }
+
+    /// The per-object cap every storage node needs for images and DICOM
+    /// instances up to `max_image_bytes` ([`crate::sizes`]).
+    pub fn node_cap_needed(&self) -> u64 {
+        crate::sizes::node_object_bytes_needed(self.max_image_bytes, self.erasure_scheme())
+    }
+}
+
 /// The shared state behind every handler.
 pub struct Inner {
     pub(crate) up: Upstreams,

@@ -64,8 +64,12 @@ impl PlacementPolicy for DistinctNodes {
     }
 }
 
-/// Runs a policy and turns a refusal into UNAVAILABLE naming the nodes that
-/// did not answer.
+/// Runs a policy and turns a refusal into an error: RESOURCE_EXHAUSTED
+/// naming the cap when enough nodes answer but too few accept an object of
+/// `share_bytes` (their `max_object_bytes`: no retry can help), otherwise
+/// UNAVAILABLE naming the nodes that did not answer. `cap_needed` is the
+/// cap the configured `gateway.max_image_bytes` needs (named in the error).
+#[allow(clippy::too_many_arguments)]
 pub fn place(
     policy: &dyn PlacementPolicy,
     study_id: &str,
@@ -74,16 +78,53 @@ pub fn place(
     node_names: &[String],
     shares: usize,
     share_bytes: u64,
+    cap_needed: u64,
 ) -> Result<Vec<usize>, GatewayError> {
     policy
         .place(study_id, healthy, node_names, shares, share_bytes)
         .map_err(|why| {
+            if let Some(e) = over_cap(healthy, node_names, shares, share_bytes, cap_needed) {
+                return e;
+            }
             if problems.is_empty() {
                 GatewayError::Unavailable(why)
             } else {
                 GatewayError::Unavailable(format!("{why}; {}", problems.join("; ")))
             }
         })
+}
+
+/// RESOURCE_EXHAUSTED when at least `wanted` nodes answer but fewer than
+/// `wanted` of them accept objects of `bytes` because of their per-object
+/// cap; `None` when the cap is not what stops the placement.
+pub(crate) fn over_cap(
+    healthy: &[NodeHealth],
+    node_names: &[String],
+    wanted: usize,
+    bytes: u64,
+    cap_needed: u64,
+) -> Option<GatewayError> {
+    let fits = healthy
+        .iter()
+        .filter(|h| h.max_object_bytes >= bytes)
+        .count();
+    if healthy.len() < wanted || fits >= wanted {
+        return None;
+    }
+    let capped: Vec<String> = healthy
+        .iter()
+        .filter(|h| h.max_object_bytes < bytes)
+        .map(|h| {
+            let name = node_names.get(h.index).map(String::as_str).unwrap_or("?");
+            format!("{name} ({})", h.max_object_bytes)
+        })
+        .collect();
+    Some(GatewayError::TooLarge(format!(
+        "an object of {bytes} bytes is over the per-object cap (storage max_object_bytes) of {}; \
+         {wanted} nodes must accept it, {fits} do. gateway.max_image_bytes needs \
+         max_object_bytes >= {cap_needed} on every storage node",
+        capped.join(", ")
+    )))
 }
 
 #[cfg(test)]
@@ -135,11 +176,44 @@ mod tests {
             &names,
             2,
             10,
+            10,
         )
         .unwrap_err();
         let GatewayError::Unavailable(m) = e else {
             panic!("{e:?}")
         };
         assert!(m.contains("storage-3"), "{m}");
+    }
+
+    #[test]
+    fn a_cap_too_small_is_resource_exhausted_naming_it() {
+        let names: Vec<String> = (1..=3).map(|i| format!("storage-{i}")).collect();
+        let mut healthy: Vec<NodeHealth> = (0..3).map(|i| health(i, 1 << 30)).collect();
+        for h in &mut healthy[1..] {
+            h.max_object_bytes = 1000;
+        }
+        let e = place(&DistinctNodes, "st-1", &healthy, &[], &names, 2, 2000, 3000).unwrap_err();
+        let GatewayError::TooLarge(m) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            m.contains("storage-2 (1000)") && m.contains("storage-3 (1000)"),
+            "{m}"
+        );
+        assert!(m.contains("max_object_bytes >= 3000"), "{m}");
+        // Too few nodes answering at all stays UNAVAILABLE.
+        let e = place(
+            &DistinctNodes,
+            "st-1",
+            &healthy[1..2],
+            &[],
+            &names,
+            2,
+            2000,
+            3000,
+        )
+        .unwrap_err();
+        assert!(matches!(e, GatewayError::Unavailable(_)), "{e:?}");
     }
 }

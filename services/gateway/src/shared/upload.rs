@@ -51,13 +51,22 @@ pub(crate) enum Part {
     Empty,
 }
 
+/// Bytes of an upload [`read_exact`] shows its `peek` before reading on:
+/// enough for a file's own header (a PNG's IHDR ends at byte 33).
+pub(crate) const PEEK_BYTES: usize = 64;
+
 /// Reads exactly `size` bytes of chunks, refusing more before storing them.
+/// `peek` sees the first [`PEEK_BYTES`] (or all, if fewer) once they are
+/// in: its error ends the upload there, before the rest is read.
 pub(crate) async fn read_exact<M>(
     stream: &mut IdleStream<M>,
     size: u64,
     part: impl Fn(M) -> Part,
+    mut peek: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<Vec<u8>> {
     let mut data = Vec::with_capacity(size as usize);
+    let peek_at = (PEEK_BYTES as u64).min(size) as usize;
+    let mut peeked = false;
     while let Some(m) = stream.message().await.map_err(stream_err)? {
         match part(m) {
             Part::Chunk(c) => {
@@ -74,6 +83,10 @@ pub(crate) async fn read_exact<M>(
                     )));
                 }
                 data.extend_from_slice(&c);
+                if !peeked && data.len() >= peek_at {
+                    peeked = true;
+                    peek(&data[..peek_at])?;
+                }
             }
             Part::Header => {
                 return Err(GatewayError::InvalidArgument("header: sent twice".into()));

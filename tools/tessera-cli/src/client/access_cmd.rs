@@ -259,15 +259,25 @@ pub fn standing(cmd: StandingCmd) -> Result<()> {
                 one_standing(&a.out, "created", r.into_inner().approval)
             }
             StandingCmd::List(a) => {
-                let list = client(&a.conn)
-                    .await?
-                    .list_standing_approvals(a.conn.request(pb::ListStandingApprovalsRequest {
-                        include_inactive: a.all,
-                    }))
-                    .await
-                    .map_err(|s| status_error("list standing approvals", &s))?
-                    .into_inner()
-                    .approvals;
+                let mut ks = client(&a.conn).await?;
+                let mut list = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let page = ks
+                        .list_standing_approvals(a.conn.request(pb::ListStandingApprovalsRequest {
+                            include_inactive: a.all,
+                            page_size: 500,
+                            page_token: std::mem::take(&mut page_token),
+                        }))
+                        .await
+                        .map_err(|s| status_error("list standing approvals", &s))?
+                        .into_inner();
+                    list.extend(page.approvals);
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
+                }
                 let value = Value::Array(list.iter().map(standing_json).collect());
                 a.out.emit(&value, || {
                     if list.is_empty() {
@@ -386,14 +396,24 @@ pub fn review(a: ReviewArgs) -> Result<()> {
                 println!("reviewed {}", r.request_id);
             });
         }
-        let list = ks
-            .list_break_glass(a.conn.request(pb::ListBreakGlassRequest {
-                include_reviewed: a.all,
-            }))
-            .await
-            .map_err(|s| status_error("list break-glass uses", &s))?
-            .into_inner()
-            .requests;
+        let mut list = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = ks
+                .list_break_glass(a.conn.request(pb::ListBreakGlassRequest {
+                    include_reviewed: a.all,
+                    page_size: 500,
+                    page_token: std::mem::take(&mut page_token),
+                }))
+                .await
+                .map_err(|s| status_error("list break-glass uses", &s))?
+                .into_inner();
+            list.extend(page.requests);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         let value = Value::Array(list.iter().map(request_json).collect());
         a.out.emit(&value, || {
             if list.is_empty() {

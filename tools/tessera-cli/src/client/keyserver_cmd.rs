@@ -310,15 +310,29 @@ pub fn audit(a: AuditArgs) -> Result<()> {
             }
             return Ok(());
         }
-        let page = ks
-            .list_audit(a.conn.request(pb::ListAuditRequest {
-                from_seq: a.from_seq,
-                limit: a.limit,
-            }))
-            .await
-            .map_err(|s| status_error("list audit", &s))?
-            .into_inner();
-        let (entries, next) = (page.entries, page.next_from_seq);
+        // The keyserver caps a page at its message size, so a page may be
+        // shorter than --limit: follow the pages until --limit entries or
+        // the end of the log.
+        let mut entries = Vec::new();
+        let mut from_seq = a.from_seq;
+        let next = loop {
+            let want = a.limit.saturating_sub(entries.len() as u32);
+            let page = ks
+                .list_audit(a.conn.request(pb::ListAuditRequest {
+                    from_seq,
+                    limit: want,
+                }))
+                .await
+                .map_err(|s| status_error("list audit", &s))?
+                .into_inner();
+            let got = page.entries.len() as u32;
+            entries.extend(page.entries);
+            let next = page.next_from_seq;
+            if next == 0 || got >= want || next <= from_seq {
+                break next;
+            }
+            from_seq = next;
+        };
         let value = Value::Array(
             entries
                 .iter()
@@ -354,8 +368,7 @@ pub fn audit(a: AuditArgs) -> Result<()> {
                 ]);
             }
             print!("{}", t.render());
-            // The keyserver caps a page at its message size, so a page may
-            // be shorter than --limit; it says where the next one starts.
+            // Where the next window starts, when more follow.
             if next != 0 {
                 println!("(more may follow: --from {next})");
             }
@@ -397,13 +410,24 @@ pub fn delegate(cmd: DelegateCmd) -> Result<()> {
                 })
             }
             DelegateCmd::List(a) => {
-                let list = client(&a.conn)
-                    .await?
-                    .list_delegates(a.conn.request(pb::ListDelegatesRequest {}))
-                    .await
-                    .map_err(|s| status_error("list delegates", &s))?
-                    .into_inner()
-                    .delegates;
+                let mut ks = client(&a.conn).await?;
+                let mut list = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let page = ks
+                        .list_delegates(a.conn.request(pb::ListDelegatesRequest {
+                            page_size: 500,
+                            page_token: std::mem::take(&mut page_token),
+                        }))
+                        .await
+                        .map_err(|s| status_error("list delegates", &s))?
+                        .into_inner();
+                    list.extend(page.delegates);
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
+                }
                 let value = Value::Array(list.iter().map(|d| json!(d)).collect());
                 a.out.emit(&value, || {
                     if list.is_empty() {

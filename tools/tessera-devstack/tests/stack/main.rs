@@ -4,11 +4,13 @@
 //! * [`matrix`]: every RPC as every kind of caller against the matrix;
 //! * [`trust`]: ownership, delegation, Verify, tampered retrieve, share relay;
 //! * [`durability`]: erasure coding, node loss, corrupt fragments, repair;
+//! * [`limits`]: one size limit end to end, refused from the header;
 //! * [`ops`]: admin listeners: metrics move with traffic, live and ready;
 //! * [`access`]: purposes, standing approvals and break-glass through the gateway.
 
 mod access;
 mod durability;
+mod limits;
 mod matrix;
 mod ops;
 mod trust;

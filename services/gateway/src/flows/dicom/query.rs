@@ -114,15 +114,26 @@ impl GatewayService {
         })
         .await?;
         let mut ks = self.inner.up.keyserver.clone();
-        let grants = ks
-            .find_grants(kpb::FindGrantsRequest {
-                on_behalf_of: peer.identity.clone(),
-                study_id: String::new(),
-            })
-            .await
-            .map_err(|s| GatewayError::upstream("keyserver", s))?
-            .into_inner()
-            .grants;
+        // Every page of the peer's grants.
+        let mut grants = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = ks
+                .find_grants(kpb::FindGrantsRequest {
+                    on_behalf_of: peer.identity.clone(),
+                    study_id: String::new(),
+                    page_size: 500,
+                    page_token: std::mem::take(&mut page_token),
+                })
+                .await
+                .map_err(|s| GatewayError::upstream("keyserver", s))?
+                .into_inner();
+            grants.extend(page.grants);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         let mut acts: HashMap<String, bool> = HashMap::new();
         let mut out = Vec::new();
         for study in studies {

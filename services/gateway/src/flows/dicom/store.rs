@@ -40,9 +40,14 @@ impl GatewayService {
         self.require_store_for("StoreDicom", &caller, &roles, &header.owner)
             .await?;
         let max = self.inner.limits.max_image_bytes;
-        if header.size == 0 || header.size > max {
+        if header.size == 0 {
             return Err(GatewayError::TooLarge(format!(
-                "header.size: {} bytes; a DICOM file must be 1..={max} bytes",
+                "header.size: 0 bytes; a DICOM file must be 1..={max} bytes"
+            )));
+        }
+        if header.size > max {
+            return Err(GatewayError::TooLarge(format!(
+                "header.size: the DICOM file is {} bytes, the limit is {max} (gateway.max_image_bytes)",
                 header.size
             )));
         }
@@ -55,6 +60,9 @@ impl GatewayService {
                 Some(pb::store_dicom_request::Part::Header(_)) => Part::Header,
                 None => Part::Empty,
             },
+            // The rows and columns lie anywhere in the data set: the
+            // declared size bounded it above; the split bounds the pixels.
+            |_| Ok(()),
         )
         .await?;
         self.store_dicom_file(caller, header.owner, file).await
@@ -268,7 +276,10 @@ impl GatewayService {
         let (healthy, problems, from_cache) = self.inner.up.placement_probe().await;
         *cached = from_cache;
         let names: Vec<String> = self.inner.up.nodes.iter().map(|n| n.name.clone()).collect();
-        let bound = pixel_bytes + pixel_bytes / 8 + size / 4 + 128 * 1024;
+        let bound = crate::sizes::dicom_object_bound(pixel_bytes, size);
+        let limits = &self.inner.limits;
+        let per_node = crate::sizes::per_node_bytes(bound, limits.erasure_scheme());
+        let cap_needed = limits.node_cap_needed();
         let pixel_objects = if watermarked { 2 } else { 1 };
         let chosen = placement::place(
             self.inner.placement.as_ref(),
@@ -277,7 +288,8 @@ impl GatewayService {
             &problems,
             &names,
             pixel_objects + 1,
-            bound,
+            per_node,
+            cap_needed,
         )
         .or_else(|_| {
             placement::place(
@@ -287,7 +299,8 @@ impl GatewayService {
                 &problems,
                 &names,
                 2,
-                bound,
+                per_node,
+                cap_needed,
             )
         })
         .map_err(early)?;
