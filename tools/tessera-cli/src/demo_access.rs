@@ -119,7 +119,10 @@ pub(crate) async fn flows(
         reads(stack, "clinician", handle, &bg.request_id, image).await,
     );
 
-    let review = |include_reviewed| ks::ListBreakGlassRequest { include_reviewed };
+    let review = |include_reviewed| ks::ListBreakGlassRequest {
+        include_reviewed,
+        ..Default::default()
+    };
     let open = owner
         .list_break_glass(review(false))
         .await
