@@ -30,6 +30,8 @@ pub enum AppError {
     Vault(GatewayError),
     #[error("DICOM SCP: {0}")]
     Scp(std::io::Error),
+    #[error("DICOMweb: {0}")]
+    DicomWeb(std::io::Error),
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -59,6 +61,7 @@ pub struct App {
     erasure: Option<crate::config::ErasureSection>,
     admin: Option<AdminConfig>,
     readiness: Readiness,
+    dicomweb: Option<crate::config::DicomWebSection>,
 }
 
 /// The C-STORE SCP while it serves.
@@ -72,6 +75,7 @@ struct RunningScp {
 pub struct RunningApp {
     server: RunningServer,
     scp: Option<RunningScp>,
+    dicomweb: Option<crate::dicomweb::RunningDicomWeb>,
     /// The background repairer (with `[erasure]` and an interval).
     repairer: Option<tokio::task::JoinHandle<()>>,
 }
@@ -118,6 +122,7 @@ impl App {
             max_image_bytes: g.max_image_bytes,
             admin: config.admin.clone(),
             readiness,
+            dicomweb: config.dicomweb.clone(),
         })
     }
 
@@ -155,6 +160,26 @@ impl App {
             }
             None => None,
         };
+        let dicomweb = match &self.dicomweb {
+            Some(w) => {
+                let tls = tessera_tls::ServerTls::from_files(
+                    &self.server.tls,
+                    &self.server.access.trust_domain,
+                )?;
+                Some(
+                    crate::dicomweb::spawn(
+                        w.listen,
+                        &tls,
+                        self.service.clone(),
+                        self.scp_roles.clone(),
+                        w.max_request_bytes,
+                    )
+                    .await
+                    .map_err(AppError::DicomWeb)?,
+                )
+            }
+            None => None,
+        };
         let server = GrpcServer::new(&self.server, policy())?
             .with_admin(self.admin.as_ref())
             .with_readiness(self.readiness);
@@ -176,6 +201,7 @@ impl App {
         Ok(RunningApp {
             server,
             scp,
+            dicomweb,
             repairer,
         })
     }
@@ -196,8 +222,16 @@ impl RunningApp {
         self.scp.as_ref().map(|s| s.addr)
     }
 
+    /// Where DICOMweb (HTTPS, mutual TLS) listens, when configured.
+    pub fn dicomweb_addr(&self) -> Option<SocketAddr> {
+        self.dicomweb.as_ref().map(|w| w.addr)
+    }
+
     /// Stops accepting and drains for at most `grace` (the SCP first).
     pub async fn shutdown(self, grace: Duration) {
+        if let Some(w) = self.dicomweb {
+            w.stop().await;
+        }
         if let Some(r) = self.repairer {
             r.abort();
             let _ = r.await;

@@ -30,6 +30,7 @@ mod retrieve;
 mod store;
 
 pub use query::DicomPeer;
+pub(crate) use query::vr_of;
 
 use ring::hmac;
 use tessera_dicom::{Limits as DicomLimits, Profile, Subject, Temporal, UidMap};
