@@ -74,7 +74,8 @@ pub async fn spawn(
 ) -> std::io::Result<RunningDicomWeb> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let mut incoming = tessera_tls::incoming_with(listener, tls, AcceptLimits::default());
+    let mut incoming =
+        tessera_tls::incoming_with(listener, &tls.for_http1(), AcceptLimits::default());
     let router = router(WebState {
         service,
         roles: Arc::new(roles),

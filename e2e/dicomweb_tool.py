@@ -1,0 +1,114 @@
+"""DICOMweb e2e checks with dicomweb-client (PyPI) over mutual TLS.
+
+  stow URL PKI WHO DIR              STOW-RS every *.dcm of DIR; prints the count stored
+  qido URL PKI WHO KEY=VALUE...     QIDO-RS studies; prints one line per study:
+                                    StudyInstanceUID PatientID
+  wado-raw URL PKI WHO STUDY DIR    WADO-RS the study (raw multipart): every part must be
+                                    byte-identical to a file of DIR; prints the count
+  wado URL PKI WHO STUDY DIR MODE   dicomweb-client retrieve_study: MODE identical (same
+                                    data sets) or deidentified (no original ID/name/UIDs)
+  status URL PKI WHO STUDY          the HTTP status (and reason) of WADO-RS on STUDY
+  nocert URL PKI                    a client without a certificate: must fail the handshake
+"""
+import hashlib
+import os
+import sys
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from dicomweb_client.session_utils import create_session
+
+
+def session(pki, who):
+    s = create_session()
+    s.cert = (os.path.join(pki, f"{who}.crt"), os.path.join(pki, f"{who}.key"))
+    s.verify = os.path.join(pki, "ca.crt")
+    return s
+
+
+def client(url, pki, who):
+    return DICOMwebClient(url=url, session=session(pki, who))
+
+
+def files(d):
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".dcm"))
+
+
+def stow(url, pki, who, d):
+    ds = [pydicom.dcmread(f) for f in files(d)]
+    try:
+        r = client(url, pki, who).store_instances(datasets=ds)
+    except requests.HTTPError as e:
+        print(e.response.status_code, e.response.text.strip()[:300])
+        return
+    print(len(r.get("ReferencedSOPSequence", [])))
+
+
+def qido(url, pki, who, *kv):
+    filters = dict(a.split("=", 1) for a in kv)
+    for s in client(url, pki, who).search_for_studies(search_filters=filters):
+        uid = s.get("0020000D", {}).get("Value", [""])[0]
+        pid = s.get("00100020", {}).get("Value", [""])[0]
+        print(uid, pid)
+
+
+def parts(resp):
+    ctype = resp.headers["Content-Type"]
+    b = [p.split("=", 1)[1].strip('"') for p in ctype.split(";") if p.strip().startswith("boundary=")][0]
+    body = resp.content
+    out = []
+    for chunk in body.split(b"--" + b.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, rest = chunk.partition(b"\r\n\r\n")
+        out.append(rest[:-2])
+    return out
+
+
+def wado_raw(url, pki, who, study, d):
+    r = session(pki, who).get(f"{url}/studies/{study}",
+                              headers={"Accept": 'multipart/related; type="application/dicom"'})
+    r.raise_for_status()
+    want = {hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files(d)}
+    got = [hashlib.sha256(p).hexdigest() for p in parts(r)]
+    missing = [g for g in got if g not in want]
+    if missing or len(set(got)) != len(want):
+        sys.exit(f"{len(got)} parts, {len(missing)} not byte-identical to a sent file")
+    print(len(got))
+
+
+def wado(url, pki, who, study, d, mode):
+    got = client(url, pki, who).retrieve_study(study)
+    sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in files(d)}
+    for ds in got:
+        if mode == "identical":
+            if ds.SOPInstanceUID not in sent or ds.PatientID != sent[ds.SOPInstanceUID].PatientID:
+                sys.exit(f"{ds.SOPInstanceUID}: not one of the sent instances")
+        else:
+            orig = next(iter(sent.values()))
+            if ds.SOPInstanceUID in sent or ds.get("PatientID", "") == orig.PatientID \
+                    or str(ds.get("PatientName", "")) == str(orig.PatientName) and str(orig.PatientName):
+                sys.exit(f"{ds.SOPInstanceUID}: identifying values left")
+    print(len(got))
+
+
+def status(url, pki, who, study):
+    r = session(pki, who).get(f"{url}/studies/{study}",
+                              headers={"Accept": 'multipart/related; type="application/dicom"'})
+    print(r.status_code, r.text.strip().replace("\n", " ")[:300])
+
+
+def nocert(url, pki):
+    try:
+        requests.get(f"{url}/studies", verify=os.path.join(pki, "ca.crt"), timeout=10)
+    except requests.exceptions.RequestException as e:
+        print("refused:", type(e).__name__)
+        return
+    sys.exit("a client without a certificate was answered")
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    {"stow": stow, "qido": qido, "wado-raw": wado_raw, "wado": wado,
+     "status": status, "nocert": nocert}[cmd](*args)
