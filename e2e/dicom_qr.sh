@@ -95,7 +95,13 @@ check "C-GET without a grant: 0x0124 Not Authorized, naming tessera request-key"
 mkdir -p "$E2E_TMP/get-none"
 getscu -v -S -aet VIEWER -aec TESSERA -od "$E2E_TMP/get-none" "$HOST" "$PORT" \
   -k QueryRetrieveLevel=STUDY -k "StudyInstanceUID=$STUDY_UID" >"$E2E_TMP/getscu-none.log" 2>&1 || true
-check "getscu without a grant receives nothing" test -z "$(ls "$E2E_TMP/get-none")"
+# getscu exits non-zero on a refusal; what is asserted is that it reached the
+# SCP and was refused (status 0x0124 in its log) and that nothing arrived.
+none_received() {
+  grep -qiE "Status: 0x0?124\b" "$E2E_TMP/getscu-none.log" || { cat "$E2E_TMP/getscu-none.log"; return 1; }
+  test -z "$(ls "$E2E_TMP/get-none")"
+}
+check "getscu without a grant is refused (0x0124) and receives nothing" none_received
 
 # --- grants (RequestAccess, approved by the owner) ---
 HANDLE=$(gc clinician "$GW" -d "{\"owner\":\"spiffe://tessera.local/user/owner\",\"patient_id\":\"E2E-MRN-90417\",\"study_instance_uid\":\"$STUDY_UID\"}" \

@@ -21,36 +21,8 @@ ST=tessera.storage.v1.StorageNode
 export TESSERA_DIR="$E2E_TMP"
 
 # --- the suite, one process per service ---
-KEK="$E2E_TMP/keyserver.kek"; head -c 32 /dev/urandom >"$KEK"; chmod 600 "$KEK"
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls keyserver
-  printf '[keyserver]\ndb_path = "%s"\nkek_file = "%s"\n' "$E2E_TMP/keyserver.redb" "$KEK"; } >"$E2E_TMP/keyserver.toml"
-start_service keyserver "$E2E_TMP/keyserver.toml"; KS_ADDR=$SERVICE_ADDR
-
-declare -A NODE_ADDR NODE_PID NODE_CFG
-ZONES=(x a b c d e)
-for n in 1 2 3 4 5; do
-  cfg="$E2E_TMP/storage-$n.toml"
-  { printf 'node_id = "storage-%s"\ndata_dir = "%s"\n[server]\nlisten = "127.0.0.1:0"\n' "$n" "$E2E_TMP/storage-$n"
-    tls server.tls "storage-$n"; } >"$cfg"
-  start_service storage-node "$cfg"
-  NODE_ADDR[$n]=$SERVICE_ADDR; NODE_PID[$n]=$SERVICE_PID; NODE_CFG[$n]=$cfg
-  # Restarts come back on the same port.
-  sed -i "s/127.0.0.1:0/${SERVICE_ADDR}/" "$cfg"
-done
-
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls watermark
-  printf '[keyserver]\naddress = "%s"\n' "$KS_ADDR"; tls keyserver.tls watermark; } >"$E2E_TMP/watermark.toml"
-start_service watermark "$E2E_TMP/watermark.toml"; WM_ADDR=$SERVICE_ADDR
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls segmentation; } >"$E2E_TMP/segmentation.toml"
-start_service segmentation "$E2E_TMP/segmentation.toml"; SEG_ADDR=$SERVICE_ADDR
-
-VKEY="$E2E_TMP/vault.key"; head -c 32 /dev/urandom >"$VKEY"; chmod 600 "$VKEY"
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls gateway; tls client_tls gateway
-  printf '[keyserver]\naddress = "%s"\n[watermark]\naddress = "%s"\n[segmentation]\naddress = "%s"\n' "$KS_ADDR" "$WM_ADDR" "$SEG_ADDR"
-  for n in 1 2 3 4 5; do
-    printf '[[storage_nodes]]\nname = "storage-%s"\naddress = "%s"\nzone = "zone-%s"\n' "$n" "${NODE_ADDR[$n]}" "${ZONES[$n]}"
-  done
-  printf '[vault]\npath = "%s"\nkey_file = "%s"\n[gateway]\nnode_probe_timeout_secs = 2\n' "$E2E_TMP/vault.redb" "$VKEY"
+start_backends 5 zone-a zone-b zone-c zone-d zone-e
+{ gateway_base_config
   # No background pass (the script runs them); orphans older than 1 s go.
   printf '[erasure]\ndata = 3\nparity = 2\nrepair_interval_secs = 0\norphan_grace_secs = 1\nhedge_after_ms = 200\n'
   printf '[admin]\nlisten = "127.0.0.1:0"\n'

@@ -27,34 +27,8 @@ expect_msg() {
 }
 
 # --- the suite, one process per service ---
-KEK="$E2E_TMP/keyserver.kek"; head -c 32 /dev/urandom >"$KEK"; chmod 600 "$KEK"
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls keyserver
-  printf '[keyserver]\ndb_path = "%s"\nkek_file = "%s"\n' "$E2E_TMP/keyserver.redb" "$KEK"; } >"$E2E_TMP/keyserver.toml"
-start_service keyserver "$E2E_TMP/keyserver.toml"; KS_ADDR=$SERVICE_ADDR
-
-declare -A NODE_ADDR NODE_PID NODE_CFG
-for n in 1 2 3; do
-  cfg="$E2E_TMP/storage-$n.toml"
-  { printf 'node_id = "storage-%s"\ndata_dir = "%s"\n[server]\nlisten = "127.0.0.1:0"\n' "$n" "$E2E_TMP/storage-$n"
-    tls server.tls "storage-$n"; } >"$cfg"
-  start_service storage-node "$cfg"
-  NODE_ADDR[$n]=$SERVICE_ADDR; NODE_PID[$n]=$SERVICE_PID; NODE_CFG[$n]=$cfg
-  # Restarts must come back on the same port: pin it now.
-  sed -i "s/127.0.0.1:0/${SERVICE_ADDR}/" "$cfg"
-done
-
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls watermark
-  printf '[keyserver]\naddress = "%s"\n' "$KS_ADDR"; tls keyserver.tls watermark; } >"$E2E_TMP/watermark.toml"
-start_service watermark "$E2E_TMP/watermark.toml"; WM_ADDR=$SERVICE_ADDR
-
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls segmentation; } >"$E2E_TMP/segmentation.toml"
-start_service segmentation "$E2E_TMP/segmentation.toml"; SEG_ADDR=$SERVICE_ADDR
-
-VKEY="$E2E_TMP/vault.key"; head -c 32 /dev/urandom >"$VKEY"; chmod 600 "$VKEY"
-{ printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls gateway; tls client_tls gateway
-  printf '[keyserver]\naddress = "%s"\n[watermark]\naddress = "%s"\n[segmentation]\naddress = "%s"\n' "$KS_ADDR" "$WM_ADDR" "$SEG_ADDR"
-  for n in 1 2 3; do printf '[[storage_nodes]]\nname = "storage-%s"\naddress = "%s"\n' "$n" "${NODE_ADDR[$n]}"; done
-  printf '[vault]\npath = "%s"\nkey_file = "%s"\n[gateway]\nnode_probe_timeout_secs = 2\n' "$E2E_TMP/vault.redb" "$VKEY"
+start_backends 3
+{ gateway_base_config
   printf '[dicom]\ntemporal = "retain-modified"\n[dicom.scp]\nlisten = "127.0.0.1:0"\nae_title = "TESSERA"\nallowed_calling_aes = ["STORESCU"]\nowner = "spiffe://tessera.local/user/owner"\n'; } >"$E2E_TMP/gateway.toml"
 
 # A C-STORE SCP open to every AE title is a configuration error (exit 64).

@@ -10,14 +10,13 @@
 # real binaries on the rendered configs (paths and listen addresses overridden
 # by environment) so the deny_unknown_fields configs are proven to load (the
 # gateway with the SCP answers C-ECHO with the rendered AE titles), and checks
-# that certificates from helm/dev-pki.sh work with a service dialled by its
-# Service name.
+# that certificates from `tessera pki init --dns` work with a service dialled
+# by its Service name.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 e2e_init
 
 CHART=$(cd "$E2E_DIR/../helm/tessera" && pwd)
-DEV_PKI="$E2E_DIR/../helm/dev-pki.sh"
 hc() { python3 "$E2E_DIR/helm_chart.py" "$@"; }
 python3 -c 'import helm_sdkpy, helm_python' 2>/dev/null || {
   echo "helm-sdkpy / helm-python-sdk not importable by python3 (run via ./x e2e)" >&2
@@ -112,17 +111,65 @@ check "render refuses loadBalancerSourceRanges on a ClusterIP DICOM Service" \
   render_rejects "$(scp_json "$AES, $OWNER, \"service\": {\"loadBalancerSourceRanges\": [\"10.0.0.0/8\"]}")" \
   "loadBalancerSourceRanges applies to service.type LoadBalancer only"
 
+# Operations: users only from the clinic namespace, the DICOM port from one
+# CIDR, scrapers from monitoring, a PodMonitor, 3+2 erasure on 5 nodes.
+cat >"$E2E_TMP/ops.json" <<JSON
+{
+  "networkPolicy": {
+    "usersFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "clinic"}}}],
+    "dicomCIDRs": ["10.20.0.0/16"],
+    "adminFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+  "metrics": {"podMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "prom"}}},
+  "storage": {"replicas": 5, "zones": ["a", "a", "b", "b", "c"],
+              "erasure": {"enabled": true, "data": 3, "parity": 2}},
+  "gateway": {"dicom": {"scp": {"enabled": true, "owner": "$DICOM_OWNER", "allowedCallingAEs": ["CT01"]}}}
+}
+JSON
+# cert-manager issues every service certificate (4 storage nodes).
+cat >"$E2E_TMP/certmanager.json" <<JSON
+{"pki": {"mode": "certManager", "certManager": {"issuerRef": {"name": "tessera-ca", "kind": "ClusterIssuer"},
+         "duration": "720h", "renewBefore": "240h"}},
+ "storage": {"replicas": 4}}
+JSON
+# Policies off: no NetworkPolicy, no PodDisruptionBudget.
+cat >"$E2E_TMP/nopolicy.json" <<JSON
+{"networkPolicy": {"enabled": false}, "podDisruptionBudget": {"enabled": false}}
+JSON
+
 # --- render (helm-python-sdk) and check the manifests ---
 hc render "$CHART" "$E2E_TMP/r-default"
 hc render "$CHART" "$E2E_TMP/r-custom" "$E2E_TMP/custom.json"
 hc render "$CHART" "$E2E_TMP/r-dicom" "$E2E_TMP/dicom.json"
-for set in default custom dicom; do
+hc render "$CHART" "$E2E_TMP/r-ops" "$E2E_TMP/ops.json"
+hc render "$CHART" "$E2E_TMP/r-nopolicy" "$E2E_TMP/nopolicy.json"
+hc render "$CHART" "$E2E_TMP/r-certmanager" "$E2E_TMP/certmanager.json"
+# The schema check is a gate: a manifest Kubernetes would refuse fails it.
+cp -r "$E2E_TMP/r-default" "$E2E_TMP/r-broken"
+python3 - "$E2E_TMP/r-broken/objects.json" <<'PY'
+import json, sys
+objs = json.load(open(sys.argv[1]))
+svc = next(o["object"] for o in objs if o["object"]["kind"] == "Service")
+svc["spec"]["ports"][0]["port"] = "seven-thousand"
+json.dump(objs, open(sys.argv[1], "w"))
+PY
+schema_refuses() { ! hc check schemas "$E2E_TMP/r-broken" >/dev/null; }
+check "the Kubernetes schema check refuses a Service port that is not a number" schema_refuses
+for set in default custom dicom ops nopolicy certmanager; do
   R="$E2E_TMP/r-$set"
+  np=on cm=off
   case $set in
     default) n=3 otlp=none dicom=off ec=off ;;
     custom) n=5 otlp=$OTLP dicom=off ec=3+2/cloud-a,cloud-a,cloud-b,cloud-b,cloud-c ;;
     dicom) n=3 otlp=none dicom=on ec=off ;;
+    ops) n=5 otlp=none dicom=on ec=3+2/a,a,b,b,c ;;
+    nopolicy) n=3 otlp=none dicom=off ec=off np=off ;;
+    certmanager) n=4 otlp=none dicom=off ec=off cm=on ;;
   esac
+  check "$set: every manifest valid against the Kubernetes $(hc k8s-version) OpenAPI schemas (strict)" \
+    hc check schemas "$R"
+  check "$set: NetworkPolicies encode the trust zones ($np)" hc check network-policies "$R" "$np"
+  check "$set: PodDisruptionBudgets (storage: the erasure parity)" hc check disruption-budgets "$R"
+  check "$set: cert-manager Certificates with SPIFFE URI and Service DNS SANs ($cm)" hc check certificates "$R" "$cm"
   check "$set: [erasure] and node zones from values: $ec" hc check erasure "$R" "$ec"
   check "$set: gateway config lists exactly storage-1..$n, each a StatefulSet with that node_id" \
     hc check storage-nodes "$R" "$n"
@@ -191,7 +238,9 @@ KS_OUT=$(grep -l "^listening=${KS_ADDR:-none}\$" "$E2E_TMP"/keyserver.*.out 2>/d
 KS_ADMIN=$(sed -n 's/^admin=//p' "${KS_OUT:-/dev/null}" | head -n 1)
 check "keyserver (rendered config) admin listener: /live and /ready 200 (${KS_ADMIN:-none})" \
   bash -c 'curl -fsS -o /dev/null "http://$1/live" && curl -fsS -o /dev/null "http://$1/ready"' _ "$KS_ADMIN"
-ks_metrics() { curl -fsS "http://$KS_ADMIN/metrics" | grep -q '^tessera_rpc_requests_total{method="grpc.health.v1.Health/Check",code="0"} [1-9]'; }
+# The body is read whole first: `curl | grep -q` fails under pipefail when
+# grep stops at its match before curl has written everything.
+ks_metrics() { local body; body=$(curl -fsS "http://$KS_ADMIN/metrics") && grep -q '^tessera_rpc_requests_total{method="grpc.health.v1.Health/Check",code="0"} [1-9]' <<<"$body"; }
 check "keyserver (rendered config) /metrics counts the health checks" ks_metrics
 
 mapfile -t wm_env < <(tls_env TESSERA_WATERMARK SERVER__TLS watermark; tls_env TESSERA_WATERMARK KEYSERVER__TLS watermark)
@@ -326,15 +375,16 @@ else
   echo "FAIL - gateway: $TESSERA_BIN_DIR/gateway not built (the rendered DICOM config cannot be checked)"
 fi
 
-# --- helm/dev-pki.sh: certificates for in-cluster names ---
+# --- tessera pki init --dns: certificates for in-cluster names ---
 expect_fail() { if "$@" >/dev/null 2>&1; then echo "succeeded: $*"; return 1; fi; }
 KPKI="$E2E_TMP/kpki"
-check "dev-pki.sh writes a PKI for 3 storage nodes" "$DEV_PKI" --dir "$KPKI" --namespace tessera --storage-nodes 3
-check "dev-pki.sh refuses to overwrite it" expect_fail "$DEV_PKI" --dir "$KPKI"
+check "pki init --dns writes a PKI naming the Services" \
+  "$TESSERA_BIN_DIR/tessera" pki init --dir "$KPKI" --dns tessera.svc tessera.svc.cluster.local
+check "pki init refuses to overwrite it" expect_fail "$TESSERA_BIN_DIR/tessera" pki init --dir "$KPKI" --dns
 KEK2="$E2E_TMP/keyserver2.kek"
 head -c 32 /dev/urandom >"$KEK2"
 chmod 600 "$KEK2"
-kg() { # kg SERVERNAME ARGS...: grpcurl as the dev-pki.sh owner
+kg() { # kg SERVERNAME ARGS...: grpcurl as the --dns PKI's owner
   local sn=$1
   shift
   grpcurl -max-time 20 -cacert "$KPKI/ca.crt" -cert "$KPKI/owner.crt" -key "$KPKI/owner.key" -servername "$sn" "$@"
@@ -349,7 +399,7 @@ if start_with_env keyserver "$CFG/keyserver-config.toml" \
   TESSERA_KEYSERVER__KEYSERVER__KEK_FILE="$KEK2"; then
   K2=$SERVICE_ADDR
 else # counted: the refusal check below would otherwise pass on a keyserver that never ran
-  failed "keyserver on dev-pki.sh certificates did not start"
+  failed "keyserver on pki init --dns certificates did not start"
 fi
 health_as() { # health_as SERVERNAME: the TLS name grpcurl checks the certificate against
   local i
@@ -362,8 +412,9 @@ health_as() { # health_as SERVERNAME: the TLS name grpcurl checks the certificat
   return 1
 }
 check "dialled with the Service name keyserver as TLS name: SERVING" health_as keyserver
+check "dialled as keyserver.tessera.svc.cluster.local: SERVING" health_as keyserver.tessera.svc.cluster.local
 lists() { kg keyserver "$K2" list | grep -qx tessera.keyserver.v1.KeyServer; }
-check "reflection list as the dev-pki.sh owner" lists
+check "reflection list as the --dns PKI owner" lists
 check "the keyserver certificate does not pass for storage-1" expect_refused health_as storage-1
 
 e2e_finish

@@ -17,6 +17,7 @@ Subcommands:
   render CHART OUT_DIR [OVERRIDES.json]        render; write objects.json, values.json,
                                                NOTES.txt and config/<configmap>.toml
   check NAME OUT_DIR [ARG]                     one assertion on a rendered chart (see CHECKS)
+  k8s-version                                  the Kubernetes release the schemas check targets
   gateway-nodes-override OUT_DIR ADDR...       TOML inline array of the rendered gateway's
                                                storage nodes with the given addresses
   gateway-scp OUT_DIR                          the rendered [dicom.scp] AE titles: called,
@@ -516,7 +517,171 @@ def check_checksums(r: Rendered, _arg: str | None) -> None:
     assert len(seen) == len(r.workloads()), "every workload has its own config checksum"
 
 
+# Kubernetes release whose OpenAPI schemas every manifest must satisfy
+# (kubernetes-validate bundles them; strict: unknown fields are errors).
+K8S_VERSION = "1.33.0"
+
+# Custom resources the chart may render (no schema bundled for them): each
+# is checked by hand below, and any other kind without a schema fails.
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("cert-manager.io/v1", "Certificate")}
+
+
+def check_schemas(r: Rendered, _arg: str | None) -> None:
+    import kubernetes_validate as kv
+
+    problems = []
+    for o in r.objects:
+        kind = (o.get("apiVersion"), o.get("kind"))
+        name = o.get("metadata", {}).get("name")
+        if kind in CRD_KINDS:
+            check_crd(o)
+            continue
+        try:
+            kv.validate(o, K8S_VERSION, strict=True)
+        except kv.ValidationError as e:
+            problems.append(f"{kind[1]} {name}: {e.message} at {list(e.path)}")
+        except kv.SchemaNotFoundError:
+            problems.append(f"{kind[1]} {name}: no Kubernetes {K8S_VERSION} schema for {kind[0]}")
+    assert not problems, "\n".join(problems)
+
+
+def check_crd(o: dict) -> None:
+    name = o["metadata"]["name"]
+    if o["kind"] == "Certificate":
+        spec = o["spec"]
+        allowed = {"secretName", "commonName", "uris", "dnsNames", "duration", "renewBefore",
+                   "privateKey", "usages", "issuerRef"}
+        assert set(spec) == allowed, f"Certificate {name}: {sorted(spec)}"
+        assert spec["privateKey"] == {"algorithm": "ECDSA", "size": 256, "encoding": "PKCS8",
+                                      "rotationPolicy": "Always"}, spec["privateKey"]
+        assert set(spec["usages"]) == {"digital signature", "server auth", "client auth"}, spec["usages"]
+        assert spec["issuerRef"]["group"] == "cert-manager.io" and spec["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer")
+        for d in ("duration", "renewBefore"):
+            assert re.fullmatch(r"[0-9]+(h|m|s)", spec[d]), spec[d]
+    if o["kind"] == "PodMonitor":
+        spec = o["spec"]
+        assert set(spec) == {"selector", "podMetricsEndpoints"}, f"PodMonitor {name}: {sorted(spec)}"
+        labels = spec["selector"]["matchLabels"]
+        assert labels.get("app.kubernetes.io/name") == "tessera", labels
+        for ep in spec["podMetricsEndpoints"]:
+            assert ep["port"] == "admin" and ep["path"] == "/metrics", ep
+            assert re.fullmatch(r"[0-9]+(ms|s|m|h)", ep["interval"]), ep
+
+
+def peers_of(rule: dict) -> set[str]:
+    """The sources of one ingress rule: components, CIDRs, or '*' (anyone)."""
+    if "from" not in rule:
+        return {"*"}
+    out = set()
+    for p in rule["from"]:
+        if "ipBlock" in p:
+            out.add("cidr:" + p["ipBlock"]["cidr"])
+        elif "podSelector" in p and "namespaceSelector" not in p:
+            comp = p["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+            out.add(comp or "pods:" + json.dumps(p["podSelector"], sort_keys=True))
+        else:
+            out.add("peer:" + json.dumps(p, sort_keys=True))
+    return out
+
+
+def check_network_policies(r: Rendered, arg: str | None) -> None:
+    """The trust zones: who may reach each component's gRPC, DICOM and admin port."""
+    v = r.values
+    np = v["networkPolicy"]
+    pols = {p["metadata"]["name"]: p for p in r.of_kind("NetworkPolicy")}
+    if arg == "off":
+        assert not pols, sorted(pols)
+        return
+    ports = {c: int(v[c]["port"]) for c in ("gateway", "keyserver", "watermark", "segmentation", "storage")}
+    users = peers_of({"from": np["usersFrom"]}) if np["usersFrom"] else {"*"}
+    want = {
+        "gateway": users,
+        "keyserver": users if users == {"*"} else {"gateway", "watermark"} | users,
+        # Nothing but the gateway reaches these, whatever usersFrom says.
+        "watermark": {"gateway"},
+        "segmentation": {"gateway"},
+        "storage": {"gateway"},
+    }
+    admin_from = peers_of({"from": np["adminFrom"]}) if np["adminFrom"] else {"*"}
+    assert set(pols) == {f"tessera-{c}" for c in ports}, sorted(pols)
+    admin = int(v["admin"]["port"])
+    scp = v["gateway"].get("dicom", {}).get("scp", {})
+    for comp, port in ports.items():
+        spec = pols[f"tessera-{comp}"]["spec"]
+        assert spec["policyTypes"] == ["Ingress"], spec
+        sel = spec["podSelector"]["matchLabels"]
+        assert sel["app.kubernetes.io/component"] == comp and sel["app.kubernetes.io/instance"] == "tessera", sel
+        by_port: dict[int, set[str]] = {}
+        for rule in spec["ingress"]:
+            for p in rule["ports"]:
+                by_port.setdefault(int(p["port"]), set()).update(peers_of(rule))
+        got = by_port.pop(port, set())
+        assert got == want[comp], f"{comp} gRPC port {port}: from {sorted(got)}, expected {sorted(want[comp])}"
+        got = by_port.pop(admin, set())
+        assert got == admin_from, f"{comp} admin port: from {sorted(got)}"
+        if comp == "gateway" and scp.get("enabled") and np["dicomCIDRs"]:
+            got = by_port.pop(int(scp["port"]), set())
+            assert got == {"cidr:" + c for c in np["dicomCIDRs"]}, f"DICOM port from {sorted(got)}"
+        assert not by_port, f"{comp}: ports open beyond the trust zones: {by_port}"
+    # The workloads the policies select are the chart's own.
+    for w in r.workloads():
+        comp = w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert f"tessera-{comp}" in pols, f"{w['metadata']['name']}: no NetworkPolicy"
+
+
+def check_certificates(r: Rendered, arg: str | None) -> None:
+    """`off`, or `on`: one Certificate per service into the Secret it mounts,
+    with its SPIFFE URI SAN and the Service DNS names."""
+    certs = {c["spec"]["secretName"]: c for c in r.of_kind("Certificate")}
+    if arg == "off":
+        assert not certs, sorted(certs)
+        return
+    td = r.values["access"]["trustDomain"]
+    mounted = {}
+    for w in r.workloads():
+        name = w["metadata"]["name"]
+        for vol in w["spec"]["template"]["spec"]["volumes"]:
+            secret = vol.get("secret", {}).get("secretName", "")
+            if secret in certs:
+                mounted[secret] = name
+    assert set(mounted) == set(certs), f"Certificates {sorted(certs)} vs mounted {sorted(mounted)}"
+    for secret, svc in mounted.items():
+        spec = certs[secret]["spec"]
+        assert spec["uris"] == [f"spiffe://{td}/service/{svc}"], spec["uris"]
+        assert spec["dnsNames"] == [svc, f"{svc}.tessera.svc", f"{svc}.tessera.svc.cluster.local"], spec["dnsNames"]
+        r.get("Service", svc)
+
+
+def check_disruption_budgets(r: Rendered, _arg: str | None) -> None:
+    v = r.values
+    pdbs = {p["metadata"]["name"]: p for p in r.of_kind("PodDisruptionBudget")}
+    if not v["podDisruptionBudget"]["enabled"]:
+        assert not pdbs, sorted(pdbs)
+        return
+    ec = v["storage"]["erasure"]
+    want = {
+        "tessera-storage": int(ec["parity"]) if ec["enabled"] else 1,
+        "tessera-watermark": 1,
+        "tessera-segmentation": 1,
+    }
+    assert {n: p["spec"]["maxUnavailable"] for n, p in pdbs.items()} == want, pdbs
+    for n, p in pdbs.items():
+        comp = n.removeprefix("tessera-")
+        sel = p["spec"]["selector"]["matchLabels"]
+        matched = [
+            w for w in r.workloads()
+            if all(w["spec"]["template"]["metadata"]["labels"].get(k) == val for k, val in sel.items())
+        ]
+        assert matched and all(
+            w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == comp for w in matched
+        ), f"{n} selects {[w['metadata']['name'] for w in matched]}"
+
+
 CHECKS = {
+    "schemas": check_schemas,
+    "network-policies": check_network_policies,
+    "disruption-budgets": check_disruption_budgets,
+    "certificates": check_certificates,
     "storage-nodes": check_storage_nodes,
     "erasure": check_erasure,
     "security": check_security,
@@ -570,6 +735,8 @@ def main(argv: list[str]) -> int:
         except (AssertionError, KeyError) as e:
             print(f"{args[0]}: {type(e).__name__}: {e}")
             return 1
+    elif cmd == "k8s-version" and not args:
+        print(K8S_VERSION)
     elif cmd == "gateway-scp" and len(args) == 1:
         cmd_gateway_scp(args[0])
     elif cmd == "gateway-nodes-override" and len(args) >= 2:

@@ -31,6 +31,9 @@ db_path = "$DB"
 kek_file = "$2"
 checkpoint_every = 4
 
+[keyserver.access]
+emergency = ["spiffe://tessera.local/user/clinician"]
+
 [telemetry]
 log = "info"
 TOML
@@ -167,6 +170,43 @@ redeemed_no_key() {
   grep -q '"usesLeft": 1' <<<"$out" && ! grep -q '"key"' <<<"$out"
 }
 check "gateway redeems one use, no key in the answer" redeemed_no_key
+
+# --- access that fits clinical work (issue 19): purposes, standing
+# approvals, break-glass and its review, grants; wrong roles refused.
+# On a second study, so the forget and tamper checks below see what they did.
+STUDY_B=$(gc gateway "$ADDR" -d "{\"owner\":\"$OWNER\",\"attributes\":$ATTRS}" -- "$SVC/RegisterStudy" | field studyId)
+ask() { # ask IDENTITY ACCESS_PURPOSE
+  gc "$1" "$ADDR" -d "{\"study_id\":\"$STUDY_B\",\"attributes\":$ATTRS,\"purpose\":\"pixels\",\"access_purpose\":\"$2\"}" -- "$SVC/RequestKey"
+}
+check "an access purpose outside the vocabulary: InvalidArgument" expect_code InvalidArgument ask clinician curiosity
+standing() { # standing IDENTITY
+  gc "$1" "$ADDR" -d "{\"grantee_identity\":\"$CLIN\",\"access_purpose\":\"research\",\"ttl_seconds\":3600}" -- "$SVC/CreateStandingApproval"
+}
+check "a clinician may not create standing approvals" expect_code PermissionDenied standing clinician
+SA=$(standing owner | field approvalId)
+check "owner creates a standing approval" grep -Eq '^sa-[0-9a-f]{32}$' <<<"$SA"
+REQ3=$(ask clinician research | field requestId)
+auto_approved() { out_has "\"standingApproval\": \"$SA\"" gc owner "$ADDR" -d '{"include_decided":true}' -- "$SVC/ListRequests"; }
+check "a matching request is approved by the standing approval" auto_approved
+check "the clinician sees the grant (tessera grants)" out_has "$REQ3" gc clinician "$ADDR" -d '{}' -- "$SVC/ListGrants"
+sa_call() { gc "$1" "$ADDR" -d "{\"approval_id\":\"$SA\"}" -- "$SVC/$2"; }
+check "a clinician may not revoke a standing approval" expect_code PermissionDenied sa_call clinician RevokeStandingApproval
+check "owner revokes the standing approval" out_has '"revoked": true' sa_call owner RevokeStandingApproval
+check "its grant releases nothing after the revocation" expect_code PermissionDenied fetch clinician "$REQ3"
+glass() { # glass IDENTITY REASON
+  gc "$1" "$ADDR" -d "{\"study_id\":\"$STUDY_B\",\"attributes\":$ATTRS,\"purpose\":\"pixels\",\"reason\":\"$2\"}" -- "$SVC/BreakGlass"
+}
+check "break-glass without the emergency permission is refused" expect_code PermissionDenied glass clinician2 "arrest"
+check "break-glass without a reason is refused" expect_code InvalidArgument glass clinician ""
+BG=$(glass clinician "cardiac arrest, owner unreachable" | field requestId)
+check "break-glass opens the study at once" grep -Eq '^rq-[0-9a-f]{32}$' <<<"$BG"
+check "a clinician may not list break-glass uses" expect_code PermissionDenied gc clinician "$ADDR" -d '{}' -- "$SVC/ListBreakGlass"
+check "the owner's review list shows it" out_has "$BG" gc owner "$ADDR" -d '{}' -- "$SVC/ListBreakGlass"
+review() { gc "$1" "$ADDR" -d "{\"request_id\":\"$BG\"}" -- "$SVC/MarkReviewed"; }
+check "a clinician may not mark it reviewed" expect_code PermissionDenied review clinician
+check "the owner marks it reviewed" out_has '"reviewedBy"' review owner
+check "a storage node may not watch requests" \
+  expect_code PermissionDenied gc storage-1 "$ADDR" -d '{"as_owner":true}' -- "$SVC/WatchRequests"
 
 # --- the gateway forgets the study (crypto-shredding) ---
 forget() { gc "$1" "$ADDR" -d "{\"study_id\":\"$STUDY\",\"on_behalf_of\":\"$OWNER\"}" -- "$SVC/ForgetStudy"; }

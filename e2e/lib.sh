@@ -186,3 +186,50 @@ out_has() {
 tls() {
   printf '[%s]\nca = "%s/ca.crt"\ncert = "%s/%s.crt"\nkey = "%s/%s.key"\n' "$1" "$PKI" "$PKI" "$2" "$PKI" "$2"
 }
+
+# start_backends N [ZONE...]: the keyserver, N storage nodes (ports pinned in
+# their configs so restarts come back on the same address; node n in zone
+# ZONE[n-1] when zones are given), the watermark and the segmentation
+# service, one process each. Sets KS_ADDR, WM_ADDR, SEG_ADDR, NODE_COUNT and
+# the arrays NODE_ADDR, NODE_PID, NODE_CFG, NODE_ZONE (indexed 1..N).
+declare -A NODE_ADDR NODE_PID NODE_CFG NODE_ZONE
+start_backends() {
+  NODE_COUNT=$1
+  shift
+  local zones=("$@") n cfg
+  local kek="$E2E_TMP/keyserver.kek"
+  head -c 32 /dev/urandom >"$kek"; chmod 600 "$kek"
+  { printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls keyserver
+    printf '[keyserver]\ndb_path = "%s"\nkek_file = "%s"\n' "$E2E_TMP/keyserver.redb" "$kek"; } >"$E2E_TMP/keyserver.toml"
+  start_service keyserver "$E2E_TMP/keyserver.toml"; KS_ADDR=$SERVICE_ADDR
+  for n in $(seq 1 "$NODE_COUNT"); do
+    cfg="$E2E_TMP/storage-$n.toml"
+    { printf 'node_id = "storage-%s"\ndata_dir = "%s"\n[server]\nlisten = "127.0.0.1:0"\n' "$n" "$E2E_TMP/storage-$n"
+      tls server.tls "storage-$n"; } >"$cfg"
+    start_service storage-node "$cfg"
+    NODE_ADDR[$n]=$SERVICE_ADDR; NODE_PID[$n]=$SERVICE_PID; NODE_CFG[$n]=$cfg
+    NODE_ZONE[$n]=${zones[$((n - 1))]:-}
+    sed -i "s/127.0.0.1:0/${SERVICE_ADDR}/" "$cfg"
+  done
+  { printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls watermark
+    printf '[keyserver]\naddress = "%s"\n' "$KS_ADDR"; tls keyserver.tls watermark; } >"$E2E_TMP/watermark.toml"
+  start_service watermark "$E2E_TMP/watermark.toml"; WM_ADDR=$SERVICE_ADDR
+  { printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls segmentation; } >"$E2E_TMP/segmentation.toml"
+  start_service segmentation "$E2E_TMP/segmentation.toml"; SEG_ADDR=$SERVICE_ADDR
+}
+
+# gateway_base_config: the gateway's TOML for the backends above (TLS both
+# ways, every upstream, every node with its zone, a fresh vault key at
+# $VKEY); a script appends its own sections after it.
+gateway_base_config() {
+  local n
+  VKEY="$E2E_TMP/vault.key"
+  head -c 32 /dev/urandom >"$VKEY"; chmod 600 "$VKEY"
+  printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls gateway; tls client_tls gateway
+  printf '[keyserver]\naddress = "%s"\n[watermark]\naddress = "%s"\n[segmentation]\naddress = "%s"\n' "$KS_ADDR" "$WM_ADDR" "$SEG_ADDR"
+  for n in $(seq 1 "$NODE_COUNT"); do
+    printf '[[storage_nodes]]\nname = "storage-%s"\naddress = "%s"\n' "$n" "${NODE_ADDR[$n]}"
+    [ -z "${NODE_ZONE[$n]}" ] || printf 'zone = "%s"\n' "${NODE_ZONE[$n]}"
+  done
+  printf '[vault]\npath = "%s"\nkey_file = "%s"\n[gateway]\nnode_probe_timeout_secs = 2\n' "$E2E_TMP/vault.redb" "$VKEY"
+}

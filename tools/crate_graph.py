@@ -48,7 +48,6 @@ KNOWN_EXCEPTIONS: dict = {
 # restructuring is under way (issue 13); delete a line once its crate is clean.
 CIRCLES_REPORTED_ONLY = {
     "keyserver": "issue 13 (keyserver core split)",
-    "gateway-service": "issue 13 (gateway split by flow)",
 }
 
 
@@ -82,6 +81,9 @@ def normal_closure(meta):
     return closure
 
 
+LAYERS = {"crates": 0, "proto": 0, "services": 1, "keyserver": 1, "storage-node": 1, "tools": 2}
+
+
 def dependency_rules(meta):
     closure = normal_closure(meta)
     members = {p["name"] for p in meta["packages"] if p["id"] in meta["workspace_members"]}
@@ -94,6 +96,20 @@ def dependency_rules(meta):
     bad = "storage-node" in closure.get("gateway-service", set())
     checks.append((("no-dependency", "gateway-service", "storage-node"),
                    "gateway-service depends on the storage-node server crate" if bad else None))
+    # Layers by folder: foundations (crates/, proto/) < services (services/,
+    # keyserver/, storage-node/) < tools (tools/); no arrow points up.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    layer_of = {}
+    for p in meta["packages"]:
+        if p["id"] in meta["workspace_members"]:
+            top = os.path.relpath(p["manifest_path"], root).split(os.sep)[0]
+            layer_of[p["name"]] = LAYERS.get(top)
+    for a in sorted(members):
+        if layer_of[a] is None:
+            checks.append((("layer", a, ""), f"{a} lives in a folder with no layer (LAYERS in tools/crate_graph.py)"))
+            continue
+        up = sorted(b for b in closure.get(a, set()) & members if (layer_of[b] or 0) > layer_of[a])
+        checks.append((("layer", a, ""), f"{a} (layer {layer_of[a]}) depends on higher layers {up}" if up else None))
     for c in sorted(CORE & members):
         io = sorted(closure.get(c, set()) & IO_CRATES)
         checks.append((("no-io", c, ""), f"core crate {c} depends on I/O crates {io}" if io else None))

@@ -75,6 +75,7 @@ impl App {
                 checkpoint_every: k.checkpoint_every,
                 max_grant_ttl_secs: k.max_grant_ttl_secs,
                 max_grant_uses: k.max_grant_uses,
+                access: k.access.core_config(config.server.access.role_map()),
             },
             clock,
         )?;
@@ -195,6 +196,29 @@ fn register_metrics(metrics: &Metrics, core: &Core) {
         "keyserver_audit_chain_broken",
         "1 while the audit chain does not verify (key operations refused)",
         move || i64::from(c.chain_break().is_some()),
+    );
+    // Read at scrape time; a failed read shows as -1.
+    let gauge = |name: &str, help: &str, read: fn(&crate::core::Gauges) -> i64| {
+        let c = core.clone();
+        metrics.gauge_fn(name, help, move || c.gauges().map_or(-1, |g| read(&g)));
+    };
+    gauge(
+        "keyserver_pending_requests",
+        "Key requests waiting for the owner's decision",
+        |g| i64::try_from(g.pending_requests).unwrap_or(i64::MAX),
+    );
+    gauge(
+        "keyserver_audit_chain_length",
+        "Entries in the audit chain",
+        |g| i64::try_from(g.audit_chain_length).unwrap_or(i64::MAX),
+    );
+    gauge(
+        "keyserver_audit_checkpoint_age_seconds",
+        "Seconds since the last signed audit checkpoint (since the first entry before the first checkpoint; -1: empty log)",
+        |g| {
+            g.checkpoint_age_secs
+                .map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX))
+        },
     );
 }
 

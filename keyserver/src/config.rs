@@ -20,6 +20,15 @@
 //! [keyserver.derive_purposes]          # per deriving identity; default:
 //! "spiffe://tessera.local/service/gateway" = ["dicom-*"]
 //! "spiffe://tessera.local/service/watermark" = ["pixels"]
+//! [keyserver.access]      # issue 19; every key optional, defaults shown
+//! purposes = ["treatment", "research", "audit", "emergency"]
+//! default_purpose = "treatment"
+//! emergency = []           # identities that may break the glass
+//! break_glass_minutes = 15
+//! break_glass_uses = 5
+//! expiring_soon_secs = 3600
+//! [keyserver.access.groups] # standing approvals to a group approve its members
+//! "care-team-x" = ["spiffe://tessera.local/user/clinician"]
 //! [admin]                  # optional: plain HTTP /metrics, /live, /ready
 //! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
@@ -85,6 +94,96 @@ pub struct KeyserverSection {
     /// Most uses per grant.
     #[serde(default = "default_max_uses")]
     pub max_grant_uses: u32,
+    #[serde(default)]
+    pub access: AccessSection,
+}
+
+/// `[keyserver.access]`: purposes, groups, break-glass (issue 19).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    /// The closed vocabulary of access purposes.
+    pub purposes: Vec<String>,
+    /// The purpose of a request that names none.
+    pub default_purpose: String,
+    /// Identities with the `emergency` permission.
+    pub emergency: Vec<String>,
+    /// Lifetime of a break-glass grant, minutes.
+    pub break_glass_minutes: u64,
+    /// Uses of a break-glass grant.
+    pub break_glass_uses: u32,
+    /// Valid grants expiring within this many seconds are flagged.
+    pub expiring_soon_secs: u64,
+    /// Group name -> member identities.
+    pub groups: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for AccessSection {
+    fn default() -> Self {
+        let d = crate::core::policy::access::AccessRules::default();
+        Self {
+            purposes: d.purposes,
+            default_purpose: d.default_purpose,
+            emergency: Vec::new(),
+            break_glass_minutes: 15,
+            break_glass_uses: 5,
+            expiring_soon_secs: 3600,
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
+impl AccessSection {
+    /// The core's access config, roles from `[server.access]`.
+    pub fn core_config(&self, roles: tessera_tls::RoleMap) -> crate::core::access::AccessConfig {
+        crate::core::access::AccessConfig {
+            rules: crate::core::policy::access::AccessRules {
+                purposes: self.purposes.clone(),
+                default_purpose: self.default_purpose.clone(),
+                emergency: self.emergency.clone(),
+            },
+            groups: self.groups.clone(),
+            roles,
+            break_glass_ttl_secs: self.break_glass_minutes * 60,
+            break_glass_uses: self.break_glass_uses,
+            expiring_soon_secs: self.expiring_soon_secs,
+        }
+    }
+
+    fn validate(&self, td: &str) -> Result<(), String> {
+        if self.purposes.is_empty() {
+            return Err("keyserver.access.purposes must not be empty".into());
+        }
+        for p in &self.purposes {
+            validate_label("", p).map_err(|_| {
+                format!("keyserver.access.purposes: {p:?} is not a purpose ([a-z0-9_.-]{{1,64}})")
+            })?;
+        }
+        if !self.purposes.contains(&self.default_purpose) {
+            return Err(format!(
+                "keyserver.access.default_purpose {:?} is not in keyserver.access.purposes",
+                self.default_purpose
+            ));
+        }
+        for id in &self.emergency {
+            parse_identity("keyserver.access.emergency", id, td).map_err(|e| e.to_string())?;
+        }
+        for (g, members) in &self.groups {
+            validate_label("", g).map_err(|_| {
+                format!("keyserver.access.groups: {g:?} is not a group name ([a-z0-9_.-]{{1,64}})")
+            })?;
+            for id in members {
+                parse_identity("keyserver.access.groups", id, td).map_err(|e| e.to_string())?;
+            }
+        }
+        if !(1..=24 * 60).contains(&self.break_glass_minutes) {
+            return Err("keyserver.access.break_glass_minutes must be 1..=1440".into());
+        }
+        if !(1..=1000).contains(&self.break_glass_uses) {
+            return Err("keyserver.access.break_glass_uses must be 1..=1000".into());
+        }
+        Ok(())
+    }
 }
 
 fn default_checkpoint_every() -> u64 {
@@ -186,6 +285,7 @@ impl Validate for Config {
         if !(1..=1_000_000).contains(&k.max_grant_uses) {
             return Err("keyserver.max_grant_uses must be 1..=1000000".into());
         }
+        k.access.validate(td)?;
         Ok(())
     }
 }

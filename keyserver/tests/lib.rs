@@ -3,6 +3,7 @@
 //! identity. One test binary (`autotests = false` in Cargo.toml); its
 //! modules are the files beside this one, the shared kit is `common/`.
 
+mod access;
 mod audit;
 mod backup;
 mod common;

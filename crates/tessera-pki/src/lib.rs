@@ -115,8 +115,17 @@ impl Ca {
     /// A service certificate: URI SAN, `localhost`, `127.0.0.1`; server and
     /// client auth (services call each other).
     pub fn issue_service(&self, name: &str) -> Result<Issued, PkiError> {
+        self.issue_service_dns(name, &[])
+    }
+
+    /// [`Ca::issue_service`] with more DNS SANs (the Service names clients
+    /// dial in a cluster: `gateway`, `gateway.tessera.svc`, ...).
+    pub fn issue_service_dns(&self, name: &str, dns: &[String]) -> Result<Issued, PkiError> {
         check_name(name)?;
-        self.issue_custom(name, &[self.uri("service", name)], true)
+        for d in dns {
+            check_dns(d)?;
+        }
+        self.issue_leaf(name, &[self.uri("service", name)], dns, true)
     }
 
     /// A user certificate: URI SAN only, client auth only.
@@ -133,6 +142,16 @@ impl Ca {
         uris: &[String],
         server: bool,
     ) -> Result<Issued, PkiError> {
+        self.issue_leaf(common_name, uris, &[], server)
+    }
+
+    fn issue_leaf(
+        &self,
+        common_name: &str,
+        uris: &[String],
+        dns: &[String],
+        server: bool,
+    ) -> Result<Issued, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Tessera development");
@@ -145,6 +164,11 @@ impl Ca {
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        for d in dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(d.as_str().try_into()?));
+        }
         if server {
             params
                 .subject_alt_names
@@ -172,6 +196,25 @@ fn check_name(name: &str) -> Result<(), PkiError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::Name(name.to_owned()))
+    }
+}
+
+/// A DNS name for a SAN: lowercase labels of `[a-z0-9-]`, dot-separated.
+fn check_dns(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
     if ok {
         Ok(())
     } else {
@@ -232,6 +275,18 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
 /// Writes a complete development PKI into `dir` (created if missing).
 /// Refuses to overwrite an existing `ca.crt` unless `force`.
 pub fn init_dir(dir: &Path, force: bool) -> Result<DevPki, PkiError> {
+    init_dir_with(dir, force, None)
+}
+
+/// [`init_dir`] for a cluster: with `service_dns = Some(suffixes)` each
+/// service certificate also names the Service (`gateway`) and, per suffix,
+/// `gateway.<suffix>` (e.g. `tessera.svc`, `tessera.svc.cluster.local`), the
+/// names clients dial in Kubernetes.
+pub fn init_dir_with(
+    dir: &Path,
+    force: bool,
+    service_dns: Option<&[String]>,
+) -> Result<DevPki, PkiError> {
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
         path: dir.to_owned(),
         source,
@@ -245,7 +300,13 @@ pub fn init_dir(dir: &Path, force: bool) -> Result<DevPki, PkiError> {
     }
     let ca = Ca::new(TRUST_DOMAIN)?;
     for name in SERVICES {
-        let issued = ca.issue_service(name)?;
+        let dns: Vec<String> = match service_dns {
+            None => Vec::new(),
+            Some(suffixes) => std::iter::once(name.to_owned())
+                .chain(suffixes.iter().map(|s| format!("{name}.{s}")))
+                .collect(),
+        };
+        let issued = ca.issue_service_dns(name, &dns)?;
         write_file(&pki.cert_path(name), &issued.cert_pem, false)?;
         write_file(&pki.key_path(name), &issued.key_pem, true)?;
     }
@@ -284,6 +345,57 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    fn dns_of(pem: &str) -> Vec<String> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = p.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| {
+                if let GeneralName::DNSName(d) = n {
+                    Some((*d).to_owned())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn service_dns_names_for_a_cluster() {
+        let tmp = tempfile::tempdir().unwrap();
+        let suffixes = [
+            "tessera.svc".to_owned(),
+            "tessera.svc.cluster.local".to_owned(),
+        ];
+        let pki = init_dir_with(tmp.path(), false, Some(&suffixes)).unwrap();
+        let gw = std::fs::read_to_string(pki.cert_path("gateway")).unwrap();
+        assert_eq!(
+            dns_of(&gw),
+            [
+                "gateway",
+                "gateway.tessera.svc",
+                "gateway.tessera.svc.cluster.local",
+                "localhost"
+            ]
+        );
+        assert_eq!(uris_of(&gw), ["spiffe://tessera.local/service/gateway"]);
+        let s3 = std::fs::read_to_string(pki.cert_path("storage-3")).unwrap();
+        assert_eq!(dns_of(&s3)[0], "storage-3");
+        // Users stay URI-only; without --dns services name only localhost.
+        let owner = std::fs::read_to_string(pki.cert_path("owner")).unwrap();
+        assert!(dns_of(&owner).is_empty());
+        let plain = init_dir(&tmp.path().join("plain"), false).unwrap();
+        let ks = std::fs::read_to_string(plain.cert_path("keyserver")).unwrap();
+        assert_eq!(dns_of(&ks), ["localhost"]);
+        // A name that is not a DNS name is refused.
+        for bad in ["Tessera.svc", "a..b", "-x.svc", "x_y", ""] {
+            let r = init_dir_with(&tmp.path().join("bad"), true, Some(&[bad.to_owned()]));
+            assert!(matches!(r, Err(PkiError::Name(_))), "{bad}");
+        }
     }
 
     #[test]

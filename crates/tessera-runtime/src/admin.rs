@@ -84,7 +84,7 @@ pub fn always_ready() -> Readiness {
 /// server) over `channel`; `Err` names `what` and why.
 pub async fn upstream_serving(
     what: &str,
-    channel: tonic::transport::Channel,
+    channel: tessera_tls::Channel,
     service: &str,
 ) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -324,7 +324,7 @@ where
     S::Future: Send + 'static,
     ResBody: http_body::Body + Send + 'static,
 {
-    type Response = http::Response<MetricsBody<ResBody>>;
+    type Response = http::Response<StatusBody<ResBody>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -343,59 +343,67 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let res = fut.await?;
-            let (parts, body) = res.into_parts();
-            let mut pending = Some(Pending {
-                metrics,
-                method,
-                started,
-            });
-            // Trailers-only responses (errors before any message) carry
-            // the status in the headers.
-            if let Some(code) = parts.headers.get("grpc-status")
-                && let Some(p) = pending.take()
-            {
-                p.finish(code.to_str().unwrap_or("unknown"));
-            }
-            Ok(http::Response::from_parts(
-                parts,
-                MetricsBody {
-                    inner: Box::pin(body),
-                    pending,
-                },
-            ))
+            Ok(StatusBody::watch(res, move |code| {
+                metrics.record(&method, code, started);
+            }))
         })
     }
 }
 
-/// A request waiting for its status.
-struct Pending {
-    metrics: Metrics,
-    method: String,
-    started: Instant,
-}
-
-impl Pending {
-    fn finish(self, code: &str) {
-        self.metrics.record(&self.method, code, self.started);
-    }
-}
-
-/// The response body, watched for the `grpc-status` trailer.
-pub struct MetricsBody<B> {
+/// A response body watched for its final gRPC status: `on_status` gets
+/// the code (as sent, e.g. `"0"`) once, from the headers of a
+/// trailers-only response or from the trailers; `"13"` (INTERNAL) when the
+/// body fails, `"1"` (CANCELLED) when it is dropped before its end.
+pub struct StatusBody<B> {
     inner: Pin<Box<B>>,
-    pending: Option<Pending>,
+    on_status: Option<OnStatus>,
 }
 
-impl<B> Drop for MetricsBody<B> {
-    fn drop(&mut self) {
-        // The client went away before the response ended.
-        if let Some(p) = self.pending.take() {
-            p.finish(&(tonic::Code::Cancelled as i32).to_string());
+/// Called once with a response's final gRPC status code.
+type OnStatus = Box<dyn FnOnce(&str) + Send>;
+
+/// The body the metrics layer answers with.
+pub type MetricsBody<B> = StatusBody<B>;
+
+impl<B> StatusBody<B> {
+    /// Wraps the body of `res`, calling `on_status` with its final status.
+    pub fn watch(
+        res: http::Response<B>,
+        on_status: impl FnOnce(&str) + Send + 'static,
+    ) -> http::Response<Self> {
+        let (parts, body) = res.into_parts();
+        let mut on_status: Option<OnStatus> = Some(Box::new(on_status));
+        // Trailers-only responses (errors before any message) carry the
+        // status in the headers.
+        if let Some(code) = parts.headers.get("grpc-status")
+            && let Some(f) = on_status.take()
+        {
+            f(code.to_str().unwrap_or("unknown"));
+        }
+        http::Response::from_parts(
+            parts,
+            StatusBody {
+                inner: Box::pin(body),
+                on_status,
+            },
+        )
+    }
+
+    fn finish(&mut self, code: &str) {
+        if let Some(f) = self.on_status.take() {
+            f(code);
         }
     }
 }
 
-impl<B: http_body::Body> http_body::Body for MetricsBody<B> {
+impl<B> Drop for StatusBody<B> {
+    fn drop(&mut self) {
+        // The client went away before the response ended.
+        self.finish(&(tonic::Code::Cancelled as i32).to_string());
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for StatusBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -406,22 +414,15 @@ impl<B: http_body::Body> http_body::Body for MetricsBody<B> {
         let polled = self.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status"))
-                    && let Some(p) = self.pending.take()
-                {
-                    p.finish(code.to_str().unwrap_or("unknown"));
+                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    let code = code.to_str().unwrap_or("unknown").to_owned();
+                    self.finish(&code);
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                if let Some(p) = self.pending.take() {
-                    p.finish(&(tonic::Code::Internal as i32).to_string());
-                }
+                self.finish(&(tonic::Code::Internal as i32).to_string());
             }
-            Poll::Ready(None) => {
-                if let Some(p) = self.pending.take() {
-                    p.finish("unknown");
-                }
-            }
+            Poll::Ready(None) => self.finish("unknown"),
             Poll::Pending => {}
         }
         polled

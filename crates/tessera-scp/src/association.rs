@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::dimse::{self, Command, Response};
-use crate::{AeFilter, InstanceSink, Received, ScpConfig, StoreOutcome, qr};
+use crate::{AeFilter, InstanceSink, Received, ScpConfig, StoreOutcome, query};
 
 pub(crate) struct Task<S> {
     pub cfg: Arc<ScpConfig>,
@@ -53,7 +53,7 @@ enum Phase {
 /// What to do once the data set is complete.
 enum AfterData {
     /// A Query/Retrieve request: keep the identifier (dropped, to be
-    /// refused, past [`qr::MAX_IDENTIFIER_BYTES`]).
+    /// refused, past [`query::MAX_IDENTIFIER_BYTES`]).
     Query {
         command: Command,
         identifier: Option<Vec<u8>>,
@@ -320,7 +320,7 @@ impl<S: InstanceSink> Connection<'_, S> {
         debug!(%peer, pc, field = command.field, message_id = command.message_id, "command");
         match command.field {
             dimse::C_STORE_RQ => self.on_store_request(assoc, pc, command).await,
-            qr::C_FIND_RQ | qr::C_GET_RQ | qr::C_MOVE_RQ => {
+            query::C_FIND_RQ | query::C_GET_RQ | query::C_MOVE_RQ => {
                 self.on_query_request(assoc, pc, command).await
             }
             dimse::C_ECHO_RQ if !command.has_data_set => {
@@ -400,7 +400,7 @@ impl<S: InstanceSink> Connection<'_, S> {
         };
         let sop_class = command.sop_class.clone().unwrap_or_default();
         let refusal = if sop_class != abstract_syntax.trim_end_matches(['\0', ' '])
-            || !qr::is_study_root(&sop_class, command.field)
+            || !query::is_study_root(&sop_class, command.field)
         {
             Some((
                 dimse::STATUS_SOP_CLASS_NOT_SUPPORTED,
@@ -512,7 +512,7 @@ impl<S: InstanceSink> Connection<'_, S> {
     ) -> Result<(), End> {
         let received = received.saturating_add(data.len() as u64);
         if let AfterData::Query { identifier, .. } = &mut then {
-            if received > qr::MAX_IDENTIFIER_BYTES {
+            if received > query::MAX_IDENTIFIER_BYTES {
                 *identifier = None;
             } else if let Some(id) = identifier {
                 id.extend_from_slice(&data);

@@ -10,7 +10,7 @@ use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use crate::qr::QueryKey;
+use crate::query::QueryKey;
 
 /// Sequences nested deeper than this are refused.
 const MAX_DEPTH: usize = 8;

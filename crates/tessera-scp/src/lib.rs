@@ -22,10 +22,11 @@ mod dimse;
 mod identifier;
 mod net;
 mod qr;
+mod query;
 pub mod scu;
 
 pub use net::Cidr;
-pub use qr::{
+pub use query::{
     FindOutcome, FindRequest, QueryKey, RetrieveKind, RetrieveOutcome, RetrieveRequest,
     STATUS_CANCEL, STATUS_IDENTIFIER_MISMATCH, STATUS_MOVE_DESTINATION_UNKNOWN,
     STATUS_NOT_AUTHORIZED, STATUS_PENDING, STATUS_SUBOPS_IMPOSSIBLE, STATUS_SUBOPS_WARNING,

@@ -344,6 +344,11 @@ impl Fragment {
     /// the fragments' histograms add up to the image's).
     pub fn histogram(&self) -> Result<Histogram> {
         self.validate()?;
+        Ok(self.count_histogram())
+    }
+
+    /// [`Self::histogram`] of a fragment known to be valid (made here).
+    fn count_histogram(&self) -> Histogram {
         let mut h = Histogram::empty(self.spec.format, self.spec.frames);
         let fmt = self.spec.format;
         let ch = fmt.channels as usize;
@@ -357,7 +362,44 @@ impl Fragment {
                 );
             }
         }
-        Ok(h)
+        h
+    }
+
+    /// Maps the fragment's own blocks straight into `out` (the whole
+    /// image's samples), marking the pixels written in `covered`: the
+    /// in-process [`process_regions`] without an output tile per run.
+    /// The fragment must be valid and the mapping made for its format.
+    fn map_into(&self, mapping: &Mapping, out: &mut [u16], covered: &mut [bool]) -> Result<()> {
+        let fmt = self.spec.format;
+        let ch = fmt.channels as usize;
+        let w = self.spec.width as usize;
+        let frame_len = self.spec.frame_samples();
+        for tile in &self.tiles {
+            let c = tile.core;
+            let len = c.width as usize * ch;
+            for y in c.y as usize..c.bottom() as usize {
+                let row = &mut covered[y * w + c.x as usize..][..c.width as usize];
+                if row.iter().any(|&b| b) {
+                    return Err(SegmentError::Merge(format!(
+                        "tile {c} of region {} overlaps another tile",
+                        self.region
+                    )));
+                }
+                row.fill(true);
+            }
+            for (fr, src, dst) in self.core_rows(tile) {
+                // dst counts rows of the core: back to the image's row.
+                let (y, x) = (c.y as usize + (dst / len) % c.height as usize, c.x as usize);
+                let at = fr * frame_len + (y * w + x) * ch;
+                map_row(
+                    fmt,
+                    &mapping.planes[fr * ch..(fr + 1) * ch],
+                    &tile.samples[src..src + len],
+                    &mut out[at..at + len],
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Applies the merger's mapping to the fragment's own blocks.
@@ -653,16 +695,27 @@ pub fn process_whole(image: &Image, op: Operation) -> Result<Image> {
 pub fn process_regions(image: &Image, map: &RegionMap, op: Operation) -> Result<Image> {
     let fragments = make_fragments(image, map, op.halo())?;
     let outputs = if op.is_global() {
-        let hists = fragments
-            .iter()
-            .map(Fragment::histogram)
-            .collect::<Result<Vec<_>>>()?;
+        // The fragments were made just above (valid by construction): the
+        // histogram protocol without re-checking them, and each mapped
+        // straight into the merged image.
+        let hists: Vec<Histogram> = fragments.iter().map(Fragment::count_histogram).collect();
         let mapping =
             equalization_mapping(&merge_histograms(image.format(), image.frames(), &hists)?)?;
-        fragments
-            .iter()
-            .map(|f| f.apply_mapping(&mapping))
-            .collect::<Result<Vec<_>>>()?
+        let spec = *image.spec();
+        let mut out = vec![0u16; spec.sample_count()];
+        let mut covered = vec![false; spec.width as usize * spec.height as usize];
+        for f in &fragments {
+            f.map_into(&mapping, &mut out, &mut covered)?;
+        }
+        if let Some(i) = covered.iter().position(|&b| !b) {
+            let w = spec.width as usize;
+            return Err(SegmentError::Merge(format!(
+                "pixel ({}, {}) is not covered by any fragment",
+                i % w,
+                i / w
+            )));
+        }
+        return Ok(Image::new(spec, out)?);
     } else {
         fragments
             .iter()

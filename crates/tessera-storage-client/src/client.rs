@@ -7,8 +7,8 @@ use tessera_proto::storage::v1 as pb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_runtime::MAX_MESSAGE_BYTES;
 use tessera_segment::{Fragment, FragmentOutput, Mapping, Operation};
+use tessera_tls::Channel;
 use tonic::Status;
-use tonic::transport::Channel;
 
 /// Bytes per chunk message a client sends.
 pub const CLIENT_CHUNK: usize = 1024 * 1024;

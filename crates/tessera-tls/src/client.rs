@@ -12,7 +12,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Endpoint, Uri};
+
+use crate::Channel;
 
 use crate::peer::{ExpectedPeer, PeerVerifier};
 use crate::tls_config::{load_certs, load_key, load_roots};
@@ -238,15 +240,19 @@ impl ClientTls {
     pub async fn connect(&self, addr: &str) -> Result<Channel, TlsError> {
         let (endpoint, host) = self.endpoint(addr)?;
         let name = Self::server_name(&host)?;
-        Ok(endpoint
-            .connect_with_connector(self.connector(name))
-            .await?)
+        Ok(Channel::new(
+            endpoint
+                .connect_with_connector(self.connector(name))
+                .await?,
+        ))
     }
 
     /// Like [`ClientTls::connect`] but connects on first use (and reconnects).
     pub fn connect_lazy(&self, addr: &str) -> Result<Channel, TlsError> {
         let (endpoint, host) = self.endpoint(addr)?;
         let name = Self::server_name(&host)?;
-        Ok(endpoint.connect_with_connector_lazy(self.connector(name)))
+        Ok(Channel::new(
+            endpoint.connect_with_connector_lazy(self.connector(name)),
+        ))
     }
 }

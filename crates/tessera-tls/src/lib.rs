@@ -3,6 +3,8 @@
 //! * [`ServerTls`] / [`ClientTls`]: rustls configs with the `ring` provider,
 //!   client certificates always required ([`rustls::server::WebPkiClientVerifier`],
 //!   never unauthenticated), loaded from PEM files.
+//! * [`Channel`]: the client channel; every call carries the W3C trace
+//!   context of the current span.
 //! * [`ClientTls::expecting`]: a client that accepts one server identity
 //!   only (chain, host name, then the URI SAN), with [`ChannelTimeouts`].
 //! * [`Identity`]: the caller, parsed from the certificate's single URI SAN
@@ -18,6 +20,7 @@
 
 mod allow_list;
 mod authz;
+mod channel;
 mod client;
 mod error;
 mod identity;
@@ -32,6 +35,7 @@ pub use authz::{
     AccessConfig, Authz, AuthzLayer, AuthzService, BoxFuture, CallerRoles, DEV_STORAGE_NODES,
     HEALTH_SERVICE_PREFIX, Policy, Refusal, RefusalSink, Role, RoleMap, caller, caller_roles,
 };
+pub use channel::{Channel, inject_trace_context};
 pub use client::{ChannelTimeouts, ClientTls, deadline_status, timed_out};
 pub use error::TlsError;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError, SERVICE_KIND, USER_KIND};

@@ -185,10 +185,66 @@ pub const MATRIX: &[Rule] = &[
         "an owner sees entries about their own studies and requests",
     ),
     rule("/tessera.keyserver.v1.KeyServer/RotateMaster", &[Admin], ""),
+    // Keyserver, access that fits clinical work (issue 19).
+    rule(
+        "/tessera.keyserver.v1.KeyServer/CreateStandingApproval",
+        &[Owner],
+        "the caller's own studies; never naming the caller; a configured purpose",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/ListStandingApprovals",
+        &[Owner],
+        "the caller's own approvals",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/UpdateStandingApproval",
+        &[Owner],
+        "the approval's owner",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/RevokeStandingApproval",
+        &[Owner],
+        "the approval's owner",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/BreakGlass",
+        USERS,
+        "the `emergency` permission (keyserver config), a reason, break-glass not disabled by the owner",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/SetBreakGlass",
+        &[Owner],
+        "the caller's own studies",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/ListBreakGlass",
+        &[Owner, Admin],
+        "an owner sees uses on its own studies",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/MarkReviewed",
+        &[Owner, Admin],
+        "the study's owner or an admin",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/ListGrants",
+        USERS,
+        "the caller's own grants, or (as owner) grants on its studies",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/WatchRequests",
+        USERS,
+        "requests on the caller's studies, or decisions on its own requests",
+    ),
     // Watermark and segmentation: plaintext pixels, the gateway only.
     rule("/tessera.watermark.v1.Watermark/Protect", &[Gateway], ""),
     rule("/tessera.watermark.v1.Watermark/Restore", &[Gateway], ""),
     rule("/tessera.watermark.v1.Watermark/Verify", &[Gateway], ""),
+    rule(
+        "/tessera.watermark.v1.Watermark/ForgetStudy",
+        &[Gateway],
+        "",
+    ),
     rule(
         "/tessera.segmentation.v1.Segmentation/Segment",
         &[Gateway],

@@ -119,7 +119,7 @@ async fn serve(files: &TlsFiles) -> (std::net::SocketAddr, tokio::sync::oneshot:
     (addr, stop)
 }
 
-async fn check(ch: tonic::transport::Channel) -> Result<(), tonic::Status> {
+async fn check(ch: tessera_tls::Channel) -> Result<(), tonic::Status> {
     HealthClient::new(ch)
         .check(HealthCheckRequest {
             service: "probe".into(),
@@ -218,7 +218,10 @@ async fn mtls_refuses_what_it_must() {
     let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
     match plain.connect().await {
         Err(_) => {}
-        Ok(ch) => assert!(check(ch).await.is_err(), "plaintext must be refused"),
+        Ok(ch) => assert!(
+            check(tessera_tls::Channel::new(ch)).await.is_err(),
+            "plaintext must be refused"
+        ),
     }
 }
 

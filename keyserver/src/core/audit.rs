@@ -84,6 +84,23 @@ pub enum AuditEvent {
     /// The authorization layer refused a caller (no admitted role, or an
     /// RPC outside the matrix) before any handler ran.
     AccessRefused,
+    /// An owner created a standing approval.
+    StandingCreated,
+    /// An owner changed a standing approval (expiry, budget).
+    StandingUpdated,
+    /// An owner revoked a standing approval.
+    StandingRevoked,
+    /// A standing-approval operation was refused.
+    StandingRefused,
+    /// A break-glass attempt was refused (no permission, no reason,
+    /// disabled by the owner).
+    BreakGlassRefused,
+    /// An owner allowed or forbade break-glass on its studies.
+    BreakGlassSet,
+    /// A break-glass use was marked reviewed.
+    BreakGlassReviewed,
+    /// A review was refused.
+    ReviewRefused,
 }
 
 impl AuditEvent {
@@ -115,6 +132,14 @@ impl AuditEvent {
             Self::DelegateRefused => "delegate.refused",
             Self::AuditRecovered => "audit.recovered",
             Self::AccessRefused => "access.refused",
+            Self::StandingCreated => "standing.created",
+            Self::StandingUpdated => "standing.updated",
+            Self::StandingRevoked => "standing.revoked",
+            Self::StandingRefused => "standing.refused",
+            Self::BreakGlassRefused => "breakglass.refused",
+            Self::BreakGlassSet => "breakglass.set",
+            Self::BreakGlassReviewed => "breakglass.reviewed",
+            Self::ReviewRefused => "review.refused",
         }
     }
 }

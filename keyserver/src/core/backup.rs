@@ -20,22 +20,27 @@ use tessera_runtime::snapshot::{self, SnapshotError, copy_table, table_names};
 use super::crypto::{Kek, master_aad};
 use super::store::{
     AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, DELEGATES, MASTERS, META, META_MASTER_CURRENT,
-    OWNER_STUDIES, REQUESTS, STUDIES, STUDY_REQUESTS, get_bytes,
+    OWNER_SETTINGS, OWNER_STANDING, OWNER_STUDIES, REQUESTER_REQUESTS, REQUESTS, STANDING, STUDIES,
+    STUDY_REQUESTS, get_bytes,
 };
 use super::{load_signer, verify_database};
 use crate::error::{KeyServerError, Result};
 
 /// Every table of the keyserver (see `store.rs`), sorted. A database with
 /// any other table is refused rather than backed up in part.
-const TABLES: [&str; 10] = [
+const TABLES: [&str; 14] = [
     "audit",
     "audit_checkpoints",
     "audit_recoveries",
     "delegates",
     "masters",
     "meta",
+    "owner_settings",
+    "owner_standing",
     "owner_studies",
+    "requester_requests",
     "requests",
+    "standing",
     "studies",
     "study_requests",
 ];
@@ -73,6 +78,10 @@ fn copy_all(r: &ReadTransaction, w: &WriteTransaction) -> Result<u64> {
         copy_table(r, w, CHECKPOINTS)?,
         copy_table(r, w, AUDIT_RECOVERIES)?,
         copy_table(r, w, DELEGATES)?,
+        copy_table(r, w, STANDING)?,
+        copy_table(r, w, OWNER_STANDING)?,
+        copy_table(r, w, OWNER_SETTINGS)?,
+        copy_table(r, w, REQUESTER_REQUESTS)?,
     ] {
         rows += n.unwrap_or(0);
     }

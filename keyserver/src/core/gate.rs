@@ -266,6 +266,7 @@ mod tests {
         Rules {
             gateway: GW.into(),
             derivers: vec![(WM.into(), vec!["pixels".into()])],
+            access: crate::core::policy::access::AccessRules::default(),
         }
     }
 

@@ -6,9 +6,10 @@
 use redb::{ReadableDatabase, ReadableTable};
 
 use crate::core::Core;
+use crate::core::access::load_standing;
 use crate::core::ids::StudyId;
 use crate::core::policy::Rpc;
-use crate::core::store::{GrantState, REQUESTS, RequestRecord};
+use crate::core::store::{GrantState, REQUESTS, RequestRecord, STANDING};
 use crate::error::{KeyServerError, Result};
 
 /// One usable grant.
@@ -65,11 +66,20 @@ impl Core {
         let now = self.inner.clock.now_ms() / 1000;
         let r = self.inner.db.begin_read()?;
         let t = r.open_table(REQUESTS)?;
+        let standing = r.open_table(STANDING)?;
         let mut out = Vec::new();
         for item in t.iter()? {
             let (k, v) = item?;
             let rec: RequestRecord = serde_json::from_slice(v.value())
                 .map_err(|e| KeyServerError::Corrupt(format!("{}: {e}", k.value())))?;
+            // A grant made by a standing approval the owner has revoked (or
+            // that is gone) is not usable: RedeemGrant would refuse it, and
+            // the study must not stay visible to C-FIND either.
+            if let Some(sa) = &rec.standing
+                && load_standing(&standing, sa)?.is_none_or(|s| s.revoked_at.is_some())
+            {
+                continue;
+            }
             if let Some(g) = usable(&rec, on_behalf_of, study.as_deref(), now) {
                 out.push(g);
             }
@@ -95,6 +105,9 @@ mod tests {
             master_version: 1,
             state,
             wrapped_key: None,
+            access_purpose: "treatment".into(),
+            standing: None,
+            break_glass: None,
         }
     }
 

@@ -6,18 +6,38 @@
 
 use redb::ReadableDatabase;
 
+use crate::core::access;
 use crate::core::attrs::CanonicalAttributes;
 use crate::core::audit::{AuditEvent, NewEntry};
 use crate::core::crypto::grant_aad;
 use crate::core::gate::{self, Context, audit_study, authorize_in_txn};
 use crate::core::ids::{RequestId, StudyId, validate_label, validate_text};
+use crate::core::policy::access::{EMERGENCY, RequestFacts, first_standing};
 use crate::core::policy::{Action, Rpc};
+use crate::core::store::BreakGlass;
 use crate::core::store::{
     GrantState, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord,
     get_json, index_key, index_scan, to_json,
 };
 use crate::core::types::{Redeemed, Released};
-use crate::core::{Core, deleted, forgotten_in_txn, writer};
+use crate::core::{Core, SELF_ACTOR, deleted, forgotten_in_txn, writer};
+
+/// What a requester asks for ([`Core::request_access`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The study.
+    pub study_id: &'a str,
+    /// The patient attributes its key is bound to.
+    pub attributes: &'a [(String, String)],
+    /// Key purpose label (derivation).
+    pub purpose: &'a str,
+    /// Access purpose (vocabulary); empty: the default.
+    pub access_purpose: &'a str,
+    /// Free text.
+    pub justification: &'a str,
+    /// Gateway only: the user asked for.
+    pub on_behalf_of: &'a str,
+}
 use crate::error::{KeyServerError, Result};
 
 /// The grant-use question about `rec`: may `user` use it (for `study`, if
@@ -71,8 +91,47 @@ fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
     Ok(out)
 }
 
+/// The audit flags of a grant's use: its break-glass mark, its standing
+/// approval.
+fn flags(rec: &RequestRecord) -> String {
+    let mut out = String::new();
+    if rec.break_glass.is_some() {
+        out.push_str(" break_glass=1");
+    }
+    if let Some(sa) = &rec.standing {
+        out.push_str(" standing=");
+        out.push_str(sa);
+    }
+    out
+}
+
+/// After the grant-use rule: a grant approved by a standing approval stops
+/// releasing keys once that approval is revoked (checked in the transaction,
+/// so the revocation's commit is the cut-off).
+fn standing_gate(
+    ctx: &mut writer::TxnCtx<'_>,
+    rules: &crate::core::policy::Rules,
+    actor: &str,
+    rpc: Rpc,
+    rec: &RequestRecord,
+    audit: Context,
+) -> Result<Result<()>> {
+    let Some(sa) = &rec.standing else {
+        return Ok(Ok(()));
+    };
+    let revoked = access::standing_revoked(ctx.txn, sa)?;
+    authorize_in_txn(
+        ctx,
+        rules,
+        actor,
+        &Action::StandingGrant { rpc, revoked },
+        audit,
+    )
+}
+
 impl Core {
-    /// A user (or the gateway on a user's behalf) requests a study key.
+    /// A user (or the gateway on a user's behalf) requests a study key, for
+    /// the configured default access purpose.
     pub async fn request_key(
         &self,
         actor: &str,
@@ -82,6 +141,66 @@ impl Core {
         justification: &str,
         on_behalf_of: &str,
     ) -> Result<RequestRecord> {
+        let ask = Ask {
+            study_id,
+            attributes,
+            purpose,
+            access_purpose: "",
+            justification,
+            on_behalf_of,
+        };
+        self.request_access(actor, &ask).await
+    }
+
+    /// A user (or the gateway on a user's behalf) requests a study key for
+    /// an access purpose of the configured vocabulary (empty: the default).
+    /// A live standing approval of the study's owner that matches approves
+    /// it at once (audited as `grant.approved ... standing=<id>`).
+    pub async fn request_access(&self, actor: &str, ask: &Ask<'_>) -> Result<RequestRecord> {
+        self.file_request(actor, ask, None).await
+    }
+
+    /// Break-glass: `actor` (with the `emergency` permission) opens one
+    /// study at once with a written reason; the grant is short, flagged in
+    /// every audit entry and listed for review.
+    pub async fn break_glass(
+        &self,
+        actor: &str,
+        study_id: &str,
+        attributes: &[(String, String)],
+        purpose: &str,
+        reason: &str,
+    ) -> Result<RequestRecord> {
+        let ask = Ask {
+            study_id,
+            attributes,
+            purpose,
+            access_purpose: EMERGENCY,
+            justification: "",
+            on_behalf_of: "",
+        };
+        self.file_request(actor, &ask, Some(reason)).await
+    }
+
+    async fn file_request(
+        &self,
+        actor: &str,
+        ask: &Ask<'_>,
+        break_glass: Option<&str>,
+    ) -> Result<RequestRecord> {
+        let Ask {
+            study_id,
+            attributes,
+            purpose,
+            access_purpose,
+            justification,
+            on_behalf_of,
+        } = *ask;
+        let rpc = if break_glass.is_some() {
+            Rpc::BreakGlass
+        } else {
+            Rpc::RequestKey
+        };
         let for_user = if self.user_identity("on_behalf_of", on_behalf_of).is_ok() {
             format!("on_behalf_of={on_behalf_of}")
         } else {
@@ -91,6 +210,21 @@ impl Core {
             actor,
             Action::RequestKey { on_behalf_of },
             Context::rpc(audit_study(study_id), for_user),
+        )
+        .await?;
+        let access_purpose = self.inner.rules.access.resolve(access_purpose).to_owned();
+        let shown = if validate_label("access_purpose", &access_purpose).is_ok() {
+            access_purpose.as_str()
+        } else {
+            "<malformed>"
+        };
+        self.authorize(
+            actor,
+            Action::Purpose {
+                rpc,
+                purpose: &access_purpose,
+            },
+            Context::rpc(audit_study(study_id), format!("access_purpose={shown}")),
         )
         .await?;
         let id = StudyId::parse(study_id)?;
@@ -104,13 +238,28 @@ impl Core {
             on_behalf_of.to_owned()
         };
         let study = self.study(&id)?;
+        if let Some(reason) = break_glass {
+            // Permission and reason before the attributes are even looked
+            // at; the owner's setting is read again in the transaction.
+            let action = Action::BreakGlass {
+                reason,
+                owner: &study.owner,
+                disabled: false,
+            };
+            self.authorize(actor, action, Context::rpc(id.as_str(), ""))
+                .await?;
+        }
         let master = self
             .check_attributes(
                 actor,
                 &study,
                 &attrs,
-                AuditEvent::RequestRefused,
-                format!("requester={requester} purpose={purpose}"),
+                if break_glass.is_some() {
+                    AuditEvent::BreakGlassRefused
+                } else {
+                    AuditEvent::RequestRefused
+                },
+                format!("requester={requester} purpose={purpose} access_purpose={access_purpose}"),
             )
             .await?;
         let key = master.derive_study_key(&study.salt, &study.id, &attrs, purpose)?;
@@ -119,6 +268,7 @@ impl Core {
             .inner
             .kek
             .wrap(&self.inner.rng, &grant_aad(rid.as_str()), &key[..])?;
+        let roles = self.roles_of(&requester);
         let rec = RequestRecord {
             id: rid.as_str().to_owned(),
             study_id: study.id.clone(),
@@ -130,30 +280,124 @@ impl Core {
             master_version: master.version,
             state: GrantState::Pending,
             wrapped_key: Some(wrapped),
+            access_purpose,
+            standing: None,
+            break_glass: break_glass.map(|r| BreakGlass {
+                reason: r.to_owned(),
+                reviewed: None,
+            }),
         };
+        let owner = study.owner.clone();
+        let rules = self.inner.rules.clone();
+        let (bg_ttl, bg_uses) = (
+            self.inner.access.break_glass_ttl_secs,
+            self.inner.access.break_glass_uses,
+        );
         let r = self
             .inner
             .writer
             .submit(move |ctx| {
                 let mut rec = rec;
-                rec.created_at = ctx.now_secs();
+                let now = ctx.now_secs();
+                rec.created_at = now;
                 let txn = ctx.txn;
                 if forgotten_in_txn(txn, &rec.study_id)? {
                     return Ok(Err(deleted(&rec.study_id)));
+                }
+                let mut approval = None;
+                let mut misses = String::new();
+                if let Some(bg) = &rec.break_glass {
+                    let disabled = access::owner_settings(txn, &owner)?.break_glass_disabled;
+                    let action = Action::BreakGlass {
+                        reason: &bg.reason,
+                        owner: &owner,
+                        disabled,
+                    };
+                    let audit = Context::rpc(rec.study_id.clone(), "");
+                    if let Err(e) = authorize_in_txn(ctx, &rules, &rec.presented_by, &action, audit)? {
+                        return Ok(Err(e));
+                    }
+                    let expires_at = now.saturating_add(bg_ttl);
+                    rec.state = GrantState::Approved {
+                        by: rec.requester.clone(),
+                        at: now,
+                        expires_at,
+                        uses_granted: bg_uses,
+                        uses_left: bg_uses,
+                    };
+                    approval = Some((expires_at, bg_uses, " break_glass=1".to_owned()));
+                } else {
+                    let approvals = access::owner_standing(txn, &owner)?;
+                    let facts = RequestFacts {
+                        requester: &rec.requester,
+                        roles: &roles,
+                        study: &rec.study_id,
+                        study_owner: &owner,
+                        purpose: &rec.access_purpose,
+                        now,
+                    };
+                    match first_standing(&approvals, &facts) {
+                        Ok(sa) => {
+                            let mut sa = sa.clone();
+                            let expires_at = now.saturating_add(sa.grant_ttl_secs).min(sa.expires_at);
+                            rec.state = GrantState::Approved {
+                                by: sa.owner.clone(),
+                                at: now,
+                                expires_at,
+                                uses_granted: sa.grant_uses,
+                                uses_left: sa.grant_uses,
+                            };
+                            rec.standing = Some(sa.id.clone());
+                            sa.approvals_made = sa.approvals_made.saturating_add(1);
+                            if let Some(b) = sa.budget_left.as_mut() {
+                                *b = b.saturating_sub(1);
+                            }
+                            access::put_standing(txn, &sa)?;
+                            approval = Some((expires_at, sa.grant_uses, format!(" standing={}", sa.id)));
+                        }
+                        Err(m) if !m.is_empty() => {
+                            misses = format!(
+                                " standing_misses={}",
+                                m.into_iter().take(8).collect::<Vec<_>>().join(",")
+                            );
+                        }
+                        Err(_) => {}
+                    }
                 }
                 let mut reqs = txn.open_table(REQUESTS)?;
                 reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
                 let mut ix = txn.open_table(STUDY_REQUESTS)?;
                 ix.insert(index_key(&rec.study_id, &rec.id).as_str(), ())?;
+                access::index_requester(txn, &rec)?;
+                let flag = if rec.break_glass.is_some() {
+                    " break_glass=1"
+                } else {
+                    ""
+                };
                 ctx.append(NewEntry {
                     actor: rec.presented_by.clone(),
                     event: AuditEvent::KeyRequested,
                     study: rec.study_id.clone(),
                     detail: format!(
-                        "request={} requester={} purpose={}",
-                        rec.id, rec.requester, rec.purpose
+                        "request={} requester={} purpose={} access_purpose={}{flag}{misses}",
+                        rec.id, rec.requester, rec.purpose, rec.access_purpose
                     ),
                 })?;
+                if let Some((expires_at, uses, by)) = approval {
+                    ctx.append(NewEntry {
+                        actor: if rec.break_glass.is_some() {
+                            rec.presented_by.clone()
+                        } else {
+                            SELF_ACTOR.to_owned()
+                        },
+                        event: AuditEvent::GrantApproved,
+                        study: rec.study_id.clone(),
+                        detail: format!(
+                            "request={} requester={} expires_at={expires_at} uses={uses} access_purpose={}{by}",
+                            rec.id, rec.requester, rec.access_purpose
+                        ),
+                    })?;
+                }
                 rec.wrapped_key = None;
                 Ok(Ok(rec))
             })
@@ -161,9 +405,18 @@ impl Core {
         if matches!(r, Err(KeyServerError::NotFound(_))) {
             self.uncache_study(id.as_str());
         }
+        if let Ok(rec) = &r {
+            if rec.break_glass.is_some() {
+                self.publish("break_glass", &study.owner, rec);
+            } else {
+                self.publish("requested", &study.owner, rec);
+            }
+            if rec.standing.is_some() {
+                self.publish("approved", &study.owner, rec);
+            }
+        }
         r
     }
-
     /// The owner lists requests on its studies (one study if `study_id` is
     /// not empty). Pending only unless `include_decided`. Naming a study one
     /// does not own is refused and recorded (`access.refused`, `rpc=ListRequests`).
@@ -244,6 +497,8 @@ impl Core {
     {
         self.ensure_chain_intact()?;
         let rid = RequestId::parse(request_id)?;
+        // Only the owner decides: on success the decider is the owner.
+        let owner_of_decider = actor.to_owned();
         let actor = actor.to_owned();
         let rules = self.inner.rules.clone();
         self.inner
@@ -283,6 +538,30 @@ impl Core {
                 Ok(Ok(rec))
             })
             .await
+            .inspect(|rec| {
+                let kind = match rpc {
+                    Rpc::ApproveRequest => "approved",
+                    Rpc::DenyRequest => "denied",
+                    Rpc::RevokeGrant
+                    | Rpc::RegisterStudy
+                    | Rpc::DeriveKey
+                    | Rpc::RequestKey
+                    | Rpc::ListRequests
+                    | Rpc::FetchKey
+                    | Rpc::RedeemGrant
+                    | Rpc::CheckGrant
+                    | Rpc::ForgetStudy
+                    | Rpc::AddDelegate
+                    | Rpc::RemoveDelegate
+                    | Rpc::CheckDelegate
+                    | Rpc::CreateStandingApproval
+                    | Rpc::UpdateStandingApproval
+                    | Rpc::RevokeStandingApproval
+                    | Rpc::BreakGlass
+                    | Rpc::MarkReviewed => "revoked",
+                };
+                self.publish(kind, &owner_of_decider, rec);
+            })
     }
 
     /// The owner approves a pending request (never its own).
@@ -432,7 +711,10 @@ impl Core {
                 }
                 let action = use_grant(Rpc::FetchKey, &rec, &actor, None, now);
                 let audit = Context::bare(rec.study_id.clone(), format!("request={}", rec.id));
-                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit)? {
+                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit.clone())? {
+                    return Ok(Err(e));
+                }
+                if let Err(e) = standing_gate(ctx, &rules, &actor, Rpc::FetchKey, &rec, audit)? {
                     return Ok(Err(e));
                 }
                 let wrapped = rec.wrapped_key.clone().ok_or_else(|| {
@@ -445,7 +727,7 @@ impl Core {
                     actor,
                     event: AuditEvent::KeyReleased,
                     study: rec.study_id.clone(),
-                    detail: format!("request={} uses_left={uses_left}", rec.id),
+                    detail: format!("request={} uses_left={uses_left}{}", rec.id, flags(&rec)),
                 })?;
                 Ok(Ok(Released {
                     key,
@@ -505,7 +787,10 @@ impl Core {
                     format!("op=redeem request={} requester={requester}{other}", rec.id),
                 );
                 let action = use_grant(Rpc::RedeemGrant, &rec, &requester, Some(sid.as_str()), now);
-                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit)? {
+                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit.clone())? {
+                    return Ok(Err(e));
+                }
+                if let Err(e) = standing_gate(ctx, &rules, &actor, Rpc::RedeemGrant, &rec, audit)? {
                     return Ok(Err(e));
                 }
                 let (expires_at, uses_left) = take_use(&mut rec)?;
@@ -515,8 +800,10 @@ impl Core {
                     event: AuditEvent::GrantRedeemed,
                     study: rec.study_id.clone(),
                     detail: format!(
-                        "request={} requester={requester} purpose={} uses_left={uses_left}",
-                        rec.id, rec.purpose
+                        "request={} requester={requester} purpose={} uses_left={uses_left}{}",
+                        rec.id,
+                        rec.purpose,
+                        flags(&rec)
                     ),
                 })?;
                 Ok(Ok(Redeemed {
@@ -556,6 +843,19 @@ impl Core {
         // (README, "Gateway grants").
         let action = use_grant(Rpc::CheckGrant, &rec, on_behalf_of, Some(sid.as_str()), now);
         gate::answer_unrecorded(&self.inner.rules, actor, &action)?;
+        if let Some(sa) = &rec.standing {
+            let revoked = {
+                let r = self.inner.db.begin_read()?;
+                let t = r.open_table(crate::core::store::STANDING)?;
+                get_json::<crate::core::store::StandingRecord, _>(&t, sa)?
+                    .is_none_or(|s| s.revoked_at.is_some())
+            };
+            let action = Action::StandingGrant {
+                rpc: Rpc::CheckGrant,
+                revoked,
+            };
+            gate::answer_unrecorded(&self.inner.rules, actor, &action)?;
+        }
         let GrantState::Approved {
             expires_at,
             uses_left,
@@ -592,6 +892,9 @@ mod tests {
             master_version: 1,
             state,
             wrapped_key: Some(vec![1, 2, 3]),
+            access_purpose: String::new(),
+            standing: None,
+            break_glass: None,
         }
     }
 

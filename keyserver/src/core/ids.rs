@@ -74,6 +74,25 @@ impl RequestId {
     }
 }
 
+/// A standing approval id: `sa-` + 32 lowercase hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalId(String);
+
+impl ApprovalId {
+    /// Parses an id from a message.
+    pub fn parse(s: &str) -> Result<Self> {
+        parse_prefixed("approval", "sa-", s).map(Self)
+    }
+    /// A fresh random id.
+    pub fn random(rng: &SystemRandom) -> Result<Self> {
+        random_prefixed(rng, "sa-").map(Self)
+    }
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// An identity named in a message or the config (owner, on_behalf_of,
 /// delegate, gateway): [`Identity::parse_in_domain`] in the configured
 /// `trust_domain` (grammar and domain: the suite's rules), then the

@@ -19,6 +19,7 @@
 //! This file holds the [`Core`] handle itself: opening the database, the
 //! master secrets and the study cache.
 
+pub mod access;
 pub mod attrs;
 pub mod audit;
 mod audit_view;
@@ -28,6 +29,7 @@ pub mod clock;
 pub mod crypto;
 mod delegates;
 pub(crate) mod gate;
+mod gauges;
 pub mod grant_find;
 mod grants;
 pub mod ids;
@@ -64,6 +66,8 @@ pub use chain::{
     verify_database_tail,
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
+pub use gauges::Gauges;
+pub use grants::Ask;
 pub use types::{
     AUDIT_SCAN_MAX, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed, Released,
 };
@@ -98,6 +102,8 @@ pub struct CoreConfig {
     pub max_grant_ttl_secs: u64,
     /// Most uses an owner may approve.
     pub max_grant_uses: u32,
+    /// Purposes, standing approvals, break-glass ([`access`]).
+    pub access: access::AccessConfig,
 }
 
 /// The keyserver core. Cheap to clone.
@@ -122,6 +128,9 @@ struct Inner {
     rules: Rules,
     max_ttl: u64,
     max_uses: u32,
+    access: access::AccessConfig,
+    /// The live feed of requests filed and decided (`WatchRequests`).
+    events: tokio::sync::broadcast::Sender<access::AccessEvent>,
     /// Set while the audit chain does not verify: every key operation is
     /// refused until an administrator runs `keyserver audit-recover`.
     broken: Arc<RwLock<Option<ChainBreak>>>,
@@ -179,6 +188,10 @@ impl Core {
             drop(w.open_table(CHECKPOINTS)?);
             drop(w.open_table(AUDIT_RECOVERIES)?);
             drop(w.open_table(DELEGATES)?);
+            drop(w.open_table(store::STANDING)?);
+            drop(w.open_table(store::OWNER_STANDING)?);
+            drop(w.open_table(store::OWNER_SETTINGS)?);
+            drop(w.open_table(store::REQUESTER_REQUESTS)?);
             let mut meta = w.open_table(META)?;
             match load_signer(&meta, &kek)? {
                 Some(s) => s,
@@ -294,9 +307,12 @@ impl Core {
                 rules: Rules {
                     gateway: cfg.gateway_identity,
                     derivers: cfg.derivers,
+                    access: cfg.access.rules.clone(),
                 },
                 max_ttl: cfg.max_grant_ttl_secs,
                 max_uses: cfg.max_grant_uses,
+                access: cfg.access,
+                events: tokio::sync::broadcast::channel(1024).0,
                 broken,
                 verifier: Mutex::new(Some(verifier)),
                 stop_verifier,

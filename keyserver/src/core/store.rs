@@ -14,6 +14,10 @@
 //! | `audit_checkpoints` | seq | signed head |
 //! | `audit_recoveries` | seq | signed head of an `audit.recovered` entry |
 //! | `delegates` | `owner|delegate` | () |
+//! | `standing` | approval id | JSON [`StandingRecord`] |
+//! | `owner_standing` | `owner|approval` | () |
+//! | `owner_settings` | owner | JSON [`OwnerSettings`] |
+//! | `requester_requests` | `requester|request` | () (requests filed since issue 19) |
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -43,6 +47,16 @@ pub const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit
 pub const AUDIT_RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_recoveries");
 /// Delegates: identities that may store studies on an owner's behalf.
 pub const DELEGATES: TableDefinition<&str, ()> = TableDefinition::new("delegates");
+
+/// Standing approvals by id.
+pub const STANDING: TableDefinition<&str, &[u8]> = TableDefinition::new("standing");
+/// Index: standing approvals of an owner.
+pub const OWNER_STANDING: TableDefinition<&str, ()> = TableDefinition::new("owner_standing");
+/// Per-owner access settings.
+pub const OWNER_SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("owner_settings");
+/// Index: requests of a requester.
+pub const REQUESTER_REQUESTS: TableDefinition<&str, ()> =
+    TableDefinition::new("requester_requests");
 
 /// Meta key: current master version.
 pub const META_MASTER_CURRENT: &str = "master_current";
@@ -177,6 +191,73 @@ pub struct RequestRecord {
     /// The derived key, KEK-wrapped, held while the request can still lead to
     /// a release; dropped when denied, revoked, used up or seen expired.
     pub wrapped_key: Option<Vec<u8>>,
+    /// Why the key is wanted (configured vocabulary); empty on requests
+    /// filed before purposes existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access_purpose: String,
+    /// The standing approval that approved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standing: Option<String>,
+    /// Set on a break-glass grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<BreakGlass>,
+}
+
+/// A break-glass use: its reason and its review.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BreakGlass {
+    /// The written reason.
+    pub reason: String,
+    /// Who reviewed it (the owner or an admin), and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewed: Option<(String, u64)>,
+}
+
+/// Who a standing approval names.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Grantee {
+    /// One identity.
+    Identity(String),
+    /// Every identity with this role (access config) or in this group.
+    Role(String),
+}
+
+/// An owner's standing approval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StandingRecord {
+    /// `sa-` id.
+    pub id: String,
+    /// The owner who made it (and whose studies it covers).
+    pub owner: String,
+    /// Who it approves.
+    pub grantee: Grantee,
+    /// For which access purpose.
+    pub access_purpose: String,
+    /// Which studies (empty: every study of the owner).
+    pub studies: Vec<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds, exclusive.
+    pub expires_at: u64,
+    /// Approvals it may still make (`None`: unlimited).
+    pub budget_left: Option<u32>,
+    /// Lifetime of each grant it approves, seconds.
+    pub grant_ttl_secs: u64,
+    /// Uses of each grant it approves.
+    pub grant_uses: u32,
+    /// Approvals made so far.
+    pub approvals_made: u32,
+    /// Unix seconds of its revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+}
+
+/// Per-owner access settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnerSettings {
+    /// Break-glass refused on this owner's studies.
+    #[serde(default)]
+    pub break_glass_disabled: bool,
 }
 
 /// Serializes a record.

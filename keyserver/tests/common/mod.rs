@@ -11,9 +11,9 @@ use keyserver::{App, RunningApp};
 use tessera_proto::keyserver::v1 as pb;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_runtime::{ConfigSource, load_config};
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};
 use tonic::Code;
-use tonic::transport::Channel;
 
 pub const OWNER: &str = "spiffe://tessera.local/user/owner";
 pub const CLIN: &str = "spiffe://tessera.local/user/clinician";
@@ -43,7 +43,9 @@ impl Env {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/keyserver.crt\"\nkey = \"{d}/keyserver.key\"\n\
              [server.access]\nroles = {{ \"spiffe://tessera.local/user/researcher\" = [\"researcher\", \"admin\"], \"spiffe://tessera.local/user/clinician2\" = [\"clinician\", \"owner\"] }}\n\
-             [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\ncheckpoint_every = 4\nmax_grant_ttl_secs = 3600\nmax_grant_uses = 5\n",
+             [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\ncheckpoint_every = 4\nmax_grant_ttl_secs = 3600\nmax_grant_uses = 5\n\
+             [keyserver.access]\nemergency = [\"spiffe://tessera.local/user/clinician\"]\nbreak_glass_minutes = 10\nbreak_glass_uses = 2\nexpiring_soon_secs = 600\n\
+             [keyserver.access.groups]\n\"care-team-x\" = [\"spiffe://tessera.local/user/clinician\"]\n",
             tmp.path().join("ks.redb").display(),
             kek.display()
         );
@@ -136,6 +138,7 @@ pub fn request(study: &str, patient: &str) -> pb::RequestKeyRequest {
         purpose: "pixels".into(),
         justification: "tumour board".into(),
         on_behalf_of: String::new(),
+        access_purpose: String::new(),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tessera_runtime::{
     AdminConfig, GrpcServer, Metrics, Readiness, RunningServer, ServerConfig, ServerError,
 };
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -302,5 +302,27 @@ fn register_metrics(metrics: &Metrics, service: &GatewayService) {
         "gateway_retrievals",
         "Retrievals answered OK (Retrieve and RetrieveDicom)",
         &[&format!("{GW}/Retrieve"), &format!("{GW}/RetrieveDicom")],
+    );
+    let s = service.clone();
+    metrics.gauge_fn(
+        "gateway_job_permits_in_use",
+        "Store, retrieve and process jobs running (of gateway.max_concurrent_jobs)",
+        move || i64::try_from(s.capacity_in_use().0).unwrap_or(i64::MAX),
+    );
+    let s = service.clone();
+    metrics.gauge_fn(
+        "gateway_memory_budget_in_use_mib",
+        "MiB of the in-flight memory budget held by running jobs (of gateway.max_inflight_mib)",
+        move || i64::try_from(s.capacity_in_use().1).unwrap_or(i64::MAX),
+    );
+    let s = service.clone();
+    metrics.gauge_fn(
+        "gateway_studies",
+        "Study records in the vault (-1: the vault could not be read)",
+        move || {
+            s.vault()
+                .count_studies()
+                .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX))
+        },
     );
 }

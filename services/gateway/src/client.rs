@@ -5,8 +5,8 @@ use sha2::{Digest, Sha256};
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_runtime::MAX_MESSAGE_BYTES;
+use tessera_tls::Channel;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::convert::CHUNK_BYTES;
 

@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_scp::{
-    Cidr, FindOutcome, FindRequest, InstanceSink, QueryKey, Received, RetrieveKind,
-    RetrieveOutcome, RetrieveRequest, ScpConfig, StoreOutcome,
+    FindOutcome, FindRequest, InstanceSink, QueryKey, Received, RetrieveKind, RetrieveOutcome,
+    RetrieveRequest, ScpConfig, StoreOutcome,
 };
 use tessera_tls::{Identity, Role, RoleMap};
 
 use crate::config::ScpSection;
 use crate::error::GatewayError;
-use crate::flows::dicom::DicomPeer;
+use crate::flows::dicom::query::DicomPeer;
 use crate::shared::GatewayService;
 
 /// Refused: out of resources.
@@ -152,50 +152,6 @@ fn qr_refusal(e: &GatewayError) -> (u16, String) {
         | GatewayError::Internal(_)
         | GatewayError::Idle(_) => (0xC001, e.to_string()),
     }
-}
-
-/// Checks `[[dicom.scp.peers]]` and `[[dicom.scp.move_destinations]]`.
-pub fn validate_peers(s: &ScpSection, trust_domain: &str) -> Result<(), String> {
-    let mut seen = BTreeSet::new();
-    for p in &s.peers {
-        let ae = p.ae_title.trim();
-        if ae.is_empty() || ae.len() > 16 || ae.contains('\\') || !ae.is_ascii() {
-            return Err(format!(
-                "dicom.scp.peers: {:?} is not an AE title",
-                p.ae_title
-            ));
-        }
-        if !seen.insert(ae.to_string()) {
-            return Err(format!("dicom.scp.peers: AE title {ae:?} appears twice"));
-        }
-        let id = Identity::parse_uri(&p.identity)
-            .map_err(|e| format!("dicom.scp.peers {ae}: identity {:?}: {e}", p.identity))?;
-        if id.trust_domain() != trust_domain {
-            return Err(format!(
-                "dicom.scp.peers {ae}: identity {:?} is not in trust domain {trust_domain:?}",
-                p.identity
-            ));
-        }
-        if p.networks.is_empty() {
-            return Err(format!(
-                "dicom.scp.peers {ae}: networks must list at least one CIDR range"
-            ));
-        }
-        for n in &p.networks {
-            n.parse::<Cidr>()
-                .map_err(|e| format!("dicom.scp.peers {ae}: {e}"))?;
-        }
-    }
-    for d in &s.move_destinations {
-        let ae = d.ae_title.trim();
-        if ae.is_empty() || ae.len() > 16 || ae.contains('\\') || d.address.is_empty() {
-            return Err(format!(
-                "dicom.scp.move_destinations: {:?} -> {:?}: an AE title and host:port",
-                d.ae_title, d.address
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The C-STORE status of a store error.

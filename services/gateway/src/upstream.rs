@@ -5,7 +5,8 @@
 //! starts while its peers are still coming up and reconnects after a peer
 //! restarts.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
@@ -14,12 +15,23 @@ use tessera_proto::storage::v1 as spb;
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_proto::watermark::v1::watermark_client::WatermarkClient;
 use tessera_runtime::MAX_MESSAGE_BYTES;
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsError};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::{Config, Upstream};
 use crate::error::GatewayError;
+
+/// `tokio::spawn` inside the current span: the task's upstream calls
+/// carry the RPC's trace context (a bare spawn starts outside any span).
+pub(crate) fn spawn_traced<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tracing::Instrument;
+    tokio::spawn(task.in_current_span())
+}
 
 /// One configured storage node.
 #[derive(Clone)]
@@ -55,6 +67,14 @@ pub struct NodeHealth {
     pub max_object_bytes: u64,
 }
 
+/// How long a store reuses the last NodeInfo probe
+/// ([`Upstreams::placement_probe`]). A failed put forgets it at once, and
+/// the DICOM store then places again on a fresh probe.
+pub const PLACEMENT_PROBE_TTL: Duration = Duration::from_secs(2);
+
+/// A probe's answer and when it was asked.
+type CachedProbe = (Instant, Vec<NodeHealth>, Vec<String>);
+
 /// Every client the gateway needs.
 #[derive(Clone)]
 pub struct Upstreams {
@@ -63,6 +83,8 @@ pub struct Upstreams {
     pub segmentation: SegmentationClient<Channel>,
     pub nodes: Vec<Node>,
     probe_timeout: Duration,
+    /// The last probe, for [`Self::placement_probe`] (shared by clones).
+    last_probe: Arc<Mutex<Option<CachedProbe>>>,
 }
 
 impl Upstreams {
@@ -119,7 +141,37 @@ impl Upstreams {
             segmentation,
             nodes,
             probe_timeout: Duration::from_secs(cfg.gateway.node_probe_timeout_secs),
+            last_probe: Arc::default(),
         })
+    }
+
+    fn last_probe(&self) -> std::sync::MutexGuard<'_, Option<CachedProbe>> {
+        // Whole values only are ever stored: a poisoned lock is still sound.
+        self.last_probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Self::probe`], reused for [`PLACEMENT_PROBE_TTL`] (a series stored
+    /// instance by instance costs one probe per TTL, not one per instance).
+    /// The flag is true when the answer came from the cache: a put that
+    /// then fails may have been placed on a stale answer.
+    pub async fn placement_probe(&self) -> (Vec<NodeHealth>, Vec<String>, bool) {
+        if let Some((at, healthy, problems)) = self.last_probe().as_ref()
+            && at.elapsed() < PLACEMENT_PROBE_TTL
+        {
+            return (healthy.clone(), problems.clone(), true);
+        }
+        let asked = Instant::now();
+        let (healthy, problems) = self.probe().await;
+        *self.last_probe() = Some((asked, healthy.clone(), problems.clone()));
+        (healthy, problems, false)
+    }
+
+    /// Drops the cached probe (a put failed: a node went away, filled up
+    /// or restarted as another instance).
+    pub fn forget_probe(&self) {
+        self.last_probe().take();
     }
 
     /// The node with this configured name.

@@ -1,5 +1,5 @@
 //! Integration tests of the gateway binary's own commands (the gRPC service
-//! is covered end to end by crates/tessera-devstack/tests).
+//! is covered end to end by tools/tessera-devstack/tests).
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

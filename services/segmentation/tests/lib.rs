@@ -13,10 +13,10 @@ use tessera_proto::segmentation::v1 as pb;
 use tessera_proto::segmentation::v1::segmentation_client::SegmentationClient;
 use tessera_runtime::{ConfigSource, load_config};
 use tessera_segment::{Fragment, Operation, RegionMap, make_fragments, merge, process_whole};
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};
 use tessera_wire::segmentation::{spec_from_proto, spec_to_proto};
 use tessera_wire::{CHUNK_BYTES, SegmentDecoder};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// The test config's image limit: 1 MiB (a 512x512 16-bit image fits).

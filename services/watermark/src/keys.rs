@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use tessera_cryptomark::StudyKey;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
+use tessera_tls::Channel;
 use tessera_tls::{ClientTls, Identity};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::KeyserverSection;
@@ -109,6 +109,15 @@ impl ProtectKeyCache {
         }
     }
 
+    /// Drops every key kept for `study_id` (whatever the attributes): the
+    /// study was forgotten at the keyserver. Returns how many were kept.
+    pub fn forget(&self, study_id: &str) -> usize {
+        let mut entries = self.lock();
+        let before = entries.len();
+        entries.retain(|(id, _), _| id != study_id);
+        before - entries.len()
+    }
+
     /// Studies whose key is kept (expired ones included until the next put).
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -162,6 +171,11 @@ impl KeyClient {
         }
     }
 
+    /// Drops the protect keys kept for `study_id` (ForgetStudy).
+    pub fn forget(&self, study_id: &str) -> usize {
+        self.protect_keys.forget(study_id)
+    }
+
     async fn derive_at_keyserver(
         &self,
         study: &StudyRef,
@@ -171,16 +185,13 @@ impl KeyClient {
             Purpose::Protect => ks::Operation::Protect,
             Purpose::Restore => ks::Operation::Restore,
         };
-        let mut request = tonic::Request::new(ks::DeriveKeyRequest {
+        // The channel carries the trace context of this RPC to the keyserver.
+        let request = tonic::Request::new(ks::DeriveKeyRequest {
             study_id: study.study_id.clone(),
             attributes: study.attributes.clone(),
             purpose: PURPOSE_PIXELS.into(),
             operation: operation.into(),
         });
-        // Carry the trace context of this RPC to the keyserver.
-        if let Ok(r) = tessera_runtime::telemetry::inject_context(tonic::Request::new(())) {
-            *request.metadata_mut() = r.metadata().clone();
-        }
         let resp = self
             .client
             .clone()
@@ -252,6 +263,26 @@ mod tests {
         // Expired: gone, and removed.
         assert!(cache.get(&a, t0 + Duration::from_secs(30)).is_none());
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn forget_drops_every_key_of_the_study_only() {
+        let cache = ProtectKeyCache::new(Duration::from_secs(30), 8);
+        let t0 = Instant::now();
+        let (a1, a2, b) = (
+            study("a", &[("k", "1")]),
+            study("a", &[("k", "2")]),
+            study("b", &[("k", "1")]),
+        );
+        cache.put(&a1, StudyKey::from_bytes([1; 32]), t0);
+        cache.put(&a2, StudyKey::from_bytes([2; 32]), t0);
+        cache.put(&b, StudyKey::from_bytes([3; 32]), t0);
+        assert_eq!(cache.forget("a"), 2);
+        assert!(cache.get(&a1, t0).is_none());
+        assert!(cache.get(&a2, t0).is_none());
+        assert!(cache.get(&b, t0) == Some(StudyKey::from_bytes([3; 32])));
+        assert_eq!(cache.forget("a"), 0);
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

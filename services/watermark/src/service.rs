@@ -294,6 +294,22 @@ impl Watermark for WatermarkService {
             report: Some(report_to_proto(&restored.report)),
         }))
     }
+
+    async fn forget_study(
+        &self,
+        request: Request<pb::ForgetStudyRequest>,
+    ) -> Result<Response<pb::ForgetStudyResponse>, Status> {
+        self.authorize(&request)?;
+        let study_id = request.into_inner().study_id;
+        if study_id.is_empty() {
+            return Err(WatermarkError::InvalidArgument("study_id: empty".into()).into());
+        }
+        let dropped = self.keys.forget(&study_id);
+        tracing::info!(study = %study_id, dropped, "protect keys of a forgotten study dropped");
+        Ok(Response::new(pb::ForgetStudyResponse {
+            keys_dropped: u32::try_from(dropped).unwrap_or(u32::MAX),
+        }))
+    }
 }
 
 /// The two request types of Restore and Verify, which carry the same parts.

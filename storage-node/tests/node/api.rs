@@ -338,7 +338,7 @@ async fn mutual_tls_and_roles() {
     let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
     let refused = match plain.connect().await {
         Err(_) => true,
-        Ok(ch) => health_ok(ch).await.is_err(),
+        Ok(ch) => health_ok(tessera_tls::Channel::new(ch)).await.is_err(),
     };
     assert!(refused, "plaintext must be refused");
 

@@ -7,7 +7,7 @@ use storage_node::{App, Config};
 use tessera_proto::storage::v1::storage_node_client::StorageNodeClient;
 use tessera_runtime::{ConfigSource, RunningServer, load_config};
 use tessera_storage_client::client;
-use tonic::transport::Channel;
+use tessera_tls::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 

@@ -17,10 +17,10 @@ use tessera_segment::{
 };
 use tessera_storage_client::process_fragment;
 use tessera_storage_client::put_object;
+use tessera_tls::Channel;
 use tessera_wire::{CHUNK_BYTES, histeq_mapping, process_requests};
 use tonic::Code;
 use tonic::Status;
-use tonic::transport::Channel;
 
 impl Env {
     /// Node `name` with its own certificate and data dir; `extra` is

@@ -16,6 +16,8 @@
 //! reason) written **before** the reply (before the transaction, or inside
 //! it for checks made there).
 
+pub mod access;
+
 use crate::core::audit::AuditEvent;
 use crate::core::store::GrantState;
 use crate::error::KeyServerError;
@@ -51,6 +53,16 @@ pub enum Rpc {
     RemoveDelegate,
     /// `CheckDelegate`.
     CheckDelegate,
+    /// `CreateStandingApproval`.
+    CreateStandingApproval,
+    /// `UpdateStandingApproval`.
+    UpdateStandingApproval,
+    /// `RevokeStandingApproval`.
+    RevokeStandingApproval,
+    /// `BreakGlass`.
+    BreakGlass,
+    /// `MarkReviewed`.
+    MarkReviewed,
 }
 
 impl Rpc {
@@ -71,6 +83,11 @@ impl Rpc {
             Self::AddDelegate => "AddDelegate",
             Self::RemoveDelegate => "RemoveDelegate",
             Self::CheckDelegate => "CheckDelegate",
+            Self::CreateStandingApproval => "CreateStandingApproval",
+            Self::UpdateStandingApproval => "UpdateStandingApproval",
+            Self::RevokeStandingApproval => "RevokeStandingApproval",
+            Self::BreakGlass => "BreakGlass",
+            Self::MarkReviewed => "MarkReviewed",
         }
     }
 
@@ -91,6 +108,11 @@ impl Rpc {
             Self::AddDelegate => "add delegates",
             Self::RemoveDelegate => "remove delegates",
             Self::CheckDelegate => "check delegates",
+            Self::CreateStandingApproval => "create standing approvals",
+            Self::UpdateStandingApproval => "change standing approvals",
+            Self::RevokeStandingApproval => "revoke standing approvals",
+            Self::BreakGlass => "break the glass",
+            Self::MarkReviewed => "mark break-glass uses reviewed",
         }
     }
 
@@ -112,6 +134,11 @@ impl Rpc {
             Self::AddDelegate | Self::RemoveDelegate | Self::CheckDelegate => {
                 AuditEvent::DelegateRefused
             }
+            Self::CreateStandingApproval
+            | Self::UpdateStandingApproval
+            | Self::RevokeStandingApproval => AuditEvent::StandingRefused,
+            Self::BreakGlass => AuditEvent::BreakGlassRefused,
+            Self::MarkReviewed => AuditEvent::ReviewRefused,
         }
     }
 }
@@ -124,6 +151,8 @@ pub struct Rules {
     /// Services that derive keys, each with the purposes it may derive
     /// (`prefix-*` matches every purpose starting with `prefix-`).
     pub derivers: Vec<(String, Vec<String>)>,
+    /// Purposes, break-glass permission ([`access`]).
+    pub access: access::AccessRules,
 }
 
 /// What is being asked, with the facts the rule needs.
@@ -175,6 +204,58 @@ pub enum Action<'a> {
         /// The user the gateway acts for.
         on_behalf_of: &'a str,
     },
+    /// An access purpose carried by a request (`rpc`): it must be in the
+    /// configured vocabulary.
+    Purpose {
+        /// RequestKey or CreateStandingApproval.
+        rpc: Rpc,
+        /// The purpose, already defaulted.
+        purpose: &'a str,
+    },
+    /// An owner creates a standing approval.
+    CreateStanding {
+        /// The identity it names, if it names one.
+        grantee_identity: Option<&'a str>,
+        /// Every study it lists is the caller's.
+        studies_owned: bool,
+    },
+    /// An owner changes or revokes a standing approval made by `owner`.
+    ChangeStanding {
+        /// UpdateStandingApproval or RevokeStandingApproval.
+        rpc: Rpc,
+        /// Who made it.
+        owner: &'a str,
+        /// Revoked already.
+        revoked: bool,
+    },
+    /// Use a grant approved by a standing approval (after [`Action::UseGrant`]):
+    /// refused once that approval is revoked.
+    StandingGrant {
+        /// FetchKey, RedeemGrant or CheckGrant.
+        rpc: Rpc,
+        /// The approval is revoked.
+        revoked: bool,
+    },
+    /// Break the glass on a study owned by `owner`.
+    BreakGlass {
+        /// The written reason.
+        reason: &'a str,
+        /// The study's owner.
+        owner: &'a str,
+        /// The owner forbade break-glass on its studies.
+        disabled: bool,
+    },
+    /// Mark a break-glass use on a study owned by `owner` reviewed.
+    Review {
+        /// The study's owner.
+        owner: &'a str,
+        /// The caller is an admin.
+        admin: bool,
+        /// The request is a break-glass use.
+        break_glass: bool,
+        /// Reviewed already.
+        reviewed: bool,
+    },
     /// Approve, deny or revoke a request on a study owned by `owner`.
     Decide {
         /// ApproveRequest, DenyRequest or RevokeGrant.
@@ -200,6 +281,12 @@ impl Action<'_> {
                 *r
             }
             Self::Forget { .. } => Rpc::ForgetStudy,
+            Self::Purpose { rpc: r, .. }
+            | Self::ChangeStanding { rpc: r, .. }
+            | Self::StandingGrant { rpc: r, .. } => *r,
+            Self::CreateStanding { .. } => Rpc::CreateStandingApproval,
+            Self::BreakGlass { .. } => Rpc::BreakGlass,
+            Self::Review { .. } => Rpc::MarkReviewed,
         }
     }
 }
@@ -220,6 +307,8 @@ pub enum RefusalKind {
     Denied,
     /// The object is not in a state that allows it (e.g. decided already).
     Precondition,
+    /// The request is malformed (e.g. a purpose outside the vocabulary).
+    Invalid,
 }
 
 impl Refused {
@@ -235,11 +324,18 @@ impl Refused {
             reason: reason.into(),
         }
     }
+    fn invalid(reason: impl Into<String>) -> Self {
+        Self {
+            kind: RefusalKind::Invalid,
+            reason: reason.into(),
+        }
+    }
     /// The error returned to the caller.
     pub fn into_error(self) -> KeyServerError {
         match self.kind {
             RefusalKind::Denied => KeyServerError::PermissionDenied(self.reason),
             RefusalKind::Precondition => KeyServerError::FailedPrecondition(self.reason),
+            RefusalKind::Invalid => KeyServerError::InvalidArgument(self.reason),
         }
     }
 }
@@ -322,7 +418,12 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
                 | Rpc::ForgetStudy
                 | Rpc::AddDelegate
                 | Rpc::RemoveDelegate
-                | Rpc::CheckDelegate => Ok(()),
+                | Rpc::CheckDelegate
+                | Rpc::CreateStandingApproval
+                | Rpc::UpdateStandingApproval
+                | Rpc::RevokeStandingApproval
+                | Rpc::BreakGlass
+                | Rpc::MarkReviewed => Ok(()),
             }
         }
         Action::UseGrant {
@@ -363,7 +464,85 @@ pub fn decide(rules: &Rules, caller: &str, action: &Action<'_>) -> Result<(), Re
         } if owner != on_behalf_of => Err(Refused::denied(
             "only the study owner may have it forgotten",
         )),
+        Action::Purpose { purpose, .. } if !rules.access.known(purpose) => {
+            Err(Refused::invalid(format!(
+                "access purpose {purpose:?} is not one of: {}",
+                rules.access.purposes.join(", ")
+            )))
+        }
+        Action::CreateStanding {
+            grantee_identity,
+            studies_owned,
+        } => {
+            if grantee_identity == Some(caller) {
+                Err(Refused::denied(
+                    "nobody may approve their own requests, not even in advance",
+                ))
+            } else if !studies_owned {
+                Err(Refused::denied(
+                    "a standing approval covers only the caller's own studies",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Action::ChangeStanding { owner, .. } if owner != caller => Err(Refused::denied(
+            "only its owner changes a standing approval",
+        )),
+        Action::ChangeStanding { revoked: true, .. } => {
+            Err(Refused::precondition("the standing approval is revoked"))
+        }
+        Action::StandingGrant { revoked: true, .. } => Err(Refused::denied(
+            "the standing approval of this grant was revoked",
+        )),
+        Action::BreakGlass {
+            reason,
+            owner,
+            disabled,
+        } => {
+            if !rules.access.may_break_glass(caller) {
+                Err(Refused::denied("the caller has no emergency permission"))
+            } else if reason.trim().is_empty() || reason.chars().count() > access::REASON_MAX {
+                Err(Refused::invalid(format!(
+                    "a break-glass reason is required, 1..={} characters",
+                    access::REASON_MAX
+                )))
+            } else if owner == caller {
+                Err(Refused::denied(
+                    "an owner needs no break-glass on its own study",
+                ))
+            } else if disabled {
+                Err(Refused::denied(
+                    "the owner has disabled break-glass on its studies",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Action::Review {
+            owner,
+            admin,
+            break_glass,
+            reviewed,
+        } => {
+            if owner != caller && !admin {
+                Err(Refused::denied(
+                    "only the study owner or an admin reviews break-glass uses",
+                ))
+            } else if !break_glass {
+                Err(Refused::precondition(
+                    "the request is not a break-glass use",
+                ))
+            } else if reviewed {
+                Err(Refused::precondition("reviewed already"))
+            } else {
+                Ok(())
+            }
+        }
         Action::RegisterStudy
+        | Action::Purpose { .. }
+        | Action::ChangeStanding { .. }
+        | Action::StandingGrant { .. }
         | Action::RequestKey { .. }
         | Action::ListRequests { .. }
         | Action::GatewayOnly(_)

@@ -18,6 +18,7 @@ fn rules() -> Rules {
             (WM.into(), vec!["pixels".into()]),
             (ST.into(), vec![]),
         ],
+        access: access::AccessRules::default(),
     }
 }
 

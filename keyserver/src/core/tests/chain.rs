@@ -41,6 +41,7 @@ async fn identities_are_in_the_configured_trust_domain() {
             checkpoint_every: 10,
             max_grant_ttl_secs: 60,
             max_grant_uses: 1,
+            access: Default::default(),
         },
         Arc::new(ManualClock::at_secs(1)),
     )

@@ -43,6 +43,7 @@ fn open_with(path: &Path, kek: [u8; 32], clock: Arc<dyn Clock>, every: u64) -> R
             checkpoint_every: every,
             max_grant_ttl_secs: 3600,
             max_grant_uses: 10,
+            access: Default::default(),
         },
         clock,
     )

@@ -68,7 +68,7 @@ fn one_value(vr: VR, v: &str) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::dicomweb::json::*;
 
     fn vr(t: TagPair) -> VR {
         match t {

@@ -129,7 +129,7 @@ pub fn parse<'a>(content_type: &str, body: &'a [u8]) -> Result<Vec<Part<'a>>, St
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::dicomweb::multipart::*;
 
     #[test]
     fn written_parts_parse_back_byte_identical() {

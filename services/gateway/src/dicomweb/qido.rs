@@ -10,8 +10,9 @@ use axum::http::Uri;
 use axum::response::Response;
 use tessera_dicom::query::TagPair;
 
-use super::{Caller, WebError, WebResult, WebState, json, query_params, with_type};
-use crate::flows::dicom::vr_of;
+use super::json;
+use super::web::{Caller, WebError, WebResult, WebState, query_params, with_type};
+use crate::flows::dicom::query::vr_of;
 
 /// Query keywords the index knows, with their tags.
 const KEYWORDS: &[(&str, TagPair)] = &[
@@ -248,7 +249,7 @@ pub(crate) async fn series_instances(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::dicomweb::qido::*;
 
     fn p(k: &str, v: &str) -> (String, String) {
         (k.into(), v.into())

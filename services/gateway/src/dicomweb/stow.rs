@@ -12,7 +12,8 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{Caller, WebError, WebResult, WebState, header_str, multipart, with_type};
+use super::multipart;
+use super::web::{Caller, WebError, WebResult, WebState, header_str, with_type};
 use crate::shared::with_vault;
 
 /// The owner header (default: the caller).
@@ -186,7 +187,7 @@ pub(crate) async fn store(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::dicomweb::stow::*;
 
     #[test]
     fn the_response_lists_stored_and_failed_instances() {

@@ -17,8 +17,9 @@ use axum::response::Response;
 use tessera_dicom::query::TagPair;
 
 use super::qido::tag_of;
-use super::{Caller, WebError, WebResult, WebState, header_str, json, multipart, with_type};
-use crate::flows::dicom::vr_of;
+use super::web::{Caller, WebError, WebResult, WebState, header_str, with_type};
+use super::{json, multipart};
+use crate::flows::dicom::query::vr_of;
 
 const STUDY: TagPair = (0x0020, 0x000D);
 const SERIES: TagPair = (0x0020, 0x000E);

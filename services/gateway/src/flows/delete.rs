@@ -5,7 +5,9 @@
 use tessera_proto::gateway::v1 as pb;
 
 use crate::convert::check_handle;
-use crate::durability::{Pass, RepairTally, placement_to_proto};
+use std::sync::Arc;
+
+use crate::durability::{Pacer, Pass, RepairTally, placement_to_proto};
 use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result, with_vault};
 use crate::vault::StudyState;
@@ -96,13 +98,14 @@ impl GatewayService {
     }
 
     /// One scrub (and, unless `dry_run`, repair) pass; `rate` bounds the
-    /// objects checked per second.
+    /// objects checked per second. Up to `[erasure]
+    /// repair_studies_in_flight` studies are repaired at once (the rate
+    /// holds across them); their findings are reported in study order.
     async fn repair_pass(
         &self,
         r: pb::RepairRequest,
         rate: Option<u32>,
     ) -> Result<pb::RepairResponse> {
-        let pause = rate.map(|n| std::time::Duration::from_secs_f64(1.0 / f64::from(n.max(1))));
         let ids = if r.study_handle.is_empty() {
             with_vault(&self.inner.vault, |v| v.committed_ids()).await?
         } else {
@@ -112,37 +115,46 @@ impl GatewayService {
         if !r.evacuate_node.is_empty() {
             self.inner.up.node(&r.evacuate_node)?;
         }
-        let evacuate = (!r.evacuate_node.is_empty()).then_some(r.evacuate_node.as_str());
+        let evacuate = (!r.evacuate_node.is_empty()).then(|| r.evacuate_node.clone());
         let (healthy, _) = self.inner.up.probe().await;
+        let healthy = Arc::new(healthy);
+        let pacer = rate.map(|n| Arc::new(Pacer::per_sec(n)));
+        let in_flight = self
+            .inner
+            .limits
+            .erasure
+            .map_or(crate::config::DEFAULT_REPAIR_STUDIES_IN_FLIGHT, |e| {
+                e.repair_studies_in_flight
+            })
+            .max(1);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut done: Vec<Option<RepairTally>> = vec![None; ids.len()];
+        let mut queued = ids.iter().cloned().enumerate();
+        loop {
+            while tasks.len() < in_flight {
+                let Some((i, id)) = queued.next() else { break };
+                let this = self.clone();
+                let (healthy, evacuate, pacer) = (healthy.clone(), evacuate.clone(), pacer.clone());
+                let dry_run = r.dry_run;
+                tasks.spawn(async move {
+                    let pass = Pass {
+                        healthy: &healthy,
+                        evacuate: evacuate.as_deref(),
+                        dry_run,
+                        pace: pacer.as_deref(),
+                    };
+                    (i, this.repair_study(&id, &pass).await)
+                });
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            let (i, t) = joined.map_err(|e| GatewayError::Internal(format!("repair task: {e}")))?;
+            done[i] = Some(t?);
+        }
         let mut tally = RepairTally::default();
-        for id in &ids {
-            // A study deleted meanwhile is skipped, not an error.
-            let Ok(mut rec) = self.committed(id).await else {
-                continue;
-            };
-            let pass = Pass {
-                healthy: &healthy,
-                evacuate,
-                dry_run: r.dry_run,
-                pause,
-            };
-            if self
-                .repair_placements(&mut rec.placements, &pass, &mut tally)
-                .await
-            {
-                let rr = rec.clone();
-                with_vault(&self.inner.vault, move |v| v.put(&rr)).await?;
-            }
-            if rec.is_dicom() {
-                for mut inst in self.committed_instances(&rec).await? {
-                    if self
-                        .repair_placements(&mut inst.placements, &pass, &mut tally)
-                        .await
-                    {
-                        with_vault(&self.inner.vault, move |v| v.put_instance(&inst)).await?;
-                    }
-                }
-            }
+        for t in done.into_iter().flatten() {
+            tally.merge(t);
         }
         if r.study_handle.is_empty() && r.evacuate_node.is_empty() {
             self.finish_interrupted(r.dry_run, &mut tally).await;
@@ -180,5 +192,33 @@ impl GatewayService {
             failures: tally.failures,
             actions: tally.actions,
         })
+    }
+
+    /// Scrubs and repairs one study's objects (a DICOM study's instances
+    /// too), saving each record that changed. A study deleted meanwhile is
+    /// skipped, not an error.
+    async fn repair_study(&self, id: &str, pass: &Pass<'_>) -> Result<RepairTally> {
+        let mut tally = RepairTally::default();
+        let Ok(mut rec) = self.committed(id).await else {
+            return Ok(tally);
+        };
+        if self
+            .repair_placements(&mut rec.placements, pass, &mut tally)
+            .await
+        {
+            let rr = rec.clone();
+            with_vault(&self.inner.vault, move |v| v.put(&rr)).await?;
+        }
+        if rec.is_dicom() {
+            for mut inst in self.committed_instances(&rec).await? {
+                if self
+                    .repair_placements(&mut inst.placements, pass, &mut tally)
+                    .await
+                {
+                    with_vault(&self.inner.vault, move |v| v.put_instance(&inst)).await?;
+                }
+            }
+        }
+        Ok(tally)
     }
 }

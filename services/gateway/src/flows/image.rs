@@ -179,6 +179,8 @@ impl GatewayService {
                 purpose: PURPOSE_PIXELS.into(),
                 justification: r.justification,
                 on_behalf_of: caller,
+                // The keyserver's default access purpose.
+                access_purpose: String::new(),
             })
             .await
             .map_err(|s| GatewayError::upstream("keyserver", s))?

@@ -130,7 +130,7 @@ impl GatewayService {
                 samples_sent: fragment.tiles.iter().map(|t| t.samples.len() as u64).sum(),
             });
             let mapping = mapping.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.push(crate::upstream::spawn_traced(async move {
                 let mut c = node.client.clone();
                 tessera_storage_client::process_fragment(&mut c, &fragment, op, mapping.as_ref())
                     .await

@@ -7,7 +7,7 @@ use tessera_proto::gateway::v1 as pb;
 use tessera_proto::keyserver::v1 as kpb;
 use tonic::Code;
 
-use crate::durability::placement_to_proto;
+use crate::durability::placement::placement_to_proto;
 use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result, with_vault};
 use crate::vault::{InstanceRecord, SharePlacement, StudyRecord};
@@ -74,9 +74,30 @@ impl GatewayService {
             })
             .await
         {
-            Ok(_) => Ok(true),
-            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Ok(_) => {
+                self.forget_at_watermark(&rec.study_id).await;
+                Ok(true)
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                self.forget_at_watermark(&rec.study_id).await;
+                Ok(false)
+            }
             Err(s) => Err(GatewayError::upstream("keyserver", s)),
+        }
+    }
+
+    /// Drops the protect keys the watermark service keeps for a forgotten
+    /// study. Best effort: when it cannot be reached, its kept key expires
+    /// within its 30 s anyway, and the keyserver refuses any new derivation.
+    async fn forget_at_watermark(&self, study_id: &str) {
+        let mut wm = self.inner.up.watermark.clone();
+        if let Err(s) = wm
+            .forget_study(tessera_proto::watermark::v1::ForgetStudyRequest {
+                study_id: study_id.to_owned(),
+            })
+            .await
+        {
+            tracing::warn!(study = %study_id, code = ?s.code(), error = %s.message(), "the watermark service did not drop the study's kept protect keys (they expire within 30 s)");
         }
     }
 

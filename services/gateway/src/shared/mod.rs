@@ -67,6 +67,7 @@ pub struct Inner {
     pub(crate) vault: Arc<Vault>,
     pub(crate) limits: Limits,
     jobs: Arc<Semaphore>,
+    max_jobs: usize,
     /// In-flight memory budget in MiB (an image, its file and its shares
     /// held at once by a job count about four times the image).
     memory_mib: Arc<Semaphore>,
@@ -78,7 +79,7 @@ pub struct Inner {
     /// than this are not in flight here (the repair pass finishes them).
     pub(crate) started_unix: u64,
     /// Scrub and repair counters since start (`/metrics`).
-    pub(crate) repair_counters: Arc<crate::durability::RepairCounters>,
+    pub(crate) repair_counters: Arc<crate::durability::counters::RepairCounters>,
 }
 
 /// Held while a job runs.
@@ -125,6 +126,7 @@ impl GatewayService {
                 vault,
                 limits,
                 jobs: Arc::new(Semaphore::new(max_jobs)),
+                max_jobs,
                 memory_mib: Arc::new(Semaphore::new(memory_mib as usize)),
                 memory_total_mib: memory_mib,
                 placement: Box::new(DistinctNodes),
@@ -134,6 +136,21 @@ impl GatewayService {
                 repair_counters: Default::default(),
             }),
         }
+    }
+
+    /// Job permits held and MiB of the memory budget held, now
+    /// (`/metrics`).
+    pub fn capacity_in_use(&self) -> (usize, usize) {
+        let i = &self.inner;
+        (
+            i.max_jobs.saturating_sub(i.jobs.available_permits()),
+            (i.memory_total_mib as usize).saturating_sub(i.memory_mib.available_permits()),
+        )
+    }
+
+    /// The vault, for the gauges read at scrape time.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.inner.vault
     }
 
     /// Waits for a job slot and for `image_bytes` x 4 of the memory budget
@@ -249,7 +266,7 @@ pub(crate) fn caller_uri<T>(req: &Request<T>) -> Result<String, Status> {
 
 impl GatewayService {
     /// The scrub and repair counters since start.
-    pub fn repair_counters(&self) -> Arc<crate::durability::RepairCounters> {
+    pub fn repair_counters(&self) -> Arc<crate::durability::counters::RepairCounters> {
         self.inner.repair_counters.clone()
     }
 }

@@ -4,7 +4,7 @@
 
 use tonic::Status;
 
-use crate::durability::FragmentProblem;
+use crate::durability::counters::FragmentProblem;
 use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result};
 use crate::vault::{SharePlacement, StudyRecord};
@@ -24,14 +24,14 @@ impl GatewayService {
             let this = self.clone();
             let mut p = p.clone();
             if p.erasure.is_some() {
-                puts.push(tokio::spawn(async move {
+                puts.push(crate::upstream::spawn_traced(async move {
                     this.put_fragments(&mut p, data).await?;
                     Ok::<_, GatewayError>(p)
                 }));
                 continue;
             }
             let node = up.node(&p.node)?.clone();
-            puts.push(tokio::spawn(async move {
+            puts.push(crate::upstream::spawn_traced(async move {
                 let mut c = node.client.clone();
                 // The node answers with the SHA-256 it verified against the
                 // one the client sent: record that, no second pass here.
@@ -62,7 +62,10 @@ impl GatewayService {
             }
         }
         match first_err {
-            Some(e) => Err(e),
+            Some(e) => {
+                up.forget_probe();
+                Err(e)
+            }
             None => Ok(()),
         }
     }
@@ -102,7 +105,7 @@ impl GatewayService {
         for p in placements {
             let this = self.clone();
             let p = p.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.push(crate::upstream::spawn_traced(async move {
                 this.read_object(&p, limit, thorough).await
             }));
         }

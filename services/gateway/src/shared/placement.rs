@@ -88,7 +88,7 @@ pub fn place(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::shared::placement::*;
 
     fn health(index: usize, free: u64) -> NodeHealth {
         NodeHealth {

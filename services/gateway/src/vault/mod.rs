@@ -304,15 +304,26 @@ impl Vault {
         self.submit(Op(vec![Write::Put(Tbl::Instances, key, sealed)]))
     }
 
-    /// Removes an instance record and its SOP index entry.
+    /// Removes an instance record and its SOP index entry (unless the
+    /// entry names another instance by now: see [`Self::release_sop`]).
     pub fn remove_instance(&self, rec: &InstanceRecord) -> Result<()> {
         self.submit(Op(vec![
             Write::Remove(Tbl::Instances, rec.key()),
-            Write::Remove(
-                Tbl::Index,
+            Write::RemoveIndexIf(
                 self.sop_index(&rec.study_id, &rec.sop_instance_uid),
+                rec.instance_id.clone(),
             ),
         ]))
+    }
+
+    /// Frees the SOP Instance UID of a pending instance whose objects
+    /// could not all be removed (its record stays for the sweep), so the
+    /// instance can be stored again under another instance id.
+    pub fn release_sop(&self, rec: &InstanceRecord) -> Result<()> {
+        self.submit(Op(vec![Write::RemoveIndexIf(
+            self.sop_index(&rec.study_id, &rec.sop_instance_uid),
+            rec.instance_id.clone(),
+        )]))
     }
 
     /// The instance of a study holding this SOP Instance UID, any state.
@@ -386,6 +397,13 @@ impl Vault {
             }
         }
         Ok(out)
+    }
+
+    /// Number of study records (committed, and any being stored or
+    /// deleted right now): one table length, cheap enough for `/metrics`.
+    pub fn count_studies(&self) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(STUDIES)?.len()?)
     }
 
     /// Number of committed studies.

@@ -31,6 +31,9 @@ pub(super) enum Write {
     /// Insert or replace.
     Put(Tbl, String, Vec<u8>),
     Remove(Tbl, String),
+    /// Remove the index entry only while it names this value (the record
+    /// it belonged to may have been replaced meanwhile).
+    RemoveIndexIf(String, String),
 }
 
 /// One change, applied atomically by the writer thread.
@@ -105,6 +108,15 @@ pub(super) fn apply(t: &mut Tables<'_>, op: &Op) -> Result<()> {
         match w {
             Write::Insert(tbl, key, v) | Write::Put(tbl, key, v) => t.put(*tbl, key, v)?,
             Write::Remove(tbl, key) => t.remove(*tbl, key)?,
+            Write::RemoveIndexIf(key, value) => {
+                let names_it = t
+                    .index
+                    .get(key.as_str())?
+                    .is_some_and(|v| v.value() == value);
+                if names_it {
+                    t.remove(Tbl::Index, key)?;
+                }
+            }
         }
     }
     Ok(())

@@ -25,12 +25,9 @@
 //! RetrieveDicom; this file their shared constants and helpers.
 
 mod get_move;
-mod query;
+pub(crate) mod query;
 mod retrieve;
 mod store;
-
-pub use query::DicomPeer;
-pub(crate) use query::vr_of;
 
 use ring::hmac;
 use tessera_dicom::{Limits as DicomLimits, Profile, Subject, Temporal, UidMap};

@@ -117,10 +117,33 @@ impl GatewayService {
             }
             return Ok(stored_response(&existing, false, true));
         }
-        let r = self
-            .store_instance(&study, stored_by, split, size, sha)
+        let r = match self
+            .store_instance(&study, stored_by.clone(), split, size, sha)
             .await
-            .map(|rec| stored_response(&rec, new_study, false));
+        {
+            Ok(rec) => Ok(rec),
+            // Placed on a cached probe and a put failed (the probe is
+            // forgotten now): once more, placed on a fresh probe. The
+            // failed attempt was rolled back.
+            Err(Attempt {
+                error,
+                stale_placement: true,
+            }) => {
+                tracing::info!(study = %study.study_id, error = %error, "a put failed on a cached placement; placing again");
+                let limits = dicom_limits(self.inner.limits.max_image_bytes);
+                let split = tokio::task::spawn_blocking(move || {
+                    tessera_dicom::split_for_store(&file, &limits)
+                })
+                .await
+                .map_err(|e| GatewayError::Internal(format!("split task: {e}")))?
+                .map_err(|e| GatewayError::Internal(format!("split again: {e}")))?;
+                self.store_instance(&study, stored_by, split, size, sha)
+                    .await
+                    .map_err(|a| a.error)
+            }
+            Err(a) => Err(a.error),
+        }
+        .map(|rec| stored_response(&rec, new_study, false));
         if let Err(e) = &r {
             tracing::warn!(study = %study.study_id, error = %e, "DICOM store failed");
         }
@@ -193,6 +216,11 @@ impl GatewayService {
         Ok((rec, true))
     }
 
+    /// Stores one instance: placed, intent recorded, objects put,
+    /// committed; rolled back on any failure. The intent record's commit
+    /// runs while the metadata is sealed and the pixels protected (no
+    /// object is put before it is durable), so one vault commit per
+    /// instance is on the path to the answer, not two.
     async fn store_instance(
         &self,
         study: &StudyRecord,
@@ -200,9 +228,33 @@ impl GatewayService {
         split: Split,
         size: u64,
         sha: [u8; 32],
-    ) -> Result<InstanceRecord> {
-        let kmeta = self.protect_key(study, PURPOSE_METADATA).await?;
-        let instance_id = self.new_id("in")?;
+    ) -> Result<InstanceRecord, Attempt> {
+        let mut cached = false;
+        self.store_instance_placed(study, stored_by, split, size, sha, &mut cached)
+            .await
+            .map_err(|(error, at_put)| Attempt {
+                error,
+                stale_placement: cached && at_put,
+            })
+    }
+
+    /// [`Self::store_instance`]; an error says whether a put failed.
+    /// `cached` is set when the placement used a cached probe.
+    async fn store_instance_placed(
+        &self,
+        study: &StudyRecord,
+        stored_by: String,
+        split: Split,
+        size: u64,
+        sha: [u8; 32],
+        cached: &mut bool,
+    ) -> Result<InstanceRecord, (GatewayError, bool)> {
+        let early = |e: GatewayError| (e, false);
+        let kmeta = self
+            .protect_key(study, PURPOSE_METADATA)
+            .await
+            .map_err(early)?;
+        let instance_id = self.new_id("in").map_err(early)?;
         let base = format!("{}.{}", study.study_id, instance_id);
         let watermarked = matches!(split.pixels, Pixels::Native(_));
         let (spec, pixel_bytes) = match &split.pixels {
@@ -212,7 +264,8 @@ impl GatewayService {
 
         // Nodes: pixel shares on two distinct nodes, the metadata object on
         // a third when one is healthy.
-        let (healthy, problems) = self.inner.up.probe().await;
+        let (healthy, problems, from_cache) = self.inner.up.placement_probe().await;
+        *cached = from_cache;
         let names: Vec<String> = self.inner.up.nodes.iter().map(|n| n.name.clone()).collect();
         let bound = pixel_bytes + pixel_bytes / 8 + size / 4 + 128 * 1024;
         let pixel_objects = if watermarked { 2 } else { 1 };
@@ -235,7 +288,8 @@ impl GatewayService {
                 2,
                 bound,
             )
-        })?;
+        })
+        .map_err(early)?;
         let at = |i: usize| {
             let h = &healthy[chosen[i.min(chosen.len() - 1)]];
             (names[h.index].clone(), h.instance_id.clone())
@@ -274,7 +328,8 @@ impl GatewayService {
             sha256: String::new(),
             erasure: None,
         });
-        self.spread_fragments(&mut placements, &healthy, &problems, bound)?;
+        self.spread_fragments(&mut placements, &healthy, &problems, bound)
+            .map_err(early)?;
 
         let mut rec = InstanceRecord {
             study_id: study.study_id.clone(),
@@ -297,52 +352,80 @@ impl GatewayService {
             burned_in_annotation: split.subject.burned_in_annotation,
             indexed: split.subject.indexed.clone(),
         };
-        let r = rec.clone();
-        with_vault(&self.inner.vault, move |v| v.insert_instance(&r)).await?;
-        match self
-            .store_instance_steps(study, &mut rec, split, kmeta, &base)
-            .await
-        {
-            Ok(()) => {
-                rec.state = StudyState::Committed;
-                let r = rec.clone();
-                if let Err(e) = with_vault(&self.inner.vault, move |v| v.put_instance(&r)).await {
-                    self.rollback_instance(&rec).await;
-                    return Err(e);
-                }
-                // A Delete of the study may have started meanwhile (it lists
-                // the instances once): the instance must not outlive it.
-                let sid = rec.study_id.clone();
-                let alive = with_vault(&self.inner.vault, move |v| {
-                    Ok(v.get(&sid)?
-                        .is_some_and(|s| s.state == StudyState::Committed))
-                })
-                .await?;
-                if !alive {
-                    self.rollback_instance(&rec).await;
-                    return Err(GatewayError::NotFound(format!(
-                        "study {} was deleted while the instance was being stored",
-                        rec.study_id
-                    )));
-                }
-                tracing::info!(study = %rec.study_id, instance = %rec.instance_id, watermarked, "DICOM instance stored");
-                Ok(rec)
-            }
+        // The intent record commits while the objects are prepared.
+        let intent = {
+            let (r, vault) = (rec.clone(), self.inner.vault.clone());
+            tokio::spawn(async move { with_vault(&vault, move |v| v.insert_instance(&r)).await })
+        };
+        let prepared = self
+            .instance_objects(study, &mut rec, split, kmeta, &base)
+            .await;
+        match intent.await {
+            Ok(Ok(())) => {}
+            // Refused (the SOP Instance UID is being stored meanwhile) or
+            // failed: nothing was put, and the record is not ours to remove.
+            Ok(Err(e)) => return Err(early(e)),
             Err(e) => {
-                self.rollback_instance(&rec).await;
-                Err(e)
+                return Err(early(GatewayError::Internal(format!(
+                    "vault intent task: {e}"
+                ))));
             }
         }
+        let objects = match prepared {
+            Ok(o) => o,
+            Err(e) => {
+                self.rollback_instance(&rec).await;
+                return Err(early(e));
+            }
+        };
+        if let Err(e) = self.put_objects(&mut rec.placements, objects).await {
+            if !self.rollback_instance(&rec).await && *cached {
+                // A node that went away keeps the record pending (for the
+                // sweep); its SOP Instance UID is freed for the new attempt.
+                let r = rec.clone();
+                if let Err(e2) = with_vault(&self.inner.vault, move |v| v.release_sop(&r)).await {
+                    tracing::warn!(study = %rec.study_id, instance = %rec.instance_id, error = %e2, "cannot free the SOP Instance UID of a failed store");
+                    return Err((e, false));
+                }
+            }
+            return Err((e, true));
+        }
+        rec.state = StudyState::Committed;
+        let r = rec.clone();
+        if let Err(e) = with_vault(&self.inner.vault, move |v| v.put_instance(&r)).await {
+            self.rollback_instance(&rec).await;
+            return Err(early(e));
+        }
+        // A Delete of the study may have started meanwhile (it lists
+        // the instances once): the instance must not outlive it.
+        let sid = rec.study_id.clone();
+        let alive = with_vault(&self.inner.vault, move |v| {
+            Ok(v.get(&sid)?
+                .is_some_and(|s| s.state == StudyState::Committed))
+        })
+        .await
+        .map_err(early)?;
+        if !alive {
+            self.rollback_instance(&rec).await;
+            return Err(early(GatewayError::NotFound(format!(
+                "study {} was deleted while the instance was being stored",
+                rec.study_id
+            ))));
+        }
+        tracing::info!(study = %rec.study_id, instance = %rec.instance_id, watermarked, "DICOM instance stored");
+        Ok(rec)
     }
 
-    async fn store_instance_steps(
+    /// The instance's objects, in placement order: the pixel shares (or
+    /// the sealed pixels), then the sealed metadata.
+    async fn instance_objects(
         &self,
         study: &StudyRecord,
         rec: &mut InstanceRecord,
         split: Split,
         kmeta: Key,
         base: &str,
-    ) -> Result<()> {
+    ) -> Result<Vec<Vec<u8>>> {
         let Split {
             container,
             identifying,
@@ -393,6 +476,14 @@ impl GatewayService {
             }
         };
         objects.push(meta);
-        self.put_objects(&mut rec.placements, objects).await
+        Ok(objects)
     }
+}
+
+/// A failed [`GatewayService::store_instance`] (rolled back).
+struct Attempt {
+    error: GatewayError,
+    /// A put failed on a placement made from a cached probe: placing
+    /// again on a fresh probe may succeed.
+    stale_placement: bool,
 }
