@@ -24,6 +24,10 @@ def session(pki, who):
     s = create_session()
     s.cert = (os.path.join(pki, f"{who}.crt"), os.path.join(pki, f"{who}.key"))
     s.verify = os.path.join(pki, "ca.crt")
+    # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace session.verify
+    # (psf/requests#3829): without this, a host whose environment names the
+    # system bundle fails to verify the dev CA's server certificate.
+    s.trust_env = False
     return s
 
 

@@ -184,6 +184,9 @@ impl App {
             .with_admin(self.admin.as_ref())
             .with_readiness(self.readiness);
         register_metrics(&server.metrics(), &self.service);
+        if let Some(web) = &dicomweb {
+            register_dicomweb_metrics(&server.metrics(), web.refusals());
+        }
         let server = server
             .add_service(self.service.into_server())
             .spawn()
@@ -283,6 +286,21 @@ fn readiness(up: Upstreams, keyserver: Channel, config: &Config) -> Readiness {
             Ok(())
         })
     })
+}
+
+/// The DICOMweb listener's refusals.
+fn register_dicomweb_metrics(metrics: &Metrics, refusals: Arc<crate::dicomweb::Refusals>) {
+    let r = refusals.clone();
+    metrics.counter_fn(
+        "dicomweb_forbidden",
+        "DICOMweb requests answered 401 or 403 (no role for the route, no grant, not the owner)",
+        move || r.forbidden.load(Relaxed),
+    );
+    metrics.counter_fn(
+        "dicomweb_too_large",
+        "STOW-RS requests answered 413 (over dicomweb.max_request_bytes)",
+        move || refusals.too_large.load(Relaxed),
+    );
 }
 
 /// The gateway's own counters, read at scrape time from the RPC layer's.

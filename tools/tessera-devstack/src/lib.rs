@@ -467,8 +467,12 @@ impl DevStack {
             listen(base, 4),
             DICOM_CALLING_AES,
         ));
-        // DICOMweb (HTTPS, mutual TLS with the suite's certificates).
+        // DICOMweb (HTTPS, mutual TLS with the suite's certificates); its
+        // STOW-RS bound from TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES, if set.
         text.push_str(&format!("[dicomweb]\nlisten = \"{}\"\n", listen(base, 5)));
+        if let Ok(max) = std::env::var("TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES") {
+            text.push_str(&format!("max_request_bytes = {}\n", max.trim()));
+        }
         // Query/retrieve peers on loopback (and one bound to a network the
         // loopback is not in), and the C-MOVE destination named by
         // TESSERA_DEV_MOVE_DESTINATION=AE=host:port, if set.

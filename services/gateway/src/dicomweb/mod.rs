@@ -23,12 +23,18 @@ mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tessera_tls::{AcceptLimits, RoleMap, ServerTls};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
 use crate::shared::GatewayService;
@@ -37,10 +43,39 @@ use web::{Caller, WebState};
 /// The DICOMweb listener while it serves.
 pub struct RunningDicomWeb {
     pub addr: SocketAddr,
+    refusals: Arc<Refusals>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Requests refused so far (beside the security log, which names the
+/// caller and reason of each 403), for `/metrics`.
+#[derive(Default)]
+pub struct Refusals {
+    /// 401 and 403: no role for the route, no grant, not the owner.
+    pub forbidden: AtomicU64,
+    /// 413: a STOW-RS body over `[dicomweb] max_request_bytes`.
+    pub too_large: AtomicU64,
+}
+
+async fn count_refusal(State(r): State<Arc<Refusals>>, res: Response) -> Response {
+    match res.status() {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            r.forbidden.fetch_add(1, Ordering::Relaxed);
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            r.too_large.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+    res
+}
+
 impl RunningDicomWeb {
+    /// The refusal counters (for `/metrics`).
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.refusals.clone()
+    }
+
     /// Stops accepting; open connections end with their requests.
     pub async fn stop(self) {
         self.task.abort();
@@ -60,11 +95,16 @@ pub async fn spawn(
     let addr = listener.local_addr()?;
     let mut incoming =
         tessera_tls::incoming_with(listener, &tls.for_http1(), AcceptLimits::default());
+    let refusals = Arc::new(Refusals::default());
     let router = router(WebState {
         service,
         roles: Arc::new(roles),
         max_request_bytes,
-    });
+    })
+    .layer(axum::middleware::map_response_with_state(
+        refusals.clone(),
+        count_refusal,
+    ));
     let task = tokio::spawn(async move {
         while let Some(conn) = incoming.next().await {
             let Ok(conn) = conn else { continue };
@@ -73,15 +113,49 @@ pub async fn spawn(
             tokio::spawn(async move {
                 let served = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(conn), TowerToHyperService::new(app))
+                    .without_shutdown()
                     .await;
-                if let Err(e) = served {
-                    tracing::debug!(error = %e, "DICOMweb connection ended");
+                match served {
+                    Ok(parts) => linger(parts.io.into_inner()).await,
+                    Err(e) => tracing::debug!(error = %e, "DICOMweb connection ended"),
                 }
             });
         }
     });
     tracing::info!(%addr, "serving DICOMweb (QIDO-RS, WADO-RS, STOW-RS) over mutual TLS");
-    Ok(RunningDicomWeb { addr, task })
+    Ok(RunningDicomWeb {
+        addr,
+        refusals,
+        task,
+    })
+}
+
+/// How long, and for how many bytes, a closed connection still reads what
+/// its client sends.
+const LINGER: Duration = Duration::from_secs(10);
+const LINGER_BYTES: usize = 64 << 20;
+
+/// Lingering close (as web servers do): a request answered before its body
+/// was read (403, 413) ends the connection with the client still sending.
+/// Closing at once would reset it, and a reset discards the answer the
+/// client has not read yet; so the write side is closed (TLS close_notify,
+/// then FIN) and what still arrives is read and dropped until the client
+/// closes, for at most [`LINGER`] and [`LINGER_BYTES`].
+async fn linger<T: AsyncRead + AsyncWrite + Unpin>(mut io: T) {
+    if io.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut buf = vec![0u8; 16 << 10];
+        let mut read = 0usize;
+        while read < LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 fn router(state: WebState) -> Router {
