@@ -3,10 +3,20 @@
   stow URL PKI WHO DIR              STOW-RS every *.dcm of DIR; prints the count stored
   qido URL PKI WHO KEY=VALUE...     QIDO-RS studies; prints one line per study:
                                     StudyInstanceUID PatientID
+  qido-series URL PKI WHO KEY=VALUE...     QIDO-RS /series: StudyInstanceUID SeriesInstanceUID
+  qido-instances URL PKI WHO KEY=VALUE...  QIDO-RS /instances: StudyInstanceUID SOPInstanceUID
+                                    (study=UID as a KEY: /studies/UID/series, .../instances)
+  wado-same URL PKI WHO STUDY RETRIEVED    WADO-RS the study (raw multipart): the parts must be
+                                    byte-identical to the instances of RETRIEVED (grpcurl's
+                                    RetrieveDicom output); prints the count
+  relabel SRC DST PATIENT_ID        copies SRC's *.dcm to DST as another study (new UIDs,
+                                    PATIENT_ID); prints its StudyInstanceUID
+  foreign URL PKI OTHER WHO         a certificate of another CA (OTHER/WHO.crt): must fail
   wado-raw URL PKI WHO STUDY DIR    WADO-RS the study (raw multipart): every part must be
                                     byte-identical to a file of DIR; prints the count
   wado URL PKI WHO STUDY DIR MODE   dicomweb-client retrieve_study: MODE identical (same
                                     data sets) or deidentified (no original ID/name/UIDs)
+  get URL PKI WHO PATH              the HTTP status (and reason) of GET PATH (DICOM JSON)
   status URL PKI WHO STUDY          the HTTP status (and reason) of WADO-RS on STUDY
   nocert URL PKI                    a client without a certificate: must fail the handshake
 """
@@ -47,6 +57,66 @@ def stow(url, pki, who, d):
         print(e.response.status_code, e.response.text.strip()[:300])
         return
     print(len(r.get("ReferencedSOPSequence", [])))
+
+
+def scoped(kv):
+    filters = dict(a.split("=", 1) for a in kv)
+    return filters.pop("study", None), filters
+
+
+def qido_series(url, pki, who, *kv):
+    study, filters = scoped(kv)
+    for s in client(url, pki, who).search_for_series(study_instance_uid=study, search_filters=filters):
+        print(s.get("0020000D", {}).get("Value", [""])[0], s.get("0020000E", {}).get("Value", [""])[0])
+
+
+def qido_instances(url, pki, who, *kv):
+    study, filters = scoped(kv)
+    for s in client(url, pki, who).search_for_instances(study_instance_uid=study, search_filters=filters):
+        print(s.get("0020000D", {}).get("Value", [""])[0], s.get("00080018", {}).get("Value", [""])[0])
+
+
+def wado_same(url, pki, who, study, retrieved):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import dicom_tool
+    r = session(pki, who).get(f"{url}/studies/{study}",
+                              headers={"Accept": 'multipart/related; type="application/dicom"'})
+    r.raise_for_status()
+    want = sorted(hashlib.sha256(data).hexdigest() for _, data in dicom_tool.instances(retrieved))
+    got = sorted(hashlib.sha256(p).hexdigest() for p in parts(r))
+    if not want or got != want:
+        sys.exit(f"{len(got)} WADO-RS parts, {len(want)} RetrieveDicom instances; "
+                 f"{len(set(got) & set(want))} byte-identical")
+    print(len(got))
+
+
+def relabel(src, dst, patient_id):
+    from pydicom.uid import generate_uid
+    os.makedirs(dst, exist_ok=True)
+    study, series = generate_uid(prefix=None), generate_uid(prefix=None)
+    for i, f in enumerate(files(src)):
+        ds = pydicom.dcmread(f)
+        ds.PatientID = patient_id
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.{i + 1}"
+        ds.save_as(os.path.join(dst, os.path.basename(f)), enforce_file_format=True)
+    print(study)
+
+
+def foreign(url, pki, other, who):
+    s = requests.Session()
+    s.trust_env = False
+    s.cert = (os.path.join(other, f"{who}.crt"), os.path.join(other, f"{who}.key"))
+    s.verify = os.path.join(pki, "ca.crt")
+    try:
+        r = s.get(f"{url}/studies", timeout=10)
+    except requests.exceptions.RequestException as e:
+        if "CERTIFICATE_VERIFY_FAILED" in str(e):
+            sys.exit(f"the server's certificate did not verify (not a refusal): {e}")
+        print("refused:", type(e).__name__)
+        return
+    sys.exit(f"a certificate of another CA was answered {r.status_code}")
 
 
 def qido(url, pki, who, *kv):
@@ -97,6 +167,11 @@ def wado(url, pki, who, study, d, mode):
     print(len(got))
 
 
+def get(url, pki, who, path):
+    r = session(pki, who).get(f"{url}{path}", headers={"Accept": "application/dicom+json"})
+    print(r.status_code, r.text.strip().replace("\n", " ")[:300])
+
+
 def status(url, pki, who, study):
     r = session(pki, who).get(f"{url}/studies/{study}",
                               headers={"Accept": 'multipart/related; type="application/dicom"'})
@@ -104,9 +179,13 @@ def status(url, pki, who, study):
 
 
 def nocert(url, pki):
+    s = requests.Session()
+    s.trust_env = False
     try:
-        requests.get(f"{url}/studies", verify=os.path.join(pki, "ca.crt"), timeout=10)
+        s.get(f"{url}/studies", verify=os.path.join(pki, "ca.crt"), timeout=10)
     except requests.exceptions.RequestException as e:
+        if "CERTIFICATE_VERIFY_FAILED" in str(e):
+            sys.exit(f"the server's certificate did not verify (not a refusal): {e}")
         print("refused:", type(e).__name__)
         return
     sys.exit("a client without a certificate was answered")
@@ -114,5 +193,6 @@ def nocert(url, pki):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"stow": stow, "qido": qido, "wado-raw": wado_raw, "wado": wado,
-     "status": status, "nocert": nocert}[cmd](*args)
+    {"stow": stow, "qido": qido, "qido-series": qido_series, "qido-instances": qido_instances,
+     "wado-raw": wado_raw, "wado": wado, "wado-same": wado_same, "relabel": relabel,
+     "status": status, "get": get, "nocert": nocert, "foreign": foreign}[cmd](*args)
