@@ -34,6 +34,12 @@ KS=$(ep keyserver)
 URL="https://$(ep dicomweb)"
 check "dev up records the DICOMweb endpoint" test "$URL" != "https://"
 FORBIDDEN=0   # 403s asked for below, counted on /metrics at the end
+count_of() { # count_of N UID CMD...: CMD prints exactly N lines, every one naming UID
+  local n=$1 uid=$2 out
+  shift 2
+  out=$("$@") || { echo "$out"; return 1; }
+  [ "$(grep -c . <<<"$out")" -eq "$n" ] && [ "$(grep -c -- "${uid:-.}" <<<"$out")" -eq "$n" ] || { echo "$out"; return 1; }
+}
 
 # A 4-instance CT study (uncompressed), stored over STOW-RS by the owner.
 STUDY_DIR="$E2E_TMP/study"
@@ -47,6 +53,17 @@ FORBIDDEN=$((FORBIDDEN + 1))
 OTHER_UID=$("$PY" "$WEB" relabel "$STUDY_DIR" "$E2E_TMP/other" E2E-MRN-OTHER)
 check "STOW-RS a second study of the owner" \
   out_has "^4$" "$PY" "$WEB" stow "$URL" "$PKI" owner "$E2E_TMP/other"
+PARTIAL_UID=$("$PY" "$WEB" relabel "$STUDY_DIR" "$E2E_TMP/partial" E2E-MRN-PARTIAL)
+BAD_SOP=$("$PY" -c 'import pydicom, sys; print(pydicom.dcmread(sys.argv[1]).SOPInstanceUID)' "$E2E_TMP/partial/im2.dcm")
+partial() {
+  local out
+  out=$("$PY" "$WEB" stow-partial "$URL" "$PKI" owner "$E2E_TMP/partial/im1.dcm" "$E2E_TMP/partial/im2.dcm") || return 1
+  [ "$(sed -n 1p <<<"$out")" = 202 ] && [ "$(sed -n 2p <<<"$out")" = 1 ] &&
+    [ "$(grep -c '^FAILED' <<<"$out")" -eq 1 ] && grep -qE "^FAILED $BAD_SOP [0-9]+$" <<<"$out" || { echo "$out"; return 1; }
+}
+check "STOW-RS one whole and one cut-short instance: 202, the cut one in FailedSOPSequence with a FailureReason" partial
+check "the instance stored by the partial STOW-RS is findable" \
+  count_of 1 "$PARTIAL_UID" "$PY" "$WEB" qido-instances "$URL" "$PKI" owner study="$PARTIAL_UID"
 
 check "QIDO-RS as clinician (a delegate) finds the study by PatientID" \
   out_has "$STUDY_UID E2E-MRN-90417" "$PY" "$WEB" qido "$URL" "$PKI" clinician PatientID=E2E-MRN-90417
@@ -55,18 +72,12 @@ check "QIDO-RS by a PatientName wildcard" \
 none() { local out; out=$("$PY" "$WEB" qido "$URL" "$PKI" "$@"); ! grep -q -e "$STUDY_UID" -e E2E-MRN <<<"$out" || { echo "$out"; return 1; }; }
 check "QIDO-RS: a date range outside the study matches nothing" none clinician StudyDate=19000101-19000102
 check "QIDO-RS as clinician2 (no delegate, no grant): nothing of the study" none clinician2
-count_of() { # count_of N UID CMD...: CMD prints exactly N lines, every one naming UID
-  local n=$1 uid=$2 out
-  shift 2
-  out=$("$@") || { echo "$out"; return 1; }
-  [ "$(grep -c . <<<"$out")" -eq "$n" ] && [ "$(grep -c -- "${uid:-.}" <<<"$out")" -eq "$n" ] || { echo "$out"; return 1; }
-}
 check "QIDO-RS /series as clinician: the study's one series" \
   count_of 1 "$STUDY_UID" "$PY" "$WEB" qido-series "$URL" "$PKI" clinician StudyInstanceUID="$STUDY_UID"
 check "QIDO-RS /studies/{uid}/instances as clinician: its 4 instances" \
   count_of 4 "$STUDY_UID" "$PY" "$WEB" qido-instances "$URL" "$PKI" clinician study="$STUDY_UID"
-check "QIDO-RS /instances as clinician: both studies' 8 instances" \
-  count_of 8 "" "$PY" "$WEB" qido-instances "$URL" "$PKI" clinician
+check "QIDO-RS /instances as clinician: the three studies' 9 instances" \
+  count_of 9 "" "$PY" "$WEB" qido-instances "$URL" "$PKI" clinician
 check "QIDO-RS /instances as clinician2: nothing" \
   count_of 0 "" "$PY" "$WEB" qido-instances "$URL" "$PKI" clinician2
 check "QIDO-RS /studies/{uid}/series as clinician2: nothing" \

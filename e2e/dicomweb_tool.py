@@ -11,6 +11,9 @@
                                     RetrieveDicom output); prints the count
   relabel SRC DST PATIENT_ID        copies SRC's *.dcm to DST as another study (new UIDs,
                                     PATIENT_ID); prints its StudyInstanceUID
+  stow-partial URL PKI WHO GOOD BAD STOW-RS GOOD whole and BAD cut short after its meta
+                                    group; prints: HTTP status, the stored count, then
+                                    FAILED <SOP Instance UID> <FailureReason> per failure
   foreign URL PKI OTHER WHO         a certificate of another CA (OTHER/WHO.crt): must fail
   wado-raw URL PKI WHO STUDY DIR    WADO-RS the study (raw multipart): every part must be
                                     byte-identical to a file of DIR; prints the count
@@ -88,6 +91,27 @@ def wado_same(url, pki, who, study, retrieved):
         sys.exit(f"{len(got)} WADO-RS parts, {len(want)} RetrieveDicom instances; "
                  f"{len(set(got) & set(want))} byte-identical")
     print(len(got))
+
+
+def stow_partial(url, pki, who, good, bad):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import dicom_tool
+    good_b = open(good, "rb").read()
+    bad_b = open(bad, "rb").read()
+    cut = len(bad_b) - len(dicom_tool.dataset_bytes(bad_b)) + 20
+    body = b""
+    for part in (good_b, bad_b[:cut]):
+        body += b"--b0\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
+    body += b"--b0--\r\n"
+    r = session(pki, who).post(f"{url}/studies", data=body, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b0',
+        "Accept": "application/dicom+json"})
+    ds = r.json() if r.content else {}
+    print(r.status_code)
+    print(len(ds.get("00081199", {}).get("Value", [])))
+    for item in ds.get("00081198", {}).get("Value", []):
+        print("FAILED", item.get("00081155", {}).get("Value", ["-"])[0],
+              item.get("00081197", {}).get("Value", ["-"])[0])
 
 
 def relabel(src, dst, patient_id):
@@ -194,5 +218,5 @@ def nocert(url, pki):
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"stow": stow, "qido": qido, "qido-series": qido_series, "qido-instances": qido_instances,
-     "wado-raw": wado_raw, "wado": wado, "wado-same": wado_same, "relabel": relabel,
+     "wado-raw": wado_raw, "wado": wado, "wado-same": wado_same, "stow-partial": stow_partial, "relabel": relabel,
      "status": status, "get": get, "nocert": nocert, "foreign": foreign}[cmd](*args)

@@ -21,8 +21,60 @@ pub const OWNER_HEADER: &str = "x-tessera-owner";
 
 /// What happened to one part.
 enum Outcome {
-    Stored { class: String, sop: String },
-    Failed { status: u16, reason: String },
+    Stored {
+        class: String,
+        sop: String,
+    },
+    /// `class` and `sop` as the part's file meta names them (empty when it
+    /// has none).
+    Failed {
+        class: String,
+        sop: String,
+        status: u16,
+        reason: String,
+    },
+}
+
+/// Media Storage SOP Class UID and SOP Instance UID (0002,0002) and
+/// (0002,0003) from a Part 10 file's meta group (always explicit VR little
+/// endian), to name a part that could not be stored; `None` when the bytes
+/// hold no readable meta group.
+fn meta_uids(bytes: &[u8]) -> Option<(String, String)> {
+    let mut at = match bytes.get(128..132) {
+        Some(b"DICM") => 132,
+        Some(_) | None => return None,
+    };
+    let (mut class, mut sop) = (None, None);
+    while let Some(head) = bytes.get(at..at + 8) {
+        let group = u16::from_le_bytes([head[0], head[1]]);
+        if group != 0x0002 {
+            break;
+        }
+        let element = u16::from_le_bytes([head[2], head[3]]);
+        let vr = &head[4..6];
+        let (len, value_at) = if matches!(vr, b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN") {
+            let l = bytes.get(at + 8..at + 12)?;
+            (
+                u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize,
+                at + 12,
+            )
+        } else {
+            (u16::from_le_bytes([head[6], head[7]]) as usize, at + 8)
+        };
+        let value = bytes.get(value_at..value_at.checked_add(len)?)?;
+        let text = || {
+            String::from_utf8_lossy(value)
+                .trim_end_matches(['\0', ' '])
+                .to_owned()
+        };
+        match element {
+            0x0002 => class = Some(text()),
+            0x0003 => sop = Some(text()),
+            _ => {}
+        }
+        at = value_at + len;
+    }
+    Some((class?, sop?))
 }
 
 /// The STOW-RS response data set (PS3.18 Table 10.5.3-1).
@@ -35,9 +87,23 @@ fn response(outcomes: &[Outcome]) -> Value {
                 "00081150": {"vr": "UI", "Value": [class]},
                 "00081155": {"vr": "UI", "Value": [sop]},
             })),
-            Outcome::Failed { status, .. } => failed.push(json!({
-                "00081197": {"vr": "US", "Value": [status]},
-            })),
+            Outcome::Failed {
+                class, sop, status, ..
+            } => {
+                let mut item = serde_json::Map::new();
+                for (tag, uid) in [("00081150", class), ("00081155", sop)] {
+                    item.insert(
+                        tag.into(),
+                        if uid.is_empty() {
+                            json!({"vr": "UI"})
+                        } else {
+                            json!({"vr": "UI", "Value": [uid]})
+                        },
+                    );
+                }
+                item.insert("00081197".into(), json!({"vr": "US", "Value": [status]}));
+                failed.push(Value::Object(item));
+            }
         }
     }
     let mut ds = serde_json::Map::new();
@@ -111,8 +177,11 @@ pub(crate) async fn store(
     let mut outcomes = Vec::with_capacity(parts.len());
     for part in parts {
         let mtype = multipart::media_type(&part.content_type);
+        let (class, sop) = meta_uids(&part.body).unwrap_or_default();
         if !mtype.is_empty() && mtype != "application/dicom" {
             outcomes.push(Outcome::Failed {
+                class,
+                sop,
                 status: crate::scp::STATUS_CANNOT_UNDERSTAND,
                 reason: format!("part of type {mtype:?}: application/dicom expected"),
             });
@@ -147,6 +216,8 @@ pub(crate) async fn store(
             Err(e) => {
                 tracing::warn!(identity = %peer.identity, error = %e, "STOW-RS instance refused");
                 Outcome::Failed {
+                    class,
+                    sop,
                     status: crate::scp::status_of(&e),
                     reason: e.to_string(),
                 }
@@ -197,8 +268,16 @@ mod tests {
                 sop: "1.2.3.4".into(),
             },
             Outcome::Failed {
+                class: String::new(),
+                sop: String::new(),
                 status: 0xC000,
                 reason: "not DICOM".into(),
+            },
+            Outcome::Failed {
+                class: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop: "1.2.3.5".into(),
+                status: 0x0124,
+                reason: "not the owner".into(),
             },
         ];
         assert_eq!(status(&outcomes), StatusCode::ACCEPTED);
@@ -210,11 +289,46 @@ mod tests {
                     "00081155": {"vr": "UI", "Value": ["1.2.3.4"]},
                 }]},
                 "00081198": {"vr": "SQ", "Value": [{
+                    "00081150": {"vr": "UI"},
+                    "00081155": {"vr": "UI"},
                     "00081197": {"vr": "US", "Value": [0xC000]},
+                }, {
+                    "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                    "00081155": {"vr": "UI", "Value": ["1.2.3.5"]},
+                    "00081197": {"vr": "US", "Value": [0x0124]},
                 }]},
             })
         );
         assert_eq!(status(&outcomes[..1]), StatusCode::OK);
         assert_eq!(status(&outcomes[1..]), StatusCode::CONFLICT);
+    }
+
+    /// A Part 10 meta group: (0002,0001) OB, (0002,0002), (0002,0003).
+    fn meta(class: &str, sop: &str) -> Vec<u8> {
+        let mut b = vec![0u8; 128];
+        b.extend_from_slice(b"DICM");
+        b.extend_from_slice(&[2, 0, 1, 0, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
+        for (e, v) in [(2u8, class), (3u8, sop)] {
+            let mut v = v.as_bytes().to_vec();
+            if v.len() % 2 == 1 {
+                v.push(0);
+            }
+            b.extend_from_slice(&[2, 0, e, 0, b'U', b'I']);
+            b.extend_from_slice(&(v.len() as u16).to_le_bytes());
+            b.extend_from_slice(&v);
+        }
+        b.extend_from_slice(&[8, 0, 0x16, 0, b'U', b'I', 0, 0]);
+        b
+    }
+
+    #[test]
+    fn a_failed_part_is_named_by_its_meta_group() {
+        assert_eq!(
+            meta_uids(&meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3")),
+            Some(("1.2.840.10008.5.1.4.1.1.2".into(), "1.2.3".into()))
+        );
+        assert_eq!(meta_uids(b"not dicom"), None);
+        let cut = meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3");
+        assert_eq!(meta_uids(&cut[..cut.len() - 14]), None);
     }
 }
