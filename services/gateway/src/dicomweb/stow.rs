@@ -177,7 +177,7 @@ pub(crate) async fn store(
     let mut outcomes = Vec::with_capacity(parts.len());
     for part in parts {
         let mtype = multipart::media_type(&part.content_type);
-        let (class, sop) = meta_uids(&part.body).unwrap_or_default();
+        let (class, sop) = meta_uids(part.body).unwrap_or_default();
         if !mtype.is_empty() && mtype != "application/dicom" {
             outcomes.push(Outcome::Failed {
                 class,
