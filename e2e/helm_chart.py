@@ -226,6 +226,23 @@ def all_containers(w: dict) -> list[dict]:
     return list(spec.get("initContainers", [])) + list(spec["containers"])
 
 
+def main_container(w: dict) -> dict:
+    """The workload's service container. The only other one is the
+    follow-tls-key sidecar, which must copy the renewed key from the TLS
+    Secret's volume into the key volume the service reads."""
+    spec = w["spec"]["template"]["spec"]
+    name = w["metadata"]["name"]
+    others = [c for c in spec["containers"] if c["name"] != "follow-tls-key"]
+    assert len(others) == 1, f"{name}: containers {[c['name'] for c in spec['containers']]}"
+    (side,) = [c for c in spec["containers"] if c["name"] == "follow-tls-key"]
+    mounts = {m["name"]: m for m in side.get("volumeMounts", [])}
+    assert mounts.get("pki", {}).get("readOnly") is True, f"{name}: sidecar reads the Secret read-only"
+    main_mounts = {m["name"]: m["mountPath"] for m in others[0].get("volumeMounts", [])}
+    assert mounts["pki-key"]["mountPath"] == main_mounts.get("pki-key"), f"{name}: sidecar writes the key the service reads"
+    assert "tls.key" in side["command"][-1] and "mv -f" in side["command"][-1], f"{name}: sidecar command"
+    return others[0]
+
+
 def check_security(r: Rendered, _arg: str | None) -> None:
     workloads = r.workloads()
     kinds = sorted((w["kind"], w["metadata"]["name"]) for w in workloads)
@@ -258,7 +275,7 @@ def check_security(r: Rendered, _arg: str | None) -> None:
 def check_probes(r: Rendered, _arg: str | None) -> None:
     for w in r.workloads():
         name = w["metadata"]["name"]
-        (main,) = w["spec"]["template"]["spec"]["containers"]
+        main = main_container(w)
         ports = {p["name"]: p["containerPort"] for p in main["ports"]}
         assert "grpc" in ports, f"{name}: container port named grpc"
         assert ports.get("admin") == int(r.values["admin"]["port"]), f"{name}: container port named admin"
@@ -361,7 +378,7 @@ def check_paths(r: Rendered, _arg: str | None) -> None:
     """Every path a config names is on the right kind of mounted volume."""
     for w in r.workloads():
         name = w["metadata"]["name"]
-        (main,) = w["spec"]["template"]["spec"]["containers"]
+        main = main_container(w)
         mounts = mounts_of(w, main["name"])
         cm_name, cfg = r.config_of(w)
         assert main["args"] == ["--config", under_config(mounts, cm_name, w)], f"{name}: --config path"
@@ -461,7 +478,7 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     gw = r.configs["gateway-config"]
     assert gw["dicom"]["temporal"] == d["temporal"], f"[dicom] temporal {gw['dicom'].get('temporal')!r}"
     dep = r.get("Deployment", "gateway")
-    (main,) = dep["spec"]["template"]["spec"]["containers"]
+    main = main_container(dep)
     ports = {p["name"]: p for p in main["ports"]}
     grpc_svc = r.get("Service", "gateway")
     assert [p["name"] for p in grpc_svc["spec"]["ports"] if p["name"] != "dicomweb"] == ["grpc"], \

@@ -58,6 +58,8 @@ pub enum PkiError {
     },
     #[error("{0} already exists; refusing to overwrite a PKI (use a new directory or force)")]
     Exists(PathBuf),
+    #[error("rotation: {0}")]
+    Rotation(String),
     #[error("invalid name {0:?}: use [a-z0-9-]")]
     Name(String),
 }
@@ -245,11 +247,17 @@ impl DevPki {
     }
 }
 
+/// Writes `contents` to a temporary file beside `path` and renames it over
+/// `path`, so a service re-reading its files sees the old or the new file,
+/// never half of one. Keys get mode 0600.
 fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
     let io = |source| PkiError::Io {
         path: path.to_owned(),
         source,
     };
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -259,9 +267,9 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
     }
     #[cfg(not(unix))]
     let _ = secret;
-    let mut f = opts.open(path).map_err(io)?;
-    // `mode` applies only to a new file: narrow a key file that `--force`
-    // overwrites, before its new contents are written.
+    let mut f = opts.open(&tmp).map_err(io)?;
+    // `mode` applies only to a new file: narrow a leftover temporary file
+    // before the key is written into it.
     #[cfg(unix)]
     if secret {
         use std::os::unix::fs::PermissionsExt;
@@ -269,7 +277,8 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
             .map_err(io)?;
     }
     f.write_all(contents.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// Writes a complete development PKI into `dir` (created if missing).
@@ -299,6 +308,15 @@ pub fn init_dir_with(
         return Err(PkiError::Exists(pki.ca_path()));
     }
     let ca = Ca::new(TRUST_DOMAIN)?;
+    write_leaves(&pki, &ca, service_dns)?;
+    // The CA last: its presence marks a complete PKI.
+    write_file(&pki.ca_path(), &ca.cert_pem(), false)?;
+    Ok(pki)
+}
+
+/// Every identity's certificate and key from `ca` (see [`init_dir_with`]
+/// for `service_dns`).
+fn write_leaves(pki: &DevPki, ca: &Ca, service_dns: Option<&[String]>) -> Result<(), PkiError> {
     for name in SERVICES {
         let dns: Vec<String> = match service_dns {
             None => Vec::new(),
@@ -307,17 +325,106 @@ pub fn init_dir_with(
                 .collect(),
         };
         let issued = ca.issue_service_dns(name, &dns)?;
-        write_file(&pki.cert_path(name), &issued.cert_pem, false)?;
-        write_file(&pki.key_path(name), &issued.key_pem, true)?;
+        write_pair(pki, name, &issued)?;
     }
     for name in USERS {
-        let issued = ca.issue_user(name)?;
-        write_file(&pki.cert_path(name), &issued.cert_pem, false)?;
-        write_file(&pki.key_path(name), &issued.key_pem, true)?;
+        write_pair(pki, name, &ca.issue_user(name)?)?;
     }
-    // The CA last: its presence marks a complete PKI.
-    write_file(&pki.ca_path(), &ca.cert_pem(), false)?;
-    Ok(pki)
+    Ok(())
+}
+
+/// The key first: a reader between the two writes sees a certificate that
+/// does not match its key and retries, never a mixed pair in use.
+fn write_pair(pki: &DevPki, name: &str, issued: &Issued) -> Result<(), PkiError> {
+    write_file(&pki.key_path(name), &issued.key_pem, true)?;
+    write_file(&pki.cert_path(name), &issued.cert_pem, false)
+}
+
+/// The PEM certificates in a bundle, in order.
+fn pem_blocks(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    bundle
+        .split_inclusive(END)
+        .filter_map(|b| {
+            let start = b.find("-----BEGIN CERTIFICATE-----")?;
+            b.ends_with(END).then(|| format!("{}\n", &b[start..]))
+        })
+        .collect()
+}
+
+fn read_bundle(pki: &DevPki) -> Result<Vec<String>, PkiError> {
+    let path = pki.ca_path();
+    let text = std::fs::read_to_string(&path).map_err(|source| PkiError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(pem_blocks(&text))
+}
+
+/// A CA rotation of the PKI in `dir`, step 1 of 3: a new CA, trusted beside
+/// the old one (`ca.crt` becomes the bundle old + new). Running services
+/// reload the bundle; then [`rotate_leaves`] (step 2) and, once every
+/// service has reloaded again, [`finish_rotation`] (step 3). The new CA's
+/// key lives only in the returned value.
+pub fn rotate_trust(dir: &Path) -> Result<Ca, PkiError> {
+    let pki = DevPki {
+        dir: dir.to_owned(),
+        trust_domain: TRUST_DOMAIN.to_owned(),
+    };
+    let bundle = read_bundle(&pki)?;
+    match bundle.len() {
+        0 => {
+            return Err(PkiError::Rotation(format!(
+                "{} holds no certificate",
+                pki.ca_path().display()
+            )));
+        }
+        1 => {}
+        n => {
+            return Err(PkiError::Rotation(format!(
+                "{} holds {n} CAs: a rotation is in progress; finish it first",
+                pki.ca_path().display()
+            )));
+        }
+    }
+    let ca = Ca::new(TRUST_DOMAIN)?;
+    write_file(
+        &pki.ca_path(),
+        &format!("{}{}", bundle[0], ca.cert_pem()),
+        false,
+    )?;
+    Ok(ca)
+}
+
+/// Step 2: every identity's certificate and key reissued by the new CA.
+pub fn rotate_leaves(dir: &Path, ca: &Ca, service_dns: Option<&[String]>) -> Result<(), PkiError> {
+    let pki = DevPki {
+        dir: dir.to_owned(),
+        trust_domain: TRUST_DOMAIN.to_owned(),
+    };
+    write_leaves(&pki, ca, service_dns)
+}
+
+/// Step 3: only the newest CA stays trusted. Returns how many were dropped.
+pub fn finish_rotation(dir: &Path) -> Result<usize, PkiError> {
+    let pki = DevPki {
+        dir: dir.to_owned(),
+        trust_domain: TRUST_DOMAIN.to_owned(),
+    };
+    let bundle = read_bundle(&pki)?;
+    let Some(newest) = bundle.last() else {
+        return Err(PkiError::Rotation(format!(
+            "{} holds no certificate",
+            pki.ca_path().display()
+        )));
+    };
+    if bundle.len() < 2 {
+        return Err(PkiError::Rotation(
+            "no rotation in progress (one CA in ca.crt)".into(),
+        ));
+    }
+    write_file(&pki.ca_path(), newest, false)?;
+    Ok(bundle.len() - 1)
 }
 
 /// Shorthand for tests: a fresh PKI in `dir`, overwriting anything there.
@@ -440,6 +547,49 @@ mod tests {
         init_dir(tmp.path(), true).unwrap();
         let mode = std::fs::metadata(&key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_rotation_trusts_both_cas_then_reissues_then_drops_the_old() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = init_dir(tmp.path(), false).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        let old_ca = read(pki.ca_path());
+        let old_gw = read(pki.cert_path("gateway"));
+        assert!(matches!(
+            finish_rotation(tmp.path()),
+            Err(PkiError::Rotation(_))
+        ));
+
+        let ca = rotate_trust(tmp.path()).unwrap();
+        let bundle = pem_blocks(&read(pki.ca_path()));
+        assert_eq!(bundle, [old_ca.clone(), ca.cert_pem()]);
+        assert_eq!(
+            read(pki.cert_path("gateway")),
+            old_gw,
+            "leaves untouched in step 1"
+        );
+        let again = rotate_trust(tmp.path());
+        assert!(matches!(again, Err(PkiError::Rotation(m)) if m.contains("in progress")));
+
+        rotate_leaves(tmp.path(), &ca, None).unwrap();
+        for name in pki.names() {
+            assert!(pki.key_path(name).is_file(), "{name}");
+        }
+        let new_gw = read(pki.cert_path("gateway"));
+        assert_ne!(new_gw, old_gw);
+        assert_eq!(uris_of(&new_gw), ["spiffe://tessera.local/service/gateway"]);
+        assert_eq!(read(pki.ca_path()), format!("{old_ca}{}", ca.cert_pem()));
+
+        assert_eq!(finish_rotation(tmp.path()).unwrap(), 1);
+        assert_eq!(read(pki.ca_path()), ca.cert_pem());
+        // No temporary files left beside the real ones.
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]

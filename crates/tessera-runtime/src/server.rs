@@ -60,6 +60,16 @@ pub struct ServerConfig {
     /// A TLS handshake not finished within this is abandoned.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_secs: u64,
+    /// How often the TLS files (this section's and the service's client
+    /// ones) are checked for a renewed certificate or CA bundle; new
+    /// connections use what changed, open ones finish. 0: never (restart
+    /// to renew).
+    #[serde(default = "default_tls_reload")]
+    pub tls_reload_secs: u64,
+}
+
+fn default_tls_reload() -> u64 {
+    tessera_tls::DEFAULT_RELOAD_INTERVAL.as_secs()
 }
 
 fn default_max_connections() -> usize {
@@ -105,12 +115,20 @@ impl ServerConfig {
         if !(1..=300).contains(&self.handshake_timeout_secs) {
             return Err("server.handshake_timeout_secs must be in 1..=300".into());
         }
+        if self.tls_reload_secs > 3600 {
+            return Err("server.tls_reload_secs must be in 0..=3600 (0: never)".into());
+        }
         if !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&self.stream_idle_timeout_secs) {
             return Err(format!(
                 "server.stream_idle_timeout_secs must be in 1..={MAX_IDLE_TIMEOUT_SECS}"
             ));
         }
         Ok(())
+    }
+
+    /// How often TLS files are re-read; `None`: never.
+    pub fn tls_reload(&self) -> Option<Duration> {
+        (self.tls_reload_secs > 0).then(|| Duration::from_secs(self.tls_reload_secs))
     }
 
     /// How long a client stream may send (or a download's reader take)
@@ -146,6 +164,7 @@ pub struct GrpcServer {
     refusal_sink: Option<std::sync::Arc<dyn tessera_tls::RefusalSink>>,
     max_concurrent_streams: u32,
     accept: tessera_tls::AcceptLimits,
+    tls_reload: Option<Duration>,
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     metrics: Metrics,
@@ -170,6 +189,7 @@ impl GrpcServer {
             authz,
             refusal_sink: None,
             max_concurrent_streams: config.max_concurrent_streams,
+            tls_reload: config.tls_reload(),
             accept: tessera_tls::AcceptLimits {
                 max_connections: config.max_connections,
                 max_handshakes: config.max_handshakes,
@@ -289,6 +309,11 @@ impl GrpcServer {
         };
 
         let incoming = tessera_tls::incoming_with(listener, &self.tls, self.accept);
+        // Renewed certificates and CA bundles reach new connections (the
+        // task ends with the server's TLS material).
+        if let Some(every) = self.tls_reload {
+            let _watching = self.tls.watch(every);
+        }
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(self.max_concurrent_streams)

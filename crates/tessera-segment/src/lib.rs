@@ -16,17 +16,19 @@
 pub mod fragment;
 pub mod ga;
 pub mod grid;
+pub mod histogram;
 pub mod ops;
 
 pub use fragment::{
-    Fragment, FragmentOutput, Histogram, Mapping, OutputTile, RegionMap, Tile,
-    equalization_mapping, make_fragments, merge, merge_histograms, process_regions, process_whole,
+    Fragment, FragmentOutput, OutputTile, RegionMap, Tile, make_fragments, merge, process_regions,
+    process_whole,
 };
 pub use ga::{
     CostModel, FitnessTerms, GaParams, Problem, SearchResult, SegmentConfig, Segmentation, Weights,
     segment,
 };
 pub use grid::{BlockGrid, BlockStats, DEFAULT_BLOCK_SIZE, block_entropies, block_stats};
+pub use histogram::{Histogram, Mapping, equalization_mapping, merge_histograms};
 pub use ops::Operation;
 
 use tessera_image::ImageError;

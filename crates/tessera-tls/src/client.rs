@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -17,7 +16,7 @@ use tonic::transport::{Endpoint, Uri};
 use crate::Channel;
 
 use crate::peer::{ExpectedPeer, PeerVerifier};
-use crate::tls_config::{load_certs, load_key, load_roots};
+use crate::reload::{CurrentCert, TlsSource};
 use crate::{Identity, TlsError, TlsFiles};
 
 /// How long a channel waits for its upstream.
@@ -50,7 +49,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone, Debug)]
 pub struct ClientTls {
     config: Arc<rustls::ClientConfig>,
-    webpki: Arc<WebPkiServerVerifier>,
+    source: Arc<TlsSource>,
     own: Option<Identity>,
     expected: ExpectedPeer,
     timeouts: ChannelTimeouts,
@@ -81,18 +80,19 @@ pub fn deadline_status(status: tonic::Status) -> tonic::Status {
 }
 
 impl ClientTls {
-    /// Loads the CA (the only trusted root), our certificate and key.
+    /// Loads the CA (the only trusted root), our certificate and key. The
+    /// channels follow the files once [`ClientTls::watch`] runs.
     pub fn from_files(files: &TlsFiles) -> Result<Self, TlsError> {
-        let roots = load_roots(&files.ca)?;
-        let certs = load_certs(&files.cert)?;
-        let key = load_key(&files.key)?;
+        Self::from_source(TlsSource::load(files, None)?)
+    }
+
+    /// A client on `source`: every handshake presents the source's current
+    /// certificate and checks the server against its current CA bundle.
+    pub fn from_source(source: Arc<TlsSource>) -> Result<Self, TlsError> {
         let provider = crate::provider();
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| TlsError::ServerVerifier(e.to_string()))?;
         // Without an expected identity a server must still present one
         // valid service identity (of our trust domain when we have one).
-        let own = Identity::from_cert_der_any_domain(&certs[0]).ok();
+        let own = source.identity();
         let expected = ExpectedPeer::AnyService {
             trust_domain: own.as_ref().map(|id| id.trust_domain().to_owned()),
         };
@@ -100,18 +100,28 @@ impl ClientTls {
             .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PeerVerifier::new(
-                webpki.clone(),
+                source.clone(),
                 expected.clone(),
             )))
-            .with_client_auth_cert(certs, key)?;
+            .with_client_cert_resolver(Arc::new(CurrentCert(source.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
             config: Arc::new(config),
-            webpki,
+            source,
             own,
             expected,
             timeouts: ChannelTimeouts::default(),
         })
+    }
+
+    /// Re-reads the files every `every` (see [`TlsSource::watch`]).
+    pub fn watch(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        self.source.watch(every)
+    }
+
+    /// The material behind this client.
+    pub fn source(&self) -> &Arc<TlsSource> {
+        &self.source
     }
 
     /// The same client that accepts only `expected` at the other end: the
@@ -129,12 +139,12 @@ impl ClientTls {
         config
             .dangerous()
             .set_certificate_verifier(Arc::new(PeerVerifier::new(
-                self.webpki.clone(),
+                self.source.clone(),
                 expected.clone(),
             )));
         Self {
             config: Arc::new(config),
-            webpki: self.webpki.clone(),
+            source: self.source.clone(),
             own: self.own.clone(),
             expected,
             timeouts: self.timeouts,

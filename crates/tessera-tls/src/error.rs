@@ -23,6 +23,14 @@ pub enum TlsError {
         path: PathBuf,
         source: crate::IdentityError,
     },
+    #[error(
+        "{path} now names {now:?}, not {was:?}: a process keeps its identity (restart to change it)"
+    )]
+    IdentityChanged {
+        path: PathBuf,
+        was: Option<String>,
+        now: Option<String>,
+    },
     #[error("rustls: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("server verifier: {0}")]

@@ -3,6 +3,8 @@
 //! * [`ServerTls`] / [`ClientTls`]: rustls configs with the `ring` provider,
 //!   client certificates always required ([`rustls::server::WebPkiClientVerifier`],
 //!   never unauthenticated), loaded from PEM files.
+//! * [`TlsSource`]: the PEM files behind both, re-read when they change
+//!   ([`TlsSource::watch`]): certificate renewal without a restart.
 //! * [`Channel`]: the client channel; every call carries the W3C trace
 //!   context of the current span.
 //! * [`ClientTls::expecting`]: a client that accepts one server identity
@@ -26,6 +28,7 @@ mod error;
 mod identity;
 pub mod matrix;
 mod peer;
+mod reload;
 pub mod security;
 mod server;
 mod tls_config;
@@ -40,6 +43,7 @@ pub use client::{ChannelTimeouts, ClientTls, deadline_status, timed_out};
 pub use error::TlsError;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError, SERVICE_KIND, USER_KIND};
 pub use peer::{ExpectedPeer, PeerError};
+pub use reload::{DEFAULT_RELOAD_INTERVAL, TlsSource};
 pub use server::{AcceptLimits, PeerInfo, TlsConn, incoming, incoming_with};
 pub use tls_config::{ServerTls, TlsFiles};
 

@@ -7,11 +7,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 
+use crate::reload::TlsSource;
 use crate::{Identity, IdentityError};
 
 /// Who a client accepts at the other end of a connection.
@@ -95,15 +95,16 @@ impl ExpectedPeer {
 
 /// The standard webpki verifier (chain, validity, host name) followed by
 /// the identity check.
+/// The CA bundle is the source's current one at every handshake.
 #[derive(Debug)]
 pub(crate) struct PeerVerifier {
-    webpki: Arc<WebPkiServerVerifier>,
+    source: Arc<TlsSource>,
     expected: ExpectedPeer,
 }
 
 impl PeerVerifier {
-    pub(crate) fn new(webpki: Arc<WebPkiServerVerifier>, expected: ExpectedPeer) -> Self {
-        Self { webpki, expected }
+    pub(crate) fn new(source: Arc<TlsSource>, expected: ExpectedPeer) -> Self {
+        Self { source, expected }
     }
 }
 
@@ -116,7 +117,7 @@ impl ServerCertVerifier for PeerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.webpki.verify_server_cert(
+        let verified = self.source.server_verifier().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -136,7 +137,9 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        self.source
+            .server_verifier()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -145,18 +148,19 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        self.source
+            .server_verifier()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.source.server_verifier().supported_verify_schemes()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::RootCertStore;
     use rustls::pki_types::pem::PemObject;
     use tessera_pki::Ca;
 
@@ -165,13 +169,13 @@ mod tests {
     }
 
     fn verifier(ca: &Ca, expected: ExpectedPeer) -> PeerVerifier {
-        let mut roots = RootCertStore::empty();
-        roots.add(der(&ca.cert_pem())).unwrap();
-        let webpki =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::provider())
-                .build()
-                .unwrap();
-        PeerVerifier::new(webpki, expected)
+        let dir = tempfile::tempdir().unwrap();
+        let me = ca.issue_service("gateway").unwrap();
+        let files = crate::TlsFiles::from_pki_dir(dir.path(), "gateway");
+        std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+        std::fs::write(&files.cert, &me.cert_pem).unwrap();
+        std::fs::write(&files.key, &me.key_pem).unwrap();
+        PeerVerifier::new(TlsSource::load(&files, None).unwrap(), expected)
     }
 
     fn verify(v: &PeerVerifier, leaf: &str) -> Result<ServerCertVerified, rustls::Error> {

@@ -1,15 +1,15 @@
 //! rustls server configs from PEM files: ring provider, TLS 1.2/1.3 safe
-//! defaults, client certificates required and verified against our CA only.
+//! defaults, client certificates required and verified against our CA only;
+//! the material follows its files ([`crate::TlsSource`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use std::time::Duration;
+
 use serde::Deserialize;
 
+use crate::reload::{CurrentCert, CurrentClientVerifier, CurrentSessions, TlsSource};
 use crate::{Identity, TlsError};
 
 /// Where a process finds its TLS material (all PEM).
@@ -36,81 +36,55 @@ impl TlsFiles {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem {
-            what: "certificate",
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate(path.to_owned()));
-    }
-    Ok(certs)
-}
-
-pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
-        what: "private key",
-        path: path.to_owned(),
-        detail: e.to_string(),
-    })
-}
-
-pub(crate) fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots.add(cert)?;
-    }
-    Ok(Arc::new(roots))
-}
-
 /// A server's TLS setup: the rustls config plus our own identity.
 #[derive(Clone, Debug)]
 pub struct ServerTls {
     config: Arc<rustls::ServerConfig>,
     identity: Identity,
     trust_domain: String,
+    source: Arc<TlsSource>,
 }
 
 impl ServerTls {
     /// Loads the CA, our certificate and key; requires and verifies client
     /// certificates against that CA alone. Our own certificate must carry a
     /// valid identity in `trust_domain`, so misissued material fails at start.
+    /// The config follows the files once [`ServerTls::watch`] runs.
     pub fn from_files(files: &TlsFiles, trust_domain: &str) -> Result<Self, TlsError> {
-        let roots = load_roots(&files.ca)?;
-        let certs = load_certs(&files.cert)?;
-        let key = load_key(&files.key)?;
-        let identity = Identity::from_cert_der(&certs[0], trust_domain).map_err(|source| {
-            TlsError::OwnIdentity {
-                path: files.cert.clone(),
-                source,
-            }
-        })?;
+        Self::from_source(TlsSource::load(files, Some(trust_domain))?, trust_domain)
+    }
+
+    /// A server on `source` (loaded with this `trust_domain`): every
+    /// handshake takes the source's current certificate and CA bundle.
+    pub fn from_source(source: Arc<TlsSource>, trust_domain: &str) -> Result<Self, TlsError> {
+        let own_identity = |e| TlsError::OwnIdentity {
+            path: source.files().cert.clone(),
+            source: e,
+        };
+        let identity = source
+            .identity()
+            .ok_or_else(|| own_identity(crate::IdentityError::NoUriSan))?;
+        if identity.trust_domain() != trust_domain {
+            return Err(own_identity(crate::IdentityError::WrongTrustDomain {
+                found: identity.trust_domain().to_owned(),
+                expected: trust_domain.to_owned(),
+            }));
+        }
         let provider = crate::provider();
-        // Client certificates are mandatory: no allow_unauthenticated().
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).build()?;
+        // Client certificates are mandatory (CurrentClientVerifier never
+        // offers them as optional).
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)?;
+            .with_client_cert_verifier(Arc::new(CurrentClientVerifier(source.clone())))
+            .with_cert_resolver(Arc::new(CurrentCert(source.clone())));
+        config.session_storage = Arc::new(CurrentSessions(source.clone()));
         // gRPC speaks HTTP/2 only.
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
             config: Arc::new(config),
             identity,
             trust_domain: trust_domain.to_owned(),
+            source,
         })
     }
 
@@ -137,5 +111,15 @@ impl ServerTls {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// The material behind this config.
+    pub fn source(&self) -> &Arc<TlsSource> {
+        &self.source
+    }
+
+    /// Re-reads the files every `every` (see [`TlsSource::watch`]).
+    pub fn watch(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        self.source.watch(every)
     }
 }

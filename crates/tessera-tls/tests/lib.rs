@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+mod reload;
+
 use tessera_pki::Ca;
 use tessera_tls::{
     AccessConfig, Authz, AuthzLayer, ChannelTimeouts, ClientTls, DEFAULT_TRUST_DOMAIN, Identity,

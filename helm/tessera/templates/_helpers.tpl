@@ -455,6 +455,38 @@ tls.key with mode 0400 into a memory-backed emptyDir. Call with
 {{- end }}
 
 {{/*
+The TLS key copy follows the Secret: when cert-manager renews the
+certificate (rotationPolicy Always: a new key), this sidecar copies the new
+key beside it (a temporary file renamed over the old one, mode 0400), and
+the service reloads certificate and key together ([server] tls_reload_secs,
+issue 20): no restart. Until both files agree the service keeps the old pair.
+*/}}
+{{- define "tessera.tlsKeyFollow" -}}
+- name: follow-tls-key
+  image: {{ include "tessera.image" .root | quote }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  command:
+    - sh
+    - -c
+    - |
+      src={{ printf "%s/tls.key" (include "tessera.pkiDir" .) }}; dst={{ printf "%s/tls.key" (include "tessera.tlsKeyDir" .) }}
+      while sleep 5; do
+        cmp -s "$src" "$dst" || { install -m 0400 "$src" "$dst.new" && mv -f "$dst.new" "$dst"; }
+      done
+  securityContext:
+    {{- toYaml .root.Values.containerSecurityContext | nindent 4 }}
+  resources:
+    requests: {cpu: 5m, memory: 8Mi}
+    limits: {memory: 16Mi}
+  volumeMounts:
+    - name: pki
+      mountPath: {{ include "tessera.pkiDir" . }}
+      readOnly: true
+    - name: pki-key
+      mountPath: {{ include "tessera.tlsKeyDir" . }}
+{{- end }}
+
+{{/*
 Secret key files (keyserver KEK, gateway vault key) must be mode 0600/0400
 and owned by the process: the binaries refuse group/other permission bits.
 A Secret volume cannot give that when fsGroup is set (the kubelet adds group

@@ -261,9 +261,11 @@ fn keyserver_health_channel(config: &Config) -> Result<Channel, AppError> {
             endpoint: config.keyserver.address.clone(),
             detail,
         })?;
-    Ok(tessera_tls::ClientTls::from_files(&config.client_tls)?
-        .expecting(&id)
-        .connect_lazy(&config.keyserver.address)?)
+    let tls = tessera_tls::ClientTls::from_files(&config.client_tls)?;
+    if let Some(every) = config.server.tls_reload() {
+        let _watching = tls.watch(every);
+    }
+    Ok(tls.expecting(&id).connect_lazy(&config.keyserver.address)?)
 }
 
 /// Ready when the keyserver answers its health check and enough storage

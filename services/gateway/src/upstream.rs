@@ -92,6 +92,9 @@ impl Upstreams {
     /// expecting its upstream's identity.
     pub fn new(cfg: &Config) -> Result<Self, TlsError> {
         let tls = ClientTls::from_files(&cfg.client_tls)?;
+        if let Some(every) = cfg.server.tls_reload() {
+            let _watching = tls.watch(every);
+        }
         let t = &cfg.upstream_timeouts;
         let (unary, streaming) = (t.unary(), t.streaming());
         let bad_identity = |address: &str, detail: String| TlsError::Endpoint {

@@ -54,10 +54,15 @@ impl App {
         let identity = config
             .keyserver_identity()
             .map_err(AppError::KeyserverIdentity)?;
-        let keys = KeyClient::new(&config.keyserver, &identity)?;
+        let tls = tessera_tls::ClientTls::from_files(&config.keyserver.tls)?;
+        // A renewed certificate or CA bundle reaches new connections.
+        if let Some(every) = config.server.tls_reload() {
+            let _watching = tls.watch(every);
+        }
+        let keys = KeyClient::new(&config.keyserver, &tls, &identity)?;
         // Its own channel for the keyserver's health check (the key
         // client does not expose its channel).
-        let health = tessera_tls::ClientTls::from_files(&config.keyserver.tls)?
+        let health = tls
             .expecting(&identity)
             .connect_lazy(&config.keyserver.address)?;
         let readiness: Readiness = std::sync::Arc::new(move || {

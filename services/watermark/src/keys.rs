@@ -137,11 +137,14 @@ pub struct KeyClient {
 }
 
 impl KeyClient {
-    /// Loads the client TLS material and prepares a lazy channel that
-    /// accepts only `identity` at the other end, with the configured
-    /// timeouts.
-    pub fn new(cfg: &KeyserverSection, identity: &Identity) -> Result<Self, tessera_tls::TlsError> {
-        let channel = ClientTls::from_files(&cfg.tls)?
+    /// Prepares a lazy channel on `tls` that accepts only `identity` at the
+    /// other end, with the configured timeouts.
+    pub fn new(
+        cfg: &KeyserverSection,
+        tls: &ClientTls,
+        identity: &Identity,
+    ) -> Result<Self, tessera_tls::TlsError> {
+        let channel = tls
             .expecting(identity)
             .with_timeouts(cfg.timeouts())
             .connect_lazy(&cfg.address)?;
