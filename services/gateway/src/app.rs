@@ -170,6 +170,7 @@ impl App {
                     crate::dicomweb::spawn(
                         w.listen,
                         &tls,
+                        self.server.tls_reload(),
                         self.service.clone(),
                         self.scp_roles.clone(),
                         w.max_request_bytes,

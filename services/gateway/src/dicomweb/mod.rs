@@ -45,6 +45,9 @@ pub struct RunningDicomWeb {
     pub addr: SocketAddr,
     refusals: Arc<Refusals>,
     task: tokio::task::JoinHandle<()>,
+    /// Reloads the TLS material when its files change (`[server]
+    /// tls_reload_secs`), as the gRPC listener does.
+    watching: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Requests refused so far (beside the security log, which names the
@@ -78,15 +81,20 @@ impl RunningDicomWeb {
 
     /// Stops accepting; open connections end with their requests.
     pub async fn stop(self) {
+        if let Some(w) = self.watching {
+            w.abort();
+        }
         self.task.abort();
         let _ = self.task.await;
     }
 }
 
-/// Binds `listen` and serves DICOMweb with `tls` (the gRPC server's).
+/// Binds `listen` and serves DICOMweb with `tls` (the gRPC server's
+/// files), reloading them every `tls_reload` if set.
 pub async fn spawn(
     listen: SocketAddr,
     tls: &ServerTls,
+    tls_reload: Option<Duration>,
     service: GatewayService,
     roles: RoleMap,
     max_request_bytes: u64,
@@ -123,10 +131,12 @@ pub async fn spawn(
         }
     });
     tracing::info!(%addr, "serving DICOMweb (QIDO-RS, WADO-RS, STOW-RS) over mutual TLS");
+    let watching = tls_reload.map(|every| tls.watch(every));
     Ok(RunningDicomWeb {
         addr,
         refusals,
         task,
+        watching,
     })
 }
 
