@@ -537,7 +537,7 @@ def check_dicomweb(r: Rendered, arg: str | None) -> None:
     w = r.values["gateway"]["dicomweb"]
     assert w["enabled"] is (arg == "on"), f"values: gateway.dicomweb.enabled is {w['enabled']}"
     gw = r.configs["gateway-config"]
-    (main,) = r.get("Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    main = main_container(r.get("Deployment", "gateway"))
     ports = {p["name"]: p for p in main["ports"]}
     svc_ports = {p["name"]: p for p in r.get("Service", "gateway")["spec"]["ports"]}
     assert ("DICOMweb" in r.notes) is (arg == "on"), f"NOTES.txt and gateway.dicomweb.enabled ({arg}) disagree"
