@@ -537,21 +537,18 @@ def check_dicomweb(r: Rendered, arg: str | None) -> None:
     w = r.values["gateway"]["dicomweb"]
     assert w["enabled"] is (arg == "on"), f"values: gateway.dicomweb.enabled is {w['enabled']}"
     gw = r.configs["gateway-config"]
-    main = main_container(r.get("Deployment", "gateway"))
-    ports = {p["name"]: p for p in main["ports"]}
+    ports = {p["name"]: p for p in main_container(r.get("Deployment", "gateway"))["ports"]}
     svc_ports = {p["name"]: p for p in r.get("Service", "gateway")["spec"]["ports"]}
     assert ("DICOMweb" in r.notes) is (arg == "on"), f"NOTES.txt and gateway.dicomweb.enabled ({arg}) disagree"
     if arg == "off":
         assert "dicomweb" not in gw, "[dicomweb] rendered while disabled"
         assert "dicomweb" not in ports and "dicomweb" not in svc_ports, "a dicomweb port while disabled"
         return
-    host = r.values["server"]["listenHost"]
-    want = {"listen": f"{host}:{w['port']}", "max_request_bytes": w["maxRequestBytes"]}
+    want = {"listen": f"{r.values['server']['listenHost']}:{w['port']}", "max_request_bytes": w["maxRequestBytes"]}
     assert gw["dicomweb"] == want, f"[dicomweb] {gw['dicomweb']} != {want}"
     assert ports["dicomweb"]["containerPort"] == w["port"], f"container port dicomweb {ports['dicomweb']}"
     p = svc_ports["dicomweb"]
-    assert p["port"] == w["port"] and p["targetPort"] == "dicomweb" and p.get("appProtocol") == "https", \
-        f"Service gateway port dicomweb {p}"
+    assert (p["port"], p["targetPort"], p.get("appProtocol")) == (w["port"], "dicomweb", "https"), f"Service gateway port {p}"
 
 
 def check_checksums(r: Rendered, _arg: str | None) -> None:
