@@ -107,6 +107,14 @@ all_new() {
 for _ in $(seq 1 60); do all_new >/dev/null 2>&1 && break; sleep 0.5; done
 check "every service presents a certificate of the new CA, without a restart" all_new
 check "dev up (every service) is still the same process" kill -0 "$DEV_PID"
+GW_ADMIN=$(sed -n 's/^  gateway .*admin (metrics, ready) \(http[^ ]*\).*/\1/p' "$E2E_TMP/devup.out")
+tls_metrics_after_reload() {
+  local body
+  body=$(curl -sf "$GW_ADMIN/metrics") || { echo "no /metrics at '$GW_ADMIN'"; return 1; }
+  grep -qE '^tessera_tls_generation [2-9]' <<<"$body" || { grep tessera_tls <<<"$body"; return 1; }
+  grep -qE '^tessera_tls_cert_not_after_seconds [1-9][0-9]{9,}$' <<<"$body" || { grep tessera_tls <<<"$body"; return 1; }
+}
+check "the gateway's /metrics counts the reload and shows the new certificate's expiry" tls_metrics_after_reload
 check "during the rotation the old CA's certificates are still accepted" \
   health_as "$OLD" clinician "$GW"
 

@@ -151,6 +151,23 @@ hc render "$CHART" "$E2E_TMP/r-dicom" "$E2E_TMP/dicom.json"
 hc render "$CHART" "$E2E_TMP/r-ops" "$E2E_TMP/ops.json"
 hc render "$CHART" "$E2E_TMP/r-nopolicy" "$E2E_TMP/nopolicy.json"
 hc render "$CHART" "$E2E_TMP/r-certmanager" "$E2E_TMP/certmanager.json"
+# The vault in an external PostgreSQL (decision 22): replicas, no volume.
+echo '{"gateway": {"vault": {"backend": "postgres", "replicas": 3}}}' >"$E2E_TMP/pgvault.json"
+hc render "$CHART" "$E2E_TMP/r-pgvault" "$E2E_TMP/pgvault.json"
+pg_gateway() { # the gateway: 3 replicas rolling, its connection string copied 0400, no PVC
+  python3 - "$E2E_TMP/r-pgvault" <<'PY'
+import json, sys
+objs = [o["object"] for o in json.load(open(sys.argv[1] + "/objects.json"))]
+gw = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway")
+assert gw["spec"]["replicas"] == 3 and gw["spec"]["strategy"]["type"] == "RollingUpdate", gw["spec"]
+assert not any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == "gateway-data" for o in objs)
+vols = {v["name"]: v for v in gw["spec"]["template"]["spec"]["volumes"]}
+assert vols["vault-postgres"]["secret"]["secretName"] == "tessera-gateway-vault-postgres", vols
+cfg = open(sys.argv[1] + "/config/gateway-config.toml").read()
+assert 'backend = "postgres"' in cfg and "vault.redb" not in cfg, cfg
+PY
+}
+check "pgvault: the gateway on an external PostgreSQL: 3 replicas rolling, connection string from a Secret, no vault volume" pg_gateway
 # The schema check is a gate: a manifest Kubernetes would refuse fails it.
 cp -r "$E2E_TMP/r-default" "$E2E_TMP/r-broken"
 python3 - "$E2E_TMP/r-broken/objects.json" <<'PY'
@@ -162,7 +179,7 @@ json.dump(objs, open(sys.argv[1], "w"))
 PY
 schema_refuses() { ! hc check schemas "$E2E_TMP/r-broken" >/dev/null; }
 check "the Kubernetes schema check refuses a Service port that is not a number" schema_refuses
-for set in default custom dicom ops nopolicy certmanager; do
+for set in default custom dicom ops nopolicy certmanager pgvault; do
   R="$E2E_TMP/r-$set"
   np=on cm=off
   case $set in
@@ -172,6 +189,7 @@ for set in default custom dicom ops nopolicy certmanager; do
     ops) n=5 otlp=none dicom=on web=on ec=3+2/a,a,b,b,c ;;
     nopolicy) n=3 otlp=none dicom=off web=off ec=off np=off ;;
     certmanager) n=4 otlp=none dicom=off web=off ec=off cm=on ;;
+    pgvault) n=3 otlp=none dicom=off web=off ec=off ;;
   esac
   check "$set: every manifest valid against the Kubernetes $(hc k8s-version) OpenAPI schemas (strict)" \
     hc check schemas "$R"

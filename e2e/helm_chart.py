@@ -368,7 +368,12 @@ def config_paths(cfg: dict) -> list[tuple[str, str]]:
     if "db_path" in cfg.get("keyserver", {}):
         out += [("keyserver.db_path", cfg["keyserver"]["db_path"]), ("keyserver.kek_file", cfg["keyserver"]["kek_file"])]
     if "vault" in cfg:
-        out += [("vault.path", cfg["vault"]["path"]), ("vault.key_file", cfg["vault"]["key_file"])]
+        out.append(("vault.key_file", cfg["vault"]["key_file"]))
+        if cfg["vault"].get("backend") == "postgres":
+            # The vault in an external PostgreSQL: only its connection string.
+            out.append(("vault.postgres_url_file", cfg["vault"]["postgres_url_file"]))
+        else:
+            out.append(("vault.path", cfg["vault"]["path"]))
     if "data_dir" in cfg:
         out.append(("data_dir", cfg["data_dir"]))
     return out
@@ -406,7 +411,7 @@ def check_paths(r: Rendered, _arg: str | None) -> None:
             elif key in ("keyserver.db_path", "vault.path", "data_dir"):
                 assert "persistentVolumeClaim" in v or "volumeClaimTemplate" in v, f"{where}: not on a persistent volume"
                 assert not m.get("readOnly"), f"{where}: mounted read-only"
-            elif key in ("keyserver.kek_file", "vault.key_file"):
+            elif key in ("keyserver.kek_file", "vault.key_file", "vault.postgres_url_file"):
                 assert v.get("emptyDir", {}).get("medium") == "Memory", f"{where}: not on a memory emptyDir"
                 inits = w["spec"]["template"]["spec"].get("initContainers", [])
                 dest = [c for c in inits if path in c.get("command", [])]

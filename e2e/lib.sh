@@ -29,6 +29,10 @@ e2e_cleanup() {
     [ -n "$pid" ] || continue
     wait "$pid" 2>/dev/null || true
   done
+  if [ -n "${PG_DIR:-}" ]; then
+    pg_tool pg_ctl -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+    [ "${E2E_FAILED:-0}" -ne 0 ] || rm -rf "$PG_DIR"
+  fi
   if [ "${E2E_FAILED:-0}" -ne 0 ] && [ -n "${E2E_TMP:-}" ]; then
     echo "--- logs (kept in $E2E_TMP) ---" >&2
     tail -n 20 "$E2E_TMP"/*.log 2>/dev/null >&2 || true
@@ -190,7 +194,7 @@ tls() {
 # start_backends N [ZONE...]: the keyserver, N storage nodes (ports pinned in
 # their configs so restarts come back on the same address; node n in zone
 # ZONE[n-1] when zones are given), the watermark and the segmentation
-# service, one process each. Sets KS_ADDR, WM_ADDR, SEG_ADDR, NODE_COUNT and
+# service, one process each. Sets KS_ADDR, KS_PID, WM_ADDR, SEG_ADDR, NODE_COUNT and
 # the arrays NODE_ADDR, NODE_PID, NODE_CFG, NODE_ZONE (indexed 1..N).
 declare -A NODE_ADDR NODE_PID NODE_CFG NODE_ZONE
 start_backends() {
@@ -201,7 +205,7 @@ start_backends() {
   head -c 32 /dev/urandom >"$kek"; chmod 600 "$kek"
   { printf '[server]\nlisten = "127.0.0.1:0"\n'; tls server.tls keyserver
     printf '[keyserver]\ndb_path = "%s"\nkek_file = "%s"\n' "$E2E_TMP/keyserver.redb" "$kek"; } >"$E2E_TMP/keyserver.toml"
-  start_service keyserver "$E2E_TMP/keyserver.toml"; KS_ADDR=$SERVICE_ADDR
+  start_service keyserver "$E2E_TMP/keyserver.toml"; KS_ADDR=$SERVICE_ADDR; KS_PID=$SERVICE_PID
   for n in $(seq 1 "$NODE_COUNT"); do
     cfg="$E2E_TMP/storage-$n.toml"
     { printf 'node_id = "storage-%s"\ndata_dir = "%s"\n[server]\nlisten = "127.0.0.1:0"\n' "$n" "$E2E_TMP/storage-$n"
@@ -231,5 +235,43 @@ gateway_base_config() {
     printf '[[storage_nodes]]\nname = "storage-%s"\naddress = "%s"\n' "$n" "${NODE_ADDR[$n]}"
     [ -z "${NODE_ZONE[$n]}" ] || printf 'zone = "%s"\n' "${NODE_ZONE[$n]}"
   done
-  printf '[vault]\npath = "%s"\nkey_file = "%s"\n[gateway]\nnode_probe_timeout_secs = 2\n' "$E2E_TMP/vault.redb" "$VKEY"
+  if [ -n "${VAULT_PG_URL_FILE:-}" ]; then
+    printf '[vault]\nbackend = "postgres"\npostgres_url_file = "%s"\nlease_secs = %s\nkey_file = "%s"\n' \
+      "$VAULT_PG_URL_FILE" "${VAULT_LEASE_SECS:-30}" "$VKEY"
+  else
+    printf '[vault]\npath = "%s"\nkey_file = "%s"\n' "$E2E_TMP/vault.redb" "$VKEY"
+  fi
+  printf '[gateway]\nnode_probe_timeout_secs = 2\n'
+}
+
+# pg_tool TOOL ARGS...: a PostgreSQL server tool (Debian's package; ./x
+# installs it), as the postgres user when we are root (the server refuses
+# root).
+pg_tool() {
+  local bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$bin" ] || { echo "PostgreSQL is not installed (apt-get install -y postgresql; ./x does it)" >&2; return 1; }
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$bin/$1" "${@:2}"; else "$bin/$1" "${@:2}"; fi
+}
+
+# start_postgres: a real PostgreSQL server of this script, in its own folder
+# $PG_DIR (owned by the server's user), listening only on a unix socket
+# there; writes its connection string to $PG_URL_FILE (0600) and creates
+# database "vault". Stopped and removed by the cleanup trap.
+start_postgres() {
+  PG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/tessera-e2e-pg.XXXXXX")
+  mkdir "$PG_DIR/sock"
+  [ "$(id -u)" -ne 0 ] || chown -R postgres: "$PG_DIR"
+  pg_tool initdb -D "$PG_DIR/data" -A trust -U postgres -E UTF8 --locale=C >"$E2E_TMP/initdb.log" 2>&1
+  pg_tool pg_ctl -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w \
+    -o "-p 5432 -k $PG_DIR/sock -c listen_addresses=" start >/dev/null
+  PG_URL="host=$PG_DIR/sock port=5432 user=postgres dbname=vault"
+  psql -X -q -h "$PG_DIR/sock" -p 5432 -U postgres -d postgres -c 'CREATE DATABASE vault' >/dev/null
+  PG_URL_FILE="$E2E_TMP/vault-pg.url"
+  printf '%s\n' "$PG_URL" >"$PG_URL_FILE"; chmod 600 "$PG_URL_FILE"
+}
+
+# pg_dump_vault: every row of the vault database (data only), for scans.
+pg_dump_vault() {
+  pg_dump --data-only -h "$PG_DIR/sock" -p 5432 -U postgres vault
 }

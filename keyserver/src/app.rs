@@ -27,6 +27,9 @@ pub enum AppError {
     /// The gRPC server failed to start.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// `[keyserver.webhook] ca_file` could not be loaded.
+    #[error("keyserver.webhook.ca_file: {0}")]
+    Webhook(#[from] tessera_tls::TlsError),
 }
 
 /// A missing, too-open or wrong KEK is a configuration error (exit 64).
@@ -34,6 +37,7 @@ impl From<AppError> for StartError {
     fn from(e: AppError) -> Self {
         if matches!(e, AppError::Core(KeyServerError::Kek(_)))
             || matches!(e, AppError::Server(ServerError::KeyPermissions(_)))
+            || matches!(e, AppError::Webhook(_))
         {
             StartError::config(e)
         } else {
@@ -65,6 +69,8 @@ impl App {
     pub fn build_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         let k = &config.keyserver;
         let td = &config.server.access.trust_domain;
+        let mut access = k.access.core_config(config.server.access.role_map());
+        access.webhook = k.webhook.as_ref().map(|w| w.core_config()).transpose()?;
         let core = Core::open(
             CoreConfig {
                 db_path: k.db_path.clone(),
@@ -75,7 +81,7 @@ impl App {
                 checkpoint_every: k.checkpoint_every,
                 max_grant_ttl_secs: k.max_grant_ttl_secs,
                 max_grant_uses: k.max_grant_uses,
-                access: k.access.core_config(config.server.access.role_map()),
+                access,
             },
             clock,
         )?;

@@ -29,6 +29,12 @@
 //! expiring_soon_secs = 3600
 //! [keyserver.access.groups] # standing approvals to a group approve its members
 //! "care-team-x" = ["spiffe://tessera.local/user/clinician"]
+//! [keyserver.webhook]     # optional: owner webhooks (absent: none sent)
+//! ca_file = "pki/webhook-ca.pem"  # receivers verified against this bundle only
+//! attempts = 5             # tries per delivery, waits doubling from backoff_ms
+//! backoff_ms = 1000
+//! timeout_secs = 10
+//! queue_max = 1000         # waiting deliveries; when full the oldest is dropped (audited)
 //! [admin]                  # optional: plain HTTP /metrics, /live, /ready
 //! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
@@ -96,6 +102,72 @@ pub struct KeyserverSection {
     pub max_grant_uses: u32,
     #[serde(default)]
     pub access: AccessSection,
+    /// Owner webhooks; none sent (and `SetWebhook` refused) when absent.
+    #[serde(default)]
+    pub webhook: Option<WebhookSection>,
+}
+
+/// `[keyserver.webhook]`: how owner webhooks are sent (issue 19).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    /// PEM bundle of the CAs receivers' certificates must chain to.
+    pub ca_file: PathBuf,
+    /// Tries per delivery.
+    #[serde(default = "default_webhook_attempts")]
+    pub attempts: u32,
+    /// Wait before the second try, doubled after each failure.
+    #[serde(default = "default_webhook_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Limit on one try.
+    #[serde(default = "default_webhook_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Most deliveries waiting.
+    #[serde(default = "default_webhook_queue_max")]
+    pub queue_max: usize,
+}
+
+fn default_webhook_attempts() -> u32 {
+    5
+}
+fn default_webhook_backoff_ms() -> u64 {
+    1000
+}
+fn default_webhook_timeout_secs() -> u64 {
+    10
+}
+fn default_webhook_queue_max() -> usize {
+    1000
+}
+
+impl WebhookSection {
+    /// The core's webhook config (reads the CA bundle).
+    pub fn core_config(
+        &self,
+    ) -> Result<crate::core::webhook::WebhookConfig, tessera_tls::TlsError> {
+        let mut c = crate::core::webhook::WebhookConfig::new(&self.ca_file)?;
+        c.attempts = self.attempts;
+        c.backoff = std::time::Duration::from_millis(self.backoff_ms);
+        c.timeout = std::time::Duration::from_secs(self.timeout_secs);
+        c.queue_max = self.queue_max;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=20).contains(&self.attempts) {
+            return Err("keyserver.webhook.attempts must be 1..=20".into());
+        }
+        if !(1..=600_000).contains(&self.backoff_ms) {
+            return Err("keyserver.webhook.backoff_ms must be 1..=600000".into());
+        }
+        if !(1..=300).contains(&self.timeout_secs) {
+            return Err("keyserver.webhook.timeout_secs must be 1..=300".into());
+        }
+        if !(1..=1_000_000).contains(&self.queue_max) {
+            return Err("keyserver.webhook.queue_max must be 1..=1000000".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[keyserver.access]`: purposes, groups, break-glass (issue 19).
@@ -147,6 +219,7 @@ impl AccessSection {
             break_glass_ttl_secs: self.break_glass_minutes * 60,
             break_glass_uses: self.break_glass_uses,
             expiring_soon_secs: self.expiring_soon_secs,
+            webhook: None,
         }
     }
 
@@ -286,6 +359,9 @@ impl Validate for Config {
             return Err("keyserver.max_grant_uses must be 1..=1000000".into());
         }
         k.access.validate(td)?;
+        if let Some(w) = &k.webhook {
+            w.validate()?;
+        }
         Ok(())
     }
 }

@@ -365,6 +365,7 @@ fn glass(study: &str, reason: &str) -> pb::BreakGlassRequest {
         attributes: attrs("P-1"),
         purpose: "pixels".into(),
         reason: reason.into(),
+        on_behalf_of: String::new(),
     }
 }
 

@@ -308,3 +308,63 @@ async fn owners_manage_delegates_and_the_gateway_checks_them() {
     }
     env.stop().await;
 }
+
+#[tokio::test]
+async fn gateway_breaks_the_glass_on_a_users_behalf_with_that_users_permission() {
+    let env = Env::start().await;
+    let study = register(&env, "P-6").await;
+    let glass = |on_behalf_of: &str| pb::BreakGlassRequest {
+        study_id: study.clone(),
+        attributes: attrs("P-6"),
+        purpose: "pixels".into(),
+        reason: "arrest in theatre".into(),
+        on_behalf_of: on_behalf_of.into(),
+    };
+    // Only the gateway presents for someone else.
+    let e = env
+        .client("clinician2")
+        .await
+        .break_glass(glass(CLIN))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // The gateway for clinician2 (no emergency permission): refused, the
+    // refusal recorded against clinician2, naming the gateway.
+    let mut gw = env.client("gateway").await;
+    let e = gw
+        .break_glass(glass("spiffe://tessera.local/user/clinician2"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let last = all_audit(&env).await.pop().unwrap();
+    assert_eq!(last.event, "breakglass.refused");
+    assert_eq!(last.actor, "spiffe://tessera.local/user/clinician2");
+    assert!(
+        last.detail
+            .contains("presented_by=spiffe://tessera.local/service/gateway"),
+        "{}",
+        last.detail
+    );
+    // The gateway itself holds no emergency permission either.
+    let e = gw.break_glass(glass("")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // For the clinician (who holds it): open, the clinician the requester
+    // and the one the approval names.
+    let r = gw
+        .break_glass(glass(CLIN))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert!(r.break_glass);
+    assert_eq!(r.requester, CLIN);
+    assert_eq!(r.state, pb::RequestState::Approved as i32);
+    let approved = all_audit(&env)
+        .await
+        .into_iter()
+        .find(|e| e.event == "grant.approved" && e.detail.contains(&r.request_id))
+        .unwrap();
+    assert_eq!(approved.actor, CLIN);
+    env.stop().await;
+}

@@ -9,3 +9,4 @@ mod backup;
 mod common;
 mod gateway;
 mod grants;
+mod webhook;

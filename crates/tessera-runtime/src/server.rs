@@ -183,6 +183,19 @@ impl GrpcServer {
             .allow(&format!("/{REFLECTION_V1}/*"), Role::ALL)
             .allow(&format!("/{REFLECTION_V1ALPHA}/*"), Role::ALL);
         let authz = Authz::new(policy, config.access.role_map());
+        let metrics = Metrics::new();
+        let source = tls.source().clone();
+        metrics.gauge_fn(
+            "tls_generation",
+            "TLS material in use: 1 at start, one more per reload that changed it",
+            move || i64::try_from(source.generation()).unwrap_or(i64::MAX),
+        );
+        let source = tls.source().clone();
+        metrics.gauge_fn(
+            "tls_cert_not_after_seconds",
+            "When the server certificate in use expires (Unix time): alert well before it",
+            move || source.not_after().unwrap_or(0),
+        );
         Ok(Self {
             listen: config.listen,
             tls,
@@ -197,7 +210,7 @@ impl GrpcServer {
             },
             routes: RoutesBuilder::default(),
             names: Vec::new(),
-            metrics: Metrics::new(),
+            metrics,
             admin: None,
             readiness: crate::admin::always_ready(),
         })

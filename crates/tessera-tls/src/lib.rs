@@ -18,6 +18,8 @@
 //!   `grpc.health.v1.Health` needs no role.
 //! * [`CallerAllowList`]: the identities a service or RPC accepts, narrowing
 //!   a role every service holds (failing closed, the denial logged).
+//! * [`https`]: plain HTTPS outside the mesh (the keyserver's owner
+//!   webhooks), the server verified against a configured CA bundle.
 #![forbid(unsafe_code)]
 
 mod allow_list;
@@ -25,6 +27,7 @@ mod authz;
 mod channel;
 mod client;
 mod error;
+pub mod https;
 mod identity;
 pub mod matrix;
 mod peer;

@@ -208,8 +208,8 @@ pub const MATRIX: &[Rule] = &[
     ),
     rule(
         "/tessera.keyserver.v1.KeyServer/BreakGlass",
-        USERS,
-        "the `emergency` permission (keyserver config), a reason, break-glass not disabled by the owner",
+        &[Owner, Clinician, Researcher, Gateway],
+        "the `emergency` permission (keyserver config), a reason, break-glass not disabled by the owner; on_behalf_of only from the gateway",
     ),
     rule(
         "/tessera.keyserver.v1.KeyServer/SetBreakGlass",
@@ -235,6 +235,21 @@ pub const MATRIX: &[Rule] = &[
         "/tessera.keyserver.v1.KeyServer/WatchRequests",
         USERS,
         "requests on the caller's studies, or decisions on its own requests",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/SetWebhook",
+        &[Owner],
+        "the caller's own webhook; https:// only",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/GetWebhook",
+        &[Owner],
+        "the caller's own webhook",
+    ),
+    rule(
+        "/tessera.keyserver.v1.KeyServer/ClearWebhook",
+        &[Owner],
+        "the caller's own webhook",
     ),
     // Watermark and segmentation: plaintext pixels, the gateway only.
     rule("/tessera.watermark.v1.Watermark/Protect", &[Gateway], ""),

@@ -53,6 +53,8 @@ struct Material {
     server_verifier: Arc<WebPkiServerVerifier>,
     sessions: Arc<ServerSessionMemoryCache>,
     generation: u64,
+    /// When our certificate expires (Unix seconds).
+    not_after: Option<i64>,
 }
 
 /// Our certificate, key and CA bundle, re-read from their files on demand.
@@ -73,7 +75,7 @@ impl std::fmt::Debug for TlsSource {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
         source,
@@ -97,7 +99,7 @@ pub(crate) fn parse_certs(
     Ok(certs)
 }
 
-fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::Pem {
         what: "private key",
         path: path.to_owned(),
@@ -151,6 +153,9 @@ impl TlsSource {
             })?),
             None => Identity::from_cert_der_any_domain(&certs[0]).ok(),
         };
+        let not_after = x509_parser::parse_x509_certificate(&certs[0])
+            .ok()
+            .map(|(_, c)| c.validity().not_after.timestamp());
         // Parses the key and checks it matches the certificate.
         let certified = CertifiedKey::from_der(certs, key, provider)?;
         let client_verifier =
@@ -166,6 +171,7 @@ impl TlsSource {
             server_verifier,
             sessions: ServerSessionMemoryCache::new(SESSION_CACHE),
             generation,
+            not_after,
         })
     }
 
@@ -186,6 +192,11 @@ impl TlsSource {
     /// 1 at start, one more for every reload that changed the material.
     pub fn generation(&self) -> u64 {
         self.current().generation
+    }
+
+    /// When the certificate in use expires (Unix seconds), for alerts.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current().not_after
     }
 
     /// Our identity (the URI SAN of our certificate), if it has one.

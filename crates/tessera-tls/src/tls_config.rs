@@ -36,6 +36,20 @@ impl TlsFiles {
     }
 }
 
+pub(crate) fn load_certs(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    crate::reload::parse_certs(&crate::reload::read(path)?, path)
+}
+
+pub(crate) fn load_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsError> {
+    crate::reload::parse_key(&crate::reload::read(path)?, path)
+}
+
+pub(crate) fn load_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    crate::reload::parse_roots(&crate::reload::read(path)?, path)
+}
+
 /// A server's TLS setup: the rustls config plus our own identity.
 #[derive(Clone, Debug)]
 pub struct ServerTls {

@@ -207,7 +207,13 @@ call_secs = {{ $t.callSecs | default 30 | int64 }}
 stream_secs = {{ $t.streamSecs | default 600 | int64 }}
 
 [vault]
+{{- if eq $v.gateway.vault.backend "postgres" }}
+backend = "postgres"
+postgres_url_file = {{ printf "%s/vault-postgres.url" (include "tessera.secretsDir" .) | toJson }}
+lease_secs = {{ $v.gateway.vault.leaseSecs | int64 }}
+{{- else }}
 path = {{ printf "%s/vault.redb" (include "tessera.dataDir" .) | toJson }}
+{{- end }}
 key_file = {{ printf "%s/vault.key" (include "tessera.secretsDir" .) | toJson }}
 
 [gateway]

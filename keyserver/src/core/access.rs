@@ -45,6 +45,9 @@ pub struct AccessConfig {
     pub break_glass_uses: u32,
     /// A valid grant expiring within this many seconds is flagged.
     pub expiring_soon_secs: u64,
+    /// Owner webhooks (`[keyserver.webhook]`); none: not sent, and
+    /// `SetWebhook` refused.
+    pub webhook: Option<crate::core::webhook::WebhookConfig>,
 }
 
 impl Default for AccessConfig {
@@ -56,6 +59,7 @@ impl Default for AccessConfig {
             break_glass_ttl_secs: 15 * 60,
             break_glass_uses: 5,
             expiring_soon_secs: 3600,
+            webhook: None,
         }
     }
 }
@@ -167,6 +171,9 @@ impl Core {
     }
 
     pub(crate) fn publish(&self, kind: &'static str, owner: &str, rec: &RequestRecord) {
+        if matches!(kind, "requested" | "break_glass") {
+            self.queue_webhook(kind, owner, rec);
+        }
         let mut request = rec.clone();
         request.wrapped_key = None;
         // No watcher is not an error.

@@ -101,6 +101,16 @@ pub enum AuditEvent {
     BreakGlassReviewed,
     /// A review was refused.
     ReviewRefused,
+    /// An owner set its webhook URL.
+    WebhookSet,
+    /// An owner cleared its webhook URL.
+    WebhookCleared,
+    /// A webhook POST was answered 2xx.
+    WebhookDelivered,
+    /// A webhook was not delivered after its last try.
+    WebhookFailed,
+    /// A webhook was dropped unsent: the delivery queue was full.
+    WebhookDropped,
 }
 
 impl AuditEvent {
@@ -140,6 +150,11 @@ impl AuditEvent {
             Self::BreakGlassSet => "breakglass.set",
             Self::BreakGlassReviewed => "breakglass.reviewed",
             Self::ReviewRefused => "review.refused",
+            Self::WebhookSet => "webhook.set",
+            Self::WebhookCleared => "webhook.cleared",
+            Self::WebhookDelivered => "webhook.delivered",
+            Self::WebhookFailed => "webhook.failed",
+            Self::WebhookDropped => "webhook.dropped",
         }
     }
 }

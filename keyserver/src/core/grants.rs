@@ -19,25 +19,9 @@ use crate::core::store::{
     GrantState, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord,
     get_json, index_key, index_scan, to_json,
 };
-use crate::core::types::{Redeemed, Released};
+use crate::core::types::{Ask, Redeemed, Released};
 use crate::core::{Core, SELF_ACTOR, deleted, forgotten_in_txn, writer};
 
-/// What a requester asks for ([`Core::request_access`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Ask<'a> {
-    /// The study.
-    pub study_id: &'a str,
-    /// The patient attributes its key is bound to.
-    pub attributes: &'a [(String, String)],
-    /// Key purpose label (derivation).
-    pub purpose: &'a str,
-    /// Access purpose (vocabulary); empty: the default.
-    pub access_purpose: &'a str,
-    /// Free text.
-    pub justification: &'a str,
-    /// Gateway only: the user asked for.
-    pub on_behalf_of: &'a str,
-}
 use crate::error::{KeyServerError, Result};
 
 /// The grant-use question about `rec`: may `user` use it (for `study`, if
@@ -162,7 +146,8 @@ impl Core {
 
     /// Break-glass: `actor` (with the `emergency` permission) opens one
     /// study at once with a written reason; the grant is short, flagged in
-    /// every audit entry and listed for review.
+    /// every audit entry and listed for review. The gateway breaks it on
+    /// a user's behalf (`on_behalf_of`): the permission is that user's.
     pub async fn break_glass(
         &self,
         actor: &str,
@@ -170,6 +155,7 @@ impl Core {
         attributes: &[(String, String)],
         purpose: &str,
         reason: &str,
+        on_behalf_of: &str,
     ) -> Result<RequestRecord> {
         let ask = Ask {
             study_id,
@@ -177,7 +163,7 @@ impl Core {
             purpose,
             access_purpose: EMERGENCY,
             justification: "",
-            on_behalf_of: "",
+            on_behalf_of,
         };
         self.file_request(actor, &ask, Some(reason)).await
     }
@@ -246,7 +232,12 @@ impl Core {
                 owner: &study.owner,
                 disabled: false,
             };
-            self.authorize(actor, action, Context::rpc(id.as_str(), ""))
+            let via = if requester == actor {
+                String::new()
+            } else {
+                format!("presented_by={actor}")
+            };
+            self.authorize(&requester, action, Context::rpc(id.as_str(), via))
                 .await?;
         }
         let master = self
@@ -314,7 +305,7 @@ impl Core {
                         disabled,
                     };
                     let audit = Context::rpc(rec.study_id.clone(), "");
-                    if let Err(e) = authorize_in_txn(ctx, &rules, &rec.presented_by, &action, audit)? {
+                    if let Err(e) = authorize_in_txn(ctx, &rules, &rec.requester, &action, audit)? {
                         return Ok(Err(e));
                     }
                     let expires_at = now.saturating_add(bg_ttl);
@@ -386,7 +377,7 @@ impl Core {
                 if let Some((expires_at, uses, by)) = approval {
                     ctx.append(NewEntry {
                         actor: if rec.break_glass.is_some() {
-                            rec.presented_by.clone()
+                            rec.requester.clone()
                         } else {
                             SELF_ACTOR.to_owned()
                         },

@@ -37,6 +37,7 @@ pub mod policy;
 pub mod store;
 mod studies;
 mod types;
+pub mod webhook;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,9 +68,9 @@ pub use chain::{
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
 pub use gauges::Gauges;
-pub use grants::Ask;
 pub use types::{
-    AUDIT_SCAN_MAX, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed, Released,
+    AUDIT_SCAN_MAX, Ask, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed,
+    Released,
 };
 
 /// Identity recorded as the actor of the keyserver's own events.
@@ -131,6 +132,8 @@ struct Inner {
     access: access::AccessConfig,
     /// The live feed of requests filed and decided (`WatchRequests`).
     events: tokio::sync::broadcast::Sender<access::AccessEvent>,
+    /// Owner webhooks, when `[keyserver.webhook]` is configured.
+    webhook: Option<Arc<webhook::Outbox>>,
     /// Set while the audit chain does not verify: every key operation is
     /// refused until an administrator runs `keyserver audit-recover`.
     broken: Arc<RwLock<Option<ChainBreak>>>,
@@ -146,6 +149,9 @@ impl Drop for Inner {
         // A long log must not hold up shutdown: the background check stops
         // at the next entry and its (partial) result is discarded.
         self.stop_verifier.store(true, Ordering::SeqCst);
+        if let Some(w) = &self.webhook {
+            w.close();
+        }
         let t = self
             .verifier
             .get_mut()
@@ -311,6 +317,7 @@ impl Core {
                 },
                 max_ttl: cfg.max_grant_ttl_secs,
                 max_uses: cfg.max_grant_uses,
+                webhook: cfg.access.webhook.clone().map(webhook::Outbox::new),
                 access: cfg.access,
                 events: tokio::sync::broadcast::channel(1024).0,
                 broken,

@@ -258,6 +258,10 @@ pub struct OwnerSettings {
     /// Break-glass refused on this owner's studies.
     #[serde(default)]
     pub break_glass_disabled: bool,
+    /// The owner's webhook (an `https://` URL): told of new requests and
+    /// break-glass uses on its studies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
 }
 
 /// Serializes a record.

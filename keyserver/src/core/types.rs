@@ -111,3 +111,20 @@ pub struct AuditPage {
     /// First seq of the next page, 0 when the log ends here.
     pub next_from_seq: u64,
 }
+
+/// What a requester asks for ([`crate::core::Core::request_access`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The study.
+    pub study_id: &'a str,
+    /// The patient attributes its key is bound to.
+    pub attributes: &'a [(String, String)],
+    /// Key purpose label (derivation).
+    pub purpose: &'a str,
+    /// Access purpose (vocabulary); empty: the default.
+    pub access_purpose: &'a str,
+    /// Free text.
+    pub justification: &'a str,
+    /// Gateway only: the user asked for.
+    pub on_behalf_of: &'a str,
+}

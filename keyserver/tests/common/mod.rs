@@ -31,6 +31,12 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Like [`Env::start`] with more config appended (`{pki}` stands for
+    /// the development PKI's directory).
+    pub async fn start_with(extra: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let pki = tessera_pki::generate(&tmp.path().join("pki")).unwrap().dir;
         let kek = tmp.path().join("kek");
@@ -45,9 +51,10 @@ impl Env {
              [server.access]\nroles = {{ \"spiffe://tessera.local/user/researcher\" = [\"researcher\", \"admin\"], \"spiffe://tessera.local/user/clinician2\" = [\"clinician\", \"owner\"] }}\n\
              [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\ncheckpoint_every = 4\nmax_grant_ttl_secs = 3600\nmax_grant_uses = 5\n\
              [keyserver.access]\nemergency = [\"spiffe://tessera.local/user/clinician\"]\nbreak_glass_minutes = 10\nbreak_glass_uses = 2\nexpiring_soon_secs = 600\n\
-             [keyserver.access.groups]\n\"care-team-x\" = [\"spiffe://tessera.local/user/clinician\"]\n",
+             [keyserver.access.groups]\n\"care-team-x\" = [\"spiffe://tessera.local/user/clinician\"]\n{}",
             tmp.path().join("ks.redb").display(),
-            kek.display()
+            kek.display(),
+            extra.replace("{pki}", &d.to_string()),
         );
         let cfg: Config = load_config(
             &ConfigSource::from_text(&text, Default::default()),

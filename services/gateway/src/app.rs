@@ -17,6 +17,32 @@ use crate::service::{GatewayService, Limits, policy};
 use crate::upstream::Upstreams;
 use crate::vault::{Vault, load_key_file};
 
+/// Opens the configured vault: never another one when it fails.
+fn open_vault(
+    section: &crate::config::VaultSection,
+    key: &[u8; 32],
+) -> Result<Vault, GatewayError> {
+    match section.backend {
+        crate::config::VaultBackend::Redb => Vault::open(&section.path, key),
+        crate::config::VaultBackend::Postgres => {
+            let url = section.postgres_url().map_err(GatewayError::Vault)?;
+            Vault::open_postgres(&url, key, section.lease_secs)
+        }
+    }
+}
+
+/// Renews this replica's lease on a shared vault every third of it, so
+/// another replica's recovery leaves this one's stores in flight alone.
+async fn heartbeat_forever(vault: Arc<Vault>) {
+    let every = Duration::from_secs((vault.lease_secs() / 3).max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = crate::shared::with_vault(&vault, |v| v.heartbeat()).await {
+            tracing::warn!(error = %e, "vault heartbeat failed");
+        }
+    }
+}
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -78,6 +104,8 @@ pub struct RunningApp {
     dicomweb: Option<crate::dicomweb::RunningDicomWeb>,
     /// The background repairer (with `[erasure]` and an interval).
     repairer: Option<tokio::task::JoinHandle<()>>,
+    /// The lease renewal of a shared (PostgreSQL) vault.
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl App {
@@ -86,7 +114,7 @@ impl App {
         let up = Upstreams::new(config)?;
         let readiness = readiness(up.clone(), keyserver_health_channel(config)?, config);
         let key = load_key_file(&config.vault.key_file).map_err(AppError::VaultKey)?;
-        let vault = Vault::open(&config.vault.path, &key).map_err(AppError::Vault)?;
+        let vault = open_vault(&config.vault, &key).map_err(AppError::Vault)?;
         let g = &config.gateway;
         let service = GatewayService::new(
             up,
@@ -201,12 +229,17 @@ impl App {
                     e.repair_objects_per_sec,
                 ))
             });
+        let vault = sweeper.inner.vault.clone();
+        let heartbeat = vault
+            .shared()
+            .then(|| tokio::spawn(heartbeat_forever(vault)));
         tokio::spawn(async move { sweeper.sweep_unfinished().await });
         Ok(RunningApp {
             server,
             scp,
             dicomweb,
             repairer,
+            heartbeat,
         })
     }
 }
@@ -236,7 +269,7 @@ impl RunningApp {
         if let Some(w) = self.dicomweb {
             w.stop().await;
         }
-        if let Some(r) = self.repairer {
+        for r in [self.repairer, self.heartbeat].into_iter().flatten() {
             r.abort();
             let _ = r.await;
         }

@@ -14,10 +14,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use gateway_service::config::{Config, ENV_PREFIX};
+use gateway_service::config::{Config, ENV_PREFIX, VaultBackend, VaultSection};
 use gateway_service::vault_backup::{self, VaultSnapshotReport};
 use gateway_service::{App, AppError, RunningApp};
-use tessera_runtime::snapshot::SnapshotError;
 use tessera_runtime::{ConfigSource, EXIT_CONFIG, Service, Serving, StartError, load_config};
 
 const SERVICE: Service<Config> = Service::new(
@@ -63,11 +62,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::VaultBackup { out }) => snapshot(cli.config.as_deref(), |vault, key| {
-            vault_backup::backup(vault, &out, key)
+            match vault.backend {
+                VaultBackend::Redb => {
+                    vault_backup::backup(&vault.path, &out, key).map_err(|e| e.to_string())
+                }
+                // A redb copy of the rows, sealed as stored (restorable
+                // into a redb vault); the database's own dumps work too.
+                VaultBackend::Postgres => {
+                    let url = vault.postgres_url()?;
+                    let v =
+                        gateway_service::vault::Vault::open_postgres(&url, key, vault.lease_secs)
+                            .map_err(|e| e.to_string())?;
+                    let counts = v.export_redb(&out).map_err(|e| e.to_string())?;
+                    Ok(VaultSnapshotReport {
+                        rows: counts.studies + counts.instances + counts.index,
+                        counts,
+                    })
+                }
+            }
         }),
         Some(Cmd::VaultRestore { backup, force }) => {
-            snapshot(cli.config.as_deref(), |vault, key| {
-                vault_backup::restore(&backup, vault, key, force)
+            snapshot(cli.config.as_deref(), |vault, key| match vault.backend {
+                VaultBackend::Redb => vault_backup::restore(&backup, &vault.path, key, force)
+                    .map_err(|e| e.to_string()),
+                VaultBackend::Postgres => Err(
+                    "the vault is on PostgreSQL: restore it with the database's own tools".into(),
+                ),
             })
         }
         None => SERVICE.serve(cli.config.as_deref(), async |cfg| {
@@ -92,7 +112,7 @@ fn main() -> ExitCode {
 /// refusal, 64 on a bad config or vault key.
 fn snapshot(
     config: Option<&Path>,
-    run: impl FnOnce(&Path, &[u8; 32]) -> Result<VaultSnapshotReport, SnapshotError>,
+    run: impl FnOnce(&VaultSection, &[u8; 32]) -> Result<VaultSnapshotReport, String>,
 ) -> ExitCode {
     let cfg: Config = match load_config(&ConfigSource::from_process(config), ENV_PREFIX) {
         Ok(c) => c,
@@ -108,7 +128,7 @@ fn snapshot(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match run(&cfg.vault.path, &key) {
+    match run(&cfg.vault, &key) {
         Ok(r) => {
             println!(
                 "{{\"ok\":true,\"rows\":{},\"studies\":{},\"instances\":{},\"indexEntries\":{}}}",

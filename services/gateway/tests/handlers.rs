@@ -146,6 +146,7 @@ async fn store_retrieve_round_trip_and_delete_through_the_handlers() {
             pb::RequestAccessRequest {
                 study_handle: handle.clone(),
                 justification: "handler test".into(),
+                ..Default::default()
             },
             CLINICIAN,
             &[Role::Clinician],
@@ -236,6 +237,7 @@ async fn each_flow_refuses_bad_requests() {
         .request_access(Request::new(pb::RequestAccessRequest {
             study_handle: "st-00000000000000000000000000000000".into(),
             justification: String::new(),
+            ..Default::default()
         }))
         .await
         .unwrap_err();

@@ -31,6 +31,7 @@ fn study(n: u32, patient: &str) -> StudyRecord {
         placements: vec![],
         created_unix: 1,
         dicom_study_uid: String::new(),
+        replica: String::new(),
     }
 }
 
@@ -120,6 +121,7 @@ fn online_vault_backup_restores_the_older_records_and_only_those() {
         created_unix: 1,
         burned_in_annotation: false,
         indexed: vec![],
+        replica: String::new(),
     };
     vault.insert_instance(&instance).unwrap();
 

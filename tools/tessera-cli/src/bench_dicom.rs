@@ -503,6 +503,7 @@ async fn measure(
         .request_access(pb::RequestAccessRequest {
             study_handle: handle.clone(),
             justification: "bench".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()

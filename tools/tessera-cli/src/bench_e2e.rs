@@ -331,6 +331,7 @@ async fn measure(
             .request_access(pb::RequestAccessRequest {
                 study_handle: h.clone(),
                 justification: "bench".into(),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -136,6 +136,7 @@ async fn request(stack: &DevStack, who: &str, handle: &str, why: &str) -> Result
         .request_access(pb::RequestAccessRequest {
             study_handle: handle.to_owned(),
             justification: why.to_owned(),
+            ..Default::default()
         })
         .await
         .context("request access")?

@@ -7,6 +7,7 @@ mod bench_e2e;
 mod bench_erasure;
 mod client;
 mod demo;
+mod demo_access;
 mod demo_dicom;
 mod demo_kit;
 mod dev_cmd;
@@ -110,6 +111,10 @@ enum Command {
     /// Your grants (or, with --owner, grants on your studies): uses left,
     /// expiry, purpose; grants about to expire flagged.
     Grants(client::access_cmd::GrantsArgs),
+    /// Your webhook (study owner): `webhook set https://...`, `show`,
+    /// `clear`; told of new requests and break-glass uses on your studies.
+    #[command(subcommand)]
+    Webhook(client::webhook_cmd::WebhookCmd),
     /// Scrub (`repair status`) and repair (`repair run`) of erasure-coded
     /// fragments across the storage nodes (admin).
     #[command(subcommand)]
@@ -244,6 +249,7 @@ fn main() -> std::process::ExitCode {
         Command::BreakGlass(a) => client::access_cmd::break_glass(a),
         Command::BreakGlassSetting(a) => client::access_cmd::break_glass_setting(a),
         Command::Review(a) => client::access_cmd::review(a),
+        Command::Webhook(c) => client::webhook_cmd::webhook(c),
         Command::Grants(a) => client::access_cmd::grants(a),
         Command::Repair(c) => client::repair_cmd::repair(c),
         Command::Node(c) => client::repair_cmd::node(c),

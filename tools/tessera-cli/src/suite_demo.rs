@@ -196,6 +196,7 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         .request_access(pb::RequestAccessRequest {
             study_handle: handle.clone(),
             justification: "tumour board follow-up".into(),
+            ..Default::default()
         })
         .await
         .context("request access")?
@@ -531,7 +532,12 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
         distinct.len() == ph.work.len() && ph.work.len() > 1,
     );
 
-    println!("== 9. The audit log at the keyserver");
+    println!(
+        "== 9. Access that fits a hospital's day: a standing approval, break-glass and its review"
+    );
+    crate::demo_access::flows(stack, &handle, &image, steps).await?;
+
+    println!("== 10. The audit log at the keyserver");
     let audit = keyserver(stack, "owner")
         .await?
         .verify_audit(ks::VerifyAuditRequest {})
@@ -540,7 +546,7 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
     println!("  {} entries, chain ok = {}", audit.entries, audit.ok);
     steps.check("the audit chain verifies", audit.ok && audit.entries > 0);
 
-    println!("== 10. The owner deletes the study: every fragment removed, key material destroyed");
+    println!("== 11. The owner deletes the study: every fragment removed, key material destroyed");
     let d = gateway(stack, "owner")
         .await?
         .delete(pb::DeleteStudyRequest {

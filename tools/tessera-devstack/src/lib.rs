@@ -226,6 +226,9 @@ pub const DICOM_PEERS: [(&str, &str, &str); 5] = [
 ];
 /// The data owner of studies the dev SCP receives.
 pub const DICOM_OWNER: &str = "spiffe://tessera.local/user/owner";
+/// The development identity with the `emergency` permission (may break
+/// the glass); `clinician2` has none.
+pub const DEV_EMERGENCY: &str = "spiffe://tessera.local/user/clinician";
 /// The development delegates: `(owner, delegate)`. `clinician` may store
 /// studies on `owner`'s behalf; `clinician2` may not.
 pub const DEV_DELEGATES: [(&str, &str); 1] = [(
@@ -361,12 +364,17 @@ impl DevStack {
         base: Option<u16>,
         opts: &DevOptions,
     ) -> Result<(), DevError> {
-        // Keyserver.
+        // Keyserver: `clinician` holds the `emergency` permission
+        // (break-glass) and owners may set webhooks to receivers whose
+        // certificates the development CA signed.
         let text = format!(
-            "{}[keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\n",
+            "{}[keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\n\
+             [keyserver.access]\nemergency = [\"{DEV_EMERGENCY}\"]\n\
+             [keyserver.webhook]\nca_file = \"{}\"\n",
             server_section(pki, "keyserver", &listen(base, 0)),
             data.join("keyserver.redb").display(),
-            kek.display()
+            kek.display(),
+            pki.join("ca.crt").display()
         );
         let cfg: keyserver::Config = parse("keyserver", &text, keyserver::config::ENV_PREFIX)?;
         let app = keyserver::App::build(&cfg).map_err(|e| svc("keyserver")(e.to_string()))?;

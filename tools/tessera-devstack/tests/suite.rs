@@ -107,6 +107,7 @@ async fn store_request_approve_retrieve_tamper_process_delete() {
         .request_access(pb::RequestAccessRequest {
             study_handle: handle.clone(),
             justification: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -496,6 +497,7 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
                 placements: vec![placement(1, "storage-1"), placement(2, "storage-2")],
                 created_unix: 0,
                 dicom_study_uid: String::new(),
+                replica: String::new(),
             })
             .unwrap();
     }

@@ -5,6 +5,8 @@
 //!   client settings and channels as any of those identities;
 //! * [`pydicom_data_dir`]: the real DICOM files (pydicom-data) a test needs,
 //!   or an error saying how to install them: tests fail, never skip;
+//! * [`postgres::Postgres`]: a real PostgreSQL server on a private unix
+//!   socket and data folder (the gateway vault's PostgreSQL backend);
 //! * [`suite`] (feature `suite`): the whole suite running in-process, clients
 //!   of its services as any identity, the owner/clinician grant flow, and
 //!   the objects its storage nodes hold.
@@ -17,6 +19,8 @@ use tessera_tls::{ClientTls, TlsFiles};
 
 #[cfg(feature = "suite")]
 pub mod suite;
+
+pub mod postgres;
 
 /// Where pydicom-data is: `TESSERA_DICOM_DATA`, else the project's `.venv`.
 /// One function for every test crate (tessera-dicom keeps it so that its own

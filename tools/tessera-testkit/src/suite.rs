@@ -54,6 +54,7 @@ pub async fn grant(stack: &DevStack, who: &str, handle: &str, uses: u32) -> Stri
         .request_access(pb::RequestAccessRequest {
             study_handle: handle.into(),
             justification: "test".into(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("{who} RequestAccess to {handle}: {s}"))

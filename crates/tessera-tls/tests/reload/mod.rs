@@ -96,6 +96,15 @@ async fn a_renewed_certificate_serves_new_connections_and_open_ones_finish() {
         der(&first.cert_pem)
     );
 
+    let expires = server
+        .source()
+        .not_after()
+        .expect("the certificate's notAfter");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(expires > now, "{expires} <= {now}");
     // Unchanged files: nothing to do.
     assert!(!server.source().reload().unwrap());
     assert_eq!(server.source().generation(), 1);

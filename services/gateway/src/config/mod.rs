@@ -51,7 +51,7 @@
 //! # hedge_after_ms = 250    # a read asks one more node when k fragments are this late
 //! # orphan_grace_secs = 3600  # a full repair pass removes objects no record names, once this old
 //!
-//! [vault]
+//! [vault]                   # or backend = "postgres": see config/vault.rs
 //! path = "data/vault.redb"
 //! key_file = "secrets/vault.key"   # 32 random bytes (or 64 hex), mode 0600/0400
 //!
@@ -78,7 +78,6 @@
 //! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -86,11 +85,13 @@ use tessera_runtime::{AdminConfig, ServerConfig, TelemetryConfig, Validate};
 use tessera_tls::{ChannelTimeouts, Identity, Role, TlsFiles};
 
 mod dicom;
+mod vault;
 use dicom::valid_ae;
 pub use dicom::{
     DicomSection, DicomWebSection, MoveDestination, PeerSection, ScpSection, TemporalOption,
     validate_peers,
 };
+pub use vault::{VaultBackend, VaultSection};
 
 /// Environment prefix of overrides, e.g. `TESSERA_GATEWAY__VAULT__PATH`.
 pub const ENV_PREFIX: &str = "TESSERA_GATEWAY";
@@ -322,16 +323,6 @@ impl Config {
     }
 }
 
-/// The `[vault]` section: the identity vault.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct VaultSection {
-    /// redb file of sealed study records.
-    pub path: PathBuf,
-    /// 32-byte vault key (raw or 64 hex characters), owner-only permissions.
-    pub key_file: PathBuf,
-}
-
 /// The `[gateway]` section.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -390,12 +381,11 @@ impl Validate for Config {
             admin.validate(self.server.listen)?;
         }
         self.telemetry.validate()?;
+        self.vault.validate()?;
         for (what, p) in [
             ("client_tls.ca", &self.client_tls.ca),
             ("client_tls.cert", &self.client_tls.cert),
             ("client_tls.key", &self.client_tls.key),
-            ("vault.path", &self.vault.path),
-            ("vault.key_file", &self.vault.key_file),
         ] {
             if p.as_os_str().is_empty() {
                 return Err(format!("{what} must not be empty"));

@@ -324,14 +324,16 @@ impl GatewayService {
 
     /// Rolls back the stores an earlier gateway process left pending (a
     /// crash mid-store) that its start-up sweep could not finish (a node
-    /// was down then). Records created since this process started may be
-    /// in flight and are left alone; interrupted deletes are finished at
-    /// the next start.
+    /// was down then). This process's own records may be in flight and
+    /// are left alone (unstamped ones from before replicas: those created
+    /// since this process started), and so are the records of other
+    /// replicas whose lease is live (a shared PostgreSQL vault);
+    /// interrupted deletes are finished at the next start.
     pub(crate) async fn finish_interrupted(&self, dry_run: bool, tally: &mut RepairTally) {
         use crate::vault::StudyState;
         let started = self.inner.started_unix;
         let found = crate::shared::with_vault(&self.inner.vault, |v| {
-            Ok((v.unfinished()?, v.unfinished_instances()?))
+            Ok((v.recoverable_studies()?, v.recoverable_instances()?))
         })
         .await;
         let (studies, instances) = match found {
@@ -343,10 +345,9 @@ impl GatewayService {
                 return;
             }
         };
-        for rec in studies
-            .iter()
-            .filter(|r| r.state == StudyState::Pending && r.created_unix < started)
-        {
+        for rec in studies.iter().filter(|r| {
+            r.state == StudyState::Pending && (!r.replica.is_empty() || r.created_unix < started)
+        }) {
             tally.actions.push(format!(
                 "{}roll back the interrupted store of {}",
                 if dry_run { "would " } else { "" },
@@ -357,7 +358,10 @@ impl GatewayService {
                 tally.interrupted += 1;
             }
         }
-        for rec in instances.iter().filter(|r| r.created_unix < started) {
+        for rec in instances
+            .iter()
+            .filter(|r| !r.replica.is_empty() || r.created_unix < started)
+        {
             tally.actions.push(format!(
                 "{}roll back the interrupted store of instance {} of {}",
                 if dry_run { "would " } else { "" },

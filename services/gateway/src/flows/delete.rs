@@ -35,6 +35,7 @@ impl GatewayService {
         // second Delete (or the next start) finishes the job.
         let mut deleting = rec.clone();
         deleting.state = StudyState::Deleting;
+        deleting.replica = self.inner.vault.replica().to_owned();
         with_vault(&self.inner.vault, move |v| v.put(&deleting)).await?;
         let mut removed: Vec<pb::Placement> =
             rec.placements.iter().map(placement_to_proto).collect();

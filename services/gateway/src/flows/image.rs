@@ -107,6 +107,7 @@ impl GatewayService {
                 .collect(),
             created_unix: now_unix(),
             dicom_study_uid: String::new(),
+            replica: self.inner.vault.replica().to_owned(),
         };
         self.spread_fragments(&mut rec.placements, &healthy, &problems, share_bound)?;
         // The intent record: a crash from here on is cleaned up at start.
@@ -170,8 +171,38 @@ impl GatewayService {
                 "justification: at most 1024 bytes".into(),
             ));
         }
+        if r.access_purpose.len() > 64 {
+            return Err(GatewayError::InvalidArgument(
+                "access_purpose: at most 64 bytes".into(),
+            ));
+        }
         let rec = self.committed(&r.study_handle).await?;
         let mut ks = self.inner.up.keyserver.clone();
+        if !r.break_glass_reason.is_empty() {
+            // Break-glass on the caller's behalf: the keyserver checks the
+            // caller's `emergency` permission, the reason and the owner's
+            // setting, and audits every step as break-glass.
+            if !matches!(r.access_purpose.as_str(), "" | "emergency") {
+                return Err(GatewayError::InvalidArgument(format!(
+                    "access_purpose {:?}: break-glass access is for the \"emergency\" purpose (leave it empty)",
+                    r.access_purpose
+                )));
+            }
+            let resp = ks
+                .break_glass(kpb::BreakGlassRequest {
+                    study_id: rec.study_id.clone(),
+                    attributes: attributes_to_proto(&rec.attributes),
+                    purpose: PURPOSE_PIXELS.into(),
+                    reason: r.break_glass_reason,
+                    on_behalf_of: caller,
+                })
+                .await
+                .map_err(|s| GatewayError::upstream("keyserver", s))?
+                .into_inner();
+            return Ok(pb::RequestAccessResponse {
+                request: resp.request,
+            });
+        }
         let resp = ks
             .request_key(kpb::RequestKeyRequest {
                 study_id: rec.study_id.clone(),
@@ -179,8 +210,8 @@ impl GatewayService {
                 purpose: PURPOSE_PIXELS.into(),
                 justification: r.justification,
                 on_behalf_of: caller,
-                // The keyserver's default access purpose.
-                access_purpose: String::new(),
+                // Empty: the keyserver's default access purpose.
+                access_purpose: r.access_purpose,
             })
             .await
             .map_err(|s| GatewayError::upstream("keyserver", s))?

@@ -101,10 +101,11 @@ impl GatewayService {
         }
     }
 
-    /// Finishes what a crash interrupted (called once at start).
+    /// Finishes what a crash interrupted (called once at start): records
+    /// of this process and of other live replicas are left alone.
     pub async fn sweep_unfinished(&self) {
         self.sweep_instances().await;
-        let recs = match with_vault(&self.inner.vault, |v| v.unfinished()).await {
+        let recs = match with_vault(&self.inner.vault, |v| v.recoverable_studies()).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "vault sweep failed");
@@ -151,7 +152,7 @@ impl GatewayService {
 
     /// Finishes instances a crash left pending (called once at start).
     pub(crate) async fn sweep_instances(&self) {
-        match with_vault(&self.inner.vault, |v| v.unfinished_instances()).await {
+        match with_vault(&self.inner.vault, |v| v.recoverable_instances()).await {
             Ok(recs) => {
                 for rec in recs {
                     tracing::info!(study = %rec.study_id, instance = %rec.instance_id, "removing an interrupted DICOM store");

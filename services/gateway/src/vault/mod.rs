@@ -1,5 +1,6 @@
 //! The identity vault: the only place where a study handle meets the
-//! patient's identity. One redb file; every record is sealed under the vault
+//! patient's identity. One redb file, or PostgreSQL shared by gateway
+//! replicas (`backend.rs`, `pg.rs`); every record is sealed under the vault
 //! key in the one envelope format of `tessera-envelope` (AES-256-GCM, random
 //! nonce per write, purpose `VaultStudy`/`VaultInstance`, the record's id
 //! as context, so a record copied under another id does not open): see
@@ -8,111 +9,125 @@
 //! A study goes through `Pending` (its shares are being placed: the intent
 //! record lets a restarted gateway remove what a crash left behind) to
 //! `Committed` (visible) and `Deleting` (shares and keys being destroyed).
-//! Only `Committed` studies are ever served.
+//! Only `Committed` studies are ever served. Pending and deleting records
+//! carry the replica that wrote them; recovery finishes only those of
+//! replicas whose lease lapsed ([`Vault::recoverable`]).
 
+mod backend;
 mod keyfile;
+mod pg;
 mod records;
 mod seal;
 mod store;
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
-use ring::rand::SystemRandom;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 
 use crate::error::GatewayError;
+use backend::{Backend, RedbBackend};
 pub use keyfile::{create_key_file, load_key_file};
 pub use records::{
     ErasureRecord, FragmentPlacement, InstanceRecord, SharePlacement, SpecRecord, StudyRecord,
     StudyState,
 };
 use seal::{Binding, VaultKey, instance_aad, open_sealed, seal_record, study_aad};
-use store::{INDEX, INSTANCES, Op, Reply, STUDIES, Tbl, Write, writer_loop};
+use store::{INDEX, INSTANCES, Op, STUDIES, Tbl, Write};
 
 type Result<T, E = GatewayError> = std::result::Result<T, E>;
 
-/// The identity vault. Reads run on the caller's thread; writes go to one
-/// writer thread that folds every change waiting into one durable
-/// transaction (group commit) and answers each caller only after the commit,
-/// so concurrent stores share fsyncs instead of queuing for them.
+/// Seconds a replica's heartbeat holds its unfinished records against
+/// another replica's recovery (`[vault] lease_secs`).
+pub const DEFAULT_LEASE_SECS: u64 = 30;
+
+/// The identity vault. Reads run on the caller's thread; writes go to the
+/// backend, which answers each caller only after the commit (redb: one
+/// writer thread folding every change waiting into one transaction, group
+/// commit; PostgreSQL: one transaction per change over a pool).
 pub struct Vault {
-    db: std::sync::Arc<Database>,
+    backend: Box<dyn Backend>,
     key: VaultKey,
     index_key: ring::hmac::Key,
     rng: SystemRandom,
-    writer: std::sync::Mutex<Option<std::sync::mpsc::Sender<(Op, Reply)>>>,
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for Vault {
-    fn drop(&mut self) {
-        if let Ok(mut w) = self.writer.lock() {
-            w.take();
-        }
-        if let Ok(mut t) = self.thread.lock()
-            && let Some(t) = t.take()
-        {
-            let _ = t.join();
-        }
-    }
+    /// This process's replica id (random per start): stamped on the
+    /// unfinished records it writes, beaten in the replicas table.
+    replica: String,
+    lease_secs: u64,
 }
 
 impl Vault {
     /// Opens (or creates) the vault file.
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<Self> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| GatewayError::Vault(format!("{}: {e}", parent.display())))?;
-        }
-        // Owner-only (the vault maps pseudonyms to patients), and shared
-        // read-only with `gateway vault-backup` while serving.
-        let db = tessera_runtime::snapshot::open_shared_writer(path)
-            .map_err(|e| GatewayError::Vault(format!("{}: {e}", path.display())))?;
-        let txn = db.begin_write()?;
-        txn.open_table(STUDIES)?;
-        txn.open_table(INSTANCES)?;
-        txn.open_table(INDEX)?;
-        txn.commit()?;
-        let db = std::sync::Arc::new(db);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let wdb = db.clone();
-        let thread = std::thread::Builder::new()
-            .name("vault-writer".into())
-            .spawn(move || writer_loop(wdb, rx))
-            .map_err(|e| GatewayError::Vault(format!("cannot start the writer: {e}")))?;
+        Self::with_backend(Box::new(RedbBackend::open(path)?), key, DEFAULT_LEASE_SECS)
+    }
+
+    /// Opens the vault on PostgreSQL at `url` (tables created if absent);
+    /// fails (UNAVAILABLE) when the database cannot be reached.
+    pub fn open_postgres(url: &str, key: &[u8; 32], lease_secs: u64) -> Result<Self> {
+        Self::with_backend(Box::new(pg::PgBackend::open(url)?), key, lease_secs)
+    }
+
+    fn with_backend(backend: Box<dyn Backend>, key: &[u8; 32], lease_secs: u64) -> Result<Self> {
         let index_key = {
             let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
             let derived = ring::hmac::sign(&k, b"tessera/gateway/vault/v1/dicom-index");
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref())
         };
-        Ok(Self {
-            db,
+        let rng = SystemRandom::new();
+        let mut id = [0u8; 8];
+        rng.fill(&mut id)
+            .map_err(|_| GatewayError::Internal("no randomness".into()))?;
+        let v = Self {
+            backend,
             index_key,
             key: VaultKey::new(key)?,
-            rng: SystemRandom::new(),
-            writer: std::sync::Mutex::new(Some(tx)),
-            thread: std::sync::Mutex::new(Some(thread)),
-        })
+            rng,
+            replica: format!("r-{}", hex::encode(id)),
+            lease_secs,
+        };
+        v.heartbeat()?;
+        Ok(v)
     }
 
-    /// Hands a change to the writer and waits for its commit.
-    fn submit(&self, op: Op) -> Result<()> {
-        let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
-        {
-            let w = self
-                .writer
-                .lock()
-                .map_err(|_| GatewayError::Vault("writer lock poisoned".into()))?;
-            let w = w
-                .as_ref()
-                .ok_or_else(|| GatewayError::Vault("the vault is closed".into()))?;
-            w.send((op, reply_tx))
-                .map_err(|_| GatewayError::Vault("the vault writer stopped".into()))?;
+    /// This process's replica id.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The lease of a replica's heartbeat, seconds.
+    pub fn lease_secs(&self) -> u64 {
+        self.lease_secs
+    }
+
+    /// Whether several gateway processes share this vault (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        self.backend.shared()
+    }
+
+    /// Renews this replica's lease (the gateway beats every third of it).
+    pub fn heartbeat(&self) -> Result<()> {
+        self.backend.beat(&self.replica)
+    }
+
+    /// Whether recovery may act on an unfinished record stamped `replica`:
+    /// never on this process's own (in flight here), nor on another live
+    /// replica's; a replica whose lease lapsed (it crashed) or a record
+    /// from before replica stamps (one gateway then) may be finished.
+    pub fn recoverable(&self, replica: &str) -> Result<bool> {
+        if replica == self.replica {
+            return Ok(false);
         }
-        reply_rx
-            .recv()
-            .map_err(|_| GatewayError::Vault("the vault writer stopped".into()))?
+        if replica.is_empty() {
+            return Ok(true);
+        }
+        Ok(!self.backend.alive(replica, self.lease_secs)?)
+    }
+
+    /// Hands a change to the backend and waits for its commit.
+    fn submit(&self, op: Op) -> Result<()> {
+        self.backend.submit(op)
     }
 
     fn aad(study_id: &str) -> Binding {
@@ -168,10 +183,8 @@ impl Vault {
 
     /// Any record, whatever its state.
     pub fn get(&self, study_id: &str) -> Result<Option<StudyRecord>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(STUDIES)?;
-        match t.get(study_id)? {
-            Some(v) => Ok(Some(self.open_record(study_id, v.value())?)),
+        match self.backend.get(Tbl::Studies, study_id)? {
+            Some(v) => Ok(Some(self.open_record(study_id, &v)?)),
             None => Ok(None),
         }
     }
@@ -192,17 +205,51 @@ impl Vault {
 
     /// Records left pending or deleting (by a crash), for the start-up sweep.
     pub fn unfinished(&self) -> Result<Vec<StudyRecord>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(STUDIES)?;
         let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            let rec = self.open_record(k.value(), v.value())?;
+        for (k, v) in self.backend.range(Tbl::Studies, "", None)? {
+            let rec = self.open_record(&k, &v)?;
             if rec.state != StudyState::Committed {
                 out.push(rec);
             }
         }
         Ok(out)
+    }
+
+    /// Unfinished records recovery may finish (see [`Self::recoverable`]).
+    pub fn recoverable_studies(&self) -> Result<Vec<StudyRecord>> {
+        let mut live = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for r in self.unfinished()? {
+            if self.recoverable_cached(&r.replica, &mut live)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unfinished instances recovery may finish.
+    pub fn recoverable_instances(&self) -> Result<Vec<InstanceRecord>> {
+        let mut live = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for r in self.unfinished_instances()? {
+            if self.recoverable_cached(&r.replica, &mut live)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn recoverable_cached(
+        &self,
+        replica: &str,
+        seen: &mut std::collections::HashMap<String, bool>,
+    ) -> Result<bool> {
+        if let Some(&r) = seen.get(replica) {
+            return Ok(r);
+        }
+        let r = self.recoverable(replica)?;
+        seen.insert(replica.to_owned(), r);
+        Ok(r)
     }
 
     // ---- DICOM studies and instances ----------------------------------------
@@ -215,6 +262,17 @@ impl Vault {
             ctx.update(p.as_bytes());
         }
         format!("{kind}:{}", hex::encode(ctx.sign().as_ref()))
+    }
+
+    /// The id an index entry names.
+    fn index_value(&self, k: &str) -> Result<Option<String>> {
+        self.backend
+            .get(Tbl::Index, k)?
+            .map(|v| {
+                String::from_utf8(v)
+                    .map_err(|_| GatewayError::Vault(format!("index entry {k} is not text")))
+            })
+            .transpose()
     }
 
     fn study_index(&self, owner: &str, patient_id: &str, study_uid: &str) -> String {
@@ -237,11 +295,7 @@ impl Vault {
         study_uid: &str,
     ) -> Result<Option<StudyRecord>> {
         let k = self.study_index(owner, patient_id, study_uid);
-        let id = {
-            let txn = self.db.begin_read()?;
-            let t = txn.open_table(INDEX)?;
-            t.get(k.as_str())?.map(|v| v.value().to_owned())
-        };
+        let id = self.index_value(&k)?;
         match id {
             Some(id) => Ok(self
                 .get(&id)?
@@ -269,12 +323,7 @@ impl Vault {
             .map(|(_, v)| v.as_str())
             .unwrap_or("");
         let k = self.study_index(&rec.owner, patient_id, &rec.dicom_study_uid);
-        let still_ours = {
-            let txn = self.db.begin_read()?;
-            let t = txn.open_table(INDEX)?;
-            t.get(k.as_str())?
-                .is_some_and(|v| v.value() == rec.study_id)
-        };
+        let still_ours = self.index_value(&k)?.is_some_and(|v| v == rec.study_id);
         let mut w = vec![Write::Remove(Tbl::Studies, rec.study_id.clone())];
         if still_ours {
             w.push(Write::Remove(Tbl::Index, k));
@@ -328,38 +377,26 @@ impl Vault {
 
     /// The instance of a study holding this SOP Instance UID, any state.
     pub fn instance_by_sop(&self, study_id: &str, sop_uid: &str) -> Result<Option<InstanceRecord>> {
-        let txn = self.db.begin_read()?;
-        let idx = txn.open_table(INDEX)?;
-        let Some(id) = idx.get(self.sop_index(study_id, sop_uid).as_str())? else {
+        let Some(id) = self.index_value(&self.sop_index(study_id, sop_uid))? else {
             return Ok(None);
         };
-        let key = format!("{study_id}/{}", id.value());
-        let t = txn.open_table(INSTANCES)?;
-        match t.get(key.as_str())? {
-            Some(v) => Ok(Some(self.open_with(
-                &key,
-                Self::instance_aad(&key),
-                v.value(),
-            )?)),
+        let key = format!("{study_id}/{id}");
+        match self.backend.get(Tbl::Instances, &key)? {
+            Some(v) => Ok(Some(self.open_with(&key, Self::instance_aad(&key), &v)?)),
             None => Ok(None),
         }
     }
 
     /// Every instance record of a study (any state), in store order.
     pub fn instances(&self, study_id: &str) -> Result<Vec<InstanceRecord>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(INSTANCES)?;
         // '0' is the character after '/'.
         let (from, to) = (format!("{study_id}/"), format!("{study_id}0"));
         let mut out = Vec::new();
-        for item in t.range(from.as_str()..to.as_str())? {
-            let (k, v) = item?;
-            let rec: InstanceRecord =
-                self.open_with(k.value(), Self::instance_aad(k.value()), v.value())?;
-            if rec.key() != k.value() {
+        for (k, v) in self.backend.range(Tbl::Instances, &from, Some(&to))? {
+            let rec: InstanceRecord = self.open_with(&k, Self::instance_aad(&k), &v)?;
+            if rec.key() != k {
                 return Err(GatewayError::Vault(format!(
-                    "record {} names another instance",
-                    k.value()
+                    "record {k} names another instance"
                 )));
             }
             out.push(rec);
@@ -370,13 +407,9 @@ impl Vault {
 
     /// Instances left pending (by a crash), for the start-up sweep.
     pub fn unfinished_instances(&self) -> Result<Vec<InstanceRecord>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(INSTANCES)?;
         let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            let rec: InstanceRecord =
-                self.open_with(k.value(), Self::instance_aad(k.value()), v.value())?;
+        for (k, v) in self.backend.range(Tbl::Instances, "", None)? {
+            let rec: InstanceRecord = self.open_with(&k, Self::instance_aad(&k), &v)?;
             if rec.state != StudyState::Committed {
                 out.push(rec);
             }
@@ -386,12 +419,9 @@ impl Vault {
 
     /// The ids of every committed study, in key order (for scrub and repair).
     pub fn committed_ids(&self) -> Result<Vec<String>> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(STUDIES)?;
         let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            let rec = self.open_record(k.value(), v.value())?;
+        for (k, v) in self.backend.range(Tbl::Studies, "", None)? {
+            let rec = self.open_record(&k, &v)?;
             if rec.state == StudyState::Committed {
                 out.push(rec.study_id);
             }
@@ -402,22 +432,54 @@ impl Vault {
     /// Number of study records (committed, and any being stored or
     /// deleted right now): one table length, cheap enough for `/metrics`.
     pub fn count_studies(&self) -> Result<u64> {
-        let txn = self.db.begin_read()?;
-        Ok(txn.open_table(STUDIES)?.len()?)
+        self.backend.len(Tbl::Studies)
     }
 
     /// Number of committed studies.
     pub fn count_committed(&self) -> Result<usize> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(STUDIES)?;
         let mut n = 0;
-        for item in t.iter()? {
-            let (k, v) = item?;
-            if self.open_record(k.value(), v.value())?.state == StudyState::Committed {
+        for (k, v) in self.backend.range(Tbl::Studies, "", None)? {
+            if self.open_record(&k, &v)?.state == StudyState::Committed {
                 n += 1;
             }
         }
         Ok(n)
+    }
+}
+
+impl Vault {
+    /// Copies every row, sealed as stored, into the new owner-only redb
+    /// file `out` (the backup of a PostgreSQL vault, restorable with
+    /// `gateway vault-restore` into a redb vault), then opens every record
+    /// of the copy under the vault key. Never overwrites `out`.
+    pub fn export_redb(&self, out: &Path) -> Result<VaultCounts> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .map_err(|e| GatewayError::Vault(format!("{}: {e}", out.display())))?;
+        let db = redb::Database::create(out)?;
+        let w = db.begin_write()?;
+        {
+            let mut studies = w.open_table(STUDIES)?;
+            for (k, v) in self.backend.range(Tbl::Studies, "", None)? {
+                studies.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut instances = w.open_table(INSTANCES)?;
+            for (k, v) in self.backend.range(Tbl::Instances, "", None)? {
+                instances.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut index = w.open_table(INDEX)?;
+            for (k, v) in self.backend.range(Tbl::Index, "", None)? {
+                let v = String::from_utf8(v)
+                    .map_err(|_| GatewayError::Vault(format!("index entry {k} is not text")))?;
+                index.insert(k.as_str(), v.as_str())?;
+            }
+        }
+        w.commit()?;
+        check_sealed_with(&db, &self.key)
     }
 }
 
@@ -455,7 +517,10 @@ pub struct VaultCounts {
 /// Opens every record of a vault database under `key` (the AEAD tag, the
 /// id it is bound to, the id it names): what a restore accepts.
 pub(crate) fn check_sealed(db: &impl ReadableDatabase, key: &[u8; 32]) -> Result<VaultCounts> {
-    let vk = VaultKey::new(key)?;
+    check_sealed_with(db, &VaultKey::new(key)?)
+}
+
+fn check_sealed_with(db: &impl ReadableDatabase, vk: &VaultKey) -> Result<VaultCounts> {
     let r = db.begin_read()?;
     let studies = r.open_table(STUDIES)?;
     let instances = r.open_table(INSTANCES)?;
@@ -466,7 +531,7 @@ pub(crate) fn check_sealed(db: &impl ReadableDatabase, key: &[u8; 32]) -> Result
     };
     for item in studies.iter()? {
         let (k, v) = item?;
-        let rec: StudyRecord = open_sealed(&vk, k.value(), study_aad(k.value()), v.value())?;
+        let rec: StudyRecord = open_sealed(vk, k.value(), study_aad(k.value()), v.value())?;
         if rec.study_id != k.value() {
             return Err(GatewayError::Vault(format!(
                 "record {} names another study",
@@ -477,7 +542,7 @@ pub(crate) fn check_sealed(db: &impl ReadableDatabase, key: &[u8; 32]) -> Result
     }
     for item in instances.iter()? {
         let (k, v) = item?;
-        let rec: InstanceRecord = open_sealed(&vk, k.value(), instance_aad(k.value()), v.value())?;
+        let rec: InstanceRecord = open_sealed(vk, k.value(), instance_aad(k.value()), v.value())?;
         if rec.key() != k.value() {
             return Err(GatewayError::Vault(format!(
                 "record {} names another instance",
@@ -516,6 +581,7 @@ mod tests {
             placements: vec![],
             created_unix: 1,
             dicom_study_uid: String::new(),
+            replica: String::new(),
         }
     }
 

@@ -115,6 +115,12 @@ pub struct StudyRecord {
     /// unused).
     #[serde(default)]
     pub dicom_study_uid: String,
+    /// The gateway replica that last wrote this record unfinished
+    /// (pending or deleting): another replica's recovery leaves it alone
+    /// while that replica's lease is live. Empty in records from before
+    /// replicas (one gateway).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
 }
 
 impl StudyRecord {
@@ -158,6 +164,12 @@ pub struct InstanceRecord {
     /// name and ID and the SOP Instance UID are known).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub indexed: Vec<((u16, u16), String)>,
+    /// The gateway replica that last wrote this record unfinished
+    /// (pending or deleting): another replica's recovery leaves it alone
+    /// while that replica's lease is live. Empty in records from before
+    /// replicas (one gateway).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
 }
 
 impl InstanceRecord {

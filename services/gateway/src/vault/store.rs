@@ -1,4 +1,4 @@
-//! The vault's redb file: its tables, and the single writer thread that
+//! The vault's tables and ops, and the redb file's single writer thread that
 //! folds every change waiting into one durable transaction (group commit)
 //! and answers each caller after the commit.
 

@@ -327,6 +327,7 @@ pub fn break_glass(a: BreakGlassArgs) -> Result<()> {
                 attributes,
                 purpose: a.key_purpose.clone(),
                 reason: a.reason.clone(),
+                on_behalf_of: String::new(),
             }))
             .await
             .map_err(|s| status_error("break glass", &s))?

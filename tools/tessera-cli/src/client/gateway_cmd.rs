@@ -54,6 +54,14 @@ pub struct RequestKeyArgs {
     /// Why you need it (the owner sees it).
     #[arg(long, default_value = "")]
     pub why: String,
+    /// Access purpose (treatment, research, ...; default: the keyserver's).
+    /// A standing approval of the owner for it approves at once.
+    #[arg(long, default_value = "")]
+    pub purpose: String,
+    /// Emergency access now (break-glass), with this written reason; needs
+    /// the `emergency` permission; the owner is told and reviews it.
+    #[arg(long, value_name = "REASON")]
+    pub break_glass: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
@@ -326,6 +334,8 @@ pub fn request_key(a: RequestKeyArgs) -> Result<()> {
             .request_access(a.conn.request(pb::RequestAccessRequest {
                 study_handle: a.study.clone(),
                 justification: a.why.clone(),
+                access_purpose: a.purpose.clone(),
+                break_glass_reason: a.break_glass.clone().unwrap_or_default(),
             }))
             .await
             .map_err(|s| status_error("request key", &s))?
@@ -334,12 +344,26 @@ pub fn request_key(a: RequestKeyArgs) -> Result<()> {
             .ok_or_else(|| anyhow!("request key: the gateway answered without a request"))?;
         let value = super::requests_view::request_json(&r);
         a.out.emit(&value, || {
-            println!(
-                "requested: {} (study {}, {}); the owner must approve it",
-                r.request_id,
-                r.study_id,
-                super::requests_view::state_name(r.state)
-            );
+            let state = super::requests_view::state_name(r.state);
+            if a.break_glass.is_some() {
+                println!(
+                    "BREAK-GLASS {}: study {} open for {} use(s) until {}; the owner is told and will review it",
+                    r.request_id,
+                    r.study_id,
+                    r.uses_left,
+                    super::utc(r.expires_at_unix)
+                );
+            } else if r.state == kpb::RequestState::Approved as i32 {
+                println!(
+                    "requested: {} (study {}, approved at once by standing approval {})",
+                    r.request_id, r.study_id, r.standing_approval
+                );
+            } else {
+                println!(
+                    "requested: {} (study {}, {state}); the owner must approve it",
+                    r.request_id, r.study_id
+                );
+            }
         })
     })
 }

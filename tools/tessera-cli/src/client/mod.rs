@@ -27,6 +27,7 @@ pub mod gateway_cmd;
 pub mod keyserver_cmd;
 pub mod repair_cmd;
 pub mod requests_view;
+pub mod webhook_cmd;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -4,8 +4,10 @@
 //! * [`matrix`]: every RPC as every kind of caller against the matrix;
 //! * [`trust`]: ownership, delegation, Verify, tampered retrieve, share relay;
 //! * [`durability`]: erasure coding, node loss, corrupt fragments, repair;
-//! * [`ops`]: admin listeners: metrics move with traffic, live and ready.
+//! * [`ops`]: admin listeners: metrics move with traffic, live and ready;
+//! * [`access`]: purposes, standing approvals and break-glass through the gateway.
 
+mod access;
 mod durability;
 mod matrix;
 mod ops;

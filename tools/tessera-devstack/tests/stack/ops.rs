@@ -97,6 +97,7 @@ async fn admin_listeners_serve_metrics_live_and_ready() {
         .request_access(pb::RequestAccessRequest {
             study_handle: stored.study_handle.clone(),
             justification: "ops gauge".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -191,6 +191,7 @@ impl GatewayService {
             placements: Vec::new(),
             created_unix: now_unix(),
             dicom_study_uid: subject.study_instance_uid.clone(),
+            replica: self.inner.vault.replica().to_owned(),
         };
         let r = rec.clone();
         with_vault(&self.inner.vault, move |v| v.insert_new(&r)).await?;
@@ -351,6 +352,7 @@ impl GatewayService {
             created_unix: now_unix(),
             burned_in_annotation: split.subject.burned_in_annotation,
             indexed: split.subject.indexed.clone(),
+            replica: self.inner.vault.replica().to_owned(),
         };
         // The intent record commits while the objects are prepared.
         let intent = {
