@@ -5,8 +5,8 @@
 # enabled), proves that lint rejects bad values, renders it offline
 # (helm-python-sdk) and checks the manifests (N storage nodes in the gateway
 # config, the identity every upstream must present and the call timeouts,
-# security context, probes, volumes, Secrets, [dicom.scp] with its
-# container port and Service gateway-dicom only when enabled), then starts the
+# security context, probes, volumes, Secrets, [dicom.scp] and [dicomweb] with their
+# container ports and Services only when enabled), then starts the
 # real binaries on the rendered configs (paths and listen addresses overridden
 # by environment) so the deny_unknown_fields configs are proven to load (the
 # gateway with the SCP answers C-ECHO with the rendered AE titles), and checks
@@ -53,7 +53,8 @@ cat >"$E2E_TMP/dicom.json" <<JSON
     "maxAssociations": 8, "idleTimeoutSecs": 30,
     "service": {"type": "LoadBalancer",
                 "annotations": {"networking.gke.io/load-balancer-type": "Internal"},
-                "loadBalancerSourceRanges": ["10.20.0.0/16"]}}}}
+                "loadBalancerSourceRanges": ["10.20.0.0/16"]}}},
+              "dicomweb": {"enabled": true, "port": 8444, "maxRequestBytes": 1048576}}
 }
 JSON
 
@@ -107,6 +108,12 @@ check "render refuses a DICOM owner outside access.trustDomain" \
   render_rejects "$(scp_json "$AES, \"owner\": \"spiffe://other.org/user/owner\"")" "gateway.dicom.scp.owner"
 check "render refuses the DICOM SCP on the gRPC port" \
   render_rejects "$(scp_json "$AES, $OWNER, \"port\": 7700")" "gateway.dicom.scp.port 7700 is gateway.port"
+check "render refuses DICOMweb on the gRPC port" \
+  render_rejects '{"gateway": {"dicomweb": {"enabled": true, "port": 7700}}}' "gateway.dicomweb.port 7700 is gateway.port"
+check "render refuses DICOMweb on the DICOM SCP's port" \
+  render_rejects "{\"gateway\": {\"dicom\": {\"scp\": {\"enabled\": true, $AES, $OWNER}}, \"dicomweb\": {\"enabled\": true, \"port\": 11112}}}" \
+  "gateway.dicomweb.port 11112 is gateway.dicom.scp.port"
+check "lint rejects a zero dicomweb.maxRequestBytes" lint_rejects '{"gateway": {"dicomweb": {"maxRequestBytes": 0}}}'
 check "render refuses loadBalancerSourceRanges on a ClusterIP DICOM Service" \
   render_rejects "$(scp_json "$AES, $OWNER, \"service\": {\"loadBalancerSourceRanges\": [\"10.0.0.0/8\"]}")" \
   "loadBalancerSourceRanges applies to service.type LoadBalancer only"
@@ -128,7 +135,8 @@ cat >"$E2E_TMP/ops.json" <<JSON
   "metrics": {"podMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "prom"}}},
   "storage": {"replicas": 5, "zones": ["a", "a", "b", "b", "c"],
               "erasure": {"enabled": true, "data": 3, "parity": 2}},
-  "gateway": {"dicom": {"scp": {"enabled": true, "owner": "$DICOM_OWNER", "allowedCallingAEs": ["CT01"]}}}
+  "gateway": {"dicom": {"scp": {"enabled": true, "owner": "$DICOM_OWNER", "allowedCallingAEs": ["CT01"]}},
+              "dicomweb": {"enabled": true}}
 }
 JSON
 # cert-manager issues every service certificate (4 storage nodes).
@@ -193,13 +201,13 @@ for set in default custom dicom ops nopolicy certmanager pgvault; do
   R="$E2E_TMP/r-$set"
   np=on cm=off
   case $set in
-    default) n=3 otlp=none dicom=off ec=off ;;
-    custom) n=5 otlp=$OTLP dicom=off ec=3+2/cloud-a,cloud-a,cloud-b,cloud-b,cloud-c ;;
-    dicom) n=3 otlp=none dicom=on ec=off ;;
-    ops) n=5 otlp=none dicom=on ec=3+2/a,a,b,b,c ;;
-    nopolicy) n=3 otlp=none dicom=off ec=off np=off ;;
-    certmanager) n=4 otlp=none dicom=off ec=off cm=on ;;
-    pgvault) n=3 otlp=none dicom=off ec=off ;;
+    default) n=3 otlp=none dicom=off web=off ec=off ;;
+    custom) n=5 otlp=$OTLP dicom=off web=off ec=3+2/cloud-a,cloud-a,cloud-b,cloud-b,cloud-c ;;
+    dicom) n=3 otlp=none dicom=on web=on ec=off ;;
+    ops) n=5 otlp=none dicom=on web=on ec=3+2/a,a,b,b,c ;;
+    nopolicy) n=3 otlp=none dicom=off web=off ec=off np=off ;;
+    certmanager) n=4 otlp=none dicom=off web=off ec=off cm=on ;;
+    pgvault) n=3 otlp=none dicom=off web=off ec=off ;;
   esac
   check "$set: every manifest valid against the Kubernetes $(hc k8s-version) OpenAPI schemas (strict)" \
     hc check schemas "$R"
@@ -220,6 +228,8 @@ for set in default custom dicom ops nopolicy certmanager pgvault; do
   check "$set: NOTES.txt shows grpcurl health and list" hc check notes "$R"
   check "$set: [dicom] from values; [dicom.scp], container port and Service dicom, NOTES echoscu: $dicom" \
     hc check dicom "$R" "$dicom"
+  check "$set: [dicomweb], its container port and Service gateway port dicomweb: $web" \
+    hc check dicomweb "$R" "$web"
 done
 
 # --- the real binaries load the rendered (default) configs ---
@@ -364,10 +374,18 @@ if [ -x "$TESSERA_BIN_DIR/gateway" ]; then
   SERVICE_ADDR=
   run_rendered "gateway (DICOM SCP values)" gateway "$DCFG" tessera.gateway.v1.Gateway \
     TESSERA_GATEWAY__SERVER__LISTEN=127.0.0.1:0 TESSERA_GATEWAY__ADMIN__LISTEN=127.0.0.1:0 "${dgw_env[@]}" \
-    TESSERA_GATEWAY__DICOM__SCP__LISTEN=127.0.0.1:0
+    TESSERA_GATEWAY__DICOM__SCP__LISTEN=127.0.0.1:0 TESSERA_GATEWAY__DICOMWEB__LISTEN=127.0.0.1:0
   DGW_OUT="$E2E_TMP/gateway.$((${#E2E_PIDS[@]} - 1)).out"
   DICOM_ADDR=$(sed -n 's/^dicom_listening=//p' "$DGW_OUT" 2>/dev/null | head -n 1)
   check "gateway (DICOM SCP values) prints dicom_listening=ADDR (${DICOM_ADDR:-none})" test -n "$DICOM_ADDR"
+  WEB_ADDR=$(sed -n 's/^dicomweb_listening=//p' "$DGW_OUT" 2>/dev/null | head -n 1)
+  check "gateway (DICOM values) serves the rendered [dicomweb]: dicomweb_listening=ADDR (${WEB_ADDR:-none})" test -n "$WEB_ADDR"
+  web_status() { # web_status WHO: the HTTP status of QIDO-RS /studies as WHO over mutual TLS
+    curl -sS -o /dev/null -w '%{http_code}' --max-time 20 --cacert "$PKI/ca.crt" \
+      --cert "$PKI/$1.crt" --key "$PKI/$1.key" "https://${WEB_ADDR:-127.0.0.1:1}/studies"
+  }
+  check "DICOMweb of the rendered config answers QIDO-RS over mutual TLS (owner: 200)" out_has "^200$" web_status owner
+  check "DICOMweb of the rendered config: an identity without a role gets 403" out_has "^403$" web_status outsider
   DICOM_ADDR=${DICOM_ADDR:-127.0.0.1:1}
   mapfile -t scp_aes < <(hc gateway-scp "$E2E_TMP/r-dicom")
   echo_as() { # echo_as CALLED CALLING: pynetdicom's echoscu against the SCP

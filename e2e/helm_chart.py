@@ -164,8 +164,12 @@ class Rendered:
     def service_port(self, name: str) -> int:
         svc = self.get("Service", name)
         ports = svc["spec"]["ports"]
-        assert len(ports) == 1 and ports[0]["name"] == "grpc", f"Service {name}: one port named grpc"
-        return int(ports[0]["port"])
+        grpc = [p for p in ports if p["name"] == "grpc"]
+        # The gateway's second port, DICOMweb (check_dicomweb), when enabled.
+        others = [p["name"] for p in ports if p["name"] != "grpc"]
+        assert len(grpc) == 1 and others in ([], ["dicomweb"]) and (not others or name == "gateway"), \
+            f"Service {name}: one port named grpc (and the gateway's dicomweb), not {[p['name'] for p in ports]}"
+        return int(grpc[0]["port"])
 
     def config_of(self, workload: dict) -> tuple[str, dict]:
         """(configmap name, parsed TOML) mounted by a workload."""
@@ -482,7 +486,9 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     main = main_container(dep)
     ports = {p["name"]: p for p in main["ports"]}
     grpc_svc = r.get("Service", "gateway")
-    assert [p["name"] for p in grpc_svc["spec"]["ports"]] == ["grpc"], "Service gateway: its one port is grpc"
+    assert [p["name"] for p in grpc_svc["spec"]["ports"] if p["name"] != "dicomweb"] == ["grpc"], \
+        "Service gateway: grpc (and dicomweb) only"
+    ports.pop("dicomweb", None)  # check_dicomweb's
     dicom_ports = [(s["metadata"]["name"], p) for s in r.of_kind("Service") for p in s["spec"]["ports"] if p["name"] == "dicom"]
     if arg == "off":
         assert set(gw["dicom"]) == {"temporal"}, f"[dicom] has {sorted(gw['dicom'])} with the SCP disabled"
@@ -527,6 +533,27 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     assert argv[-2:] == ["localhost", str(scp["port"])], f"NOTES.txt echoscu peer {argv[-2:]}"
     fwd = f"port-forward svc/gateway-dicom {scp['port']}:{scp['port']}"
     assert fwd in r.notes, f"NOTES.txt lacks {fwd!r}"
+
+
+def check_dicomweb(r: Rendered, arg: str | None) -> None:
+    """gateway.dicomweb: [dicomweb] + container port + port `dicomweb` of
+    Service gateway exactly when enabled (ARG: on / off)."""
+    assert arg in ("on", "off"), f"dicomweb check: ARG is on or off, not {arg!r}"
+    w = r.values["gateway"]["dicomweb"]
+    assert w["enabled"] is (arg == "on"), f"values: gateway.dicomweb.enabled is {w['enabled']}"
+    gw = r.configs["gateway-config"]
+    ports = {p["name"]: p for p in main_container(r.get("Deployment", "gateway"))["ports"]}
+    svc_ports = {p["name"]: p for p in r.get("Service", "gateway")["spec"]["ports"]}
+    assert ("DICOMweb" in r.notes) is (arg == "on"), f"NOTES.txt and gateway.dicomweb.enabled ({arg}) disagree"
+    if arg == "off":
+        assert "dicomweb" not in gw, "[dicomweb] rendered while disabled"
+        assert "dicomweb" not in ports and "dicomweb" not in svc_ports, "a dicomweb port while disabled"
+        return
+    want = {"listen": f"{r.values['server']['listenHost']}:{w['port']}", "max_request_bytes": w["maxRequestBytes"]}
+    assert gw["dicomweb"] == want, f"[dicomweb] {gw['dicomweb']} != {want}"
+    assert ports["dicomweb"]["containerPort"] == w["port"], f"container port dicomweb {ports['dicomweb']}"
+    p = svc_ports["dicomweb"]
+    assert (p["port"], p["targetPort"], p.get("appProtocol")) == (w["port"], "dicomweb", "https"), f"Service gateway port {p}"
 
 
 def check_checksums(r: Rendered, _arg: str | None) -> None:
@@ -639,6 +666,10 @@ def check_network_policies(r: Rendered, arg: str | None) -> None:
                 by_port.setdefault(int(p["port"]), set()).update(peers_of(rule))
         got = by_port.pop(port, set())
         assert got == want[comp], f"{comp} gRPC port {port}: from {sorted(got)}, expected {sorted(want[comp])}"
+        web = v["gateway"].get("dicomweb", {})
+        if comp == "gateway" and web.get("enabled"):
+            got = by_port.pop(int(web["port"]), set())
+            assert got == users, f"DICOMweb port {web['port']}: from {sorted(got)}, expected {sorted(users)}"
         got = by_port.pop(admin, set())
         assert got == admin_from, f"{comp} admin port: from {sorted(got)}"
         if comp == "gateway" and scp.get("enabled") and np["dicomCIDRs"]:
@@ -716,6 +747,7 @@ CHECKS = {
     "notes": check_notes,
     "checksums": check_checksums,
     "dicom": check_dicom,
+    "dicomweb": check_dicomweb,
 }
 
 

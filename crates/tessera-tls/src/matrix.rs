@@ -301,6 +301,42 @@ impl Policy {
 
 /// The matrix as the Markdown table `docs/SECURITY.md` carries: one row per
 /// RPC, one column per role, then the handler's rule.
+/// The DICOMweb route groups of the gateway's HTTPS listener (not gRPC:
+/// the gateway checks them itself, with the same role map).
+pub const QIDO_RS: &str =
+    "DICOMweb QIDO-RS: GET /studies, /series, /instances, /studies/{s}/series, …/instances";
+pub const WADO_RS: &str =
+    "DICOMweb WADO-RS: GET /studies/{s}[/series/{se}[/instances/{i}]][/metadata]";
+pub const STOW_RS: &str = "DICOMweb STOW-RS: POST /studies";
+
+/// The DICOMweb rows (rendered below the RPC table).
+pub const DICOMWEB: &[Rule] = &[
+    rule(
+        QIDO_RS,
+        USERS,
+        "answers only about studies the caller owns, is a delegate for or holds a grant on (as C-FIND); de-identified values for roles that may not re-identify",
+    ),
+    rule(
+        WADO_RS,
+        USERS,
+        "a usable grant of the caller on every study selected (X-Tessera-Request names it; one use spent per study, as C-GET); /metadata: as QIDO-RS",
+    ),
+    rule(
+        STOW_RS,
+        &[Owner, Clinician],
+        "as StoreDicom (X-Tessera-Owner: an owner who made the caller a delegate); body bounded by dicomweb.max_request_bytes",
+    ),
+];
+
+/// The roles a DICOMweb route group admits (none for an unknown name:
+/// failing closed).
+pub fn dicomweb_roles(route: &str) -> &'static [Role] {
+    DICOMWEB
+        .iter()
+        .find(|r| r.path == route)
+        .map_or(&[], |r| r.roles)
+}
+
 pub fn render_markdown() -> String {
     let mut out = String::from("| RPC |");
     for r in Role::ALL {
@@ -311,7 +347,7 @@ pub fn render_markdown() -> String {
         out.push_str(":-:|");
     }
     out.push_str("---|\n");
-    for rule in MATRIX {
+    for rule in MATRIX.iter().chain(DICOMWEB) {
         let short = rule.path.trim_start_matches("/tessera.");
         out.push_str(&format!("| `{short}` |"));
         for r in Role::ALL {

@@ -106,6 +106,20 @@ impl ServerTls {
         self.config.clone()
     }
 
+    /// The same server for HTTP/1.1 clients (the gateway's DICOMweb
+    /// listener): ALPN `http/1.1`, everything else unchanged (the same
+    /// source: it follows the files as this one does).
+    pub fn for_http1(&self) -> Self {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            config: Arc::new(config),
+            identity: self.identity.clone(),
+            trust_domain: self.trust_domain.clone(),
+            source: self.source.clone(),
+        }
+    }
+
     /// Who this server is (its certificate's URI SAN).
     pub fn identity(&self) -> &Identity {
         &self.identity

@@ -113,6 +113,18 @@ certificate must carry is <name>). Call with (list "keyserver" 7400). */}}
 {{- fail (printf "gateway.dicom.scp.port %d is gateway.port: use another port" ($scp.port | int)) -}}
 {{- end -}}
 {{- end -}}
+{{- $web := (.Values.gateway.dicomweb | default dict) -}}
+{{- if $web.enabled -}}
+{{- if eq ($web.port | int) (.Values.gateway.port | int) -}}
+{{- fail (printf "gateway.dicomweb.port %d is gateway.port: use another port" ($web.port | int)) -}}
+{{- end -}}
+{{- if and $scp.enabled (eq ($web.port | int) ($scp.port | int)) -}}
+{{- fail (printf "gateway.dicomweb.port %d is gateway.dicom.scp.port: use another port" ($web.port | int)) -}}
+{{- end -}}
+{{- if eq ($web.port | int) (.Values.admin.port | int) -}}
+{{- fail (printf "gateway.dicomweb.port %d is admin.port: use another port" ($web.port | int)) -}}
+{{- end -}}
+{{- end -}}
 {{- end }}
 
 {{/*
@@ -238,6 +250,15 @@ allowed_calling_aes = {{ include "tessera.tomlStrings" .allowedCallingAEs }}
 owner = {{ .owner | toJson }}
 max_associations = {{ .maxAssociations | int64 }}
 idle_timeout_secs = {{ .idleTimeoutSecs | int64 }}
+{{- end }}
+{{- end }}
+{{- with $v.gateway.dicomweb }}
+{{- if .enabled }}
+
+# DICOMweb over mutual TLS (the [server.tls] certificate and CA).
+[dicomweb]
+listen = {{ printf "%s:%d" $v.server.listenHost (.port | int) | toJson }}
+max_request_bytes = {{ .maxRequestBytes | int64 }}
 {{- end }}
 {{- end }}
 

@@ -56,6 +56,8 @@ pub enum AppError {
     Vault(GatewayError),
     #[error("DICOM SCP: {0}")]
     Scp(std::io::Error),
+    #[error("DICOMweb: {0}")]
+    DicomWeb(std::io::Error),
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -85,6 +87,7 @@ pub struct App {
     erasure: Option<crate::config::ErasureSection>,
     admin: Option<AdminConfig>,
     readiness: Readiness,
+    dicomweb: Option<crate::config::DicomWebSection>,
 }
 
 /// The C-STORE SCP while it serves.
@@ -98,6 +101,7 @@ struct RunningScp {
 pub struct RunningApp {
     server: RunningServer,
     scp: Option<RunningScp>,
+    dicomweb: Option<crate::dicomweb::RunningDicomWeb>,
     /// The background repairer (with `[erasure]` and an interval).
     repairer: Option<tokio::task::JoinHandle<()>>,
     /// The lease renewal of a shared (PostgreSQL) vault.
@@ -146,6 +150,7 @@ impl App {
             max_image_bytes: g.max_image_bytes,
             admin: config.admin.clone(),
             readiness,
+            dicomweb: config.dicomweb.clone(),
         })
     }
 
@@ -183,10 +188,34 @@ impl App {
             }
             None => None,
         };
+        let dicomweb = match &self.dicomweb {
+            Some(w) => {
+                let tls = tessera_tls::ServerTls::from_files(
+                    &self.server.tls,
+                    &self.server.access.trust_domain,
+                )?;
+                Some(
+                    crate::dicomweb::spawn(
+                        w.listen,
+                        &tls,
+                        self.server.tls_reload(),
+                        self.service.clone(),
+                        self.scp_roles.clone(),
+                        w.max_request_bytes,
+                    )
+                    .await
+                    .map_err(AppError::DicomWeb)?,
+                )
+            }
+            None => None,
+        };
         let server = GrpcServer::new(&self.server, policy())?
             .with_admin(self.admin.as_ref())
             .with_readiness(self.readiness);
         register_metrics(&server.metrics(), &self.service);
+        if let Some(web) = &dicomweb {
+            register_dicomweb_metrics(&server.metrics(), web.refusals());
+        }
         let server = server
             .add_service(self.service.into_server())
             .spawn()
@@ -212,6 +241,7 @@ impl App {
         Ok(RunningApp {
             server,
             scp,
+            dicomweb,
             repairer,
             heartbeat,
         })
@@ -233,8 +263,16 @@ impl RunningApp {
         self.scp.as_ref().map(|s| s.addr)
     }
 
+    /// Where DICOMweb (HTTPS, mutual TLS) listens, when configured.
+    pub fn dicomweb_addr(&self) -> Option<SocketAddr> {
+        self.dicomweb.as_ref().map(|w| w.addr)
+    }
+
     /// Stops accepting and drains for at most `grace` (the SCP first).
     pub async fn shutdown(self, grace: Duration) {
+        if let Some(w) = self.dicomweb {
+            w.stop().await;
+        }
         for r in [self.repairer, self.heartbeat].into_iter().flatten() {
             r.abort();
             let _ = r.await;
@@ -288,6 +326,21 @@ fn readiness(up: Upstreams, keyserver: Channel, config: &Config) -> Readiness {
             Ok(())
         })
     })
+}
+
+/// The DICOMweb listener's refusals.
+fn register_dicomweb_metrics(metrics: &Metrics, refusals: Arc<crate::dicomweb::Refusals>) {
+    let r = refusals.clone();
+    metrics.counter_fn(
+        "dicomweb_forbidden",
+        "DICOMweb requests answered 401 or 403 (no role for the route, no grant, not the owner)",
+        move || r.forbidden.load(Relaxed),
+    );
+    metrics.counter_fn(
+        "dicomweb_too_large",
+        "STOW-RS requests answered 413 (over dicomweb.max_request_bytes)",
+        move || refusals.too_large.load(Relaxed),
+    );
 }
 
 /// The gateway's own counters, read at scrape time from the RPC layer's.

@@ -10,6 +10,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod dicomweb;
 pub mod durability;
 pub mod envelope;
 pub mod error;

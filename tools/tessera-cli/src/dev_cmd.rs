@@ -11,8 +11,8 @@ use tessera_devstack::{DevOptions, DevStack};
 #[derive(Subcommand, Debug)]
 pub enum DevCmd {
     /// Start every service (keyserver, storage nodes, watermark,
-    /// segmentation, gateway and the gateway's DICOM C-STORE SCP, AE title
-    /// TESSERA on P+4) in this process until Ctrl-C.
+    /// segmentation, gateway, the gateway's DICOM C-STORE SCP, AE title
+    /// TESSERA on P+4, and its DICOMweb on P+5) in this process until Ctrl-C.
     Up(UpArgs),
     /// Play a dishonest cloud in a dev suite: change one byte of a stored
     /// object on a storage node (connecting as DIR/pki/gateway, the only
@@ -45,8 +45,8 @@ pub struct UpArgs {
     #[arg(long, default_value = ".tessera")]
     pub dir: PathBuf,
     /// First port: keyserver = P, watermark = P+1, segmentation = P+2,
-    /// gateway = P+3, DICOM C-STORE SCP = P+4, storage-N = P+10+N. 0 lets
-    /// the OS choose free ports.
+    /// gateway = P+3, DICOM C-STORE SCP = P+4, DICOMweb = P+5,
+    /// storage-N = P+10+N. 0 lets the OS choose free ports.
     #[arg(long, default_value_t = 7400)]
     pub base_port: u16,
     /// Number of storage nodes, each its own zone (zone-a, zone-b, ...;

@@ -352,6 +352,22 @@ async fn check_dicom(addr: &str, timeout: Duration) -> (Level, String) {
     }
 }
 
+/// The DICOMweb listener: TCP reachability only (its HTTPS handshake is
+/// the gRPC listener's certificate and CA, checked on `gateway`).
+async fn check_dicomweb(addr: &str, timeout: Duration) -> (Level, String) {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => (
+            Level::Ok,
+            format!("{addr}: accepts connections (DICOMweb, HTTPS with mutual TLS)"),
+        ),
+        Ok(Err(e)) => (Level::Fail, format!("{addr}: {e}")),
+        Err(_) => (
+            Level::Fail,
+            format!("{addr}: no connection within {}s", timeout.as_secs()),
+        ),
+    }
+}
+
 async fn check_endpoints(a: &DoctorArgs, checks: &mut Checks) {
     let file = a.dir.join(ENDPOINTS_FILE);
     if !file.is_file() {
@@ -401,6 +417,8 @@ async fn check_endpoints(a: &DoctorArgs, checks: &mut Checks) {
     for (name, addr) in &endpoints.endpoints {
         let (level, detail) = if name == "dicom" {
             check_dicom(addr, timeout).await
+        } else if name == "dicomweb" {
+            check_dicomweb(addr, timeout).await
         } else if let Some(api) = api_of(name) {
             let expected = endpoints
                 .identity(name)

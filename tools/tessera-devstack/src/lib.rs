@@ -217,6 +217,7 @@ pub struct DevStack {
     storage_configs: BTreeMap<String, storage_node::Config>,
     gateway_config: Option<gateway_service::Config>,
     dicom_addr: Option<SocketAddr>,
+    dicomweb_addr: Option<SocketAddr>,
 }
 
 /// The AE title of the dev gateway's C-STORE SCP.
@@ -349,6 +350,7 @@ impl DevStack {
             storage_configs: BTreeMap::new(),
             gateway_config: None,
             dicom_addr: None,
+            dicomweb_addr: None,
         };
         let base = opts.base_port;
         let r = stack
@@ -490,6 +492,12 @@ impl DevStack {
             listen(base, 4),
             DICOM_CALLING_AES,
         ));
+        // DICOMweb (HTTPS, mutual TLS with the suite's certificates); its
+        // STOW-RS bound from TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES, if set.
+        text.push_str(&format!("[dicomweb]\nlisten = \"{}\"\n", listen(base, 5)));
+        if let Ok(max) = std::env::var("TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES") {
+            text.push_str(&format!("max_request_bytes = {}\n", max.trim()));
+        }
         // Query/retrieve peers on loopback (and one bound to a network the
         // loopback is not in), and the C-MOVE destination named by
         // TESSERA_DEV_MOVE_DESTINATION=AE=host:port, if set.
@@ -513,6 +521,9 @@ impl DevStack {
         if let (Some(scp), Some(bound)) = (fixed.dicom.scp.as_mut(), self.dicom_addr) {
             scp.listen = bound;
         }
+        if let (Some(w), Some(bound)) = (fixed.dicomweb.as_mut(), self.dicomweb_addr) {
+            w.listen = bound;
+        }
         self.gateway_config = Some(fixed);
         Ok(())
     }
@@ -532,6 +543,12 @@ impl DevStack {
             self.endpoints
                 .endpoints
                 .insert("dicom".into(), local(dicom));
+        }
+        if let Some(web) = app.dicomweb_addr() {
+            self.dicomweb_addr = Some(web);
+            self.endpoints
+                .endpoints
+                .insert("dicomweb".into(), local(web));
         }
         self.add("gateway", local(addr), Running::Gateway(app));
         Ok(addr)

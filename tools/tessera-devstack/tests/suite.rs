@@ -539,7 +539,7 @@ async fn a_restarted_gateway_cleans_up_an_interrupted_store() {
 }
 
 /// A second gateway made from the stack's gateway config with `edit`
-/// applied: its own listener and vault, no DICOM SCP.
+/// applied: its own listener and vault, no DICOM SCP, no DICOMweb.
 async fn side_gateway(
     stack: &DevStack,
     vault: &std::path::Path,
@@ -548,6 +548,7 @@ async fn side_gateway(
     let mut cfg = stack.gateway_config().unwrap().clone();
     cfg.server.listen = "127.0.0.1:0".parse().unwrap();
     cfg.dicom.scp = None;
+    cfg.dicomweb = None;
     cfg.vault.path = vault.to_owned();
     edit(&mut cfg);
     gateway_service::App::build(&cfg)

@@ -1,12 +1,27 @@
 //! The `[dicom]` section: de-identification's temporal option, the C-STORE
 //! SCP, the query/retrieve peers bound to identities and the C-MOVE
-//! destinations, with their checks.
+//! destinations, with their checks; and the `[dicomweb]` section.
 
 use std::collections::BTreeSet;
 
 use serde::Deserialize;
 use tessera_scp::Cidr;
 use tessera_tls::Identity;
+
+/// The `[dicomweb]` section: HTTPS with mutual TLS (the gRPC server's
+/// certificate, CA and role map).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DicomWebSection {
+    pub listen: std::net::SocketAddr,
+    /// Largest STOW-RS request body; larger ones are refused with 413.
+    #[serde(default = "default_dicomweb_request_bytes")]
+    pub max_request_bytes: u64,
+}
+
+fn default_dicomweb_request_bytes() -> u64 {
+    512 << 20
+}
 
 /// Retain Longitudinal Temporal Information (PS3.15 E.3.6) for the
 /// de-identified files researchers receive.

@@ -71,6 +71,9 @@
 //! owner = "spiffe://tessera.local/user/owner"
 //! artim_timeout_secs = 10        # the whole A-ASSOCIATE-RQ within this
 //! # stored_by = "spiffe://tessera.local/service/gateway"   # the default
+//! [dicomweb]               # optional: QIDO-RS, WADO-RS, STOW-RS over mutual TLS
+//! listen = "127.0.0.1:8042" # the [server.tls] certificate and CA; [server.access] roles
+//! max_request_bytes = 536870912   # largest STOW-RS body (413 beyond)
 //! [admin]                  # optional: plain HTTP /metrics, /live, /ready
 //! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
@@ -85,7 +88,8 @@ mod dicom;
 mod vault;
 use dicom::valid_ae;
 pub use dicom::{
-    DicomSection, MoveDestination, PeerSection, ScpSection, TemporalOption, validate_peers,
+    DicomSection, DicomWebSection, MoveDestination, PeerSection, ScpSection, TemporalOption,
+    validate_peers,
 };
 pub use vault::{VaultBackend, VaultSection};
 
@@ -128,6 +132,9 @@ pub struct Config {
     pub dicom: DicomSection,
     #[serde(default)]
     pub erasure: Option<ErasureSection>,
+    /// The DICOMweb listener; absent: none.
+    #[serde(default)]
+    pub dicomweb: Option<DicomWebSection>,
 }
 
 /// A service the gateway calls.
@@ -482,6 +489,11 @@ impl Validate for Config {
                 return Err(format!("erasure.write_quorum must be {}..={n}", e.data));
             }
             tessera_erasure::Scheme::new(e.data, e.parity).map_err(|e| format!("erasure: {e}"))?;
+        }
+        if let Some(w) = &self.dicomweb
+            && !(1..=(16u64 << 30)).contains(&w.max_request_bytes)
+        {
+            return Err("dicomweb.max_request_bytes must be 1..=17179869184".into());
         }
         if let Some(scp) = &self.dicom.scp {
             if !valid_ae(&scp.ae_title) {

@@ -37,6 +37,19 @@ impl GatewayService {
         operation: &str,
         keys: &[(TagPair, String)],
     ) -> Result<RetrievePlan> {
+        self.dicom_retrieve_with(peer, operation, keys, None).await
+    }
+
+    /// As [`Self::dicom_retrieve`]; `request` (DICOMweb's
+    /// `X-Tessera-Request`) names the grant to use instead of the one that
+    /// expires first.
+    pub(crate) async fn dicom_retrieve_with(
+        &self,
+        peer: &DicomPeer,
+        operation: &str,
+        keys: &[(TagPair, String)],
+        request: Option<&str>,
+    ) -> Result<RetrievePlan> {
         let found = self.matching_instances(peer, keys).await?;
         let reidentify = peer
             .roles
@@ -45,7 +58,11 @@ impl GatewayService {
         let mut plan: Vec<(Visible, String, Vec<Seen>)> = Vec::new();
         for (vis, seen) in found {
             let study = vis.study.study_id.clone();
-            let Some(grant) = vis.grants.first() else {
+            let chosen = match request {
+                Some(rid) => vis.grants.iter().find(|g| g.request_id == rid),
+                None => vis.grants.first(),
+            };
+            let Some(grant) = chosen else {
                 let reason = no_grant(&peer.identity, &study);
                 tessera_tls::security::refused("gateway", &peer.identity, operation, &reason);
                 return Err(GatewayError::PermissionDenied(reason));

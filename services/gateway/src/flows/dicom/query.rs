@@ -67,7 +67,7 @@ fn level_key(level: &str) -> Result<TagPair> {
 }
 
 /// The VR a key is matched with.
-fn vr_of(tag: TagPair) -> VR {
+pub(crate) fn vr_of(tag: TagPair) -> VR {
     match tag {
         MODALITIES_IN_STUDY => VR::CS,
         STUDY_SERIES | STUDY_INSTANCES | SERIES_INSTANCES => VR::IS,
