@@ -9,5 +9,5 @@ mod backup;
 mod common;
 mod gateway;
 mod grants;
-mod webhook;
 mod paging;
+mod webhook;

@@ -127,7 +127,9 @@ impl VaultSection {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    // By full path: tools/crate_graph.py reads `super` as this file's
+    // parent (config), which imports this file.
+    use crate::config::vault::*;
 
     fn section(json: &str) -> VaultSection {
         serde_json::from_str(json).unwrap()
