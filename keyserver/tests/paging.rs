@@ -94,6 +94,7 @@ async fn every_list_rpc_pages() {
             attributes: attrs("P-1"),
             purpose: "pixels".into(),
             reason: format!("emergency {i}"),
+            on_behalf_of: String::new(),
         })
         .await
         .unwrap();
