@@ -146,7 +146,7 @@ expect_code() {
     echo "expected $code, the call succeeded: $out"
     return 1
   fi
-  if printf '%s' "$out" | grep -qE "Code: $code|code = $code"; then
+  if grep -qE "Code: $code|code = $code" <<<"$out"; then
     return 0
   fi
   echo "expected $code, got: $out"
@@ -161,8 +161,8 @@ expect_refused() {
     echo "expected a refused connection, the call succeeded: $out"
     return 1
   fi
-  if printf '%s' "$out" | grep -qE "Code: |code = "; then
-    if ! printf '%s' "$out" | grep -qE "Code: Unavailable|code = Unavailable"; then
+  if grep -qE "Code: |code = " <<<"$out"; then
+    if ! grep -qE "Code: Unavailable|code = Unavailable" <<<"$out"; then
       echo "expected a refused connection, got a gRPC answer: $out"
       return 1
     fi

@@ -75,7 +75,7 @@ step "tessera doctor" 0 "  ok    PKI CA          .tessera/pki/ca.crt: valid unti
   "spiffe://tessera.local/service/gateway, serves tessera.gateway.v1.Gateway" \
   "spiffe://tessera.local/service/storage-2, serves tessera.storage.v1.StorageNode" \
   "spiffe://tessera.local/service/storage-5, serves tessera.storage.v1.StorageNode" \
-  "doctor: 14 checks, 0 failed, 0 warning(s)"
+  "doctor: 15 checks, 0 failed, 0 warning(s)"
 
 # --- 4. store ---
 step "tessera store slice.png --as owner --owner owner --attr patient_id=P-1 --attr patient_name='Doe^Jane' --roi 96,40,320,432" 0 \
