@@ -16,15 +16,7 @@ DIR="$E2E_TMP/dev"
 export TESSERA_DIR="$DIR"
 P="$DIR/pki"
 
-"$T" dev up --dir "$DIR" --base-port 0 >"$E2E_TMP/devup.out" 2>"$E2E_TMP/devup.log" &
-DEV_PID=$!
-E2E_PIDS+=("$DEV_PID")
-for _ in $(seq 1 300); do
-  grep -q "Ctrl-C stops" "$E2E_TMP/devup.out" 2>/dev/null && break
-  kill -0 "$DEV_PID" 2>/dev/null || { cat "$E2E_TMP/devup.log" >&2; exit 1; }
-  sleep 0.1
-done
-grep -q "Ctrl-C stops" "$E2E_TMP/devup.out" || { echo "dev up did not come up" >&2; exit 1; }
+dev_up "$DIR"
 
 # name=address for every gRPC service of the suite.
 mapfile -t SERVICES < <(python3 - "$DIR/endpoints.toml" <<'PY'

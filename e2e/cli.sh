@@ -20,14 +20,7 @@ fails_with() { # fails_with PATTERN CMD...: CMD exits non-zero and says PATTERN
 }
 
 # --- dev up: a real process, ports chosen by the OS ---
-"$T" dev up --dir "$DIR" --base-port 0 >"$E2E_TMP/devup.out" 2>"$E2E_TMP/devup.log" &
-DEV_PID=$!
-E2E_PIDS+=("$DEV_PID")
-for _ in $(seq 1 300); do
-  grep -q "Ctrl-C stops" "$E2E_TMP/devup.out" 2>/dev/null && break
-  kill -0 "$DEV_PID" 2>/dev/null || { cat "$E2E_TMP/devup.log" >&2; exit 1; }
-  sleep 0.1
-done
+dev_up "$DIR"
 check "dev up writes endpoints.toml for every service" \
   bash -c "for s in gateway keyserver watermark segmentation storage-1 storage-2 storage-3; do grep -q \"^\$s = \" '$DIR/endpoints.toml' || grep -q \"^\\\"\$s\\\" = \" '$DIR/endpoints.toml' || exit 1; done"
 check "dev up made the PKI" test -f "$DIR/pki/ca.crt" -a -f "$DIR/pki/clinician.key"

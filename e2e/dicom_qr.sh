@@ -34,16 +34,8 @@ storescp +B -aet MOVEDEST -od "$E2E_TMP/moved" "$MPORT" >"$E2E_TMP/storescp.log"
 E2E_PIDS+=("$!")
 
 TESSERA_DEV_MOVE_DESTINATION="MOVEDEST=127.0.0.1:$MPORT" \
-  "$T" dev up --dir "$DIR" --base-port 0 >"$E2E_TMP/devup.out" 2>"$E2E_TMP/devup.log" &
-DEV_PID=$!
-E2E_PIDS+=("$DEV_PID")
-for _ in $(seq 1 300); do
-  grep -q "Ctrl-C stops" "$E2E_TMP/devup.out" 2>/dev/null && break
-  kill -0 "$DEV_PID" 2>/dev/null || { cat "$E2E_TMP/devup.log" >&2; exit 1; }
-  sleep 0.1
-done
+  dev_up "$DIR"
 PKI="$DIR/pki"
-ep() { sed -n "/^\[endpoints\]/,/^\[/s/^$1 = \"\(.*\)\"/\1/p" "$DIR/endpoints.toml"; }
 GW=$(ep gateway)
 KS=$(ep keyserver)
 DICOM=$(ep dicom)

@@ -19,16 +19,8 @@ TOOL="$(dirname "$0")/dicom_tool.py"
 WEB="$(dirname "$0")/dicomweb_tool.py"
 
 MAX_BYTES=$((1 << 20))
-TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES=$MAX_BYTES "$T" dev up --dir "$DIR" --base-port 0 >"$E2E_TMP/devup.out" 2>"$E2E_TMP/devup.log" &
-DEV_PID=$!
-E2E_PIDS+=("$DEV_PID")
-for _ in $(seq 1 300); do
-  grep -q "Ctrl-C stops" "$E2E_TMP/devup.out" 2>/dev/null && break
-  kill -0 "$DEV_PID" 2>/dev/null || { cat "$E2E_TMP/devup.log" >&2; exit 1; }
-  sleep 0.1
-done
+TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES=$MAX_BYTES dev_up "$DIR"
 PKI="$DIR/pki"
-ep() { sed -n "/^\[endpoints\]/,/^\[/s/^$1 = \"\(.*\)\"/\1/p" "$DIR/endpoints.toml"; }
 GW=$(ep gateway)
 KS=$(ep keyserver)
 URL="https://$(ep dicomweb)"

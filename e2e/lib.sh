@@ -191,6 +191,27 @@ tls() {
   printf '[%s]\nca = "%s/ca.crt"\ncert = "%s/%s.crt"\nkey = "%s/%s.key"\n' "$1" "$PKI" "$PKI" "$2" "$PKI" "$2"
 }
 
+# dev_up DIR: `tessera dev up --dir DIR --base-port 0` as a real process in
+# the background (stdout $E2E_TMP/devup.out, stderr devup.log), waiting for
+# it to say it is up; sets DEV_PID. Environment assignments before the call
+# reach dev up (`TESSERA_DEV_X=1 dev_up "$DIR"`). `ep NAME` then reads
+# NAME's address from DIR/endpoints.toml.
+dev_up() {
+  DEV_DIR=$1
+  "$TESSERA_BIN_DIR/tessera" dev up --dir "$DEV_DIR" --base-port 0 >"$E2E_TMP/devup.out" 2>"$E2E_TMP/devup.log" &
+  DEV_PID=$!
+  E2E_PIDS+=("$DEV_PID")
+  local i
+  for i in $(seq 1 300); do
+    grep -q "Ctrl-C stops" "$E2E_TMP/devup.out" 2>/dev/null && return 0
+    kill -0 "$DEV_PID" 2>/dev/null || { cat "$E2E_TMP/devup.log" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "dev up did not come up in 30 s" >&2
+  return 1
+}
+ep() { sed -n "/^\[endpoints\]/,/^\[/s/^$1 = \"\(.*\)\"/\1/p" "$DEV_DIR/endpoints.toml"; }
+
 # start_backends N [ZONE...]: the keyserver, N storage nodes (ports pinned in
 # their configs so restarts come back on the same address; node n in zone
 # ZONE[n-1] when zones are given), the watermark and the segmentation

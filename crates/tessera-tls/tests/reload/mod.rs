@@ -76,19 +76,29 @@ fn pki_in(dir: &Path, ca: &Ca) -> (Issued, Issued) {
     (server, client)
 }
 
+/// The storage-1 identity of `dir` serving health.
+async fn storage1_on(dir: &Path) -> (ServerTls, String, tokio::sync::oneshot::Sender<()>) {
+    let server = ServerTls::from_files(
+        &TlsFiles::from_pki_dir(dir, "storage-1"),
+        DEFAULT_TRUST_DOMAIN,
+    )
+    .unwrap();
+    let (addr, stop) = health_on(&server).await;
+    (server, addr, stop)
+}
+
+fn gateway_of(dir: &Path) -> ClientTls {
+    ClientTls::from_files(&TlsFiles::from_pki_dir(dir, "gateway")).unwrap()
+}
+
 #[tokio::test]
 async fn a_renewed_certificate_serves_new_connections_and_open_ones_finish() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = Ca::new(DEFAULT_TRUST_DOMAIN).unwrap();
     let (first, _) = pki_in(dir, &ca);
-    let server = ServerTls::from_files(
-        &TlsFiles::from_pki_dir(dir, "storage-1"),
-        DEFAULT_TRUST_DOMAIN,
-    )
-    .unwrap();
-    let (addr, _stop) = health_on(&server).await;
-    let client = ClientTls::from_files(&TlsFiles::from_pki_dir(dir, "gateway")).unwrap();
+    let (server, addr, _stop) = storage1_on(dir).await;
+    let client = gateway_of(dir);
     let open = client.connect(&addr).await.unwrap();
     check(open.clone()).await.unwrap();
     assert_eq!(
@@ -130,13 +140,8 @@ async fn a_ca_rotation_through_a_bundle_never_breaks_a_connection() {
     let dir = tmp.path();
     let old_ca = Ca::new(DEFAULT_TRUST_DOMAIN).unwrap();
     let (_, old_client) = pki_in(dir, &old_ca);
-    let server = ServerTls::from_files(
-        &TlsFiles::from_pki_dir(dir, "storage-1"),
-        DEFAULT_TRUST_DOMAIN,
-    )
-    .unwrap();
-    let (addr, _stop) = health_on(&server).await;
-    let client = ClientTls::from_files(&TlsFiles::from_pki_dir(dir, "gateway")).unwrap();
+    let (server, addr, _stop) = storage1_on(dir).await;
+    let client = gateway_of(dir);
     let new_ca = Ca::new(DEFAULT_TRUST_DOMAIN).unwrap();
     // A client that trusts both CAs but still presents the old CA's
     // certificate (it missed the rotation).
@@ -189,13 +194,8 @@ async fn bad_or_foreign_material_is_refused_and_the_current_one_stays() {
     let dir = tmp.path();
     let ca = Ca::new(DEFAULT_TRUST_DOMAIN).unwrap();
     let (first, _) = pki_in(dir, &ca);
-    let server = ServerTls::from_files(
-        &TlsFiles::from_pki_dir(dir, "storage-1"),
-        DEFAULT_TRUST_DOMAIN,
-    )
-    .unwrap();
-    let (addr, _stop) = health_on(&server).await;
-    let client = ClientTls::from_files(&TlsFiles::from_pki_dir(dir, "gateway")).unwrap();
+    let (server, addr, _stop) = storage1_on(dir).await;
+    let client = gateway_of(dir);
     let cert = dir.join("storage-1.crt");
     let key = dir.join("storage-1.key");
 
