@@ -12,18 +12,7 @@ use tessera_proto::keyserver::v1 as pb;
 async fn owner_lists_approves_denies_revokes_and_verifies_the_audit() {
     let stack = Stack::start().await;
     // The gateway registers a study for the owner; a clinician asks for its key.
-    let study = stack
-        .client("gateway")
-        .await
-        .register_study(pb::RegisterStudyRequest {
-            owner: OWNER.into(),
-            attributes: attrs(),
-            study_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .study_id;
+    let study = register(&stack).await;
     let rq = request_as(&stack, "clinician", &study).await;
 
     let table = ok(&stack.tessera(Some("owner"), &["requests"]).await);
@@ -392,18 +381,7 @@ async fn owner_adds_lists_and_removes_delegates_by_short_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_lists_every_page_past_the_message_limit() {
     let stack = Stack::start().await;
-    let study = stack
-        .client("gateway")
-        .await
-        .register_study(pb::RegisterStudyRequest {
-            owner: OWNER.into(),
-            attributes: attrs(),
-            study_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .study_id;
+    let study = register(&stack).await;
     let mut want = Vec::new();
     for _ in 0..400 {
         want.push(request_as(&stack, "clinician", &study).await);
