@@ -112,7 +112,11 @@ impl App {
     /// Opens the vault and prepares lazy clients of every peer.
     pub fn build(config: &Config) -> Result<Self, AppError> {
         let up = Upstreams::new(config)?;
-        let readiness = readiness(up.clone(), keyserver_health_channel(config)?, config);
+        let readiness = readiness(
+            up.clone(),
+            keyserver_health_channel(config, &up.tls)?,
+            config,
+        );
         let key = load_key_file(&config.vault.key_file).map_err(AppError::VaultKey)?;
         let vault = open_vault(&config.vault, &key).map_err(AppError::Vault)?;
         let g = &config.gateway;
@@ -292,17 +296,16 @@ impl RunningApp {
 
 /// A channel to the keyserver for its `grpc.health.v1` check alone (the
 /// service's clients do not expose theirs).
-fn keyserver_health_channel(config: &Config) -> Result<Channel, AppError> {
+fn keyserver_health_channel(
+    config: &Config,
+    tls: &tessera_tls::ClientTls,
+) -> Result<Channel, AppError> {
     let id = config
         .upstream_identity("keyserver", &config.keyserver)
         .map_err(|detail| tessera_tls::TlsError::Endpoint {
             endpoint: config.keyserver.address.clone(),
             detail,
         })?;
-    let tls = tessera_tls::ClientTls::from_files(&config.client_tls)?;
-    if let Some(every) = config.server.tls_reload() {
-        let _watching = tls.watch(every);
-    }
     Ok(tls.expecting(&id).connect_lazy(&config.keyserver.address)?)
 }
 

@@ -90,6 +90,9 @@ pub struct Upstreams {
     pub cap_needed: u64,
     /// Caps already warned about, by node index (one warning per value).
     cap_warned: Arc<Mutex<std::collections::BTreeMap<usize, u64>>>,
+    /// The client TLS every channel above uses (one source, one reload
+    /// timer), for channels made elsewhere.
+    pub tls: ClientTls,
 }
 
 impl Upstreams {
@@ -155,6 +158,7 @@ impl Upstreams {
                 cfg.erasure.map(|e| (e.data, e.parity)),
             ),
             cap_warned: Arc::default(),
+            tls,
         })
     }
 
