@@ -449,3 +449,34 @@ impl Drop for RunningServer {
         self.task.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> (tempfile::TempDir, ServerConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.crt", "s.crt", "s.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let d = dir.path().display();
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\n{extra}\n[tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/s.crt\"\nkey = \"{d}/s.key\"\n"
+        );
+        let cfg: ServerConfig = toml::from_str(&text).unwrap();
+        (dir, cfg)
+    }
+
+    #[test]
+    fn tls_reload_interval_defaults_switches_off_and_is_bounded() {
+        let (_d, c) = config("");
+        assert_eq!(c.tls_reload(), Some(tessera_tls::DEFAULT_RELOAD_INTERVAL));
+        assert!(c.validate().is_ok());
+        let (_d, c) = config("tls_reload_secs = 0");
+        assert_eq!(c.tls_reload(), None);
+        assert!(c.validate().is_ok());
+        let (_d, c) = config("tls_reload_secs = 3601");
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("server.tls_reload_secs"), "{e}");
+    }
+}
