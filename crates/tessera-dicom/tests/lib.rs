@@ -1,6 +1,11 @@
 //! tessera-dicom integration tests: synthetic files for every pixel layout
 //! and every kind of bad input, and (with TESSERA_DICOM_DATA set, as `./x unit`
-//! does) every file of the pydicom-data package.
+//! does) every file of the pydicom-data package. The one integration-test
+//! binary of the crate: the other files in tests/ are its modules.
+
+mod fuzz_regressions;
+mod query_match;
+mod same_instance;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
