@@ -15,8 +15,8 @@ use tessera_tls::Channel;
 
 use super::requests_view::{request_json, requests_table};
 use super::{
-    ConnArgs, OutputArgs, Service, Table, block_on, owner_uri, parse_duration, short_identity,
-    status_error, utc,
+    ConnArgs, OutputArgs, PAGE_SIZE, Service, Table, all_pages, block_on, owner_uri,
+    parse_duration, short_identity, status_error, utc,
 };
 
 async fn client(conn: &ConnArgs) -> Result<KeyServerClient<Channel>> {
@@ -260,32 +260,23 @@ pub fn standing(cmd: StandingCmd) -> Result<()> {
             }
             StandingCmd::List(a) => {
                 let mut ks = client(&a.conn).await?;
-                let mut list = Vec::new();
-                let mut page_token = String::new();
-                loop {
+                let list = all_pages(async |page_token| {
                     let page = ks
                         .list_standing_approvals(a.conn.request(pb::ListStandingApprovalsRequest {
                             include_inactive: a.all,
-                            page_size: 500,
-                            page_token: std::mem::take(&mut page_token),
+                            page_size: PAGE_SIZE,
+                            page_token,
                         }))
                         .await
                         .map_err(|s| status_error("list standing approvals", &s))?
                         .into_inner();
-                    list.extend(page.approvals);
-                    if page.next_page_token.is_empty() {
-                        break;
-                    }
-                    page_token = page.next_page_token;
-                }
-                let value = Value::Array(list.iter().map(standing_json).collect());
-                a.out.emit(&value, || {
-                    if list.is_empty() {
-                        println!("no standing approvals");
-                    } else {
-                        print!("{}", standing_table(&list).render());
-                    }
+                    Ok((page.approvals, page.next_page_token))
                 })
+                .await?;
+                a.out
+                    .emit_list(&list, standing_json, "no standing approvals", |list| {
+                        print!("{}", standing_table(list).render());
+                    })
             }
             StandingCmd::Update(a) => {
                 if a.ttl.is_none() && a.budget.is_none() && !a.no_budget {
@@ -396,32 +387,22 @@ pub fn review(a: ReviewArgs) -> Result<()> {
                 println!("reviewed {}", r.request_id);
             });
         }
-        let mut list = Vec::new();
-        let mut page_token = String::new();
-        loop {
+        let list = all_pages(async |page_token| {
             let page = ks
                 .list_break_glass(a.conn.request(pb::ListBreakGlassRequest {
                     include_reviewed: a.all,
-                    page_size: 500,
-                    page_token: std::mem::take(&mut page_token),
+                    page_size: PAGE_SIZE,
+                    page_token,
                 }))
                 .await
                 .map_err(|s| status_error("list break-glass uses", &s))?
                 .into_inner();
-            list.extend(page.requests);
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            page_token = page.next_page_token;
-        }
-        let value = Value::Array(list.iter().map(request_json).collect());
-        a.out.emit(&value, || {
-            if list.is_empty() {
-                println!("no break-glass uses to review");
-                return;
-            }
+            Ok((page.requests, page.next_page_token))
+        })
+        .await?;
+        a.out.emit_list(&list, request_json, "no break-glass uses to review", |list| {
             let mut t = Table::new(["REQUEST", "STUDY", "BY", "WHEN", "REASON", "REVIEWED"]);
-            for r in &list {
+            for r in list {
                 t.row([
                     r.request_id.clone(),
                     r.study_id.clone(),
@@ -444,41 +425,28 @@ pub fn review(a: ReviewArgs) -> Result<()> {
 pub fn grants(a: GrantsArgs) -> Result<()> {
     block_on(async move {
         let mut ks = client(&a.conn).await?;
-        let mut list = Vec::new();
-        let mut page_token = String::new();
-        loop {
+        let list = all_pages(async |page_token| {
             let page = ks
                 .list_grants(a.conn.request(pb::ListGrantsRequest {
                     as_owner: a.owner,
                     include_spent: a.all,
-                    page_size: 500,
-                    page_token: page_token.clone(),
+                    page_size: PAGE_SIZE,
+                    page_token,
                 }))
                 .await
                 .map_err(|s| status_error("list grants", &s))?
                 .into_inner();
-            list.extend(page.grants);
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            page_token = page.next_page_token;
-        }
-        let value = Value::Array(
-            list.iter()
-                .map(|g| {
-                    let mut v = g.request.as_ref().map(request_json).unwrap_or(Value::Null);
-                    v["valid"] = json!(g.valid);
-                    v["expiring_soon"] = json!(g.expiring_soon);
-                    v["seconds_left"] = json!(g.seconds_left);
-                    v
-                })
-                .collect(),
-        );
-        a.out.emit(&value, || {
-            if list.is_empty() {
-                println!("no grants");
-                return;
-            }
+            Ok((page.grants, page.next_page_token))
+        })
+        .await?;
+        let grant_json = |g: &pb::Grant| {
+            let mut v = g.request.as_ref().map(request_json).unwrap_or(Value::Null);
+            v["valid"] = json!(g.valid);
+            v["expiring_soon"] = json!(g.expiring_soon);
+            v["seconds_left"] = json!(g.seconds_left);
+            v
+        };
+        a.out.emit_list(&list, grant_json, "no grants", |list| {
             let mut t = Table::new([
                 "REQUEST",
                 "STUDY",
@@ -489,7 +457,7 @@ pub fn grants(a: GrantsArgs) -> Result<()> {
                 "STATE",
                 "VIA",
             ]);
-            for g in &list {
+            for g in list {
                 let Some(r) = &g.request else { continue };
                 let state = if g.expiring_soon {
                     format!("EXPIRING SOON ({}s)", g.seconds_left)

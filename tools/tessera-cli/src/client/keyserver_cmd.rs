@@ -15,8 +15,8 @@ use tessera_tls::Channel;
 use super::owner_uri;
 use super::requests_view::{request_json, requests_table};
 use super::{
-    ConnArgs, OutputArgs, Service, Table, block_on, parse_duration, short_identity, status_error,
-    utc,
+    ConnArgs, OutputArgs, PAGE_SIZE, Service, Table, all_pages, block_on, parse_duration,
+    short_identity, status_error, utc,
 };
 
 /// Largest keyserver message accepted (the server's own limit).
@@ -139,35 +139,24 @@ pub fn requests(a: RequestsArgs) -> Result<()> {
         if a.watch {
             return super::access_cmd::watch(&a.conn, &a.out, a.mine, a.count).await;
         }
-        // Every page (a page stays under the message limit).
         let mut ks = client(&a.conn).await?;
-        let mut list = Vec::new();
-        let mut page_token = String::new();
-        loop {
+        let list = all_pages(async |page_token| {
             let page = ks
                 .list_requests(a.conn.request(pb::ListRequestsRequest {
                     study_id: a.study.clone().unwrap_or_default(),
                     include_decided: a.all,
-                    page_size: 500,
-                    page_token: page_token.clone(),
+                    page_size: PAGE_SIZE,
+                    page_token,
                 }))
                 .await
                 .map_err(|s| status_error("list requests", &s))?
                 .into_inner();
-            list.extend(page.requests);
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            page_token = page.next_page_token;
-        }
-        let value = Value::Array(list.iter().map(request_json).collect());
-        a.out.emit(&value, || {
-            if list.is_empty() {
-                let which = if a.all { "" } else { "pending " };
-                println!("no {which}requests");
-                return;
-            }
-            print!("{}", requests_table(&list).render());
+            Ok((page.requests, page.next_page_token))
+        })
+        .await?;
+        let none = if a.all { "no requests" } else { "no pending requests" };
+        a.out.emit_list(&list, request_json, none, |list| {
+            print!("{}", requests_table(list).render());
         })
     })
 }
@@ -411,29 +400,20 @@ pub fn delegate(cmd: DelegateCmd) -> Result<()> {
             }
             DelegateCmd::List(a) => {
                 let mut ks = client(&a.conn).await?;
-                let mut list = Vec::new();
-                let mut page_token = String::new();
-                loop {
+                let list = all_pages(async |page_token| {
                     let page = ks
                         .list_delegates(a.conn.request(pb::ListDelegatesRequest {
-                            page_size: 500,
-                            page_token: std::mem::take(&mut page_token),
+                            page_size: PAGE_SIZE,
+                            page_token,
                         }))
                         .await
                         .map_err(|s| status_error("list delegates", &s))?
                         .into_inner();
-                    list.extend(page.delegates);
-                    if page.next_page_token.is_empty() {
-                        break;
-                    }
-                    page_token = page.next_page_token;
-                }
-                let value = Value::Array(list.iter().map(|d| json!(d)).collect());
-                a.out.emit(&value, || {
-                    if list.is_empty() {
-                        println!("no delegates");
-                    }
-                    for d in &list {
+                    Ok((page.delegates, page.next_page_token))
+                })
+                .await?;
+                a.out.emit_list(&list, |d| json!(d), "no delegates", |list| {
+                    for d in list {
                         println!("{}", short_identity(d));
                     }
                 })

@@ -302,7 +302,46 @@ impl OutputArgs {
         }
         Ok(())
     }
+
+    /// Prints a list: a JSON array of `json(item)` when --json; else
+    /// `none` when the list is empty, or `human(list)`.
+    pub fn emit_list<T>(
+        &self,
+        list: &[T],
+        json: impl Fn(&T) -> serde_json::Value,
+        none: &str,
+        human: impl FnOnce(&[T]),
+    ) -> Result<()> {
+        let value = serde_json::Value::Array(list.iter().map(json).collect());
+        self.emit(&value, || {
+            if list.is_empty() {
+                println!("{none}");
+            } else {
+                human(list);
+            }
+        })
+    }
 }
+
+/// Every item of a paged list RPC: `fetch(token)` answers one page (its
+/// items and the next page token, empty after the last page).
+pub async fn all_pages<T>(
+    mut fetch: impl AsyncFnMut(String) -> Result<(Vec<T>, String)>,
+) -> Result<Vec<T>> {
+    let mut list = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = fetch(std::mem::take(&mut token)).await?;
+        list.extend(items);
+        if next.is_empty() {
+            return Ok(list);
+        }
+        token = next;
+    }
+}
+
+/// The page size the CLI asks for (every page stays under the message limit).
+pub const PAGE_SIZE: u32 = 500;
 
 /// Turns a gRPC status from `what` (e.g. "approve") into a one-line error
 /// in plain words: `refused: ...`, `not found: ...`, ...
