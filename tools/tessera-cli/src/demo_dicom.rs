@@ -22,7 +22,9 @@ use tonic::Code;
 
 use crate::client::dicom_cmd::pixel_words;
 use crate::demo::Steps;
-use crate::demo_kit::{OWNER, gateway, keyserver, object_nodes, storage_nodes};
+use crate::demo_kit::{
+    OWNER, approve, approve_step, gateway, keyserver, object_nodes, storage_nodes,
+};
 
 /// Identifiers at least this long are searched for as bytes (and as
 /// substrings of element values); shorter ones (a four-digit Patient ID
@@ -146,21 +148,6 @@ async fn request(stack: &DevStack, who: &str, handle: &str, why: &str) -> Result
 }
 
 /// The owner approves `rid` for one RetrieveDicom within an hour.
-async fn approve(stack: &DevStack, rid: &str) -> Result<ks::KeyRequest> {
-    keyserver(stack, "owner")
-        .await?
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: rid.to_owned(),
-            ttl_seconds: 3600,
-            uses: 1,
-        })
-        .await
-        .context("approve")?
-        .into_inner()
-        .request
-        .ok_or_else(|| anyhow!("no request in the answer"))
-}
-
 fn refused(r: &Result<Vec<(pb::DicomInstanceHeader, Vec<u8>)>, tonic::Status>) -> bool {
     matches!(r, Err(e) if e.code() == Code::PermissionDenied)
 }
@@ -286,21 +273,7 @@ pub async fn flows(
     steps.check("an identity without a role is refused", refused(&outsider));
 
     println!("== 4. The owner approves (1 hour, 1 use: one retrieve of the whole study)");
-    let approved = approve(stack, &req.request_id).await?;
-    println!(
-        "  approved: {} use(s) until {}",
-        approved.uses_left,
-        crate::client::utc(approved.expires_at_unix)
-    );
-    let self_approve = keyserver(stack, "clinician")
-        .await?
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 60,
-            uses: 1,
-        })
-        .await;
-    steps.check("the clinician cannot approve", self_approve.is_err());
+    approve_step(stack, &req.request_id, 1, steps).await?;
 
     println!("== 5. The clinician retrieves the study: the original file, byte for byte");
     let t = Instant::now();
@@ -349,7 +322,7 @@ pub async fn flows(
         "== 6. A researcher asks, the owner approves, the researcher retrieves: de-identified"
     );
     let rreq = request(stack, "researcher", &handle, "retrospective cohort").await?;
-    approve(stack, &rreq.request_id).await?;
+    approve(stack, &rreq.request_id, 1).await?;
     println!("  request {} approved", rreq.request_id);
     let got = retrieve_all(stack, "researcher", &handle, &rreq.request_id)
         .await

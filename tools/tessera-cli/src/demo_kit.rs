@@ -2,7 +2,8 @@
 //! to talk to the running suite (a leaf module: `suite_demo` calls
 //! `demo_dicom`, both call this).
 
-use anyhow::Result;
+use anyhow::{Context, Result, anyhow};
+use tessera_proto::keyserver::v1 as ks;
 use gateway_service::client as gw;
 use tessera_devstack::DevStack;
 use tessera_proto::gateway::v1 as pb;
@@ -10,6 +11,8 @@ use tessera_proto::gateway::v1::gateway_client::GatewayClient;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};
+
+use crate::demo::Steps;
 
 pub(crate) const OWNER: &str = "spiffe://tessera.local/user/owner";
 
@@ -52,4 +55,46 @@ pub(crate) async fn keyserver(stack: &DevStack, who: &str) -> Result<KeyServerCl
     Ok(KeyServerClient::new(
         channel(stack, who, "keyserver").await?,
     ))
+}
+
+/// The owner approves `rid` for 1 hour and `uses` uses.
+pub(crate) async fn approve(stack: &DevStack, rid: &str, uses: u32) -> Result<ks::KeyRequest> {
+    keyserver(stack, "owner")
+        .await?
+        .approve_request(ks::ApproveRequestRequest {
+            request_id: rid.to_owned(),
+            ttl_seconds: 3600,
+            uses,
+        })
+        .await
+        .context("approve")?
+        .into_inner()
+        .request
+        .ok_or_else(|| anyhow!("no request in the answer"))
+}
+
+/// Step 4 of both demos: the owner approves the clinician's request `rid`,
+/// and the clinician cannot approve its own request.
+pub(crate) async fn approve_step(
+    stack: &DevStack,
+    rid: &str,
+    uses: u32,
+    steps: &mut Steps,
+) -> Result<()> {
+    let approved = approve(stack, rid, uses).await?;
+    println!(
+        "  approved: {} use(s) until {}",
+        approved.uses_left,
+        crate::client::utc(approved.expires_at_unix)
+    );
+    let self_approve = keyserver(stack, "clinician")
+        .await?
+        .approve_request(ks::ApproveRequestRequest {
+            request_id: rid.to_owned(),
+            ttl_seconds: 60,
+            uses: 1,
+        })
+        .await;
+    steps.check("the clinician cannot approve", self_approve.is_err());
+    Ok(())
 }

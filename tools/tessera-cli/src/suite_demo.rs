@@ -23,7 +23,7 @@ use tessera_tls::Channel;
 
 use crate::client::gateway_cmd::{print_report, tamper_map};
 use crate::demo::{DemoArgs, Steps};
-use crate::demo_kit::{OWNER, channel, gateway, keyserver, storage_nodes};
+use crate::demo_kit::{OWNER, approve_step, channel, gateway, keyserver, storage_nodes};
 
 /// A repair pass over every study, as the admin.
 async fn repair(admin: &mut GatewayClient<Channel>) -> Result<pb::RepairResponse> {
@@ -244,32 +244,7 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
     );
 
     println!("== 4. The owner approves (1 hour, 5 uses)");
-    let approved = keyserver(stack, "owner")
-        .await?
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 3600,
-            uses: 5,
-        })
-        .await
-        .context("approve")?
-        .into_inner()
-        .request
-        .ok_or_else(|| anyhow!("no request in the answer"))?;
-    println!(
-        "  approved: {} uses until {}",
-        approved.uses_left,
-        crate::client::utc(approved.expires_at_unix)
-    );
-    let self_approve = keyserver(stack, "clinician")
-        .await?
-        .approve_request(ks::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 60,
-            uses: 1,
-        })
-        .await;
-    steps.check("the clinician cannot approve", self_approve.is_err());
+    approve_step(stack, &req.request_id, 5, steps).await?;
 
     println!("== 5. The clinician retrieves: shares fetched, restored, verified, re-identified");
     let t = Instant::now();
