@@ -320,11 +320,11 @@ fn validate_purpose_pattern(p: &str) -> Result<(), String> {
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
-        self.server.validate()?;
-        if let Some(admin) = &self.admin {
-            admin.validate(self.server.listen)?;
-        }
-        self.telemetry.validate()?;
+        tessera_runtime::validate_service_sections(
+            &self.server,
+            self.admin.as_ref(),
+            &self.telemetry,
+        )?;
         let k = &self.keyserver;
         if k.db_path.as_os_str().is_empty() {
             return Err("keyserver.db_path must not be empty".into());

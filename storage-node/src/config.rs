@@ -168,10 +168,10 @@ impl Validate for Config {
                 "process.max_concurrent must be in 1..={MAX_CONCURRENT_PROCESS}"
             ));
         }
-        self.server.validate()?;
-        if let Some(admin) = &self.admin {
-            admin.validate(self.server.listen)?;
-        }
-        self.telemetry.validate()
+        tessera_runtime::validate_service_sections(
+            &self.server,
+            self.admin.as_ref(),
+            &self.telemetry,
+        )
     }
 }

@@ -23,6 +23,21 @@ pub trait Validate {
     fn validate(&self) -> Result<(), String>;
 }
 
+/// The checks every service's config starts with: its `[server]`, its
+/// optional `[admin]` listener (which must not take the gRPC address) and
+/// its `[telemetry]`.
+pub fn validate_service_sections(
+    server: &crate::ServerConfig,
+    admin: Option<&crate::AdminConfig>,
+    telemetry: &crate::TelemetryConfig,
+) -> Result<(), String> {
+    server.validate()?;
+    if let Some(admin) = admin {
+        admin.validate(server.listen)?;
+    }
+    telemetry.validate()
+}
+
 /// Where configuration comes from.
 #[derive(Clone, Debug, Default)]
 pub struct ConfigSource {

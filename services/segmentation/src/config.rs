@@ -90,11 +90,11 @@ fn default_jobs() -> u32 {
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
-        self.server.validate()?;
-        if let Some(admin) = &self.admin {
-            admin.validate(self.server.listen)?;
-        }
-        self.telemetry.validate()?;
+        tessera_runtime::validate_service_sections(
+            &self.server,
+            self.admin.as_ref(),
+            &self.telemetry,
+        )?;
         let s = &self.segmentation;
         CallerAllowList::validate(ALLOWED_CALLERS, &s.allowed_callers)?;
         if !(1..=MAX_IMAGE_BYTES_CEILING).contains(&s.max_image_bytes) {

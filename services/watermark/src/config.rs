@@ -152,11 +152,11 @@ fn default_jobs() -> u32 {
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
-        self.server.validate()?;
-        if let Some(admin) = &self.admin {
-            admin.validate(self.server.listen)?;
-        }
-        self.telemetry.validate()?;
+        tessera_runtime::validate_service_sections(
+            &self.server,
+            self.admin.as_ref(),
+            &self.telemetry,
+        )?;
         let k = &self.keyserver;
         if k.address.trim().is_empty() {
             return Err("keyserver.address must not be empty".into());

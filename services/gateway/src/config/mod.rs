@@ -379,11 +379,11 @@ fn default_probe_secs() -> u64 {
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
-        self.server.validate()?;
-        if let Some(admin) = &self.admin {
-            admin.validate(self.server.listen)?;
-        }
-        self.telemetry.validate()?;
+        tessera_runtime::validate_service_sections(
+            &self.server,
+            self.admin.as_ref(),
+            &self.telemetry,
+        )?;
         self.vault.validate()?;
         for (what, p) in [
             ("client_tls.ca", &self.client_tls.ca),
