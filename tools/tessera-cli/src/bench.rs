@@ -193,5 +193,10 @@ pub fn all() -> Result<()> {
         associations: vec![1, 4],
         template: None,
     })?;
+    crate::bench_replicas::replicas(crate::bench_replicas::ReplicasBenchArgs {
+        slices: 120,
+        concurrency: 16,
+        gateways: 2,
+    })?;
     Ok(())
 }

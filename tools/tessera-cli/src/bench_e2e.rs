@@ -47,6 +47,15 @@ pub struct E2eBenchArgs {
 const OWNER: &str = "spiffe://tessera.local/user/owner";
 const ROI: Rect = Rect::new(64, 48, 384, 416);
 
+/// `n` different 512x512 12-bit-in-16 head phantom slices.
+pub(crate) fn phantom_slices(n: usize) -> Result<Vec<Arc<Image>>> {
+    Ok((0..n)
+        .map(|i| {
+            head_phantom(512, 512, 1, PixelFormat::gray16(12, false), 1000 + i as u64).map(Arc::new)
+        })
+        .collect::<Result<_, _>>()?)
+}
+
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -108,11 +117,7 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
     println!(
         "== tessera bench e2e: {n} slices 512x512 12-bit-in-16, {c} in flight, whole suite in-process over mTLS =="
     );
-    let slices: Vec<Arc<Image>> = (0..n)
-        .map(|i| {
-            head_phantom(512, 512, 1, PixelFormat::gray16(12, false), 1000 + i as u64).map(Arc::new)
-        })
-        .collect::<Result<_, _>>()?;
+    let slices = phantom_slices(n)?;
     let slice_bytes = slices[0].spec().byte_len() as u64;
 
     // Baseline: the same slices protected and restored in-process, one
@@ -263,35 +268,24 @@ pub(crate) fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(base)
 }
 
-async fn measure(
-    stack: &DevStack,
+/// Stores every slice as the owner, `c` in flight, the i-th over
+/// `channels[i % len]` (one or several gateway replicas), with a progress
+/// bar: the study handles in order, each store's latency and the wall time.
+pub(crate) async fn store_all(
+    channels: &[tessera_tls::Channel],
     slices: &[Arc<Image>],
     c: usize,
-    slice_bytes: u64,
-) -> Result<(Row, Row)> {
-    let pki = stack.pki_dir();
-    let gw_addr = stack.endpoints().get("gateway")?.to_owned();
-    let ks_addr = stack.endpoints().get("keyserver")?.to_owned();
-    let connect = |who: &str, addr: String| {
-        let files = TlsFiles::from_pki_dir(&pki, who);
-        async move {
-            let tls = ClientTls::from_files(&files)?;
-            anyhow::Ok(tls.connect(&addr).await?)
-        }
-    };
-    // A few connections shared by the in-flight requests (HTTP/2 multiplexes).
-    let owner_ch = connect("owner", gw_addr.clone()).await?;
-    let clin_ch = connect("clinician", gw_addr.clone()).await?;
-    let ks_owner = KeyServerClient::new(connect("owner", ks_addr).await?);
-    let sem = Arc::new(Semaphore::new(c));
-
-    // Store.
+) -> Result<(Vec<String>, Vec<Duration>, Duration)> {
+    if channels.is_empty() {
+        return Err(anyhow!("no gateway to store through"));
+    }
+    let sem = Arc::new(Semaphore::new(c.max(1)));
     let pbar = bar(slices.len(), "store");
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(slices.len());
     for (i, img) in slices.iter().enumerate() {
         let permit = sem.clone().acquire_owned().await?;
-        let mut client = gw::client(owner_ch.clone());
+        let mut client = gw::client(channels[i % channels.len()].clone());
         let img = img.clone();
         let pbar = pbar.clone();
         tasks.push(tokio::spawn(async move {
@@ -328,14 +322,42 @@ async fn measure(
         handles.push(h);
         lat.push(d);
     }
+    let wall = t.elapsed();
+    pbar.finish_and_clear();
+    Ok((handles, lat, wall))
+}
+
+async fn measure(
+    stack: &DevStack,
+    slices: &[Arc<Image>],
+    c: usize,
+    slice_bytes: u64,
+) -> Result<(Row, Row)> {
+    let pki = stack.pki_dir();
+    let gw_addr = stack.endpoints().get("gateway")?.to_owned();
+    let ks_addr = stack.endpoints().get("keyserver")?.to_owned();
+    let connect = |who: &str, addr: String| {
+        let files = TlsFiles::from_pki_dir(&pki, who);
+        async move {
+            let tls = ClientTls::from_files(&files)?;
+            anyhow::Ok(tls.connect(&addr).await?)
+        }
+    };
+    // A few connections shared by the in-flight requests (HTTP/2 multiplexes).
+    let owner_ch = connect("owner", gw_addr.clone()).await?;
+    let clin_ch = connect("clinician", gw_addr.clone()).await?;
+    let ks_owner = KeyServerClient::new(connect("owner", ks_addr).await?);
+    let sem = Arc::new(Semaphore::new(c));
+
+    // Store.
+    let (handles, lat, wall) = store_all(std::slice::from_ref(&owner_ch), slices, c).await?;
     let store = Row {
         name: "store via gateway",
         n: slices.len(),
         bytes: slice_bytes * slices.len() as u64,
-        wall: t.elapsed(),
+        wall,
         lat,
     };
-    pbar.finish_and_clear();
 
     // Grants (not timed): one request per study, approved by the owner.
     let mut rids = Vec::with_capacity(handles.len());

@@ -3,11 +3,11 @@
 //! `demo_dicom`, both call this).
 
 use anyhow::{Context, Result, anyhow};
-use tessera_proto::keyserver::v1 as ks;
 use gateway_service::client as gw;
 use tessera_devstack::DevStack;
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::gateway::v1::gateway_client::GatewayClient;
+use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_tls::Channel;
 use tessera_tls::{ClientTls, TlsFiles};

@@ -6,6 +6,7 @@ mod bench_dicom;
 mod bench_e2e;
 mod bench_erasure;
 mod bench_memory;
+mod bench_replicas;
 mod client;
 mod demo;
 mod demo_access;
@@ -170,6 +171,9 @@ enum BenchCmd {
     Dicom(bench_dicom::DicomBenchArgs),
     /// Erasure coding (k+m) encode/decode vs memcpy and SHA-256 of the same bytes.
     Erasure(bench_erasure::ErasureBenchArgs),
+    /// Store rates with the gateway vault on redb (baseline) and on
+    /// PostgreSQL with one and several gateway replicas.
+    Replicas(bench_replicas::ReplicasBenchArgs),
     /// Every benchmark.
     All,
 }
@@ -220,6 +224,7 @@ fn main() -> std::process::ExitCode {
             BenchCmd::E2e(a) => bench_e2e::e2e(a),
             BenchCmd::Dicom(a) => bench_dicom::dicom(a),
             BenchCmd::Erasure(a) => bench_erasure::erasure(a),
+            BenchCmd::Replicas(a) => bench_replicas::replicas(a),
             BenchCmd::All => bench::all(),
         },
         Command::Demo(a) if a.offline => demo::run(a),

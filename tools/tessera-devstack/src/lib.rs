@@ -131,6 +131,15 @@ pub struct DevOptions {
     /// Overrides the derived per-object cap of every storage node (tests
     /// of a misconfigured suite); `None`: derived from `max_image_bytes`.
     pub storage_max_object_bytes: Option<u64>,
+    /// The gateway's identity vault on this PostgreSQL database (a libpq
+    /// connection string, written to `DIR/secrets/vault-pg.url`) instead
+    /// of `DIR/data/vault.redb`.
+    pub vault_postgres_url: Option<String>,
+    /// Gateway processes' worth of replicas on the one vault (1..=8; more
+    /// than one needs `vault_postgres_url`). Replicas 2.. are named
+    /// `gateway-2`, ... in `endpoints.toml`, carry the gateway's identity
+    /// and run no DICOM listeners.
+    pub gateway_replicas: usize,
 }
 
 impl Default for DevOptions {
@@ -143,6 +152,8 @@ impl Default for DevOptions {
             nodes_per_zone: 1,
             max_image_bytes: gateway_service::config::DEFAULT_MAX_IMAGE_BYTES,
             storage_max_object_bytes: None,
+            vault_postgres_url: None,
+            gateway_replicas: 1,
         }
     }
 }
@@ -282,6 +293,33 @@ pub fn service_identity(name: &str) -> String {
     format!("spiffe://{}/service/{name}", tessera_pki::TRUST_DOMAIN)
 }
 
+/// The gateway's `[vault]`: the redb file, or the PostgreSQL database
+/// whose connection string goes to `secrets/vault-pg.url` (owner-only).
+fn vault_section(data: &Path, vault_key: &Path, opts: &DevOptions) -> Result<String, DevError> {
+    if !(1..=8).contains(&opts.gateway_replicas) {
+        return Err(svc("gateway")("gateway replicas must be 1..=8".into()));
+    }
+    let Some(url) = &opts.vault_postgres_url else {
+        if opts.gateway_replicas > 1 {
+            return Err(svc("gateway")(
+                "several gateway replicas share one vault: they need PostgreSQL".into(),
+            ));
+        }
+        return Ok(format!(
+            "[vault]\npath = \"{}\"\nkey_file = \"{}\"\n",
+            data.join("vault.redb").display(),
+            vault_key.display()
+        ));
+    };
+    let url_file = vault_key.with_file_name("vault-pg.url");
+    write_private(&url_file, url.as_bytes())?;
+    Ok(format!(
+        "[vault]\nbackend = \"postgres\"\nkey_file = \"{}\"\npostgres_url_file = \"{}\"\n",
+        vault_key.display(),
+        url_file.display()
+    ))
+}
+
 /// `localhost:PORT`: the dev certificates name `localhost`.
 fn local(addr: SocketAddr) -> String {
     format!("localhost:{}", addr.port())
@@ -309,6 +347,17 @@ fn ensure_secret(path: &Path) -> Result<(), DevError> {
     SystemRandom::new()
         .fill(&mut k)
         .map_err(|_| svc("secrets")("no randomness".into()))?;
+    write_private(path, &k)
+}
+
+/// Writes `bytes` to a new owner-only (0600) file at `path`, replacing one
+/// that is there, and syncs it.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DevError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -317,7 +366,7 @@ fn ensure_secret(path: &Path) -> Result<(), DevError> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path).map_err(io(path))?;
-    std::io::Write::write_all(&mut f, &k).map_err(io(path))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(io(path))?;
     f.sync_all().map_err(io(path))
 }
 
@@ -463,16 +512,14 @@ impl DevStack {
             "{}{}[keyserver]\naddress = \"{ks}\"\nidentity = \"{}\"\n\
              [watermark]\naddress = \"{wm}\"\nidentity = \"{}\"\n\
              [segmentation]\naddress = \"{seg}\"\nidentity = \"{}\"\n\
-             [vault]\npath = \"{}\"\nkey_file = \"{}\"\n\
              [gateway]\nmax_image_bytes = {max_image}\n",
             server_section(pki, "gateway", &listen(base, 3)),
             tls_section(pki, "gateway", "client_tls"),
             service_identity("keyserver"),
             service_identity("watermark"),
             service_identity("segmentation"),
-            data.join("vault.redb").display(),
-            vault_key.display(),
         );
+        text.push_str(&vault_section(data, vault_key, opts)?);
         for (i, (name, addr)) in nodes.iter().enumerate() {
             text.push_str(&format!(
                 "[[storage_nodes]]\nname = \"{name}\"\naddress = \"{addr}\"\nzone = \"{}\"\nidentity = \"{}\"\n",
@@ -523,6 +570,28 @@ impl DevStack {
         }
         if let (Some(w), Some(bound)) = (fixed.dicomweb.as_mut(), self.dicomweb_addr) {
             w.listen = bound;
+        }
+        // Replicas on the same vault database: the same config on a free
+        // port, without the DICOM listeners.
+        for i in 2..=opts.gateway_replicas {
+            let name = format!("gateway-{i}");
+            let mut replica = cfg.clone();
+            replica.server.listen = "127.0.0.1:0"
+                .parse()
+                .map_err(|e| svc(&name)(format!("{e}")))?;
+            replica.dicom.scp = None;
+            replica.dicomweb = None;
+            let app = gateway_service::App::build(&replica)
+                .map_err(|e| svc(&name)(e.to_string()))?
+                .spawn()
+                .await
+                .map_err(|e| svc(&name)(e.to_string()))?;
+            let addr = local(app.local_addr());
+            self.add(&name, addr, Running::Gateway(app));
+            // A replica is the gateway: it presents the gateway's identity.
+            self.endpoints
+                .identities
+                .insert(name, service_identity("gateway"));
         }
         self.gateway_config = Some(fixed);
         Ok(())

@@ -72,7 +72,8 @@ impl Postgres {
         }
     }
 
-    fn try_start() -> Result<Self, String> {
+    /// Starts a fresh server, or says why it cannot.
+    pub fn try_start() -> Result<Self, String> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("tessera-pg.")
@@ -205,12 +206,22 @@ impl Postgres {
     /// Creates database `db` (a test's own) and returns its connection
     /// string.
     pub fn create_db(&self, db: &str) -> String {
-        self.psql("postgres", &format!("CREATE DATABASE {db}"));
-        self.url(db)
+        self.try_create_db(db).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::create_db`], or why it failed.
+    pub fn try_create_db(&self, db: &str) -> Result<String, String> {
+        self.try_psql("postgres", &format!("CREATE DATABASE {db}"))?;
+        Ok(self.url(db))
     }
 
     /// Runs SQL with `psql` (unaligned, tuples only) and returns its output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.try_psql(db, sql).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::psql`], or why it failed.
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let psql = self.bin.join("psql");
         let o = Command::new(&psql)
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
@@ -226,13 +237,14 @@ impl Postgres {
                 sql,
             ])
             .output()
-            .unwrap_or_else(|e| panic!("{}: {e}", psql.display()));
-        assert!(
-            o.status.success(),
-            "psql {sql:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+            .map_err(|e| format!("{}: {e}", psql.display()))?;
+        if !o.status.success() {
+            return Err(format!(
+                "psql {sql:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
     /// Every byte of every table of `db` (`pg_dump --data-only`), for

@@ -400,24 +400,29 @@ pub fn review(a: ReviewArgs) -> Result<()> {
             Ok((page.requests, page.next_page_token))
         })
         .await?;
-        a.out.emit_list(&list, request_json, "no break-glass uses to review", |list| {
-            let mut t = Table::new(["REQUEST", "STUDY", "BY", "WHEN", "REASON", "REVIEWED"]);
-            for r in list {
-                t.row([
-                    r.request_id.clone(),
-                    r.study_id.clone(),
-                    short_identity(&r.requester).to_owned(),
-                    utc(r.created_at_unix),
-                    r.break_glass_reason.clone(),
-                    if r.reviewed_by.is_empty() {
-                        "no".to_owned()
-                    } else {
-                        format!("by {}", short_identity(&r.reviewed_by))
-                    },
-                ]);
-            }
-            print!("{}", t.render());
-        })
+        a.out.emit_list(
+            &list,
+            request_json,
+            "no break-glass uses to review",
+            |list| {
+                let mut t = Table::new(["REQUEST", "STUDY", "BY", "WHEN", "REASON", "REVIEWED"]);
+                for r in list {
+                    t.row([
+                        r.request_id.clone(),
+                        r.study_id.clone(),
+                        short_identity(&r.requester).to_owned(),
+                        utc(r.created_at_unix),
+                        r.break_glass_reason.clone(),
+                        if r.reviewed_by.is_empty() {
+                            "no".to_owned()
+                        } else {
+                            format!("by {}", short_identity(&r.reviewed_by))
+                        },
+                    ]);
+                }
+                print!("{}", t.render());
+            },
+        )
     })
 }
 

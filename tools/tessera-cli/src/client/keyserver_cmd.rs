@@ -154,7 +154,11 @@ pub fn requests(a: RequestsArgs) -> Result<()> {
             Ok((page.requests, page.next_page_token))
         })
         .await?;
-        let none = if a.all { "no requests" } else { "no pending requests" };
+        let none = if a.all {
+            "no requests"
+        } else {
+            "no pending requests"
+        };
         a.out.emit_list(&list, request_json, none, |list| {
             print!("{}", requests_table(list).render());
         })
@@ -412,11 +416,16 @@ pub fn delegate(cmd: DelegateCmd) -> Result<()> {
                     Ok((page.delegates, page.next_page_token))
                 })
                 .await?;
-                a.out.emit_list(&list, |d| json!(d), "no delegates", |list| {
-                    for d in list {
-                        println!("{}", short_identity(d));
-                    }
-                })
+                a.out.emit_list(
+                    &list,
+                    |d| json!(d),
+                    "no delegates",
+                    |list| {
+                        for d in list {
+                            println!("{}", short_identity(d));
+                        }
+                    },
+                )
             }
         }
     })
