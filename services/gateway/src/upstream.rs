@@ -3,7 +3,10 @@
 //! only (the keyserver channel refuses a storage node's certificate) and
 //! has the `[upstream_timeouts]` deadlines. Channels are lazy: the gateway
 //! starts while its peers are still coming up and reconnects after a peer
-//! restarts.
+//! restarts. The keyserver, watermark and segmentation channels balance
+//! over every address their name resolves to (`resolve_secs`), so every
+//! replica behind a headless Service gets calls; a storage node is one
+//! address.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,9 +116,11 @@ impl Upstreams {
             let id = cfg
                 .upstream_identity(name, u)
                 .map_err(|e| bad_identity(&u.address, e))?;
-            tls.expecting(&id)
-                .with_timeouts(timeouts)
-                .connect_lazy(&u.address)
+            let tls = tls.expecting(&id).with_timeouts(timeouts);
+            match u.resolve_secs {
+                0 => tls.connect_lazy(&u.address),
+                secs => tls.connect_balanced(&u.address, Duration::from_secs(secs)),
+            }
         };
         let keyserver = KeyServerClient::new(channel("keyserver", &cfg.keyserver, unary)?);
         let watermark = WatermarkClient::new(channel("watermark", &cfg.watermark, streaming)?)
