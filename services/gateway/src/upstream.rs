@@ -102,6 +102,12 @@ impl Upstreams {
     /// Loads the client TLS material and prepares lazy channels, each
     /// expecting its upstream's identity.
     pub fn new(cfg: &Config) -> Result<Self, TlsError> {
+        Self::with_resolver(cfg, tessera_tls::dns_resolver())
+    }
+
+    /// [`Self::new`] with the balanced channels (`resolve_secs` > 0)
+    /// resolving their names through `resolver` (tests inject theirs).
+    pub fn with_resolver(cfg: &Config, resolver: tessera_tls::Resolver) -> Result<Self, TlsError> {
         let tls = ClientTls::from_files(&cfg.client_tls)?;
         if let Some(every) = cfg.server.tls_reload() {
             let _watching = tls.watch(every);
@@ -119,7 +125,11 @@ impl Upstreams {
             let tls = tls.expecting(&id).with_timeouts(timeouts);
             match u.resolve_secs {
                 0 => tls.connect_lazy(&u.address),
-                secs => tls.connect_balanced(&u.address, Duration::from_secs(secs)),
+                secs => tls.connect_balanced_with(
+                    &u.address,
+                    Duration::from_secs(secs),
+                    resolver.clone(),
+                ),
             }
         };
         let keyserver = KeyServerClient::new(channel("keyserver", &cfg.keyserver, unary)?);

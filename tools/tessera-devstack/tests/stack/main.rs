@@ -6,11 +6,13 @@
 //! * [`durability`]: erasure coding, node loss, corrupt fragments, repair;
 //! * [`limits`]: one size limit end to end, refused from the header;
 //! * [`ops`]: admin listeners: metrics move with traffic, live and ready;
-//! * [`access`]: purposes, standing approvals and break-glass through the gateway.
+//! * [`access`]: purposes, standing approvals and break-glass through the gateway;
+//! * [`spread`]: the gateway's calls spread over every watermark replica.
 
 mod access;
 mod durability;
 mod limits;
 mod matrix;
 mod ops;
+mod spread;
 mod trust;
