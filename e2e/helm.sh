@@ -123,6 +123,12 @@ check "render refuses storage.maxObjectBytes below what gateway.maxImageBytes ne
   render_rejects '{"storage": {"maxObjectBytes": 67108864}}' "below the 369229824 bytes per object that gateway.maxImageBytes = 268435456 needs"
 check "render refuses watermark.maxImageBytes below gateway.maxImageBytes" \
   render_rejects '{"watermark": {"maxImageBytes": 1048576}}' "watermark.maxImageBytes (1048576) is below gateway.maxImageBytes"
+# A storage node's buffered uploads must fit its memory limit: 8 whole
+# 352 MiB objects do not fit 1536Mi; a cap one upload does not fit either.
+check "render refuses storage.maxConcurrentPuts x the per-object cap over the memory limit" \
+  render_rejects '{"storage": {"maxConcurrentPuts": 8}}' "8 uploads of 369229824 bytes (storage.maxConcurrentPuts x the per-object cap) plus 256 MiB do not fit storage.resources.limits.memory (1610612736 bytes)"
+check "render refuses a storage memory limit below one upload plus the reserve" \
+  render_rejects '{"storage": {"resources": {"limits": {"memory": "512Mi"}}}}' "do not fit storage.resources.limits.memory (536870912 bytes)"
 
 # Operations: users only from the clinic namespace, the DICOM port from one
 # CIDR, scrapers from monitoring, a PodMonitor, 3+2 erasure on 5 nodes.
@@ -230,7 +236,19 @@ for set in default custom dicom ops nopolicy certmanager pgvault; do
     hc check dicom "$R" "$dicom"
   check "$set: [dicomweb], its container port and Service gateway port dicomweb: $web" \
     hc check dicomweb "$R" "$web"
+  check "$set: headless watermark and segmentation Services, the gateway balancing over them" \
+    hc check spread "$R" "$set"
+  check "$set: every storage node's puts x per-object cap + 256 MiB fit its memory limit" \
+    hc check storage-memory "$R"
 done
+puts_of() { # puts_of DIR N: every storage node renders max_concurrent_puts = N
+  local f
+  for f in "$1"/config/*storage-*.toml; do
+    grep -qx "max_concurrent_puts = $2" "$f" || { echo "$f: $(grep max_concurrent_puts "$f")"; return 1; }
+  done
+}
+check "default: 3 concurrent puts of 352 MiB fit the 1536Mi node limit" puts_of "$E2E_TMP/r-default" 3
+check "ops (3+2): 8 concurrent puts of one 118 MiB fragment" puts_of "$E2E_TMP/r-ops" 8
 
 # --- the real binaries load the rendered (default) configs ---
 CFG="$E2E_TMP/r-default/config"

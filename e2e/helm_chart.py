@@ -730,6 +730,51 @@ def check_disruption_budgets(r: Rendered, _arg: str | None) -> None:
         ), f"{n} selects {[w['metadata']['name'] for w in matched]}"
 
 
+def check_spread(r: Rendered, arg: str | None) -> None:
+    """Load spread (issue 20): the watermark and segmentation Services are
+    headless and the gateway balances over their addresses (resolve_secs);
+    `default`: 2+ replicas each, both under a PodDisruptionBudget."""
+    gw = r.configs["gateway-config"]
+    resolve = int(r.values["gateway"]["upstreamResolveSecs"])
+    for name in ("keyserver", "watermark", "segmentation"):
+        assert gw[name].get("resolve_secs") == resolve, f"gateway [{name}] resolve_secs {gw[name].get('resolve_secs')}"
+    for name in ("watermark", "segmentation"):
+        spec = r.get("Service", name)["spec"]
+        assert spec.get("clusterIP") == "None" and spec["type"] == "ClusterIP", f"Service {name} not headless: {spec}"
+        replicas = r.get("Deployment", name)["spec"]["replicas"]
+        assert replicas == int(r.values[name]["replicas"]), f"{name}: {replicas} replicas"
+        if arg == "default":
+            assert replicas >= 2 and resolve > 0, f"{name}: {replicas} replicas, resolve_secs {resolve}"
+            assert r.get("PodDisruptionBudget", f"tessera-{name}")["spec"]["maxUnavailable"] == 1
+
+
+MEM_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def mem_bytes(q: str) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(q))
+    assert m, f"memory quantity {q!r}"
+    return int(m.group(1)) * MEM_UNITS.get(m.group(2) or "", 1)
+
+
+def check_storage_memory(r: Rendered, _arg: str | None) -> None:
+    """Every storage node's buffered uploads (max_concurrent_puts x
+    max_object_bytes) plus its 256 MiB reserve fit its container's memory
+    limit, and the cap is what gateway.maxImageBytes needs."""
+    nodes = [w for w in r.of_kind("StatefulSet") if w["metadata"]["name"].startswith("storage-")]
+    assert nodes, "no storage StatefulSet"
+    for w in nodes:
+        name = w["metadata"]["name"]
+        _, cfg = r.config_of(w)
+        limit = main_container(w).get("resources", {}).get("limits", {}).get("memory")
+        assert limit, f"{name}: no memory limit"
+        need = cfg["max_concurrent_puts"] * cfg["max_object_bytes"] + 256 * 2**20
+        assert 1 <= cfg["max_concurrent_puts"] <= 1024, f"{name}: puts {cfg['max_concurrent_puts']}"
+        assert need <= mem_bytes(limit), (
+            f"{name}: {cfg['max_concurrent_puts']} puts x {cfg['max_object_bytes']} B + 256 MiB = {need} B > limit {limit}"
+        )
+
+
 CHECKS = {
     "schemas": check_schemas,
     "network-policies": check_network_policies,
@@ -748,6 +793,8 @@ CHECKS = {
     "checksums": check_checksums,
     "dicom": check_dicom,
     "dicomweb": check_dicomweb,
+    "spread": check_spread,
+    "storage-memory": check_storage_memory,
 }
 
 

@@ -4,6 +4,8 @@
 //! ([`ClientTls::expecting`]); every channel has a connect timeout and,
 //! when configured, a per-call timeout.
 
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,9 +215,12 @@ impl ClientTls {
         Ok((endpoint, host))
     }
 
+    /// Dials `to` when given (one resolved address of a balanced channel),
+    /// else the URI's host; the TLS server name is `server_name` either way.
     fn connector(
         &self,
         server_name: ServerName<'static>,
+        to: Option<SocketAddr>,
     ) -> impl tower::Service<
         Uri,
         Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
@@ -229,10 +234,15 @@ impl ClientTls {
             let connector = connector.clone();
             let server_name = server_name.clone();
             async move {
-                let host = uri.host().unwrap_or_default();
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let port = uri.port_u16().unwrap_or(443);
-                let tcp = TcpStream::connect((host, port)).await?;
+                let tcp = match to {
+                    Some(addr) => TcpStream::connect(addr).await?,
+                    None => {
+                        let host = uri.host().unwrap_or_default();
+                        let host = host.trim_start_matches('[').trim_end_matches(']');
+                        let port = uri.port_u16().unwrap_or(443);
+                        TcpStream::connect((host, port)).await?
+                    }
+                };
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
@@ -252,7 +262,7 @@ impl ClientTls {
         let name = Self::server_name(&host)?;
         Ok(Channel::new(
             endpoint
-                .connect_with_connector(self.connector(name))
+                .connect_with_connector(self.connector(name, None))
                 .await?,
         ))
     }
@@ -262,7 +272,138 @@ impl ClientTls {
         let (endpoint, host) = self.endpoint(addr)?;
         let name = Self::server_name(&host)?;
         Ok(Channel::new(
-            endpoint.connect_with_connector_lazy(self.connector(name)),
+            endpoint.connect_with_connector_lazy(self.connector(name, None)),
         ))
+    }
+
+    /// A lazy channel that balances calls over every address `addr`'s host
+    /// resolves to (DNS, every `every`): a headless Kubernetes Service
+    /// names each replica. Each address gets its own connection, TLS
+    /// handshake and identity check under the configured host name; calls
+    /// go to the less loaded of two members picked at random (tower's
+    /// power of two choices over pending requests). A resolution that
+    /// fails or finds nothing keeps the members already known; with none
+    /// known, the channel dials the name itself, as [`Self::connect_lazy`]
+    /// does. Needs a Tokio runtime (it spawns the resolver).
+    pub fn connect_balanced(&self, addr: &str, every: Duration) -> Result<Channel, TlsError> {
+        self.connect_balanced_with(addr, every, dns_resolver())
+    }
+
+    /// [`Self::connect_balanced`] with another resolver (tests inject
+    /// theirs).
+    pub fn connect_balanced_with(
+        &self,
+        addr: &str,
+        every: Duration,
+        resolve: Resolver,
+    ) -> Result<Channel, TlsError> {
+        use tokio_stream::StreamExt;
+        let (endpoint, host) = self.endpoint(addr)?;
+        let name = Self::server_name(&host)?;
+        let port = endpoint.uri().port_u16().unwrap_or(443);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let changes = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, TlsError>);
+        let balance = tower::balance::p2c::Balance::new(tower::load::PendingRequestsDiscover::new(
+            changes,
+            tower::load::CompleteOnResponse::default(),
+        ));
+        let boxed = tower::ServiceExt::map_future(balance, |f| {
+            Box::pin(f) as crate::channel::ResponseFuture
+        });
+        let (svc, worker) = tower::buffer::Buffer::pair(boxed, BALANCE_BUFFER);
+        tokio::spawn(worker);
+        let this = self.clone();
+        let member = move |to: Member| {
+            let to = match to {
+                Member::Addr(a) => Some(a),
+                Member::ByName => None,
+            };
+            tonic::transport::Channel::new(this.connector(name.clone(), to), endpoint.clone())
+        };
+        tokio::spawn(discover(tx, resolve, host, port, every, member));
+        Ok(Channel::balanced(svc))
+    }
+}
+
+/// Requests waiting for a balanced channel's members (tonic's default).
+const BALANCE_BUFFER: usize = 1024;
+
+/// Resolves `host`, `port` to the addresses to balance over.
+pub type Resolver = Arc<
+    dyn Fn(
+            String,
+            u16,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// The system resolver (`getaddrinfo` through Tokio).
+pub fn dns_resolver() -> Resolver {
+    Arc::new(|host, port| {
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .collect())
+        })
+    })
+}
+
+/// One member of a balanced channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Member {
+    Addr(SocketAddr),
+    /// The name itself, dialled at connect time (nothing resolved yet).
+    ByName,
+}
+
+type MemberChange = tower::discover::Change<Member, tonic::transport::Channel>;
+
+/// Re-resolves the name every `every` and tells the balancer what came and
+/// went, until the balancer is gone.
+async fn discover(
+    tx: tokio::sync::mpsc::Sender<MemberChange>,
+    resolve: Resolver,
+    host: String,
+    port: u16,
+    every: Duration,
+    member: impl Fn(Member) -> tonic::transport::Channel,
+) {
+    use tower::discover::Change;
+    let mut current = BTreeSet::new();
+    loop {
+        let found: BTreeSet<Member> = match resolve(host.clone(), port).await {
+            Ok(addrs) => addrs.into_iter().map(Member::Addr).collect(),
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "resolving an upstream failed; keeping its known addresses");
+                BTreeSet::new()
+            }
+        };
+        let next = if !found.is_empty() {
+            found
+        } else if current.is_empty() {
+            BTreeSet::from([Member::ByName])
+        } else {
+            current.clone()
+        };
+        if next != current {
+            tracing::debug!(%host, members = ?next, "upstream members");
+        }
+        for gone in current.difference(&next) {
+            if tx.send(Change::Remove(*gone)).await.is_err() {
+                return;
+            }
+        }
+        for new in next.difference(&current) {
+            if tx.send(Change::Insert(*new, member(*new))).await.is_err() {
+                return;
+            }
+        }
+        current = next;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = tx.closed() => return,
+        }
     }
 }

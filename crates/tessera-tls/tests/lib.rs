@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+mod balance;
 mod reload;
 
 use tessera_pki::Ca;
@@ -90,12 +91,20 @@ async fn serve(files: &TlsFiles) -> (std::net::SocketAddr, tokio::sync::oneshot:
         tls.identity().uri(),
         "spiffe://tessera.local/service/storage-1"
     );
+    serve_status(files, tonic_health::ServingStatus::Serving).await
+}
+
+/// [`serve`] under any identity, its "probe" service in `status` (tells
+/// servers apart by their answers).
+async fn serve_status(
+    files: &TlsFiles,
+    status: tonic_health::ServingStatus,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let tls = ServerTls::from_files(files, DEFAULT_TRUST_DOMAIN).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("probe", tonic_health::ServingStatus::Serving)
-        .await;
+    reporter.set_service_status("probe", status).await;
     // Keep the reporter alive with the server.
     std::mem::forget(reporter);
     let mut access = AccessConfig::default();

@@ -87,6 +87,7 @@ certificate must carry is <name>). Call with (list "keyserver" 7400). */}}
 {{- if gt $cap (.Values.storage.capacityBytes | int64) -}}
 {{- fail (printf "storage.maxObjectBytes (%d, derived from gateway.maxImageBytes unless set) must not exceed storage.capacityBytes" $cap) -}}
 {{- end -}}
+{{- $_ := include "tessera.storageConcurrentPuts" . -}}
 {{- range $svc := list "watermark" "segmentation" -}}
 {{- $own := (index $.Values $svc).maxImageBytes -}}
 {{- if and (not (kindIs "invalid" $own)) (lt ($own | int64) $maxImage) -}}
@@ -180,18 +181,24 @@ key = {{ printf "%s/tls.key" (include "tessera.tlsKeyDir" .) | toJson }}
 [client_tls]
 {{ include "tessera.clientTlsToml" . }}
 
-# Each upstream must present exactly this identity (its URI SAN).
+# Each upstream must present exactly this identity (its URI SAN). Calls
+# balance over every address the name resolves to, looked up again every
+# resolve_secs (the watermark and segmentation Services are headless).
+{{- $resolve := $v.gateway.upstreamResolveSecs | default 0 | int64 }}
 [keyserver]
 address = {{ include "tessera.address" (list "keyserver" $v.keyserver.port) | toJson }}
 identity = {{ include "tessera.serviceIdentity" (list . "keyserver") | toJson }}
+resolve_secs = {{ $resolve }}
 
 [watermark]
 address = {{ include "tessera.address" (list "watermark" $v.watermark.port) | toJson }}
 identity = {{ include "tessera.serviceIdentity" (list . "watermark") | toJson }}
+resolve_secs = {{ $resolve }}
 
 [segmentation]
 address = {{ include "tessera.address" (list "segmentation" $v.segmentation.port) | toJson }}
 identity = {{ include "tessera.serviceIdentity" (list . "segmentation") | toJson }}
+resolve_secs = {{ $resolve }}
 {{- range $i := until ($v.storage.replicas | int) }}
 {{- $node := printf "storage-%d" (add1 $i) }}
 
@@ -323,7 +330,7 @@ node_id = {{ .node | toJson }}
 data_dir = {{ include "tessera.dataDir" . | toJson }}
 capacity_bytes = {{ $v.storage.capacityBytes | int64 }}
 max_object_bytes = {{ include "tessera.storageMaxObjectBytes" .root }}
-max_concurrent_puts = {{ $v.storage.maxConcurrentPuts | int64 }}
+max_concurrent_puts = {{ include "tessera.storageConcurrentPuts" .root }}
 
 {{ include "tessera.serverToml" (dict "root" .root "port" $v.storage.port) }}
 {{- end }}
@@ -355,6 +362,47 @@ to even, plus a 512-byte header).
 {{- else -}}
 {{- .Values.storage.maxObjectBytes | int64 -}}
 {{- end -}}
+{{- end -}}
+
+{{/* A memory quantity ("1536Mi", "2Gi", "1G", "800000000") in bytes; 0 when
+empty. Milli and exponent forms are not accepted (the chart fails). */}}
+{{- define "tessera.memBytes" -}}
+{{- $q := toString . -}}
+{{- if not $q -}}0
+{{- else if regexMatch "^[0-9]+$" $q -}}{{ $q }}
+{{- else -}}
+{{- $m := regexFind "^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)$" $q -}}
+{{- if not $m -}}{{ fail (printf "memory quantity %q: use an integer with Ki, Mi, Gi, Ti, k, M, G or T" $q) }}{{- end -}}
+{{- $unit := regexFind "(Ki|Mi|Gi|Ti|k|M|G|T)$" $q -}}
+{{- $n := trimSuffix $unit $q | int64 -}}
+{{- $mul := get (dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000) $unit | int64 -}}
+{{- mul $n $mul -}}
+{{- end -}}
+{{- end -}}
+
+{{/* What a storage node keeps for itself besides the buffered uploads. */}}
+{{- define "tessera.storageReserveBytes" -}}268435456{{- end -}}
+
+{{/*
+storage.maxConcurrentPuts, or (null) as many uploads of the per-object cap
+as fit the memory limit beside the node's reserve, at most 8 (8 without a
+limit). Fails when even one does not fit, or a set value does not.
+*/}}
+{{- define "tessera.storageConcurrentPuts" -}}
+{{- $cap := include "tessera.storageMaxObjectBytes" . | int64 -}}
+{{- $limit := include "tessera.memBytes" (((.Values.storage.resources | default dict).limits | default dict).memory | default "") | int64 -}}
+{{- $reserve := include "tessera.storageReserveBytes" . | int64 -}}
+{{- $set := .Values.storage.maxConcurrentPuts -}}
+{{- $puts := 8 -}}
+{{- if not (kindIs "invalid" $set) -}}
+{{- $puts = $set | int64 -}}
+{{- else if gt $limit 0 -}}
+{{- $puts = min 8 (div (sub $limit $reserve) $cap) -}}
+{{- end -}}
+{{- if and (gt $limit 0) (or (lt $puts 1) (gt (add (mul $puts $cap) $reserve) $limit)) -}}
+{{- fail (printf "storage: %d uploads of %d bytes (storage.maxConcurrentPuts x the per-object cap) plus 256 MiB do not fit storage.resources.limits.memory (%d bytes): lower maxConcurrentPuts (null: as many as fit), raise the limit, or enable storage.erasure" (max $puts 1) $cap $limit) -}}
+{{- end -}}
+{{- $puts -}}
 {{- end -}}
 
 {{/* ---------------- pod building blocks ---------------- */}}

@@ -379,10 +379,11 @@ fn register_metrics(metrics: &Metrics, service: &GatewayService) {
     let s = service.clone();
     metrics.gauge_fn(
         "gateway_studies",
-        "Study records in the vault (-1: the vault could not be read)",
+        "Study records in the vault (-1: the vault could not be read; re-read after this \
+         gateway's own changes, else at most every 30 s)",
         move || {
             s.vault()
-                .count_studies()
+                .count_studies_cached(crate::vault::STUDY_COUNT_TTL)
                 .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX))
         },
     );

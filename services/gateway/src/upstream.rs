@@ -3,7 +3,10 @@
 //! only (the keyserver channel refuses a storage node's certificate) and
 //! has the `[upstream_timeouts]` deadlines. Channels are lazy: the gateway
 //! starts while its peers are still coming up and reconnects after a peer
-//! restarts.
+//! restarts. The keyserver, watermark and segmentation channels balance
+//! over every address their name resolves to (`resolve_secs`), so every
+//! replica behind a headless Service gets calls; a storage node is one
+//! address.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -99,6 +102,12 @@ impl Upstreams {
     /// Loads the client TLS material and prepares lazy channels, each
     /// expecting its upstream's identity.
     pub fn new(cfg: &Config) -> Result<Self, TlsError> {
+        Self::with_resolver(cfg, tessera_tls::dns_resolver())
+    }
+
+    /// [`Self::new`] with the balanced channels (`resolve_secs` > 0)
+    /// resolving their names through `resolver` (tests inject theirs).
+    pub fn with_resolver(cfg: &Config, resolver: tessera_tls::Resolver) -> Result<Self, TlsError> {
         let tls = ClientTls::from_files(&cfg.client_tls)?;
         if let Some(every) = cfg.server.tls_reload() {
             let _watching = tls.watch(every);
@@ -113,9 +122,15 @@ impl Upstreams {
             let id = cfg
                 .upstream_identity(name, u)
                 .map_err(|e| bad_identity(&u.address, e))?;
-            tls.expecting(&id)
-                .with_timeouts(timeouts)
-                .connect_lazy(&u.address)
+            let tls = tls.expecting(&id).with_timeouts(timeouts);
+            match u.resolve_secs {
+                0 => tls.connect_lazy(&u.address),
+                secs => tls.connect_balanced_with(
+                    &u.address,
+                    Duration::from_secs(secs),
+                    resolver.clone(),
+                ),
+            }
         };
         let keyserver = KeyServerClient::new(channel("keyserver", &cfg.keyserver, unary)?);
         let watermark = WatermarkClient::new(channel("watermark", &cfg.watermark, streaming)?)

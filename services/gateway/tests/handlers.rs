@@ -348,6 +348,8 @@ async fn each_flow_refuses_bad_requests() {
                 study_handle: String::new(),
                 dry_run: true,
                 evacuate_node: "storage-99".into(),
+                page_size: 0,
+                page_token: String::new(),
             },
             "spiffe://tessera.local/user/admin",
             &[Role::Admin],
@@ -356,4 +358,29 @@ async fn each_flow_refuses_bad_requests() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("storage-99"), "{e:?}");
+    // Repair paging: a page too large, a token without a page size, a
+    // token that is no study handle.
+    for (page_size, page_token, field) in [
+        (1001, "", "page_size"),
+        (0, "st-00000000000000000000000000000000", "page_token"),
+        (10, "nope", "page_token"),
+    ] {
+        let e = k
+            .svc
+            .repair(req(
+                pb::RepairRequest {
+                    study_handle: String::new(),
+                    dry_run: true,
+                    evacuate_node: String::new(),
+                    page_size,
+                    page_token: page_token.into(),
+                },
+                "spiffe://tessera.local/user/admin",
+                &[Role::Admin],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{e:?}");
+    }
 }

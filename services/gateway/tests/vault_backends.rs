@@ -103,6 +103,22 @@ fn exercise(v: &Vault, raw: Raw<'_>, dir: &std::path::Path) {
     }
     assert_eq!(v.committed_ids().unwrap(), vec!["st-1".to_string()]);
 
+    // A store of this replica commits by compare-and-set: over its own
+    // pending intent (and updates of its own committed record), never
+    // over a record that is gone (rolled back by another replica).
+    let mut own = study("st-own", StudyState::Pending);
+    own.replica = v.replica().to_owned();
+    v.insert_new(&own).unwrap();
+    own.state = StudyState::Committed;
+    v.put(&own).unwrap();
+    own.placements = vec![];
+    v.put(&own).unwrap();
+    assert!(v.claim(&own).unwrap(), "its own record is its own to undo");
+    v.remove("st-own").unwrap();
+    assert!(matches!(v.put(&own), Err(GatewayError::Unavailable(_))));
+    assert!(v.get("st-own").unwrap().is_none(), "nothing resurrected");
+    assert!(!v.claim(&own).unwrap(), "gone: nothing to roll back");
+
     // DICOM studies: the HMAC index finds them; removal drops the entry.
     let mut d = study("st-10", StudyState::Committed);
     d.original_format = 4;
@@ -263,6 +279,21 @@ fn vault_on_postgres() {
         .trim(),
         "1"
     );
+    // /metrics' study count: reused until this process writes, or the TTL
+    // passes (another replica's store shows then).
+    let b = Vault::open_postgres(&url, &KEY, 30).unwrap();
+    let ttl = std::time::Duration::from_secs(3600);
+    let n = v.count_studies_cached(ttl).unwrap();
+    b.insert_new(&study("st-other", StudyState::Committed))
+        .unwrap();
+    assert_eq!(v.count_studies_cached(ttl), Some(n), "cached");
+    assert_eq!(
+        v.count_studies_cached(std::time::Duration::ZERO),
+        Some(n + 1)
+    );
+    v.insert_new(&study("st-own", StudyState::Committed))
+        .unwrap();
+    assert_eq!(v.count_studies_cached(ttl), Some(n + 2), "own write seen");
 }
 
 /// Two replicas on one database: neither recovers the other's unfinished
@@ -299,6 +330,74 @@ fn replicas_respect_each_others_leases() {
     assert!(b.recoverable_studies().unwrap().is_empty());
 }
 
+/// Decision 22's two gaps. A replica stalled past its lease (not dead)
+/// cannot commit a store another replica's recovery took over: the
+/// recovering replica claims the record first (compare-and-set), and the
+/// commit is a compare-and-set on this replica's own record. And a record
+/// held by a live replica when the sweep ran (an earlier run of the same
+/// gateway restarted within its lease) is found again once the lease
+/// lapses.
+#[test]
+fn a_stalled_replica_cannot_commit_what_another_recovered() {
+    let pg = Postgres::start();
+    let url = pg.create_db("vault");
+    let a = Vault::open_postgres(&url, &KEY, 3).unwrap();
+    let b = Vault::open_postgres(&url, &KEY, 3).unwrap();
+    let mut rec = study("st-stall", StudyState::Pending);
+    rec.replica = a.replica().to_owned();
+    a.insert_new(&rec).unwrap();
+    let mut inst = instance("st-stall", "in-1", "1.9", StudyState::Pending, 1);
+    inst.replica = a.replica().to_owned();
+    a.insert_instance(&inst).unwrap();
+    let mut del = study("st-del", StudyState::Deleting);
+    del.replica = a.replica().to_owned();
+    a.put(&del).unwrap();
+    // While A's lease is live, B only sees A's records as held.
+    a.heartbeat().unwrap();
+    assert!(b.recoverable_studies().unwrap().is_empty());
+    let (held_s, held_i) = b.held().unwrap();
+    assert_eq!(held_s.len(), 2);
+    assert_eq!(held_i, vec![inst.clone()]);
+    let ((ready_s, ready_i), (still_s, _)) = b.recheck(&held_s, &held_i).unwrap();
+    assert!(ready_s.is_empty() && ready_i.is_empty() && still_s.len() == 2);
+    // A stalls past its lease: B's second look finds them recoverable.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let ((ready_s, ready_i), (still_s, still_i)) = b.recheck(&held_s, &held_i).unwrap();
+    assert_eq!(ready_s.len(), 2, "the interrupted store and delete");
+    assert_eq!(ready_i, vec![inst.clone()]);
+    assert!(still_s.is_empty() && still_i.is_empty());
+    // B claims the store (and the instance) before rolling back ...
+    assert!(b.claim(&rec).unwrap());
+    assert!(b.claim_instance(&inst).unwrap());
+    assert_eq!(b.get("st-stall").unwrap().unwrap().replica, b.replica());
+    // ... so A, waking up, can neither commit nor claim them.
+    let mut late = rec.clone();
+    late.state = StudyState::Committed;
+    assert!(matches!(a.put(&late), Err(GatewayError::Unavailable(_))));
+    let mut late_i = inst.clone();
+    late_i.state = StudyState::Committed;
+    assert!(matches!(
+        a.put_instance(&late_i),
+        Err(GatewayError::Unavailable(_))
+    ));
+    assert!(!a.claim(&rec).unwrap(), "taken over: not A's to undo");
+    assert!(!a.claim_instance(&inst).unwrap());
+    assert!(a.committed("st-stall").is_err(), "never committed");
+    // A claim races with the commit it guards against: only one wins.
+    let mut race = study("st-race", StudyState::Pending);
+    race.replica = a.replica().to_owned();
+    a.insert_new(&race).unwrap();
+    let mut done = race.clone();
+    done.state = StudyState::Committed;
+    a.put(&done).unwrap();
+    assert!(!b.claim(&race).unwrap(), "committed first: B leaves it");
+    assert_eq!(a.committed("st-race").unwrap().state, StudyState::Committed);
+    // Once B removed what it rolled back, A's late commit still fails.
+    b.remove("st-stall").unwrap();
+    assert!(matches!(a.put(&late), Err(GatewayError::Unavailable(_))));
+    assert!(b.get("st-stall").unwrap().is_none());
+}
+
 /// The database goes away: calls fail UNAVAILABLE (nothing acknowledged,
 /// no other store); it comes back: the pool reconnects.
 #[test]
@@ -315,6 +414,7 @@ fn an_unreachable_database_fails_closed() {
     assert!(t.elapsed() < std::time::Duration::from_secs(25));
     let status: tonic::Status = v.get("st-1").unwrap_err().into();
     assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert_eq!(v.count_studies_cached(std::time::Duration::ZERO), None);
     // Opening against a stopped database fails too (no fallback).
     assert!(matches!(
         Vault::open_postgres(&url, &KEY, 30),

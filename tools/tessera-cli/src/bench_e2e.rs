@@ -455,6 +455,8 @@ async fn repair_lost_disk(stack: &mut DevStack) -> Result<RepairFigure> {
             study_handle: String::new(),
             dry_run: false,
             evacuate_node: String::new(),
+            page_size: 0,
+            page_token: String::new(),
         })
         .await
         .context("repair")?

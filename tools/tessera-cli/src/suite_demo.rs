@@ -32,6 +32,8 @@ async fn repair(admin: &mut GatewayClient<Channel>) -> Result<pb::RepairResponse
             study_handle: String::new(),
             dry_run: false,
             evacuate_node: String::new(),
+            page_size: 0,
+            page_token: String::new(),
         })
         .await
         .context("repair")?
@@ -375,6 +377,8 @@ async fn flows(stack: &mut DevStack, out_dir: &Path, steps: &mut Steps) -> Resul
             study_handle: String::new(),
             dry_run: true,
             evacuate_node: String::new(),
+            page_size: 0,
+            page_token: String::new(),
         })
         .await
         .context("scrub")?

@@ -26,6 +26,11 @@
 //! [segmentation]
 //! address = "localhost:7550"
 //! identity = "spiffe://tessera.local/service/segmentation"
+//! # resolve_secs = 10      # keyserver, watermark, segmentation: calls balance
+//!                           # over every address the host resolves to, looked
+//!                           # up again this often (default 0: one connection
+//!                           # to the name; the chart sets 10 with headless
+//!                           # Services)
 //!
 //! [[storage_nodes]]
 //! name = "storage-1"        # must equal the node's node_id (checked)
@@ -147,7 +152,18 @@ pub struct Upstream {
     /// `spiffe://<server.access.trust_domain>/service/<section name>`.
     #[serde(default)]
     pub identity: Option<String>,
+    /// Calls balance over every address `host` resolves to (a headless
+    /// Kubernetes Service names each replica), resolved again every this
+    /// many seconds; 0: one connection to the name, resolved when it
+    /// connects (the default: `localhost` resolves to `::1` and
+    /// `127.0.0.1` while a local service listens on one of them).
+    #[serde(default)]
+    pub resolve_secs: u64,
 }
+
+/// Longest re-resolution period of a balanced upstream (a replica added
+/// later waits at most this long for its first call).
+pub const MAX_RESOLVE_SECS: u64 = 3600;
 
 /// One `[[storage_nodes]]` entry.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -402,6 +418,12 @@ impl Validate for Config {
             if u.address.trim().is_empty() {
                 return Err(format!("{what} must not be empty"));
             }
+            if u.resolve_secs > MAX_RESOLVE_SECS {
+                let section = what.trim_end_matches(".address");
+                return Err(format!(
+                    "{section}.resolve_secs must be at most {MAX_RESOLVE_SECS} (0: no balancing)"
+                ));
+            }
         }
         self.upstream_identity("keyserver", &self.keyserver)?;
         self.upstream_identity("watermark", &self.watermark)?;
@@ -602,6 +624,18 @@ mod tests {
             "spiffe://tessera.local/service/ks-east"
         );
         assert_eq!(cfg.upstream_timeouts.call_secs, 7);
+        // Balancing is off unless asked for (`localhost` has two addresses).
+        assert_eq!(cfg.watermark.resolve_secs, 0);
+        let env = BTreeMap::from([(
+            "TESSERA_GATEWAY__WATERMARK__RESOLVE_SECS".to_string(),
+            "10".to_string(),
+        )]);
+        let cfg: Config =
+            load_config(&ConfigSource::from_text(&text(dir.path()), env), ENV_PREFIX).unwrap();
+        assert_eq!(
+            (cfg.watermark.resolve_secs, cfg.segmentation.resolve_secs),
+            (10, 0)
+        );
     }
 
     #[test]
@@ -619,6 +653,7 @@ mod tests {
             ),
             ("TESSERA_GATEWAY__UPSTREAM_TIMEOUTS__CALL_SECS", "0"),
             ("TESSERA_GATEWAY__UPSTREAM_TIMEOUTS__CONNECT_SECS", "0"),
+            ("TESSERA_GATEWAY__SEGMENTATION__RESOLVE_SECS", "3601"),
         ] {
             let env = BTreeMap::from([(var.to_string(), val.to_string())]);
             let r: Result<Config, _> =

@@ -12,6 +12,9 @@ use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result, with_vault};
 use crate::vault::StudyState;
 
+/// Most studies one page of a Repair pass covers (`page_size`).
+pub const MAX_REPAIR_PAGE: u32 = 1000;
+
 impl GatewayService {
     pub(crate) async fn delete_inner(
         &self,
@@ -74,6 +77,8 @@ impl GatewayService {
                         study_handle: String::new(),
                         dry_run: false,
                         evacuate_node: String::new(),
+                        page_size: 0,
+                        page_token: String::new(),
                     },
                     Some(per_sec),
                 )
@@ -98,7 +103,8 @@ impl GatewayService {
         self.repair_pass(r, None).await
     }
 
-    /// One scrub (and, unless `dry_run`, repair) pass; `rate` bounds the
+    /// One scrub (and, unless `dry_run`, repair) pass, or one page of it
+    /// (`page_size` studies after `page_token`); `rate` bounds the
     /// objects checked per second. Up to `[erasure]
     /// repair_studies_in_flight` studies are repaired at once (the rate
     /// holds across them); their findings are reported in study order.
@@ -107,12 +113,34 @@ impl GatewayService {
         r: pb::RepairRequest,
         rate: Option<u32>,
     ) -> Result<pb::RepairResponse> {
-        let ids = if r.study_handle.is_empty() {
+        if r.page_size > MAX_REPAIR_PAGE {
+            return Err(GatewayError::InvalidArgument(format!(
+                "page_size: at most {MAX_REPAIR_PAGE} studies a page (0: every study in one answer)"
+            )));
+        }
+        if !r.page_token.is_empty() {
+            if r.page_size == 0 {
+                return Err(GatewayError::InvalidArgument(
+                    "page_token needs a page_size".into(),
+                ));
+            }
+            check_handle("page_token", &r.page_token)?;
+        }
+        let mut ids = if r.study_handle.is_empty() {
             with_vault(&self.inner.vault, |v| v.committed_ids()).await?
         } else {
             check_handle("study_handle", &r.study_handle)?;
             vec![self.committed(&r.study_handle).await?.study_id]
         };
+        // A page: the next page_size studies in id order after the token.
+        let mut next_page_token = String::new();
+        if r.page_size > 0 {
+            ids.retain(|id| id.as_str() > r.page_token.as_str());
+            if ids.len() > r.page_size as usize {
+                ids.truncate(r.page_size as usize);
+                next_page_token = ids.last().cloned().unwrap_or_default();
+            }
+        }
         if !r.evacuate_node.is_empty() {
             self.inner.up.node(&r.evacuate_node)?;
         }
@@ -157,7 +185,8 @@ impl GatewayService {
         for t in done.into_iter().flatten() {
             tally.merge(t);
         }
-        if r.study_handle.is_empty() && r.evacuate_node.is_empty() {
+        // Whole-pass work, once: on the last page of a paged pass.
+        if r.study_handle.is_empty() && r.evacuate_node.is_empty() && next_page_token.is_empty() {
             self.finish_interrupted(r.dry_run, &mut tally).await;
             let grace = self
                 .inner
@@ -192,6 +221,7 @@ impl GatewayService {
             orphans_removed: tally.orphans,
             failures: tally.failures,
             actions: tally.actions,
+            next_page_token,
         })
     }
 

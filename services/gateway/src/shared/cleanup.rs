@@ -16,7 +16,24 @@ impl GatewayService {
     /// Removes what a failed store (or an unfinished delete) left: the
     /// shares, the study at the keyserver, then the vault record. Anything
     /// that fails keeps the record, and the next start tries again.
+    ///
+    /// The record is claimed first ([`crate::vault::Vault::claim`]): one
+    /// that another replica committed, took over or removed meanwhile is
+    /// left to it. When the vault cannot be read the rollback goes ahead
+    /// (its last step, removing the record, then fails too, and the record
+    /// stays for the next attempt).
     pub(crate) async fn rollback(&self, rec: &StudyRecord) {
+        let r = rec.clone();
+        match with_vault(&self.inner.vault, move |v| v.claim(&r)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(study = %rec.study_id, "cleanup: the record was committed, taken over or removed by another replica; left to it");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(study = %rec.study_id, error = %e, "cleanup: cannot claim the record; rolling back anyway")
+            }
+        }
         let mut clean = true;
         if rec.is_dicom()
             && let Err(e) = self.delete_instances(rec).await
@@ -116,11 +133,72 @@ impl GatewayService {
             tracing::info!(study = %rec.study_id, state = ?rec.state, "finishing an interrupted store/delete");
             self.rollback(&rec).await;
         }
+        self.watch_held().await;
+    }
+
+    /// Looks again, every lease, at the unfinished records the sweep had to
+    /// leave to another live replica, until each is committed, removed, or
+    /// finished here once its writer's lease lapsed. The writer may be an
+    /// earlier run of this very gateway restarted within its lease (a new
+    /// replica id: its interrupted store or delete would otherwise wait for
+    /// the next start), or a replica that dies before finishing.
+    pub(crate) async fn watch_held(&self) {
+        let (mut studies, mut instances) = match with_vault(&self.inner.vault, |v| v.held()).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "vault sweep: cannot list the records held by other replicas");
+                return;
+            }
+        };
+        let every = std::time::Duration::from_secs(self.inner.vault.lease_secs() + 1);
+        while !studies.is_empty() || !instances.is_empty() {
+            tracing::info!(
+                studies = studies.len(),
+                instances = instances.len(),
+                "unfinished records held by live replicas; looking again after the lease"
+            );
+            tokio::time::sleep(every).await;
+            let (s, i) = (studies.clone(), instances.clone());
+            let ((ready_s, ready_i), (held_s, held_i)) = match with_vault(
+                &self.inner.vault,
+                move |v| v.recheck(&s, &i),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "vault sweep: cannot look at the held records again");
+                    continue;
+                }
+            };
+            for rec in ready_i {
+                tracing::info!(study = %rec.study_id, instance = %rec.instance_id, "removing an interrupted DICOM store (its writer's lease lapsed)");
+                self.rollback_instance(&rec).await;
+            }
+            for rec in ready_s {
+                tracing::info!(study = %rec.study_id, state = ?rec.state, "finishing an interrupted store/delete (its writer's lease lapsed)");
+                self.rollback(&rec).await;
+            }
+            (studies, instances) = (held_s, held_i);
+        }
     }
 
     /// Removes a failed instance's objects and record (kept for the next
     /// start's sweep when a node cannot be reached).
+    /// Claimed first, as in [`Self::rollback`]: false when another replica
+    /// committed, took over or removed it meanwhile.
     pub(crate) async fn rollback_instance(&self, rec: &InstanceRecord) -> bool {
+        let r = rec.clone();
+        match with_vault(&self.inner.vault, move |v| v.claim_instance(&r)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(study = %rec.study_id, instance = %rec.instance_id, "cleanup: the instance record was committed, taken over or removed by another replica; left to it");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(study = %rec.study_id, instance = %rec.instance_id, error = %e, "cleanup: cannot claim the instance record; rolling back anyway")
+            }
+        }
         let mut clean = self
             .delete_objects_logged(&rec.study_id, &rec.placements)
             .await;

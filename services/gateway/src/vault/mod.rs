@@ -34,7 +34,7 @@ pub use records::{
     StudyState,
 };
 use seal::{Binding, VaultKey, instance_aad, open_sealed, seal_record, study_aad};
-use store::{INDEX, INSTANCES, Op, STUDIES, Tbl, Write};
+use store::{INDEX, INSTANCES, Op, STUDIES, Tbl, Write, changed_meanwhile, is_changed_meanwhile};
 
 type Result<T, E = GatewayError> = std::result::Result<T, E>;
 
@@ -55,7 +55,17 @@ pub struct Vault {
     /// unfinished records it writes, beaten in the replicas table.
     replica: String,
     lease_secs: u64,
+    /// Changes submitted by this process (any table): the study count
+    /// cache below is stale once it moved.
+    writes: std::sync::atomic::AtomicU64,
+    /// The last [`Self::count_studies`] for `/metrics`: (writes then, when,
+    /// the count or None when the vault could not be read).
+    count_cache: std::sync::Mutex<Option<(u64, std::time::Instant, Option<u64>)>>,
 }
+
+/// How long `/metrics` reuses the vault's study count when this process
+/// wrote nothing since (other replicas' stores show within it).
+pub const STUDY_COUNT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Vault {
     /// Opens (or creates) the vault file.
@@ -86,6 +96,8 @@ impl Vault {
             rng,
             replica: format!("r-{}", hex::encode(id)),
             lease_secs,
+            writes: std::sync::atomic::AtomicU64::new(0),
+            count_cache: std::sync::Mutex::new(None),
         };
         v.heartbeat()?;
         Ok(v)
@@ -127,7 +139,14 @@ impl Vault {
 
     /// Hands a change to the backend and waits for its commit.
     fn submit(&self, op: Op) -> Result<()> {
-        self.backend.submit(op)
+        // Counted before and after: a count read while the op commits is
+        // not reused once it has.
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let r = self.backend.submit(op);
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
     }
 
     fn aad(study_id: &str) -> Binding {
@@ -161,14 +180,119 @@ impl Vault {
         Ok(rec)
     }
 
-    /// Writes (inserts or replaces) a record durably.
+    /// Writes (inserts or replaces) a record durably. A committed record
+    /// stamped with this replica (the commit of a store this process began,
+    /// or a later update of it) is a compare-and-set: it replaces only this
+    /// replica's own pending or committed record, so a store another
+    /// replica's recovery took over or rolled back (this process stalled
+    /// past its lease) is never committed: UNAVAILABLE, nothing written.
     pub fn put(&self, rec: &StudyRecord) -> Result<()> {
         let sealed = self.seal(rec)?;
-        self.submit(Op(vec![Write::Put(
+        let w = self.guarded(
             Tbl::Studies,
             rec.study_id.clone(),
             sealed,
-        )]))
+            rec.state,
+            &rec.replica,
+            |b| {
+                let r = self.open_record(&rec.study_id, b)?;
+                Ok((r.state, r.replica))
+            },
+        )?;
+        self.submit(Op(vec![w]))
+    }
+
+    /// The write of `value` at `key`: a [`Write::PutIf`] against the
+    /// stored bytes when the record is committed and stamped with this
+    /// replica (see [`Self::put`]), a plain put otherwise. `stamp_of`
+    /// reads the stored record's state and replica.
+    fn guarded(
+        &self,
+        tbl: Tbl,
+        key: String,
+        value: Vec<u8>,
+        state: StudyState,
+        stamp: &str,
+        stamp_of: impl Fn(&[u8]) -> Result<(StudyState, String)>,
+    ) -> Result<Write> {
+        if state != StudyState::Committed || stamp.is_empty() || stamp != self.replica {
+            return Ok(Write::Put(tbl, key, value));
+        }
+        let Some(expected) = self.backend.get(tbl, &key)? else {
+            return Err(changed_meanwhile(&key));
+        };
+        match stamp_of(&expected)? {
+            (StudyState::Pending | StudyState::Committed, r) if r == self.replica => {
+                Ok(Write::PutIf {
+                    tbl,
+                    key,
+                    value,
+                    expected,
+                })
+            }
+            (StudyState::Pending | StudyState::Committed | StudyState::Deleting, _) => {
+                Err(changed_meanwhile(&key))
+            }
+        }
+    }
+
+    /// Takes an unfinished record over before rolling it back: restamps
+    /// the stored record with this replica (compare-and-set on the bytes
+    /// read), so its writer, if only stalled past its lease, can no longer
+    /// commit it. True: roll back (also for this replica's own record).
+    /// False: the record is gone, or is no longer the one `rec` shows
+    /// (committed, or taken over by another replica): not ours to undo.
+    pub fn claim(&self, rec: &StudyRecord) -> Result<bool> {
+        let Some(bytes) = self.backend.get(Tbl::Studies, &rec.study_id)? else {
+            return Ok(false);
+        };
+        let mut cur = self.open_record(&rec.study_id, &bytes)?;
+        if cur.replica == self.replica {
+            return Ok(true);
+        }
+        if cur.state == StudyState::Committed || cur.replica != rec.replica {
+            return Ok(false);
+        }
+        cur.replica = self.replica.clone();
+        let sealed = self.seal(&cur)?;
+        self.claim_write(Tbl::Studies, rec.study_id.clone(), sealed, bytes)
+    }
+
+    /// [`Self::claim`] for a DICOM instance record.
+    pub fn claim_instance(&self, rec: &InstanceRecord) -> Result<bool> {
+        let key = rec.key();
+        let Some(bytes) = self.backend.get(Tbl::Instances, &key)? else {
+            return Ok(false);
+        };
+        let mut cur: InstanceRecord = self.open_with(&key, Self::instance_aad(&key), &bytes)?;
+        if cur.replica == self.replica {
+            return Ok(true);
+        }
+        if cur.state == StudyState::Committed || cur.replica != rec.replica {
+            return Ok(false);
+        }
+        cur.replica = self.replica.clone();
+        let sealed = self.seal_with(&cur, Self::instance_aad(&key))?;
+        self.claim_write(Tbl::Instances, key, sealed, bytes)
+    }
+
+    fn claim_write(
+        &self,
+        tbl: Tbl,
+        key: String,
+        value: Vec<u8>,
+        expected: Vec<u8>,
+    ) -> Result<bool> {
+        match self.submit(Op(vec![Write::PutIf {
+            tbl,
+            key,
+            value,
+            expected,
+        }])) {
+            Ok(()) => Ok(true),
+            Err(e) if is_changed_meanwhile(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Inserts a new record durably; fails if the id is taken.
@@ -239,6 +363,71 @@ impl Vault {
         Ok(out)
     }
 
+    /// Unfinished records recovery must leave to their writers for now:
+    /// another replica whose lease is live (possibly an earlier run of
+    /// this very gateway, restarted within its lease under a new id).
+    pub fn held(&self) -> Result<(Vec<StudyRecord>, Vec<InstanceRecord>)> {
+        let mut live = std::collections::HashMap::new();
+        let mut studies = Vec::new();
+        for r in self.unfinished()? {
+            if r.replica != self.replica && !self.recoverable_cached(&r.replica, &mut live)? {
+                studies.push(r);
+            }
+        }
+        let mut instances = Vec::new();
+        for r in self.unfinished_instances()? {
+            if r.replica != self.replica && !self.recoverable_cached(&r.replica, &mut live)? {
+                instances.push(r);
+            }
+        }
+        Ok((studies, instances))
+    }
+
+    /// Looks again at records [`Self::held`] returned: those still
+    /// unfinished are returned as they are now, split into (recoverable
+    /// now, still held); committed or removed ones are dropped.
+    #[allow(clippy::type_complexity)]
+    pub fn recheck(
+        &self,
+        studies: &[StudyRecord],
+        instances: &[InstanceRecord],
+    ) -> Result<(
+        (Vec<StudyRecord>, Vec<InstanceRecord>),
+        (Vec<StudyRecord>, Vec<InstanceRecord>),
+    )> {
+        let mut live = std::collections::HashMap::new();
+        let (mut ready, mut held) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        for s in studies {
+            let Some(cur) = self.get(&s.study_id)? else {
+                continue;
+            };
+            if cur.state == StudyState::Committed || cur.replica == self.replica {
+                continue;
+            }
+            if self.recoverable_cached(&cur.replica, &mut live)? {
+                ready.0.push(cur);
+            } else {
+                held.0.push(cur);
+            }
+        }
+        for i in instances {
+            let key = i.key();
+            let Some(b) = self.backend.get(Tbl::Instances, &key)? else {
+                continue;
+            };
+            let cur: InstanceRecord = self.open_with(&key, Self::instance_aad(&key), &b)?;
+            if cur.state == StudyState::Committed || cur.replica == self.replica {
+                continue;
+            }
+            if self.recoverable_cached(&cur.replica, &mut live)? {
+                ready.1.push(cur);
+            } else {
+                held.1.push(cur);
+            }
+        }
+        Ok((ready, held))
+    }
+
     fn recoverable_cached(
         &self,
         replica: &str,
@@ -304,12 +493,25 @@ impl Vault {
         }
     }
 
-    /// Writes a DICOM study record and its index entry together.
+    /// Writes a DICOM study record and its index entry together (the
+    /// record as [`Self::put`] does: a commit of this replica's store is a
+    /// compare-and-set).
     pub fn put_dicom_study(&self, rec: &StudyRecord, patient_id: &str) -> Result<()> {
         let k = self.study_index(&rec.owner, patient_id, &rec.dicom_study_uid);
         let sealed = self.seal(rec)?;
+        let w = self.guarded(
+            Tbl::Studies,
+            rec.study_id.clone(),
+            sealed,
+            rec.state,
+            &rec.replica,
+            |b| {
+                let r = self.open_record(&rec.study_id, b)?;
+                Ok((r.state, r.replica))
+            },
+        )?;
         self.submit(Op(vec![
-            Write::Put(Tbl::Studies, rec.study_id.clone(), sealed),
+            w,
             Write::Put(Tbl::Index, k, rec.study_id.clone().into_bytes()),
         ]))
     }
@@ -346,11 +548,23 @@ impl Vault {
         ]))
     }
 
-    /// Replaces an instance record.
+    /// Replaces an instance record (a commit of this replica's store is a
+    /// compare-and-set, as in [`Self::put`]).
     pub fn put_instance(&self, rec: &InstanceRecord) -> Result<()> {
         let key = rec.key();
         let sealed = self.seal_with(rec, Self::instance_aad(&key))?;
-        self.submit(Op(vec![Write::Put(Tbl::Instances, key, sealed)]))
+        let w = self.guarded(
+            Tbl::Instances,
+            key.clone(),
+            sealed,
+            rec.state,
+            &rec.replica,
+            |b| {
+                let r: InstanceRecord = self.open_with(&key, Self::instance_aad(&key), b)?;
+                Ok((r.state, r.replica))
+            },
+        )?;
+        self.submit(Op(vec![w]))
     }
 
     /// Removes an instance record and its SOP index entry (unless the
@@ -433,6 +647,27 @@ impl Vault {
     /// deleted right now): one table length, cheap enough for `/metrics`.
     pub fn count_studies(&self) -> Result<u64> {
         self.backend.len(Tbl::Studies)
+    }
+
+    /// [`Self::count_studies`] for `/metrics`: read again only when this
+    /// process changed the vault since, or after `ttl`, so scrapes do not
+    /// each reach the database (a failed read is reused too: a database
+    /// that is down is not asked at every scrape). None: could not read.
+    pub fn count_studies_cached(&self, ttl: std::time::Duration) -> Option<u64> {
+        let mut cache = self
+            .count_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let writes = self.writes.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some((w, at, n)) = *cache
+            && w == writes
+            && at.elapsed() < ttl
+        {
+            return n;
+        }
+        let n = self.count_studies().ok();
+        *cache = Some((writes, std::time::Instant::now(), n));
+        n
     }
 
     /// Number of committed studies.

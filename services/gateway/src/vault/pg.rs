@@ -235,6 +235,28 @@ async fn apply(
                 )
                 .await?;
             }
+            Write::PutIf {
+                tbl,
+                key,
+                value,
+                expected,
+            } => {
+                // The row stays locked to the commit: a concurrent PutIf
+                // waits, then reads what this one wrote.
+                let n = t
+                    .execute(
+                        &format!(
+                            "UPDATE {} SET value = $2 WHERE key = $1 AND value = $3",
+                            table(*tbl)
+                        ),
+                        &[key, value, expected],
+                    )
+                    .await?;
+                if n == 0 {
+                    t.rollback().await?;
+                    return Ok((c, Err(super::store::changed_meanwhile(key))));
+                }
+            }
             Write::Remove(tbl, key) => {
                 t.execute(
                     &format!("DELETE FROM {} WHERE key = $1", table(*tbl)),

@@ -34,6 +34,30 @@ pub(super) enum Write {
     /// Remove the index entry only while it names this value (the record
     /// it belonged to may have been replaced meanwhile).
     RemoveIndexIf(String, String),
+    /// Compare-and-set: replace the value only while it is still exactly
+    /// `expected` (sealed bytes carry a fresh nonce, so equal bytes are the
+    /// very write read before); otherwise the whole op is refused
+    /// ([`changed_meanwhile`]).
+    PutIf {
+        tbl: Tbl,
+        key: String,
+        value: Vec<u8>,
+        expected: Vec<u8>,
+    },
+}
+
+/// The start of the refusal of a [`Write::PutIf`] whose row changed.
+pub(super) const CHANGED_MEANWHILE: &str = "changed by another gateway replica meanwhile";
+
+/// The refusal of a [`Write::PutIf`] (UNAVAILABLE: the caller's step did
+/// not happen; a new attempt starts over).
+pub(super) fn changed_meanwhile(key: &str) -> GatewayError {
+    GatewayError::Unavailable(format!("{CHANGED_MEANWHILE}: {key}"))
+}
+
+/// Whether `e` is a [`Write::PutIf`] refusal.
+pub(super) fn is_changed_meanwhile(e: &GatewayError) -> bool {
+    matches!(e, GatewayError::Unavailable(m) if m.starts_with(CHANGED_MEANWHILE))
 }
 
 /// One change, applied atomically by the writer thread.
@@ -51,6 +75,14 @@ pub(super) struct Tables<'t> {
 }
 
 impl Tables<'_> {
+    fn value(&self, tbl: Tbl, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(match tbl {
+            Tbl::Studies => self.studies.get(key)?.map(|v| v.value().to_vec()),
+            Tbl::Instances => self.instances.get(key)?.map(|v| v.value().to_vec()),
+            Tbl::Index => self.index.get(key)?.map(|v| v.value().as_bytes().to_vec()),
+        })
+    }
+
     fn exists(&self, tbl: Tbl, key: &str) -> Result<bool> {
         Ok(match tbl {
             Tbl::Studies => self.studies.get(key)?.is_some(),
@@ -92,21 +124,35 @@ impl Tables<'_> {
     }
 }
 
-/// Applies one op: every insert's key is checked first, so an op is all or
-/// nothing.
+/// Applies one op: every insert's key and every compare-and-set is
+/// checked first, so an op is all or nothing.
 pub(super) fn apply(t: &mut Tables<'_>, op: &Op) -> Result<()> {
     for w in &op.0 {
-        if let Write::Insert(tbl, key, _) = w
-            && t.exists(*tbl, key)?
-        {
-            return Err(GatewayError::AlreadyExists(format!(
-                "{key} is already in the vault"
-            )));
+        match w {
+            Write::Insert(tbl, key, _) if t.exists(*tbl, key)? => {
+                return Err(GatewayError::AlreadyExists(format!(
+                    "{key} is already in the vault"
+                )));
+            }
+            Write::PutIf {
+                tbl, key, expected, ..
+            } if t.value(*tbl, key)?.as_deref() != Some(expected.as_slice()) => {
+                return Err(changed_meanwhile(key));
+            }
+            Write::Insert(..)
+            | Write::Put(..)
+            | Write::Remove(..)
+            | Write::RemoveIndexIf(..)
+            | Write::PutIf { .. } => {}
         }
     }
     for w in &op.0 {
         match w {
-            Write::Insert(tbl, key, v) | Write::Put(tbl, key, v) => t.put(*tbl, key, v)?,
+            Write::Insert(tbl, key, v)
+            | Write::Put(tbl, key, v)
+            | Write::PutIf {
+                tbl, key, value: v, ..
+            } => t.put(*tbl, key, v)?,
             Write::Remove(tbl, key) => t.remove(*tbl, key)?,
             Write::RemoveIndexIf(key, value) => {
                 let names_it = t

@@ -49,6 +49,26 @@ pub struct NodeArgs {
     pub out: OutputArgs,
 }
 
+/// Studies per Repair call.
+const REPAIR_PAGE: u32 = 200;
+
+/// Adds one page's answer to the running total (its token replaces the last).
+fn add_page(total: &mut pb::RepairResponse, page: pb::RepairResponse) {
+    total.studies += page.studies;
+    total.objects += page.objects;
+    total.fragments_checked += page.fragments_checked;
+    total.fragments_missing += page.fragments_missing;
+    total.fragments_corrupt += page.fragments_corrupt;
+    total.fragments_unreachable += page.fragments_unreachable;
+    total.fragments_rebuilt += page.fragments_rebuilt;
+    total.fragments_moved += page.fragments_moved;
+    total.interrupted_finished += page.interrupted_finished;
+    total.orphans_removed += page.orphans_removed;
+    total.failures.extend(page.failures);
+    total.actions.extend(page.actions);
+    total.next_page_token = page.next_page_token;
+}
+
 pub fn repair(cmd: RepairCmd) -> Result<()> {
     match cmd {
         RepairCmd::Status(a) => call(&a.conn, &a.out, a.study.clone(), true, String::new()),
@@ -78,16 +98,35 @@ fn call(
             "scrubbing and repairing"
         });
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        let r = gateway(conn)
-            .await?
-            .repair(conn.request(pb::RepairRequest {
-                study_handle: study.unwrap_or_default(),
-                dry_run,
-                evacuate_node: evacuate,
-            }))
-            .await;
+        // Every study, a page of them per call (each answer's actions and
+        // failures stay under the message limit), added up.
+        let mut client = gateway(conn).await?;
+        let mut r = pb::RepairResponse::default();
+        let mut token = String::new();
+        loop {
+            let page = client
+                .repair(conn.request(pb::RepairRequest {
+                    study_handle: study.clone().unwrap_or_default(),
+                    dry_run,
+                    evacuate_node: evacuate.clone(),
+                    page_size: REPAIR_PAGE,
+                    page_token: token.clone(),
+                }))
+                .await;
+            let page = match page {
+                Ok(p) => p.into_inner(),
+                Err(s) => {
+                    bar.finish_and_clear();
+                    return Err(status_error("repair", &s));
+                }
+            };
+            add_page(&mut r, page);
+            if r.next_page_token.is_empty() || r.next_page_token == token {
+                break;
+            }
+            token = r.next_page_token.clone();
+        }
         bar.finish_and_clear();
-        let r = r.map_err(|s| status_error("repair", &s))?.into_inner();
         let value = json!({
             "studies": r.studies, "objects": r.objects,
             "fragments_checked": r.fragments_checked,

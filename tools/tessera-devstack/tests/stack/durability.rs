@@ -108,6 +108,8 @@ async fn repair(stack: &DevStack, dry_run: bool, evacuate: &str) -> pb::RepairRe
             study_handle: String::new(),
             dry_run,
             evacuate_node: evacuate.into(),
+            page_size: 0,
+            page_token: String::new(),
         })
         .await
         .unwrap()
@@ -386,6 +388,34 @@ async fn drain_moves_every_fragment_off_a_node() {
         0,
         "{clean:?}"
     );
+    assert!(clean.next_page_token.is_empty(), "unpaged: one answer");
+    // The same scrub in pages of two studies: two answers that add up.
+    let (mut token, mut pages, mut studies, mut checked) = (String::new(), 0, 0, 0);
+    loop {
+        let page = gateway(&stack, "admin")
+            .await
+            .repair(pb::RepairRequest {
+                study_handle: String::new(),
+                dry_run: true,
+                evacuate_node: String::new(),
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        studies += page.studies;
+        checked += page.fragments_checked;
+        assert!(page.studies <= 2, "{page:?}");
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(page.next_page_token > token, "tokens move forward");
+        token = page.next_page_token;
+    }
+    assert_eq!((pages, studies), (2, clean.studies));
+    assert_eq!(checked, clean.fragments_checked);
     stack.shutdown().await;
 }
 

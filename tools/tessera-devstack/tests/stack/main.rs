@@ -7,7 +7,8 @@
 //! * [`limits`]: one size limit end to end, refused from the header;
 //! * [`ops`]: admin listeners: metrics move with traffic, live and ready;
 //! * [`access`]: purposes, standing approvals and break-glass through the gateway;
-//! * [`replicas`]: two gateway replicas on one vault on PostgreSQL.
+//! * [`replicas`]: two gateway replicas on one vault on PostgreSQL;
+//! * [`spread`]: the gateway's calls spread over every watermark replica.
 
 mod access;
 mod durability;
@@ -15,4 +16,5 @@ mod limits;
 mod matrix;
 mod ops;
 mod replicas;
+mod spread;
 mod trust;
