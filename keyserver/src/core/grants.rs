@@ -4,8 +4,6 @@
 //! request's state); every change is one write job that also appends its
 //! audit entry.
 
-use redb::ReadableDatabase;
-
 use crate::core::access;
 use crate::core::attrs::CanonicalAttributes;
 use crate::core::audit::{AuditEvent, NewEntry};
@@ -355,10 +353,8 @@ impl Core {
                         Err(_) => {}
                     }
                 }
-                let mut reqs = txn.open_table(REQUESTS)?;
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                let mut ix = txn.open_table(STUDY_REQUESTS)?;
-                ix.insert(index_key(&rec.study_id, &rec.id).as_str(), ())?;
+                txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
+                txn.put_str(STUDY_REQUESTS, &index_key(&rec.study_id, &rec.id), &[])?;
                 access::index_requester(txn, &rec)?;
                 let flag = if rec.break_glass.is_some() {
                     " break_glass=1"
@@ -448,17 +444,16 @@ impl Core {
         study: Option<StudyId>,
         include_decided: bool,
     ) -> Result<Vec<RequestRecord>> {
-        let r = self.inner.db.begin_read()?;
+        let r = self.inner.store.read()?;
+        let r = r.as_ref();
         let studies = match study {
             Some(id) => vec![id.as_str().to_owned()],
-            None => index_scan(&r.open_table(OWNER_STUDIES)?, owner)?,
+            None => index_scan(r, OWNER_STUDIES, owner)?,
         };
-        let ix = r.open_table(STUDY_REQUESTS)?;
-        let reqs = r.open_table(REQUESTS)?;
         let mut out = Vec::new();
         for s in studies {
-            for rid in index_scan(&ix, &s)? {
-                if let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, &rid)?
+            for rid in index_scan(r, STUDY_REQUESTS, &s)? {
+                if let Some(mut rec) = get_json::<RequestRecord, _>(r, REQUESTS, &rid)?
                     && (include_decided || rec.state == GrantState::Pending)
                 {
                     rec.wrapped_key = None;
@@ -496,16 +491,15 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let txn = ctx.txn;
-                let mut reqs = txn.open_table(REQUESTS)?;
-                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                let Some(mut rec) = get_json::<RequestRecord, _>(txn, REQUESTS, rid.as_str())?
+                else {
                     return Ok(Err(KeyServerError::NotFound(format!(
                         "request {}",
                         rid.as_str()
                     ))));
                 };
                 let owner = {
-                    let studies = txn.open_table(STUDIES)?;
-                    get_json::<StudyRecord, _>(&studies, &rec.study_id)?
+                    get_json::<StudyRecord, _>(txn, STUDIES, &rec.study_id)?
                         .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
                         .owner
                 };
@@ -523,7 +517,7 @@ impl Core {
                     Ok(e) => e,
                     Err(e) => return Ok(Err(e)),
                 };
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                 ctx.append(entry)?;
                 rec.wrapped_key = None;
                 Ok(Ok(rec))
@@ -687,8 +681,8 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let txn = ctx.txn;
-                let mut reqs = txn.open_table(REQUESTS)?;
-                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                let Some(mut rec) = get_json::<RequestRecord, _>(txn, REQUESTS, rid.as_str())?
+                else {
                     return Ok(Err(KeyServerError::NotFound(format!(
                         "request {}",
                         rid.as_str()
@@ -698,7 +692,7 @@ impl Core {
                 // An expired grant is refused below whoever asks: its held
                 // key goes now.
                 if drop_expired_key(&mut rec, now) {
-                    reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                    txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                 }
                 let action = use_grant(Rpc::FetchKey, &rec, &actor, None, now);
                 let audit = Context::bare(rec.study_id.clone(), format!("request={}", rec.id));
@@ -713,7 +707,7 @@ impl Core {
                 })?;
                 let key = kek.unwrap_secret(&grant_aad(&rec.id), &wrapped)?;
                 let (expires_at, uses_left) = take_use(&mut rec)?;
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                 ctx.append(NewEntry {
                     actor,
                     event: AuditEvent::KeyReleased,
@@ -755,8 +749,8 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let txn = ctx.txn;
-                let mut reqs = txn.open_table(REQUESTS)?;
-                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                let Some(mut rec) = get_json::<RequestRecord, _>(txn, REQUESTS, rid.as_str())?
+                else {
                     return Ok(Err(KeyServerError::NotFound(format!(
                         "request {}",
                         rid.as_str()
@@ -766,7 +760,7 @@ impl Core {
                 // An expired grant is refused below whoever asks: its held
                 // key goes now.
                 if drop_expired_key(&mut rec, now) {
-                    reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                    txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                 }
                 let other = if rec.study_id == sid.as_str() {
                     String::new()
@@ -785,7 +779,7 @@ impl Core {
                     return Ok(Err(e));
                 }
                 let (expires_at, uses_left) = take_use(&mut rec)?;
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                 ctx.append(NewEntry {
                     actor,
                     event: AuditEvent::GrantRedeemed,
@@ -825,8 +819,8 @@ impl Core {
         let sid = StudyId::parse(study_id)?;
         self.user_identity("on_behalf_of", on_behalf_of)?;
         let rec = {
-            let r = self.inner.db.begin_read()?;
-            get_json::<RequestRecord, _>(&r.open_table(REQUESTS)?, rid.as_str())?
+            let r = self.inner.store.read()?;
+            get_json::<RequestRecord, _>(r.as_ref(), REQUESTS, rid.as_str())?
                 .ok_or_else(|| KeyServerError::NotFound(format!("request {}", rid.as_str())))?
         };
         let now = self.inner.clock.now_ms() / 1000;
@@ -836,10 +830,13 @@ impl Core {
         gate::answer_unrecorded(&self.inner.rules, actor, &action)?;
         if let Some(sa) = &rec.standing {
             let revoked = {
-                let r = self.inner.db.begin_read()?;
-                let t = r.open_table(crate::core::store::STANDING)?;
-                get_json::<crate::core::store::StandingRecord, _>(&t, sa)?
-                    .is_none_or(|s| s.revoked_at.is_some())
+                let r = self.inner.store.read()?;
+                get_json::<crate::core::store::StandingRecord, _>(
+                    r.as_ref(),
+                    crate::core::store::STANDING,
+                    sa,
+                )?
+                .is_none_or(|s| s.revoked_at.is_some())
             };
             let action = Action::StandingGrant {
                 rpc: Rpc::CheckGrant,
