@@ -13,9 +13,10 @@ use redb::ReadOnlyDatabase;
 use crate::core::audit::{
     AuditEvent, NewEntry, SignedHead, VerifyFrom, VerifyReport, checkpoint_message, verify_chain,
 };
+use crate::core::backend::Store;
 use crate::core::crypto::{AuditSigner, Kek, SIGNING_KEY_AAD};
 use crate::core::ids::validate_text;
-use crate::core::kv::{self, KvRead, Store};
+use crate::core::kv::{self, KvRead};
 use crate::core::store::{
     AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, META, META_AUDIT_HEAD, META_PUBLIC_KEY, META_SIGNING_KEY,
     get_bytes,

@@ -13,11 +13,9 @@
 //! redb-file tools (`backup.rs`, offline `verify`/`audit-recover` on a file).
 
 use std::ops::Bound;
-use std::sync::Arc;
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableError,
-    WriteTransaction,
+    ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableError, WriteTransaction,
 };
 
 use crate::error::{KeyServerError, Result};
@@ -249,49 +247,6 @@ impl dyn KvWrite + '_ {
 
 fn upcast<'a>(w: &'a (dyn KvWrite + 'a)) -> &'a (dyn KvRead + 'a) {
     w
-}
-
-/// Where the state lives.
-#[derive(Clone)]
-pub enum Store {
-    /// A redb file.
-    Redb(Arc<Database>),
-    /// A PostgreSQL database shared by replicas.
-    Pg(Arc<super::kv_pg::PgStore>),
-}
-
-impl Store {
-    /// A read snapshot.
-    pub fn read(&self) -> Result<Box<dyn KvRead>> {
-        match self {
-            Store::Redb(db) => Ok(Box::new(RedbRead(db.begin_read()?))),
-            Store::Pg(pg) => Ok(Box::new(pg.begin(false)?)),
-        }
-    }
-
-    /// A write transaction. On PostgreSQL it first takes the chain lock
-    /// (transaction-scoped), so one write transaction at a time runs across
-    /// every replica and each one sees every earlier commit.
-    pub fn write(&self) -> Result<Box<dyn KvTxn>> {
-        match self {
-            Store::Redb(db) => Ok(Box::new(RedbWrite(db.begin_write()?))),
-            Store::Pg(pg) => Ok(Box::new(pg.begin(true)?)),
-        }
-    }
-
-    /// True when several keyserver processes may write (state cached in
-    /// memory must then be re-read inside the transaction).
-    pub fn shared(&self) -> bool {
-        matches!(self, Store::Pg(_))
-    }
-
-    /// The redb file, when that is the backend (backup, snapshots).
-    pub fn redb(&self) -> Option<&Arc<Database>> {
-        match self {
-            Store::Redb(db) => Some(db),
-            Store::Pg(_) => None,
-        }
-    }
 }
 
 const fn named(name: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {

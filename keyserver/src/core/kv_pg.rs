@@ -31,7 +31,7 @@ use crate::error::{KeyServerError, Result};
 /// The schema this keyserver writes; a database holding another refuses.
 pub const SCHEMA_VERSION: &str = "1";
 /// The advisory lock every write transaction takes first.
-pub const CHAIN_LOCK: i64 = 0x7e55_e4a0_0a0d_17;
+pub const CHAIN_LOCK: i64 = 0x007e_55e4_a00a_0d17;
 /// Connections at once.
 const POOL: usize = 16;
 /// One call's limit (a connection, a statement).
@@ -236,20 +236,16 @@ impl PgStore {
                 .acquire_owned()
                 .await
                 .map_err(|_| KeyServerError::Unavailable)?;
+            // A pooled connection may have died since (the database was
+            // restarted): one retry on a fresh one.
             let c = match idle.filter(|c| !c.is_closed()) {
-                Some(c) => c,
-                None => Arc::new(Shared::connect(config).await?),
+                Some(c) if start(&c, write).await.is_ok() => c,
+                Some(_) | None => {
+                    let c = Arc::new(Shared::connect(config).await?);
+                    start(&c, write).await?;
+                    c
+                }
             };
-            if write {
-                c.batch_execute("BEGIN").await.map_err(pg_err)?;
-                c.execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK])
-                    .await
-                    .map_err(pg_err)?;
-            } else {
-                c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .await
-                    .map_err(pg_err)?;
-            }
             Ok((c, permit))
         })?;
         Ok(PgTxn {
@@ -258,6 +254,21 @@ impl PgStore {
             _permit: Some(permit),
         })
     }
+}
+
+/// Opens the transaction on `c`.
+async fn start(c: &Client, write: bool) -> Result<()> {
+    if write {
+        c.batch_execute("BEGIN").await.map_err(pg_err)?;
+        c.execute("SELECT pg_advisory_xact_lock($1)", &[&CHAIN_LOCK])
+            .await
+            .map_err(pg_err)?;
+    } else {
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(pg_err)?;
+    }
+    Ok(())
 }
 
 /// One PostgreSQL transaction on a pooled connection. Dropped without

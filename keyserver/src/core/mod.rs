@@ -9,7 +9,8 @@
 //! * state transitions, each a write job of the group commit
 //!   ([`writer`]) that changes records and appends their audit entry in one
 //!   transaction: `studies.rs` (register, derive, forget, rotate),
-//!   `grants.rs` (request, approve, deny, revoke, fetch, redeem, check),
+//!   `grants.rs` (request, approve, deny, revoke), `grant_use.rs` (fetch,
+//!   redeem, check),
 //!   `delegates.rs`;
 //! * the audit log: [`audit`] (entry format, hashing), [`writer`]
 //!   (appending, checkpoints), [`chain`] (verification, recovery),
@@ -25,6 +26,7 @@ pub mod access;
 pub mod attrs;
 pub mod audit;
 mod audit_view;
+pub mod backend;
 pub mod backup;
 pub mod chain;
 pub mod clock;
@@ -33,6 +35,7 @@ mod delegates;
 pub(crate) mod gate;
 mod gauges;
 pub mod grant_find;
+mod grant_use;
 mod grants;
 pub mod ids;
 pub mod kv;
@@ -45,7 +48,6 @@ pub mod webhook;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -54,10 +56,12 @@ use ring::rand::SystemRandom;
 
 use crate::error::{KeyServerError, Result};
 use audit::{AuditEvent, NewEntry};
+use backend::Store;
+pub use backend::StoreAt;
 use clock::Clock;
 use crypto::{AuditSigner, Kek, Master, SIGNING_KEY_AAD, master_aad, random_secret};
 use ids::{StudyId, parse_identity, parse_user_identity};
-use kv::{KvRead, KvWrite, Store};
+use kv::{KvRead, KvWrite};
 use policy::Rules;
 use store::{
     MASTERS, META, META_MASTER_CURRENT, META_PUBLIC_KEY, META_SIGNING_KEY, STUDIES, StudyRecord,
@@ -66,12 +70,11 @@ use store::{
 use writer::{ChainState, Writer, apply_in_txn};
 
 pub use chain::{
-    ChainBreak, RECOVERY_ACTOR, Recovery, recover_audit, verify_audit_file, verify_database,
-    verify_database_tail,
+    ChainBreak, RECOVERY_ACTOR, Recovery, recover_audit, recover_audit_in, verify_audit_file,
+    verify_audit_in, verify_database, verify_database_tail,
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
 pub use gauges::Gauges;
-pub use kv_pg::PgStore;
 pub use types::{
     AUDIT_SCAN_MAX, Ask, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed,
     Released,
@@ -83,44 +86,6 @@ pub const SELF_ACTOR: &str = "keyserver";
 const STUDY_CACHE_MAX: usize = 100_000;
 /// Most requests one `list_requests` returns.
 pub const LIST_MAX: usize = 1000;
-
-/// Where the core keeps its state.
-#[derive(Clone)]
-pub enum StoreAt {
-    /// A redb file (one keyserver process).
-    Redb(PathBuf),
-    /// A PostgreSQL database (libpq connection string or URL), shared by
-    /// keyserver replicas.
-    Postgres(String),
-}
-
-impl std::fmt::Debug for StoreAt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreAt::Redb(p) => write!(f, "Redb({})", p.display()),
-            // The connection string may hold a password.
-            StoreAt::Postgres(_) => f.write_str("Postgres(..)"),
-        }
-    }
-}
-
-impl StoreAt {
-    /// Opens the store (a redb file is created with every table).
-    pub fn open(&self) -> Result<Store> {
-        match self {
-            StoreAt::Redb(path) => {
-                // 0600, and shared read-only with `keyserver backup` while serving.
-                let db = tessera_runtime::snapshot::open_shared_writer(path)?;
-                let w = db.begin_write()?;
-                // Create every table so later reads never meet a missing one.
-                kv::create_redb_tables(&w)?;
-                w.commit()?;
-                Ok(Store::Redb(Arc::new(db)))
-            }
-            StoreAt::Postgres(url) => Ok(Store::Pg(Arc::new(PgStore::open(url)?))),
-        }
-    }
-}
 
 /// Everything the core needs to start.
 #[derive(Debug)]

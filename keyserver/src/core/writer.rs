@@ -28,9 +28,10 @@ use tokio::sync::oneshot;
 use crate::core::audit::{
     AuditEntry, Hash, NewEntry, SignedHead, checkpoint_message, decode, seal,
 };
+use crate::core::backend::Store;
 use crate::core::clock::Clock;
 use crate::core::crypto::AuditSigner;
-use crate::core::kv::{KvRead, KvWrite, Store, Tbl};
+use crate::core::kv::{KvRead, KvWrite, Tbl};
 use crate::core::store::META_AUDIT_HEAD;
 use crate::error::{KeyServerError, Result};
 
