@@ -36,6 +36,8 @@ pub const CHAIN_LOCK: i64 = 0x007e_55e4_a00a_0d17;
 const POOL: usize = 16;
 /// One call's limit (a connection, a statement).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session idle this long inside a transaction is ended by the database.
+const IDLE_IN_TXN: Duration = Duration::from_secs(60);
 /// Rows fetched per round trip of a scan.
 const PAGE: i64 = 1000;
 
@@ -153,6 +155,16 @@ impl Shared {
                 tracing::warn!(error = %e, "keyserver database connection ended");
             }
         });
+        // A replica stalled inside a transaction (frozen, not dead) would
+        // hold the chain lock for ever: the database ends its session, and
+        // with it the transaction and the lock, after this long idle.
+        client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {}",
+                IDLE_IN_TXN.as_millis()
+            ))
+            .await
+            .map_err(pg_err)?;
         Ok(client)
     }
 }
