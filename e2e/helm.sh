@@ -69,6 +69,9 @@ hc prepare "$CHART" "$E2E_TMP/custom.json" "$E2E_TMP/custom/tessera"
 check "helm lint: 5 storage nodes, OTLP, explicit roles" lint "$E2E_TMP/custom/tessera"
 hc prepare "$CHART" "$E2E_TMP/dicom.json" "$E2E_TMP/dicom/tessera"
 check "helm lint: DICOM SCP enabled (LoadBalancer, source ranges)" lint "$E2E_TMP/dicom/tessera"
+echo '{"keyserver": {"store": {"backend": "postgres", "replicas": 3}}}' >"$E2E_TMP/pgks-lint.json"
+hc prepare "$CHART" "$E2E_TMP/pgks-lint.json" "$E2E_TMP/pgks-lint/tessera"
+check "helm lint: the keyserver on PostgreSQL (3 replicas)" lint "$E2E_TMP/pgks-lint/tessera"
 
 lint_rejects() { # lint_rejects JSON: lint must fail with these values
   printf '%s\n' "$1" >"$E2E_TMP/bad.json"
@@ -180,6 +183,26 @@ assert 'backend = "postgres"' in cfg and "vault.redb" not in cfg, cfg
 PY
 }
 check "pgvault: the gateway on an external PostgreSQL: 3 replicas rolling, connection string from a Secret, no vault volume" pg_gateway
+# The keyserver on an external PostgreSQL too (decision 24): replicas, no volume.
+echo '{"gateway": {"vault": {"backend": "postgres", "replicas": 3}}, "keyserver": {"store": {"backend": "postgres", "replicas": 3}}}' >"$E2E_TMP/pgks.json"
+hc render "$CHART" "$E2E_TMP/r-pgks" "$E2E_TMP/pgks.json"
+pg_keyserver() { # the keyserver: 3 replicas, its connection string copied 0400, no PVC, no db_path
+  python3 - "$E2E_TMP/r-pgks" <<'PY'
+import json, sys, tomllib
+objs = [o["object"] for o in json.load(open(sys.argv[1] + "/objects.json"))]
+ks = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "keyserver")
+assert ks["spec"]["replicas"] == 3 and ks["spec"]["podManagementPolicy"] == "Parallel", ks["spec"]
+assert "volumeClaimTemplates" not in ks["spec"], "keyserver: a PVC beside backend postgres"
+vols = {v["name"]: v for v in ks["spec"]["template"]["spec"]["volumes"]}
+assert vols["keyserver-postgres"]["secret"]["secretName"] == "tessera-keyserver-postgres", vols
+assert "emptyDir" in vols["data"], vols["data"]
+cfg = tomllib.load(open(sys.argv[1] + "/config/keyserver-config.toml", "rb"))
+k = cfg["keyserver"]
+assert k["store"]["backend"] == "postgres" and "db_path" not in k, k
+assert k["store"]["postgres_url_file"].endswith("/keyserver-postgres.url"), k
+PY
+}
+check "pgks: the keyserver on an external PostgreSQL: 3 replicas, connection string from a Secret, no volume" pg_keyserver
 limits_follow() { # limits_follow DIR CAP: every storage node's cap is CAP, every service's limit the gateway's
   local d=$1 cap=$2 gw
   gw=$(grep -h '^max_image_bytes' "$d"/config/*gateway*.toml)
@@ -203,7 +226,7 @@ json.dump(objs, open(sys.argv[1], "w"))
 PY
 schema_refuses() { ! hc check schemas "$E2E_TMP/r-broken" >/dev/null; }
 check "the Kubernetes schema check refuses a Service port that is not a number" schema_refuses
-for set in default custom dicom ops nopolicy certmanager pgvault; do
+for set in default custom dicom ops nopolicy certmanager pgvault pgks; do
   R="$E2E_TMP/r-$set"
   np=on cm=off
   case $set in
@@ -214,6 +237,7 @@ for set in default custom dicom ops nopolicy certmanager pgvault; do
     nopolicy) n=3 otlp=none dicom=off web=off ec=off np=off ;;
     certmanager) n=4 otlp=none dicom=off web=off ec=off cm=on ;;
     pgvault) n=3 otlp=none dicom=off web=off ec=off ;;
+    pgks) n=3 otlp=none dicom=off web=off ec=off ;;
   esac
   check "$set: every manifest valid against the Kubernetes $(hc k8s-version) OpenAPI schemas (strict)" \
     hc check schemas "$R"

@@ -365,8 +365,16 @@ def config_paths(cfg: dict) -> list[tuple[str, str]]:
             out.append((f"client_tls.{k}", cfg["client_tls"][k]))
         if "tls" in cfg.get("keyserver", {}):
             out.append((f"keyserver.tls.{k}", cfg["keyserver"]["tls"][k]))
-    if "db_path" in cfg.get("keyserver", {}):
-        out += [("keyserver.db_path", cfg["keyserver"]["db_path"]), ("keyserver.kek_file", cfg["keyserver"]["kek_file"])]
+    ks = cfg.get("keyserver", {})
+    if "kek_file" in ks:
+        out.append(("keyserver.kek_file", ks["kek_file"]))
+        if ks.get("store", {}).get("backend") == "postgres":
+            # State and audit chain in an external PostgreSQL: only its
+            # connection string, and no redb file.
+            assert "db_path" not in ks, "keyserver: db_path beside backend postgres"
+            out.append(("keyserver.store.postgres_url_file", ks["store"]["postgres_url_file"]))
+        else:
+            out.append(("keyserver.db_path", ks["db_path"]))
     if "vault" in cfg:
         out.append(("vault.key_file", cfg["vault"]["key_file"]))
         if cfg["vault"].get("backend") == "postgres":
@@ -411,7 +419,7 @@ def check_paths(r: Rendered, _arg: str | None) -> None:
             elif key in ("keyserver.db_path", "vault.path", "data_dir"):
                 assert "persistentVolumeClaim" in v or "volumeClaimTemplate" in v, f"{where}: not on a persistent volume"
                 assert not m.get("readOnly"), f"{where}: mounted read-only"
-            elif key in ("keyserver.kek_file", "vault.key_file", "vault.postgres_url_file"):
+            elif key in ("keyserver.kek_file", "keyserver.store.postgres_url_file", "vault.key_file", "vault.postgres_url_file"):
                 assert v.get("emptyDir", {}).get("medium") == "Memory", f"{where}: not on a memory emptyDir"
                 inits = w["spec"]["template"]["spec"].get("initContainers", [])
                 dest = [c for c in inits if path in c.get("command", [])]

@@ -30,6 +30,9 @@ pub enum AppError {
     /// `[keyserver.webhook] ca_file` could not be loaded.
     #[error("keyserver.webhook.ca_file: {0}")]
     Webhook(#[from] tessera_tls::TlsError),
+    /// `[keyserver.store]`: the connection string could not be read.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// A missing, too-open or wrong KEK is a configuration error (exit 64).
@@ -38,6 +41,7 @@ impl From<AppError> for StartError {
         if matches!(e, AppError::Core(KeyServerError::Kek(_)))
             || matches!(e, AppError::Server(ServerError::KeyPermissions(_)))
             || matches!(e, AppError::Webhook(_))
+            || matches!(e, AppError::Store(_))
         {
             StartError::config(e)
         } else {
@@ -73,7 +77,7 @@ impl App {
         access.webhook = k.webhook.as_ref().map(|w| w.core_config()).transpose()?;
         let core = Core::open(
             CoreConfig {
-                db_path: k.db_path.clone(),
+                store: k.store_at().map_err(AppError::Store)?,
                 kek: Kek::load(&k.kek_file)?,
                 trust_domain: td.clone(),
                 gateway_identity: k.gateway(td),

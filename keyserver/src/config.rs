@@ -12,7 +12,7 @@
 //! roles = { "spiffe://tessera.local/user/owner" = ["owner", "admin"] }
 //!
 //! [keyserver]
-//! db_path = "data/keyserver.redb"
+//! db_path = "data/keyserver.redb"      # the redb file; for PostgreSQL see [keyserver.store]
 //! kek_file = "secrets/keyserver.kek"   # 32 raw bytes or 64 hex, mode 0600/0400
 //! # Identities default to the trust domain of [server.access]:
 //! # gateway_identity = "spiffe://<trust_domain>/service/gateway"
@@ -35,6 +35,7 @@
 //! backoff_ms = 1000
 //! timeout_secs = 10
 //! queue_max = 1000         # waiting deliveries; when full the oldest is dropped (audited)
+//! [keyserver.store]       # optional: backend = "postgres" (replicas), see config/store.rs
 //! [admin]                  # optional: plain HTTP /metrics, /live, /ready
 //! listen = "127.0.0.1:9464" # loopback by default (port 0: any)
 //! ```
@@ -47,6 +48,9 @@ use tessera_runtime::{AdminConfig, ServerConfig, TelemetryConfig, Validate};
 use tessera_tls::{Identity, SERVICE_KIND};
 
 use crate::core::ids::{parse_identity, validate_label};
+
+pub mod store;
+pub use store::{StoreBackend, StoreSection};
 
 /// Environment prefix of overrides, e.g. `TESSERA_KEYSERVER__KEYSERVER__KEK_FILE`.
 pub const ENV_PREFIX: &str = "TESSERA_KEYSERVER";
@@ -68,12 +72,30 @@ pub struct Config {
     pub keyserver: KeyserverSection,
 }
 
+impl KeyserverSection {
+    /// Where the core keeps its state (reads the PostgreSQL connection
+    /// string now).
+    pub fn store_at(&self) -> Result<crate::core::StoreAt, String> {
+        match self.store.backend {
+            StoreBackend::Redb => Ok(crate::core::StoreAt::Redb(self.db_path.clone())),
+            StoreBackend::Postgres => {
+                Ok(crate::core::StoreAt::Postgres(self.store.postgres_url()?))
+            }
+        }
+    }
+}
+
 /// The `[keyserver]` section.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct KeyserverSection {
-    /// redb database file (created on first start).
+    /// redb database file (created on first start); empty with
+    /// `[keyserver.store] backend = "postgres"`.
+    #[serde(default)]
     pub db_path: PathBuf,
+    /// Where the state lives (default: the redb file `db_path`).
+    #[serde(default)]
+    pub store: StoreSection,
     /// File holding the key-encryption key (`*_FILE`: never the key itself
     /// in config or flags). Must be mode 0600 or 0400.
     pub kek_file: PathBuf,
@@ -326,9 +348,7 @@ impl Validate for Config {
             &self.telemetry,
         )?;
         let k = &self.keyserver;
-        if k.db_path.as_os_str().is_empty() {
-            return Err("keyserver.db_path must not be empty".into());
-        }
+        k.store.validate(&k.db_path)?;
         if k.kek_file.as_os_str().is_empty() {
             return Err("keyserver.kek_file must not be empty".into());
         }

@@ -27,9 +27,13 @@ pub enum KeyServerError {
     /// not decrypt the stored secrets.
     #[error("key-encryption key: {0}")]
     Kek(String),
-    /// redb failed.
+    /// The store failed (redb, or PostgreSQL answering with an error).
     #[error("storage: {0}")]
     Storage(String),
+    /// The PostgreSQL store cannot be reached (or did not answer in time):
+    /// nothing was done; retry later.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
     /// The audit record could not be made durable, so the operation did not happen.
     #[error("audit append failed: {0}")]
     Audit(String),

@@ -17,7 +17,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use keyserver::App;
-use keyserver::config::{Config, ENV_PREFIX};
+use keyserver::config::{Config, ENV_PREFIX, StoreBackend};
+use keyserver::core::backend::Store;
 use keyserver::core::clock::{Clock, SystemClock};
 use keyserver::core::crypto::Kek;
 use tessera_runtime::{ConfigSource, EXIT_CONFIG, Service, load_config};
@@ -41,12 +42,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Recompute the audit hash chain of a database file (server stopped).
-    /// Exit 0 if intact, 1 if broken (the first broken entry is named).
+    /// Recompute the audit hash chain of a database file (server stopped),
+    /// or without --db of the store named by --config (redb file or
+    /// PostgreSQL; replicas may run). Exit 0 if intact, 1 if broken (the
+    /// first broken entry is named).
     AuditVerify {
-        /// The keyserver's redb file.
+        /// The keyserver's redb file (default: the store of --config).
         #[arg(long)]
-        db: PathBuf,
+        db: Option<PathBuf>,
         /// KEK file: authenticates the signing key (otherwise the public key
         /// stored in the file is used).
         #[arg(long)]
@@ -98,14 +101,18 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::AuditVerify { db, kek_file }) => audit_verify(&db, kek_file.as_deref()),
+        Some(Cmd::AuditVerify { db, kek_file }) => {
+            audit_verify(cli.config.as_deref(), db.as_deref(), kek_file.as_deref())
+        }
         Some(Cmd::AuditRecover {
             acknowledge_broken_at,
         }) => audit_recover(cli.config.as_deref(), acknowledge_broken_at),
         Some(Cmd::Backup { out }) => snapshot(cli.config.as_deref(), |cfg, kek| {
+            redb_only(cfg)?;
             keyserver::core::backup::backup(&cfg.keyserver.db_path, &out, kek)
         }),
         Some(Cmd::Restore { backup, db, force }) => snapshot(cli.config.as_deref(), |cfg, kek| {
+            redb_only(cfg)?;
             let db = db.as_deref().unwrap_or(&cfg.keyserver.db_path);
             keyserver::core::backup::restore(&backup, db, kek, force)
         }),
@@ -155,6 +162,25 @@ fn load(config: Option<&std::path::Path>) -> Result<(Config, Kek), ExitCode> {
     Ok((cfg, kek))
 }
 
+/// `backup` and `restore` copy redb files: a PostgreSQL store is backed up
+/// with the database's own tools.
+fn redb_only(cfg: &Config) -> Result<(), tessera_runtime::snapshot::SnapshotError> {
+    match cfg.keyserver.store.backend {
+        StoreBackend::Redb => Ok(()),
+        StoreBackend::Postgres => Err(tessera_runtime::snapshot::SnapshotError::Check {
+            path: PathBuf::from("keyserver.store"),
+            message: "backend \"postgres\": back up the database with pg_dump (decision 24)".into(),
+        }),
+    }
+}
+
+/// The store of `cfg`, opened (PostgreSQL) for the offline commands.
+fn open_pg(cfg: &Config) -> Result<Store, String> {
+    let url = cfg.keyserver.store.postgres_url()?;
+    let pg = keyserver::core::backend::PgStore::open(&url).map_err(|e| e.to_string())?;
+    Ok(Store::Pg(std::sync::Arc::new(pg)))
+}
+
 /// `backup` / `restore`: one JSON line on success, exit 1 on refusal.
 fn snapshot(
     config: Option<&std::path::Path>,
@@ -192,7 +218,18 @@ fn audit_recover(config: Option<&std::path::Path>, seq: u64) -> ExitCode {
     };
     let operator = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let db = &cfg.keyserver.db_path;
-    match keyserver::core::recover_audit(db, &kek, &operator, seq, SystemClock.now_ms()) {
+    let now = SystemClock.now_ms();
+    let recovered = match cfg.keyserver.store.backend {
+        StoreBackend::Redb => keyserver::core::recover_audit(db, &kek, &operator, seq, now),
+        StoreBackend::Postgres => match open_pg(&cfg) {
+            Ok(store) => keyserver::core::recover_audit_in(&store, &kek, &operator, seq, now),
+            Err(e) => {
+                eprintln!("keyserver: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    match recovered {
         Ok(r) => {
             println!(
                 "{{\"ok\":{},\"recoveredAt\":{},\"acknowledgedBrokenAt\":{},\"acknowledgedProblem\":{:?},\"entries\":{}}}",
@@ -212,7 +249,11 @@ fn audit_recover(config: Option<&std::path::Path>, seq: u64) -> ExitCode {
     }
 }
 
-fn audit_verify(db: &std::path::Path, kek_file: Option<&std::path::Path>) -> ExitCode {
+fn audit_verify(
+    config: Option<&std::path::Path>,
+    db: Option<&std::path::Path>,
+    kek_file: Option<&std::path::Path>,
+) -> ExitCode {
     let kek = match kek_file.map(Kek::load).transpose() {
         Ok(k) => k,
         Err(e) => {
@@ -220,7 +261,41 @@ fn audit_verify(db: &std::path::Path, kek_file: Option<&std::path::Path>) -> Exi
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match keyserver::core::verify_audit_file(db, kek.as_ref()) {
+    let (verified, what) = match db {
+        Some(db) => (
+            keyserver::core::verify_audit_file(db, kek.as_ref()),
+            db.display().to_string(),
+        ),
+        None => {
+            let cfg: Config = match load_config(&ConfigSource::from_process(config), ENV_PREFIX) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("keyserver: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let k = &cfg.keyserver;
+            match k.store.backend {
+                StoreBackend::Redb => (
+                    keyserver::core::verify_audit_file(&k.db_path, kek.as_ref()),
+                    k.db_path.display().to_string(),
+                ),
+                StoreBackend::Postgres => match open_pg(&cfg) {
+                    Ok(store) => (
+                        store.read().and_then(|r| {
+                            keyserver::core::verify_audit_in(r.as_ref(), kek.as_ref())
+                        }),
+                        "the keyserver database".to_owned(),
+                    ),
+                    Err(e) => {
+                        eprintln!("keyserver: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            }
+        }
+    };
+    match verified {
         Ok((rep, pk)) => {
             println!(
                 "{{\"ok\":{},\"entries\":{},\"firstBrokenSeq\":{},\"problem\":{:?},\"checkpointsVerified\":{},\"auditPublicKey\":\"{}\",\"acknowledgedBrokenSeq\":{}}}",
@@ -239,7 +314,7 @@ fn audit_verify(db: &std::path::Path, kek_file: Option<&std::path::Path>) -> Exi
             }
         }
         Err(e) => {
-            eprintln!("keyserver: cannot verify {}: {e}", db.display());
+            eprintln!("keyserver: cannot verify {what}: {e}");
             ExitCode::from(2)
         }
     }

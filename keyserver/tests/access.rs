@@ -65,9 +65,8 @@ fn fetch(id: &str) -> pb::FetchKeyRequest {
     }
 }
 
-#[tokio::test]
-async fn purposes_are_a_closed_vocabulary() {
-    let env = Env::start().await;
+async fn purposes_are_a_closed_vocabulary(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let mut clin = env.client("clinician").await;
     // Empty: the default purpose, carried by the request and its entry.
@@ -105,9 +104,8 @@ async fn purposes_are_a_closed_vocabulary() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn a_standing_approval_approves_and_its_revocation_stops_releases_at_once() {
-    let env = Env::start().await;
+async fn a_standing_approval_approves_and_its_revocation_stops_releases_at_once(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let sa = create(&env, standing_to(CLIN, "", "treatment")).await;
     assert!(sa.approval_id.starts_with("sa-") && !sa.has_budget);
@@ -223,9 +221,8 @@ async fn stays_pending(env: &Env, who: &str, study: &str, purpose: &str, sa: &st
     assert!(detail.contains(&format!("{sa}:{why}")), "{why}: {detail}");
 }
 
-#[tokio::test]
-async fn each_way_a_standing_approval_does_not_apply() {
-    let env = Env::start().await;
+async fn each_way_a_standing_approval_does_not_apply(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     // Wrong purpose.
     let sa = create(&env, standing_to(CLIN, "", "research")).await;
@@ -304,9 +301,8 @@ async fn each_way_a_standing_approval_does_not_apply() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn self_approval_stays_impossible() {
-    let env = Env::start().await;
+async fn self_approval_stays_impossible(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let mut owner = env.client("owner").await;
     // Naming oneself is refused and audited.
@@ -370,9 +366,8 @@ fn glass(study: &str, reason: &str) -> pb::BreakGlassRequest {
     }
 }
 
-#[tokio::test]
-async fn break_glass_opens_at_once_loudly_and_is_reviewed() {
-    let env = Env::start().await;
+async fn break_glass_opens_at_once_loudly_and_is_reviewed(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let mut clin = env.client("clinician").await;
     let mut owner = env.client("owner").await;
@@ -539,9 +534,8 @@ async fn break_glass_opens_at_once_loudly_and_is_reviewed() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn grants_show_expiry_uses_and_purpose_paged() {
-    let env = Env::start().await;
+async fn grants_show_expiry_uses_and_purpose_paged(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let mut owner = env.client("owner").await;
     let mut ids = Vec::new();
@@ -633,9 +627,8 @@ async fn grants_show_expiry_uses_and_purpose_paged() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn owners_and_requesters_watch_requests_live() {
-    let env = Env::start().await;
+async fn owners_and_requesters_watch_requests_live(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let mut owner = env.client("owner").await;
     let mut feed = owner
@@ -697,3 +690,13 @@ async fn owners_and_requesters_watch_requests_live() {
     assert_eq!(e.code(), Code::PermissionDenied);
     env.stop().await;
 }
+
+crate::on_both_backends!(
+    purposes_are_a_closed_vocabulary,
+    a_standing_approval_approves_and_its_revocation_stops_releases_at_once,
+    each_way_a_standing_approval_does_not_apply,
+    self_approval_stays_impossible,
+    break_glass_opens_at_once_loudly_and_is_reviewed,
+    grants_show_expiry_uses_and_purpose_paged,
+    owners_and_requesters_watch_requests_live,
+);

@@ -5,9 +5,8 @@ use tonic::Code;
 
 use crate::common::*;
 
-#[tokio::test]
-async fn every_refusal_is_audited_before_the_reply() {
-    let env = Env::start().await;
+async fn every_refusal_is_audited_before_the_reply(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let register_req = pb::RegisterStudyRequest {
         owner: OWNER.into(),
@@ -303,10 +302,9 @@ async fn a_broken_chain_refuses_key_operations_until_recovered() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn audit_pages_fit_the_message_limit_and_owners_see_their_own() {
+async fn audit_pages_fit_the_message_limit_and_owners_see_their_own(backend: Backend) {
     use prost::Message;
-    let env = Env::start().await;
+    let env = Env::start_on(backend).await;
     let mine = register(&env, "P-1").await;
     let theirs = env
         .client("gateway")
@@ -398,3 +396,8 @@ async fn audit_pages_fit_the_message_limit_and_owners_see_their_own() {
     }
     env.stop().await;
 }
+
+crate::on_both_backends!(
+    every_refusal_is_audited_before_the_reply,
+    audit_pages_fit_the_message_limit_and_owners_see_their_own,
+);

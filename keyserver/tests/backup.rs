@@ -124,16 +124,14 @@ async fn online_backup_restores_the_older_studies_and_only_those() {
     let forged = dir.path().join("forged.redb");
     std::fs::write(&forged, &raw).unwrap();
     {
-        use redb::ReadableTable;
+        use keyserver::core::kv::{Key, KvRead, KvTxn, KvWrite, RedbWrite};
+        use keyserver::core::store::AUDIT;
         let db = redb::Database::open(&forged).unwrap();
-        let w = db.begin_write().unwrap();
-        {
-            let mut t = w.open_table(keyserver::core::store::AUDIT).unwrap();
-            let mut v = t.get(2).unwrap().unwrap().value().to_vec();
-            let last = v.len() - 1;
-            v[last] ^= 1;
-            t.insert(2, v.as_slice()).unwrap();
-        }
+        let w = Box::new(RedbWrite(db.begin_write().unwrap()));
+        let mut v = w.get(AUDIT, Key::Num(2)).unwrap().unwrap();
+        let last = v.len() - 1;
+        v[last] ^= 1;
+        w.insert(AUDIT, Key::Num(2), v.as_slice()).unwrap();
         w.commit().unwrap();
     }
     let (code, _, err) = restore(&[OsStr::new("--force")], &forged);

@@ -5,9 +5,8 @@ use tonic::Code;
 
 use crate::common::*;
 
-#[tokio::test]
-async fn key_flow_over_mutual_tls() {
-    let env = Env::start().await;
+async fn key_flow_over_mutual_tls(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let mut owner = env.client("owner").await;
     let mut clin = env.client("clinician").await;
@@ -247,9 +246,8 @@ async fn key_flow_over_mutual_tls() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn bad_input_gets_clear_statuses() {
-    let env = Env::start().await;
+async fn bad_input_gets_clear_statuses(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-2").await;
     let mut gateway = env.client("gateway").await;
     let mut clin = env.client("clinician").await;
@@ -359,9 +357,8 @@ async fn bad_input_gets_clear_statuses() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn grants_expire_on_the_injected_clock_and_rotation_needs_admin() {
-    let env = Env::start().await;
+async fn grants_expire_on_the_injected_clock_and_rotation_needs_admin(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let study = register(&env, "P-4").await;
     let mut owner = env.client("owner").await;
     let mut clin = env.client("clinician").await;
@@ -419,9 +416,8 @@ async fn grants_expire_on_the_injected_clock_and_rotation_needs_admin() {
 /// An owner with more pending requests than one 64 KiB message holds lists
 /// them all, page by page: every page under the limit, none twice, oldest
 /// first, and a token the keyserver never gave is refused.
-#[tokio::test]
-async fn list_requests_pages_past_the_message_limit() {
-    let env = Env::start().await;
+async fn list_requests_pages_past_the_message_limit(backend: Backend) {
+    let env = Env::start_on(backend).await;
     let mut owner = env.client("owner").await;
     let mut want = Vec::new();
     let long = "x".repeat(400);
@@ -518,3 +514,10 @@ async fn list_requests_pages_past_the_message_limit() {
     assert_eq!(e.code(), Code::InvalidArgument);
     env.stop().await;
 }
+
+crate::on_both_backends!(
+    key_flow_over_mutual_tls,
+    bad_input_gets_clear_statuses,
+    grants_expire_on_the_injected_clock_and_rotation_needs_admin,
+    list_requests_pages_past_the_message_limit,
+);

@@ -10,4 +10,5 @@ mod common;
 mod gateway;
 mod grants;
 mod paging;
+mod replicas;
 mod webhook;

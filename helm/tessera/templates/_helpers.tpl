@@ -277,13 +277,22 @@ max_request_bytes = {{ .maxRequestBytes | int64 }}
 {{- $derive := $v.keyserver.deriveIdentities | default (list (include "tessera.serviceIdentity" (list . "gateway")) (include "tessera.serviceIdentity" (list . "watermark"))) -}}
 # keyserver --config: rendered by the Tessera chart from values.
 [keyserver]
+{{- if ne $v.keyserver.store.backend "postgres" }}
 db_path = {{ printf "%s/keyserver.redb" (include "tessera.dataDir" .) | toJson }}
+{{- end }}
 kek_file = {{ printf "%s/keyserver.kek" (include "tessera.secretsDir" .) | toJson }}
 gateway_identity = {{ $v.keyserver.gatewayIdentity | default (include "tessera.serviceIdentity" (list . "gateway")) | toJson }}
 derive_identities = {{ include "tessera.tomlStrings" $derive }}
 checkpoint_every = {{ $v.keyserver.checkpointEvery | int64 }}
 max_grant_ttl_secs = {{ $v.keyserver.maxGrantTtlSecs | int64 }}
 max_grant_uses = {{ $v.keyserver.maxGrantUses | int64 }}
+{{- if eq $v.keyserver.store.backend "postgres" }}
+
+# State and audit chain in PostgreSQL, shared by the replicas (decision 24).
+[keyserver.store]
+backend = "postgres"
+postgres_url_file = {{ printf "%s/keyserver-postgres.url" (include "tessera.secretsDir" .) | toJson }}
+{{- end }}
 
 {{ include "tessera.serverToml" (dict "root" . "port" $v.keyserver.port) }}
 {{- end }}

@@ -6,13 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableDatabase, ReadableTable};
 use tokio::sync::broadcast;
 
 use crate::core::Core;
 use crate::core::audit::{AuditEvent, NewEntry};
 use crate::core::gate::{Context, authorize_in_txn};
 use crate::core::ids::{ApprovalId, RequestId, StudyId, validate_label};
+use crate::core::kv::{KvRead, KvWrite};
 use crate::core::policy::access::AccessRules;
 use crate::core::policy::{Action, Rpc};
 use crate::core::store::{
@@ -136,11 +136,8 @@ pub fn grant_valid(rec: &RequestRecord, now: u64, revoked_approval: bool) -> (bo
     }
 }
 
-pub(crate) fn load_standing<T>(t: &T, id: &str) -> Result<Option<StandingRecord>>
-where
-    T: ReadableTable<&'static str, &'static [u8]>,
-{
-    get_json(t, id)
+pub(crate) fn load_standing<R: KvRead + ?Sized>(r: &R, id: &str) -> Result<Option<StandingRecord>> {
+    get_json(r, STANDING, id)
 }
 
 impl Core {
@@ -261,10 +258,10 @@ impl Core {
             .submit(move |ctx| {
                 let now = ctx.now_secs();
                 let owned = {
-                    let t = ctx.txn.open_table(STUDIES)?;
+                    let t = ctx.txn;
                     let mut all = true;
                     for s in &studies {
-                        let rec: Option<StudyRecord> = get_json(&t, s)?;
+                        let rec: Option<StudyRecord> = get_json(t, STUDIES, s)?;
                         all &= rec.is_some_and(|r| r.owner == owner && !r.is_forgotten());
                     }
                     all
@@ -281,8 +278,7 @@ impl Core {
                 if let Err(e) = authorize_in_txn(ctx, &rules, &owner, &action, audit)? {
                     return Ok(Err(e));
                 }
-                let mut ix = ctx.txn.open_table(OWNER_STANDING)?;
-                if index_scan(&ix, &owner)?.len() >= STANDING_PER_OWNER_MAX {
+                if index_scan(ctx.txn, OWNER_STANDING, &owner)?.len() >= STANDING_PER_OWNER_MAX {
                     return Ok(Err(KeyServerError::FailedPrecondition(format!(
                         "at most {STANDING_PER_OWNER_MAX} standing approvals per owner"
                     ))));
@@ -301,10 +297,10 @@ impl Core {
                     approvals_made: 0,
                     revoked_at: None,
                 };
-                ix.insert(index_key(&owner, &rec.id).as_str(), ())?;
                 ctx.txn
-                    .open_table(STANDING)?
-                    .insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                    .put_str(OWNER_STANDING, &index_key(&owner, &rec.id), &[])?;
+                ctx.txn
+                    .put_str(STANDING, &rec.id, to_json(&rec)?.as_slice())?;
                 ctx.append(NewEntry {
                     actor: owner,
                     event: AuditEvent::StandingCreated,
@@ -336,11 +332,10 @@ impl Core {
         include_inactive: bool,
     ) -> Result<Vec<StandingRecord>> {
         let now = self.inner.clock.now_ms() / 1000;
-        let r = self.inner.db.begin_read()?;
-        let t = r.open_table(STANDING)?;
+        let r = self.inner.store.read()?;
         let mut out = Vec::new();
-        for id in index_scan(&r.open_table(OWNER_STANDING)?, actor)? {
-            if let Some(sa) = load_standing(&t, &id)?
+        for id in index_scan(r.as_ref(), OWNER_STANDING, actor)? {
+            if let Some(sa) = load_standing(r.as_ref(), &id)?
                 && (include_inactive || (sa.revoked_at.is_none() && now < sa.expires_at))
             {
                 out.push(sa);
@@ -436,8 +431,7 @@ impl Core {
         self.inner
             .writer
             .submit(move |ctx| {
-                let mut t = ctx.txn.open_table(STANDING)?;
-                let Some(mut sa) = load_standing(&t, id.as_str())? else {
+                let Some(mut sa) = load_standing(ctx.txn, id.as_str())? else {
                     return Ok(Err(KeyServerError::NotFound(format!(
                         "standing approval {}",
                         id.as_str()
@@ -453,8 +447,7 @@ impl Core {
                     return Ok(Err(e));
                 }
                 let (event, detail) = f(&mut sa, ctx.now_secs());
-                t.insert(sa.id.as_str(), to_json(&sa)?.as_slice())?;
-                drop(t);
+                put_standing(ctx.txn, &sa)?;
                 ctx.append(NewEntry {
                     actor,
                     event,
@@ -473,11 +466,10 @@ impl Core {
         self.inner
             .writer
             .submit(move |ctx| {
-                let mut t = ctx.txn.open_table(OWNER_SETTINGS)?;
-                let mut s: OwnerSettings = get_json(&t, &owner)?.unwrap_or_default();
+                let mut s = owner_settings(ctx.txn, &owner)?;
                 s.break_glass_disabled = disabled;
-                t.insert(owner.as_str(), to_json(&s)?.as_slice())?;
-                drop(t);
+                ctx.txn
+                    .put_str(OWNER_SETTINGS, &owner, to_json(&s)?.as_slice())?;
                 ctx.append(NewEntry {
                     actor: owner,
                     event: AuditEvent::BreakGlassSet,
@@ -497,8 +489,8 @@ impl Core {
         admin: bool,
         include_reviewed: bool,
     ) -> Result<Vec<RequestRecord>> {
-        let r = self.inner.db.begin_read()?;
-        let reqs = r.open_table(REQUESTS)?;
+        let r = self.inner.store.read()?;
+        let r = r.as_ref();
         let keep = |rec: &RequestRecord| {
             rec.break_glass
                 .as_ref()
@@ -506,19 +498,18 @@ impl Core {
         };
         let mut out = Vec::new();
         if admin {
-            for item in reqs.iter()? {
-                let (_, v) = item?;
-                let rec: RequestRecord = serde_json::from_slice(v.value())
+            r.scan_all(REQUESTS, &mut |_, v| {
+                let rec: RequestRecord = serde_json::from_slice(v)
                     .map_err(|e| KeyServerError::Corrupt(format!("request: {e}")))?;
                 if keep(&rec) {
                     out.push(rec);
                 }
-            }
+                Ok(true)
+            })?;
         } else {
-            let ix = r.open_table(STUDY_REQUESTS)?;
-            for s in index_scan(&r.open_table(OWNER_STUDIES)?, actor)? {
-                for rid in index_scan(&ix, &s)? {
-                    if let Some(rec) = get_json::<RequestRecord, _>(&reqs, &rid)?
+            for s in index_scan(r, OWNER_STUDIES, actor)? {
+                for rid in index_scan(r, STUDY_REQUESTS, &s)? {
+                    if let Some(rec) = get_json::<RequestRecord, _>(r, REQUESTS, &rid)?
                         && keep(&rec)
                     {
                         out.push(rec);
@@ -548,17 +539,16 @@ impl Core {
         self.inner
             .writer
             .submit(move |ctx| {
-                let mut reqs = ctx.txn.open_table(REQUESTS)?;
-                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                let Some(mut rec) = get_json::<RequestRecord, _>(ctx.txn, REQUESTS, rid.as_str())?
+                else {
                     return Ok(Err(KeyServerError::NotFound(format!(
                         "request {}",
                         rid.as_str()
                     ))));
                 };
-                let owner =
-                    get_json::<StudyRecord, _>(&ctx.txn.open_table(STUDIES)?, &rec.study_id)?
-                        .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
-                        .owner;
+                let owner = get_json::<StudyRecord, _>(ctx.txn, STUDIES, &rec.study_id)?
+                    .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
+                    .owner;
                 let action = Action::Review {
                     owner: &owner,
                     admin,
@@ -576,7 +566,8 @@ impl Core {
                 if let Some(b) = rec.break_glass.as_mut() {
                     b.reviewed = Some((actor.clone(), now));
                 }
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                ctx.txn
+                    .put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                 ctx.append(NewEntry {
                     actor,
                     event: AuditEvent::BreakGlassReviewed,
@@ -602,29 +593,27 @@ impl Core {
     ) -> Result<Vec<GrantView>> {
         let now = self.inner.clock.now_ms() / 1000;
         let soon = self.inner.access.expiring_soon_secs;
-        let r = self.inner.db.begin_read()?;
-        let reqs = r.open_table(REQUESTS)?;
-        let standing = r.open_table(STANDING)?;
+        let r = self.inner.store.read()?;
+        let r = r.as_ref();
         let ids = if as_owner {
-            let ix = r.open_table(STUDY_REQUESTS)?;
             let mut ids = Vec::new();
-            for s in index_scan(&r.open_table(OWNER_STUDIES)?, actor)? {
-                ids.extend(index_scan(&ix, &s)?);
+            for s in index_scan(r, OWNER_STUDIES, actor)? {
+                ids.extend(index_scan(r, STUDY_REQUESTS, &s)?);
             }
             ids
         } else {
-            index_scan(&r.open_table(REQUESTER_REQUESTS)?, actor)?
+            index_scan(r, REQUESTER_REQUESTS, actor)?
         };
         let mut out = Vec::new();
         for rid in ids {
-            let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, &rid)? else {
+            let Some(mut rec) = get_json::<RequestRecord, _>(r, REQUESTS, &rid)? else {
                 continue;
             };
             if matches!(rec.state, GrantState::Pending | GrantState::Denied { .. }) {
                 continue;
             }
             let revoked_approval = match &rec.standing {
-                Some(id) => load_standing(&standing, id)?.is_none_or(|sa| sa.revoked_at.is_some()),
+                Some(id) => load_standing(r, id)?.is_none_or(|sa| sa.revoked_at.is_some()),
                 None => false,
             };
             let (valid, left) = grant_valid(&rec, now, revoked_approval);
@@ -658,15 +647,10 @@ pub fn grantee_text(g: &Grantee) -> String {
 }
 
 /// The standing approvals of `owner`, read inside a transaction.
-pub(crate) fn owner_standing(
-    txn: &redb::WriteTransaction,
-    owner: &str,
-) -> Result<Vec<StandingRecord>> {
-    let ix = txn.open_table(OWNER_STANDING)?;
-    let t = txn.open_table(STANDING)?;
+pub(crate) fn owner_standing(txn: &dyn KvWrite, owner: &str) -> Result<Vec<StandingRecord>> {
     let mut out = Vec::new();
-    for id in index_scan(&ix, owner)? {
-        if let Some(sa) = load_standing(&t, &id)? {
+    for id in index_scan(txn, OWNER_STANDING, owner)? {
+        if let Some(sa) = load_standing(txn, &id)? {
             out.push(sa);
         }
     }
@@ -675,26 +659,21 @@ pub(crate) fn owner_standing(
 }
 
 /// Is the standing approval `id` revoked (or gone)? Inside a transaction.
-pub(crate) fn standing_revoked(txn: &redb::WriteTransaction, id: &str) -> Result<bool> {
-    let t = txn.open_table(STANDING)?;
-    Ok(load_standing(&t, id)?.is_none_or(|sa| sa.revoked_at.is_some()))
+pub(crate) fn standing_revoked(txn: &dyn KvWrite, id: &str) -> Result<bool> {
+    Ok(load_standing(txn, id)?.is_none_or(|sa| sa.revoked_at.is_some()))
 }
 
 /// Writes back a standing approval inside a transaction.
-pub(crate) fn put_standing(txn: &redb::WriteTransaction, sa: &StandingRecord) -> Result<()> {
-    txn.open_table(STANDING)?
-        .insert(sa.id.as_str(), to_json(sa)?.as_slice())?;
-    Ok(())
+pub(crate) fn put_standing(txn: &dyn KvWrite, sa: &StandingRecord) -> Result<()> {
+    txn.put_str(STANDING, &sa.id, to_json(sa)?.as_slice())
 }
 
 /// The owner's settings, inside a transaction.
-pub(crate) fn owner_settings(txn: &redb::WriteTransaction, owner: &str) -> Result<OwnerSettings> {
-    Ok(get_json(&txn.open_table(OWNER_SETTINGS)?, owner)?.unwrap_or_default())
+pub(crate) fn owner_settings(txn: &dyn KvWrite, owner: &str) -> Result<OwnerSettings> {
+    Ok(get_json(txn, OWNER_SETTINGS, owner)?.unwrap_or_default())
 }
 
 /// Indexes a new request under its requester, inside a transaction.
-pub(crate) fn index_requester(txn: &redb::WriteTransaction, rec: &RequestRecord) -> Result<()> {
-    txn.open_table(REQUESTER_REQUESTS)?
-        .insert(index_key(&rec.requester, &rec.id).as_str(), ())?;
-    Ok(())
+pub(crate) fn index_requester(txn: &dyn KvWrite, rec: &RequestRecord) -> Result<()> {
+    txn.put_str(REQUESTER_REQUESTS, &index_key(&rec.requester, &rec.id), &[])
 }

@@ -3,8 +3,6 @@
 
 use std::collections::HashSet;
 
-use redb::ReadableDatabase;
-
 use crate::core::audit::{AuditEntry, VerifyReport};
 use crate::core::chain::{ChainBreak, mark_broken, verify_database};
 use crate::core::store::{AUDIT, OWNER_STUDIES, index_scan};
@@ -16,7 +14,7 @@ impl Core {
     /// Recomputes the audit chain and checks signatures. A break found here
     /// blocks key operations like one found at start.
     pub fn verify_audit(&self) -> Result<VerifyReport> {
-        let rep = verify_database(self.inner.db.as_ref(), &self.inner.public_key)?;
+        let rep = verify_database(self.inner.store.read()?.as_ref(), &self.inner.public_key)?;
         if let Some(b) = ChainBreak::from_report(&rep) {
             mark_broken(&self.inner.broken, b);
         }
@@ -26,8 +24,7 @@ impl Core {
     /// Reads up to `limit` audit entries from `from_seq` (everything; for
     /// tests and tools).
     pub fn list_audit(&self, from_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
-        let r = self.inner.db.begin_read()?;
-        writer::read_entries(&r.open_table(AUDIT)?, from_seq.max(1), limit)
+        writer::read_entries(self.inner.store.read()?.as_ref(), from_seq.max(1), limit)
     }
 
     /// One page of the audit log as `scope` may see it: at most `limit`
@@ -42,27 +39,27 @@ impl Core {
         budget: usize,
         mut size: impl FnMut(&AuditEntry) -> usize,
     ) -> Result<AuditPage> {
-        let r = self.inner.db.begin_read()?;
+        let r = self.inner.store.read()?;
         let owned: Option<HashSet<String>> = match scope {
             AuditScope::All => None,
             AuditScope::Owner(owner) => Some(
-                index_scan(&r.open_table(OWNER_STUDIES)?, owner)?
+                index_scan(r.as_ref(), OWNER_STUDIES, owner)?
                     .into_iter()
                     .collect(),
             ),
         };
-        let audit = r.open_table(AUDIT)?;
         let mut entries = Vec::new();
         let mut used = 0usize;
         let mut next_from_seq = 0;
-        for (scanned, item) in audit.range(from_seq.max(1)..)?.enumerate() {
-            let (k, v) = item?;
-            let seq = k.value();
+        let mut scanned = 0usize;
+        r.scan_from(AUDIT, from_seq.max(1), &mut |k, v| {
+            let seq = k.num();
             if entries.len() >= limit || scanned >= AUDIT_SCAN_MAX {
                 next_from_seq = seq;
-                break;
+                return Ok(false);
             }
-            let e = writer::decode_or_placeholder(seq, v.value());
+            scanned += 1;
+            let e = writer::decode_or_placeholder(seq, v);
             let visible = match (scope, &owned) {
                 (AuditScope::Owner(owner), Some(studies)) => {
                     e.actor == *owner || (!e.study.is_empty() && studies.contains(&e.study))
@@ -70,16 +67,17 @@ impl Core {
                 _ => true,
             };
             if !visible {
-                continue;
+                return Ok(true);
             }
             let n = size(&e);
             if !entries.is_empty() && used.saturating_add(n) > budget {
                 next_from_seq = seq;
-                break;
+                return Ok(false);
             }
             used = used.saturating_add(n);
             entries.push(e);
-        }
+            Ok(true)
+        })?;
         Ok(AuditPage {
             entries,
             next_from_seq,

@@ -12,17 +12,12 @@
 
 use std::path::Path;
 
-use redb::{
-    ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction,
-};
-use tessera_runtime::snapshot::{self, SnapshotError, copy_table, table_names};
+use redb::{ReadTransaction, ReadableDatabase, ReadableTableMetadata, WriteTransaction};
+use tessera_runtime::snapshot::{self, SnapshotError, table_names};
 
 use super::crypto::{Kek, master_aad};
-use super::store::{
-    AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, DELEGATES, MASTERS, META, META_MASTER_CURRENT,
-    OWNER_SETTINGS, OWNER_STANDING, OWNER_STUDIES, REQUESTER_REQUESTS, REQUESTS, STANDING, STUDIES,
-    STUDY_REQUESTS, get_bytes,
-};
+use super::kv::{self, KvRead, Tbl};
+use super::store::{MASTERS, META, META_MASTER_CURRENT, STUDIES, get_bytes};
 use super::{load_signer, verify_database};
 use crate::error::{KeyServerError, Result};
 
@@ -67,23 +62,8 @@ fn copy_all(r: &ReadTransaction, w: &WriteTransaction) -> Result<u64> {
         }
     }
     let mut rows = 0;
-    for n in [
-        copy_table(r, w, META)?,
-        copy_table(r, w, MASTERS)?,
-        copy_table(r, w, STUDIES)?,
-        copy_table(r, w, REQUESTS)?,
-        copy_table(r, w, STUDY_REQUESTS)?,
-        copy_table(r, w, OWNER_STUDIES)?,
-        copy_table(r, w, AUDIT)?,
-        copy_table(r, w, CHECKPOINTS)?,
-        copy_table(r, w, AUDIT_RECOVERIES)?,
-        copy_table(r, w, DELEGATES)?,
-        copy_table(r, w, STANDING)?,
-        copy_table(r, w, OWNER_STANDING)?,
-        copy_table(r, w, OWNER_SETTINGS)?,
-        copy_table(r, w, REQUESTER_REQUESTS)?,
-    ] {
-        rows += n.unwrap_or(0);
+    for t in Tbl::ALL {
+        rows += kv::copy_redb_table(r, w, t)?.unwrap_or(0);
     }
     Ok(rows)
 }
@@ -105,30 +85,32 @@ pub fn check_restorable(db: &impl ReadableDatabase, kek: &Kek) -> Result<Snapsho
         for handle in r.list_tables()? {
             rows += r.open_untyped_table(handle)?.len()?;
         }
-        let meta = r.open_table(META)?;
-        let signer = load_signer(&meta, kek)?
+        let r = kv::RedbRead(r);
+        let signer = load_signer(&r, kek)?
             .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?;
-        let t = r.open_table(MASTERS)?;
         let mut masters = 0;
-        for item in t.iter()? {
-            let (k, v) = item?;
+        let r: &dyn KvRead = &r;
+        r.scan_all(MASTERS, &mut |k, v| {
+            let version = u32::try_from(k.num())
+                .map_err(|_| KeyServerError::Corrupt(format!("master version {}", k.num())))?;
             // Dropped (and wiped) at once: only that it unwraps matters.
-            kek.unwrap_secret(&master_aad(k.value()), v.value())?;
+            kek.unwrap_secret(&master_aad(version), v)?;
             masters += 1;
-        }
-        let current = get_bytes(&meta, META_MASTER_CURRENT)?
+            Ok(true)
+        })?;
+        let current = get_bytes(r, META, META_MASTER_CURRENT)?
             .and_then(|b| b.as_slice().try_into().ok())
             .map(u32::from_be_bytes)
             .ok_or_else(|| KeyServerError::Corrupt("no current master version".into()))?;
-        if t.get(current)?.is_none() {
+        if r.get_num(MASTERS, u64::from(current))?.is_none() {
             return Err(KeyServerError::Corrupt(format!(
                 "current master version {current} is missing"
             )));
         }
-        let studies = r.open_table(STUDIES)?.len()?;
+        let studies = r.len(STUDIES)?;
         (signer.public_key(), masters, studies, rows)
     };
-    let rep = verify_database(db, &public_key)?;
+    let rep = verify_database(&kv::redb_read(db)?, &public_key)?;
     if !rep.ok {
         return Err(KeyServerError::Corrupt(format!(
             "audit chain broken at entry {}: {}",

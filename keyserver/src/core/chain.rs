@@ -8,13 +8,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock};
 
-use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable};
+use redb::ReadOnlyDatabase;
 
 use crate::core::audit::{
     AuditEvent, NewEntry, SignedHead, VerifyFrom, VerifyReport, checkpoint_message, verify_chain,
 };
+use crate::core::backend::Store;
 use crate::core::crypto::{AuditSigner, Kek, SIGNING_KEY_AAD};
 use crate::core::ids::validate_text;
+use crate::core::kv::{self, KvRead};
 use crate::core::store::{
     AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, META, META_AUDIT_HEAD, META_PUBLIC_KEY, META_SIGNING_KEY,
     get_bytes,
@@ -25,6 +27,9 @@ use crate::error::{KeyServerError, Result};
 /// Actor of an `audit.recovered` entry (a local administrator; the detail
 /// names the operator).
 pub const RECOVERY_ACTOR: &str = "keyserver audit-recover";
+
+/// Audit entries read per page while verifying.
+const VERIFY_PAGE: usize = 4096;
 
 /// The first broken audit entry found (at start, by the background full
 /// check, or by `VerifyAudit`).
@@ -45,11 +50,8 @@ impl ChainBreak {
     }
 }
 
-pub(crate) fn load_signer(
-    meta: &impl ReadableTable<&'static str, &'static [u8]>,
-    kek: &Kek,
-) -> Result<Option<AuditSigner>> {
-    match get_bytes(meta, META_SIGNING_KEY)? {
+pub(crate) fn load_signer<R: KvRead + ?Sized>(r: &R, kek: &Kek) -> Result<Option<AuditSigner>> {
+    match get_bytes(r, META, META_SIGNING_KEY)? {
         None => Ok(None),
         Some(w) => AuditSigner::from_pkcs8(&kek.unwrap(SIGNING_KEY_AAD, &w)?).map(Some),
     }
@@ -58,35 +60,35 @@ pub(crate) fn load_signer(
 /// Recomputes the whole audit chain of an open database. Breaks before the
 /// last signed recovery entry (`keyserver audit-recover`) were acknowledged
 /// by an administrator and do not make the report fail.
-pub fn verify_database(db: &impl ReadableDatabase, public_key: &[u8]) -> Result<VerifyReport> {
-    verify_database_with(db, public_key, false)
+pub fn verify_database(r: &dyn KvRead, public_key: &[u8]) -> Result<VerifyReport> {
+    verify_database_with(r, public_key, false)
 }
 
 /// Like [`verify_database`], but only from the last signed checkpoint (or
 /// recovery entry) on: what the keyserver checks before it serves, so a
 /// start stays fast however long the log is. The background check and
 /// `VerifyAudit` cover the rest.
-pub fn verify_database_tail(db: &impl ReadableDatabase, public_key: &[u8]) -> Result<VerifyReport> {
-    verify_database_with(db, public_key, true)
+pub fn verify_database_tail(r: &dyn KvRead, public_key: &[u8]) -> Result<VerifyReport> {
+    verify_database_with(r, public_key, true)
 }
 
 /// The highest recovery entry whose signature verifies (0 if none).
-fn recovery_horizon(t: &impl ReadableTable<u64, &'static [u8]>, public_key: &[u8]) -> Result<u64> {
+fn recovery_horizon(r: &dyn KvRead, public_key: &[u8]) -> Result<u64> {
     let mut horizon = 0;
-    for item in t.iter()? {
-        let (k, v) = item?;
-        if let Some(h) = SignedHead::decode(v.value())
-            && h.seq == k.value()
+    r.scan_all(AUDIT_RECOVERIES, &mut |k, v| {
+        if let Some(h) = SignedHead::decode(v)
+            && h.seq == k.num()
             && h.valid(public_key)
         {
             horizon = horizon.max(h.seq);
         }
-    }
+        Ok(true)
+    })?;
     Ok(horizon)
 }
 
 fn verify_database_with(
-    db: &impl ReadableDatabase,
+    db: &dyn KvRead,
     public_key: &[u8],
     tail_only: bool,
 ) -> Result<VerifyReport> {
@@ -96,41 +98,22 @@ fn verify_database_with(
 
 /// `stop`: once set, reading ends early and the result is `Ok(None)`.
 pub(crate) fn verify_database_stoppable(
-    db: &impl ReadableDatabase,
+    r: &dyn KvRead,
     public_key: &[u8],
     tail_only: bool,
     stop: Option<&AtomicBool>,
 ) -> Result<Option<VerifyReport>> {
-    let r = db.begin_read()?;
-    let audit = match r.open_table(AUDIT) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => {
-            return verify_chain::<_, KeyServerError>(
-                Vec::new(),
-                &[],
-                None,
-                public_key,
-                VerifyFrom::START,
-            )
-            .map(Some);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let horizon = match r.open_table(AUDIT_RECOVERIES) {
-        Ok(t) => recovery_horizon(&t, public_key)?,
-        Err(redb::TableError::TableDoesNotExist(_)) => 0,
-        Err(e) => return Err(e.into()),
-    };
-    let cps = r.open_table(CHECKPOINTS)?;
+    // A table absent from an older file reads as empty.
+    let horizon = recovery_horizon(r, public_key)?;
     let mut checkpoints = Vec::new();
-    for item in cps.iter()? {
-        let (k, v) = item?;
-        checkpoints.push((k.value(), v.value().to_vec()));
-    }
+    r.scan_all(CHECKPOINTS, &mut |k, v| {
+        checkpoints.push((k.num(), v.to_vec()));
+        Ok(true)
+    })?;
     let from = if tail_only {
         // The last checkpoint that names a stored entry; a dangling one
         // (truncated tail) is left to `verify_chain` to report.
-        let last = audit.last()?.map_or(0, |(k, _)| k.value());
+        let last = r.last_num(AUDIT)?;
         checkpoints
             .iter()
             .map(|(seq, _)| *seq)
@@ -142,12 +125,32 @@ pub(crate) fn verify_database_stoppable(
     } else {
         1
     };
-    let meta = r.open_table(META)?;
-    let head = get_bytes(&meta, META_AUDIT_HEAD)?;
+    let head = get_bytes(r, META, META_AUDIT_HEAD)?;
     let stopped = || stop.is_some_and(|s| s.load(Ordering::Relaxed));
-    let records = audit.range(from..)?.take_while(|_| !stopped()).map(|item| {
-        item.map(|(k, v)| (k.value(), v.value().to_vec()))
-            .map_err(KeyServerError::from)
+    // The walk pulls entries from the store a page at a time, so a long
+    // log is never held in memory at once.
+    let mut page: std::collections::VecDeque<(u64, Vec<u8>)> = Default::default();
+    let mut next = Some(from);
+    let records = std::iter::from_fn(|| {
+        if page.is_empty()
+            && let Some(start) = next.take()
+            && !stopped()
+        {
+            let read = r.scan_from(AUDIT, start, &mut |k, v| {
+                page.push_back((k.num(), v.to_vec()));
+                Ok(page.len() < VERIFY_PAGE)
+            });
+            if let Err(e) = read {
+                return Some(Err(e));
+            }
+            if page.len() == VERIFY_PAGE {
+                next = page.back().map(|(seq, _)| seq + 1);
+            }
+        }
+        if stopped() {
+            return None;
+        }
+        page.pop_front().map(Ok)
     });
     let report = verify_chain(
         records,
@@ -169,18 +172,20 @@ pub(crate) fn verify_database_stoppable(
 /// and the report is only as trustworthy as the file.
 pub fn verify_audit_file(path: &Path, kek: Option<&Kek>) -> Result<(VerifyReport, Vec<u8>)> {
     let db = ReadOnlyDatabase::open(path)?;
-    let public_key = {
-        let r = db.begin_read()?;
-        let meta = r.open_table(META)?;
-        match kek {
-            Some(k) => load_signer(&meta, k)?
-                .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?
-                .public_key(),
-            None => get_bytes(&meta, META_PUBLIC_KEY)?
-                .ok_or_else(|| KeyServerError::Corrupt("no audit public key".into()))?,
-        }
+    verify_audit_in(&kv::redb_read(&db)?, kek)
+}
+
+/// [`verify_audit_file`] over any store (the offline `verify` on the
+/// PostgreSQL backend).
+pub fn verify_audit_in(r: &dyn KvRead, kek: Option<&Kek>) -> Result<(VerifyReport, Vec<u8>)> {
+    let public_key = match kek {
+        Some(k) => load_signer(r, k)?
+            .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?
+            .public_key(),
+        None => get_bytes(r, META, META_PUBLIC_KEY)?
+            .ok_or_else(|| KeyServerError::Corrupt("no audit public key".into()))?,
     };
-    Ok((verify_database(&db, &public_key)?, public_key))
+    Ok((verify_database(r, &public_key)?, public_key))
 }
 
 /// Records the first break seen (a later, different one does not replace it).
@@ -217,15 +222,30 @@ pub fn recover_audit(
     acknowledge: u64,
     now_ms: u64,
 ) -> Result<Recovery> {
+    let db = redb::Database::open(path)?;
+    recover_audit_in(
+        &Store::Redb(std::sync::Arc::new(db)),
+        kek,
+        operator,
+        acknowledge,
+        now_ms,
+    )
+}
+
+/// [`recover_audit`] over any store (on PostgreSQL, with every keyserver
+/// replica stopped).
+pub fn recover_audit_in(
+    store: &Store,
+    kek: &Kek,
+    operator: &str,
+    acknowledge: u64,
+    now_ms: u64,
+) -> Result<Recovery> {
     validate_text("operator", operator)?;
-    let db = Database::open(path)?;
-    let signer = {
-        let r = db.begin_read()?;
-        load_signer(&r.open_table(META)?, kek)?
-            .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?
-    };
+    let signer = load_signer(store.read()?.as_ref(), kek)?
+        .ok_or_else(|| KeyServerError::Corrupt("no audit signing key".into()))?;
     let public_key = signer.public_key();
-    let before = verify_database(&db, &public_key)?;
+    let before = verify_database(store.read()?.as_ref(), &public_key)?;
     let Some(b) = ChainBreak::from_report(&before) else {
         return Err(KeyServerError::FailedPrecondition(
             "the audit chain verifies; there is nothing to recover".into(),
@@ -237,18 +257,20 @@ pub fn recover_audit(
             b.seq, b.problem
         )));
     }
-    let w = db.begin_write()?;
-    let mut chain = ChainState::load(&w.open_table(AUDIT)?)?;
+    let txn = store.write()?;
+    let w = txn.as_write();
+    let mut chain = ChainState::load(w.read())?;
     {
         // Checkpoints past the last stored entry (a cut-off tail) would
         // collide with the entries written from now on.
-        let mut cps = w.open_table(CHECKPOINTS)?;
         let mut stale = Vec::new();
-        for item in cps.range(chain.next_seq..)? {
-            stale.push(item?.0.value());
-        }
+        w.read()
+            .scan_from(CHECKPOINTS, chain.next_seq, &mut |k, _| {
+                stale.push(k.num());
+                Ok(true)
+            })?;
         for seq in stale {
-            cps.remove(seq)?;
+            w.remove(CHECKPOINTS, kv::Key::Num(seq))?;
         }
     }
     let entry = NewEntry {
@@ -261,7 +283,7 @@ pub fn recover_audit(
         ),
     };
     // checkpoint_every = 1: the recovery entry always gets a checkpoint.
-    apply_in_txn(&w, &mut chain, &signer, now_ms, 1, |ctx| {
+    apply_in_txn(w, &mut chain, &signer, now_ms, 1, |ctx| {
         ctx.append(entry).map(drop)
     })?;
     let seq = chain.next_seq - 1;
@@ -270,10 +292,9 @@ pub fn recover_audit(
         hash: chain.head,
         signature: signer.sign(&checkpoint_message(seq, &chain.head)),
     };
-    w.open_table(AUDIT_RECOVERIES)?
-        .insert(seq, anchor.encode().as_slice())?;
-    w.commit()?;
-    let report = verify_database(&db, &public_key)?;
+    w.put_num(AUDIT_RECOVERIES, seq, anchor.encode().as_slice())?;
+    txn.commit()?;
+    let report = verify_database(store.read()?.as_ref(), &public_key)?;
     Ok(Recovery {
         seq,
         acknowledged: b,

@@ -1,8 +1,6 @@
 //! Delegates: identities an owner lets store studies on its behalf (the
 //! gateway asks before it stores). Table `delegates`, key `owner|delegate`.
 
-use redb::{ReadableDatabase, ReadableTable};
-
 use crate::core::Core;
 use crate::core::audit::{AuditEvent, NewEntry};
 use crate::core::policy::Rpc;
@@ -35,8 +33,8 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let key = index_key(&owner, &delegate);
-                let mut t = ctx.txn.open_table(DELEGATES)?;
-                let present = t.get(key.as_str())?.is_some();
+                let t = ctx.txn;
+                let present = t.get_str(DELEGATES, &key)?.is_some();
                 let event = match (add, present) {
                     (true, true) => {
                         return Ok(Err(KeyServerError::AlreadyExists(format!(
@@ -49,15 +47,14 @@ impl Core {
                         ))));
                     }
                     (true, false) => {
-                        t.insert(key.as_str(), ())?;
+                        t.put_str(DELEGATES, &key, &[])?;
                         AuditEvent::DelegateAdded
                     }
                     (false, true) => {
-                        t.remove(key.as_str())?;
+                        t.remove_str(DELEGATES, &key)?;
                         AuditEvent::DelegateRemoved
                     }
                 };
-                drop(t);
                 ctx.append(NewEntry {
                     actor: owner,
                     event,
@@ -71,8 +68,7 @@ impl Core {
 
     /// The delegates of the owner `actor`, sorted.
     pub fn list_delegates(&self, actor: &str) -> Result<Vec<String>> {
-        let r = self.inner.db.begin_read()?;
-        index_scan(&r.open_table(DELEGATES)?, actor)
+        index_scan(self.inner.store.read()?.as_ref(), DELEGATES, actor)
     }
 
     /// Gateway only: may `delegate` store studies on `owner`'s behalf? A
@@ -82,8 +78,7 @@ impl Core {
             .await?;
         self.identity("owner", owner)?;
         self.identity("delegate", delegate)?;
-        let r = self.inner.db.begin_read()?;
-        let t = r.open_table(DELEGATES)?;
-        Ok(t.get(index_key(owner, delegate).as_str())?.is_some())
+        let r = self.inner.store.read()?;
+        Ok(r.get_str(DELEGATES, &index_key(owner, delegate))?.is_some())
     }
 }

@@ -2,8 +2,6 @@
 //! read transaction: pending key requests, the audit chain's length and
 //! how long ago its last signed checkpoint was.
 
-use redb::{ReadableDatabase, ReadableTable};
-
 use super::Core;
 use super::audit::decode;
 use super::store::{AUDIT, CHECKPOINTS, GrantState, REQUESTS, RequestRecord};
@@ -25,31 +23,36 @@ impl Core {
     /// Reads the gauges (a scan of the requests table: scrape-time cost
     /// grows with the number of requests, not with traffic).
     pub fn gauges(&self) -> Result<Gauges> {
-        let txn = self.inner.db.begin_read()?;
-        let requests = txn.open_table(REQUESTS)?;
+        let txn = self.inner.store.read()?;
+        let txn = txn.as_ref();
         let mut pending_requests = 0;
-        for row in requests.iter()? {
-            let (_, v) = row?;
+        txn.scan_all(REQUESTS, &mut |_, v| {
             // A record that does not parse is not pending (VerifyAudit and
             // the RPCs report it).
-            if serde_json::from_slice::<RequestRecord>(v.value())
+            if serde_json::from_slice::<RequestRecord>(v)
                 .is_ok_and(|r| r.state == GrantState::Pending)
             {
                 pending_requests += 1;
             }
-        }
-        let audit = txn.open_table(AUDIT)?;
-        let audit_chain_length = audit.last()?.map_or(0, |(k, _)| k.value());
-        let checkpoints = txn.open_table(CHECKPOINTS)?;
-        let since_seq = match checkpoints.last()? {
-            Some((k, _)) => Some(k.value()),
-            None => audit.first()?.map(|(k, _)| k.value()),
+            Ok(true)
+        })?;
+        let audit_chain_length = txn.last_num(AUDIT)?;
+        let since_seq = match txn.last(CHECKPOINTS)? {
+            Some((k, _)) => Some(k.num()),
+            None => {
+                let mut first = None;
+                txn.scan_all(AUDIT, &mut |k, _| {
+                    first = Some(k.num());
+                    Ok(false)
+                })?;
+                first
+            }
         };
         let checkpoint_age_secs = match since_seq {
             None => None,
-            Some(seq) => audit
-                .get(seq)?
-                .and_then(|raw| decode(raw.value()))
+            Some(seq) => txn
+                .get_num(AUDIT, seq)?
+                .and_then(|raw| decode(raw.as_slice()))
                 .map(|e| self.inner.clock.now_ms().saturating_sub(e.timestamp_ms) / 1000),
         };
         Ok(Gauges {

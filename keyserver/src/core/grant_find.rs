@@ -3,13 +3,11 @@
 //! A read: nothing is spent (the gateway still redeems, audited, before it
 //! serves anything) and nothing is recorded unless the caller is refused.
 
-use redb::{ReadableDatabase, ReadableTable};
-
 use crate::core::Core;
 use crate::core::access::load_standing;
 use crate::core::ids::StudyId;
 use crate::core::policy::Rpc;
-use crate::core::store::{GrantState, REQUESTS, RequestRecord, STANDING};
+use crate::core::store::{GrantState, REQUESTS, RequestRecord};
 use crate::error::{KeyServerError, Result};
 
 /// One usable grant.
@@ -64,26 +62,25 @@ impl Core {
             Some(StudyId::parse(study_id)?.as_str().to_owned())
         };
         let now = self.inner.clock.now_ms() / 1000;
-        let r = self.inner.db.begin_read()?;
-        let t = r.open_table(REQUESTS)?;
-        let standing = r.open_table(STANDING)?;
+        let r = self.inner.store.read()?;
+        let r = r.as_ref();
         let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            let rec: RequestRecord = serde_json::from_slice(v.value())
-                .map_err(|e| KeyServerError::Corrupt(format!("{}: {e}", k.value())))?;
+        r.scan_all(REQUESTS, &mut |k, v| {
+            let rec: RequestRecord = serde_json::from_slice(v)
+                .map_err(|e| KeyServerError::Corrupt(format!("{}: {e}", k.text())))?;
             // A grant made by a standing approval the owner has revoked (or
             // that is gone) is not usable: RedeemGrant would refuse it, and
             // the study must not stay visible to C-FIND either.
             if let Some(sa) = &rec.standing
-                && load_standing(&standing, sa)?.is_none_or(|s| s.revoked_at.is_some())
+                && load_standing(r, sa)?.is_none_or(|s| s.revoked_at.is_some())
             {
-                continue;
+                return Ok(true);
             }
             if let Some(g) = usable(&rec, on_behalf_of, study.as_deref(), now) {
                 out.push(g);
             }
-        }
+            Ok(true)
+        })?;
         out.sort_by(|a, b| (a.expires_at, &a.request_id).cmp(&(b.expires_at, &b.request_id)));
         Ok(out)
     }

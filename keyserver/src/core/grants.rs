@@ -1,10 +1,8 @@
-//! Key requests and grants: request, list, approve, deny, revoke, fetch,
-//! and the gateway's redeem and check. Every decision goes through
+//! Key requests and grants: request, list, approve, deny, revoke (using a
+//! grant, fetch, redeem and check, is in `grant_use.rs`). Every decision goes through
 //! [`gate`] (before the transaction, or inside it when it depends on the
 //! request's state); every change is one write job that also appends its
 //! audit entry.
-
-use redb::ReadableDatabase;
 
 use crate::core::access;
 use crate::core::attrs::CanonicalAttributes;
@@ -14,104 +12,13 @@ use crate::core::gate::{self, Context, audit_study, authorize_in_txn};
 use crate::core::ids::{RequestId, StudyId, validate_label, validate_text};
 use crate::core::policy::access::{EMERGENCY, RequestFacts, first_standing};
 use crate::core::policy::{Action, Rpc};
-use crate::core::store::BreakGlass;
 use crate::core::store::{
-    GrantState, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS, StudyRecord,
-    get_json, index_key, index_scan, to_json,
+    BreakGlass, GrantState, OWNER_STUDIES, REQUESTS, RequestRecord, STUDIES, STUDY_REQUESTS,
+    StudyRecord, get_json, index_key, index_scan, to_json,
 };
-use crate::core::types::{Ask, Redeemed, Released};
+use crate::core::types::Ask;
 use crate::core::{Core, SELF_ACTOR, deleted, forgotten_in_txn, writer};
-
 use crate::error::{KeyServerError, Result};
-
-/// The grant-use question about `rec`: may `user` use it (for `study`, if
-/// said) at `now`?
-fn use_grant<'a>(
-    rpc: Rpc,
-    rec: &'a RequestRecord,
-    user: &'a str,
-    study: Option<&'a str>,
-    now: u64,
-) -> Action<'a> {
-    Action::UseGrant {
-        rpc,
-        user,
-        study,
-        requester: &rec.requester,
-        grant_study: &rec.study_id,
-        state: &rec.state,
-        now,
-    }
-}
-
-/// Drops the held key of a grant seen expired; true when `rec` changed and
-/// must be written back.
-fn drop_expired_key(rec: &mut RequestRecord, now: u64) -> bool {
-    matches!(rec.state, GrantState::Approved { expires_at, .. } if now >= expires_at)
-        && rec.wrapped_key.take().is_some()
-}
-
-/// Spends one use of a grant the policy accepted; returns
-/// `(expires_at, uses_left)`. The held key goes with the last use.
-fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
-    let GrantState::Approved {
-        expires_at,
-        uses_left,
-        ..
-    } = &mut rec.state
-    else {
-        return Err(KeyServerError::Corrupt(format!(
-            "request {} is not approved",
-            rec.id
-        )));
-    };
-    *uses_left = uses_left
-        .checked_sub(1)
-        .ok_or_else(|| KeyServerError::Corrupt(format!("request {} has no use left", rec.id)))?;
-    let out = (*expires_at, *uses_left);
-    if out.1 == 0 {
-        rec.wrapped_key = None;
-    }
-    Ok(out)
-}
-
-/// The audit flags of a grant's use: its break-glass mark, its standing
-/// approval.
-fn flags(rec: &RequestRecord) -> String {
-    let mut out = String::new();
-    if rec.break_glass.is_some() {
-        out.push_str(" break_glass=1");
-    }
-    if let Some(sa) = &rec.standing {
-        out.push_str(" standing=");
-        out.push_str(sa);
-    }
-    out
-}
-
-/// After the grant-use rule: a grant approved by a standing approval stops
-/// releasing keys once that approval is revoked (checked in the transaction,
-/// so the revocation's commit is the cut-off).
-fn standing_gate(
-    ctx: &mut writer::TxnCtx<'_>,
-    rules: &crate::core::policy::Rules,
-    actor: &str,
-    rpc: Rpc,
-    rec: &RequestRecord,
-    audit: Context,
-) -> Result<Result<()>> {
-    let Some(sa) = &rec.standing else {
-        return Ok(Ok(()));
-    };
-    let revoked = access::standing_revoked(ctx.txn, sa)?;
-    authorize_in_txn(
-        ctx,
-        rules,
-        actor,
-        &Action::StandingGrant { rpc, revoked },
-        audit,
-    )
-}
 
 impl Core {
     /// A user (or the gateway on a user's behalf) requests a study key, for
@@ -355,10 +262,8 @@ impl Core {
                         Err(_) => {}
                     }
                 }
-                let mut reqs = txn.open_table(REQUESTS)?;
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                let mut ix = txn.open_table(STUDY_REQUESTS)?;
-                ix.insert(index_key(&rec.study_id, &rec.id).as_str(), ())?;
+                txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
+                txn.put_str(STUDY_REQUESTS, &index_key(&rec.study_id, &rec.id), &[])?;
                 access::index_requester(txn, &rec)?;
                 let flag = if rec.break_glass.is_some() {
                     " break_glass=1"
@@ -448,17 +353,16 @@ impl Core {
         study: Option<StudyId>,
         include_decided: bool,
     ) -> Result<Vec<RequestRecord>> {
-        let r = self.inner.db.begin_read()?;
+        let r = self.inner.store.read()?;
+        let r = r.as_ref();
         let studies = match study {
             Some(id) => vec![id.as_str().to_owned()],
-            None => index_scan(&r.open_table(OWNER_STUDIES)?, owner)?,
+            None => index_scan(r, OWNER_STUDIES, owner)?,
         };
-        let ix = r.open_table(STUDY_REQUESTS)?;
-        let reqs = r.open_table(REQUESTS)?;
         let mut out = Vec::new();
         for s in studies {
-            for rid in index_scan(&ix, &s)? {
-                if let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, &rid)?
+            for rid in index_scan(r, STUDY_REQUESTS, &s)? {
+                if let Some(mut rec) = get_json::<RequestRecord, _>(r, REQUESTS, &rid)?
                     && (include_decided || rec.state == GrantState::Pending)
                 {
                     rec.wrapped_key = None;
@@ -496,16 +400,15 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let txn = ctx.txn;
-                let mut reqs = txn.open_table(REQUESTS)?;
-                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
+                let Some(mut rec) = get_json::<RequestRecord, _>(txn, REQUESTS, rid.as_str())?
+                else {
                     return Ok(Err(KeyServerError::NotFound(format!(
                         "request {}",
                         rid.as_str()
                     ))));
                 };
                 let owner = {
-                    let studies = txn.open_table(STUDIES)?;
-                    get_json::<StudyRecord, _>(&studies, &rec.study_id)?
+                    get_json::<StudyRecord, _>(txn, STUDIES, &rec.study_id)?
                         .ok_or_else(|| KeyServerError::Corrupt(format!("study {}", rec.study_id)))?
                         .owner
                 };
@@ -523,7 +426,7 @@ impl Core {
                     Ok(e) => e,
                     Err(e) => return Ok(Err(e)),
                 };
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                 ctx.append(entry)?;
                 rec.wrapped_key = None;
                 Ok(Ok(rec))
@@ -674,262 +577,5 @@ impl Core {
             },
         )
         .await
-    }
-
-    /// The requester fetches its key while the grant is valid; uses one use.
-    pub async fn fetch_key(&self, actor: &str, request_id: &str) -> Result<Released> {
-        self.ensure_chain_intact()?;
-        let rid = RequestId::parse(request_id)?;
-        let actor = actor.to_owned();
-        let kek = self.inner.kek.clone();
-        let rules = self.inner.rules.clone();
-        self.inner
-            .writer
-            .submit(move |ctx| {
-                let txn = ctx.txn;
-                let mut reqs = txn.open_table(REQUESTS)?;
-                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
-                    return Ok(Err(KeyServerError::NotFound(format!(
-                        "request {}",
-                        rid.as_str()
-                    ))));
-                };
-                let now = ctx.now_secs();
-                // An expired grant is refused below whoever asks: its held
-                // key goes now.
-                if drop_expired_key(&mut rec, now) {
-                    reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                }
-                let action = use_grant(Rpc::FetchKey, &rec, &actor, None, now);
-                let audit = Context::bare(rec.study_id.clone(), format!("request={}", rec.id));
-                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit.clone())? {
-                    return Ok(Err(e));
-                }
-                if let Err(e) = standing_gate(ctx, &rules, &actor, Rpc::FetchKey, &rec, audit)? {
-                    return Ok(Err(e));
-                }
-                let wrapped = rec.wrapped_key.clone().ok_or_else(|| {
-                    KeyServerError::Corrupt(format!("request {} holds no key", rec.id))
-                })?;
-                let key = kek.unwrap_secret(&grant_aad(&rec.id), &wrapped)?;
-                let (expires_at, uses_left) = take_use(&mut rec)?;
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                ctx.append(NewEntry {
-                    actor,
-                    event: AuditEvent::KeyReleased,
-                    study: rec.study_id.clone(),
-                    detail: format!("request={} uses_left={uses_left}{}", rec.id, flags(&rec)),
-                })?;
-                Ok(Ok(Released {
-                    key,
-                    study_id: rec.study_id,
-                    purpose: rec.purpose,
-                    master_version: rec.master_version,
-                    expires_at,
-                    uses_left,
-                }))
-            })
-            .await
-    }
-
-    /// Gateway only: spends one use of `on_behalf_of`'s grant on `study_id`
-    /// (same checks as [`Core::fetch_key`] with `on_behalf_of` as the
-    /// requester, plus the study must match). No key leaves the keyserver.
-    /// Audited as `grant.redeemed`; refusals as `redeem.refused`.
-    pub async fn redeem_grant(
-        &self,
-        actor: &str,
-        request_id: &str,
-        on_behalf_of: &str,
-        study_id: &str,
-    ) -> Result<Redeemed> {
-        self.gateway_only(actor, Rpc::RedeemGrant, study_id, Some(request_id))
-            .await?;
-        let rid = RequestId::parse(request_id)?;
-        let sid = StudyId::parse(study_id)?;
-        self.user_identity("on_behalf_of", on_behalf_of)?;
-        let actor = actor.to_owned();
-        let requester = on_behalf_of.to_owned();
-        let rules = self.inner.rules.clone();
-        self.inner
-            .writer
-            .submit(move |ctx| {
-                let txn = ctx.txn;
-                let mut reqs = txn.open_table(REQUESTS)?;
-                let Some(mut rec) = get_json::<RequestRecord, _>(&reqs, rid.as_str())? else {
-                    return Ok(Err(KeyServerError::NotFound(format!(
-                        "request {}",
-                        rid.as_str()
-                    ))));
-                };
-                let now = ctx.now_secs();
-                // An expired grant is refused below whoever asks: its held
-                // key goes now.
-                if drop_expired_key(&mut rec, now) {
-                    reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                }
-                let other = if rec.study_id == sid.as_str() {
-                    String::new()
-                } else {
-                    format!(" asked_study={}", sid.as_str())
-                };
-                let audit = Context::bare(
-                    rec.study_id.clone(),
-                    format!("op=redeem request={} requester={requester}{other}", rec.id),
-                );
-                let action = use_grant(Rpc::RedeemGrant, &rec, &requester, Some(sid.as_str()), now);
-                if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit.clone())? {
-                    return Ok(Err(e));
-                }
-                if let Err(e) = standing_gate(ctx, &rules, &actor, Rpc::RedeemGrant, &rec, audit)? {
-                    return Ok(Err(e));
-                }
-                let (expires_at, uses_left) = take_use(&mut rec)?;
-                reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                ctx.append(NewEntry {
-                    actor,
-                    event: AuditEvent::GrantRedeemed,
-                    study: rec.study_id.clone(),
-                    detail: format!(
-                        "request={} requester={requester} purpose={} uses_left={uses_left}{}",
-                        rec.id,
-                        rec.purpose,
-                        flags(&rec)
-                    ),
-                })?;
-                Ok(Ok(Redeemed {
-                    study_id: rec.study_id,
-                    purpose: rec.purpose,
-                    expires_at,
-                    uses_left,
-                }))
-            })
-            .await
-    }
-
-    /// Gateway only: would [`Core::redeem_grant`] succeed now? Spends
-    /// nothing and, being a read, writes no audit record, neither on success
-    /// nor when the grant is not usable (the gateway must still redeem, which
-    /// is audited, before serving anyone). A caller other than the gateway is
-    /// refused and that refusal is audited (`redeem.refused`, `op=check`).
-    pub async fn check_grant(
-        &self,
-        actor: &str,
-        request_id: &str,
-        on_behalf_of: &str,
-        study_id: &str,
-    ) -> Result<Redeemed> {
-        self.gateway_only(actor, Rpc::CheckGrant, study_id, Some(request_id))
-            .await?;
-        let rid = RequestId::parse(request_id)?;
-        let sid = StudyId::parse(study_id)?;
-        self.user_identity("on_behalf_of", on_behalf_of)?;
-        let rec = {
-            let r = self.inner.db.begin_read()?;
-            get_json::<RequestRecord, _>(&r.open_table(REQUESTS)?, rid.as_str())?
-                .ok_or_else(|| KeyServerError::NotFound(format!("request {}", rid.as_str())))?
-        };
-        let now = self.inner.clock.now_ms() / 1000;
-        // A read: a grant that is not usable is answered, not recorded
-        // (README, "Gateway grants").
-        let action = use_grant(Rpc::CheckGrant, &rec, on_behalf_of, Some(sid.as_str()), now);
-        gate::answer_unrecorded(&self.inner.rules, actor, &action)?;
-        if let Some(sa) = &rec.standing {
-            let revoked = {
-                let r = self.inner.db.begin_read()?;
-                let t = r.open_table(crate::core::store::STANDING)?;
-                get_json::<crate::core::store::StandingRecord, _>(&t, sa)?
-                    .is_none_or(|s| s.revoked_at.is_some())
-            };
-            let action = Action::StandingGrant {
-                rpc: Rpc::CheckGrant,
-                revoked,
-            };
-            gate::answer_unrecorded(&self.inner.rules, actor, &action)?;
-        }
-        let GrantState::Approved {
-            expires_at,
-            uses_left,
-            ..
-        } = rec.state
-        else {
-            return Err(KeyServerError::Corrupt(format!(
-                "request {} is not approved",
-                rec.id
-            )));
-        };
-        Ok(Redeemed {
-            study_id: rec.study_id,
-            purpose: rec.purpose,
-            expires_at,
-            uses_left,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn grant(state: GrantState) -> RequestRecord {
-        RequestRecord {
-            id: "rq-1".into(),
-            study_id: "st-a".into(),
-            requester: "spiffe://tessera.local/user/clinician".into(),
-            presented_by: "spiffe://tessera.local/user/clinician".into(),
-            purpose: "pixels".into(),
-            justification: String::new(),
-            created_at: 1,
-            master_version: 1,
-            state,
-            wrapped_key: Some(vec![1, 2, 3]),
-            access_purpose: String::new(),
-            standing: None,
-            break_glass: None,
-        }
-    }
-
-    fn approved(expires_at: u64, uses_left: u32) -> GrantState {
-        GrantState::Approved {
-            by: "spiffe://tessera.local/user/owner".into(),
-            at: 1,
-            expires_at,
-            uses_granted: 2,
-            uses_left,
-        }
-    }
-
-    #[test]
-    fn a_use_is_spent_and_the_key_goes_with_the_last() {
-        let mut rec = grant(approved(100, 2));
-        assert_eq!(take_use(&mut rec).unwrap(), (100, 1));
-        assert!(rec.wrapped_key.is_some());
-        assert_eq!(take_use(&mut rec).unwrap(), (100, 0));
-        assert!(rec.wrapped_key.is_none());
-        // The policy refuses a used-up grant first; reaching here is damage.
-        assert!(matches!(
-            take_use(&mut rec),
-            Err(KeyServerError::Corrupt(_))
-        ));
-        assert!(matches!(
-            take_use(&mut grant(GrantState::Pending)),
-            Err(KeyServerError::Corrupt(_))
-        ));
-    }
-
-    #[test]
-    fn an_expired_grant_loses_its_key_once() {
-        let mut rec = grant(approved(100, 1));
-        assert!(!drop_expired_key(&mut rec, 99));
-        assert!(rec.wrapped_key.is_some());
-        assert!(drop_expired_key(&mut rec, 100));
-        assert!(rec.wrapped_key.is_none());
-        assert!(
-            !drop_expired_key(&mut rec, 101),
-            "nothing left to write back"
-        );
-        let mut pending = grant(GrantState::Pending);
-        assert!(!drop_expired_key(&mut pending, u64::MAX));
-        assert!(pending.wrapped_key.is_some());
     }
 }

@@ -9,12 +9,15 @@
 //! * state transitions, each a write job of the group commit
 //!   ([`writer`]) that changes records and appends their audit entry in one
 //!   transaction: `studies.rs` (register, derive, forget, rotate),
-//!   `grants.rs` (request, approve, deny, revoke, fetch, redeem, check),
+//!   `grants.rs` (request, approve, deny, revoke), `grant_use.rs` (fetch,
+//!   redeem, check),
 //!   `delegates.rs`;
 //! * the audit log: [`audit`] (entry format, hashing), [`writer`]
 //!   (appending, checkpoints), [`chain`] (verification, recovery),
 //!   `audit_view.rs` (reading it back);
-//! * storage layout: [`store`]; identifiers: [`ids`]; secrets: [`crypto`].
+//! * storage: [`kv`] (the table-store interface; redb here, PostgreSQL in
+//!   `kv_pg.rs`), layout and records in [`store`]; identifiers: [`ids`];
+//!   secrets: [`crypto`].
 //!
 //! This file holds the [`Core`] handle itself: opening the database, the
 //! master secrets and the study cache.
@@ -23,6 +26,7 @@ pub mod access;
 pub mod attrs;
 pub mod audit;
 mod audit_view;
+pub mod backend;
 pub mod backup;
 pub mod chain;
 pub mod clock;
@@ -31,8 +35,11 @@ mod delegates;
 pub(crate) mod gate;
 mod gauges;
 pub mod grant_find;
+mod grant_use;
 mod grants;
 pub mod ids;
+pub mod kv;
+mod kv_pg;
 pub mod policy;
 pub mod store;
 mod studies;
@@ -41,30 +48,30 @@ pub mod webhook;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use ring::rand::SystemRandom;
 
 use crate::error::{KeyServerError, Result};
 use audit::{AuditEvent, NewEntry};
+use backend::Store;
+pub use backend::StoreAt;
 use clock::Clock;
 use crypto::{AuditSigner, Kek, Master, SIGNING_KEY_AAD, master_aad, random_secret};
 use ids::{StudyId, parse_identity, parse_user_identity};
+use kv::{KvRead, KvWrite};
 use policy::Rules;
 use store::{
-    AUDIT, AUDIT_RECOVERIES, CHECKPOINTS, DELEGATES, MASTERS, META, META_MASTER_CURRENT,
-    META_PUBLIC_KEY, META_SIGNING_KEY, OWNER_STUDIES, REQUESTS, STUDIES, STUDY_REQUESTS,
-    StudyRecord, get_bytes, get_json,
+    MASTERS, META, META_MASTER_CURRENT, META_PUBLIC_KEY, META_SIGNING_KEY, STUDIES, StudyRecord,
+    get_bytes, get_json,
 };
 use writer::{ChainState, Writer, apply_in_txn};
 
 pub use chain::{
-    ChainBreak, RECOVERY_ACTOR, Recovery, recover_audit, verify_audit_file, verify_database,
-    verify_database_tail,
+    ChainBreak, RECOVERY_ACTOR, Recovery, recover_audit, recover_audit_in, verify_audit_file,
+    verify_audit_in, verify_database, verify_database_tail,
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
 pub use gauges::Gauges;
@@ -83,8 +90,8 @@ pub const LIST_MAX: usize = 1000;
 /// Everything the core needs to start.
 #[derive(Debug)]
 pub struct CoreConfig {
-    /// redb file.
-    pub db_path: PathBuf,
+    /// Where the state lives.
+    pub store: StoreAt,
     /// Key-encryption key.
     pub kek: Kek,
     /// The trust domain of every identity (`[server.access] trust_domain`).
@@ -117,7 +124,7 @@ struct Inner {
     // The writer is declared first so that it is dropped (and its thread
     // joined) before the database handle below.
     writer: Writer,
-    db: Arc<Database>,
+    store: Store,
     kek: Arc<Kek>,
     rng: SystemRandom,
     clock: Arc<dyn Clock>,
@@ -170,63 +177,63 @@ fn deleted(study_id: &str) -> KeyServerError {
 /// Inside a write transaction: true when the study is a tombstone. Jobs that
 /// act on a study looked up before the transaction (possibly from the cache)
 /// call this so nothing is derived or requested after `ForgetStudy` commits.
-fn forgotten_in_txn(txn: &WriteTransaction, study_id: &str) -> Result<bool> {
-    let studies = txn.open_table(STUDIES)?;
-    Ok(get_json::<StudyRecord, _>(&studies, study_id)?.is_some_and(|s| s.is_forgotten()))
+fn forgotten_in_txn(txn: &dyn KvWrite, study_id: &str) -> Result<bool> {
+    Ok(get_json::<StudyRecord, _>(txn, STUDIES, study_id)?.is_some_and(|s| s.is_forgotten()))
+}
+
+/// The master secrets (unwrapped) and the current version, as stored.
+fn load_masters(r: &dyn KvRead, kek: &Kek) -> Result<(BTreeMap<u32, Arc<Master>>, u32)> {
+    let mut map = BTreeMap::new();
+    r.scan_all(MASTERS, &mut |k, v| {
+        let version = u32::try_from(k.num())
+            .map_err(|_| KeyServerError::Corrupt(format!("master version {}", k.num())))?;
+        let secret = kek.unwrap_secret(&master_aad(version), v)?;
+        map.insert(version, Arc::new(Master::new(version, secret)?));
+        Ok(true)
+    })?;
+    let current = get_bytes(r, META, META_MASTER_CURRENT)?
+        .and_then(|b| b.as_slice().try_into().ok())
+        .map(u32::from_be_bytes)
+        .filter(|v| map.contains_key(v))
+        .ok_or_else(|| KeyServerError::Corrupt("current master version".into()))?;
+    Ok((map, current))
 }
 
 impl Core {
     /// Opens (or creates) the database: on first start generates master
     /// secret v1 and the audit signing key, both wrapped under the KEK.
     pub fn open(cfg: CoreConfig, clock: Arc<dyn Clock>) -> Result<Self> {
-        // 0600, and shared read-only with `keyserver backup` while serving.
-        let db = Arc::new(tessera_runtime::snapshot::open_shared_writer(&cfg.db_path)?);
+        let store = cfg.store.open()?;
         let rng = SystemRandom::new();
         let kek = Arc::new(cfg.kek);
-        let w = db.begin_write()?;
-        let signer = {
-            // Create every table so later reads never meet a missing one.
-            drop(w.open_table(STUDIES)?);
-            drop(w.open_table(REQUESTS)?);
-            drop(w.open_table(STUDY_REQUESTS)?);
-            drop(w.open_table(OWNER_STUDIES)?);
-            drop(w.open_table(AUDIT)?);
-            drop(w.open_table(CHECKPOINTS)?);
-            drop(w.open_table(AUDIT_RECOVERIES)?);
-            drop(w.open_table(DELEGATES)?);
-            drop(w.open_table(store::STANDING)?);
-            drop(w.open_table(store::OWNER_STANDING)?);
-            drop(w.open_table(store::OWNER_SETTINGS)?);
-            drop(w.open_table(store::REQUESTER_REQUESTS)?);
-            let mut meta = w.open_table(META)?;
-            match load_signer(&meta, &kek)? {
-                Some(s) => s,
-                None => {
-                    let (s, pkcs8) = AuditSigner::generate(&rng)?;
-                    let wrapped = kek.wrap(&rng, SIGNING_KEY_AAD, &pkcs8[..])?;
-                    meta.insert(META_SIGNING_KEY, wrapped.as_slice())?;
-                    meta.insert(META_PUBLIC_KEY, s.public_key().as_slice())?;
-                    s
-                }
+        // One write transaction: on PostgreSQL it holds the chain lock, so
+        // of replicas starting at once the first creates the signing key
+        // and master v1 and the others load the same.
+        let txn = store.write()?;
+        let w = txn.as_write();
+        let signer = match load_signer(w, &kek)? {
+            Some(s) => s,
+            None => {
+                let (s, pkcs8) = AuditSigner::generate(&rng)?;
+                let wrapped = kek.wrap(&rng, SIGNING_KEY_AAD, &pkcs8[..])?;
+                w.put_str(META, META_SIGNING_KEY, wrapped.as_slice())?;
+                w.put_str(META, META_PUBLIC_KEY, s.public_key().as_slice())?;
+                s
             }
         };
-        let mut chain = ChainState::load(&w.open_table(AUDIT)?)?;
-        let created = {
-            let mut masters = w.open_table(MASTERS)?;
-            if masters.is_empty()? {
-                let secret = random_secret(&rng)?;
-                let wrapped = kek.wrap(&rng, &master_aad(1), &secret[..])?;
-                masters.insert(1, wrapped.as_slice())?;
-                let mut meta = w.open_table(META)?;
-                meta.insert(META_MASTER_CURRENT, 1u32.to_be_bytes().as_slice())?;
-                true
-            } else {
-                false
-            }
+        let mut chain = ChainState::load(w.read())?;
+        let created = if w.len(MASTERS)? == 0 {
+            let secret = random_secret(&rng)?;
+            let wrapped = kek.wrap(&rng, &master_aad(1), &secret[..])?;
+            w.put_num(MASTERS, 1, wrapped.as_slice())?;
+            w.put_str(META, META_MASTER_CURRENT, 1u32.to_be_bytes().as_slice())?;
+            true
+        } else {
+            false
         };
         if created {
             apply_in_txn(
-                &w,
+                w,
                 &mut chain,
                 &signer,
                 clock.now_ms(),
@@ -242,30 +249,13 @@ impl Core {
                 },
             )?;
         }
-        w.commit()?;
+        txn.commit()?;
 
-        let (masters, current) = {
-            let r = db.begin_read()?;
-            let t = r.open_table(MASTERS)?;
-            let mut map = BTreeMap::new();
-            for item in t.iter()? {
-                let (k, v) = item?;
-                let version = k.value();
-                let secret = kek.unwrap_secret(&master_aad(version), v.value())?;
-                map.insert(version, Arc::new(Master::new(version, secret)?));
-            }
-            let meta = r.open_table(META)?;
-            let current = get_bytes(&meta, META_MASTER_CURRENT)?
-                .and_then(|b| b.as_slice().try_into().ok())
-                .map(u32::from_be_bytes)
-                .filter(|v| map.contains_key(v))
-                .ok_or_else(|| KeyServerError::Corrupt("current master version".into()))?;
-            (map, current)
-        };
+        let (masters, current) = load_masters(store.read()?.as_ref(), &kek)?;
         let public_key = signer.public_key();
         // Fail closed: a chain that does not verify from its last signed
         // checkpoint on blocks every key operation from the first request.
-        let tail = verify_database_tail(db.as_ref(), &public_key)?;
+        let tail = verify_database_tail(store.read()?.as_ref(), &public_key)?;
         let broken = Arc::new(RwLock::new(ChainBreak::from_report(&tail)));
         if let Some(b) = ChainBreak::from_report(&tail) {
             tracing::error!(seq = b.seq, problem = %b.problem, "audit chain broken at start: key operations refused");
@@ -273,13 +263,13 @@ impl Core {
         let stop_verifier = Arc::new(AtomicBool::new(false));
         let verifier = {
             // The rest of the chain is checked in the background.
-            let db = db.clone();
+            let store = store.clone();
             let pk = public_key.clone();
             let broken = broken.clone();
             let stop = stop_verifier.clone();
             std::thread::Builder::new()
                 .name("keyserver-audit-verify".into())
-                .spawn(move || match verify_database_stoppable(db.as_ref(), &pk, false, Some(&stop)) {
+                .spawn(move || match store.read().and_then(|r| verify_database_stoppable(r.as_ref(), &pk, false, Some(&stop))) {
                     Ok(None) => tracing::info!("background audit verification stopped (shutdown)"),
                     Ok(Some(rep)) => {
                         if let Some(b) = ChainBreak::from_report(&rep) {
@@ -291,17 +281,11 @@ impl Core {
                 })
                 .map_err(|e| KeyServerError::Storage(format!("cannot start verifier: {e}")))?
         };
-        let writer = Writer::start(
-            db.clone(),
-            signer,
-            chain,
-            clock.clone(),
-            cfg.checkpoint_every,
-        )?;
+        let writer = Writer::start(store.clone(), signer, clock.clone(), cfg.checkpoint_every)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
-                db,
+                store,
                 kek,
                 rng,
                 clock,
@@ -337,19 +321,50 @@ impl Core {
         self.inner.writer.stats()
     }
 
-    /// Master version new studies get.
+    /// Master version new studies get (as this process last saw it; see
+    /// [`Core::current_master`]).
     pub fn current_master_version(&self) -> u32 {
         self.inner.current.load(Ordering::SeqCst)
     }
 
-    fn master(&self, version: u32) -> Result<Arc<Master>> {
-        self.inner
+    /// The master new studies get. On a shared store another replica may
+    /// have rotated: the versions are re-read first.
+    fn current_master(&self) -> Result<Arc<Master>> {
+        if self.inner.store.shared() {
+            self.refresh_masters()?;
+        }
+        self.master(self.current_master_version())
+    }
+
+    /// Re-reads the master versions and the current one from the store.
+    fn refresh_masters(&self) -> Result<()> {
+        let (map, current) = load_masters(self.inner.store.read()?.as_ref(), &self.inner.kek)?;
+        *self
+            .inner
             .masters
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&version)
-            .cloned()
-            .ok_or_else(|| KeyServerError::Corrupt(format!("unknown master version {version}")))
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = map;
+        self.inner.current.store(current, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn master(&self, version: u32) -> Result<Arc<Master>> {
+        let cached = || {
+            self.inner
+                .masters
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&version)
+                .cloned()
+        };
+        if let Some(m) = cached() {
+            return Ok(m);
+        }
+        // A version rotated in by another replica.
+        if self.inner.store.shared() {
+            self.refresh_masters()?;
+        }
+        cached().ok_or_else(|| KeyServerError::Corrupt(format!("unknown master version {version}")))
     }
 
     /// A live study: `NotFound` for unknown ids and for tombstones.
@@ -372,9 +387,8 @@ impl Core {
         {
             return Ok(s.clone());
         }
-        let r = self.inner.db.begin_read()?;
-        let t = r.open_table(STUDIES)?;
-        let rec: StudyRecord = get_json(&t, id.as_str())?
+        let r = self.inner.store.read()?;
+        let rec: StudyRecord = get_json(r.as_ref(), STUDIES, id.as_str())?
             .ok_or_else(|| KeyServerError::NotFound(format!("study {}", id.as_str())))?;
         let rec = Arc::new(rec);
         self.cache_study(rec.clone());

@@ -1,6 +1,8 @@
-//! redb layout and record types. Everything the keyserver persists goes
-//! through this module: the table definitions, the JSON records for studies
-//! and requests, and small typed helpers.
+//! Storage layout and record types. Everything the keyserver persists goes
+//! through this module: the tables (the same on both backends of
+//! [`kv`](crate::core::kv); in redb, `index` tables have `()` values and
+//! `masters` u32 keys), the JSON records for studies and requests, and
+//! small typed helpers.
 //!
 //! | table | key | value |
 //! |---|---|---|
@@ -19,44 +21,41 @@
 //! | `owner_settings` | owner | JSON [`OwnerSettings`] |
 //! | `requester_requests` | `requester|request` | () (requests filed since issue 19) |
 
-use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::core::crypto::Secret;
+use crate::core::kv::{Key, KvRead, Tbl};
 use crate::error::{KeyServerError, Result};
 
 /// Small named values.
-pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub const META: Tbl = Tbl::Meta;
 /// Master secrets by version.
-pub const MASTERS: TableDefinition<u32, &[u8]> = TableDefinition::new("masters");
+pub const MASTERS: Tbl = Tbl::Masters;
 /// Studies by id.
-pub const STUDIES: TableDefinition<&str, &[u8]> = TableDefinition::new("studies");
+pub const STUDIES: Tbl = Tbl::Studies;
 /// Key requests by id.
-pub const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
+pub const REQUESTS: Tbl = Tbl::Requests;
 /// Index: requests of a study.
-pub const STUDY_REQUESTS: TableDefinition<&str, ()> = TableDefinition::new("study_requests");
+pub const STUDY_REQUESTS: Tbl = Tbl::StudyRequests;
 /// Index: studies of an owner.
-pub const OWNER_STUDIES: TableDefinition<&str, ()> = TableDefinition::new("owner_studies");
+pub const OWNER_STUDIES: Tbl = Tbl::OwnerStudies;
 /// The hash-chained audit log.
-pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub const AUDIT: Tbl = Tbl::Audit;
 /// Signed audit checkpoints.
-pub const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_checkpoints");
-
+pub const CHECKPOINTS: Tbl = Tbl::Checkpoints;
 /// Signed recovery entries (`keyserver audit-recover`): breaks before the
 /// last one were acknowledged by an administrator.
-pub const AUDIT_RECOVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_recoveries");
+pub const AUDIT_RECOVERIES: Tbl = Tbl::AuditRecoveries;
 /// Delegates: identities that may store studies on an owner's behalf.
-pub const DELEGATES: TableDefinition<&str, ()> = TableDefinition::new("delegates");
-
+pub const DELEGATES: Tbl = Tbl::Delegates;
 /// Standing approvals by id.
-pub const STANDING: TableDefinition<&str, &[u8]> = TableDefinition::new("standing");
+pub const STANDING: Tbl = Tbl::Standing;
 /// Index: standing approvals of an owner.
-pub const OWNER_STANDING: TableDefinition<&str, ()> = TableDefinition::new("owner_standing");
+pub const OWNER_STANDING: Tbl = Tbl::OwnerStanding;
 /// Per-owner access settings.
-pub const OWNER_SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("owner_settings");
+pub const OWNER_SETTINGS: Tbl = Tbl::OwnerSettings;
 /// Index: requests of a requester.
-pub const REQUESTER_REQUESTS: TableDefinition<&str, ()> =
-    TableDefinition::new("requester_requests");
+pub const REQUESTER_REQUESTS: Tbl = Tbl::RequesterRequests;
 
 /// Meta key: current master version.
 pub const META_MASTER_CURRENT: &str = "master_current";
@@ -270,46 +269,46 @@ pub fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 /// Reads and deserializes a JSON record by string key.
-pub fn get_json<T, Tb>(table: &Tb, key: &str) -> Result<Option<T>>
+pub fn get_json<T, R>(r: &R, t: Tbl, key: &str) -> Result<Option<T>>
 where
     T: DeserializeOwned,
-    Tb: ReadableTable<&'static str, &'static [u8]>,
+    R: KvRead + ?Sized,
 {
-    match table.get(key)? {
+    match r.get(t, Key::Str(key))? {
         None => Ok(None),
-        Some(g) => serde_json::from_slice(g.value())
+        Some(v) => serde_json::from_slice(&v)
             .map(Some)
             .map_err(|e| KeyServerError::Corrupt(format!("{key}: {e}"))),
     }
 }
 
 /// Reads raw bytes by string key.
-pub fn get_bytes<Tb>(table: &Tb, key: &str) -> Result<Option<Vec<u8>>>
-where
-    Tb: ReadableTable<&'static str, &'static [u8]>,
-{
-    Ok(table.get(key)?.map(|g| g.value().to_vec()))
+pub fn get_bytes<R: KvRead + ?Sized>(r: &R, t: Tbl, key: &str) -> Result<Option<Vec<u8>>> {
+    r.get(t, Key::Str(key))
 }
 
 /// Second halves of index keys `a|b` for a given `a`.
-pub fn index_scan<Tb>(table: &Tb, a: &str) -> Result<Vec<String>>
-where
-    Tb: ReadableTable<&'static str, ()>,
-{
+pub fn index_scan<R: KvRead + ?Sized>(r: &R, t: Tbl, a: &str) -> Result<Vec<String>> {
     let (lo, hi) = index_range(a);
     let mut out = Vec::new();
-    for item in table.range(lo.as_str()..hi.as_str())? {
-        let (k, _) = item?;
-        if let Some((_, b)) = k.value().split_once('|') {
-            out.push(b.to_owned());
-        }
-    }
+    r.scan(
+        t,
+        std::ops::Bound::Included(Key::Str(&lo)),
+        std::ops::Bound::Excluded(Key::Str(&hi)),
+        &mut |k, _| {
+            if let Some((_, b)) = k.text().split_once('|') {
+                out.push(b.to_owned());
+            }
+            Ok(true)
+        },
+    )?;
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::kv::{KvTxn, RedbRead, RedbWrite};
     use redb::{Database, ReadableDatabase};
 
     #[test]
@@ -326,24 +325,34 @@ mod tests {
             registered_by: "g".into(),
             forgotten: None,
         };
-        let w = db.begin_write().unwrap();
+        let w = Box::new(RedbWrite(db.begin_write().unwrap()));
         {
-            let mut t = w.open_table(STUDIES).unwrap();
-            t.insert("st-1", to_json(&study).unwrap().as_slice())
+            let t = w.as_write();
+            t.put_str(STUDIES, "st-1", to_json(&study).unwrap().as_slice())
                 .unwrap();
-            let mut ix = w.open_table(OWNER_STUDIES).unwrap();
-            ix.insert(index_key("alice", "st-1").as_str(), ()).unwrap();
-            ix.insert(index_key("alice", "st-2").as_str(), ()).unwrap();
-            ix.insert(index_key("alicex", "st-3").as_str(), ()).unwrap();
-            ix.insert(index_key("alic", "st-4").as_str(), ()).unwrap();
+            for (a, b) in [
+                ("alice", "st-1"),
+                ("alice", "st-2"),
+                ("alicex", "st-3"),
+                ("alic", "st-4"),
+            ] {
+                t.put_str(OWNER_STUDIES, &index_key(a, b), &[]).unwrap();
+            }
         }
         w.commit().unwrap();
-        let r = db.begin_read().unwrap();
-        let t = r.open_table(STUDIES).unwrap();
-        assert_eq!(get_json::<StudyRecord, _>(&t, "st-1").unwrap(), Some(study));
-        assert_eq!(get_json::<StudyRecord, _>(&t, "st-9").unwrap(), None);
-        let ix = r.open_table(OWNER_STUDIES).unwrap();
-        assert_eq!(index_scan(&ix, "alice").unwrap(), vec!["st-1", "st-2"]);
+        let r = RedbRead(db.begin_read().unwrap());
+        assert_eq!(
+            get_json::<StudyRecord, _>(&r, STUDIES, "st-1").unwrap(),
+            Some(study)
+        );
+        assert_eq!(
+            get_json::<StudyRecord, _>(&r, STUDIES, "st-9").unwrap(),
+            None
+        );
+        assert_eq!(
+            index_scan(&r, OWNER_STUDIES, "alice").unwrap(),
+            vec!["st-1", "st-2"]
+        );
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
-use redb::ReadableTable;
 use ring::rand::SystemRandom;
 
 use crate::core::attrs::CanonicalAttributes;
@@ -44,7 +43,7 @@ impl Core {
             Some(s) if !s.is_empty() => StudyId::parse(s)?,
             _ => StudyId::random(&self.inner.rng)?,
         };
-        let master = self.master(self.current_master_version())?;
+        let master = self.current_master()?;
         // The salt is stored in clear beside the study; no need to wipe it.
         let salt = *random_secret(&self.inner.rng)?;
         let rec = StudyRecord {
@@ -65,8 +64,7 @@ impl Core {
                 let mut rec = rec;
                 rec.created_at = ctx.now_secs();
                 let txn = ctx.txn;
-                let mut studies = txn.open_table(STUDIES)?;
-                if let Some(old) = get_json::<StudyRecord, _>(&studies, &rec.id)? {
+                if let Some(old) = get_json::<StudyRecord, _>(txn, STUDIES, &rec.id)? {
                     let why = if old.is_forgotten() {
                         format!("study {} was deleted; its id cannot be reused", rec.id)
                     } else {
@@ -74,9 +72,8 @@ impl Core {
                     };
                     return Ok(Err(KeyServerError::AlreadyExists(why)));
                 }
-                studies.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
-                let mut ix = txn.open_table(OWNER_STUDIES)?;
-                ix.insert(index_key(&rec.owner, &rec.id).as_str(), ())?;
+                txn.put_str(STUDIES, &rec.id, to_json(&rec)?.as_slice())?;
+                txn.put_str(OWNER_STUDIES, &index_key(&rec.owner, &rec.id), &[])?;
                 ctx.append(NewEntry {
                     actor,
                     event: AuditEvent::StudyRegistered,
@@ -187,8 +184,8 @@ impl Core {
             .submit(move |ctx| {
                 let txn = ctx.txn;
                 let now = ctx.now_secs();
-                let mut studies = txn.open_table(STUDIES)?;
-                let Some(mut study) = get_json::<StudyRecord, _>(&studies, sid.as_str())? else {
+                let Some(mut study) = get_json::<StudyRecord, _>(txn, STUDIES, sid.as_str())?
+                else {
                     return Ok(Err(KeyServerError::NotFound(format!(
                         "study {}",
                         sid.as_str()
@@ -212,18 +209,18 @@ impl Core {
                     by: actor.clone(),
                     on_behalf_of: asker.clone(),
                 });
-                studies.insert(study.id.as_str(), to_json(&study)?.as_slice())?;
-                let rids = index_scan(&txn.open_table(STUDY_REQUESTS)?, &study.id)?;
-                let mut reqs = txn.open_table(REQUESTS)?;
+                txn.put_str(STUDIES, &study.id, to_json(&study)?.as_slice())?;
+                let rids = index_scan(txn, STUDY_REQUESTS, &study.id)?;
                 let mut report = ForgetReport {
                     grants_revoked: 0,
                     requests_denied: 0,
                 };
                 let reason = "study forgotten".to_owned();
                 for rid in rids {
-                    let mut rec = get_json::<RequestRecord, _>(&reqs, &rid)?.ok_or_else(|| {
-                        KeyServerError::Corrupt(format!("indexed request {rid} is missing"))
-                    })?;
+                    let mut rec =
+                        get_json::<RequestRecord, _>(txn, REQUESTS, &rid)?.ok_or_else(|| {
+                            KeyServerError::Corrupt(format!("indexed request {rid} is missing"))
+                        })?;
                     let mut changed = rec.wrapped_key.take().is_some();
                     match rec.state {
                         GrantState::Pending => {
@@ -255,7 +252,7 @@ impl Core {
                         GrantState::Denied { .. } | GrantState::Revoked { .. } => {}
                     }
                     if changed {
-                        reqs.insert(rec.id.as_str(), to_json(&rec)?.as_slice())?;
+                        txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
                     }
                 }
                 ctx.append(NewEntry {
@@ -286,12 +283,11 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let txn = ctx.txn;
-                let mut masters = txn.open_table(MASTERS)?;
-                let next = masters.last()?.map_or(1, |(k, _)| k.value() + 1);
+                let next = u32::try_from(txn.read().last_num(MASTERS)? + 1)
+                    .map_err(|_| KeyServerError::Corrupt("master versions exhausted".into()))?;
                 let wrapped = kek.wrap(&SystemRandom::new(), &master_aad(next), &to_wrap[..])?;
-                masters.insert(next, wrapped.as_slice())?;
-                let mut meta = txn.open_table(META)?;
-                meta.insert(META_MASTER_CURRENT, next.to_be_bytes().as_slice())?;
+                txn.put_num(MASTERS, u64::from(next), wrapped.as_slice())?;
+                txn.put_str(META, META_MASTER_CURRENT, next.to_be_bytes().as_slice())?;
                 ctx.append(NewEntry {
                     actor,
                     event: AuditEvent::MasterRotated,

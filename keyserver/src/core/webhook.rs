@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use redb::ReadableDatabase;
 use tessera_tls::https::{HttpsClient, HttpsUrl};
 use tokio::sync::{Notify, Semaphore};
 
@@ -152,11 +151,10 @@ impl Core {
         self.inner
             .writer
             .submit(move |ctx| {
-                let mut t = ctx.txn.open_table(OWNER_SETTINGS)?;
-                let mut s: OwnerSettings = get_json(&t, &owner)?.unwrap_or_default();
+                let t = ctx.txn;
+                let mut s: OwnerSettings = get_json(t, OWNER_SETTINGS, &owner)?.unwrap_or_default();
                 s.webhook_url = Some(url.clone());
-                t.insert(owner.as_str(), to_json(&s)?.as_slice())?;
-                drop(t);
+                t.put_str(OWNER_SETTINGS, &owner, to_json(&s)?.as_slice())?;
                 ctx.append(NewEntry {
                     actor: owner,
                     event: AuditEvent::WebhookSet,
@@ -175,11 +173,10 @@ impl Core {
         self.inner
             .writer
             .submit(move |ctx| {
-                let mut t = ctx.txn.open_table(OWNER_SETTINGS)?;
-                let mut s: OwnerSettings = get_json(&t, &owner)?.unwrap_or_default();
+                let t = ctx.txn;
+                let mut s: OwnerSettings = get_json(t, OWNER_SETTINGS, &owner)?.unwrap_or_default();
                 let had = s.webhook_url.take().is_some();
-                t.insert(owner.as_str(), to_json(&s)?.as_slice())?;
-                drop(t);
+                t.put_str(OWNER_SETTINGS, &owner, to_json(&s)?.as_slice())?;
                 ctx.append(NewEntry {
                     actor: owner,
                     event: AuditEvent::WebhookCleared,
@@ -193,8 +190,8 @@ impl Core {
 
     /// The owner's webhook URL, if set.
     pub fn webhook(&self, actor: &str) -> Result<Option<String>> {
-        let r = self.inner.db.begin_read()?;
-        let s: Option<OwnerSettings> = get_json(&r.open_table(OWNER_SETTINGS)?, actor)?;
+        let r = self.inner.store.read()?;
+        let s: Option<OwnerSettings> = get_json(r.as_ref(), OWNER_SETTINGS, actor)?;
         Ok(s.and_then(|s| s.webhook_url))
     }
 

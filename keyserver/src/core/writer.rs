@@ -1,10 +1,15 @@
-//! Group commit: one writer thread owns every redb write transaction.
+//! Group commit: one writer thread owns every write transaction of the
+//! store ([`kv`](crate::core::kv): a redb file, or PostgreSQL shared with
+//! other replicas).
 //!
 //! Callers submit jobs (closures run inside the shared write transaction,
 //! which both change state and append audit records). The writer takes the
 //! first job, drains whatever else is queued (up to [`MAX_BATCH`]), runs
 //! them all in one transaction, re-signs the chain head, commits once
-//! (fsync), and only then answers each waiter. If anything fails, the whole
+//! (fsync), and only then answers each waiter. The chain head and next seq
+//! are read from the transaction at the start of every batch (on
+//! PostgreSQL another replica may have appended since: the transaction
+//! holds the chain lock by then, see `kv_pg.rs`). If anything fails, the whole
 //! transaction is aborted and every waiter gets an error: no reply ever goes
 //! out for an operation whose audit record is not durable.
 //!
@@ -18,15 +23,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::core::audit::{
     AuditEntry, Hash, NewEntry, SignedHead, checkpoint_message, decode, seal,
 };
+use crate::core::backend::Store;
 use crate::core::clock::Clock;
 use crate::core::crypto::AuditSigner;
-use crate::core::store::{AUDIT, CHECKPOINTS, META, META_AUDIT_HEAD};
+use crate::core::kv::{KvRead, KvWrite, Tbl};
+use crate::core::store::META_AUDIT_HEAD;
 use crate::error::{KeyServerError, Result};
 
 /// Most jobs in one transaction.
@@ -43,15 +49,14 @@ pub struct ChainState {
 
 impl ChainState {
     /// Reads the chain state from the last stored audit record.
-    pub fn load<T: ReadableTable<u64, &'static [u8]>>(audit: &T) -> Result<Self> {
-        match audit.last()? {
+    pub fn load(r: &dyn KvRead) -> Result<Self> {
+        match r.last(Tbl::Audit)? {
             None => Ok(Self {
                 next_seq: 1,
                 head: [0u8; 32],
             }),
-            Some((k, v)) => {
-                let seq = k.value();
-                let raw = v.value();
+            Some((k, raw)) => {
+                let seq = k.num();
                 // Trust the stored hash here; VerifyAudit checks it.
                 let head = raw
                     .len()
@@ -69,11 +74,9 @@ impl ChainState {
 
 /// What a job sees: the transaction and the audit appender.
 pub struct TxnCtx<'t> {
-    /// The shared write transaction; jobs open the tables they need (not
-    /// `audit` or `audit_checkpoints`, which the context holds open).
-    pub txn: &'t WriteTransaction,
-    audit: Table<'t, u64, &'static [u8]>,
-    checkpoints: Table<'t, u64, &'static [u8]>,
+    /// The shared write transaction (jobs write `audit` and
+    /// `audit_checkpoints` only through [`TxnCtx::append`]).
+    pub txn: &'t dyn KvWrite,
     chain: &'t mut ChainState,
     signer: &'t AuditSigner,
     checkpoint_every: u64,
@@ -93,14 +96,15 @@ impl TxnCtx<'_> {
     pub fn append(&mut self, e: NewEntry) -> Result<u64> {
         let seq = self.chain.next_seq;
         let (rec, hash) = seal(seq, &self.chain.head, self.now_ms, &e);
-        self.audit.insert(seq, rec.as_slice())?;
+        self.txn.put_num(Tbl::Audit, seq, rec.as_slice())?;
         if self.checkpoint_every > 0 && seq.is_multiple_of(self.checkpoint_every) {
             let cp = SignedHead {
                 seq,
                 hash,
                 signature: self.signer.sign(&checkpoint_message(seq, &hash)),
             };
-            self.checkpoints.insert(seq, cp.encode().as_slice())?;
+            self.txn
+                .put_num(Tbl::Checkpoints, seq, cp.encode().as_slice())?;
         }
         self.chain.next_seq = seq + 1;
         self.chain.head = hash;
@@ -128,9 +132,8 @@ pub struct Stats {
 impl Writer {
     /// Starts the writer thread.
     pub fn start(
-        db: Arc<Database>,
+        store: Store,
         signer: AuditSigner,
-        chain: ChainState,
         clock: Arc<dyn Clock>,
         checkpoint_every: u64,
     ) -> Result<Self> {
@@ -139,17 +142,7 @@ impl Writer {
         let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("keyserver-audit-writer".into())
-            .spawn(move || {
-                run(
-                    &db,
-                    &rx,
-                    &signer,
-                    chain,
-                    clock.as_ref(),
-                    checkpoint_every,
-                    &st,
-                )
-            })
+            .spawn(move || run(&store, &rx, &signer, clock.as_ref(), checkpoint_every, &st))
             .map_err(|e| KeyServerError::Storage(format!("cannot start writer: {e}")))?;
         Ok(Self {
             tx: Some(tx),
@@ -202,10 +195,9 @@ impl Drop for Writer {
 }
 
 fn run(
-    db: &Database,
+    store: &Store,
     rx: &Receiver<Job>,
     signer: &AuditSigner,
-    mut chain: ChainState,
     clock: &dyn Clock,
     checkpoint_every: u64,
     stats: &Stats,
@@ -218,22 +210,13 @@ fn run(
                 Err(_) => break,
             }
         }
-        let before = chain;
-        match run_batch(
-            db,
-            jobs,
-            signer,
-            &mut chain,
-            clock.now_ms(),
-            checkpoint_every,
-        ) {
+        match run_batch(store, jobs, signer, clock.now_ms(), checkpoint_every) {
             Ok(done) => {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(done.len() as u64, Ordering::Relaxed);
                 done.into_iter().for_each(|c| c(Ok(())));
             }
             Err((e, done)) => {
-                chain = before;
                 let msg = e.to_string();
                 tracing::error!(error = %msg, "audit batch aborted");
                 done.into_iter()
@@ -248,7 +231,7 @@ type BatchError = (KeyServerError, Vec<Completion>);
 /// Runs `f` with an audit context over `txn`, then re-signs the chain head
 /// if `f` appended anything. Used by the writer and by the bootstrap.
 pub fn apply_in_txn<F>(
-    txn: &WriteTransaction,
+    txn: &dyn KvWrite,
     chain: &mut ChainState,
     signer: &AuditSigner,
     now_ms: u64,
@@ -262,8 +245,6 @@ where
     {
         let mut ctx = TxnCtx {
             txn,
-            audit: txn.open_table(AUDIT)?,
-            checkpoints: txn.open_table(CHECKPOINTS)?,
             chain: &mut *chain,
             signer,
             checkpoint_every,
@@ -278,57 +259,68 @@ where
             hash: chain.head,
             signature: signer.sign(&checkpoint_message(last, &chain.head)),
         };
-        let mut meta = txn.open_table(META)?;
-        meta.insert(META_AUDIT_HEAD, head.encode().as_slice())?;
+        txn.put_str(Tbl::Meta, META_AUDIT_HEAD, head.encode().as_slice())?;
     }
     Ok(())
 }
 
 fn run_batch(
-    db: &Database,
+    store: &Store,
     jobs: Vec<Job>,
     signer: &AuditSigner,
-    chain: &mut ChainState,
     now_ms: u64,
     checkpoint_every: u64,
 ) -> std::result::Result<Vec<Completion>, BatchError> {
     let mut done: Vec<Completion> = Vec::with_capacity(jobs.len());
-    let txn = match db.begin_write() {
+    let txn = match store.write() {
         Ok(t) => t,
-        Err(e) => return Err((e.into(), done)),
+        Err(e) => return Err((e, done)),
     };
-    let outcome = apply_in_txn(&txn, chain, signer, now_ms, checkpoint_every, |ctx| {
-        for job in jobs {
-            // A panicking job must not kill the writer (and with it every
-            // later request): it aborts this batch like a storage error.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(ctx)))
-                .map_err(|_| KeyServerError::Storage("job panicked".into()))?;
-            done.push(r?);
-        }
-        Ok(())
-    });
+    // Where the chain stands now, in this transaction (another replica may
+    // have appended since this one's last batch).
+    let mut chain = match ChainState::load(txn.as_write().read()) {
+        Ok(c) => c,
+        Err(e) => return Err((e, done)),
+    };
+    let outcome = apply_in_txn(
+        txn.as_write(),
+        &mut chain,
+        signer,
+        now_ms,
+        checkpoint_every,
+        |ctx| {
+            for job in jobs {
+                // A panicking job must not kill the writer (and with it every
+                // later request): it aborts this batch like a storage error.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(ctx)))
+                    .map_err(|_| KeyServerError::Storage("job panicked".into()))?;
+                done.push(r?);
+            }
+            Ok(())
+        },
+    );
     if let Err(e) = outcome {
-        let _ = txn.abort();
+        // Dropping the transaction aborts it.
+        drop(txn);
         return Err((e, done));
     }
     match txn.commit() {
         Ok(()) => Ok(done),
-        Err(e) => Err((e.into(), done)),
+        Err(e) => Err((e, done)),
     }
 }
 
 /// Reads audit entries `from..from+limit` (decoded; undecodable ones skipped
 /// with a placeholder event).
-pub fn read_entries<T: ReadableTable<u64, &'static [u8]>>(
-    audit: &T,
-    from: u64,
-    limit: usize,
-) -> Result<Vec<AuditEntry>> {
+pub fn read_entries(r: &dyn KvRead, from: u64, limit: usize) -> Result<Vec<AuditEntry>> {
     let mut out = Vec::new();
-    for item in audit.range(from..)?.take(limit) {
-        let (k, v) = item?;
-        out.push(decode_or_placeholder(k.value(), v.value()));
+    if limit == 0 {
+        return Ok(out);
     }
+    r.scan_from(Tbl::Audit, from, &mut |k, v| {
+        out.push(decode_or_placeholder(k.num(), v));
+        Ok(out.len() < limit)
+    })?;
     Ok(out)
 }
 

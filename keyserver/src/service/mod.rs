@@ -46,6 +46,10 @@ impl From<KeyServerError> for Status {
                 Status::unavailable("audit log unavailable; the operation was not performed")
             }
             KeyServerError::Unavailable => Status::unavailable("keyserver is shutting down"),
+            KeyServerError::StoreUnavailable(m) => {
+                tracing::error!(error = %m, "keyserver database unavailable");
+                Status::unavailable("keyserver database unavailable; nothing was done")
+            }
             KeyServerError::Corrupt(m) => {
                 tracing::error!(error = %m, "corrupt record");
                 Status::data_loss("stored data is damaged")

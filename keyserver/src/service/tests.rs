@@ -39,6 +39,10 @@ fn every_error_has_its_status_and_internals_stay_generic() {
             Code::DataLoss,
         ),
         (KeyServerError::Unavailable, Code::Unavailable),
+        (
+            KeyServerError::StoreUnavailable("secret path".into()),
+            Code::Unavailable,
+        ),
     ];
     for (e, code) in cases {
         let s = Status::from(e);

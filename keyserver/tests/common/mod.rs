@@ -18,7 +18,38 @@ use tonic::Code;
 pub const OWNER: &str = "spiffe://tessera.local/user/owner";
 pub const CLIN: &str = "spiffe://tessera.local/user/clinician";
 
+/// Where a test keyserver keeps its state: every test written over a
+/// `Backend` runs on both (see [`on_both_backends!`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A redb file in the test's folder.
+    Redb,
+    /// A real PostgreSQL server of the test's own (tessera-testkit).
+    Postgres,
+}
+
+/// Runs each named `async fn name(backend: Backend)` as two tests,
+/// `name::redb` and `name::pg`: one test body, both storage backends.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn redb() {
+                super::$name($crate::common::Backend::Redb).await
+            }
+            #[tokio::test]
+            async fn pg() {
+                super::$name($crate::common::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
 pub struct Env {
+    /// The PostgreSQL server (backend `Postgres`), kept running while the
+    /// keyserver uses it and stopped on drop.
+    _pg: Option<Arc<tessera_testkit::postgres::Postgres>>,
     _tmp: tempfile::TempDir,
     pub pki: PathBuf,
     pub addr: String,
@@ -34,10 +65,57 @@ impl Env {
         Self::start_with("").await
     }
 
+    /// [`Env::start`] on `backend`.
+    pub async fn start_on(backend: Backend) -> Self {
+        Self::start_with_on(backend, "").await
+    }
+
     /// Like [`Env::start`] with more config appended (`{pki}` stands for
     /// the development PKI's directory).
     pub async fn start_with(extra: &str) -> Self {
+        Self::start_with_on(Backend::Redb, extra).await
+    }
+
+    /// [`Env::start_with`] on `backend`.
+    pub async fn start_with_on(backend: Backend, extra: &str) -> Self {
+        let pg = match backend {
+            Backend::Redb => None,
+            Backend::Postgres => Some(Arc::new(tessera_testkit::postgres::Postgres::start())),
+        };
+        Self::start_on_store(pg, "ks", extra).await
+    }
+
+    /// A keyserver on database `db` of `pg` (a replica beside others on
+    /// the same database), or on a redb file when `pg` is `None`.
+    pub async fn start_on_store(
+        pg: Option<Arc<tessera_testkit::postgres::Postgres>>,
+        db: &str,
+        extra: &str,
+    ) -> Self {
         let tmp = tempfile::tempdir().unwrap();
+        let store = match &pg {
+            None => format!("db_path = \"{}\"\n", tmp.path().join("ks.redb").display()),
+            Some(pg) => {
+                let url = if pg
+                    .psql(
+                        "postgres",
+                        &format!("SELECT 1 FROM pg_database WHERE datname = '{db}'"),
+                    )
+                    .trim()
+                    .is_empty()
+                {
+                    pg.create_db(db)
+                } else {
+                    pg.url(db)
+                };
+                let url_file = tmp.path().join("pg.url");
+                std::fs::write(&url_file, url).unwrap();
+                format!(
+                    "[keyserver.store]\nbackend = \"postgres\"\npostgres_url_file = \"{}\"\n",
+                    url_file.display()
+                )
+            }
+        };
         let pki = tessera_pki::generate(&tmp.path().join("pki")).unwrap().dir;
         let kek = tmp.path().join("kek");
         std::fs::write(&kek, [42u8; 32]).unwrap();
@@ -49,11 +127,11 @@ impl Env {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[server.tls]\nca = \"{d}/ca.crt\"\ncert = \"{d}/keyserver.crt\"\nkey = \"{d}/keyserver.key\"\n\
              [server.access]\nroles = {{ \"spiffe://tessera.local/user/researcher\" = [\"researcher\", \"admin\"], \"spiffe://tessera.local/user/clinician2\" = [\"clinician\", \"owner\"] }}\n\
-             [keyserver]\ndb_path = \"{}\"\nkek_file = \"{}\"\ncheckpoint_every = 4\nmax_grant_ttl_secs = 3600\nmax_grant_uses = 5\n\
+             [keyserver]\nkek_file = \"{}\"\ncheckpoint_every = 4\nmax_grant_ttl_secs = 3600\nmax_grant_uses = 5\n{}\
              [keyserver.access]\nemergency = [\"spiffe://tessera.local/user/clinician\"]\nbreak_glass_minutes = 10\nbreak_glass_uses = 2\nexpiring_soon_secs = 600\n\
              [keyserver.access.groups]\n\"care-team-x\" = [\"spiffe://tessera.local/user/clinician\"]\n{}",
-            tmp.path().join("ks.redb").display(),
             kek.display(),
+            store,
             extra.replace("{pki}", &d.to_string()),
         );
         let cfg: Config = load_config(
@@ -71,6 +149,7 @@ impl Env {
             .unwrap();
         let addr = running.local_addr().to_string();
         Self {
+            _pg: pg,
             _tmp: tmp,
             pki,
             addr,

@@ -16,11 +16,11 @@ async fn a_stopped_verification_reports_nothing() {
     let stop = AtomicBool::new(true);
     // Stopped before the first entry: not a truncated log, no verdict.
     assert_eq!(
-        verify_database_stoppable(&ro, &pk, false, Some(&stop)).unwrap(),
+        verify_database_stoppable(&kv::redb_read(&ro).unwrap(), &pk, false, Some(&stop)).unwrap(),
         None
     );
     stop.store(false, Ordering::SeqCst);
-    let rep = verify_database_stoppable(&ro, &pk, false, Some(&stop))
+    let rep = verify_database_stoppable(&kv::redb_read(&ro).unwrap(), &pk, false, Some(&stop))
         .unwrap()
         .unwrap();
     assert!(rep.ok, "{rep:?}");
@@ -33,7 +33,7 @@ async fn identities_are_in_the_configured_trust_domain() {
     let owner = "spiffe://hospital.example/user/owner";
     let core = Core::open(
         CoreConfig {
-            db_path: dir.path().join("ks.redb"),
+            store: StoreAt::Redb(dir.path().join("ks.redb")),
             kek: Kek::from_bytes(&[3; 32]).unwrap(),
             trust_domain: "hospital.example".into(),
             gateway_identity: gw.into(),
@@ -122,7 +122,11 @@ async fn a_flipped_byte_on_disk_names_its_entry() {
     {
         // Older than the last checkpoint: the quick check at start passes.
         let ro = ReadOnlyDatabase::open(&path).unwrap();
-        assert!(verify_database_tail(&ro, &pk).unwrap().ok);
+        assert!(
+            verify_database_tail(&kv::redb_read(&ro).unwrap(), &pk)
+                .unwrap()
+                .ok
+        );
     }
 
     let core = open_with(&path, [1; 32], clock, 2).unwrap();

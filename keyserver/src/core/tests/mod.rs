@@ -10,7 +10,7 @@ use redb::ReadOnlyDatabase;
 use super::*;
 use crate::core::attrs::CanonicalAttributes;
 use crate::core::clock::ManualClock;
-use crate::core::store::{Forgotten, GrantState, RequestRecord};
+use crate::core::store::{Forgotten, GrantState, REQUESTS, RequestRecord};
 use crate::core::types::{Derived, ForgetReport, Operation};
 
 mod chain;
@@ -35,7 +35,7 @@ fn attrs(id: &str) -> Vec<(String, String)> {
 fn open_with(path: &Path, kek: [u8; 32], clock: Arc<dyn Clock>, every: u64) -> Result<Core> {
     Core::open(
         CoreConfig {
-            db_path: path.to_owned(),
+            store: StoreAt::Redb(path.to_owned()),
             kek: Kek::from_bytes(&kek)?,
             trust_domain: "tessera.local".into(),
             gateway_identity: GW.into(),
@@ -69,15 +69,11 @@ fn audit_len(core: &Core) -> usize {
 }
 
 fn stored_study(core: &Core, id: &str) -> StudyRecord {
-    let r = core.inner.db.begin_read().unwrap();
-    get_json(&r.open_table(STUDIES).unwrap(), id)
-        .unwrap()
-        .unwrap()
+    let r = core.inner.store.read().unwrap();
+    get_json(r.as_ref(), STUDIES, id).unwrap().unwrap()
 }
 
 fn stored_request(core: &Core, id: &str) -> RequestRecord {
-    let r = core.inner.db.begin_read().unwrap();
-    get_json(&r.open_table(REQUESTS).unwrap(), id)
-        .unwrap()
-        .unwrap()
+    let r = core.inner.store.read().unwrap();
+    get_json(r.as_ref(), REQUESTS, id).unwrap().unwrap()
 }
