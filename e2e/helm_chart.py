@@ -754,6 +754,14 @@ def check_spread(r: Rendered, arg: str | None) -> None:
         if arg == "default":
             assert replicas >= 2 and resolve > 0, f"{name}: {replicas} replicas, resolve_secs {resolve}"
             assert r.get("PodDisruptionBudget", f"tessera-{name}")["spec"]["maxUnavailable"] == 1
+    # The keyserver's replicas (on PostgreSQL) are balanced the same way
+    # when its Service is in-cluster only.
+    ks = r.values["keyserver"]
+    spec = r.get("Service", "keyserver")["spec"]
+    if ks["store"]["backend"] == "postgres" and ks["service"]["type"] == "ClusterIP":
+        assert spec.get("clusterIP") == "None", f"Service keyserver not headless beside {ks['store']['replicas']} replicas: {spec}"
+    else:
+        assert spec.get("clusterIP") != "None", f"Service keyserver headless: {spec}"
 
 
 MEM_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
