@@ -105,14 +105,6 @@ fn pixel_name(v: i32) -> &'static str {
     }
 }
 
-/// Codes after which the next file would fail the same way: stop there.
-fn fatal(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::Unauthenticated | Code::PermissionDenied
-    )
-}
-
 /// Largest file `store-dicom` reads (the gateway's own limit is lower).
 const MAX_FILE_BYTES: u64 = 2 << 30;
 
@@ -234,7 +226,7 @@ pub fn store_dicom(a: StoreDicomArgs) -> Result<()> {
                                 .count()
                                 + 1
                         }));
-                        !code.is_some_and(fatal)
+                        !code.is_some_and(super::pipeline::fatal)
                     }
                 };
                 outcomes[i] = Some(outcome);

@@ -15,6 +15,15 @@ pub fn default_jobs() -> usize {
     (2 * cores).clamp(2, 16)
 }
 
+/// Codes after which the next file would fail the same way: start no
+/// more files.
+pub fn fatal(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    )
+}
+
 /// One bar for `total` files on stderr (drawn only on a terminal).
 pub fn files_bar(total: usize, what: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
