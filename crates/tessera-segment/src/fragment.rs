@@ -351,43 +351,6 @@ impl Fragment {
         h
     }
 
-    /// Maps the fragment's own blocks straight into `out` (the whole
-    /// image's samples), marking the pixels written in `covered`: the
-    /// in-process [`process_regions`] without an output tile per run.
-    /// The fragment must be valid and the mapping made for its format.
-    fn map_into(&self, mapping: &Mapping, out: &mut [u16], covered: &mut [bool]) -> Result<()> {
-        let fmt = self.spec.format;
-        let ch = fmt.channels as usize;
-        let w = self.spec.width as usize;
-        let frame_len = self.spec.frame_samples();
-        for tile in &self.tiles {
-            let c = tile.core;
-            let len = c.width as usize * ch;
-            for y in c.y as usize..c.bottom() as usize {
-                let row = &mut covered[y * w + c.x as usize..][..c.width as usize];
-                if row.iter().any(|&b| b) {
-                    return Err(SegmentError::Merge(format!(
-                        "tile {c} of region {} overlaps another tile",
-                        self.region
-                    )));
-                }
-                row.fill(true);
-            }
-            for (fr, src, dst) in self.core_rows(tile) {
-                // dst counts rows of the core: back to the image's row.
-                let (y, x) = (c.y as usize + (dst / len) % c.height as usize, c.x as usize);
-                let at = fr * frame_len + (y * w + x) * ch;
-                map_row(
-                    fmt,
-                    &mapping.planes[fr * ch..(fr + 1) * ch],
-                    &tile.samples[src..src + len],
-                    &mut out[at..at + len],
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// Applies the merger's mapping to the fragment's own blocks.
     pub fn apply_mapping(&self, mapping: &Mapping) -> Result<FragmentOutput> {
         self.validate()?;
@@ -516,36 +479,82 @@ pub fn process_whole(image: &Image, op: Operation) -> Result<Image> {
 /// Region-wise processing in-process: fragments, per-fragment work (with the
 /// histogram protocol for global operations), merge.
 pub fn process_regions(image: &Image, map: &RegionMap, op: Operation) -> Result<Image> {
+    if op.is_global() {
+        return equalize_regions(image, map);
+    }
     let fragments = make_fragments(image, map, op.halo())?;
-    let outputs = if op.is_global() {
-        // The fragments were made just above (valid by construction): the
-        // histogram protocol without re-checking them, and each mapped
-        // straight into the merged image.
-        let hists: Vec<Histogram> = fragments.iter().map(Fragment::count_histogram).collect();
-        let mapping =
-            equalization_mapping(&merge_histograms(image.format(), image.frames(), &hists)?)?;
-        let spec = *image.spec();
-        let mut out = vec![0u16; spec.sample_count()];
-        let mut covered = vec![false; spec.width as usize * spec.height as usize];
-        for f in &fragments {
-            f.map_into(&mapping, &mut out, &mut covered)?;
-        }
-        if let Some(i) = covered.iter().position(|&b| !b) {
-            let w = spec.width as usize;
-            return Err(SegmentError::Merge(format!(
-                "pixel ({}, {}) is not covered by any fragment",
-                i % w,
-                i / w
-            )));
-        }
-        return Ok(Image::new(spec, out)?);
-    } else {
-        fragments
-            .iter()
-            .map(|f| f.apply(op))
-            .collect::<Result<Vec<_>>>()?
-    };
+    let outputs = fragments
+        .iter()
+        .map(|f| f.apply(op))
+        .collect::<Result<Vec<_>>>()?;
     merge(image.spec(), &outputs)
+}
+
+/// The histogram protocol in-process: one histogram per region, merged
+/// into one mapping, each region mapped with it. A global operation has no
+/// halo, so a region's fragment would hold exactly its own blocks: each
+/// region's runs of blocks are read where they lie in the image (the crop
+/// copy is a transport's cost, not the protocol's), and each is written
+/// straight into the merged image. Every block has exactly one region (the
+/// validated map), so every pixel is written exactly once: no coverage
+/// bitmap is needed.
+fn equalize_regions(image: &Image, map: &RegionMap) -> Result<Image> {
+    map.validate()?;
+    map.grid.check_image(image)?;
+    let spec = *image.spec();
+    let fmt = spec.format;
+    let ch = fmt.channels as usize;
+    let w = spec.width as usize;
+    let frames = spec.frames as usize;
+    // Each non-empty region's runs of blocks (its fragment's tiles).
+    let regions: Vec<Vec<Rect>> = (0..map.regions)
+        .map(|r| {
+            runs(&map.grid, &map.blocks_of(r), 0)
+                .into_iter()
+                .map(|(core, _)| core)
+                .collect::<Vec<Rect>>()
+        })
+        .filter(|cores| !cores.is_empty())
+        .collect();
+    // The rows of `core` in frame `f`: (frame, sample offset in the frame,
+    // samples per row).
+    let rows = |core: Rect| {
+        let len = core.width as usize * ch;
+        (core.y as usize..core.bottom() as usize)
+            .map(move |y| ((y * w + core.x as usize) * ch, len))
+    };
+    let hists: Vec<Histogram> = regions
+        .iter()
+        .map(|cores| {
+            let mut h = Histogram::empty(fmt, spec.frames);
+            for f in 0..frames {
+                let data = image.frame(f as u32);
+                let planes = &mut h.planes[f * ch..(f + 1) * ch];
+                for &core in cores {
+                    for (at, len) in rows(core) {
+                        count_row(fmt, planes, &data[at..at + len]);
+                    }
+                }
+            }
+            h
+        })
+        .collect();
+    let mapping = equalization_mapping(&merge_histograms(fmt, spec.frames, &hists)?)?;
+    let frame_len = spec.frame_samples();
+    let mut out = vec![0u16; spec.sample_count()];
+    for f in 0..frames {
+        let data = image.frame(f as u32);
+        let planes = &mapping.planes[f * ch..(f + 1) * ch];
+        let dst = &mut out[f * frame_len..(f + 1) * frame_len];
+        for cores in &regions {
+            for &core in cores {
+                for (at, len) in rows(core) {
+                    map_row(fmt, planes, &data[at..at + len], &mut dst[at..at + len]);
+                }
+            }
+        }
+    }
+    Ok(Image::new(spec, out)?)
 }
 
 #[cfg(test)]
