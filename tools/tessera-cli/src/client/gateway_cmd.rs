@@ -275,7 +275,7 @@ pub fn store(a: StoreArgs) -> Result<()> {
             patient_attributes: attributes.clone(),
             format: format.into(),
             size: 0,
-            raw_spec: raw_spec.clone(),
+            raw_spec,
             roi,
         })
     };
@@ -309,8 +309,7 @@ pub fn store(a: StoreArgs) -> Result<()> {
         let total = a.files.len();
         let json = a.out.json;
         let bar = super::pipeline::files_bar(total, "store");
-        let mut outcomes: Vec<Option<Result<pb::StoreResponse, (String, Option<tonic::Code>)>>> =
-            Vec::with_capacity(total);
+        let mut outcomes: Vec<Option<StoreOutcome>> = Vec::with_capacity(total);
         outcomes.resize_with(total, || None);
         let mut n_refused = 0usize;
         let work: Vec<(PathBuf, pb::StoreHeader)> = a.files.iter().cloned().zip(headers).collect();
@@ -383,6 +382,9 @@ pub fn store(a: StoreArgs) -> Result<()> {
         }
     })
 }
+
+/// A stored image, or why not (and the gateway's code when it answered).
+type StoreOutcome = Result<pb::StoreResponse, (String, Option<tonic::Code>)>;
 
 /// One stored image as JSON.
 fn stored_json(r: &pb::StoreResponse) -> Value {
