@@ -494,8 +494,8 @@ pub fn process_regions(image: &Image, map: &RegionMap, op: Operation) -> Result<
 /// into one mapping, each region mapped with it. A global operation has no
 /// halo, so a region's fragment would hold exactly its own blocks: each
 /// region's runs of blocks are read where they lie in the image (the crop
-/// copy is a transport's cost, not the protocol's), and each is written
-/// straight into the merged image. Every block has exactly one region (the
+/// copy is a transport's cost, not the protocol's), all regions' runs in
+/// raster order, and each is written straight into the merged image. Every block has exactly one region (the
 /// validated map), so every pixel is written exactly once: no coverage
 /// bitmap is needed.
 fn equalize_regions(image: &Image, map: &RegionMap) -> Result<Image> {
@@ -506,39 +506,49 @@ fn equalize_regions(image: &Image, map: &RegionMap) -> Result<Image> {
     let ch = fmt.channels as usize;
     let w = spec.width as usize;
     let frames = spec.frames as usize;
-    // Each non-empty region's runs of blocks (its fragment's tiles).
-    let regions: Vec<Vec<Rect>> = (0..map.regions)
-        .map(|r| {
-            runs(&map.grid, &map.blocks_of(r), 0)
-                .into_iter()
-                .map(|(core, _)| core)
-                .collect::<Vec<Rect>>()
-        })
-        .filter(|cores| !cores.is_empty())
+    // Every region's runs of blocks (its fragment's tiles), tagged with
+    // the region's slot among the non-empty ones and visited in raster
+    // order (block row, then x), so each pass reads the image front to back.
+    let mut runs_of: Vec<(usize, Rect)> = Vec::new();
+    let mut slots = 0;
+    for r in 0..map.regions {
+        let cores = runs(&map.grid, &map.blocks_of(r), 0);
+        if cores.is_empty() {
+            continue;
+        }
+        runs_of.extend(cores.into_iter().map(|(core, _)| (slots, core)));
+        slots += 1;
+    }
+    runs_of.sort_unstable_by_key(|&(_, c)| (c.y, c.x));
+    // Block rows: the runs sharing a top edge (and so a height).
+    let mut bands: Vec<&[(usize, Rect)]> = Vec::new();
+    let mut rest = runs_of.as_slice();
+    while let Some(&(_, first)) = rest.first() {
+        let n = rest.iter().take_while(|(_, c)| c.y == first.y).count();
+        let (band, tail) = rest.split_at(n);
+        bands.push(band);
+        rest = tail;
+    }
+    let mut hists: Vec<Histogram> = (0..slots)
+        .map(|_| Histogram::empty(fmt, spec.frames))
         .collect();
-    // The rows of `core` in frame `f`: (frame, sample offset in the frame,
-    // samples per row).
-    let rows = |core: Rect| {
-        let len = core.width as usize * ch;
-        (core.y as usize..core.bottom() as usize)
-            .map(move |y| ((y * w + core.x as usize) * ch, len))
-    };
-    let hists: Vec<Histogram> = regions
-        .iter()
-        .map(|cores| {
-            let mut h = Histogram::empty(fmt, spec.frames);
-            for f in 0..frames {
-                let data = image.frame(f as u32);
-                let planes = &mut h.planes[f * ch..(f + 1) * ch];
-                for &core in cores {
-                    for (at, len) in rows(core) {
-                        count_row(fmt, planes, &data[at..at + len]);
-                    }
+    for f in 0..frames {
+        let data = image.frame(f as u32);
+        for band in &bands {
+            let (y0, h) = (band[0].1.y as usize, band[0].1.height as usize);
+            for y in y0..y0 + h {
+                for &(slot, core) in *band {
+                    let at = (y * w + core.x as usize) * ch;
+                    let len = core.width as usize * ch;
+                    count_row(
+                        fmt,
+                        &mut hists[slot].planes[f * ch..(f + 1) * ch],
+                        &data[at..at + len],
+                    );
                 }
             }
-            h
-        })
-        .collect();
+        }
+    }
     let mapping = equalization_mapping(&merge_histograms(fmt, spec.frames, &hists)?)?;
     let frame_len = spec.frame_samples();
     let mut out = vec![0u16; spec.sample_count()];
@@ -546,9 +556,12 @@ fn equalize_regions(image: &Image, map: &RegionMap) -> Result<Image> {
         let data = image.frame(f as u32);
         let planes = &mapping.planes[f * ch..(f + 1) * ch];
         let dst = &mut out[f * frame_len..(f + 1) * frame_len];
-        for cores in &regions {
-            for &core in cores {
-                for (at, len) in rows(core) {
+        for band in &bands {
+            let (y0, h) = (band[0].1.y as usize, band[0].1.height as usize);
+            for y in y0..y0 + h {
+                for &(_, core) in *band {
+                    let at = (y * w + core.x as usize) * ch;
+                    let len = core.width as usize * ch;
                     map_row(fmt, planes, &data[at..at + len], &mut dst[at..at + len]);
                 }
             }
