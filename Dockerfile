@@ -13,14 +13,17 @@ WORKDIR /src
 # C compiler the rust image already has.
 COPY . .
 # Cache mounts keep the registry and target dir between builds; the binaries
-# are copied out of the cache mount before the step ends.
+# are copied out of the cache mount before the step ends, stripped of their
+# symbols on the way (`install -s`: the release profile already leaves out
+# debug info; stripping takes e.g. the gateway from 26.0 to 19.7 MB and the
+# CLI from 41.0 to 31.7 MB, docs/PERFORMANCE.md).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
  && mkdir -p /out \
  && for b in keyserver storage-node watermark segmentation gateway tessera; do \
-      install -m 0755 "target/release/$b" /out/; \
+      install -s -m 0755 "target/release/$b" /out/; \
     done
 
 # ---- runtime --------------------------------------------------------------

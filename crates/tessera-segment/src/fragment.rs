@@ -351,43 +351,6 @@ impl Fragment {
         h
     }
 
-    /// Maps the fragment's own blocks straight into `out` (the whole
-    /// image's samples), marking the pixels written in `covered`: the
-    /// in-process [`process_regions`] without an output tile per run.
-    /// The fragment must be valid and the mapping made for its format.
-    fn map_into(&self, mapping: &Mapping, out: &mut [u16], covered: &mut [bool]) -> Result<()> {
-        let fmt = self.spec.format;
-        let ch = fmt.channels as usize;
-        let w = self.spec.width as usize;
-        let frame_len = self.spec.frame_samples();
-        for tile in &self.tiles {
-            let c = tile.core;
-            let len = c.width as usize * ch;
-            for y in c.y as usize..c.bottom() as usize {
-                let row = &mut covered[y * w + c.x as usize..][..c.width as usize];
-                if row.iter().any(|&b| b) {
-                    return Err(SegmentError::Merge(format!(
-                        "tile {c} of region {} overlaps another tile",
-                        self.region
-                    )));
-                }
-                row.fill(true);
-            }
-            for (fr, src, dst) in self.core_rows(tile) {
-                // dst counts rows of the core: back to the image's row.
-                let (y, x) = (c.y as usize + (dst / len) % c.height as usize, c.x as usize);
-                let at = fr * frame_len + (y * w + x) * ch;
-                map_row(
-                    fmt,
-                    &mapping.planes[fr * ch..(fr + 1) * ch],
-                    &tile.samples[src..src + len],
-                    &mut out[at..at + len],
-                );
-            }
-        }
-        Ok(())
-    }
-
     /// Applies the merger's mapping to the fragment's own blocks.
     pub fn apply_mapping(&self, mapping: &Mapping) -> Result<FragmentOutput> {
         self.validate()?;
@@ -516,36 +479,95 @@ pub fn process_whole(image: &Image, op: Operation) -> Result<Image> {
 /// Region-wise processing in-process: fragments, per-fragment work (with the
 /// histogram protocol for global operations), merge.
 pub fn process_regions(image: &Image, map: &RegionMap, op: Operation) -> Result<Image> {
+    if op.is_global() {
+        return equalize_regions(image, map);
+    }
     let fragments = make_fragments(image, map, op.halo())?;
-    let outputs = if op.is_global() {
-        // The fragments were made just above (valid by construction): the
-        // histogram protocol without re-checking them, and each mapped
-        // straight into the merged image.
-        let hists: Vec<Histogram> = fragments.iter().map(Fragment::count_histogram).collect();
-        let mapping =
-            equalization_mapping(&merge_histograms(image.format(), image.frames(), &hists)?)?;
-        let spec = *image.spec();
-        let mut out = vec![0u16; spec.sample_count()];
-        let mut covered = vec![false; spec.width as usize * spec.height as usize];
-        for f in &fragments {
-            f.map_into(&mapping, &mut out, &mut covered)?;
-        }
-        if let Some(i) = covered.iter().position(|&b| !b) {
-            let w = spec.width as usize;
-            return Err(SegmentError::Merge(format!(
-                "pixel ({}, {}) is not covered by any fragment",
-                i % w,
-                i / w
-            )));
-        }
-        return Ok(Image::new(spec, out)?);
-    } else {
-        fragments
-            .iter()
-            .map(|f| f.apply(op))
-            .collect::<Result<Vec<_>>>()?
-    };
+    let outputs = fragments
+        .iter()
+        .map(|f| f.apply(op))
+        .collect::<Result<Vec<_>>>()?;
     merge(image.spec(), &outputs)
+}
+
+/// The histogram protocol in-process: one histogram per region, merged
+/// into one mapping, each region mapped with it. A global operation has no
+/// halo, so a region's fragment would hold exactly its own blocks: each
+/// region's runs of blocks are read where they lie in the image (the crop
+/// copy is a transport's cost, not the protocol's), all regions' runs in
+/// raster order, and each is written straight into the merged image. Every block has exactly one region (the
+/// validated map), so every pixel is written exactly once: no coverage
+/// bitmap is needed.
+fn equalize_regions(image: &Image, map: &RegionMap) -> Result<Image> {
+    map.validate()?;
+    map.grid.check_image(image)?;
+    let spec = *image.spec();
+    let fmt = spec.format;
+    let ch = fmt.channels as usize;
+    let w = spec.width as usize;
+    let frames = spec.frames as usize;
+    // Every region's runs of blocks (its fragment's tiles), tagged with
+    // the region's slot among the non-empty ones and visited in raster
+    // order (block row, then x), so each pass reads the image front to back.
+    let mut runs_of: Vec<(usize, Rect)> = Vec::new();
+    let mut slots = 0;
+    for r in 0..map.regions {
+        let cores = runs(&map.grid, &map.blocks_of(r), 0);
+        if cores.is_empty() {
+            continue;
+        }
+        runs_of.extend(cores.into_iter().map(|(core, _)| (slots, core)));
+        slots += 1;
+    }
+    runs_of.sort_unstable_by_key(|&(_, c)| (c.y, c.x));
+    // Block rows: the runs sharing a top edge (and so a height).
+    let mut bands: Vec<&[(usize, Rect)]> = Vec::new();
+    let mut rest = runs_of.as_slice();
+    while let Some(&(_, first)) = rest.first() {
+        let n = rest.iter().take_while(|(_, c)| c.y == first.y).count();
+        let (band, tail) = rest.split_at(n);
+        bands.push(band);
+        rest = tail;
+    }
+    let mut hists: Vec<Histogram> = (0..slots)
+        .map(|_| Histogram::empty(fmt, spec.frames))
+        .collect();
+    for f in 0..frames {
+        let data = image.frame(f as u32);
+        for band in &bands {
+            let (y0, h) = (band[0].1.y as usize, band[0].1.height as usize);
+            for y in y0..y0 + h {
+                for &(slot, core) in *band {
+                    let at = (y * w + core.x as usize) * ch;
+                    let len = core.width as usize * ch;
+                    count_row(
+                        fmt,
+                        &mut hists[slot].planes[f * ch..(f + 1) * ch],
+                        &data[at..at + len],
+                    );
+                }
+            }
+        }
+    }
+    let mapping = equalization_mapping(&merge_histograms(fmt, spec.frames, &hists)?)?;
+    let frame_len = spec.frame_samples();
+    let mut out = vec![0u16; spec.sample_count()];
+    for f in 0..frames {
+        let data = image.frame(f as u32);
+        let planes = &mapping.planes[f * ch..(f + 1) * ch];
+        let dst = &mut out[f * frame_len..(f + 1) * frame_len];
+        for band in &bands {
+            let (y0, h) = (band[0].1.y as usize, band[0].1.height as usize);
+            for y in y0..y0 + h {
+                for &(_, core) in *band {
+                    let at = (y * w + core.x as usize) * ch;
+                    let len = core.width as usize * ch;
+                    map_row(fmt, planes, &data[at..at + len], &mut dst[at..at + len]);
+                }
+            }
+        }
+    }
+    Ok(Image::new(spec, out)?)
 }
 
 #[cfg(test)]

@@ -138,8 +138,17 @@ async fn store_and_retrieve_dicom_through_the_cli() {
     }
     std::fs::write(series.join("notes.txt"), "not a DICOM file").unwrap();
 
-    // A directory: every *.dcm in name order, one study.
-    let r = json(&as_user(&dev, "owner", &["store-dicom", p(&series), "--json"]).await);
+    // A directory: every *.dcm in name order, one study. One at a time:
+    // the study keeps its instances in the order they were stored, which
+    // the retrieves below check.
+    let r = json(
+        &as_user(
+            &dev,
+            "owner",
+            &["store-dicom", p(&series), "--jobs", "1", "--json"],
+        )
+        .await,
+    );
     let stored = r["stored"].as_array().unwrap();
     assert_eq!(stored.len(), 3, "{r}");
     assert!(r["refused"].as_array().unwrap().is_empty());
@@ -404,6 +413,77 @@ async fn demo_on_pydicom_data_files() {
         .await);
         assert!(text.contains("every step held"), "{name}: {text}");
     }
+}
+
+/// Real pydicom-data files with one broken file among them, several in
+/// flight (`--jobs 2`): every good file is stored (listed in file order),
+/// the broken one is listed at the end with its reason, once, and the
+/// exit is non-zero; without `--json` each stored file has its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_dicom_in_flight_lists_the_bad_file_among_real_ones() {
+    let data = tessera_dicom::testdata::pydicom_data_dir().unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tmp.path().join("dev");
+    let mut stack = DevStack::start(&dev, &DevOptions::default()).await.unwrap();
+    let dir = tmp.path().join("mixed");
+    std::fs::create_dir(&dir).unwrap();
+    // Names sort the broken file between the good ones.
+    let good = [
+        ("a-sc-rgb.dcm", "SC_rgb.dcm"),
+        ("b-emri.dcm", "emri_small.dcm"),
+        ("d-liver.dcm", "liver.dcm"),
+    ];
+    for (name, source) in good {
+        std::fs::copy(data.join(source), dir.join(name)).unwrap();
+    }
+    // A real file cut inside its data set: not a whole DICOM file.
+    let whole = std::fs::read(data.join("SC_rgb.dcm")).unwrap();
+    std::fs::write(dir.join("c-broken.dcm"), &whole[..400]).unwrap();
+
+    let out = as_user(
+        &dev,
+        "owner",
+        &["store-dicom", p(&dir), "--jobs", "2", "--json"],
+    )
+    .await;
+    let err = failed(&out);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stored = r["stored"].as_array().unwrap();
+    assert_eq!(stored.len(), 3, "{r}");
+    for (s, (name, _)) in stored.iter().zip(good) {
+        assert!(s["file"].as_str().unwrap().ends_with(name), "{r}");
+        assert_eq!(s["duplicate"], false, "{r}");
+    }
+    assert_eq!(r["studies"].as_array().unwrap().len(), 3, "{r}");
+    let refused = r["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{r}");
+    assert_eq!(refused[0]["file"], p(&dir.join("c-broken.dcm")));
+    let why = refused[0]["error"].as_str().unwrap();
+    assert!(!why.is_empty());
+    // The closing list: the count, the file and its reason, once.
+    assert!(err.contains("1 of 4 file(s) refused:"), "{err}");
+    assert!(err.contains(&format!("c-broken.dcm: {why}")), "{err}");
+    assert_eq!(err.matches(why).count(), 1, "{err}");
+
+    // Again without --json, one at a time: each good file is a duplicate
+    // now, with its line on stdout; the broken one only in the list.
+    let out = as_user(&dev, "owner", &["store-dicom", p(&dir), "--jobs", "1"]).await;
+    let err = failed(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (name, _) in good {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(name) && l.contains("duplicate of in-")),
+            "{text}"
+        );
+    }
+    assert!(!text.contains("c-broken.dcm"), "{text}");
+    assert!(text.contains("3 of 4 file(s) accepted"), "{text}");
+    assert!(
+        err.contains("1 of 4 file(s) refused:") && err.contains("c-broken.dcm: "),
+        "{err}"
+    );
+    stack.shutdown().await;
 }
 
 /// `tessera bench dicom` end to end on a short series (figures printed,

@@ -237,6 +237,47 @@ async fn items_4_11_13_16_against_a_running_suite() {
     .await))
     .unwrap();
     let study = stored["study"].as_str().unwrap().to_owned();
+    // Several images at once (--jobs 2), a broken one among them: each
+    // good one a study of its own, the broken one listed with its reason
+    // at the end, a non-zero exit.
+    let mut many = Vec::new();
+    for seed in 0..3u64 {
+        let f = tmp.path().join(format!("many-{seed}.png"));
+        let image = head_phantom(64, 48, 1, PixelFormat::GRAY8, 20 + seed).unwrap();
+        std::fs::write(&f, codec::encode_png(&image, 0).unwrap()).unwrap();
+        many.push(f);
+    }
+    let broken = tmp.path().join("many-broken.png");
+    std::fs::write(&broken, b"\x89PNG but not really").unwrap();
+    many.insert(1, broken.clone());
+    let mut args = vec!["store"];
+    args.extend(many.iter().map(|f| p(f)));
+    args.extend([
+        "--owner",
+        "owner",
+        "--attr",
+        "patient_id=P-18",
+        "--jobs",
+        "2",
+        "--json",
+    ]);
+    let out = as_user(&dev, "owner", &args).await;
+    let all = failed(&out);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let good: Vec<&str> = r["stored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert!(s["study"].as_str().unwrap().starts_with("st-"), "{r}");
+            s["file"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(good, [p(&many[0]), p(&many[2]), p(&many[3])], "{r}");
+    assert_eq!(r["refused"][0]["file"], p(&broken), "{r}");
+    let why = r["refused"][0]["error"].as_str().unwrap();
+    assert!(all.contains("1 of 4 file(s) refused:"), "{all}");
+    assert!(all.contains(&format!("many-broken.png: {why}")), "{all}");
     let r: serde_json::Value = serde_json::from_str(&ok(&as_user(
         &dev,
         "clinician",

@@ -13,6 +13,8 @@ use clap::Args;
 use gateway_service::client as gw;
 use serde_json::{Value, json};
 use tessera_proto::gateway::v1 as pb;
+use tessera_proto::gateway::v1::gateway_client::GatewayClient;
+use tessera_tls::Channel;
 use tonic::{Code, Status};
 
 use super::gateway_cmd::gateway;
@@ -28,6 +30,11 @@ pub struct StoreDicomArgs {
     /// identity URI.
     #[arg(long, default_value = "owner")]
     pub owner: String,
+    /// Files in flight at once (default: two per core, 2..=16). With more
+    /// than one, a study lists its instances in the order they were
+    /// stored, which need not be the files' order: `--jobs 1` keeps it.
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
@@ -98,88 +105,145 @@ fn pixel_name(v: i32) -> &'static str {
     }
 }
 
-/// Codes after which the next file would fail the same way: stop there.
-fn fatal(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::Unauthenticated | Code::PermissionDenied
-    )
-}
-
 /// Largest file `store-dicom` reads (the gateway's own limit is lower).
 const MAX_FILE_BYTES: u64 = 2 << 30;
 
-/// `tessera store-dicom`.
+/// What became of one file.
+enum FileOutcome {
+    Stored {
+        r: pb::StoreDicomResponse,
+        ms: f64,
+    },
+    Refused {
+        why: String,
+        /// The gateway's code, when it answered.
+        code: Option<Code>,
+    },
+}
+
+/// Reads `path` and stores it (bounded by `deadline`).
+async fn store_one(
+    mut client: GatewayClient<Channel>,
+    owner: String,
+    path: PathBuf,
+    deadline: Duration,
+) -> FileOutcome {
+    let bytes = match tokio::fs::metadata(&path).await {
+        Ok(m) if m.len() > MAX_FILE_BYTES => Err(anyhow!(
+            "{} bytes, more than the 2 GiB a file may have",
+            m.len()
+        )),
+        Ok(_) => tokio::fs::read(&path)
+            .await
+            .map_err(|e| anyhow!("reading: {e}")),
+        Err(e) => Err(anyhow!("reading: {e}")),
+    };
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(e) => {
+            return FileOutcome::Refused {
+                why: e.to_string(),
+                code: None,
+            };
+        }
+    };
+    let t = Instant::now();
+    let r = match tokio::time::timeout(deadline, gw::store_dicom(&mut client, &owner, &bytes)).await
+    {
+        Ok(r) => r,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within {} s",
+            deadline.as_secs()
+        ))),
+    };
+    match r {
+        Ok(r) => FileOutcome::Stored {
+            r,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        },
+        Err(s) => FileOutcome::Refused {
+            why: status_error(&format!("store {}", path.display()), &s).to_string(),
+            code: Some(s.code()),
+        },
+    }
+}
+
+/// `tessera store-dicom`: up to `--jobs` files in flight over one
+/// connection; a line per stored file, one progress bar, the refused files
+/// with their reasons at the end (and a non-zero exit).
 pub fn store_dicom(a: StoreDicomArgs) -> Result<()> {
     let files = expand_paths(&a.paths)?;
     let owner = owner_uri(&a.owner);
+    let jobs = a.jobs.unwrap_or_else(super::pipeline::default_jobs).max(1);
     block_on(async move {
-        let mut client = gateway(&a.conn).await?;
+        let client = gateway(&a.conn).await?;
         let deadline = Duration::from_secs(a.conn.timeout.max(1));
         let total = files.len();
         let width = total.to_string().len();
+        let json = a.out.json;
+        let bar = super::pipeline::files_bar(total, "store");
+        let mut outcomes: Vec<Option<FileOutcome>> = Vec::with_capacity(total);
+        outcomes.resize_with(total, || None);
+        let not_sent = super::pipeline::in_flight(
+            files.clone(),
+            jobs,
+            |_, path| store_one(client.clone(), owner.clone(), path, deadline),
+            |i, outcome| {
+                bar.inc(1);
+                let go_on = match &outcome {
+                    FileOutcome::Stored { r, ms } => {
+                        super::pipeline::print_above(
+                            &bar,
+                            json,
+                            &format!(
+                                "[{:>width$}/{total}] {}: {} {} ({}, {}, {}; {} bytes, {ms:.0} ms)",
+                                i + 1,
+                                files[i].display(),
+                                if r.duplicate {
+                                    "duplicate of"
+                                } else {
+                                    "stored"
+                                },
+                                r.instance_id,
+                                r.study_handle,
+                                if r.new_study {
+                                    "new study"
+                                } else {
+                                    "existing study"
+                                },
+                                pixel_words(r.pixels),
+                                r.size
+                            ),
+                        );
+                        true
+                    }
+                    FileOutcome::Refused { code, .. } => {
+                        bar.set_message(format!("({} refused)", {
+                            outcomes
+                                .iter()
+                                .flatten()
+                                .filter(|o| matches!(o, FileOutcome::Refused { .. }))
+                                .count()
+                                + 1
+                        }));
+                        !code.is_some_and(super::pipeline::fatal)
+                    }
+                };
+                outcomes[i] = Some(outcome);
+                go_on
+            },
+        )
+        .await;
+        bar.finish_and_clear();
         let mut stored: Vec<Value> = Vec::new();
         let mut refused: Vec<(PathBuf, String)> = Vec::new();
-        // Study handle -> (instances, new, duplicates), in first-seen order.
+        // Study handle -> (instances, new, duplicates), in file order.
         let mut studies: Vec<(String, usize, usize, usize)> = Vec::new();
-        for (i, path) in files.iter().enumerate() {
-            let shown = path.display();
-            // Progress lines go to stderr under --json so stdout stays JSON.
-            let progress = |line: String| {
-                if a.out.json {
-                    eprintln!("{line}");
-                } else {
-                    println!("{line}");
-                }
-            };
-            let head = format!("[{:>width$}/{total}] {shown}", i + 1);
-            let bytes = match std::fs::metadata(path) {
-                Ok(m) if m.len() > MAX_FILE_BYTES => Err(anyhow!(
-                    "{} bytes, more than the 2 GiB a file may have",
-                    m.len()
-                )),
-                Ok(_) => std::fs::read(path).map_err(|e| anyhow!("reading: {e}")),
-                Err(e) => Err(anyhow!("reading: {e}")),
-            };
-            let bytes = match bytes {
-                Ok(b) => b,
-                Err(e) => {
-                    progress(format!("{head}: REFUSED: {e}"));
-                    refused.push((path.clone(), e.to_string()));
-                    continue;
-                }
-            };
-            let t = Instant::now();
-            let r =
-                match tokio::time::timeout(deadline, gw::store_dicom(&mut client, &owner, &bytes))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "no answer within {} s",
-                        deadline.as_secs()
-                    ))),
-                };
-            match r {
-                Ok(r) => {
-                    let ms = t.elapsed().as_secs_f64() * 1e3;
-                    progress(format!(
-                        "{head}: {} {} ({}, {}, {}; {} bytes, {ms:.0} ms)",
-                        if r.duplicate {
-                            "duplicate of"
-                        } else {
-                            "stored"
-                        },
-                        r.instance_id,
-                        r.study_handle,
-                        if r.new_study {
-                            "new study"
-                        } else {
-                            "existing study"
-                        },
-                        pixel_words(r.pixels),
-                        r.size
-                    ));
+        for (path, outcome) in files.iter().zip(outcomes) {
+            match outcome {
+                None => {}
+                Some(FileOutcome::Refused { why, .. }) => refused.push((path.clone(), why)),
+                Some(FileOutcome::Stored { r, .. }) => {
                     match studies.iter_mut().find(|s| s.0 == r.study_handle) {
                         Some(s) => {
                             s.1 += 1;
@@ -208,20 +272,6 @@ pub fn store_dicom(a: StoreDicomArgs) -> Result<()> {
                         })).collect::<Vec<_>>(),
                     }));
                 }
-                Err(s) => {
-                    let e = status_error(&format!("store {shown}"), &s);
-                    progress(format!("{head}: REFUSED: {e}"));
-                    refused.push((path.clone(), e.to_string()));
-                    if fatal(s.code()) {
-                        let left = total - i - 1;
-                        if left > 0 {
-                            progress(format!(
-                                "stopping: the next {left} file(s) would fail alike"
-                            ));
-                        }
-                        break;
-                    }
-                }
             }
         }
         let value = json!({
@@ -244,23 +294,10 @@ pub fn store_dicom(a: StoreDicomArgs) -> Result<()> {
                 stored.len() - new
             );
         })?;
-        // Each refusal was printed with its file above: not again here.
-        if refused.is_empty() {
+        if refused.is_empty() && not_sent == 0 {
             Ok(())
         } else {
-            let mut names: Vec<String> = refused
-                .iter()
-                .take(3)
-                .map(|(f, _)| f.display().to_string())
-                .collect();
-            if refused.len() > 3 {
-                names.push("...".into());
-            }
-            bail!(
-                "{} of {total} file(s) refused: {} (each reason is above)",
-                refused.len(),
-                names.join(", ")
-            )
+            bail!(super::pipeline::refused_error(total, &refused, not_sent))
         }
     })
 }

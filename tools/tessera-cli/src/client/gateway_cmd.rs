@@ -23,8 +23,15 @@ use super::{ConnArgs, OutputArgs, Service, block_on, owner_uri, status_error};
 
 #[derive(Args, Debug)]
 pub struct StoreArgs {
-    /// The image: .png, .tif/.tiff, or raw little-endian words with --raw.
-    pub file: PathBuf,
+    /// The image: .png, .tif/.tiff, or raw little-endian words with --raw;
+    /// several files are several studies (the same attributes), stored
+    /// `--jobs` at a time.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Files in flight at once when several are given (default: two per
+    /// core, 2..=16).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
     /// The data owner who approves access: a name from the PKI (owner) or
     /// an identity URI.
     #[arg(long)]
@@ -221,7 +228,6 @@ pub fn print_report(r: &wpb::VerificationReport, indent: &str) {
 
 /// `tessera store`.
 pub fn store(a: StoreArgs) -> Result<()> {
-    let file = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let mut attributes = Vec::new();
     for kv in &a.attrs {
         let (n, v) = kv
@@ -244,66 +250,165 @@ pub fn store(a: StoreArgs) -> Result<()> {
         }
         None => None,
     };
-    let ext = a
-        .file
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    let (format, raw_spec) = match (&a.raw, ext.as_str()) {
-        (Some(r), _) => {
-            let spec = crate::image_cmd::raw_spec(r, &a.layout)?;
-            (
-                pb::ImageFormat::Raw,
-                Some(tessera_wire::convert::watermark::spec_to_proto(&spec)),
+    let raw_spec = match &a.raw {
+        Some(r) => Some(tessera_wire::convert::watermark::spec_to_proto(
+            &crate::image_cmd::raw_spec(r, &a.layout)?,
+        )),
+        None => None,
+    };
+    let header = |file: &Path| -> Result<pb::StoreHeader> {
+        let ext = file
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
+        let format = match (&raw_spec, ext.as_str()) {
+            (Some(_), _) => pb::ImageFormat::Raw,
+            (None, "png") => pb::ImageFormat::Png,
+            (None, "tif" | "tiff") => pb::ImageFormat::Tiff,
+            (None, _) => bail!(
+                "{}: give a .png or .tiff file, or raw pixels with --raw WxH --bits BITS --stored BITS",
+                file.display()
+            ),
+        };
+        Ok(pb::StoreHeader {
+            owner: owner_uri(&a.owner),
+            patient_attributes: attributes.clone(),
+            format: format.into(),
+            size: 0,
+            raw_spec,
+            roi,
+        })
+    };
+    if let [one] = a.files.as_slice() {
+        let file = std::fs::read(one).with_context(|| format!("reading {}", one.display()))?;
+        let header = header(one)?;
+        return block_on(async move {
+            let bar = transfer_bar(file.len() as u64, "store");
+            let b = bar.clone();
+            let r = gw::store_with_progress(
+                &mut gateway(&a.conn).await?,
+                header,
+                &file,
+                move |sent, _| b.set_position(sent),
             )
-        }
-        (None, "png") => (pb::ImageFormat::Png, None),
-        (None, "tif" | "tiff") => (pb::ImageFormat::Tiff, None),
-        (None, _) => bail!(
-            "{}: give a .png or .tiff file, or raw pixels with --raw WxH --bits BITS --stored BITS",
-            a.file.display()
-        ),
-    };
-    let header = pb::StoreHeader {
-        owner: owner_uri(&a.owner),
-        patient_attributes: attributes,
-        format: format.into(),
-        size: 0,
-        raw_spec,
-        roi,
-    };
+            .await;
+            bar.finish_and_clear();
+            let r = r.map_err(|s| status_error("store", &s))?;
+            a.out.emit(&stored_json(&r), || print_stored(&r))
+        });
+    }
+    // Several files: every header checked before anything is sent.
+    let headers = a
+        .files
+        .iter()
+        .map(|f| header(f))
+        .collect::<Result<Vec<_>>>()?;
+    let jobs = a.jobs.unwrap_or_else(super::pipeline::default_jobs).max(1);
     block_on(async move {
-        let bar = transfer_bar(file.len() as u64, "store");
-        let b = bar.clone();
-        let r = gw::store_with_progress(
-            &mut gateway(&a.conn).await?,
-            header,
-            &file,
-            move |sent, _| b.set_position(sent),
+        let client = gateway(&a.conn).await?;
+        let total = a.files.len();
+        let json = a.out.json;
+        let bar = super::pipeline::files_bar(total, "store");
+        let mut outcomes: Vec<Option<StoreOutcome>> = Vec::with_capacity(total);
+        outcomes.resize_with(total, || None);
+        let mut n_refused = 0usize;
+        let work: Vec<(PathBuf, pb::StoreHeader)> = a.files.iter().cloned().zip(headers).collect();
+        let not_sent = super::pipeline::in_flight(
+            work,
+            jobs,
+            |_, (path, header)| {
+                let mut client = client.clone();
+                async move {
+                    let file = tokio::fs::read(&path)
+                        .await
+                        .map_err(|e| (format!("reading: {e}"), None))?;
+                    gw::store_with_progress(&mut client, header, &file, |_, _| {})
+                        .await
+                        .map_err(|s| {
+                            (
+                                status_error(&format!("store {}", path.display()), &s).to_string(),
+                                Some(s.code()),
+                            )
+                        })
+                }
+            },
+            |i, r| {
+                bar.inc(1);
+                let go_on = match &r {
+                    Ok(r) => {
+                        super::pipeline::print_above(
+                            &bar,
+                            json,
+                            &format!("{}: stored {}", a.files[i].display(), r.study_handle),
+                        );
+                        true
+                    }
+                    Err((_, code)) => {
+                        n_refused += 1;
+                        bar.set_message(format!("({n_refused} refused)"));
+                        !code.is_some_and(super::pipeline::fatal)
+                    }
+                };
+                outcomes[i] = Some(r);
+                go_on
+            },
         )
         .await;
         bar.finish_and_clear();
-        let r = r.map_err(|s| status_error("store", &s))?;
+        let mut stored = Vec::new();
+        let mut refused: Vec<(PathBuf, String)> = Vec::new();
+        for (path, outcome) in a.files.iter().zip(outcomes) {
+            match outcome {
+                None => {}
+                Some(Ok(r)) => {
+                    let mut v = stored_json(&r);
+                    v["file"] = json!(path);
+                    stored.push(v);
+                }
+                Some(Err((why, _))) => refused.push((path.clone(), why)),
+            }
+        }
         let value = json!({
-            "study": r.study_handle,
-            "placements": r.placements.iter().map(|p| json!({
-                "share": p.share, "node": p.node, "object": p.object_id, "bytes": p.size,
-                "fragments": p.fragments.iter().map(|f| json!({"index": f.index, "node": f.node, "bytes": f.size, "missing": f.missing})).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
+            "stored": stored,
+            "refused": refused.iter().map(|(f, e)| json!({"file": f, "error": e})).collect::<Vec<_>>(),
         });
         a.out.emit(&value, || {
-            println!("stored: {}", r.study_handle);
-            for p in &r.placements {
-                println!(
-                    "  share {} {} as {} ({} bytes)",
-                    p.share,
-                    where_stored(p),
-                    p.object_id,
-                    p.size
-                );
-            }
-        })
+            println!("{} of {total} file(s) stored", stored.len());
+        })?;
+        if refused.is_empty() && not_sent == 0 {
+            Ok(())
+        } else {
+            bail!(super::pipeline::refused_error(total, &refused, not_sent))
+        }
     })
+}
+
+/// A stored image, or why not (and the gateway's code when it answered).
+type StoreOutcome = Result<pb::StoreResponse, (String, Option<tonic::Code>)>;
+
+/// One stored image as JSON.
+fn stored_json(r: &pb::StoreResponse) -> Value {
+    json!({
+        "study": r.study_handle,
+        "placements": r.placements.iter().map(|p| json!({
+            "share": p.share, "node": p.node, "object": p.object_id, "bytes": p.size,
+            "fragments": p.fragments.iter().map(|f| json!({"index": f.index, "node": f.node, "bytes": f.size, "missing": f.missing})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One stored image in words.
+fn print_stored(r: &pb::StoreResponse) {
+    println!("stored: {}", r.study_handle);
+    for p in &r.placements {
+        println!(
+            "  share {} {} as {} ({} bytes)",
+            p.share,
+            where_stored(p),
+            p.object_id,
+            p.size
+        );
+    }
 }
 
 /// "on storage-2", or "as 5 fragments on storage-1, storage-4, ..." for an

@@ -25,6 +25,7 @@ pub mod access_cmd;
 pub mod dicom_cmd;
 pub mod gateway_cmd;
 pub mod keyserver_cmd;
+pub mod pipeline;
 pub mod repair_cmd;
 pub mod requests_view;
 pub mod webhook_cmd;
