@@ -1,5 +1,10 @@
 //! Integration tests of the gateway binary's own commands (the gRPC service
-//! is covered end to end by tools/tessera-devstack/tests).
+//! is covered end to end by tools/tessera-devstack/tests). The crate's one
+//! integration-test binary: handler-level tests and the vault on both
+//! backends are its modules.
+
+mod handlers;
+mod vault_backends;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -3,9 +3,7 @@
 //! break-glass and its review, the live feed (`requests --watch`, as owner
 //! and `--mine` as requester), the owner's webhook (`webhook set|show|clear`).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tessera_proto::keyserver::v1 as pb;
 
 #[tokio::test]

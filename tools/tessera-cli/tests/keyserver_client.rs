@@ -3,9 +3,7 @@
 //! a dev directory (`DIR/pki`, `DIR/endpoints.toml`), run through the built
 //! `tessera` binary as different identities.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tessera_proto::keyserver::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

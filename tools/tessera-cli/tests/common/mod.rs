@@ -1,7 +1,6 @@
 //! The shared kit of the keyserver CLI tests: a dev directory with a
 //! generated PKI, the real keyserver in-process and endpoints.toml, and
 //! helpers to run the built `tessera` binary as different identities.
-#![allow(dead_code)] // each test binary uses its own part of the kit
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
