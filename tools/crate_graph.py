@@ -169,6 +169,38 @@ def module_files(src_dir):
     return mods
 
 
+def inline_module_spans(src):
+    """(start, end) of every inline `mod name { ... }` block (a file's
+    `mod tests { use super::*; }`), by brace matching on the stripped text."""
+    spans = []
+    for m in re.finditer(r"\bmod\s+\w+\s*\{", src):
+        depth, i = 0, m.end() - 1
+        while i < len(src):
+            if src[i] == "{":
+                depth += 1
+            elif src[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        spans.append((m.start(), i))
+    return spans
+
+
+def inside_inline(path, pos, spans):
+    """A path written inside an inline module: its leading `super` names the
+    file's own module (one level per enclosing inline block), so it becomes
+    `self`; the edge is then to the file's own module, not its parent."""
+    depth = sum(1 for a, b in spans if a <= pos <= b)
+    p = list(path)
+    while depth and p and p[0] == "super":
+        p = ["self"] + p[1:] if len(p) == 1 or p[1] != "super" else p[1:]
+        depth -= 1
+        if p[0] == "self":
+            break
+    return p
+
+
 def resolve(mods, path):
     """The longest known module prefix of path (a tuple)."""
     for n in range(len(path), -1, -1):
@@ -190,10 +222,11 @@ def file_edges(src_dir):
         # the module whose scope `super::` names (a file's parent module)
         parent = me[:-1]
         paths = []
+        inline = inline_module_spans(src)
         for u in re.finditer(r"\buse\s+([^;]+);", src):
-            paths.extend(expand_use_tree(u.group(1)))
+            paths.extend(inside_inline(p, u.start(), inline) for p in expand_use_tree(u.group(1)))
         for q in re.finditer(r"\b((?:crate|super|self)(?:\s*::\s*\w+)+)", src):
-            paths.append(re.split(r"\s*::\s*", q.group(1)))
+            paths.append(inside_inline(re.split(r"\s*::\s*", q.group(1)), q.start(), inline))
         for c in children:
             if re.search(rf"(?<![\w:]){re.escape(c)}\s*::", src):
                 paths.append([c])

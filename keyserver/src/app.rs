@@ -208,7 +208,7 @@ fn register_metrics(metrics: &Metrics, core: &Core) {
         move || i64::from(c.chain_break().is_some()),
     );
     // Read at scrape time; a failed read shows as -1.
-    let gauge = |name: &str, help: &str, read: fn(&crate::core::Gauges) -> i64| {
+    let gauge = |name: &str, help: &str, read: fn(&crate::core::gauges::Gauges) -> i64| {
         let c = core.clone();
         metrics.gauge_fn(name, help, move || c.gauges().map_or(-1, |g| read(&g)));
     };

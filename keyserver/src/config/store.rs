@@ -103,9 +103,7 @@ impl StoreSection {
 
 #[cfg(test)]
 mod tests {
-    // By full path: tools/crate_graph.py reads `super` as this file's
-    // parent (config), which imports this file.
-    use crate::config::store::*;
+    use super::*;
     use std::path::Path;
 
     fn section(json: &str) -> StoreSection {

@@ -33,7 +33,7 @@ pub mod clock;
 pub mod crypto;
 mod delegates;
 pub(crate) mod gate;
-mod gauges;
+pub mod gauges;
 pub mod grant_find;
 mod grant_use;
 mod grants;
@@ -74,7 +74,6 @@ pub use chain::{
     verify_audit_in, verify_database, verify_database_tail,
 };
 use chain::{load_signer, mark_broken, verify_database_stoppable};
-pub use gauges::Gauges;
 pub use types::{
     AUDIT_SCAN_MAX, Ask, AuditPage, AuditScope, Derived, ForgetReport, Operation, Redeemed,
     Released,

@@ -127,9 +127,7 @@ impl VaultSection {
 
 #[cfg(test)]
 mod tests {
-    // By full path: tools/crate_graph.py reads `super` as this file's
-    // parent (config), which imports this file.
-    use crate::config::vault::*;
+    use super::*;
 
     fn section(json: &str) -> VaultSection {
         serde_json::from_str(json).unwrap()
