@@ -45,6 +45,7 @@ pub mod store;
 mod studies;
 mod types;
 pub mod webhook;
+mod webhook_owner;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap};

@@ -20,18 +20,18 @@
 //! carry a token): its host and port are.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tessera_tls::https::{HttpsClient, HttpsUrl};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::core::audit::{AuditEvent, NewEntry};
-use crate::core::store::{OWNER_SETTINGS, OwnerSettings, RequestRecord, get_json, to_json};
-use crate::core::{Core, Inner, SELF_ACTOR};
-use crate::error::{KeyServerError, Result};
+use crate::core::audit::AuditEvent;
+use crate::core::store::RequestRecord;
 
 /// Longest wait between two tries.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -70,17 +70,23 @@ impl WebhookConfig {
 
 /// One POST to make.
 #[derive(Debug)]
-struct Delivery {
-    url: String,
-    study: String,
-    request_id: String,
-    owner: String,
-    body: Vec<u8>,
+pub(crate) struct Delivery {
+    pub(crate) url: String,
+    pub(crate) study: String,
+    pub(crate) request_id: String,
+    pub(crate) owner: String,
+    pub(crate) body: Vec<u8>,
 }
+
+/// Writes a delivery's outcome to the audit chain (the core gives it; the
+/// worker holds no core, so it never keeps one open).
+pub(crate) type AuditFn = Arc<
+    dyn Fn(AuditEvent, Delivery, String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+>;
 
 /// The queue and its worker.
 pub(crate) struct Outbox {
-    cfg: WebhookConfig,
+    pub(crate) cfg: WebhookConfig,
     queue: Mutex<VecDeque<Delivery>>,
     wake: Notify,
     started: AtomicBool,
@@ -108,6 +114,29 @@ impl Outbox {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
+
+    /// Queues `d`; when the queue is full, the oldest waiting delivery is
+    /// dropped and returned (to be audited).
+    pub(crate) fn enqueue(&self, d: Delivery) -> Option<Delivery> {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let dropped = (q.len() >= self.cfg.queue_max.max(1))
+            .then(|| q.pop_front())
+            .flatten();
+        q.push_back(d);
+        dropped
+    }
+
+    /// Starts the worker on `rt` the first time, then wakes it.
+    pub(crate) fn wake(
+        self: &Arc<Self>,
+        rt: &tokio::runtime::Handle,
+        audit: impl FnOnce() -> AuditFn,
+    ) {
+        if !self.started.swap(true, Ordering::SeqCst) {
+            rt.spawn(run(self.clone(), audit()));
+        }
+        self.wake.notify_one();
+    }
 }
 
 /// The JSON an owner's receiver gets: no patient data, no free text.
@@ -124,7 +153,7 @@ pub fn payload(kind: &str, rec: &RequestRecord) -> Vec<u8> {
 }
 
 /// `host:port` of a stored URL, for audit details.
-fn shown(url: &HttpsUrl) -> String {
+pub(crate) fn shown(url: &HttpsUrl) -> String {
     if url.host().contains(':') {
         format!("[{}]:{}", url.host(), url.port())
     } else {
@@ -132,140 +161,9 @@ fn shown(url: &HttpsUrl) -> String {
     }
 }
 
-impl Core {
-    fn outbox(&self) -> Result<&Arc<Outbox>> {
-        self.inner.webhook.as_ref().ok_or_else(|| {
-            KeyServerError::FailedPrecondition(
-                "this keyserver sends no webhooks ([keyserver.webhook] is not configured)".into(),
-            )
-        })
-    }
-
-    /// The owner `actor` sets its webhook URL (`https://` only).
-    pub async fn set_webhook(&self, actor: &str, url: &str) -> Result<String> {
-        self.ensure_chain_intact()?;
-        self.outbox()?;
-        let parsed = HttpsUrl::parse(url)
-            .map_err(|e| KeyServerError::InvalidArgument(format!("url: {e}")))?;
-        let (owner, url) = (actor.to_owned(), url.to_owned());
-        self.inner
-            .writer
-            .submit(move |ctx| {
-                let t = ctx.txn;
-                let mut s: OwnerSettings = get_json(t, OWNER_SETTINGS, &owner)?.unwrap_or_default();
-                s.webhook_url = Some(url.clone());
-                t.put_str(OWNER_SETTINGS, &owner, to_json(&s)?.as_slice())?;
-                ctx.append(NewEntry {
-                    actor: owner,
-                    event: AuditEvent::WebhookSet,
-                    study: String::new(),
-                    detail: format!("host={}", shown(&parsed)),
-                })?;
-                Ok(Ok(url))
-            })
-            .await
-    }
-
-    /// The owner `actor` removes its webhook; true when one was set.
-    pub async fn clear_webhook(&self, actor: &str) -> Result<bool> {
-        self.ensure_chain_intact()?;
-        let owner = actor.to_owned();
-        self.inner
-            .writer
-            .submit(move |ctx| {
-                let t = ctx.txn;
-                let mut s: OwnerSettings = get_json(t, OWNER_SETTINGS, &owner)?.unwrap_or_default();
-                let had = s.webhook_url.take().is_some();
-                t.put_str(OWNER_SETTINGS, &owner, to_json(&s)?.as_slice())?;
-                ctx.append(NewEntry {
-                    actor: owner,
-                    event: AuditEvent::WebhookCleared,
-                    study: String::new(),
-                    detail: format!("was_set={had}"),
-                })?;
-                Ok(Ok(had))
-            })
-            .await
-    }
-
-    /// The owner's webhook URL, if set.
-    pub fn webhook(&self, actor: &str) -> Result<Option<String>> {
-        let r = self.inner.store.read()?;
-        let s: Option<OwnerSettings> = get_json(r.as_ref(), OWNER_SETTINGS, actor)?;
-        Ok(s.and_then(|s| s.webhook_url))
-    }
-
-    /// After a commit: queues the owner's webhook for a new request or a
-    /// break-glass use. Never fails the caller (errors are logged).
-    pub(crate) fn queue_webhook(&self, kind: &str, owner: &str, rec: &RequestRecord) {
-        let Some(outbox) = self.inner.webhook.as_ref() else {
-            return;
-        };
-        let url = match self.webhook(owner) {
-            Ok(Some(url)) => url,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(error = %e, request = %rec.id, "webhook URL not read; not sent");
-                return;
-            }
-        };
-        let d = Delivery {
-            url,
-            study: rec.study_id.clone(),
-            request_id: rec.id.clone(),
-            owner: owner.to_owned(),
-            body: payload(kind, rec),
-        };
-        let dropped = {
-            let mut q = outbox.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            let dropped = (q.len() >= outbox.cfg.queue_max.max(1))
-                .then(|| q.pop_front())
-                .flatten();
-            q.push_back(d);
-            dropped
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            tracing::error!("webhook queued outside a runtime: not sent");
-            return;
-        };
-        if let Some(old) = dropped {
-            let core = self.clone();
-            let max = outbox.cfg.queue_max;
-            rt.spawn(async move {
-                core.audit_webhook(
-                    AuditEvent::WebhookDropped,
-                    &old,
-                    format!("reason=queue full ({max} waiting)"),
-                )
-                .await;
-            });
-        }
-        if !outbox.started.swap(true, Ordering::SeqCst) {
-            rt.spawn(run(outbox.clone(), Arc::downgrade(&self.inner)));
-        }
-        outbox.wake.notify_one();
-    }
-
-    async fn audit_webhook(&self, event: AuditEvent, d: &Delivery, outcome: String) {
-        let host = HttpsUrl::parse(&d.url).map_or_else(|_| "?".to_owned(), |u| shown(&u));
-        let entry = NewEntry {
-            actor: SELF_ACTOR.to_owned(),
-            event,
-            study: d.study.clone(),
-            detail: format!(
-                "request={} owner={} host={host} {outcome}",
-                d.request_id, d.owner
-            ),
-        };
-        if let Err(e) = self.audit_only(entry).await {
-            tracing::error!(error = %e, request = %d.request_id, event = event.as_str(), "webhook outcome not audited");
-        }
-    }
-}
-
 /// The worker: takes deliveries off the queue, at most `in_flight_max`
 /// at once. Holds the core weakly so that it never keeps it open.
-async fn run(outbox: Arc<Outbox>, core: Weak<Inner>) {
+async fn run(outbox: Arc<Outbox>, audit: AuditFn) {
     let slots = Arc::new(Semaphore::new(outbox.cfg.in_flight_max.max(1)));
     loop {
         if outbox.is_closed() {
@@ -283,16 +181,16 @@ async fn run(outbox: Arc<Outbox>, core: Weak<Inner>) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (outbox, core) = (outbox.clone(), core.clone());
+        let (outbox, audit) = (outbox.clone(), audit.clone());
         tokio::spawn(async move {
-            deliver(&outbox, &core, d).await;
+            deliver(&outbox, &audit, d).await;
             drop(slot);
         });
     }
 }
 
 /// Tries one delivery, then audits its outcome.
-async fn deliver(outbox: &Outbox, core: &Weak<Inner>, d: Delivery) {
+async fn deliver(outbox: &Outbox, audit: &AuditFn, d: Delivery) {
     let cfg = &outbox.cfg;
     let attempts = cfg.attempts.max(1);
     let mut wait = cfg.backoff;
@@ -320,21 +218,14 @@ async fn deliver(outbox: &Outbox, core: &Weak<Inner>, d: Delivery) {
             }
         }
     }
-    let Some(inner) = core.upgrade() else {
-        return;
-    };
-    let core = Core { inner };
     match outcome {
-        Some(o) => {
-            core.audit_webhook(AuditEvent::WebhookDelivered, &d, o)
-                .await;
-        }
+        Some(o) => audit(AuditEvent::WebhookDelivered, d, o).await,
         None => {
             tracing::warn!(request = %d.request_id, error = %last, "webhook not delivered");
             let last: String = last.chars().take(200).collect();
-            core.audit_webhook(
+            audit(
                 AuditEvent::WebhookFailed,
-                &d,
+                d,
                 format!("tries={attempts} last_error={last}"),
             )
             .await;
