@@ -577,3 +577,179 @@ async fn a_store_placed_on_a_stale_probe_is_placed_again() {
     drop(vault);
     stack.shutdown().await;
 }
+
+/// Our C-GET SCU against the gateway's SCP: a study sent over C-STORE is
+/// refused to a viewer AE without a grant (0x0124, nothing received, the
+/// refusal names how to ask), then, with a one-use grant, comes back over
+/// C-GET with every data set byte-identical to what was sent, at the
+/// study, series and image levels (the grant spent once per C-GET).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
+    use dicom_dictionary_std::uids;
+    use tessera_scp::scu::{self, GetRequest, ScuOptions, send_files};
+    use tessera_scp::{QueryKey, StoreOutcome};
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
+    let addr = stack.endpoints().get("dicom").unwrap().to_owned();
+    let mut info = study();
+    info.uid_root = "1.2.826.0.1.3680043.10.1137.79".into();
+    let files = slices(&info, 5);
+    let modality = ScuOptions {
+        calling_ae: "MODALITY".into(),
+        called_ae: tessera_devstack::DICOM_AE_TITLE.into(),
+        ..ScuOptions::default()
+    };
+    let sent = send_files(&addr, &modality, &files, |_, _| {})
+        .await
+        .unwrap();
+    assert!(sent.iter().all(|s| s.status == 0), "{sent:?}");
+    let meta_end = |f: &[u8]| {
+        let group = u32::from_le_bytes([f[140], f[141], f[142], f[143]]) as usize;
+        144 + group
+    };
+    let by_uid: BTreeMap<String, Vec<u8>> = files
+        .iter()
+        .zip(&sent)
+        .map(|(f, s)| (s.sop_instance_uid.clone(), f[meta_end(f)..].to_vec()))
+        .collect();
+    let viewer = ScuOptions {
+        calling_ae: "VIEWER".into(),
+        ..modality.clone()
+    };
+    // ct_slice writes Explicit VR Little Endian.
+    let ts = "1.2.840.10008.1.2.1".to_string();
+    let request = |level: &str, keys: Vec<QueryKey>| GetRequest {
+        level: level.into(),
+        keys,
+        storage_contexts: vec![(uids::CT_IMAGE_STORAGE.into(), ts.clone())],
+        max_instance_bytes: 16 << 20,
+    };
+    let study_key = QueryKey {
+        tag: (0x0020, 0x000D),
+        value: info.study_uid(),
+    };
+
+    // No grant: refused before anything is read, with how to ask.
+    let mut got = Vec::new();
+    let refused = scu::get(
+        &addr,
+        &viewer,
+        &request("STUDY", vec![study_key.clone()]),
+        |r| {
+            got.push(r);
+            StoreOutcome::Stored
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status, 0x0124, "{refused:?}");
+    assert!(got.is_empty());
+    assert!(
+        refused
+            .error_comment
+            .as_deref()
+            .is_some_and(|c| c.contains("request-key")),
+        "{refused:?}"
+    );
+
+    // A grant of three uses: study, series, image level.
+    let mut clin = gateway(&stack, "clinician").await;
+    let found = clin
+        .find_dicom_study(pb::FindDicomStudyRequest {
+            owner: tessera_devstack::DICOM_OWNER.into(),
+            patient_id: info.patient_id.clone(),
+            study_instance_uid: info.study_uid(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.instances, 5);
+    grant(&stack, "clinician", &found.study_handle, 3).await;
+
+    let mut got = Vec::new();
+    let whole = scu::get(
+        &addr,
+        &viewer,
+        &request("STUDY", vec![study_key.clone()]),
+        |r| {
+            got.push(r);
+            StoreOutcome::Stored
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (whole.status, whole.completed, whole.failed, whole.received),
+        (0x0000, 5, 0, 5),
+        "{whole:?}"
+    );
+    let seen: BTreeSet<String> = got.iter().map(|r| r.sop_instance_uid.clone()).collect();
+    assert_eq!(seen.len(), 5);
+    for r in &got {
+        assert_eq!(r.transfer_syntax, ts);
+        assert_eq!(
+            r.dataset(),
+            &by_uid[&r.sop_instance_uid][..],
+            "data set byte-identical"
+        );
+        // The file we build is a Part 10 file dicom-object reads.
+        dicom_object::OpenFileOptions::new()
+            .from_reader(&r.file[128..])
+            .unwrap();
+    }
+
+    // Image level, two instances; one refused by us (a failed
+    // sub-operation: 0xB000, the other completed).
+    let two: Vec<String> = sent
+        .iter()
+        .take(2)
+        .map(|s| s.sop_instance_uid.clone())
+        .collect();
+    let keys = vec![
+        study_key.clone(),
+        QueryKey {
+            tag: (0x0020, 0x000E),
+            value: format!("{}.2", info.uid_root),
+        },
+        QueryKey {
+            tag: (0x0008, 0x0018),
+            value: two.join("\\"),
+        },
+    ];
+    let mut n = 0;
+    let partial = scu::get(&addr, &viewer, &request("IMAGE", keys), |r| {
+        n += 1;
+        if r.sop_instance_uid == two[0] {
+            StoreOutcome::Refused {
+                status: 0xA700,
+                reason: "test: out of room".into(),
+            }
+        } else {
+            StoreOutcome::Stored
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (partial.status, partial.completed, partial.failed, n),
+        (0xB000, 1, 1, 2),
+        "{partial:?}"
+    );
+
+    // A storage context the stored syntax is not in: every sub-operation
+    // fails at the SCP (nothing is transcoded), 0xA702.
+    let mut other = request("STUDY", vec![study_key.clone()]);
+    other.storage_contexts = vec![(uids::CT_IMAGE_STORAGE.into(), "1.2.840.10008.1.2".into())];
+    let none = scu::get(&addr, &viewer, &other, |_| StoreOutcome::Stored)
+        .await
+        .unwrap();
+    assert_eq!((none.status, none.received), (0xA702, 0), "{none:?}");
+
+    // The grant is spent (three uses): refused again.
+    let spent = scu::get(&addr, &viewer, &request("STUDY", vec![study_key]), |_| {
+        StoreOutcome::Stored
+    })
+    .await
+    .unwrap();
+    assert_eq!(spent.status, 0x0124, "{spent:?}");
+    stack.shutdown().await;
+}
