@@ -217,6 +217,8 @@ pub struct DevStack {
     storage_configs: BTreeMap<String, storage_node::Config>,
     gateway_config: Option<gateway_service::Config>,
     dicom_addr: Option<SocketAddr>,
+    /// The DICOM TLS listener (`dicom.scp.tls_listen`).
+    dicom_tls_addr: Option<SocketAddr>,
     dicomweb_addr: Option<SocketAddr>,
 }
 
@@ -350,6 +352,7 @@ impl DevStack {
             storage_configs: BTreeMap::new(),
             gateway_config: None,
             dicom_addr: None,
+            dicom_tls_addr: None,
             dicomweb_addr: None,
         };
         let base = opts.base_port;
@@ -488,8 +491,9 @@ impl DevStack {
         }
         // The C-STORE SCP (plain DICOM on loopback) for the dev AE titles.
         text.push_str(&format!(
-            "[dicom.scp]\nlisten = \"{}\"\nae_title = \"{DICOM_AE_TITLE}\"\nallowed_calling_aes = {:?}\nowner = \"{DICOM_OWNER}\"\n",
+            "[dicom.scp]\nlisten = \"{}\"\ntls_listen = \"{}\"\nae_title = \"{DICOM_AE_TITLE}\"\nallowed_calling_aes = {:?}\nowner = \"{DICOM_OWNER}\"\n",
             listen(base, 4),
+            listen(base, 6),
             DICOM_CALLING_AES,
         ));
         // DICOMweb (HTTPS, mutual TLS with the suite's certificates); its
@@ -520,6 +524,9 @@ impl DevStack {
         fixed.server.listen = addr;
         if let (Some(scp), Some(bound)) = (fixed.dicom.scp.as_mut(), self.dicom_addr) {
             scp.listen = bound;
+            if let Some(tls) = self.dicom_tls_addr {
+                scp.tls_listen = Some(tls);
+            }
         }
         if let (Some(w), Some(bound)) = (fixed.dicomweb.as_mut(), self.dicomweb_addr) {
             w.listen = bound;
@@ -543,6 +550,12 @@ impl DevStack {
             self.endpoints
                 .endpoints
                 .insert("dicom".into(), local(dicom));
+        }
+        if let Some(tls) = app.dicom_tls_addr() {
+            self.dicom_tls_addr = Some(tls);
+            self.endpoints
+                .endpoints
+                .insert("dicom-tls".into(), local(tls));
         }
         if let Some(web) = app.dicomweb_addr() {
             self.dicomweb_addr = Some(web);

@@ -60,6 +60,14 @@ pub struct ScpSection {
     /// Where the SCP listens (plain DICOM upper layer: put it on the
     /// trusted hospital network only).
     pub listen: std::net::SocketAddr,
+    /// DICOM TLS (PS3.15 Annex B) on its own port, with the gRPC server's
+    /// certificate and CA (`[server.tls]`): a client certificate of the CA
+    /// is required and its identity (the SPIFFE id, as over gRPC) is the
+    /// peer, instead of an AE binding; any calling AE title is admitted.
+    /// No certificate or an untrusted one: refused at the handshake and
+    /// logged as a security event. Off unless set.
+    #[serde(default)]
+    pub tls_listen: Option<std::net::SocketAddr>,
     #[serde(default = "default_ae_title")]
     pub ae_title: String,
     /// Calling AE titles that may C-STORE (for `owner`); an AE in neither
