@@ -359,7 +359,11 @@ async fn associate_with_roles(
         .max_pdu_length(opts.max_pdu_length)
         .strict(true)
         .connection_timeout(opts.timeout)
-        .read_timeout(opts.timeout)
+        // Our own bound (`bounded`) on every read fires first: with
+        // dicom-ul's `async-tls` feature (DICOM TLS on the SCP side), a
+        // read timeout of its own during negotiation is reported as
+        // "TLS not supported" instead of a timeout.
+        .read_timeout(opts.timeout + Duration::from_secs(1))
         .write_timeout(opts.timeout);
     for (abstract_syntax, ts) in contexts {
         options =

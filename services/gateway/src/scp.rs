@@ -50,6 +50,9 @@ pub struct GatewaySink {
     peers: Vec<(String, DicomPeer)>,
     /// Roles of certificate identities (DICOM TLS).
     roles: RoleMap,
+    /// Calling AE title -> the request whose grant its retrieves spend
+    /// (`[[dicom.scp.peers]] request`).
+    requests: Vec<(String, String)>,
 }
 
 impl GatewaySink {
@@ -88,6 +91,14 @@ impl GatewaySink {
                     .collect()
             })
             .unwrap_or_default();
+        let requests = section
+            .map(|s| {
+                s.peers
+                    .iter()
+                    .filter_map(|p| Some((p.ae_title.trim().to_string(), p.request.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let store_aes = section.map(|s| {
             s.allowed_calling_aes
                 .iter()
@@ -101,6 +112,7 @@ impl GatewaySink {
             store_aes,
             peers,
             roles: roles.clone(),
+            requests,
         })
     }
 
@@ -281,9 +293,21 @@ impl InstanceSink for GatewaySink {
             Ok(p) => p,
             Err((status, reason)) => return RetrieveOutcome::Refused { status, reason },
         };
+        // The AE-to-request rule applies to AE-bound peers only: over DICOM
+        // TLS the AE title is not who calls.
+        let pinned = request
+            .tls_identity
+            .is_none()
+            .then(|| {
+                self.requests
+                    .iter()
+                    .find(|(ae, _)| ae == request.calling_ae.trim())
+                    .map(|(_, rq)| rq.as_str())
+            })
+            .flatten();
         match self
             .service
-            .dicom_retrieve(&peer, op, &keys_of(&request.keys))
+            .dicom_retrieve_with(&peer, op, &keys_of(&request.keys), pinned)
             .await
         {
             Ok(plan) => RetrieveOutcome::Instances {

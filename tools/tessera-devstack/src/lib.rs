@@ -573,6 +573,13 @@ impl DevStack {
         self.gateway_config.as_ref()
     }
 
+    /// Replaces the config [`Self::restart_gateway`] starts the gateway
+    /// with (stop it first; tests of settings that need ids known only
+    /// once the suite runs, such as an AE-to-request rule).
+    pub fn set_gateway_config(&mut self, cfg: gateway_service::Config) {
+        self.gateway_config = Some(cfg);
+    }
+
     /// Starts a stopped gateway again on its old address (a restart after a
     /// crash: it finishes interrupted stores and deletes).
     pub async fn restart_gateway(&mut self) -> Result<(), DevError> {

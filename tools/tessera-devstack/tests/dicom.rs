@@ -753,3 +753,107 @@ async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
     assert_eq!(spent.status, 0x0124, "{spent:?}");
     stack.shutdown().await;
 }
+
+/// The AE-to-request rule (`[[dicom.scp.peers]] request`): the clinician
+/// holds two one-use grants on the study; `VIEWER` is pinned to the one
+/// that expires last. Its first C-GET spends that one, and its second is
+/// refused although the other grant still has a use (without the rule the
+/// gateway would take the one expiring first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pinned_ae_spends_its_configured_request_only() {
+    use dicom_dictionary_std::uids;
+    use tessera_scp::scu::{self, GetRequest, ScuOptions, send_files};
+    use tessera_scp::{QueryKey, StoreOutcome};
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
+    let addr = stack.endpoints().get("dicom").unwrap().to_owned();
+    let mut info = study();
+    info.uid_root = "1.2.826.0.1.3680043.10.1137.80".into();
+    let files = slices(&info, 2);
+    let opts = ScuOptions {
+        calling_ae: "MODALITY".into(),
+        called_ae: tessera_devstack::DICOM_AE_TITLE.into(),
+        ..ScuOptions::default()
+    };
+    let sent = send_files(&addr, &opts, &files, |_, _| {}).await.unwrap();
+    assert!(sent.iter().all(|s| s.status == 0), "{sent:?}");
+    let handle = gateway(&stack, "clinician")
+        .await
+        .find_dicom_study(pb::FindDicomStudyRequest {
+            owner: tessera_devstack::DICOM_OWNER.into(),
+            patient_id: info.patient_id.clone(),
+            study_instance_uid: info.study_uid(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .study_handle;
+    // grant() approves for 600 s; the second request expires later.
+    let first = grant(&stack, "clinician", &handle, 1).await;
+    let req = gateway(&stack, "clinician")
+        .await
+        .request_access(pb::RequestAccessRequest {
+            study_handle: handle.clone(),
+            justification: "pinned".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    tessera_testkit::suite::keyserver(&stack, "owner")
+        .await
+        .approve_request(tessera_proto::keyserver::v1::ApproveRequestRequest {
+            request_id: req.request_id.clone(),
+            ttl_seconds: 3000,
+            uses: 1,
+        })
+        .await
+        .unwrap();
+    assert_ne!(first, req.request_id);
+
+    let mut cfg = stack.gateway_config().unwrap().clone();
+    let scp = cfg.dicom.scp.as_mut().unwrap();
+    let viewer = scp
+        .peers
+        .iter_mut()
+        .find(|p| p.ae_title == "VIEWER")
+        .unwrap();
+    viewer.request = Some(req.request_id.clone());
+    assert!(stack.stop("gateway").await);
+    stack.set_gateway_config(cfg);
+    stack.restart_gateway().await.unwrap();
+    let addr = stack.endpoints().get("dicom").unwrap().to_owned();
+
+    let viewer = ScuOptions {
+        calling_ae: "VIEWER".into(),
+        ..opts.clone()
+    };
+    let request = GetRequest {
+        level: "STUDY".into(),
+        keys: vec![QueryKey {
+            tag: (0x0020, 0x000D),
+            value: info.study_uid(),
+        }],
+        storage_contexts: vec![(uids::CT_IMAGE_STORAGE.into(), "1.2.840.10008.1.2.1".into())],
+        max_instance_bytes: 16 << 20,
+    };
+    let got = scu::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
+        .await
+        .unwrap();
+    assert_eq!((got.status, got.received), (0x0000, 2), "{got:?}");
+    let again = scu::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.status, again.received),
+        (0x0124, 0),
+        "the pinned request is spent; the other grant is not taken: {again:?}"
+    );
+    // The other grant was not touched: RetrieveDicom with it still works.
+    let out = retrieve_all(&stack, "clinician", &handle, &first)
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    stack.shutdown().await;
+}

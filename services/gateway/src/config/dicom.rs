@@ -111,6 +111,12 @@ pub struct PeerSection {
     pub identity: String,
     /// CIDR ranges (`10.1.0.0/16`, `127.0.0.1/32`); at least one.
     pub networks: Vec<String>,
+    /// The AE-to-request rule: a DIMSE client cannot name a request, so
+    /// this AE's C-GET and C-MOVE spend the grant of this request id
+    /// (`rq-...`, as DICOMweb's `X-Tessera-Request`) instead of the
+    /// identity's usable grant that expires first. Unset: that one.
+    #[serde(default)]
+    pub request: Option<String>,
 }
 
 /// One `[[dicom.scp.move_destinations]]` entry.
