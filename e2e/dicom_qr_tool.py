@@ -16,6 +16,7 @@
 """
 import io
 import os
+import ssl
 import sys
 
 import pydicom
@@ -37,6 +38,18 @@ def sources(src_dir):
             for f in os.listdir(src_dir) if f.endswith(".dcm")}
 
 
+def tls_args():
+    """DICOM TLS when E2E_DICOM_TLS is "CA:CERT:KEY" (the client
+    certificate is the peer's identity), else None (plain DICOM)."""
+    spec = os.environ.get("E2E_DICOM_TLS")
+    if not spec:
+        return None
+    ca, cert, key = spec.split(":")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    return (ctx, "localhost")
+
+
 def c_get(host, port, aet, study_uid):
     received = []
 
@@ -49,7 +62,8 @@ def c_get(host, port, aet, study_uid):
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     assoc = ae.associate(host, int(port), ae_title="TESSERA",
                          ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)],
+                         tls_args=tls_args())
     if not assoc.is_established:
         raise SystemExit("association not established")
     q = Dataset()
@@ -63,6 +77,24 @@ def c_get(host, port, aet, study_uid):
     if last is None:
         raise SystemExit("no C-GET response")
     return last, received
+
+
+def cstore(host, port, aet, src_dir):
+    """C-STORE every file of src_dir (CT, Explicit VR LE), over TLS with
+    E2E_DICOM_TLS."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate(host, int(port), ae_title="TESSERA", tls_args=tls_args())
+    if not assoc.is_established:
+        raise SystemExit("association not established")
+    n = 0
+    for f in sorted(os.listdir(src_dir)):
+        status = assoc.send_c_store(pydicom.dcmread(os.path.join(src_dir, f)))
+        if not status or status.Status != 0:
+            raise SystemExit(f"{f}: {status}")
+        n += 1
+    assoc.release()
+    print(f"{n} stored")
 
 
 def find_study_uids(host, port, aet):
@@ -135,4 +167,5 @@ def datasets_equal(src_dir, out_dir):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"cget": cget, "cget-status": cget_status, "datasets-equal": datasets_equal}[cmd](*args)
+    {"cget": cget, "cget-status": cget_status, "datasets-equal": datasets_equal,
+     "cstore": cstore}[cmd](*args)

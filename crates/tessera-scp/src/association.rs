@@ -77,7 +77,7 @@ enum AfterData {
 }
 
 impl<S: InstanceSink> Task<S> {
-    pub(crate) async fn run(mut self, socket: TcpStream) {
+    pub(crate) async fn run(self, socket: TcpStream) {
         let peer = self.peer;
         // A second handle on the connection: dicom-ul drops its socket right
         // after sending a rejection, and a peer that sees the close before
@@ -102,7 +102,7 @@ impl<S: InstanceSink> Task<S> {
             info!(%peer, timeout = ?self.cfg.artim_timeout, "ARTIM timer expired during association request; closing");
             return;
         };
-        let mut assoc = match established {
+        let assoc = match established {
             Ok(a) => a,
             Err(UlError::Rejected { association_rj, .. }) => {
                 info!(%peer, reason = %association_rj.source, "association rejected");
@@ -119,6 +119,88 @@ impl<S: InstanceSink> Task<S> {
             }
         };
         drop(lingering);
+        self.serve_association(assoc, None).await;
+    }
+
+    /// DICOM TLS (PS3.15 Annex B): the handshake (a client certificate of
+    /// the CA required), then the association; the peer is the
+    /// certificate's identity, whatever its calling AE title. A failed
+    /// handshake or a certificate without an identity is refused and
+    /// reported to the sink.
+    pub(crate) async fn run_tls(self, socket: TcpStream, tls: &tessera_tls::ServerTls) {
+        let peer = self.peer;
+        let mut filter = AeFilter::new(&self.cfg, Some(peer.ip()));
+        filter.any_calling_ae = true;
+        let refusal = filter.refusal.clone();
+        let options = crate::association_options(&self.cfg, filter).tls_config(tls.config());
+        let established =
+            tokio::time::timeout(self.cfg.artim_timeout, options.establish_tls_async(socket)).await;
+        let Ok(established) = established else {
+            info!(%peer, timeout = ?self.cfg.artim_timeout, "ARTIM timer expired during TLS handshake or association request; closing");
+            self.sink.association_refused(
+                "",
+                peer,
+                "TLS: no handshake and association request in time",
+            );
+            return;
+        };
+        let mut assoc = match established {
+            Ok(a) => a,
+            Err(UlError::Rejected { association_rj, .. }) => {
+                info!(%peer, reason = %association_rj.source, "TLS association rejected");
+                let why = refusal.lock().ok().and_then(|mut r| r.take());
+                if let Some((calling_ae, reason)) = why {
+                    self.sink.association_refused(&calling_ae, peer, &reason);
+                }
+                return;
+            }
+            Err(e) => {
+                let reason = format!("TLS association refused: {}", chain(&e));
+                warn!(%peer, %reason, "DICOM TLS");
+                self.sink.association_refused("", peer, &reason);
+                return;
+            }
+        };
+        let identity = assoc
+            .inner_stream()
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| "no client certificate".to_string())
+            .and_then(|der| {
+                tessera_tls::Identity::from_cert_der(der.as_ref(), tls.trust_domain())
+                    .map_err(|e| format!("client certificate: {e}"))
+            });
+        let identity = match identity {
+            Ok(id) => id.to_string(),
+            Err(reason) => {
+                warn!(%peer, %reason, "DICOM TLS: no usable identity");
+                self.sink.association_refused(
+                    assoc.peer_ae_title().trim_matches(' '),
+                    peer,
+                    &reason,
+                );
+                let abort = Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(
+                        AbortRQServiceProviderReason::ReasonNotSpecified,
+                    ),
+                };
+                let _ = assoc.send(&abort).await;
+                return;
+            }
+        };
+        info!(%peer, %identity, "DICOM TLS association");
+        self.serve_association(assoc, Some(identity)).await;
+    }
+
+    /// Serves an established association until it ends.
+    async fn serve_association<T: Stream>(
+        mut self,
+        mut assoc: Assoc<T>,
+        tls_identity: Option<String>,
+    ) {
+        let peer = self.peer;
         let calling_ae = assoc.peer_ae_title().trim_matches(' ').to_string();
         let accepted: Vec<_> = assoc
             .presentation_contexts()
@@ -140,6 +222,7 @@ impl<S: InstanceSink> Task<S> {
             sink: &self.sink,
             peer,
             calling_ae: &calling_ae,
+            tls_identity: tls_identity.as_deref(),
             accepted: &accepted,
             phase: Phase::Idle,
         };
@@ -164,22 +247,31 @@ impl<S: InstanceSink> Task<S> {
     }
 }
 
+/// A connection an association runs on: plain TCP or DICOM TLS.
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 pub(crate) struct Connection<'a, S> {
     pub(crate) cfg: &'a ScpConfig,
     pub(crate) sink: &'a Arc<S>,
     pub(crate) peer: SocketAddr,
     pub(crate) calling_ae: &'a str,
+    /// The client certificate's identity on a DICOM TLS association.
+    pub(crate) tls_identity: Option<&'a str>,
     /// Accepted presentation contexts: (id, abstract syntax, transfer syntax).
     pub(crate) accepted: &'a [(u8, String, String)],
     phase: Phase,
 }
 
-pub(crate) type Assoc = AsyncServerAssociation<TcpStream>;
+pub(crate) type Assoc<T> = AsyncServerAssociation<T>;
 
 impl<S: InstanceSink> Connection<'_, S> {
-    async fn serve(
+    async fn serve<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), End> {
         let peer = self.peer;
@@ -238,7 +330,11 @@ impl<S: InstanceSink> Connection<'_, S> {
         self.accepted.iter().find(|(id, _, _)| *id == pc)
     }
 
-    async fn on_pdv(&mut self, assoc: &mut Assoc, pdv: PDataValue) -> Result<(), End> {
+    async fn on_pdv<T: Stream>(
+        &mut self,
+        assoc: &mut Assoc<T>,
+        pdv: PDataValue,
+    ) -> Result<(), End> {
         let peer = self.peer;
         let PDataValue {
             presentation_context_id: pc,
@@ -288,9 +384,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         }
     }
 
-    async fn on_command_fragment(
+    async fn on_command_fragment<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         mut bytes: Vec<u8>,
         data: Vec<u8>,
@@ -362,9 +458,9 @@ impl<S: InstanceSink> Connection<'_, S> {
     }
 
     /// Answer `command` with a failure status, after its data set if any.
-    async fn refuse(
+    async fn refuse<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: Command,
         status: u16,
@@ -387,9 +483,9 @@ impl<S: InstanceSink> Connection<'_, S> {
             .await
     }
 
-    async fn on_query_request(
+    async fn on_query_request<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: Command,
     ) -> Result<(), End> {
@@ -429,9 +525,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         Ok(())
     }
 
-    async fn on_store_request(
+    async fn on_store_request<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: Command,
     ) -> Result<(), End> {
@@ -501,9 +597,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         Ok(())
     }
 
-    async fn on_data_fragment(
+    async fn on_data_fragment<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         received: u64,
         mut then: AfterData,
@@ -578,6 +674,7 @@ impl<S: InstanceSink> Connection<'_, S> {
                 };
                 let instance = Received {
                     calling_ae: self.calling_ae.to_string(),
+                    tls_identity: self.tls_identity.map(str::to_owned),
                     peer,
                     sop_class_uid: sop_class,
                     sop_instance_uid: sop_instance.clone(),
@@ -617,9 +714,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         }
     }
 
-    async fn respond(
+    async fn respond<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: &Command,
         field: u16,

@@ -186,6 +186,9 @@ pub(crate) fn valid_ae_title(ae: &str) -> bool {
 pub struct Received {
     /// The association's calling AE title.
     pub calling_ae: String,
+    /// On a DICOM TLS association, the client certificate's identity
+    /// (`spiffe://...`).
+    pub tls_identity: Option<String>,
     /// The peer's socket address.
     pub peer: SocketAddr,
     /// Affected SOP Class UID of the C-STORE-RQ (also in (0002,0002)).
@@ -261,12 +264,18 @@ pub struct Scp {
     listener: TcpListener,
     local_addr: SocketAddr,
     cfg: Arc<ScpConfig>,
+    /// DICOM TLS (PS3.15 Annex B): every connection is a TLS handshake
+    /// requiring a client certificate of the CA; the peer is its identity.
+    tls: Option<Arc<tessera_tls::ServerTls>>,
 }
 
 /// Called-AE, calling-AE and peer address check done by dicom-ul during
 /// negotiation; the reason of a rejection is kept in `refusal`.
 #[derive(Debug)]
 pub(crate) struct AeFilter {
+    /// DICOM TLS: the certificate names the peer, any calling AE title is
+    /// admitted (the called AE title is still checked).
+    pub(crate) any_calling_ae: bool,
     allowed_calling_aes: Vec<String>,
     networks: Vec<(String, Vec<Cidr>)>,
     peer: Option<std::net::IpAddr>,
@@ -276,6 +285,7 @@ pub(crate) struct AeFilter {
 impl AeFilter {
     pub(crate) fn new(cfg: &ScpConfig, peer: Option<std::net::IpAddr>) -> Self {
         AeFilter {
+            any_calling_ae: false,
             allowed_calling_aes: cfg.allowed_calling_aes.clone(),
             networks: cfg.calling_ae_networks.clone(),
             peer,
@@ -311,6 +321,9 @@ impl AccessControl for AeFilter {
                 format!("called AE title {:?} is not ours", called_ae_title.trim()),
                 AssociationRJServiceUserReason::CalledAETitleNotRecognized,
             );
+        }
+        if self.any_calling_ae {
+            return Ok(());
         }
         if !self
             .allowed_calling_aes
@@ -393,7 +406,26 @@ impl Scp {
             listener,
             local_addr,
             cfg: Arc::new(cfg),
+            tls: None,
         })
+    }
+
+    /// As [`Scp::bind`], for DICOM TLS (PS3.15 Annex B): each connection
+    /// must complete a TLS handshake with a client certificate `tls`
+    /// trusts (within `artim_timeout`), and the certificate's identity is
+    /// the peer ([`Received::tls_identity`], [`FindRequest::tls_identity`],
+    /// [`RetrieveRequest::tls_identity`]) whatever its calling AE title;
+    /// `allowed_calling_aes` and the AE networks do not apply. A failed
+    /// handshake is refused and reported to
+    /// [`InstanceSink::association_refused`].
+    pub async fn bind_tls(
+        addr: SocketAddr,
+        cfg: ScpConfig,
+        tls: tessera_tls::ServerTls,
+    ) -> io::Result<Scp> {
+        let mut scp = Self::bind(addr, cfg).await?;
+        scp.tls = Some(Arc::new(tls));
+        Ok(scp)
     }
 
     /// The bound address (with the port chosen by the system for port 0).
@@ -417,6 +449,7 @@ impl Scp {
             listener,
             local_addr,
             cfg,
+            tls,
         } = self;
         let permits = Arc::new(Semaphore::new(cfg.max_associations));
         let rejecting = Arc::new(Semaphore::new(MAX_REJECTING_TASKS));
@@ -463,6 +496,7 @@ impl Scp {
                         peer,
                     };
                     let (permits, rejecting) = (permits.clone(), rejecting.clone());
+                    let tls = tls.clone();
                     tasks.spawn(async move {
                         // ARTIM: wait for the first byte without holding an
                         // association slot.
@@ -472,7 +506,10 @@ impl Scp {
                         drop(waiting);
                         match permits.try_acquire_owned() {
                             Ok(permit) => {
-                                task.run(socket).await;
+                                match tls {
+                                    Some(tls) => task.run_tls(socket, &tls).await,
+                                    None => task.run(socket).await,
+                                }
                                 drop(permit);
                             }
                             Err(_) => match rejecting.try_acquire_owned() {

@@ -16,7 +16,7 @@ use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValue, PDataValueType};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::association::{Assoc, Connection, End};
+use crate::association::{Assoc, Connection, End, Stream};
 use crate::dimse::{self, Command};
 use crate::identifier::{Identifier, encode_identifier, read_identifier};
 use crate::query::*;
@@ -78,9 +78,9 @@ fn response(
 
 impl<S: InstanceSink> Connection<'_, S> {
     /// A complete C-FIND/C-GET/C-MOVE request with its identifier.
-    pub(crate) async fn on_query(
+    pub(crate) async fn on_query<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: Command,
         identifier: Option<Vec<u8>>,
@@ -152,6 +152,7 @@ impl<S: InstanceSink> Connection<'_, S> {
                 };
                 let request = RetrieveRequest {
                     calling_ae: self.calling_ae.to_string(),
+                    tls_identity: self.tls_identity.map(str::to_owned),
                     peer,
                     level: id.level,
                     keys: id.keys,
@@ -188,9 +189,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         }
     }
 
-    async fn send_command(
+    async fn send_command<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         bytes: Result<Vec<u8>, String>,
     ) -> Result<(), End> {
@@ -203,9 +204,9 @@ impl<S: InstanceSink> Connection<'_, S> {
     }
 
     /// One message part (command or data set) in PDUs the peer accepts.
-    async fn send_part(
+    async fn send_part<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         value_type: PDataValueType,
         bytes: &[u8],
@@ -238,9 +239,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         Ok(())
     }
 
-    async fn find(
+    async fn find<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: &Command,
         sop_class: &str,
@@ -251,6 +252,7 @@ impl<S: InstanceSink> Connection<'_, S> {
         let field = command.field | 0x8000;
         let request = FindRequest {
             calling_ae: self.calling_ae.to_string(),
+            tls_identity: self.tls_identity.map(str::to_owned),
             peer,
             level: id.level.clone(),
             keys: id.keys,
@@ -321,9 +323,9 @@ impl<S: InstanceSink> Connection<'_, S> {
 
     /// Reads PDUs until the C-STORE-RSP of `message_id`; a C-CANCEL-RQ
     /// seen meanwhile sets `cancelled`.
-    async fn store_response(
+    async fn store_response<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         message_id: u16,
         cancelled: &mut bool,
     ) -> Result<u16, End> {
@@ -386,9 +388,9 @@ impl<S: InstanceSink> Connection<'_, S> {
         }
     }
 
-    async fn get(
+    async fn get<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: &Command,
         sop_class: &str,
@@ -467,9 +469,9 @@ impl<S: InstanceSink> Connection<'_, S> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn finish(
+    async fn finish<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: &Command,
         sop_class: &str,
@@ -528,9 +530,9 @@ impl<S: InstanceSink> Connection<'_, S> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn r#move(
+    async fn r#move<T: Stream>(
         &mut self,
-        assoc: &mut Assoc,
+        assoc: &mut Assoc<T>,
         pc: u8,
         command: &Command,
         sop_class: &str,

@@ -55,6 +55,9 @@ pub struct QueryKey {
 #[derive(Debug, Clone)]
 pub struct FindRequest {
     pub calling_ae: String,
+    /// On a DICOM TLS association, the client certificate's identity
+    /// (`spiffe://...`): who the peer is, instead of its AE title.
+    pub tls_identity: Option<String>,
     pub peer: SocketAddr,
     /// Query/Retrieve Level (0008,0052): `STUDY`, `SERIES` or `IMAGE`.
     pub level: String,
@@ -85,6 +88,9 @@ pub enum RetrieveKind {
 #[derive(Debug, Clone)]
 pub struct RetrieveRequest {
     pub calling_ae: String,
+    /// On a DICOM TLS association, the client certificate's identity
+    /// (`spiffe://...`): who the peer is, instead of its AE title.
+    pub tls_identity: Option<String>,
     pub peer: SocketAddr,
     pub level: String,
     pub keys: Vec<QueryKey>,

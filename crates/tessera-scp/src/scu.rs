@@ -342,17 +342,35 @@ async fn associate(
     opts: &ScuOptions,
     contexts: &[(&str, &str)],
 ) -> Result<Link, ScuError> {
+    associate_with_roles(addr, opts, contexts, &[]).await
+}
+
+/// [`associate`], also proposing the SCP role (not the SCU role) for the SOP
+/// classes of `scp_roles` (how a C-GET receives its instances).
+async fn associate_with_roles(
+    addr: &str,
+    opts: &ScuOptions,
+    contexts: &[(&str, &str)],
+    scp_roles: &[&str],
+) -> Result<Link, ScuError> {
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title(opts.calling_ae.trim_matches(' ').to_string())
         .called_ae_title(opts.called_ae.trim_matches(' ').to_string())
         .max_pdu_length(opts.max_pdu_length)
         .strict(true)
         .connection_timeout(opts.timeout)
-        .read_timeout(opts.timeout)
+        // Our own bound (`bounded`) on every read fires first: with
+        // dicom-ul's `async-tls` feature (DICOM TLS on the SCP side), a
+        // read timeout of its own during negotiation is reported as
+        // "TLS not supported" instead of a timeout.
+        .read_timeout(opts.timeout + Duration::from_secs(1))
         .write_timeout(opts.timeout);
     for (abstract_syntax, ts) in contexts {
         options =
             options.with_presentation_context(abstract_syntax.to_string(), vec![ts.to_string()]);
+    }
+    for sop_class in scp_roles {
+        options = options.with_role_selection(sop_class.to_string(), false, true);
     }
     let timeout = opts.timeout;
     let doing = "the association to be accepted";
@@ -695,6 +713,9 @@ pub async fn echo(addr: &str, opts: &ScuOptions) -> Result<u16, ScuError> {
         Err(e) => link.abort(e).await,
     }
 }
+
+mod get;
+pub use get::{GetOutcome, GetRequest, Retrieved, get};
 
 #[cfg(test)]
 mod tests;

@@ -267,6 +267,35 @@ impl ClientTls {
         ))
     }
 
+    /// A TLS stream to `addr` (`host:port`) offering HTTP/1.1 only (ALPN
+    /// `http/1.1`), for the gateway's DICOMweb listener; the server is
+    /// checked as by [`ClientTls::connect`], within the connect timeout.
+    pub async fn connect_http1(
+        &self,
+        addr: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+        let (endpoint, host) = self.endpoint(addr)?;
+        let port = endpoint.uri().port_u16().unwrap_or(443);
+        let name = Self::server_name(&host)?;
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let failed = |e: std::io::Error| TlsError::Endpoint {
+            endpoint: addr.to_owned(),
+            detail: e.to_string(),
+        };
+        let connect = async {
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+        };
+        tokio::time::timeout(self.timeouts.connect, connect)
+            .await
+            .map_err(|_| failed(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(failed)
+    }
+
     /// Like [`ClientTls::connect`] but connects on first use (and reconnects).
     pub fn connect_lazy(&self, addr: &str) -> Result<Channel, TlsError> {
         let (endpoint, host) = self.endpoint(addr)?;

@@ -101,6 +101,8 @@ struct RunningScp {
 pub struct RunningApp {
     server: RunningServer,
     scp: Option<RunningScp>,
+    /// The DICOM TLS listener (`dicom.scp.tls_listen`).
+    scp_tls: Option<RunningScp>,
     dicomweb: Option<crate::dicomweb::RunningDicomWeb>,
     /// The background repairer (with `[erasure]` and an interval).
     repairer: Option<tokio::task::JoinHandle<()>>,
@@ -192,6 +194,41 @@ impl App {
             }
             None => None,
         };
+        // DICOM TLS: the same SCP and sink on its own port, each peer the
+        // identity of its client certificate.
+        let scp_tls = match self.scp.as_ref().and_then(|s| Some((s, s.tls_listen?))) {
+            Some((section, listen)) => {
+                let tls = tessera_tls::ServerTls::from_files(
+                    &self.server.tls,
+                    &self.server.access.trust_domain,
+                )?;
+                if let Some(every) = self.server.tls_reload() {
+                    // Follows certificate renewals as the gRPC listener does.
+                    drop(tls.watch(every));
+                }
+                let scp = tessera_scp::Scp::bind_tls(
+                    listen,
+                    crate::scp::scp_config(section, self.max_image_bytes),
+                    tls,
+                )
+                .await
+                .map_err(AppError::Scp)?;
+                let addr = scp.local_addr();
+                let sink = crate::scp::GatewaySink::with_peers(
+                    self.service.clone(),
+                    section.owner.clone(),
+                    self.scp_stored_by.clone(),
+                    Some(section),
+                    &self.scp_roles,
+                );
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(scp.serve(sink, async move {
+                    let _ = stopped.await;
+                }));
+                Some(RunningScp { addr, stop, task })
+            }
+            None => None,
+        };
         let dicomweb = match &self.dicomweb {
             Some(w) => {
                 let tls = tessera_tls::ServerTls::from_files(
@@ -245,6 +282,7 @@ impl App {
         Ok(RunningApp {
             server,
             scp,
+            scp_tls,
             dicomweb,
             repairer,
             heartbeat,
@@ -267,6 +305,11 @@ impl RunningApp {
         self.scp.as_ref().map(|s| s.addr)
     }
 
+    /// Where DICOM TLS listens, when `dicom.scp.tls_listen` is set.
+    pub fn dicom_tls_addr(&self) -> Option<SocketAddr> {
+        self.scp_tls.as_ref().map(|s| s.addr)
+    }
+
     /// Where DICOMweb (HTTPS, mutual TLS) listens, when configured.
     pub fn dicomweb_addr(&self) -> Option<SocketAddr> {
         self.dicomweb.as_ref().map(|w| w.addr)
@@ -281,7 +324,7 @@ impl RunningApp {
             r.abort();
             let _ = r.await;
         }
-        if let Some(scp) = self.scp {
+        for scp in [self.scp_tls, self.scp].into_iter().flatten() {
             let _ = scp.stop.send(());
             match tokio::time::timeout(grace, scp.task).await {
                 Ok(Ok(Ok(()))) => {}

@@ -48,6 +48,11 @@ pub struct GatewaySink {
     store_aes: Option<Vec<String>>,
     /// Calling AE title -> the peer it stands for.
     peers: Vec<(String, DicomPeer)>,
+    /// Roles of certificate identities (DICOM TLS).
+    roles: RoleMap,
+    /// Calling AE title -> the request whose grant its retrieves spend
+    /// (`[[dicom.scp.peers]] request`).
+    requests: Vec<(String, String)>,
 }
 
 impl GatewaySink {
@@ -86,6 +91,14 @@ impl GatewaySink {
                     .collect()
             })
             .unwrap_or_default();
+        let requests = section
+            .map(|s| {
+                s.peers
+                    .iter()
+                    .filter_map(|p| Some((p.ae_title.trim().to_string(), p.request.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let store_aes = section.map(|s| {
             s.allowed_calling_aes
                 .iter()
@@ -98,6 +111,8 @@ impl GatewaySink {
             stored_by,
             store_aes,
             peers,
+            roles: roles.clone(),
+            requests,
         })
     }
 
@@ -108,14 +123,29 @@ impl GatewaySink {
             .map(|(_, p)| p)
     }
 
-    /// The peer of a query/retrieve request, or the refusal (logged).
+    /// The peer of a query/retrieve request, or the refusal (logged): on
+    /// DICOM TLS the client certificate's identity (and its roles), else
+    /// the identity the calling AE title is bound to.
     fn peer_or_refuse(
         &self,
         calling_ae: &str,
+        tls_identity: Option<&str>,
         peer: SocketAddr,
         op: &str,
-    ) -> Result<&DicomPeer, (u16, String)> {
-        self.peer(calling_ae).ok_or_else(|| {
+    ) -> Result<DicomPeer, (u16, String)> {
+        if let Some(id) = tls_identity {
+            return Identity::parse_uri(id)
+                .map(|parsed| DicomPeer {
+                    identity: id.to_string(),
+                    roles: self.roles.roles_of(&parsed),
+                })
+                .map_err(|e| {
+                    let reason = format!("client certificate identity {id:?}: {e}");
+                    tessera_tls::security::refused("gateway", id, op, &reason);
+                    (STATUS_NOT_AUTHORIZED, reason)
+                });
+        }
+        self.peer(calling_ae).cloned().ok_or_else(|| {
             let reason = format!("calling AE title {calling_ae:?} is not a query/retrieve peer");
             tessera_tls::security::refused(
                 "gateway",
@@ -187,7 +217,11 @@ impl InstanceSink for GatewaySink {
                 reason,
             };
         }
-        let stored_by = self.stored_by.clone();
+        // On DICOM TLS the certificate says who sent it.
+        let stored_by = received
+            .tls_identity
+            .clone()
+            .unwrap_or_else(|| self.stored_by.clone());
         let peer = received.peer;
         let result = match self.service.job_permit(received.file.len() as u64).await {
             Ok(_permit) => {
@@ -213,13 +247,18 @@ impl InstanceSink for GatewaySink {
     }
 
     async fn find(&self, request: FindRequest) -> FindOutcome {
-        let peer = match self.peer_or_refuse(&request.calling_ae, request.peer, "dicom:C-FIND") {
+        let peer = match self.peer_or_refuse(
+            &request.calling_ae,
+            request.tls_identity.as_deref(),
+            request.peer,
+            "dicom:C-FIND",
+        ) {
             Ok(p) => p,
             Err((status, reason)) => return FindOutcome::Refused { status, reason },
         };
         match self
             .service
-            .dicom_find(peer, &request.level, &keys_of(&request.keys))
+            .dicom_find(&peer, &request.level, &keys_of(&request.keys))
             .await
         {
             Ok(answers) => FindOutcome::Matches(
@@ -245,13 +284,30 @@ impl InstanceSink for GatewaySink {
             RetrieveKind::Get => "dicom:C-GET",
             RetrieveKind::Move { .. } => "dicom:C-MOVE",
         };
-        let peer = match self.peer_or_refuse(&request.calling_ae, request.peer, op) {
+        let peer = match self.peer_or_refuse(
+            &request.calling_ae,
+            request.tls_identity.as_deref(),
+            request.peer,
+            op,
+        ) {
             Ok(p) => p,
             Err((status, reason)) => return RetrieveOutcome::Refused { status, reason },
         };
+        // The AE-to-request rule applies to AE-bound peers only: over DICOM
+        // TLS the AE title is not who calls.
+        let pinned = request
+            .tls_identity
+            .is_none()
+            .then(|| {
+                self.requests
+                    .iter()
+                    .find(|(ae, _)| ae == request.calling_ae.trim())
+                    .map(|(_, rq)| rq.as_str())
+            })
+            .flatten();
         match self
             .service
-            .dicom_retrieve(peer, op, &keys_of(&request.keys))
+            .dicom_retrieve_with(&peer, op, &keys_of(&request.keys), pinned)
             .await
         {
             Ok(plan) => RetrieveOutcome::Instances {

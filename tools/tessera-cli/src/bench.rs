@@ -192,6 +192,7 @@ pub fn all() -> Result<()> {
         inflight: 16,
         associations: vec![1, 4],
         template: None,
+        qr_file: None,
     })?;
     crate::bench_replicas::replicas(crate::bench_replicas::ReplicasBenchArgs {
         slices: 120,

@@ -1,7 +1,9 @@
 //! `tessera bench dicom`: a 512x512 16-bit (12 stored) CT series built from
 //! a real slice, ingested through the gateway over gRPC StoreDicom with the
 //! whole suite in this process, then retrieved once; beside parsing and
-//! writing back the same files with dicom-object in the same run.
+//! writing back the same files with dicom-object in the same run. The
+//! query/retrieve rows (C-STORE, C-GET, WADO-RS of a small CT series) are
+//! in `bench_dicom_qr.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +43,12 @@ pub struct DicomBenchArgs {
     /// if there is one), else the built-in head phantom.
     #[arg(long, value_name = "FILE")]
     pub template: Option<PathBuf>,
+    /// The file copied (new UIDs per copy) into the `--slices` instances of
+    /// the query/retrieve rows (C-STORE, C-GET, WADO-RS); default:
+    /// pydicom's CT_small.dcm beside $TESSERA_DICOM_DATA, else the smallest
+    /// native CT there, else synthetic 64x64 slices.
+    #[arg(long, value_name = "FILE")]
+    pub qr_file: Option<PathBuf>,
 }
 
 const OWNER: &str = "spiffe://tessera.local/user/owner";
@@ -197,16 +205,16 @@ impl Template {
 }
 
 /// One measured line of the table.
-struct Row {
-    name: String,
-    n: usize,
-    bytes: u64,
-    wall: Duration,
-    lat: Vec<Duration>,
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) n: usize,
+    pub(crate) bytes: u64,
+    pub(crate) wall: Duration,
+    pub(crate) lat: Vec<Duration>,
 }
 
 impl Row {
-    fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.n as f64 / self.wall.as_secs_f64().max(1e-9)
     }
 
@@ -290,14 +298,22 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
         bail!("dicom-object wrote a file of another size than it read");
     }
 
+    let qr = crate::bench_dicom_qr::QrSeries::make(n, args.qr_file.as_deref())?;
+    println!("query/retrieve series: {n} copies of {}", qr.source);
+
     let tmp = tempfile_dir()?;
     let mut stack = DevStack::start(&tmp, &DevOptions::default())
         .await
         .map_err(|e| anyhow!("starting the suite: {e}"))?;
     let r = measure(&stack, &series, &cstore_series, c, total_bytes).await;
+    let qr_rows = match r {
+        Ok(_) => crate::bench_dicom_qr::rows(&stack, &qr).await.map(Some),
+        Err(_) => Ok(None),
+    };
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&tmp);
     let (store, cstores, retrieve) = r?;
+    let qr_rows = qr_rows?;
 
     println!(
         "| operation | instances | instances/s | MB/s | p50 ms | p95 ms | ratio to local parse+write | ratio to StoreDicom |"
@@ -310,6 +326,10 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
         cstore.print(base, via_store);
     }
     retrieve.print(base, via_store);
+    if let Some(rows) = &qr_rows {
+        println!();
+        crate::bench_dicom_qr::print(rows);
+    }
     println!("target: >= 250 instances/s of 512x512 16-bit CT");
     println!(
         "C-STORE targets: >= {CSTORE_ONE_TARGET} instances/s over one association, >= {CSTORE_MANY_TARGET} over 4"
@@ -343,7 +363,7 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
 
 /// Parses `file` with dicom-object and writes it back to memory; returns
 /// the written size.
-fn parse_and_write(file: &[u8]) -> Result<usize> {
+pub(crate) fn parse_and_write(file: &[u8]) -> Result<usize> {
     let obj = dicom_object::OpenFileOptions::new()
         .from_reader(
             file.get(128..)
@@ -361,7 +381,11 @@ fn parse_and_write(file: &[u8]) -> Result<usize> {
 /// each sending its files one C-STORE after the other (`tessera_scp::scu`).
 /// Latency per instance: the time between consecutive responses on its
 /// association.
-async fn cstore_ingest(stack: &DevStack, series: &[Vec<u8>], associations: usize) -> Result<Row> {
+pub(crate) async fn cstore_ingest(
+    stack: &DevStack,
+    series: &[Vec<u8>],
+    associations: usize,
+) -> Result<Row> {
     use tessera_scp::scu::{ScuOptions, send_files};
     let addr = stack
         .endpoints()

@@ -206,6 +206,12 @@ fn up(args: UpArgs) -> Result<()> {
                 tessera_devstack::DICOM_CALLING_AES.join(", ")
             );
         }
+        if let Ok(tls) = stack.endpoints().get("dicom-tls") {
+            println!(
+                "DICOM TLS: {tls}, AE title {}, any calling AE title, the peer is its client certificate's identity (PKI above)",
+                tessera_devstack::DICOM_AE_TITLE
+            );
+        }
         println!(
             "Try: tessera store --dir {d} --as owner --owner owner --attr patient_id=P1 IMAGE.png\nCheck: tessera doctor --dir {d}\nCtrl-C stops every service.",
             d = args.dir.display()

@@ -368,6 +368,22 @@ async fn check_dicomweb(addr: &str, timeout: Duration) -> (Level, String) {
     }
 }
 
+/// The DICOM TLS listener: TCP reachability only (its handshake is the
+/// gRPC listener's certificate and CA, checked on `gateway`).
+async fn check_dicom_tls(addr: &str, timeout: Duration) -> (Level, String) {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => (
+            Level::Ok,
+            format!("{addr}: accepts connections (DICOM TLS, client certificate required)"),
+        ),
+        Ok(Err(e)) => (Level::Fail, format!("{addr}: {e}")),
+        Err(_) => (
+            Level::Fail,
+            format!("{addr}: no connection within {}s", timeout.as_secs()),
+        ),
+    }
+}
+
 async fn check_endpoints(a: &DoctorArgs, checks: &mut Checks) {
     let file = a.dir.join(ENDPOINTS_FILE);
     if !file.is_file() {
@@ -419,6 +435,8 @@ async fn check_endpoints(a: &DoctorArgs, checks: &mut Checks) {
             check_dicom(addr, timeout).await
         } else if name == "dicomweb" {
             check_dicomweb(addr, timeout).await
+        } else if name == "dicom-tls" {
+            check_dicom_tls(addr, timeout).await
         } else if let Some(api) = api_of(name) {
             let expected = endpoints
                 .identity(name)

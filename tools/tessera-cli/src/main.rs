@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_dicom;
+mod bench_dicom_qr;
 mod bench_e2e;
 mod bench_erasure;
 mod bench_memory;
@@ -167,7 +168,8 @@ enum BenchCmd {
     /// Store/retrieve of 512x512 16-bit slices through the gateway vs in-process protect/restore.
     E2e(bench_e2e::E2eBenchArgs),
     /// A 512x512 16-bit CT series from a real slice ingested over
-    /// StoreDicom and retrieved vs dicom-object parse+write.
+    /// StoreDicom and retrieved, and a small CT series over C-STORE, C-GET
+    /// and WADO-RS, vs dicom-object parse+write.
     Dicom(bench_dicom::DicomBenchArgs),
     /// Erasure coding (k+m) encode/decode vs memcpy and SHA-256 of the same bytes.
     Erasure(bench_erasure::ErasureBenchArgs),

@@ -228,6 +228,8 @@ pub struct DevStack {
     storage_configs: BTreeMap<String, storage_node::Config>,
     gateway_config: Option<gateway_service::Config>,
     dicom_addr: Option<SocketAddr>,
+    /// The DICOM TLS listener (`dicom.scp.tls_listen`).
+    dicom_tls_addr: Option<SocketAddr>,
     dicomweb_addr: Option<SocketAddr>,
 }
 
@@ -399,6 +401,7 @@ impl DevStack {
             storage_configs: BTreeMap::new(),
             gateway_config: None,
             dicom_addr: None,
+            dicom_tls_addr: None,
             dicomweb_addr: None,
         };
         let base = opts.base_port;
@@ -535,8 +538,9 @@ impl DevStack {
         }
         // The C-STORE SCP (plain DICOM on loopback) for the dev AE titles.
         text.push_str(&format!(
-            "[dicom.scp]\nlisten = \"{}\"\nae_title = \"{DICOM_AE_TITLE}\"\nallowed_calling_aes = {:?}\nowner = \"{DICOM_OWNER}\"\n",
+            "[dicom.scp]\nlisten = \"{}\"\ntls_listen = \"{}\"\nae_title = \"{DICOM_AE_TITLE}\"\nallowed_calling_aes = {:?}\nowner = \"{DICOM_OWNER}\"\n",
             listen(base, 4),
+            listen(base, 6),
             DICOM_CALLING_AES,
         ));
         // DICOMweb (HTTPS, mutual TLS with the suite's certificates); its
@@ -567,6 +571,9 @@ impl DevStack {
         fixed.server.listen = addr;
         if let (Some(scp), Some(bound)) = (fixed.dicom.scp.as_mut(), self.dicom_addr) {
             scp.listen = bound;
+            if let Some(tls) = self.dicom_tls_addr {
+                scp.tls_listen = Some(tls);
+            }
         }
         if let (Some(w), Some(bound)) = (fixed.dicomweb.as_mut(), self.dicomweb_addr) {
             w.listen = bound;
@@ -613,6 +620,12 @@ impl DevStack {
                 .endpoints
                 .insert("dicom".into(), local(dicom));
         }
+        if let Some(tls) = app.dicom_tls_addr() {
+            self.dicom_tls_addr = Some(tls);
+            self.endpoints
+                .endpoints
+                .insert("dicom-tls".into(), local(tls));
+        }
         if let Some(web) = app.dicomweb_addr() {
             self.dicomweb_addr = Some(web);
             self.endpoints
@@ -627,6 +640,13 @@ impl DevStack {
     /// inspect the vault while the gateway is stopped).
     pub fn gateway_config(&self) -> Option<&gateway_service::Config> {
         self.gateway_config.as_ref()
+    }
+
+    /// Replaces the config [`Self::restart_gateway`] starts the gateway
+    /// with (stop it first; tests of settings that need ids known only
+    /// once the suite runs, such as an AE-to-request rule).
+    pub fn set_gateway_config(&mut self, cfg: gateway_service::Config) {
+        self.gateway_config = Some(cfg);
     }
 
     /// Starts a stopped gateway again on its old address (a restart after a

@@ -577,3 +577,283 @@ async fn a_store_placed_on_a_stale_probe_is_placed_again() {
     drop(vault);
     stack.shutdown().await;
 }
+
+/// Our C-GET SCU against the gateway's SCP: a study sent over C-STORE is
+/// refused to a viewer AE without a grant (0x0124, nothing received, the
+/// refusal names how to ask), then, with a one-use grant, comes back over
+/// C-GET with every data set byte-identical to what was sent, at the
+/// study, series and image levels (the grant spent once per C-GET).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
+    use dicom_dictionary_std::uids;
+    use tessera_scp::scu::{self, GetRequest, ScuOptions, send_files};
+    use tessera_scp::{QueryKey, StoreOutcome};
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
+    let addr = stack.endpoints().get("dicom").unwrap().to_owned();
+    let mut info = study();
+    info.uid_root = "1.2.826.0.1.3680043.10.1137.79".into();
+    let files = slices(&info, 5);
+    let modality = ScuOptions {
+        calling_ae: "MODALITY".into(),
+        called_ae: tessera_devstack::DICOM_AE_TITLE.into(),
+        ..ScuOptions::default()
+    };
+    let sent = send_files(&addr, &modality, &files, |_, _| {})
+        .await
+        .unwrap();
+    assert!(sent.iter().all(|s| s.status == 0), "{sent:?}");
+    let meta_end = |f: &[u8]| {
+        let group = u32::from_le_bytes([f[140], f[141], f[142], f[143]]) as usize;
+        144 + group
+    };
+    let by_uid: BTreeMap<String, Vec<u8>> = files
+        .iter()
+        .zip(&sent)
+        .map(|(f, s)| (s.sop_instance_uid.clone(), f[meta_end(f)..].to_vec()))
+        .collect();
+    let viewer = ScuOptions {
+        calling_ae: "VIEWER".into(),
+        ..modality.clone()
+    };
+    // ct_slice writes Explicit VR Little Endian.
+    let ts = "1.2.840.10008.1.2.1".to_string();
+    let request = |level: &str, keys: Vec<QueryKey>| GetRequest {
+        level: level.into(),
+        keys,
+        storage_contexts: vec![(uids::CT_IMAGE_STORAGE.into(), ts.clone())],
+        max_instance_bytes: 16 << 20,
+    };
+    let study_key = QueryKey {
+        tag: (0x0020, 0x000D),
+        value: info.study_uid(),
+    };
+
+    // No grant: refused before anything is read, with how to ask.
+    let mut got = Vec::new();
+    let refused = scu::get(
+        &addr,
+        &viewer,
+        &request("STUDY", vec![study_key.clone()]),
+        |r| {
+            got.push(r);
+            StoreOutcome::Stored
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status, 0x0124, "{refused:?}");
+    assert!(got.is_empty());
+    assert!(
+        refused
+            .error_comment
+            .as_deref()
+            .is_some_and(|c| c.contains("request-key")),
+        "{refused:?}"
+    );
+
+    // A grant of three uses: study, series, image level.
+    let mut clin = gateway(&stack, "clinician").await;
+    let found = clin
+        .find_dicom_study(pb::FindDicomStudyRequest {
+            owner: tessera_devstack::DICOM_OWNER.into(),
+            patient_id: info.patient_id.clone(),
+            study_instance_uid: info.study_uid(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.instances, 5);
+    grant(&stack, "clinician", &found.study_handle, 3).await;
+
+    let mut got = Vec::new();
+    let whole = scu::get(
+        &addr,
+        &viewer,
+        &request("STUDY", vec![study_key.clone()]),
+        |r| {
+            got.push(r);
+            StoreOutcome::Stored
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (whole.status, whole.completed, whole.failed, whole.received),
+        (0x0000, 5, 0, 5),
+        "{whole:?}"
+    );
+    let seen: BTreeSet<String> = got.iter().map(|r| r.sop_instance_uid.clone()).collect();
+    assert_eq!(seen.len(), 5);
+    for r in &got {
+        assert_eq!(r.transfer_syntax, ts);
+        assert_eq!(
+            r.dataset(),
+            &by_uid[&r.sop_instance_uid][..],
+            "data set byte-identical"
+        );
+        // The file we build is a Part 10 file dicom-object reads.
+        dicom_object::OpenFileOptions::new()
+            .from_reader(&r.file[128..])
+            .unwrap();
+    }
+
+    // Image level, two instances; one refused by us (a failed
+    // sub-operation: 0xB000, the other completed).
+    let two: Vec<String> = sent
+        .iter()
+        .take(2)
+        .map(|s| s.sop_instance_uid.clone())
+        .collect();
+    let keys = vec![
+        study_key.clone(),
+        QueryKey {
+            tag: (0x0020, 0x000E),
+            value: format!("{}.2", info.uid_root),
+        },
+        QueryKey {
+            tag: (0x0008, 0x0018),
+            value: two.join("\\"),
+        },
+    ];
+    let mut n = 0;
+    let partial = scu::get(&addr, &viewer, &request("IMAGE", keys), |r| {
+        n += 1;
+        if r.sop_instance_uid == two[0] {
+            StoreOutcome::Refused {
+                status: 0xA700,
+                reason: "test: out of room".into(),
+            }
+        } else {
+            StoreOutcome::Stored
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (partial.status, partial.completed, partial.failed, n),
+        (0xB000, 1, 1, 2),
+        "{partial:?}"
+    );
+
+    // A storage context the stored syntax is not in: every sub-operation
+    // fails at the SCP (nothing is transcoded), 0xA702.
+    let mut other = request("STUDY", vec![study_key.clone()]);
+    other.storage_contexts = vec![(uids::CT_IMAGE_STORAGE.into(), "1.2.840.10008.1.2".into())];
+    let none = scu::get(&addr, &viewer, &other, |_| StoreOutcome::Stored)
+        .await
+        .unwrap();
+    assert_eq!((none.status, none.received), (0xA702, 0), "{none:?}");
+
+    // The grant is spent (three uses): refused again.
+    let spent = scu::get(&addr, &viewer, &request("STUDY", vec![study_key]), |_| {
+        StoreOutcome::Stored
+    })
+    .await
+    .unwrap();
+    assert_eq!(spent.status, 0x0124, "{spent:?}");
+    stack.shutdown().await;
+}
+
+/// The AE-to-request rule (`[[dicom.scp.peers]] request`): the clinician
+/// holds two one-use grants on the study; `VIEWER` is pinned to the one
+/// that expires last. Its first C-GET spends that one, and its second is
+/// refused although the other grant still has a use (without the rule the
+/// gateway would take the one expiring first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pinned_ae_spends_its_configured_request_only() {
+    use dicom_dictionary_std::uids;
+    use tessera_scp::scu::{self, GetRequest, ScuOptions, send_files};
+    use tessera_scp::{QueryKey, StoreOutcome};
+    let (_tmp, mut stack) = start(&DevOptions::default()).await;
+    let addr = stack.endpoints().get("dicom").unwrap().to_owned();
+    let mut info = study();
+    info.uid_root = "1.2.826.0.1.3680043.10.1137.80".into();
+    let files = slices(&info, 2);
+    let opts = ScuOptions {
+        calling_ae: "MODALITY".into(),
+        called_ae: tessera_devstack::DICOM_AE_TITLE.into(),
+        ..ScuOptions::default()
+    };
+    let sent = send_files(&addr, &opts, &files, |_, _| {}).await.unwrap();
+    assert!(sent.iter().all(|s| s.status == 0), "{sent:?}");
+    let handle = gateway(&stack, "clinician")
+        .await
+        .find_dicom_study(pb::FindDicomStudyRequest {
+            owner: tessera_devstack::DICOM_OWNER.into(),
+            patient_id: info.patient_id.clone(),
+            study_instance_uid: info.study_uid(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .study_handle;
+    // grant() approves for 600 s; the second request expires later.
+    let first = grant(&stack, "clinician", &handle, 1).await;
+    let req = gateway(&stack, "clinician")
+        .await
+        .request_access(pb::RequestAccessRequest {
+            study_handle: handle.clone(),
+            justification: "pinned".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    tessera_testkit::suite::keyserver(&stack, "owner")
+        .await
+        .approve_request(tessera_proto::keyserver::v1::ApproveRequestRequest {
+            request_id: req.request_id.clone(),
+            ttl_seconds: 3000,
+            uses: 1,
+        })
+        .await
+        .unwrap();
+    assert_ne!(first, req.request_id);
+
+    let mut cfg = stack.gateway_config().unwrap().clone();
+    let scp = cfg.dicom.scp.as_mut().unwrap();
+    let viewer = scp
+        .peers
+        .iter_mut()
+        .find(|p| p.ae_title == "VIEWER")
+        .unwrap();
+    viewer.request = Some(req.request_id.clone());
+    assert!(stack.stop("gateway").await);
+    stack.set_gateway_config(cfg);
+    stack.restart_gateway().await.unwrap();
+    let addr = stack.endpoints().get("dicom").unwrap().to_owned();
+
+    let viewer = ScuOptions {
+        calling_ae: "VIEWER".into(),
+        ..opts.clone()
+    };
+    let request = GetRequest {
+        level: "STUDY".into(),
+        keys: vec![QueryKey {
+            tag: (0x0020, 0x000D),
+            value: info.study_uid(),
+        }],
+        storage_contexts: vec![(uids::CT_IMAGE_STORAGE.into(), "1.2.840.10008.1.2.1".into())],
+        max_instance_bytes: 16 << 20,
+    };
+    let got = scu::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
+        .await
+        .unwrap();
+    assert_eq!((got.status, got.received), (0x0000, 2), "{got:?}");
+    let again = scu::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.status, again.received),
+        (0x0124, 0),
+        "the pinned request is spent; the other grant is not taken: {again:?}"
+    );
+    // The other grant was not touched: RetrieveDicom with it still works.
+    let out = retrieve_all(&stack, "clinician", &handle, &first)
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    stack.shutdown().await;
+}

@@ -60,6 +60,14 @@ pub struct ScpSection {
     /// Where the SCP listens (plain DICOM upper layer: put it on the
     /// trusted hospital network only).
     pub listen: std::net::SocketAddr,
+    /// DICOM TLS (PS3.15 Annex B) on its own port, with the gRPC server's
+    /// certificate and CA (`[server.tls]`): a client certificate of the CA
+    /// is required and its identity (the SPIFFE id, as over gRPC) is the
+    /// peer, instead of an AE binding; any calling AE title is admitted.
+    /// No certificate or an untrusted one: refused at the handshake and
+    /// logged as a security event. Off unless set.
+    #[serde(default)]
+    pub tls_listen: Option<std::net::SocketAddr>,
     #[serde(default = "default_ae_title")]
     pub ae_title: String,
     /// Calling AE titles that may C-STORE (for `owner`); an AE in neither
@@ -103,6 +111,12 @@ pub struct PeerSection {
     pub identity: String,
     /// CIDR ranges (`10.1.0.0/16`, `127.0.0.1/32`); at least one.
     pub networks: Vec<String>,
+    /// The AE-to-request rule: a DIMSE client cannot name a request, so
+    /// this AE's C-GET and C-MOVE spend the grant of this request id
+    /// (`rq-...`, as DICOMweb's `X-Tessera-Request`) instead of the
+    /// identity's usable grant that expires first. Unset: that one.
+    #[serde(default)]
+    pub request: Option<String>,
 }
 
 /// One `[[dicom.scp.move_destinations]]` entry.

@@ -29,20 +29,11 @@ pub(crate) fn no_grant(identity: &str, study: &str) -> String {
 }
 
 impl GatewayService {
-    /// C-GET / C-MOVE: selects, checks every study's grant (nothing is
-    /// read or spent when one is missing), then reads in the background.
-    pub(crate) async fn dicom_retrieve(
-        &self,
-        peer: &DicomPeer,
-        operation: &str,
-        keys: &[(TagPair, String)],
-    ) -> Result<RetrievePlan> {
-        self.dicom_retrieve_with(peer, operation, keys, None).await
-    }
-
-    /// As [`Self::dicom_retrieve`]; `request` (DICOMweb's
-    /// `X-Tessera-Request`) names the grant to use instead of the one that
-    /// expires first.
+    /// C-GET / C-MOVE / WADO-RS: selects, checks every study's grant
+    /// (nothing is read or spent when one is missing), then reads in the
+    /// background. `request` (DICOMweb's `X-Tessera-Request`, a DIMSE
+    /// peer's `[[dicom.scp.peers]] request`) names the grant to use instead
+    /// of the one that expires first.
     pub(crate) async fn dicom_retrieve_with(
         &self,
         peer: &DicomPeer,
