@@ -714,8 +714,7 @@ pub async fn echo(addr: &str, opts: &ScuOptions) -> Result<u16, ScuError> {
     }
 }
 
-mod get;
-pub use get::{GetOutcome, GetRequest, Retrieved, get};
+pub mod get;
 
 #[cfg(test)]
 mod tests;

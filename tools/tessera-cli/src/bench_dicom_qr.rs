@@ -24,11 +24,12 @@ use tessera_dicom::synth::{StudyInfo, ct_slice};
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::keyserver::v1 as ks;
 use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
-use tessera_scp::scu::{self, GetRequest, ScuOptions};
+use tessera_scp::scu::get::GetRequest;
+use tessera_scp::scu::{self, ScuOptions};
 use tessera_scp::{QueryKey, StoreOutcome};
 use tessera_tls::{ClientTls, Identity, TlsFiles};
 
-use crate::bench_dicom::{Row, cstore_ingest, parse_and_write};
+use crate::bench_dicom_kit::{Row, cstore_ingest, parse_and_write};
 use crate::bench_e2e::{bar, par_map, percentile};
 
 /// Root of the series' UIDs: `.1` study, `.2` series, `.3.<n>` instances.
@@ -294,7 +295,7 @@ async fn c_get(
     let (mut lat, mut bad) = (Vec::with_capacity(n), 0usize);
     let t = Instant::now();
     let mut last = Instant::now();
-    let out = scu::get(addr, &opts, &request, |r| {
+    let out = scu::get::get(addr, &opts, &request, |r| {
         lat.push(last.elapsed());
         last = Instant::now();
         pbar.inc(1);

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_dicom;
+mod bench_dicom_kit;
 mod bench_dicom_qr;
 mod bench_e2e;
 mod bench_erasure;

@@ -586,7 +586,8 @@ async fn a_store_placed_on_a_stale_probe_is_placed_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
     use dicom_dictionary_std::uids;
-    use tessera_scp::scu::{self, GetRequest, ScuOptions, send_files};
+    use tessera_scp::scu::get::GetRequest;
+    use tessera_scp::scu::{self, ScuOptions, send_files};
     use tessera_scp::{QueryKey, StoreOutcome};
     let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let addr = stack.endpoints().get("dicom").unwrap().to_owned();
@@ -630,7 +631,7 @@ async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
 
     // No grant: refused before anything is read, with how to ask.
     let mut got = Vec::new();
-    let refused = scu::get(
+    let refused = scu::get::get(
         &addr,
         &viewer,
         &request("STUDY", vec![study_key.clone()]),
@@ -666,7 +667,7 @@ async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
     grant(&stack, "clinician", &found.study_handle, 3).await;
 
     let mut got = Vec::new();
-    let whole = scu::get(
+    let whole = scu::get::get(
         &addr,
         &viewer,
         &request("STUDY", vec![study_key.clone()]),
@@ -716,7 +717,7 @@ async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
         },
     ];
     let mut n = 0;
-    let partial = scu::get(&addr, &viewer, &request("IMAGE", keys), |r| {
+    let partial = scu::get::get(&addr, &viewer, &request("IMAGE", keys), |r| {
         n += 1;
         if r.sop_instance_uid == two[0] {
             StoreOutcome::Refused {
@@ -739,13 +740,13 @@ async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
     // fails at the SCP (nothing is transcoded), 0xA702.
     let mut other = request("STUDY", vec![study_key.clone()]);
     other.storage_contexts = vec![(uids::CT_IMAGE_STORAGE.into(), "1.2.840.10008.1.2".into())];
-    let none = scu::get(&addr, &viewer, &other, |_| StoreOutcome::Stored)
+    let none = scu::get::get(&addr, &viewer, &other, |_| StoreOutcome::Stored)
         .await
         .unwrap();
     assert_eq!((none.status, none.received), (0xA702, 0), "{none:?}");
 
     // The grant is spent (three uses): refused again.
-    let spent = scu::get(&addr, &viewer, &request("STUDY", vec![study_key]), |_| {
+    let spent = scu::get::get(&addr, &viewer, &request("STUDY", vec![study_key]), |_| {
         StoreOutcome::Stored
     })
     .await
@@ -762,7 +763,8 @@ async fn c_get_scu_retrieves_what_c_store_sent_byte_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pinned_ae_spends_its_configured_request_only() {
     use dicom_dictionary_std::uids;
-    use tessera_scp::scu::{self, GetRequest, ScuOptions, send_files};
+    use tessera_scp::scu::get::GetRequest;
+    use tessera_scp::scu::{self, ScuOptions, send_files};
     use tessera_scp::{QueryKey, StoreOutcome};
     let (_tmp, mut stack) = start(&DevOptions::default()).await;
     let addr = stack.endpoints().get("dicom").unwrap().to_owned();
@@ -838,11 +840,11 @@ async fn a_pinned_ae_spends_its_configured_request_only() {
         storage_contexts: vec![(uids::CT_IMAGE_STORAGE.into(), "1.2.840.10008.1.2.1".into())],
         max_instance_bytes: 16 << 20,
     };
-    let got = scu::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
+    let got = scu::get::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
         .await
         .unwrap();
     assert_eq!((got.status, got.received), (0x0000, 2), "{got:?}");
-    let again = scu::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
+    let again = scu::get::get(&addr, &viewer, &request, |_| StoreOutcome::Stored)
         .await
         .unwrap();
     assert_eq!(
