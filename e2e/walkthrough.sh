@@ -61,7 +61,7 @@ devup_says() {
   for p in "Tessera is up (mutual TLS on every port). Data in" "  storage-3     " "  storage-5     " \
     "Storage: 5 nodes, each its own zone; every object erasure-coded 3+2" \
     "DICOM: C-STORE SCP at" "AE title TESSERA, calling AE titles STORESCU, MODALITY, TESSERA-BENCH" \
-    "Check: tessera doctor --dir .tessera" "Ctrl-C stops every service."; do
+    "DICOM TLS: " "Check: tessera doctor --dir .tessera" "Ctrl-C stops every service."; do
     grep -qF -- "$p" "$E2E_TMP/devup.out" || { echo "dev up lacks: $p"; return 1; }
     grep -qF -- "$p" "$DOC" || { echo "the doc lacks: $p"; return 1; }
   done
@@ -75,7 +75,8 @@ step "tessera doctor" 0 "  ok    PKI CA          .tessera/pki/ca.crt: valid unti
   "spiffe://tessera.local/service/gateway, serves tessera.gateway.v1.Gateway" \
   "spiffe://tessera.local/service/storage-2, serves tessera.storage.v1.StorageNode" \
   "spiffe://tessera.local/service/storage-5, serves tessera.storage.v1.StorageNode" \
-  "doctor: 15 checks, 0 failed, 0 warning(s)"
+  "DICOM TLS, client certificate required" \
+  "doctor: 16 checks, 0 failed, 0 warning(s)"
 
 # --- 4. store ---
 step "tessera store slice.png --as owner --owner owner --attr patient_id=P-1 --attr patient_name='Doe^Jane' --roi 96,40,320,432" 0 \
