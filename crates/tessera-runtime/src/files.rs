@@ -1,7 +1,31 @@
 //! Files that hold secrets: databases created owner-only, key files whose
 //! permissions are checked before use.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A connection string (which may carry a password, so it is never in the
+/// TOML) read now from `<key>_file` (trailing whitespace trimmed) or the
+/// environment variable `<key>_env` names; errors name the config key.
+/// Used for the PostgreSQL URLs of the gateway's vault and the keyserver's
+/// store.
+pub fn connection_string(
+    key: &str,
+    file: Option<&PathBuf>,
+    env: Option<&String>,
+) -> Result<String, String> {
+    let text = match (file, env) {
+        (Some(f), _) => {
+            std::fs::read_to_string(f).map_err(|e| format!("{key}_file {}: {e}", f.display()))?
+        }
+        (None, Some(v)) => std::env::var(v).map_err(|_| format!("{key}_env: {v} is not set"))?,
+        (None, None) => return Err("no PostgreSQL connection string configured".into()),
+    };
+    let text = text.trim().to_owned();
+    if text.is_empty() {
+        return Err("the PostgreSQL connection string is empty".into());
+    }
+    Ok(text)
+}
 
 /// Makes sure `path` exists and only its owner can read or write it (mode
 /// 0600 on Unix) before a database opens it: an absent file is created

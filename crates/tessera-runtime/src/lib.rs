@@ -21,7 +21,7 @@ pub use admin::{AdminConfig, Readiness};
 pub use config::{
     ConfigError, ConfigSource, EXIT_CONFIG, Validate, load_config, validate_service_sections,
 };
-pub use files::{check_key_file_mode, private_db_file};
+pub use files::{check_key_file_mode, connection_string, private_db_file};
 pub use metrics::Metrics;
 pub use server::{GrpcServer, MAX_MESSAGE_BYTES, RunningServer, ServerConfig, ServerError};
 pub use service_main::{SHUTDOWN_GRACE, Service, Serving, StartError};

@@ -166,6 +166,24 @@ impl App {
         &self.service
     }
 
+    /// Serves a bound SCP (plain or DICOM TLS) into the gateway's sink
+    /// until its stop signal.
+    fn serve_scp(&self, scp: tessera_scp::Scp, section: &crate::config::ScpSection) -> RunningScp {
+        let addr = scp.local_addr();
+        let sink = crate::scp::GatewaySink::with_peers(
+            self.service.clone(),
+            section.owner.clone(),
+            self.scp_stored_by.clone(),
+            Some(section),
+            &self.scp_roles,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(scp.serve(sink, async move {
+            let _ = stopped.await;
+        }));
+        RunningScp { addr, stop, task }
+    }
+
     /// Binds and serves (mTLS, authz, health, reflection, limits), then
     /// finishes in the background whatever a crash left half-done.
     pub async fn spawn(self) -> Result<RunningApp, AppError> {
@@ -178,19 +196,7 @@ impl App {
                 )
                 .await
                 .map_err(AppError::Scp)?;
-                let addr = scp.local_addr();
-                let sink = crate::scp::GatewaySink::with_peers(
-                    self.service.clone(),
-                    section.owner.clone(),
-                    self.scp_stored_by.clone(),
-                    Some(section),
-                    &self.scp_roles,
-                );
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let task = tokio::spawn(scp.serve(sink, async move {
-                    let _ = stopped.await;
-                }));
-                Some(RunningScp { addr, stop, task })
+                Some(self.serve_scp(scp, section))
             }
             None => None,
         };
@@ -213,19 +219,7 @@ impl App {
                 )
                 .await
                 .map_err(AppError::Scp)?;
-                let addr = scp.local_addr();
-                let sink = crate::scp::GatewaySink::with_peers(
-                    self.service.clone(),
-                    section.owner.clone(),
-                    self.scp_stored_by.clone(),
-                    Some(section),
-                    &self.scp_roles,
-                );
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let task = tokio::spawn(scp.serve(sink, async move {
-                    let _ = stopped.await;
-                }));
-                Some(RunningScp { addr, stop, task })
+                Some(self.serve_scp(scp, section))
             }
             None => None,
         };

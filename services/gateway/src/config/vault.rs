@@ -109,19 +109,11 @@ impl VaultSection {
     /// The PostgreSQL connection string, read now from its file or
     /// variable.
     pub fn postgres_url(&self) -> Result<String, String> {
-        let url = match (&self.postgres_url_file, &self.postgres_url_env) {
-            (Some(f), _) => std::fs::read_to_string(f)
-                .map_err(|e| format!("vault.postgres_url_file {}: {e}", f.display()))?,
-            (None, Some(v)) => {
-                std::env::var(v).map_err(|_| format!("vault.postgres_url_env: {v} is not set"))?
-            }
-            (None, None) => return Err("no PostgreSQL connection string configured".into()),
-        };
-        let url = url.trim().to_owned();
-        if url.is_empty() {
-            return Err("the PostgreSQL connection string is empty".into());
-        }
-        Ok(url)
+        tessera_runtime::connection_string(
+            "vault.postgres_url",
+            self.postgres_url_file.as_ref(),
+            self.postgres_url_env.as_ref(),
+        )
     }
 }
 
