@@ -43,6 +43,23 @@ fn drop_expired_key(rec: &mut RequestRecord, now: u64) -> bool {
         && rec.wrapped_key.take().is_some()
 }
 
+/// The request a write job is about to use (NotFound as the job's refusal).
+/// An expired grant is refused later whoever asks: its held key goes now,
+/// written back in this transaction.
+fn request_for_use(ctx: &writer::TxnCtx<'_>, rid: &RequestId) -> Result<Result<RequestRecord>> {
+    let txn = ctx.txn;
+    let Some(mut rec) = get_json::<RequestRecord, _>(txn, REQUESTS, rid.as_str())? else {
+        return Ok(Err(KeyServerError::NotFound(format!(
+            "request {}",
+            rid.as_str()
+        ))));
+    };
+    if drop_expired_key(&mut rec, ctx.now_secs()) {
+        txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
+    }
+    Ok(Ok(rec))
+}
+
 /// Spends one use of a grant the policy accepted; returns
 /// `(expires_at, uses_left)`. The held key goes with the last use.
 fn take_use(rec: &mut RequestRecord) -> Result<(u64, u32)> {
@@ -117,19 +134,11 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let txn = ctx.txn;
-                let Some(mut rec) = get_json::<RequestRecord, _>(txn, REQUESTS, rid.as_str())?
-                else {
-                    return Ok(Err(KeyServerError::NotFound(format!(
-                        "request {}",
-                        rid.as_str()
-                    ))));
+                let mut rec = match request_for_use(ctx, &rid)? {
+                    Ok(rec) => rec,
+                    Err(e) => return Ok(Err(e)),
                 };
                 let now = ctx.now_secs();
-                // An expired grant is refused below whoever asks: its held
-                // key goes now.
-                if drop_expired_key(&mut rec, now) {
-                    txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
-                }
                 let action = use_grant(Rpc::FetchKey, &rec, &actor, None, now);
                 let audit = Context::bare(rec.study_id.clone(), format!("request={}", rec.id));
                 if let Err(e) = authorize_in_txn(ctx, &rules, &actor, &action, audit.clone())? {
@@ -185,19 +194,11 @@ impl Core {
             .writer
             .submit(move |ctx| {
                 let txn = ctx.txn;
-                let Some(mut rec) = get_json::<RequestRecord, _>(txn, REQUESTS, rid.as_str())?
-                else {
-                    return Ok(Err(KeyServerError::NotFound(format!(
-                        "request {}",
-                        rid.as_str()
-                    ))));
+                let mut rec = match request_for_use(ctx, &rid)? {
+                    Ok(rec) => rec,
+                    Err(e) => return Ok(Err(e)),
                 };
                 let now = ctx.now_secs();
-                // An expired grant is refused below whoever asks: its held
-                // key goes now.
-                if drop_expired_key(&mut rec, now) {
-                    txn.put_str(REQUESTS, &rec.id, to_json(&rec)?.as_slice())?;
-                }
                 let other = if rec.study_id == sid.as_str() {
                     String::new()
                 } else {
