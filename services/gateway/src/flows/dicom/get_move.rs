@@ -6,11 +6,14 @@
 //! study's first instance is rebuilt. Files are byte-identical for roles
 //! that may re-identify, de-identified for the others.
 
+use std::sync::Arc;
+
 use tessera_dicom::query::TagPair;
 use tokio::sync::mpsc;
 
 use super::profile_for;
 use super::query::{DicomPeer, Seen, Visible};
+use super::read_ahead::{ReadAhead, Rebuild};
 use crate::error::GatewayError;
 use crate::shared::{GatewayService, Result};
 
@@ -97,26 +100,24 @@ impl GatewayService {
                 let profile =
                     (!reidentify).then(|| profile_for(&kmeta, this.inner.limits.temporal));
                 let n = instances.len() as u32;
+                let study_id = study.study_id.clone();
+                let rebuild = Arc::new(Rebuild {
+                    study,
+                    count: n,
+                    kmeta,
+                    kpx,
+                    profile,
+                    reidentify,
+                });
+                let mut ahead = ReadAhead::start(&this, rebuild, (0u32..).zip(instances).collect());
                 let mut spent = false;
-                for (i, inst) in instances.iter().enumerate() {
-                    let loaded = this
-                        .load_instance(
-                            &study,
-                            inst,
-                            i as u32,
-                            n,
-                            &kmeta,
-                            kpx.as_ref(),
-                            profile.as_ref(),
-                            reidentify,
-                        )
-                        .await;
+                while let Some(loaded) = ahead.next().await {
                     let item = match loaded {
                         Ok(l) if spent => Ok(l.bytes),
-                        Ok(l) => match this.redeem_grant(&identity, &rid, &study.study_id).await {
+                        Ok(l) => match this.redeem_grant(&identity, &rid, &study_id).await {
                             Ok(()) => {
                                 spent = true;
-                                tracing::info!(study = %study.study_id, caller = %identity, %operation,
+                                tracing::info!(study = %study_id, caller = %identity, %operation,
                                     reidentified = reidentify, instances = n, "DICOM study retrieved over DIMSE");
                                 Ok(l.bytes)
                             }

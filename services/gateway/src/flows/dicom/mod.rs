@@ -26,6 +26,7 @@
 
 mod get_move;
 pub(crate) mod query;
+mod read_ahead;
 mod retrieve;
 mod store;
 

@@ -2,6 +2,8 @@
 //! instance checked, nothing released) and RetrieveDicom (the original file
 //! for roles allowed to re-identify, the de-identified copy for others).
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 use tessera_dicom::{Pixels, Profile};
 use tessera_image::Image;
@@ -9,6 +11,7 @@ use tessera_proto::gateway::v1 as pb;
 use tessera_proto::keyserver::v1 as kpb;
 use tessera_tls::Role;
 
+use super::read_ahead::{ReadAhead, Rebuild};
 use super::{
     Loaded, PURPOSE_METADATA, PURPOSE_SEALED_PIXELS, blocking, data_loss, dicom_limits,
     open_metadata, open_sealed_pixels, pixel_handling, profile_for, take_metadata,
@@ -234,29 +237,36 @@ impl GatewayService {
             .await?;
         tracing::info!(study = %rec.study_id, caller = %caller, reidentified = reidentify, instances = count, "DICOM study retrieved");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let this = self.clone();
+        let study_id = rec.study_id.clone();
+        let rest = instances
+            .into_iter()
+            .zip(0u32..)
+            .skip(1)
+            .map(|(inst, i)| (i, inst))
+            .collect();
+        let rebuild = Arc::new(Rebuild {
+            study: rec,
+            count,
+            kmeta,
+            kpx,
+            profile,
+            reidentify,
+        });
+        let mut ahead = ReadAhead::start(self, rebuild, rest);
         tokio::spawn(async move {
-            let mut next = Some(first);
-            for (i, inst) in instances.iter().enumerate() {
+            let mut next = Some(Ok(first));
+            loop {
                 let loaded = match next.take() {
-                    Some(l) => Ok(l),
-                    None => {
-                        this.load_instance(
-                            &rec,
-                            inst,
-                            i as u32,
-                            count,
-                            &kmeta,
-                            kpx.as_ref(),
-                            profile.as_ref(),
-                            reidentify,
-                        )
-                        .await
-                    }
+                    Some(l) => l,
+                    None => match ahead.next().await {
+                        Some(l) => l,
+                        None => return,
+                    },
                 };
                 let loaded = match loaded {
                     Ok(l) => l,
                     Err(e) => {
+                        tracing::warn!(study = %study_id, error = %e, "DICOM retrieve stopped");
                         let _ = tx.send(Err(e.into())).await;
                         return;
                     }
