@@ -1,7 +1,8 @@
 //! Two keyserver replicas on one PostgreSQL database (decision 23): writes
 //! from both interleave on one audit chain that verifies, seqs stay unique,
 //! a single-use grant fetched from both at once is released exactly once,
-//! and a database that goes away fails closed (UNAVAILABLE, nothing spent).
+//! a database that goes away fails closed (UNAVAILABLE, nothing spent),
+//! and a watcher on one replica sees the requests the other handles.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -144,6 +145,84 @@ async fn two_replicas_share_one_chain_and_spend_a_grant_once() {
     verified(&a).await;
     verified(&b).await;
     assert!(!s.is_empty());
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The next event on `feed` within 10 s: (kind, request id).
+async fn next_event(feed: &mut tonic::Streaming<pb::RequestEvent>) -> (String, String) {
+    let ev = tokio::time::timeout(std::time::Duration::from_secs(10), feed.message())
+        .await
+        .expect("an event within 10 s")
+        .unwrap()
+        .expect("the feed is open");
+    (ev.kind, ev.request.unwrap().request_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_on_one_replica_sees_requests_handled_by_the_other() {
+    let (_pg, a, b) = two_replicas().await;
+    let study = register(&a, "P-W").await;
+    // The owner and the requester both watch on b.
+    let mut owner_feed = b
+        .client("owner")
+        .await
+        .watch_requests(pb::WatchRequestsRequest { as_owner: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut mine = b
+        .client("clinician")
+        .await
+        .watch_requests(pb::WatchRequestsRequest { as_owner: false })
+        .await
+        .unwrap()
+        .into_inner();
+    // Filed and approved on a.
+    let req = a
+        .client("clinician")
+        .await
+        .request_key(request(&study, "P-W"))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(
+        next_event(&mut owner_feed).await,
+        ("requested".to_owned(), req.request_id.clone())
+    );
+    a.client("owner")
+        .await
+        .approve_request(pb::ApproveRequestRequest {
+            request_id: req.request_id.clone(),
+            ttl_seconds: 600,
+            uses: 1,
+        })
+        .await
+        .unwrap();
+    // The requester hears the decision, not its own filing.
+    assert_eq!(
+        next_event(&mut mine).await,
+        ("approved".to_owned(), req.request_id.clone())
+    );
+    // Filed on b itself: heard once (b does not hear its own event back
+    // through the database).
+    let again = b
+        .client("clinician")
+        .await
+        .request_key(request(&study, "P-W"))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(
+        next_event(&mut owner_feed).await,
+        ("requested".to_owned(), again.request_id.clone())
+    );
+    let extra = tokio::time::timeout(std::time::Duration::from_secs(2), owner_feed.message()).await;
+    assert!(extra.is_err(), "no second copy of b's own event: {extra:?}");
     a.stop().await;
     b.stop().await;
 }

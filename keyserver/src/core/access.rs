@@ -173,12 +173,14 @@ impl Core {
         }
         let mut request = rec.clone();
         request.wrapped_key = None;
-        // No watcher is not an error.
-        let _ = self.inner.events.send(AccessEvent {
+        let ev = AccessEvent {
             kind,
             owner: owner.to_owned(),
             request,
-        });
+        };
+        super::replica_feed::tell(&self.inner.store, &self.inner.origin, &ev);
+        // No watcher is not an error.
+        let _ = self.inner.events.send(ev);
     }
 
     /// The owner `actor` grants in advance. Refused (and audited): naming

@@ -28,6 +28,11 @@ fn parse_prefixed(kind: &str, prefix: &str, s: &str) -> Result<String> {
     }
 }
 
+/// 32 random lowercase hex digits (a replica's name among its peers).
+pub fn random_hex(rng: &SystemRandom) -> Result<String> {
+    random_prefixed(rng, "")
+}
+
 fn random_prefixed(rng: &SystemRandom, prefix: &str) -> Result<String> {
     let mut b = [0u8; ID_HEX_LEN / 2];
     rng.fill(&mut b)

@@ -268,6 +268,105 @@ impl PgStore {
     }
 }
 
+/// The channel on which replicas tell each other of access events (the
+/// `WatchRequests` feed, see `core::replica_feed`).
+pub const ACCESS_CHANNEL: &str = "tessera_ks_access";
+
+/// Pause before the listener connects again after losing its connection.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+
+impl PgStore {
+    /// Tells every replica listening on [`ACCESS_CHANNEL`] (this one too)
+    /// `payload`, after the commit it follows: sent in the background on a
+    /// pooled connection outside any transaction; a failure is logged (a
+    /// watcher on another replica then misses one event, as after a lag).
+    pub fn notify(&self, payload: String) {
+        let shared = self.shared.clone();
+        self.shared.handle.spawn(async move {
+            let idle = shared.idle.lock().ok().and_then(|mut v| v.pop());
+            let sent = async {
+                let _permit = shared
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| KeyServerError::Unavailable)?;
+                let c = match idle.filter(|c| !c.is_closed()) {
+                    Some(c) => c,
+                    None => Arc::new(Shared::connect(shared.config.clone()).await?),
+                };
+                c.execute("SELECT pg_notify($1, $2)", &[&ACCESS_CHANNEL, &payload])
+                    .await
+                    .map_err(pg_err)?;
+                if let Ok(mut v) = shared.idle.lock()
+                    && v.len() < POOL
+                {
+                    v.push(c);
+                }
+                Ok::<_, KeyServerError>(())
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, sent).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot tell the other keyserver replicas of an access event"),
+                Err(_) => tracing::warn!("telling the other keyserver replicas of an access event timed out"),
+            }
+        });
+    }
+
+    /// Calls `on` with every payload sent on [`ACCESS_CHANNEL`] (by any
+    /// replica, this one included), on a connection of its own that is
+    /// opened again whenever it is lost, until the store is dropped. `on`
+    /// runs on the store's runtime: it must not block.
+    pub fn listen(&self, on: impl Fn(String) + Send + Sync + 'static) {
+        let config = self.shared.config.clone();
+        self.shared.handle.spawn(async move {
+            loop {
+                match listen_once(&config, &on).await {
+                    Ok(()) => tracing::warn!("keyserver database: the access-event listener's connection ended; connecting again"),
+                    Err(e) => tracing::warn!(error = %e, "keyserver database: the access-event listener failed; connecting again"),
+                }
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+        });
+    }
+}
+
+/// One listening connection, until it ends.
+async fn listen_once(config: &tokio_postgres::Config, on: &(impl Fn(String) + Sync)) -> Result<()> {
+    let (client, mut conn) = config.connect(NoTls).await.map_err(pg_err)?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // The connection delivers notifications only while it is polled.
+    let driver = tokio::spawn(async move {
+        while let Some(msg) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            match msg {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "keyserver database: listener connection");
+                    return;
+                }
+            }
+        }
+    });
+    let listening = client
+        .batch_execute(&format!("LISTEN {ACCESS_CHANNEL}"))
+        .await
+        .map_err(pg_err);
+    if let Err(e) = listening {
+        driver.abort();
+        return Err(e);
+    }
+    while let Some(payload) = rx.recv().await {
+        on(payload);
+    }
+    drop(client);
+    Ok(())
+}
+
 /// Opens the transaction on `c`.
 async fn start(c: &Client, write: bool) -> Result<()> {
     if write {

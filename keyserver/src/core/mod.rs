@@ -41,6 +41,7 @@ pub mod ids;
 pub mod kv;
 mod kv_pg;
 pub mod policy;
+mod replica_feed;
 pub mod store;
 mod studies;
 mod types;
@@ -139,6 +140,9 @@ struct Inner {
     access: access::AccessConfig,
     /// The live feed of requests filed and decided (`WatchRequests`).
     events: tokio::sync::broadcast::Sender<access::AccessEvent>,
+    /// This process among the replicas on a shared store (the feed's
+    /// origin, so a replica does not hear its own events back).
+    origin: String,
     /// Owner webhooks, when `[keyserver.webhook]` is configured.
     webhook: Option<Arc<webhook::Outbox>>,
     /// Set while the audit chain does not verify: every key operation is
@@ -282,6 +286,9 @@ impl Core {
                 .map_err(|e| KeyServerError::Storage(format!("cannot start verifier: {e}")))?
         };
         let writer = Writer::start(store.clone(), signer, clock.clone(), cfg.checkpoint_every)?;
+        let events = tokio::sync::broadcast::channel(1024).0;
+        let origin = ids::random_hex(&rng)?;
+        replica_feed::listen(&store, origin.clone(), events.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
@@ -303,7 +310,8 @@ impl Core {
                 max_uses: cfg.max_grant_uses,
                 webhook: cfg.access.webhook.clone().map(webhook::Outbox::new),
                 access: cfg.access,
-                events: tokio::sync::broadcast::channel(1024).0,
+                events,
+                origin,
                 broken,
                 verifier: Mutex::new(Some(verifier)),
                 stop_verifier,
