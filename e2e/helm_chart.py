@@ -758,10 +758,14 @@ def check_spread(r: Rendered, arg: str | None) -> None:
     # when its Service is in-cluster only.
     ks = r.values["keyserver"]
     spec = r.get("Service", "keyserver")["spec"]
+    wm = r.configs["watermark-config"]["keyserver"].get("resolve_secs")
     if ks["store"]["backend"] == "postgres" and ks["service"]["type"] == "ClusterIP":
         assert spec.get("clusterIP") == "None", f"Service keyserver not headless beside {ks['store']['replicas']} replicas: {spec}"
+        # The watermark service derives keys there too: it balances as well.
+        assert wm == resolve, f"watermark [keyserver] resolve_secs {wm}, the gateway's {resolve}"
     else:
         assert spec.get("clusterIP") != "None", f"Service keyserver headless: {spec}"
+        assert wm == 0, f"watermark [keyserver] resolve_secs {wm} without keyserver replicas"
 
 
 MEM_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

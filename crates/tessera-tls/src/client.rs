@@ -318,6 +318,21 @@ impl ClientTls {
         self.connect_balanced_with(addr, every, dns_resolver())
     }
 
+    /// The channel a service's `resolve_secs` setting asks for: 0 gives
+    /// [`Self::connect_lazy`] (one connection to the name), more gives
+    /// [`Self::connect_balanced_with`] looked up again that often.
+    pub fn connect_resolving(
+        &self,
+        addr: &str,
+        resolve_secs: u64,
+        resolve: Resolver,
+    ) -> Result<Channel, TlsError> {
+        match resolve_secs {
+            0 => self.connect_lazy(addr),
+            secs => self.connect_balanced_with(addr, Duration::from_secs(secs), resolve),
+        }
+    }
+
     /// [`Self::connect_balanced`] with another resolver (tests inject
     /// theirs).
     pub fn connect_balanced_with(
@@ -356,6 +371,20 @@ impl ClientTls {
 
 /// Requests waiting for a balanced channel's members (tonic's default).
 const BALANCE_BUFFER: usize = 1024;
+
+/// Longest `resolve_secs` a service accepts: a replica added later waits
+/// at most this long for its first call.
+pub const MAX_RESOLVE_SECS: u64 = 3600;
+
+/// Checks a `resolve_secs` setting (`what` names it in the refusal).
+pub fn check_resolve_secs(what: &str, secs: u64) -> Result<(), String> {
+    if secs > MAX_RESOLVE_SECS {
+        return Err(format!(
+            "{what} must be at most {MAX_RESOLVE_SECS} (0: no balancing)"
+        ));
+    }
+    Ok(())
+}
 
 /// Resolves `host`, `port` to the addresses to balance over.
 pub type Resolver = Arc<

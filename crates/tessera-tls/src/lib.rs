@@ -42,7 +42,10 @@ pub use authz::{
     HEALTH_SERVICE_PREFIX, Policy, Refusal, RefusalSink, Role, RoleMap, caller, caller_roles,
 };
 pub use channel::{Channel, inject_trace_context};
-pub use client::{ChannelTimeouts, ClientTls, Resolver, deadline_status, dns_resolver, timed_out};
+pub use client::{
+    ChannelTimeouts, ClientTls, MAX_RESOLVE_SECS, Resolver, check_resolve_secs, deadline_status,
+    dns_resolver, timed_out,
+};
 pub use error::TlsError;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError, SERVICE_KIND, USER_KIND};
 pub use peer::{ExpectedPeer, PeerError};

@@ -307,6 +307,14 @@ address = {{ include "tessera.address" (list "keyserver" $v.keyserver.port) | to
 identity = {{ include "tessera.serviceIdentity" (list . "keyserver") | toJson }}
 connect_timeout_secs = {{ $t.connectSecs | default 5 | int64 }}
 call_timeout_secs = {{ $t.callSecs | default 30 | int64 }}
+# Keyserver replicas on PostgreSQL sit behind a headless Service: balance
+# over every one, as the gateway does.
+{{- $ks := $v.keyserver }}
+{{- if and (eq $ks.store.backend "postgres") (eq $ks.service.type "ClusterIP") }}
+resolve_secs = {{ $v.gateway.upstreamResolveSecs | default 0 | int64 }}
+{{- else }}
+resolve_secs = 0
+{{- end }}
 
 [keyserver.tls]
 {{ include "tessera.clientTlsToml" . }}

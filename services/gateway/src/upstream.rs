@@ -123,14 +123,7 @@ impl Upstreams {
                 .upstream_identity(name, u)
                 .map_err(|e| bad_identity(&u.address, e))?;
             let tls = tls.expecting(&id).with_timeouts(timeouts);
-            match u.resolve_secs {
-                0 => tls.connect_lazy(&u.address),
-                secs => tls.connect_balanced_with(
-                    &u.address,
-                    Duration::from_secs(secs),
-                    resolver.clone(),
-                ),
-            }
+            tls.connect_resolving(&u.address, u.resolve_secs, resolver.clone())
         };
         let keyserver = KeyServerClient::new(channel("keyserver", &cfg.keyserver, unary)?);
         let watermark = WatermarkClient::new(channel("watermark", &cfg.watermark, streaming)?)

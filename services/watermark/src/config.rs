@@ -16,6 +16,8 @@
 //! identity = "spiffe://tessera.local/service/keyserver"
 //! connect_timeout_secs = 5    # TCP connect + TLS handshake
 //! call_timeout_secs = 30      # each DeriveKey call
+//! resolve_secs = 0            # > 0: balance over every address the name
+//!                             # resolves to (keyserver replicas), looked up again this often
 //! [keyserver.tls]             # our client certificate (the watermark identity)
 //! ca = "pki/ca.crt"
 //! cert = "pki/watermark.crt"
@@ -80,6 +82,12 @@ pub struct KeyserverSection {
     /// Seconds a DeriveKey call may take.
     #[serde(default = "default_call_secs")]
     pub call_timeout_secs: u64,
+    /// Calls balance over every address `host` resolves to (keyserver
+    /// replicas on PostgreSQL behind a headless Service), resolved again
+    /// every this many seconds; 0 (the default): one connection to the
+    /// name.
+    #[serde(default)]
+    pub resolve_secs: u64,
     /// Client TLS material: this service's own certificate.
     pub tls: TlsFiles,
 }
@@ -168,6 +176,7 @@ impl Validate for Config {
         if !(1..=3600).contains(&k.call_timeout_secs) {
             return Err("keyserver.call_timeout_secs must be 1..=3600".into());
         }
+        tessera_tls::check_resolve_secs("keyserver.resolve_secs", k.resolve_secs)?;
         for (what, p) in [
             ("keyserver.tls.ca", &k.tls.ca),
             ("keyserver.tls.cert", &k.tls.cert),
@@ -223,6 +232,7 @@ mod tests {
             vec!["spiffe://tessera.local/service/gateway".to_string()]
         );
         assert_eq!(cfg.watermark.max_image_bytes, 256 * 1024 * 1024);
+        assert_eq!(cfg.keyserver.resolve_secs, 0, "one connection by default");
         assert_eq!(
             cfg.keyserver_identity().unwrap().uri(),
             "spiffe://tessera.local/service/keyserver"
@@ -253,6 +263,7 @@ mod tests {
             ("TESSERA_WATERMARK__KEYSERVER__ADDRESS", "\" \""),
             ("TESSERA_WATERMARK__KEYSERVER__IDENTITY", "keyserver"),
             ("TESSERA_WATERMARK__KEYSERVER__CALL_TIMEOUT_SECS", "0"),
+            ("TESSERA_WATERMARK__KEYSERVER__RESOLVE_SECS", "3601"),
         ] {
             let env = BTreeMap::from([(var.to_string(), val.to_string())]);
             let r: Result<Config, _> =

@@ -147,7 +147,7 @@ impl KeyClient {
         let channel = tls
             .expecting(identity)
             .with_timeouts(cfg.timeouts())
-            .connect_lazy(&cfg.address)?;
+            .connect_resolving(&cfg.address, cfg.resolve_secs, tessera_tls::dns_resolver())?;
         Ok(Self {
             client: KeyServerClient::new(channel),
             protect_keys: std::sync::Arc::new(ProtectKeyCache::new(

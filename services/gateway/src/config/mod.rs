@@ -161,9 +161,8 @@ pub struct Upstream {
     pub resolve_secs: u64,
 }
 
-/// Longest re-resolution period of a balanced upstream (a replica added
-/// later waits at most this long for its first call).
-pub const MAX_RESOLVE_SECS: u64 = 3600;
+/// Longest re-resolution period of a balanced upstream.
+pub use tessera_tls::MAX_RESOLVE_SECS;
 
 /// One `[[storage_nodes]]` entry.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -418,12 +417,8 @@ impl Validate for Config {
             if u.address.trim().is_empty() {
                 return Err(format!("{what} must not be empty"));
             }
-            if u.resolve_secs > MAX_RESOLVE_SECS {
-                let section = what.trim_end_matches(".address");
-                return Err(format!(
-                    "{section}.resolve_secs must be at most {MAX_RESOLVE_SECS} (0: no balancing)"
-                ));
-            }
+            let section = what.trim_end_matches(".address");
+            tessera_tls::check_resolve_secs(&format!("{section}.resolve_secs"), u.resolve_secs)?;
         }
         self.upstream_identity("keyserver", &self.keyserver)?;
         self.upstream_identity("watermark", &self.watermark)?;
