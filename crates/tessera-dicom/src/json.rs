@@ -50,7 +50,10 @@ mod tests {
         assert_eq!(o["00080018"]["vr"], "UI");
         assert_eq!(o["00280010"]["Value"][0], 100, "Rows as a number");
         assert!(!o.contains_key("7FE00010"), "no Pixel Data");
-        assert!(!o.keys().any(|k| k.starts_with("0002")), "no file meta group");
+        assert!(
+            !o.keys().any(|k| k.starts_with("0002")),
+            "no file meta group"
+        );
     }
 
     #[test]

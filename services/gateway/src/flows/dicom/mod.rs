@@ -25,6 +25,7 @@
 //! RetrieveDicom; this file their shared constants and helpers.
 
 mod get_move;
+pub(crate) use get_move::{GrantUse, filed_request};
 pub(crate) mod query;
 mod retrieve;
 mod store;
