@@ -216,7 +216,10 @@ impl InstanceSink for GatewaySink {
                 "calling AE title {:?} may query and retrieve but not store (dicom.scp.allowed_calling_aes)",
                 received.calling_ae
             );
-            tracing::warn!(peer = %received.peer, calling_ae = %received.calling_ae, "C-STORE refused: not a storing AE");
+            let caller = received.tls_identity.clone().unwrap_or_else(|| {
+                format!("dicom-ae:{}@{}", received.calling_ae, received.peer)
+            });
+            tessera_tls::security::refused("gateway", &caller, "dicom:C-STORE", &reason);
             return StoreOutcome::Refused {
                 status: STATUS_NOT_AUTHORIZED,
                 reason,
