@@ -170,7 +170,7 @@ fn qr_refusal(e: &GatewayError) -> (u16, String) {
         // security log.
         GatewayError::PermissionDenied(m) => (
             STATUS_NOT_AUTHORIZED,
-            match crate::flows::dicom::filed_request(m) {
+            match crate::flows::dicom::get_move::filed_request(m) {
                 Some(rid) => format!("no grant; owner asked: {rid}"),
                 None => "no grant: ask with tessera request-key / RequestAccess".into(),
             },
@@ -216,9 +216,10 @@ impl InstanceSink for GatewaySink {
                 "calling AE title {:?} may query and retrieve but not store (dicom.scp.allowed_calling_aes)",
                 received.calling_ae
             );
-            let caller = received.tls_identity.clone().unwrap_or_else(|| {
-                format!("dicom-ae:{}@{}", received.calling_ae, received.peer)
-            });
+            let caller = received
+                .tls_identity
+                .clone()
+                .unwrap_or_else(|| format!("dicom-ae:{}@{}", received.calling_ae, received.peer));
             tessera_tls::security::refused("gateway", &caller, "dicom:C-STORE", &reason);
             return StoreOutcome::Refused {
                 status: STATUS_NOT_AUTHORIZED,
@@ -320,7 +321,7 @@ impl InstanceSink for GatewaySink {
                 op,
                 &keys_of(&request.keys),
                 pinned,
-                crate::flows::dicom::GrantUse::Spend,
+                crate::flows::dicom::get_move::GrantUse::Spend,
             )
             .await
         {

@@ -110,9 +110,13 @@ async fn dicom_tls_refusals_are_in_the_security_log() {
     let stack = DevStack::start(tmp.path(), &DevOptions::default())
         .await
         .unwrap();
-    let addr: SocketAddr = stack.endpoints().endpoints["dicom-tls"]
-        .parse()
+    // `localhost:<port>`; the suite listens on 127.0.0.1.
+    let port: u16 = stack.endpoints().endpoints["dicom-tls"]
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
         .expect("the suite serves DICOM TLS");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let pki = stack.pki_dir();
 
     // No client certificate: the dev CA's roots only.

@@ -19,7 +19,7 @@ use tessera_dicom::query::TagPair;
 
 use super::multipart;
 use super::web::{Caller, WebError, WebResult, WebState, header_str, with_type};
-use crate::flows::dicom::GrantUse;
+use crate::flows::dicom::get_move::GrantUse;
 
 const STUDY: TagPair = (0x0020, 0x000D);
 const SERIES: TagPair = (0x0020, 0x000E);

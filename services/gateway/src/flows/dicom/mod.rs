@@ -24,8 +24,7 @@
 //! `retrieve.rs` holds FindDicomStudy, Verify of a DICOM study and
 //! RetrieveDicom; this file their shared constants and helpers.
 
-mod get_move;
-pub(crate) use get_move::{GrantUse, filed_request};
+pub(crate) mod get_move;
 pub(crate) mod query;
 mod retrieve;
 mod store;
