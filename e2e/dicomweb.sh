@@ -147,16 +147,17 @@ check "WADO-RS as researcher: 4 de-identified data sets" \
 retrieve_res() { gc researcher "$GW" -max-msg-sz 8388608 -d "{\"study_handle\":\"$HANDLE\",\"key_request_id\":\"$RRID\"}" \
   -- tessera.gateway.v1.Gateway/RetrieveDicom >"$E2E_TMP/res.json"; }
 check "researcher: RetrieveDicom (gRPC) streams the de-identified study" retrieve_res
-check "WADO-RS as researcher: byte-identical to RetrieveDicom's de-identified files" \
-  out_has "^4$" "$PY" "$WEB" wado-same "$URL" "$PKI" researcher "$MAPPED" "$E2E_TMP/res.json"
+# /metadata spends nothing: the grant's third use is left for wado-same.
 res_meta() { # the researcher's study metadata: RetrieveDicom's de-identified files, no original Patient ID
   local out
   out=$("$PY" "$WEB" metadata "$URL" "$PKI" researcher study "$E2E_TMP/res.json") || { echo "$out"; return 1; }
   [ "$(sed -n 1p <<<"$out")" = 4 ] && ! grep -q "E2E-MRN-90417" <<<"$out" || { echo "$out"; return 1; }
 }
 check "retrieve_study_metadata as researcher: RetrieveDicom's de-identified attributes, not the Patient ID" res_meta
-check "retrieve_instance_metadata as researcher: one de-identified instance" \
+check "retrieve_instance_metadata as researcher: one de-identified instance (the grant's last use still there for the next check)" \
   out_has "^1$" "$PY" "$WEB" metadata "$URL" "$PKI" researcher instance "$E2E_TMP/res.json"
+check "WADO-RS as researcher: byte-identical to RetrieveDicom's de-identified files" \
+  out_has "^4$" "$PY" "$WEB" wado-same "$URL" "$PKI" researcher "$MAPPED" "$E2E_TMP/res.json"
 check "a client without a certificate is refused at the handshake" \
   out_has "^refused" "$PY" "$WEB" nocert "$URL" "$PKI"
 "$T" pki init --dir "$E2E_TMP/other-pki" >/dev/null
