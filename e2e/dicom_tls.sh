@@ -7,7 +7,8 @@
 # refused without a grant; no certificate, another CA's certificate or
 # plain DICOM on the TLS port refused at the handshake (the gateway logs
 # each as a security event, `rpc = dicom:A-ASSOCIATE`; `dev up` keeps no
-# log, so that is not checked here). dcmtk's getscu has no TLS: C-GET is
+# log: services/gateway/tests/dicom_tls_log.rs asserts those entries).
+# dcmtk's getscu has no TLS: C-GET is
 # pynetdicom's, with an ssl context.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"

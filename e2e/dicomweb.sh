@@ -8,7 +8,13 @@
 # for a researcher byte-identical to RetrieveDicom's de-identified files; no
 # certificate or one of another CA refused at the handshake, an identity
 # without a role 403; a STOW-RS body over [dicomweb] max_request_bytes 413;
-# the refusals counted on the gateway's /metrics.
+# the refusals counted on the gateway's /metrics. With [dicom]
+# file_requests on: the refused WADO-RS files an access request for the
+# caller (named in the 403, not filed twice while pending), which the owner
+# approves. WADO-RS /metadata (dicomweb-client retrieve_*_metadata): refused
+# without a grant; with one, every attribute of the files the retrieve
+# sends (Patient ID for the clinician, de-identified for the researcher),
+# no use spent.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 e2e_init
@@ -19,7 +25,7 @@ TOOL="$(dirname "$0")/dicom_tool.py"
 WEB="$(dirname "$0")/dicomweb_tool.py"
 
 MAX_BYTES=$((1 << 20))
-TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES=$MAX_BYTES dev_up "$DIR"
+TESSERA_DEV_DICOMWEB_MAX_REQUEST_BYTES=$MAX_BYTES TESSERA_DEV_DICOM_FILE_REQUESTS=1 dev_up "$DIR"
 PKI="$DIR/pki"
 GW=$(ep gateway)
 KS=$(ep keyserver)
@@ -77,12 +83,31 @@ check "QIDO-RS /studies/{uid}/series as clinician2: nothing" \
 check "QIDO-RS as outsider (our CA, no role): 403" \
   out_has "^403 .*no Tessera role" "$PY" "$WEB" get "$URL" "$PKI" outsider /studies
 FORBIDDEN=$((FORBIDDEN + 1))
-check "WADO-RS without a grant: 403 naming tessera request-key" \
-  out_has "^403 .*request-key" "$PY" "$WEB" status "$URL" "$PKI" clinician "$STUDY_UID"
+REFUSED=$("$PY" "$WEB" status "$URL" "$PKI" clinician "$STUDY_UID")
+FILED=$(grep -o 'rq-[0-9a-f]\{32\}' <<<"$REFUSED" | head -n 1)
+check "WADO-RS without a grant: 403 naming the access request filed for the caller and tessera approve" \
+  grep -q "^403 .*access request $FILED was filed on your behalf.*tessera approve $FILED" <<<"$REFUSED"
+FORBIDDEN=$((FORBIDDEN + 1))
+check "WADO-RS /metadata without a grant: 403, the same request still pending (no second one)" \
+  out_has "^403 .*$FILED filed on your behalf earlier is still pending" "$PY" "$WEB" get "$URL" "$PKI" clinician "/studies/$STUDY_UID/metadata"
 FORBIDDEN=$((FORBIDDEN + 1))
 
 HANDLE=$(gc clinician "$GW" -d "{\"owner\":\"spiffe://tessera.local/user/owner\",\"patient_id\":\"E2E-MRN-90417\",\"study_instance_uid\":\"$STUDY_UID\"}" \
   -- tessera.gateway.v1.Gateway/FindDicomStudy | sed -n 's/.*"studyHandle": "\(.*\)".*/\1/p')
+one_pending() { # the owner's pending requests on the study: exactly the filed one, for the clinician
+  local out
+  out=$(gc owner "$KS" -d "{\"study_id\":\"$HANDLE\"}" -- tessera.keyserver.v1.KeyServer/ListRequests) || return 1
+  [ "$(grep -c '"requestId"' <<<"$out")" -eq 1 ] && grep -q "\"requestId\": \"$FILED\"" <<<"$out" &&
+    grep -q '"requester": "spiffe://tessera.local/user/clinician"' <<<"$out" || { echo "$out"; return 1; }
+}
+check "the owner lists one pending request on the study: the filed one, by the clinician" one_pending
+gc owner "$KS" -d "{\"request_id\":\"$FILED\",\"ttl_seconds\":600,\"uses\":2}" -- tessera.keyserver.v1.KeyServer/ApproveRequest >/dev/null
+# /metadata under the grant (checked, not spent): every level, what the
+# stored files hold (Patient ID included), no Pixel Data.
+for level in study series instance; do
+  check "dicomweb-client retrieve_${level}_metadata as clinician: the stored files' attributes and Patient ID" \
+    out_has "^PatientID=E2E-MRN-90417$" "$PY" "$WEB" metadata "$URL" "$PKI" clinician "$level" "$STUDY_DIR"
+done
 grant() { # grant WHO USES -> request id, approved
   local rid
   rid=$(gc "$1" "$GW" -d "{\"study_handle\":\"$HANDLE\",\"justification\":\"e2e dicomweb\"}" -- tessera.gateway.v1.Gateway/RequestAccess |
@@ -90,13 +115,15 @@ grant() { # grant WHO USES -> request id, approved
   gc owner "$KS" -d "{\"request_id\":\"$rid\",\"ttl_seconds\":600,\"uses\":$2}" -- tessera.keyserver.v1.KeyServer/ApproveRequest >/dev/null
   echo "$rid"
 }
-grant clinician 2 >/dev/null
 check "WADO-RS with a grant: 4 parts byte-identical (sha256) to the files stored" \
   out_has "^4$" "$PY" "$WEB" wado-raw "$URL" "$PKI" clinician "$STUDY_UID" "$STUDY_DIR"
 check "dicomweb-client retrieve_study: the 4 data sets sent" \
   out_has "^4$" "$PY" "$WEB" wado "$URL" "$PKI" clinician "$STUDY_UID" "$STUDY_DIR" identical
-check "the grant's 2 uses are spent: 403 again" \
+check "the grant's 2 uses are spent (not by /metadata): 403 again" \
   out_has "^403 " "$PY" "$WEB" status "$URL" "$PKI" clinician "$STUDY_UID"
+FORBIDDEN=$((FORBIDDEN + 1))
+check "WADO-RS /metadata with the grant spent: 403" \
+  out_has "^403 " "$PY" "$WEB" get "$URL" "$PKI" clinician "/studies/$STUDY_UID/metadata"
 FORBIDDEN=$((FORBIDDEN + 1))
 
 # clinician2 (not a delegate) granted the first study: QIDO-RS finds it at
@@ -120,6 +147,15 @@ check "WADO-RS as researcher: 4 de-identified data sets" \
 retrieve_res() { gc researcher "$GW" -max-msg-sz 8388608 -d "{\"study_handle\":\"$HANDLE\",\"key_request_id\":\"$RRID\"}" \
   -- tessera.gateway.v1.Gateway/RetrieveDicom >"$E2E_TMP/res.json"; }
 check "researcher: RetrieveDicom (gRPC) streams the de-identified study" retrieve_res
+# /metadata spends nothing: the grant's third use is left for wado-same.
+res_meta() { # the researcher's study metadata: RetrieveDicom's de-identified files, no original Patient ID
+  local out
+  out=$("$PY" "$WEB" metadata "$URL" "$PKI" researcher study "$E2E_TMP/res.json") || { echo "$out"; return 1; }
+  [ "$(sed -n 1p <<<"$out")" = 4 ] && ! grep -q "E2E-MRN-90417" <<<"$out" || { echo "$out"; return 1; }
+}
+check "retrieve_study_metadata as researcher: RetrieveDicom's de-identified attributes, not the Patient ID" res_meta
+check "retrieve_instance_metadata as researcher: one de-identified instance (the grant's last use still there for the next check)" \
+  out_has "^1$" "$PY" "$WEB" metadata "$URL" "$PKI" researcher instance "$E2E_TMP/res.json"
 check "WADO-RS as researcher: byte-identical to RetrieveDicom's de-identified files" \
   out_has "^4$" "$PY" "$WEB" wado-same "$URL" "$PKI" researcher "$MAPPED" "$E2E_TMP/res.json"
 check "a client without a certificate is refused at the handshake" \

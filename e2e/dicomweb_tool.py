@@ -19,6 +19,13 @@
                                     byte-identical to a file of DIR; prints the count
   wado URL PKI WHO STUDY DIR MODE   dicomweb-client retrieve_study: MODE identical (same
                                     data sets) or deidentified (no original ID/name/UIDs)
+  metadata URL PKI WHO LEVEL REF     dicomweb-client retrieve_{study,series,instance}_metadata
+                                    (LEVEL study, series or instance) of the first data set
+                                    of REF (a directory of *.dcm, or grpcurl's RetrieveDicom
+                                    output): the answer must hold exactly REF's instances at
+                                    that level, each with the same attributes as REF's file
+                                    (no Pixel Data, no file meta) and the same Patient ID;
+                                    prints the count, then each PatientID
   get URL PKI WHO PATH              the HTTP status (and reason) of GET PATH (DICOM JSON)
   status URL PKI WHO STUDY          the HTTP status (and reason) of WADO-RS on STUDY
   nocert URL PKI                    a client without a certificate: must fail the handshake
@@ -191,6 +198,56 @@ def wado(url, pki, who, study, d, mode):
     print(len(got))
 
 
+def reference(ref):
+    """(dataset, tags) of REF's files: a directory of *.dcm, or RetrieveDicom output."""
+    import io
+    if os.path.isdir(ref):
+        blobs = [open(f, "rb").read() for f in files(ref)]
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import dicom_tool
+        blobs = [data for _, data in dicom_tool.instances(ref)]
+    out = []
+    for b in blobs:
+        ds = pydicom.dcmread(io.BytesIO(b))
+        tags = {f"{int(t):08X}" for t in ds.keys()} - {"7FE00010", "7FE00008", "7FE00009"}
+        out.append((ds, tags))
+    return out
+
+
+def metadata(url, pki, who, level, ref):
+    refs = reference(ref)
+    first = refs[0][0]
+    c = client(url, pki, who)
+    study, series, sop = first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID
+    if level == "study":
+        got = c.retrieve_study_metadata(study)
+        want = refs
+    elif level == "series":
+        got = c.retrieve_series_metadata(study, series)
+        want = [r for r in refs if r[0].SeriesInstanceUID == series]
+    else:
+        got = [c.retrieve_instance_metadata(study, series, sop)]
+        want = [r for r in refs if r[0].SOPInstanceUID == sop]
+    by_sop = {r[0].SOPInstanceUID: r for r in want}
+    sops = [m.get("00080018", {}).get("Value", [""])[0] for m in got]
+    if sorted(sops) != sorted(by_sop):
+        sys.exit(f"metadata names {sorted(sops)}, the reference {sorted(by_sop)}")
+    ids = []
+    for m, uid in zip(got, sops):
+        ds, tags = by_sop[uid]
+        if set(m) != tags:
+            sys.exit(f"{uid}: attributes differ: only in metadata {sorted(set(m) - tags)}, "
+                     f"only in the file {sorted(tags - set(m))}")
+        pid = m.get("00100020", {}).get("Value", [""])[0]
+        if pid != str(ds.get("PatientID", "")):
+            sys.exit(f"{uid}: PatientID {pid!r}, the file has {ds.get('PatientID', '')!r}")
+        ids.append(pid)
+    print(len(got))
+    for pid in ids:
+        print(f"PatientID={pid}")
+
+
 def get(url, pki, who, path):
     r = session(pki, who).get(f"{url}{path}", headers={"Accept": "application/dicom+json"})
     print(r.status_code, r.text.strip().replace("\n", " ")[:300])
@@ -219,4 +276,4 @@ if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     {"stow": stow, "qido": qido, "qido-series": qido_series, "qido-instances": qido_instances,
      "wado-raw": wado_raw, "wado": wado, "wado-same": wado_same, "stow-partial": stow_partial, "relabel": relabel,
-     "status": status, "get": get, "nocert": nocert, "foreign": foreign}[cmd](*args)
+     "status": status, "get": get, "metadata": metadata, "nocert": nocert, "foreign": foreign}[cmd](*args)

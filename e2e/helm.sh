@@ -48,7 +48,7 @@ DICOM_OWNER=spiffe://tessera.local/user/owner
 cat >"$E2E_TMP/dicom.json" <<JSON
 {
   "gateway": {"dicom": {"temporal": "retain-modified", "scp": {
-    "enabled": true, "port": 11113, "aeTitle": "TESSERA K8S",
+    "enabled": true, "port": 11113, "tlsPort": 2762, "aeTitle": "TESSERA K8S",
     "allowedCallingAEs": ["CT01", "O'PACS"], "owner": "$DICOM_OWNER",
     "maxAssociations": 8, "idleTimeoutSecs": 30,
     "service": {"type": "LoadBalancer",
@@ -111,6 +111,9 @@ check "render refuses a DICOM owner outside access.trustDomain" \
   render_rejects "$(scp_json "$AES, \"owner\": \"spiffe://other.org/user/owner\"")" "gateway.dicom.scp.owner"
 check "render refuses the DICOM SCP on the gRPC port" \
   render_rejects "$(scp_json "$AES, $OWNER, \"port\": 7700")" "gateway.dicom.scp.port 7700 is gateway.port"
+check "render rejects a dicom.scp.tlsPort equal to the plain DICOM port" \
+  render_rejects "$(scp_json "$AES, $OWNER, \"tlsPort\": 11112")" "gateway.dicom.scp.tlsPort 11112 is gateway.dicom.scp.port"
+check "lint rejects a dicom.scp.tlsPort that is not a port" lint_rejects '{"gateway": {"dicom": {"scp": {"tlsPort": 70000}}}}'
 check "render refuses DICOMweb on the gRPC port" \
   render_rejects '{"gateway": {"dicomweb": {"enabled": true, "port": 7700}}}' "gateway.dicomweb.port 7700 is gateway.port"
 check "render refuses DICOMweb on the DICOM SCP's port" \
@@ -144,7 +147,8 @@ cat >"$E2E_TMP/ops.json" <<JSON
   "metrics": {"podMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "prom"}}},
   "storage": {"replicas": 5, "zones": ["a", "a", "b", "b", "c"],
               "erasure": {"enabled": true, "data": 3, "parity": 2}},
-  "gateway": {"dicom": {"scp": {"enabled": true, "owner": "$DICOM_OWNER", "allowedCallingAEs": ["CT01"]}},
+  "gateway": {"dicom": {"fileRequests": true,
+                        "scp": {"enabled": true, "tlsPort": 2762, "owner": "$DICOM_OWNER", "allowedCallingAEs": ["CT01"]}},
               "dicomweb": {"enabled": true}}
 }
 JSON

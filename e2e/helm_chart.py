@@ -482,14 +482,17 @@ def check_notes(r: Rendered, _arg: str | None) -> None:
 
 
 def check_dicom(r: Rendered, arg: str | None) -> None:
-    """gateway.dicom: [dicom] always, [dicom.scp] + container port + Service
-    gateway-dicom + NOTES echoscu exactly when scp.enabled (ARG: on / off)."""
+    """gateway.dicom: [dicom] always (temporal, file_requests), [dicom.scp] +
+    container port + Service gateway-dicom + NOTES echoscu exactly when
+    scp.enabled (ARG: on / off); with scp.tlsPort also tls_listen, container
+    port and gateway-dicom port dicom-tls."""
     assert arg in ("on", "off"), f"dicom check: ARG is on or off, not {arg!r}"
     d = r.values["gateway"]["dicom"]
     scp = d["scp"]
     assert scp["enabled"] is (arg == "on"), f"values: gateway.dicom.scp.enabled is {scp['enabled']}"
     gw = r.configs["gateway-config"]
     assert gw["dicom"]["temporal"] == d["temporal"], f"[dicom] temporal {gw['dicom'].get('temporal')!r}"
+    assert gw["dicom"]["file_requests"] is d["fileRequests"], f"[dicom] file_requests {gw['dicom'].get('file_requests')!r}"
     dep = r.get("Deployment", "gateway")
     main = main_container(dep)
     ports = {p["name"]: p for p in main["ports"]}
@@ -499,7 +502,7 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
     ports.pop("dicomweb", None)  # check_dicomweb's
     dicom_ports = [(s["metadata"]["name"], p) for s in r.of_kind("Service") for p in s["spec"]["ports"] if p["name"] == "dicom"]
     if arg == "off":
-        assert set(gw["dicom"]) == {"temporal"}, f"[dicom] has {sorted(gw['dicom'])} with the SCP disabled"
+        assert set(gw["dicom"]) == {"temporal", "file_requests"}, f"[dicom] has {sorted(gw['dicom'])} with the SCP disabled"
         assert sorted(ports) == ["admin", "grpc"], f"gateway container ports {sorted(ports)}"
         assert not dicom_ports, f"a dicom Service port with the SCP disabled: {dicom_ports}"
         assert "echoscu" not in r.notes and "gateway-dicom" not in r.notes, "NOTES.txt mentions the disabled SCP"
@@ -513,14 +516,26 @@ def check_dicom(r: Rendered, arg: str | None) -> None:
         "max_associations": scp["maxAssociations"],
         "idle_timeout_secs": scp["idleTimeoutSecs"],
     }
+    tls = scp.get("tlsPort")
+    if tls is not None:
+        want["tls_listen"] = f"{host}:{tls}"
     assert gw["dicom"]["scp"] == want, f"[dicom.scp] {gw['dicom']['scp']} != {want}"
-    assert set(gw["dicom"]) == {"temporal", "scp"}, f"[dicom] keys {sorted(gw['dicom'])}"
-    assert sorted(ports) == ["admin", "dicom", "grpc"], f"gateway container ports {sorted(ports)}"
+    assert set(gw["dicom"]) == {"temporal", "file_requests", "scp"}, f"[dicom] keys {sorted(gw['dicom'])}"
+    want_ports = ["admin", "dicom"] + (["dicom-tls"] if tls is not None else []) + ["grpc"]
+    assert sorted(ports) == want_ports, f"gateway container ports {sorted(ports)}"
+    if tls is not None:
+        assert ports["dicom-tls"]["containerPort"] == tls and ports["dicom-tls"].get("protocol") == "TCP", \
+            f"container port dicom-tls {ports['dicom-tls']}"
     assert ports["dicom"]["containerPort"] == scp["port"], f"container port dicom {ports['dicom']}"
     assert ports["dicom"].get("protocol") == "TCP", "container port dicom: TCP"
     assert [n for n, _ in dicom_ports] == ["gateway-dicom"], f"dicom Service ports {dicom_ports}"
     svc = r.get("Service", "gateway-dicom")
-    (p,) = svc["spec"]["ports"]
+    svc_ports = {q["name"]: q for q in svc["spec"]["ports"]}
+    assert sorted(svc_ports) == ["dicom"] + (["dicom-tls"] if tls is not None else []), f"gateway-dicom ports {sorted(svc_ports)}"
+    if tls is not None:
+        q = svc_ports["dicom-tls"]
+        assert q["port"] == tls and q["targetPort"] == "dicom-tls" and q.get("protocol") == "TCP", f"gateway-dicom port {q}"
+    p = svc_ports["dicom"]
     assert p["port"] == scp["port"] and p["targetPort"] == "dicom", f"gateway-dicom port {p}"
     assert p.get("protocol") == "TCP" and p.get("appProtocol") not in (None, "grpc"), f"gateway-dicom appProtocol {p}"
     assert svc["spec"]["type"] == scp["service"]["type"], f"gateway-dicom type {svc['spec']['type']}"
@@ -681,8 +696,9 @@ def check_network_policies(r: Rendered, arg: str | None) -> None:
         got = by_port.pop(admin, set())
         assert got == admin_from, f"{comp} admin port: from {sorted(got)}"
         if comp == "gateway" and scp.get("enabled") and np["dicomCIDRs"]:
-            got = by_port.pop(int(scp["port"]), set())
-            assert got == {"cidr:" + c for c in np["dicomCIDRs"]}, f"DICOM port from {sorted(got)}"
+            for dport in [scp["port"]] + ([scp["tlsPort"]] if scp.get("tlsPort") is not None else []):
+                got = by_port.pop(int(dport), set())
+                assert got == {"cidr:" + c for c in np["dicomCIDRs"]}, f"DICOM port {dport} from {sorted(got)}"
         assert not by_port, f"{comp}: ports open beyond the trust zones: {by_port}"
     # The workloads the policies select are the chart's own.
     for w in r.workloads():

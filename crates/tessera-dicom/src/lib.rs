@@ -15,6 +15,7 @@
 
 mod compare;
 mod deid;
+pub mod json;
 mod parts;
 mod pixels;
 pub mod query;

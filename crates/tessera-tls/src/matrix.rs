@@ -319,7 +319,7 @@ pub const DICOMWEB: &[Rule] = &[
     rule(
         WADO_RS,
         USERS,
-        "a usable grant of the caller on every study selected (X-Tessera-Request names it; one use spent per study, as C-GET); /metadata: as QIDO-RS",
+        "a usable grant of the caller on every study selected (X-Tessera-Request names it; one use spent per study, as C-GET); /metadata: the same grant checked, no use spent",
     ),
     rule(
         STOW_RS,

@@ -113,6 +113,18 @@ certificate must carry is <name>). Call with (list "keyserver" 7400). */}}
 {{- if eq ($scp.port | int) (.Values.gateway.port | int) -}}
 {{- fail (printf "gateway.dicom.scp.port %d is gateway.port: use another port" ($scp.port | int)) -}}
 {{- end -}}
+{{- if not (kindIs "invalid" $scp.tlsPort) -}}
+{{- $tp := $scp.tlsPort | int -}}
+{{- range $name, $other := dict "gateway.port" .Values.gateway.port "gateway.dicom.scp.port" $scp.port "admin.port" .Values.admin.port -}}
+{{- if eq $tp ($other | int) -}}
+{{- fail (printf "gateway.dicom.scp.tlsPort %d is %s: use another port" $tp $name) -}}
+{{- end -}}
+{{- end -}}
+{{- $w := (.Values.gateway.dicomweb | default dict) -}}
+{{- if and $w.enabled (eq $tp ($w.port | int)) -}}
+{{- fail (printf "gateway.dicom.scp.tlsPort %d is gateway.dicomweb.port: use another port" $tp) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- $web := (.Values.gateway.dicomweb | default dict) -}}
 {{- if $web.enabled -}}
@@ -246,12 +258,17 @@ max_concurrent_jobs = {{ $v.gateway.maxConcurrentJobs | int64 }}
 [dicom]
 {{- $dicom := $v.gateway.dicom | default dict }}
 temporal = {{ $dicom.temporal | default "remove" | toJson }}
+file_requests = {{ $dicom.fileRequests | default false }}
 {{- with $dicom.scp }}
 {{- if .enabled }}
 
 # C-STORE / C-ECHO SCP: plain DICOM, for the trusted hospital network only.
 [dicom.scp]
 listen = {{ printf "%s:%d" $v.server.listenHost (.port | int) | toJson }}
+{{- if not (kindIs "invalid" .tlsPort) }}
+# DICOM TLS (PS3.15 Annex B): the [server.tls] certificate and CA.
+tls_listen = {{ printf "%s:%d" $v.server.listenHost (.tlsPort | int) | toJson }}
+{{- end }}
 ae_title = {{ .aeTitle | toJson }}
 allowed_calling_aes = {{ include "tessera.tomlStrings" .allowedCallingAEs }}
 owner = {{ .owner | toJson }}

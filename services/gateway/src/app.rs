@@ -130,6 +130,7 @@ impl App {
                 reidentify_roles: g.reidentify_roles.clone(),
                 temporal: config.dicom.temporal,
                 deidentify_burned_in: config.dicom.deidentify_burned_in,
+                dicom_file_requests: config.dicom.file_requests,
                 erasure: config.erasure,
                 stream_idle: config.server.stream_idle_timeout(),
             },

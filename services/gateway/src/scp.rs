@@ -166,9 +166,14 @@ fn keys_of(keys: &[QueryKey]) -> Vec<((u16, u16), String)> {
 /// characters at most: the whole reason is logged).
 fn qr_refusal(e: &GatewayError) -> (u16, String) {
     match e {
-        GatewayError::PermissionDenied(_) => (
+        // Error Comment holds 64 characters: the whole reason is in the
+        // security log.
+        GatewayError::PermissionDenied(m) => (
             STATUS_NOT_AUTHORIZED,
-            "no grant: ask with tessera request-key / RequestAccess".into(),
+            match crate::flows::dicom::get_move::filed_request(m) {
+                Some(rid) => format!("no grant; owner asked: {rid}"),
+                None => "no grant: ask with tessera request-key / RequestAccess".into(),
+            },
         ),
         GatewayError::InvalidArgument(m) => (tessera_scp::STATUS_IDENTIFIER_MISMATCH, m.clone()),
         GatewayError::WrongKind(m) => (tessera_scp::STATUS_SUBOPS_IMPOSSIBLE, m.clone()),
@@ -211,7 +216,11 @@ impl InstanceSink for GatewaySink {
                 "calling AE title {:?} may query and retrieve but not store (dicom.scp.allowed_calling_aes)",
                 received.calling_ae
             );
-            tracing::warn!(peer = %received.peer, calling_ae = %received.calling_ae, "C-STORE refused: not a storing AE");
+            let caller = received
+                .tls_identity
+                .clone()
+                .unwrap_or_else(|| format!("dicom-ae:{}@{}", received.calling_ae, received.peer));
+            tessera_tls::security::refused("gateway", &caller, "dicom:C-STORE", &reason);
             return StoreOutcome::Refused {
                 status: STATUS_NOT_AUTHORIZED,
                 reason,
@@ -307,7 +316,13 @@ impl InstanceSink for GatewaySink {
             .flatten();
         match self
             .service
-            .dicom_retrieve_with(&peer, op, &keys_of(&request.keys), pinned)
+            .dicom_retrieve_with(
+                &peer,
+                op,
+                &keys_of(&request.keys),
+                pinned,
+                crate::flows::dicom::get_move::GrantUse::Spend,
+            )
             .await
         {
             Ok(plan) => RetrieveOutcome::Instances {

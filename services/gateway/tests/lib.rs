@@ -3,6 +3,7 @@
 //! integration-test binary: handler-level tests and the vault on both
 //! backends are its modules.
 
+mod dicom_tls_log;
 mod handlers;
 mod vault_backends;
 

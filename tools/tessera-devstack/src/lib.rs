@@ -536,6 +536,11 @@ impl DevStack {
                 text.push_str(&format!("repair_interval_secs = {s}\n"));
             }
         }
+        // `[dicom] file_requests` (a refused DICOM retrieve files an access
+        // request for its caller) when TESSERA_DEV_DICOM_FILE_REQUESTS=1.
+        if std::env::var("TESSERA_DEV_DICOM_FILE_REQUESTS").is_ok_and(|v| v.trim() == "1") {
+            text.push_str("[dicom]\nfile_requests = true\n");
+        }
         // The C-STORE SCP (plain DICOM on loopback) for the dev AE titles.
         text.push_str(&format!(
             "[dicom.scp]\nlisten = \"{}\"\ntls_listen = \"{}\"\nae_title = \"{DICOM_AE_TITLE}\"\nallowed_calling_aes = {:?}\nowner = \"{DICOM_OWNER}\"\n",

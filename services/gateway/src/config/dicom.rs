@@ -49,6 +49,13 @@ pub struct DicomSection {
     /// instance is refused to roles that get de-identified files.
     #[serde(default)]
     pub deidentify_burned_in: bool,
+    /// When a retrieve (C-GET, C-MOVE, WADO-RS and its `/metadata`) is
+    /// refused for lack of a grant on a study the caller sees (as owner or
+    /// delegate), file an access request for it on the caller's behalf
+    /// (as RequestAccess does), unless one filed here is still pending;
+    /// the refusal names the request. Off by default.
+    #[serde(default)]
+    pub file_requests: bool,
     /// The C-STORE SCP; absent: DICOM arrives over gRPC only.
     pub scp: Option<ScpSection>,
 }

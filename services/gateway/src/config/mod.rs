@@ -69,6 +69,7 @@
 //! [dicom]
 //! temporal = "remove"            # or "retain-full", "retain-modified"
 //! deidentify_burned_in = false   # refuse researchers' copies of Burned In Annotation = YES
+//! file_requests = false          # file a RequestAccess for a retrieve refused for lack of a grant
 //! [dicom.scp]                    # optional C-STORE SCP (trusted network)
 //! listen = "127.0.0.1:11112"
 //! ae_title = "TESSERA"

@@ -69,11 +69,6 @@ const SERIES_FIELDS: &[&str] = &[
 ];
 const INSTANCE_FIELDS: &[&str] = &["SOPClassUID", "SOPInstanceUID", "InstanceNumber"];
 
-/// Every keyword the index answers.
-pub(crate) fn all_keywords() -> impl Iterator<Item = &'static str> {
-    KEYWORDS.iter().map(|(k, _)| *k)
-}
-
 /// A keyword or `ggggeeee` tag.
 pub(crate) fn tag_of(name: &str) -> Option<TagPair> {
     if let Some((_, t)) = KEYWORDS.iter().find(|(k, _)| *k == name) {

@@ -6,9 +6,10 @@
 //! roles that may re-identify and de-identified ones for the others.
 //! `X-Tessera-Request: <request id>` names the grant to spend.
 //!
-//! `/metadata` answers the index's attributes of each instance in the
-//! DICOM JSON model (no pixel data): what QIDO-RS answers with every
-//! field, so it needs no grant.
+//! `/metadata` answers each instance's whole data set as that retrieve
+//! would send it (identifying or de-identified), in the DICOM JSON model
+//! without the pixel data: it needs the same usable grant, checked but not
+//! spent (docs/DICOM.md, "WADO-RS metadata").
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -16,10 +17,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use tessera_dicom::query::TagPair;
 
-use super::qido::tag_of;
+use super::multipart;
 use super::web::{Caller, WebError, WebResult, WebState, header_str, with_type};
-use super::{json, multipart};
-use crate::flows::dicom::query::vr_of;
+use crate::flows::dicom::get_move::GrantUse;
 
 const STUDY: TagPair = (0x0020, 0x000D);
 const SERIES: TagPair = (0x0020, 0x000E);
@@ -49,7 +49,7 @@ async fn retrieve(
     let request = header_str(headers, REQUEST_HEADER).map(str::trim);
     let plan = st
         .service
-        .dicom_retrieve_with(&peer, "dicomweb:WADO-RS", &keys, request)
+        .dicom_retrieve_with(&peer, "dicomweb:WADO-RS", &keys, request, GrantUse::Spend)
         .await?;
     if plan.count == 0 {
         return Err(not_found(&keys));
@@ -80,25 +80,55 @@ async fn retrieve(
 /// The route name in the authorization table.
 const ROUTE: &str = tessera_tls::matrix::WADO_RS;
 
+/// `/metadata`: the same instances as the retrieve of the same path,
+/// rebuilt under the same grant (checked, not spent) and the same view
+/// (identifying or de-identified), each answered as its data set in the
+/// DICOM JSON model without the pixel data.
 async fn metadata(
     st: &WebState,
     caller: &Caller,
-    path: Vec<(TagPair, String)>,
+    headers: &HeaderMap,
+    keys: Vec<(TagPair, String)>,
 ) -> WebResult<Response> {
     let peer = st.peer(caller, ROUTE)?;
-    let mut keys: Vec<(TagPair, String)> = super::qido::all_keywords()
-        .filter_map(tag_of)
-        .filter(|t| !path.iter().any(|(p, _)| p == t))
-        .map(|t| (t, String::new()))
-        .collect();
-    keys.extend(path.iter().cloned());
-    let found = st.service.dicom_find(&peer, "IMAGE", &keys).await?;
-    if found.is_empty() {
-        return Err(not_found(&path));
+    let request = header_str(headers, REQUEST_HEADER).map(str::trim);
+    let mut plan = st
+        .service
+        .dicom_retrieve_with(
+            &peer,
+            "dicomweb:WADO-RS/metadata",
+            &keys,
+            request,
+            GrantUse::Check,
+        )
+        .await?;
+    if plan.count == 0 {
+        return Err(not_found(&keys));
     }
-    let all: Vec<serde_json::Value> = found.iter().map(|a| json::dataset(a, vr_of)).collect();
-    let body = serde_json::to_vec(&all)
-        .map_err(|e| WebError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let failed = |what: String| {
+        WebError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("metadata of an instance: {what}"),
+        )
+    };
+    let mut all = Vec::with_capacity(plan.count);
+    while let Some(file) = plan.files.recv().await {
+        let bytes = file.map_err(failed)?;
+        let one = tokio::task::spawn_blocking(move || tessera_dicom::json::metadata(&bytes))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        all.push(one);
+    }
+    if all.len() != plan.count {
+        return Err(failed(format!(
+            "{} of {} instances read",
+            all.len(),
+            plan.count
+        )));
+    }
+    let body = serde_json::to_vec(&all).map_err(|e| failed(e.to_string()))?;
+    tracing::info!(identity = %peer.identity, instances = all.len(), "WADO-RS metadata answered (grant checked, no use spent)");
     Ok(with_type(
         StatusCode::OK,
         "application/dicom+json",
@@ -143,22 +173,31 @@ pub(crate) async fn study_metadata(
     State(st): State<WebState>,
     axum::Extension(c): axum::Extension<Caller>,
     Path(study): Path<String>,
+    headers: HeaderMap,
 ) -> WebResult<Response> {
-    metadata(&st, &c, vec![(STUDY, study)]).await
+    metadata(&st, &c, &headers, vec![(STUDY, study)]).await
 }
 
 pub(crate) async fn series_metadata(
     State(st): State<WebState>,
     axum::Extension(c): axum::Extension<Caller>,
     Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> WebResult<Response> {
-    metadata(&st, &c, vec![(STUDY, study), (SERIES, series)]).await
+    metadata(&st, &c, &headers, vec![(STUDY, study), (SERIES, series)]).await
 }
 
 pub(crate) async fn instance_metadata(
     State(st): State<WebState>,
     axum::Extension(c): axum::Extension<Caller>,
     Path((study, series, sop)): Path<(String, String, String)>,
+    headers: HeaderMap,
 ) -> WebResult<Response> {
-    metadata(&st, &c, vec![(STUDY, study), (SERIES, series), (SOP, sop)]).await
+    metadata(
+        &st,
+        &c,
+        &headers,
+        vec![(STUDY, study), (SERIES, series), (SOP, sop)],
+    )
+    .await
 }

@@ -54,6 +54,9 @@ pub struct Limits {
     pub temporal: crate::config::TemporalOption,
     /// Release de-identified copies of Burned In Annotation = YES instances.
     pub deidentify_burned_in: bool,
+    /// File an access request for a DICOM retrieve refused for lack of a
+    /// grant (`[dicom] file_requests`).
+    pub dicom_file_requests: bool,
     /// Erasure coding of stored objects (None: whole objects, one copy).
     pub erasure: Option<crate::config::ErasureSection>,
     /// An upload that sends nothing this long ends with DEADLINE_EXCEEDED,
@@ -93,6 +96,10 @@ pub struct Inner {
     pub(crate) started_unix: u64,
     /// Scrub and repair counters since start (`/metrics`).
     pub(crate) repair_counters: Arc<crate::durability::counters::RepairCounters>,
+    /// Access requests filed for refused DICOM retrieves, by (identity,
+    /// study): not filed again while pending (`[dicom] file_requests`).
+    pub(crate) filed_requests:
+        std::sync::Mutex<std::collections::HashMap<(String, String), String>>,
 }
 
 /// Held while a job runs.
@@ -147,6 +154,7 @@ impl GatewayService {
                 keys: Default::default(),
                 started_unix: now_unix(),
                 repair_counters: Default::default(),
+                filed_requests: Default::default(),
             }),
         }
     }

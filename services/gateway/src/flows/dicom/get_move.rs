@@ -9,6 +9,8 @@
 use std::sync::Arc;
 
 use tessera_dicom::query::TagPair;
+use tessera_proto::gateway::v1 as pb;
+use tessera_proto::keyserver::v1 as kpb;
 use tokio::sync::mpsc;
 
 use super::profile_for;
@@ -24,11 +26,48 @@ pub struct RetrievePlan {
     pub files: mpsc::Receiver<std::result::Result<Vec<u8>, String>>,
 }
 
+/// What a retrieve does with the caller's grant on each study.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantUse {
+    /// C-GET, C-MOVE, WADO-RS retrieve: one use spent per study, once its
+    /// first instance is rebuilt.
+    Spend,
+    /// WADO-RS `/metadata`: the grant must be usable (checked at the
+    /// keyserver), no use is spent (docs/DICOM.md, "WADO-RS metadata").
+    Check,
+}
+
 /// The refusal of a retrieve for lack of a grant: names how to ask.
 pub(crate) fn no_grant(identity: &str, study: &str) -> String {
     format!(
         "{identity} holds no valid grant on study {study}: ask the owner with `tessera request-key {study}` (RequestAccess), then retrieve again once approved"
     )
+}
+
+/// The refusal when an access request was filed (or is pending) on the
+/// caller's behalf (`[dicom] file_requests`): names it and how the owner
+/// approves it.
+fn no_grant_filed(identity: &str, study: &str, rid: &str, new: bool) -> String {
+    let how = if new {
+        "was filed on your behalf"
+    } else {
+        "filed on your behalf earlier is still pending"
+    };
+    format!(
+        "{identity} holds no valid grant on study {study}: access request {rid} {how}; the owner approves it with `tessera approve {rid}` (ApproveRequest), then retrieve again"
+    )
+}
+
+/// The request id a refusal names as filed on the caller's behalf.
+pub(crate) fn filed_request(reason: &str) -> Option<&str> {
+    if !reason.contains("on your behalf") {
+        return None;
+    }
+    reason
+        .split(|c: char| c.is_whitespace() || c == '`')
+        .find(|w| {
+            w.len() == 35 && w.starts_with("rq-") && w[3..].bytes().all(|b| b.is_ascii_hexdigit())
+        })
 }
 
 impl GatewayService {
@@ -43,6 +82,7 @@ impl GatewayService {
         operation: &str,
         keys: &[(TagPair, String)],
         request: Option<&str>,
+        grant_use: GrantUse,
     ) -> Result<RetrievePlan> {
         let found = self.matching_instances(peer, keys).await?;
         let reidentify = peer
@@ -57,7 +97,16 @@ impl GatewayService {
                 None => vis.grants.first(),
             };
             let Some(grant) = chosen else {
-                let reason = no_grant(&peer.identity, &study);
+                let filed = if request.is_none() && self.inner.limits.dicom_file_requests {
+                    self.file_for_caller(&peer.identity, &study, operation)
+                        .await
+                } else {
+                    None
+                };
+                let reason = match filed {
+                    Some((rid, new)) => no_grant_filed(&peer.identity, &study, &rid, new),
+                    None => no_grant(&peer.identity, &study),
+                };
                 tessera_tls::security::refused("gateway", &peer.identity, operation, &reason);
                 return Err(GatewayError::PermissionDenied(reason));
             };
@@ -113,7 +162,7 @@ impl GatewayService {
                 let mut spent = false;
                 while let Some(loaded) = ahead.next().await {
                     let item = match loaded {
-                        Ok(l) if spent => Ok(l.bytes),
+                        Ok(l) if spent || grant_use == GrantUse::Check => Ok(l.bytes),
                         Ok(l) => match this.redeem_grant(&identity, &rid, &study_id).await {
                             Ok(()) => {
                                 spent = true;
@@ -132,5 +181,97 @@ impl GatewayService {
             }
         });
         Ok(RetrievePlan { count, files: rx })
+    }
+}
+
+impl GatewayService {
+    /// Files an access request for `identity` on `study` after a refused
+    /// retrieve (`[dicom] file_requests`), as RequestAccess does (the
+    /// keyserver audits it as filed by the gateway on the caller's
+    /// behalf), unless the one filed here before is still pending. The
+    /// request id and whether it is new; None when filing failed (logged,
+    /// the refusal then names `tessera request-key`).
+    async fn file_for_caller(
+        &self,
+        identity: &str,
+        study: &str,
+        operation: &str,
+    ) -> Option<(String, bool)> {
+        let key = (identity.to_owned(), study.to_owned());
+        let earlier = self
+            .inner
+            .filed_requests
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).cloned());
+        if let Some(rid) = earlier {
+            let mut ks = self.inner.up.keyserver.clone();
+            let answer = ks
+                .check_grant(kpb::RedeemGrantRequest {
+                    request_id: rid.clone(),
+                    on_behalf_of: identity.to_owned(),
+                    study_id: study.to_owned(),
+                })
+                .await;
+            if let Err(s) = answer
+                && s.code() == tonic::Code::PermissionDenied
+                && s.message().contains("pending")
+            {
+                return Some((rid, false));
+            }
+        }
+        let filed = self
+            .request_access_inner(
+                identity.to_owned(),
+                pb::RequestAccessRequest {
+                    study_handle: study.to_owned(),
+                    justification: format!(
+                        "filed by the gateway for a {operation} refused for lack of a grant"
+                    ),
+                    ..Default::default()
+                },
+            )
+            .await;
+        match filed.map(|r| r.request.map(|q| q.request_id)) {
+            Ok(Some(rid)) => {
+                tracing::info!(caller = %identity, %study, %operation, request = %rid, "access request filed for a refused DICOM retrieve");
+                if let Ok(mut m) = self.inner.filed_requests.lock() {
+                    // Bounded: an old entry only saves a duplicate request.
+                    if m.len() >= MAX_FILED {
+                        m.clear();
+                    }
+                    m.insert(key, rid.clone());
+                }
+                Some((rid, true))
+            }
+            Ok(None) => {
+                tracing::warn!(caller = %identity, %study, "filing an access request: the keyserver answered no request");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(caller = %identity, %study, error = %e, "filing an access request for a refused DICOM retrieve failed");
+                None
+            }
+        }
+    }
+}
+
+/// Requests remembered as filed here (per gateway replica).
+const MAX_FILED: usize = 10_000;
+
+#[cfg(test)]
+mod tests {
+    use crate::flows::dicom::get_move::{filed_request, no_grant, no_grant_filed};
+
+    #[test]
+    fn a_filed_refusal_names_its_request() {
+        let rid = format!("rq-{}", "0a".repeat(16));
+        let text = no_grant_filed("spiffe://t/user/c", "st-1", &rid, true);
+        assert_eq!(filed_request(&text), Some(rid.as_str()));
+        assert!(text.contains(&format!("`tessera approve {rid}`")));
+        let pending = no_grant_filed("spiffe://t/user/c", "st-1", &rid, false);
+        assert!(pending.contains("still pending"));
+        assert_eq!(filed_request(&pending), Some(rid.as_str()));
+        assert_eq!(filed_request(&no_grant("spiffe://t/user/c", "st-1")), None);
     }
 }

@@ -24,7 +24,7 @@
 //! `retrieve.rs` holds FindDicomStudy, Verify of a DICOM study and
 //! RetrieveDicom; this file their shared constants and helpers.
 
-mod get_move;
+pub(crate) mod get_move;
 pub(crate) mod query;
 mod read_ahead;
 mod retrieve;
