@@ -104,6 +104,10 @@ fn main() -> ExitCode {
                 use std::io::Write;
                 let _ = writeln!(std::io::stdout(), "dicom_listening={addr}");
             }
+            if let Some(addr) = running.dicom_tls_addr() {
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "dicom_tls_listening={addr}");
+            }
             if let Some(addr) = running.dicomweb_addr() {
                 use std::io::Write;
                 let _ = writeln!(std::io::stdout(), "dicomweb_listening={addr}");
