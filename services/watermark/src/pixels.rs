@@ -52,15 +52,16 @@ impl SampleSink {
     }
 
     /// The image (checked as [`Image::new`] checks it); a dangling half
-    /// word is a length error there.
+    /// word (an odd byte count of 16-bit words) is a length error, as
+    /// [`Image::from_le_bytes`] names it.
     pub(crate) fn finish(self, spec: ImageSpec) -> Result<Image, tessera_image::ImageError> {
-        let mut samples = self.samples;
-        if let Some(lo) = self.carry {
-            // Odd byte count for 16-bit words: one sample too many makes
-            // Image::new name the length.
-            samples.push(u16::from(lo));
+        if self.carry.is_some() {
+            return Err(tessera_image::ImageError::Length {
+                expected: spec.sample_count() as u64,
+                actual: self.samples.len() as u64,
+            });
         }
-        Image::new(spec, samples)
+        Image::new(spec, self.samples)
     }
 }
 
