@@ -244,9 +244,17 @@ async fn run(args: MemoryBenchArgs) -> Result<()> {
         bin_dir: Some(bin_dir.clone()),
         ..DevOptions::default()
     };
-    let mut stack = DevStack::start(&tmp, &opts)
-        .await
-        .map_err(|e| anyhow!("starting the suite from {}: {e}", bin_dir.display()))?;
+    let mut stack = match DevStack::start(&tmp, &opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            // What started was stopped by start itself.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(anyhow!(
+                "starting the suite from {}: {e}",
+                bin_dir.display()
+            ));
+        }
+    };
     let r = measure(
         &stack,
         args.large_mib,
