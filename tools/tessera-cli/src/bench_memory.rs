@@ -139,20 +139,15 @@ pub struct MemoryBenchArgs {
     /// (jemalloc returns freed pages after its 10 s decay).
     #[arg(long, default_value_t = 15)]
     pub settle_secs: u64,
+    /// Erasure-code every object as K+M over K+M storage nodes (default:
+    /// whole objects on 3 nodes), e.g. `--erasure 3+2`.
+    #[arg(long, value_name = "K+M", value_parser = crate::dev_cmd::parse_erasure)]
+    pub erasure: Option<(usize, usize)>,
 }
-
-/// The services measured, in the order printed.
-const MEASURED: [&str; 5] = [
-    "gateway",
-    "watermark",
-    "storage-1",
-    "storage-2",
-    "storage-3",
-];
 
 /// One service's figures around one job (bytes).
 struct ServiceFigure {
-    name: &'static str,
+    name: String,
     /// Resident after the warm-up, before the first large job: what the
     /// ratios are measured from (a job that follows another starts from
     /// whatever the first left resident).
@@ -163,10 +158,10 @@ struct ServiceFigure {
 }
 
 /// Each measured service's resident set, then its peak reset.
-fn snapshot_before(pids: &[(&'static str, String)]) -> Result<Vec<(&'static str, u64)>> {
+fn snapshot_before(pids: &[(String, String)]) -> Result<Vec<u64>> {
     let mut out = Vec::with_capacity(pids.len());
-    for (name, pid) in pids {
-        out.push((*name, status_bytes(pid, "VmRSS")?));
+    for (_, pid) in pids {
+        out.push(status_bytes(pid, "VmRSS")?);
         reset_peak(pid)?;
     }
     Ok(out)
@@ -175,9 +170,9 @@ fn snapshot_before(pids: &[(&'static str, String)]) -> Result<Vec<(&'static str,
 /// Each service's peak since [`snapshot_before`], then (after `settle`) its
 /// resident set.
 async fn snapshot_after(
-    pids: &[(&'static str, String)],
-    idle: &[(&'static str, u64)],
-    before: Vec<(&'static str, u64)>,
+    pids: &[(String, String)],
+    idle: &[u64],
+    before: Vec<u64>,
     settle: Duration,
 ) -> Result<Vec<ServiceFigure>> {
     let mut peaks = Vec::with_capacity(pids.len());
@@ -186,11 +181,9 @@ async fn snapshot_after(
     }
     tokio::time::sleep(settle).await;
     let mut out = Vec::with_capacity(pids.len());
-    for ((((name, pid), (_, before)), peak), (_, idle)) in
-        pids.iter().zip(before).zip(peaks).zip(idle)
-    {
+    for ((((name, pid), before), peak), idle) in pids.iter().zip(before).zip(peaks).zip(idle) {
         out.push(ServiceFigure {
-            name,
+            name: name.clone(),
             idle: *idle,
             before,
             peak,
@@ -240,8 +233,11 @@ async fn run(args: MemoryBenchArgs) -> Result<()> {
         None => tessera_devstack::default_bin_dir().map_err(|e| anyhow!("{e}"))?,
     };
     let tmp = crate::bench_e2e::tempfile_dir()?;
+    let nodes = args.erasure.map_or(3, |(k, m)| k + m);
     let opts = DevOptions {
         bin_dir: Some(bin_dir.clone()),
+        storage_nodes: nodes,
+        erasure: args.erasure,
         ..DevOptions::default()
     };
     let mut stack = match DevStack::start(&tmp, &opts).await {
@@ -257,6 +253,7 @@ async fn run(args: MemoryBenchArgs) -> Result<()> {
     };
     let r = measure(
         &stack,
+        nodes,
         args.large_mib,
         Duration::from_secs(args.settle_secs),
     )
@@ -266,8 +263,12 @@ async fn run(args: MemoryBenchArgs) -> Result<()> {
     drop(stack);
     let _ = std::fs::remove_dir_all(&tmp);
     let (image, store, retrieve) = r?;
+    let placement = match args.erasure {
+        Some((k, m)) => format!("every object erasure-coded {k}+{m} on {nodes} storage nodes"),
+        None => format!("whole objects on {nodes} storage nodes"),
+    };
     println!(
-        "== tessera bench memory: one {:.1} MB image (512x512x{} 12-bit-in-16), every service its own process from {}, whole objects on 3 storage nodes ==",
+        "== tessera bench memory: one {:.1} MB image (512x512x{} 12-bit-in-16), every service its own process from {}, {placement} ==",
         image as f64 / 1e6,
         args.large_mib * 2,
         bin_dir.display()
@@ -283,13 +284,18 @@ async fn run(args: MemoryBenchArgs) -> Result<()> {
 
 async fn measure(
     stack: &DevStack,
+    nodes: usize,
     mib: u64,
     settle: Duration,
 ) -> Result<(u64, Vec<ServiceFigure>, Vec<ServiceFigure>)> {
+    // The services on the store and retrieve path, in the order printed.
+    let names = ["gateway".to_owned(), "watermark".to_owned()]
+        .into_iter()
+        .chain((1..=nodes).map(|i| format!("storage-{i}")));
     let mut pids = Vec::new();
-    for name in MEASURED {
+    for name in names {
         let pid = stack
-            .pid(name)
+            .pid(&name)
             .ok_or_else(|| anyhow!("{name} is not running as a process"))?;
         pids.push((name, pid.to_string()));
     }
