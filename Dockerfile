@@ -9,8 +9,9 @@
 # ---- build ----------------------------------------------------------------
 FROM rust:1.90-bookworm AS build
 WORKDIR /src
-# protox compiles the protos in Rust (no system protoc); ring needs only the
-# C compiler the rust image already has.
+# protox compiles the protos in Rust (no system protoc); ring and jemalloc
+# (tikv-jemalloc-sys, the services' allocator: decision 25) need only the C
+# compiler and make, which the rust image (buildpack-deps based) already has.
 COPY . .
 # Cache mounts keep the registry and target dir between builds; the binaries
 # are copied out of the cache mount before the step ends, stripped of their

@@ -98,7 +98,12 @@ enum Cmd {
     },
 }
 
+/// jemalloc, returning freed memory to the OS (decision 25).
+#[global_allocator]
+static ALLOC: tessera_runtime::memory::Allocator = tessera_runtime::memory::ALLOCATOR;
+
 fn main() -> ExitCode {
+    tessera_runtime::memory::start();
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::AuditVerify { db, kek_file }) => {

@@ -19,7 +19,12 @@ const SERVICE: Service<Config> = Service::new(
 )
 .config_env("TESSERA_STORAGE_CONFIG");
 
+/// jemalloc, returning freed memory to the OS (decision 25).
+#[global_allocator]
+static ALLOC: tessera_runtime::memory::Allocator = tessera_runtime::memory::ALLOCATOR;
+
 fn main() -> ExitCode {
+    tessera_runtime::memory::start();
     SERVICE.main(async |config| {
         let node_id = config.node_id.clone();
         let server = App::build(config)?.spawn().await?;

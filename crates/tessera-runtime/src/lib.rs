@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod files;
 mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod server;
 pub mod service_main;

@@ -38,6 +38,38 @@ pub fn put_messages(object_id: &str, data: &[u8]) -> Vec<pb::PutRequest> {
     msgs
 }
 
+/// [`put_messages`] of owned bytes, encoded lazily: one chunk copied at a
+/// time as the stream is sent, the object released after its last chunk
+/// (so a caller streaming several objects holds each once, not twice).
+pub fn put_messages_owned(
+    object_id: &str,
+    data: Vec<u8>,
+) -> impl Iterator<Item = pb::PutRequest> + Send + 'static {
+    let header = pb::PutRequest {
+        part: Some(pb::put_request::Part::Header(pb::PutHeader {
+            object_id: object_id.to_owned(),
+            size: data.len() as u64,
+            sha256: Sha256::digest(&data).to_vec(),
+        })),
+    };
+    std::iter::once(header).chain(
+        tessera_wire::stream::owned_chunks_of(data, CLIENT_CHUNK).map(|c| pb::PutRequest {
+            part: Some(pb::put_request::Part::Chunk(c)),
+        }),
+    )
+}
+
+/// [`put_object`] of owned bytes: the same messages, encoded lazily (see
+/// [`put_messages_owned`]).
+pub async fn put_object_owned(
+    client: &mut StorageNodeClient<Channel>,
+    object_id: &str,
+    data: Vec<u8>,
+) -> Result<pb::PutResponse, Status> {
+    let msgs = put_messages_owned(object_id, data);
+    Ok(client.put(tokio_stream::iter(msgs)).await?.into_inner())
+}
+
 /// Streams `data` to the node under `object_id`.
 pub async fn put_object(
     client: &mut StorageNodeClient<Channel>,
@@ -141,4 +173,19 @@ pub async fn process_fragment(
         .await?
         .into_inner();
     tessera_wire::decode_output(stream, fragment, "the storage node").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_messages_are_the_borrowed_ones() {
+        for len in [0, 1, CLIENT_CHUNK - 1, CLIENT_CHUNK, 2 * CLIENT_CHUNK + 17] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let borrowed = put_messages("obj", &data);
+            let owned: Vec<_> = put_messages_owned("obj", data.clone()).collect();
+            assert_eq!(owned, borrowed, "{len} bytes");
+        }
+    }
 }

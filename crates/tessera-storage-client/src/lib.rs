@@ -14,6 +14,7 @@ pub mod client;
 pub mod list;
 
 pub use client::{
-    CLIENT_CHUNK, client, get_object, process_fragment, put_messages, put_object, replace_object,
+    CLIENT_CHUNK, client, get_object, process_fragment, put_messages, put_messages_owned,
+    put_object, put_object_owned, replace_object,
 };
 pub use list::{ObjectPages, list_all, list_pages};

@@ -9,11 +9,33 @@ pub fn chunks(data: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
 }
 
 /// Owned bytes as chunks of at most [`CHUNK_BYTES`], in order (for a
-/// response stream that outlives the caller's borrow).
-pub fn owned_chunks(data: Vec<u8>) -> impl Iterator<Item = Vec<u8>> + Send {
-    (0..data.len())
-        .step_by(CHUNK_BYTES)
-        .map(move |i| data[i..data.len().min(i + CHUNK_BYTES)].to_vec())
+/// response stream that outlives the caller's borrow). See
+/// [`owned_chunks_of`].
+pub fn owned_chunks(data: Vec<u8>) -> impl Iterator<Item = Vec<u8>> + Send + 'static {
+    owned_chunks_of(data, CHUNK_BYTES)
+}
+
+/// Owned bytes as chunks of at most `chunk` bytes, in order, each copied
+/// when the consumer pulls it; the bytes are released as soon as the last
+/// chunk has been taken (issue 20: a stream that held them until it was
+/// dropped kept a whole image or share resident after it was sent).
+pub fn owned_chunks_of(
+    data: Vec<u8>,
+    chunk: usize,
+) -> impl Iterator<Item = Vec<u8>> + Send + 'static {
+    let chunk = chunk.max(1);
+    let mut data = Some(data);
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let d = data.as_ref()?;
+        let end = d.len().min(at + chunk);
+        let c = (at < end).then(|| d[at..end].to_vec());
+        at = end;
+        if at >= d.len() {
+            data = None;
+        }
+        c
+    })
 }
 
 #[cfg(test)]
@@ -35,5 +57,8 @@ mod tests {
         assert_eq!(borrowed.concat(), data);
         assert_eq!(chunks(&[]).count(), 0);
         assert_eq!(owned_chunks(Vec::new()).count(), 0);
+        let small: Vec<Vec<u8>> = owned_chunks_of(data.clone(), 1000).collect();
+        assert!(small.iter().all(|c| !c.is_empty() && c.len() <= 1000));
+        assert_eq!(small.concat(), data);
     }
 }

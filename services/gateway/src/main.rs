@@ -58,7 +58,12 @@ enum Cmd {
     },
 }
 
+/// jemalloc, returning freed memory to the OS (decision 25).
+#[global_allocator]
+static ALLOC: tessera_runtime::memory::Allocator = tessera_runtime::memory::ALLOCATOR;
+
 fn main() -> ExitCode {
+    tessera_runtime::memory::start();
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::VaultBackup { out }) => snapshot(cli.config.as_deref(), |vault, key| {
@@ -98,6 +103,10 @@ fn main() -> ExitCode {
                 // would also fail that one).
                 use std::io::Write;
                 let _ = writeln!(std::io::stdout(), "dicom_listening={addr}");
+            }
+            if let Some(addr) = running.dicom_tls_addr() {
+                use std::io::Write;
+                let _ = writeln!(std::io::stdout(), "dicom_tls_listening={addr}");
             }
             if let Some(addr) = running.dicomweb_addr() {
                 use std::io::Write;

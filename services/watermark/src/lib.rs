@@ -9,6 +9,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod keys;
+mod pixels;
 pub mod service;
 
 pub use app::{App, AppError, RunningApp};

@@ -15,6 +15,11 @@ const SERVICE: Service<Config> = Service::new(
     |c: &Config| &c.telemetry,
 );
 
+/// jemalloc, returning freed memory to the OS (decision 25).
+#[global_allocator]
+static ALLOC: tessera_runtime::memory::Allocator = tessera_runtime::memory::ALLOCATOR;
+
 fn main() -> ExitCode {
+    tessera_runtime::memory::start();
     SERVICE.main(async |cfg| Ok(App::build(&cfg)?.spawn().await?))
 }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use tessera_cryptomark::layout::Layout;
 use tessera_cryptomark::{Header, ProtectKey, RestoreKey, SHARE_PREAMBLE};
-use tessera_image::Image;
 use tessera_proto::watermark::v1 as pb;
 use tessera_proto::watermark::v1::watermark_server::{Watermark, WatermarkServer};
 use tessera_runtime::IdleStream;
@@ -24,6 +23,7 @@ use tessera_wire::stream::owned_chunks as chunks;
 use crate::convert::{self, CHUNK_BYTES, MAX_REQUEST_MESSAGE, OpenPlan, ProtectPlan};
 use crate::error::WatermarkError;
 use crate::keys::{KeyClient, Purpose};
+use crate::pixels::{SampleSink, image_chunks};
 
 /// gRPC service name, for the policy table and health.
 pub const SERVICE: &str = "tessera.watermark.v1.Watermark";
@@ -119,32 +119,35 @@ impl WatermarkService {
         // Refuse wrong attributes before a single pixel is received.
         let key = self.keys.derive(&plan.study, Purpose::Protect).await?;
         let _permit = self.job_permit().await?;
-        let mut pixels: Vec<u8> = Vec::new();
+        // Decoded into samples as the chunks arrive: the image is held
+        // once, not as bytes and then as samples.
+        let mut pixels = SampleSink::new(&plan.spec);
+        let mut received = 0u64;
         while let Some(m) = next(&mut stream).await? {
             match m.msg {
                 Some(pb::protect_request::Msg::Pixels(chunk)) => {
                     check_chunk("pixels", chunk.len())?;
-                    if pixels.len() as u64 + chunk.len() as u64 > want {
+                    if received + chunk.len() as u64 > want {
                         return Err(WatermarkError::InvalidArgument(format!(
                             "pixels: more than the {want} bytes start.spec declares"
                         )));
                     }
-                    pixels.extend_from_slice(&chunk);
+                    received += chunk.len() as u64;
+                    pixels.push(&chunk);
                 }
                 Some(pb::protect_request::Msg::Start(_)) => return Err(second_start()),
                 None => return Err(empty_message()),
             }
         }
-        if pixels.len() as u64 != want {
+        if received != want {
             return Err(WatermarkError::InvalidArgument(format!(
-                "pixels: received {} bytes, start.spec declares {want}",
-                pixels.len()
+                "pixels: received {received} bytes, start.spec declares {want}"
             )));
         }
         let protected = tokio::task::spawn_blocking(move || -> Result<_> {
-            let image = Image::from_le_bytes(plan.spec, &pixels)
+            let image = pixels
+                .finish(plan.spec)
                 .map_err(|e| WatermarkError::InvalidArgument(format!("pixels: {e}")))?;
-            drop(pixels);
             let salt = tessera_cryptomark::random_salt()?;
             Ok(tessera_cryptomark::protect(
                 &image,
@@ -198,7 +201,10 @@ impl WatermarkService {
         let bound = share_bound(&plan.header);
         let key = self.keys.derive(&plan.study, Purpose::Restore).await?;
         let _permit = self.job_permit().await?;
-        let mut shares: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        // Reserved at the header's bound (address space only until bytes
+        // arrive): growing by doubling would copy each share on the way.
+        let cap = usize::try_from(bound).unwrap_or(0);
+        let mut shares: [Vec<u8>; 2] = [Vec::with_capacity(cap), Vec::with_capacity(cap)];
         while let Some(m) = next(&mut stream).await? {
             match m.into_part() {
                 Some(OpenPart::Share(c)) => {
@@ -274,12 +280,13 @@ impl Watermark for WatermarkService {
                 report: Some(report_to_proto(&restored.report)),
             })),
         };
-        let pixels = restored.image.to_le_bytes();
-        drop(restored.image);
+        // Encoded one chunk at a time as the answer goes out.
         let out = std::iter::once(first)
-            .chain(chunks(pixels).map(|data| pb::RestoreResponse {
-                msg: Some(pb::restore_response::Msg::Pixels(data)),
-            }))
+            .chain(
+                image_chunks(restored.image).map(|data| pb::RestoreResponse {
+                    msg: Some(pb::restore_response::Msg::Pixels(data)),
+                }),
+            )
             .map(Ok);
         Ok(Response::new(Box::pin(tokio_stream::iter(out))))
     }

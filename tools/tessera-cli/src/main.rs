@@ -168,6 +168,10 @@ enum BenchCmd {
     Keyserver(bench::KeyserverBenchArgs),
     /// Store/retrieve of 512x512 16-bit slices through the gateway vs in-process protect/restore.
     E2e(bench_e2e::E2eBenchArgs),
+    /// Each service's own peak and settled memory (its own process, from its
+    /// binary) for one store and one retrieve of a large image, as a ratio to
+    /// the image.
+    Memory(bench_memory::MemoryBenchArgs),
     /// A 512x512 16-bit CT series from a real slice ingested over
     /// StoreDicom and retrieved, and a small CT series over C-STORE, C-GET
     /// and WADO-RS, vs dicom-object parse+write.
@@ -225,6 +229,7 @@ fn main() -> std::process::ExitCode {
             BenchCmd::Storage(a) => bench::storage(a),
             BenchCmd::Keyserver(a) => bench::keyserver(a),
             BenchCmd::E2e(a) => bench_e2e::e2e(a),
+            BenchCmd::Memory(a) => bench_memory::memory(a),
             BenchCmd::Dicom(a) => bench_dicom::dicom(a),
             BenchCmd::Erasure(a) => bench_erasure::erasure(a),
             BenchCmd::Replicas(a) => bench_replicas::replicas(a),

@@ -8,13 +8,17 @@
 //! ```
 //!
 //! Every service is the real one (the same `App` its binary runs) with
-//! real mutual TLS between them. Used by `tessera dev up`, `tessera demo`,
+//! real mutual TLS between them. With [`DevOptions::bin_dir`] each service
+//! runs as its own process instead (its binary, its config written to
+//! `DIR/config/NAME.toml`, its log in `DIR/logs/NAME.log`), as in a pod. Used by `tessera dev up`, `tessera demo`,
 //! `tessera bench e2e` and the gateway's integration tests.
 #![forbid(unsafe_code)]
 
 mod bench_storage;
+mod process;
 
 pub use bench_storage::{BenchError, BenchOptions, BenchReport, bench_storage};
+pub use process::default_bin_dir;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -140,6 +144,11 @@ pub struct DevOptions {
     /// `gateway-2`, ... in `endpoints.toml`, carry the gateway's identity
     /// and run no DICOM listeners.
     pub gateway_replicas: usize,
+    /// Run every service as a child process from the binaries in this
+    /// directory (`keyserver`, `storage-node`, `watermark`,
+    /// `segmentation`, `gateway`) instead of in this process; killed when
+    /// the stack shuts down or is dropped. One gateway only; no restarts.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for DevOptions {
@@ -154,6 +163,7 @@ impl Default for DevOptions {
             storage_max_object_bytes: None,
             vault_postgres_url: None,
             gateway_replicas: 1,
+            bin_dir: None,
         }
     }
 }
@@ -195,6 +205,7 @@ enum Running {
     Watermark(watermark_service::RunningApp),
     Segmentation(segmentation_service::RunningApp),
     Gateway(gateway_service::RunningApp),
+    Process(process::ChildService),
 }
 
 impl Running {
@@ -205,6 +216,7 @@ impl Running {
             Running::Watermark(a) => a.admin_addr(),
             Running::Segmentation(a) => a.admin_addr(),
             Running::Gateway(a) => a.admin_addr(),
+            Running::Process(p) => p.addr("admin"),
         }
     }
 
@@ -215,6 +227,7 @@ impl Running {
             Running::Watermark(a) => a.shutdown(grace).await,
             Running::Segmentation(a) => a.shutdown(grace).await,
             Running::Gateway(a) => a.shutdown(grace).await,
+            Running::Process(p) => p.shutdown(grace).await,
         }
     }
 }
@@ -231,6 +244,8 @@ pub struct DevStack {
     /// The DICOM TLS listener (`dicom.scp.tls_listen`).
     dicom_tls_addr: Option<SocketAddr>,
     dicomweb_addr: Option<SocketAddr>,
+    /// [`DevOptions::bin_dir`]: the services are child processes.
+    bin_dir: Option<PathBuf>,
 }
 
 /// The AE title of the dev gateway's C-STORE SCP.
@@ -403,6 +418,7 @@ impl DevStack {
             dicom_addr: None,
             dicom_tls_addr: None,
             dicomweb_addr: None,
+            bin_dir: opts.bin_dir.clone(),
         };
         let base = opts.base_port;
         let r = stack
@@ -438,14 +454,40 @@ impl DevStack {
             pki.join("ca.crt").display()
         );
         let cfg: keyserver::Config = parse("keyserver", &text, keyserver::config::ENV_PREFIX)?;
-        let app = keyserver::App::build(&cfg).map_err(|e| svc("keyserver")(e.to_string()))?;
-        seed_delegates(app.core()).await?;
-        let app = app
-            .spawn()
-            .await
-            .map_err(|e| svc("keyserver")(e.to_string()))?;
-        let ks = local(app.local_addr());
-        self.add("keyserver", ks.clone(), Running::Keyserver(app));
+        let ks = match &opts.bin_dir {
+            Some(bin) => {
+                if opts.gateway_replicas > 1 {
+                    return Err(svc("options")(
+                        "gateway replicas run in this process only".into(),
+                    ));
+                }
+                // Delegates seeded through a core of our own (no webhook
+                // worker), closed again before the keyserver process opens
+                // the database.
+                let mut seed = cfg.clone();
+                seed.keyserver.webhook = None;
+                let app =
+                    keyserver::App::build(&seed).map_err(|e| svc("keyserver")(e.to_string()))?;
+                seed_delegates(app.core()).await?;
+                drop(app);
+                local(
+                    self.spawn_process(bin, "keyserver", "keyserver", &text)
+                        .await?,
+                )
+            }
+            None => {
+                let app =
+                    keyserver::App::build(&cfg).map_err(|e| svc("keyserver")(e.to_string()))?;
+                seed_delegates(app.core()).await?;
+                let app = app
+                    .spawn()
+                    .await
+                    .map_err(|e| svc("keyserver")(e.to_string()))?;
+                let ks = local(app.local_addr());
+                self.add("keyserver", ks.clone(), Running::Keyserver(app));
+                ks
+            }
+        };
 
         // Storage nodes, their per-object cap derived from the one limit.
         let max_image = opts.max_image_bytes;
@@ -467,7 +509,13 @@ impl DevStack {
                 server_section(pki, &name, &listen(base, 10 + i as u16)),
             );
             let cfg: storage_node::Config = parse(&name, &text, storage_node::config::ENV_PREFIX)?;
-            let addr = self.spawn_storage(&name, cfg.clone()).await?;
+            let addr = match &opts.bin_dir {
+                Some(bin) => {
+                    self.spawn_process(bin, "storage-node", &name, &text)
+                        .await?
+                }
+                None => self.spawn_storage(&name, cfg.clone()).await?,
+            };
             // Restarts reuse the bound address so the gateway finds it.
             let mut fixed = cfg;
             fixed.server.listen = addr;
@@ -484,13 +532,22 @@ impl DevStack {
         );
         let cfg: watermark_service::Config =
             parse("watermark", &text, watermark_service::config::ENV_PREFIX)?;
-        let app = watermark_service::App::build(&cfg)
-            .map_err(|e| svc("watermark")(e.to_string()))?
-            .spawn()
-            .await
-            .map_err(|e| svc("watermark")(e.to_string()))?;
-        let wm = local(app.local_addr());
-        self.add("watermark", wm.clone(), Running::Watermark(app));
+        let wm = match &opts.bin_dir {
+            Some(bin) => local(
+                self.spawn_process(bin, "watermark", "watermark", &text)
+                    .await?,
+            ),
+            None => {
+                let app = watermark_service::App::build(&cfg)
+                    .map_err(|e| svc("watermark")(e.to_string()))?
+                    .spawn()
+                    .await
+                    .map_err(|e| svc("watermark")(e.to_string()))?;
+                let wm = local(app.local_addr());
+                self.add("watermark", wm.clone(), Running::Watermark(app));
+                wm
+            }
+        };
 
         let text = format!(
             "{}[segmentation]\nmax_image_bytes = {max_image}\n",
@@ -501,13 +558,22 @@ impl DevStack {
             &text,
             segmentation_service::config::ENV_PREFIX,
         )?;
-        let app = segmentation_service::App::build(&cfg)
-            .map_err(|e| svc("segmentation")(e.to_string()))?
-            .spawn()
-            .await
-            .map_err(|e| svc("segmentation")(e.to_string()))?;
-        let seg = local(app.local_addr());
-        self.add("segmentation", seg.clone(), Running::Segmentation(app));
+        let seg = match &opts.bin_dir {
+            Some(bin) => local(
+                self.spawn_process(bin, "segmentation", "segmentation", &text)
+                    .await?,
+            ),
+            None => {
+                let app = segmentation_service::App::build(&cfg)
+                    .map_err(|e| svc("segmentation")(e.to_string()))?
+                    .spawn()
+                    .await
+                    .map_err(|e| svc("segmentation")(e.to_string()))?;
+                let seg = local(app.local_addr());
+                self.add("segmentation", seg.clone(), Running::Segmentation(app));
+                seg
+            }
+        };
 
         // Gateway.
         // Every upstream with the identity it must present.
@@ -572,7 +638,10 @@ impl DevStack {
         let cfg: gateway_service::Config =
             parse("gateway", &text, gateway_service::config::ENV_PREFIX)?;
         let mut fixed = cfg.clone();
-        let addr = self.spawn_gateway(&cfg).await?;
+        let addr = match &opts.bin_dir {
+            Some(bin) => self.spawn_gateway_process(bin, &text).await?,
+            None => self.spawn_gateway(&cfg).await?,
+        };
         fixed.server.listen = addr;
         if let (Some(scp), Some(bound)) = (fixed.dicom.scp.as_mut(), self.dicom_addr) {
             scp.listen = bound;
@@ -607,6 +676,77 @@ impl DevStack {
         }
         self.gateway_config = Some(fixed);
         Ok(())
+    }
+
+    /// Starts `BIN_DIR/BINARY --config DIR/config/NAME.toml` and records it
+    /// under `name`; its bound address.
+    async fn spawn_process(
+        &mut self,
+        bin_dir: &Path,
+        binary: &str,
+        name: &str,
+        config: &str,
+    ) -> Result<SocketAddr, DevError> {
+        let child = process::ChildService::start(&self.dir, bin_dir, binary, name, config).await?;
+        let addr = child
+            .addr("listening")
+            .ok_or_else(|| svc(name)("printed no listening= address".into()))?;
+        self.add(name, local(addr), Running::Process(child));
+        Ok(addr)
+    }
+
+    /// [`Self::spawn_gateway`] as a process: its DICOM listeners from the
+    /// `dicom_listening=`, `dicom_tls_listening=` and `dicomweb_listening=`
+    /// lines.
+    async fn spawn_gateway_process(
+        &mut self,
+        bin_dir: &Path,
+        config: &str,
+    ) -> Result<SocketAddr, DevError> {
+        let child =
+            process::ChildService::start(&self.dir, bin_dir, "gateway", "gateway", config).await?;
+        let addr = child
+            .addr("listening")
+            .ok_or_else(|| svc("gateway")("printed no listening= address".into()))?;
+        for (key, endpoint) in [
+            ("dicom_listening", "dicom"),
+            ("dicom_tls_listening", "dicom-tls"),
+            ("dicomweb_listening", "dicomweb"),
+        ] {
+            let Some(a) = child.addr(key) else { continue };
+            match endpoint {
+                "dicom" => self.dicom_addr = Some(a),
+                "dicom-tls" => self.dicom_tls_addr = Some(a),
+                _ => self.dicomweb_addr = Some(a),
+            }
+            self.endpoints.endpoints.insert(endpoint.into(), local(a));
+        }
+        self.add("gateway", local(addr), Running::Process(child));
+        Ok(addr)
+    }
+
+    /// The process id of a service run as a process ([`DevOptions::bin_dir`]).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        let (_, running) = self.services.iter().find(|(n, _)| n == name)?;
+        match running.as_ref()? {
+            Running::Process(p) => Some(p.pid()),
+            Running::Keyserver(_)
+            | Running::Storage(_)
+            | Running::Watermark(_)
+            | Running::Segmentation(_)
+            | Running::Gateway(_) => None,
+        }
+    }
+
+    /// Restarts re-run a service in this process: not for a stack of
+    /// processes.
+    fn in_process_only(&self, name: &str) -> Result<(), DevError> {
+        match self.bin_dir {
+            Some(_) => Err(svc(name)(
+                "restart: the services run as processes (bin_dir)".into(),
+            )),
+            None => Ok(()),
+        }
     }
 
     async fn spawn_gateway(
@@ -657,6 +797,7 @@ impl DevStack {
     /// Starts a stopped gateway again on its old address (a restart after a
     /// crash: it finishes interrupted stores and deletes).
     pub async fn restart_gateway(&mut self) -> Result<(), DevError> {
+        self.in_process_only("gateway")?;
         let cfg = self
             .gateway_config
             .clone()
@@ -742,6 +883,7 @@ impl DevStack {
 
     /// Starts a stopped storage node again on its old address.
     pub async fn restart_storage(&mut self, name: &str) -> Result<(), DevError> {
+        self.in_process_only(name)?;
         let cfg = self
             .storage_configs
             .get(name)

@@ -140,11 +140,12 @@ impl GatewayService {
             let id = f.object_id.clone();
             tasks.push(Some(crate::upstream::spawn_traced(async move {
                 let mut c = node.client.clone();
-                let r = tessera_storage_client::put_object(&mut c, &id, &bytes)
+                let len = bytes.len() as u64;
+                let r = tessera_storage_client::put_object_owned(&mut c, &id, bytes)
                     .await
                     .map_err(|s| node.err(s))?;
                 let info = r.info.unwrap_or_default();
-                if info.size != bytes.len() as u64 || info.sha256.len() != 32 {
+                if info.size != len || info.sha256.len() != 32 {
                     return Err(node.err(Status::internal(
                         "put: the node answered without the fragment's size and SHA-256",
                     )));

@@ -4,7 +4,7 @@
 //! Locate and FetchShare (ciphertext relayed for a grant holder).
 
 use sha2::{Digest, Sha256};
-use tessera_image::Image;
+use tessera_image::ImageSpec;
 use tessera_proto::gateway::v1 as pb;
 use tessera_proto::keyserver::v1 as kpb;
 use tessera_runtime::IdleStream;
@@ -64,13 +64,18 @@ impl GatewayService {
             },
         )
         .await?;
-        let image = decode(&plan, file).await?;
-        if let Some(roi) = &plan.roi {
-            image
-                .check_rect(roi)
-                .map_err(|e| GatewayError::InvalidArgument(format!("header.roi: {e}")))?;
+        let (spec, pixels) = decode(&plan, file).await?;
+        if let Some(roi) = &plan.roi
+            && !roi.fits(spec.width, spec.height)
+        {
+            let e = tessera_image::ImageError::RectOutside {
+                rect: *roi,
+                width: spec.width,
+                height: spec.height,
+            };
+            return Err(GatewayError::InvalidArgument(format!("header.roi: {e}")));
         }
-        let pixel_bytes = image.spec().byte_len() as u64;
+        let pixel_bytes = spec.byte_len() as u64;
         if pixel_bytes > max {
             return Err(over_limit("the decoded image", pixel_bytes, max));
         }
@@ -100,7 +105,7 @@ impl GatewayService {
             stored_by: caller,
             attributes: plan.attributes.clone(),
             original_format: plan.format.into(),
-            spec: SpecRecord::from_spec(image.spec()),
+            spec: SpecRecord::from_spec(&spec),
             header_json: String::new(),
             placements: chosen
                 .iter()
@@ -126,7 +131,7 @@ impl GatewayService {
         // The intent record: a crash from here on is cleaned up at start.
         let r = rec.clone();
         with_vault(&self.inner.vault, move |v| v.insert_new(&r)).await?;
-        match self.store_steps(&mut rec, &plan, image).await {
+        match self.store_steps(&mut rec, &plan, spec, pixels).await {
             Ok(()) => {
                 rec.state = StudyState::Committed;
                 let r = rec.clone();
@@ -149,12 +154,15 @@ impl GatewayService {
         }
     }
 
-    /// Register, protect, place both shares.
+    /// Register, protect, place both shares. The pixels go to the
+    /// watermark service and are released as they are sent; the shares go
+    /// to their nodes the same way.
     async fn store_steps(
         &self,
         rec: &mut StudyRecord,
         plan: &StorePlan,
-        image: Image,
+        spec: ImageSpec,
+        pixels: Vec<u8>,
     ) -> Result<()> {
         let up = &self.inner.up;
         let mut ks = up.keyserver.clone();
@@ -167,7 +175,7 @@ impl GatewayService {
         .map_err(|s| GatewayError::upstream("keyserver", s))?;
 
         let (header_json, shares) = self
-            .protect(study_ref(rec), rec.study_id.clone(), plan.roi, image)
+            .protect_pixels(study_ref(rec), rec.study_id.clone(), plan.roi, spec, pixels)
             .await?;
         rec.header_json = header_json;
         self.put_objects(&mut rec.placements, shares).await
@@ -272,14 +280,18 @@ impl GatewayService {
             original_format: rec.original_format,
             pixels_sha256: Sha256::digest(&pixels).to_vec(),
         };
-        let mut msgs = vec![Ok(pb::RetrieveResponse {
+        // Chunks copied as the answer goes out; the pixels released after
+        // the last one.
+        let first = pb::RetrieveResponse {
             part: Some(pb::retrieve_response::Part::Header(header)),
-        })];
-        msgs.extend(convert::chunks(&pixels).map(|c| {
-            Ok(pb::RetrieveResponse {
-                part: Some(pb::retrieve_response::Part::Chunk(c)),
-            })
-        }));
+        };
+        let msgs = std::iter::once(first)
+            .chain(
+                tessera_wire::stream::owned_chunks(pixels).map(|c| pb::RetrieveResponse {
+                    part: Some(pb::retrieve_response::Part::Chunk(c)),
+                }),
+            )
+            .map(Ok);
         Ok(Box::pin(tokio_stream::iter(msgs)))
     }
 
@@ -359,9 +371,8 @@ impl GatewayService {
             .await?;
         let data = objects.pop().unwrap_or_default();
         tracing::info!(study = %rec.study_id, share = r.share, caller = %caller, "share relayed");
-        let msgs: Vec<_> = convert::chunks(&data)
-            .map(|c| Ok(pb::FetchShareResponse { chunk: c }))
-            .collect();
+        let msgs = tessera_wire::stream::owned_chunks(data)
+            .map(|c| Ok(pb::FetchShareResponse { chunk: c }));
         Ok(Box::pin(tokio_stream::iter(msgs)))
     }
 }
@@ -404,13 +415,29 @@ fn pixel_estimate(plan: &StorePlan) -> u64 {
     plan.raw_spec.map_or(plan.size, |s| s.byte_len() as u64)
 }
 
-/// Decodes the file on a blocking thread.
-async fn decode(plan: &StorePlan, file: Vec<u8>) -> Result<Image> {
+/// Decodes the file on a blocking thread into its spec and packed
+/// little-endian pixels (what the watermark service takes). Raw pixels of
+/// a valid spec and the right length are those bytes already (every 8- or
+/// 16-bit word fits its container): they are passed on as received, not
+/// copied into an image and back (issue 20: two fewer copies of the image).
+async fn decode(plan: &StorePlan, file: Vec<u8>) -> Result<(ImageSpec, Vec<u8>)> {
     let format = plan.format;
     let raw = plan.raw_spec;
     tokio::task::spawn_blocking(move || match (format, raw) {
-        (pb::ImageFormat::Raw, Some(spec)) => tessera_image::codec::decode_raw(spec, &file),
-        (pb::ImageFormat::Png | pb::ImageFormat::Tiff, _) => tessera_image::codec::decode(&file),
+        (pb::ImageFormat::Raw, Some(spec))
+            if spec.validate().is_ok() && file.len() as u64 == spec.byte_len() as u64 =>
+        {
+            Ok((spec, file))
+        }
+        // Refused with decode_raw's own error.
+        (pb::ImageFormat::Raw, Some(spec)) => {
+            tessera_image::codec::decode_raw(spec, &file).map(|image| (spec, image.to_le_bytes()))
+        }
+        (pb::ImageFormat::Png | pb::ImageFormat::Tiff, _) => {
+            let image = tessera_image::codec::decode(&file)?;
+            drop(file);
+            Ok((*image.spec(), image.to_le_bytes()))
+        }
         (pb::ImageFormat::Raw | pb::ImageFormat::Unspecified | pb::ImageFormat::Dicom, _) => Err(
             tessera_image::ImageError::Codec("no spec for raw pixels".into()),
         ),

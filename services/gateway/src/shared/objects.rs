@@ -35,11 +35,13 @@ impl GatewayService {
                 let mut c = node.client.clone();
                 // The node answers with the SHA-256 it verified against the
                 // one the client sent: record that, no second pass here.
-                let r = tessera_storage_client::put_object(&mut c, &p.object_id, &data)
+                // Sent as it is read: the share is not copied whole again.
+                let len = data.len() as u64;
+                let r = tessera_storage_client::put_object_owned(&mut c, &p.object_id, data)
                     .await
                     .map_err(|s| node.err(s))?;
                 let info = r.info.unwrap_or_default();
-                if info.size != data.len() as u64 || info.sha256.len() != 32 {
+                if info.size != len || info.sha256.len() != 32 {
                     return Err(node.err(Status::internal(
                         "put: the node answered without the object's size and SHA-256",
                     )));

@@ -2,7 +2,7 @@
 //! image into a header and two shares, restore pixels from the shares (with
 //! the tamper report), verify the shares without releasing pixels.
 
-use tessera_image::Image;
+use tessera_image::{Image, ImageSpec};
 use tessera_proto::watermark::v1 as wpb;
 use tonic::Status;
 
@@ -24,8 +24,23 @@ impl GatewayService {
         let spec = *image.spec();
         let bytes = image.to_le_bytes();
         drop(image);
-        let mut msgs = Vec::with_capacity(bytes.len() / convert::CHUNK_BYTES + 2);
-        msgs.push(wpb::ProtectRequest {
+        self.protect_pixels(study, object_id, roi, spec, bytes)
+            .await
+    }
+
+    /// [`Self::protect`] of the image's packed little-endian pixels: sent
+    /// one chunk at a time as the stream goes out, the pixels released once
+    /// the last chunk has left (the job then holds the shares, not the
+    /// image as well).
+    pub(crate) async fn protect_pixels(
+        &self,
+        study: wpb::StudyRef,
+        object_id: String,
+        roi: Option<tessera_image::Rect>,
+        spec: ImageSpec,
+        bytes: Vec<u8>,
+    ) -> Result<(String, Vec<Vec<u8>>)> {
+        let start = wpb::ProtectRequest {
             msg: Some(wpb::protect_request::Msg::Start(wpb::ProtectStart {
                 study: Some(study),
                 object_id,
@@ -33,13 +48,13 @@ impl GatewayService {
                 roi: roi.map(|r| tessera_wire::convert::watermark::rect_to_proto(&r)),
                 profile: wpb::Profile::Secure.into(),
             })),
-        });
-        for c in convert::chunks(&bytes) {
-            msgs.push(wpb::ProtectRequest {
-                msg: Some(wpb::protect_request::Msg::Pixels(c)),
-            });
-        }
-        drop(bytes);
+        };
+        let msgs =
+            std::iter::once(start).chain(tessera_wire::stream::owned_chunks(bytes).map(|c| {
+                wpb::ProtectRequest {
+                    msg: Some(wpb::protect_request::Msg::Pixels(c)),
+                }
+            }));
         let wm = |s: Status| GatewayError::upstream("watermark", s);
         let mut out = self
             .inner
@@ -89,26 +104,28 @@ impl GatewayService {
         Ok((header.header_json, shares))
     }
 
-    fn open_messages<T>(
+    /// The messages of a Restore or Verify: the start, then each share in
+    /// chunks, copied one at a time as the stream goes out; each share is
+    /// released once its last chunk has left.
+    fn open_messages<T: Send + 'static>(
         study: wpb::StudyRef,
         header_json: String,
         shares: Vec<Vec<u8>>,
         start: impl Fn(wpb::OpenStart) -> T,
-        chunk: impl Fn(wpb::ShareChunk) -> T,
-    ) -> Vec<T> {
-        let mut msgs = vec![start(wpb::OpenStart {
+        chunk: impl Fn(wpb::ShareChunk) -> T + Copy + Send + 'static,
+    ) -> impl Iterator<Item = T> + Send + 'static {
+        let first = start(wpb::OpenStart {
             study: Some(study),
             header_json,
-        })];
-        for (i, s) in shares.iter().enumerate() {
-            for c in convert::chunks(s) {
-                msgs.push(chunk(wpb::ShareChunk {
+        });
+        std::iter::once(first).chain(shares.into_iter().enumerate().flat_map(move |(i, s)| {
+            tessera_wire::stream::owned_chunks(s).map(move |data| {
+                chunk(wpb::ShareChunk {
                     share: i as u32 + 1,
-                    data: c,
-                }));
-            }
-        }
-        msgs
+                    data,
+                })
+            })
+        }))
     }
 
     /// Restores the pixels through the watermark service; the report says
