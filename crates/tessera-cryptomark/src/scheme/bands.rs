@@ -144,7 +144,7 @@ impl SealJob<'_> {
 }
 
 /// Secure protect of every tile, on several threads for large images.
-pub(super) fn seal_all(job: &SealJob<'_>, shares: &mut [Vec<u8>; 2]) {
+pub(super) fn seal_all(job: &SealJob<'_>, shares: &mut [Vec<u8>; 2], threads: usize) {
     let tpf = job.layout.tiles.len();
     let prefix = [
         sealed_prefix(job.layout, job.widths[0]),
@@ -157,7 +157,7 @@ pub(super) fn seal_all(job: &SealJob<'_>, shares: &mut [Vec<u8>; 2]) {
             0,
         );
     }
-    let groups = band_groups(job.layout, worker_count(job.image.spec().sample_count()));
+    let groups = band_groups(job.layout, threads);
     let [a, b] = shares;
     let mut rest = [&mut a[SHARE_PREAMBLE..], &mut b[SHARE_PREAMBLE..]];
     let mut work = Vec::with_capacity(groups.len());

@@ -159,39 +159,40 @@ pub(super) fn encode_tile(
         )
     };
     let mut n = 0;
-    let plain = |wd: u16, n: usize, hv: &mut [u16; MAX_TILE], lv: &mut [u16; MAX_TILE]| {
-        let v = wd & k.pmask;
-        hv[n] = (v >> k.lb) << 1;
-        lv[n] = (v & k.lmask) << 1;
+    let (lb, lmask, pmask) = (k.lb, k.lmask, k.pmask);
+    // Outside the ROI: split only (vectorizes).
+    let plain = |row: &[u16], hv: &mut [u16], lv: &mut [u16]| {
+        for ((h, l), &wd) in hv.iter_mut().zip(lv.iter_mut()).zip(row) {
+            let v = wd & pmask;
+            *h = (v >> lb) << 1;
+            *l = (v & lmask) << 1;
+        }
     };
     for y in r.y..r.y + r.height {
         let start = (y as usize * spec.width as usize + r.x as usize) * c;
         let row = &words[start..start + r.width as usize * c];
+        let len = row.len();
+        let (hrow, lrow) = (&mut hv[n..n + len], &mut lv[n..n + len]);
+        n += len;
         let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
         if !in_roi {
-            for &wd in row {
-                plain(wd, n, hv, lv);
-                n += 1;
-            }
+            plain(row, hrow, lrow);
             continue;
         }
-        for &wd in &row[..a] {
-            plain(wd, n, hv, lv);
-            n += 1;
-        }
-        for &wd in &row[a..b] {
-            let v = sb.forward(wd & k.pmask);
+        plain(&row[..a], &mut hrow[..a], &mut lrow[..a]);
+        plain(&row[b..], &mut hrow[b..], &mut lrow[b..]);
+        for ((h, l), &wd) in hrow[a..b]
+            .iter_mut()
+            .zip(lrow[a..b].iter_mut())
+            .zip(&row[a..b])
+        {
+            let v = sb.forward(wd & pmask);
             let e1 = (streams.0 >> 127) as u16;
             let e2 = (streams.1 >> 127) as u16;
             streams.0 <<= 1;
             streams.1 <<= 1;
-            hv[n] = ((v >> k.lb) << 1) | e1;
-            lv[n] = ((v & k.lmask) << 1) | e2;
-            n += 1;
-        }
-        for &wd in &row[b..] {
-            plain(wd, n, hv, lv);
-            n += 1;
+            *h = ((v >> lb) << 1) | e1;
+            *l = ((v & lmask) << 1) | e2;
         }
     }
     n
