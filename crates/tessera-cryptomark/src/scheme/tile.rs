@@ -181,21 +181,56 @@ pub(super) fn encode_tile(
         }
         plain(&row[..a], &mut hrow[..a], &mut lrow[..a]);
         plain(&row[b..], &mut hrow[b..], &mut lrow[b..]);
-        for ((h, l), &wd) in hrow[a..b]
-            .iter_mut()
-            .zip(lrow[a..b].iter_mut())
-            .zip(&row[a..b])
+        // ROI samples eight at a time: the S-box, then the carrier bits of
+        // the next stream byte spread over the eight samples.
+        let mut sub = [0u16; 8];
+        for ((hc, lc), wc) in hrow[a..b]
+            .chunks_mut(8)
+            .zip(lrow[a..b].chunks_mut(8))
+            .zip(row[a..b].chunks(8))
         {
-            let v = sb.forward(wd & pmask);
-            let e1 = (streams.0 >> 127) as u16;
-            let e2 = (streams.1 >> 127) as u16;
-            streams.0 <<= 1;
-            streams.1 <<= 1;
-            *h = ((v >> lb) << 1) | e1;
-            *l = ((v & lmask) << 1) | e2;
+            let e1 = &SPREAD[(streams.0 >> 120) as usize];
+            let e2 = &SPREAD[(streams.1 >> 120) as usize];
+            streams.0 <<= wc.len();
+            streams.1 <<= wc.len();
+            for (s, &wd) in sub.iter_mut().zip(wc) {
+                *s = sb.forward(wd & pmask);
+            }
+            for ((((h, l), &v), &x), &y) in hc.iter_mut().zip(lc.iter_mut()).zip(&sub).zip(e1).zip(e2)
+            {
+                *h = ((v >> lb) << 1) | x;
+                *l = ((v & lmask) << 1) | y;
+            }
         }
     }
     n
+}
+
+/// `SPREAD[byte][i]` is bit `7 - i` of `byte`: a stream byte (most
+/// significant bit first) as the embedded bits of eight samples.
+static SPREAD: [[u16; 8]; 256] = {
+    let mut t = [[0u16; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut i = 0;
+        while i < 8 {
+            t[b][i] = ((b >> (7 - i)) & 1) as u16;
+            i += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The low bits of eight plane values as one byte, the first value in the
+/// most significant bit (the inverse of [`SPREAD`]).
+#[inline]
+fn gather_bits(values: &[u16]) -> u8 {
+    let mut byte = 0u8;
+    for (i, &v) in values.iter().enumerate().take(8) {
+        byte |= ((v & 1) as u8) << (7 - i);
+    }
+    byte
 }
 
 /// What [`decode_tile`] found besides the pixels.
@@ -238,66 +273,112 @@ pub(super) fn decode_tile(
     let bits = if samples == 0 { 0 } else { hash_bits(samples) };
     let n1 = samples.min(128);
     let n2 = bits.saturating_sub(samples);
-    let (mut acc1, mut acc2) = (0u128, 0u128);
+    // The embedded bits of the ROI samples in order, most significant bit
+    // first: `planes[0]` from the high plane, `planes[1]` from the low.
+    let mut planes = [BitRun::default(), BitRun::default()];
     let mut pad = 0u16;
     let mut n = 0;
-    let mut kk = 0usize;
     // Branch-free rebuild of the bits above the payload.
     let sign_bit = b - 1;
     let ext = match rule {
         HighBits::SignExtend => !(((1u32 << b) - 1) as u16),
         HighBits::None | HighBits::Zero => 0,
     };
-    let rebuild = |p: u16| p | (ext & 0u16.wrapping_sub((p >> sign_bit) & 1));
+    let lb = k.lb;
+    let rebuild = move |p: u16| p | (ext & 0u16.wrapping_sub((p >> sign_bit) & 1));
+    // Outside the ROI: join the planes; every embedded bit must be 0.
+    let plain = |o: &mut [u16], h: &[u16], l: &[u16]| -> u16 {
+        let mut pad = 0u16;
+        for ((o, &h), &l) in o.iter_mut().zip(h).zip(l) {
+            pad |= h | l;
+            *o = rebuild(((h >> 1) << lb) | (l >> 1));
+        }
+        pad & 1
+    };
     for y in r.y..r.y + r.height {
         let start = frame_base + (y as usize * spec.width as usize + r.x as usize) * c - offset;
         let row = &mut out[start..start + r.width as usize * c];
+        let len = row.len();
+        let (hrow, lrow) = (&hv[n..n + len], &lv[n..n + len]);
+        n += len;
         let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
-        let (a, bnd) = if in_roi {
-            (a, bnd)
-        } else {
-            (row.len(), row.len())
-        };
-        let (left, rest) = row.split_at_mut(a);
-        let (mid, right) = rest.split_at_mut(bnd - a);
-        for o in left.iter_mut() {
-            let (h, l) = (hv[n], lv[n]);
-            n += 1;
-            pad |= (h | l) & 1;
-            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+        if !in_roi {
+            pad |= plain(row, hrow, lrow);
+            continue;
         }
-        for o in mid.iter_mut() {
-            let (h, l) = (hv[n], lv[n]);
-            n += 1;
-            *o = rebuild(sb.inverse(((h >> 1) << k.lb) | (l >> 1)));
-            let (ef, es) = if high_first {
-                (h & 1, l & 1)
-            } else {
-                (l & 1, h & 1)
-            };
-            if kk < n1 {
-                acc1 = (acc1 << 1) | ef as u128;
-            } else {
-                pad |= ef;
+        pad |= plain(&mut row[..a], &hrow[..a], &lrow[..a]);
+        pad |= plain(&mut row[bnd..], &hrow[bnd..], &lrow[bnd..]);
+        for ((oc, hc), lc) in row[a..bnd]
+            .chunks_mut(8)
+            .zip(hrow[a..bnd].chunks(8))
+            .zip(lrow[a..bnd].chunks(8))
+        {
+            for ((o, &h), &l) in oc.iter_mut().zip(hc).zip(lc) {
+                *o = rebuild(sb.inverse(((h >> 1) << lb) | (l >> 1)));
             }
-            if kk < n2 {
-                acc2 = (acc2 << 1) | es as u128;
-            } else {
-                pad |= es;
-            }
-            kk += 1;
-        }
-        for o in right.iter_mut() {
-            let (h, l) = (hv[n], lv[n]);
-            n += 1;
-            pad |= (h | l) & 1;
-            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+            planes[0].push(gather_bits(hc), hc.len());
+            planes[1].push(gather_bits(lc), lc.len());
         }
     }
+    if !high_first {
+        planes.swap(0, 1);
+    }
+    let (acc1, rest1) = planes[0].split(n1);
+    let (acc2, rest2) = planes[1].split(n2);
     let extracted = if n2 == 0 { acc1 } else { (acc1 << n2) | acc2 };
     Decoded {
         extracted,
-        padding_set: pad != 0,
+        padding_set: pad != 0 || rest1 || rest2,
+    }
+}
+
+/// Bits appended most significant first (at most one per tile sample).
+struct BitRun {
+    bytes: [u8; MAX_TILE / 8 + 2],
+    pos: usize,
+    acc: u32,
+    filled: u32,
+}
+
+impl Default for BitRun {
+    fn default() -> Self {
+        BitRun {
+            bytes: [0; MAX_TILE / 8 + 2],
+            pos: 0,
+            acc: 0,
+            filled: 0,
+        }
+    }
+}
+
+impl BitRun {
+    /// Appends the top `count` (1..=8) bits of `byte`.
+    #[inline]
+    fn push(&mut self, byte: u8, count: usize) {
+        self.acc = (self.acc << count) | (byte >> (8 - count)) as u32;
+        self.filled += count as u32;
+        if self.filled >= 8 {
+            self.filled -= 8;
+            self.bytes[self.pos] = (self.acc >> self.filled) as u8;
+            self.pos += 1;
+        }
+    }
+
+    /// The first `n` (at most 128) bits right-aligned, and whether any
+    /// later bit is set.
+    fn split(&mut self, n: usize) -> (u128, bool) {
+        if self.filled > 0 {
+            self.bytes[self.pos] = (self.acc << (8 - self.filled)) as u8;
+        }
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&self.bytes[..16]);
+        let all = u128::from_be_bytes(first);
+        let (top, rest) = match n {
+            0 => (0, all),
+            128 => (all, 0),
+            n => (all >> (128 - n), all & (u128::MAX >> n)),
+        };
+        (top, rest != 0 || self.bytes[16..].iter().any(|&b| b != 0))
     }
 }
 
