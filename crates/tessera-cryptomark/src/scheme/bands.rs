@@ -227,6 +227,7 @@ impl OpenJob<'_> {
         let mut scratch = Vec::new();
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
+        let mut bits = [[0u8; MAX_TILE]; 2];
         for band in group {
             let frame = band.frame as u32;
             let frame_base = band.frame * fs;
@@ -294,7 +295,7 @@ impl OpenJob<'_> {
                 let high_first = roi_global.is_some_and(|g| g < self.t);
                 let decoded = decode_tile(
                     out, frame_base, offset, spec, tile, self.sb, self.k, self.rule, self.b,
-                    high_first, &hv, &lv,
+                    high_first, &hv, &lv, &mut bits,
                 );
                 if invalid || decoded.padding_set {
                     found.tiles.push(TamperedTile {

@@ -196,7 +196,8 @@ pub(super) fn encode_tile(
             for (s, &wd) in sub.iter_mut().zip(wc) {
                 *s = sb.forward(wd & pmask);
             }
-            for ((((h, l), &v), &x), &y) in hc.iter_mut().zip(lc.iter_mut()).zip(&sub).zip(e1).zip(e2)
+            for ((((h, l), &v), &x), &y) in
+                hc.iter_mut().zip(lc.iter_mut()).zip(&sub).zip(e1).zip(e2)
             {
                 *h = ((v >> lb) << 1) | x;
                 *l = ((v & lmask) << 1) | y;
@@ -222,17 +223,6 @@ static SPREAD: [[u16; 8]; 256] = {
     t
 };
 
-/// The low bits of eight plane values as one byte, the first value in the
-/// most significant bit (the inverse of [`SPREAD`]).
-#[inline]
-fn gather_bits(values: &[u16]) -> u8 {
-    let mut byte = 0u8;
-    for (i, &v) in values.iter().enumerate().take(8) {
-        byte |= ((v & 1) as u8) << (7 - i);
-    }
-    byte
-}
-
 /// What [`decode_tile`] found besides the pixels.
 pub(super) struct Decoded {
     /// The embedded hash bits, right-aligned (`bits` of them).
@@ -257,6 +247,7 @@ pub(super) fn decode_tile(
     high_first: bool,
     hv: &[u16; MAX_TILE],
     lv: &[u16; MAX_TILE],
+    carried: &mut [[u8; MAX_TILE]; 2],
 ) -> Decoded {
     let c = spec.format.channels as usize;
     let r = &tile.rect;
@@ -273,11 +264,9 @@ pub(super) fn decode_tile(
     let bits = if samples == 0 { 0 } else { hash_bits(samples) };
     let n1 = samples.min(128);
     let n2 = bits.saturating_sub(samples);
-    // The embedded bits of the ROI samples in order, most significant bit
-    // first: `planes[0]` from the high plane, `planes[1]` from the low.
-    let mut planes = [BitRun::default(), BitRun::default()];
     let mut pad = 0u16;
     let mut n = 0;
+    let mut kk = 0;
     // Branch-free rebuild of the bits above the payload.
     let sign_bit = b - 1;
     let ext = match rule {
@@ -308,23 +297,23 @@ pub(super) fn decode_tile(
         }
         pad |= plain(&mut row[..a], &hrow[..a], &lrow[..a]);
         pad |= plain(&mut row[bnd..], &hrow[bnd..], &lrow[bnd..]);
-        for ((oc, hc), lc) in row[a..bnd]
-            .chunks_mut(8)
-            .zip(hrow[a..bnd].chunks(8))
-            .zip(lrow[a..bnd].chunks(8))
-        {
-            for ((o, &h), &l) in oc.iter_mut().zip(hc).zip(lc) {
-                *o = rebuild(sb.inverse(((h >> 1) << lb) | (l >> 1)));
-            }
-            planes[0].push(gather_bits(hc), hc.len());
-            planes[1].push(gather_bits(lc), lc.len());
+        let (hmid, lmid) = (&hrow[a..bnd], &lrow[a..bnd]);
+        for ((o, &h), &l) in row[a..bnd].iter_mut().zip(hmid).zip(lmid) {
+            *o = rebuild(sb.inverse(((h >> 1) << lb) | (l >> 1)));
         }
+        // The embedded bits of the ROI samples in order, one per byte.
+        let m = hmid.len();
+        for (e, &h) in carried[0][kk..kk + m].iter_mut().zip(hmid) {
+            *e = (h & 1) as u8;
+        }
+        for (e, &l) in carried[1][kk..kk + m].iter_mut().zip(lmid) {
+            *e = (l & 1) as u8;
+        }
+        kk += m;
     }
-    if !high_first {
-        planes.swap(0, 1);
-    }
-    let (acc1, rest1) = planes[0].split(n1);
-    let (acc2, rest2) = planes[1].split(n2);
+    let (first, second) = if high_first { (0, 1) } else { (1, 0) };
+    let (acc1, rest1) = take_bits(&carried[first][..kk], n1);
+    let (acc2, rest2) = take_bits(&carried[second][..kk], n2);
     let extracted = if n2 == 0 { acc1 } else { (acc1 << n2) | acc2 };
     Decoded {
         extracted,
@@ -332,54 +321,20 @@ pub(super) fn decode_tile(
     }
 }
 
-/// Bits appended most significant first (at most one per tile sample).
-struct BitRun {
-    bytes: [u8; MAX_TILE / 8 + 2],
-    pos: usize,
-    acc: u32,
-    filled: u32,
-}
-
-impl Default for BitRun {
-    fn default() -> Self {
-        BitRun {
-            bytes: [0; MAX_TILE / 8 + 2],
-            pos: 0,
-            acc: 0,
-            filled: 0,
-        }
+/// The first `n` (at most 128) of `bits` (one 0 or 1 per byte) as a
+/// right-aligned number, the first bit most significant, and whether any
+/// later bit is set.
+fn take_bits(bits: &[u8], n: usize) -> (u128, bool) {
+    let n = n.min(bits.len());
+    let mut top = 0u128;
+    for chunk in bits[..n].chunks(8) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        // Eight 0/1 bytes to one byte, the first byte in the top bit.
+        let byte = (u64::from_le_bytes(b).wrapping_mul(0x8040_2010_0804_0201) >> 56) as u8;
+        top = (top << chunk.len()) | (byte >> (8 - chunk.len())) as u128;
     }
-}
-
-impl BitRun {
-    /// Appends the top `count` (1..=8) bits of `byte`.
-    #[inline]
-    fn push(&mut self, byte: u8, count: usize) {
-        self.acc = (self.acc << count) | (byte >> (8 - count)) as u32;
-        self.filled += count as u32;
-        if self.filled >= 8 {
-            self.filled -= 8;
-            self.bytes[self.pos] = (self.acc >> self.filled) as u8;
-            self.pos += 1;
-        }
-    }
-
-    /// The first `n` (at most 128) bits right-aligned, and whether any
-    /// later bit is set.
-    fn split(&mut self, n: usize) -> (u128, bool) {
-        if self.filled > 0 {
-            self.bytes[self.pos] = (self.acc << (8 - self.filled)) as u8;
-        }
-        let mut first = [0u8; 16];
-        first.copy_from_slice(&self.bytes[..16]);
-        let all = u128::from_be_bytes(first);
-        let (top, rest) = match n {
-            0 => (0, all),
-            128 => (all, 0),
-            n => (all >> (128 - n), all & (u128::MAX >> n)),
-        };
-        (top, rest != 0 || self.bytes[16..].iter().any(|&b| b != 0))
-    }
+    (top, bits[n..].iter().fold(0, |a, &b| a | b) != 0)
 }
 
 /// The top `bits` bits of a folded hash, right-aligned.
