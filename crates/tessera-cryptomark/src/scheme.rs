@@ -223,9 +223,13 @@ pub fn protect_with_threads(
             };
             let container = paper_container(payload_bits);
             let modulus = 1u64 << container;
-            for (s, plane) in planes.iter_mut().enumerate() {
-                let k = if s == 0 { &keys.share1 } else { &keys.share2 };
-                chaos::diffuse_stream(plane, k, modulus);
+            let [q1, q2] = &mut planes;
+            both(
+                threads,
+                || chaos::diffuse_stream(q1, &keys.share1, modulus),
+                || chaos::diffuse_stream(q2, &keys.share2, modulus),
+            );
+            for (s, plane) in planes.iter().enumerate() {
                 let out = &mut shares[s];
                 if container == 8 {
                     out.extend(plane.iter().map(|&v| v as u8));
@@ -242,6 +246,21 @@ pub fn protect_with_threads(
         shares,
         paper_keys,
     })
+}
+
+/// Runs `a` and `b`, on two threads when `threads` allows (the paper
+/// profile's two planes are diffused independently).
+fn both(threads: usize, a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+    if threads < 2 {
+        a();
+        b();
+        return;
+    }
+    std::thread::scope(|scope| {
+        let h = scope.spawn(a);
+        b();
+        h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    });
 }
 
 /// The paper derives share keys from ROI block hashes; with no ROI block
@@ -387,21 +406,22 @@ pub fn restore_with_threads(
     let planes = match key {
         RestoreKey::Paper(keys) => {
             let modulus = 1u64 << container;
-            let mut out = [Vec::new(), Vec::new()];
-            for (s, p) in [&p1, &p2].into_iter().enumerate() {
-                let mut plane: Vec<u16> = if container == 8 {
+            let [mut q1, mut q2] = [&p1, &p2].map(|p| -> Vec<u16> {
+                if container == 8 {
                     p.payload.iter().map(|&v| v as u16).collect()
                 } else {
                     p.payload
                         .chunks_exact(2)
                         .map(|c| u16::from_le_bytes([c[0], c[1]]))
                         .collect()
-                };
-                let k = if s == 0 { &keys.share1 } else { &keys.share2 };
-                chaos::undiffuse_stream(&mut plane, k, modulus);
-                out[s] = plane;
-            }
-            Some(out)
+                }
+            });
+            both(
+                threads,
+                || chaos::undiffuse_stream(&mut q1, &keys.share1, modulus),
+                || chaos::undiffuse_stream(&mut q2, &keys.share2, modulus),
+            );
+            Some([q1, q2])
         }
         RestoreKey::Secure(_) => None,
     };
