@@ -85,7 +85,7 @@ fn slice_16bit(c: &mut Criterion) {
 /// profile's chaotic streams: 2 x 262,144 values of each map.
 fn stages(c: &mut Criterion) {
     let bytes: Vec<u8> = (0..512 * 512 * 2u32)
-        .map(|i| (i * 2_654_435_761u32 >> 13) as u8)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let mut g = c.benchmark_group("stages_512x512_16bit");
     g.throughput(Throughput::Bytes(bytes.len() as u64));
