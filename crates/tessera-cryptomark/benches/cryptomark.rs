@@ -4,7 +4,9 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sha2::{Digest, Sha256};
-use tessera_cryptomark::{ProtectKey, RestoreKey, StudyKey, protect, restore};
+use tessera_cryptomark::{
+    ProtectKey, RestoreKey, StudyKey, protect, protect_with_threads, restore, restore_with_threads,
+};
 use tessera_image::phantom::head_phantom;
 use tessera_image::{PixelFormat, Rect};
 
@@ -39,14 +41,97 @@ fn slice_16bit(c: &mut Criterion) {
             .expect("restore")
         })
     });
-    g.sample_size(10);
-    g.bench_function("protect_paper", |b| {
+    g.bench_function("protect_secure_1thread", |b| {
+        b.iter(|| protect_with_threads(&image, roi, "bench", pk, 1).expect("protect"))
+    });
+    g.bench_function("restore_secure_1thread", |b| {
         b.iter(|| {
-            protect(&image, roi, "bench", ProtectKey::PaperWithKeys(&paper_keys)).expect("protect")
+            restore_with_threads(
+                &protected.header,
+                &protected.shares[0],
+                &protected.shares[1],
+                RestoreKey::Secure(&key),
+                1,
+            )
+            .expect("restore")
+        })
+    });
+    g.sample_size(10);
+    let ppk = ProtectKey::PaperWithKeys(&paper_keys);
+    g.bench_function("protect_paper", |b| {
+        b.iter(|| protect(&image, roi, "bench", ppk).expect("protect"))
+    });
+    g.bench_function("protect_paper_1thread", |b| {
+        b.iter(|| protect_with_threads(&image, roi, "bench", ppk, 1).expect("protect"))
+    });
+    g.bench_function("restore_paper", |b| {
+        b.iter(|| {
+            restore(
+                &paper.header,
+                &paper.shares[0],
+                &paper.shares[1],
+                RestoreKey::Paper(&paper_keys),
+            )
+            .expect("restore")
         })
     });
     g.finish();
 }
 
-criterion_group!(benches, slice_16bit);
+/// The stages a secure protect of that slice cannot avoid, each over the
+/// same 512x512 16-bit slice: SHA-256 of every 16x16 block (512 bytes
+/// each, as the ROI block hashes), and AES-256-GCM of two shares of 7-bit
+/// values (224 bytes per tile and share, one seal per tile). The paper
+/// profile's chaotic streams: 2 x 262,144 values of each map.
+fn stages(c: &mut Criterion) {
+    let bytes: Vec<u8> = (0..512 * 512 * 2u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut g = c.benchmark_group("stages_512x512_16bit");
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.sample_size(20);
+    g.bench_function("sha256_one_pass", |b| b.iter(|| Sha256::digest(&bytes)));
+    g.bench_function("sha256_per_16x16_block", |b| {
+        b.iter(|| {
+            let mut acc = 0u8;
+            for block in bytes.chunks_exact(512) {
+                acc ^= Sha256::digest(block)[0];
+            }
+            acc
+        })
+    });
+    let key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[3u8; 32]).expect("key"),
+    );
+    let mut body = vec![0u8; 224];
+    g.bench_function("aes_gcm_2x1024_tiles_of_224_bytes", |b| {
+        b.iter(|| {
+            let mut acc = 0u8;
+            for t in 0..2048u64 {
+                let mut n = [0u8; 12];
+                n[4..].copy_from_slice(&t.to_be_bytes());
+                let tag = key
+                    .seal_in_place_separate_tag(
+                        ring::aead::Nonce::assume_unique_for_key(n),
+                        ring::aead::Aad::from([t as u8; 41]),
+                        &mut body,
+                    )
+                    .expect("seal");
+                acc ^= tag.as_ref()[0];
+            }
+            acc
+        })
+    });
+    g.sample_size(10);
+    g.bench_function("chaos_streams_2x262144", |b| {
+        b.iter(|| {
+            let mut plane = vec![0u16; 512 * 512];
+            tessera_cryptomark::chaos::diffuse_stream(&mut plane, b"0123456789abcdef", 65536);
+            plane[0]
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, slice_16bit, stages);
 criterion_main!(benches);

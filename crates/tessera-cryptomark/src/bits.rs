@@ -6,7 +6,7 @@ pub fn packed_len(count: usize, width: u8) -> usize {
 }
 
 /// Appends `values` of `width` bits to `out`, least significant bit first
-/// (the same layout as [`BitWriter`], 32 bits at a time).
+/// (the same layout as [`BitWriter`]).
 #[cfg(test)]
 pub fn pack(values: &[u16], width: u8, out: &mut Vec<u8>) {
     let start = out.len();
@@ -15,41 +15,63 @@ pub fn pack(values: &[u16], width: u8, out: &mut Vec<u8>) {
 }
 
 /// Packs `values` into `dst`, which must be exactly
-/// `packed_len(values.len(), width)` bytes.
+/// `packed_len(values.len(), width)` bytes. Every value must be below
+/// `2^width`.
 pub fn pack_into(values: &[u16], width: u8, dst: &mut [u8]) {
-    const MAX: usize = 768;
-    if values.len() > MAX {
-        let mut v = Vec::with_capacity(dst.len());
-        pack_slow(values, width, &mut v);
-        dst.copy_from_slice(&v);
-        return;
+    // The plane values are 1..=9 bits wide (half of at most 16 payload
+    // bits, plus the embedded bit): eight values are exactly `width` bytes,
+    // packed with shifts the compiler knows.
+    match width {
+        1 => pack_w::<1>(values, dst),
+        2 => pack_w::<2>(values, dst),
+        3 => pack_w::<3>(values, dst),
+        4 => pack_w::<4>(values, dst),
+        5 => pack_w::<5>(values, dst),
+        6 => pack_w::<6>(values, dst),
+        7 => pack_w::<7>(values, dst),
+        8 => pack_w::<8>(values, dst),
+        9 => pack_w::<9>(values, dst),
+        _ => pack_bits(values, width, dst),
     }
-    // Pack into a stack buffer (a tile is at most 768 values of at most 17
-    // bits), then append once: no per-word capacity checks.
-    let mut buf = [0u8; MAX * 17 / 8 + 8];
-    let mut len = 0usize;
+}
+
+/// Groups of eight `W`-bit values as `W` bytes, then the rest bit by bit.
+fn pack_w<const W: usize>(values: &[u16], dst: &mut [u8]) {
+    let groups = values.len() / 8;
+    let (head, tail) = values.split_at(groups * 8);
+    let (dhead, dtail) = dst.split_at_mut(groups * W);
+    for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(W)) {
+        let mut acc = 0u128;
+        for (i, &v) in c.iter().enumerate() {
+            acc |= (v as u128) << (i * W);
+        }
+        d.copy_from_slice(&acc.to_le_bytes()[..W]);
+    }
+    pack_bits(tail, W as u8, dtail);
+}
+
+/// Packs bit by bit into `dst` (exactly `packed_len` bytes).
+fn pack_bits(values: &[u16], width: u8, dst: &mut [u8]) {
     let w = width as u32;
     let mut acc: u64 = 0;
     let mut filled = 0u32;
+    let mut pos = 0usize;
     for &v in values {
         acc |= (v as u64) << filled;
         filled += w;
-        if filled >= 32 {
-            buf[len..len + 4].copy_from_slice(&(acc as u32).to_le_bytes());
-            len += 4;
-            acc >>= 32;
-            filled -= 32;
+        while filled >= 8 {
+            dst[pos] = acc as u8;
+            pos += 1;
+            acc >>= 8;
+            filled -= 8;
         }
     }
-    while filled > 0 {
-        buf[len] = acc as u8;
-        len += 1;
-        acc >>= 8;
-        filled = filled.saturating_sub(8);
+    if filled > 0 {
+        dst[pos] = acc as u8;
     }
-    dst.copy_from_slice(&buf[..len]);
 }
 
+#[cfg(test)]
 fn pack_slow(values: &[u16], width: u8, out: &mut Vec<u8>) {
     let w = width as u32;
     let mut acc: u64 = 0;
@@ -68,9 +90,40 @@ fn pack_slow(values: &[u16], width: u8, out: &mut Vec<u8>) {
     }
 }
 
-/// Reads `out.len()` values of `width` bits written by [`pack`]; missing
-/// bytes read as zero (callers check lengths first).
+/// Reads `out.len()` values of `width` bits written by [`pack_into`];
+/// missing bytes read as zero (callers check lengths first).
 pub fn unpack(data: &[u8], width: u8, out: &mut [u16]) {
+    match width {
+        1 => unpack_w::<1>(data, out),
+        2 => unpack_w::<2>(data, out),
+        3 => unpack_w::<3>(data, out),
+        4 => unpack_w::<4>(data, out),
+        5 => unpack_w::<5>(data, out),
+        6 => unpack_w::<6>(data, out),
+        7 => unpack_w::<7>(data, out),
+        8 => unpack_w::<8>(data, out),
+        9 => unpack_w::<9>(data, out),
+        _ => unpack_bits(data, width, out),
+    }
+}
+
+/// Groups of eight `W`-bit values from `W` bytes, then the rest bit by bit.
+fn unpack_w<const W: usize>(data: &[u8], out: &mut [u16]) {
+    let groups = (out.len() / 8).min(data.len() / W);
+    let mask = (1u128 << W) - 1;
+    let (head, tail) = out.split_at_mut(groups * 8);
+    for (o, d) in head.chunks_exact_mut(8).zip(data.chunks_exact(W)) {
+        let mut b = [0u8; 16];
+        b[..W].copy_from_slice(d);
+        let acc = u128::from_le_bytes(b);
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = ((acc >> (i * W)) & mask) as u16;
+        }
+    }
+    unpack_bits(&data[groups * W..], W as u8, tail);
+}
+
+fn unpack_bits(data: &[u8], width: u8, out: &mut [u16]) {
     let w = width as u32;
     let mask = (1u64 << w) - 1;
     let mut acc: u64 = 0;
@@ -195,7 +248,17 @@ mod tests {
             prop_assert_eq!(&slow[1..], &buf[..]);
             let mut back = vec![0u16; values.len()];
             unpack(&fast[1..], width, &mut back);
-            prop_assert_eq!(back, values);
+            prop_assert_eq!(&back, &values);
+            // Short data reads as zero bits, in the grouped and the bitwise
+            // paths alike.
+            let cut = buf.len() / 3;
+            let mut grouped = vec![0u16; values.len()];
+            unpack(&buf[..cut], width, &mut grouped);
+            let mut bitwise = vec![0u16; values.len()];
+            unpack_bits(&buf[..cut], width, &mut bitwise);
+            prop_assert_eq!(&grouped, &bitwise);
+            let mut r = BitReader::new(&buf[..cut]);
+            for &v in &grouped { prop_assert_eq!(r.get(width), v); }
         }
     }
 }

@@ -33,7 +33,10 @@ use serde::{Deserialize, Serialize};
 use tessera_image::{Image, ImageError, Rect};
 
 pub use header::{Header, HighBits};
-pub use scheme::{protect, restore, share_metric_view, verify};
+pub use scheme::{
+    default_threads, protect, protect_with_threads, restore, restore_with_threads,
+    share_metric_view, verify,
+};
 
 /// Side of the ROI blocks and tiles, as in the paper.
 pub const BLOCK: u32 = 16;

@@ -37,8 +37,10 @@ pub fn rijndael() -> [u8; 256] {
 #[derive(Clone, Debug)]
 pub struct SBox {
     bits: u8,
-    forward: Vec<u16>,
-    inverse: Vec<u16>,
+    /// Full 16-bit tables (entries past `2^bits` unused), so a lookup by
+    /// any `u16` needs no bounds check.
+    forward: Box<[u16; 1 << 16]>,
+    inverse: Box<[u16; 1 << 16]>,
 }
 
 impl SBox {
@@ -56,8 +58,14 @@ impl SBox {
             })
         };
         let size = 1u32 << bits;
-        let mut forward = vec![0u16; size as usize];
-        let mut inverse = vec![0u16; size as usize];
+        let table = || -> Box<[u16; 1 << 16]> {
+            vec![0u16; 1 << 16]
+                .into_boxed_slice()
+                .try_into()
+                .expect("65536 entries")
+        };
+        let mut forward = table();
+        let mut inverse = table();
         for v in 0..size {
             let mut y = base(v);
             while y >= size {

@@ -60,13 +60,34 @@ fn preamble(header_digest: &[u8; 32], profile: Profile, share: u8, tag: [u8; TAG
 }
 
 /// Protects `image` into two shares. `roi` may be empty (no blocks) or any
-/// rectangle inside the image.
+/// rectangle inside the image. Runs on up to [`default_threads`] threads.
 pub fn protect(
     image: &Image,
     roi: Rect,
     object_id: &str,
     key: ProtectKey<'_>,
 ) -> Result<Protected, CryptomarkError> {
+    let threads = default_threads(image.spec().sample_count());
+    protect_with_threads(image, roi, object_id, key, threads)
+}
+
+/// The threads [`protect`] and [`restore`] use for an image of `samples`
+/// samples: one below 65,536 samples, otherwise the available cores, at
+/// most 4.
+pub fn default_threads(samples: usize) -> usize {
+    worker_count(samples)
+}
+
+/// [`protect`] on at most `threads` threads (at least one; the output is
+/// the same for any count).
+pub fn protect_with_threads(
+    image: &Image,
+    roi: Rect,
+    object_id: &str,
+    key: ProtectKey<'_>,
+    threads: usize,
+) -> Result<Protected, CryptomarkError> {
+    let threads = threads.max(1);
     if object_id.is_empty() || object_id.len() > MAX_OBJECT_ID {
         return Err(CryptomarkError::ObjectId);
     }
@@ -148,7 +169,7 @@ pub fn protect(
             keys,
             digest: &digest,
         };
-        seal_all(&job, &mut shares);
+        seal_all(&job, &mut shares, threads);
     }
     if let Some([p1, p2]) = planes.as_mut() {
         for frame in 0..spec.frames {
@@ -202,9 +223,13 @@ pub fn protect(
             };
             let container = paper_container(payload_bits);
             let modulus = 1u64 << container;
-            for (s, plane) in planes.iter_mut().enumerate() {
-                let k = if s == 0 { &keys.share1 } else { &keys.share2 };
-                chaos::diffuse_stream(plane, k, modulus);
+            let [q1, q2] = &mut planes;
+            both(
+                threads,
+                || chaos::diffuse_stream(q1, &keys.share1, modulus),
+                || chaos::diffuse_stream(q2, &keys.share2, modulus),
+            );
+            for (s, plane) in planes.iter().enumerate() {
                 let out = &mut shares[s];
                 if container == 8 {
                     out.extend(plane.iter().map(|&v| v as u8));
@@ -221,6 +246,21 @@ pub fn protect(
         shares,
         paper_keys,
     })
+}
+
+/// Runs `a` and `b`, on two threads when `threads` allows (the paper
+/// profile's two planes are diffused independently).
+fn both(threads: usize, a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+    if threads < 2 {
+        a();
+        b();
+        return;
+    }
+    std::thread::scope(|scope| {
+        let h = scope.spawn(a);
+        b();
+        h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    });
 }
 
 /// The paper derives share keys from ROI block hashes; with no ROI block
@@ -283,7 +323,8 @@ fn parse_share<'a>(
     ))
 }
 
-/// Restores the image from its two shares and verifies it.
+/// Restores the image from its two shares and verifies it, on up to
+/// [`default_threads`] threads.
 pub fn restore(
     header: &Header,
     share1: &[u8],
@@ -291,6 +332,21 @@ pub fn restore(
     key: RestoreKey<'_>,
 ) -> Result<Restored, CryptomarkError> {
     header.validate()?;
+    let threads = default_threads(header.spec.sample_count());
+    restore_with_threads(header, share1, share2, key, threads)
+}
+
+/// [`restore`] on at most `threads` threads (at least one; the result is
+/// the same for any count).
+pub fn restore_with_threads(
+    header: &Header,
+    share1: &[u8],
+    share2: &[u8],
+    key: RestoreKey<'_>,
+    threads: usize,
+) -> Result<Restored, CryptomarkError> {
+    header.validate()?;
+    let threads = threads.max(1);
     let key_profile = match key {
         RestoreKey::Secure(_) => Profile::Secure,
         RestoreKey::Paper(_) => Profile::Paper,
@@ -350,21 +406,22 @@ pub fn restore(
     let planes = match key {
         RestoreKey::Paper(keys) => {
             let modulus = 1u64 << container;
-            let mut out = [Vec::new(), Vec::new()];
-            for (s, p) in [&p1, &p2].into_iter().enumerate() {
-                let mut plane: Vec<u16> = if container == 8 {
+            let [mut q1, mut q2] = [&p1, &p2].map(|p| -> Vec<u16> {
+                if container == 8 {
                     p.payload.iter().map(|&v| v as u16).collect()
                 } else {
                     p.payload
                         .chunks_exact(2)
                         .map(|c| u16::from_le_bytes([c[0], c[1]]))
                         .collect()
-                };
-                let k = if s == 0 { &keys.share1 } else { &keys.share2 };
-                chaos::undiffuse_stream(&mut plane, k, modulus);
-                out[s] = plane;
-            }
-            Some(out)
+                }
+            });
+            both(
+                threads,
+                || chaos::undiffuse_stream(&mut q1, &keys.share1, modulus),
+                || chaos::undiffuse_stream(&mut q2, &keys.share2, modulus),
+            );
+            Some([q1, q2])
         }
         RestoreKey::Secure(_) => None,
     };
@@ -405,7 +462,7 @@ pub fn restore(
     };
     let fs = spec.frame_samples();
     let row = spec.width as usize * c;
-    let groups = band_groups(&layout, worker_count(spec.sample_count()));
+    let groups = band_groups(&layout, threads);
     let mut rest: &mut [u16] = &mut samples;
     let mut work = Vec::with_capacity(groups.len());
     for group in &groups {

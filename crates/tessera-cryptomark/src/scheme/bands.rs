@@ -144,7 +144,7 @@ impl SealJob<'_> {
 }
 
 /// Secure protect of every tile, on several threads for large images.
-pub(super) fn seal_all(job: &SealJob<'_>, shares: &mut [Vec<u8>; 2]) {
+pub(super) fn seal_all(job: &SealJob<'_>, shares: &mut [Vec<u8>; 2], threads: usize) {
     let tpf = job.layout.tiles.len();
     let prefix = [
         sealed_prefix(job.layout, job.widths[0]),
@@ -157,7 +157,7 @@ pub(super) fn seal_all(job: &SealJob<'_>, shares: &mut [Vec<u8>; 2]) {
             0,
         );
     }
-    let groups = band_groups(job.layout, worker_count(job.image.spec().sample_count()));
+    let groups = band_groups(job.layout, threads);
     let [a, b] = shares;
     let mut rest = [&mut a[SHARE_PREAMBLE..], &mut b[SHARE_PREAMBLE..]];
     let mut work = Vec::with_capacity(groups.len());
@@ -227,6 +227,7 @@ impl OpenJob<'_> {
         let mut scratch = Vec::new();
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
+        let mut bits = [[0u8; MAX_TILE]; 2];
         for band in group {
             let frame = band.frame as u32;
             let frame_base = band.frame * fs;
@@ -294,7 +295,7 @@ impl OpenJob<'_> {
                 let high_first = roi_global.is_some_and(|g| g < self.t);
                 let decoded = decode_tile(
                     out, frame_base, offset, spec, tile, self.sb, self.k, self.rule, self.b,
-                    high_first, &hv, &lv,
+                    high_first, &hv, &lv, &mut bits,
                 );
                 if invalid || decoded.padding_set {
                     found.tiles.push(TamperedTile {

@@ -159,43 +159,69 @@ pub(super) fn encode_tile(
         )
     };
     let mut n = 0;
-    let plain = |wd: u16, n: usize, hv: &mut [u16; MAX_TILE], lv: &mut [u16; MAX_TILE]| {
-        let v = wd & k.pmask;
-        hv[n] = (v >> k.lb) << 1;
-        lv[n] = (v & k.lmask) << 1;
+    let (lb, lmask, pmask) = (k.lb, k.lmask, k.pmask);
+    // Outside the ROI: split only (vectorizes).
+    let plain = |row: &[u16], hv: &mut [u16], lv: &mut [u16]| {
+        for ((h, l), &wd) in hv.iter_mut().zip(lv.iter_mut()).zip(row) {
+            let v = wd & pmask;
+            *h = (v >> lb) << 1;
+            *l = (v & lmask) << 1;
+        }
     };
     for y in r.y..r.y + r.height {
         let start = (y as usize * spec.width as usize + r.x as usize) * c;
         let row = &words[start..start + r.width as usize * c];
+        let len = row.len();
+        let (hrow, lrow) = (&mut hv[n..n + len], &mut lv[n..n + len]);
+        n += len;
         let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
         if !in_roi {
-            for &wd in row {
-                plain(wd, n, hv, lv);
-                n += 1;
-            }
+            plain(row, hrow, lrow);
             continue;
         }
-        for &wd in &row[..a] {
-            plain(wd, n, hv, lv);
-            n += 1;
-        }
-        for &wd in &row[a..b] {
-            let v = sb.forward(wd & k.pmask);
-            let e1 = (streams.0 >> 127) as u16;
-            let e2 = (streams.1 >> 127) as u16;
-            streams.0 <<= 1;
-            streams.1 <<= 1;
-            hv[n] = ((v >> k.lb) << 1) | e1;
-            lv[n] = ((v & k.lmask) << 1) | e2;
-            n += 1;
-        }
-        for &wd in &row[b..] {
-            plain(wd, n, hv, lv);
-            n += 1;
+        plain(&row[..a], &mut hrow[..a], &mut lrow[..a]);
+        plain(&row[b..], &mut hrow[b..], &mut lrow[b..]);
+        // ROI samples eight at a time: the S-box, then the carrier bits of
+        // the next stream byte spread over the eight samples.
+        let mut sub = [0u16; 8];
+        for ((hc, lc), wc) in hrow[a..b]
+            .chunks_mut(8)
+            .zip(lrow[a..b].chunks_mut(8))
+            .zip(row[a..b].chunks(8))
+        {
+            let e1 = &SPREAD[(streams.0 >> 120) as usize];
+            let e2 = &SPREAD[(streams.1 >> 120) as usize];
+            streams.0 <<= wc.len();
+            streams.1 <<= wc.len();
+            for (s, &wd) in sub.iter_mut().zip(wc) {
+                *s = sb.forward(wd & pmask);
+            }
+            for ((((h, l), &v), &x), &y) in
+                hc.iter_mut().zip(lc.iter_mut()).zip(&sub).zip(e1).zip(e2)
+            {
+                *h = ((v >> lb) << 1) | x;
+                *l = ((v & lmask) << 1) | y;
+            }
         }
     }
     n
 }
+
+/// `SPREAD[byte][i]` is bit `7 - i` of `byte`: a stream byte (most
+/// significant bit first) as the embedded bits of eight samples.
+static SPREAD: [[u16; 8]; 256] = {
+    let mut t = [[0u16; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut i = 0;
+        while i < 8 {
+            t[b][i] = ((b >> (7 - i)) & 1) as u16;
+            i += 1;
+        }
+        b += 1;
+    }
+    t
+};
 
 /// What [`decode_tile`] found besides the pixels.
 pub(super) struct Decoded {
@@ -221,6 +247,7 @@ pub(super) fn decode_tile(
     high_first: bool,
     hv: &[u16; MAX_TILE],
     lv: &[u16; MAX_TILE],
+    carried: &mut [[u8; MAX_TILE]; 2],
 ) -> Decoded {
     let c = spec.format.channels as usize;
     let r = &tile.rect;
@@ -237,67 +264,77 @@ pub(super) fn decode_tile(
     let bits = if samples == 0 { 0 } else { hash_bits(samples) };
     let n1 = samples.min(128);
     let n2 = bits.saturating_sub(samples);
-    let (mut acc1, mut acc2) = (0u128, 0u128);
     let mut pad = 0u16;
     let mut n = 0;
-    let mut kk = 0usize;
+    let mut kk = 0;
     // Branch-free rebuild of the bits above the payload.
     let sign_bit = b - 1;
     let ext = match rule {
         HighBits::SignExtend => !(((1u32 << b) - 1) as u16),
         HighBits::None | HighBits::Zero => 0,
     };
-    let rebuild = |p: u16| p | (ext & 0u16.wrapping_sub((p >> sign_bit) & 1));
+    let lb = k.lb;
+    let rebuild = move |p: u16| p | (ext & 0u16.wrapping_sub((p >> sign_bit) & 1));
+    // Outside the ROI: join the planes; every embedded bit must be 0.
+    let plain = |o: &mut [u16], h: &[u16], l: &[u16]| -> u16 {
+        let mut pad = 0u16;
+        for ((o, &h), &l) in o.iter_mut().zip(h).zip(l) {
+            pad |= h | l;
+            *o = rebuild(((h >> 1) << lb) | (l >> 1));
+        }
+        pad & 1
+    };
     for y in r.y..r.y + r.height {
         let start = frame_base + (y as usize * spec.width as usize + r.x as usize) * c - offset;
         let row = &mut out[start..start + r.width as usize * c];
+        let len = row.len();
+        let (hrow, lrow) = (&hv[n..n + len], &lv[n..n + len]);
+        n += len;
         let in_roi = !part.is_empty() && y >= part.y && y < part.y + part.height;
-        let (a, bnd) = if in_roi {
-            (a, bnd)
-        } else {
-            (row.len(), row.len())
-        };
-        let (left, rest) = row.split_at_mut(a);
-        let (mid, right) = rest.split_at_mut(bnd - a);
-        for o in left.iter_mut() {
-            let (h, l) = (hv[n], lv[n]);
-            n += 1;
-            pad |= (h | l) & 1;
-            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+        if !in_roi {
+            pad |= plain(row, hrow, lrow);
+            continue;
         }
-        for o in mid.iter_mut() {
-            let (h, l) = (hv[n], lv[n]);
-            n += 1;
-            *o = rebuild(sb.inverse(((h >> 1) << k.lb) | (l >> 1)));
-            let (ef, es) = if high_first {
-                (h & 1, l & 1)
-            } else {
-                (l & 1, h & 1)
-            };
-            if kk < n1 {
-                acc1 = (acc1 << 1) | ef as u128;
-            } else {
-                pad |= ef;
-            }
-            if kk < n2 {
-                acc2 = (acc2 << 1) | es as u128;
-            } else {
-                pad |= es;
-            }
-            kk += 1;
+        pad |= plain(&mut row[..a], &hrow[..a], &lrow[..a]);
+        pad |= plain(&mut row[bnd..], &hrow[bnd..], &lrow[bnd..]);
+        let (hmid, lmid) = (&hrow[a..bnd], &lrow[a..bnd]);
+        for ((o, &h), &l) in row[a..bnd].iter_mut().zip(hmid).zip(lmid) {
+            *o = rebuild(sb.inverse(((h >> 1) << lb) | (l >> 1)));
         }
-        for o in right.iter_mut() {
-            let (h, l) = (hv[n], lv[n]);
-            n += 1;
-            pad |= (h | l) & 1;
-            *o = rebuild(((h >> 1) << k.lb) | (l >> 1));
+        // The embedded bits of the ROI samples in order, one per byte.
+        let m = hmid.len();
+        for (e, &h) in carried[0][kk..kk + m].iter_mut().zip(hmid) {
+            *e = (h & 1) as u8;
         }
+        for (e, &l) in carried[1][kk..kk + m].iter_mut().zip(lmid) {
+            *e = (l & 1) as u8;
+        }
+        kk += m;
     }
+    let (first, second) = if high_first { (0, 1) } else { (1, 0) };
+    let (acc1, rest1) = take_bits(&carried[first][..kk], n1);
+    let (acc2, rest2) = take_bits(&carried[second][..kk], n2);
     let extracted = if n2 == 0 { acc1 } else { (acc1 << n2) | acc2 };
     Decoded {
         extracted,
-        padding_set: pad != 0,
+        padding_set: pad != 0 || rest1 || rest2,
     }
+}
+
+/// The first `n` (at most 128) of `bits` (one 0 or 1 per byte) as a
+/// right-aligned number, the first bit most significant, and whether any
+/// later bit is set.
+fn take_bits(bits: &[u8], n: usize) -> (u128, bool) {
+    let n = n.min(bits.len());
+    let mut top = 0u128;
+    for chunk in bits[..n].chunks(8) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        // Eight 0/1 bytes to one byte, the first byte in the top bit.
+        let byte = (u64::from_le_bytes(b).wrapping_mul(0x8040_2010_0804_0201) >> 56) as u8;
+        top = (top << chunk.len()) | (byte >> (8 - chunk.len())) as u128;
+    }
+    (top, bits[n..].iter().fold(0, |a, &b| a | b) != 0)
 }
 
 /// The top `bits` bits of a folded hash, right-aligned.
