@@ -120,7 +120,9 @@ def dependency_rules(meta):
 
 def strip_comments_and_strings(src):
     src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
-    src = re.sub(r'r#*"(?:.|\n)*?"#*', '""', src)
+    # A raw string starts at an `r` that ends no word (`"keyserver"` ends
+    # in r" too: that is a closing quote, not a raw string).
+    src = re.sub(r'(?<![\w])r(#*)"(?:.|\n)*?"\1', '""', src)
     src = re.sub(r'"(?:\\.|[^"\\])*"', '""', src)
     return re.sub(r"//[^\n]*", "", src)
 

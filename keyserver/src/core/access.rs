@@ -4,8 +4,6 @@
 //! through the gate like the rest of the core, and every change is one
 //! write job that appends its audit entry.
 
-use std::collections::BTreeMap;
-
 use tokio::sync::broadcast;
 
 use crate::core::Core;
@@ -13,8 +11,8 @@ use crate::core::audit::{AuditEvent, NewEntry};
 use crate::core::gate::{Context, authorize_in_txn};
 use crate::core::ids::{ApprovalId, RequestId, StudyId, validate_label};
 use crate::core::kv::{KvRead, KvWrite};
-use crate::core::policy::access::AccessRules;
 use crate::core::policy::{Action, Rpc};
+use crate::core::replica_feed;
 use crate::core::store::{
     GrantState, Grantee, OWNER_SETTINGS, OWNER_STANDING, OWNER_STUDIES, OwnerSettings,
     REQUESTER_REQUESTS, REQUESTS, RequestRecord, STANDING, STUDIES, STUDY_REQUESTS, StandingRecord,
@@ -29,63 +27,7 @@ pub const STANDING_PER_OWNER_MAX: usize = 1000;
 /// Most grants or break-glass uses one listing returns.
 pub const ACCESS_LIST_MAX: usize = 5000;
 
-/// The access part of the keyserver config.
-#[derive(Debug, Clone)]
-pub struct AccessConfig {
-    /// Purposes and the `emergency` permission.
-    pub rules: AccessRules,
-    /// Named groups of identities ("care-team-x"): a standing approval to
-    /// the group name approves its members.
-    pub groups: BTreeMap<String, Vec<String>>,
-    /// Roles by identity (the `[server.access]` map).
-    pub roles: tessera_tls::RoleMap,
-    /// Lifetime of a break-glass grant, seconds.
-    pub break_glass_ttl_secs: u64,
-    /// Uses of a break-glass grant.
-    pub break_glass_uses: u32,
-    /// A valid grant expiring within this many seconds is flagged.
-    pub expiring_soon_secs: u64,
-    /// Owner webhooks (`[keyserver.webhook]`); none: not sent, and
-    /// `SetWebhook` refused.
-    pub webhook: Option<crate::core::webhook::WebhookConfig>,
-}
-
-impl Default for AccessConfig {
-    fn default() -> Self {
-        Self {
-            rules: AccessRules::default(),
-            groups: BTreeMap::new(),
-            roles: tessera_tls::RoleMap::dev_default("tessera.local"),
-            break_glass_ttl_secs: 15 * 60,
-            break_glass_uses: 5,
-            expiring_soon_secs: 3600,
-            webhook: None,
-        }
-    }
-}
-
-/// What the event feed carries: a request filed or decided.
-#[derive(Debug, Clone)]
-pub struct AccessEvent {
-    /// `requested`, `approved`, `denied`, `revoked`, `break_glass`.
-    pub kind: &'static str,
-    /// The study's owner.
-    pub owner: String,
-    /// The request, without its held key.
-    pub request: RequestRecord,
-}
-
-impl AccessEvent {
-    /// True when `caller` should see it: as owner, new requests and
-    /// break-glass uses on its studies; as requester, decisions on its own.
-    pub fn for_watcher(&self, caller: &str, as_owner: bool) -> bool {
-        if as_owner {
-            self.owner == caller && matches!(self.kind, "requested" | "break_glass")
-        } else {
-            self.request.requester == caller && self.kind != "requested"
-        }
-    }
-}
+pub use super::access_types::{AccessConfig, AccessEvent};
 
 /// Owner-chosen fields of a new standing approval.
 #[derive(Debug, Clone, Default)]
@@ -178,7 +120,13 @@ impl Core {
             owner: owner.to_owned(),
             request,
         };
-        super::replica_feed::tell(&self.inner.store, &self.inner.origin, &ev);
+        replica_feed::tell(
+            &self.inner.store,
+            &self.inner.origin,
+            ev.kind,
+            &ev.owner,
+            &ev.request.id,
+        );
         // No watcher is not an error.
         let _ = self.inner.events.send(ev);
     }

@@ -23,6 +23,7 @@
 //! master secrets and the study cache.
 
 pub mod access;
+mod access_types;
 pub mod attrs;
 pub mod audit;
 mod audit_view;
@@ -112,7 +113,7 @@ pub struct CoreConfig {
     /// Most uses an owner may approve.
     pub max_grant_uses: u32,
     /// Purposes, standing approvals, break-glass ([`access`]).
-    pub access: access::AccessConfig,
+    pub access: access_types::AccessConfig,
 }
 
 /// The keyserver core. Cheap to clone.
@@ -137,9 +138,9 @@ struct Inner {
     rules: Rules,
     max_ttl: u64,
     max_uses: u32,
-    access: access::AccessConfig,
+    access: access_types::AccessConfig,
     /// The live feed of requests filed and decided (`WatchRequests`).
-    events: tokio::sync::broadcast::Sender<access::AccessEvent>,
+    events: tokio::sync::broadcast::Sender<access_types::AccessEvent>,
     /// This process among the replicas on a shared store (the feed's
     /// origin, so a replica does not hear its own events back).
     origin: String,
@@ -288,7 +289,15 @@ impl Core {
         let writer = Writer::start(store.clone(), signer, clock.clone(), cfg.checkpoint_every)?;
         let events = tokio::sync::broadcast::channel(1024).0;
         let origin = ids::random_hex(&rng)?;
-        replica_feed::listen(&store, origin.clone(), events.clone());
+        let feed = events.clone();
+        replica_feed::listen(&store, origin.clone(), move |kind, owner, request| {
+            // No watcher is not an error.
+            let _ = feed.send(access_types::AccessEvent {
+                kind,
+                owner,
+                request,
+            });
+        });
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,

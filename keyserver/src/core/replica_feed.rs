@@ -15,9 +15,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
 
-use super::access::AccessEvent;
 use super::backend::{PgStore, Store};
 use super::store::{REQUESTS, RequestRecord, get_json};
 
@@ -35,16 +33,17 @@ struct Told {
     request: String,
 }
 
-/// Tells the other replicas of `ev`, published here (PostgreSQL only).
-pub(super) fn tell(store: &Store, origin: &str, ev: &AccessEvent) {
+/// Tells the other replicas of an event published here (PostgreSQL
+/// only): its kind, the study's owner and the request id.
+pub(super) fn tell(store: &Store, origin: &str, kind: &str, owner: &str, request: &str) {
     let Store::Pg(pg) = store else {
         return;
     };
     let told = Told {
         origin: origin.to_owned(),
-        kind: ev.kind.to_owned(),
-        owner: ev.owner.clone(),
-        request: ev.request.id.clone(),
+        kind: kind.to_owned(),
+        owner: owner.to_owned(),
+        request: request.to_owned(),
     };
     match serde_json::to_string(&told) {
         Ok(payload) => pg.notify(payload),
@@ -54,9 +53,14 @@ pub(super) fn tell(store: &Store, origin: &str, ev: &AccessEvent) {
     }
 }
 
-/// Hands the other replicas' events to this replica's watchers on
-/// `events` (PostgreSQL only).
-pub(super) fn listen(store: &Store, origin: String, events: broadcast::Sender<AccessEvent>) {
+/// Hands the other replicas' events (kind, owner, the committed request
+/// without its held key) to `deliver`, this replica's watchers
+/// (PostgreSQL only).
+pub(super) fn listen(
+    store: &Store,
+    origin: String,
+    deliver: impl Fn(&'static str, String, RequestRecord) + Clone + Send + Sync + 'static,
+) {
     let Store::Pg(pg) = store else {
         return;
     };
@@ -67,7 +71,7 @@ pub(super) fn listen(store: &Store, origin: String, events: broadcast::Sender<Ac
         let Some((kind, told)) = parse(&payload, &origin) else {
             return;
         };
-        let (reader, events) = (reader.clone(), events.clone());
+        let (reader, deliver) = (reader.clone(), deliver.clone());
         // Reading waits on the store's runtime: not on its async threads.
         tokio::task::spawn_blocking(move || {
             let Some(pg) = reader.upgrade() else {
@@ -76,12 +80,7 @@ pub(super) fn listen(store: &Store, origin: String, events: broadcast::Sender<Ac
             match committed_request(&pg, &told.request) {
                 Ok(Some(mut request)) => {
                     request.wrapped_key = None;
-                    // No watcher is not an error.
-                    let _ = events.send(AccessEvent {
-                        kind,
-                        owner: told.owner,
-                        request,
-                    });
+                    deliver(kind, told.owner, request);
                 }
                 Ok(None) => tracing::warn!(request = %told.request, "another replica told of a request this database does not hold"),
                 Err(e) => tracing::warn!(error = %e, request = %told.request, "cannot read a request another replica told of"),

@@ -25,7 +25,8 @@ use tessera_tls::{ClientTls, TlsFiles};
 use tokio::sync::Semaphore;
 
 use crate::bench_dicom_kit::{Row, cstore_ingest, parse_and_write};
-use crate::bench_e2e::{bar, par_map, tempfile_dir};
+use crate::bench_e2e::{bar, par_map};
+use crate::timing::tempfile_dir;
 
 #[derive(Args, Debug)]
 pub struct DicomBenchArgs {

@@ -20,6 +20,8 @@ use tessera_proto::watermark::v1 as wpb;
 use tessera_tls::{ClientTls, TlsFiles};
 use tokio::sync::Semaphore;
 
+use crate::timing::tempfile_dir;
+
 #[derive(Args, Debug)]
 pub struct E2eBenchArgs {
     /// Slices stored (and then retrieved).
@@ -257,15 +259,6 @@ pub(crate) fn par_map<T: Sync, U: Send>(
         }
         Ok(out)
     })
-}
-
-pub(crate) fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let base = std::env::temp_dir().join(format!("tessera-bench-e2e-{}", std::process::id()));
-    if base.exists() {
-        std::fs::remove_dir_all(&base)?;
-    }
-    std::fs::create_dir_all(&base)?;
-    Ok(base)
 }
 
 /// Stores every slice as the owner, `c` in flight, the i-th over

@@ -232,7 +232,7 @@ async fn run(args: MemoryBenchArgs) -> Result<()> {
         Some(d) => d,
         None => tessera_devstack::default_bin_dir().map_err(|e| anyhow!("{e}"))?,
     };
-    let tmp = crate::bench_e2e::tempfile_dir()?;
+    let tmp = crate::timing::tempfile_dir()?;
     let nodes = args.erasure.map_or(3, |(k, m)| k + m);
     let opts = DevOptions {
         bin_dir: Some(bin_dir.clone()),

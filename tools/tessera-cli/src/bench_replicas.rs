@@ -16,7 +16,8 @@ use tessera_image::Image;
 use tessera_testkit::postgres::Postgres;
 use tessera_tls::{ClientTls, TlsFiles};
 
-use crate::bench_e2e::{percentile, phantom_slices, store_all, tempfile_dir};
+use crate::bench_e2e::{percentile, phantom_slices, store_all};
+use crate::timing::tempfile_dir;
 
 #[derive(Args, Debug)]
 pub struct ReplicasBenchArgs {

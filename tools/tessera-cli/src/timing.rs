@@ -1,5 +1,6 @@
-//! Wall-time estimates for the benches (a leaf module: `bench`,
-//! `bench_erasure` and `segment_cmd` all use it).
+//! Wall-time estimates and the scratch directory of the benches (a leaf
+//! module: `bench`, `bench_erasure`, `segment_cmd` and the suite benches
+//! all use it).
 
 use std::time::{Duration, Instant};
 
@@ -31,4 +32,15 @@ pub fn median<T>(iterations: usize, mut f: impl FnMut() -> T) -> Duration {
         .collect();
     times.sort();
     times[times.len() / 2]
+}
+
+/// A fresh scratch directory for one bench run (emptied if a run of this
+/// process left one).
+pub(crate) fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+    let base = std::env::temp_dir().join(format!("tessera-bench-e2e-{}", std::process::id()));
+    if base.exists() {
+        std::fs::remove_dir_all(&base)?;
+    }
+    std::fs::create_dir_all(&base)?;
+    Ok(base)
 }
