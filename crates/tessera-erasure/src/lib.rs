@@ -183,26 +183,40 @@ pub fn encode_hashed(
     data: &[u8],
     object_sha256: [u8; 32],
 ) -> Result<Vec<Vec<u8>>, ErasureError> {
+    let (mut out, header) = data_fragments(object_id, scheme, data, object_sha256)?;
+    add_parity(&mut out, header)?;
+    Ok(out)
+}
+
+/// [`encode_hashed`] that takes the object and lets it go as soon as its
+/// bytes are in the data fragments, before the parity is computed: at most
+/// about twice the object is held at once, plus the parity.
+pub fn encode_owned(
+    object_id: &str,
+    scheme: Scheme,
+    data: Vec<u8>,
+    object_sha256: [u8; 32],
+) -> Result<Vec<Vec<u8>>, ErasureError> {
+    let (mut out, header) = data_fragments(object_id, scheme, &data, object_sha256)?;
+    drop(data);
+    add_parity(&mut out, header)?;
+    Ok(out)
+}
+
+/// The `k` data fragments, each its header and its slice of `data` (the
+/// last one zero-padded), written in place; and the header the parity
+/// fragments get.
+fn data_fragments(
+    object_id: &str,
+    scheme: Scheme,
+    data: &[u8],
+    object_sha256: [u8; 32],
+) -> Result<(Vec<Vec<u8>>, FragmentHeader), ErasureError> {
     scheme.check()?;
     if object_id.is_empty() || object_id.len() > MAX_OBJECT_ID {
         return Err(ErasureError::ObjectId(object_id.to_owned()));
     }
     let shard = scheme.shard_len(data.len() as u64);
-    let mut originals: Vec<Vec<u8>> = (0..scheme.k)
-        .map(|i| {
-            let start = (i * shard).min(data.len());
-            let end = ((i + 1) * shard).min(data.len());
-            let mut s = data[start..end].to_vec();
-            s.resize(shard, 0);
-            s
-        })
-        .collect();
-    let parity = if scheme.m == 0 {
-        Vec::new()
-    } else {
-        reed_solomon_simd::encode(scheme.k, scheme.m, &originals)
-            .map_err(|e| ErasureError::Codec(e.to_string()))?
-    };
     let mut header = FragmentHeader {
         object_id: object_id.to_owned(),
         index: 0,
@@ -210,15 +224,39 @@ pub fn encode_hashed(
         object_len: data.len() as u64,
         object_sha256,
     };
+    let len = FIXED + object_id.len() + shard;
     let mut out = Vec::with_capacity(scheme.n());
-    for (index, payload) in originals.drain(..).chain(parity).enumerate() {
-        header.index = index;
-        let mut f = Vec::with_capacity(FIXED + object_id.len() + payload.len());
+    for i in 0..scheme.k {
+        header.index = i;
+        let mut f = Vec::with_capacity(len);
+        header.encode(&mut f);
+        let start = (i * shard).min(data.len());
+        let end = ((i + 1) * shard).min(data.len());
+        f.extend_from_slice(&data[start..end]);
+        f.resize(len, 0);
+        out.push(f);
+    }
+    Ok((out, header))
+}
+
+/// Appends the `m` parity fragments, computed over the data fragments'
+/// payloads.
+fn add_parity(out: &mut Vec<Vec<u8>>, mut header: FragmentHeader) -> Result<(), ErasureError> {
+    let scheme = header.scheme;
+    if scheme.m == 0 {
+        return Ok(());
+    }
+    let prefix = FIXED + header.object_id.len();
+    let parity = reed_solomon_simd::encode(scheme.k, scheme.m, out.iter().map(|f| &f[prefix..]))
+        .map_err(|e| ErasureError::Codec(e.to_string()))?;
+    for payload in parity {
+        header.index = out.len();
+        let mut f = Vec::with_capacity(prefix + payload.len());
         header.encode(&mut f);
         f.extend_from_slice(&payload);
         out.push(f);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Rebuilds the object `object_id` from any `k` of its fragments, given as
@@ -350,6 +388,67 @@ mod tests {
                     decode("st-1.s1", s, &given).unwrap(),
                     data,
                     "{k}+{m} {set:?}"
+                );
+            }
+        }
+    }
+
+    /// The fragments as the first encoder wrote them (each data shard
+    /// copied out and padded, parity over those copies, then header +
+    /// payload): fragments built in place must be these bytes exactly.
+    fn reference_fragments(id: &str, s: Scheme, data: &[u8]) -> Vec<Vec<u8>> {
+        let shard = s.shard_len(data.len() as u64);
+        let originals: Vec<Vec<u8>> = (0..s.k)
+            .map(|i| {
+                let mut v =
+                    data[(i * shard).min(data.len())..((i + 1) * shard).min(data.len())].to_vec();
+                v.resize(shard, 0);
+                v
+            })
+            .collect();
+        let parity = if s.m == 0 {
+            Vec::new()
+        } else {
+            reed_solomon_simd::encode(s.k, s.m, &originals).unwrap()
+        };
+        let mut header = FragmentHeader {
+            object_id: id.into(),
+            index: 0,
+            scheme: s,
+            object_len: data.len() as u64,
+            object_sha256: Sha256::digest(data).into(),
+        };
+        originals
+            .into_iter()
+            .chain(parity)
+            .enumerate()
+            .map(|(i, p)| {
+                header.index = i;
+                let mut f = Vec::new();
+                header.encode(&mut f);
+                f.extend_from_slice(&p);
+                f
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fragments_built_in_place_are_the_same_bytes() {
+        for len in [0usize, 1, 5, 64, 10_001, 65_536 + 3] {
+            let data: Vec<u8> = (0..len as u32).map(|i| (i * 131 % 253) as u8).collect();
+            for (k, m) in [(3, 2), (2, 1), (2, 0), (4, 3)] {
+                let s = Scheme::new(k, m).unwrap();
+                let want = reference_fragments("st-9.s2", s, &data);
+                assert_eq!(
+                    encode("st-9.s2", s, &data).unwrap(),
+                    want,
+                    "{k}+{m}, {len} bytes"
+                );
+                let sha = Sha256::digest(&data).into();
+                assert_eq!(
+                    encode_owned("st-9.s2", s, data.clone(), sha).unwrap(),
+                    want,
+                    "owned {k}+{m}, {len} bytes"
                 );
             }
         }

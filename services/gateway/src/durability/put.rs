@@ -124,7 +124,8 @@ impl GatewayService {
         // One SHA-256 pass: the record's digest is the fragments' too.
         let (frags, digest) = tokio::task::spawn_blocking(move || {
             let digest: [u8; 32] = Sha256::digest(&data).into();
-            tessera_erasure::encode_hashed(&object_id, scheme, &data, digest).map(|f| (f, digest))
+            // The share goes as soon as its bytes are in the data fragments.
+            tessera_erasure::encode_owned(&object_id, scheme, data, digest).map(|f| (f, digest))
         })
         .await
         .map_err(|e| GatewayError::Internal(format!("encode task: {e}")))?
