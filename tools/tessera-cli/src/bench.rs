@@ -207,6 +207,7 @@ pub fn all() -> Result<()> {
         associations: vec![1, 4],
         template: None,
         qr_file: None,
+        processes: None,
     })?;
     crate::bench_replicas::replicas(crate::bench_replicas::ReplicasBenchArgs {
         slices: 120,

@@ -51,6 +51,12 @@ pub struct DicomBenchArgs {
     /// native CT there, else synthetic 64x64 slices.
     #[arg(long, value_name = "FILE")]
     pub qr_file: Option<PathBuf>,
+    /// Run every service as its own process from its binary (in DIR, or
+    /// $TESSERA_BIN_DIR, else beside this `tessera`) instead of in this
+    /// process, and print the gateway's own peak memory while it ingests
+    /// the series.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    pub processes: Option<PathBuf>,
 }
 
 const OWNER: &str = "spiffe://tessera.local/user/owner";
@@ -218,7 +224,12 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
     let n = args.slices.max(1);
     let c = args.inflight.max(1);
     println!(
-        "== tessera bench dicom: {n} CT instances 512x512 16-bit (12 stored), {c} StoreDicom in flight, whole suite in-process over mTLS =="
+        "== tessera bench dicom: {n} CT instances 512x512 16-bit (12 stored), {c} StoreDicom in flight, whole suite {} over mTLS ==",
+        if args.processes.is_some() {
+            "one process per service"
+        } else {
+            "in-process"
+        }
     );
     let template = Template::find(args.template.as_deref())?;
     println!("slices made from {}", template.source);
@@ -266,18 +277,48 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
     let qr = crate::bench_dicom_qr::QrSeries::make(n, args.qr_file.as_deref())?;
     println!("query/retrieve series: {n} copies of {}", qr.source);
 
+    let bin_dir = match args.processes {
+        None => None,
+        Some(d) if d.as_os_str().is_empty() => {
+            Some(tessera_devstack::default_bin_dir().map_err(|e| anyhow!("{e}"))?)
+        }
+        Some(d) => Some(d),
+    };
+    let opts = DevOptions {
+        bin_dir: bin_dir.clone(),
+        ..DevOptions::default()
+    };
     let tmp = tempfile_dir()?;
-    let mut stack = DevStack::start(&tmp, &DevOptions::default())
-        .await
-        .map_err(|e| anyhow!("starting the suite: {e}"))?;
-    let r = measure(&stack, &series, &cstore_series, c, total_bytes).await;
+    let mut stack = DevStack::start(&tmp, &opts).await.map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        anyhow!("starting the suite: {e}")
+    })?;
+    let gateway = match bin_dir {
+        Some(_) => Some(
+            stack
+                .pid("gateway")
+                .ok_or_else(|| anyhow!("the gateway runs without a process id"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let budget_mib = stack.gateway_config().map(|g| g.gateway.max_inflight_mib);
+    let r = measure(
+        &stack,
+        &series,
+        &cstore_series,
+        c,
+        total_bytes,
+        gateway.as_deref(),
+    )
+    .await;
     let qr_rows = match r {
         Ok(_) => crate::bench_dicom_qr::rows(&stack, &qr).await.map(Some),
         Err(_) => Ok(None),
     };
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&tmp);
-    let (store, cstores, retrieve) = r?;
+    let (store, cstores, retrieve, gateway_memory) = r?;
     let qr_rows = qr_rows?;
 
     println!(
@@ -294,6 +335,20 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
     if let Some(rows) = &qr_rows {
         println!();
         crate::bench_dicom_qr::print(rows);
+    }
+    if let Some((before, peak)) = gateway_memory {
+        let mb = |b: u64| b as f64 / 1e6;
+        let budget = budget_mib.map_or("its memory budget".to_owned(), |m| {
+            format!("its memory budget (gateway.max_inflight_mib) of {m} MiB")
+        });
+        println!(
+            "gateway memory while ingesting the {n} instances over StoreDicom ({c} in flight) and C-STORE (its own process): peak {:.1} MB resident, {:.1} MB above the {:.1} MB before = {:.1}x one instance, {:.1}x the {c} in flight; jobs in flight are bounded by {budget}",
+            mb(peak),
+            mb(peak.saturating_sub(before)),
+            mb(before),
+            peak.saturating_sub(before) as f64 / series[0].len() as f64,
+            peak.saturating_sub(before) as f64 / (series[0].len() * c) as f64,
+        );
     }
     println!("target: >= 250 instances/s of 512x512 16-bit CT");
     println!(
@@ -332,7 +387,8 @@ async fn measure(
     cstore_series: &[(usize, Vec<Vec<u8>>)],
     c: usize,
     total_bytes: u64,
-) -> Result<(Row, Vec<(usize, Row)>, Row)> {
+    gateway: Option<&str>,
+) -> Result<(Row, Vec<(usize, Row)>, Row, Option<(u64, u64)>)> {
     let pki = stack.pki_dir();
     let connect = |who: &str, service: &str| {
         let files = TlsFiles::from_pki_dir(&pki, who);
@@ -348,6 +404,16 @@ async fn measure(
     let owner_ch = connect("owner", "gateway").await?;
     let clin_ch = connect("clinician", "gateway").await?;
     let sem = Arc::new(Semaphore::new(c));
+
+    // The gateway's resident set before the ingest, its peak reset.
+    let before = match gateway {
+        Some(pid) => {
+            let rss = crate::bench_memory::status_bytes(pid, "VmRSS")?;
+            crate::bench_memory::reset_peak(pid)?;
+            Some(rss)
+        }
+        None => None,
+    };
 
     // Ingest over StoreDicom.
     let pbar = bar(series.len(), "store");
@@ -400,6 +466,12 @@ async fn measure(
     for (k, files) in cstore_series {
         cstores.push((*k, cstore_ingest(stack, files, *k).await?));
     }
+    let gateway_memory = match (gateway, before) {
+        (Some(pid), Some(before)) => {
+            Some((before, crate::bench_memory::status_bytes(pid, "VmHWM")?))
+        }
+        (Some(_), None) | (None, Some(_)) | (None, None) => None,
+    };
 
     // One grant (not timed), then one RetrieveDicom of the whole study.
     let mut clin = gw::client(clin_ch);
@@ -459,5 +531,5 @@ async fn measure(
         wall,
         lat: Vec::new(),
     };
-    Ok((store, cstores, retrieve))
+    Ok((store, cstores, retrieve, gateway_memory))
 }

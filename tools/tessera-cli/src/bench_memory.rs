@@ -58,7 +58,7 @@ impl MemoryFigure {
 
 /// A `/proc/<proc>/status` field in bytes (`VmRSS`, `VmHWM`); `proc` is
 /// `self` or a process id.
-fn status_bytes(proc: &str, field: &str) -> Result<u64> {
+pub(crate) fn status_bytes(proc: &str, field: &str) -> Result<u64> {
     let path = format!("/proc/{proc}/status");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| anyhow!("{path}: {e} (peak memory is measured on Linux only)"))?;
@@ -70,7 +70,7 @@ fn status_bytes(proc: &str, field: &str) -> Result<u64> {
 }
 
 /// Resets a process's peak resident set (`VmHWM`) to its current one.
-fn reset_peak(proc: &str) -> Result<()> {
+pub(crate) fn reset_peak(proc: &str) -> Result<()> {
     let path = format!("/proc/{proc}/clear_refs");
     // Writing 5 resets the peak resident set to the current one.
     std::fs::write(&path, "5").map_err(|e| anyhow!("{path}: {e}"))
