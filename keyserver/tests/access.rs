@@ -631,18 +631,8 @@ async fn owners_and_requesters_watch_requests_live(backend: Backend) {
     let env = Env::start_on(backend).await;
     let study = register(&env, "P-1").await;
     let mut owner = env.client("owner").await;
-    let mut feed = owner
-        .watch_requests(pb::WatchRequestsRequest { as_owner: true })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut mine = env
-        .client("clinician")
-        .await
-        .watch_requests(pb::WatchRequestsRequest { as_owner: false })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut feed = watch(&env, "owner", true).await;
+    let mut mine = watch(&env, "clinician", false).await;
     let r = file(&env, "clinician", &study, "treatment").await;
     let within = std::time::Duration::from_secs(10);
     let ev = tokio::time::timeout(within, feed.message())

@@ -24,15 +24,7 @@ async fn two_replicas() -> (Arc<Postgres>, Env, Env) {
 
 async fn approved_single_use(on: &Env, patient: &str) -> String {
     let study = register(on, patient).await;
-    let req = on
-        .client("clinician")
-        .await
-        .request_key(request(&study, patient))
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let req = file_request(on, "clinician", &study, patient).await;
     on.client("owner")
         .await
         .approve_request(pb::ApproveRequestRequest {
@@ -164,30 +156,10 @@ async fn a_watcher_on_one_replica_sees_requests_handled_by_the_other() {
     let (_pg, a, b) = two_replicas().await;
     let study = register(&a, "P-W").await;
     // The owner and the requester both watch on b.
-    let mut owner_feed = b
-        .client("owner")
-        .await
-        .watch_requests(pb::WatchRequestsRequest { as_owner: true })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut mine = b
-        .client("clinician")
-        .await
-        .watch_requests(pb::WatchRequestsRequest { as_owner: false })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut owner_feed = watch(&b, "owner", true).await;
+    let mut mine = watch(&b, "clinician", false).await;
     // Filed and approved on a.
-    let req = a
-        .client("clinician")
-        .await
-        .request_key(request(&study, "P-W"))
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let req = file_request(&a, "clinician", &study, "P-W").await;
     assert_eq!(
         next_event(&mut owner_feed).await,
         ("requested".to_owned(), req.request_id.clone())
@@ -208,15 +180,7 @@ async fn a_watcher_on_one_replica_sees_requests_handled_by_the_other() {
     );
     // Filed on b itself: heard once (b does not hear its own event back
     // through the database).
-    let again = b
-        .client("clinician")
-        .await
-        .request_key(request(&study, "P-W"))
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let again = file_request(&b, "clinician", &study, "P-W").await;
     assert_eq!(
         next_event(&mut owner_feed).await,
         ("requested".to_owned(), again.request_id.clone())

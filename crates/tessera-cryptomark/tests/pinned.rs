@@ -13,8 +13,7 @@ use tessera_cryptomark::{
 use tessera_image::phantom::head_phantom;
 use tessera_image::{Image, ImageSpec, PixelFormat, Rect};
 
-const KEY: [u8; 32] = [0x42; 32];
-const SALT: [u8; 32] = [0x17; 32];
+use crate::{KEY, SALT, formats};
 
 /// A fixed generator (splitmix64), so the inputs do not depend on any
 /// crate's random number algorithms.
@@ -28,24 +27,6 @@ impl Mix {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-}
-
-fn formats() -> Vec<PixelFormat> {
-    vec![
-        PixelFormat::GRAY8,
-        PixelFormat::RGB8,
-        PixelFormat::gray16(12, false),
-        PixelFormat::gray16(12, true),
-        PixelFormat::gray16(16, false),
-        PixelFormat::gray16(16, true),
-        PixelFormat::gray16(10, false),
-        PixelFormat::gray16(14, true),
-        PixelFormat {
-            channels: 3,
-            ..PixelFormat::GRAY16
-        },
-        PixelFormat::gray16(1, false),
-    ]
 }
 
 /// Canonical samples, or (`junk`) arbitrary bits in the whole container.

@@ -228,6 +228,28 @@ pub fn request(study: &str, patient: &str) -> pb::RequestKeyRequest {
     }
 }
 
+/// `who` files a key request for `patient`'s `study` on `env`.
+pub async fn file_request(env: &Env, who: &str, study: &str, patient: &str) -> pb::KeyRequest {
+    env.client(who)
+        .await
+        .request_key(request(study, patient))
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap()
+}
+
+/// `who`'s live feed on `env` (as the studies' owner, or as requester).
+pub async fn watch(env: &Env, who: &str, as_owner: bool) -> tonic::Streaming<pb::RequestEvent> {
+    env.client(who)
+        .await
+        .watch_requests(pb::WatchRequestsRequest { as_owner })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Every audit entry, read by an admin page by page.
 pub async fn all_audit(env: &Env) -> Vec<pb::AuditEntry> {
     let mut admin = env.client("researcher").await;
