@@ -25,16 +25,21 @@ async fn two_replicas() -> (Arc<Postgres>, Env, Env) {
 async fn approved_single_use(on: &Env, patient: &str) -> String {
     let study = register(on, patient).await;
     let req = file_request(on, "clinician", &study, patient).await;
+    approve_once(on, &req.request_id).await;
+    req.request_id
+}
+
+/// The owner approves `request_id` on `on`: one use, 10 minutes.
+async fn approve_once(on: &Env, request_id: &str) {
     on.client("owner")
         .await
         .approve_request(pb::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
+            request_id: request_id.to_owned(),
             ttl_seconds: 600,
             uses: 1,
         })
         .await
         .unwrap();
-    req.request_id
 }
 
 fn check_chain(log: &[pb::AuditEntry]) {
@@ -164,15 +169,7 @@ async fn a_watcher_on_one_replica_sees_requests_handled_by_the_other() {
         next_event(&mut owner_feed).await,
         ("requested".to_owned(), req.request_id.clone())
     );
-    a.client("owner")
-        .await
-        .approve_request(pb::ApproveRequestRequest {
-            request_id: req.request_id.clone(),
-            ttl_seconds: 600,
-            uses: 1,
-        })
-        .await
-        .unwrap();
+    approve_once(&a, &req.request_id).await;
     // The requester hears the decision, not its own filing.
     assert_eq!(
         next_event(&mut mine).await,

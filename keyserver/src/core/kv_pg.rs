@@ -148,6 +148,16 @@ impl Shared {
         })?
     }
 
+    /// Keeps a connection no transaction holds for the next caller.
+    fn give_back(&self, c: Arc<Client>) {
+        if !c.is_closed()
+            && let Ok(mut v) = self.idle.lock()
+            && v.len() < POOL
+        {
+            v.push(c);
+        }
+    }
+
     async fn connect(config: tokio_postgres::Config) -> Result<Client> {
         let (client, conn) = config.connect(NoTls).await.map_err(pg_err)?;
         tokio::spawn(async move {
@@ -298,11 +308,7 @@ impl PgStore {
                 c.execute("SELECT pg_notify($1, $2)", &[&ACCESS_CHANNEL, &payload])
                     .await
                     .map_err(pg_err)?;
-                if let Ok(mut v) = shared.idle.lock()
-                    && v.len() < POOL
-                {
-                    v.push(c);
-                }
+                shared.give_back(c);
                 Ok::<_, KeyServerError>(())
             };
             match tokio::time::timeout(CALL_TIMEOUT, sent).await {
@@ -413,12 +419,7 @@ impl PgTxn {
     }
 
     fn give_back(&self, c: Arc<Client>) {
-        if !c.is_closed()
-            && let Ok(mut v) = self.shared.idle.lock()
-            && v.len() < POOL
-        {
-            v.push(c);
-        }
+        self.shared.give_back(c);
     }
 
     fn rows(&self, sql: String, params: Vec<PgKey>) -> Result<Vec<tokio_postgres::Row>> {
