@@ -200,6 +200,7 @@ pub fn all() -> Result<()> {
         erasure: Some((3, 2)),
         erasure_nodes: Some(5),
         large_mib: 32,
+        processes: None,
     })?;
     crate::bench_dicom::dicom(crate::bench_dicom::DicomBenchArgs {
         slices: 300,

@@ -24,6 +24,7 @@ use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_tls::{ClientTls, TlsFiles};
 use tokio::sync::Semaphore;
 
+use crate::bench_cpu::{CpuMeter, CpuPhase};
 use crate::bench_dicom_kit::{Row, cstore_ingest, parse_and_write};
 use crate::bench_e2e::{bar, par_map};
 use crate::timing::tempfile_dir;
@@ -303,23 +304,31 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
         None => None,
     };
     let budget_mib = stack.gateway_config().map(|g| g.gateway.max_inflight_mib);
-    let r = measure(
-        &stack,
-        &series,
-        &cstore_series,
-        c,
-        total_bytes,
-        gateway.as_deref(),
-    )
-    .await;
+    let meter = CpuMeter::for_stack(&stack, &opts);
+    let r = match &meter {
+        Ok(meter) => {
+            measure(
+                &stack,
+                &series,
+                &cstore_series,
+                c,
+                total_bytes,
+                gateway.as_deref(),
+                meter,
+            )
+            .await
+        }
+        Err(e) => Err(anyhow!("measuring CPU time: {e:#}")),
+    };
     let qr_rows = match r {
         Ok(_) => crate::bench_dicom_qr::rows(&stack, &qr).await.map(Some),
         Err(_) => Ok(None),
     };
     stack.shutdown().await;
     let _ = std::fs::remove_dir_all(&tmp);
-    let (store, cstores, retrieve, gateway_memory) = r?;
+    let (store, cstores, retrieve, gateway_memory, cpu) = r?;
     let qr_rows = qr_rows?;
+    let meter = meter?;
 
     println!(
         "| operation | instances | instances/s | MB/s | p50 ms | p95 ms | ratio to local parse+write | ratio to StoreDicom |"
@@ -336,6 +345,9 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
         println!();
         crate::bench_dicom_qr::print(rows);
     }
+    println!();
+    meter.print(&cpu);
+    println!();
     if let Some((before, peak)) = gateway_memory {
         let mb = |b: u64| b as f64 / 1e6;
         let budget = budget_mib.map_or("its memory budget".to_owned(), |m| {
@@ -388,7 +400,14 @@ async fn measure(
     c: usize,
     total_bytes: u64,
     gateway: Option<&str>,
-) -> Result<(Row, Vec<(usize, Row)>, Row, Option<(u64, u64)>)> {
+    meter: &CpuMeter,
+) -> Result<(
+    Row,
+    Vec<(usize, Row)>,
+    Row,
+    Option<(u64, u64)>,
+    Vec<CpuPhase>,
+)> {
     let pki = stack.pki_dir();
     let connect = |who: &str, service: &str| {
         let files = TlsFiles::from_pki_dir(&pki, who);
@@ -417,6 +436,8 @@ async fn measure(
 
     // Ingest over StoreDicom.
     let pbar = bar(series.len(), "store");
+    let mut cpu = Vec::new();
+    let cpu_before = meter.sample()?;
     let t = Instant::now();
     let mut tasks = Vec::with_capacity(series.len());
     for file in series {
@@ -457,6 +478,7 @@ async fn measure(
         wall: t.elapsed(),
         lat,
     };
+    cpu.push(meter.phase(&store.name, store.n, store.rate(), &cpu_before)?);
     let handle = match handles.into_iter().collect::<Vec<_>>().as_slice() {
         [h] => h.clone(),
         other => bail!("the series went into {} studies, not one", other.len()),
@@ -464,7 +486,10 @@ async fn measure(
 
     let mut cstores = Vec::with_capacity(cstore_series.len());
     for (k, files) in cstore_series {
-        cstores.push((*k, cstore_ingest(stack, files, *k).await?));
+        let before = meter.sample()?;
+        let row = cstore_ingest(stack, files, *k).await?;
+        cpu.push(meter.phase(&row.name, row.n, row.rate(), &before)?);
+        cstores.push((*k, row));
     }
     let gateway_memory = match (gateway, before) {
         (Some(pid), Some(before)) => {
@@ -503,6 +528,7 @@ async fn measure(
     let pbar = bar(series.len(), "retrieve");
     let mut mismatched = Vec::new();
     let mut got = 0usize;
+    let cpu_before = meter.sample()?;
     let t = Instant::now();
     gw::retrieve_dicom(&mut clin, &handle, &req.request_id, |h, bytes| {
         match expected.remove(&h.sha256) {
@@ -531,5 +557,6 @@ async fn measure(
         wall,
         lat: Vec::new(),
     };
-    Ok((store, cstores, retrieve, gateway_memory))
+    cpu.push(meter.phase(&retrieve.name, retrieve.n, retrieve.rate(), &cpu_before)?);
+    Ok((store, cstores, retrieve, gateway_memory, cpu))
 }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_cpu;
 mod bench_dicom;
 mod bench_dicom_kit;
 mod bench_dicom_qr;

@@ -525,4 +525,28 @@ async fn bench_dicom_runs_on_a_short_series() {
         text.contains("target: >= 250 instances/s of 512x512 16-bit CT"),
         "{text}"
     );
+    // The CPU each phase cost (the whole suite runs in the bench's process
+    // here: one column) and the rate the cores would allow at that cost.
+    assert!(
+        text.contains("| CPU ms per instance | suite + client (this process) | total |"),
+        "{text}"
+    );
+    for phase in [
+        "StoreDicom via gateway, 3 in flight",
+        "C-STORE to the gateway's SCP, 4 association(s)",
+        "RetrieveDicom, whole study, one call (byte-identical checked)",
+    ] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| {phase} | ")) && l.matches('|').count() == 6)
+            .unwrap_or_else(|| panic!("no CPU row for {phase}: {text}"));
+        let ms: f64 = row
+            .split('|')
+            .nth(2)
+            .unwrap_or("")
+            .trim()
+            .parse()
+            .unwrap_or(-1.0);
+        assert!(ms > 0.0, "no CPU charged to {phase}: {row}");
+    }
 }
