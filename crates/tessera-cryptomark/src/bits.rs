@@ -40,12 +40,35 @@ fn pack_w<const W: usize>(values: &[u16], dst: &mut [u8]) {
     let groups = values.len() / 8;
     let (head, tail) = values.split_at(groups * 8);
     let (dhead, dtail) = dst.split_at_mut(groups * W);
-    for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(W)) {
-        let mut acc = 0u128;
-        for (i, &v) in c.iter().enumerate() {
-            acc |= (v as u128) << (i * W);
+    if W <= 8 {
+        // Eight values fit a u64. While eight bytes are left, one 8-byte
+        // store; its bytes past `W` are 0 and the next group's store
+        // overwrites them.
+        let wide = if dhead.len() >= 8 {
+            ((dhead.len() - 8) / W + 1).min(groups)
+        } else {
+            0
+        };
+        for (g, c) in head.chunks_exact(8).enumerate() {
+            let mut acc = 0u64;
+            for (i, &v) in c.iter().enumerate() {
+                acc |= (v as u64) << (i * W);
+            }
+            let at = g * W;
+            if g < wide {
+                dhead[at..at + 8].copy_from_slice(&acc.to_le_bytes());
+            } else {
+                dhead[at..at + W].copy_from_slice(&acc.to_le_bytes()[..W]);
+            }
         }
-        d.copy_from_slice(&acc.to_le_bytes()[..W]);
+    } else {
+        for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(W)) {
+            let mut acc = 0u128;
+            for (i, &v) in c.iter().enumerate() {
+                acc |= (v as u128) << (i * W);
+            }
+            d.copy_from_slice(&acc.to_le_bytes()[..W]);
+        }
     }
     pack_bits(tail, W as u8, dtail);
 }
@@ -110,17 +133,59 @@ pub fn unpack(data: &[u8], width: u8, out: &mut [u16]) {
 /// Groups of eight `W`-bit values from `W` bytes, then the rest bit by bit.
 fn unpack_w<const W: usize>(data: &[u8], out: &mut [u16]) {
     let groups = (out.len() / 8).min(data.len() / W);
-    let mask = (1u128 << W) - 1;
     let (head, tail) = out.split_at_mut(groups * 8);
-    for (o, d) in head.chunks_exact_mut(8).zip(data.chunks_exact(W)) {
-        let mut b = [0u8; 16];
-        b[..W].copy_from_slice(d);
-        let acc = u128::from_le_bytes(b);
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = ((acc >> (i * W)) & mask) as u16;
+    if W <= 8 {
+        // Eight values fit a u64: read with one 8-byte load while eight
+        // bytes are left, spread into 16-bit lanes four at a time.
+        let wide = if data.len() >= 8 {
+            ((data.len() - 8) / W + 1).min(groups)
+        } else {
+            0
+        };
+        let keep = if W == 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * W)) - 1
+        };
+        let low = (1u64 << (4 * W)) - 1;
+        for (g, o) in head.chunks_exact_mut(8).enumerate() {
+            let at = g * W;
+            let x = if g < wide {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&data[at..at + 8]);
+                u64::from_le_bytes(b) & keep
+            } else {
+                let mut b = [0u8; 8];
+                b[..W].copy_from_slice(&data[at..at + W]);
+                u64::from_le_bytes(b)
+            };
+            let (lo, hi) = (spread4::<W>(x & low), spread4::<W>(x >> (4 * W)));
+            for i in 0..4 {
+                o[i] = (lo >> (16 * i)) as u16;
+                o[i + 4] = (hi >> (16 * i)) as u16;
+            }
+        }
+    } else {
+        let mask = (1u128 << W) - 1;
+        for (o, d) in head.chunks_exact_mut(8).zip(data.chunks_exact(W)) {
+            let mut b = [0u8; 16];
+            b[..W].copy_from_slice(d);
+            let acc = u128::from_le_bytes(b);
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = ((acc >> (i * W)) & mask) as u16;
+            }
         }
     }
     unpack_bits(&data[groups * W..], W as u8, tail);
+}
+
+/// Four `W`-bit values (`W` <= 8) packed in the low `4 W` bits of `v` (the
+/// rest 0), as four 16-bit lanes, the first value lowest.
+#[inline(always)]
+fn spread4<const W: usize>(v: u64) -> u64 {
+    let t = (v & ((1u64 << (2 * W)) - 1)) | ((v >> (2 * W)) << 32);
+    let m = ((1u64 << W) - 1) * 0x0000_0001_0000_0001;
+    (t & m) | (((t >> W) & m) << 16)
 }
 
 fn unpack_bits(data: &[u8], width: u8, out: &mut [u16]) {

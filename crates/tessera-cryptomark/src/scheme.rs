@@ -22,7 +22,8 @@ use crate::{
 use bands::{Findings, OpenJob, SealJob, band_groups, seal_all, sealed_prefix, worker_count};
 use seal::{TAG_LEN, check_matches, check_tag, share_key};
 use tile::{
-    MAX_TILE, Planes, block_hash, carrier_streams, encode_tile, payload_rule, sbox, tile_indices,
+    MAX_TILE, Planes, TileScratch, block_hash, carrier_streams, encode_tile, payload_rule, sbox,
+    tile_indices,
 };
 
 const MAGIC: &[u8; 4] = b"TCMS";
@@ -172,6 +173,7 @@ pub fn protect_with_threads(
         seal_all(&job, &mut shares, threads);
     }
     if let Some([p1, p2]) = planes.as_mut() {
+        let mut tile_scratch = TileScratch::new();
         for frame in 0..spec.frames {
             let words = image.frame(frame);
             let frame_base = frame as usize * spec.frame_samples();
@@ -191,7 +193,17 @@ pub fn protect_with_threads(
                         carrier_streams(&hash, tile.roi_part.area() as usize * c, high_first)
                     }
                 };
-                let n = encode_tile(words, &spec, tile, sb, k, streams, &mut hv, &mut lv);
+                let n = encode_tile(
+                    words,
+                    &spec,
+                    tile,
+                    sb,
+                    k,
+                    streams,
+                    &mut hv,
+                    &mut lv,
+                    &mut tile_scratch,
+                );
                 debug_assert_eq!(n, tile.rect.area() as usize * c);
                 // The paper's MSB image keeps the high bits in place:
                 // M = (h << floor(b/2)) + e, L = (l << 1) + e.

@@ -6,8 +6,8 @@ use tessera_image::{Image, ImageSpec};
 
 use super::seal::{TAG_LEN, aad, nonce};
 use super::tile::{
-    MAX_TILE, Planes, block_hash, carrier_streams, decode_tile, encode_tile, hash_bits,
-    hash_prefix, tile_indices,
+    MAX_TILE, Planes, TileScratch, block_hash, carrier_streams, decode_tile, encode_tile,
+    hash_bits, hash_prefix, tile_indices,
 };
 use crate::bits::{pack_into, packed_len, unpack};
 use crate::header::HighBits;
@@ -105,6 +105,7 @@ impl SealJob<'_> {
         let mut scratch = Vec::with_capacity(MAX_TILE * 2);
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
+        let mut tile_scratch = TileScratch::new();
         let mut off = [0usize; 2];
         let [o1, o2] = out;
         for band in group {
@@ -120,7 +121,15 @@ impl SealJob<'_> {
                     }
                 };
                 let n = encode_tile(
-                    words, spec, tile, self.sb, self.k, streams, &mut hv, &mut lv,
+                    words,
+                    spec,
+                    tile,
+                    self.sb,
+                    self.k,
+                    streams,
+                    &mut hv,
+                    &mut lv,
+                    &mut tile_scratch,
                 );
                 let g = band.frame as u64 * tpf + tile.index as u64;
                 for (s, dst) in [&mut *o1, &mut *o2].into_iter().enumerate() {
@@ -227,7 +236,7 @@ impl OpenJob<'_> {
         let mut scratch = Vec::new();
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
-        let mut bits = [[0u8; MAX_TILE]; 2];
+        let mut tile_scratch = TileScratch::new();
         for band in group {
             let frame = band.frame as u32;
             let frame_base = band.frame * fs;
@@ -294,8 +303,19 @@ impl OpenJob<'_> {
                 }
                 let high_first = roi_global.is_some_and(|g| g < self.t);
                 let decoded = decode_tile(
-                    out, frame_base, offset, spec, tile, self.sb, self.k, self.rule, self.b,
-                    high_first, &hv, &lv, &mut bits,
+                    out,
+                    frame_base,
+                    offset,
+                    spec,
+                    tile,
+                    self.sb,
+                    self.k,
+                    self.rule,
+                    self.b,
+                    high_first,
+                    &hv,
+                    &lv,
+                    &mut tile_scratch,
                 );
                 if invalid || decoded.padding_set {
                     found.tiles.push(TamperedTile {
