@@ -441,13 +441,18 @@ pub(super) fn decode_tile(
 /// later bit is set.
 fn take_bits(bits: &[u8], n: usize) -> (u128, bool) {
     let n = n.min(bits.len());
+    let (head, rest) = bits[..n].split_at(n / 8 * 8);
     let mut top = 0u128;
-    for chunk in bits[..n].chunks(8) {
+    for chunk in head.chunks_exact(8) {
+        // Eight 0/1 bytes (one 8-byte load) to one byte, the first byte in
+        // the top bit.
         let mut b = [0u8; 8];
-        b[..chunk.len()].copy_from_slice(chunk);
-        // Eight 0/1 bytes to one byte, the first byte in the top bit.
+        b.copy_from_slice(chunk);
         let byte = (u64::from_le_bytes(b).wrapping_mul(0x8040_2010_0804_0201) >> 56) as u8;
-        top = (top << chunk.len()) | (byte >> (8 - chunk.len())) as u128;
+        top = (top << 8) | byte as u128;
+    }
+    for &bit in rest {
+        top = (top << 1) | bit as u128;
     }
     (top, bits[n..].iter().fold(0, |a, &b| a | b) != 0)
 }
