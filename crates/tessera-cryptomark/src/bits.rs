@@ -65,6 +65,17 @@ fn pack_w<const W: usize>(values: &[u16], dst: &mut [u8]) {
                 dhead[at..at + W].copy_from_slice(&acc.to_le_bytes()[..W]);
             }
         }
+    } else if W == 9 {
+        // Nine bytes: the first 63 bits and the eighth value's top bit as
+        // a u64, the rest of that value as the ninth byte.
+        for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(9)) {
+            let mut acc = 0u64;
+            for (i, &v) in c.iter().enumerate() {
+                acc |= (v as u64) << (i * 9);
+            }
+            d[..8].copy_from_slice(&acc.to_le_bytes());
+            d[8] = (c[7] >> 1) as u8;
+        }
     } else {
         for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(W)) {
             let mut acc = 0u128;
@@ -182,6 +193,17 @@ fn unpack_w<const W: usize>(data: &[u8], out: &mut [u16]) {
             for (o, &b) in chunk.iter_mut().zip(&*bytes) {
                 *o = b as u16;
             }
+        }
+    } else if W == 9 {
+        // Nine bytes: one 8-byte load and the ninth byte, no wider copy.
+        for (o, d) in head.chunks_exact_mut(8).zip(data.chunks_exact(9)) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&d[..8]);
+            let lo = u64::from_le_bytes(a);
+            for (i, v) in o[..7].iter_mut().enumerate() {
+                *v = ((lo >> (i * 9)) & 0x1FF) as u16;
+            }
+            o[7] = ((lo >> 63) as u16) | ((d[8] as u16) << 1);
         }
     } else {
         let mask = (1u128 << W) - 1;
