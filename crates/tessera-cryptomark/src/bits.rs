@@ -88,6 +88,15 @@ fn pack_w<const W: usize>(values: &[u16], dst: &mut [u8]) {
     pack_bits(tail, W as u8, dtail);
 }
 
+/// Four `W`-bit values (`W` <= 16) in the low `4 W` bits of `v` (nothing
+/// above) as four 16-bit lanes, the first lowest.
+#[inline(always)]
+fn spread4<const W: usize>(v: u64) -> u64 {
+    let t = (v & ((1u64 << (2 * W)) - 1)) | ((v >> (2 * W)) << 32);
+    let m = ((1u64 << W) - 1) * 0x0000_0001_0000_0001;
+    (t & m) | (((t >> W) & m) << 16)
+}
+
 /// An `8 W`-bit number (`W` <= 8, nothing above) as eight byte lanes of
 /// `W` bits, the lowest first: halves, then quarters, then eighths.
 #[inline(always)]
@@ -195,15 +204,24 @@ fn unpack_w<const W: usize>(data: &[u8], out: &mut [u16]) {
             }
         }
     } else if W == 9 {
-        // Nine bytes: one 8-byte load and the ninth byte, no wider copy.
-        for (o, d) in head.chunks_exact_mut(8).zip(data.chunks_exact(9)) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&d[..8]);
-            let lo = u64::from_le_bytes(a);
-            for (i, v) in o[..7].iter_mut().enumerate() {
-                *v = ((lo >> (i * 9)) & 0x1FF) as u16;
+        // Nine bytes (one 8-byte load and the ninth byte) spread to eight
+        // 16-bit lanes, four at a time, stored as little-endian bytes with
+        // two 8-byte stores, then read back as u16 (a plain vector copy).
+        let mut buf = [0u8; 2 * ROUND];
+        for (chunk, src) in head.chunks_mut(ROUND).zip(data.chunks(ROUND / 8 * 9)) {
+            let bytes = &mut buf[..2 * chunk.len()];
+            for (b16, d) in bytes.chunks_exact_mut(16).zip(src.chunks_exact(9)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&d[..8]);
+                let lo = u64::from_le_bytes(a);
+                let first = spread4::<9>(lo & ((1 << 36) - 1));
+                let second = spread4::<9>((lo >> 36) | ((d[8] as u64) << 28));
+                b16[..8].copy_from_slice(&first.to_le_bytes());
+                b16[8..].copy_from_slice(&second.to_le_bytes());
             }
-            o[7] = ((lo >> 63) as u16) | ((d[8] as u16) << 1);
+            for (o, b) in chunk.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = u16::from_le_bytes([b[0], b[1]]);
+            }
         }
     } else {
         let mask = (1u128 << W) - 1;
