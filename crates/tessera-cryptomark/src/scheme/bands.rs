@@ -6,8 +6,8 @@ use tessera_image::{Image, ImageSpec};
 
 use super::seal::{TAG_LEN, aad, nonce};
 use super::tile::{
-    MAX_TILE, Planes, TileScratch, block_hash, carrier_streams, decode_tile, encode_tile,
-    hash_bits, hash_prefix, tile_indices,
+    BLOCK_BYTES, MAX_TILE, Planes, TileScratch, block_hash, carrier_streams, decode_tile,
+    encode_tile, hash_bits, hash_prefix, tile_indices,
 };
 use crate::bits::{pack_into, packed_len, unpack};
 use crate::header::HighBits;
@@ -102,7 +102,7 @@ impl SealJob<'_> {
         let spec = self.image.spec();
         let c = self.layout.channels;
         let tpf = self.layout.tiles.len() as u64;
-        let mut scratch = Vec::with_capacity(MAX_TILE * 2);
+        let mut block_bytes = [0u8; BLOCK_BYTES];
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
         let mut tile_scratch = TileScratch::new();
@@ -116,7 +116,7 @@ impl SealJob<'_> {
                     Some(local) => {
                         let global = band.frame as u64 * self.layout.roi_blocks_per_frame as u64
                             + local as u64;
-                        let hash = block_hash(words, 0, 0, spec, &tile.roi_part, &mut scratch);
+                        let hash = block_hash(words, 0, 0, spec, &tile.roi_part, &mut block_bytes);
                         carrier_streams(&hash, tile.roi_part.area() as usize * c, global < self.t)
                     }
                 };
@@ -233,7 +233,7 @@ impl OpenJob<'_> {
         let lmask = self.k.lmask;
         let mut found = Findings::default();
         let mut tile_buf: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-        let mut scratch = Vec::new();
+        let mut block_bytes = [0u8; BLOCK_BYTES];
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
         let mut tile_scratch = TileScratch::new();
@@ -327,8 +327,14 @@ impl OpenJob<'_> {
                 }
                 if let Some(index) = roi_global {
                     let bits = hash_bits(tile.roi_part.area() as usize * c);
-                    let actual =
-                        block_hash(out, frame_base, offset, spec, &tile.roi_part, &mut scratch);
+                    let actual = block_hash(
+                        out,
+                        frame_base,
+                        offset,
+                        spec,
+                        &tile.roi_part,
+                        &mut block_bytes,
+                    );
                     if hash_prefix(&actual, bits) != decoded.extracted {
                         found.blocks.push(TamperedBlock {
                             index,

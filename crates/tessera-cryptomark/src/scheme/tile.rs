@@ -56,26 +56,37 @@ pub(super) fn sign_extend(w: u16, b: u8) -> u16 {
 
 /// SHA-256 of a block's original words (little-endian, one byte per 8-bit
 /// sample), folded to 128 bits by eq. 4: h'_i = h_i XOR h_{i+128}.
-/// `buf[frame_base + i - offset]` is sample `i` of the frame.
+/// `buf[frame_base + i - offset]` is sample `i` of the frame. The bytes are
+/// laid out in `bytes` (every byte hashed is written first).
 pub(super) fn block_hash(
     buf: &[u16],
     frame_base: usize,
     offset: usize,
     spec: &ImageSpec,
     part: &Rect,
-    scratch: &mut Vec<u8>,
+    bytes: &mut [u8; BLOCK_BYTES],
 ) -> [u8; 16] {
     let c = spec.format.channels as usize;
     let bytes_per = spec.format.bytes_per_sample();
     let row_len = part.width as usize * c;
-    scratch.clear();
-    scratch.resize(row_len * bytes_per * part.height as usize, 0);
-    for (i, y) in (part.y..part.y + part.height).enumerate() {
+    let row_bytes = row_len * bytes_per;
+    let len = row_bytes * part.height as usize;
+    for (y, dst) in (part.y..part.y + part.height).zip(bytes[..len].chunks_exact_mut(row_bytes)) {
         let start = frame_base + (y as usize * spec.width as usize + part.x as usize) * c - offset;
         let row = &buf[start..start + row_len];
-        let dst = &mut scratch[i * row_len * bytes_per..(i + 1) * row_len * bytes_per];
         if bytes_per == 2 {
-            for (d, &w) in dst.chunks_exact_mut(2).zip(row) {
+            // Eight words at a time: fixed-size copies the compiler keeps
+            // inline (a whole-row loop became a memcpy call per row).
+            let (dh, dt) = dst.split_at_mut(row_len / 8 * 16);
+            let (rh, rt) = row.split_at(row_len / 8 * 8);
+            for (d, w) in dh.chunks_exact_mut(16).zip(rh.chunks_exact(8)) {
+                let mut b = [0u8; 16];
+                for (pair, &w) in b.chunks_exact_mut(2).zip(w) {
+                    pair.copy_from_slice(&w.to_le_bytes());
+                }
+                d.copy_from_slice(&b);
+            }
+            for (d, &w) in dt.chunks_exact_mut(2).zip(rt) {
                 d.copy_from_slice(&w.to_le_bytes());
             }
         } else {
@@ -84,13 +95,16 @@ pub(super) fn block_hash(
             }
         }
     }
-    let full: [u8; 32] = Sha256::digest(&scratch[..]).into();
+    let full: [u8; 32] = Sha256::digest(&bytes[..len]).into();
     let mut folded = [0u8; 16];
     for i in 0..16 {
         folded[i] = full[i] ^ full[i + 16];
     }
     folded
 }
+
+/// Bytes of the largest block: 16 x 16 pixels x 3 channels x 2 bytes.
+pub(super) const BLOCK_BYTES: usize = MAX_TILE * 2;
 
 /// How many hash bits a block of `samples` samples carries: 128, or two per
 /// sample for blocks too small to hold 128 (edge blocks of tiny ROIs).
