@@ -150,7 +150,8 @@ pub(super) struct Planes {
 /// per tile); every entry a kernel reads it has written for that tile.
 pub(super) struct TileScratch {
     /// Protect: the ROI samples after the S-box; restore: the S-box
-    /// indices of the ROI samples of one row.
+    /// indices of a row's ROI samples (or of a whole tile in the ROI), or
+    /// the rebuilt samples of a tile outside the ROI.
     sub: [u16; MAX_TILE],
     /// Protect: the carrier bit of each ROI sample (0 or 1), per plane.
     carried: [[u16; MAX_TILE]; 2],
