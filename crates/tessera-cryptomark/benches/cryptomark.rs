@@ -78,6 +78,41 @@ fn slice_16bit(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same slice with full 16-bit samples (payload 16 bits, planes of 9-bit
+/// values: `tessera bench image`'s "16-bit" rows), secure profile, one
+/// thread.
+fn slice_full_16bit(c: &mut Criterion) {
+    let image = head_phantom(512, 512, 1, PixelFormat::GRAY16, 42).expect("phantom");
+    let roi = Rect::new(64, 48, 384, 416);
+    let bytes = image.to_le_bytes();
+    let key = StudyKey::from_bytes([7; 32]);
+    let pk = ProtectKey::Secure {
+        key: &key,
+        salt: [9; 32],
+    };
+    let protected = protect(&image, roi, "bench", pk).expect("protect");
+    let mut g = c.benchmark_group("512x512_16bit");
+    g.throughput(Throughput::Bytes(bytes.len() as u64));
+    g.sample_size(20);
+    g.bench_function("sha256_baseline", |b| b.iter(|| Sha256::digest(&bytes)));
+    g.bench_function("protect_secure_1thread", |b| {
+        b.iter(|| protect_with_threads(&image, roi, "bench", pk, 1).expect("protect"))
+    });
+    g.bench_function("restore_secure_1thread", |b| {
+        b.iter(|| {
+            restore_with_threads(
+                &protected.header,
+                &protected.shares[0],
+                &protected.shares[1],
+                RestoreKey::Secure(&key),
+                1,
+            )
+            .expect("restore")
+        })
+    });
+    g.finish();
+}
+
 /// The stages a secure protect of that slice cannot avoid, each over the
 /// same 512x512 16-bit slice: SHA-256 of every 16x16 block (512 bytes
 /// each, as the ROI block hashes), and AES-256-GCM of two shares of 7-bit
@@ -133,5 +168,5 @@ fn stages(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, slice_16bit, stages);
+criterion_group!(benches, slice_16bit, slice_full_16bit, stages);
 criterion_main!(benches);

@@ -35,19 +35,77 @@ pub fn pack_into(values: &[u16], width: u8, dst: &mut [u8]) {
     }
 }
 
+/// Values per round of `unpack_w`'s byte lanes (a stack buffer).
+const ROUND: usize = 256;
+
 /// Groups of eight `W`-bit values as `W` bytes, then the rest bit by bit.
 fn pack_w<const W: usize>(values: &[u16], dst: &mut [u8]) {
     let groups = values.len() / 8;
     let (head, tail) = values.split_at(groups * 8);
     let (dhead, dtail) = dst.split_at_mut(groups * W);
-    for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(W)) {
-        let mut acc = 0u128;
-        for (i, &v) in c.iter().enumerate() {
-            acc |= (v as u128) << (i * W);
+    if W <= 8 {
+        // Eight values fit a u64. While eight bytes are left, one 8-byte
+        // store; its bytes past `W` are 0 and the next group's store
+        // overwrites them. (Narrowing to bytes first and squeezing each
+        // u64 of eight, as `unpack_w` spreads, measured slower here.)
+        let wide = if dhead.len() >= 8 {
+            ((dhead.len() - 8) / W + 1).min(groups)
+        } else {
+            0
+        };
+        for (g, c) in head.chunks_exact(8).enumerate() {
+            let mut acc = 0u64;
+            for (i, &v) in c.iter().enumerate() {
+                acc |= (v as u64) << (i * W);
+            }
+            let at = g * W;
+            if g < wide {
+                dhead[at..at + 8].copy_from_slice(&acc.to_le_bytes());
+            } else {
+                dhead[at..at + W].copy_from_slice(&acc.to_le_bytes()[..W]);
+            }
         }
-        d.copy_from_slice(&acc.to_le_bytes()[..W]);
+    } else if W == 9 {
+        // Nine bytes: the first 63 bits and the eighth value's top bit as
+        // a u64, the rest of that value as the ninth byte.
+        for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(9)) {
+            let mut acc = 0u64;
+            for (i, &v) in c.iter().enumerate() {
+                acc |= (v as u64) << (i * 9);
+            }
+            d[..8].copy_from_slice(&acc.to_le_bytes());
+            d[8] = (c[7] >> 1) as u8;
+        }
+    } else {
+        for (c, d) in head.chunks_exact(8).zip(dhead.chunks_exact_mut(W)) {
+            let mut acc = 0u128;
+            for (i, &v) in c.iter().enumerate() {
+                acc |= (v as u128) << (i * W);
+            }
+            d.copy_from_slice(&acc.to_le_bytes()[..W]);
+        }
     }
     pack_bits(tail, W as u8, dtail);
+}
+
+/// Four `W`-bit values (`W` <= 16) in the low `4 W` bits of `v` (nothing
+/// above) as four 16-bit lanes, the first lowest.
+#[inline(always)]
+fn spread4<const W: usize>(v: u64) -> u64 {
+    let t = (v & ((1u64 << (2 * W)) - 1)) | ((v >> (2 * W)) << 32);
+    let m = ((1u64 << W) - 1) * 0x0000_0001_0000_0001;
+    (t & m) | (((t >> W) & m) << 16)
+}
+
+/// An `8 W`-bit number (`W` <= 8, nothing above) as eight byte lanes of
+/// `W` bits, the lowest first: halves, then quarters, then eighths.
+#[inline(always)]
+fn spread8<const W: usize>(x: u64) -> u64 {
+    let t = (x & ((1u64 << (4 * W)) - 1)) | ((x >> (4 * W)) << 32);
+    let m2 = ((1u64 << (2 * W)) - 1) * 0x0000_0001_0000_0001;
+    let t = (t & m2) | (((t >> (2 * W)) & m2) << 16);
+    let m1 = ((1u64 << W) - 1) * 0x0001_0001_0001_0001;
+    (t & m1) | (((t >> W) & m1) << 8)
 }
 
 /// Packs bit by bit into `dst` (exactly `packed_len` bytes).
@@ -110,14 +168,70 @@ pub fn unpack(data: &[u8], width: u8, out: &mut [u16]) {
 /// Groups of eight `W`-bit values from `W` bytes, then the rest bit by bit.
 fn unpack_w<const W: usize>(data: &[u8], out: &mut [u16]) {
     let groups = (out.len() / 8).min(data.len() / W);
-    let mask = (1u128 << W) - 1;
     let (head, tail) = out.split_at_mut(groups * 8);
-    for (o, d) in head.chunks_exact_mut(8).zip(data.chunks_exact(W)) {
-        let mut b = [0u8; 16];
-        b[..W].copy_from_slice(d);
-        let acc = u128::from_le_bytes(b);
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = ((acc >> (i * W)) & mask) as u16;
+    if W <= 8 {
+        // Each `W` bytes (one 8-byte load while eight bytes are left)
+        // spread to eight byte lanes with one 8-byte store, then the bytes
+        // widened to u16 (a vector loop).
+        let wide = if data.len() >= 8 {
+            ((data.len() - 8) / W + 1).min(groups)
+        } else {
+            0
+        };
+        let keep = if W == 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * W)) - 1
+        };
+        let mut buf = [0u8; ROUND];
+        for (r, chunk) in head.chunks_mut(ROUND).enumerate() {
+            let bytes = &mut buf[..chunk.len()];
+            for (j, b8) in bytes.chunks_exact_mut(8).enumerate() {
+                let g = r * (ROUND / 8) + j;
+                let at = g * W;
+                let mut a = [0u8; 8];
+                let x = if g < wide {
+                    a.copy_from_slice(&data[at..at + 8]);
+                    u64::from_le_bytes(a) & keep
+                } else {
+                    a[..W].copy_from_slice(&data[at..at + W]);
+                    u64::from_le_bytes(a)
+                };
+                b8.copy_from_slice(&spread8::<W>(x).to_le_bytes());
+            }
+            for (o, &b) in chunk.iter_mut().zip(&*bytes) {
+                *o = b as u16;
+            }
+        }
+    } else if W == 9 {
+        // Nine bytes (one 8-byte load and the ninth byte) spread to eight
+        // 16-bit lanes, four at a time, stored as little-endian bytes with
+        // two 8-byte stores, then read back as u16 (a plain vector copy).
+        let mut buf = [0u8; 2 * ROUND];
+        for (chunk, src) in head.chunks_mut(ROUND).zip(data.chunks(ROUND / 8 * 9)) {
+            let bytes = &mut buf[..2 * chunk.len()];
+            for (b16, d) in bytes.chunks_exact_mut(16).zip(src.chunks_exact(9)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&d[..8]);
+                let lo = u64::from_le_bytes(a);
+                let first = spread4::<9>(lo & ((1 << 36) - 1));
+                let second = spread4::<9>((lo >> 36) | ((d[8] as u64) << 28));
+                b16[..8].copy_from_slice(&first.to_le_bytes());
+                b16[8..].copy_from_slice(&second.to_le_bytes());
+            }
+            for (o, b) in chunk.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = u16::from_le_bytes([b[0], b[1]]);
+            }
+        }
+    } else {
+        let mask = (1u128 << W) - 1;
+        for (o, d) in head.chunks_exact_mut(8).zip(data.chunks_exact(W)) {
+            let mut b = [0u8; 16];
+            b[..W].copy_from_slice(d);
+            let acc = u128::from_le_bytes(b);
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = ((acc >> (i * W)) & mask) as u16;
+            }
         }
     }
     unpack_bits(&data[groups * W..], W as u8, tail);

@@ -22,7 +22,8 @@ use crate::{
 use bands::{Findings, OpenJob, SealJob, band_groups, seal_all, sealed_prefix, worker_count};
 use seal::{TAG_LEN, check_matches, check_tag, share_key};
 use tile::{
-    MAX_TILE, Planes, block_hash, carrier_streams, encode_tile, payload_rule, sbox, tile_indices,
+    BLOCK_BYTES, MAX_TILE, Planes, TileScratch, block_hash, carrier_streams, encode_tile,
+    payload_rule, sbox, tile_indices,
 };
 
 const MAGIC: &[u8; 4] = b"TCMS";
@@ -153,7 +154,7 @@ pub fn protect_with_threads(
     };
     let mut key_acc = [[0u8; 16]; 2];
     let mut key_seen = [false; 2];
-    let mut scratch = Vec::with_capacity(MAX_TILE * 2);
+    let mut block_bytes = [0u8; BLOCK_BYTES];
     let k = Planes { lb, lmask, pmask };
     let mut hv = [0u16; MAX_TILE];
     let mut lv = [0u16; MAX_TILE];
@@ -172,6 +173,7 @@ pub fn protect_with_threads(
         seal_all(&job, &mut shares, threads);
     }
     if let Some([p1, p2]) = planes.as_mut() {
+        let mut tile_scratch = TileScratch::new();
         for frame in 0..spec.frames {
             let words = image.frame(frame);
             let frame_base = frame as usize * spec.frame_samples();
@@ -181,7 +183,7 @@ pub fn protect_with_threads(
                     Some(local) => {
                         let global =
                             frame as u64 * layout.roi_blocks_per_frame as u64 + local as u64;
-                        let hash = block_hash(words, 0, 0, &spec, &tile.roi_part, &mut scratch);
+                        let hash = block_hash(words, 0, 0, &spec, &tile.roi_part, &mut block_bytes);
                         let high_first = global < t;
                         let slot = usize::from(!high_first);
                         for (a, h) in key_acc[slot].iter_mut().zip(hash) {
@@ -191,7 +193,17 @@ pub fn protect_with_threads(
                         carrier_streams(&hash, tile.roi_part.area() as usize * c, high_first)
                     }
                 };
-                let n = encode_tile(words, &spec, tile, sb, k, streams, &mut hv, &mut lv);
+                let n = encode_tile(
+                    words,
+                    &spec,
+                    tile,
+                    sb,
+                    k,
+                    streams,
+                    &mut hv,
+                    &mut lv,
+                    &mut tile_scratch,
+                );
                 debug_assert_eq!(n, tile.rect.area() as usize * c);
                 // The paper's MSB image keeps the high bits in place:
                 // M = (h << floor(b/2)) + e, L = (l << 1) + e.

@@ -341,7 +341,14 @@ impl Image {
             });
         }
         let mask = spec.format.container_mask();
-        if let Some((index, &value)) = samples.iter().enumerate().find(|(_, w)| **w & !mask != 0) {
+        // Every 16-bit word fits a 16-bit container; for 8-bit containers
+        // an OR over all words (which the compiler vectorizes) finds out
+        // whether any is too wide, and only then is the first one sought.
+        if mask != u16::MAX
+            && samples.iter().fold(0u16, |acc, &w| acc | w) & !mask != 0
+            && let Some((index, &value)) =
+                samples.iter().enumerate().find(|(_, w)| **w & !mask != 0)
+        {
             return Err(ImageError::SampleTooWide {
                 value,
                 index,

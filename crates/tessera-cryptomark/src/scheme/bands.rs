@@ -6,8 +6,8 @@ use tessera_image::{Image, ImageSpec};
 
 use super::seal::{TAG_LEN, aad, nonce};
 use super::tile::{
-    MAX_TILE, Planes, block_hash, carrier_streams, decode_tile, encode_tile, hash_bits,
-    hash_prefix, tile_indices,
+    BLOCK_BYTES, MAX_TILE, Planes, TileScratch, block_hash, carrier_streams, decode_tile,
+    encode_tile, hash_bits, hash_prefix, tile_indices,
 };
 use crate::bits::{pack_into, packed_len, unpack};
 use crate::header::HighBits;
@@ -102,9 +102,10 @@ impl SealJob<'_> {
         let spec = self.image.spec();
         let c = self.layout.channels;
         let tpf = self.layout.tiles.len() as u64;
-        let mut scratch = Vec::with_capacity(MAX_TILE * 2);
+        let mut block_bytes = [0u8; BLOCK_BYTES];
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
+        let mut tile_scratch = TileScratch::new();
         let mut off = [0usize; 2];
         let [o1, o2] = out;
         for band in group {
@@ -115,12 +116,20 @@ impl SealJob<'_> {
                     Some(local) => {
                         let global = band.frame as u64 * self.layout.roi_blocks_per_frame as u64
                             + local as u64;
-                        let hash = block_hash(words, 0, 0, spec, &tile.roi_part, &mut scratch);
+                        let hash = block_hash(words, 0, 0, spec, &tile.roi_part, &mut block_bytes);
                         carrier_streams(&hash, tile.roi_part.area() as usize * c, global < self.t)
                     }
                 };
                 let n = encode_tile(
-                    words, spec, tile, self.sb, self.k, streams, &mut hv, &mut lv,
+                    words,
+                    spec,
+                    tile,
+                    self.sb,
+                    self.k,
+                    streams,
+                    &mut hv,
+                    &mut lv,
+                    &mut tile_scratch,
                 );
                 let g = band.frame as u64 * tpf + tile.index as u64;
                 for (s, dst) in [&mut *o1, &mut *o2].into_iter().enumerate() {
@@ -224,10 +233,10 @@ impl OpenJob<'_> {
         let lmask = self.k.lmask;
         let mut found = Findings::default();
         let mut tile_buf: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-        let mut scratch = Vec::new();
+        let mut block_bytes = [0u8; BLOCK_BYTES];
         let mut hv = [0u16; MAX_TILE];
         let mut lv = [0u16; MAX_TILE];
-        let mut bits = [[0u8; MAX_TILE]; 2];
+        let mut tile_scratch = TileScratch::new();
         for band in group {
             let frame = band.frame as u32;
             let frame_base = band.frame * fs;
@@ -294,8 +303,19 @@ impl OpenJob<'_> {
                 }
                 let high_first = roi_global.is_some_and(|g| g < self.t);
                 let decoded = decode_tile(
-                    out, frame_base, offset, spec, tile, self.sb, self.k, self.rule, self.b,
-                    high_first, &hv, &lv, &mut bits,
+                    out,
+                    frame_base,
+                    offset,
+                    spec,
+                    tile,
+                    self.sb,
+                    self.k,
+                    self.rule,
+                    self.b,
+                    high_first,
+                    &hv,
+                    &lv,
+                    &mut tile_scratch,
                 );
                 if invalid || decoded.padding_set {
                     found.tiles.push(TamperedTile {
@@ -307,8 +327,14 @@ impl OpenJob<'_> {
                 }
                 if let Some(index) = roi_global {
                     let bits = hash_bits(tile.roi_part.area() as usize * c);
-                    let actual =
-                        block_hash(out, frame_base, offset, spec, &tile.roi_part, &mut scratch);
+                    let actual = block_hash(
+                        out,
+                        frame_base,
+                        offset,
+                        spec,
+                        &tile.roi_part,
+                        &mut block_bytes,
+                    );
                     if hash_prefix(&actual, bits) != decoded.extracted {
                         found.blocks.push(TamperedBlock {
                             index,
