@@ -335,6 +335,7 @@ impl GrpcServer {
             // stall on WINDOW_UPDATE round trips.
             .initial_stream_window_size(4 * 1024 * 1024)
             .initial_connection_window_size(8 * 1024 * 1024)
+            .max_frame_size(tessera_tls::MAX_FRAME_BYTES)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             // Outermost: it sees the final (normalized) status of every

@@ -43,8 +43,8 @@ pub use authz::{
 };
 pub use channel::{Channel, inject_trace_context};
 pub use client::{
-    ChannelTimeouts, ClientTls, MAX_RESOLVE_SECS, Resolver, check_resolve_secs, deadline_status,
-    dns_resolver, timed_out,
+    ChannelTimeouts, ClientTls, MAX_FRAME_BYTES, MAX_RESOLVE_SECS, Resolver, check_resolve_secs,
+    deadline_status, dns_resolver, timed_out,
 };
 pub use error::TlsError;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity, IdentityError, SERVICE_KIND, USER_KIND};
