@@ -2,13 +2,15 @@
 //! SHA-256 pass over the same bytes (the floor: every ROI block is hashed).
 //! Compare the reported times as ratios; `tessera bench image` prints them.
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use sha2::{Digest, Sha256};
 use tessera_cryptomark::{
-    ProtectKey, RestoreKey, StudyKey, protect, protect_with_threads, restore, restore_with_threads,
+    ProtectKey, Protected, RestoreKey, StudyKey, protect, protect_with_threads, restore,
+    restore_with_threads,
 };
 use tessera_image::phantom::head_phantom;
-use tessera_image::{PixelFormat, Rect};
+use tessera_image::{Image, PixelFormat, Rect};
 
 fn slice_16bit(c: &mut Criterion) {
     let image = head_phantom(512, 512, 1, PixelFormat::gray16(12, false), 42).expect("phantom");
@@ -41,21 +43,7 @@ fn slice_16bit(c: &mut Criterion) {
             .expect("restore")
         })
     });
-    g.bench_function("protect_secure_1thread", |b| {
-        b.iter(|| protect_with_threads(&image, roi, "bench", pk, 1).expect("protect"))
-    });
-    g.bench_function("restore_secure_1thread", |b| {
-        b.iter(|| {
-            restore_with_threads(
-                &protected.header,
-                &protected.shares[0],
-                &protected.shares[1],
-                RestoreKey::Secure(&key),
-                1,
-            )
-            .expect("restore")
-        })
-    });
+    secure_one_thread(&mut g, &image, roi, &key, pk, &protected);
     g.sample_size(10);
     let ppk = ProtectKey::PaperWithKeys(&paper_keys);
     g.bench_function("protect_paper", |b| {
@@ -78,6 +66,33 @@ fn slice_16bit(c: &mut Criterion) {
     g.finish();
 }
 
+/// Protect and restore + verify, secure profile, on one thread (the fair
+/// ratio to the one-thread SHA-256 pass).
+fn secure_one_thread(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    image: &Image,
+    roi: Rect,
+    key: &StudyKey,
+    pk: ProtectKey<'_>,
+    protected: &Protected,
+) {
+    g.bench_function("protect_secure_1thread", |b| {
+        b.iter(|| protect_with_threads(image, roi, "bench", pk, 1).expect("protect"))
+    });
+    g.bench_function("restore_secure_1thread", |b| {
+        b.iter(|| {
+            restore_with_threads(
+                &protected.header,
+                &protected.shares[0],
+                &protected.shares[1],
+                RestoreKey::Secure(key),
+                1,
+            )
+            .expect("restore")
+        })
+    });
+}
+
 /// The same slice with full 16-bit samples (payload 16 bits, planes of 9-bit
 /// values: `tessera bench image`'s "16-bit" rows), secure profile, one
 /// thread.
@@ -95,21 +110,7 @@ fn slice_full_16bit(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(bytes.len() as u64));
     g.sample_size(20);
     g.bench_function("sha256_baseline", |b| b.iter(|| Sha256::digest(&bytes)));
-    g.bench_function("protect_secure_1thread", |b| {
-        b.iter(|| protect_with_threads(&image, roi, "bench", pk, 1).expect("protect"))
-    });
-    g.bench_function("restore_secure_1thread", |b| {
-        b.iter(|| {
-            restore_with_threads(
-                &protected.header,
-                &protected.shares[0],
-                &protected.shares[1],
-                RestoreKey::Secure(&key),
-                1,
-            )
-            .expect("restore")
-        })
-    });
+    secure_one_thread(&mut g, &image, roi, &key, pk, &protected);
     g.finish();
 }
 

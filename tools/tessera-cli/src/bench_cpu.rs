@@ -8,8 +8,28 @@
 //! `cores x 1000 / (CPU ms per instance)` is the ceiling of the phase: a
 //! rate near it is CPU-bound, a rate far below it waits.
 
+use std::path::PathBuf;
+
 use anyhow::{Result, anyhow};
 use tessera_devstack::{DevOptions, DevStack};
+
+/// The dev-stack options of a suite bench's `--processes [DIR]`: absent,
+/// the whole suite in this process; given, every service its own process
+/// from its binary in DIR (empty: `$TESSERA_BIN_DIR`, else beside this
+/// `tessera`).
+pub(crate) fn bench_options(processes: Option<PathBuf>) -> Result<DevOptions> {
+    let bin_dir = match processes {
+        None => None,
+        Some(d) if d.as_os_str().is_empty() => {
+            Some(tessera_devstack::default_bin_dir().map_err(|e| anyhow!("{e}"))?)
+        }
+        Some(d) => Some(d),
+    };
+    Ok(DevOptions {
+        bin_dir,
+        ..DevOptions::default()
+    })
+}
 
 /// The processes measured, in columns: a name to print and the `/proc`
 /// entries summed under it (process ids, or `self` for this process: the

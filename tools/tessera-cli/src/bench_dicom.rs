@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use gateway_service::client as gw;
 use sha2::{Digest, Sha256};
-use tessera_devstack::{DevOptions, DevStack};
+use tessera_devstack::DevStack;
 use tessera_dicom::Pixels;
 use tessera_dicom::synth::{StudyInfo, ct_slice, resample_to_12bit};
 use tessera_image::phantom::head_phantom;
@@ -24,7 +24,7 @@ use tessera_proto::keyserver::v1::key_server_client::KeyServerClient;
 use tessera_tls::{ClientTls, TlsFiles};
 use tokio::sync::Semaphore;
 
-use crate::bench_cpu::{CpuMeter, CpuPhase};
+use crate::bench_cpu::{CpuMeter, CpuPhase, bench_options};
 use crate::bench_dicom_kit::{Row, cstore_ingest, parse_and_write};
 use crate::bench_e2e::{bar, par_map};
 use crate::timing::tempfile_dir;
@@ -278,23 +278,13 @@ async fn run(args: DicomBenchArgs) -> Result<()> {
     let qr = crate::bench_dicom_qr::QrSeries::make(n, args.qr_file.as_deref())?;
     println!("query/retrieve series: {n} copies of {}", qr.source);
 
-    let bin_dir = match args.processes {
-        None => None,
-        Some(d) if d.as_os_str().is_empty() => {
-            Some(tessera_devstack::default_bin_dir().map_err(|e| anyhow!("{e}"))?)
-        }
-        Some(d) => Some(d),
-    };
-    let opts = DevOptions {
-        bin_dir: bin_dir.clone(),
-        ..DevOptions::default()
-    };
+    let opts = bench_options(args.processes)?;
     let tmp = tempfile_dir()?;
     let mut stack = DevStack::start(&tmp, &opts).await.map_err(|e| {
         let _ = std::fs::remove_dir_all(&tmp);
         anyhow!("starting the suite: {e}")
     })?;
-    let gateway = match bin_dir {
+    let gateway = match opts.bin_dir {
         Some(_) => Some(
             stack
                 .pid("gateway")

@@ -21,7 +21,7 @@ use tessera_proto::watermark::v1 as wpb;
 use tessera_tls::{ClientTls, TlsFiles};
 use tokio::sync::Semaphore;
 
-use crate::bench_cpu::{CpuMeter, CpuPhase};
+use crate::bench_cpu::{CpuMeter, CpuPhase, bench_options};
 use crate::timing::tempfile_dir;
 
 #[derive(Args, Debug)]
@@ -166,17 +166,7 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
     let restore_rate = n as f64 / t.elapsed().as_secs_f64();
     drop(protected);
 
-    let bin_dir = match args.processes {
-        None => None,
-        Some(d) if d.as_os_str().is_empty() => {
-            Some(tessera_devstack::default_bin_dir().map_err(|e| anyhow!("{e}"))?)
-        }
-        Some(d) => Some(d),
-    };
-    let opts = DevOptions {
-        bin_dir: bin_dir.clone(),
-        ..DevOptions::default()
-    };
+    let opts = bench_options(args.processes)?;
     let tmp = tempfile_dir()?;
     let mut stack = DevStack::start(&tmp, &opts)
         .await
@@ -187,7 +177,7 @@ async fn run(args: E2eBenchArgs) -> Result<()> {
         Err(e) => Err(anyhow!("measuring CPU time: {e:#}")),
     };
     // The suite's memory for one large image is measured in process.
-    let in_process = bin_dir.is_none();
+    let in_process = opts.bin_dir.is_none();
     let memory = match (&r, args.large_mib) {
         (Ok(_), mib @ 1..) if in_process => {
             Some(crate::bench_memory::peak_per_job(&stack, mib).await)
