@@ -32,17 +32,13 @@ fn slice_16bit(c: &mut Criterion) {
     g.bench_function("protect_secure", |b| {
         b.iter(|| protect(&image, roi, "bench", pk).expect("protect"))
     });
-    g.bench_function("restore_secure", |b| {
-        b.iter(|| {
-            restore(
-                &protected.header,
-                &protected.shares[0],
-                &protected.shares[1],
-                RestoreKey::Secure(&key),
-            )
-            .expect("restore")
-        })
-    });
+    bench_restore(
+        &mut g,
+        "restore_secure",
+        &protected,
+        RestoreKey::Secure(&key),
+        None,
+    );
     secure_one_thread(&mut g, &image, roi, &key, pk, &protected);
     g.sample_size(10);
     let ppk = ProtectKey::PaperWithKeys(&paper_keys);
@@ -52,17 +48,13 @@ fn slice_16bit(c: &mut Criterion) {
     g.bench_function("protect_paper_1thread", |b| {
         b.iter(|| protect_with_threads(&image, roi, "bench", ppk, 1).expect("protect"))
     });
-    g.bench_function("restore_paper", |b| {
-        b.iter(|| {
-            restore(
-                &paper.header,
-                &paper.shares[0],
-                &paper.shares[1],
-                RestoreKey::Paper(&paper_keys),
-            )
-            .expect("restore")
-        })
-    });
+    bench_restore(
+        &mut g,
+        "restore_paper",
+        &paper,
+        RestoreKey::Paper(&paper_keys),
+        None,
+    );
     g.finish();
 }
 
@@ -79,15 +71,30 @@ fn secure_one_thread(
     g.bench_function("protect_secure_1thread", |b| {
         b.iter(|| protect_with_threads(image, roi, "bench", pk, 1).expect("protect"))
     });
-    g.bench_function("restore_secure_1thread", |b| {
+    bench_restore(
+        g,
+        "restore_secure_1thread",
+        protected,
+        RestoreKey::Secure(key),
+        Some(1),
+    );
+}
+
+/// Restore + verify of `p` under `key`, on `threads` (None: the default).
+fn bench_restore(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    p: &Protected,
+    key: RestoreKey<'_>,
+    threads: Option<usize>,
+) {
+    g.bench_function(name, |b| {
         b.iter(|| {
-            restore_with_threads(
-                &protected.header,
-                &protected.shares[0],
-                &protected.shares[1],
-                RestoreKey::Secure(key),
-                1,
-            )
+            let (h, s1, s2) = (&p.header, &p.shares[0], &p.shares[1]);
+            match threads {
+                None => restore(h, s1, s2, key),
+                Some(t) => restore_with_threads(h, s1, s2, key, t),
+            }
             .expect("restore")
         })
     });
